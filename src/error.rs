@@ -1,0 +1,54 @@
+//! The crate's one error type.
+
+/// Everything a caller of this crate can get wrong, and everything the GPU can refuse.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No adapter matched the request; the message says what to install.
+    #[error(
+        "no usable GPU adapter ({wanted}); adapters seen: [{seen}]. Install a GPU driver with \
+         Vulkan, Metal or DX12 support, or on headless Linux Mesa's software Vulkan \
+         (Debian/Ubuntu: `apt-get install mesa-vulkan-drivers`)"
+    )]
+    NoAdapter { wanted: String, seen: String },
+
+    /// The adapter refused to create a device.
+    #[error("the adapter refused to create a device: {0}")]
+    RequestDevice(#[from] wgpu::RequestDeviceError),
+
+    /// Host data whose length does not match the shape it was given with.
+    #[error("{what}: expected {expected} elements, got {got}")]
+    Length { what: String, expected: usize, got: usize },
+
+    /// Tensors whose shapes do not fit the operation.
+    #[error("shape mismatch: {0}")]
+    Shape(String),
+
+    /// A configuration or argument that cannot be honoured.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
+
+    /// A buffer larger than the adapter can bind to one shader.
+    #[error(
+        "{what} needs {bytes} bytes, more than this adapter's storage-binding limit of {limit} bytes"
+    )]
+    TooLarge { what: String, bytes: u64, limit: u64 },
+
+    /// Reading a buffer back to the host failed.
+    #[error("reading a GPU buffer back failed: {0}")]
+    Map(String),
+
+    /// The device reported a validation error, ran out of memory or was lost.
+    #[error("the GPU device reported an error: {0}")]
+    Device(String),
+
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+
+    /// A weights or batch file whose contents do not fit.
+    #[error("{path}: {msg}")]
+    Format { path: String, msg: String },
+}
+
+/// The crate's result type.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,387 @@
+//! The GPU context: instance, adapter, device and queue, the adapter's own limits, the optional
+//! features this crate uses, and the compute pipelines, each built once per context and reused.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+
+/// Which adapter to open. [`GpuOptions::from_env`] honours `WGPU_BACKEND`, `WGPU_POWER_PREF` and
+/// `WGPU_ADAPTER_NAME`, as wgpu's own tools do.
+#[derive(Clone, Debug)]
+pub struct GpuOptions {
+    /// Backends to look at (Vulkan, Metal, DX12, GL, ...).
+    pub backends: wgpu::Backends,
+    /// Power preference when no adapter name is given.
+    pub power: wgpu::PowerPreference,
+    /// A case-insensitive substring of the adapter's name; `None` takes the preferred adapter.
+    pub adapter_name: Option<String>,
+    /// Lower the storage-binding limit below the adapter's (testing and debugging aid).
+    pub max_binding_bytes: Option<u64>,
+}
+
+impl Default for GpuOptions {
+    fn default() -> Self {
+        GpuOptions {
+            backends: wgpu::Backends::all(),
+            power: wgpu::PowerPreference::HighPerformance,
+            adapter_name: None,
+            max_binding_bytes: None,
+        }
+    }
+}
+
+impl GpuOptions {
+    /// Defaults overridden by `WGPU_BACKEND`, `WGPU_POWER_PREF` and `WGPU_ADAPTER_NAME`.
+    pub fn from_env() -> Self {
+        let d = GpuOptions::default();
+        GpuOptions {
+            backends: wgpu::Backends::from_env().unwrap_or(d.backends),
+            power: wgpu::PowerPreference::from_env().unwrap_or(d.power),
+            adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
+            max_binding_bytes: None,
+        }
+    }
+}
+
+/// The WGSL kernel families; one file each in `shaders/`, dispatched by the `ops` module of the
+/// same name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Shader {
+    Conv,
+    BatchNorm,
+    Relu,
+    Residual,
+    PoolFcLoss,
+    Sgd,
+}
+
+impl Shader {
+    fn source(self) -> &'static str {
+        match self {
+            Shader::Conv => include_str!("../shaders/conv.wgsl"),
+            Shader::BatchNorm => include_str!("../shaders/batch_norm.wgsl"),
+            Shader::Relu => include_str!("../shaders/relu.wgsl"),
+            Shader::Residual => include_str!("../shaders/residual.wgsl"),
+            Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
+            Shader::Sgd => include_str!("../shaders/sgd.wgsl"),
+        }
+    }
+}
+
+/// What was opened, for printing.
+#[derive(Clone, Debug)]
+pub struct AdapterReport {
+    pub name: String,
+    pub backend: wgpu::Backend,
+    pub device_type: wgpu::DeviceType,
+    pub driver: String,
+    pub features: wgpu::Features,
+    pub max_storage_binding: u64,
+    pub max_buffer: u64,
+    pub max_workgroup_storage: u32,
+    pub max_invocations: u32,
+}
+
+impl std::fmt::Display for AdapterReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({:?}, {:?}, driver {}); features [{}]; storage binding {} MiB, buffer {} MiB, \
+             workgroup storage {} KiB, {} invocations/workgroup",
+            self.name,
+            self.backend,
+            self.device_type,
+            self.driver,
+            feature_names(self.features),
+            self.max_storage_binding >> 20,
+            self.max_buffer >> 20,
+            self.max_workgroup_storage >> 10,
+            self.max_invocations
+        )
+    }
+}
+
+fn feature_names(f: wgpu::Features) -> String {
+    let mut v = Vec::new();
+    for (flag, name) in OPTIONAL_FEATURES {
+        if f.contains(*flag) {
+            v.push(*name);
+        }
+    }
+    v.join(", ")
+}
+
+/// Optional features turned on where the adapter has them.
+const OPTIONAL_FEATURES: &[(wgpu::Features, &str)] = &[
+    (wgpu::Features::SHADER_F16, "shader-f16"),
+    (wgpu::Features::SUBGROUP, "subgroup"),
+    (wgpu::Features::TIMESTAMP_QUERY, "timestamp-query"),
+];
+
+/// An open GPU: device, queue, limits, and the pipeline cache.
+pub struct Gpu {
+    pub adapter: wgpu::Adapter,
+    pub device: wgpu::Device,
+    pub queue: wgpu::Queue,
+    pub report: AdapterReport,
+    /// The largest buffer this context will bind to one shader.
+    pub max_binding_bytes: u64,
+    pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
+    modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
+    uncaptured: Arc<Mutex<Option<String>>>,
+}
+
+/// Lists the adapters of the given backends, one line each.
+pub fn list_adapters(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
+    let instance = make_instance(backends);
+    pollster::block_on(instance.enumerate_adapters(backends))
+        .iter()
+        .map(|a| a.get_info())
+        .collect()
+}
+
+fn make_instance(backends: wgpu::Backends) -> wgpu::Instance {
+    let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    desc.backends = backends;
+    wgpu::Instance::new(desc)
+}
+
+impl Gpu {
+    /// Opens the adapter the environment asks for (see [`GpuOptions::from_env`]).
+    pub fn new() -> Result<Gpu> {
+        Gpu::with_options(&GpuOptions::from_env())
+    }
+
+    /// Opens an adapter by explicit options.
+    pub fn with_options(opts: &GpuOptions) -> Result<Gpu> {
+        pollster::block_on(Gpu::open(opts))
+    }
+
+    async fn open(opts: &GpuOptions) -> Result<Gpu> {
+        let instance = make_instance(opts.backends);
+        let adapters = instance.enumerate_adapters(opts.backends).await;
+        let seen = adapters
+            .iter()
+            .map(|a| {
+                let i = a.get_info();
+                format!("{} ({:?})", i.name, i.backend)
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let adapter = match &opts.adapter_name {
+            Some(name) => {
+                let want = name.to_lowercase();
+                adapters
+                    .into_iter()
+                    .find(|a| a.get_info().name.to_lowercase().contains(&want))
+            }
+            None => instance
+                .request_adapter(&wgpu::RequestAdapterOptions {
+                    power_preference: opts.power,
+                    ..Default::default()
+                })
+                .await
+                .ok(),
+        };
+        let adapter = adapter.ok_or_else(|| Error::NoAdapter {
+            wanted: format!(
+                "backends {:?}{}",
+                opts.backends,
+                opts.adapter_name
+                    .as_ref()
+                    .map(|n| format!(", name containing {n:?}"))
+                    .unwrap_or_default()
+            ),
+            seen,
+        })?;
+
+        let mut features = wgpu::Features::empty();
+        for (f, _) in OPTIONAL_FEATURES {
+            if adapter.features().contains(*f) {
+                features |= *f;
+            }
+        }
+        // The adapter's own limits, not wgpu's conservative defaults.
+        let limits = adapter.limits();
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("resnet-wgpu"),
+                required_features: features,
+                required_limits: limits.clone(),
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await?;
+
+        let uncaptured = Arc::new(Mutex::new(None::<String>));
+        let sink = uncaptured.clone();
+        device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            if let Ok(mut slot) = sink.lock() {
+                slot.get_or_insert_with(|| e.to_string());
+            }
+        }));
+
+        let info = adapter.get_info();
+        let max_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        let report = AdapterReport {
+            name: info.name.clone(),
+            backend: info.backend,
+            device_type: info.device_type,
+            driver: format!("{} {}", info.driver, info.driver_info).trim().to_string(),
+            features,
+            max_storage_binding: limits.max_storage_buffer_binding_size as u64,
+            max_buffer: limits.max_buffer_size,
+            max_workgroup_storage: limits.max_compute_workgroup_storage_size,
+            max_invocations: limits.max_compute_invocations_per_workgroup,
+        };
+        Ok(Gpu {
+            adapter,
+            device,
+            queue,
+            report,
+            max_binding_bytes: opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding)),
+            pipelines: Mutex::new(HashMap::new()),
+            modules: Mutex::new(HashMap::new()),
+            uncaptured,
+        })
+    }
+
+    /// Whether the device was opened with timestamp queries.
+    pub fn has_timestamps(&self) -> bool {
+        self.report.features.contains(wgpu::Features::TIMESTAMP_QUERY)
+    }
+
+    /// The compute pipeline for `entry` in `shader`, built on first use and cached for the life
+    /// of this context.
+    pub fn pipeline(&self, shader: Shader, entry: &'static str) -> wgpu::ComputePipeline {
+        let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = cache.get(&(shader, entry)) {
+            return p.clone();
+        }
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        let module = modules
+            .entry(shader)
+            .or_insert_with(|| {
+                self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(&format!("{shader:?}")),
+                    source: wgpu::ShaderSource::Wgsl(shader.source().into()),
+                })
+            })
+            .clone();
+        let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(entry),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        });
+        cache.insert((shader, entry), p.clone());
+        p
+    }
+
+    /// A recorder for one command buffer.
+    pub fn recorder(&self, label: &str) -> Recorder<'_> {
+        Recorder {
+            gpu: self,
+            encoder: self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
+        }
+    }
+
+    /// Submits command buffers in one submission, waits for them, and reports any device error.
+    pub fn submit(&self, buffers: impl IntoIterator<Item = wgpu::CommandBuffer>) -> Result<()> {
+        let idx = self.queue.submit(buffers);
+        self.wait(Some(idx))
+    }
+
+    /// Waits for the queue (or one submission) and returns any error the device raised since.
+    pub fn wait(&self, idx: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait { submission_index: idx, timeout: None })
+            .map_err(|e| Error::Device(e.to_string()))?;
+        self.take_error()
+    }
+
+    /// The first uncaptured device error since the last call, as an `Err`.
+    pub fn take_error(&self) -> Result<()> {
+        let mut slot = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        match slot.take() {
+            Some(msg) => Err(Error::Device(msg)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Records compute dispatches into one command encoder.
+pub struct Recorder<'a> {
+    pub gpu: &'a Gpu,
+    pub encoder: wgpu::CommandEncoder,
+}
+
+/// Threads per workgroup of the element-wise kernels (`WG` in the shaders).
+pub const WG: u32 = 64;
+const MAX_GROUPS: u32 = 65535;
+
+/// Workgroup counts covering `threads` invocations of `WG` threads, folded into two dimensions
+/// when they exceed the per-dimension limit. Shaders recover the flat index as
+/// `(wid.y * nwg.x + wid.x) * WG + lid.x`.
+pub fn groups_for(threads: usize) -> [u32; 3] {
+    let g = threads.div_ceil(WG as usize).max(1) as u32;
+    if g <= MAX_GROUPS { [g, 1, 1] } else { [MAX_GROUPS, g.div_ceil(MAX_GROUPS), 1] }
+}
+
+impl Recorder<'_> {
+    /// One compute pass running `entry` of `shader`: `params` (u32 words; f32 as bits) is bound at
+    /// binding 0 as a uniform, each `(binding, buffer)` as storage.
+    pub fn dispatch(
+        &mut self,
+        shader: Shader,
+        entry: &'static str,
+        params: &[u32],
+        buffers: &[(u32, &wgpu::Buffer)],
+        groups: [u32; 3],
+    ) {
+        let gpu = self.gpu;
+        let pipeline = gpu.pipeline(shader, entry);
+        let mut words = params.to_vec();
+        words.resize(params.len().div_ceil(4).max(1) * 4, 0);
+        let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("params"),
+            contents: bytemuck::cast_slice(&words),
+            usage: wgpu::BufferUsages::UNIFORM,
+        });
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (b, buf) in buffers {
+            entries.push(wgpu::BindGroupEntry { binding: *b, resource: buf.as_entire_binding() });
+        }
+        let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(entry),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(entry),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    }
+
+    /// The recorded commands.
+    pub fn finish(self) -> wgpu::CommandBuffer {
+        self.encoder.finish()
+    }
+
+    /// Finishes, submits and waits.
+    pub fn run(self) -> Result<()> {
+        let gpu = self.gpu;
+        gpu.submit([self.finish()])
+    }
+}

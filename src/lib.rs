@@ -1,0 +1,13 @@
+//! resnet-wgpu: the forward and backward passes of deep residual networks as WGSL compute
+//! shaders through wgpu.
+
+pub mod error;
+pub mod gpu;
+pub mod ops;
+pub mod reference;
+pub mod rng;
+pub mod tensor;
+
+pub use error::{Error, Result};
+pub use gpu::{Gpu, GpuOptions, Recorder, Shader};
+pub use tensor::Tensor;

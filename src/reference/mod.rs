@@ -1,0 +1,33 @@
+//! The CPU oracle: plain loops in f64, mirroring `ops/` file for file. Obviously correct beats
+//! fast. Each backward here is itself checked against central finite differences in
+//! `tests/gradcheck.rs`.
+
+pub mod batch_norm;
+pub mod conv;
+pub mod relu;
+pub mod residual;
+
+/// Widens f32 data for the reference.
+pub fn to_f64(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// `||got - want|| / ||want||` (the plain norm of `got - want` when `want` is all zeros).
+pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "rel_l2: lengths differ");
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let d = g as f64 - w;
+        num += d * d;
+        den += w * w;
+    }
+    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+}
+
+/// `max |got - want|` (infinite when `got` holds a NaN).
+pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
+    got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
+        let d = (g as f64 - w).abs();
+        if d.is_nan() { f64::INFINITY } else { m.max(d) }
+    })
+}

@@ -1,0 +1,137 @@
+//! GPU tensors: a shape and an f32 storage buffer, uploaded from and read back to the host.
+
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+
+/// A dense row-major f32 tensor on the GPU. Activations are 4-D NCHW, convolution weights OIHW,
+/// per-channel parameters 1-D.
+#[derive(Debug)]
+pub struct Tensor {
+    dims: Vec<usize>,
+    pub buffer: wgpu::Buffer,
+}
+
+fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize> {
+    if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
+        return Err(Error::Shape(format!("{what}: dimensions {dims:?} must be 1 to 4 non-zero sizes")));
+    }
+    let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    let len = len.ok_or_else(|| Error::Shape(format!("{what}: {dims:?} overflows")))?;
+    let bytes = (len as u64) * 4;
+    if bytes > gpu.max_binding_bytes {
+        return Err(Error::TooLarge { what: format!("{what} {dims:?}"), bytes, limit: gpu.max_binding_bytes });
+    }
+    Ok(len)
+}
+
+impl Tensor {
+    /// Uploads `data` as a tensor of shape `dims`; the length must match.
+    pub fn new(gpu: &Gpu, dims: &[usize], data: &[f32]) -> Result<Tensor> {
+        let len = check_dims(gpu, dims, "tensor")?;
+        if data.len() != len {
+            return Err(Error::Length { what: format!("tensor {dims:?}"), expected: len, got: data.len() });
+        }
+        let t = Tensor::uninit(gpu, dims, len);
+        gpu.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
+        Ok(t)
+    }
+
+    /// A tensor of zeros.
+    pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<Tensor> {
+        let len = check_dims(gpu, dims, "tensor")?;
+        Ok(Tensor::uninit(gpu, dims, len)) // wgpu zero-initialises new buffers
+    }
+
+    /// A tensor with every element `value` (NaN poisons an output so that unwritten elements show).
+    pub fn filled(gpu: &Gpu, dims: &[usize], value: f32) -> Result<Tensor> {
+        let len = check_dims(gpu, dims, "tensor")?;
+        Tensor::new(gpu, dims, &vec![value; len])
+    }
+
+    fn uninit(gpu: &Gpu, dims: &[usize], len: usize) -> Tensor {
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("tensor"),
+            size: (len as u64 * 4).max(4),
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Tensor { dims: dims.to_vec(), buffer }
+    }
+
+    /// The shape.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Never true: tensors have at least one element.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Size in bytes.
+    pub fn bytes(&self) -> u64 {
+        self.len() as u64 * 4
+    }
+
+    /// The shape as `[n, c, h, w]`, or a shape error naming `what`.
+    pub fn nchw(&self, what: &str) -> Result<[usize; 4]> {
+        match self.dims[..] {
+            [n, c, h, w] => Ok([n, c, h, w]),
+            _ => Err(Error::Shape(format!("{what} must be 4-D NCHW, got {:?}", self.dims))),
+        }
+    }
+
+    /// Overwrites the contents from the host.
+    pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::Length { what: format!("tensor {:?}", self.dims), expected: self.len(), got: data.len() });
+        }
+        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Sets every element to `value`.
+    pub fn fill(&self, gpu: &Gpu, value: f32) {
+        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(&vec![value; self.len()]));
+    }
+
+    /// Copies the contents back to the host (waits for all work queued before it).
+    pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        read_buffer(gpu, &self.buffer, self.bytes()).map(|b| bytemuck::pod_collect_to_vec(&b))
+    }
+}
+
+/// Copies `bytes` bytes of `buffer` to the host through a staging buffer.
+pub fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
+    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("readback"),
+        size: bytes,
+        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+    enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
+    gpu.queue.submit([enc.finish()]);
+    let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
+    staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
+        let _ = tx.send(r);
+    });
+    gpu.wait(None)?;
+    match pollster::block_on(rx.receive()) {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return Err(Error::Map(e.to_string())),
+        None => return Err(Error::Map("the map callback never ran".into())),
+    }
+    let out = staging
+        .slice(..)
+        .get_mapped_range()
+        .map_err(|e| Error::Map(e.to_string()))?
+        .to_vec();
+    staging.unmap();
+    Ok(out)
+}
