@@ -28,9 +28,7 @@ pub enum Error {
     Invalid(String),
 
     /// A buffer larger than the adapter can bind to one shader.
-    #[error(
-        "{what} needs {bytes} bytes, more than this adapter's storage-binding limit of {limit} bytes"
-    )]
+    #[error("{what} needs {bytes} bytes, more than this adapter's storage-binding limit of {limit} bytes")]
     TooLarge { what: String, bytes: u64, limit: u64 },
 
     /// Reading a buffer back to the host failed.

@@ -132,15 +132,13 @@ pub struct Gpu {
     pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     uncaptured: Arc<Mutex<Option<String>>>,
+    submit_lock: Mutex<()>,
 }
 
 /// Lists the adapters of the given backends, one line each.
 pub fn list_adapters(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
     let instance = make_instance(backends);
-    pollster::block_on(instance.enumerate_adapters(backends))
-        .iter()
-        .map(|a| a.get_info())
-        .collect()
+    pollster::block_on(instance.enumerate_adapters(backends)).iter().map(|a| a.get_info()).collect()
 }
 
 fn make_instance(backends: wgpu::Backends) -> wgpu::Instance {
@@ -174,15 +172,10 @@ impl Gpu {
         let adapter = match &opts.adapter_name {
             Some(name) => {
                 let want = name.to_lowercase();
-                adapters
-                    .into_iter()
-                    .find(|a| a.get_info().name.to_lowercase().contains(&want))
+                adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want))
             }
             None => instance
-                .request_adapter(&wgpu::RequestAdapterOptions {
-                    power_preference: opts.power,
-                    ..Default::default()
-                })
+                .request_adapter(&wgpu::RequestAdapterOptions { power_preference: opts.power, ..Default::default() })
                 .await
                 .ok(),
         };
@@ -190,10 +183,7 @@ impl Gpu {
             wanted: format!(
                 "backends {:?}{}",
                 opts.backends,
-                opts.adapter_name
-                    .as_ref()
-                    .map(|n| format!(", name containing {n:?}"))
-                    .unwrap_or_default()
+                opts.adapter_name.as_ref().map(|n| format!(", name containing {n:?}")).unwrap_or_default()
             ),
             seen,
         })?;
@@ -247,6 +237,7 @@ impl Gpu {
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             uncaptured,
+            submit_lock: Mutex::new(()),
         })
     }
 
@@ -288,23 +279,27 @@ impl Gpu {
     pub fn recorder(&self, label: &str) -> Recorder<'_> {
         Recorder {
             gpu: self,
-            encoder: self
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
+            encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
         }
     }
 
     /// Submits command buffers in one submission, waits for them, and reports any device error.
     pub fn submit(&self, buffers: impl IntoIterator<Item = wgpu::CommandBuffer>) -> Result<()> {
-        let idx = self.queue.submit(buffers);
-        self.wait(Some(idx))
+        // One submit-and-wait at a time: threads sharing a context (the test harness does)
+        // otherwise race on submission indices inside wgpu.
+        let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.queue.submit(buffers);
+        self.wait_locked()
     }
 
-    /// Waits for the queue (or one submission) and returns any error the device raised since.
-    pub fn wait(&self, idx: Option<wgpu::SubmissionIndex>) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::Wait { submission_index: idx, timeout: None })
-            .map_err(|e| Error::Device(e.to_string()))?;
+    /// Waits for everything submitted so far and returns any error the device raised since.
+    pub fn wait(&self) -> Result<()> {
+        let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.wait_locked()
+    }
+
+    fn wait_locked(&self) -> Result<()> {
+        self.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| Error::Device(e.to_string()))?;
         self.take_error()
     }
 
@@ -350,7 +345,9 @@ impl Recorder<'_> {
         let gpu = self.gpu;
         let pipeline = gpu.pipeline(shader, entry);
         let mut words = params.to_vec();
-        words.resize(params.len().div_ceil(4).max(1) * 4, 0);
+        // Zero-padded to a fixed 256 bytes: a shader's Params struct is shared by its file's entry
+        // points, and an entry may be called with fewer words than the struct has.
+        words.resize(params.len().div_ceil(4).max(16) * 4, 0);
         let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("params"),
             contents: bytemuck::cast_slice(&words),
@@ -365,10 +362,9 @@ impl Recorder<'_> {
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = self.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some(entry),
-            timestamp_writes: None,
-        });
+        let mut pass = self
+            .encoder
+            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
         pass.set_pipeline(&pipeline);
         pass.set_bind_group(0, &bind, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);

@@ -43,10 +43,12 @@ impl Rng {
     /// `len` values uniform in [-1, 1), none exactly zero: test data.
     pub fn data(&mut self, len: usize) -> Vec<f32> {
         (0..len)
-            .map(|_| loop {
-                let v = self.range(-1.0, 1.0) as f32;
-                if v != 0.0 {
-                    break v;
+            .map(|_| {
+                loop {
+                    let v = self.range(-1.0, 1.0) as f32;
+                    if v != 0.0 {
+                        break v;
+                    }
                 }
             })
             .collect()

@@ -89,7 +89,11 @@ impl Tensor {
     /// Overwrites the contents from the host.
     pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
         if data.len() != self.len() {
-            return Err(Error::Length { what: format!("tensor {:?}", self.dims), expected: self.len(), got: data.len() });
+            return Err(Error::Length {
+                what: format!("tensor {:?}", self.dims),
+                expected: self.len(),
+                got: data.len(),
+            });
         }
         gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
         Ok(())
@@ -116,22 +120,18 @@ pub fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u
     });
     let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
     enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
-    gpu.queue.submit([enc.finish()]);
+    gpu.submit([enc.finish()])?;
     let (tx, rx) = futures_intrusive::channel::shared::oneshot_channel();
     staging.slice(..).map_async(wgpu::MapMode::Read, move |r| {
         let _ = tx.send(r);
     });
-    gpu.wait(None)?;
+    gpu.wait()?; // runs the map callback
     match pollster::block_on(rx.receive()) {
         Some(Ok(())) => {}
         Some(Err(e)) => return Err(Error::Map(e.to_string())),
         None => return Err(Error::Map("the map callback never ran".into())),
     }
-    let out = staging
-        .slice(..)
-        .get_mapped_range()
-        .map_err(|e| Error::Map(e.to_string()))?
-        .to_vec();
+    let out = staging.slice(..).get_mapped_range().map_err(|e| Error::Map(e.to_string()))?.to_vec();
     staging.unmap();
     Ok(out)
 }

@@ -1,1 +1,361 @@
-//! placeholder
+//! Batch normalisation (PyTorch semantics), dispatching `shaders/batch_norm.wgsl`. Reference:
+//! `reference::batch_norm`.
+//!
+//! Per channel `c` over the `M = N*H*W` elements of that channel:
+//! `y = gamma * (x - mean) / sqrt(var + EPS) + beta`, with an optional [`Epilogue`]. Training
+//! mode normalises by the batch statistics (biased variance), saves `mean` and
+//! `invstd = 1/sqrt(var + EPS)` for the backward, and moves the running statistics by
+//! [`MOMENTUM`] towards the batch mean and the unbiased variance `var * M/(M-1)`. Inference mode
+//! normalises by the running statistics.
+//!
+//! Kernels: `stats` (one 256-thread workgroup per channel; two-pass mean then variance with a
+//! deterministic tree reduction), `normalize` / `normalize_eval` (element-wise),
+//! `backward_reduce` (one workgroup per channel: `sum dz`, `sum dz*xhat` into `scratch`),
+//! `backward_params` (per channel: `dbeta`, `dgamma`) and `backward_apply` (element-wise `dx`).
+//!
+//! Every tensor passed to one call must be a distinct tensor (a buffer cannot be bound twice
+//! when one binding is written); at most 65535 channels.
+
+use crate::error::{Error, Result};
+use crate::gpu::{Recorder, Shader, groups_for};
+use crate::tensor::Tensor;
+
+/// Added to the variance before the square root.
+pub const EPS: f32 = 1e-5;
+/// Weight of the batch statistics in the running statistics' update.
+pub const MOMENTUM: f32 = 0.1;
+
+/// The most channels one call handles (one workgroup per channel in one grid dimension).
+const MAX_CHANNELS: usize = 65535;
+
+/// What the forward does after normalising: an optional add into y (y = y_old + bn(x)) then an optional ReLU.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Epilogue {
+    /// Add into `y` (`y = y_old + bn(x)`) instead of overwriting it.
+    pub add: bool,
+    /// Apply `max(., 0)` last (after the add, when both are set).
+    pub relu: bool,
+}
+
+/// Per-channel parameters and buffers of one BN layer, all 1-D [C] tensors.
+pub struct BnTensors<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub running_mean: &'a Tensor,
+    pub running_var: &'a Tensor,
+}
+
+/// The `[n, c, h, w]` of `x`, checking that every other activation has the same shape.
+fn activations(what: &str, x: &Tensor, others: &[(&str, &Tensor)]) -> Result<[usize; 4]> {
+    let d = x.nchw(&format!("{what}: x"))?;
+    for (name, t) in others {
+        let e = t.nchw(&format!("{what}: {name}"))?;
+        if e != d {
+            return Err(Error::Shape(format!("{what}: {name} is {e:?}, x is {d:?}")));
+        }
+    }
+    if d[1] > MAX_CHANNELS {
+        return Err(Error::Invalid(format!("{what}: {} channels, at most {MAX_CHANNELS} supported", d[1])));
+    }
+    Ok(d)
+}
+
+/// Each tensor is 1-D with `len` elements.
+fn per_channel(what: &str, len: usize, ts: &[(&str, &Tensor)]) -> Result<()> {
+    for (name, t) in ts {
+        if t.dims() != [len] {
+            return Err(Error::Shape(format!("{what}: {name} must be [{len}], got {:?}", t.dims())));
+        }
+    }
+    Ok(())
+}
+
+/// No two of the tensors share a buffer.
+fn distinct(what: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
+    for (i, (a, ta)) in ts.iter().enumerate() {
+        for (b, tb) in &ts[i + 1..] {
+            if ta.buffer == tb.buffer {
+                return Err(Error::Invalid(format!("{what}: {a} and {b} must be different tensors")));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn params(d: [usize; 4], relu: bool, add: bool, accumulate: bool, unbias: f32) -> [u32; 9] {
+    [
+        d[0] as u32,
+        d[1] as u32,
+        (d[2] * d[3]) as u32,
+        relu as u32,
+        add as u32,
+        accumulate as u32,
+        EPS.to_bits(),
+        MOMENTUM.to_bits(),
+        unbias.to_bits(),
+    ]
+}
+
+/// Training mode: batch statistics saved into save_mean/save_invstd ([C]), running stats updated (momentum 0.1, unbiased var), y written per `ep`.
+///
+/// With `ep.add`, `y` holds `y_old` on entry and `y = y_old + bn(x)` (then the ReLU, if set) on
+/// exit. `N*H*W == 1` is [`Error::Invalid`] (no unbiased variance), as in PyTorch.
+pub fn forward_train(
+    rec: &mut Recorder,
+    x: &Tensor,
+    y: &Tensor,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    ep: Epilogue,
+) -> Result<()> {
+    const WHAT: &str = "batch norm forward_train";
+    let d = activations(WHAT, x, &[("y", y)])?;
+    let c = d[1];
+    per_channel(
+        WHAT,
+        c,
+        &[
+            ("gamma", p.gamma),
+            ("beta", p.beta),
+            ("running_mean", p.running_mean),
+            ("running_var", p.running_var),
+            ("save_mean", save_mean),
+            ("save_invstd", save_invstd),
+        ],
+    )?;
+    distinct(
+        WHAT,
+        &[
+            ("x", x),
+            ("y", y),
+            ("gamma", p.gamma),
+            ("beta", p.beta),
+            ("running_mean", p.running_mean),
+            ("running_var", p.running_var),
+            ("save_mean", save_mean),
+            ("save_invstd", save_invstd),
+        ],
+    )?;
+    let m = d[0] * d[2] * d[3];
+    if m == 1 {
+        return Err(Error::Invalid(format!(
+            "{WHAT}: expected more than 1 value per channel when training, got input {d:?}"
+        )));
+    }
+    let unbias = (m as f64 / (m - 1) as f64) as f32;
+    let prm = params(d, ep.relu, ep.add, false, unbias);
+    rec.dispatch(
+        Shader::BatchNorm,
+        "stats",
+        &prm,
+        &[
+            (1, &x.buffer),
+            (5, &p.running_mean.buffer),
+            (6, &p.running_var.buffer),
+            (7, &save_mean.buffer),
+            (8, &save_invstd.buffer),
+        ],
+        [c as u32, 1, 1],
+    );
+    rec.dispatch(
+        Shader::BatchNorm,
+        "normalize",
+        &prm,
+        &[
+            (1, &x.buffer),
+            (2, &y.buffer),
+            (3, &p.gamma.buffer),
+            (4, &p.beta.buffer),
+            (7, &save_mean.buffer),
+            (8, &save_invstd.buffer),
+        ],
+        groups_for(x.len()),
+    );
+    Ok(())
+}
+
+/// Inference mode with the running statistics.
+///
+/// With `ep.add`, `y` holds `y_old` on entry and `y = y_old + bn(x)` (then the ReLU, if set) on
+/// exit.
+pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, ep: Epilogue) -> Result<()> {
+    const WHAT: &str = "batch norm forward_eval";
+    let d = activations(WHAT, x, &[("y", y)])?;
+    per_channel(
+        WHAT,
+        d[1],
+        &[("gamma", p.gamma), ("beta", p.beta), ("running_mean", p.running_mean), ("running_var", p.running_var)],
+    )?;
+    distinct(
+        WHAT,
+        &[
+            ("x", x),
+            ("y", y),
+            ("gamma", p.gamma),
+            ("beta", p.beta),
+            ("running_mean", p.running_mean),
+            ("running_var", p.running_var),
+        ],
+    )?;
+    rec.dispatch(
+        Shader::BatchNorm,
+        "normalize_eval",
+        &params(d, ep.relu, ep.add, false, 1.0),
+        &[
+            (1, &x.buffer),
+            (2, &y.buffer),
+            (3, &p.gamma.buffer),
+            (4, &p.beta.buffer),
+            (5, &p.running_mean.buffer),
+            (6, &p.running_var.buffer),
+        ],
+        groups_for(x.len()),
+    );
+    Ok(())
+}
+
+/// Backward of forward_train: dx (+)= ..., dgamma (+)= ..., dbeta (+)= ... . If `relu`, dy is first multiplied by the recomputed mask [gamma*xhat+beta > 0].
+/// `scratch` is a [2*C] tensor for the per-channel sums (caller-owned so nothing is allocated per call).
+///
+/// `relu` is for a forward run with `Epilogue { add: false, relu: true }` only: the mask is
+/// recomputed from `x`, the saved statistics, `gamma` and `beta`, so the forward's output need
+/// not be kept. After `Epilogue { add: true, relu: true }` the mask depends on `y_old` as well:
+/// the caller masks the gradient by the forward's output itself and passes `relu: false`.
+/// `accumulate_dx` adds into `dx` instead of overwriting it, `accumulate_params` likewise into
+/// `dgamma` and `dbeta`. `scratch` may hold anything on entry (any shape of `2*C` elements).
+/// `N*H*W == 1` is [`Error::Invalid`], as in [`forward_train`].
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    dy: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    relu: bool,
+    dx: &Tensor,
+    dgamma: &Tensor,
+    dbeta: &Tensor,
+    scratch: &Tensor,
+    accumulate_dx: bool,
+    accumulate_params: bool,
+) -> Result<()> {
+    const WHAT: &str = "batch norm backward";
+    let d = activations(WHAT, x, &[("dy", dy), ("dx", dx)])?;
+    let c = d[1];
+    per_channel(
+        WHAT,
+        c,
+        &[
+            ("gamma", gamma),
+            ("beta", beta),
+            ("save_mean", save_mean),
+            ("save_invstd", save_invstd),
+            ("dgamma", dgamma),
+            ("dbeta", dbeta),
+        ],
+    )?;
+    if scratch.len() != 2 * c {
+        return Err(Error::Shape(format!(
+            "{WHAT}: scratch must hold 2*C = {} elements, got {:?}",
+            2 * c,
+            scratch.dims()
+        )));
+    }
+    distinct(
+        WHAT,
+        &[
+            ("x", x),
+            ("dy", dy),
+            ("gamma", gamma),
+            ("beta", beta),
+            ("save_mean", save_mean),
+            ("save_invstd", save_invstd),
+            ("dx", dx),
+            ("dgamma", dgamma),
+            ("dbeta", dbeta),
+            ("scratch", scratch),
+        ],
+    )?;
+    if d[0] * d[2] * d[3] == 1 {
+        return Err(Error::Invalid(format!(
+            "{WHAT}: expected more than 1 value per channel when training, got input {d:?}"
+        )));
+    }
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_reduce",
+        &params(d, relu, false, false, 1.0),
+        &[
+            (1, &x.buffer),
+            (3, &gamma.buffer),
+            (4, &beta.buffer),
+            (7, &save_mean.buffer),
+            (8, &save_invstd.buffer),
+            (9, &dy.buffer),
+            (11, &scratch.buffer),
+        ],
+        [c as u32, 1, 1],
+    );
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_params",
+        &params(d, relu, false, accumulate_params, 1.0),
+        &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer)],
+        groups_for(c),
+    );
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_apply",
+        &params(d, relu, false, accumulate_dx, 1.0),
+        &[
+            (1, &x.buffer),
+            (3, &gamma.buffer),
+            (4, &beta.buffer),
+            (7, &save_mean.buffer),
+            (8, &save_invstd.buffer),
+            (9, &dy.buffer),
+            (10, &dx.buffer),
+            (11, &scratch.buffer),
+        ],
+        groups_for(x.len()),
+    );
+    Ok(())
+}
+
+/// `y = ep(BN(x))` with given statistics (`mean`, `invstd`, e.g. those a training forward
+/// saved), touching no running statistics: the backward's recomputation of `ReLU(BN(x))`.
+#[allow(clippy::too_many_arguments)]
+pub fn apply_saved(
+    rec: &mut Recorder,
+    x: &Tensor,
+    y: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+    ep: Epilogue,
+) -> Result<()> {
+    const WHAT: &str = "batch norm apply_saved";
+    let d = activations(WHAT, x, &[("y", y)])?;
+    per_channel(WHAT, d[1], &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
+    distinct(WHAT, &[("x", x), ("y", y), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
+    let prm = params(d, ep.relu, ep.add, false, 1.0);
+    rec.dispatch(
+        Shader::BatchNorm,
+        "normalize",
+        &prm,
+        &[
+            (1, &x.buffer),
+            (2, &y.buffer),
+            (3, &gamma.buffer),
+            (4, &beta.buffer),
+            (7, &mean.buffer),
+            (8, &invstd.buffer),
+        ],
+        groups_for(x.len()),
+    );
+    Ok(())
+}

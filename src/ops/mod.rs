@@ -8,8 +8,10 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod pool_fc_loss;
 pub mod relu;
 pub mod residual;
+pub mod sgd;
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;

@@ -26,3 +26,11 @@ pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumu
     );
     Ok(())
 }
+
+/// `g *= [y > 0]` in place, where `y` is a kept ReLU output and `g` the gradient at it.
+pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
+    same_len("relu mask", &[y, g])?;
+    let n = y.len();
+    rec.dispatch(Shader::Relu, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
+    Ok(())
+}

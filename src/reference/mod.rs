@@ -4,8 +4,10 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod pool_fc_loss;
 pub mod relu;
 pub mod residual;
+pub mod sgd;
 
 /// Widens f32 data for the reference.
 pub fn to_f64(x: &[f32]) -> Vec<f64> {

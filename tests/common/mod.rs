@@ -51,3 +51,30 @@ pub fn check(name: &str, got: &[f32], want: &[f64], tol: f64) {
     assert_eq!(nan, 0, "{name}: {nan} non-finite elements (unwritten or overflowed)");
     assert!(rel <= tol, "{name}: relative L2 error {rel:.3e} > {tol:.0e} (max abs {max:.3e})");
 }
+
+/// Every tensor of `cfg` with random values (BN scale, shift and running statistics moved off
+/// their defaults so that a mix-up between them shows), as f32 for the GPU.
+pub fn random_state(cfg: &resnet_wgpu::arch::NetConfig, seed: u64) -> std::collections::HashMap<String, Vec<f32>> {
+    use resnet_wgpu::arch::Role;
+    let mut rng = Rng::new(seed ^ 0x5eed);
+    cfg.tensors()
+        .into_iter()
+        .zip(cfg.initial_values(seed))
+        .map(|(t, v)| {
+            let v: Vec<f32> = match t.role {
+                Role::BnWeight => v.iter().map(|_| rng.range(0.6, 1.4) as f32).collect(),
+                Role::BnBias => v.iter().map(|_| rng.range(-0.3, 0.3) as f32).collect(),
+                Role::RunningMean => v.iter().map(|_| rng.range(-0.5, 0.5) as f32).collect(),
+                Role::RunningVar => v.iter().map(|_| rng.range(0.5, 2.0) as f32).collect(),
+                Role::Count => vec![7.0],
+                _ => v,
+            };
+            (t.name, v)
+        })
+        .collect()
+}
+
+/// The same state widened for the reference.
+pub fn to_ref(state: &std::collections::HashMap<String, Vec<f32>>) -> std::collections::HashMap<String, Vec<f64>> {
+    state.iter().map(|(k, v)| (k.clone(), resnet_wgpu::reference::to_f64(v))).collect()
+}

@@ -1,0 +1,266 @@
+//! The network head (global average pooling, the fully connected layer, softmax
+//! cross-entropy), dispatching `shaders/pool_fc_loss.wgsl`. Reference: `reference::pool_fc_loss`.
+//!
+//! Shapes: `x` [N,C,H,W], pooled `p` [N,C], weight `w` [K,C] (PyTorch `Linear` layout), bias `b`
+//! [K], `logits` [N,K], labels N values below K, `loss` [1].
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::tensor::Tensor;
+
+/// Integer class labels in a u32 storage buffer, one per sample, each below `classes`.
+#[derive(Debug)]
+pub struct Labels {
+    pub buffer: wgpu::Buffer,
+    /// Number of labels (the batch size N).
+    pub len: usize,
+    /// Number of classes K; every label is below it.
+    pub classes: usize,
+}
+
+fn check_labels(labels: &[u32], classes: usize) -> Result<()> {
+    if labels.is_empty() {
+        return Err(Error::Invalid("labels: empty".into()));
+    }
+    if classes == 0 || classes > u32::MAX as usize {
+        return Err(Error::Invalid(format!("labels: {classes} classes")));
+    }
+    if let Some((i, &l)) = labels.iter().enumerate().find(|&(_, &l)| l as usize >= classes) {
+        return Err(Error::Invalid(format!("label {i} is {l}, not below the {classes} classes")));
+    }
+    Ok(())
+}
+
+/// Uploads `labels` (each below `classes`, at least one); `Error::Invalid` otherwise.
+pub fn upload_labels(gpu: &Gpu, labels: &[u32], classes: usize) -> Result<Labels> {
+    check_labels(labels, classes)?;
+    let bytes = labels.len() as u64 * 4;
+    if bytes > gpu.max_binding_bytes {
+        return Err(Error::TooLarge { what: format!("{} labels", labels.len()), bytes, limit: gpu.max_binding_bytes });
+    }
+    let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("labels"),
+        contents: bytemuck::cast_slice(labels),
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+    });
+    Ok(Labels { buffer, len: labels.len(), classes })
+}
+
+impl Labels {
+    /// Overwrites the labels in place (the next batch); same count, each below `classes`.
+    pub fn write(&self, gpu: &Gpu, labels: &[u32]) -> Result<()> {
+        if labels.len() != self.len {
+            return Err(Error::Length { what: "labels".into(), expected: self.len, got: labels.len() });
+        }
+        check_labels(labels, self.classes)?;
+        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(labels));
+        Ok(())
+    }
+}
+
+/// The shape as `[rows, cols]`, or a shape error naming `what`.
+fn two_d(t: &Tensor, what: &str) -> Result<[usize; 2]> {
+    match t.dims()[..] {
+        [r, c] => Ok([r, c]),
+        _ => Err(Error::Shape(format!("{what} must be 2-D, got {:?}", t.dims()))),
+    }
+}
+
+/// `t` has exactly the shape `want`.
+fn expect(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
+    if t.dims() != want {
+        return Err(Error::Shape(format!("{what} must be {want:?}, got {:?}", t.dims())));
+    }
+    Ok(())
+}
+
+/// No buffer is bound twice to one dispatch (wgpu refuses a buffer both read and written).
+fn distinct(what: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
+    for (i, (a, ta)) in ts.iter().enumerate() {
+        for (b, tb) in &ts[i + 1..] {
+            if ta.buffer == tb.buffer {
+                return Err(Error::Invalid(format!("{what}: {a} and {b} are the same tensor")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Thread counts and indices are u32 in the shaders.
+fn fits_u32(what: &str, n: usize) -> Result<u32> {
+    u32::try_from(n).map_err(|_| Error::Invalid(format!("{what}: {n} threads exceed u32 indexing")))
+}
+
+/// The 8-word parameter block of `pool_fc_loss.wgsl`.
+struct Params {
+    n: usize,
+    c: usize,
+    hw: usize,
+    k: usize,
+    len: u32,
+    accumulate: bool,
+    inv: f32,
+}
+
+impl Params {
+    fn words(&self) -> [u32; 8] {
+        [
+            self.n as u32,
+            self.c as u32,
+            self.hw as u32,
+            self.k as u32,
+            self.len,
+            self.accumulate as u32,
+            self.inv.to_bits(),
+            0,
+        ]
+    }
+}
+
+/// Global average pooling: `p[n,c] = mean_{h,w} x[n,c,h,w]`; `p` is [N,C].
+pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
+    let [n, c, h, w] = x.nchw("pool forward: x")?;
+    expect(p, &[n, c], "pool forward: p")?;
+    distinct("pool forward", &[("x", x), ("p", p)])?;
+    let len = fits_u32("pool forward", n * c)?;
+    let hw = h * w;
+    let params = Params { n, c, hw, k: 0, len, accumulate: false, inv: 1.0 / hw as f32 };
+    rec.dispatch(
+        Shader::PoolFcLoss,
+        "pool_forward",
+        &params.words(),
+        &[(1, &x.buffer), (2, &p.buffer)],
+        groups_for(len as usize),
+    );
+    Ok(())
+}
+
+/// `dx[n,c,h,w] (+)= dp[n,c] / (H*W)`; `dp` is [N,C], `dx` [N,C,H,W].
+pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
+    let [n, c, h, w] = dx.nchw("pool backward: dx")?;
+    expect(dp, &[n, c], "pool backward: dp")?;
+    distinct("pool backward", &[("dp", dp), ("dx", dx)])?;
+    let len = fits_u32("pool backward", dx.len())?;
+    let hw = h * w;
+    let params = Params { n, c, hw, k: 0, len, accumulate, inv: 1.0 / hw as f32 };
+    rec.dispatch(
+        Shader::PoolFcLoss,
+        "pool_backward",
+        &params.words(),
+        &[(3, &dp.buffer), (4, &dx.buffer)],
+        groups_for(len as usize),
+    );
+    Ok(())
+}
+
+/// `logits = p · wᵀ + b`: `p` [N,C], `w` [K,C], `b` [K], `logits` [N,K].
+pub fn fc_forward(rec: &mut Recorder, p: &Tensor, w: &Tensor, b: &Tensor, logits: &Tensor) -> Result<()> {
+    let [n, c] = two_d(p, "fc forward: p")?;
+    let [k, wc] = two_d(w, "fc forward: w")?;
+    if wc != c {
+        return Err(Error::Shape(format!("fc forward: w {:?} does not take p {:?}", w.dims(), p.dims())));
+    }
+    expect(b, &[k], "fc forward: b")?;
+    expect(logits, &[n, k], "fc forward: logits")?;
+    distinct("fc forward", &[("p", p), ("w", w), ("b", b), ("logits", logits)])?;
+    let len = fits_u32("fc forward", n * k)?;
+    let params = Params { n, c, hw: 0, k, len, accumulate: false, inv: 0.0 };
+    rec.dispatch(
+        Shader::PoolFcLoss,
+        "fc_forward",
+        &params.words(),
+        &[(5, &p.buffer), (6, &w.buffer), (7, &b.buffer), (8, &logits.buffer)],
+        groups_for(len as usize),
+    );
+    Ok(())
+}
+
+/// The fully connected layer's backward: `dp (+)= dlogits · w` (by `accumulate_dp`),
+/// `dw (+)= dlogitsᵀ · p` and `db (+)= sum_n dlogits` (by `accumulate_params`).
+/// Shapes as [`fc_forward`], with each gradient shaped as its variable.
+#[allow(clippy::too_many_arguments)]
+pub fn fc_backward(
+    rec: &mut Recorder,
+    p: &Tensor,
+    w: &Tensor,
+    dlogits: &Tensor,
+    dp: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    accumulate_dp: bool,
+    accumulate_params: bool,
+) -> Result<()> {
+    let [n, c] = two_d(p, "fc backward: p")?;
+    let [k, wc] = two_d(w, "fc backward: w")?;
+    if wc != c {
+        return Err(Error::Shape(format!("fc backward: w {:?} does not take p {:?}", w.dims(), p.dims())));
+    }
+    expect(dlogits, &[n, k], "fc backward: dlogits")?;
+    expect(dp, &[n, c], "fc backward: dp")?;
+    expect(dw, &[k, c], "fc backward: dw")?;
+    expect(db, &[k], "fc backward: db")?;
+    distinct("fc backward", &[("p", p), ("w", w), ("dlogits", dlogits), ("dp", dp), ("dw", dw), ("db", db)])?;
+    let len_data = fits_u32("fc backward", n * c)?;
+    let len_params = fits_u32("fc backward", k * c + k)?;
+
+    let params = Params { n, c, hw: 0, k, len: len_data, accumulate: accumulate_dp, inv: 0.0 };
+    rec.dispatch(
+        Shader::PoolFcLoss,
+        "fc_backward_data",
+        &params.words(),
+        &[(6, &w.buffer), (9, &dlogits.buffer), (10, &dp.buffer)],
+        groups_for(len_data as usize),
+    );
+    let params = Params { n, c, hw: 0, k, len: len_params, accumulate: accumulate_params, inv: 0.0 };
+    rec.dispatch(
+        Shader::PoolFcLoss,
+        "fc_backward_params",
+        &params.words(),
+        &[(5, &p.buffer), (9, &dlogits.buffer), (11, &dw.buffer), (12, &db.buffer)],
+        groups_for(len_params as usize),
+    );
+    Ok(())
+}
+
+/// Softmax cross-entropy, mean over the batch: `loss[0] = mean_n (logsumexp(z_n) - z_n[label_n])`
+/// and `dlogits = (softmax(z) - onehot(labels)) / N` (overwritten). `logits` and `dlogits` are
+/// [N,K], `labels` N values with `classes == K`, `loss` [1].
+pub fn softmax_xent(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    labels: &Labels,
+    loss: &Tensor,
+    dlogits: &Tensor,
+) -> Result<()> {
+    let [n, k] = two_d(logits, "softmax xent: logits")?;
+    if labels.len != n || labels.classes != k {
+        return Err(Error::Shape(format!(
+            "softmax xent: {} labels of {} classes for logits {:?}",
+            labels.len,
+            labels.classes,
+            logits.dims()
+        )));
+    }
+    if labels.buffer.size() < n as u64 * 4 {
+        return Err(Error::Length {
+            what: "softmax xent: labels buffer".into(),
+            expected: n,
+            got: labels.buffer.size() as usize / 4,
+        });
+    }
+    expect(loss, &[1], "softmax xent: loss")?;
+    expect(dlogits, &[n, k], "softmax xent: dlogits")?;
+    distinct("softmax xent", &[("logits", logits), ("loss", loss), ("dlogits", dlogits)])?;
+    let len = fits_u32("softmax xent", n * k)?;
+    let params = Params { n, c: 0, hw: 0, k, len, accumulate: false, inv: 1.0 / n as f32 };
+    rec.dispatch(
+        Shader::PoolFcLoss,
+        "softmax_xent",
+        &params.words(),
+        &[(13, &logits.buffer), (14, &labels.buffer), (15, &loss.buffer), (16, &dlogits.buffer)],
+        [1, 1, 1],
+    );
+    Ok(())
+}

@@ -1,0 +1,325 @@
+//! Batch normalisation against the f64 reference, and the reference's backward against finite
+//! differences.
+mod common;
+use common::*;
+use resnet_wgpu::Error;
+use resnet_wgpu::ops::batch_norm::{self as bn, BnTensors, Epilogue};
+use resnet_wgpu::reference::{batch_norm as rbn, to_f64};
+
+/// Batch 1 with H != W drawn from {1, 5, 7, 9, 32} and C from {1, 3, 5, 16}; plus two batches of
+/// several images (the batch index in the per-channel loops) with N*H*W above the 256 threads of
+/// a reduction workgroup.
+const SHAPES: &[[usize; 4]] =
+    &[[1, 1, 1, 5], [1, 3, 5, 7], [1, 5, 9, 1], [1, 16, 7, 32], [1, 3, 32, 9], [2, 5, 9, 7], [4, 3, 32, 5]];
+
+const EPILOGUES: [Epilogue; 4] = [
+    Epilogue { add: false, relu: false },
+    Epilogue { add: false, relu: true },
+    Epilogue { add: true, relu: false },
+    Epilogue { add: true, relu: true },
+];
+
+/// Host copies of one layer's per-channel parameters and buffers, all random: |gamma| in
+/// [0.5, 1.5) of either sign and beta in [-0.5, 0.5) (so that a ReLU after them cuts some but
+/// not all of a channel), running mean in [-1, 1), running variance in [0.5, 1.5).
+struct Host {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    rm: Vec<f32>,
+    rv: Vec<f32>,
+}
+
+impl Host {
+    fn new(rng: &mut Rng, c: usize) -> Host {
+        Host {
+            gamma: rng.data(c).iter().map(|v| v.signum() * 0.5 + v).collect(),
+            beta: rng.data(c).iter().map(|v| 0.5 * v).collect(),
+            rm: rng.data(c),
+            rv: rng.data(c).iter().map(|v| 0.5 + v.abs()).collect(),
+        }
+    }
+}
+
+/// The same on the GPU.
+struct Dev {
+    gamma: resnet_wgpu::Tensor,
+    beta: resnet_wgpu::Tensor,
+    rm: resnet_wgpu::Tensor,
+    rv: resnet_wgpu::Tensor,
+}
+
+impl Dev {
+    fn new(h: &Host) -> Dev {
+        let c = [h.gamma.len()];
+        Dev { gamma: upload(&c, &h.gamma), beta: upload(&c, &h.beta), rm: upload(&c, &h.rm), rv: upload(&c, &h.rv) }
+    }
+
+    fn tensors(&self) -> BnTensors<'_> {
+        BnTensors { gamma: &self.gamma, beta: &self.beta, running_mean: &self.rm, running_var: &self.rv }
+    }
+}
+
+#[test]
+fn forward_train_every_epilogue() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    for &dims in SHAPES {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        for ep in EPILOGUES {
+            let (x, y_old, h) = (rng.data(n), rng.data(n), Host::new(&mut rng, c));
+            let d = Dev::new(&h);
+            let tx = upload(&dims, &x);
+            let ty = if ep.add { upload(&dims, &y_old) } else { poisoned(&dims) };
+            let (tmean, tinv) = (poisoned(&[c]), poisoned(&[c]));
+            let mut rec = g.recorder("bn train");
+            bn::forward_train(&mut rec, &tx, &ty, &d.tensors(), &tmean, &tinv, ep).unwrap();
+            rec.run().unwrap();
+            let old = to_f64(&y_old);
+            let want = rbn::forward_train(
+                &to_f64(&x),
+                dims,
+                &to_f64(&h.gamma),
+                &to_f64(&h.beta),
+                &to_f64(&h.rm),
+                &to_f64(&h.rv),
+                ep.add.then_some(&old[..]),
+                ep.relu,
+            );
+            let tag = format!("{dims:?} {ep:?}");
+            check(&format!("bn train y {tag}"), &read(&ty), &want.y, F32_TOL);
+            check(&format!("bn train mean {tag}"), &read(&tmean), &want.mean, F32_TOL);
+            check(&format!("bn train invstd {tag}"), &read(&tinv), &want.invstd, F32_TOL);
+            check(&format!("bn train running mean {tag}"), &read(&d.rm), &want.running_mean, F32_TOL);
+            check(&format!("bn train running var {tag}"), &read(&d.rv), &want.running_var, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn forward_eval_every_epilogue() {
+    let g = gpu();
+    let mut rng = Rng::new(12);
+    // Inference also takes a single value per channel.
+    for &dims in SHAPES.iter().chain(&[[1, 3, 1, 1]]) {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        for ep in EPILOGUES {
+            let (x, y_old, h) = (rng.data(n), rng.data(n), Host::new(&mut rng, c));
+            let d = Dev::new(&h);
+            let tx = upload(&dims, &x);
+            let ty = if ep.add { upload(&dims, &y_old) } else { poisoned(&dims) };
+            let mut rec = g.recorder("bn eval");
+            bn::forward_eval(&mut rec, &tx, &ty, &d.tensors(), ep).unwrap();
+            rec.run().unwrap();
+            let old = to_f64(&y_old);
+            let want = rbn::forward_eval(
+                &to_f64(&x),
+                dims,
+                &to_f64(&h.gamma),
+                &to_f64(&h.beta),
+                &to_f64(&h.rm),
+                &to_f64(&h.rv),
+                ep.add.then_some(&old[..]),
+                ep.relu,
+            );
+            check(&format!("bn eval y {dims:?} {ep:?}"), &read(&ty), &want, F32_TOL);
+            // The running statistics are inputs only.
+            assert_eq!(read(&d.rm), h.rm);
+            assert_eq!(read(&d.rv), h.rv);
+        }
+    }
+}
+
+/// The GPU forward (which saves the statistics), then the backward with every combination of the
+/// accumulate flags, with and without the ReLU mask.
+#[test]
+fn backward_relu_and_accumulate() {
+    let g = gpu();
+    let mut rng = Rng::new(13);
+    for &dims in SHAPES {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        for relu in [false, true] {
+            let (x, dy, h) = (rng.data(n), rng.data(n), Host::new(&mut rng, c));
+            let d = Dev::new(&h);
+            let (tx, tdy) = (upload(&dims, &x), upload(&dims, &dy));
+            let (ty, tmean, tinv) = (poisoned(&dims), poisoned(&[c]), poisoned(&[c]));
+            let mut rec = g.recorder("bn backward");
+            bn::forward_train(&mut rec, &tx, &ty, &d.tensors(), &tmean, &tinv, Epilogue { add: false, relu }).unwrap();
+            let mut outs = Vec::new();
+            for (acc_dx, acc_p) in [(false, false), (true, true), (true, false), (false, true)] {
+                let (pdx, pdg, pdb) = (rng.data(n), rng.data(c), rng.data(c));
+                let tdx = if acc_dx { upload(&dims, &pdx) } else { poisoned(&dims) };
+                let tdg = if acc_p { upload(&[c], &pdg) } else { poisoned(&[c]) };
+                let tdb = if acc_p { upload(&[c], &pdb) } else { poisoned(&[c]) };
+                let scratch = poisoned(&[2 * c]);
+                bn::backward(
+                    &mut rec, &tx, &tdy, &d.gamma, &d.beta, &tmean, &tinv, relu, &tdx, &tdg, &tdb, &scratch, acc_dx,
+                    acc_p,
+                )
+                .unwrap();
+                outs.push((acc_dx, acc_p, pdx, pdg, pdb, tdx, tdg, tdb));
+            }
+            rec.run().unwrap();
+            let (x64, gamma, beta) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta));
+            if relu {
+                // The mask must matter: some, not all, of the forward's outputs are cut.
+                let y = rbn::forward_train(&x64, dims, &gamma, &beta, &to_f64(&h.rm), &to_f64(&h.rv), None, true).y;
+                let cut = y.iter().filter(|&&v| v == 0.0).count();
+                assert!(cut > 0 && cut < n, "{dims:?}: ReLU cuts {cut} of {n}");
+            }
+            let (dx, dgamma, dbeta) = rbn::backward(&x64, dims, &to_f64(&dy), &gamma, &beta, relu);
+            let plus = |prior: &[f32], acc: bool, v: &[f64]| -> Vec<f64> {
+                if acc { prior.iter().zip(v).map(|(&p, &q)| p as f64 + q).collect() } else { v.to_vec() }
+            };
+            for (acc_dx, acc_p, pdx, pdg, pdb, tdx, tdg, tdb) in outs {
+                let tag = format!("{dims:?} relu {relu} acc dx {acc_dx} params {acc_p}");
+                check(&format!("bn bwd dx {tag}"), &read(&tdx), &plus(&pdx, acc_dx, &dx), F32_TOL);
+                check(&format!("bn bwd dgamma {tag}"), &read(&tdg), &plus(&pdg, acc_p, &dgamma), F32_TOL);
+                check(&format!("bn bwd dbeta {tag}"), &read(&tdb), &plus(&pdb, acc_p, &dbeta), F32_TOL);
+            }
+        }
+    }
+}
+
+/// Three training steps on different batches through one layer: the running statistics (and the
+/// last step's outputs) follow the reference.
+#[test]
+fn running_statistics_over_steps() {
+    let g = gpu();
+    let mut rng = Rng::new(14);
+    for dims in [[2, 5, 9, 7], [1, 16, 7, 32]] {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        let h = Host::new(&mut rng, c);
+        let d = Dev::new(&h);
+        let (mut rm, mut rv) = (to_f64(&h.rm), to_f64(&h.rv));
+        let (tmean, tinv) = (poisoned(&[c]), poisoned(&[c]));
+        for step in 0..3 {
+            let x = rng.data(n);
+            let tx = upload(&dims, &x);
+            let ty = poisoned(&dims);
+            let ep = Epilogue { add: false, relu: step % 2 == 1 };
+            let mut rec = g.recorder("bn step");
+            bn::forward_train(&mut rec, &tx, &ty, &d.tensors(), &tmean, &tinv, ep).unwrap();
+            rec.run().unwrap();
+            let want =
+                rbn::forward_train(&to_f64(&x), dims, &to_f64(&h.gamma), &to_f64(&h.beta), &rm, &rv, None, ep.relu);
+            (rm, rv) = (want.running_mean, want.running_var);
+            let tag = format!("{dims:?} step {step}");
+            check(&format!("bn steps y {tag}"), &read(&ty), &want.y, F32_TOL);
+            check(&format!("bn steps mean {tag}"), &read(&tmean), &want.mean, F32_TOL);
+            check(&format!("bn steps invstd {tag}"), &read(&tinv), &want.invstd, F32_TOL);
+        }
+        check(&format!("bn steps running mean {dims:?}"), &read(&d.rm), &rm, F32_TOL);
+        check(&format!("bn steps running var {dims:?}"), &read(&d.rv), &rv, F32_TOL);
+    }
+}
+
+/// The reference backward against central differences of `L = sum(y * r)` in f64.
+#[test]
+fn reference_backward_matches_finite_differences() {
+    const H: f64 = 1e-6;
+    const TOL: f64 = 1e-6;
+    let mut rng = Rng::new(15);
+    for dims in [[1, 2, 3, 5], [2, 3, 1, 3], [3, 1, 2, 2]] {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        for relu in [false, true] {
+            let x = to_f64(&rng.data(n));
+            let r = to_f64(&rng.data(n));
+            let gamma = to_f64(&rng.data(c));
+            let beta = to_f64(&rng.data(c));
+            let (rm, rv) = (vec![0.0; c], vec![1.0; c]);
+            let loss = |x: &[f64], gamma: &[f64], beta: &[f64]| -> f64 {
+                let y = rbn::forward_train(x, dims, gamma, beta, &rm, &rv, None, relu).y;
+                y.iter().zip(&r).map(|(a, b)| a * b).sum()
+            };
+            let central = |v: &[f64], f: &dyn Fn(&[f64]) -> f64| -> Vec<f64> {
+                (0..v.len())
+                    .map(|i| {
+                        let (mut p, mut m) = (v.to_vec(), v.to_vec());
+                        p[i] += H;
+                        m[i] -= H;
+                        (f(&p) - f(&m)) / (2.0 * H)
+                    })
+                    .collect()
+            };
+            let fd_dx = central(&x, &|v| loss(v, &gamma, &beta));
+            let fd_dg = central(&gamma, &|v| loss(&x, v, &beta));
+            let fd_db = central(&beta, &|v| loss(&x, &gamma, v));
+            let (dx, dg, db) = rbn::backward(&x, dims, &r, &gamma, &beta, relu);
+            for (name, got, want) in [("dx", &dx, &fd_dx), ("dgamma", &dg, &fd_dg), ("dbeta", &db, &fd_db)] {
+                let num = got.iter().zip(want.iter()).map(|(a, b)| (a - b) * (a - b)).sum::<f64>().sqrt();
+                let den = want.iter().map(|b| b * b).sum::<f64>().sqrt();
+                let rel = num / den;
+                eprintln!("bn reference {name} {dims:?} relu {relu}: rel L2 vs finite differences {rel:.2e}");
+                assert!(den > 0.0, "{name}: finite-difference gradient is zero");
+                assert!(rel <= TOL, "{name} {dims:?} relu {relu}: rel L2 {rel:.3e} > {TOL:.0e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let g = gpu();
+    let mut rng = Rng::new(16);
+    let dims = [1, 3, 5, 7];
+    let n: usize = dims.iter().product();
+    let h = Host::new(&mut rng, 3);
+    let d = Dev::new(&h);
+    let x = upload(&dims, &rng.data(n));
+    let y = poisoned(&dims);
+    let (m, s) = (poisoned(&[3]), poisoned(&[3]));
+    let (dx, dgm, dbt, scratch) = (poisoned(&dims), poisoned(&[3]), poisoned(&[3]), poisoned(&[6]));
+    let ep = Epilogue::default();
+    let shape =
+        |r: resnet_wgpu::Result<()>| assert!(matches!(r, Err(Error::Shape(_))), "expected a shape error: {r:?}");
+    let invalid = |r: resnet_wgpu::Result<()>| assert!(matches!(r, Err(Error::Invalid(_))), "expected invalid: {r:?}");
+    let mut rec = g.recorder("bad");
+
+    // Not 4-D; y of another shape; per-channel tensors of the wrong length or rank.
+    let flat = upload(&[n], &rng.data(n));
+    let flat_y = poisoned(&[n]);
+    shape(bn::forward_train(&mut rec, &flat, &flat_y, &d.tensors(), &m, &s, ep));
+    shape(bn::forward_eval(&mut rec, &flat, &flat_y, &d.tensors(), ep));
+    let other = poisoned(&[1, 3, 7, 5]);
+    shape(bn::forward_train(&mut rec, &x, &other, &d.tensors(), &m, &s, ep));
+    shape(bn::forward_eval(&mut rec, &x, &other, &d.tensors(), ep));
+    let four = upload(&[4], &rng.data(4));
+    let row = upload(&[1, 3], &rng.data(3));
+    for bad in [&four, &row] {
+        let p = BnTensors { gamma: bad, ..d.tensors() };
+        shape(bn::forward_train(&mut rec, &x, &y, &p, &m, &s, ep));
+        shape(bn::forward_eval(&mut rec, &x, &y, &p, ep));
+        let p = BnTensors { running_var: bad, ..d.tensors() };
+        shape(bn::forward_train(&mut rec, &x, &y, &p, &m, &s, ep));
+        shape(bn::forward_eval(&mut rec, &x, &y, &p, ep));
+        shape(bn::forward_train(&mut rec, &x, &y, &d.tensors(), bad, &s, ep));
+        shape(bn::forward_train(&mut rec, &x, &y, &d.tensors(), &m, bad, ep));
+        shape(bn::backward(&mut rec, &x, &y, bad, &d.beta, &m, &s, false, &dx, &dgm, &dbt, &scratch, false, false));
+        shape(bn::backward(&mut rec, &x, &y, &d.gamma, &d.beta, &m, &s, false, &dx, bad, &dbt, &scratch, false, false));
+    }
+    // Backward: dy or dx of another shape, scratch not 2*C long.
+    shape(bn::backward(&mut rec, &x, &other, &d.gamma, &d.beta, &m, &s, true, &dx, &dgm, &dbt, &scratch, false, false));
+    shape(bn::backward(&mut rec, &x, &y, &d.gamma, &d.beta, &m, &s, true, &other, &dgm, &dbt, &scratch, false, false));
+    shape(bn::backward(
+        &mut rec, &flat, &flat_y, &d.gamma, &d.beta, &m, &s, true, &dx, &dgm, &dbt, &scratch, true, true,
+    ));
+    let short = poisoned(&[3]);
+    shape(bn::backward(&mut rec, &x, &y, &d.gamma, &d.beta, &m, &s, false, &dx, &dgm, &dbt, &short, false, false));
+
+    // Training with one value per channel has no unbiased variance.
+    let one = upload(&[1, 3, 1, 1], &rng.data(3));
+    let one_y = poisoned(&[1, 3, 1, 1]);
+    let one_dx = poisoned(&[1, 3, 1, 1]);
+    invalid(bn::forward_train(&mut rec, &one, &one_y, &d.tensors(), &m, &s, ep));
+    invalid(bn::backward(
+        &mut rec, &one, &one_y, &d.gamma, &d.beta, &m, &s, false, &one_dx, &dgm, &dbt, &scratch, false, false,
+    ));
+    // The same tensor in two places.
+    invalid(bn::forward_train(&mut rec, &x, &x, &d.tensors(), &m, &s, ep));
+    invalid(bn::forward_eval(&mut rec, &x, &x, &d.tensors(), ep));
+    invalid(bn::forward_train(&mut rec, &x, &y, &d.tensors(), &m, &m, ep));
+    invalid(bn::backward(&mut rec, &x, &y, &d.gamma, &d.beta, &m, &s, false, &y, &dgm, &dbt, &scratch, false, false));
+
+    // Nothing was recorded: the (empty) command buffer runs cleanly.
+    rec.run().unwrap();
+}

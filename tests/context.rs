@@ -1,0 +1,63 @@
+//! The GPU context: the adapter report, the typed error for a missing adapter, and tensors.
+mod common;
+use common::*;
+use resnet_wgpu::{Error, Gpu, GpuOptions, Tensor};
+
+#[test]
+fn reports_the_adapter() {
+    let g = gpu();
+    assert!(!g.report.name.is_empty());
+    assert!(g.max_binding_bytes > 0);
+    // The adapter's own limits were requested, not wgpu's defaults.
+    let lim = g.adapter.limits();
+    assert_eq!(g.device.limits().max_storage_buffer_binding_size, lim.max_storage_buffer_binding_size);
+    assert_eq!(g.device.limits().max_compute_invocations_per_workgroup, lim.max_compute_invocations_per_workgroup);
+}
+
+#[test]
+fn missing_adapter_is_a_typed_helpful_error() {
+    // This machine has no adapter of a backend it cannot have (Metal off Apple, DX12 off Windows)
+    // nor one named like this.
+    let backends = if cfg!(target_os = "macos") { wgpu::Backends::DX12 } else { wgpu::Backends::METAL };
+    for opts in [
+        GpuOptions { backends, ..GpuOptions::default() },
+        GpuOptions { adapter_name: Some("no-such-adapter-xyzzy".into()), ..GpuOptions::from_env() },
+    ] {
+        match Gpu::with_options(&opts) {
+            Err(e @ Error::NoAdapter { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("mesa-vulkan-drivers"), "{msg}");
+                assert!(msg.contains("GPU driver"), "{msg}");
+            }
+            Err(e) => panic!("expected NoAdapter, got {e}"),
+            Ok(g) => panic!("expected no adapter, got {}", g.report.name),
+        }
+    }
+}
+
+#[test]
+fn tensors_round_trip_and_validate() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    let data = rng.data(2 * 3 * 5 * 7);
+    let t = Tensor::new(g, &[2, 3, 5, 7], &data).unwrap();
+    assert_eq!(t.read(g).unwrap(), data);
+    assert_eq!(t.nchw("t").unwrap(), [2, 3, 5, 7]);
+    assert!(matches!(Tensor::new(g, &[2, 3], &data), Err(Error::Length { .. })));
+    assert!(matches!(Tensor::new(g, &[0, 3], &[]), Err(Error::Shape(_))));
+    assert!(matches!(Tensor::new(g, &[1, 2, 3, 4, 5], &[0.0; 120]), Err(Error::Shape(_))));
+    assert!(matches!(Tensor::new(g, &[7], &data[..7]).unwrap().nchw("v"), Err(Error::Shape(_))));
+    let z = Tensor::zeros(g, &[4]).unwrap();
+    assert_eq!(z.read(g).unwrap(), vec![0.0; 4]);
+}
+
+#[test]
+fn tensors_past_the_binding_limit_are_refused() {
+    let opts = GpuOptions { max_binding_bytes: Some(1024), ..GpuOptions::from_env() };
+    let small = Gpu::with_options(&opts).unwrap();
+    assert!(Tensor::zeros(&small, &[256]).is_ok());
+    match Tensor::zeros(&small, &[257]) {
+        Err(Error::TooLarge { bytes, limit, .. }) => assert_eq!((bytes, limit), (1028, 1024)),
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+}

@@ -1,0 +1,243 @@
+//! Convolution forward and both backwards against the reference, the reference's backwards
+//! against central finite differences, and shape errors.
+mod common;
+use common::*;
+use resnet_wgpu::ops::conv;
+use resnet_wgpu::reference::{self as r, to_f64};
+use resnet_wgpu::{Error, Tensor};
+
+/// One convolution: x [N,C,H,W], K output channels, kernel size, stride.
+struct Case {
+    xd: [usize; 4],
+    k: usize,
+    ks: usize,
+    stride: usize,
+}
+
+impl Case {
+    fn wd(&self) -> [usize; 4] {
+        [self.k, self.xd[1], self.ks, self.ks]
+    }
+    fn yd(&self) -> [usize; 4] {
+        let [n, _, h, w] = self.xd;
+        [n, self.k, conv::out_size(h, self.ks, self.stride), conv::out_size(w, self.ks, self.stride)]
+    }
+    fn name(&self) -> String {
+        format!("x {:?} K {} k {} stride {}", self.xd, self.k, self.ks, self.stride)
+    }
+}
+
+const fn case(xd: [usize; 4], k: usize, ks: usize, stride: usize) -> Case {
+    Case { xd, k, ks, stride }
+}
+
+/// Batch 1 and 2; H, W from {1, 5, 7, 9, 32}, mostly H != W; C, K from {1, 3, 5, 16}; k 3 and 1;
+/// stride 2 on odd and even sizes. Two 32x32 cases, the largest N=2, C=K=16.
+const CASES: &[Case] = &[
+    case([1, 1, 1, 1], 1, 3, 1),
+    case([1, 3, 5, 7], 5, 3, 1),
+    case([1, 3, 7, 5], 16, 3, 2),
+    case([2, 1, 1, 9], 3, 3, 2),
+    case([2, 5, 9, 1], 3, 3, 1),
+    case([2, 5, 9, 5], 3, 1, 2),
+    case([1, 16, 5, 9], 1, 1, 1),
+    case([2, 16, 9, 7], 16, 3, 1),
+    case([2, 3, 7, 9], 16, 1, 2),
+    case([1, 16, 32, 32], 16, 3, 2),
+    case([2, 16, 32, 32], 16, 3, 1),
+];
+
+fn len(d: [usize; 4]) -> usize {
+    d.iter().product()
+}
+
+fn plus(prior: &[f32], v: &[f64]) -> Vec<f64> {
+    prior.iter().zip(v).map(|(&a, &b)| a as f64 + b).collect()
+}
+
+#[test]
+fn forward_matches_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(11);
+    for c in CASES {
+        let (wd, yd) = (c.wd(), c.yd());
+        let (x, w, prior) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
+        let (tx, tw) = (upload(&c.xd, &x), upload(&wd, &w));
+        let (ty, tacc) = (poisoned(&yd), upload(&yd, &prior));
+        let mut rec = g.recorder("conv forward");
+        conv::forward(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+        conv::forward(&mut rec, &tx, &tw, &tacc, c.stride, true).unwrap();
+        rec.run().unwrap();
+        let want = r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), wd, c.stride);
+        check(&format!("conv fwd {}", c.name()), &read(&ty), &want, F32_TOL);
+        check(&format!("conv fwd accumulate {}", c.name()), &read(&tacc), &plus(&prior, &want), F32_TOL);
+    }
+}
+
+#[test]
+fn backward_data_matches_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(12);
+    for c in CASES {
+        let (wd, yd) = (c.wd(), c.yd());
+        let (dy, w, prior) = (rng.data(len(yd)), rng.data(len(wd)), rng.data(len(c.xd)));
+        let (tdy, tw) = (upload(&yd, &dy), upload(&wd, &w));
+        let (tdx, tacc) = (poisoned(&c.xd), upload(&c.xd, &prior));
+        let mut rec = g.recorder("conv backward_data");
+        conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+        conv::backward_data(&mut rec, &tdy, &tw, &tacc, c.stride, true).unwrap();
+        rec.run().unwrap();
+        let want = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
+        check(&format!("conv bwd data {}", c.name()), &read(&tdx), &want, F32_TOL);
+        check(&format!("conv bwd data accumulate {}", c.name()), &read(&tacc), &plus(&prior, &want), F32_TOL);
+    }
+}
+
+#[test]
+fn backward_weight_matches_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(13);
+    for c in CASES {
+        let (wd, yd) = (c.wd(), c.yd());
+        let (x, dy, prior) = (rng.data(len(c.xd)), rng.data(len(yd)), rng.data(len(wd)));
+        let (tx, tdy) = (upload(&c.xd, &x), upload(&yd, &dy));
+        let (tdw, tacc) = (poisoned(&wd), upload(&wd, &prior));
+        let mut rec = g.recorder("conv backward_weight");
+        conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+        conv::backward_weight(&mut rec, &tx, &tdy, &tacc, c.stride, true).unwrap();
+        rec.run().unwrap();
+        let want = r::conv::backward_weight(&to_f64(&x), c.xd, &to_f64(&dy), wd, c.stride);
+        check(&format!("conv bwd weight {}", c.name()), &read(&tdw), &want, F32_TOL);
+        check(&format!("conv bwd weight accumulate {}", c.name()), &read(&tacc), &plus(&prior, &want), F32_TOL);
+    }
+}
+
+/// `sum(forward(x, w) * rw)`: a scalar loss whose gradient to `y` is `rw`.
+fn loss(x: &[f64], xd: [usize; 4], w: &[f64], wd: [usize; 4], stride: usize, rw: &[f64]) -> f64 {
+    r::conv::forward(x, xd, w, wd, stride).iter().zip(rw).map(|(a, b)| a * b).sum()
+}
+
+/// Central differences of `f` at every element of `v`.
+fn central_diff(v: &[f64], f: impl Fn(&[f64]) -> f64) -> Vec<f64> {
+    const H: f64 = 1e-6;
+    let mut v = v.to_vec();
+    (0..v.len())
+        .map(|i| {
+            let orig = v[i];
+            v[i] = orig + H;
+            let up = f(&v);
+            v[i] = orig - H;
+            let down = f(&v);
+            v[i] = orig;
+            (up - down) / (2.0 * H)
+        })
+        .collect()
+}
+
+/// Relative L2 and relative max difference of two f64 vectors.
+fn agreement(got: &[f64], want: &[f64]) -> (f64, f64) {
+    let (mut num, mut den, mut max, mut scale) = (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        num += (g - w) * (g - w);
+        den += w * w;
+        max = max.max((g - w).abs());
+        scale = scale.max(w.abs());
+    }
+    ((num / den).sqrt(), max / scale)
+}
+
+#[test]
+fn reference_backwards_match_finite_differences() {
+    let mut rng = Rng::new(14);
+    for c in [case([2, 3, 5, 4], 2, 3, 2), case([2, 3, 5, 4], 2, 1, 1), case([1, 2, 4, 5], 3, 3, 1)] {
+        let (wd, yd) = (c.wd(), c.yd());
+        let x = to_f64(&rng.data(len(c.xd)));
+        let w = to_f64(&rng.data(len(wd)));
+        let rw = to_f64(&rng.data(len(yd)));
+        let dx = r::conv::backward_data(&rw, &w, wd, c.xd, c.stride);
+        let dw = r::conv::backward_weight(&x, c.xd, &rw, wd, c.stride);
+        let fd_x = central_diff(&x, |x| loss(x, c.xd, &w, wd, c.stride, &rw));
+        let fd_w = central_diff(&w, |w| loss(&x, c.xd, w, wd, c.stride, &rw));
+        for (what, an, fd) in [("dx", &dx, &fd_x), ("dw", &dw, &fd_w)] {
+            let (rel, max) = agreement(an, fd);
+            eprintln!("gradcheck {what} {}: rel L2 {rel:.2e}, max rel {max:.2e}", c.name());
+            assert!(an.iter().all(|v| v.is_finite()) && an.iter().any(|&v| v != 0.0), "{what}: degenerate");
+            assert!(rel <= 1e-7 && max <= 1e-7, "{what} {}: rel L2 {rel:.3e}, max rel {max:.3e}", c.name());
+        }
+    }
+}
+
+#[test]
+fn out_size_values() {
+    assert_eq!(conv::out_size(32, 3, 1), 32);
+    assert_eq!(conv::out_size(32, 3, 2), 16);
+    assert_eq!(conv::out_size(7, 3, 2), 4);
+    assert_eq!(conv::out_size(7, 1, 2), 4);
+    assert_eq!(conv::out_size(1, 3, 2), 1);
+    assert_eq!(conv::out_size(8, 1, 2), 4);
+    // Degenerate arguments give 0, not a panic.
+    assert_eq!(conv::out_size(5, 3, 0), 0);
+    assert_eq!(conv::out_size(0, 3, 1), 0);
+    assert_eq!(conv::out_size(1, 5, 1), 1);
+    assert_eq!(conv::out_size(usize::MAX, 3, 1), 0);
+}
+
+fn is_shape_error(r: resnet_wgpu::Result<()>) -> bool {
+    matches!(r, Err(Error::Shape(_) | Error::Invalid(_)))
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let g = gpu();
+    let t = |dims: &[usize]| upload(dims, &vec![1.0; dims.iter().product()]);
+    // Roles: forward(x, w, y), backward_data(dy = y, w, dx = x), backward_weight(x, dy = y, dw = w).
+    let all_three = |x: &Tensor, w: &Tensor, y: &Tensor, stride: usize| {
+        let mut rec = g.recorder("bad");
+        for acc in [false, true] {
+            let f = conv::forward(&mut rec, x, w, y, stride, acc);
+            let d = conv::backward_data(&mut rec, y, w, x, stride, acc);
+            let wg = conv::backward_weight(&mut rec, x, y, w, stride, acc);
+            assert!(is_shape_error(f), "forward {:?} {:?} {:?} stride {stride}", x.dims(), w.dims(), y.dims());
+            assert!(is_shape_error(d), "backward_data {:?} {:?} {:?} stride {stride}", x.dims(), w.dims(), y.dims());
+            assert!(is_shape_error(wg), "backward_weight {:?} {:?} {:?} stride {stride}", x.dims(), w.dims(), y.dims());
+        }
+        // Nothing was recorded: the empty command buffer runs cleanly.
+        rec.run().unwrap();
+    };
+    let (x, w, y) = (t(&[2, 3, 7, 5]), t(&[4, 3, 3, 3]), t(&[2, 4, 4, 3]));
+    // The valid triple, at stride 2, for contrast.
+    {
+        let mut rec = g.recorder("good");
+        conv::forward(&mut rec, &x, &w, &y, 2, false).unwrap();
+        conv::backward_data(&mut rec, &y, &w, &x, 2, true).unwrap();
+        conv::backward_weight(&mut rec, &x, &y, &w, 2, true).unwrap();
+        rec.run().unwrap();
+    }
+    // Strides other than 1 and 2 (stride 1 needs a 7x5 output).
+    for s in [0, 3, usize::MAX] {
+        all_three(&x, &w, &y, s);
+    }
+    all_three(&x, &w, &y, 1);
+    // Not 4-D.
+    all_three(&t(&[3, 7, 5]), &w, &y, 2);
+    all_three(&x, &t(&[4, 27]), &y, 2);
+    all_three(&x, &w, &t(&[2, 4, 12]), 2);
+    // Channel mismatch between x and w.
+    all_three(&t(&[2, 2, 7, 5]), &w, &y, 2);
+    // Kernels not square, or not 1 or 3.
+    all_three(&x, &t(&[4, 3, 3, 1]), &y, 2);
+    all_three(&x, &t(&[4, 3, 2, 2]), &y, 2);
+    all_three(&x, &t(&[4, 3, 5, 5]), &y, 2);
+    // Output batch, channels, height or width off.
+    all_three(&x, &w, &t(&[1, 4, 4, 3]), 2);
+    all_three(&x, &w, &t(&[2, 3, 4, 3]), 2);
+    all_three(&x, &w, &t(&[2, 4, 3, 3]), 2);
+    all_three(&x, &w, &t(&[2, 4, 4, 4]), 2);
+    // An output aliasing an input.
+    let sq = t(&[1, 2, 3, 3]);
+    let w2 = t(&[2, 2, 3, 3]);
+    let mut rec = g.recorder("alias");
+    assert!(is_shape_error(conv::forward(&mut rec, &sq, &w2, &sq, 1, true)));
+    assert!(is_shape_error(conv::backward_data(&mut rec, &sq, &w2, &sq, 1, true)));
+    rec.run().unwrap();
+}
