@@ -1,12 +1,16 @@
 //! resnet-wgpu: the forward and backward passes of deep residual networks as WGSL compute
 //! shaders through wgpu.
 
+pub mod arch;
 pub mod error;
 pub mod gpu;
+pub mod io;
+pub mod net;
 pub mod ops;
 pub mod reference;
 pub mod rng;
 pub mod tensor;
+pub mod unit;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuOptions, Recorder, Shader};

@@ -4,6 +4,7 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod net;
 pub mod pool_fc_loss;
 pub mod relu;
 pub mod residual;

@@ -1,0 +1,206 @@
+//! safetensors in and out, under PyTorch's names and layouts ([`crate::arch::NetConfig::tensors`]),
+//! so that a PyTorch state dict of the same architecture loads here, and back.
+//!
+//! Files written here: every tensor f32 except `*.num_batches_tracked`, an i64 scalar as in
+//! PyTorch. Checkpoints add `momentum.<name>` for each learned parameter (SGD's buffer) and
+//! whatever else the caller adds. Files read here may hold f32, f64, f16, bf16 or integer
+//! tensors; values are converted to f32. Writes go to a temporary file that is then renamed, so
+//! an interrupted save never leaves a corrupt file.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+
+use crate::arch::{NetConfig, Role};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::net::{Entry, ResNet};
+
+/// A host tensor read from or going to a file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub dims: Vec<usize>,
+    pub data: Data,
+}
+
+/// Element data: f32 values, or i64 (labels, counters).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Data {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+}
+
+impl HostTensor {
+    pub fn f32(dims: &[usize], v: Vec<f32>) -> HostTensor {
+        HostTensor { dims: dims.to_vec(), data: Data::F32(v) }
+    }
+
+    pub fn i64(dims: &[usize], v: Vec<i64>) -> HostTensor {
+        HostTensor { dims: dims.to_vec(), data: Data::I64(v) }
+    }
+
+    /// The values as f32 (integers converted).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match &self.data {
+            Data::F32(v) => v.clone(),
+            Data::I64(v) => v.iter().map(|&x| x as f32).collect(),
+        }
+    }
+
+    /// The values as i64, if integral.
+    pub fn to_i64(&self) -> Option<Vec<i64>> {
+        match &self.data {
+            Data::I64(v) => Some(v.clone()),
+            Data::F32(v) => v.iter().map(|&x| (x.fract() == 0.0).then_some(x as i64)).collect(),
+        }
+    }
+
+    fn bytes(&self) -> (Dtype, Vec<u8>) {
+        match &self.data {
+            Data::F32(v) => (Dtype::F32, bytemuck::cast_slice(v).to_vec()),
+            Data::I64(v) => (Dtype::I64, bytemuck::cast_slice(v).to_vec()),
+        }
+    }
+}
+
+fn io_err(path: &Path, e: std::io::Error) -> Error {
+    Error::Io { path: path.display().to_string(), source: e }
+}
+
+fn fmt_err(path: &Path, msg: impl Into<String>) -> Error {
+    Error::Format { path: path.display().to_string(), msg: msg.into() }
+}
+
+/// Reads every tensor of a safetensors file.
+pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt_err(path, format!("not a safetensors file: {e}")))?;
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        let d = view.data();
+        let data = match view.dtype() {
+            Dtype::F32 => Data::F32(d.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()),
+            Dtype::F64 => Data::F32(
+                d.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap_or([0; 8])) as f32).collect(),
+            ),
+            Dtype::F16 => {
+                Data::F32(d.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+            }
+            Dtype::BF16 => {
+                Data::F32(d.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect())
+            }
+            Dtype::I64 => {
+                Data::I64(d.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8]))).collect())
+            }
+            Dtype::I32 => {
+                Data::I64(d.chunks_exact(4).map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]) as i64).collect())
+            }
+            Dtype::U8 => Data::I64(d.iter().map(|&b| b as i64).collect()),
+            other => return Err(fmt_err(path, format!("{name}: unsupported dtype {other:?}"))),
+        };
+        out.insert(name, HostTensor { dims: view.shape().to_vec(), data });
+    }
+    Ok(out)
+}
+
+/// Writes tensors atomically (temporary file in the same folder, then rename).
+pub fn write(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let (dt, b) = t.bytes();
+            (n.clone(), dt, t.dims.clone(), b)
+        })
+        .collect();
+    let mut views = Vec::new();
+    for (n, dt, dims, b) in &encoded {
+        let v = safetensors::tensor::TensorView::new(*dt, dims.clone(), b)
+            .map_err(|e| fmt_err(path, format!("{n}: {e}")))?;
+        views.push((n.clone(), v));
+    }
+    let bytes = safetensors::serialize(views, None).map_err(|e| fmt_err(path, e.to_string()))?;
+    let file = path.file_name().ok_or_else(|| fmt_err(path, "not a file path"))?;
+    let tmp = path.with_file_name(format!(".{}.tmp", file.to_string_lossy()));
+    std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
+/// The network's state under PyTorch's names: parameters and BN buffers, plus with
+/// `optimizer` every `momentum.<name>`.
+pub fn state_tensors(net: &ResNet, gpu: &Gpu, optimizer: bool) -> Result<Vec<(String, HostTensor)>> {
+    let specs = net.config.tensors();
+    let mut out = Vec::new();
+    for (spec, (name, entry)) in specs.iter().zip(net.entries()) {
+        let t = match entry {
+            Entry::Param(p) => HostTensor::f32(&spec.dims, p.value.read(gpu)?),
+            Entry::Buffer(b) => HostTensor::f32(&spec.dims, b.read(gpu)?),
+            Entry::Count => HostTensor::i64(&[], vec![net.batches_tracked]),
+        };
+        out.push((name, t));
+    }
+    if optimizer {
+        for (spec, (name, entry)) in specs.iter().zip(net.entries()) {
+            if let Entry::Param(p) = entry {
+                out.push((format!("momentum.{name}"), HostTensor::f32(&spec.dims, p.momentum.read(gpu)?)));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Saves the network's parameters and BN buffers (a PyTorch-loadable state dict).
+pub fn save_weights(net: &ResNet, gpu: &Gpu, path: &Path) -> Result<()> {
+    write(path, &state_tensors(net, gpu, false)?)
+}
+
+/// Checks a file's tensors against a configuration and returns the values by name. Extra
+/// tensors (e.g. `momentum.*`) are ignored; the first missing name or wrong shape is an error
+/// naming it.
+pub fn state_for(
+    config: &NetConfig,
+    file: &HashMap<String, HostTensor>,
+    path: &Path,
+) -> Result<HashMap<String, Vec<f32>>> {
+    let mut out = HashMap::new();
+    for spec in config.tensors() {
+        let t = file.get(&spec.name).ok_or_else(|| {
+            fmt_err(path, format!("missing tensor {} {:?} (the configuration is {:?})", spec.name, spec.dims, config))
+        })?;
+        // PyTorch's scalar counter may come as shape [] or [1].
+        let same = t.dims == spec.dims || (spec.role == Role::Count && t.dims.iter().product::<usize>() == 1);
+        if !same {
+            return Err(fmt_err(
+                path,
+                format!("{} has shape {:?}, the configuration needs {:?}", spec.name, t.dims, spec.dims),
+            ));
+        }
+        out.insert(spec.name.clone(), t.to_f32());
+    }
+    Ok(out)
+}
+
+/// Loads a network from a weights file (a state dict saved here or from PyTorch).
+pub fn load_net(gpu: &Gpu, config: &NetConfig, path: &Path) -> Result<ResNet> {
+    let file = read(path)?;
+    let state = state_for(config, &file, path)?;
+    let mut net = ResNet::from_state(gpu, config, &state)?;
+    load_momentum(gpu, &mut net, &file, path)?;
+    Ok(net)
+}
+
+/// Restores SGD's momentum buffers from `momentum.<name>` tensors where the file has them.
+fn load_momentum(gpu: &Gpu, net: &mut ResNet, file: &HashMap<String, HostTensor>, path: &Path) -> Result<()> {
+    for (name, p) in net.params() {
+        if let Some(t) = file.get(&format!("momentum.{name}")) {
+            if t.dims != p.momentum.dims() {
+                return Err(fmt_err(
+                    path,
+                    format!("momentum.{name} has shape {:?}, needs {:?}", t.dims, p.momentum.dims()),
+                ));
+            }
+            p.momentum.write(gpu, &t.to_f32())?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,428 @@
+//! A whole ResNet on the GPU: stem, stages of residual units, head and loss; trained with SGD.
+//!
+//! One training step records the stem's, every unit's and the head's forward into command
+//! buffers of their own, then the backward in reverse, then the optimizer, and submits them all
+//! at once: nothing returns to the host between units, and the stream `x_l` and its gradient
+//! stay on the GPU (see [`crate::unit`]).
+
+use std::collections::HashMap;
+
+use crate::arch::{Layer, NetConfig, Role, UnitKind};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::ops::batch_norm::Epilogue;
+use crate::ops::pool_fc_loss::{self as head, Labels};
+use crate::ops::{conv, sgd};
+use crate::tensor::Tensor;
+use crate::unit::{Bn, Conv, Kept, Mode, Param, State, Unit, Workspace};
+
+/// SGD settings (PyTorch semantics: `d = g + wd*w; m = mu*m + d; w -= lr*m`).
+#[derive(Clone, Copy, Debug)]
+pub struct Sgd {
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+}
+
+impl Default for Sgd {
+    /// The paper's recipe: learning rate 0.1, momentum 0.9, weight decay 1e-4.
+    fn default() -> Self {
+        Sgd { lr: 0.1, momentum: 0.9, weight_decay: 1e-4 }
+    }
+}
+
+/// One named tensor of the network, as [`ResNet::entries`] lists them.
+pub enum Entry<'a> {
+    /// Learned: value, gradient and momentum.
+    Param(&'a Param),
+    /// A BN running statistic.
+    Buffer(&'a Tensor),
+    /// A BN `num_batches_tracked` (kept on the host; the same for every layer).
+    Count,
+}
+
+/// Activations for one input shape, allocated when the shape first appears.
+struct Acts {
+    images: [usize; 4],
+    /// `x_0 .. x_L`, each kept for the backward.
+    streams: Vec<Tensor>,
+    kept: Vec<Kept>,
+    /// The stream's gradient, one buffer per shape, accumulated in place.
+    grads: HashMap<[usize; 4], Tensor>,
+    /// Original networks: the stem convolution's output (its BN's input).
+    stem_h: Option<Tensor>,
+    /// Pre-activation networks: `ReLU(BN(x_L))` and its gradient.
+    z: Option<(Tensor, Tensor)>,
+    pooled: Tensor,
+    dpooled: Tensor,
+    logits: Tensor,
+    dlogits: Tensor,
+    loss: Tensor,
+    grad_images: Tensor,
+    ws: Workspace,
+}
+
+/// A ResNet on the GPU.
+pub struct ResNet {
+    pub config: NetConfig,
+    stem: Conv,
+    stem_bn: Option<Bn>,
+    pub units: Vec<Unit>,
+    final_bn: Option<Bn>,
+    fc_w: Param,
+    fc_b: Param,
+    /// BN's `num_batches_tracked`: training forwards run so far.
+    pub batches_tracked: i64,
+    acts: Option<Acts>,
+}
+
+impl ResNet {
+    /// A network with fresh He-initialised weights drawn from `seed`.
+    pub fn new(gpu: &Gpu, config: &NetConfig, seed: u64) -> Result<ResNet> {
+        config.validate()?;
+        let state = config.tensors().into_iter().map(|t| t.name).zip(config.initial_values(seed)).collect();
+        ResNet::from_state(gpu, config, &state)
+    }
+
+    /// A network from named host values (every name of [`NetConfig::tensors`], PyTorch
+    /// layouts). `num_batches_tracked` is taken from the first BN layer.
+    pub fn from_state(gpu: &Gpu, config: &NetConfig, state: &State) -> Result<ResNet> {
+        config.validate()?;
+        let c0 = config.stem_channels();
+        let stem_l = Layer { c_in: config.in_channels, c_out: c0, k: 3, stride: 1 };
+        let stem = Conv::load(gpu, state, "conv1.weight", stem_l)?;
+        let stem_bn = match config.kind {
+            UnitKind::Original => Some(Bn::load(gpu, state, "bn1", c0)?),
+            UnitKind::PreAct => None,
+        };
+        let units = config.units().iter().map(|spec| Unit::from_state(gpu, spec, state)).collect::<Result<Vec<_>>>()?;
+        let c = config.stage_channels(2);
+        let final_bn = match config.kind {
+            UnitKind::PreAct => Some(Bn::load(gpu, state, "bn", c)?),
+            UnitKind::Original => None,
+        };
+        let fc_w = Param::load(gpu, state, "fc.weight", &[config.classes, c])?;
+        let fc_b = Param::load(gpu, state, "fc.bias", &[config.classes])?;
+        let first_count = config.tensors().into_iter().find(|t| t.role == Role::Count);
+        let batches_tracked =
+            first_count.and_then(|t| state.get(&t.name)).and_then(|v| v.first()).map_or(0, |&v| v as i64);
+        Ok(ResNet { config: config.clone(), stem, stem_bn, units, final_bn, fc_w, fc_b, batches_tracked, acts: None })
+    }
+
+    /// Every named tensor, in the order of [`NetConfig::tensors`].
+    pub fn entries(&self) -> Vec<(String, Entry<'_>)> {
+        let mut v: Vec<(String, Entry)> = Vec::new();
+        fn bn<'a>(v: &mut Vec<(String, Entry<'a>)>, p: &str, b: &'a Bn) {
+            v.push((format!("{p}.weight"), Entry::Param(&b.gamma)));
+            v.push((format!("{p}.bias"), Entry::Param(&b.beta)));
+            v.push((format!("{p}.running_mean"), Entry::Buffer(&b.running_mean)));
+            v.push((format!("{p}.running_var"), Entry::Buffer(&b.running_var)));
+            v.push((format!("{p}.num_batches_tracked"), Entry::Count));
+        }
+        v.push(("conv1.weight".into(), Entry::Param(&self.stem.w)));
+        if let Some(b) = &self.stem_bn {
+            bn(&mut v, "bn1", b);
+        }
+        for u in &self.units {
+            for (i, (c, b)) in u.convs.iter().zip(&u.bns).enumerate() {
+                v.push((format!("{}.conv{}.weight", u.spec.name, i + 1), Entry::Param(&c.w)));
+                bn(&mut v, &format!("{}.bn{}", u.spec.name, i + 1), b);
+            }
+            match (&u.proj, &u.proj_bn) {
+                (Some(p), None) => v.push((format!("{}.shortcut.weight", u.spec.name), Entry::Param(&p.w))),
+                (Some(p), Some(b)) => {
+                    v.push((format!("{}.shortcut.0.weight", u.spec.name), Entry::Param(&p.w)));
+                    bn(&mut v, &format!("{}.shortcut.1", u.spec.name), b);
+                }
+                _ => {}
+            }
+        }
+        if let Some(b) = &self.final_bn {
+            bn(&mut v, "bn", b);
+        }
+        v.push(("fc.weight".into(), Entry::Param(&self.fc_w)));
+        v.push(("fc.bias".into(), Entry::Param(&self.fc_b)));
+        v
+    }
+
+    /// Every learned parameter.
+    pub fn params(&self) -> Vec<(String, &Param)> {
+        self.entries()
+            .into_iter()
+            .filter_map(|(n, e)| match e {
+                Entry::Param(p) => Some((n, p)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Reads every named tensor back to the host (`num_batches_tracked` as its value).
+    pub fn state(&self, gpu: &Gpu) -> Result<Vec<(String, Vec<f32>)>> {
+        self.entries()
+            .into_iter()
+            .map(|(n, e)| {
+                let v = match e {
+                    Entry::Param(p) => p.value.read(gpu)?,
+                    Entry::Buffer(t) => t.read(gpu)?,
+                    Entry::Count => vec![self.batches_tracked as f32],
+                };
+                Ok((n, v))
+            })
+            .collect()
+    }
+
+    /// Reads every parameter gradient of the last backward.
+    pub fn grads(&self, gpu: &Gpu) -> Result<Vec<(String, Vec<f32>)>> {
+        self.params().into_iter().map(|(n, p)| Ok((n, p.grad.read(gpu)?))).collect()
+    }
+
+    /// Bytes of activations (kept tensors, streams, workspace) held for the current input shape.
+    pub fn activation_bytes(&self) -> u64 {
+        self.acts.as_ref().map_or(0, |a| {
+            let kept: u64 = a.kept.iter().flat_map(|k| &k.tensors).map(|t| t.bytes()).sum();
+            let streams: u64 = a.streams.iter().map(|t| t.bytes()).sum();
+            let grads: u64 = a.grads.values().map(|t| t.bytes()).sum();
+            kept + streams + grads + a.ws.bytes()
+        })
+    }
+
+    fn check_images(&self, images: &Tensor) -> Result<[usize; 4]> {
+        let d = images.nchw("images")?;
+        if d[1] != self.config.in_channels {
+            return Err(Error::Shape(format!(
+                "images have {} channels, the network takes {}",
+                d[1], self.config.in_channels
+            )));
+        }
+        Ok(d)
+    }
+
+    fn ensure_acts(&mut self, gpu: &Gpu, images: [usize; 4]) -> Result<()> {
+        if self.acts.as_ref().is_some_and(|a| a.images == images) {
+            return Ok(());
+        }
+        self.acts = None; // release the old shape's buffers first
+        let [n, _, h, w] = images;
+        let x0 = [n, self.config.stem_channels(), h, w];
+        let mut ws = Workspace::default();
+        let mut streams = vec![Tensor::zeros(gpu, &x0)?];
+        let mut kept = Vec::new();
+        let mut grads = HashMap::new();
+        grads.insert(x0, Tensor::zeros(gpu, &x0)?);
+        let mut d = x0;
+        for u in &self.units {
+            kept.push(u.allocate(gpu, d, &mut ws)?);
+            d = u.out_dims(d);
+            streams.push(Tensor::zeros(gpu, &d)?);
+            if !grads.contains_key(&d) {
+                grads.insert(d, Tensor::zeros(gpu, &d)?);
+            }
+        }
+        let (c, k) = (d[1], self.config.classes);
+        let z = match self.config.kind {
+            UnitKind::PreAct => Some((Tensor::zeros(gpu, &d)?, Tensor::zeros(gpu, &d)?)),
+            UnitKind::Original => None,
+        };
+        let stem_h = match self.config.kind {
+            UnitKind::Original => Some(Tensor::zeros(gpu, &x0)?),
+            UnitKind::PreAct => None,
+        };
+        self.acts = Some(Acts {
+            images,
+            streams,
+            kept,
+            grads,
+            stem_h,
+            z,
+            pooled: Tensor::zeros(gpu, &[n, c])?,
+            dpooled: Tensor::zeros(gpu, &[n, c])?,
+            logits: Tensor::zeros(gpu, &[n, k])?,
+            dlogits: Tensor::zeros(gpu, &[n, k])?,
+            loss: Tensor::zeros(gpu, &[1])?,
+            grad_images: Tensor::zeros(gpu, &images)?,
+            ws,
+        });
+        Ok(())
+    }
+
+    fn acts(&self) -> Result<&Acts> {
+        self.acts.as_ref().ok_or_else(|| Error::Invalid("no forward pass has run yet".into()))
+    }
+
+    /// Records the forward: the stem, each unit and the head in command buffers of their own.
+    /// With labels, the head also computes the loss and its gradient at the logits.
+    fn record_forward(
+        &self,
+        gpu: &Gpu,
+        images: &Tensor,
+        labels: Option<&Labels>,
+        mode: Mode,
+    ) -> Result<Vec<wgpu::CommandBuffer>> {
+        let a = self.acts()?;
+        let mut cbs = Vec::new();
+
+        let mut rec = gpu.recorder("stem forward");
+        match (&self.stem_bn, &a.stem_h) {
+            (Some(bn), Some(h)) => {
+                conv::forward(&mut rec, images, &self.stem.w.value, h, 1, false)?;
+                bn.forward(&mut rec, mode, h, &a.streams[0], Epilogue { add: false, relu: true })?;
+            }
+            _ => conv::forward(&mut rec, images, &self.stem.w.value, &a.streams[0], 1, false)?,
+        }
+        cbs.push(rec.finish());
+
+        for (l, u) in self.units.iter().enumerate() {
+            let mut rec = gpu.recorder(&u.spec.name);
+            u.forward(&mut rec, mode, &a.streams[l], &a.streams[l + 1], &a.kept[l], &a.ws)?;
+            cbs.push(rec.finish());
+        }
+
+        let mut rec = gpu.recorder("head forward");
+        let x_last = &a.streams[self.units.len()];
+        let z = match (&self.final_bn, &a.z) {
+            (Some(bn), Some((z, _))) => {
+                bn.forward(&mut rec, mode, x_last, z, Epilogue { add: false, relu: true })?;
+                z
+            }
+            _ => x_last,
+        };
+        head::pool_forward(&mut rec, z, &a.pooled)?;
+        head::fc_forward(&mut rec, &a.pooled, &self.fc_w.value, &self.fc_b.value, &a.logits)?;
+        if let Some(labels) = labels {
+            head::softmax_xent(&mut rec, &a.logits, labels, &a.loss, &a.dlogits)?;
+        }
+        cbs.push(rec.finish());
+        Ok(cbs)
+    }
+
+    /// Records the backward of the last training forward, head to stem.
+    fn record_backward(&self, gpu: &Gpu, images: &Tensor, image_grad: bool) -> Result<Vec<wgpu::CommandBuffer>> {
+        let a = self.acts()?;
+        let grad = |t: &Tensor| -> Result<&Tensor> {
+            let d = t.nchw("stream")?;
+            a.grads.get(&d).ok_or_else(|| Error::Invalid(format!("no stream gradient of {d:?}")))
+        };
+        let mut cbs = Vec::new();
+        let l_count = self.units.len();
+
+        let mut rec = gpu.recorder("head backward");
+        head::fc_backward(
+            &mut rec,
+            &a.pooled,
+            &self.fc_w.value,
+            &a.dlogits,
+            &a.dpooled,
+            &self.fc_w.grad,
+            &self.fc_b.grad,
+            false,
+            false,
+        )?;
+        let x_last = &a.streams[l_count];
+        let g_last = grad(x_last)?;
+        match (&self.final_bn, &a.z) {
+            (Some(bn), Some((_, dz))) => {
+                head::pool_backward(&mut rec, &a.dpooled, dz, false)?;
+                bn.backward(&mut rec, x_last, dz, true, g_last, false)?;
+            }
+            _ => head::pool_backward(&mut rec, &a.dpooled, g_last, false)?,
+        }
+        cbs.push(rec.finish());
+
+        for (l, u) in self.units.iter().enumerate().rev() {
+            let mut rec = gpu.recorder(&u.spec.name);
+            let (x, y) = (&a.streams[l], &a.streams[l + 1]);
+            u.backward(&mut rec, x, y, grad(y)?, grad(x)?, &a.kept[l], &a.ws)?;
+            cbs.push(rec.finish());
+        }
+
+        let mut rec = gpu.recorder("stem backward");
+        let g0 = grad(&a.streams[0])?;
+        let dstem = match (&self.stem_bn, &a.stem_h) {
+            (Some(bn), Some(h)) => {
+                let dh =
+                    a.ws.get(h.dims(), crate::unit::Slot::DAct)
+                        .or_else(|_| Err(Error::Invalid("stem workspace".into())))?;
+                bn.backward(&mut rec, h, g0, true, dh, false)?;
+                dh
+            }
+            _ => g0,
+        };
+        conv::backward_weight(&mut rec, images, dstem, &self.stem.w.grad, 1, false)?;
+        if image_grad {
+            conv::backward_data(&mut rec, dstem, &self.stem.w.value, &a.grad_images, 1, false)?;
+        }
+        cbs.push(rec.finish());
+        Ok(cbs)
+    }
+
+    fn record_sgd(&self, gpu: &Gpu, opt: Sgd) -> Result<wgpu::CommandBuffer> {
+        let mut rec = gpu.recorder("sgd");
+        for (_, p) in self.params() {
+            sgd::step(&mut rec, &p.value, &p.grad, &p.momentum, opt.lr, opt.momentum, opt.weight_decay)?;
+        }
+        Ok(rec.finish())
+    }
+
+    fn prepare(&mut self, gpu: &Gpu, images: &Tensor, labels: Option<&Labels>) -> Result<()> {
+        let d = self.check_images(images)?;
+        if let Some(l) = labels {
+            if l.len != d[0] || l.classes != self.config.classes {
+                return Err(Error::Shape(format!(
+                    "{} labels of {} classes for {} images and {} classes",
+                    l.len, l.classes, d[0], self.config.classes
+                )));
+            }
+        }
+        self.ensure_acts(gpu, d)
+    }
+
+    /// One training-mode forward and backward (no update): loss, logits, every parameter
+    /// gradient, and with `image_grad` the gradient to the images. Returns the loss.
+    pub fn forward_backward(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, image_grad: bool) -> Result<f32> {
+        self.prepare(gpu, images, Some(labels))?;
+        let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
+        cbs.extend(self.record_backward(gpu, images, image_grad)?);
+        gpu.submit(cbs)?;
+        self.batches_tracked += 1;
+        self.loss(gpu)
+    }
+
+    /// One SGD step on a batch: forward, backward and update in one submission. Returns the
+    /// loss before the update.
+    pub fn train_step(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
+        self.prepare(gpu, images, Some(labels))?;
+        let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
+        cbs.extend(self.record_backward(gpu, images, false)?);
+        cbs.push(self.record_sgd(gpu, opt)?);
+        gpu.submit(cbs)?;
+        self.batches_tracked += 1;
+        self.loss(gpu)
+    }
+
+    /// Inference mode (running statistics): the logits, `[N, classes]` row-major.
+    pub fn predict(&mut self, gpu: &Gpu, images: &Tensor) -> Result<Vec<f32>> {
+        self.prepare(gpu, images, None)?;
+        gpu.submit(self.record_forward(gpu, images, None, Mode::Eval)?)?;
+        self.logits(gpu)
+    }
+
+    /// The loss of the last training forward.
+    pub fn loss(&self, gpu: &Gpu) -> Result<f32> {
+        Ok(self.acts()?.loss.read(gpu)?[0])
+    }
+
+    /// The logits of the last forward.
+    pub fn logits(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.acts()?.logits.read(gpu)
+    }
+
+    /// The gradient to the images of the last `forward_backward` with `image_grad`.
+    pub fn grad_images(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.acts()?.grad_images.read(gpu)
+    }
+
+    /// The stream `x_l` of the last forward, `l = 0..=L` (GPU buffers, borrowed).
+    pub fn streams(&self) -> Result<&[Tensor]> {
+        Ok(&self.acts()?.streams)
+    }
+}

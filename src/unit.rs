@@ -1,0 +1,541 @@
+//! A residual unit on the GPU: `y_l = h(x_l) + F(x_l)`, `x_{l+1} = f(y_l)` (see [`crate::arch`]
+//! for the variants). Its forward and its backward are each recorded into a command buffer of
+//! their own; the stream `x` and its gradient never leave the GPU.
+//!
+//! Forward (training): `x_{l+1}` starts as the shortcut `h(x_l)` (a copy for the identity) and
+//! the branch is added into it in place by the fused epilogue of its last op: the last
+//! convolution (`accumulate`) in pre-activation units, the last BN's add-then-ReLU in original
+//! units.
+//!
+//! Backward: the stream's gradient is accumulated in place, `g_l = g_{l+1} + (dF/dx_l)^T g_{l+1}`:
+//! the first op of the branch adds its input gradient into the buffer that holds `g_{l+1}`
+//! (for the identity shortcut it is the same buffer). Units that change shape write `g_l` into
+//! the next buffer, starting from the shortcut's own backward.
+//!
+//! Memory: what a unit keeps for its backward.
+//! - Pre-activation: its input `x_l` (the stream buffer) and the input of each later weight
+//!   layer (`conv_i(...)`, the input of `bn_{i+1}`): 2 tensors for a basic unit, 3 for a
+//!   bottleneck. Each `ReLU(BN(.))` is recomputed in the backward from the saved batch
+//!   statistics, so neither the BN outputs nor the ReLU outputs are kept. PyTorch's autograd
+//!   keeps 4 tensors for the basic unit (x, ReLU(BN1(x)), conv1 output, ReLU(BN2(.))).
+//! - Original: `x_l`, each convolution's output (the BN inputs), and for projection shortcuts
+//!   the projection's output; `x_{l+1}` itself gives the final ReLU's mask. The ReLU between
+//!   layers is recomputed.
+//!   Per BN layer, two per-channel vectors (batch mean and inverse std) are saved.
+//! Temporaries (recomputed activations and gradients inside the branch) live in a workspace
+//! shared by all units of the network.
+
+use std::collections::HashMap;
+
+use crate::arch::{Layer, Shortcut, UnitKind, UnitSpec};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder};
+use crate::ops::batch_norm::{self, BnTensors, Epilogue};
+use crate::ops::{conv, relu, residual};
+use crate::tensor::Tensor;
+
+/// Training (batch statistics, running statistics updated) or inference (running statistics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+}
+
+/// Host values by PyTorch name, as [`crate::arch::NetConfig::tensors`] lists them.
+pub type State = HashMap<String, Vec<f32>>;
+
+/// The values of `name`, which must have `len` elements.
+pub fn take<'a>(state: &'a State, name: &str, len: usize) -> Result<&'a [f32]> {
+    let v = state.get(name).ok_or_else(|| Error::Invalid(format!("missing tensor {name}")))?;
+    if v.len() != len {
+        return Err(Error::Length { what: name.to_string(), expected: len, got: v.len() });
+    }
+    Ok(v)
+}
+
+/// A learned tensor with its gradient and SGD momentum buffer.
+#[derive(Debug)]
+pub struct Param {
+    pub value: Tensor,
+    pub grad: Tensor,
+    pub momentum: Tensor,
+}
+
+impl Param {
+    pub fn new(gpu: &Gpu, dims: &[usize], data: &[f32]) -> Result<Param> {
+        Ok(Param {
+            value: Tensor::new(gpu, dims, data)?,
+            grad: Tensor::zeros(gpu, dims)?,
+            momentum: Tensor::zeros(gpu, dims)?,
+        })
+    }
+
+    /// `name` from `state`, with shape `dims`.
+    pub fn load(gpu: &Gpu, state: &State, name: &str, dims: &[usize]) -> Result<Param> {
+        Param::new(gpu, dims, take(state, name, dims.iter().product())?)
+    }
+}
+
+/// One batch-norm layer: learned scale and shift, running statistics, and what the forward
+/// saves for the backward.
+#[derive(Debug)]
+pub struct Bn {
+    pub gamma: Param,
+    pub beta: Param,
+    pub running_mean: Tensor,
+    pub running_var: Tensor,
+    save_mean: Tensor,
+    save_invstd: Tensor,
+    scratch: Tensor,
+}
+
+impl Bn {
+    /// From host values of weight, bias, running mean and running variance.
+    pub fn new(gpu: &Gpu, gamma: &[f32], beta: &[f32], mean: &[f32], var: &[f32]) -> Result<Bn> {
+        let c = gamma.len();
+        Ok(Bn {
+            gamma: Param::new(gpu, &[c], gamma)?,
+            beta: Param::new(gpu, &[c], beta)?,
+            running_mean: Tensor::new(gpu, &[c], mean)?,
+            running_var: Tensor::new(gpu, &[c], var)?,
+            save_mean: Tensor::zeros(gpu, &[c])?,
+            save_invstd: Tensor::zeros(gpu, &[c])?,
+            scratch: Tensor::zeros(gpu, &[2 * c])?,
+        })
+    }
+
+    /// `{prefix}.weight`, `.bias`, `.running_mean`, `.running_var` from `state`, `c` channels.
+    pub fn load(gpu: &Gpu, state: &State, prefix: &str, c: usize) -> Result<Bn> {
+        let get = |s: &str| take(state, &format!("{prefix}.{s}"), c);
+        Bn::new(gpu, get("weight")?, get("bias")?, get("running_mean")?, get("running_var")?)
+    }
+
+    fn tensors(&self) -> BnTensors<'_> {
+        BnTensors {
+            gamma: &self.gamma.value,
+            beta: &self.beta.value,
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+        }
+    }
+
+    /// `y = ep(BN(x))` in either mode.
+    pub fn forward(&self, rec: &mut Recorder, mode: Mode, x: &Tensor, y: &Tensor, ep: Epilogue) -> Result<()> {
+        match mode {
+            Mode::Train => {
+                batch_norm::forward_train(rec, x, y, &self.tensors(), &self.save_mean, &self.save_invstd, ep)
+            }
+            Mode::Eval => batch_norm::forward_eval(rec, x, y, &self.tensors(), ep),
+        }
+    }
+
+    /// Recomputes `ReLU(BN(x))` with the statistics the last training forward saved.
+    pub fn recompute_relu(&self, rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
+        let (g, b) = (&self.gamma.value, &self.beta.value);
+        batch_norm::apply_saved(
+            rec,
+            x,
+            y,
+            g,
+            b,
+            &self.save_mean,
+            &self.save_invstd,
+            Epilogue { add: false, relu: true },
+        )
+    }
+
+    /// Backward of the last training forward: `dx (+)=`, the parameter gradients overwritten.
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        dy: &Tensor,
+        relu: bool,
+        dx: &Tensor,
+        accumulate: bool,
+    ) -> Result<()> {
+        batch_norm::backward(
+            rec,
+            x,
+            dy,
+            &self.gamma.value,
+            &self.beta.value,
+            &self.save_mean,
+            &self.save_invstd,
+            relu,
+            dx,
+            &self.gamma.grad,
+            &self.beta.grad,
+            &self.scratch,
+            accumulate,
+            false,
+        )
+    }
+}
+
+/// A square convolution without bias.
+#[derive(Debug)]
+pub struct Conv {
+    pub w: Param,
+    pub stride: usize,
+}
+
+impl Conv {
+    /// `name` from `state`: `c_out x c_in x k x k`.
+    pub fn load(gpu: &Gpu, state: &State, name: &str, l: Layer) -> Result<Conv> {
+        Ok(Conv { w: Param::load(gpu, state, name, &[l.c_out, l.c_in, l.k, l.k])?, stride: l.stride })
+    }
+}
+
+/// Temporaries shared by every unit of a network, by shape and role.
+#[derive(Default)]
+pub struct Workspace {
+    map: HashMap<(Vec<usize>, Slot), Tensor>,
+}
+
+/// The roles of workspace tensors: a recomputed activation, its gradient, and two alternating
+/// gradients at layer inputs (so that one layer's output gradient and input gradient never
+/// share a buffer).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Slot {
+    Act,
+    DAct,
+    Grad(usize),
+}
+
+impl Workspace {
+    /// Makes sure a tensor of `dims` exists for every slot.
+    pub fn reserve(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
+        for slot in [Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)] {
+            if !self.map.contains_key(&(dims.to_vec(), slot)) {
+                self.map.insert((dims.to_vec(), slot), Tensor::zeros(gpu, dims)?);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, dims: &[usize], slot: Slot) -> Result<&Tensor> {
+        self.map
+            .get(&(dims.to_vec(), slot))
+            .ok_or_else(|| Error::Invalid(format!("workspace has no {slot:?} tensor of {dims:?}")))
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.map.values().map(|t| t.bytes()).sum()
+    }
+}
+
+/// A residual unit's parameters.
+#[derive(Debug)]
+pub struct Unit {
+    pub spec: UnitSpec,
+    /// The weight layers of `F`.
+    pub convs: Vec<Conv>,
+    /// `bn_i`: before `conv_i` in pre-activation units, after it in original units.
+    pub bns: Vec<Bn>,
+    /// The projection shortcut (option B).
+    pub proj: Option<Conv>,
+    /// The projection's BN (original units).
+    pub proj_bn: Option<Bn>,
+}
+
+/// The activations one unit keeps between its forward and its backward (see the module doc).
+#[derive(Debug)]
+pub struct Kept {
+    pub tensors: Vec<Tensor>,
+}
+
+fn dims_of(t: &Tensor) -> Result<[usize; 4]> {
+    t.nchw("unit activation")
+}
+
+impl Unit {
+    /// The unit `spec` with its tensors from `state` (PyTorch names, see [`crate::arch`]).
+    pub fn from_state(gpu: &Gpu, spec: &UnitSpec, state: &State) -> Result<Unit> {
+        let mut convs = Vec::new();
+        let mut bns = Vec::new();
+        for (i, l) in spec.layers.iter().enumerate() {
+            convs.push(Conv::load(gpu, state, &format!("{}.conv{}.weight", spec.name, i + 1), *l)?);
+            // Pre-activation: bn_i normalises the layer's input; original: its output.
+            let c = if spec.kind == UnitKind::PreAct { l.c_in } else { l.c_out };
+            bns.push(Bn::load(gpu, state, &format!("{}.bn{}", spec.name, i + 1), c)?);
+        }
+        let (mut proj, mut proj_bn) = (None, None);
+        if spec.shortcut == Shortcut::Projection {
+            let l = Layer { c_in: spec.c_in, c_out: spec.c_out, k: 1, stride: spec.stride };
+            if spec.kind == UnitKind::PreAct {
+                proj = Some(Conv::load(gpu, state, &format!("{}.shortcut.weight", spec.name), l)?);
+            } else {
+                proj = Some(Conv::load(gpu, state, &format!("{}.shortcut.0.weight", spec.name), l)?);
+                proj_bn = Some(Bn::load(gpu, state, &format!("{}.shortcut.1", spec.name), spec.c_out)?);
+            }
+        }
+        Ok(Unit { spec: spec.clone(), convs, bns, proj, proj_bn })
+    }
+
+    /// Shapes of each weight layer's input and output for an input of `x` dims.
+    pub fn layer_dims(&self, x: [usize; 4]) -> Vec<([usize; 4], [usize; 4])> {
+        let mut d = x;
+        self.spec
+            .layers
+            .iter()
+            .map(|l| {
+                let o = [d[0], l.c_out, conv::out_size(d[2], l.k, l.stride), conv::out_size(d[3], l.k, l.stride)];
+                let io = (d, o);
+                d = o;
+                io
+            })
+            .collect()
+    }
+
+    /// The output dims for an input of `x` dims.
+    pub fn out_dims(&self, x: [usize; 4]) -> [usize; 4] {
+        self.layer_dims(x).last().map_or(x, |l| l.1)
+    }
+
+    /// Allocates what this unit keeps for an input of `x` dims, and reserves its temporaries.
+    pub fn allocate(&self, gpu: &Gpu, x: [usize; 4], ws: &mut Workspace) -> Result<Kept> {
+        let dims = self.layer_dims(x);
+        let mut tensors = Vec::new();
+        for (i, (di, dout)) in dims.iter().enumerate() {
+            ws.reserve(gpu, di)?;
+            ws.reserve(gpu, dout)?;
+            let keep = match self.spec.kind {
+                UnitKind::PreAct => i + 1 < dims.len(), // the next layer's input
+                UnitKind::Original => true,             // the BN input
+            };
+            if keep {
+                tensors.push(Tensor::zeros(gpu, dout)?);
+            }
+        }
+        if self.spec.kind == UnitKind::Original && self.spec.shortcut == Shortcut::Projection {
+            tensors.push(Tensor::zeros(gpu, &self.out_dims(x))?);
+        }
+        Ok(Kept { tensors })
+    }
+
+    /// Records `y = x_{l+1}` from `x = x_l`.
+    pub fn forward(
+        &self,
+        rec: &mut Recorder,
+        mode: Mode,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        match self.spec.kind {
+            UnitKind::PreAct => self.forward_preact(rec, mode, x, y, kept, ws),
+            UnitKind::Original => self.forward_original(rec, mode, x, y, kept, ws),
+        }
+    }
+
+    /// Records the backward. `g_out` holds `dE/dx_{l+1}` on entry; on exit `g_in` holds
+    /// `dE/dx_l` (`g_in` and `g_out` are the same buffer for the identity shortcut) and every
+    /// parameter gradient of the unit is written.
+    pub fn backward(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        y: &Tensor,
+        g_out: &Tensor,
+        g_in: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let identity = self.spec.shortcut == Shortcut::Identity;
+        if identity != std::ptr::eq(g_in, g_out) {
+            return Err(Error::Invalid(format!(
+                "{}: the identity shortcut's gradient is accumulated in place",
+                self.spec.name
+            )));
+        }
+        match self.spec.kind {
+            UnitKind::PreAct => self.backward_preact(rec, x, g_out, g_in, kept, ws),
+            UnitKind::Original => self.backward_original(rec, x, y, g_out, g_in, kept, ws),
+        }
+    }
+
+    /// `h(x)` into `y` (overwriting it), for the parameter-free shortcuts.
+    fn shortcut_free(&self, rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
+        match self.spec.shortcut {
+            Shortcut::Identity => residual::copy(rec, x, y),
+            Shortcut::Subsample => residual::subsample_forward(rec, x, y, self.spec.stride),
+            Shortcut::Projection => Ok(()),
+        }
+    }
+
+    fn proj(&self) -> Result<&Conv> {
+        self.proj
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("{}: projection shortcut has no weights", self.spec.name)))
+    }
+
+    // ---- full pre-activation: a_i = ReLU(BN_i(in_i)), in_{i+1} = conv_i(a_i), y = h + in_k ----
+
+    fn forward_preact(
+        &self,
+        rec: &mut Recorder,
+        mode: Mode,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let k = self.convs.len();
+        let relu = Epilogue { add: false, relu: true };
+        let mut input = x;
+        for i in 0..k {
+            let a = ws.get(&dims_of(input)?, Slot::Act)?;
+            self.bns[i].forward(rec, mode, input, a, relu)?;
+            if i == 0 {
+                match self.spec.shortcut {
+                    // The projection takes the pre-activated input.
+                    Shortcut::Projection => conv::forward(rec, a, &self.proj()?.w.value, y, self.spec.stride, false)?,
+                    _ => self.shortcut_free(rec, x, y)?,
+                }
+            }
+            let last = i + 1 == k;
+            let out = if last { y } else { &kept.tensors[i] };
+            // The last convolution adds F into the stream in place: x_{l+1} = h(x_l) + F(x_l).
+            conv::forward(rec, a, &self.convs[i].w.value, out, self.convs[i].stride, last)?;
+            input = out;
+        }
+        Ok(())
+    }
+
+    fn backward_preact(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        g_out: &Tensor,
+        g_in: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let k = self.convs.len();
+        let mut d_out = g_out; // the gradient at conv_i's output
+        for i in (0..k).rev() {
+            let input = if i == 0 { x } else { &kept.tensors[i - 1] };
+            let di = dims_of(input)?;
+            let (a, da) = (ws.get(&di, Slot::Act)?, ws.get(&di, Slot::DAct)?);
+            let conv = &self.convs[i];
+            self.bns[i].recompute_relu(rec, input, a)?;
+            conv::backward_weight(rec, a, d_out, &conv.w.grad, conv.stride, false)?;
+            conv::backward_data(rec, d_out, &conv.w.value, da, conv.stride, false)?;
+            if i > 0 {
+                let d_in = ws.get(&di, Slot::Grad(i % 2))?;
+                self.bns[i].backward(rec, input, da, true, d_in, false)?;
+                d_out = d_in;
+                continue;
+            }
+            // The first layer: the shortcut's gradient, then the branch's added into g_l.
+            let accumulate = match self.spec.shortcut {
+                Shortcut::Identity => true, // g_in is g_out: g_l = g_{l+1} + ...
+                Shortcut::Subsample => {
+                    residual::subsample_backward(rec, g_out, g_in, self.spec.stride, false)?;
+                    true
+                }
+                Shortcut::Projection => {
+                    let p = self.proj()?;
+                    conv::backward_weight(rec, a, g_out, &p.w.grad, self.spec.stride, false)?;
+                    conv::backward_data(rec, g_out, &p.w.value, da, self.spec.stride, true)?;
+                    false
+                }
+            };
+            self.bns[0].backward(rec, x, da, true, g_in, accumulate)?;
+        }
+        Ok(())
+    }
+
+    // ---- original: h_i = conv_i(in_i), in_{i+1} = ReLU(BN_i(h_i)), y = ReLU(h + BN_k(h_k)) ----
+
+    fn forward_original(
+        &self,
+        rec: &mut Recorder,
+        mode: Mode,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let k = self.convs.len();
+        let mut input = x;
+        for i in 0..k {
+            let h = &kept.tensors[i];
+            conv::forward(rec, input, &self.convs[i].w.value, h, self.convs[i].stride, false)?;
+            if i + 1 < k {
+                let a = ws.get(&dims_of(h)?, Slot::Act)?;
+                self.bns[i].forward(rec, mode, h, a, Epilogue { add: false, relu: true })?;
+                input = a;
+            }
+        }
+        match self.spec.shortcut {
+            Shortcut::Projection => {
+                let hs = &kept.tensors[k];
+                conv::forward(rec, x, &self.proj()?.w.value, hs, self.spec.stride, false)?;
+                self.proj_bn()?.forward(rec, mode, hs, y, Epilogue::default())?;
+            }
+            _ => self.shortcut_free(rec, x, y)?,
+        }
+        // x_{l+1} = ReLU(h(x_l) + BN_k(h_k)), added into the stream in place.
+        self.bns[k - 1].forward(rec, mode, &kept.tensors[k - 1], y, Epilogue { add: true, relu: true })
+    }
+
+    fn proj_bn(&self) -> Result<&Bn> {
+        self.proj_bn
+            .as_ref()
+            .ok_or_else(|| Error::Invalid(format!("{}: projection shortcut has no BN", self.spec.name)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_original(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        y: &Tensor,
+        g_out: &Tensor,
+        g_in: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let k = self.convs.len();
+        // f = ReLU: dE/dy_l = dE/dx_{l+1} * [x_{l+1} > 0], in place.
+        relu::mask_in_place(rec, y, g_out)?;
+        match self.spec.shortcut {
+            Shortcut::Identity => {}
+            Shortcut::Subsample => residual::subsample_backward(rec, g_out, g_in, self.spec.stride, false)?,
+            Shortcut::Projection => {
+                let hs = &kept.tensors[k];
+                let dhs = ws.get(&dims_of(hs)?, Slot::DAct)?;
+                self.proj_bn()?.backward(rec, hs, g_out, false, dhs, false)?;
+                let p = self.proj()?;
+                conv::backward_weight(rec, x, dhs, &p.w.grad, self.spec.stride, false)?;
+                conv::backward_data(rec, dhs, &p.w.value, g_in, self.spec.stride, false)?;
+            }
+        }
+        // The gradient at the last BN's output is g_out itself.
+        let mut dy = g_out;
+        for i in (0..k).rev() {
+            let h = &kept.tensors[i];
+            let dh = ws.get(&dims_of(h)?, Slot::Grad(i % 2))?;
+            self.bns[i].backward(rec, h, dy, i + 1 < k, dh, false)?;
+            let conv = &self.convs[i];
+            if i == 0 {
+                conv::backward_weight(rec, x, dh, &conv.w.grad, conv.stride, false)?;
+                // g_l = (shortcut's gradient) + the branch's.
+                conv::backward_data(rec, dh, &conv.w.value, g_in, conv.stride, true)?;
+            } else {
+                let hp = &kept.tensors[i - 1];
+                let dp = dims_of(hp)?;
+                let (a, da) = (ws.get(&dp, Slot::Act)?, ws.get(&dp, Slot::DAct)?);
+                self.bns[i - 1].recompute_relu(rec, hp, a)?;
+                conv::backward_weight(rec, a, dh, &conv.w.grad, conv.stride, false)?;
+                conv::backward_data(rec, dh, &conv.w.value, da, conv.stride, false)?;
+                dy = da;
+            }
+        }
+        Ok(())
+    }
+}

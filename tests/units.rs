@@ -1,0 +1,193 @@
+//! Each residual unit variant on the GPU, forward and backward, against the reference: the
+//! output `x_{l+1}`, the input gradient `dE/dx_l`, every parameter gradient and the running
+//! statistics; and a stack of 20 pre-activation units whose stream stays additive.
+mod common;
+use common::*;
+use resnet_wgpu::arch::{Layer, NetConfig, Shortcut, ShortcutOption, UnitKind, UnitSpec};
+use resnet_wgpu::reference::{net as rnet, to_f64};
+use resnet_wgpu::unit::{Mode, Unit, Workspace};
+
+/// Every unit variant from small networks: identity, stride-2 with option A and B, and the
+/// bottleneck's channel-widening first unit.
+fn variants() -> Vec<(NetConfig, UnitSpec)> {
+    let mut out = Vec::new();
+    for kind in [UnitKind::PreAct, UnitKind::Original] {
+        for bottleneck in [false, true] {
+            for shortcut in [ShortcutOption::A, ShortcutOption::B] {
+                let widths = if bottleneck { [2, 3, 5] } else { [3, 5, 6] };
+                let cfg =
+                    NetConfig { kind, units_per_stage: 2, bottleneck, shortcut, widths, in_channels: 3, classes: 3 };
+                for spec in cfg.units() {
+                    // One identity unit per kind/bottleneck is enough; all the shape changers.
+                    let keep = spec.shortcut != Shortcut::Identity
+                        || (shortcut == ShortcutOption::A && spec.name == "layer1.1");
+                    if keep {
+                        out.push((cfg.clone(), spec));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_unit_variant_matches_the_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(21);
+    let mut seen = std::collections::HashSet::new();
+    for (i, (cfg, spec)) in variants().into_iter().enumerate() {
+        // Odd sizes, H != W; batch 1 on every other case.
+        let n = if i % 2 == 0 { 1 } else { 2 };
+        let xd = [n, spec.c_in, 7, 5];
+        let state = random_state(&cfg, i as u64);
+        let params = to_ref(&state);
+        let unit = Unit::from_state(g, &spec, &state).unwrap();
+        let mut ws = Workspace::default();
+        let kept = unit.allocate(g, xd, &mut ws).unwrap();
+        let yd = unit.out_dims(xd);
+        let x = rng.data(xd.iter().product());
+        let dy = rng.data(yd.iter().product());
+        let tx = upload(&xd, &x);
+        let ty = poisoned(&yd);
+        let tg_out = upload(&yd, &dy);
+        let identity = spec.shortcut == Shortcut::Identity;
+        let tg_in_own = poisoned(&xd);
+        let tg_in = if identity { &tg_out } else { &tg_in_own };
+        for (_, p) in unit_params(&unit) {
+            p.grad.fill(g, f32::NAN);
+        }
+
+        let mut rec = g.recorder("unit forward");
+        unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();
+        let fwd = rec.finish();
+        let mut rec = g.recorder("unit backward");
+        unit.backward(&mut rec, &tx, &ty, &tg_out, tg_in, &kept, &ws).unwrap();
+        g.submit([fwd, rec.finish()]).unwrap();
+
+        let want = rnet::unit_forward(&spec, &params, &to_f64(&x), xd, true);
+        let (want_dx, want_grads) = rnet::unit_backward(&spec, &params, &want.saved, &to_f64(&dy));
+        let tag = format!("{:?} {} {:?} {:?}", spec.kind, spec.name, spec.shortcut, xd);
+        seen.insert((spec.kind, spec.layers.len(), spec.shortcut));
+        check(&format!("{tag} x_l+1"), &read(&ty), &want.out, F32_TOL);
+        check(&format!("{tag} dE/dx_l"), &read(tg_in), &want_dx, F32_TOL);
+        for (name, p) in unit_params(&unit) {
+            check(&format!("{tag} grad {name}"), &read(&p.grad), &want_grads[&name], F32_TOL);
+        }
+        for (name, t) in unit_buffers(&unit) {
+            check(&format!("{tag} {name}"), &read(t), &want.buffers[&name], F32_TOL);
+        }
+    }
+    // Pre-activation and original, basic and bottleneck, with every shortcut.
+    assert_eq!(seen.len(), 12, "variants covered: {seen:?}");
+}
+
+/// The unit's learned tensors under their PyTorch names.
+fn unit_params(u: &Unit) -> Vec<(String, &resnet_wgpu::unit::Param)> {
+    let p = &u.spec.name;
+    let mut v = Vec::new();
+    for (i, (c, b)) in u.convs.iter().zip(&u.bns).enumerate() {
+        v.push((format!("{p}.conv{}.weight", i + 1), &c.w));
+        v.push((format!("{p}.bn{}.weight", i + 1), &b.gamma));
+        v.push((format!("{p}.bn{}.bias", i + 1), &b.beta));
+    }
+    match (&u.proj, &u.proj_bn) {
+        (Some(c), None) => v.push((format!("{p}.shortcut.weight"), &c.w)),
+        (Some(c), Some(b)) => {
+            v.push((format!("{p}.shortcut.0.weight"), &c.w));
+            v.push((format!("{p}.shortcut.1.weight"), &b.gamma));
+            v.push((format!("{p}.shortcut.1.bias"), &b.beta));
+        }
+        _ => {}
+    }
+    v
+}
+
+/// The unit's running statistics under their PyTorch names.
+fn unit_buffers(u: &Unit) -> Vec<(String, &resnet_wgpu::Tensor)> {
+    let p = &u.spec.name;
+    let mut bns: Vec<(String, &resnet_wgpu::unit::Bn)> =
+        u.bns.iter().enumerate().map(|(i, b)| (format!("{p}.bn{}", i + 1), b)).collect();
+    if let Some(b) = &u.proj_bn {
+        bns.push((format!("{p}.shortcut.1"), b));
+    }
+    bns.into_iter()
+        .flat_map(|(n, b)| {
+            [(format!("{n}.running_mean"), &b.running_mean), (format!("{n}.running_var"), &b.running_var)]
+        })
+        .collect()
+}
+
+#[test]
+fn stack_of_20_preact_units_keeps_the_stream_additive() {
+    let g = gpu();
+    let mut rng = Rng::new(22);
+    let (c, xd) = (5, [2, 5, 9, 7]);
+    let specs: Vec<UnitSpec> = (0..20)
+        .map(|j| UnitSpec {
+            name: format!("layer1.{j}"),
+            kind: UnitKind::PreAct,
+            c_in: c,
+            c_out: c,
+            stride: 1,
+            shortcut: Shortcut::Identity,
+            layers: vec![Layer { c_in: c, c_out: c, k: 3, stride: 1 }; 2],
+        })
+        .collect();
+    // One stage of 20 identity units: the tensors of a 20-unit stage of a (widths c,c,c) net.
+    let cfg = NetConfig {
+        kind: UnitKind::PreAct,
+        units_per_stage: 20,
+        bottleneck: false,
+        shortcut: ShortcutOption::B,
+        widths: [c, c, c],
+        in_channels: 3,
+        classes: 3,
+    };
+    let state = random_state(&cfg, 5);
+    let params = to_ref(&state);
+    let units: Vec<Unit> = specs.iter().map(|s| Unit::from_state(g, s, &state).unwrap()).collect();
+    let mut ws = Workspace::default();
+    let kept: Vec<_> = units.iter().map(|u| u.allocate(g, xd, &mut ws).unwrap()).collect();
+    let x0 = rng.data(xd.iter().product());
+    let gl = rng.data(xd.iter().product());
+    let mut streams = vec![upload(&xd, &x0)];
+    for _ in &units {
+        streams.push(poisoned(&xd));
+    }
+    let grad = upload(&xd, &gl);
+
+    // Forward and backward: one command buffer per unit, one submission.
+    let mut cbs = Vec::new();
+    for (l, u) in units.iter().enumerate() {
+        let mut rec = g.recorder(&u.spec.name);
+        u.forward(&mut rec, Mode::Train, &streams[l], &streams[l + 1], &kept[l], &ws).unwrap();
+        cbs.push(rec.finish());
+    }
+    for (l, u) in units.iter().enumerate().rev() {
+        let mut rec = g.recorder(&u.spec.name);
+        u.backward(&mut rec, &streams[l], &streams[l + 1], &grad, &grad, &kept[l], &ws).unwrap();
+        cbs.push(rec.finish());
+    }
+    g.submit(cbs).unwrap();
+
+    // The reference: x_L = x_0 + sum_i F(x_i), and dE/dx_0 through every unit's backward.
+    let mut x = to_f64(&x0);
+    let mut sum_f = vec![0.0; x.len()];
+    let mut saved = Vec::new();
+    for s in &specs {
+        let out = rnet::unit_forward(s, &params, &x, xd, true);
+        for (a, f) in sum_f.iter_mut().zip(&out.branch) {
+            *a += f;
+        }
+        x = out.out;
+        saved.push(out.saved);
+    }
+    let additive: Vec<f64> = to_f64(&x0).iter().zip(&sum_f).map(|(a, b)| a + b).collect();
+    check("x_L vs x_0 + sum F (reference)", &read(&streams[20]), &additive, F32_TOL);
+    let mut g_ref = to_f64(&gl);
+    for (s, sv) in specs.iter().zip(&saved).rev() {
+        g_ref = rnet::unit_backward(s, &params, sv, &g_ref).0;
+    }
+    check("dE/dx_0 through 20 units", &read(&grad), &g_ref, F32_TOL);
+}
