@@ -56,6 +56,8 @@ pub struct Layer {
 pub struct UnitSpec {
     /// PyTorch-style prefix, e.g. `layer2.0`.
     pub name: String,
+    /// The stage, from 0.
+    pub stage: usize,
     pub kind: UnitKind,
     pub c_in: usize,
     pub c_out: usize,
@@ -157,6 +159,7 @@ impl NetConfig {
                 };
                 units.push(UnitSpec {
                     name: format!("layer{}.{}", s + 1, j),
+                    stage: s,
                     kind: self.kind,
                     c_in: c,
                     c_out: out,

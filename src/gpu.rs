@@ -56,6 +56,7 @@ pub enum Shader {
     Residual,
     PoolFcLoss,
     Sgd,
+    Probe,
 }
 
 impl Shader {
@@ -67,6 +68,7 @@ impl Shader {
             Shader::Residual => include_str!("../shaders/residual.wgsl"),
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
             Shader::Sgd => include_str!("../shaders/sgd.wgsl"),
+            Shader::Probe => include_str!("../shaders/probe.wgsl"),
         }
     }
 }

@@ -7,14 +7,14 @@
 
 use std::collections::HashMap;
 
-use crate::arch::{Layer, NetConfig, Role, UnitKind};
+use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::pool_fc_loss::{self as head, Labels};
-use crate::ops::{conv, sgd};
+use crate::ops::{conv, probe, residual, sgd};
 use crate::tensor::Tensor;
-use crate::unit::{Bn, Conv, Kept, Mode, Param, State, Unit, Workspace};
+use crate::unit::{Bn, Conv, Kept, Mode, Param, Slot, State, Unit, Workspace};
 
 /// SGD settings (PyTorch semantics: `d = g + wd*w; m = mu*m + d; w -= lr*m`).
 #[derive(Clone, Copy, Debug)]
@@ -60,6 +60,17 @@ struct Acts {
     loss: Tensor,
     grad_images: Tensor,
     ws: Workspace,
+}
+
+/// What [`ResNet::probe`] measured.
+#[derive(Clone, Debug)]
+pub struct Probes {
+    pub loss: f32,
+    /// Per stream index `l = 0..=L`: `[||x_l||, ||F(x_l)||, ||dE/dx_l||]` (`F` is 0 at `l = L`).
+    pub norms: Vec<[f32; 3]>,
+    /// Per stage: `||x_end - (x_start + sum F)|| / ||x_end||` over its identity-shortcut units
+    /// (`None` for a stage without them).
+    pub stage_identity: Vec<Option<f32>>,
 }
 
 /// A ResNet on the GPU.
@@ -296,7 +307,14 @@ impl ResNet {
     }
 
     /// Records the backward of the last training forward, head to stem.
-    fn record_backward(&self, gpu: &Gpu, images: &Tensor, image_grad: bool) -> Result<Vec<wgpu::CommandBuffer>> {
+    /// With `norms`, each stream gradient's squared norm goes into slot `3l + 2`.
+    fn record_backward(
+        &self,
+        gpu: &Gpu,
+        images: &Tensor,
+        image_grad: bool,
+        norms: Option<&Tensor>,
+    ) -> Result<Vec<wgpu::CommandBuffer>> {
         let a = self.acts()?;
         let grad = |t: &Tensor| -> Result<&Tensor> {
             let d = t.nchw("stream")?;
@@ -326,12 +344,18 @@ impl ResNet {
             }
             _ => head::pool_backward(&mut rec, &a.dpooled, g_last, false)?,
         }
+        if let Some(n) = norms {
+            probe::sum_squares(&mut rec, g_last, n, 3 * l_count + 2)?;
+        }
         cbs.push(rec.finish());
 
         for (l, u) in self.units.iter().enumerate().rev() {
             let mut rec = gpu.recorder(&u.spec.name);
             let (x, y) = (&a.streams[l], &a.streams[l + 1]);
             u.backward(&mut rec, x, y, grad(y)?, grad(x)?, &a.kept[l], &a.ws)?;
+            if let Some(n) = norms {
+                probe::sum_squares(&mut rec, grad(x)?, n, 3 * l + 2)?;
+            }
             cbs.push(rec.finish());
         }
 
@@ -381,7 +405,7 @@ impl ResNet {
     pub fn forward_backward(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, image_grad: bool) -> Result<f32> {
         self.prepare(gpu, images, Some(labels))?;
         let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
-        cbs.extend(self.record_backward(gpu, images, image_grad)?);
+        cbs.extend(self.record_backward(gpu, images, image_grad, None)?);
         gpu.submit(cbs)?;
         self.batches_tracked += 1;
         self.loss(gpu)
@@ -392,7 +416,7 @@ impl ResNet {
     pub fn train_step(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
         self.prepare(gpu, images, Some(labels))?;
         let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
-        cbs.extend(self.record_backward(gpu, images, false)?);
+        cbs.extend(self.record_backward(gpu, images, false, None)?);
         cbs.push(self.record_sgd(gpu, opt)?);
         gpu.submit(cbs)?;
         self.batches_tracked += 1;
@@ -419,6 +443,63 @@ impl ResNet {
     /// The gradient to the images of the last `forward_backward` with `image_grad`.
     pub fn grad_images(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         self.acts()?.grad_images.read(gpu)
+    }
+
+    /// One training-mode forward and backward with probes (no update), for the analysis:
+    /// per unit `l` the squared norms of `x_l`, `F(x_l)` and `dE/dx_l`, and per stage the
+    /// identity check `x_end = x_start + sum F` over its identity-shortcut units, all computed
+    /// on the GPU from its own buffers.
+    pub fn probe(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels) -> Result<Probes> {
+        self.prepare(gpu, images, Some(labels))?;
+        let l_count = self.units.len();
+        let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
+        let a = self.acts()?;
+        // Slots: 3l + {0: x_l, 1: F(x_l), 2: dE/dx_l}, then per stage {diff, x_end}.
+        let stage_base = 3 * (l_count + 1);
+        let norms = Tensor::zeros(gpu, &[stage_base + 6])?;
+
+        let mut rec = gpu.recorder("probe forward");
+        let mut stage_start: Option<usize> = None;
+        for (l, u) in self.units.iter().enumerate() {
+            let (x, y) = (&a.streams[l], &a.streams[l + 1]);
+            probe::sum_squares(&mut rec, x, &norms, 3 * l)?;
+            let d = y.nchw("stream")?;
+            let f = a.ws.get(&d, Slot::Grad(0))?;
+            u.branch(&mut rec, x, y, &a.kept[l], &a.ws, f)?;
+            probe::sum_squares(&mut rec, f, &norms, 3 * l + 1)?;
+            // The additive identity over the stage's identity units.
+            let acc = a.ws.get(&d, Slot::Grad(1))?;
+            if u.spec.shortcut == Shortcut::Identity {
+                if stage_start.is_none() {
+                    stage_start = Some(l);
+                    residual::copy(&mut rec, x, acc)?;
+                }
+                residual::add(&mut rec, f, acc)?;
+            }
+            let stage_ends = self.units.get(l + 1).is_none_or(|n| n.spec.stage != u.spec.stage);
+            if stage_ends && stage_start.take().is_some() {
+                let slot = stage_base + 2 * u.spec.stage;
+                probe::subtract_from(&mut rec, y, acc)?; // acc = x_end - (x_start + sum F)
+                probe::sum_squares(&mut rec, acc, &norms, slot)?;
+                probe::sum_squares(&mut rec, y, &norms, slot + 1)?;
+            }
+        }
+        probe::sum_squares(&mut rec, &a.streams[l_count], &norms, 3 * l_count)?;
+        cbs.push(rec.finish());
+
+        let mut bwd = self.record_backward(gpu, images, false, Some(&norms))?;
+        cbs.append(&mut bwd);
+        gpu.submit(cbs)?;
+        self.batches_tracked += 1;
+        let v = norms.read(gpu)?;
+        let per_unit = (0..=l_count).map(|l| [v[3 * l].sqrt(), v[3 * l + 1].sqrt(), v[3 * l + 2].sqrt()]).collect();
+        let stages = (0..3)
+            .map(|s| {
+                let (diff, x) = (v[stage_base + 2 * s], v[stage_base + 2 * s + 1]);
+                (x > 0.0).then(|| (diff / x).sqrt())
+            })
+            .collect();
+        Ok(Probes { loss: self.loss(gpu)?, norms: per_unit, stage_identity: stages })
     }
 
     /// The stream `x_l` of the last forward, `l = 0..=L` (GPU buffers, borrowed).

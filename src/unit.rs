@@ -131,17 +131,13 @@ impl Bn {
 
     /// Recomputes `ReLU(BN(x))` with the statistics the last training forward saved.
     pub fn recompute_relu(&self, rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
+        self.recompute(rec, x, y, Epilogue { add: false, relu: true })
+    }
+
+    /// Recomputes `ep(BN(x))` with the statistics the last training forward saved.
+    pub fn recompute(&self, rec: &mut Recorder, x: &Tensor, y: &Tensor, ep: Epilogue) -> Result<()> {
         let (g, b) = (&self.gamma.value, &self.beta.value);
-        batch_norm::apply_saved(
-            rec,
-            x,
-            y,
-            g,
-            b,
-            &self.save_mean,
-            &self.save_invstd,
-            Epilogue { add: false, relu: true },
-        )
+        batch_norm::apply_saved(rec, x, y, g, b, &self.save_mean, &self.save_invstd, ep)
     }
 
     /// Backward of the last training forward: `dx (+)=`, the parameter gradients overwritten.
@@ -354,6 +350,36 @@ impl Unit {
         match self.spec.kind {
             UnitKind::PreAct => self.backward_preact(rec, x, g_out, g_in, kept, ws),
             UnitKind::Original => self.backward_original(rec, x, y, g_out, g_in, kept, ws),
+        }
+    }
+
+    /// After a training forward, writes the branch `F(x_l)` into `out` (for the analysis):
+    /// pre-activation `F = x_{l+1} - h(x_l)`, original `F = BN_k(h_k)` recomputed.
+    pub fn branch(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+        out: &Tensor,
+    ) -> Result<()> {
+        match self.spec.kind {
+            UnitKind::PreAct => {
+                match self.spec.shortcut {
+                    Shortcut::Projection => {
+                        let a = ws.get(&dims_of(x)?, Slot::Act)?;
+                        self.bns[0].recompute_relu(rec, x, a)?;
+                        conv::forward(rec, a, &self.proj()?.w.value, out, self.spec.stride, false)?;
+                    }
+                    _ => self.shortcut_free(rec, x, out)?,
+                }
+                crate::ops::probe::subtract_from(rec, y, out)
+            }
+            UnitKind::Original => {
+                let k = self.convs.len();
+                self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default())
+            }
         }
     }
 

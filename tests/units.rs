@@ -126,6 +126,7 @@ fn stack_of_20_preact_units_keeps_the_stream_additive() {
     let specs: Vec<UnitSpec> = (0..20)
         .map(|j| UnitSpec {
             name: format!("layer1.{j}"),
+            stage: 0,
             kind: UnitKind::PreAct,
             c_in: c,
             c_out: c,

@@ -6,6 +6,7 @@ pub mod batch_norm;
 pub mod conv;
 pub mod net;
 pub mod pool_fc_loss;
+pub mod probe;
 pub mod relu;
 pub mod residual;
 pub mod sgd;

@@ -1,0 +1,111 @@
+//! safetensors in and out: round trips, PyTorch names and dtypes, mismatches refused.
+mod common;
+use common::*;
+use resnet_wgpu::Error;
+use resnet_wgpu::arch::{NetConfig, UnitKind};
+use resnet_wgpu::io::{self, Data};
+use resnet_wgpu::net::{ResNet, Sgd};
+use resnet_wgpu::ops::pool_fc_loss::upload_labels;
+
+fn temp(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("resnet-wgpu-io-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn weights_round_trip_under_pytorch_names() {
+    let g = gpu();
+    let cfg = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
+    let state = random_state(&cfg, 3);
+    let net = ResNet::from_state(g, &cfg, &state).unwrap();
+    let path = temp("w.safetensors");
+    io::save_weights(&net, g, &path).unwrap();
+    let file = io::read(&path).unwrap();
+    assert_eq!(file.len(), cfg.tensors().len());
+    for spec in cfg.tensors() {
+        let t = &file[&spec.name];
+        assert_eq!(t.dims, spec.dims, "{}", spec.name);
+        if spec.name.ends_with("num_batches_tracked") {
+            assert_eq!(t.data, Data::I64(vec![7]), "PyTorch keeps the counter as an i64 scalar");
+        } else {
+            assert_eq!(t.to_f32(), state[&spec.name], "{}", spec.name);
+        }
+    }
+    for name in [
+        "conv1.weight",
+        "layer1.0.bn1.running_mean",
+        "layer1.0.conv1.weight",
+        "layer2.0.shortcut.weight",
+        "bn.weight",
+        "fc.weight",
+        "fc.bias",
+    ] {
+        assert!(file.contains_key(name), "{name}");
+    }
+    let back = io::load_net(g, &cfg, &path).unwrap();
+    assert_eq!(back.state(g).unwrap(), net.state(g).unwrap());
+}
+
+#[test]
+fn checkpoints_keep_the_momentum() {
+    let g = gpu();
+    let mut rng = Rng::new(4);
+    let cfg = NetConfig { widths: [3, 4, 5], ..NetConfig::cifar(20, UnitKind::Original, false, 4).unwrap() };
+    let mut net = ResNet::new(g, &cfg, 1).unwrap();
+    let labels = upload_labels(g, &[0, 3], 4).unwrap();
+    net.train_step(g, &upload(&[2, 3, 6, 6], &rng.data(216)), &labels, Sgd::default()).unwrap();
+    let path = temp("ckpt.safetensors");
+    io::write(&path, &io::state_tensors(&net, g, true).unwrap()).unwrap();
+    let back = io::load_net(g, &cfg, &path).unwrap();
+    assert_eq!(back.batches_tracked, 1);
+    for ((n, a), (_, b)) in net.params().into_iter().zip(back.params()) {
+        assert_eq!(a.momentum.read(g).unwrap(), b.momentum.read(g).unwrap(), "momentum.{n}");
+        assert!(a.momentum.read(g).unwrap().iter().any(|&v| v != 0.0), "momentum.{n} was updated");
+    }
+}
+
+#[test]
+fn mismatched_files_are_refused_naming_the_first_mismatch() {
+    let g = gpu();
+    let cfg20 = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
+    let path = temp("w20.safetensors");
+    io::save_weights(&ResNet::new(g, &cfg20, 0).unwrap(), g, &path).unwrap();
+
+    let cfg32 = NetConfig::cifar(32, UnitKind::PreAct, false, 10).unwrap();
+    let e = io::load_net(g, &cfg32, &path).err().expect("deeper net must not load");
+    assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("layer1.3.conv1.weight"), "{e}");
+
+    let cfg100 = NetConfig::cifar(20, UnitKind::PreAct, false, 100).unwrap();
+    let e = io::load_net(g, &cfg100, &path).err().expect("100 classes must not load");
+    assert!(e.to_string().contains("fc.weight") && e.to_string().contains("[10, 64]"), "{e}");
+
+    let orig = NetConfig::cifar(20, UnitKind::Original, false, 10).unwrap();
+    let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
+    assert!(e.to_string().contains("bn1.weight"), "{e}");
+
+    let junk = temp("junk.safetensors");
+    std::fs::write(&junk, b"not a safetensors file").unwrap();
+    assert!(matches!(io::read(&junk), Err(Error::Format { .. })));
+    assert!(matches!(io::read(&temp("missing.safetensors")), Err(Error::Io { .. })));
+}
+
+#[test]
+fn other_dtypes_are_converted() {
+    // f16 and f64 weights and an i32 counter (as other tools may save them) load as f32 / i64.
+    use safetensors::{Dtype, tensor::TensorView};
+    let h: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
+    let d: Vec<u8> = [0.25f64, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+    let i: Vec<u8> = 3i32.to_le_bytes().to_vec();
+    let views = vec![
+        ("h", TensorView::new(Dtype::F16, vec![2], &h).unwrap()),
+        ("d", TensorView::new(Dtype::F64, vec![2], &d).unwrap()),
+        ("n", TensorView::new(Dtype::I32, vec![], &i).unwrap()),
+    ];
+    let path = temp("dtypes.safetensors");
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    let f = io::read(&path).unwrap();
+    assert_eq!(f["h"].to_f32(), vec![1.5, -2.0]);
+    assert_eq!(f["d"].to_f32(), vec![0.25, 3.0]);
+    assert_eq!(f["n"].to_i64(), Some(vec![3]));
+}

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""The same ResNets in PyTorch, with the same state-dict names, to check resnet-wgpu against.
+
+  python3 tools/torch_resnet.py make --depth 20 --kind preact --shortcut B --classes 10 --n 4 --out DIR
+      writes DIR/weights.safetensors (a PyTorch state dict), DIR/batch.safetensors (images f32,
+      labels i64) and DIR/torch.safetensors (loss, logits, grad.images, grad.<name>; computed in
+      float64 from the same f32 weights)
+  resnet-wgpu grad --depth 20 --kind preact --shortcut b --classes 10 \
+      --weights DIR/weights.safetensors --batch DIR/batch.safetensors --out DIR/ours.safetensors
+  python3 tools/torch_resnet.py compare DIR/torch.safetensors DIR/ours.safetensors [--tol 1e-4]
+
+Needs torch and safetensors. The architecture follows src/arch.rs: CIFAR stem (3x3 conv), three
+stages of basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1, expansion 4) units, pre-activation
+(BN-ReLU-conv; the projection shortcut takes ReLU(BN1(x)); a final BN-ReLU) or original
+(conv-BN, ReLU between, ReLU after the addition; projection = conv + BN), option A
+(subsample + zero channels) or B (1x1 projection) where a unit changes shape.
+"""
+import argparse
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+
+class ShortcutA(nn.Module):
+    def __init__(self, c_out, stride):
+        super().__init__()
+        self.c_out, self.stride = c_out, stride
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, 0, self.c_out - x.shape[1]))
+
+
+def layers_of(c_in, c_out, mid, stride, bottleneck):
+    if bottleneck:
+        return [(c_in, mid, 1, 1), (mid, mid, 3, stride), (mid, c_out, 1, 1)]
+    return [(c_in, c_out, 3, stride), (c_out, c_out, 3, 1)]
+
+
+class Unit(nn.Module):
+    def __init__(self, kind, c_in, c_out, mid, stride, bottleneck, option):
+        super().__init__()
+        self.kind = kind
+        self.layers = layers_of(c_in, c_out, mid, stride, bottleneck)
+        for i, (ci, co, k, s) in enumerate(self.layers):
+            setattr(self, f"conv{i + 1}", nn.Conv2d(ci, co, k, s, k // 2, bias=False))
+            setattr(self, f"bn{i + 1}", nn.BatchNorm2d(ci if kind == "preact" else co))
+        self.identity = stride == 1 and c_in == c_out
+        self.option = option
+        if not self.identity:
+            if option == "A":
+                self.shortcut = ShortcutA(c_out, stride)
+            elif kind == "preact":
+                self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+            else:
+                self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        k = len(self.layers)
+        if self.kind == "preact":
+            h = x
+            for i in range(k):
+                a = F.relu(getattr(self, f"bn{i + 1}")(h))
+                if i == 0:
+                    if self.identity:
+                        sc = x
+                    elif self.option == "A":
+                        sc = self.shortcut(x)
+                    else:
+                        sc = self.shortcut(a)  # the projection takes the pre-activated input
+                h = getattr(self, f"conv{i + 1}")(a)
+            return sc + h
+        h = x
+        for i in range(k):
+            h = getattr(self, f"bn{i + 1}")(getattr(self, f"conv{i + 1}")(h))
+            if i + 1 < k:
+                h = F.relu(h)
+        sc = x if self.identity else self.shortcut(x)
+        return F.relu(sc + h)
+
+
+class ResNet(nn.Module):
+    def __init__(self, depth, kind, bottleneck, option, classes, widths=(16, 32, 64)):
+        super().__init__()
+        per = 9 if bottleneck else 6
+        assert (depth - 2) % per == 0, f"depth {depth} is not {per}n+2"
+        n = (depth - 2) // per
+        self.kind = kind
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        if kind == "original":
+            self.bn1 = nn.BatchNorm2d(widths[0])
+        c = widths[0]
+        for s in range(3):
+            mid, out = widths[s], widths[s] * (4 if bottleneck else 1)
+            units = []
+            for j in range(n):
+                stride = 2 if s > 0 and j == 0 else 1
+                units.append(Unit(kind, c, out, mid, stride, bottleneck, option))
+                c = out
+            setattr(self, f"layer{s + 1}", nn.Sequential(*units))
+        if kind == "preact":
+            self.bn = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        if self.kind == "original":
+            x = F.relu(self.bn1(x))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        if self.kind == "preact":
+            x = F.relu(self.bn(x))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def make(a):
+    torch.manual_seed(a.seed)
+    model = ResNet(a.depth, a.kind, a.bottleneck, a.shortcut, a.classes)
+    with torch.no_grad():  # move BN off its defaults so that mix-ups show
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.6, 1.4)
+                m.bias.uniform_(-0.3, 0.3)
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, f"{a.out}/weights.safetensors")
+    images = torch.randn(a.n, 3, a.size, a.size)
+    labels = torch.randint(0, a.classes, (a.n,))
+    save_file({"images": images, "labels": labels}, f"{a.out}/batch.safetensors")
+    model = model.double().train()
+    x = images.double().requires_grad_(True)
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels)
+    loss.backward()
+    out = {"loss": loss.detach().float().reshape(()), "logits": logits.detach().float(), "grad.images": x.grad.float()}
+    for name, p in model.named_parameters():
+        out[f"grad.{name}"] = p.grad.float()
+    save_file({k: v.contiguous() for k, v in out.items()}, f"{a.out}/torch.safetensors")
+    print(f"made {len(state)} state tensors, loss {loss.item():.6f}")
+
+
+def compare(a):
+    want, got = load_file(a.want), load_file(a.got)
+    worst = 0.0
+    missing = [k for k in want if k not in got]
+    for k in sorted(want):
+        if k not in got:
+            continue
+        w, g = want[k].double().flatten(), got[k].double().flatten()
+        rel = ((g - w).norm() / w.norm().clamp_min(1e-30)).item()
+        worst = max(worst, rel)
+        print(f"{k:50s} rel L2 {rel:.2e}  max abs {(g - w).abs().max().item():.2e}")
+    print(f"{len(want) - len(missing)} tensors compared, worst rel L2 {worst:.2e}; missing: {missing}")
+    sys.exit(0 if worst <= a.tol and not missing else 1)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("make")
+    m.add_argument("--depth", type=int, default=20)
+    m.add_argument("--kind", choices=["preact", "original"], default="preact")
+    m.add_argument("--bottleneck", action="store_true")
+    m.add_argument("--shortcut", choices=["A", "B"], default="B")
+    m.add_argument("--classes", type=int, default=10)
+    m.add_argument("--n", type=int, default=4)
+    m.add_argument("--size", type=int, default=32)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True)
+    c = sub.add_parser("compare")
+    c.add_argument("want")
+    c.add_argument("got")
+    c.add_argument("--tol", type=float, default=1e-4)
+    a = p.parse_args()
+    make(a) if a.cmd == "make" else compare(a)
+
+
+if __name__ == "__main__":
+    main()
