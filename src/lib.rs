@@ -1,15 +1,19 @@
 //! resnet-wgpu: the forward and backward passes of deep residual networks as WGSL compute
 //! shaders through wgpu.
 
+pub mod analysis;
 pub mod arch;
+pub mod data;
 pub mod error;
 pub mod gpu;
 pub mod io;
 pub mod net;
 pub mod ops;
 pub mod reference;
+pub mod report;
 pub mod rng;
 pub mod tensor;
+pub mod train;
 pub mod unit;
 
 pub use error::{Error, Result};

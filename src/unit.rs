@@ -353,33 +353,19 @@ impl Unit {
         }
     }
 
-    /// After a training forward, writes the branch `F(x_l)` into `out` (for the analysis):
-    /// pre-activation `F = x_{l+1} - h(x_l)`, original `F = BN_k(h_k)` recomputed.
-    pub fn branch(
-        &self,
-        rec: &mut Recorder,
-        x: &Tensor,
-        y: &Tensor,
-        kept: &Kept,
-        ws: &Workspace,
-        out: &Tensor,
-    ) -> Result<()> {
+    /// After a training forward, recomputes the branch `F(x_l)` into `out` from what the unit
+    /// kept (for the analysis; independent of the stream buffers, so `x_{l+1} = h(x_l) + F`
+    /// can be checked): pre-activation `F = conv_k(ReLU(BN_k(in_k)))`, original `F = BN_k(h_k)`.
+    pub fn branch(&self, rec: &mut Recorder, kept: &Kept, ws: &Workspace, out: &Tensor) -> Result<()> {
+        let k = self.convs.len();
         match self.spec.kind {
             UnitKind::PreAct => {
-                match self.spec.shortcut {
-                    Shortcut::Projection => {
-                        let a = ws.get(&dims_of(x)?, Slot::Act)?;
-                        self.bns[0].recompute_relu(rec, x, a)?;
-                        conv::forward(rec, a, &self.proj()?.w.value, out, self.spec.stride, false)?;
-                    }
-                    _ => self.shortcut_free(rec, x, out)?,
-                }
-                crate::ops::probe::subtract_from(rec, y, out)
+                let input = &kept.tensors[k - 2]; // in_k, the last layer's input
+                let a = ws.get(&dims_of(input)?, Slot::Act)?;
+                self.bns[k - 1].recompute_relu(rec, input, a)?;
+                conv::forward(rec, a, &self.convs[k - 1].w.value, out, self.convs[k - 1].stride, false)
             }
-            UnitKind::Original => {
-                let k = self.convs.len();
-                self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default())
-            }
+            UnitKind::Original => self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default()),
         }
     }
 

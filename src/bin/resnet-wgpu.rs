@@ -4,9 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
+use resnet_wgpu::analysis::{self, Variant};
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::data;
 use resnet_wgpu::io::{self, HostTensor};
+use resnet_wgpu::net::ResNet;
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
+use resnet_wgpu::train::{self, TrainOptions};
 use resnet_wgpu::{Error, Gpu, Result, Tensor};
 
 #[derive(Parser)]
@@ -72,8 +76,88 @@ impl NetArgs {
     }
 }
 
+/// Where the training data comes from.
+#[derive(clap::Args, Clone, Debug)]
+struct DataArgs {
+    /// A folder with CIFAR-10 or CIFAR-100 in the official binary format. Without it, the
+    /// embedded generated dataset (10 classes of shapes, 3x32x32).
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Training images generated for the embedded dataset.
+    #[arg(long, default_value_t = 10000)]
+    train_size: usize,
+    /// Test images generated for the embedded dataset.
+    #[arg(long, default_value_t = 2000)]
+    test_size: usize,
+}
+
+impl DataArgs {
+    fn load(&self, seed: u64) -> Result<(data::Dataset, data::Dataset)> {
+        match &self.data {
+            Some(dir) => data::load_cifar(dir),
+            None => {
+                if self.train_size == 0 || self.test_size == 0 {
+                    return Err(Error::Invalid("--train-size and --test-size must be positive".into()));
+                }
+                Ok(data::synthetic(self.train_size, self.test_size, seed))
+            }
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Trains a ResNet with the paper's recipe (SGD 0.9, weight decay 1e-4, lr 0.1 divided by
+    /// 10 at 50% and 75%, crop and flip); CSV, SVG and checkpoints go to --out.
+    Train {
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        #[arg(long, default_value_t = 10)]
+        epochs: usize,
+        #[arg(long, default_value_t = 128)]
+        batch: usize,
+        /// Initial learning rate.
+        #[arg(long, default_value_t = 0.1)]
+        lr: f32,
+        #[arg(long, default_value_t = 1e-4)]
+        weight_decay: f32,
+        /// Turn off crop-and-flip augmentation.
+        #[arg(long)]
+        no_augment: bool,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Continue from a checkpoint written by an earlier run.
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        /// Output folder.
+        #[arg(long, default_value = "runs/train")]
+        out: PathBuf,
+    },
+    /// The identity-mapping analysis on the GPU: per-unit norms of x_l, F(x_l) and dE/dx_l at
+    /// initialisation, for each depth and both unit kinds; a table, CSV and SVG.
+    Analyze {
+        /// Depths: basic units for 6n+2, bottleneck units for 9n+2 that are not 6n+2 (164, 1001).
+        #[arg(long, value_delimiter = ',', default_value = "110,1001")]
+        depths: Vec<usize>,
+        /// Unit kinds to compare.
+        #[arg(long, value_delimiter = ',', default_value = "preact,original")]
+        kinds: Vec<Kind>,
+        /// Images in the batch.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 10)]
+        classes: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Rows of the terminal table per network.
+        #[arg(long, default_value_t = 12)]
+        rows: usize,
+        /// Output folder.
+        #[arg(long, default_value = "runs/analyze")]
+        out: PathBuf,
+    },
     /// The adapters found, the one chosen, its limits and enabled features.
     Info,
     /// One training-mode forward and backward on given weights and batch; writes loss, logits
@@ -100,7 +184,23 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Info) => info(),
         Some(Command::Grad { net, weights, batch, out, seed }) => grad(&net, weights.as_deref(), &batch, &out, seed),
-        None => info(),
+        Some(Command::Train { net, data, epochs, batch, lr, weight_decay, no_augment, seed, resume, out }) => {
+            let opts = TrainOptions {
+                epochs,
+                batch,
+                lr,
+                weight_decay,
+                augment: !no_augment,
+                seed,
+                out,
+                ..TrainOptions::default()
+            };
+            train_cmd(&net, &data, &opts, resume.as_deref())
+        }
+        Some(Command::Analyze { depths, kinds, batch, classes, seed, rows, out }) => {
+            analyze_cmd(&depths, &kinds, batch, classes, seed, rows, &out)
+        }
+        None => demo(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -109,6 +209,100 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Option<&std::path::Path>) -> Result<()> {
+    let gpu = Gpu::new()?;
+    println!("adapter: {}", gpu.report);
+    let config = args.config()?;
+    let (train_set, test_set) = data.load(opts.seed)?;
+    println!(
+        "data: {} ({} train, {} test, {} classes); network: {:?} ResNet-{} ({} classes)",
+        train_set.name(),
+        train_set.len(),
+        test_set.len(),
+        train_set.classes(),
+        config.kind,
+        config.depth(),
+        config.classes
+    );
+    let (mut net, start, history) = match resume {
+        Some(path) => {
+            let (net, done) = train::load_checkpoint(&gpu, &config, path)?;
+            println!("resuming after epoch {done} from {}", path.display());
+            (net, done, train::read_curves(&opts.out, done))
+        }
+        None => (ResNet::new(&gpu, &config, opts.seed)?, 0, Vec::new()),
+    };
+    let h = train::train(&gpu, &mut net, &train_set, &test_set, opts, start, history)?;
+    if let Some(last) = h.last() {
+        println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
+    }
+    println!("wrote {}/curves.csv, curves.svg and checkpoint.safetensors", opts.out.display());
+    Ok(())
+}
+
+/// The analysis' networks: each depth with each kind (bottleneck units for 9n+2 depths that
+/// are not 6n+2).
+fn analysis_variants(depths: &[usize], kinds: &[Kind], classes: usize) -> Result<Vec<Variant>> {
+    let mut v = Vec::new();
+    for &d in depths {
+        let bottleneck = (d >= 2 && (d - 2) % 6 != 0) && (d >= 11 && (d - 2) % 9 == 0);
+        for &k in kinds {
+            let config = NetConfig::cifar(d, k.into(), bottleneck, classes)?;
+            let label = format!("ResNet-{d} {}", if matches!(k, Kind::Preact) { "pre-act" } else { "original" });
+            v.push(Variant { label, config });
+        }
+    }
+    Ok(v)
+}
+
+fn analyze_cmd(
+    depths: &[usize],
+    kinds: &[Kind],
+    batch: usize,
+    classes: usize,
+    seed: u64,
+    rows: usize,
+    out: &std::path::Path,
+) -> Result<()> {
+    if batch < 2 {
+        return Err(Error::Invalid("--batch must be at least 2 (batch norm needs statistics)".into()));
+    }
+    let gpu = Gpu::new()?;
+    println!("adapter: {}", gpu.report);
+    let variants = analysis_variants(depths, kinds, classes)?;
+    let (set, _) = data::synthetic(batch, 1, seed);
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    set.gather(&(0..batch).collect::<Vec<_>>(), &mut images, &mut labels);
+    let images = Tensor::new(&gpu, &[batch, 3, 32, 32], &images)?;
+    let labels = upload_labels(&gpu, &labels.iter().map(|&l| l % classes as u32).collect::<Vec<_>>(), classes)?;
+    let mut measured = Vec::new();
+    for v in &variants {
+        let t = std::time::Instant::now();
+        let m = analysis::measure(&gpu, std::slice::from_ref(v), &images, &labels, seed)?;
+        println!("\n{}({:.1} s)", analysis::table(&m[0], rows), t.elapsed().as_secs_f64());
+        measured.extend(m);
+    }
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
+    analysis::write_csv(&out.join("analysis.csv"), &measured)?;
+    analysis::plot(&out.join("analysis.svg"), &measured)?;
+    println!("wrote {0}/analysis.csv and {0}/analysis.svg", out.display());
+    Ok(())
+}
+
+/// `cargo run --release` with no arguments: a short training run on the embedded data, then
+/// the analysis of a deep pre-activation / original pair.
+fn demo() -> Result<()> {
+    println!("resnet-wgpu demo: a small pre-activation ResNet trained on the embedded shapes10 data,");
+    println!("then the gradient-flow analysis of ResNet-110, pre-activation against original.");
+    println!("(`resnet-wgpu --help` lists the commands.)\n");
+    let net = NetArgs { depth: 8, kind: Kind::Preact, bottleneck: false, shortcut: ShortcutArg::B, classes: 10 };
+    let data = DataArgs { data: None, train_size: 4000, test_size: 1000 };
+    let opts = TrainOptions { epochs: 4, batch: 64, lr: 0.1, out: "runs/demo-train".into(), ..TrainOptions::default() };
+    train_cmd(&net, &data, &opts, None)?;
+    println!();
+    analyze_cmd(&[110], &[Kind::Preact, Kind::Original], 4, 10, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
 fn info() -> Result<()> {

@@ -1,0 +1,113 @@
+//! The seed's analysis, measured on the GPU: for each network variant, one training-mode
+//! forward and backward at initialisation, and per unit `l` the norms `||x_l||`, `||F(x_l)||`,
+//! `||dE/dx_l||` and `||dE/dx_l|| / ||dE/dx_L||`; plus the check that within a stage the stream
+//! is additive, `x_L = x_l + sum F` (pre-activation), or is not (original, `f = ReLU`).
+
+use std::path::Path;
+
+use crate::arch::NetConfig;
+use crate::error::Result;
+use crate::gpu::Gpu;
+use crate::net::{Probes, ResNet};
+use crate::ops::pool_fc_loss::Labels;
+use crate::report::{self, Series};
+use crate::tensor::Tensor;
+
+/// One network to analyse.
+#[derive(Clone, Debug)]
+pub struct Variant {
+    pub label: String,
+    pub config: NetConfig,
+}
+
+/// The measurements of one variant.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub variant: Variant,
+    pub probes: Probes,
+}
+
+impl Measured {
+    /// `||dE/dx_l|| / ||dE/dx_L||` for `l = 0..=L`.
+    pub fn ratios(&self) -> Vec<f64> {
+        let n = &self.probes.norms;
+        let last = n.last().map_or(1.0, |v| v[2] as f64);
+        n.iter().map(|v| v[2] as f64 / last).collect()
+    }
+}
+
+/// Runs the probed pass of each variant (weights He-initialised from `seed`) on one batch.
+pub fn measure(gpu: &Gpu, variants: &[Variant], images: &Tensor, labels: &Labels, seed: u64) -> Result<Vec<Measured>> {
+    let mut out = Vec::new();
+    for v in variants {
+        let mut net = ResNet::new(gpu, &v.config, seed)?;
+        let probes = net.probe(gpu, images, labels)?;
+        out.push(Measured { variant: v.clone(), probes });
+    }
+    Ok(out)
+}
+
+/// A terminal table: every unit for shallow networks, about `rows` evenly spaced units (with
+/// the first and last) for deep ones.
+pub fn table(m: &Measured, rows: usize) -> String {
+    let n = m.probes.norms.len();
+    let step = n.div_ceil(rows.max(2)).max(1);
+    let ratios = m.ratios();
+    let mut s = format!(
+        "{}: loss {:.4}\n{:>5} {:>12} {:>12} {:>12} {:>14}\n",
+        m.variant.label, m.probes.loss, "l", "||x_l||", "||F(x_l)||", "||dE/dx_l||", "/ ||dE/dx_L||"
+    );
+    for l in (0..n).filter(|l| l % step == 0 || *l == n - 1) {
+        let v = m.probes.norms[l];
+        let f = if l + 1 < n { format!("{:12.4e}", v[1]) } else { format!("{:>12}", "-") };
+        s += &format!("{l:>5} {:12.4e} {f} {:12.4e} {:14.4}\n", v[0], v[2], ratios[l]);
+    }
+    for (i, e) in m.probes.stage_identity.iter().enumerate() {
+        if let Some(e) = e {
+            s += &format!("stage {}: ||x_end - (x_start + sum F)|| / ||x_end|| = {e:.2e}\n", i + 1);
+        }
+    }
+    s
+}
+
+/// Writes every unit of every variant as CSV rows.
+pub fn write_csv(path: &Path, ms: &[Measured]) -> Result<()> {
+    let mut rows = Vec::new();
+    for m in ms {
+        for (l, (v, r)) in m.probes.norms.iter().zip(m.ratios()).enumerate() {
+            rows.push(vec![
+                m.variant.label.clone(),
+                l.to_string(),
+                format!("{:e}", v[0]),
+                format!("{:e}", v[1]),
+                format!("{:e}", v[2]),
+                format!("{r:e}"),
+            ]);
+        }
+    }
+    report::write_csv(path, &["variant", "unit", "x_norm", "branch_norm", "grad_norm", "grad_ratio_to_last"], &rows)
+}
+
+/// The gradient norms against the unit index (as a fraction of the depth, so networks of
+/// different depths share the axis), variants side by side, log scale.
+pub fn plot(path: &Path, ms: &[Measured]) -> Result<()> {
+    let series: Vec<Series> = ms
+        .iter()
+        .map(|m| {
+            let r = m.ratios();
+            let last = (r.len() - 1).max(1) as f64;
+            Series {
+                label: m.variant.label.clone(),
+                points: r.iter().enumerate().map(|(l, &v)| (l as f64 / last, v)).collect(),
+            }
+        })
+        .collect();
+    report::line_chart(
+        path,
+        "Gradient reaching unit l at initialisation: ||dE/dx_l|| / ||dE/dx_L||",
+        "unit index l / L",
+        "||dE/dx_l|| / ||dE/dx_L||",
+        &series,
+        true,
+    )
+}

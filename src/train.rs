@@ -1,0 +1,286 @@
+//! Training on the GPU with the paper's recipe: SGD with momentum 0.9 and weight decay 1e-4,
+//! learning rate 0.1 divided by 10 at 50% and 75% of the run, pad-and-crop and flip
+//! augmentation; evaluation on the test split each epoch; checkpoints that resume exactly.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::io::{self, HostTensor};
+use crate::net::{ResNet, Sgd};
+use crate::ops::pool_fc_loss::upload_labels;
+use crate::report::{self, Series};
+use crate::rng::Rng;
+use crate::tensor::Tensor;
+
+/// How to train.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub epochs: usize,
+    pub batch: usize,
+    /// The initial learning rate (divided by 10 at 50% and 75% of the epochs).
+    pub lr: f32,
+    pub momentum: f32,
+    pub weight_decay: f32,
+    /// Pad-and-crop and flip augmentation.
+    pub augment: bool,
+    /// Shuffling and augmentation draw from this seed (and the epoch number).
+    pub seed: u64,
+    /// Batch size for evaluation.
+    pub eval_batch: usize,
+    /// Where CSV, SVG and checkpoints go.
+    pub out: PathBuf,
+    /// Show a progress bar.
+    pub progress: bool,
+}
+
+impl Default for TrainOptions {
+    fn default() -> Self {
+        TrainOptions {
+            epochs: 10,
+            batch: 128,
+            lr: 0.1,
+            momentum: 0.9,
+            weight_decay: 1e-4,
+            augment: true,
+            seed: 0,
+            eval_batch: 256,
+            out: PathBuf::from("runs/train"),
+            progress: true,
+        }
+    }
+}
+
+/// The learning rate of `epoch` (0-based) in a run of `epochs`: `lr` until half the run,
+/// `lr/10` until three quarters, `lr/100` after.
+pub fn lr_at(lr: f32, epoch: usize, epochs: usize) -> f32 {
+    let f = epoch as f64 / epochs.max(1) as f64;
+    if f < 0.5 {
+        lr
+    } else if f < 0.75 {
+        lr / 10.0
+    } else {
+        lr / 100.0
+    }
+}
+
+/// One epoch's figures.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EpochStats {
+    pub epoch: usize,
+    pub lr: f32,
+    pub train_loss: f64,
+    pub train_acc: f64,
+    pub test_loss: f64,
+    pub test_acc: f64,
+    pub images_per_sec: f64,
+}
+
+/// Loss (mean cross-entropy) and accuracy of `net` in inference mode over `data`.
+pub fn evaluate(gpu: &Gpu, net: &mut ResNet, data: &Dataset, batch: usize) -> Result<(f64, f64)> {
+    if data.is_empty() {
+        return Err(Error::Invalid(format!("{}: nothing to evaluate", data.name())));
+    }
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    let (mut loss, mut correct) = (0.0f64, 0usize);
+    let idx: Vec<usize> = (0..data.len()).collect();
+    for chunk in idx.chunks(batch.max(1)) {
+        data.gather(chunk, &mut images, &mut labels);
+        let t = Tensor::new(gpu, &[chunk.len(), 3, 32, 32], &images)?;
+        let logits = net.predict(gpu, &t)?;
+        let (l, c) = score(&logits, &labels, net.config.classes);
+        loss += l;
+        correct += c;
+    }
+    Ok((loss / data.len() as f64, correct as f64 / data.len() as f64))
+}
+
+/// Summed cross-entropy and the number of correct predictions of row-major logits.
+fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
+    let mut loss = 0.0;
+    let mut correct = 0;
+    for (row, &y) in logits.chunks_exact(classes).zip(labels) {
+        let max = row.iter().fold(f32::MIN, |a, &b| a.max(b)) as f64;
+        let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+        loss += lse - row[y as usize] as f64;
+        let best = row.iter().enumerate().fold(0, |b, (i, &v)| if v > row[b] { i } else { b });
+        correct += (best == y as usize) as usize;
+    }
+    (loss, correct)
+}
+
+/// Saves a checkpoint: weights, BN buffers, momentum, the options' seed and the epochs done.
+pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
+    let mut t = io::state_tensors(net, gpu, true)?;
+    t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
+    t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
+    io::write(path, &t)
+}
+
+/// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done.
+pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) -> Result<(ResNet, usize)> {
+    let net = io::load_net(gpu, config, path)?;
+    let file = io::read(path)?;
+    let done = file.get("meta.epochs_done").and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
+    let done = done.ok_or_else(|| Error::Format {
+        path: path.display().to_string(),
+        msg: "not a checkpoint: no meta.epochs_done".into(),
+    })?;
+    Ok((net, done.max(0) as usize))
+}
+
+/// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,
+/// writing `curves.csv`, `curves.svg` and `checkpoint.safetensors` into `opts.out` after every
+/// epoch. `history` holds the epochs already done (from a resumed run's CSV, or empty).
+pub fn train(
+    gpu: &Gpu,
+    net: &mut ResNet,
+    train: &Dataset,
+    test: &Dataset,
+    opts: &TrainOptions,
+    start_epoch: usize,
+    mut history: Vec<EpochStats>,
+) -> Result<Vec<EpochStats>> {
+    if opts.batch == 0 || opts.batch > train.len() {
+        return Err(Error::Invalid(format!("batch {} for {} training images", opts.batch, train.len())));
+    }
+    if train.classes() != net.config.classes {
+        return Err(Error::Invalid(format!(
+            "{} has {} classes, the network {}",
+            train.name(),
+            train.classes(),
+            net.config.classes
+        )));
+    }
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
+    let steps = train.len() / opts.batch; // the last partial batch is dropped
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    for epoch in start_epoch..opts.epochs {
+        // Each epoch's draws depend only on (seed, epoch): a resumed run repeats them exactly.
+        let mut rng = Rng::new(opts.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let order = train.epoch_order(&mut rng);
+        let lr = lr_at(opts.lr, epoch, opts.epochs);
+        let sgd = Sgd { lr, momentum: opts.momentum, weight_decay: opts.weight_decay };
+        let bar = progress_bar(opts.progress, steps as u64, epoch, opts.epochs);
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let start = Instant::now();
+        for chunk in order.chunks_exact(opts.batch) {
+            if opts.augment {
+                train.gather_augmented(chunk, &mut rng, &mut images, &mut labels);
+            } else {
+                train.gather(chunk, &mut images, &mut labels);
+            }
+            let t = Tensor::new(gpu, &[chunk.len(), 3, 32, 32], &images)?;
+            let l = upload_labels(gpu, &labels, net.config.classes)?;
+            let loss = net.train_step(gpu, &t, &l, sgd)?;
+            if !loss.is_finite() {
+                return Err(Error::Invalid(format!("epoch {}: the training loss became {loss}", epoch + 1)));
+            }
+            let (_, c) = score(&net.logits(gpu)?, &labels, net.config.classes);
+            loss_sum += loss as f64 * chunk.len() as f64;
+            correct += c;
+            seen += chunk.len();
+            let ips = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format!(
+                "loss {:.3} acc {:.1}% {ips:.0} img/s",
+                loss_sum / seen as f64,
+                100.0 * correct as f64 / seen as f64
+            ));
+            bar.inc(1);
+        }
+        let images_per_sec = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        bar.finish_and_clear();
+        let (test_loss, test_acc) = evaluate(gpu, net, test, opts.eval_batch)?;
+        let s = EpochStats {
+            epoch: epoch + 1,
+            lr,
+            train_loss: loss_sum / seen.max(1) as f64,
+            train_acc: correct as f64 / seen.max(1) as f64,
+            test_loss,
+            test_acc,
+            images_per_sec,
+        };
+        println!(
+            "epoch {:>3}/{}  lr {:<6}  train loss {:.4} acc {:5.1}%  test loss {:.4} acc {:5.1}%  {:.0} img/s",
+            s.epoch,
+            opts.epochs,
+            s.lr,
+            s.train_loss,
+            100.0 * s.train_acc,
+            s.test_loss,
+            100.0 * s.test_acc,
+            s.images_per_sec
+        );
+        history.push(s);
+        save_checkpoint(gpu, net, epoch + 1, opts.seed, &opts.out.join("checkpoint.safetensors"))?;
+        write_curves(&opts.out, &history)?;
+    }
+    Ok(history)
+}
+
+fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps);
+    let style = indicatif::ProgressStyle::with_template("epoch {prefix} [{bar:30}] {pos}/{len} {msg} ({eta})")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(format!("{}/{}", epoch + 1, epochs));
+    bar
+}
+
+/// `curves.csv` and `curves.svg` (losses and accuracies per epoch) in `dir`.
+pub fn write_curves(dir: &Path, h: &[EpochStats]) -> Result<()> {
+    let rows: Vec<Vec<String>> = h
+        .iter()
+        .map(|s| {
+            vec![
+                s.epoch.to_string(),
+                s.lr.to_string(),
+                format!("{:.6}", s.train_loss),
+                format!("{:.6}", s.train_acc),
+                format!("{:.6}", s.test_loss),
+                format!("{:.6}", s.test_acc),
+                format!("{:.1}", s.images_per_sec),
+            ]
+        })
+        .collect();
+    let header = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_sec"];
+    report::write_csv(&dir.join("curves.csv"), &header, &rows)?;
+    let line = |label: &str, f: &dyn Fn(&EpochStats) -> f64| Series {
+        label: label.into(),
+        points: h.iter().map(|s| (s.epoch as f64, f(s))).collect(),
+    };
+    let series = [
+        line("train loss", &|s| s.train_loss),
+        line("test loss", &|s| s.test_loss),
+        line("train error", &|s| 1.0 - s.train_acc),
+        line("test error", &|s| 1.0 - s.test_acc),
+    ];
+    report::line_chart(&dir.join("curves.svg"), "Training curves", "epoch", "loss / error rate", &series, false)
+}
+
+/// Reads `curves.csv` back (for a resumed run), keeping the first `epochs` rows.
+pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
+    let Ok(text) = std::fs::read_to_string(dir.join("curves.csv")) else { return Vec::new() };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+            (v.len() == 7).then(|| EpochStats {
+                epoch: v[0] as usize,
+                lr: v[1] as f32,
+                train_loss: v[2],
+                train_acc: v[3],
+                test_loss: v[4],
+                test_acc: v[5],
+                images_per_sec: v[6],
+            })
+        })
+        .take(epochs)
+        .collect()
+}
