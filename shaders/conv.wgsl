@@ -1,11 +1,42 @@
 // 2-D convolution, square kernel ks in {1, 3}, padding ks / 2, stride 1 or 2, no bias.
 // x [N,C,H,W], w [K,C,ks,ks] (OIHW), y [N,K,OH,OW] with OH = (H + 2*pad - ks) / stride + 1.
 //
-//   forward:         y  (=|+=) conv(x, w)          one invocation per element of y
-//   backward_data:   dx (=|+=) conv_transpose(dy, w) one invocation per element of dx
-//   backward_weight: dw (=|+=) corr(x, dy)          one invocation per element of dw
+//   forward:         y  (=|+=) conv(x, w)
+//   backward_data:   dx (=|+=) conv_transpose(dy, w)
+//   backward_weight: dw (=|+=) corr(x, dy)
 //
-// Plain gathers: every invocation sums its own terms, so there are no atomics and no races.
+// Two kernel families, chosen per adapter and shape by ops/conv.rs. Both are gathers with one
+// writer per output element: no atomics, and every sum runs in a fixed order (bit-identical
+// results from run to run).
+//
+// tl_*  Tiled implicit GEMM through workgroup memory, for any adapter and any shape.
+//       forward:         M = N*OH*OW output pixels, N = K,  reduction C*ks*ks (im2col of x)
+//       backward_data:   M = N*H*W input pixels,    N = C,  reduction K*ks*ks (dy gathered at
+//                        oy = (iy + pad - ky) / stride where that divides, zero elsewhere)
+//       backward_weight: M = K, N = C*ks*ks, reduction N*OH*OW, split into `splits` ranges that
+//                        write partial sums to a scratch buffer; `reduce_splits` adds them up in
+//                        split order.
+//       Each workgroup stages BK = 16 reduction steps of a BM x BN tile in workgroup memory;
+//       each invocation keeps a 4 x 4 block of outputs in registers.
+//
+// rp_*  Register path for CPU adapters (lavapipe/llvmpipe with subgroups of 8 or more). There a
+//       workgroup runs on one core as SIMD lanes, a load from a storage buffer or from workgroup
+//       memory is a scalar loop over the lanes (hundreds of cycles), branches run both ways,
+//       while a texture fetch or a uniform-buffer gather is one vector gather and a subgroup
+//       shuffle or broadcast is a register move. So: the big operand (x, or dy) is read from
+//       an rgba32f texture copy of the tensor (a texel = 4 consecutive pixels of a row), the
+//       weights from a 64 KiB uniform-buffer window, and what lanes share goes through subgroup
+//       operations: the pixels left and right of a lane's quad come from its neighbour lanes,
+//       the weights each lane gathers for its own channel go to all lanes by broadcast.
+//       Workgroup = one group of 8 lanes, lane = a quad of 4 consecutive pixels of a row.
+//       forward, backward_data (rp_data): 2 rows x 16 channels of a quad per lane, reduction
+//         over input channels (or k) x taps, all accumulators in registers.
+//       backward_weight (rp_wgt): lanes over the pixels, an 8 k x 4 c tile (x 9 taps; 1x1:
+//         8 k x 16 c) per workgroup, per-lane sums reduced across the lanes by a fixed butterfly, splits
+//         of the pixels reduced by reduce_splits as above.
+//       Variants (stride, ks, op) are entry points passing literals to one function, so that
+//       the driver folds the branches between them. The host picks this path where rows of
+//       quads tile the 8 lanes exactly (quads per row 1, 2, 4 or 8) and the windows fit.
 
 struct Params {
     n: u32,
@@ -13,116 +44,1006 @@ struct Params {
     h: u32,
     w: u32,
     k: u32,
-    ks: u32,
     oh: u32,
     ow: u32,
     stride: u32,
+    ks: u32,
     pad: u32,
     accumulate: u32, // 1 adds into the output, 0 overwrites it
-    len: u32,        // elements of this entry point's output
+    m: u32,          // tl: GEMM rows; rp: quads of the output (4 pixels each)
+    base: u32,       // rp: first channel of this weight window
+    span: u32,       // rp: channels in this weight window
+    chunk: u32,      // backward_weight: reduction length (tl) or quads (rp) per split
+    splits: u32,     // backward_weight: number of splits
+    len: u32,        // reduce_splits: elements of dw
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
+
+// Tiled path operands.
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(0) @binding(4) var<storage, read> dy: array<f32>;
 @group(0) @binding(5) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
+@group(0) @binding(7) var<storage, read_write> part: array<f32>;
+@group(0) @binding(8) var<storage, read> part_in: array<f32>;
 
-const WG: u32 = 64u;
+// Register path operands.
+@group(0) @binding(10) var at: texture_2d<f32>;                 // x (forward, backward_weight) or dy (backward_data)
+@group(0) @binding(11) var bt: texture_2d<f32>;                 // dy (backward_weight)
+@group(0) @binding(12) var<uniform> wu: array<vec4f, 4096>;     // weight window
+@group(0) @binding(13) var<storage, read_write> out4: array<vec4f>; // y or dx, by quads
 
-@compute @workgroup_size(WG)
-fn forward(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-           @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.len { return; }
-    let ox = i % p.ow;
-    let oy = (i / p.ow) % p.oh;
-    let k = (i / (p.ow * p.oh)) % p.k;
-    let n = i / (p.ow * p.oh * p.k);
-    let iy0 = i32(oy * p.stride) - i32(p.pad);
-    let ix0 = i32(ox * p.stride) - i32(p.pad);
-    var acc = 0.0;
-    for (var c = 0u; c < p.c; c++) {
-        let xbase = (n * p.c + c) * p.h;
-        let wbase = (k * p.c + c) * p.ks;
-        for (var ky = 0u; ky < p.ks; ky++) {
-            let iy = iy0 + i32(ky);
-            if iy < 0 || iy >= i32(p.h) { continue; }
-            let xrow = (xbase + u32(iy)) * p.w;
-            let wrow = (wbase + ky) * p.ks;
-            for (var kx = 0u; kx < p.ks; kx++) {
-                let ix = ix0 + i32(kx);
-                if ix < 0 || ix >= i32(p.w) { continue; }
-                acc += x[xrow + u32(ix)] * wt[wrow + kx];
-            }
-        }
+// ------------------------------------------------------------------------------------------
+// Tiled implicit GEMM
+// ------------------------------------------------------------------------------------------
+
+const BK: u32 = 16u;
+const BM_MAX: u32 = 64u;
+const BN_MAX: u32 = 64u;
+// [BK][BM/4] and [BK][BN/4] vec4 tiles: an invocation reads its 4 rows and 4 columns of one
+// reduction step as one vec4 each.
+var<workgroup> tile_a: array<vec4f, 256>; // BK * BM_MAX / 4
+var<workgroup> tile_b: array<vec4f, 256>; // BK * BN_MAX / 4
+
+// A[m][r] of forward (m: output pixel, r: (c, ky, kx)), zero in the padding.
+fn fwd_a(n: u32, oy: u32, ox: u32, r: u32) -> f32 {
+    let kk = p.ks * p.ks;
+    let c = r / kk;
+    let t = r - c * kk;
+    let ky = t / p.ks;
+    let kx = t - ky * p.ks;
+    let iy = i32(oy * p.stride + ky) - i32(p.pad);
+    let ix = i32(ox * p.stride + kx) - i32(p.pad);
+    if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
+        return 0.0;
     }
-    if p.accumulate == 1u { y[i] += acc; } else { y[i] = acc; }
+    return x[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)];
 }
 
-@compute @workgroup_size(WG)
-fn backward_data(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                 @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.len { return; }
-    let ix = i % p.w;
-    let iy = (i / p.w) % p.h;
-    let c = (i / (p.w * p.h)) % p.c;
-    let n = i / (p.w * p.h * p.c);
+// A[m][r] of backward_data (m: input pixel, r: (k, ky, kx)): the dy term that reaches it.
+fn bwd_a(n: u32, iy: u32, ix: u32, r: u32) -> f32 {
+    let kk = p.ks * p.ks;
+    let k = r / kk;
+    let t = r - k * kk;
+    let ky = t / p.ks;
+    let kx = t - ky * p.ks;
+    // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
+    let ty = i32(iy + p.pad) - i32(ky);
+    let tx = i32(ix + p.pad) - i32(kx);
     let s = i32(p.stride);
-    var acc = 0.0;
-    for (var k = 0u; k < p.k; k++) {
-        let dbase = (n * p.k + k) * p.oh;
-        let wbase = (k * p.c + c) * p.ks;
-        for (var ky = 0u; ky < p.ks; ky++) {
-            // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
-            let ty = i32(iy + p.pad) - i32(ky);
-            if ty < 0 || ty % s != 0 { continue; }
-            let oy = ty / s;
-            if oy >= i32(p.oh) { continue; }
-            let drow = (dbase + u32(oy)) * p.ow;
-            let wrow = (wbase + ky) * p.ks;
-            for (var kx = 0u; kx < p.ks; kx++) {
-                let tx = i32(ix + p.pad) - i32(kx);
-                if tx < 0 || tx % s != 0 { continue; }
-                let ox = tx / s;
-                if ox >= i32(p.ow) { continue; }
-                acc += dy[drow + u32(ox)] * wt[wrow + kx];
-            }
-        }
+    if ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0 {
+        return 0.0;
     }
-    if p.accumulate == 1u { dx[i] += acc; } else { dx[i] = acc; }
+    let oy = u32(ty / s);
+    let ox = u32(tx / s);
+    if oy >= p.oh || ox >= p.ow {
+        return 0.0;
+    }
+    return dy[((n * p.k + k) * p.oh + oy) * p.ow + ox];
 }
 
-@compute @workgroup_size(WG)
-fn backward_weight(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                   @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.len { return; }
-    let kx = i % p.ks;
-    let ky = (i / p.ks) % p.ks;
-    let c = (i / (p.ks * p.ks)) % p.c;
-    let k = i / (p.ks * p.ks * p.c);
-    var acc = 0.0;
-    for (var n = 0u; n < p.n; n++) {
-        let xbase = (n * p.c + c) * p.h;
-        let dbase = (n * p.k + k) * p.oh;
-        for (var oy = 0u; oy < p.oh; oy++) {
-            let iy = i32(oy * p.stride + ky) - i32(p.pad);
-            if iy < 0 || iy >= i32(p.h) { continue; }
-            let xrow = (xbase + u32(iy)) * p.w;
-            let drow = (dbase + oy) * p.ow;
-            // One partial sum per output row keeps the f32 rounding error of long sums small.
-            var row = 0.0;
-            for (var ox = 0u; ox < p.ow; ox++) {
-                let ix = i32(ox * p.stride + kx) - i32(p.pad);
-                if ix < 0 || ix >= i32(p.w) { continue; }
-                row += x[xrow + u32(ix)] * dy[drow + ox];
+// The 4 x 4 outer product of one reduction step, accumulated into `acc` (acc[i] = row i).
+fn outer4(acc: ptr<function, array<vec4f, 4>>, a: vec4f, b: vec4f) {
+    (*acc)[0] = fma(vec4f(a.x), b, (*acc)[0]);
+    (*acc)[1] = fma(vec4f(a.y), b, (*acc)[1]);
+    (*acc)[2] = fma(vec4f(a.z), b, (*acc)[2]);
+    (*acc)[3] = fma(vec4f(a.w), b, (*acc)[3]);
+}
+
+fn set_a(i: u32, v: f32) {
+    tile_a[i >> 2u][i & 3u] = v;
+}
+
+fn set_b(i: u32, v: f32) {
+    tile_b[i >> 2u][i & 3u] = v;
+}
+
+// forward (mode 0) and backward_data (mode 1): out[m][col] = sum_r A[m][r] * B[r][col], with
+// B[r][col] the weight of (col, r) (forward) or of (r, col) (backward_data). BM x BN tile per
+// workgroup of (BM/4) * (BN/4) invocations; `mode`, `bm`, `bn` are literals at the call sites.
+fn tl_data(lid: u32, wid: vec3u, nwg: vec3u, mode: u32, bm: u32, bn: u32) {
+    let threads = (bm / 4u) * (bn / 4u);
+    let kk = p.ks * p.ks;
+    var cols: u32; // GEMM columns: output channels
+    var red: u32;  // reduction length
+    var sy: u32;   // output spatial size
+    var sx: u32;
+    if mode == 0u {
+        cols = p.k;
+        red = p.c * kk;
+        sy = p.oh;
+        sx = p.ow;
+    } else {
+        cols = p.c;
+        red = p.k * kk;
+        sy = p.h;
+        sx = p.w;
+    }
+    let m0 = (wid.z * nwg.x + wid.x) * bm;
+    let n0 = wid.y * bn;
+    // This invocation's staging slots: the A row is fixed (ml), the B column too (nl).
+    let ml = lid % bm;
+    let am = m0 + ml;
+    let am_ok = am < p.m;
+    let amc = min(am, p.m - 1u);
+    let ax = amc % sx;
+    let ay = (amc / sx) % sy;
+    let an = amc / (sx * sy);
+    let nl = lid % bn;
+    let bcol = n0 + nl;
+    // Outputs of this invocation: rows m0 + tm*4 + i, columns n0 + tn*4 + j.
+    let tm = lid % (bm / 4u);
+    let tn = lid / (bm / 4u);
+    var acc: array<vec4f, 4>;
+    for (var r0 = 0u; r0 < red; r0 += BK) {
+        for (var e = lid; e < BK * bm; e += threads) {
+            let rl = e / bm;
+            let r = r0 + rl;
+            var v = 0.0;
+            if am_ok && r < red {
+                if mode == 0u {
+                    v = fwd_a(an, ay, ax, r);
+                } else {
+                    v = bwd_a(an, ay, ax, r);
+                }
             }
-            acc += row;
+            set_a(rl * bm + ml, v);
+        }
+        for (var e = lid; e < BK * bn; e += threads) {
+            let rl = e / bn;
+            let r = r0 + rl;
+            var v = 0.0;
+            if bcol < cols && r < red {
+                if mode == 0u {
+                    v = wt[bcol * red + r];
+                } else {
+                    let k = r / kk;
+                    v = wt[(k * p.c + bcol) * kk + (r - k * kk)];
+                }
+            }
+            set_b(rl * bn + nl, v);
+        }
+        workgroupBarrier();
+        for (var rl = 0u; rl < BK; rl++) {
+            outer4(&acc, tile_a[rl * (bm / 4u) + tm], tile_b[rl * (bn / 4u) + tn]);
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + tm * 4u + i;
+        if m >= p.m {
+            continue;
+        }
+        let ox = m % sx;
+        let oy = (m / sx) % sy;
+        let n = m / (sx * sy);
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + tn * 4u + j;
+            if col >= cols {
+                continue;
+            }
+            let o = ((n * cols + col) * sy + oy) * sx + ox;
+            let v = acc[i][j];
+            if mode == 0u {
+                if p.accumulate == 1u { y[o] += v; } else { y[o] = v; }
+            } else {
+                if p.accumulate == 1u { dx[o] += v; } else { dx[o] = v; }
+            }
         }
     }
-    if p.accumulate == 1u { dw[i] += acc; } else { dw[i] = acc; }
 }
+
+@compute @workgroup_size(256)
+fn tl_forward_64x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
+                    @builtin(num_workgroups) nwg: vec3u) {
+    tl_data(lid, wid, nwg, 0u, 64u, 64u);
+}
+
+@compute @workgroup_size(64)
+fn tl_forward_64x16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
+                    @builtin(num_workgroups) nwg: vec3u) {
+    tl_data(lid, wid, nwg, 0u, 64u, 16u);
+}
+
+@compute @workgroup_size(256)
+fn tl_backward_data_64x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
+                          @builtin(num_workgroups) nwg: vec3u) {
+    tl_data(lid, wid, nwg, 1u, 64u, 64u);
+}
+
+@compute @workgroup_size(64)
+fn tl_backward_data_64x16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
+                          @builtin(num_workgroups) nwg: vec3u) {
+    tl_data(lid, wid, nwg, 1u, 64u, 16u);
+}
+
+// backward_weight: dw[k][col] = sum_r dy[r][k] * im2col(x)[r][col], col = (c, ky, kx), r over
+// N*OH*OW, restricted to split wid.z's range [wid.z * chunk, (wid.z + 1) * chunk).
+fn tl_weight(lid: u32, wid: vec3u, bm: u32, bn: u32) {
+    let threads = (bm / 4u) * (bn / 4u);
+    let kk = p.ks * p.ks;
+    let cols = p.c * kk;
+    let red = p.n * p.oh * p.ow;
+    let ohw = p.oh * p.ow;
+    let m0 = wid.x * bm;
+    let n0 = wid.y * bn;
+    let r_begin = wid.z * p.chunk;
+    let r_end = min(red, r_begin + p.chunk);
+    // Staging slots: reduction step rl = lid % BK is fixed per invocation (threads is a
+    // multiple of BK), the rows and columns it stages vary.
+    let rl = lid % BK;
+    let tm = lid % (bm / 4u);
+    let tn = lid / (bm / 4u);
+    var acc: array<vec4f, 4>;
+    for (var r0 = r_begin; r0 < r_end; r0 += BK) {
+        let r = r0 + rl;
+        let r_ok = r < r_end;
+        let rc = min(r, red - 1u);
+        let n = rc / ohw;
+        let pix = rc - n * ohw;
+        let oy = pix / p.ow;
+        let ox = pix - oy * p.ow;
+        for (var e = lid; e < BK * bm; e += threads) {
+            let kl = e / BK;
+            let k = m0 + kl;
+            var v = 0.0;
+            if r_ok && k < p.k {
+                v = dy[(n * p.k + k) * ohw + pix];
+            }
+            set_a(rl * bm + kl, v);
+        }
+        for (var e = lid; e < BK * bn; e += threads) {
+            let cl = e / BK;
+            let col = n0 + cl;
+            var v = 0.0;
+            if r_ok && col < cols {
+                let c = col / kk;
+                let t = col - c * kk;
+                let ky = t / p.ks;
+                let kx = t - ky * p.ks;
+                let iy = i32(oy * p.stride + ky) - i32(p.pad);
+                let ix = i32(ox * p.stride + kx) - i32(p.pad);
+                if iy >= 0 && ix >= 0 && iy < i32(p.h) && ix < i32(p.w) {
+                    v = x[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)];
+                }
+            }
+            set_b(rl * bn + cl, v);
+        }
+        workgroupBarrier();
+        for (var s = 0u; s < BK; s++) {
+            outer4(&acc, tile_a[s * (bm / 4u) + tm], tile_b[s * (bn / 4u) + tn]);
+        }
+        workgroupBarrier();
+    }
+    let len = p.k * cols;
+    for (var i = 0u; i < 4u; i++) {
+        let k = m0 + tm * 4u + i;
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + tn * 4u + j;
+            if k >= p.k || col >= cols {
+                continue;
+            }
+            let o = k * cols + col;
+            let v = acc[i][j];
+            if p.splits > 1u {
+                part[wid.z * len + o] = v;
+            } else if p.accumulate == 1u {
+                dw[o] += v;
+            } else {
+                dw[o] = v;
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(256)
+fn tl_backward_weight_64x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+    tl_weight(lid, wid, 64u, 64u);
+}
+
+@compute @workgroup_size(64)
+fn tl_backward_weight_16x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+    tl_weight(lid, wid, 16u, 64u);
+}
+
+// dw (=|+=) the sum of the `splits` partial results, added in split order.
+@compute @workgroup_size(64)
+fn reduce_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                 @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    if i >= p.len {
+        return;
+    }
+    var s = part_in[i];
+    for (var j = 1u; j < p.splits; j++) {
+        s += part_in[j * p.len + i];
+    }
+    if p.accumulate == 1u { dw[i] += s; } else { dw[i] = s; }
+}
+
+// ------------------------------------------------------------------------------------------
+// Register path (CPU adapters)
+// ------------------------------------------------------------------------------------------
+
+const LANES: u32 = 8u;
+const TEXW: u32 = 1024u; // texels per row of an operand texture (4096 floats)
+
+// Texel `t` of an operand texture: elements 4t .. 4t+3 of the flattened tensor.
+fn tex_a(t: u32) -> vec4f {
+    return textureLoad(at, vec2u(t % TEXW, t / TEXW), 0);
+}
+
+fn tex_b(t: u32) -> vec4f {
+    return textureLoad(bt, vec2u(t % TEXW, t / TEXW), 0);
+}
+
+// Element i of the weight window.
+fn wat(i: u32) -> f32 {
+    return wu[i >> 2u][i & 3u];
+}
+
+// The input of the 9 taps (t = ky * 3 + kx) for a lane's quad, or of tap 0 for ks = 1.
+struct X9 {
+    t0: vec4f, t1: vec4f, t2: vec4f,
+    t3: vec4f, t4: vec4f, t5: vec4f,
+    t6: vec4f, t7: vec4f, t8: vec4f,
+}
+
+// One lane's weights of the 9 taps for its channel (a: taps 0-3, b: taps 4-7, c: tap 8).
+struct W9 {
+    a: vec4f,
+    b: vec4f,
+    c: f32,
+}
+
+// Outputs of 8 channels (channel j of the block: lane j's weights) for a lane's quad.
+struct Acc8 {
+    a0: vec4f, a1: vec4f, a2: vec4f, a3: vec4f,
+    a4: vec4f, a5: vec4f, a6: vec4f, a7: vec4f,
+}
+
+// Where a lane's quad is: q over [N * rows * quads per row) with `rows` and `cols` (a multiple
+// of 4) the spatial size of the quads' tensor.
+struct Quad {
+    ok: bool,  // q is a real quad (the last group of 8 may be partial)
+    n: u32,
+    row: u32,
+    qx: u32,   // quad within the row: columns 4qx .. 4qx+3
+    qpr: u32,  // quads per row
+    lok: bool, // a quad to the left in the same row (held by lane - 1)
+    rok: bool, // a quad to the right in the same row (held by lane + 1)
+}
+
+fn quad(q: u32, total: u32, rows: u32, cols: u32) -> Quad {
+    var o: Quad;
+    o.ok = q < total;
+    let qc = min(q, total - 1u);
+    o.qpr = cols / 4u;
+    o.qx = qc % o.qpr;
+    let r = qc / o.qpr;
+    o.row = r % rows;
+    o.n = r / rows;
+    o.lok = o.qx > 0u;
+    o.rok = o.qx + 1u < o.qpr;
+    return o;
+}
+
+// Row `iy` (may be outside [0, h)) of plane `plane` (n * C + c) of the `at` tensor, columns
+// 4 * tq .. 4 * tq + 3 in texels: zero outside the rows.
+fn row_a(plane: u32, iy: i32, h: u32, w: u32, tq: u32) -> vec4f {
+    let ok = iy >= 0 && iy < i32(h);
+    let r = u32(clamp(iy, 0, i32(h) - 1));
+    return select(vec4f(0.0), tex_a((plane * h + r) * (w / 4u) + tq), ok);
+}
+
+// One input row for the 3 column taps of a stride-1 3x3 correlation at quad columns
+// 4qx .. 4qx+3: columns shifted by -1 (l), 0 (m) and +1 (r). The neighbouring columns come from
+// the lanes holding the quads to the left and right (zero padding at the row's ends).
+struct Row3 {
+    l: vec4f,
+    m: vec4f,
+    r: vec4f,
+}
+
+fn row3_s1(plane: u32, iy: i32, h: u32, w: u32, g: Quad) -> Row3 {
+    let m = row_a(plane, iy, h, w, g.qx);
+    let l = select(0.0, subgroupShuffleUp(m.w, 1u), g.lok);
+    let r = select(0.0, subgroupShuffleDown(m.x, 1u), g.rok);
+    return Row3(vec4f(l, m.xyz), m, vec4f(m.yzw, r));
+}
+
+// Stride 2 (pad 1): output quad columns 4qx .. 4qx+3 read input columns 8qx - 1 .. 8qx + 7.
+fn row3_s2(plane: u32, iy: i32, h: u32, w: u32, g: Quad) -> Row3 {
+    let a = row_a(plane, iy, h, w, 2u * g.qx);
+    let b = row_a(plane, iy, h, w, 2u * g.qx + 1u);
+    let l = select(0.0, subgroupShuffleUp(b.w, 1u), g.lok);
+    return Row3(vec4f(l, a.y, a.w, b.y), vec4f(a.x, a.z, b.x, b.z), vec4f(a.y, a.w, b.y, b.w));
+}
+
+// The 9 taps from rows iy0 .. iy0+2 (t = ky * 3 + kx). `flip` mirrors the column taps (kx = 0
+// takes column + 1): the transposed convolution of backward_data.
+fn taps3(r0: Row3, r1: Row3, r2: Row3, flip: bool) -> X9 {
+    var o = X9(r0.l, r0.m, r0.r, r1.l, r1.m, r1.r, r2.l, r2.m, r2.r);
+    if flip {
+        o = X9(r0.r, r0.m, r0.l, r1.r, r1.m, r1.l, r2.r, r2.m, r2.l);
+    }
+    return o;
+}
+
+// Lane `j`'s weights, to every lane.
+fn wb0(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 0u), subgroupBroadcast(w.b, 0u), subgroupBroadcast(w.c, 0u)); }
+fn wb1(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 1u), subgroupBroadcast(w.b, 1u), subgroupBroadcast(w.c, 1u)); }
+fn wb2(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 2u), subgroupBroadcast(w.b, 2u), subgroupBroadcast(w.c, 2u)); }
+fn wb3(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 3u), subgroupBroadcast(w.b, 3u), subgroupBroadcast(w.c, 3u)); }
+fn wb4(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 4u), subgroupBroadcast(w.b, 4u), subgroupBroadcast(w.c, 4u)); }
+fn wb5(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 5u), subgroupBroadcast(w.b, 5u), subgroupBroadcast(w.c, 5u)); }
+fn wb6(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 6u), subgroupBroadcast(w.b, 6u), subgroupBroadcast(w.c, 6u)); }
+fn wb7(w: W9) -> W9 { return W9(subgroupBroadcast(w.a, 7u), subgroupBroadcast(w.b, 7u), subgroupBroadcast(w.c, 7u)); }
+
+// acc + sum over the 9 taps (or tap 0 alone when ks = 1) of input * weight.
+fn mac9(acc: vec4f, x: X9, w: W9, ks: u32) -> vec4f {
+    var a = fma(x.t0, vec4f(w.a.x), acc);
+    if ks == 3u {
+        a = fma(x.t1, vec4f(w.a.y), a);
+        a = fma(x.t2, vec4f(w.a.z), a);
+        a = fma(x.t3, vec4f(w.a.w), a);
+        a = fma(x.t4, vec4f(w.b.x), a);
+        a = fma(x.t5, vec4f(w.b.y), a);
+        a = fma(x.t6, vec4f(w.b.z), a);
+        a = fma(x.t7, vec4f(w.b.w), a);
+        a = fma(x.t8, vec4f(w.c), a);
+    }
+    return a;
+}
+
+// The dy taps of a stride-2 transposed 3x3 convolution (pad 1) for a dx quad at columns
+// 4qx .. 4qx+3 from one dy row: d.xy = dy columns m = 2qx, m + 1, d.z = column m + 2. Even
+// columns of the quad take tap kx = 1 of column m (+1), odd columns kx = 0 of the column right
+// of them and kx = 2 of the column left of them; w0, w1, w2 are the row's kx = 0, 1, 2 weights.
+fn macd(acc: vec4f, d: vec4f, w0: f32, w1: f32, w2: f32) -> vec4f {
+    var o = acc;
+    o.x = fma(d.x, w1, o.x);
+    o.y = fma(d.y, w0, fma(d.x, w2, o.y));
+    o.z = fma(d.y, w1, o.z);
+    o.w = fma(d.z, w0, fma(d.y, w2, o.w));
+    return o;
+}
+
+// One channel. mode 0: a correlation with the taps of x (ks = 3, or tap 0 alone for ks = 1).
+// mode 1: stride-2 transposed, even dx row: dy row in x.t0 through the ky = 1 weights.
+// mode 2: stride-2 transposed, odd dx row: dy row below in x.t0 (ky = 0), above in x.t1 (ky = 2).
+fn mac1(acc: vec4f, x: X9, w: W9, ks: u32, mode: u32) -> vec4f {
+    var o: vec4f;
+    if mode == 1u {
+        o = macd(acc, x.t0, w.a.w, w.b.x, w.b.y);
+    } else if mode == 2u {
+        o = macd(macd(acc, x.t0, w.a.x, w.a.y, w.a.z), x.t1, w.b.z, w.b.w, w.c);
+    } else {
+        o = mac9(acc, x, w, ks);
+    }
+    return o;
+}
+
+// 8 channels: channel j of the block takes lane j's weights.
+fn mac8(acc: ptr<function, Acc8>, x: X9, w: W9, ks: u32, mode: u32) {
+    (*acc).a0 = mac1((*acc).a0, x, wb0(w), ks, mode);
+    (*acc).a1 = mac1((*acc).a1, x, wb1(w), ks, mode);
+    (*acc).a2 = mac1((*acc).a2, x, wb2(w), ks, mode);
+    (*acc).a3 = mac1((*acc).a3, x, wb3(w), ks, mode);
+    (*acc).a4 = mac1((*acc).a4, x, wb4(w), ks, mode);
+    (*acc).a5 = mac1((*acc).a5, x, wb5(w), ks, mode);
+    (*acc).a6 = mac1((*acc).a6, x, wb6(w), ks, mode);
+    (*acc).a7 = mac1((*acc).a7, x, wb7(w), ks, mode);
+}
+
+// This lane's weights for window channel `wl` (of `span`) at reduction channel `r` (of
+// `rn`): window layout [channel][r][tap] (forward) or [r][channel][tap] (backward_data, where
+// r is the output channel k).
+fn wload(wl: u32, r: u32, rn: u32, span: u32, ks: u32, rmajor: bool) -> W9 {
+    let kk = ks * ks;
+    let ok = wl < span;
+    let wlc = min(wl, span - 1u);
+    let i = select((wlc * rn + r) * kk, (r * span + wlc) * kk, rmajor);
+    var o: W9;
+    o.a.x = wat(i);
+    if ks == 3u {
+        o.a = vec4f(o.a.x, wat(i + 1u), wat(i + 2u), wat(i + 3u));
+        o.b = vec4f(wat(i + 4u), wat(i + 5u), wat(i + 6u), wat(i + 7u));
+        o.c = wat(i + 8u);
+    }
+    o.a = select(vec4f(0.0), o.a, ok);
+    o.b = select(vec4f(0.0), o.b, ok);
+    o.c = select(0.0, o.c, ok);
+    return o;
+}
+
+// Writes channel `ch` (global, of `chans`) of output row `row` (of `rows`) at a lane's quad
+// columns, if channel, row and quad are real.
+fn put(ch: u32, chans: u32, g: Quad, row: u32, rows: u32, v: vec4f, ok: bool) {
+    if ok && g.ok && ch < chans && row < rows {
+        let o = ((g.n * chans + ch) * rows + row) * g.qpr + g.qx;
+        if p.accumulate == 1u {
+            out4[o] = out4[o] + v;
+        } else {
+            out4[o] = v;
+        }
+    }
+}
+
+fn sel8(a: Acc8, b: Acc8, c: bool) -> Acc8 {
+    return Acc8(select(a.a0, b.a0, c), select(a.a1, b.a1, c), select(a.a2, b.a2, c), select(a.a3, b.a3, c),
+                select(a.a4, b.a4, c), select(a.a5, b.a5, c), select(a.a6, b.a6, c), select(a.a7, b.a7, c));
+}
+
+// Channel j of a block.
+fn pick8(a: Acc8, j: u32) -> vec4f {
+    var v = a.a0;
+    v = select(v, a.a1, j == 1u);
+    v = select(v, a.a2, j == 2u);
+    v = select(v, a.a3, j == 3u);
+    v = select(v, a.a4, j == 4u);
+    v = select(v, a.a5, j == 5u);
+    v = select(v, a.a6, j == 6u);
+    v = select(v, a.a7, j == 7u);
+    return v;
+}
+
+// Input rows base .. base+4 of one plane of the `at` tensor, each with its 3 column taps.
+struct In5 {
+    i0: Row3, i1: Row3, i2: Row3, i3: Row3, i4: Row3,
+}
+
+// One input row for the column taps: stride 1 or 2, 3 taps, or 1 tap (in .m).
+fn xrow(plane: u32, iy: i32, h: u32, w: u32, g: Quad, s: u32, ks: u32) -> Row3 {
+    var o: Row3;
+    if ks == 3u {
+        if s == 1u {
+            o = row3_s1(plane, iy, h, w, g);
+        } else {
+            o = row3_s2(plane, iy, h, w, g);
+        }
+    } else if s == 1u {
+        o.m = row_a(plane, iy, h, w, g.qx);
+    } else {
+        let a = row_a(plane, iy, h, w, 2u * g.qx);
+        let b = row_a(plane, iy, h, w, 2u * g.qx + 1u);
+        o.m = vec4f(a.x, a.z, b.x, b.z);
+    }
+    return o;
+}
+
+// The first `n` (a literal, at most 5) input rows from `base`; the others stay zero.
+fn inputs(plane: u32, base: i32, h: u32, w: u32, g: Quad, s: u32, ks: u32, n: u32) -> In5 {
+    var o: In5;
+    o.i0 = xrow(plane, base, h, w, g, s, ks);
+    if n > 1u { o.i1 = xrow(plane, base + 1, h, w, g, s, ks); }
+    if n > 2u { o.i2 = xrow(plane, base + 2, h, w, g, s, ks); }
+    if n > 3u { o.i3 = xrow(plane, base + 3, h, w, g, s, ks); }
+    if n > 4u { o.i4 = xrow(plane, base + 4, h, w, g, s, ks); }
+    return o;
+}
+
+// Row j (a literal) of `ins`.
+fn pick(ins: In5, j: u32) -> Row3 {
+    var r = ins.i4;
+    if j == 0u { r = ins.i0; }
+    if j == 1u { r = ins.i1; }
+    if j == 2u { r = ins.i2; }
+    if j == 3u { r = ins.i3; }
+    return r;
+}
+
+// The taps of an output row from rows j, j+1, j+2 (a literal j) of `ins`, top down (`flip`:
+// bottom up and mirrored, for the transposed convolution), or from row j alone (ks = 1).
+fn taps_at(ins: In5, j: u32, ks: u32, flip: bool) -> X9 {
+    var o: X9;
+    if ks == 1u {
+        o.t0 = pick(ins, j).m;
+    } else if flip {
+        o = taps3(pick(ins, j + 2u), pick(ins, j + 1u), pick(ins, j), true);
+    } else {
+        o = taps3(pick(ins, j), pick(ins, j + 1u), pick(ins, j + 2u), false);
+    }
+    return o;
+}
+
+// Elements flat, flat + 1 (flat even) of the `at` tensor.
+fn pair_a(flat: u32) -> vec2f {
+    let t = tex_a(flat >> 2u);
+    return select(t.xy, t.zw, (flat & 2u) != 0u);
+}
+
+// Row r of a dy plane at columns m = 2qx, m + 1 (xy) and m + 2 (z, from the lane to the
+// right); zero past the rows or the row's end.
+fn dy_pair(plane: u32, r: u32, rows: u32, cols: u32, g: Quad) -> vec4f {
+    let v = select(vec2f(0.0), pair_a((plane * rows + min(r, rows - 1u)) * cols + 2u * g.qx), r < rows);
+    let e = select(0.0, subgroupShuffleDown(v.x, 1u), g.rok);
+    return vec4f(v, e, 0.0);
+}
+
+// forward (op 0) and backward_data (op 1); s (stride), ks and op are literals. A lane owns a
+// quad of 2 output rows (row0 = 2 * g.row, row0 + 1) x 16 output channels (window channels
+// wl0 = wid.y * 16 ..): a0, a1 hold row 0 (channels wl0 .., wl0 + 8 ..), a2, a3 row 1. The
+// reduction runs over the input channels (forward) or the output channels k (backward_data);
+// per reduction channel a lane gathers the weights of its 2 channels (wl0 + lane, wl0 + 8 +
+// lane) and every lane takes them by broadcast, for both rows.
+fn rp_data(wid: vec3u, nwg: vec3u, lane: u32, op: u32, s: u32, ks: u32) {
+    var orows: u32; // output rows, columns and channels
+    var ocols: u32;
+    var ochans: u32;
+    var irows: u32; // rows, columns and channels of the texture operand
+    var icols: u32;
+    var red: u32;
+    if op == 0u {
+        orows = p.oh; ocols = p.ow; ochans = p.k;
+        irows = p.h; icols = p.w; red = p.c;
+    } else {
+        orows = p.h; ocols = p.w; ochans = p.c;
+        irows = p.oh; icols = p.ow; red = p.k;
+    }
+    let g = quad((wid.z * nwg.x + wid.x) * LANES + lane, p.m, (orows + 1u) / 2u, ocols);
+    let row0 = 2u * g.row;
+    let wl0 = wid.y * 16u;
+    // The input rows of the two output rows: `n` (a literal) from `base`; output row 1's taps
+    // start s rows below row 0's. Transposed stride 2: dy rows row0 / 2 (ky = 1 of dx row0,
+    // ky = 2 of row0 + 1) and row0 / 2 + 1 (ky = 0 of row0 + 1).
+    let pad = i32(ks / 2u);
+    let n = select(select(2u, ks + 2u, op == 0u), ks + 1u, s == 1u);
+    let base = select(select(i32(row0 / 2u), 2 * i32(row0) - pad, op == 0u), i32(row0) - pad, s == 1u);
+    // Transposed 1x1 stride 2: only even dx rows (and columns) take a term.
+    let odd1x1 = op == 1u && s == 2u && ks == 1u;
+    var a0: Acc8;
+    var a1: Acc8;
+    var a2: Acc8;
+    var a3: Acc8;
+    for (var c = 0u; c < red; c++) {
+        let plane = g.n * red + c;
+        var x0: X9;
+        var x1: X9;
+        var m0 = 0u;
+        var m1 = 0u;
+        if op == 1u && s == 2u {
+            let d0 = dy_pair(plane, u32(base), irows, icols, g);
+            let d1 = dy_pair(plane, u32(base) + 1u, irows, icols, g);
+            if ks == 3u {
+                x0.t0 = d0;
+                m0 = 1u;
+                x1.t0 = d1;
+                x1.t1 = d0;
+                m1 = 2u;
+            } else {
+                x0.t0 = vec4f(d0.x, 0.0, d0.y, 0.0);
+            }
+        } else {
+            let ins = inputs(plane, base, irows, icols, g, s, ks, n);
+            x0 = taps_at(ins, 0u, ks, op == 1u);
+            x1 = taps_at(ins, s, ks, op == 1u);
+        }
+        let w0 = wload(wl0 + lane, c, red, p.span, ks, op == 1u);
+        let w1 = wload(wl0 + 8u + lane, c, red, p.span, ks, op == 1u);
+        mac8(&a0, x0, w0, ks, m0);
+        mac8(&a1, x0, w1, ks, m0);
+        if !odd1x1 {
+            mac8(&a2, x1, w0, ks, m1);
+            mac8(&a3, x1, w1, ks, m1);
+        }
+    }
+    // Stores in a loop (one store site: the code of a store is long on a CPU adapter): block
+    // i = 2 * row + half, picked by selects.
+    for (var i = 0u; i < 4u; i++) {
+        var a = a0;
+        a = sel8(a, a1, i == 1u);
+        a = sel8(a, a2, i == 2u);
+        a = sel8(a, a3, i == 3u);
+        let wl = wl0 + 8u * (i % 2u);
+        for (var j = 0u; j < 8u; j++) {
+            put(p.base + wl + j, ochans, g, row0 + i / 2u, orows, pick8(a, j), wl + j < p.span);
+        }
+    }
+}
+
+@compute @workgroup_size(8)
+fn rp_forward_s1k3(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 0u, 1u, 3u);
+}
+
+@compute @workgroup_size(8)
+fn rp_forward_s2k3(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 0u, 2u, 3u);
+}
+
+@compute @workgroup_size(8)
+fn rp_forward_s1k1(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 0u, 1u, 1u);
+}
+
+@compute @workgroup_size(8)
+fn rp_forward_s2k1(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                   @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 0u, 2u, 1u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_data_s1k3(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 1u, 1u, 3u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_data_s2k3(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 1u, 2u, 3u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_data_s1k1(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 1u, 1u, 1u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_data_s2k1(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                         @builtin(subgroup_invocation_id) lane: u32) {
+    rp_data(wid, nwg, lane, 1u, 2u, 1u);
+}
+
+// backward_weight: lanes = output quads (of dy), a tile of 8 k x 4 c (x 9 taps; 1x1: 8 k x 16
+// c) per workgroup, partial sums per lane in registers, reduced across the lanes at the end.
+
+// Sums over a lane's quads of one (k, c) pair, per tap.
+struct A9 {
+    t0: f32, t1: f32, t2: f32,
+    t3: f32, t4: f32, t5: f32,
+    t6: f32, t7: f32, t8: f32,
+}
+
+// One k of the tile: its 4 c.
+struct Row4 {
+    c0: A9, c1: A9, c2: A9, c3: A9,
+}
+
+struct Blk {
+    k0: Row4, k1: Row4, k2: Row4, k3: Row4,
+    k4: Row4, k5: Row4, k6: Row4, k7: Row4,
+}
+
+// dy of the tile's 8 channels for a lane's quad.
+struct D8 {
+    k0: vec4f, k1: vec4f, k2: vec4f, k3: vec4f,
+    k4: vec4f, k5: vec4f, k6: vec4f, k7: vec4f,
+}
+
+fn dot4(acc: f32, a: vec4f, b: vec4f) -> f32 {
+    return fma(a.w, b.w, fma(a.z, b.z, fma(a.y, b.y, fma(a.x, b.x, acc))));
+}
+
+// The first nt (a literal: 1, 4 or 9) sums of a: += dot(d, x tap).
+fn dot9(a: A9, d: vec4f, x: X9, nt: u32) -> A9 {
+    var o = a;
+    o.t0 = dot4(a.t0, d, x.t0);
+    if nt > 1u {
+        o.t1 = dot4(a.t1, d, x.t1);
+        o.t2 = dot4(a.t2, d, x.t2);
+        o.t3 = dot4(a.t3, d, x.t3);
+    }
+    if nt > 4u {
+        o.t4 = dot4(a.t4, d, x.t4);
+        o.t5 = dot4(a.t5, d, x.t5);
+        o.t6 = dot4(a.t6, d, x.t6);
+        o.t7 = dot4(a.t7, d, x.t7);
+        o.t8 = dot4(a.t8, d, x.t8);
+    }
+    return o;
+}
+
+// Column 0 of the tile (input channel ct0 + 0, taps x) for all 8 k.
+fn col0(b: ptr<function, Blk>, d: D8, x: X9, nt: u32) {
+    (*b).k0.c0 = dot9((*b).k0.c0, d.k0, x, nt); (*b).k1.c0 = dot9((*b).k1.c0, d.k1, x, nt);
+    (*b).k2.c0 = dot9((*b).k2.c0, d.k2, x, nt); (*b).k3.c0 = dot9((*b).k3.c0, d.k3, x, nt);
+    (*b).k4.c0 = dot9((*b).k4.c0, d.k4, x, nt); (*b).k5.c0 = dot9((*b).k5.c0, d.k5, x, nt);
+    (*b).k6.c0 = dot9((*b).k6.c0, d.k6, x, nt); (*b).k7.c0 = dot9((*b).k7.c0, d.k7, x, nt);
+}
+
+// Column 1 of the tile (input channel ct0 + 1, taps x) for all 8 k.
+fn col1(b: ptr<function, Blk>, d: D8, x: X9, nt: u32) {
+    (*b).k0.c1 = dot9((*b).k0.c1, d.k0, x, nt); (*b).k1.c1 = dot9((*b).k1.c1, d.k1, x, nt);
+    (*b).k2.c1 = dot9((*b).k2.c1, d.k2, x, nt); (*b).k3.c1 = dot9((*b).k3.c1, d.k3, x, nt);
+    (*b).k4.c1 = dot9((*b).k4.c1, d.k4, x, nt); (*b).k5.c1 = dot9((*b).k5.c1, d.k5, x, nt);
+    (*b).k6.c1 = dot9((*b).k6.c1, d.k6, x, nt); (*b).k7.c1 = dot9((*b).k7.c1, d.k7, x, nt);
+}
+
+// Column 2 of the tile (input channel ct0 + 2, taps x) for all 8 k.
+fn col2(b: ptr<function, Blk>, d: D8, x: X9, nt: u32) {
+    (*b).k0.c2 = dot9((*b).k0.c2, d.k0, x, nt); (*b).k1.c2 = dot9((*b).k1.c2, d.k1, x, nt);
+    (*b).k2.c2 = dot9((*b).k2.c2, d.k2, x, nt); (*b).k3.c2 = dot9((*b).k3.c2, d.k3, x, nt);
+    (*b).k4.c2 = dot9((*b).k4.c2, d.k4, x, nt); (*b).k5.c2 = dot9((*b).k5.c2, d.k5, x, nt);
+    (*b).k6.c2 = dot9((*b).k6.c2, d.k6, x, nt); (*b).k7.c2 = dot9((*b).k7.c2, d.k7, x, nt);
+}
+
+// Column 3 of the tile (input channel ct0 + 3, taps x) for all 8 k.
+fn col3(b: ptr<function, Blk>, d: D8, x: X9, nt: u32) {
+    (*b).k0.c3 = dot9((*b).k0.c3, d.k0, x, nt); (*b).k1.c3 = dot9((*b).k1.c3, d.k1, x, nt);
+    (*b).k2.c3 = dot9((*b).k2.c3, d.k2, x, nt); (*b).k3.c3 = dot9((*b).k3.c3, d.k3, x, nt);
+    (*b).k4.c3 = dot9((*b).k4.c3, d.k4, x, nt); (*b).k5.c3 = dot9((*b).k5.c3, d.k5, x, nt);
+    (*b).k6.c3 = dot9((*b).k6.c3, d.k6, x, nt); (*b).k7.c3 = dot9((*b).k7.c3, d.k7, x, nt);
+}
+
+// x (the `at` texture) of input channel c (clamped to the channels) at a lane's output quad,
+// 1x1: row g.row (stride 1) or every other column of row 2 * g.row (stride 2).
+fn x1(g: Quad, c: u32, s: u32) -> vec4f {
+    let plane = g.n * p.c + min(c, p.c - 1u);
+    if s == 1u {
+        return row_a(plane, i32(g.row), p.h, p.w, g.qx);
+    }
+    let a = row_a(plane, 2 * i32(g.row), p.h, p.w, 2u * g.qx);
+    let b = row_a(plane, 2 * i32(g.row), p.h, p.w, 2u * g.qx + 1u);
+    return vec4f(a.x, a.z, b.x, b.z);
+}
+
+// The taps of x for a column of the tile at a lane's output quad: the 9 taps of input channel
+// c (3x3), or (1x1) input channels c .. c + 3 in tap slots 0 .. 3.
+fn wtaps(g: Quad, c: u32, s: u32, ks: u32) -> X9 {
+    var xs: X9;
+    if ks == 3u {
+        let plane = g.n * p.c + min(c, p.c - 1u);
+        if s == 1u {
+            let iy = i32(g.row) - 1;
+            xs = taps3(row3_s1(plane, iy, p.h, p.w, g), row3_s1(plane, iy + 1, p.h, p.w, g),
+                       row3_s1(plane, iy + 2, p.h, p.w, g), false);
+        } else {
+            let iy = 2 * i32(g.row) - 1;
+            xs = taps3(row3_s2(plane, iy, p.h, p.w, g), row3_s2(plane, iy + 1, p.h, p.w, g),
+                       row3_s2(plane, iy + 2, p.h, p.w, g), false);
+        }
+    } else {
+        xs.t0 = x1(g, c, s);
+        xs.t1 = x1(g, c + 1u, s);
+        xs.t2 = x1(g, c + 2u, s);
+        xs.t3 = x1(g, c + 3u, s);
+    }
+    return xs;
+}
+
+// dy quad of channel k (zero past the channels or the quads).
+fn dquad(g: Quad, k: u32) -> vec4f {
+    let t = ((g.n * p.k + min(k, p.k - 1u)) * p.oh + g.row) * g.qpr + g.qx;
+    return select(vec4f(0.0), tex_b(t), g.ok && k < p.k);
+}
+
+// The sum over the 8 lanes, the same value in every lane, added in a fixed order.
+fn lanes_sum(v: f32) -> f32 {
+    let a = v + subgroupShuffleXor(v, 1u);
+    let b = a + subgroupShuffleXor(a, 2u);
+    return b + subgroupShuffleXor(b, 4u);
+}
+
+fn sum9(a: A9) -> A9 {
+    return A9(lanes_sum(a.t0), lanes_sum(a.t1), lanes_sum(a.t2), lanes_sum(a.t3), lanes_sum(a.t4),
+              lanes_sum(a.t5), lanes_sum(a.t6), lanes_sum(a.t7), lanes_sum(a.t8));
+}
+
+fn sum_row(r: Row4) -> Row4 {
+    return Row4(sum9(r.c0), sum9(r.c1), sum9(r.c2), sum9(r.c3));
+}
+
+fn sum_blk(b: Blk) -> Blk {
+    return Blk(sum_row(b.k0), sum_row(b.k1), sum_row(b.k2), sum_row(b.k3),
+               sum_row(b.k4), sum_row(b.k5), sum_row(b.k6), sum_row(b.k7));
+}
+
+fn sel9(a: A9, b: A9, c: bool) -> A9 {
+    return A9(select(a.t0, b.t0, c), select(a.t1, b.t1, c), select(a.t2, b.t2, c), select(a.t3, b.t3, c),
+              select(a.t4, b.t4, c), select(a.t5, b.t5, c), select(a.t6, b.t6, c), select(a.t7, b.t7, c),
+              select(a.t8, b.t8, c));
+}
+
+fn sel_row(a: Row4, b: Row4, c: bool) -> Row4 {
+    return Row4(sel9(a.c0, b.c0, c), sel9(a.c1, b.c1, c), sel9(a.c2, b.c2, c), sel9(a.c3, b.c3, c));
+}
+
+// Row `i` of the tile (selects, not a dynamic index, so that the tile stays in registers).
+fn pick_row(b: Blk, i: u32) -> Row4 {
+    var r = b.k0;
+    r = sel_row(r, b.k1, i == 1u);
+    r = sel_row(r, b.k2, i == 2u);
+    r = sel_row(r, b.k3, i == 3u);
+    r = sel_row(r, b.k4, i == 4u);
+    r = sel_row(r, b.k5, i == 5u);
+    r = sel_row(r, b.k6, i == 6u);
+    r = sel_row(r, b.k7, i == 7u);
+    return r;
+}
+
+fn pick_col(r: Row4, i: u32) -> A9 {
+    var a = r.c0;
+    a = sel9(a, r.c1, i == 1u);
+    a = sel9(a, r.c2, i == 2u);
+    a = sel9(a, r.c3, i == 3u);
+    return a;
+}
+
+fn pick_tap(a: A9, t: u32) -> f32 {
+    var v = a.t0;
+    v = select(v, a.t1, t == 1u);
+    v = select(v, a.t2, t == 2u);
+    v = select(v, a.t3, t == 3u);
+    v = select(v, a.t4, t == 4u);
+    v = select(v, a.t5, t == 5u);
+    v = select(v, a.t6, t == 6u);
+    v = select(v, a.t7, t == 7u);
+    v = select(v, a.t8, t == 8u);
+    return v;
+}
+
+// Split wid.x covers quads [wid.x * chunk, (wid.x + 1) * chunk) (chunk a multiple of 8); tile
+// wid.y = (ct, kt) with kt fastest and p.base k-tiles. A tile is 8 k x 4 columns; a column is
+// one input channel with its 9 taps (3x3), or 4 input channels (1x1: four times fewer dy
+// fetches per sum than one channel a column).
+fn rp_wgt(wid: vec3u, lane: u32, s: u32, ks: u32) {
+    let per_col = select(1u, 4u, ks == 1u); // input channels per column
+    let nt = select(9u, 4u, ks == 1u); // sums per (k, column)
+    let kt0 = (wid.y % p.base) * 8u;
+    let ct0 = (wid.y / p.base) * 4u * per_col;
+    let begin = wid.x * p.chunk;
+    let end = min(begin + p.chunk, p.m);
+    var b: Blk;
+    for (var q0 = begin; q0 < end; q0 += LANES) {
+        let g = quad(q0 + lane, p.m, p.oh, p.ow);
+        let d = D8(dquad(g, kt0), dquad(g, kt0 + 1u), dquad(g, kt0 + 2u), dquad(g, kt0 + 3u),
+                   dquad(g, kt0 + 4u), dquad(g, kt0 + 5u), dquad(g, kt0 + 6u), dquad(g, kt0 + 7u));
+        col0(&b, d, wtaps(g, ct0, s, ks), nt);
+        col1(&b, d, wtaps(g, ct0 + per_col, s, ks), nt);
+        col2(&b, d, wtaps(g, ct0 + 2u * per_col, s, ks), nt);
+        col3(&b, d, wtaps(g, ct0 + 3u * per_col, s, ks), nt);
+    }
+    // Every lane gets the tile's sums; lane i writes row i (k = kt0 + i), in a loop (one
+    // store site: the code of a store is long on a CPU adapter).
+    let r = pick_row(sum_blk(b), lane);
+    let k = kt0 + lane;
+    let kk = ks * ks;
+    for (var cc = 0u; cc < 4u; cc++) {
+        let a = pick_col(r, cc);
+        for (var t = 0u; t < nt; t++) {
+            // 3x3: channel ct0 + cc, tap t; 1x1: channel ct0 + 4 cc + t.
+            let c = ct0 + cc * per_col + select(0u, t, ks == 1u);
+            let o = (k * p.c + c) * kk + select(t, 0u, ks == 1u);
+            if k < p.k && c < p.c {
+                let v = pick_tap(a, t);
+                if p.splits > 1u {
+                    part[wid.x * p.len + o] = v;
+                } else if p.accumulate == 1u {
+                    dw[o] += v;
+                } else {
+                    dw[o] = v;
+                }
+            }
+        }
+    }
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_weight_s1k3(@builtin(workgroup_id) wid: vec3u, @builtin(subgroup_invocation_id) lane: u32) {
+    rp_wgt(wid, lane, 1u, 3u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_weight_s2k3(@builtin(workgroup_id) wid: vec3u, @builtin(subgroup_invocation_id) lane: u32) {
+    rp_wgt(wid, lane, 2u, 3u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_weight_s1k1(@builtin(workgroup_id) wid: vec3u, @builtin(subgroup_invocation_id) lane: u32) {
+    rp_wgt(wid, lane, 1u, 1u);
+}
+
+@compute @workgroup_size(8)
+fn rp_backward_weight_s2k1(@builtin(workgroup_id) wid: vec3u, @builtin(subgroup_invocation_id) lane: u32) {
+    rp_wgt(wid, lane, 2u, 1u);
+}
+

@@ -1,6 +1,7 @@
 //! The GPU context: instance, adapter, device and queue, the adapter's own limits, the optional
 //! features this crate uses, and the compute pipelines, each built once per context and reused.
 
+use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -133,6 +134,7 @@ pub struct Gpu {
     pub max_binding_bytes: u64,
     pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
+    cache: Mutex<HashMap<(TypeId, String), Box<dyn Any + Send + Sync>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
     submit_lock: Mutex<()>,
 }
@@ -238,6 +240,7 @@ impl Gpu {
             max_binding_bytes: opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding)),
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
+            cache: Mutex::new(HashMap::new()),
             uncaptured,
             submit_lock: Mutex::new(()),
         })
@@ -275,6 +278,23 @@ impl Gpu {
         });
         cache.insert((shader, entry), p.clone());
         p
+    }
+
+    /// A per-context value of the ops (scratch buffers and textures, tile choices): built by
+    /// `make` on the first call with `key` and type `T`, then shared by later calls for the life
+    /// of the context. wgpu handles are reference-counted, so the clone of a cached buffer is the
+    /// same buffer. `make` runs without the cache locked (it may use the cache itself); of two
+    /// threads racing to build one key, the first to finish wins.
+    pub fn cached<T: Clone + Send + Sync + 'static>(&self, key: &str, make: impl FnOnce() -> T) -> T {
+        let id = (TypeId::of::<T>(), key.to_string());
+        let lock = || self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = lock().get(&id).and_then(|b| b.downcast_ref::<T>()) {
+            return v.clone();
+        }
+        let v = make();
+        let mut cache = lock();
+        let slot = cache.entry(id).or_insert_with(|| Box::new(v));
+        slot.downcast_ref::<T>().expect("cache entries are keyed by type").clone()
     }
 
     /// A recorder for one command buffer.

@@ -3,6 +3,7 @@
 
 pub mod analysis;
 pub mod arch;
+pub mod bench;
 pub mod data;
 pub mod error;
 pub mod gpu;

@@ -4,7 +4,8 @@ mod common;
 use common::*;
 use resnet_wgpu::ops::conv;
 use resnet_wgpu::reference::{self as r, to_f64};
-use resnet_wgpu::{Error, Tensor};
+use resnet_wgpu::{Error, Gpu, Tensor};
+use std::sync::OnceLock;
 
 /// One convolution: x [N,C,H,W], K output channels, kernel size, stride.
 struct Case {
@@ -47,6 +48,23 @@ const CASES: &[Case] = &[
     case([2, 16, 32, 32], 16, 3, 1),
 ];
 
+/// Tile edges, checked through the tiled kernels too on a CPU adapter: row widths 4, 8, 16, 32
+/// (the register path's quads) with odd heights and batches; K and C not multiples of 8 or of the
+/// tiles (1, 5, 9, 12, 33, 40); 33 and 64 channels at small sizes; several weight windows (C = 64
+/// with K = 40: windows of 16, 16, 8 channels); N*OH*OW not a multiple of any tile.
+const EDGES: &[Case] = &[
+    case([3, 5, 7, 8], 33, 3, 1),
+    case([2, 33, 5, 16], 9, 3, 2),
+    case([1, 64, 4, 4], 64, 3, 1),
+    case([2, 3, 6, 32], 16, 1, 2),
+    case([1, 20, 3, 8], 40, 1, 1),
+    case([2, 7, 9, 16], 12, 3, 2),
+    case([1, 64, 4, 8], 40, 3, 1),
+    case([1, 40, 3, 16], 64, 3, 2),
+    case([3, 1, 5, 4], 1, 3, 2),
+    case([1, 9, 2, 8], 5, 1, 2),
+];
+
 fn len(d: [usize; 4]) -> usize {
     d.iter().product()
 }
@@ -55,60 +73,171 @@ fn plus(prior: &[f32], v: &[f64]) -> Vec<f64> {
     prior.iter().zip(v).map(|(&a, &b)| a as f64 + b).collect()
 }
 
+/// A second context whose convolutions always take the tiled kernels (on a CPU adapter the
+/// first one takes the register path wherever it can).
+fn tiled_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        conv::set_kernels(&g, conv::Kernels::Tiled);
+        g
+    })
+}
+
+/// On a GPU, a third context that takes the register path wherever the adapter's subgroups
+/// allow it (on a CPU adapter the first context already does).
+fn register_gpu() -> Option<&'static Gpu> {
+    static GPU: OnceLock<Option<Gpu>> = OnceLock::new();
+    GPU.get_or_init(|| {
+        (gpu().report.device_type != wgpu::DeviceType::Cpu).then(|| {
+            let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+            conv::set_kernels(&g, conv::Kernels::Register);
+            g
+        })
+    })
+    .as_ref()
+}
+
+/// The contexts to check, with a name for messages: the default one, the forced register path
+/// on a GPU, and (`tiled`) the forced tiled kernels.
+fn contexts(tiled: bool) -> Vec<(&'static str, &'static Gpu)> {
+    let mut v = vec![("auto", gpu())];
+    v.extend(register_gpu().map(|g| ("register", g)));
+    if tiled {
+        v.push(("tiled", tiled_gpu()));
+    }
+    v
+}
+
+fn up(g: &Gpu, dims: &[usize], data: &[f32]) -> Tensor {
+    Tensor::new(g, dims, data).expect("upload")
+}
+
+fn nan(g: &Gpu, dims: &[usize]) -> Tensor {
+    Tensor::filled(g, dims, f32::NAN).expect("poisoned tensor")
+}
+
+fn fetch(g: &Gpu, t: &Tensor) -> Vec<f32> {
+    t.read(g).expect("read back")
+}
+
+fn check_forward(cases: &[Case], seed: u64, tiled: bool) {
+    for (ctx, g) in contexts(tiled) {
+        let mut rng = Rng::new(seed);
+        for c in cases {
+            let (wd, yd) = (c.wd(), c.yd());
+            let (x, w, prior) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
+            let (tx, tw) = (up(g, &c.xd, &x), up(g, &wd, &w));
+            let (ty, tacc) = (nan(g, &yd), up(g, &yd, &prior));
+            let mut rec = g.recorder("conv forward");
+            conv::forward(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+            conv::forward(&mut rec, &tx, &tw, &tacc, c.stride, true).unwrap();
+            rec.run().unwrap();
+            let want = r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), wd, c.stride);
+            check(&format!("{ctx} conv fwd {}", c.name()), &fetch(g, &ty), &want, F32_TOL);
+            check(&format!("{ctx} conv fwd accumulate {}", c.name()), &fetch(g, &tacc), &plus(&prior, &want), F32_TOL);
+        }
+    }
+}
+
+fn check_backward_data(cases: &[Case], seed: u64, tiled: bool) {
+    for (ctx, g) in contexts(tiled) {
+        let mut rng = Rng::new(seed);
+        for c in cases {
+            let (wd, yd) = (c.wd(), c.yd());
+            let (dy, w, prior) = (rng.data(len(yd)), rng.data(len(wd)), rng.data(len(c.xd)));
+            let (tdy, tw) = (up(g, &yd, &dy), up(g, &wd, &w));
+            let (tdx, tacc) = (nan(g, &c.xd), up(g, &c.xd, &prior));
+            let mut rec = g.recorder("conv backward_data");
+            conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+            conv::backward_data(&mut rec, &tdy, &tw, &tacc, c.stride, true).unwrap();
+            rec.run().unwrap();
+            let want = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
+            check(&format!("{ctx} conv bwd data {}", c.name()), &fetch(g, &tdx), &want, F32_TOL);
+            check(
+                &format!("{ctx} conv bwd data accumulate {}", c.name()),
+                &fetch(g, &tacc),
+                &plus(&prior, &want),
+                F32_TOL,
+            );
+        }
+    }
+}
+
+fn check_backward_weight(cases: &[Case], seed: u64, tiled: bool) {
+    for (ctx, g) in contexts(tiled) {
+        let mut rng = Rng::new(seed);
+        for c in cases {
+            let (wd, yd) = (c.wd(), c.yd());
+            let (x, dy, prior) = (rng.data(len(c.xd)), rng.data(len(yd)), rng.data(len(wd)));
+            let (tx, tdy) = (up(g, &c.xd, &x), up(g, &yd, &dy));
+            let (tdw, tacc) = (nan(g, &wd), up(g, &wd, &prior));
+            let mut rec = g.recorder("conv backward_weight");
+            conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+            conv::backward_weight(&mut rec, &tx, &tdy, &tacc, c.stride, true).unwrap();
+            rec.run().unwrap();
+            let want = r::conv::backward_weight(&to_f64(&x), c.xd, &to_f64(&dy), wd, c.stride);
+            check(&format!("{ctx} conv bwd weight {}", c.name()), &fetch(g, &tdw), &want, F32_TOL);
+            check(
+                &format!("{ctx} conv bwd weight accumulate {}", c.name()),
+                &fetch(g, &tacc),
+                &plus(&prior, &want),
+                F32_TOL,
+            );
+        }
+    }
+}
+
 #[test]
 fn forward_matches_reference() {
-    let g = gpu();
-    let mut rng = Rng::new(11);
-    for c in CASES {
-        let (wd, yd) = (c.wd(), c.yd());
-        let (x, w, prior) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
-        let (tx, tw) = (upload(&c.xd, &x), upload(&wd, &w));
-        let (ty, tacc) = (poisoned(&yd), upload(&yd, &prior));
-        let mut rec = g.recorder("conv forward");
-        conv::forward(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
-        conv::forward(&mut rec, &tx, &tw, &tacc, c.stride, true).unwrap();
-        rec.run().unwrap();
-        let want = r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), wd, c.stride);
-        check(&format!("conv fwd {}", c.name()), &read(&ty), &want, F32_TOL);
-        check(&format!("conv fwd accumulate {}", c.name()), &read(&tacc), &plus(&prior, &want), F32_TOL);
-    }
+    check_forward(CASES, 11, false);
 }
 
 #[test]
 fn backward_data_matches_reference() {
-    let g = gpu();
-    let mut rng = Rng::new(12);
-    for c in CASES {
-        let (wd, yd) = (c.wd(), c.yd());
-        let (dy, w, prior) = (rng.data(len(yd)), rng.data(len(wd)), rng.data(len(c.xd)));
-        let (tdy, tw) = (upload(&yd, &dy), upload(&wd, &w));
-        let (tdx, tacc) = (poisoned(&c.xd), upload(&c.xd, &prior));
-        let mut rec = g.recorder("conv backward_data");
-        conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
-        conv::backward_data(&mut rec, &tdy, &tw, &tacc, c.stride, true).unwrap();
-        rec.run().unwrap();
-        let want = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
-        check(&format!("conv bwd data {}", c.name()), &read(&tdx), &want, F32_TOL);
-        check(&format!("conv bwd data accumulate {}", c.name()), &read(&tacc), &plus(&prior, &want), F32_TOL);
-    }
+    check_backward_data(CASES, 12, false);
 }
 
 #[test]
 fn backward_weight_matches_reference() {
-    let g = gpu();
-    let mut rng = Rng::new(13);
-    for c in CASES {
-        let (wd, yd) = (c.wd(), c.yd());
-        let (x, dy, prior) = (rng.data(len(c.xd)), rng.data(len(yd)), rng.data(len(wd)));
-        let (tx, tdy) = (upload(&c.xd, &x), upload(&yd, &dy));
-        let (tdw, tacc) = (poisoned(&wd), upload(&wd, &prior));
-        let mut rec = g.recorder("conv backward_weight");
-        conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
-        conv::backward_weight(&mut rec, &tx, &tdy, &tacc, c.stride, true).unwrap();
-        rec.run().unwrap();
-        let want = r::conv::backward_weight(&to_f64(&x), c.xd, &to_f64(&dy), wd, c.stride);
-        check(&format!("conv bwd weight {}", c.name()), &read(&tdw), &want, F32_TOL);
-        check(&format!("conv bwd weight accumulate {}", c.name()), &read(&tacc), &plus(&prior, &want), F32_TOL);
+    check_backward_weight(CASES, 13, false);
+}
+
+#[test]
+fn forward_tile_edges() {
+    check_forward(EDGES, 21, true);
+}
+
+#[test]
+fn backward_data_tile_edges() {
+    check_backward_data(EDGES, 22, true);
+}
+
+#[test]
+fn backward_weight_tile_edges() {
+    check_backward_weight(EDGES, 23, true);
+}
+
+/// backward_weight sums in a fixed order: two runs give the same bits, with the reduction split
+/// over several workgroups (small K and C: few output tiles) and without.
+#[test]
+fn backward_weight_is_deterministic() {
+    for (ctx, g) in contexts(true) {
+        let mut rng = Rng::new(31);
+        for c in [case([4, 3, 16, 16], 5, 3, 1), case([2, 16, 16, 32], 24, 3, 2), case([2, 8, 8, 8], 8, 1, 1)] {
+            let (wd, yd) = (c.wd(), c.yd());
+            let (tx, tdy) = (up(g, &c.xd, &rng.data(len(c.xd))), up(g, &yd, &rng.data(len(yd))));
+            let runs: Vec<Vec<u32>> = (0..2)
+                .map(|_| {
+                    let tdw = nan(g, &wd);
+                    let mut rec = g.recorder("conv backward_weight");
+                    conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+                    rec.run().unwrap();
+                    fetch(g, &tdw).iter().map(|v| v.to_bits()).collect()
+                })
+                .collect();
+            assert!(runs[0] == runs[1], "{ctx} conv bwd weight {}: two runs differ", c.name());
+        }
     }
 }
 

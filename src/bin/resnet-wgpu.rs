@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use resnet_wgpu::analysis::{self, Variant};
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
-use resnet_wgpu::data;
 use resnet_wgpu::io::{self, HostTensor};
 use resnet_wgpu::net::ResNet;
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
 use resnet_wgpu::train::{self, TrainOptions};
 use resnet_wgpu::{Error, Gpu, Result, Tensor};
+use resnet_wgpu::{bench, data};
 
 #[derive(Parser)]
 #[command(name = "resnet-wgpu", version, about = "Residual networks, forward and backward, as WGSL compute shaders")]
@@ -107,6 +107,31 @@ impl DataArgs {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Times the kernels and whole units on the GPU (timestamp queries where the adapter has
+    /// them), with burn and PyTorch beside them when their paths are given.
+    Bench {
+        /// Few repetitions (the default on a CPU adapter).
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// Many repetitions (the default on a GPU).
+        #[arg(long)]
+        full: bool,
+        /// Shapes N,C,H,W (repeatable); default: the CIFAR stages (and ImageNet-like ones on a GPU).
+        #[arg(long = "shapes", value_delimiter = ' ', num_args = 1..)]
+        shapes: Vec<String>,
+        /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`).
+        #[arg(long)]
+        only: Option<String>,
+        /// The burn peer binary (../shared/peers/burn-unit, built with cargo build --release).
+        #[arg(long)]
+        burn: Option<PathBuf>,
+        /// The PyTorch peer script (../shared/peers/torch_unit.py; needs CUDA).
+        #[arg(long)]
+        torch: Option<PathBuf>,
+        /// Where the JSON goes.
+        #[arg(long, default_value = "runs/bench.json")]
+        json: PathBuf,
+    },
     /// Trains a ResNet with the paper's recipe (SGD 0.9, weight decay 1e-4, lr 0.1 divided by
     /// 10 at 50% and 75%, crop and flip); CSV, SVG and checkpoints go to --out.
     Train {
@@ -199,6 +224,9 @@ fn main() -> ExitCode {
         }
         Some(Command::Analyze { depths, kinds, batch, classes, seed, rows, out }) => {
             analyze_cmd(&depths, &kinds, batch, classes, seed, rows, &out)
+        }
+        Some(Command::Bench { quick, full, shapes, only, burn, torch, json }) => {
+            bench_cmd(quick, full, &shapes, only, burn, torch, &json)
         }
         None => demo(),
     };
@@ -298,11 +326,46 @@ fn demo() -> Result<()> {
     println!("then the gradient-flow analysis of ResNet-110, pre-activation against original.");
     println!("(`resnet-wgpu --help` lists the commands.)\n");
     let net = NetArgs { depth: 8, kind: Kind::Preact, bottleneck: false, shortcut: ShortcutArg::B, classes: 10 };
-    let data = DataArgs { data: None, train_size: 4000, test_size: 1000 };
-    let opts = TrainOptions { epochs: 4, batch: 64, lr: 0.1, out: "runs/demo-train".into(), ..TrainOptions::default() };
+    let data = DataArgs { data: None, train_size: 3000, test_size: 1000 };
+    let opts = TrainOptions { epochs: 3, batch: 64, lr: 0.1, out: "runs/demo-train".into(), ..TrainOptions::default() };
     train_cmd(&net, &data, &opts, None)?;
     println!();
     analyze_cmd(&[110], &[Kind::Preact, Kind::Original], 4, 10, 0, 8, std::path::Path::new("runs/demo-analyze"))
+}
+
+fn bench_cmd(
+    quick: bool,
+    full: bool,
+    shapes: &[String],
+    only: Option<String>,
+    burn: Option<PathBuf>,
+    torch: Option<PathBuf>,
+    json: &std::path::Path,
+) -> Result<()> {
+    let gpu = Gpu::new()?;
+    let mode = if quick {
+        Some(true)
+    } else if full {
+        Some(false)
+    } else {
+        None
+    };
+    let mut o = bench::BenchOptions::for_adapter(&gpu, mode);
+    if !shapes.is_empty() {
+        o.shapes = Some(shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>>>()?);
+    }
+    o.only = only;
+    o.burn = burn;
+    o.torch = torch;
+    let report = bench::run_all(&gpu, &o)?;
+    bench::print_table(&report);
+    if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+    }
+    std::fs::write(json, bench::to_json(&report))
+        .map_err(|e| Error::Io { path: json.display().to_string(), source: e })?;
+    println!("wrote {}", json.display());
+    Ok(())
 }
 
 fn info() -> Result<()> {

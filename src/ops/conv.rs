@@ -1,8 +1,30 @@
 //! 2-D convolution (square kernel 1 or 3, padding `k / 2`, stride 1 or 2, no bias), forward and
 //! both backwards, dispatching `shaders/conv.wgsl`. Reference: `reference::conv`.
+//!
+//! Two kernel families (see the head of the shader for their designs):
+//!
+//! * the *tiled* implicit GEMM through workgroup memory: any adapter, any shape;
+//! * the *register* path for CPU adapters (lavapipe/llvmpipe) with subgroups of at least 8
+//!   invocations, where workgroup memory is as slow as a storage buffer: the big operand goes
+//!   through an rgba32f texture copy of the tensor, the weights through 64 KiB uniform-buffer
+//!   windows, and lanes share data by subgroup shuffles. It covers the shapes of CIFAR-style
+//!   ResNets (row widths 4, 8, 16, 32); other shapes take the tiled kernels.
+//!
+//! The choice and the tile sizes are made per shape and cached in the context ([`Gpu::cached`]),
+//! as are the scratch buffers (split-K partial sums, weight windows) and operand textures, one
+//! per role and size: nothing is allocated per call once a shape has been seen, except each
+//! dispatch's small parameter buffer and bind group (as in [`Recorder::dispatch`]). Reusing them
+//! across calls is safe because every call fills and consumes them within its own commands, and
+//! the queue runs commands in order.
+
+use std::num::NonZeroU64;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader};
 use crate::tensor::Tensor;
 
 /// Output spatial size: (h + 2*pad - k) / stride + 1 with pad = k / 2.
@@ -19,7 +41,8 @@ pub fn out_size(h: usize, k: usize, stride: usize) -> usize {
     (padded - k) / stride + 1
 }
 
-/// The validated geometry of one convolution, in the shader's parameter order.
+/// The validated geometry of one convolution.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Geometry {
     n: usize,
     c: usize,
@@ -68,7 +91,7 @@ impl Geometry {
                 y.dims()
             )));
         }
-        // The shader indexes in u32 and offsets in i32.
+        // The shaders index in u32 and offsets in i32.
         for t in [x, w, y] {
             if t.len() > i32::MAX as usize {
                 return Err(Error::TooLarge {
@@ -81,11 +104,52 @@ impl Geometry {
         Ok(Geometry { n, c, h, w: wd, k, ks: kh, oh, ow, stride })
     }
 
-    /// The shader's `Params`, for an entry point writing `len` elements.
-    fn params(&self, accumulate: bool, len: usize) -> [u32; 12] {
-        let g = self;
-        [g.n, g.c, g.h, g.w, g.k, g.ks, g.oh, g.ow, g.stride, g.ks / 2, accumulate as usize, len].map(|v| v as u32)
+    fn pad(&self) -> usize {
+        self.ks / 2
     }
+
+    /// The shader's `Params` with the geometry filled in.
+    fn params(&self, accumulate: bool) -> Params {
+        let u = |v: usize| v as u32;
+        Params {
+            n: u(self.n),
+            c: u(self.c),
+            h: u(self.h),
+            w: u(self.w),
+            k: u(self.k),
+            oh: u(self.oh),
+            ow: u(self.ow),
+            stride: u(self.stride),
+            ks: u(self.ks),
+            pad: u(self.pad()),
+            accumulate: accumulate as u32,
+            ..Params::default()
+        }
+    }
+}
+
+/// The shader's `Params` (conv.wgsl), padded to 128 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    k: u32,
+    oh: u32,
+    ow: u32,
+    stride: u32,
+    ks: u32,
+    pad: u32,
+    accumulate: u32,
+    m: u32,
+    base: u32,
+    span: u32,
+    chunk: u32,
+    splits: u32,
+    len: u32,
+    _pad: [u32; 15],
 }
 
 /// An output that is also an input would be a read-write and read-only binding of one buffer.
@@ -96,20 +160,285 @@ fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
     Ok(())
 }
 
+/// Which kernel family a context uses (a testing and benchmarking aid).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kernels {
+    /// The register path where the adapter and shape allow it (CPU adapters), else tiled.
+    Auto,
+    /// The register path wherever the adapter's subgroups and the shape allow it, on any
+    /// adapter; else tiled.
+    Register,
+    /// Always the tiled kernels.
+    Tiled,
+}
+
+fn kernels_cell(gpu: &Gpu) -> Arc<AtomicU8> {
+    gpu.cached("conv.kernels", || Arc::new(AtomicU8::new(0)))
+}
+
+/// Sets the kernel family of this context's convolutions (testing and benchmarking aid).
+#[doc(hidden)]
+pub fn set_kernels(gpu: &Gpu, kernels: Kernels) {
+    kernels_cell(gpu).store(kernels as u8, Ordering::Relaxed);
+}
+
+fn kernels(gpu: &Gpu) -> Kernels {
+    match kernels_cell(gpu).load(Ordering::Relaxed) {
+        1 => Kernels::Register,
+        2 => Kernels::Tiled,
+        _ => Kernels::Auto,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Op {
+    Forward,
+    BackwardData,
+    BackwardWeight,
+}
+
+/// How one convolution runs; chosen per (op, geometry, kernel family) and cached per context.
+#[derive(Clone, Copy, Debug)]
+enum Plan {
+    /// Register path, forward or backward_data: weight windows of `span` output channels (a
+    /// multiple of [`REG_KB`]).
+    Register { span: usize },
+    /// Register path, backward_weight: `splits` ranges of `chunk` quads each.
+    RegisterWeight { splits: usize, chunk: usize },
+    /// Tiled GEMM with a `bm` x `bn` output tile per workgroup; backward_weight splits its
+    /// reduction into `splits` ranges of `chunk` (a multiple of 16).
+    Tiled { bm: usize, bn: usize, splits: usize, chunk: usize },
+}
+
+/// Floats in one weight window: a `var<uniform> array<vec4f, 4096>` (64 KiB, the smallest
+/// `max_uniform_buffer_binding_size` a WebGPU adapter may have).
+const WINDOW: usize = 16384;
+const WINDOW_BYTES: u64 = WINDOW as u64 * 4;
+/// Texels per row of an operand texture (`TEXW` in the shader): 4096 floats.
+const TEXW: usize = 1024;
+/// Lanes of the register path's workgroup (`LANES` in the shader).
+const LANES: usize = 8;
+/// Register path, forward and backward_data: output rows and channels per lane (`rp_data`).
+/// Two rows share the weights a lane gathers and broadcasts, and input rows; 2 x 16 channels of
+/// a quad are 32 vec4 accumulators, as many as keep the shader's compile time on a CPU adapter
+/// under a second.
+const REG_ROWS: usize = 2;
+const REG_KB: usize = 16;
+/// Register path, backward_weight: the (k, c) tile of a workgroup (`rp_wgt`), 3x3 and 1x1.
+const REG_WK: usize = 8;
+const REG_WC: [usize; 2] = [4, 16];
+/// Reduction steps per tile of the tiled kernels (`BK` in the shader).
+const BK: usize = 16;
+
+/// Whether this context's adapter can run the register path at all, under `kernels`.
+fn register_adapter(gpu: &Gpu, kernels: Kernels) -> bool {
+    let capable = gpu.cached("conv.register-capable", || {
+        let info = gpu.adapter.get_info();
+        gpu.report.features.contains(wgpu::Features::SUBGROUP) && info.subgroup_min_size >= LANES as u32
+    });
+    let cpu = gpu.report.device_type == wgpu::DeviceType::Cpu;
+    match kernels {
+        Kernels::Auto => capable && cpu,
+        Kernels::Register => capable,
+        Kernels::Tiled => false,
+    }
+}
+
+/// Whether the register path's lane layout fits the shape: the lanes' quads (4 pixels of a
+/// row) tile the output rows exactly, whole rows per group of 8 lanes (quads per row 1, 2, 4 or
+/// 8), and the rows of the texture operand start on texel boundaries.
+fn register_layout(g: &Geometry, op: Op) -> bool {
+    let quads_ok = |cols: usize| cols.is_multiple_of(4) && matches!(cols / 4, 1 | 2 | 4 | 8);
+    match op {
+        // Lanes own quads of y (forward) or of dy (backward_weight); x is the texture.
+        Op::Forward | Op::BackwardWeight => quads_ok(g.ow) && g.w == g.stride * g.ow,
+        // Lanes own quads of dx; dy is the texture (stride 2: two dy columns per quad).
+        Op::BackwardData => quads_ok(g.w) && g.w == g.stride * g.ow,
+    }
+}
+
+/// Whether a tensor of `len` elements fits an operand texture (whole texels).
+fn texture_fits(gpu: &Gpu, len: usize) -> bool {
+    len.is_multiple_of(4) && (len / 4).div_ceil(TEXW) <= gpu.adapter.limits().max_texture_dimension_2d as usize
+}
+
+fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
+    let kk = g.ks * g.ks;
+    if register_adapter(gpu, kernels) && register_layout(g, op) {
+        match op {
+            Op::Forward | Op::BackwardData => {
+                let (chans, red, operand) = match op {
+                    Op::Forward => (g.k, g.c, g.n * g.c * g.h * g.w),
+                    _ => (g.c, g.k, g.n * g.k * g.oh * g.ow),
+                };
+                // A window holds whole blocks of REG_KB output channels.
+                let per = red * kk;
+                if REG_KB * per <= WINDOW && texture_fits(gpu, operand) {
+                    let span = (WINDOW / per / REG_KB * REG_KB).min(chans.div_ceil(REG_KB) * REG_KB);
+                    return Plan::Register { span };
+                }
+            }
+            Op::BackwardWeight => {
+                if texture_fits(gpu, g.n * g.c * g.h * g.w) && texture_fits(gpu, g.n * g.k * g.oh * g.ow) {
+                    let quads = g.n * g.oh * g.ow / 4;
+                    let tiles = g.k.div_ceil(REG_WK) * g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);
+                    // A CPU adapter runs a workgroup per core at a time: split the pixels so
+                    // that every core has work (two workgroups each), in whole groups of 8
+                    // quads of at least 8 steps.
+                    let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
+                    let splits = (2 * cores).div_ceil(tiles).clamp(1, quads.div_ceil(8 * LANES).max(1));
+                    let chunk = quads.div_ceil(splits).div_ceil(LANES) * LANES;
+                    return Plan::RegisterWeight { splits: quads.div_ceil(chunk), chunk };
+                }
+            }
+        }
+    }
+    match op {
+        Op::Forward | Op::BackwardData => {
+            // 64 x 64 tiles where there are enough output channels and enough tiles to fill a
+            // GPU (about 128 workgroups); else 64 x 16, four times the workgroups.
+            let (m, cols) = match op {
+                Op::Forward => (g.n * g.oh * g.ow, g.k),
+                _ => (g.n * g.h * g.w, g.c),
+            };
+            let big = cols > 32 && m.div_ceil(64) * cols.div_ceil(64) >= 128;
+            Plan::Tiled { bm: 64, bn: if big { 64 } else { 16 }, splits: 1, chunk: 0 }
+        }
+        Op::BackwardWeight => {
+            let (bm, bn) = if g.k > 16 { (64, 64) } else { (16, 64) };
+            let tiles = g.k.div_ceil(bm) * (g.c * kk).div_ceil(bn);
+            let red = g.n * g.oh * g.ow;
+            // Split-K: enough workgroups to fill a GPU (about 256), each with at least 256
+            // reduction steps, and at most 16 MiB of partial sums.
+            let len = g.k * g.c * kk;
+            let splits = 256usize.div_ceil(tiles).min(red.div_ceil(256)).min((4 << 20) / len.max(1)).max(1);
+            let chunk = red.div_ceil(splits).div_ceil(BK) * BK;
+            Plan::Tiled { bm, bn, splits: red.div_ceil(chunk), chunk }
+        }
+    }
+}
+
+fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
+    let k = kernels(gpu);
+    gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k))
+}
+
+/// Records one dispatch of `entry` with `params` and the given bindings (binding 0 is the
+/// parameter buffer).
+fn dispatch(
+    rec: &mut Recorder,
+    entry: &'static str,
+    params: &Params,
+    res: &[(u32, wgpu::BindingResource)],
+    groups: [u32; 3],
+) {
+    let gpu = rec.gpu;
+    let pipeline = gpu.pipeline(Shader::Conv, entry);
+    let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("conv params"),
+        contents: bytemuck::bytes_of(params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+    entries.extend(res.iter().map(|(b, r)| wgpu::BindGroupEntry { binding: *b, resource: r.clone() }));
+    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(entry),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    });
+    let mut pass =
+        rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
+    pass.set_pipeline(&pipeline);
+    pass.set_bind_group(0, &bind, &[]);
+    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+}
+
+/// `count` workgroups along x, folded into x and z where they exceed the per-dimension limit
+/// (the shaders take `wid.z * nwg.x + wid.x`).
+fn fold(count: usize, y: usize) -> [u32; 3] {
+    const MAX: usize = 65535;
+    let count = count.max(1);
+    if count <= MAX { [count as u32, y as u32, 1] } else { [MAX as u32, y as u32, count.div_ceil(MAX) as u32] }
+}
+
+/// A context-lifetime scratch buffer of exactly `bytes` bytes, one per (`role`, size).
+fn scratch(gpu: &Gpu, role: &str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    gpu.cached(&format!("conv.scratch.{role}.{bytes}"), || {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("conv scratch"),
+            size: bytes,
+            usage,
+            mapped_at_creation: false,
+        })
+    })
+}
+
+/// Copies `t` into this context's rgba32f operand texture `role` of its size (texel i holds
+/// elements 4i .. 4i+3) and returns a view of it. The length is a multiple of 4 (checked by
+/// the plan).
+fn operand_texture(rec: &mut Recorder, role: &str, t: &Tensor) -> wgpu::TextureView {
+    let texels = t.len() / 4;
+    let rows = texels.div_ceil(TEXW);
+    let gpu = rec.gpu;
+    let tex = gpu.cached(&format!("conv.texture.{role}.{rows}"), || {
+        gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("conv operand"),
+            size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        })
+    });
+    let row_bytes = (TEXW * 16) as u32;
+    let (full, rest) = (texels / TEXW, texels % TEXW);
+    let copy = |enc: &mut wgpu::CommandEncoder, offset: u64, y: usize, width: usize, height: usize| {
+        enc.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: &t.buffer,
+                layout: wgpu::TexelCopyBufferLayout { offset, bytes_per_row: Some(row_bytes), rows_per_image: None },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: &tex,
+                mip_level: 0,
+                origin: wgpu::Origin3d { x: 0, y: y as u32, z: 0 },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: 1 },
+        );
+    };
+    if full > 0 {
+        copy(&mut rec.encoder, 0, 0, TEXW, full);
+    }
+    if rest > 0 {
+        copy(&mut rec.encoder, (full * TEXW * 16) as u64, full, rest, 1);
+    }
+    tex.create_view(&wgpu::TextureViewDescriptor::default())
+}
+
+/// Window `i` of a weight-window buffer, as a uniform binding.
+fn window(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
+    wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+        buffer: buf,
+        offset: i as u64 * WINDOW_BYTES,
+        size: NonZeroU64::new(WINDOW_BYTES),
+    })
+}
+
 /// y (+)= conv(x, w). x [N,C,H,W], w [K,C,k,k] (PyTorch OIHW, k in {1,3}, pad k/2, no bias), y [N,K,OH,OW], stride 1 or 2.
 /// accumulate = true adds into y: the fused residual add (x_{l+1} = x_l + F).
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
     const WHAT: &str = "conv forward";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
     distinct(WHAT, y, [x, w])?;
-    let len = y.len();
-    rec.dispatch(
-        Shader::Conv,
-        "forward",
-        &g.params(accumulate, len),
-        &[(1, &x.buffer), (2, &w.buffer), (3, &y.buffer)],
-        groups_for(len),
-    );
+    match plan(rec.gpu, Op::Forward, &g) {
+        Plan::Register { span } => register_data(rec, &g, Op::Forward, x, w, y, accumulate, span),
+        Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::Forward, x, w, y, accumulate, bm, bn),
+        Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
+    }
     Ok(())
 }
 
@@ -125,14 +454,11 @@ pub fn backward_data(
     const WHAT: &str = "conv backward_data";
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], dx, w, dy, stride)?;
     distinct(WHAT, dx, [dy, w])?;
-    let len = dx.len();
-    rec.dispatch(
-        Shader::Conv,
-        "backward_data",
-        &g.params(accumulate, len),
-        &[(2, &w.buffer), (4, &dy.buffer), (5, &dx.buffer)],
-        groups_for(len),
-    );
+    match plan(rec.gpu, Op::BackwardData, &g) {
+        Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, span),
+        Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, bm, bn),
+        Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for backward_data"),
+    }
     Ok(())
 }
 
@@ -148,13 +474,231 @@ pub fn backward_weight(
     const WHAT: &str = "conv backward_weight";
     let g = Geometry::check(WHAT, ["x", "dw", "dy"], x, dw, dy, stride)?;
     distinct(WHAT, dw, [x, dy])?;
-    let len = dw.len();
-    rec.dispatch(
-        Shader::Conv,
-        "backward_weight",
-        &g.params(accumulate, len),
-        &[(1, &x.buffer), (4, &dy.buffer), (6, &dw.buffer)],
-        groups_for(len),
-    );
+    match plan(rec.gpu, Op::BackwardWeight, &g) {
+        Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, dy, dw, accumulate, splits, chunk),
+        Plan::Tiled { bm, bn, splits, chunk } => tiled_weight(rec, &g, x, dy, dw, accumulate, bm, bn, splits, chunk),
+        Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
+    }
     Ok(())
+}
+
+/// Tiled forward (a = x, out = y) or backward_data (a = dy, out = dx).
+#[allow(clippy::too_many_arguments)]
+fn tiled_data(
+    rec: &mut Recorder,
+    g: &Geometry,
+    op: Op,
+    a: &Tensor,
+    w: &Tensor,
+    out: &Tensor,
+    acc: bool,
+    bm: usize,
+    bn: usize,
+) {
+    let (m, cols) = match op {
+        Op::Forward => (g.n * g.oh * g.ow, g.k),
+        _ => (g.n * g.h * g.w, g.c),
+    };
+    let mut params = g.params(acc);
+    params.m = m as u32;
+    let entry = match (op, bn) {
+        (Op::Forward, 64) => "tl_forward_64x64",
+        (Op::Forward, _) => "tl_forward_64x16",
+        (_, 64) => "tl_backward_data_64x64",
+        _ => "tl_backward_data_64x16",
+    };
+    debug_assert_eq!(bm, 64);
+    let groups = fold(m.div_ceil(bm), cols.div_ceil(bn));
+    // The entry points of both ops see all four data bindings (the op is a literal folded
+    // after the shader's functions are inlined): `a` and `out` fill both roles.
+    let binds = [
+        (1, a.buffer.as_entire_binding()),
+        (2, w.buffer.as_entire_binding()),
+        (3, out.buffer.as_entire_binding()),
+        (4, a.buffer.as_entire_binding()),
+        (5, out.buffer.as_entire_binding()),
+    ];
+    dispatch(rec, entry, &params, &binds, groups);
+}
+
+/// dw (=|+=) the partial sums in `part` ([splits][len]), added in split order.
+fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &Tensor, splits: usize, acc: bool) {
+    let len = dw.len();
+    let params = Params { accumulate: acc as u32, splits: splits as u32, len: len as u32, ..Params::default() };
+    let groups = crate::gpu::groups_for(len);
+    dispatch(
+        rec,
+        "reduce_splits",
+        &params,
+        &[(8, part.as_entire_binding()), (6, dw.buffer.as_entire_binding())],
+        groups,
+    );
+}
+
+/// Scratch for `splits` partial copies of a `len`-element result (split-K backward_weight).
+///
+/// One buffer per size for the life of the context, never one per call: a call's partial sums
+/// are written and reduced by that call's own commands, and commands on the one queue run in
+/// order (wgpu orders the uses with barriers), so every later call of that size, in the same
+/// command buffer or another, reuses it. The split counts are bounded (the plan), so are these.
+fn partials(gpu: &Gpu, splits: usize, len: usize) -> wgpu::Buffer {
+    scratch(gpu, "partials", (splits * len * 4).max(16) as u64, wgpu::BufferUsages::STORAGE)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tiled_weight(
+    rec: &mut Recorder,
+    g: &Geometry,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    acc: bool,
+    bm: usize,
+    bn: usize,
+    splits: usize,
+    chunk: usize,
+) {
+    let cols = g.c * g.ks * g.ks;
+    let mut params = g.params(acc);
+    params.chunk = chunk as u32;
+    params.splits = splits as u32;
+    let entry = if bm == 64 { "tl_backward_weight_64x64" } else { "tl_backward_weight_16x64" };
+    // With one split the kernel writes dw itself and `part` is bound but unused.
+    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
+    let binds = [
+        (1, x.buffer.as_entire_binding()),
+        (4, dy.buffer.as_entire_binding()),
+        (6, dw.buffer.as_entire_binding()),
+        (7, part.as_entire_binding()),
+    ];
+    let groups = [g.k.div_ceil(bm) as u32, cols.div_ceil(bn) as u32, splits as u32];
+    dispatch(rec, entry, &params, &binds, groups);
+    if splits > 1 {
+        reduce_splits(rec, &part, dw, splits, acc);
+    }
+}
+
+/// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx).
+#[allow(clippy::too_many_arguments)]
+fn register_data(
+    rec: &mut Recorder,
+    g: &Geometry,
+    op: Op,
+    a: &Tensor,
+    w: &Tensor,
+    out: &Tensor,
+    acc: bool,
+    span: usize,
+) {
+    let kk = g.ks * g.ks;
+    // Quads: 4 columns x REG_ROWS rows of the output.
+    let (chans, red, quads) = match op {
+        Op::Forward => (g.k, g.c, g.n * g.oh.div_ceil(REG_ROWS) * g.ow / 4),
+        _ => (g.c, g.k, g.n * g.h.div_ceil(REG_ROWS) * g.w / 4),
+    };
+    let windows = chans.div_ceil(span);
+    let view = operand_texture(rec, "a", a);
+    let buf = scratch(
+        rec.gpu,
+        "windows",
+        windows as u64 * WINDOW_BYTES,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+    );
+    // Window i: output channels [i * span, i * span + n) of the weights, laid out
+    // [channel][reduction channel][tap] for forward (a contiguous block of OIHW) and
+    // [reduction channel][channel][tap] for backward_data (one copy per k).
+    for i in 0..windows {
+        let (c0, n) = (i * span, span.min(chans - i * span));
+        let dst = i as u64 * WINDOW_BYTES;
+        match op {
+            Op::Forward => rec.encoder.copy_buffer_to_buffer(
+                &w.buffer,
+                (c0 * red * kk * 4) as u64,
+                &buf,
+                dst,
+                Some((n * red * kk * 4) as u64),
+            ),
+            _ => {
+                for k in 0..g.k {
+                    let src = ((k * g.c + c0) * kk * 4) as u64;
+                    rec.encoder.copy_buffer_to_buffer(
+                        &w.buffer,
+                        src,
+                        &buf,
+                        dst + (k * n * kk * 4) as u64,
+                        Some((n * kk * 4) as u64),
+                    );
+                }
+            }
+        }
+    }
+    let entry = register_entry(op, g.stride, g.ks);
+    for i in 0..windows {
+        let (c0, n) = (i * span, span.min(chans - i * span));
+        let mut params = g.params(acc);
+        params.m = quads as u32;
+        params.base = c0 as u32;
+        params.span = n as u32;
+        let binds = [
+            (10, wgpu::BindingResource::TextureView(&view)),
+            (12, window(&buf, i)),
+            (13, out.buffer.as_entire_binding()),
+        ];
+        dispatch(rec, entry, &params, &binds, fold(quads.div_ceil(LANES), n.div_ceil(REG_KB)));
+    }
+}
+
+fn register_entry(op: Op, stride: usize, ks: usize) -> &'static str {
+    match (op, stride, ks) {
+        (Op::Forward, 1, 3) => "rp_forward_s1k3",
+        (Op::Forward, 2, 3) => "rp_forward_s2k3",
+        (Op::Forward, 1, _) => "rp_forward_s1k1",
+        (Op::Forward, _, _) => "rp_forward_s2k1",
+        (_, 1, 3) => "rp_backward_data_s1k3",
+        (_, 2, 3) => "rp_backward_data_s2k3",
+        (_, 1, _) => "rp_backward_data_s1k1",
+        _ => "rp_backward_data_s2k1",
+    }
+}
+
+/// Register-path backward_weight: 8 x 4 (k, c) tiles (1x1: 8 x 16), each split over `splits` ranges of
+/// `chunk` quads; partial sums go to scratch and `reduce_splits` when there is more than one.
+#[allow(clippy::too_many_arguments)]
+fn register_weight(
+    rec: &mut Recorder,
+    g: &Geometry,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    acc: bool,
+    splits: usize,
+    chunk: usize,
+) {
+    let xv = operand_texture(rec, "a", x);
+    let dv = operand_texture(rec, "b", dy);
+    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
+    let ktiles = g.k.div_ceil(REG_WK);
+    let ctiles = g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);
+    let mut params = g.params(acc);
+    params.m = (g.n * g.oh * g.ow / 4) as u32;
+    params.base = ktiles as u32;
+    params.chunk = chunk as u32;
+    params.splits = splits as u32;
+    params.len = dw.len() as u32;
+    let entry = match (g.stride, g.ks) {
+        (1, 3) => "rp_backward_weight_s1k3",
+        (2, 3) => "rp_backward_weight_s2k3",
+        (1, _) => "rp_backward_weight_s1k1",
+        _ => "rp_backward_weight_s2k1",
+    };
+    let binds = [
+        (10, wgpu::BindingResource::TextureView(&xv)),
+        (11, wgpu::BindingResource::TextureView(&dv)),
+        (6, dw.buffer.as_entire_binding()),
+        (7, part.as_entire_binding()),
+    ];
+    dispatch(rec, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
+    if splits > 1 {
+        reduce_splits(rec, &part, dw, splits, acc);
+    }
 }

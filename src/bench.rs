@@ -1,0 +1,1045 @@
+//! The benchmark harness: GPU timings of the kernels and of whole residual units, and the same
+//! unit through peer implementations (burn on the same adapter, PyTorch on a CUDA GPU) in the
+//! same run.
+//!
+//! What is timed, for each shape `N,C,H,W`:
+//! - the 3x3 convolution `C -> C`, stride 1: forward, backward_data, backward_weight;
+//! - batch norm in training mode: forward (statistics and normalisation) and backward;
+//! - an identity-shortcut unit (`layer1.1` of a net with widths `[C, C, C]`), pre-activation
+//!   and original: the training forward alone, and forward + backward (every parameter
+//!   gradient and the input gradient).
+//!
+//! How: each measured run records fresh command buffers (untimed; the recording time is
+//! reported apart as `record_ms`), then submits them in one submission and waits. Where the
+//! device has `TIMESTAMP_QUERY`, an empty compute pass writes a timestamp before the first
+//! buffer and another after the last (Vulkan writes both at the bottom of the pipe, i.e. once
+//! all earlier work has finished), and the row's `ms` is the difference. Otherwise `ms` is the
+//! wall time of submit + wait (always reported as `wall_ms`). Warm-up runs first, then the
+//! median (and the minimum) of the measured runs.
+//!
+//! Rates: GFLOP/s count `2 * MACs` of the convolutions only (forward + backward of a unit is
+//! three times its forward convolutions); GB/s for batch norm count the activation-sized
+//! tensors its kernels read and write (see [`BN_FORWARD_PASSES`]).
+//!
+//! Peers are external programs; one that is missing or fails is reported and skipped.
+//!
+//! ```no_run
+//! use resnet_wgpu::{Gpu, bench};
+//! let gpu = Gpu::new()?;
+//! let opts = bench::BenchOptions::for_adapter(&gpu, None);
+//! let report = bench::run_all(&gpu, &opts)?;
+//! bench::print_table(&report);
+//! std::fs::write("bench.json", bench::to_json(&report)).unwrap();
+//! # Ok::<(), resnet_wgpu::Error>(())
+//! ```
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::arch::{NetConfig, ShortcutOption, UnitKind};
+use crate::error::{Error, Result};
+use crate::gpu::Gpu;
+use crate::ops::batch_norm::Epilogue;
+use crate::ops::conv;
+use crate::rng::Rng;
+use crate::tensor::{Tensor, read_buffer};
+use crate::unit::{Bn, Mode, State, Unit, Workspace};
+
+/// CIFAR stages at batch 128 (the widths of ResNet-110 and ResNet-1001).
+pub const CIFAR_128: [[usize; 4]; 3] = [[128, 16, 32, 32], [128, 32, 16, 16], [128, 64, 8, 8]];
+/// ImageNet-like stages at batch 32.
+pub const IMAGENET_32: [[usize; 4]; 4] = [[32, 64, 56, 56], [32, 128, 28, 28], [32, 256, 14, 14], [32, 512, 7, 7]];
+/// CIFAR stages at batch 32: the quick default on a software (CPU) adapter.
+pub const CIFAR_32: [[usize; 4]; 3] = [[32, 16, 32, 32], [32, 32, 16, 16], [32, 64, 8, 8]];
+
+/// Activation-sized tensors moved by the training BN forward: `stats` reads `x` twice (mean,
+/// then variance), `normalize` reads `x` and writes `y`.
+pub const BN_FORWARD_PASSES: u64 = 4;
+/// Likewise for the BN backward: `backward_reduce` reads `x` and `dy`, `backward_apply` reads
+/// `x` and `dy` and writes `dx`.
+pub const BN_BACKWARD_PASSES: u64 = 5;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    /// Shapes `[N, C, H, W]`; `None` takes [`default_shapes`].
+    pub shapes: Option<Vec<[usize; 4]>>,
+    /// Quick mode: only decides the default shapes (see [`default_shapes`]); the counts below
+    /// are set by [`BenchOptions::new`].
+    pub quick: bool,
+    /// Untimed runs before the measured ones.
+    pub warmup: usize,
+    /// Measured runs (the median is reported).
+    pub reps: usize,
+    /// Only the benchmarks whose name contains this (e.g. `"unit"`, `"conv"`).
+    pub only: Option<String>,
+    /// Use timestamp queries where the device has them (else always wall time).
+    pub timestamps: bool,
+    /// The burn peer binary (`burn-unit N C H W REPS preact|original cpu|gpu`); `None`: skip.
+    pub burn: Option<PathBuf>,
+    /// `cpu` or `gpu` for the burn peer; `None`: `cpu` where our adapter is a CPU, else `gpu`.
+    pub burn_adapter: Option<String>,
+    /// The PyTorch peer script (`torch_unit.py`); `None`: skip.
+    pub torch: Option<PathBuf>,
+    /// The Python interpreter for the torch peer.
+    pub python: String,
+    /// Modes for the torch peer.
+    pub torch_modes: String,
+    /// Each peer invocation is killed after this long.
+    pub peer_timeout: Duration,
+}
+
+impl BenchOptions {
+    /// Quick (3 warm-up + 5 runs) or full (5 warm-up + 20 runs), no peers.
+    pub fn new(quick: bool) -> BenchOptions {
+        BenchOptions {
+            shapes: None,
+            quick,
+            warmup: if quick { 3 } else { 5 },
+            reps: if quick { 5 } else { 20 },
+            only: None,
+            timestamps: true,
+            burn: None,
+            burn_adapter: None,
+            torch: None,
+            python: "python3".into(),
+            torch_modes: "fp32,tf32,fp16".into(),
+            peer_timeout: Duration::from_secs(900),
+        }
+    }
+
+    /// Quick where `quick` is `Some(true)`, or where it is `None` and the adapter is a CPU
+    /// (a software rasteriser).
+    pub fn for_adapter(gpu: &Gpu, quick: Option<bool>) -> BenchOptions {
+        BenchOptions::new(quick.unwrap_or_else(|| is_cpu_adapter(gpu)))
+    }
+
+    /// The shapes this run covers.
+    pub fn shapes(&self, gpu: &Gpu) -> Vec<[usize; 4]> {
+        self.shapes.clone().unwrap_or_else(|| default_shapes(gpu, self.quick))
+    }
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions::new(false)
+    }
+}
+
+/// Whether the adapter is a software rasteriser on the CPU (lavapipe, llvmpipe, WARP).
+pub fn is_cpu_adapter(gpu: &Gpu) -> bool {
+    gpu.report.device_type == wgpu::DeviceType::Cpu
+}
+
+/// CIFAR stages at batch 32 in quick mode on a CPU adapter; otherwise CIFAR at batch 128 and the
+/// ImageNet-like stages at batch 32.
+pub fn default_shapes(gpu: &Gpu, quick: bool) -> Vec<[usize; 4]> {
+    if quick && is_cpu_adapter(gpu) {
+        CIFAR_32.to_vec()
+    } else {
+        CIFAR_128.iter().chain(&IMAGENET_32).copied().collect()
+    }
+}
+
+/// `"N,C,H,W"` as a shape.
+pub fn parse_shape(s: &str) -> Result<[usize; 4]> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|t| t.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|_| Error::Invalid(format!("shape {s:?}: expected N,C,H,W (four positive integers)")))?;
+    match v[..] {
+        [n, c, h, w] if !v.contains(&0) => Ok([n, c, h, w]),
+        _ => Err(Error::Invalid(format!("shape {s:?}: expected N,C,H,W (four positive integers)"))),
+    }
+}
+
+/// The default place of the burn peer: `~/burn-unit/target/release/burn-unit`.
+pub fn default_burn_path() -> PathBuf {
+    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
+    home.join("burn-unit/target/release/burn-unit")
+}
+
+/// The default place of the torch peer: `../shared/peers/torch_unit.py` beside the crate.
+pub fn default_torch_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/peers/torch_unit.py")
+}
+
+/// A residual unit's pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pass {
+    Forward,
+    ForwardBackward,
+}
+
+/// One benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Item {
+    ConvForward,
+    ConvBackwardData,
+    ConvBackwardWeight,
+    BnForward,
+    BnBackward,
+    Unit(UnitKind, Pass),
+}
+
+/// Every benchmark, in the order rows are printed.
+pub const ITEMS: [Item; 9] = [
+    Item::ConvForward,
+    Item::ConvBackwardData,
+    Item::ConvBackwardWeight,
+    Item::BnForward,
+    Item::BnBackward,
+    Item::Unit(UnitKind::PreAct, Pass::Forward),
+    Item::Unit(UnitKind::PreAct, Pass::ForwardBackward),
+    Item::Unit(UnitKind::Original, Pass::Forward),
+    Item::Unit(UnitKind::Original, Pass::ForwardBackward),
+];
+
+fn unit_name(kind: UnitKind) -> &'static str {
+    match kind {
+        UnitKind::PreAct => "preact",
+        UnitKind::Original => "original",
+    }
+}
+
+impl Item {
+    pub fn name(self) -> String {
+        match self {
+            Item::ConvForward => "conv3x3 forward".into(),
+            Item::ConvBackwardData => "conv3x3 backward_data".into(),
+            Item::ConvBackwardWeight => "conv3x3 backward_weight".into(),
+            Item::BnForward => "bn forward (train)".into(),
+            Item::BnBackward => "bn backward".into(),
+            Item::Unit(k, Pass::Forward) => format!("unit {} fwd", unit_name(k)),
+            Item::Unit(k, Pass::ForwardBackward) => format!("unit {} fwd+bwd", unit_name(k)),
+        }
+    }
+
+    /// Convolution FLOPs of one run (`2 * MACs`), where counted.
+    pub fn flops(self, [n, c, h, w]: [usize; 4]) -> Option<f64> {
+        let conv = 2.0 * (n * c * c * 9 * h * w) as f64;
+        match self {
+            Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight => Some(conv),
+            Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
+            Item::Unit(_, Pass::ForwardBackward) => Some(3.0 * 2.0 * conv),
+            Item::BnForward | Item::BnBackward => None,
+        }
+    }
+
+    /// Bytes read and written by one run, where counted (batch norm).
+    pub fn bytes(self, d: [usize; 4]) -> Option<f64> {
+        let t = (d.iter().product::<usize>() * 4) as f64;
+        match self {
+            Item::BnForward => Some(BN_FORWARD_PASSES as f64 * t),
+            Item::BnBackward => Some(BN_BACKWARD_PASSES as f64 * t),
+            _ => None,
+        }
+    }
+}
+
+/// How a row's `ms` was measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timing {
+    /// GPU timestamp queries around the submitted command buffers.
+    Timestamps,
+    /// Host wall clock of submit + wait.
+    Wall,
+}
+
+impl Timing {
+    pub fn name(self) -> &'static str {
+        match self {
+            Timing::Timestamps => "timestamps",
+            Timing::Wall => "wall",
+        }
+    }
+}
+
+/// One of our measurements.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    pub item: Item,
+    pub shape: [usize; 4],
+    /// Median of the measured runs, by `timing`.
+    pub ms: f64,
+    /// Fastest measured run, by `timing`.
+    pub min_ms: f64,
+    /// Median wall time of submit + wait.
+    pub wall_ms: f64,
+    /// Median host time to record the command buffers (not in `ms` or `wall_ms`).
+    pub record_ms: f64,
+    pub timing: Timing,
+    pub reps: usize,
+}
+
+impl BenchRow {
+    pub fn name(&self) -> String {
+        self.item.name()
+    }
+
+    pub fn gflops(&self) -> Option<f64> {
+        self.item.flops(self.shape).map(|f| f / (self.ms * 1e-3) / 1e9)
+    }
+
+    pub fn gbytes_per_s(&self) -> Option<f64> {
+        self.item.bytes(self.shape).map(|b| b / (self.ms * 1e-3) / 1e9)
+    }
+}
+
+/// A peer's timing of one unit (median ms, as the peer measured it).
+#[derive(Clone, Debug)]
+pub struct PeerRow {
+    /// e.g. `burn-0.22.1-wgpu`, `torch fp32`.
+    pub peer: String,
+    pub unit: UnitKind,
+    pub shape: [usize; 4],
+    pub forward_ms: f64,
+    pub forward_backward_ms: f64,
+    /// The peer's own clock: burn's is the host wall clock (recording, submission and a small
+    /// read back included), torch's CUDA events (GPU time).
+    pub timing: Timing,
+    /// The device the peer names (torch), or the adapter it was asked for (burn).
+    pub device: String,
+}
+
+/// Everything one run measured.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// Our adapter: name, backend, type, driver.
+    pub adapter: String,
+    pub warmup: usize,
+    pub reps: usize,
+    pub rows: Vec<BenchRow>,
+    pub peers: Vec<PeerRow>,
+    /// Peers that were skipped, and why.
+    pub skipped: Vec<String>,
+    /// `git rev-parse --short HEAD` where it answers.
+    pub commit: Option<String>,
+    /// Seconds since the Unix epoch at the start of the run.
+    pub unix_time: u64,
+}
+
+/// Our benchmarks and then the peers, into one report.
+pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
+    let unix_time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let rows = run(gpu, opts)?;
+    let (peers, skipped) = run_peers(gpu, opts);
+    let r = &gpu.report;
+    Ok(Report {
+        adapter: format!("{} ({:?}, {:?}, driver {})", r.name, r.backend, r.device_type, r.driver),
+        warmup: opts.warmup,
+        reps: opts.reps,
+        rows,
+        peers,
+        skipped,
+        commit: git_commit(),
+        unix_time,
+    })
+}
+
+/// Our benchmarks, shape by shape; prints a line per row to stderr as it goes.
+pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
+    if opts.reps == 0 {
+        return Err(Error::Invalid("bench: at least one measured run".into()));
+    }
+    let timer = Timer::new(gpu, opts.timestamps);
+    let mut rows = Vec::new();
+    for shape in opts.shapes(gpu) {
+        for item in ITEMS {
+            if opts.only.as_ref().is_some_and(|o| !item.name().contains(o.as_str())) {
+                continue;
+            }
+            let row = bench_item(gpu, &timer, opts, item, shape)?;
+            eprintln!("  {:<26} {:<14} {:>10.3} ms", row.name(), shape_str(shape), row.ms);
+            rows.push(row);
+        }
+    }
+    Ok(rows)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Timing
+
+/// Timestamps around a submission, where the device has them.
+struct Timer {
+    query: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+    /// Nanoseconds per timestamp tick.
+    period_ns: f64,
+}
+
+/// One measured run: GPU milliseconds (where timed so) and wall milliseconds.
+struct Sample {
+    gpu_ms: Option<f64>,
+    wall_ms: f64,
+}
+
+impl Timer {
+    fn new(gpu: &Gpu, use_timestamps: bool) -> Timer {
+        if !(use_timestamps && gpu.has_timestamps()) {
+            return Timer { query: None, period_ns: 1.0 };
+        }
+        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench timestamps resolved"),
+            size: 2 * wgpu::QUERY_SIZE as u64,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        Timer { query: Some((set, resolve)), period_ns: gpu.queue.get_timestamp_period() as f64 }
+    }
+
+    /// A command buffer holding one empty compute pass that writes timestamp `index` (at its
+    /// start for 0, its end for 1); the closing one also resolves both into the buffer.
+    fn stamp(gpu: &Gpu, set: &wgpu::QuerySet, resolve: &wgpu::Buffer, index: u32) -> wgpu::CommandBuffer {
+        let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timestamp") });
+        let writes = wgpu::ComputePassTimestampWrites {
+            query_set: set,
+            beginning_of_pass_write_index: (index == 0).then_some(0),
+            end_of_pass_write_index: (index == 1).then_some(1),
+        };
+        drop(enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("timestamp"),
+            timestamp_writes: Some(writes),
+        }));
+        if index == 1 {
+            enc.resolve_query_set(set, 0..2, resolve, 0);
+        }
+        enc.finish()
+    }
+
+    /// Submits `buffers` in one submission between the timestamps and waits.
+    fn time(&self, gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<Sample> {
+        let mut all = Vec::with_capacity(buffers.len() + 2);
+        if let Some((set, resolve)) = &self.query {
+            all.push(Timer::stamp(gpu, set, resolve, 0));
+        }
+        all.extend(buffers);
+        if let Some((set, resolve)) = &self.query {
+            all.push(Timer::stamp(gpu, set, resolve, 1));
+        }
+        let t = Instant::now();
+        gpu.submit(all)?;
+        let wall_ms = t.elapsed().as_secs_f64() * 1e3;
+        let gpu_ms = match &self.query {
+            Some((_, resolve)) => {
+                let raw = read_buffer(gpu, resolve, 2 * wgpu::QUERY_SIZE as u64)?;
+                let ticks: [u64; 2] = bytemuck::pod_read_unaligned(&raw);
+                // A clock that went backwards (it should not) leaves this run to the wall clock.
+                (ticks[1] > ticks[0]).then(|| (ticks[1] - ticks[0]) as f64 * self.period_ns * 1e-6)
+            }
+            None => None,
+        };
+        Ok(Sample { gpu_ms, wall_ms })
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 { v[m] } else { 0.5 * (v[m - 1] + v[m]) }
+}
+
+/// Warm-up, then the measured runs of `record` (which records fresh command buffers each time);
+/// `prepare` runs untimed before each run (to reset a gradient accumulated in place).
+fn measure(
+    gpu: &Gpu,
+    timer: &Timer,
+    opts: &BenchOptions,
+    item: Item,
+    shape: [usize; 4],
+    prepare: &mut dyn FnMut() -> Result<()>,
+    record: &mut dyn FnMut() -> Result<Vec<wgpu::CommandBuffer>>,
+) -> Result<BenchRow> {
+    let (mut gpu_ms, mut wall_ms, mut record_ms) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..opts.warmup + opts.reps {
+        prepare()?;
+        let t = Instant::now();
+        let buffers = record()?;
+        let rec = t.elapsed().as_secs_f64() * 1e3;
+        let s = timer.time(gpu, buffers)?;
+        if i >= opts.warmup {
+            record_ms.push(rec);
+            wall_ms.push(s.wall_ms);
+            if let Some(g) = s.gpu_ms {
+                gpu_ms.push(g);
+            }
+        }
+    }
+    // Timestamps only where every measured run has one.
+    let (timing, mut times) =
+        if gpu_ms.len() == opts.reps { (Timing::Timestamps, gpu_ms) } else { (Timing::Wall, wall_ms.clone()) };
+    let ms = median(&mut times);
+    Ok(BenchRow {
+        item,
+        shape,
+        ms,
+        min_ms: times[0],
+        wall_ms: median(&mut wall_ms),
+        record_ms: median(&mut record_ms),
+        timing,
+        reps: opts.reps,
+    })
+}
+
+/// Uploads its writes and waits: what `prepare` does after writing a tensor.
+fn flush(gpu: &Gpu) -> Result<()> {
+    gpu.submit([])
+}
+
+// ---------------------------------------------------------------------------------------------
+// The benchmarks
+
+fn random(gpu: &Gpu, rng: &mut Rng, dims: &[usize]) -> Result<Tensor> {
+    Tensor::new(gpu, dims, &rng.data(dims.iter().product()))
+}
+
+fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usize; 4]) -> Result<BenchRow> {
+    let mut rng = Rng::new(0xbe9c);
+    let c = d[1];
+    let mut no_prep = || Ok(());
+    match item {
+        Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight => {
+            let x = random(gpu, &mut rng, &d)?;
+            let dy = random(gpu, &mut rng, &d)?;
+            let w = random(gpu, &mut rng, &[c, c, 3, 3])?;
+            let out = Tensor::zeros(gpu, &d)?;
+            let dw = Tensor::zeros(gpu, &[c, c, 3, 3])?;
+            flush(gpu)?;
+            measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
+                let mut rec = gpu.recorder("bench conv");
+                match item {
+                    Item::ConvForward => conv::forward(&mut rec, &x, &w, &out, 1, false)?,
+                    Item::ConvBackwardData => conv::backward_data(&mut rec, &dy, &w, &out, 1, false)?,
+                    _ => conv::backward_weight(&mut rec, &x, &dy, &dw, 1, false)?,
+                }
+                Ok(vec![rec.finish()])
+            })
+        }
+        Item::BnForward | Item::BnBackward => {
+            let ones = vec![1.0; c];
+            let zeros = vec![0.0; c];
+            let bn = Bn::new(gpu, &ones, &zeros, &zeros, &ones)?;
+            let x = random(gpu, &mut rng, &d)?;
+            let dy = random(gpu, &mut rng, &d)?;
+            let y = Tensor::zeros(gpu, &d)?;
+            // A forward first: the backward needs its saved statistics.
+            let mut rec = gpu.recorder("bench bn setup");
+            bn.forward(&mut rec, Mode::Train, &x, &y, Epilogue::default())?;
+            rec.run()?;
+            measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
+                let mut rec = gpu.recorder("bench bn");
+                if item == Item::BnForward {
+                    bn.forward(&mut rec, Mode::Train, &x, &y, Epilogue::default())?;
+                } else {
+                    bn.backward(&mut rec, &x, &dy, false, &y, false)?;
+                }
+                Ok(vec![rec.finish()])
+            })
+        }
+        Item::Unit(kind, pass) => {
+            let unit = identity_unit(gpu, kind, c)?;
+            let mut ws = Workspace::default();
+            let kept = unit.allocate(gpu, d, &mut ws)?;
+            let x = random(gpu, &mut rng, &d)?;
+            let y = Tensor::zeros(gpu, &d)?;
+            let dy_host = rng.data(d.iter().product());
+            let g = Tensor::new(gpu, &d, &dy_host)?;
+            flush(gpu)?;
+            // The backward accumulates into g (the identity shortcut's gradient, in place):
+            // restore it before each run, untimed.
+            let mut reset = || {
+                g.write(gpu, &dy_host)?;
+                flush(gpu)
+            };
+            let mut record = || {
+                let mut rec = gpu.recorder("bench unit forward");
+                unit.forward(&mut rec, Mode::Train, &x, &y, &kept, &ws)?;
+                let mut buffers = vec![rec.finish()];
+                if pass == Pass::ForwardBackward {
+                    let mut rec = gpu.recorder("bench unit backward");
+                    unit.backward(&mut rec, &x, &y, &g, &g, &kept, &ws)?;
+                    buffers.push(rec.finish());
+                }
+                Ok(buffers)
+            };
+            match pass {
+                Pass::Forward => measure(gpu, timer, opts, item, d, &mut no_prep, &mut record),
+                Pass::ForwardBackward => measure(gpu, timer, opts, item, d, &mut reset, &mut record),
+            }
+        }
+    }
+}
+
+/// `layer1.1` of a basic network with widths `[c, c, c]`: an identity-shortcut unit `c -> c`,
+/// stride 1, He-initialised.
+fn identity_unit(gpu: &Gpu, kind: UnitKind, c: usize) -> Result<Unit> {
+    let cfg = NetConfig {
+        kind,
+        units_per_stage: 2,
+        bottleneck: false,
+        shortcut: ShortcutOption::B,
+        widths: [c, c, c],
+        in_channels: 3,
+        classes: 10,
+    };
+    let spec = cfg.units().into_iter().find(|u| u.name == "layer1.1").expect("layer1.1 exists with 2 units per stage");
+    let state: State = cfg.tensors().into_iter().map(|t| t.name).zip(cfg.initial_values(7)).collect();
+    Unit::from_state(gpu, &spec, &state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peers
+
+/// Runs the peers that `opts` names, over the same shapes; returns their rows and, for each peer
+/// skipped or failed, a line saying why. Never fails.
+pub fn run_peers(gpu: &Gpu, opts: &BenchOptions) -> (Vec<PeerRow>, Vec<String>) {
+    let shapes = opts.shapes(gpu);
+    let (mut rows, mut skipped) = (Vec::new(), Vec::new());
+    if let Some(path) = &opts.burn {
+        let adapter =
+            opts.burn_adapter.clone().unwrap_or_else(|| if is_cpu_adapter(gpu) { "cpu" } else { "gpu" }.into());
+        run_burn(path, &adapter, &shapes, opts, &mut rows, &mut skipped);
+    }
+    if let Some(path) = &opts.torch {
+        run_torch(path, &shapes, opts, &mut rows, &mut skipped);
+    }
+    for s in &skipped {
+        eprintln!("peer skipped: {s}");
+    }
+    (rows, skipped)
+}
+
+fn run_burn(
+    path: &Path,
+    adapter: &str,
+    shapes: &[[usize; 4]],
+    opts: &BenchOptions,
+    rows: &mut Vec<PeerRow>,
+    skipped: &mut Vec<String>,
+) {
+    if !path.is_file() {
+        skipped.push(format!("burn: no binary at {}", path.display()));
+        return;
+    }
+    for kind in [UnitKind::PreAct, UnitKind::Original] {
+        for &[n, c, h, w] in shapes {
+            let mut cmd = Command::new(path);
+            cmd.args([n, c, h, w, opts.reps].map(|v| v.to_string())).args([unit_name(kind), adapter]);
+            let what = format!("burn {} {}", unit_name(kind), shape_str([n, c, h, w]));
+            eprintln!("  {what} ...");
+            let out = match run_with_timeout(&mut cmd, opts.peer_timeout) {
+                Ok(out) => out,
+                Err(e) => {
+                    skipped.push(format!("{what}: {e}"));
+                    continue;
+                }
+            };
+            let line = out.lines().rev().find(|l| l.contains("\"forward_ms\""));
+            let (Some(f), Some(fb)) = (
+                line.and_then(|l| json_number(l, "forward_ms")),
+                line.and_then(|l| json_number(l, "forward_backward_ms")),
+            ) else {
+                skipped
+                    .push(format!("{what}: no forward_ms / forward_backward_ms in its output {:?}", last_line(&out)));
+                continue;
+            };
+            rows.push(PeerRow {
+                peer: line.and_then(|l| json_string(l, "peer")).unwrap_or_else(|| "burn".into()),
+                unit: kind,
+                shape: [n, c, h, w],
+                forward_ms: f,
+                forward_backward_ms: fb,
+                timing: Timing::Wall,
+                device: format!("{adapter} adapter"),
+            });
+        }
+    }
+}
+
+fn run_torch(
+    path: &Path,
+    shapes: &[[usize; 4]],
+    opts: &BenchOptions,
+    rows: &mut Vec<PeerRow>,
+    skipped: &mut Vec<String>,
+) {
+    if !path.is_file() {
+        skipped.push(format!("torch: no script at {}", path.display()));
+        return;
+    }
+    let probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)";
+    match run_with_timeout(Command::new(&opts.python).args(["-c", probe]), Duration::from_secs(120)) {
+        Ok(_) => {}
+        Err(e) if e.contains("exit status: 3") => {
+            skipped.push(format!("torch: {} has torch but no CUDA device", opts.python));
+            return;
+        }
+        Err(e) => {
+            skipped.push(format!("torch: {} cannot import torch ({e})", opts.python));
+            return;
+        }
+    }
+    let mut cmd = Command::new(&opts.python);
+    cmd.arg(path)
+        .args(["--reps", &opts.reps.max(20).to_string(), "--modes", &opts.torch_modes, "--units", "preact,original"])
+        .arg("--shapes")
+        .args(shapes.iter().map(|&s| shape_str(s)));
+    eprintln!("  torch {} ...", opts.torch_modes);
+    let out = match run_with_timeout(&mut cmd, opts.peer_timeout) {
+        Ok(out) => out,
+        Err(e) => {
+            skipped.push(format!("torch: {e}"));
+            return;
+        }
+    };
+    for line in out.lines().filter(|l| l.contains("\"forward_ms\"")) {
+        let num = |k| json_number(line, k);
+        let (Some(n), Some(c), Some(h), Some(w), Some(f), Some(fb)) =
+            (num("n"), num("c"), num("h"), num("w"), num("forward_ms"), num("forward_backward_ms"))
+        else {
+            skipped.push(format!("torch: unreadable line {line:?}"));
+            continue;
+        };
+        let unit = if json_string(line, "unit").as_deref() == Some("original") {
+            UnitKind::Original
+        } else {
+            UnitKind::PreAct
+        };
+        rows.push(PeerRow {
+            peer: format!("torch {}", json_string(line, "mode").unwrap_or_default()),
+            unit,
+            shape: [n, c, h, w].map(|v| v as usize),
+            forward_ms: f,
+            forward_backward_ms: fb,
+            timing: Timing::Timestamps,
+            device: json_string(line, "gpu").unwrap_or_default(),
+        });
+    }
+    if !out.contains("\"forward_ms\"") {
+        skipped.push(format!("torch: no results in its output {:?}", last_line(&out)));
+    }
+}
+
+fn last_line(s: &str) -> &str {
+    s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
+}
+
+/// Runs `cmd` to completion (killed after `timeout`); its stdout, or why it failed.
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result<String, String> {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    // Read both pipes on threads so that a chatty child never blocks on a full pipe.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            s
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("{program} killed after {} s", timeout.as_secs()));
+            }
+            Err(e) => return Err(format!("{program}: {e}")),
+        }
+    };
+    let stdout = out.join().unwrap_or_default();
+    let stderr = err.join().unwrap_or_default();
+    if status.success() { Ok(stdout) } else { Err(format!("{program} failed ({status}): {}", last_line(&stderr))) }
+}
+
+/// The number after `"key":` in one flat JSON object (no nesting, keys unique).
+fn json_number(line: &str, key: &str) -> Option<f64> {
+    let rest = json_value(line, key)?;
+    let end = rest.find(|ch: char| !(ch.is_ascii_digit() || "+-.eE".contains(ch))).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// The string after `"key":` in one flat JSON object (escapes other than `\"` and `\\` kept
+/// as written).
+fn json_string(line: &str, key: &str) -> Option<String> {
+    let rest = json_value(line, key)?.strip_prefix('"')?;
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(ch) = chars.next() {
+        match ch {
+            '"' => return Some(out),
+            '\\' => out.push(chars.next()?),
+            _ => out.push(ch),
+        }
+    }
+    None
+}
+
+fn json_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let at = line.find(&format!("\"{key}\""))? + key.len() + 2;
+    Some(line[at..].trim_start().strip_prefix(':')?.trim_start())
+}
+
+fn git_commit() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Output
+
+/// `N,C,H,W`.
+pub fn shape_str(d: [usize; 4]) -> String {
+    format!("{},{},{},{}", d[0], d[1], d[2], d[3])
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |v| format!("{v:.prec$}"))
+}
+
+/// The report as a text table: our rows, then each peer beside our same unit and shape.
+pub fn table(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    let timing = if r.rows.iter().all(|row| row.timing == Timing::Timestamps) {
+        "GPU timestamps around the submission"
+    } else if r.rows.iter().all(|row| row.timing == Timing::Wall) {
+        "wall clock of submit + wait (no timestamp queries)"
+    } else {
+        "mixed: see each row's timing"
+    };
+    let _ = writeln!(s, "adapter: {}", r.adapter);
+    let _ = writeln!(
+        s,
+        "commit {}; median of {} runs after {} warm-up; ms: {timing}",
+        r.commit.as_deref().unwrap_or("?"),
+        r.reps,
+        r.warmup
+    );
+    let _ = writeln!(
+        s,
+        "{:<26} {:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "benchmark", "N,C,H,W", "ms", "min ms", "wall ms", "record ms", "GFLOP/s", "GB/s"
+    );
+    for row in &r.rows {
+        let _ = writeln!(
+            s,
+            "{:<26} {:<14} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9} {:>8}{}",
+            row.name(),
+            shape_str(row.shape),
+            row.ms,
+            row.min_ms,
+            row.wall_ms,
+            row.record_ms,
+            opt(row.gflops(), 2),
+            opt(row.gbytes_per_s(), 2),
+            if row.timing == Timing::Wall && r.rows.iter().any(|o| o.timing != Timing::Wall) { " (wall)" } else { "" },
+        );
+    }
+    if !r.peers.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "peers: ratio = peer ms / ours ms (> 1: ours faster). Ours is compared by the peer's own clock: \
+             against a wall-clock peer (burn) ours is record + submit + wait; against a GPU-clock peer \
+             (torch, CUDA events) ours is `ms`."
+        );
+        let _ = writeln!(
+            s,
+            "{:<9} {:<14} {:<8} {:<22} {:>10} {:>10} {:>8}",
+            "unit", "N,C,H,W", "pass", "peer", "ours ms", "peer ms", "ratio"
+        );
+        for p in &r.peers {
+            for (pass, peer_ms) in [(Pass::Forward, p.forward_ms), (Pass::ForwardBackward, p.forward_backward_ms)] {
+                let ours = r.rows.iter().find(|row| row.item == Item::Unit(p.unit, pass) && row.shape == p.shape);
+                let ours_ms = ours.map(|row| comparable_ms(row, p.timing));
+                let _ = writeln!(
+                    s,
+                    "{:<9} {:<14} {:<8} {:<22} {:>10} {:>10.3} {:>8}",
+                    unit_name(p.unit),
+                    shape_str(p.shape),
+                    if pass == Pass::Forward { "fwd" } else { "fwd+bwd" },
+                    p.peer,
+                    opt(ours_ms, 3),
+                    peer_ms,
+                    ours_ms.map_or("-".into(), |o| ratio_str(peer_ms / o)),
+                );
+            }
+        }
+    }
+    let mut devices: Vec<String> = r.peers.iter().map(|p| format!("{} on {}", p.peer, p.device)).collect();
+    devices.dedup();
+    if !devices.is_empty() {
+        let _ = writeln!(s, "peer devices: {}", devices.join("; "));
+    }
+    for skip in &r.skipped {
+        let _ = writeln!(s, "skipped: {skip}");
+    }
+    s
+}
+
+/// A ratio to three significant digits.
+fn ratio_str(r: f64) -> String {
+    let decimals = if r > 0.0 { (2 - r.log10().floor() as i64).clamp(0, 6) as usize } else { 2 };
+    format!("{r:.decimals$}")
+}
+
+/// Our time measured as the peer measures its own.
+fn comparable_ms(row: &BenchRow, peer: Timing) -> f64 {
+    match peer {
+        Timing::Wall => row.record_ms + row.wall_ms,
+        Timing::Timestamps => row.ms,
+    }
+}
+
+/// Prints [`table`] to stdout.
+pub fn print_table(r: &Report) {
+    print!("{}", table(r));
+}
+
+/// A JSON string literal.
+fn js(s: &str) -> String {
+    let mut out = String::from("\"");
+    for ch in s.chars() {
+        match ch {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A JSON number, `null` for none or non-finite.
+fn jn(v: Option<f64>) -> String {
+    match v {
+        Some(v) if v.is_finite() => format!("{v:.6}"),
+        _ => "null".into(),
+    }
+}
+
+fn jshape(d: [usize; 4]) -> String {
+    format!("[{}, {}, {}, {}]", d[0], d[1], d[2], d[3])
+}
+
+/// The report as JSON: one object with `rows`, `peers` and `skipped` arrays of flat objects.
+pub fn to_json(r: &Report) -> String {
+    let rows: Vec<String> = r
+        .rows
+        .iter()
+        .map(|row| {
+            format!(
+                "    {{\"name\": {}, \"shape\": {}, \"ms\": {}, \"min_ms\": {}, \"wall_ms\": {}, \"record_ms\": {}, \
+                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}}}",
+                js(&row.name()),
+                jshape(row.shape),
+                jn(Some(row.ms)),
+                jn(Some(row.min_ms)),
+                jn(Some(row.wall_ms)),
+                jn(Some(row.record_ms)),
+                js(row.timing.name()),
+                row.reps,
+                jn(row.gflops()),
+                jn(row.gbytes_per_s()),
+            )
+        })
+        .collect();
+    let peers: Vec<String> = r
+        .peers
+        .iter()
+        .map(|p| {
+            let ours = |pass| {
+                r.rows
+                    .iter()
+                    .find(|row| row.item == Item::Unit(p.unit, pass) && row.shape == p.shape)
+                    .map(|row| comparable_ms(row, p.timing))
+            };
+            let (of, ofb) = (ours(Pass::Forward), ours(Pass::ForwardBackward));
+            format!(
+                "    {{\"peer\": {}, \"unit\": {}, \"shape\": {}, \"forward_ms\": {}, \"forward_backward_ms\": {}, \
+                 \"timing\": {}, \"device\": {}, \"ours_forward_ms\": {}, \"ours_forward_backward_ms\": {}, \
+                 \"ratio_forward\": {}, \"ratio_forward_backward\": {}}}",
+                js(&p.peer),
+                js(unit_name(p.unit)),
+                jshape(p.shape),
+                jn(Some(p.forward_ms)),
+                jn(Some(p.forward_backward_ms)),
+                js(p.timing.name()),
+                js(&p.device),
+                jn(of),
+                jn(ofb),
+                jn(of.map(|o| p.forward_ms / o)),
+                jn(ofb.map(|o| p.forward_backward_ms / o)),
+            )
+        })
+        .collect();
+    let skipped: Vec<String> = r.skipped.iter().map(|s| format!("    {}", js(s))).collect();
+    let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n{}\n  ]", v.join(",\n")) };
+    format!(
+        "{{\n  \"adapter\": {},\n  \"commit\": {},\n  \"unix_time\": {},\n  \"warmup\": {},\n  \"reps\": {},\n  \
+         \"rows\": {},\n  \"peers\": {},\n  \"skipped\": {}\n}}\n",
+        js(&r.adapter),
+        r.commit.as_deref().map_or("null".into(), js),
+        r.unix_time,
+        r.warmup,
+        r.reps,
+        list(&rows),
+        list(&peers),
+        list(&skipped),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_flat_json() {
+        let l = r#"{"peer": "burn-0.22.1-wgpu", "unit": "preact", "n": 32, "forward_ms": 309.125, "forward_backward_ms": 4.5e2}"#;
+        assert_eq!(json_number(l, "forward_ms"), Some(309.125));
+        assert_eq!(json_number(l, "forward_backward_ms"), Some(450.0));
+        assert_eq!(json_number(l, "n"), Some(32.0));
+        assert_eq!(json_string(l, "peer").as_deref(), Some("burn-0.22.1-wgpu"));
+        assert_eq!(json_number(l, "missing"), None);
+    }
+
+    #[test]
+    fn parses_shapes() {
+        assert_eq!(parse_shape("32,16,32,32").unwrap(), [32, 16, 32, 32]);
+        assert!(parse_shape("32,16,32").is_err());
+        assert!(parse_shape("32,0,32,32").is_err());
+    }
+
+    #[test]
+    fn counts_flops() {
+        let d = [1, 2, 3, 4];
+        let conv = 2.0 * (2 * 2 * 9 * 12) as f64;
+        assert_eq!(Item::ConvForward.flops(d), Some(conv));
+        assert_eq!(Item::Unit(UnitKind::PreAct, Pass::ForwardBackward).flops(d), Some(6.0 * conv));
+        assert_eq!(Item::BnForward.bytes(d), Some(4.0 * 24.0 * 4.0));
+    }
+}

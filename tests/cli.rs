@@ -1,0 +1,154 @@
+//! The `resnet-wgpu` tool end to end on tiny settings, and its messages for bad arguments.
+mod common;
+use common::*;
+use resnet_wgpu::arch::{NetConfig, UnitKind};
+use resnet_wgpu::io::{self, HostTensor};
+use resnet_wgpu::reference::{net as rnet, to_f64};
+use std::process::Command;
+
+fn tool(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu")).args(args).output().expect("run resnet-wgpu");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("resnet-wgpu-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn info_names_the_adapter() {
+    let (ok, text) = tool(&["info"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("chosen:") && text.contains(&gpu().report.name), "{text}");
+}
+
+#[test]
+fn grad_writes_what_the_reference_computes() {
+    let d = dir("grad");
+    let cfg = NetConfig::cifar(8, UnitKind::Original, false, 10).unwrap();
+    let state = random_state(&cfg, 9);
+    let weights = d.join("w.safetensors");
+    let tensors: Vec<(String, HostTensor)> = cfg
+        .tensors()
+        .into_iter()
+        .map(|t| {
+            let v = state[&t.name].clone();
+            let h =
+                if t.dims.is_empty() { HostTensor::i64(&[], vec![v[0] as i64]) } else { HostTensor::f32(&t.dims, v) };
+            (t.name, h)
+        })
+        .collect();
+    io::write(&weights, &tensors).unwrap();
+    let mut rng = Rng::new(10);
+    let dims = [2, 3, 9, 7];
+    let images = rng.data(dims.iter().product());
+    let batch = d.join("b.safetensors");
+    io::write(
+        &batch,
+        &[
+            ("images".into(), HostTensor::f32(&dims, images.clone())),
+            ("labels".into(), HostTensor::i64(&[2], vec![4, 9])),
+        ],
+    )
+    .unwrap();
+    let out = d.join("o.safetensors");
+    let p = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let (ok, text) = tool(&[
+        "grad",
+        "--depth",
+        "8",
+        "--kind",
+        "original",
+        "--weights",
+        &p(&weights),
+        "--batch",
+        &p(&batch),
+        "--out",
+        &p(&out),
+    ]);
+    assert!(ok, "{text}");
+    let got = io::read(&out).unwrap();
+    let want = rnet::train_pass(&cfg, &to_ref(&state), &to_f64(&images), dims, &[4, 9]);
+    check("cli loss", &got["loss"].to_f32(), &[want.loss], F32_TOL);
+    check("cli logits", &got["logits"].to_f32(), &want.logits, F32_TOL);
+    check("cli grad.images", &got["grad.images"].to_f32(), &want.grad_images, F32_TOL);
+    for (name, g) in &want.grads {
+        check(&format!("cli grad.{name}"), &got[&format!("grad.{name}")].to_f32(), g, F32_TOL);
+    }
+}
+
+#[test]
+fn train_and_analyze_run_on_tiny_settings() {
+    let d = dir("train");
+    let out = d.to_str().unwrap();
+    let (ok, text) = tool(&[
+        "train",
+        "--depth",
+        "8",
+        "--train-size",
+        "64",
+        "--test-size",
+        "20",
+        "--epochs",
+        "1",
+        "--batch",
+        "32",
+        "--out",
+        out,
+    ]);
+    assert!(ok, "{text}");
+    assert!(text.contains("epoch   1/1") && text.contains("test"), "{text}");
+    for f in ["curves.csv", "curves.svg", "checkpoint.safetensors"] {
+        assert!(d.join(f).exists(), "{f}");
+    }
+    let ckpt = d.join("checkpoint.safetensors");
+    let (ok, text) = tool(&[
+        "train",
+        "--depth",
+        "8",
+        "--train-size",
+        "64",
+        "--test-size",
+        "20",
+        "--epochs",
+        "2",
+        "--batch",
+        "32",
+        "--out",
+        out,
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("resuming after epoch 1") && text.contains("epoch   2/2"), "{text}");
+
+    let a = dir("analyze");
+    let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("ResNet-8 pre-act") && text.contains("ResNet-8 original") && text.contains("stage 1"),
+        "{text}"
+    );
+    assert!(a.join("analysis.csv").exists() && a.join("analysis.svg").exists());
+}
+
+#[test]
+fn bad_arguments_get_clear_messages() {
+    for (args, want) in [
+        (vec!["train", "--depth", "21"], "depth 21 is not 6n+2"),
+        (vec!["train", "--kind", "sideways"], "invalid value 'sideways'"),
+        (
+            vec!["grad", "--batch", "/nonexistent/b.safetensors", "--out", "/tmp/x.safetensors"],
+            "/nonexistent/b.safetensors",
+        ),
+        (vec!["train", "--data", "/nonexistent-cifar"], "/nonexistent-cifar"),
+        (vec!["analyze", "--batch", "1"], "at least 2"),
+        (vec!["train", "--depth", "8", "--train-size", "10", "--batch", "32"], "batch 32 for 10"),
+    ] {
+        let (ok, text) = tool(&args);
+        assert!(!ok, "{args:?} should fail");
+        assert!(text.contains(want), "{args:?}: expected {want:?} in {text}");
+    }
+}
