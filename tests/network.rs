@@ -27,7 +27,10 @@ fn tiny(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption) -> NetConfig
 
 /// One training pass of `cfg` on random data, GPU against reference, every output compared.
 fn compare_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64, tol: f64) {
-    let g = gpu();
+    compare_pass_on(gpu(), cfg, dims, seed, tol)
+}
+
+fn compare_pass_on(g: &resnet_wgpu::Gpu, cfg: &NetConfig, dims: [usize; 4], seed: u64, tol: f64) {
     let mut rng = Rng::new(seed);
     let state = random_state(cfg, seed);
     let params = to_ref(&state);
@@ -37,7 +40,7 @@ fn compare_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64, tol: f64) {
     }
     let x = rng.data(dims.iter().product());
     let labels: Vec<u32> = (0..dims[0]).map(|_| rng.below(cfg.classes) as u32).collect();
-    let images = upload(&dims, &x);
+    let images = resnet_wgpu::Tensor::new(g, &dims, &x).unwrap();
     let tl = upload_labels(g, &labels, cfg.classes).unwrap();
     let loss = net.forward_backward(g, &images, &tl, true).unwrap();
     let want =
@@ -50,7 +53,7 @@ fn compare_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64, tol: f64) {
         check(&format!("{tag} grad.{name}"), &gv, &want.grads[&name], tol);
     }
     for (l, s) in net.streams().unwrap().iter().enumerate() {
-        check(&format!("{tag} x_{l}"), &read(s), &want.streams[l], tol);
+        check(&format!("{tag} x_{l}"), &s.read(g).unwrap(), &want.streams[l], tol);
     }
     for (name, v) in net.state(g).unwrap() {
         if let Some(w) = want.buffers.get(&name) {
@@ -70,6 +73,18 @@ fn tiny_networks_of_every_variant_match_the_reference() {
                 let dims = if seed % 2 == 0 { [1, 3, 9, 7] } else { [2, 3, 5, 6] };
                 compare_pass(&tiny(kind, bottleneck, shortcut), dims, seed, F32_TOL);
             }
+        }
+    }
+}
+
+#[test]
+fn tiled_conv_kernels_in_whole_networks_match_the_reference() {
+    // The kernel family GPUs use, forced on this adapter too (CPU adapters default to another).
+    let g = resnet_wgpu::Gpu::new().unwrap();
+    resnet_wgpu::ops::conv::set_kernels(&g, resnet_wgpu::ops::conv::Kernels::Tiled);
+    for (i, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+        for shortcut in [ShortcutOption::A, ShortcutOption::B] {
+            compare_pass_on(&g, &tiny(kind, false, shortcut), [2, 3, 8, 8], 80 + i as u64, F32_TOL);
         }
     }
 }
