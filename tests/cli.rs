@@ -135,6 +135,19 @@ fn train_and_analyze_run_on_tiny_settings() {
 }
 
 #[test]
+fn bench_times_a_tiny_shape_and_writes_json() {
+    let d = dir("bench");
+    let json = d.join("bench.json");
+    let (ok, text) = tool(&["bench", "--quick", "--shapes", "2,3,5,5", "--json", json.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    for row in ["conv3x3 forward", "bn backward", "unit preact fwd+bwd", "unit original fwd"] {
+        assert!(text.contains(row), "{row} missing from {text}");
+    }
+    let j = std::fs::read_to_string(&json).unwrap();
+    assert!(j.contains("\"adapter\"") && j.contains("unit preact fwd+bwd"), "{j}");
+}
+
+#[test]
 fn bad_arguments_get_clear_messages() {
     for (args, want) in [
         (vec!["train", "--depth", "21"], "depth 21 is not 6n+2"),
@@ -146,6 +159,7 @@ fn bad_arguments_get_clear_messages() {
         (vec!["train", "--data", "/nonexistent-cifar"], "/nonexistent-cifar"),
         (vec!["analyze", "--batch", "1"], "at least 2"),
         (vec!["train", "--depth", "8", "--train-size", "10", "--batch", "32"], "batch 32 for 10"),
+        (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
     ] {
         let (ok, text) = tool(&args);
         assert!(!ok, "{args:?} should fail");

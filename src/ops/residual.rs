@@ -17,7 +17,9 @@ pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn subsample_params(x: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> Result<[u32; 9]> {
+/// The shader's parameters for `len` elements written, checking that `x` -> `y` is a valid
+/// option-A shortcut.
+fn subsample_params(x: &Tensor, y: &Tensor, stride: usize, accumulate: bool, len: usize) -> Result<[u32; 9]> {
     let [n, c_in, h, w] = x.nchw("shortcut input")?;
     let [n2, c_out, oh, ow] = y.nchw("shortcut output")?;
     if !(1..=2).contains(&stride) || n != n2 || c_out < c_in || oh != h.div_ceil(stride) || ow != w.div_ceil(stride) {
@@ -28,15 +30,13 @@ fn subsample_params(x: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> 
             y.dims()
         )));
     }
-    let len = if accumulate { x.len() } else { y.len() };
     let d = [len, c_in, c_out, h, w, oh, ow, accumulate as usize, stride];
     Ok(d.map(|v| v as u32))
 }
 
 /// Option A forward: `y = x[:, :, ::s, ::s]`, channels past x's zero. Overwrites `y`.
 pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usize) -> Result<()> {
-    let mut params = subsample_params(x, y, stride, false)?;
-    params[0] = y.len() as u32;
+    let params = subsample_params(x, y, stride, false, y.len())?;
     rec.dispatch(
         Shader::Residual,
         "subsample_forward",
@@ -49,8 +49,7 @@ pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usi
 
 /// Option A backward: `dx (+)= ` the transpose of the subsample applied to `dy`.
 pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
-    let mut params = subsample_params(dx, dy, stride, accumulate)?;
-    params[0] = dx.len() as u32;
+    let params = subsample_params(dx, dy, stride, accumulate, dx.len())?;
     rec.dispatch(
         Shader::Residual,
         "subsample_backward",
