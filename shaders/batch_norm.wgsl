@@ -6,10 +6,19 @@
 // `momentum` towards mean and the unbiased var (var * M / (M - 1)).
 // Inference: mean and var are the running statistics.
 //
-// Reductions (`stats`, `backward_reduce`) run one workgroup of RG threads per channel: each
-// thread sums a strided slice of the channel sequentially, then a fixed tree in workgroup memory
-// combines the partial sums, so results are deterministic (no float atomics). Statistics are
-// computed once per channel; the element-wise kernels only read them.
+// Work split. Every kernel gives each invocation a run of consecutive elements of one (n, c)
+// plane: a plane of hw elements is cut into `parts` runs of `chunk` elements (the last may be
+// shorter). On CPU adapters (lavapipe) each storage-buffer load or store is a scalar loop over
+// the SIMD lanes, so the per-channel values are loaded once per run instead of once per
+// element and no per-element integer division is needed; only the small final reductions
+// (one workgroup per channel over the per-run partials) use workgroup memory.
+//
+// Reductions are two kernels: `*_partial` (one invocation per short run: its sums into
+// `part`), then `*_final` (one workgroup per channel: each thread sums a strided set of that
+// channel's N * parts partials, then a fixed tree in workgroup memory), so results are
+// deterministic (no float atomics) and about as accurate as a tree over the elements (runs are
+// short, REDUCE_CHUNK in ops/batch_norm.rs). The statistics combine per-run means and squared
+// deviations (Chan et al.), each run being two-pass over its own elements.
 //
 // Backward (of training mode), with dz = dy * [z > 0] when `relu` (mask recomputed from x, the
 // saved statistics, gamma and beta), dz = dy otherwise:
@@ -26,6 +35,8 @@ struct Params {
     eps: u32,        // f32 bits
     momentum: u32,   // f32 bits
     unbias: u32,     // f32 bits: M / (M - 1)
+    chunk: u32,      // elements per run
+    parts: u32,      // runs per plane: ceil(hw / chunk)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -42,31 +53,64 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> scratch: array<f32>; // [2C]: sum dz, sum dz*xhat
 @group(0) @binding(12) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dbeta: array<f32>;
+// [2 * C * N * parts]: per-run partials, channel-major: run r of channel c at 2 * (c * N * parts + r).
+@group(0) @binding(14) var<storage, read_write> part: array<f32>;
 
-const WG: u32 = 64u;  // element-wise kernels
-const RG: u32 = 256u; // per-channel reductions: threads per workgroup
+const WG: u32 = 64u; // runs per workgroup of the run kernels
+const FG: u32 = 64u; // threads per workgroup (one per channel) of the final reductions
 
-var<workgroup> red_a: array<f32, RG>;
-var<workgroup> red_b: array<f32, RG>;
+var<workgroup> red_a: array<f32, FG>;
+var<workgroup> red_b: array<f32, FG>;
 
-// Index of the j-th element (0 <= j < N*H*W) of channel c.
-fn addr(j: u32, c: u32) -> u32 {
-    let n = j / p.hw;
-    return (n * p.c + c) * p.hw + (j - n * p.hw);
+// Fixed-order tree sums of red_a[0..FG] and red_b[0..FG] into [0]; every thread sees the
+// results after return.
+fn reduce_ab(t: u32) {
+    workgroupBarrier();
+    for (var s = FG / 2u; s > 0u; s = s >> 1u) {
+        if t < s {
+            red_a[t] += red_a[t + s];
+            red_b[t] += red_b[t + s];
+        }
+        workgroupBarrier();
+    }
 }
 
-// Channel of flat element i.
-fn channel(i: u32) -> u32 {
-    return (i / p.hw) % p.c;
+// One run of elements [start, end) (flat indices) of a plane of channel c; ok: it exists.
+struct Run {
+    c: u32,
+    start: u32,
+    end: u32,
+    ok: bool,
 }
 
-fn xhat(v: f32, mean: f32, invstd: f32) -> f32 {
-    return (v - mean) * invstd;
+// Run `inv` in plane-major order (n, c, part): the element-wise kernels' order.
+fn plane_run(inv: u32) -> Run {
+    let plane = inv / p.parts;
+    let k = inv - plane * p.parts;
+    let s = plane * p.hw + k * p.chunk;
+    return Run(plane % p.c, s, plane * p.hw + min(p.hw, (k + 1u) * p.chunk), plane < p.n * p.c);
 }
 
-// gamma * xhat + beta: the forward and the backward's ReLU mask use this one expression.
-fn affine(xh: f32, c: u32) -> f32 {
-    return xh * gamma[c] + beta[c];
+// Run `inv` in channel-major order (c, n, part): the partial kernels' order, so that a
+// channel's partials are contiguous (run inv's partials go to part[2 * inv], part[2 * inv + 1]).
+fn channel_run(inv: u32) -> Run {
+    let per_c = p.n * p.parts;
+    let c = inv / per_c;
+    let r = inv - c * per_c;
+    let n = r / p.parts;
+    let k = r - n * p.parts;
+    let base = (n * p.c + c) * p.hw;
+    return Run(c, base + k * p.chunk, base + min(p.hw, (k + 1u) * p.chunk), c < p.c);
+}
+
+// Elements in run r (0 <= r < N * parts) of a channel.
+fn run_len(r: u32) -> u32 {
+    let k = r % p.parts;
+    return min(p.hw, (k + 1u) * p.chunk) - k * p.chunk;
+}
+
+fn flat(wid: vec3u, nwg: vec3u, lid: vec3u) -> u32 {
+    return (wid.y * nwg.x + wid.x) * WG + lid.x;
 }
 
 // Writes z into y[i] per the epilogue; y is read only when adding.
@@ -77,51 +121,52 @@ fn epilogue(i: u32, z: f32) {
     y[i] = v;
 }
 
-// Tree sum of red_a[0..RG] into red_a[0]; every thread sees the result after return.
-fn reduce_a(t: u32) {
-    workgroupBarrier();
-    for (var s = RG / 2u; s > 0u; s = s >> 1u) {
-        if t < s { red_a[t] += red_a[t + s]; }
-        workgroupBarrier();
-    }
-}
-
-// Tree sums of red_a and red_b together.
-fn reduce_ab(t: u32) {
-    workgroupBarrier();
-    for (var s = RG / 2u; s > 0u; s = s >> 1u) {
-        if t < s {
-            red_a[t] += red_a[t + s];
-            red_b[t] += red_b[t + s];
-        }
-        workgroupBarrier();
-    }
-}
-
-// Training statistics, one workgroup per channel: two passes (mean, then the mean squared
-// deviation), save_mean, save_invstd, and the running statistics' update.
-@compute @workgroup_size(RG)
-fn stats(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
-    let c = wid.x;
-    let t = lid.x;
-    let m = p.n * p.hw;
+// Training statistics, pass 1: per run, the sum and the sum of squared deviations from the
+// run's own mean (two passes over the run).
+@compute @workgroup_size(WG)
+fn stats_partial(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                 @builtin(local_invocation_id) lid: vec3u) {
+    let inv = flat(wid, nwg, lid);
+    let r = channel_run(inv);
+    if !r.ok { return; }
     var s = 0.0;
-    for (var j = t; j < m; j += RG) {
-        s += x[addr(j, c)];
-    }
-    red_a[t] = s;
-    reduce_a(t);
-    let mean = red_a[0] / f32(m);
-    workgroupBarrier(); // everyone has read red_a[0] before it is overwritten
+    for (var i = r.start; i < r.end; i++) { s += x[i]; }
+    let mu = s / f32(r.end - r.start);
     var q = 0.0;
-    for (var j = t; j < m; j += RG) {
-        let d = x[addr(j, c)] - mean;
+    for (var i = r.start; i < r.end; i++) {
+        let d = x[i] - mu;
         q += d * d;
     }
+    part[2u * inv] = s;
+    part[2u * inv + 1u] = q;
+}
+
+// Training statistics, pass 2, one workgroup per channel: mean, biased var (the runs' squared
+// deviations plus n_r * (mean_r - mean)^2), save_mean, save_invstd and the running statistics.
+@compute @workgroup_size(FG)
+fn stats_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let c = wid.x;
+    let t = lid.x;
+    let runs = p.n * p.parts;
+    let base = 2u * c * runs;
+    let m = f32(p.n * p.hw);
+    var s = 0.0;
+    for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
+    red_a[t] = s;
+    red_b[t] = 0.0;
+    reduce_ab(t);
+    let mean = red_a[0] / m;
+    workgroupBarrier(); // everyone has read red_a[0] before it is overwritten
+    var q = 0.0;
+    for (var r = t; r < runs; r += FG) {
+        let nr = f32(run_len(r));
+        let d = part[base + 2u * r] / nr - mean;
+        q += part[base + 2u * r + 1u] + nr * d * d;
+    }
     red_a[t] = q;
-    reduce_a(t);
+    reduce_ab(t);
     if t == 0u {
-        let var_b = red_a[0] / f32(m);
+        let var_b = red_a[0] / m;
         let mo = bitcast<f32>(p.momentum);
         save_mean[c] = mean;
         save_invstd[c] = 1.0 / sqrt(var_b + bitcast<f32>(p.eps));
@@ -130,89 +175,120 @@ fn stats(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: v
     }
 }
 
-// Training-mode normalisation with the saved batch statistics, element-wise.
+// Training-mode normalisation with the saved batch statistics, one run per invocation. z is
+// computed as (x - mean) * invstd * gamma + beta, the expression the backward's ReLU mask uses.
 @compute @workgroup_size(WG)
 fn normalize(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
              @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.n * p.c * p.hw { return; }
-    let c = channel(i);
-    epilogue(i, affine(xhat(x[i], save_mean[c], save_invstd[c]), c));
+    let r = plane_run(flat(wid, nwg, lid));
+    if !r.ok { return; }
+    let mean = save_mean[r.c];
+    let invstd = save_invstd[r.c];
+    let g = gamma[r.c];
+    let b = beta[r.c];
+    for (var i = r.start; i < r.end; i++) { epilogue(i, (x[i] - mean) * invstd * g + b); }
 }
 
-// Inference-mode normalisation with the running statistics, element-wise (1/sqrt(var + eps) is
-// one ALU op per element of a memory-bound kernel: no per-channel buffer needed).
+// Inference-mode normalisation with the running statistics, one run per invocation.
 @compute @workgroup_size(WG)
 fn normalize_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                   @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.n * p.c * p.hw { return; }
-    let c = channel(i);
-    let invstd = 1.0 / sqrt(running_var[c] + bitcast<f32>(p.eps));
-    epilogue(i, affine(xhat(x[i], running_mean[c], invstd), c));
+    let r = plane_run(flat(wid, nwg, lid));
+    if !r.ok { return; }
+    let mean = running_mean[r.c];
+    let invstd = 1.0 / sqrt(running_var[r.c] + bitcast<f32>(p.eps));
+    let g = gamma[r.c];
+    let b = beta[r.c];
+    for (var i = r.start; i < r.end; i++) { epilogue(i, (x[i] - mean) * invstd * g + b); }
 }
 
-// dz for element i of channel c with normalised input xh.
-fn dz(i: u32, c: u32, xh: f32) -> f32 {
+// Per-channel values of the backward, loaded once per run.
+struct Chan {
+    mean: f32,
+    invstd: f32,
+    gamma: f32,
+    beta: f32,
+}
+
+fn chan(c: u32) -> Chan {
+    return Chan(save_mean[c], save_invstd[c], gamma[c], beta[c]);
+}
+
+// dz for element i with normalised input xh (the mask is z = gamma * xhat + beta > 0, as the
+// forward computes z up to rounding).
+fn dz(i: u32, k: Chan, xh: f32) -> f32 {
     let g = dy[i];
-    if p.relu == 1u { return select(0.0, g, affine(xh, c) > 0.0); }
+    if p.relu == 1u { return select(0.0, g, xh * k.gamma + k.beta > 0.0); }
     return g;
 }
 
-// Per-channel sums of the backward, one workgroup per channel:
-// scratch[c] = sum dz, scratch[C + c] = sum dz * xhat.
-@compute @workgroup_size(RG)
-fn backward_reduce(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
-    let c = wid.x;
-    let t = lid.x;
-    let m = p.n * p.hw;
-    let mean = save_mean[c];
-    let invstd = save_invstd[c];
+// Backward sums, pass 1: per run, sum dz and sum dz * xhat.
+@compute @workgroup_size(WG)
+fn backward_partial(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                    @builtin(local_invocation_id) lid: vec3u) {
+    let inv = flat(wid, nwg, lid);
+    let r = channel_run(inv);
+    if !r.ok { return; }
+    let k = chan(r.c);
     var s1 = 0.0;
     var s2 = 0.0;
-    for (var j = t; j < m; j += RG) {
-        let i = addr(j, c);
-        let xh = xhat(x[i], mean, invstd);
-        let g = dz(i, c, xh);
+    for (var i = r.start; i < r.end; i++) {
+        let xh = (x[i] - k.mean) * k.invstd;
+        let g = dz(i, k, xh);
         s1 += g;
         s2 += g * xh;
     }
-    red_a[t] = s1;
-    red_b[t] = s2;
+    part[2u * inv] = s1;
+    part[2u * inv + 1u] = s2;
+}
+
+// Backward sums, pass 2, one workgroup per channel: scratch[c] = sum dz,
+// scratch[C + c] = sum dz * xhat, and dbeta (+)= sum dz, dgamma (+)= sum dz * xhat.
+@compute @workgroup_size(FG)
+fn backward_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let c = wid.x;
+    let t = lid.x;
+    let runs = p.n * p.parts;
+    let base = 2u * c * runs;
+    var sb = 0.0;
+    var sg = 0.0;
+    for (var r = t; r < runs; r += FG) {
+        sb += part[base + 2u * r];
+        sg += part[base + 2u * r + 1u];
+    }
+    red_a[t] = sb;
+    red_b[t] = sg;
     reduce_ab(t);
     if t == 0u {
-        scratch[c] = red_a[0];
-        scratch[p.c + c] = red_b[0];
+        let b = red_a[0];
+        let g = red_b[0];
+        scratch[c] = b;
+        scratch[p.c + c] = g;
+        if p.accumulate == 1u {
+            dbeta[c] += b;
+            dgamma[c] += g;
+        } else {
+            dbeta[c] = b;
+            dgamma[c] = g;
+        }
     }
 }
 
-// dbeta (+)= scratch[c], dgamma (+)= scratch[C + c], one thread per channel.
-@compute @workgroup_size(WG)
-fn backward_params(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                   @builtin(local_invocation_id) lid: vec3u) {
-    let c = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if c >= p.c { return; }
-    let sb = scratch[c];
-    let sg = scratch[p.c + c];
-    if p.accumulate == 1u {
-        dbeta[c] += sb;
-        dgamma[c] += sg;
-    } else {
-        dbeta[c] = sb;
-        dgamma[c] = sg;
-    }
-}
-
-// dx (+)= gamma * invstd * (dz - sum dz / M - xhat * sum(dz * xhat) / M), element-wise.
+// dx (+)= gamma * invstd * (dz - sum dz / M - xhat * sum(dz * xhat) / M), one run per
+// invocation.
 @compute @workgroup_size(WG)
 fn backward_apply(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                   @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.n * p.c * p.hw { return; }
-    let c = channel(i);
-    let invstd = save_invstd[c];
-    let xh = xhat(x[i], save_mean[c], invstd);
+    let r = plane_run(flat(wid, nwg, lid));
+    if !r.ok { return; }
+    let k = chan(r.c);
     let inv_m = 1.0 / f32(p.n * p.hw);
-    let g = gamma[c] * invstd * (dz(i, c, xh) - scratch[c] * inv_m - xh * (scratch[p.c + c] * inv_m));
-    if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
+    let gi = k.gamma * k.invstd;
+    let mb = scratch[r.c] * inv_m;
+    let mg = scratch[p.c + r.c] * inv_m;
+    for (var i = r.start; i < r.end; i++) {
+        let xh = (x[i] - k.mean) * k.invstd;
+        let g = gi * (dz(i, k, xh) - mb - xh * mg);
+        if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
+    }
 }

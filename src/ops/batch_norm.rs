@@ -8,16 +8,20 @@
 //! [`MOMENTUM`] towards the batch mean and the unbiased variance `var * M/(M-1)`. Inference mode
 //! normalises by the running statistics.
 //!
-//! Kernels: `stats` (one 256-thread workgroup per channel; two-pass mean then variance with a
-//! deterministic tree reduction), `normalize` / `normalize_eval` (element-wise),
-//! `backward_reduce` (one workgroup per channel: `sum dz`, `sum dz*xhat` into `scratch`),
-//! `backward_params` (per channel: `dbeta`, `dgamma`) and `backward_apply` (element-wise `dx`).
+//! Every kernel gives each invocation a run of consecutive elements of one `(n, c)` plane (so
+//! per-channel values are loaded once per run: on CPU adapters each storage access is costly).
+//! Kernels: `stats_partial` (per run of [`REDUCE_CHUNK`] elements: sum and squared deviations
+//! into a per-context partials buffer) then `stats_final` (a workgroup per channel, combining its runs in a
+//! fixed order: mean, invstd, running statistics); `normalize` / `normalize_eval` (runs of
+//! [`APPLY_CHUNK`] elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
+//! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and `backward_apply`
+//! (runs of `dx`). No atomics: results are deterministic.
 //!
 //! Every tensor passed to one call must be a distinct tensor (a buffer cannot be bound twice
 //! when one binding is written); at most 65535 channels.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader, groups_for};
 use crate::tensor::Tensor;
 
 /// Added to the variance before the square root.
@@ -25,8 +29,14 @@ pub const EPS: f32 = 1e-5;
 /// Weight of the batch statistics in the running statistics' update.
 pub const MOMENTUM: f32 = 0.1;
 
-/// The most channels one call handles (one workgroup per channel in one grid dimension).
+/// The most channels one call handles (one final-reduction workgroup per channel in one grid
+/// dimension).
 const MAX_CHANNELS: usize = 65535;
+/// Elements per invocation of the reductions' first pass: short runs keep the sequential part
+/// of each sum short (16 matched the old tree's accuracy in tests/network.rs; 256 did not).
+const REDUCE_CHUNK: usize = 16;
+/// Elements per invocation of the element-wise kernels.
+const APPLY_CHUNK: usize = 16;
 
 /// What the forward does after normalising: an optional add into y (y = y_old + bn(x)) then an optional ReLU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -82,7 +92,13 @@ fn distinct(what: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
     Ok(())
 }
 
-fn params(d: [usize; 4], relu: bool, add: bool, accumulate: bool, unbias: f32) -> [u32; 9] {
+/// Runs of at most `chunk` elements per plane of `hw` elements.
+fn parts(d: [usize; 4], chunk: usize) -> usize {
+    (d[2] * d[3]).div_ceil(chunk)
+}
+
+/// Params for a kernel over runs of `chunk` elements.
+fn params(d: [usize; 4], chunk: usize, relu: bool, add: bool, accumulate: bool, unbias: f32) -> [u32; 11] {
     [
         d[0] as u32,
         d[1] as u32,
@@ -93,7 +109,29 @@ fn params(d: [usize; 4], relu: bool, add: bool, accumulate: bool, unbias: f32) -
         EPS.to_bits(),
         MOMENTUM.to_bits(),
         unbias.to_bits(),
+        chunk as u32,
+        parts(d, chunk) as u32,
     ]
+}
+
+/// Workgroups for one invocation per run of `chunk` elements over all of `d`.
+fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
+    groups_for(d[0] * d[1] * parts(d, chunk))
+}
+
+/// This context's buffer for the reductions' per-run partials (2 floats per run of
+/// [`REDUCE_CHUNK`]), one per size. Calls recorded one after another may share it: each
+/// reduction's final pass reads it before the next one's first pass writes it.
+fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
+    let bytes = (2 * d[0] * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64;
+    gpu.cached(&format!("batch_norm.partials.{bytes}"), || {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("batch norm partials"),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    })
 }
 
 /// Training mode: batch statistics saved into save_mean/save_invstd ([C]), running stats updated (momentum 0.1, unbiased var), y written per `ep`.
@@ -144,24 +182,26 @@ pub fn forward_train(
         )));
     }
     let unbias = (m as f64 / (m - 1) as f64) as f32;
-    let prm = params(d, ep.relu, ep.add, false, unbias);
+    let part = partials(rec.gpu, d);
+    let prm = params(d, REDUCE_CHUNK, ep.relu, ep.add, false, unbias);
+    rec.dispatch(Shader::BatchNorm, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)], run_groups(d, REDUCE_CHUNK));
     rec.dispatch(
         Shader::BatchNorm,
-        "stats",
+        "stats_final",
         &prm,
         &[
-            (1, &x.buffer),
             (5, &p.running_mean.buffer),
             (6, &p.running_var.buffer),
             (7, &save_mean.buffer),
             (8, &save_invstd.buffer),
+            (14, &part),
         ],
         [c as u32, 1, 1],
     );
     rec.dispatch(
         Shader::BatchNorm,
         "normalize",
-        &prm,
+        &params(d, APPLY_CHUNK, ep.relu, ep.add, false, unbias),
         &[
             (1, &x.buffer),
             (2, &y.buffer),
@@ -170,7 +210,7 @@ pub fn forward_train(
             (7, &save_mean.buffer),
             (8, &save_invstd.buffer),
         ],
-        groups_for(x.len()),
+        run_groups(d, APPLY_CHUNK),
     );
     Ok(())
 }
@@ -201,7 +241,7 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
     rec.dispatch(
         Shader::BatchNorm,
         "normalize_eval",
-        &params(d, ep.relu, ep.add, false, 1.0),
+        &params(d, APPLY_CHUNK, ep.relu, ep.add, false, 1.0),
         &[
             (1, &x.buffer),
             (2, &y.buffer),
@@ -210,7 +250,7 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
             (5, &p.running_mean.buffer),
             (6, &p.running_var.buffer),
         ],
-        groups_for(x.len()),
+        run_groups(d, APPLY_CHUNK),
     );
     Ok(())
 }
@@ -284,10 +324,11 @@ pub fn backward(
             "{WHAT}: expected more than 1 value per channel when training, got input {d:?}"
         )));
     }
+    let part = partials(rec.gpu, d);
     rec.dispatch(
         Shader::BatchNorm,
-        "backward_reduce",
-        &params(d, relu, false, false, 1.0),
+        "backward_partial",
+        &params(d, REDUCE_CHUNK, relu, false, false, 1.0),
         &[
             (1, &x.buffer),
             (3, &gamma.buffer),
@@ -295,21 +336,21 @@ pub fn backward(
             (7, &save_mean.buffer),
             (8, &save_invstd.buffer),
             (9, &dy.buffer),
-            (11, &scratch.buffer),
+            (14, &part),
         ],
+        run_groups(d, REDUCE_CHUNK),
+    );
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_final",
+        &params(d, REDUCE_CHUNK, relu, false, accumulate_params, 1.0),
+        &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer), (14, &part)],
         [c as u32, 1, 1],
     );
     rec.dispatch(
         Shader::BatchNorm,
-        "backward_params",
-        &params(d, relu, false, accumulate_params, 1.0),
-        &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer)],
-        groups_for(c),
-    );
-    rec.dispatch(
-        Shader::BatchNorm,
         "backward_apply",
-        &params(d, relu, false, accumulate_dx, 1.0),
+        &params(d, APPLY_CHUNK, relu, false, accumulate_dx, 1.0),
         &[
             (1, &x.buffer),
             (3, &gamma.buffer),
@@ -320,7 +361,7 @@ pub fn backward(
             (10, &dx.buffer),
             (11, &scratch.buffer),
         ],
-        groups_for(x.len()),
+        run_groups(d, APPLY_CHUNK),
     );
     Ok(())
 }
@@ -342,7 +383,7 @@ pub fn apply_saved(
     let d = activations(WHAT, x, &[("y", y)])?;
     per_channel(WHAT, d[1], &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
     distinct(WHAT, &[("x", x), ("y", y), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
-    let prm = params(d, ep.relu, ep.add, false, 1.0);
+    let prm = params(d, APPLY_CHUNK, ep.relu, ep.add, false, 1.0);
     rec.dispatch(
         Shader::BatchNorm,
         "normalize",
@@ -355,7 +396,7 @@ pub fn apply_saved(
             (7, &mean.buffer),
             (8, &invstd.buffer),
         ],
-        groups_for(x.len()),
+        run_groups(d, APPLY_CHUNK),
     );
     Ok(())
 }
