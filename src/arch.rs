@@ -87,7 +87,7 @@ impl NetConfig {
     /// bottleneck units (164, 1001).
     pub fn cifar(depth: usize, kind: UnitKind, bottleneck: bool, classes: usize) -> Result<NetConfig> {
         let per = if bottleneck { 9 } else { 6 };
-        if depth < per + 2 || (depth - 2) % per != 0 {
+        if depth < per + 2 || !(depth - 2).is_multiple_of(per) {
             return Err(Error::Invalid(format!(
                 "depth {depth} is not {per}n+2 ({} units)",
                 if bottleneck { "bottleneck" } else { "basic" }

@@ -225,8 +225,8 @@ impl ResNet {
             kept.push(u.allocate(gpu, d, &mut ws)?);
             d = u.out_dims(d);
             streams.push(Tensor::zeros(gpu, &d)?);
-            if !grads.contains_key(&d) {
-                grads.insert(d, Tensor::zeros(gpu, &d)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = grads.entry(d) {
+                e.insert(Tensor::zeros(gpu, &d)?);
             }
         }
         let (c, k) = (d[1], self.config.classes);
@@ -363,9 +363,7 @@ impl ResNet {
         let g0 = grad(&a.streams[0])?;
         let dstem = match (&self.stem_bn, &a.stem_h) {
             (Some(bn), Some(h)) => {
-                let dh =
-                    a.ws.get(h.dims(), crate::unit::Slot::DAct)
-                        .or_else(|_| Err(Error::Invalid("stem workspace".into())))?;
+                let dh = a.ws.get(h.dims(), Slot::DAct)?;
                 bn.backward(&mut rec, h, g0, true, dh, false)?;
                 dh
             }

@@ -21,7 +21,8 @@
 //! - Original: `x_l`, each convolution's output (the BN inputs), and for projection shortcuts
 //!   the projection's output; `x_{l+1}` itself gives the final ReLU's mask. The ReLU between
 //!   layers is recomputed.
-//!   Per BN layer, two per-channel vectors (batch mean and inverse std) are saved.
+//!
+//! Per BN layer, two per-channel vectors (batch mean and inverse std) are saved.
 //! Temporaries (recomputed activations and gradients inside the branch) live in a workspace
 //! shared by all units of the network.
 
@@ -203,8 +204,8 @@ impl Workspace {
     /// Makes sure a tensor of `dims` exists for every slot.
     pub fn reserve(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
         for slot in [Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)] {
-            if !self.map.contains_key(&(dims.to_vec(), slot)) {
-                self.map.insert((dims.to_vec(), slot), Tensor::zeros(gpu, dims)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), slot)) {
+                e.insert(Tensor::zeros(gpu, dims)?);
             }
         }
         Ok(())
@@ -330,6 +331,7 @@ impl Unit {
     /// Records the backward. `g_out` holds `dE/dx_{l+1}` on entry; on exit `g_in` holds
     /// `dE/dx_l` (`g_in` and `g_out` are the same buffer for the identity shortcut) and every
     /// parameter gradient of the unit is written.
+    #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
         rec: &mut Recorder,

@@ -5,7 +5,6 @@ mod common;
 use common::*;
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::io;
-use resnet_wgpu::net::ResNet;
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
 use resnet_wgpu::reference::{net as rnet, to_f64};
 use std::path::Path;
