@@ -39,6 +39,10 @@ pub enum Error {
     #[error("the GPU device reported an error: {0}")]
     Device(String),
 
+    /// A pass produced a NaN or an infinity; the message names the first tensor that did.
+    #[error("non-finite values: {0}")]
+    NonFinite(String),
+
     /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io { path: String, source: std::io::Error },

@@ -73,6 +73,38 @@ pub struct Probes {
     pub stage_identity: Vec<Option<f32>>,
 }
 
+/// The first non-finite probe in the order the passes computed them: forward (`x_0`, then each
+/// unit's `F` and output), the loss, then backward (`dE/dx_L` down to `dE/dx_0`).
+fn first_non_finite(p: &Probes, units: &[Unit]) -> Option<String> {
+    let name = |l: usize| units.get(l).map_or("the head".to_string(), |u| u.spec.name.clone());
+    let bad = |v: f32| !v.is_finite();
+    if bad(p.norms[0][0]) {
+        return Some("x_0, the stem's output".into());
+    }
+    for l in 0..units.len() {
+        if bad(p.norms[l][1]) {
+            return Some(format!("F(x_{l}), the branch of unit {}", name(l)));
+        }
+        if bad(p.norms[l + 1][0]) {
+            return Some(format!("x_{}, the output of unit {}", l + 1, name(l)));
+        }
+    }
+    if bad(p.loss) {
+        return Some("the loss".into());
+    }
+    for l in (0..=units.len()).rev() {
+        if bad(p.norms[l][2]) {
+            let at = if l == units.len() {
+                "the head's backward".to_string()
+            } else {
+                format!("the backward of unit {}", name(l))
+            };
+            return Some(format!("dE/dx_{l}, from {at}"));
+        }
+    }
+    None
+}
+
 /// A ResNet on the GPU.
 pub struct ResNet {
     pub config: NetConfig,
@@ -419,6 +451,19 @@ impl ResNet {
         gpu.submit(cbs)?;
         self.batches_tracked += 1;
         self.loss(gpu)
+    }
+
+    /// [`ResNet::train_step`] with a check after the passes: the forward and backward run with
+    /// the probes of [`ResNet::probe`], and if any stream `x_l`, branch `F(x_l)`, stream
+    /// gradient `dE/dx_l` or the loss is not finite, the step returns [`Error::NonFinite`]
+    /// naming the first one in the order they were computed, and the weights are not updated.
+    pub fn train_step_checked(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
+        let p = self.probe(gpu, images, labels)?;
+        if let Some(bad) = first_non_finite(&p, &self.units) {
+            return Err(Error::NonFinite(bad));
+        }
+        gpu.submit([self.record_sgd(gpu, opt)?])?;
+        Ok(p.loss)
     }
 
     /// Inference mode (running statistics): the logits, `[N, classes]` row-major.

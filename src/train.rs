@@ -34,6 +34,9 @@ pub struct TrainOptions {
     pub out: PathBuf,
     /// Show a progress bar.
     pub progress: bool,
+    /// Check every step for NaN or infinity ([`ResNet::train_step_checked`]): slower, and
+    /// stops naming the first unit and tensor that went non-finite.
+    pub check_finite: bool,
 }
 
 impl Default for TrainOptions {
@@ -49,6 +52,7 @@ impl Default for TrainOptions {
             eval_batch: 256,
             out: PathBuf::from("runs/train"),
             progress: true,
+            check_finite: false,
         }
     }
 }
@@ -174,7 +178,14 @@ pub fn train(
             }
             let t = Tensor::new(gpu, &[chunk.len(), 3, 32, 32], &images)?;
             let l = upload_labels(gpu, &labels, net.config.classes)?;
-            let loss = net.train_step(gpu, &t, &l, sgd)?;
+            let loss = if opts.check_finite {
+                net.train_step_checked(gpu, &t, &l, sgd).map_err(|e| match e {
+                    Error::NonFinite(m) => Error::NonFinite(format!("epoch {}: {m}; no checkpoint written", epoch + 1)),
+                    e => e,
+                })?
+            } else {
+                net.train_step(gpu, &t, &l, sgd)?
+            };
             if !loss.is_finite() {
                 return Err(Error::Invalid(format!("epoch {}: the training loss became {loss}", epoch + 1)));
             }

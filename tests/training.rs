@@ -66,3 +66,37 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     assert_eq!(h_rest.last().unwrap().train_loss, h_full.last().unwrap().train_loss);
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
 }
+
+#[test]
+fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(64, 20, 5);
+    let cfg = tiny();
+    let mut state: std::collections::HashMap<String, Vec<f32>> =
+        cfg.tensors().into_iter().map(|t| t.name).zip(cfg.initial_values(5)).collect();
+    state.get_mut("layer2.0.conv2.weight").unwrap()[7] = f32::NAN;
+    let mut net = ResNet::from_state(g, &cfg, &state).unwrap();
+    let opts = TrainOptions {
+        epochs: 1,
+        batch: 32,
+        progress: false,
+        check_finite: true,
+        out: out_dir("nan"),
+        ..TrainOptions::default()
+    };
+    let before = net.state(g).unwrap();
+    match train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()) {
+        Err(resnet_wgpu::Error::NonFinite(m)) => {
+            assert!(m.contains("F(x_1)") && m.contains("layer2.0") && m.contains("epoch 1"), "{m}");
+        }
+        other => panic!("expected a non-finite error, got {other:?}"),
+    }
+    assert!(!opts.out.join("checkpoint.safetensors").exists(), "no checkpoint after the failure");
+    // The weights were not updated by the failing step.
+    let after = net.state(g).unwrap();
+    for ((n, a), (_, b)) in before.iter().zip(&after) {
+        if !n.contains("running") && !n.contains("num_batches") {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} changed");
+        }
+    }
+}

@@ -151,6 +151,9 @@ enum Command {
         /// Turn off crop-and-flip augmentation.
         #[arg(long)]
         no_augment: bool,
+        /// Check every step for NaN/infinity and stop naming the first unit and tensor.
+        #[arg(long)]
+        check_finite: bool,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Continue from a checkpoint written by an earlier run.
@@ -209,13 +212,26 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Info) => info(),
         Some(Command::Grad { net, weights, batch, out, seed }) => grad(&net, weights.as_deref(), &batch, &out, seed),
-        Some(Command::Train { net, data, epochs, batch, lr, weight_decay, no_augment, seed, resume, out }) => {
+        Some(Command::Train {
+            net,
+            data,
+            epochs,
+            batch,
+            lr,
+            weight_decay,
+            no_augment,
+            check_finite,
+            seed,
+            resume,
+            out,
+        }) => {
             let opts = TrainOptions {
                 epochs,
                 batch,
                 lr,
                 weight_decay,
                 augment: !no_augment,
+                check_finite,
                 seed,
                 out,
                 ..TrainOptions::default()
