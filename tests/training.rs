@@ -100,3 +100,23 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
         }
     }
 }
+
+#[test]
+fn the_same_seed_gives_bit_identical_losses_and_weights() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(96, 20, 6);
+    let run = |name: &str| {
+        let mut net = ResNet::new(g, &tiny(), 6).unwrap();
+        let opts =
+            TrainOptions { epochs: 1, batch: 32, progress: false, out: out_dir(name), ..TrainOptions::default() };
+        let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
+        (h, net.state(g).unwrap())
+    };
+    let (h1, s1) = run("det1");
+    let (h2, s2) = run("det2");
+    assert_eq!(h1[0].train_loss.to_bits(), h2[0].train_loss.to_bits());
+    assert_eq!(h1[0].test_loss.to_bits(), h2[0].test_loss.to_bits());
+    for ((n, a), (_, b)) in s1.iter().zip(&s2) {
+        assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} differs between runs");
+    }
+}
