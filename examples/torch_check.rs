@@ -1,0 +1,34 @@
+//! Runs the PyTorch fixture (tests/fixtures/torch-resnet20-original-b) with each conv kernel
+//! family and prints the worst gradient error against PyTorch: a diagnostic for adapters.
+use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::io;
+use resnet_wgpu::ops::conv::{self, Kernels};
+use resnet_wgpu::ops::pool_fc_loss::upload_labels;
+use resnet_wgpu::reference::{rel_l2, to_f64};
+use resnet_wgpu::{Gpu, Result, Tensor};
+use std::path::Path;
+
+fn main() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-resnet20-original-b");
+    let dir = std::env::args().nth(1).map(std::path::PathBuf::from).unwrap_or(dir);
+    let cfg = NetConfig { shortcut: ShortcutOption::B, ..NetConfig::cifar(20, UnitKind::Original, false, 10)? };
+    let batch = io::read(&dir.join("batch.safetensors"))?;
+    let torch = io::read(&dir.join("torch.safetensors"))?;
+    let labels: Vec<u32> = batch["labels"].to_i64().unwrap_or_default().iter().map(|&l| l as u32).collect();
+    for (name, k) in [("auto", Kernels::Auto), ("tiled", Kernels::Tiled), ("register", Kernels::Register)] {
+        let gpu = Gpu::new()?;
+        conv::set_kernels(&gpu, k);
+        let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
+        let images = Tensor::new(&gpu, &[4, 3, 32, 32], &batch["images"].to_f32())?;
+        net.forward_backward(&gpu, &images, &upload_labels(&gpu, &labels, 10)?, true)?;
+        let mut rows: Vec<(f64, String)> = net
+            .grads(&gpu)?
+            .into_iter()
+            .map(|(n, g)| (rel_l2(&g, &to_f64(&torch[&format!("grad.{n}")].to_f32())), n))
+            .collect();
+        rows.push((rel_l2(&net.grad_images(&gpu)?, &to_f64(&torch["grad.images"].to_f32())), "images".into()));
+        rows.sort_by(|a, b| b.0.total_cmp(&a.0));
+        println!("{name} ({}): worst {:?}", gpu.report.name, &rows[..3]);
+    }
+    Ok(())
+}
