@@ -6,7 +6,14 @@
 //! - [`UnitKind::PreAct`] (full pre-activation, the default): each weight layer of `F` is
 //!   BN -> ReLU -> conv, and `f` is the identity;
 //! - [`UnitKind::Original`]: each weight layer is conv -> BN, with a ReLU between layers, and
-//!   `f` is ReLU.
+//!   `f` is ReLU;
+//! - the other placements of the paper's Table 2 ([`UnitKind::BnAfterAdd`],
+//!   [`UnitKind::ReluBeforeAdd`], [`UnitKind::ReluOnlyPreAct`]).
+//!
+//! How `h(x_l)` and `F(x_l)` are combined into `y_l` is [`Combine`]: the plain sum, or one of
+//! the paper's Table 1 variants (constant scaling, gating, dropout on the shortcut). The 1x1
+//! convolution shortcut on every unit is [`ShortcutOption::C`]. [`Variant`] names a placement
+//! and a combination together, as the command line takes them.
 //!
 //! `h` is the identity where the shape is kept. Where a unit changes shape (stride 2 or more
 //! channels) `h` is option A, the input subsampled by the stride with the extra channels zero,
@@ -15,13 +22,48 @@
 
 use crate::error::{Error, Result};
 
-/// The placement of BN and ReLU in a unit.
+/// The placement of BN and ReLU in a unit (the paper's Table 2, written for two layers).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum UnitKind {
     /// Full pre-activation: `F = conv(ReLU(BN(conv(ReLU(BN(x))))))`, `f = identity`.
     PreAct,
     /// Original: `F = BN(conv(ReLU(BN(conv(x)))))`, `f = ReLU`.
     Original,
+    /// BN after addition: `F = conv(ReLU(BN(conv(x))))`, `f = ReLU(BN(.))`; the last layer's
+    /// BN (`bn{k}`) normalises `y_l` instead of the branch.
+    BnAfterAdd,
+    /// ReLU before addition: `F = ReLU(BN(conv(ReLU(BN(conv(x))))))`, `f = identity`.
+    ReluBeforeAdd,
+    /// ReLU-only pre-activation: `F = BN(conv(ReLU(BN(conv(ReLU(x))))))`, `f = identity`.
+    ReluOnlyPreAct,
+}
+
+impl UnitKind {
+    /// Every placement, in the order of the paper's Table 2.
+    pub const ALL: [UnitKind; 5] =
+        [UnitKind::Original, UnitKind::BnAfterAdd, UnitKind::ReluBeforeAdd, UnitKind::ReluOnlyPreAct, UnitKind::PreAct];
+
+    /// The name the command line takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            UnitKind::PreAct => "preact",
+            UnitKind::Original => "original",
+            UnitKind::BnAfterAdd => "bn-after-add",
+            UnitKind::ReluBeforeAdd => "relu-before-add",
+            UnitKind::ReluOnlyPreAct => "relu-only-preact",
+        }
+    }
+
+    /// Whether BN comes before each convolution (normalising the layer's input, `bn{i}` has
+    /// `c_in` channels) rather than after it (`c_out` channels).
+    pub fn bn_before_conv(self) -> bool {
+        self == UnitKind::PreAct
+    }
+
+    /// The stem: a plain conv (pre-activation) or conv -> BN -> ReLU (every other placement).
+    pub fn stem_bn(self) -> bool {
+        self != UnitKind::PreAct
+    }
 }
 
 /// The shortcut of units that change shape.
@@ -31,6 +73,45 @@ pub enum ShortcutOption {
     A,
     /// A 1x1 projection convolution with the unit's stride.
     B,
+    /// A 1x1 projection on every unit, also where the shape is kept (the paper's "1x1 conv
+    /// shortcut" of Table 1).
+    C,
+}
+
+/// How a unit combines its shortcut and its branch into `y_l` (the paper's Table 1).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Combine {
+    /// `y = h(x) + F(x)`.
+    Add,
+    /// Constant scaling: `y = lambda_h * h(x) + lambda_f * F(x)`.
+    Scale { h: f32, f: f32 },
+    /// Exclusive gating: `g = sigmoid(conv1x1(x) + b)`, `y = (1 - g) * h(x) + g * F(x)`; the
+    /// gate's bias starts at `bias` (the paper's best is -6). Its weights are
+    /// `{unit}.gate.weight` and `{unit}.gate.bias`.
+    ExclusiveGate { bias: f32 },
+    /// Shortcut-only gating: `y = (1 - g) * h(x) + F(x)`, `g` as for [`Combine::ExclusiveGate`].
+    ShortcutGate { bias: f32 },
+    /// Dropout on the shortcut: in training `y = m * h(x) / (1 - rate) + F(x)` with a seeded
+    /// Bernoulli mask `m` (keep probability `1 - rate`); in inference `y = h(x) + F(x)`.
+    Dropout { rate: f32 },
+}
+
+impl Combine {
+    /// Whether the unit has a gate (its own 1x1 convolution and bias).
+    pub fn gated(self) -> bool {
+        matches!(self, Combine::ExclusiveGate { .. } | Combine::ShortcutGate { .. })
+    }
+
+    /// Checks the constants.
+    pub fn validate(self) -> Result<()> {
+        let ok = match self {
+            Combine::Add => true,
+            Combine::Scale { h, f } => h.is_finite() && f.is_finite(),
+            Combine::ExclusiveGate { bias } | Combine::ShortcutGate { bias } => bias.is_finite(),
+            Combine::Dropout { rate } => (0.0..1.0).contains(&rate),
+        };
+        if ok { Ok(()) } else { Err(Error::Invalid(format!("impossible shortcut combination {self:?}"))) }
+    }
 }
 
 /// The shortcut `h` of one unit.
@@ -52,7 +133,7 @@ pub struct Layer {
 }
 
 /// One residual unit.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct UnitSpec {
     /// PyTorch-style prefix, e.g. `layer2.0`.
     pub name: String,
@@ -63,14 +144,32 @@ pub struct UnitSpec {
     pub c_out: usize,
     pub stride: usize,
     pub shortcut: Shortcut,
+    /// How `h(x)` and `F(x)` are combined.
+    pub combine: Combine,
     /// The weight layers of `F`, in order: `conv{i+1}` and `bn{i+1}` in the names.
     pub layers: Vec<Layer>,
 }
 
+impl UnitSpec {
+    /// `x_{l+1} = x_l + F(x_l)` exactly: identity `h`, plain sum and identity `f`.
+    pub fn is_identity(&self) -> bool {
+        self.shortcut == Shortcut::Identity
+            && self.combine == Combine::Add
+            && matches!(self.kind, UnitKind::PreAct | UnitKind::ReluBeforeAdd | UnitKind::ReluOnlyPreAct)
+    }
+
+    /// The gate's 1x1 convolution (gated units): `c_in -> c_out` with the unit's stride.
+    pub fn gate_layer(&self) -> Layer {
+        Layer { c_in: self.c_in, c_out: self.c_out, k: 1, stride: self.stride }
+    }
+}
+
 /// A CIFAR-style ResNet: stem conv, three stages, head.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct NetConfig {
     pub kind: UnitKind,
+    /// How each unit combines its shortcut and its branch.
+    pub combine: Combine,
     /// Units per stage.
     pub units_per_stage: usize,
     /// Bottleneck units (1x1, 3x3, 1x1, expansion 4) instead of basic (3x3, 3x3).
@@ -98,6 +197,7 @@ impl NetConfig {
         }
         Ok(NetConfig {
             kind,
+            combine: Combine::Add,
             units_per_stage: (depth - 2) / per,
             bottleneck,
             shortcut: ShortcutOption::B,
@@ -127,6 +227,7 @@ impl NetConfig {
         if self.units_per_stage == 0 || self.widths.contains(&0) || self.in_channels == 0 || self.classes < 2 {
             return Err(Error::Invalid(format!("impossible network configuration {self:?}")));
         }
+        self.combine.validate()?;
         if self.shortcut == ShortcutOption::A && self.widths.windows(2).any(|w| w[1] < w[0]) {
             return Err(Error::Invalid("option-A shortcuts need non-decreasing widths".into()));
         }
@@ -150,7 +251,7 @@ impl NetConfig {
                 } else {
                     vec![Layer { c_in: c, c_out: out, k: 3, stride }, Layer { c_in: out, c_out: out, k: 3, stride: 1 }]
                 };
-                let shortcut = if stride == 1 && c == out {
+                let shortcut = if stride == 1 && c == out && self.shortcut != ShortcutOption::C {
                     Shortcut::Identity
                 } else if self.shortcut == ShortcutOption::A {
                     Shortcut::Subsample
@@ -165,6 +266,7 @@ impl NetConfig {
                     c_out: out,
                     stride,
                     shortcut,
+                    combine: self.combine,
                     layers,
                 });
                 c = out;
@@ -176,10 +278,11 @@ impl NetConfig {
     /// Every parameter and buffer, in a fixed order, with its PyTorch name and shape.
     ///
     /// The scheme (a PyTorch module of the same architecture produces the same state dict):
-    /// - stem: `conv1.weight`; original networks also `bn1.*` after it;
+    /// - stem: `conv1.weight`; every placement but pre-activation also `bn1.*` after it;
     /// - unit `layer{s}.{j}`: `conv{i}.weight` and `bn{i}.*` for each weight layer `i`; a
     ///   projection shortcut is `shortcut.weight` in pre-activation units and `shortcut.0.weight`
-    ///   with `shortcut.1.*` (its BN) in original units;
+    ///   with `shortcut.1.*` (its BN) in the others; a gate is `gate.weight` [C_out, C_in, 1, 1]
+    ///   and `gate.bias` [C_out];
     /// - pre-activation networks: the final `bn.*` before pooling;
     /// - head: `fc.weight` [classes, C], `fc.bias` [classes].
     ///
@@ -199,14 +302,14 @@ impl NetConfig {
         };
         let stem = Layer { c_in: self.in_channels, c_out: self.stem_channels(), k: 3, stride: 1 };
         conv(&mut v, "conv1.weight".into(), stem);
-        if self.kind == UnitKind::Original {
+        if self.kind.stem_bn() {
             bn(&mut v, "bn1".into(), stem.c_out);
         }
         for u in self.units() {
             for (i, l) in u.layers.iter().enumerate() {
                 conv(&mut v, format!("{}.conv{}.weight", u.name, i + 1), *l);
-                // Pre-activation: bn_i normalises the layer's input; original: its output.
-                let c = if u.kind == UnitKind::PreAct { l.c_in } else { l.c_out };
+                // Pre-activation: bn_i normalises the layer's input; the others: its output.
+                let c = if u.kind.bn_before_conv() { l.c_in } else { l.c_out };
                 bn(&mut v, format!("{}.bn{}", u.name, i + 1), c);
             }
             if u.shortcut == Shortcut::Projection {
@@ -217,6 +320,10 @@ impl NetConfig {
                     conv(&mut v, format!("{}.shortcut.0.weight", u.name), l);
                     bn(&mut v, format!("{}.shortcut.1", u.name), u.c_out);
                 }
+            }
+            if u.combine.gated() {
+                conv(&mut v, format!("{}.gate.weight", u.name), u.gate_layer());
+                v.push(TensorSpec { name: format!("{}.gate.bias", u.name), dims: vec![u.c_out], role: Role::GateBias });
             }
         }
         let c = self.stage_channels(2);
@@ -242,12 +349,14 @@ pub enum Role {
     Count,
     FcWeight,
     FcBias,
+    /// A gate's bias (initialised to the configured value).
+    GateBias,
 }
 
 impl Role {
     /// Learned by SGD (has a gradient and a momentum buffer).
     pub fn learned(self) -> bool {
-        matches!(self, Role::Weight | Role::BnWeight | Role::BnBias | Role::FcWeight | Role::FcBias)
+        matches!(self, Role::Weight | Role::BnWeight | Role::BnBias | Role::FcWeight | Role::FcBias | Role::GateBias)
     }
 }
 
@@ -274,7 +383,7 @@ impl NetConfig {
     /// Initial values of [`NetConfig::tensors`], in order, drawn from `seed`: convolutions
     /// He-normal with fan-out (`std = sqrt(2 / (k*k*c_out))`, as the paper's code), BN weight 1
     /// and bias 0, running mean 0 and variance 1, and the FC weight and bias uniform in
-    /// `+-1/sqrt(C)` (PyTorch's default for Linear).
+    /// `+-1/sqrt(C)` (PyTorch's default for Linear); a gate's bias is the configured value.
     pub fn initial_values(&self, seed: u64) -> Vec<Vec<f32>> {
         let mut rng = crate::rng::Rng::new(seed);
         let fc_bound = 1.0 / (self.stage_channels(2) as f64).sqrt();
@@ -290,8 +399,113 @@ impl NetConfig {
                     Role::BnWeight | Role::RunningVar => vec![1.0; n],
                     Role::BnBias | Role::RunningMean | Role::Count => vec![0.0; n],
                     Role::FcWeight | Role::FcBias => (0..n).map(|_| rng.range(-fc_bound, fc_bound) as f32).collect(),
+                    Role::GateBias => match self.combine {
+                        Combine::ExclusiveGate { bias } | Combine::ShortcutGate { bias } => vec![bias; n],
+                        _ => vec![0.0; n],
+                    },
                 }
             })
             .collect()
+    }
+}
+
+/// A unit variant as the command line names it: a placement (the paper's Table 2) and a
+/// combination of shortcut and branch (Table 1), written `PLACEMENT[+COMBINATION]` or
+/// `COMBINATION` alone (on the original unit, as the paper's Table 1 is):
+/// - placements: `original`, `bn-after-add`, `relu-before-add`, `relu-only-preact`, `preact`;
+/// - combinations: `add` (the default), `scale:H:F` (`scale` is 0.5:0.5), `gate:B` (exclusive
+///   gating, gate bias starting at B; `gate` is -6), `shortcut-gate:B`, `conv` (a 1x1
+///   convolution shortcut on every unit), `dropout:P` (`dropout` is 0.5).
+///
+/// Examples: `preact`, `scale:0.5:1`, `original+gate:-6`, `preact+dropout:0.5`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Variant {
+    pub kind: UnitKind,
+    pub combine: Combine,
+    /// A 1x1 convolution shortcut on every unit ([`ShortcutOption::C`]).
+    pub conv_shortcut: bool,
+}
+
+impl Variant {
+    /// Applies the variant to a configuration (the shortcut option becomes C for `conv`).
+    pub fn apply(self, cfg: &mut NetConfig) {
+        cfg.kind = self.kind;
+        cfg.combine = self.combine;
+        if self.conv_shortcut {
+            cfg.shortcut = ShortcutOption::C;
+        }
+    }
+
+    /// The variant of a configuration.
+    pub fn of(cfg: &NetConfig) -> Variant {
+        Variant { kind: cfg.kind, combine: cfg.combine, conv_shortcut: cfg.shortcut == ShortcutOption::C }
+    }
+
+    fn combination(&self) -> Option<String> {
+        match self.combine {
+            Combine::Add if self.conv_shortcut => Some("conv".into()),
+            Combine::Add => None,
+            Combine::Scale { h, f } => Some(format!("scale:{h}:{f}")),
+            Combine::ExclusiveGate { bias } => Some(format!("gate:{bias}")),
+            Combine::ShortcutGate { bias } => Some(format!("shortcut-gate:{bias}")),
+            Combine::Dropout { rate } => Some(format!("dropout:{rate}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Variant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.combination() {
+            None => write!(f, "{}", self.kind.name()),
+            Some(c) if self.kind == UnitKind::Original => write!(f, "{c}"),
+            Some(c) => write!(f, "{}+{c}", self.kind.name()),
+        }
+    }
+}
+
+impl std::str::FromStr for Variant {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Variant> {
+        let bad = |why: &str| Error::Invalid(format!("unit variant {s:?}: {why}"));
+        let (placement, combination) = match s.split_once('+') {
+            Some((p, c)) => (Some(p), Some(c)),
+            None if UnitKind::ALL.iter().any(|k| k.name() == s) => (Some(s), None),
+            None => (None, Some(s)),
+        };
+        let kind = match placement {
+            None => UnitKind::Original,
+            Some(p) => *UnitKind::ALL.iter().find(|k| k.name() == p).ok_or_else(|| {
+                bad("unknown placement (original, bn-after-add, relu-before-add, relu-only-preact, preact)")
+            })?,
+        };
+        let mut v = Variant { kind, combine: Combine::Add, conv_shortcut: false };
+        let Some(c) = combination else { return Ok(v) };
+        let mut parts = c.split(':');
+        let name = parts.next().unwrap_or_default();
+        let nums = parts.map(|p| p.parse::<f32>().map_err(|_| bad(&format!("{p:?} is not a number"))));
+        let nums = nums.collect::<Result<Vec<f32>>>()?;
+        let arity = |n: usize| if nums.len() <= n { Ok(()) } else { Err(bad("too many numbers")) };
+        v.combine = match name {
+            "add" => Combine::Add,
+            "conv" => {
+                v.conv_shortcut = true;
+                Combine::Add
+            }
+            "scale" => match nums[..] {
+                [] => Combine::Scale { h: 0.5, f: 0.5 },
+                [h, f] => Combine::Scale { h, f },
+                _ => return Err(bad("scale takes two numbers, scale:H:F")),
+            },
+            "gate" => Combine::ExclusiveGate { bias: nums.first().copied().unwrap_or(-6.0) },
+            "shortcut-gate" => Combine::ShortcutGate { bias: nums.first().copied().unwrap_or(-6.0) },
+            "dropout" => Combine::Dropout { rate: nums.first().copied().unwrap_or(0.5) },
+            _ => return Err(bad("unknown combination (add, scale, gate, shortcut-gate, conv, dropout)")),
+        };
+        if !matches!(name, "scale") {
+            arity(if matches!(name, "add" | "conv") { 0 } else { 1 })?;
+        }
+        v.combine.validate()?;
+        Ok(v)
     }
 }

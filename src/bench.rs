@@ -38,7 +38,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::arch::{NetConfig, ShortcutOption, UnitKind};
+use crate::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batch_norm::Epilogue;
@@ -199,10 +199,7 @@ pub const ITEMS: [Item; 9] = [
 ];
 
 fn unit_name(kind: UnitKind) -> &'static str {
-    match kind {
-        UnitKind::PreAct => "preact",
-        UnitKind::Original => "original",
-    }
+    kind.name()
 }
 
 impl Item {
@@ -582,6 +579,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
 fn identity_unit(gpu: &Gpu, kind: UnitKind, c: usize) -> Result<Unit> {
     let cfg = NetConfig {
         kind,
+        combine: Combine::Add,
         units_per_stage: 2,
         bottleneck: false,
         shortcut: ShortcutOption::B,

@@ -58,6 +58,8 @@ pub enum Shader {
     PoolFcLoss,
     Sgd,
     Probe,
+    Mix,
+    Gate,
 }
 
 impl Shader {
@@ -70,6 +72,8 @@ impl Shader {
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
             Shader::Sgd => include_str!("../shaders/sgd.wgsl"),
             Shader::Probe => include_str!("../shaders/probe.wgsl"),
+            Shader::Mix => include_str!("../shaders/mix.wgsl"),
+            Shader::Gate => include_str!("../shaders/gate.wgsl"),
         }
     }
 }

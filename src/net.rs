@@ -5,14 +5,14 @@
 //! at once: nothing returns to the host between units, and the stream `x_l` and its gradient
 //! stay on the GPU (see [`crate::unit`]).
 
-use std::collections::HashMap;
 
 use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::pool_fc_loss::{self as head, Labels};
-use crate::ops::{conv, probe, residual, sgd};
+use crate::ops::{conv, probe, relu, residual, sgd};
+use crate::rng::dropout_seed;
 use crate::tensor::Tensor;
 use crate::unit::{Bn, Conv, Kept, Mode, Param, Slot, State, Unit, Workspace};
 
@@ -47,8 +47,10 @@ struct Acts {
     /// `x_0 .. x_L`, each kept for the backward.
     streams: Vec<Tensor>,
     kept: Vec<Kept>,
-    /// The stream's gradient, one buffer per shape, accumulated in place.
-    grads: HashMap<[usize; 4], Tensor>,
+    /// The stream's gradients, accumulated in place: `grads[grad_of[l]]` holds `dE/dx_l`. An
+    /// identity-shortcut unit shares its output's buffer; any other unit gets another one.
+    grads: Vec<Tensor>,
+    grad_of: Vec<usize>,
     /// Original networks: the stem convolution's output (its BN's input).
     stem_h: Option<Tensor>,
     /// Pre-activation networks: `ReLU(BN(x_L))` and its gradient.
@@ -134,16 +136,10 @@ impl ResNet {
         let c0 = config.stem_channels();
         let stem_l = Layer { c_in: config.in_channels, c_out: c0, k: 3, stride: 1 };
         let stem = Conv::load(gpu, state, "conv1.weight", stem_l)?;
-        let stem_bn = match config.kind {
-            UnitKind::Original => Some(Bn::load(gpu, state, "bn1", c0)?),
-            UnitKind::PreAct => None,
-        };
+        let stem_bn = config.kind.stem_bn().then(|| Bn::load(gpu, state, "bn1", c0)).transpose()?;
         let units = config.units().iter().map(|spec| Unit::from_state(gpu, spec, state)).collect::<Result<Vec<_>>>()?;
         let c = config.stage_channels(2);
-        let final_bn = match config.kind {
-            UnitKind::PreAct => Some(Bn::load(gpu, state, "bn", c)?),
-            UnitKind::Original => None,
-        };
+        let final_bn = (config.kind == UnitKind::PreAct).then(|| Bn::load(gpu, state, "bn", c)).transpose()?;
         let fc_w = Param::load(gpu, state, "fc.weight", &[config.classes, c])?;
         let fc_b = Param::load(gpu, state, "fc.bias", &[config.classes])?;
         let first_count = config.tensors().into_iter().find(|t| t.role == Role::Count);
@@ -178,6 +174,10 @@ impl ResNet {
                     bn(&mut v, &format!("{}.shortcut.1", u.spec.name), b);
                 }
                 _ => {}
+            }
+            if let Some(g) = &u.gate {
+                v.push((format!("{}.gate.weight", u.spec.name), Entry::Param(&g.w)));
+                v.push((format!("{}.gate.bias", u.spec.name), Entry::Param(&g.b)));
             }
         }
         if let Some(b) = &self.final_bn {
@@ -222,9 +222,9 @@ impl ResNet {
     /// Bytes of activations (kept tensors, streams, workspace) held for the current input shape.
     pub fn activation_bytes(&self) -> u64 {
         self.acts.as_ref().map_or(0, |a| {
-            let kept: u64 = a.kept.iter().flat_map(|k| &k.tensors).map(|t| t.bytes()).sum();
+            let kept: u64 = a.kept.iter().map(|k| k.bytes()).sum();
             let streams: u64 = a.streams.iter().map(|t| t.bytes()).sum();
-            let grads: u64 = a.grads.values().map(|t| t.bytes()).sum();
+            let grads: u64 = a.grads.iter().map(|t| t.bytes()).sum();
             kept + streams + grads + a.ws.bytes()
         })
     }
@@ -250,31 +250,43 @@ impl ResNet {
         let mut ws = Workspace::default();
         let mut streams = vec![Tensor::zeros(gpu, &x0)?];
         let mut kept = Vec::new();
-        let mut grads = HashMap::new();
-        grads.insert(x0, Tensor::zeros(gpu, &x0)?);
+        let mut dims = vec![x0];
         let mut d = x0;
         for u in &self.units {
             kept.push(u.allocate(gpu, d, &mut ws)?);
             d = u.out_dims(d);
             streams.push(Tensor::zeros(gpu, &d)?);
-            if let std::collections::hash_map::Entry::Vacant(e) = grads.entry(d) {
-                e.insert(Tensor::zeros(gpu, &d)?);
-            }
+            dims.push(d);
+        }
+        // Gradient buffers, from the last stream down: reuse one of the right shape unless it
+        // is the next stream's and the unit between them does not accumulate in place.
+        let (mut grads, mut grad_of) = (Vec::<Tensor>::new(), vec![0; dims.len()]);
+        for l in (0..dims.len()).rev() {
+            let next = (l + 1 < dims.len()).then(|| grad_of[l + 1]);
+            let shared = l < self.units.len() && self.units[l].spec.shortcut == Shortcut::Identity;
+            grad_of[l] = match (shared, next) {
+                (true, Some(i)) => i,
+                _ => match (0..grads.len()).find(|&i| grads[i].dims() == dims[l] && Some(i) != next) {
+                    Some(i) => i,
+                    None => {
+                        grads.push(Tensor::zeros(gpu, &dims[l])?);
+                        grads.len() - 1
+                    }
+                },
+            };
         }
         let (c, k) = (d[1], self.config.classes);
         let z = match self.config.kind {
-            UnitKind::PreAct => Some((Tensor::zeros(gpu, &d)?, Tensor::zeros(gpu, &d)?)),
-            UnitKind::Original => None,
+            UnitKind::PreAct | UnitKind::ReluOnlyPreAct => Some((Tensor::zeros(gpu, &d)?, Tensor::zeros(gpu, &d)?)),
+            _ => None,
         };
-        let stem_h = match self.config.kind {
-            UnitKind::Original => Some(Tensor::zeros(gpu, &x0)?),
-            UnitKind::PreAct => None,
-        };
+        let stem_h = self.config.kind.stem_bn().then(|| Tensor::zeros(gpu, &x0)).transpose()?;
         self.acts = Some(Acts {
             images,
             streams,
             kept,
             grads,
+            grad_of,
             stem_h,
             z,
             pooled: Tensor::zeros(gpu, &[n, c])?,
@@ -322,9 +334,14 @@ impl ResNet {
 
         let mut rec = gpu.recorder("head forward");
         let x_last = &a.streams[self.units.len()];
+        // z = ReLU(BN(x_L)) (pre-activation), ReLU(x_L) (ReLU-only pre-activation) or x_L.
         let z = match (&self.final_bn, &a.z) {
             (Some(bn), Some((z, _))) => {
                 bn.forward(&mut rec, mode, x_last, z, Epilogue { add: false, relu: true })?;
+                z
+            }
+            (None, Some((z, _))) => {
+                relu::forward(&mut rec, x_last, z)?;
                 z
             }
             _ => x_last,
@@ -348,9 +365,9 @@ impl ResNet {
         norms: Option<&Tensor>,
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let a = self.acts()?;
-        let grad = |t: &Tensor| -> Result<&Tensor> {
-            let d = t.nchw("stream")?;
-            a.grads.get(&d).ok_or_else(|| Error::Invalid(format!("no stream gradient of {d:?}")))
+        let grad = |l: usize| -> Result<&Tensor> {
+            let i = a.grad_of.get(l).ok_or_else(|| Error::Invalid(format!("no stream gradient {l}")))?;
+            Ok(&a.grads[*i])
         };
         let mut cbs = Vec::new();
         let l_count = self.units.len();
@@ -368,11 +385,15 @@ impl ResNet {
             false,
         )?;
         let x_last = &a.streams[l_count];
-        let g_last = grad(x_last)?;
+        let g_last = grad(l_count)?;
         match (&self.final_bn, &a.z) {
             (Some(bn), Some((_, dz))) => {
                 head::pool_backward(&mut rec, &a.dpooled, dz, false)?;
                 bn.backward(&mut rec, x_last, dz, true, g_last, false)?;
+            }
+            (None, Some((_, dz))) => {
+                head::pool_backward(&mut rec, &a.dpooled, dz, false)?;
+                relu::backward(&mut rec, x_last, dz, g_last, false)?;
             }
             _ => head::pool_backward(&mut rec, &a.dpooled, g_last, false)?,
         }
@@ -384,15 +405,15 @@ impl ResNet {
         for (l, u) in self.units.iter().enumerate().rev() {
             let mut rec = gpu.recorder(&u.spec.name);
             let (x, y) = (&a.streams[l], &a.streams[l + 1]);
-            u.backward(&mut rec, x, y, grad(y)?, grad(x)?, &a.kept[l], &a.ws)?;
+            u.backward(&mut rec, x, y, grad(l + 1)?, grad(l)?, &a.kept[l], &a.ws)?;
             if let Some(n) = norms {
-                probe::sum_squares(&mut rec, grad(x)?, n, 3 * l + 2)?;
+                probe::sum_squares(&mut rec, grad(l)?, n, 3 * l + 2)?;
             }
             cbs.push(rec.finish());
         }
 
         let mut rec = gpu.recorder("stem backward");
-        let g0 = grad(&a.streams[0])?;
+        let g0 = grad(0)?;
         let dstem = match (&self.stem_bn, &a.stem_h) {
             (Some(bn), Some(h)) => {
                 let dh = a.ws.get(h.dims(), Slot::DAct)?;
@@ -426,6 +447,10 @@ impl ResNet {
                     l.len, l.classes, d[0], self.config.classes
                 )));
             }
+        }
+        // Dropout masks: a fresh one per training step and unit, the same in its backward.
+        for (l, u) in self.units.iter_mut().enumerate() {
+            u.seed = dropout_seed(self.batches_tracked as u64, l);
         }
         self.ensure_acts(gpu, d)
     }

@@ -54,3 +54,27 @@ impl Rng {
             .collect()
     }
 }
+
+/// A 32-bit integer hash (PCG's output permutation), the same on the host and in WGSL
+/// (`shaders/mix.wgsl`): dropout masks are a pure function of a seed and an element index.
+pub fn pcg_hash(v: u32) -> u32 {
+    let state = v.wrapping_mul(747_796_405).wrapping_add(2_891_336_453);
+    let word = ((state >> ((state >> 28) + 4)) ^ state).wrapping_mul(277_803_737);
+    (word >> 22) ^ word
+}
+
+/// Dropout drops element `i` when its hash falls below `rate * 2^32`.
+pub fn dropout_threshold(rate: f32) -> u32 {
+    (rate as f64 * 4_294_967_296.0).clamp(0.0, 4_294_967_295.0) as u32
+}
+
+/// Whether dropout with mask `seed` keeps element `i` (threshold from [`dropout_threshold`]).
+pub fn dropout_keep(seed: u32, i: u32, threshold: u32) -> bool {
+    pcg_hash(seed ^ pcg_hash(i)) >= threshold
+}
+
+/// The dropout seed of unit `unit` at training step `step` (BN's `num_batches_tracked` before
+/// the step), so that the GPU and the reference draw the same masks.
+pub fn dropout_seed(step: u64, unit: usize) -> u32 {
+    pcg_hash(pcg_hash(step as u32 ^ ((step >> 32) as u32).rotate_left(16)) ^ unit as u32)
+}

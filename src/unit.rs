@@ -28,11 +28,11 @@
 
 use std::collections::HashMap;
 
-use crate::arch::{Layer, Shortcut, UnitKind, UnitSpec};
+use crate::arch::{Combine, Layer, Shortcut, UnitKind, UnitSpec};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::ops::batch_norm::{self, BnTensors, Epilogue};
-use crate::ops::{conv, relu, residual};
+use crate::ops::{conv, gate, mix, relu, residual};
 use crate::tensor::Tensor;
 
 /// Training (batch statistics, running statistics updated) or inference (running statistics).
@@ -198,6 +198,8 @@ pub enum Slot {
     Act,
     DAct,
     Grad(usize),
+    /// The general path's gradients at a unit's output: `dE/dy_l`, at `h`, at `F`, at the gate.
+    Mix(usize),
 }
 
 impl Workspace {
@@ -205,6 +207,16 @@ impl Workspace {
     pub fn reserve(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
         for slot in [Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)] {
             if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), slot)) {
+                e.insert(Tensor::zeros(gpu, dims)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure the general path's [`Slot::Mix`] tensors of `dims` exist.
+    pub fn reserve_mix(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
+        for i in 0..4 {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), Slot::Mix(i))) {
                 e.insert(Tensor::zeros(gpu, dims)?);
             }
         }
@@ -233,14 +245,61 @@ pub struct Unit {
     pub bns: Vec<Bn>,
     /// The projection shortcut (option B).
     pub proj: Option<Conv>,
-    /// The projection's BN (original units).
+    /// The projection's BN (every placement but pre-activation).
     pub proj_bn: Option<Bn>,
+    /// The gate of gated combinations: `g = sigmoid(conv1x1(x) + b)`.
+    pub gate: Option<Gate>,
+    /// The dropout mask's seed for the next forward and its backward (dropout shortcuts); the
+    /// network sets it per step from [`crate::rng::dropout_seed`].
+    pub seed: u32,
+}
+
+/// A gate's 1x1 convolution (with the unit's stride) and bias.
+#[derive(Debug)]
+pub struct Gate {
+    pub w: Param,
+    pub b: Param,
 }
 
 /// The activations one unit keeps between its forward and its backward (see the module doc).
 #[derive(Debug)]
 pub struct Kept {
+    /// The fused path's (pre-activation and original units with the plain sum).
     pub tensors: Vec<Tensor>,
+    /// The general path's.
+    pub general: Option<GeneralKept>,
+}
+
+impl Kept {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        let g = self.general.as_ref().map_or(0, |g| g.all().map(|t| t.bytes()).sum());
+        self.tensors.iter().map(|t| t.bytes()).sum::<u64>() + g
+    }
+}
+
+/// What a unit on the general path keeps: every intermediate its backward reads, by name.
+#[derive(Debug)]
+pub struct GeneralKept {
+    /// Per layer `i`: `in_{i+1} = post_i(conv_i(a_i))`; the last is `F(x_l)`.
+    pub layer_out: Vec<Tensor>,
+    /// Per layer `i`: the convolution's output where a BN follows it (that BN's input).
+    pub conv_out: Vec<Option<Tensor>>,
+    /// `h(x_l)` for shortcuts other than the identity.
+    pub h: Option<Tensor>,
+    /// The projection's convolution output, where a BN follows it.
+    pub proj_out: Option<Tensor>,
+    /// The gate `g`.
+    pub gate: Option<Tensor>,
+    /// `y_l` before `f`, where `f` has a BN (BN after addition).
+    pub y: Option<Tensor>,
+}
+
+impl GeneralKept {
+    fn all(&self) -> impl Iterator<Item = &Tensor> {
+        let opts = [&self.h, &self.proj_out, &self.gate, &self.y];
+        self.layer_out.iter().chain(self.conv_out.iter().flatten()).chain(opts.into_iter().flatten())
+    }
 }
 
 fn dims_of(t: &Tensor) -> Result<[usize; 4]> {
@@ -254,21 +313,35 @@ impl Unit {
         let mut bns = Vec::new();
         for (i, l) in spec.layers.iter().enumerate() {
             convs.push(Conv::load(gpu, state, &format!("{}.conv{}.weight", spec.name, i + 1), *l)?);
-            // Pre-activation: bn_i normalises the layer's input; original: its output.
-            let c = if spec.kind == UnitKind::PreAct { l.c_in } else { l.c_out };
+            // Pre-activation: bn_i normalises the layer's input; the others: its output.
+            let c = if spec.kind.bn_before_conv() { l.c_in } else { l.c_out };
             bns.push(Bn::load(gpu, state, &format!("{}.bn{}", spec.name, i + 1), c)?);
         }
         let (mut proj, mut proj_bn) = (None, None);
         if spec.shortcut == Shortcut::Projection {
             let l = Layer { c_in: spec.c_in, c_out: spec.c_out, k: 1, stride: spec.stride };
-            if spec.kind == UnitKind::PreAct {
+            if spec.kind.bn_before_conv() {
                 proj = Some(Conv::load(gpu, state, &format!("{}.shortcut.weight", spec.name), l)?);
             } else {
                 proj = Some(Conv::load(gpu, state, &format!("{}.shortcut.0.weight", spec.name), l)?);
                 proj_bn = Some(Bn::load(gpu, state, &format!("{}.shortcut.1", spec.name), spec.c_out)?);
             }
         }
-        Ok(Unit { spec: spec.clone(), convs, bns, proj, proj_bn })
+        let gate = match spec.combine.gated() {
+            true => Some(Gate {
+                w: Param::load(gpu, state, &format!("{}.gate.weight", spec.name), &[spec.c_out, spec.c_in, 1, 1])?,
+                b: Param::load(gpu, state, &format!("{}.gate.bias", spec.name), &[spec.c_out])?,
+            }),
+            false => None,
+        };
+        Ok(Unit { spec: spec.clone(), convs, bns, proj, proj_bn, gate, seed: 0 })
+    }
+
+    /// Whether this unit runs on the fused path: pre-activation or original with the plain sum.
+    /// Every other variant runs on the general path, which computes `h`, `F` and their
+    /// combination into buffers of their own (see [`Unit::forward_general`]).
+    pub fn fused(&self) -> bool {
+        self.spec.combine == Combine::Add && matches!(self.spec.kind, UnitKind::PreAct | UnitKind::Original)
     }
 
     /// Shapes of each weight layer's input and output for an input of `x` dims.
@@ -293,6 +366,9 @@ impl Unit {
 
     /// Allocates what this unit keeps for an input of `x` dims, and reserves its temporaries.
     pub fn allocate(&self, gpu: &Gpu, x: [usize; 4], ws: &mut Workspace) -> Result<Kept> {
+        if !self.fused() {
+            return self.allocate_general(gpu, x, ws);
+        }
         let dims = self.layer_dims(x);
         let mut tensors = Vec::new();
         for (i, (di, dout)) in dims.iter().enumerate() {
@@ -300,7 +376,7 @@ impl Unit {
             ws.reserve(gpu, dout)?;
             let keep = match self.spec.kind {
                 UnitKind::PreAct => i + 1 < dims.len(), // the next layer's input
-                UnitKind::Original => true,             // the BN input
+                _ => true,                              // the BN input
             };
             if keep {
                 tensors.push(Tensor::zeros(gpu, dout)?);
@@ -309,7 +385,7 @@ impl Unit {
         if self.spec.kind == UnitKind::Original && self.spec.shortcut == Shortcut::Projection {
             tensors.push(Tensor::zeros(gpu, &self.out_dims(x))?);
         }
-        Ok(Kept { tensors })
+        Ok(Kept { tensors, general: None })
     }
 
     /// Records `y = x_{l+1}` from `x = x_l`.
@@ -323,8 +399,9 @@ impl Unit {
         ws: &Workspace,
     ) -> Result<()> {
         match self.spec.kind {
+            _ if !self.fused() => self.forward_general(rec, mode, x, y, kept, ws),
             UnitKind::PreAct => self.forward_preact(rec, mode, x, y, kept, ws),
-            UnitKind::Original => self.forward_original(rec, mode, x, y, kept, ws),
+            _ => self.forward_original(rec, mode, x, y, kept, ws),
         }
     }
 
@@ -350,8 +427,9 @@ impl Unit {
             )));
         }
         match self.spec.kind {
+            _ if !self.fused() => self.backward_general(rec, x, y, g_out, g_in, kept, ws),
             UnitKind::PreAct => self.backward_preact(rec, x, g_out, g_in, kept, ws),
-            UnitKind::Original => self.backward_original(rec, x, y, g_out, g_in, kept, ws),
+            _ => self.backward_original(rec, x, y, g_out, g_in, kept, ws),
         }
     }
 
@@ -360,6 +438,9 @@ impl Unit {
     /// can be checked): pre-activation `F = conv_k(ReLU(BN_k(in_k)))`, original `F = BN_k(h_k)`.
     pub fn branch(&self, rec: &mut Recorder, kept: &Kept, ws: &Workspace, out: &Tensor) -> Result<()> {
         let k = self.convs.len();
+        if let Some(gk) = &kept.general {
+            return residual::copy(rec, &gk.layer_out[k - 1], out);
+        }
         match self.spec.kind {
             UnitKind::PreAct => {
                 let input = &kept.tensors[k - 2]; // in_k, the last layer's input
@@ -367,7 +448,7 @@ impl Unit {
                 self.bns[k - 1].recompute_relu(rec, input, a)?;
                 conv::forward(rec, a, &self.convs[k - 1].w.value, out, self.convs[k - 1].stride, false)
             }
-            UnitKind::Original => self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default()),
+            _ => self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default()),
         }
     }
 
@@ -552,4 +633,244 @@ impl Unit {
         }
         Ok(())
     }
+
+    // ---- the general path: every placement and combination, h, F and y in buffers of their own.
+    // Layer i: a_i = pre_i(in_i), o_i = conv_i(a_i), in_{i+1} = post_i(o_i); F = in_{k+1};
+    // y = s_h h + s_f F; x_{l+1} = f(y). The table of pre_i, post_i and f per placement is in
+    // `reference::net`'s module doc. ----
+
+    /// Whether `post_i` is a BN, and whether a ReLU follows it.
+    fn post_bn(&self, i: usize) -> Option<bool> {
+        let last = i + 1 == self.convs.len();
+        match self.spec.kind {
+            UnitKind::PreAct => None,
+            UnitKind::Original => Some(!last),
+            UnitKind::BnAfterAdd if last => None, // moved after the addition
+            UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => Some(true),
+            UnitKind::ReluOnlyPreAct => Some(false),
+        }
+    }
+
+    /// Whether the layers' `pre_i` is the identity (the convolution reads `in_i` itself).
+    fn pre_identity(&self) -> bool {
+        !matches!(self.spec.kind, UnitKind::PreAct | UnitKind::ReluOnlyPreAct)
+    }
+
+    /// `a_i = pre_i(in_i)`: `in_i` itself, or into the workspace. `mode` is `None` to recompute
+    /// in the backward from the saved statistics.
+    fn pre<'a>(
+        &self,
+        rec: &mut Recorder,
+        mode: Option<Mode>,
+        i: usize,
+        input: &'a Tensor,
+        ws: &'a Workspace,
+    ) -> Result<&'a Tensor> {
+        if self.pre_identity() {
+            return Ok(input);
+        }
+        let a = ws.get(&dims_of(input)?, Slot::Act)?;
+        match (self.spec.kind, mode) {
+            (UnitKind::PreAct, Some(m)) => {
+                self.bns[i].forward(rec, m, input, a, Epilogue { add: false, relu: true })?
+            }
+            (UnitKind::PreAct, None) => self.bns[i].recompute_relu(rec, input, a)?,
+            _ => relu::forward(rec, input, a)?,
+        }
+        Ok(a)
+    }
+
+    fn allocate_general(&self, gpu: &Gpu, x: [usize; 4], ws: &mut Workspace) -> Result<Kept> {
+        let dims = self.layer_dims(x);
+        let out = self.out_dims(x);
+        let (mut layer_out, mut conv_out) = (Vec::new(), Vec::new());
+        for (i, (di, dout)) in dims.iter().enumerate() {
+            ws.reserve(gpu, di)?;
+            ws.reserve(gpu, dout)?;
+            layer_out.push(Tensor::zeros(gpu, dout)?);
+            conv_out.push(self.post_bn(i).map(|_| Tensor::zeros(gpu, dout)).transpose()?);
+        }
+        ws.reserve_mix(gpu, &out)?;
+        let s = &self.spec;
+        let zeros_if = |c: bool| c.then(|| Tensor::zeros(gpu, &out)).transpose();
+        let general = GeneralKept {
+            layer_out,
+            conv_out,
+            h: zeros_if(s.shortcut != Shortcut::Identity)?,
+            proj_out: zeros_if(s.shortcut == Shortcut::Projection && !s.kind.bn_before_conv())?,
+            gate: zeros_if(s.combine.gated())?,
+            y: zeros_if(s.kind == UnitKind::BnAfterAdd)?,
+        };
+        Ok(Kept { tensors: Vec::new(), general: Some(general) })
+    }
+
+    fn forward_general(
+        &self,
+        rec: &mut Recorder,
+        mode: Mode,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let gk = general(kept)?;
+        let (k, s) = (self.convs.len(), &self.spec);
+        // F(x_l), layer by layer.
+        let mut input = x;
+        for i in 0..k {
+            let a = self.pre(rec, Some(mode), i, input, ws)?;
+            if i == 0 && s.shortcut == Shortcut::Projection && s.kind.bn_before_conv() {
+                // The pre-activation projection reads a_1.
+                conv::forward(rec, a, &self.proj()?.w.value, kept_h(gk)?, s.stride, false)?;
+            }
+            let (conv, out) = (&self.convs[i], &gk.layer_out[i]);
+            match (&gk.conv_out[i], self.post_bn(i)) {
+                (Some(o), Some(relu)) => {
+                    conv::forward(rec, a, &conv.w.value, o, conv.stride, false)?;
+                    self.bns[i].forward(rec, mode, o, out, Epilogue { add: false, relu })?;
+                }
+                _ => conv::forward(rec, a, &conv.w.value, out, conv.stride, false)?,
+            }
+            input = out;
+        }
+        let f = input;
+        // h(x_l).
+        let h = match s.shortcut {
+            Shortcut::Identity => x,
+            Shortcut::Subsample => {
+                residual::subsample_forward(rec, x, kept_h(gk)?, s.stride)?;
+                kept_h(gk)?
+            }
+            Shortcut::Projection if s.kind.bn_before_conv() => kept_h(gk)?, // computed above
+            Shortcut::Projection => {
+                let po = gk.proj_out.as_ref().ok_or_else(|| missing(s, "projection output"))?;
+                conv::forward(rec, x, &self.proj()?.w.value, po, s.stride, false)?;
+                self.proj_bn()?.forward(rec, mode, po, kept_h(gk)?, Epilogue::default())?;
+                kept_h(gk)?
+            }
+        };
+        // The gate g = sigmoid(conv1x1(x) + b).
+        if let (Some(gt), Some(g)) = (&self.gate, &gk.gate) {
+            gate::forward(rec, x, &gt.w.value, &gt.b.value, g, s.stride)?;
+        }
+        // y_l = s_h h + s_f F, and x_{l+1} = f(y_l).
+        let train = mode == Mode::Train;
+        let g = gk.gate.as_ref();
+        match s.kind {
+            UnitKind::Original => mix::forward(rec, s.combine, train, self.seed, h, f, g, y, true),
+            UnitKind::BnAfterAdd => {
+                let yl = gk.y.as_ref().ok_or_else(|| missing(s, "y"))?;
+                mix::forward(rec, s.combine, train, self.seed, h, f, g, yl, false)?;
+                self.bns[k - 1].forward(rec, mode, yl, y, Epilogue { add: false, relu: true })
+            }
+            _ => mix::forward(rec, s.combine, train, self.seed, h, f, g, y, false),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn backward_general(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        y: &Tensor,
+        g_out: &Tensor,
+        g_in: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+    ) -> Result<()> {
+        let gk = general(kept)?;
+        let (k, s) = (self.convs.len(), &self.spec);
+        let yd = dims_of(y)?;
+        // dE/dy_l through f, into the workspace (g_out may be g_in, written below).
+        let dy = ws.get(&yd, Slot::Mix(0))?;
+        match s.kind {
+            UnitKind::Original => relu::backward(rec, y, g_out, dy, false)?,
+            UnitKind::BnAfterAdd => {
+                let yl = gk.y.as_ref().ok_or_else(|| missing(s, "y"))?;
+                self.bns[k - 1].backward(rec, yl, g_out, true, dy, false)?;
+            }
+            _ => residual::copy(rec, g_out, dy)?,
+        }
+        // y = s_h h + s_f F: the gradients at h, F and g. The identity's dh is g_l's first term.
+        let identity = s.shortcut == Shortcut::Identity;
+        let h = gk.h.as_ref().unwrap_or(x);
+        let dh = if identity { g_in } else { ws.get(&yd, Slot::Mix(1))? };
+        let (df, dg) = (ws.get(&yd, Slot::Mix(2))?, ws.get(&yd, Slot::Mix(3))?);
+        let gate_dg = gk.gate.as_ref().map(|_| dg);
+        mix::backward(rec, s.combine, self.seed, h, &gk.layer_out[k - 1], gk.gate.as_ref(), dy, dh, df, gate_dg)?;
+        // g_in is written by the first of: the shortcut, the gate, the branch; the rest add.
+        let mut written = identity;
+        match s.shortcut {
+            Shortcut::Identity => {}
+            Shortcut::Subsample => {
+                residual::subsample_backward(rec, dh, g_in, s.stride, false)?;
+                written = true;
+            }
+            Shortcut::Projection if s.kind.bn_before_conv() => {} // joins the branch at a_1
+            Shortcut::Projection => {
+                let po = gk.proj_out.as_ref().ok_or_else(|| missing(s, "projection output"))?;
+                let dpo = dy; // dy is spent
+                self.proj_bn()?.backward(rec, po, dh, false, dpo, false)?;
+                let p = self.proj()?;
+                conv::backward_weight(rec, x, dpo, &p.w.grad, s.stride, false)?;
+                conv::backward_data(rec, dpo, &p.w.value, g_in, s.stride, false)?;
+                written = true;
+            }
+        }
+        if let (Some(gt), Some(g)) = (&self.gate, &gk.gate) {
+            gate::backward(rec, x, &gt.w.value, g, dg, &gt.w.grad, &gt.b.grad, g_in, s.stride, written)?;
+            written = true;
+        }
+        // F, last layer first: d is the gradient at in_{i+1}.
+        let mut d = df;
+        for i in (0..k).rev() {
+            let input = if i == 0 { x } else { &gk.layer_out[i - 1] };
+            let (di, conv) = (dims_of(input)?, &self.convs[i]);
+            let d_o = match (&gk.conv_out[i], self.post_bn(i)) {
+                (Some(o), Some(relu)) => {
+                    let t = ws.get(&dims_of(o)?, Slot::Grad(i % 2))?;
+                    self.bns[i].backward(rec, o, d, relu, t, false)?;
+                    t
+                }
+                _ => d,
+            };
+            let a = self.pre(rec, None, i, input, ws)?;
+            conv::backward_weight(rec, a, d_o, &conv.w.grad, conv.stride, false)?;
+            if i == 0 && self.pre_identity() {
+                return conv::backward_data(rec, d_o, &conv.w.value, g_in, conv.stride, written);
+            }
+            let da = ws.get(&di, Slot::DAct)?;
+            conv::backward_data(rec, d_o, &conv.w.value, da, conv.stride, false)?;
+            if i == 0 && s.shortcut == Shortcut::Projection && s.kind.bn_before_conv() {
+                let p = self.proj()?;
+                conv::backward_weight(rec, a, dh, &p.w.grad, s.stride, false)?;
+                conv::backward_data(rec, dh, &p.w.value, da, s.stride, true)?;
+            }
+            if self.pre_identity() {
+                d = da;
+                continue;
+            }
+            // Through pre_i: into g_in for the first layer.
+            let d_in = if i == 0 { g_in } else { ws.get(&di, Slot::Grad(i % 2))? };
+            let acc = i == 0 && written;
+            match s.kind {
+                UnitKind::PreAct => self.bns[i].backward(rec, input, da, true, d_in, acc)?,
+                _ => relu::backward(rec, input, da, d_in, acc)?,
+            }
+            d = d_in;
+        }
+        Ok(())
+    }
+}
+
+fn general(kept: &Kept) -> Result<&GeneralKept> {
+    kept.general.as_ref().ok_or_else(|| Error::Invalid("this unit's kept tensors are not the general path's".into()))
+}
+
+fn kept_h(gk: &GeneralKept) -> Result<&Tensor> {
+    gk.h.as_ref().ok_or_else(|| Error::Invalid("the shortcut's output was not allocated".into()))
+}
+
+fn missing(s: &UnitSpec, what: &str) -> Error {
+    Error::Invalid(format!("{}: no kept {what}", s.name))
 }

@@ -2,9 +2,10 @@
 //! in f64: the gradient of `train_pass`'s loss with respect to every learned parameter and the
 //! images, on tiny networks of every kind (pre-activation and original, shortcut A and B, basic
 //! and bottleneck units); the per-unit backward alone; the stream identity of pre-activation
-//! units; the running statistics' update; eval mode's independence of the batch.
+//! units; the running statistics' update; eval mode's independence of the batch; and the
+//! paper's variants (every placement and shortcut combination), unit by unit and whole.
 
-use resnet_wgpu::arch::{NetConfig, Role, Shortcut, ShortcutOption, UnitKind};
+use resnet_wgpu::arch::{Combine, NetConfig, Role, Shortcut, ShortcutOption, UnitKind};
 use resnet_wgpu::reference::net::{self, Dims, Tensors};
 use resnet_wgpu::reference::{batch_norm, conv};
 use resnet_wgpu::rng::Rng;
@@ -19,7 +20,16 @@ const H: f64 = 1e-6;
 const TOL: f64 = 1e-6;
 
 fn config(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption, widths: [usize; 3]) -> NetConfig {
-    NetConfig { kind, units_per_stage: 1, bottleneck, shortcut, widths, in_channels: 3, classes: 3 }
+    NetConfig {
+        kind,
+        combine: Combine::Add,
+        units_per_stage: 1,
+        bottleneck,
+        shortcut,
+        widths,
+        in_channels: 3,
+        classes: 3,
+    }
 }
 
 /// Every tensor of `cfg`: He-initialised convolutions and PyTorch's FC initialisation, with BN
@@ -37,6 +47,8 @@ fn params(cfg: &NetConfig, seed: u64) -> Tensors {
                 Role::RunningMean => v.iter().map(|_| rng.range(-0.5, 0.5)).collect(),
                 Role::RunningVar => v.iter().map(|_| rng.range(0.5, 2.0)).collect(),
                 Role::Count => vec![7.0],
+                // Gates near 1/2, where both of their terms show.
+                Role::GateBias => v.iter().map(|_| rng.range(-1.0, 1.0)).collect(),
                 _ => v.iter().map(|&x| x as f64).collect(),
             };
             (t.name, v)
@@ -97,7 +109,7 @@ fn gradcheck(cfg: &NetConfig, h: usize, w: usize, seed: u64) {
             net::train_pass(cfg, &p, &images, dims, &labels).loss
         });
         p.insert(t.name.clone(), v);
-        let (err, scale) = compare(&format!("{:?} {}", cfg.kind, t.name), &fd, &pass.grads[&t.name]);
+        let (err, scale) = compare(&format!("{:?} {:?} {}", cfg.kind, cfg.combine, t.name), &fd, &pass.grads[&t.name]);
         worst = worst.max(err / scale.max(1e-2));
         count += fd.len();
     }
@@ -106,9 +118,10 @@ fn gradcheck(cfg: &NetConfig, h: usize, w: usize, seed: u64) {
     worst = worst.max(err / scale.max(1e-2));
     count += fd.len();
     eprintln!(
-        "{:?} bottleneck={} shortcut={:?} widths={:?} {h}x{w}: {count} values, worst relative error {worst:.2e}, \
-         loss {:.4}, {:.2?}",
+        "{:?} {:?} bottleneck={} shortcut={:?} widths={:?} {h}x{w}: {count} values, worst relative error \
+         {worst:.2e}, loss {:.4}, {:.2?}",
         cfg.kind,
+        cfg.combine,
         cfg.bottleneck,
         cfg.shortcut,
         cfg.widths,
@@ -168,36 +181,98 @@ fn units_alone() {
         (UnitKind::Original, true, ShortcutOption::B),
     ] {
         let cfg = config(kind, bottleneck, shortcut, if bottleneck { [1, 2, 2] } else { [2, 3, 4] });
-        let mut p = params(&cfg, 21);
-        let mut rng = Rng::new(22);
-        for spec in cfg.units() {
-            let xd: Dims = [2, spec.c_in, 5, 5];
-            let mut x = data(&mut rng, xd.iter().product());
-            let u = net::unit_forward(&spec, &p, &x, xd, true);
-            let r = data(&mut rng, u.out.len());
-            let energy = |p: &Tensors, x: &[f64]| {
-                net::unit_forward(&spec, p, x, xd, true).out.iter().zip(&r).map(|(a, b)| a * b).sum::<f64>()
-            };
-            let (dx, grads) = net::unit_backward(&spec, &p, &u.saved, &r);
-            let what = format!("{kind:?} {} ({:?})", spec.name, spec.shortcut);
-            let fd = finite_differences(&mut x, |x| energy(&p, x));
-            compare(&format!("{what} dx"), &fd, &dx);
-            let mut names: Vec<_> = grads.keys().cloned().collect();
-            names.sort();
-            for name in names {
-                let mut v = p.remove(&name).unwrap();
-                let fd = finite_differences(&mut v, |v| {
-                    p.insert(name.clone(), v.to_vec());
-                    energy(&p, &x)
-                });
-                p.insert(name.clone(), v);
-                compare(&format!("{what} {name}"), &fd, &grads[&name]);
-            }
-            // Every learned tensor of the unit has its gradient.
-            let own = cfg.tensors().into_iter().filter(|t| t.role.learned() && t.name.starts_with(&spec.name));
-            assert_eq!(own.count(), grads.len(), "{what}: gradients");
+        check_units_alone(&cfg, 21);
+    }
+}
+
+/// The paper's variants (Tables 1 and 2), unit by unit: every placement with option A and B,
+/// every combination on the original and the pre-activation unit.
+#[test]
+fn variant_units_alone() {
+    let mut cases = Vec::new();
+    for kind in [UnitKind::BnAfterAdd, UnitKind::ReluBeforeAdd, UnitKind::ReluOnlyPreAct] {
+        for shortcut in [ShortcutOption::A, ShortcutOption::B] {
+            cases.push((kind, Combine::Add, shortcut));
         }
     }
+    for kind in [UnitKind::Original, UnitKind::PreAct] {
+        for combine in [
+            Combine::Scale { h: 0.5, f: 0.75 },
+            Combine::ExclusiveGate { bias: -6.0 },
+            Combine::ShortcutGate { bias: -6.0 },
+            Combine::Dropout { rate: 0.5 },
+        ] {
+            cases.push((kind, combine, ShortcutOption::A));
+        }
+        cases.push((kind, Combine::Add, ShortcutOption::C));
+    }
+    for (i, (kind, combine, shortcut)) in cases.into_iter().enumerate() {
+        let cfg = NetConfig { combine, ..config(kind, false, shortcut, [2, 3, 4]) };
+        check_units_alone(&cfg, 60 + i as u64);
+    }
+}
+
+/// `unit_forward`/`unit_backward` alone: the gradients of `E = sum(r * x_{l+1})` with respect to
+/// the unit's input and parameters, for every unit of `cfg`.
+fn check_units_alone(cfg: &NetConfig, seed: u64) {
+    let mut p = params(cfg, seed);
+    let mut rng = Rng::new(seed + 1);
+    for (l, spec) in cfg.units().into_iter().enumerate() {
+        let xd: Dims = [2, spec.c_in, 5, 5];
+        let mut x = data(&mut rng, xd.iter().product());
+        let seed = l as u32 + 3;
+        let u = net::unit_forward_seeded(&spec, &p, &x, xd, true, seed);
+        let r = data(&mut rng, u.out.len());
+        let energy = |p: &Tensors, x: &[f64]| {
+            let out = net::unit_forward_seeded(&spec, p, x, xd, true, seed).out;
+            out.iter().zip(&r).map(|(a, b)| a * b).sum::<f64>()
+        };
+        let (dx, grads) = net::unit_backward(&spec, &p, &u.saved, &r);
+        let what = format!("{:?} {:?} {} ({:?})", spec.kind, spec.combine, spec.name, spec.shortcut);
+        let fd = finite_differences(&mut x, |x| energy(&p, x));
+        compare(&format!("{what} dx"), &fd, &dx);
+        let mut names: Vec<_> = grads.keys().cloned().collect();
+        names.sort();
+        for name in names {
+            let mut v = p.remove(&name).unwrap();
+            let fd = finite_differences(&mut v, |v| {
+                p.insert(name.clone(), v.to_vec());
+                energy(&p, &x)
+            });
+            p.insert(name.clone(), v);
+            compare(&format!("{what} {name}"), &fd, &grads[&name]);
+        }
+        // Every learned tensor of the unit has its gradient.
+        let own = cfg.tensors().into_iter().filter(|t| t.role.learned() && t.name.starts_with(&spec.name));
+        assert_eq!(own.count(), grads.len(), "{what}: gradients");
+    }
+}
+
+/// Whole networks of the paper's variants: each placement of Table 2, each combination of
+/// Table 1 (on the original unit, as the paper's), and a gated pre-activation network.
+#[test]
+fn variant_networks() {
+    for (i, kind) in [UnitKind::BnAfterAdd, UnitKind::ReluBeforeAdd, UnitKind::ReluOnlyPreAct].into_iter().enumerate() {
+        gradcheck(&config(kind, false, ShortcutOption::B, [2, 3, 4]), 5, 5, 80 + i as u64);
+    }
+    for (i, combine) in [
+        Combine::Scale { h: 0.5, f: 0.5 },
+        Combine::ExclusiveGate { bias: -6.0 },
+        Combine::ShortcutGate { bias: -6.0 },
+        Combine::Dropout { rate: 0.5 },
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let cfg = NetConfig { combine, ..config(UnitKind::Original, false, ShortcutOption::A, [2, 3, 4]) };
+        gradcheck(&cfg, 5, 5, 90 + i as u64);
+    }
+    gradcheck(&config(UnitKind::Original, false, ShortcutOption::C, [2, 3, 4]), 5, 5, 95);
+    let gated = NetConfig {
+        combine: Combine::ExclusiveGate { bias: 0.0 },
+        ..config(UnitKind::PreAct, false, ShortcutOption::B, [2, 3, 4])
+    };
+    gradcheck(&gated, 5, 5, 96);
 }
 
 /// Pre-activation units with identity shortcuts add their branches to the stream:
@@ -271,7 +346,7 @@ fn running_statistics() {
                 let c = conv::forward(&images, dims, &p["conv1.weight"], wd, 1);
                 check_running("bn1", &p, &pass.buffers, &c, [2, 2, 5, 5]);
             }
-            UnitKind::PreAct => {
+            _ => {
                 // layer1.0.bn1 normalises x_0, the final bn normalises x_L.
                 check_running("layer1.0.bn1", &p, &pass.buffers, &pass.streams[0], pass.stream_dims[0]);
                 let l = pass.streams.len() - 1;

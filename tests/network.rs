@@ -3,7 +3,7 @@
 //! inference logits; SGD steps.
 mod common;
 use common::*;
-use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::net::{ResNet, Sgd};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
 use resnet_wgpu::reference::{net as rnet, sgd as rsgd, to_f64};
@@ -11,6 +11,7 @@ use resnet_wgpu::reference::{net as rnet, sgd as rsgd, to_f64};
 fn tiny(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption) -> NetConfig {
     NetConfig {
         kind,
+        combine: Combine::Add,
         // One unit per stage: every shape-changing unit variant, at depth 11 (basic) or 29
         // (bottleneck); identity units are covered by ResNet-20 below and tests/units.rs.
         units_per_stage: 1,

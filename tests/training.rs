@@ -2,7 +2,7 @@
 //! and a resumed run continues exactly as an uninterrupted one.
 mod common;
 use common::*;
-use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::data;
 use resnet_wgpu::net::ResNet;
 use resnet_wgpu::train::{self, TrainOptions};
@@ -10,6 +10,7 @@ use resnet_wgpu::train::{self, TrainOptions};
 fn tiny() -> NetConfig {
     NetConfig {
         kind: UnitKind::PreAct,
+        combine: Combine::Add,
         units_per_stage: 1,
         bottleneck: false,
         shortcut: ShortcutOption::A,

@@ -3,7 +3,7 @@
 //! statistics; and a stack of 20 pre-activation units whose stream stays additive.
 mod common;
 use common::*;
-use resnet_wgpu::arch::{Layer, NetConfig, Shortcut, ShortcutOption, UnitKind, UnitSpec};
+use resnet_wgpu::arch::{Combine, Layer, NetConfig, Shortcut, ShortcutOption, UnitKind, UnitSpec};
 use resnet_wgpu::reference::{net as rnet, to_f64};
 use resnet_wgpu::unit::{Mode, Unit, Workspace};
 
@@ -15,8 +15,16 @@ fn variants() -> Vec<(NetConfig, UnitSpec)> {
         for bottleneck in [false, true] {
             for shortcut in [ShortcutOption::A, ShortcutOption::B] {
                 let widths = if bottleneck { [2, 3, 5] } else { [3, 5, 6] };
-                let cfg =
-                    NetConfig { kind, units_per_stage: 2, bottleneck, shortcut, widths, in_channels: 3, classes: 3 };
+                let cfg = NetConfig {
+                    kind,
+                    combine: Combine::Add,
+                    units_per_stage: 2,
+                    bottleneck,
+                    shortcut,
+                    widths,
+                    in_channels: 3,
+                    classes: 3,
+                };
                 for spec in cfg.units() {
                     // One identity unit per kind/bottleneck is enough; all the shape changers.
                     let keep = spec.shortcut != Shortcut::Identity
@@ -132,12 +140,14 @@ fn stack_of_20_preact_units_keeps_the_stream_additive() {
             c_out: c,
             stride: 1,
             shortcut: Shortcut::Identity,
+            combine: Combine::Add,
             layers: vec![Layer { c_in: c, c_out: c, k: 3, stride: 1 }; 2],
         })
         .collect();
     // One stage of 20 identity units: the tensors of a 20-unit stage of a (widths c,c,c) net.
     let cfg = NetConfig {
         kind: UnitKind::PreAct,
+        combine: Combine::Add,
         units_per_stage: 20,
         bottleneck: false,
         shortcut: ShortcutOption::B,

@@ -4,6 +4,8 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod gate;
+pub mod mix;
 pub mod net;
 pub mod pool_fc_loss;
 pub mod probe;

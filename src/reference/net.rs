@@ -3,21 +3,28 @@
 //! Built only from the per-op references of this module's siblings; every step is written out
 //! in the order of the equations, so that it can be read against them.
 //!
-//! A unit `l` computes `y_l = h(x_l) + F(x_l)` and `x_{l+1} = f(y_l)`:
-//! - pre-activation ([`UnitKind::PreAct`]), layers `1..k`: `in_1 = x`,
-//!   `a_i = ReLU(bn_i(in_i))`, `out_i = conv_i(a_i)`, `in_{i+1} = out_i`; `F = out_k`;
-//!   `f` is the identity; a projection shortcut is `shortcut.weight` (1x1, unit stride) applied
-//!   to `a_1`;
-//! - original ([`UnitKind::Original`]): `in_1 = x`, `in_{i+1} = ReLU(bn_i(conv_i(in_i)))` for
-//!   `i < k`, `F = bn_k(conv_k(in_k))`; `f` is ReLU; a projection shortcut is
-//!   `shortcut.1(shortcut.0(x))`, BN of a 1x1 conv with the unit stride;
-//! - option A ([`Shortcut::Subsample`]) subsamples the raw `x` by the unit stride and pads the
-//!   channels with zeros, in both kinds.
+//! A unit `l` computes `y_l = s_h h(x_l) + s_f F(x_l)` and `x_{l+1} = f(y_l)` (`s_h = s_f = 1`
+//! but for the combinations of [`crate::arch::Combine`], see `reference::mix`). `F` is its
+//! layers in turn: `a_i = pre_i(in_i)`, `o_i = conv_i(a_i)`, `in_{i+1} = post_i(o_i)`, with
+//! `in_1 = x` and `F = in_{k+1}`; by placement ([`UnitKind`]):
 //!
-//! The network: `x_0 = conv1(images)` (pre-activation) or `ReLU(bn1(conv1(images)))`
-//! (original); the units; then `z = ReLU(bn(x_L))` (pre-activation) or `z = x_L` (original),
-//! global average pooling, `logits = p W^T + b` and softmax cross-entropy against integer
-//! labels, mean over the batch.
+//! | placement | `pre_i` | `post_i` | `f` |
+//! |---|---|---|---|
+//! | pre-activation | ReLU(bn_i) | identity | identity |
+//! | original | identity | bn_i, then ReLU but after the last layer | ReLU |
+//! | BN after addition | identity | ReLU(bn_i) but the last layer: identity | ReLU(bn_k) |
+//! | ReLU before addition | identity | ReLU(bn_i) | identity |
+//! | ReLU-only pre-activation | ReLU | bn_i | identity |
+//!
+//! Shortcuts: option A ([`Shortcut::Subsample`]) subsamples the raw `x` by the unit stride and
+//! pads the channels with zeros; a projection is `shortcut.weight` (1x1, unit stride) applied
+//! to `a_1` in pre-activation units, `shortcut.1(shortcut.0(x))` (BN of a 1x1 conv) in the
+//! others. A gate is `sigmoid(gate.weight * x + gate.bias)` (1x1, unit stride).
+//!
+//! The network: `x_0 = conv1(images)` (pre-activation) or `ReLU(bn1(conv1(images)))` (the
+//! others); the units; then `z = ReLU(bn(x_L))` (pre-activation), `ReLU(x_L)` (ReLU-only
+//! pre-activation) or `x_L`, global average pooling, `logits = p W^T + b` and softmax
+//! cross-entropy against integer labels, mean over the batch.
 //!
 //! Parameters and buffers are a map from the names of [`NetConfig::tensors`] to their values in
 //! PyTorch's layouts (conv weights OIHW, `fc.weight` [classes, C], `num_batches_tracked` one
@@ -25,8 +32,9 @@
 
 use std::collections::HashMap;
 
-use super::{batch_norm as bn, conv, pool_fc_loss as head, relu, residual};
-use crate::arch::{Layer, NetConfig, Shortcut, UnitKind, UnitSpec};
+use super::{batch_norm as bn, conv, gate, mix, pool_fc_loss as head, relu, residual};
+use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind, UnitSpec};
+use crate::rng::dropout_seed;
 
 /// Named tensors: parameters, buffers or gradients, keyed by [`NetConfig::tensors`] names.
 pub type Tensors = HashMap<String, Vec<f64>>;
@@ -134,17 +142,24 @@ pub struct UnitSaved {
     /// The unit's input `x_l`.
     pub x: Vec<f64>,
     pub xd: Dims,
-    /// Per weight layer `i`: the input of `bn_i` and its dimensions (pre-activation: `in_i`;
-    /// original: `conv_i`'s output).
-    pub bn_in: Vec<(Vec<f64>, Dims)>,
-    /// Per weight layer `i`: the input of `conv_i` and its dimensions (pre-activation: `a_i`;
-    /// original: `in_i`).
+    /// Per weight layer `i`: its input `in_i` and dimensions.
+    pub layer_in: Vec<(Vec<f64>, Dims)>,
+    /// Per weight layer `i`: the input of `conv_i` (`a_i`) and its dimensions.
     pub conv_in: Vec<(Vec<f64>, Dims)>,
-    /// Original units with a projection shortcut: the output of `shortcut.0` (the input of
-    /// `shortcut.1`).
+    /// Per weight layer `i`: the output of `conv_i` and its dimensions.
+    pub conv_out: Vec<(Vec<f64>, Dims)>,
+    /// Projection shortcuts with a BN: the output of `shortcut.0` (the input of `shortcut.1`).
     pub shortcut_conv_out: Option<(Vec<f64>, Dims)>,
-    /// `y_l = h(x_l) + F(x_l)`, before `f`.
+    /// `h(x_l)` and `F(x_l)`.
+    pub shortcut: Vec<f64>,
+    pub branch: Vec<f64>,
+    /// Gated units: `g = sigmoid(conv1x1(x) + b)`.
+    pub gate: Option<Vec<f64>>,
+    /// The dropout mask's seed.
+    pub seed: u32,
+    /// `y_l = s_h h(x_l) + s_f F(x_l)`, before `f`, and its dimensions.
     pub y: Vec<f64>,
+    pub yd: Dims,
 }
 
 /// What [`unit_forward`] returns.
@@ -166,73 +181,96 @@ pub struct UnitOut {
 
 /// One residual unit `spec` on `x` (dimensions `xd`): `x_{l+1} = f(h(x) + F(x))`, see the module
 /// documentation. `train` picks batch statistics (and reports updated running statistics in
-/// [`UnitOut::buffers`]) or the running statistics in `params`.
+/// [`UnitOut::buffers`]) or the running statistics in `params`. Dropout shortcuts use mask 0.
 pub fn unit_forward(spec: &UnitSpec, params: &Tensors, x: &[f64], xd: Dims, train: bool) -> UnitOut {
+    unit_forward_seeded(spec, params, x, xd, train, 0)
+}
+
+/// [`unit_forward`] with the dropout mask `seed` (see [`crate::rng::dropout_seed`]).
+pub fn unit_forward_seeded(spec: &UnitSpec, params: &Tensors, x: &[f64], xd: Dims, train: bool, seed: u32) -> UnitOut {
     assert_eq!(x.len(), numel(xd), "reference net: {}: input size", spec.name);
     assert_eq!(xd[1], spec.c_in, "reference net: {}: input channels", spec.name);
     let p = &spec.name;
     let mut buffers = Tensors::new();
-    let (mut bn_in, mut conv_in) = (Vec::new(), Vec::new());
+    let (mut layer_in, mut conv_in, mut conv_out) = (Vec::new(), Vec::new(), Vec::new());
     let (mut cur, mut d) = (x.to_vec(), xd);
     let k = spec.layers.len();
-    let mut shortcut_conv_out = None;
-    let (branch, shortcut, y, out);
-    match spec.kind {
-        UnitKind::PreAct => {
-            for (i, &l) in spec.layers.iter().enumerate() {
-                // a_i = ReLU(bn_i(in_i)); out_i = conv_i(a_i).
-                let a = bn_forward(params, &format!("{p}.bn{}", i + 1), &cur, d, true, train, &mut buffers);
-                let (o, od) = conv_forward(params, &format!("{p}.conv{}.weight", i + 1), &a, d, l);
-                bn_in.push((cur, d));
-                conv_in.push((a, d));
-                (cur, d) = (o, od);
+    // F: layer by layer, a_i = pre_i(in_i), o_i = conv_i(a_i), in_{i+1} = post_i(o_i).
+    for (i, &l) in spec.layers.iter().enumerate() {
+        let last = i + 1 == k;
+        let bn = format!("{p}.bn{}", i + 1);
+        let a = match spec.kind {
+            UnitKind::PreAct => bn_forward(params, &bn, &cur, d, true, train, &mut buffers),
+            UnitKind::ReluOnlyPreAct => relu::forward(&cur),
+            UnitKind::Original | UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => cur.clone(),
+        };
+        let (o, od) = conv_forward(params, &format!("{p}.conv{}.weight", i + 1), &a, d, l);
+        let next = match spec.kind {
+            UnitKind::PreAct => o.clone(),
+            UnitKind::Original => bn_forward(params, &bn, &o, od, !last, train, &mut buffers),
+            // The last layer's BN moves after the addition.
+            UnitKind::BnAfterAdd if last => o.clone(),
+            UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => {
+                bn_forward(params, &bn, &o, od, true, train, &mut buffers)
             }
-            branch = cur;
-            shortcut = match spec.shortcut {
-                Shortcut::Identity => x.to_vec(),
-                Shortcut::Subsample => residual::subsample_forward(x, xd, spec.c_out, spec.stride),
-                // The projection reads the pre-activated input a_1.
-                Shortcut::Projection => {
-                    conv_forward(params, &format!("{p}.shortcut.weight"), &conv_in[0].0, xd, projection(spec)).0
-                }
-            };
-            y = residual::add(&shortcut, &branch);
-            out = y.clone();
-        }
-        UnitKind::Original => {
-            for (i, &l) in spec.layers.iter().enumerate() {
-                // in_{i+1} = ReLU(bn_i(conv_i(in_i))), without the ReLU for the last layer.
-                let (o, od) = conv_forward(params, &format!("{p}.conv{}.weight", i + 1), &cur, d, l);
-                let last = i + 1 == k;
-                let a = bn_forward(params, &format!("{p}.bn{}", i + 1), &o, od, !last, train, &mut buffers);
-                conv_in.push((cur, d));
-                bn_in.push((o, od));
-                (cur, d) = (a, od);
-            }
-            branch = cur;
-            shortcut = match spec.shortcut {
-                Shortcut::Identity => x.to_vec(),
-                Shortcut::Subsample => residual::subsample_forward(x, xd, spec.c_out, spec.stride),
-                Shortcut::Projection => {
-                    let (s, sd) = conv_forward(params, &format!("{p}.shortcut.0.weight"), x, xd, projection(spec));
-                    let h = bn_forward(params, &format!("{p}.shortcut.1"), &s, sd, false, train, &mut buffers);
-                    shortcut_conv_out = Some((s, sd));
-                    h
-                }
-            };
-            y = residual::add(&shortcut, &branch);
-            out = relu::forward(&y);
-        }
+            UnitKind::ReluOnlyPreAct => bn_forward(params, &bn, &o, od, false, train, &mut buffers),
+        };
+        layer_in.push((cur, d));
+        conv_in.push((a, d));
+        conv_out.push((o, od));
+        (cur, d) = (next, od);
     }
+    let branch = cur;
+    // h.
+    let mut shortcut_conv_out = None;
+    let shortcut = match spec.shortcut {
+        Shortcut::Identity => x.to_vec(),
+        Shortcut::Subsample => residual::subsample_forward(x, xd, spec.c_out, spec.stride),
+        // Pre-activation: the projection reads the pre-activated input a_1.
+        Shortcut::Projection if spec.kind.bn_before_conv() => {
+            conv_forward(params, &format!("{p}.shortcut.weight"), &conv_in[0].0, xd, projection(spec)).0
+        }
+        Shortcut::Projection => {
+            let (s, sd) = conv_forward(params, &format!("{p}.shortcut.0.weight"), x, xd, projection(spec));
+            let h = bn_forward(params, &format!("{p}.shortcut.1"), &s, sd, false, train, &mut buffers);
+            shortcut_conv_out = Some((s, sd));
+            h
+        }
+    };
     assert_eq!(shortcut.len(), branch.len(), "reference net: {}: h(x) and F(x) differ in size", spec.name);
     assert_eq!(d[1], spec.c_out, "reference net: {}: output channels", spec.name);
-    let saved = UnitSaved { x: x.to_vec(), xd, bn_in, conv_in, shortcut_conv_out, y };
+    // y = s_h h + s_f F, with the gate g = sigmoid(conv1x1(x) + b) where there is one.
+    let gate = spec.combine.gated().then(|| {
+        let (z, zd) = conv_forward(params, &format!("{p}.gate.weight"), x, xd, spec.gate_layer());
+        gate::forward(&z, zd, get(params, &format!("{p}.gate.bias")))
+    });
+    let y = mix::forward(spec.combine, &shortcut, &branch, gate.as_deref(), seed, train);
+    // x_{l+1} = f(y).
+    let out = match spec.kind {
+        UnitKind::Original => relu::forward(&y),
+        UnitKind::BnAfterAdd => bn_forward(params, &format!("{p}.bn{k}"), &y, d, true, train, &mut buffers),
+        UnitKind::PreAct | UnitKind::ReluBeforeAdd | UnitKind::ReluOnlyPreAct => y.clone(),
+    };
+    let saved = UnitSaved {
+        x: x.to_vec(),
+        xd,
+        layer_in,
+        conv_in,
+        conv_out,
+        shortcut_conv_out,
+        shortcut: shortcut.clone(),
+        branch: branch.clone(),
+        gate,
+        seed,
+        y,
+        yd: d,
+    };
     UnitOut { out, dims: d, branch, shortcut, buffers, saved }
 }
 
 /// The backward of [`unit_forward`] in training mode: given `dout = dE/dx_{l+1}`, returns
-/// `dE/dx_l` and the gradients of the unit's learned parameters (every conv weight and BN
-/// weight and bias of the unit, by name).
+/// `dE/dx_l` and the gradients of the unit's learned parameters (every conv weight, BN weight
+/// and bias and gate of the unit, by name).
 pub fn unit_backward(spec: &UnitSpec, params: &Tensors, saved: &UnitSaved, dout: &[f64]) -> (Vec<f64>, Tensors) {
     assert_eq!(dout.len(), saved.y.len(), "reference net: {}: gradient size", spec.name);
     let p = &spec.name;
@@ -241,64 +279,69 @@ pub fn unit_backward(spec: &UnitSpec, params: &Tensors, saved: &UnitSaved, dout:
     let k = spec.layers.len();
     // dE/dy_l through f.
     let dy = match spec.kind {
-        UnitKind::PreAct => dout.to_vec(),
         UnitKind::Original => relu::backward(&saved.y, dout),
+        UnitKind::BnAfterAdd => bn_backward(params, &format!("{p}.bn{k}"), &saved.y, saved.yd, dout, true, &mut grads),
+        UnitKind::PreAct | UnitKind::ReluBeforeAdd | UnitKind::ReluOnlyPreAct => dout.to_vec(),
     };
-    // y = h + F: both receive dy. First the branch F, last layer first.
-    let mut g = dy.clone();
+    // y = s_h h + s_f F: the gradients at h, F and the gate.
+    let (dh, dbranch, dgate) =
+        mix::backward(spec.combine, &saved.shortcut, &saved.branch, saved.gate.as_deref(), saved.seed, &dy);
     // Pre-activation projection: its gradient joins the branch's at a_1.
     let mut da1_from_shortcut = None;
-    match spec.kind {
-        UnitKind::PreAct => {
-            if spec.shortcut == Shortcut::Projection {
-                let (a1, a1d) = &saved.conv_in[0];
-                let name = format!("{p}.shortcut.weight");
-                da1_from_shortcut = Some(conv_backward(params, &name, a1, *a1d, &dy, projection(spec), &mut grads));
-            }
-            for i in (0..k).rev() {
-                let (a, ad) = &saved.conv_in[i];
-                let mut da =
-                    conv_backward(params, &format!("{p}.conv{}.weight", i + 1), a, *ad, &g, spec.layers[i], &mut grads);
-                if i == 0
-                    && let Some(extra) = &da1_from_shortcut
-                {
-                    da = residual::add(&da, extra);
-                }
-                let (b, bd) = &saved.bn_in[i];
-                g = bn_backward(params, &format!("{p}.bn{}", i + 1), b, *bd, &da, true, &mut grads);
-            }
+    if spec.shortcut == Shortcut::Projection && spec.kind.bn_before_conv() {
+        let (a1, a1d) = &saved.conv_in[0];
+        let name = format!("{p}.shortcut.weight");
+        da1_from_shortcut = Some(conv_backward(params, &name, a1, *a1d, &dh, projection(spec), &mut grads));
+    }
+    // F, last layer first: g is the gradient at in_{i+1}.
+    let mut g = dbranch;
+    for i in (0..k).rev() {
+        let last = i + 1 == k;
+        let bn = format!("{p}.bn{}", i + 1);
+        let (o, od) = &saved.conv_out[i];
+        let d_o = match spec.kind {
+            UnitKind::PreAct => g,
+            UnitKind::Original => bn_backward(params, &bn, o, *od, &g, !last, &mut grads),
+            UnitKind::BnAfterAdd if last => g,
+            UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => bn_backward(params, &bn, o, *od, &g, true, &mut grads),
+            UnitKind::ReluOnlyPreAct => bn_backward(params, &bn, o, *od, &g, false, &mut grads),
+        };
+        let (a, ad) = &saved.conv_in[i];
+        let mut da =
+            conv_backward(params, &format!("{p}.conv{}.weight", i + 1), a, *ad, &d_o, spec.layers[i], &mut grads);
+        if i == 0
+            && let Some(extra) = &da1_from_shortcut
+        {
+            da = residual::add(&da, extra);
         }
-        UnitKind::Original => {
-            for i in (0..k).rev() {
-                let last = i + 1 == k;
-                let (b, bd) = &saved.bn_in[i];
-                let dc = bn_backward(params, &format!("{p}.bn{}", i + 1), b, *bd, &g, !last, &mut grads);
-                let (c, cd) = &saved.conv_in[i];
-                g = conv_backward(
-                    params,
-                    &format!("{p}.conv{}.weight", i + 1),
-                    c,
-                    *cd,
-                    &dc,
-                    spec.layers[i],
-                    &mut grads,
-                );
-            }
-        }
+        let (input, ind) = &saved.layer_in[i];
+        g = match spec.kind {
+            UnitKind::PreAct => bn_backward(params, &bn, input, *ind, &da, true, &mut grads),
+            UnitKind::ReluOnlyPreAct => relu::backward(input, &da),
+            UnitKind::Original | UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => da,
+        };
     }
     // Then the shortcut h.
-    let dh = match (spec.shortcut, spec.kind) {
-        (Shortcut::Identity, _) => dy,
-        (Shortcut::Subsample, _) => residual::subsample_backward(&dy, xd, spec.c_out, spec.stride),
+    let dx_h = match spec.shortcut {
+        Shortcut::Identity => dh,
+        Shortcut::Subsample => residual::subsample_backward(&dh, xd, spec.c_out, spec.stride),
         // Already added to the branch's gradient at a_1.
-        (Shortcut::Projection, UnitKind::PreAct) => vec![0.0; x.len()],
-        (Shortcut::Projection, UnitKind::Original) => {
-            let (s, sd) = saved.shortcut_conv_out.as_ref().expect("original projection: saved conv output");
-            let ds = bn_backward(params, &format!("{p}.shortcut.1"), s, *sd, &dy, false, &mut grads);
+        Shortcut::Projection if spec.kind.bn_before_conv() => vec![0.0; x.len()],
+        Shortcut::Projection => {
+            let (s, sd) = saved.shortcut_conv_out.as_ref().expect("projection: saved conv output");
+            let ds = bn_backward(params, &format!("{p}.shortcut.1"), s, *sd, &dh, false, &mut grads);
             conv_backward(params, &format!("{p}.shortcut.0.weight"), x, xd, &ds, projection(spec), &mut grads)
         }
     };
-    (residual::add(&g, &dh), grads)
+    let mut dx = residual::add(&g, &dx_h);
+    // And the gate.
+    if let Some(gv) = &saved.gate {
+        let (dz, db) = gate::backward(gv, saved.yd, &dgate);
+        grads.insert(format!("{p}.gate.bias"), db);
+        let dxg = conv_backward(params, &format!("{p}.gate.weight"), x, xd, &dz, spec.gate_layer(), &mut grads);
+        dx = residual::add(&dx, &dxg);
+    }
+    (dx, grads)
 }
 
 /// The whole forward pass: what [`forward`] returns.
@@ -335,14 +378,18 @@ pub fn forward(cfg: &NetConfig, params: &Tensors, images: &[f64], dims: Dims, tr
     let mut buffers = Tensors::new();
     // Stem.
     let (stem_conv, d0) = conv_forward(params, "conv1.weight", images, dims, stem_layer(cfg));
-    let x0 = match cfg.kind {
-        UnitKind::PreAct => stem_conv.clone(),
-        UnitKind::Original => bn_forward(params, "bn1", &stem_conv, d0, true, train, &mut buffers),
+    let x0 = if cfg.kind.stem_bn() {
+        bn_forward(params, "bn1", &stem_conv, d0, true, train, &mut buffers)
+    } else {
+        stem_conv.clone()
     };
     // Units.
     let (mut streams, mut stream_dims, mut branches, mut units) = (vec![x0], vec![d0], Vec::new(), Vec::new());
-    for spec in cfg.units() {
-        let u = unit_forward(&spec, params, streams.last().unwrap(), *stream_dims.last().unwrap(), train);
+    // Dropout masks are drawn per step (BN's num_batches_tracked before it) and unit.
+    let step = cfg.tensors().iter().find(|t| t.role == Role::Count).map_or(0.0, |t| get(params, &t.name)[0]);
+    for (l, spec) in cfg.units().iter().enumerate() {
+        let (x, xd) = (streams.last().unwrap(), *stream_dims.last().unwrap());
+        let u = unit_forward_seeded(spec, params, x, xd, train, dropout_seed(step as u64, l));
         buffers.extend(u.buffers);
         streams.push(u.out);
         stream_dims.push(u.dims);
@@ -353,7 +400,8 @@ pub fn forward(cfg: &NetConfig, params: &Tensors, images: &[f64], dims: Dims, tr
     let (xl, [n, c, h, w]) = (streams.last().unwrap(), *stream_dims.last().unwrap());
     let z = match cfg.kind {
         UnitKind::PreAct => bn_forward(params, "bn", xl, [n, c, h, w], true, train, &mut buffers),
-        UnitKind::Original => xl.clone(),
+        UnitKind::ReluOnlyPreAct => relu::forward(xl),
+        UnitKind::Original | UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => xl.clone(),
     };
     let pooled = head::pool_forward(&z, n, c, h * w);
     let logits = head::fc_forward(&pooled, get(params, "fc.weight"), get(params, "fc.bias"), n, c, cfg.classes);
@@ -411,7 +459,8 @@ pub fn train_pass(cfg: &NetConfig, params: &Tensors, images: &[f64], dims: Dims,
     let dz = head::pool_backward(&dp, h * w);
     let dxl = match cfg.kind {
         UnitKind::PreAct => bn_backward(params, "bn", xl, [n, c, h, w], &dz, true, &mut grads),
-        UnitKind::Original => dz,
+        UnitKind::ReluOnlyPreAct => relu::backward(xl, &dz),
+        UnitKind::Original | UnitKind::BnAfterAdd | UnitKind::ReluBeforeAdd => dz,
     };
     // Units, last first.
     let specs = cfg.units();
@@ -423,11 +472,10 @@ pub fn train_pass(cfg: &NetConfig, params: &Tensors, images: &[f64], dims: Dims,
         stream_grads[l] = dx;
     }
     // Stem.
-    let dconv = match cfg.kind {
-        UnitKind::PreAct => stream_grads[0].clone(),
-        UnitKind::Original => {
-            bn_backward(params, "bn1", &fwd.stem_conv, fwd.stream_dims[0], &stream_grads[0], true, &mut grads)
-        }
+    let dconv = if cfg.kind.stem_bn() {
+        bn_backward(params, "bn1", &fwd.stem_conv, fwd.stream_dims[0], &stream_grads[0], true, &mut grads)
+    } else {
+        stream_grads[0].clone()
     };
     let grad_images = conv_backward(params, "conv1.weight", images, dims, &dconv, stem_layer(cfg), &mut grads);
     for t in cfg.tensors() {

@@ -67,6 +67,8 @@ pub fn random_state(cfg: &resnet_wgpu::arch::NetConfig, seed: u64) -> std::colle
                 Role::RunningMean => v.iter().map(|_| rng.range(-0.5, 0.5) as f32).collect(),
                 Role::RunningVar => v.iter().map(|_| rng.range(0.5, 2.0) as f32).collect(),
                 Role::Count => vec![7.0],
+                // Gates near 1/2, where both of their terms show.
+                Role::GateBias => v.iter().map(|_| rng.range(-1.0, 1.0) as f32).collect(),
                 _ => v,
             };
             (t.name, v)

@@ -1,0 +1,67 @@
+//! The gate of the gated shortcuts, `g = sigmoid(conv1x1(x) + b)` with the unit's stride,
+//! dispatching `shaders/gate.wgsl` for the bias and sigmoid and `ops::conv` for the 1x1
+//! convolution. Reference: `reference::gate` (and `reference::conv`).
+
+use crate::error::{Error, Result};
+use crate::gpu::{Recorder, Shader, groups_for};
+use crate::ops::{conv, same_len};
+use crate::tensor::Tensor;
+
+fn check_bias(what: &str, t: &Tensor, b: &Tensor) -> Result<[usize; 4]> {
+    let d = t.nchw(what)?;
+    if b.len() != d[1] {
+        return Err(Error::Shape(format!("{what}: bias of {} values for {} channels", b.len(), d[1])));
+    }
+    Ok(d)
+}
+
+/// `z = sigmoid(z + b[c])` in place.
+pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
+    let [n, c, h, w] = check_bias("gate bias_sigmoid", z, b)?;
+    let p = [z.len(), c, h * w, n].map(|v| v as u32);
+    rec.dispatch(Shader::Gate, "bias_sigmoid", &p, &[(1, &b.buffer), (2, &z.buffer)], groups_for(z.len()));
+    Ok(())
+}
+
+/// `d = d * g * (1 - g)` in place: `dE/dg` in, `dE/dz` out.
+pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()> {
+    same_len("gate sigmoid_backward", &[g, d])?;
+    let p = [g.len() as u32];
+    rec.dispatch(Shader::Gate, "sigmoid_backward", &p, &[(3, &g.buffer), (4, &d.buffer)], groups_for(g.len()));
+    Ok(())
+}
+
+/// `db[c] = sum over N, H, W of dz` (overwrites `db`).
+pub fn bias_grad(rec: &mut Recorder, dz: &Tensor, db: &Tensor) -> Result<()> {
+    let [n, c, h, w] = check_bias("gate bias_grad", dz, db)?;
+    let p = [dz.len(), c, h * w, n].map(|v| v as u32);
+    rec.dispatch(Shader::Gate, "bias_grad", &p, &[(5, &dz.buffer), (6, &db.buffer)], [c as u32, 1, 1]);
+    Ok(())
+}
+
+/// `g = sigmoid(conv1x1(x, w, stride) + b)`.
+pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor, stride: usize) -> Result<()> {
+    conv::forward(rec, x, w, g, stride, false)?;
+    bias_sigmoid(rec, b, g)
+}
+
+/// The backward of [`forward`] from its output `g`: `dg` holds `dE/dg` on entry and `dE/dz`
+/// on exit; `dw` and `db` are overwritten and `dx (+)=` the input gradient.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    rec: &mut Recorder,
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    dg: &Tensor,
+    dw: &Tensor,
+    db: &Tensor,
+    dx: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    sigmoid_backward(rec, g, dg)?;
+    bias_grad(rec, dg, db)?;
+    conv::backward_weight(rec, x, dg, dw, stride, false)?;
+    conv::backward_data(rec, dg, w, dx, stride, accumulate)
+}

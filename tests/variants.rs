@@ -1,0 +1,362 @@
+//! The paper's variants on the GPU against the reference: the combination kernels (constant
+//! scaling, gating, dropout on the shortcut) and the gate's kernels alone, then every placement
+//! (Table 2) and combination (Table 1) as whole units, forward and backward, and as whole
+//! networks; and the variant names the command line takes.
+mod common;
+use common::*;
+use resnet_wgpu::Tensor;
+use resnet_wgpu::arch::{Combine, NetConfig, Shortcut, ShortcutOption, UnitKind, Variant};
+use resnet_wgpu::net::ResNet;
+use resnet_wgpu::ops::{gate, mix};
+use resnet_wgpu::reference::{conv as rconv, gate as rgate, mix as rmix, net as rnet, to_f64};
+use resnet_wgpu::unit::{Mode, Param, Unit, Workspace};
+
+const COMBINATIONS: [Combine; 6] = [
+    Combine::Add,
+    Combine::Scale { h: 0.5, f: 1.0 },
+    Combine::Scale { h: 0.5, f: 0.5 },
+    Combine::ExclusiveGate { bias: -6.0 },
+    Combine::ShortcutGate { bias: -6.0 },
+    Combine::Dropout { rate: 0.5 },
+];
+
+/// A gate in (0, 1), not too close to either end.
+fn gate_values(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.range(0.05, 0.95) as f32).collect()
+}
+
+#[test]
+fn mix_kernels_match_the_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(101);
+    for (i, combine) in COMBINATIONS.into_iter().enumerate() {
+        for (d, relu) in [([1, 3, 5, 7], false), ([2, 5, 3, 3], true)] {
+            let n: usize = d.iter().product();
+            let (h, f, gv, dy) = (rng.data(n), rng.data(n), gate_values(&mut rng, n), rng.data(n));
+            let (th, tf, tg, tdy) = (upload(&d, &h), upload(&d, &f), upload(&d, &gv), upload(&d, &dy));
+            let (ty, tdh, tdf, tdg) = (poisoned(&d), poisoned(&d), poisoned(&d), poisoned(&d));
+            let seed = 77 + i as u32;
+            let gated = combine.gated();
+            let gate_t = gated.then_some(&tg);
+            let mut rec = g.recorder("mix");
+            mix::forward(&mut rec, combine, true, seed, &th, &tf, gate_t, &ty, relu).unwrap();
+            mix::backward(&mut rec, combine, seed, &th, &tf, gate_t, &tdy, &tdh, &tdf, gated.then_some(&tdg)).unwrap();
+            rec.run().unwrap();
+
+            let (h, f, gv, dy) = (to_f64(&h), to_f64(&f), to_f64(&gv), to_f64(&dy));
+            let gr = gated.then_some(&gv[..]);
+            let mut want = rmix::forward(combine, &h, &f, gr, seed, true);
+            if relu {
+                want.iter_mut().for_each(|v| *v = v.max(0.0));
+            }
+            let (dh, df, dg) = rmix::backward(combine, &h, &f, gr, seed, &dy);
+            let tag = format!("mix {combine:?} relu={relu} {d:?}");
+            check(&format!("{tag} y"), &read(&ty), &want, F32_TOL);
+            check(&format!("{tag} dh"), &read(&tdh), &dh, F32_TOL);
+            check(&format!("{tag} dF"), &read(&tdf), &df, F32_TOL);
+            if gated {
+                check(&format!("{tag} dg"), &read(&tdg), &dg, F32_TOL);
+            }
+        }
+    }
+}
+
+#[test]
+fn dropout_keeps_about_half_in_training_and_everything_in_inference() {
+    let g = gpu();
+    let d = [4, 8, 16, 16];
+    let n: usize = d.iter().product();
+    let (h, f) = (vec![1.0f32; n], vec![0.0f32; n]);
+    let (th, tf, ty) = (upload(&d, &h), upload(&d, &f), poisoned(&d));
+    let combine = Combine::Dropout { rate: 0.5 };
+    for (train, seed) in [(true, 1), (true, 2), (false, 1)] {
+        let mut rec = g.recorder("dropout");
+        mix::forward(&mut rec, combine, train, seed, &th, &tf, None, &ty, false).unwrap();
+        rec.run().unwrap();
+        let y = read(&ty);
+        let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+        if train {
+            // Inverted dropout: kept elements are scaled by 1 / (1 - rate).
+            assert!(y.iter().all(|&v| v == 0.0 || v == 2.0), "values other than 0 and 2");
+            assert!((kept - 0.5).abs() < 0.02, "seed {seed}: kept {kept}");
+        } else {
+            assert!(y.iter().all(|&v| v == 1.0), "inference is the identity");
+        }
+    }
+}
+
+#[test]
+fn gate_kernels_match_the_reference() {
+    let g = gpu();
+    let mut rng = Rng::new(102);
+    // Odd sizes, channels not a multiple of 4, stride 2 on odd sizes, batch 1.
+    for (xd, c_out, stride) in [([1usize, 3, 7, 5], 5usize, 1usize), ([2, 5, 9, 7], 6, 2), ([3, 2, 3, 3], 3, 1)] {
+        let [n, c_in, hh, ww] = xd;
+        let yd = [n, c_out, hh.div_ceil(stride), ww.div_ceil(stride)];
+        let (x, w, b) = (rng.data(xd.iter().product()), rng.data(c_out * c_in), rng.data(c_out));
+        let dg = rng.data(yd.iter().product());
+        let (tx, tw, tb) = (upload(&xd, &x), upload(&[c_out, c_in, 1, 1], &w), upload(&[c_out], &b));
+        let (tg, tdg, tdw, tdb, tdx) =
+            (poisoned(&yd), upload(&yd, &dg), poisoned(&[c_out, c_in, 1, 1]), poisoned(&[c_out]), poisoned(&xd));
+        let mut rec = g.recorder("gate");
+        gate::forward(&mut rec, &tx, &tw, &tb, &tg, stride).unwrap();
+        gate::backward(&mut rec, &tx, &tw, &tg, &tdg, &tdw, &tdb, &tdx, stride, false).unwrap();
+        rec.run().unwrap();
+
+        let (x, w, b, dg) = (to_f64(&x), to_f64(&w), to_f64(&b), to_f64(&dg));
+        let wd = [c_out, c_in, 1, 1];
+        let z = rconv::forward(&x, xd, &w, wd, stride);
+        let want_g = rgate::forward(&z, yd, &b);
+        let (dz, db) = rgate::backward(&want_g, yd, &dg);
+        let tag = format!("gate {xd:?} -> {c_out} stride {stride}");
+        check(&format!("{tag} g"), &read(&tg), &want_g, F32_TOL);
+        check(&format!("{tag} dz"), &read(&tdg), &dz, F32_TOL);
+        check(&format!("{tag} db"), &read(&tdb), &db, F32_TOL);
+        check(&format!("{tag} dw"), &read(&tdw), &rconv::backward_weight(&x, xd, &dz, wd, stride), F32_TOL);
+        check(&format!("{tag} dx"), &read(&tdx), &rconv::backward_data(&dz, &w, wd, xd, stride), F32_TOL);
+    }
+}
+
+#[test]
+fn kernels_refuse_bad_operands() {
+    let g = gpu();
+    let d = [1, 2, 3, 3];
+    let (a, b, c) = (poisoned(&d), poisoned(&d), poisoned(&[1, 2, 3, 4]));
+    let mut rec = g.recorder("bad");
+    // A gated combination without its gate; mismatched sizes; an output aliasing an input.
+    assert!(mix::forward(&mut rec, Combine::ExclusiveGate { bias: 0.0 }, true, 0, &a, &b, None, &a, false).is_err());
+    assert!(mix::forward(&mut rec, Combine::Add, true, 0, &a, &b, None, &c, false).is_err());
+    assert!(mix::forward(&mut rec, Combine::Add, true, 0, &a, &b, None, &a, false).is_err());
+    assert!(mix::forward(&mut rec, Combine::Dropout { rate: 1.0 }, true, 0, &a, &b, None, &c, false).is_err());
+    // A bias of the wrong length.
+    assert!(gate::bias_sigmoid(&mut rec, &poisoned(&[3]), &a).is_err());
+    rec.run().unwrap();
+}
+
+/// [`check`], except for a gradient that is zero in exact arithmetic, where a relative error
+/// means nothing: the BN after the addition removes any per-channel constant added to `y_l`, so
+/// the gradient of a projection shortcut's BN bias is exactly zero in that placement, and f32
+/// leaves only rounding residue (about 1e-7) there.
+fn check_grad(name: &str, got: &[f32], want: &[f64]) {
+    let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
+    if norm > 1e-12 {
+        return check(name, got, want, F32_TOL);
+    }
+    let max = got.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    eprintln!("{name}: zero in exact arithmetic, max abs {max:.2e}");
+    assert!(max <= 1e-5, "{name}: {max:e} where the gradient is zero");
+}
+
+/// The unit's learned tensors under their PyTorch names, gate included.
+fn unit_params(u: &Unit) -> Vec<(String, &Param)> {
+    let p = &u.spec.name;
+    let mut v = Vec::new();
+    for (i, (c, b)) in u.convs.iter().zip(&u.bns).enumerate() {
+        v.push((format!("{p}.conv{}.weight", i + 1), &c.w));
+        v.push((format!("{p}.bn{}.weight", i + 1), &b.gamma));
+        v.push((format!("{p}.bn{}.bias", i + 1), &b.beta));
+    }
+    match (&u.proj, &u.proj_bn) {
+        (Some(c), None) => v.push((format!("{p}.shortcut.weight"), &c.w)),
+        (Some(c), Some(b)) => {
+            v.push((format!("{p}.shortcut.0.weight"), &c.w));
+            v.push((format!("{p}.shortcut.1.weight"), &b.gamma));
+            v.push((format!("{p}.shortcut.1.bias"), &b.beta));
+        }
+        _ => {}
+    }
+    if let Some(gt) = &u.gate {
+        v.push((format!("{p}.gate.weight"), &gt.w));
+        v.push((format!("{p}.gate.bias"), &gt.b));
+    }
+    v
+}
+
+/// Every unit of a small network of `cfg` (identity and stride-2 units), forward and backward
+/// on the GPU against `unit_forward`/`unit_backward` in training mode, and forward in eval mode.
+fn check_units(cfg: &NetConfig, seed: u64) {
+    let g = gpu();
+    let mut rng = Rng::new(seed);
+    let state = random_state(cfg, seed);
+    let params = to_ref(&state);
+    for (i, spec) in cfg.units().into_iter().enumerate() {
+        let n = 1 + i % 2;
+        let xd = [n, spec.c_in, 7, 5];
+        let mut unit = Unit::from_state(g, &spec, &state).unwrap();
+        unit.seed = 1000 + i as u32;
+        let mut ws = Workspace::default();
+        let kept = unit.allocate(g, xd, &mut ws).unwrap();
+        let yd = unit.out_dims(xd);
+        let (x, dy) = (rng.data(xd.iter().product()), rng.data(yd.iter().product()));
+        let (tx, ty, tg_out, tg_in_own) = (upload(&xd, &x), poisoned(&yd), upload(&yd, &dy), poisoned(&xd));
+        let identity = spec.shortcut == Shortcut::Identity;
+        let tg_in = if identity { &tg_out } else { &tg_in_own };
+        for (_, p) in unit_params(&unit) {
+            p.grad.fill(g, f32::NAN);
+        }
+        let mut rec = g.recorder("unit");
+        unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();
+        unit.backward(&mut rec, &tx, &ty, &tg_out, tg_in, &kept, &ws).unwrap();
+        rec.run().unwrap();
+
+        let want = rnet::unit_forward_seeded(&spec, &params, &to_f64(&x), xd, true, unit.seed);
+        let (want_dx, want_grads) = rnet::unit_backward(&spec, &params, &want.saved, &to_f64(&dy));
+        let tag = format!("{} {} {:?} {xd:?}", Variant::of(cfg), spec.name, spec.shortcut);
+        check(&format!("{tag} x_l+1"), &read(&ty), &want.out, F32_TOL);
+        check(&format!("{tag} dE/dx_l"), &read(tg_in), &want_dx, F32_TOL);
+        let names = unit_params(&unit);
+        assert_eq!(names.len(), want_grads.len(), "{tag}: parameters");
+        for (name, p) in names {
+            check_grad(&format!("{tag} grad {name}"), &read(&p.grad), &want_grads[&name]);
+        }
+        for (name, want_buf) in &want.buffers {
+            if name.ends_with("running_mean") || name.ends_with("running_var") {
+                let bn = &name[..name.rfind('.').unwrap()];
+                let b = if bn.ends_with("shortcut.1") {
+                    unit.proj_bn.as_ref().unwrap()
+                } else {
+                    let i: usize = bn[bn.rfind("bn").unwrap() + 2..].parse().unwrap();
+                    &unit.bns[i - 1]
+                };
+                let t = if name.ends_with("running_mean") { &b.running_mean } else { &b.running_var };
+                check(&format!("{tag} {name}"), &read(t), want_buf, F32_TOL);
+            }
+        }
+
+        // Eval mode: running statistics, no dropout.
+        let te = poisoned(&yd);
+        let mut rec = g.recorder("unit eval");
+        unit.forward(&mut rec, Mode::Eval, &tx, &te, &kept, &ws).unwrap();
+        rec.run().unwrap();
+        let mut eval_params = params.clone();
+        eval_params.extend(want.buffers.clone()); // the running statistics after the training forward
+        let want_eval = rnet::unit_forward(&spec, &eval_params, &to_f64(&x), xd, false);
+        check(&format!("{tag} eval x_l+1"), &read(&te), &want_eval.out, F32_TOL);
+    }
+}
+
+fn small(kind: UnitKind, combine: Combine, shortcut: ShortcutOption) -> NetConfig {
+    NetConfig {
+        kind,
+        combine,
+        units_per_stage: 2,
+        bottleneck: false,
+        shortcut,
+        widths: [3, 5, 6],
+        in_channels: 3,
+        classes: 3,
+    }
+}
+
+#[test]
+fn every_placement_unit_matches_the_reference() {
+    for (i, kind) in UnitKind::ALL.into_iter().enumerate() {
+        for shortcut in [ShortcutOption::A, ShortcutOption::B] {
+            check_units(
+                &small(kind, Combine::Add, shortcut),
+                200 + 2 * i as u64 + (shortcut == ShortcutOption::B) as u64,
+            );
+        }
+    }
+    // A bottleneck of each new placement.
+    for (i, kind) in [UnitKind::BnAfterAdd, UnitKind::ReluBeforeAdd, UnitKind::ReluOnlyPreAct].into_iter().enumerate() {
+        let cfg = NetConfig { bottleneck: true, widths: [2, 3, 5], ..small(kind, Combine::Add, ShortcutOption::B) };
+        check_units(&cfg, 220 + i as u64);
+    }
+}
+
+#[test]
+fn every_combination_unit_matches_the_reference() {
+    for (i, combine) in COMBINATIONS.into_iter().enumerate() {
+        for kind in [UnitKind::Original, UnitKind::PreAct] {
+            check_units(&small(kind, combine, ShortcutOption::A), 240 + i as u64);
+        }
+    }
+    // The 1x1 convolution shortcut on every unit.
+    for kind in [UnitKind::Original, UnitKind::PreAct] {
+        check_units(&small(kind, Combine::Add, ShortcutOption::C), 250);
+    }
+    // A gated unit with a projection shortcut, and dropout on a BN-after-addition unit.
+    check_units(&small(UnitKind::Original, Combine::ShortcutGate { bias: 0.5 }, ShortcutOption::B), 251);
+    check_units(&small(UnitKind::BnAfterAdd, Combine::Dropout { rate: 0.3 }, ShortcutOption::B), 252);
+}
+
+/// One training pass of whole networks, GPU against `train_pass`: loss, every gradient, every
+/// stream, the running statistics; dropout masks drawn per step on both sides.
+#[test]
+fn variant_networks_match_the_reference() {
+    let g = gpu();
+    let cases = [
+        small(UnitKind::BnAfterAdd, Combine::Add, ShortcutOption::B),
+        small(UnitKind::ReluBeforeAdd, Combine::Add, ShortcutOption::A),
+        small(UnitKind::ReluOnlyPreAct, Combine::Add, ShortcutOption::B),
+        small(UnitKind::Original, Combine::Scale { h: 0.5, f: 0.5 }, ShortcutOption::A),
+        small(UnitKind::Original, Combine::ExclusiveGate { bias: -6.0 }, ShortcutOption::A),
+        small(UnitKind::Original, Combine::ShortcutGate { bias: -6.0 }, ShortcutOption::B),
+        small(UnitKind::Original, Combine::Dropout { rate: 0.5 }, ShortcutOption::A),
+        small(UnitKind::Original, Combine::Add, ShortcutOption::C),
+    ];
+    for (i, cfg) in cases.iter().enumerate() {
+        let mut rng = Rng::new(300 + i as u64);
+        let state = random_state(cfg, 300 + i as u64);
+        let mut params = to_ref(&state);
+        let mut net = ResNet::from_state(g, cfg, &state).unwrap();
+        // Batch 1 is covered unit by unit above; here BN after addition normalises the stream
+        // itself, whose gradients are ill-conditioned with a handful of values per channel.
+        let dims = if i % 2 == 0 { [4, 3, 16, 16] } else { [3, 3, 10, 9] };
+        let tag = Variant::of(cfg).to_string();
+        // Two steps, so that the second step's dropout mask differs from the first's.
+        for step in 0..2 {
+            for (_, p) in net.params() {
+                p.grad.fill(g, f32::NAN);
+            }
+            let x = rng.data(dims.iter().product());
+            let labels: Vec<u32> = (0..dims[0]).map(|_| rng.below(cfg.classes) as u32).collect();
+            let images = Tensor::new(g, &dims, &x).unwrap();
+            let tl = resnet_wgpu::ops::pool_fc_loss::upload_labels(g, &labels, cfg.classes).unwrap();
+            let loss = net.forward_backward(g, &images, &tl, true).unwrap();
+            let lu: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+            let want = rnet::train_pass(cfg, &params, &to_f64(&x), dims, &lu);
+            let tag = format!("{tag} step {step}");
+            check(&format!("{tag} loss"), &[loss], &[want.loss], F32_TOL);
+            check(&format!("{tag} grad.images"), &net.grad_images(g).unwrap(), &want.grad_images, F32_TOL);
+            for (name, gv) in net.grads(g).unwrap() {
+                check_grad(&format!("{tag} grad.{name}"), &gv, &want.grads[&name]);
+            }
+            for (l, s) in net.streams().unwrap().iter().enumerate() {
+                check(&format!("{tag} x_{l}"), &s.read(g).unwrap(), &want.streams[l], F32_TOL);
+            }
+            // The reference's next step starts from the updated buffers (and count).
+            params.extend(want.buffers);
+        }
+    }
+}
+
+#[test]
+fn variant_names_round_trip() {
+    for (name, kind, combine, conv) in [
+        ("preact", UnitKind::PreAct, Combine::Add, false),
+        ("original", UnitKind::Original, Combine::Add, false),
+        ("bn-after-add", UnitKind::BnAfterAdd, Combine::Add, false),
+        ("relu-before-add", UnitKind::ReluBeforeAdd, Combine::Add, false),
+        ("relu-only-preact", UnitKind::ReluOnlyPreAct, Combine::Add, false),
+        ("scale:0.5:1", UnitKind::Original, Combine::Scale { h: 0.5, f: 1.0 }, false),
+        ("gate:-6", UnitKind::Original, Combine::ExclusiveGate { bias: -6.0 }, false),
+        ("shortcut-gate:-6", UnitKind::Original, Combine::ShortcutGate { bias: -6.0 }, false),
+        ("conv", UnitKind::Original, Combine::Add, true),
+        ("dropout:0.5", UnitKind::Original, Combine::Dropout { rate: 0.5 }, false),
+        ("preact+gate:-2", UnitKind::PreAct, Combine::ExclusiveGate { bias: -2.0 }, false),
+    ] {
+        let v: Variant = name.parse().unwrap();
+        assert_eq!(v, Variant { kind, combine, conv_shortcut: conv }, "{name}");
+        assert_eq!(v.to_string(), name);
+    }
+    // Defaults of the bare names.
+    assert_eq!("gate".parse::<Variant>().unwrap().combine, Combine::ExclusiveGate { bias: -6.0 });
+    assert_eq!("scale".parse::<Variant>().unwrap().combine, Combine::Scale { h: 0.5, f: 0.5 });
+    for bad in
+        ["", "foo", "preact+", "scale:1", "scale:a:b", "gate:1:2", "dropout:1", "dropout:-0.1", "x+add", "conv:3"]
+    {
+        assert!(bad.parse::<Variant>().is_err(), "{bad:?} parsed");
+    }
+}
