@@ -1,11 +1,12 @@
-//! The seed's analysis, measured on the GPU: for each network variant, one training-mode
+//! The seed's analysis, measured on the GPU: for each network (any depth, placement and
+//! shortcut combination of [`crate::arch::Variant`]), one training-mode
 //! forward and backward at initialisation, and per unit `l` the norms `||x_l||`, `||F(x_l)||`,
 //! `||dE/dx_l||` and `||dE/dx_l|| / ||dE/dx_L||`; plus the check that within a stage the stream
 //! is additive, `x_L = x_l + sum F` (pre-activation), or is not (original, `f = ReLU`).
 
 use std::path::Path;
 
-use crate::arch::NetConfig;
+use crate::arch::{Combine, NetConfig};
 use crate::error::Result;
 use crate::gpu::Gpu;
 use crate::net::{Probes, ResNet};
@@ -15,7 +16,7 @@ use crate::tensor::Tensor;
 
 /// One network to analyse.
 #[derive(Clone, Debug)]
-pub struct Variant {
+pub struct Network {
     pub label: String,
     pub config: NetConfig,
 }
@@ -23,7 +24,7 @@ pub struct Variant {
 /// The measurements of one variant.
 #[derive(Clone, Debug)]
 pub struct Measured {
-    pub variant: Variant,
+    pub network: Network,
     pub probes: Probes,
 }
 
@@ -36,13 +37,13 @@ impl Measured {
     }
 }
 
-/// Runs the probed pass of each variant (weights He-initialised from `seed`) on one batch.
-pub fn measure(gpu: &Gpu, variants: &[Variant], images: &Tensor, labels: &Labels, seed: u64) -> Result<Vec<Measured>> {
+/// Runs the probed pass of each network (weights He-initialised from `seed`) on one batch.
+pub fn measure(gpu: &Gpu, networks: &[Network], images: &Tensor, labels: &Labels, seed: u64) -> Result<Vec<Measured>> {
     let mut out = Vec::new();
-    for v in variants {
+    for v in networks {
         let mut net = ResNet::new(gpu, &v.config, seed)?;
         let probes = net.probe(gpu, images, labels)?;
-        out.push(Measured { variant: v.clone(), probes });
+        out.push(Measured { network: v.clone(), probes });
     }
     Ok(out)
 }
@@ -55,12 +56,24 @@ pub fn table(m: &Measured, rows: usize) -> String {
     let ratios = m.ratios();
     let mut s = format!(
         "{}: loss {:.4}\n{:>5} {:>12} {:>12} {:>12} {:>14}\n",
-        m.variant.label, m.probes.loss, "l", "||x_l||", "||F(x_l)||", "||dE/dx_l||", "/ ||dE/dx_L||"
+        m.network.label, m.probes.loss, "l", "||x_l||", "||F(x_l)||", "||dE/dx_l||", "/ ||dE/dx_L||"
     );
     for l in (0..n).filter(|l| l % step == 0 || *l == n - 1) {
         let v = m.probes.norms[l];
         let f = if l + 1 < n { format!("{:12.4e}", v[1]) } else { format!("{:>12}", "-") };
         s += &format!("{l:>5} {:12.4e} {f} {:12.4e} {:14.4}\n", v[0], v[2], ratios[l]);
+    }
+    // The seed's direct term of dE/dx_l: with identity h and f it is dE/dx_L itself; a constant
+    // scale on the shortcut multiplies it by lambda_h once per unit, so only the paths through
+    // the weights are left to carry the gradient.
+    if let Combine::Scale { h, .. } = m.network.config.combine {
+        let units = n - 1;
+        s += &format!(
+            "shortcut scaled by {h}: the shortcut-only path scales dE/dx_L by {h}^{units} = {:.2e} on its way to \
+             x_0 (measured, all paths: ||dE/dx_0|| / ||dE/dx_L|| = {:.2e})\n",
+            (h as f64).powi(units as i32),
+            ratios[0]
+        );
     }
     for (i, e) in m.probes.stage_identity.iter().enumerate() {
         if let Some(e) = e {
@@ -76,7 +89,7 @@ pub fn write_csv(path: &Path, ms: &[Measured]) -> Result<()> {
     for m in ms {
         for (l, (v, r)) in m.probes.norms.iter().zip(m.ratios()).enumerate() {
             rows.push(vec![
-                m.variant.label.clone(),
+                m.network.label.clone(),
                 l.to_string(),
                 format!("{:e}", v[0]),
                 format!("{:e}", v[1]),
@@ -97,7 +110,7 @@ pub fn plot(path: &Path, ms: &[Measured]) -> Result<()> {
             let r = m.ratios();
             let last = (r.len() - 1).max(1) as f64;
             Series {
-                label: m.variant.label.clone(),
+                label: m.network.label.clone(),
                 points: r.iter().enumerate().map(|(l, &v)| (l as f64 / last, v)).collect(),
             }
         })

@@ -5,7 +5,6 @@
 //! at once: nothing returns to the host between units, and the stream `x_l` and its gradient
 //! stay on the GPU (see [`crate::unit`]).
 
-
 use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;

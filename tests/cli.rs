@@ -128,10 +128,47 @@ fn train_and_analyze_run_on_tiny_settings() {
     let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);
     assert!(ok, "{text}");
     assert!(
-        text.contains("ResNet-8 pre-act") && text.contains("ResNet-8 original") && text.contains("stage 1"),
+        text.contains("ResNet-8 preact") && text.contains("ResNet-8 original") && text.contains("stage 1"),
         "{text}"
     );
     assert!(a.join("analysis.csv").exists() && a.join("analysis.svg").exists());
+}
+
+#[test]
+fn variants_train_and_analyze() {
+    let d = dir("variant");
+    let (ok, text) = tool(&[
+        "train",
+        "--depth",
+        "8",
+        "--unit",
+        "preact+gate:-6",
+        "--train-size",
+        "32",
+        "--test-size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--out",
+        d.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("network: preact+gate:-6 ResNet-8"), "{text}");
+    // The checkpoint holds the gates under their names.
+    let ckpt = io::read(&d.join("checkpoint.safetensors")).unwrap();
+    assert!(ckpt.contains_key("layer1.0.gate.weight") && ckpt.contains_key("layer3.0.gate.bias"));
+
+    let a = dir("variants-analyze");
+    let variants = "scale:0.5:1,relu-only-preact,dropout";
+    let (ok, text) =
+        tool(&["analyze", "--depths", "8", "--variants", variants, "--batch", "2", "--out", a.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    for label in ["ResNet-8 scale:0.5:1", "ResNet-8 relu-only-preact", "ResNet-8 dropout:0.5", "0.5^3 = 1.25e-1"] {
+        assert!(text.contains(label), "{label} missing from {text}");
+    }
+    let csv = std::fs::read_to_string(a.join("analysis.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 3 * 4, "{csv}");
 }
 
 #[test]
@@ -160,6 +197,9 @@ fn bad_arguments_get_clear_messages() {
         (vec!["analyze", "--batch", "1"], "at least 2"),
         (vec!["train", "--depth", "8", "--train-size", "10", "--batch", "32"], "batch 32 for 10"),
         (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
+        (vec!["train", "--unit", "sideways"], "unknown combination"),
+        (vec!["analyze", "--variants", "scale:2"], "scale takes two numbers"),
+        (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
     ] {
         let (ok, text) = tool(&args);
         assert!(!ok, "{args:?} should fail");

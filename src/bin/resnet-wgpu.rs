@@ -4,8 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use resnet_wgpu::analysis::{self, Variant};
-use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::analysis::{self, Network};
+use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind, Variant};
 use resnet_wgpu::io::{self, HostTensor};
 use resnet_wgpu::net::ResNet;
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
@@ -43,6 +43,8 @@ enum ShortcutArg {
     A,
     /// 1x1 projection.
     B,
+    /// 1x1 projection on every unit, also where the shape is kept.
+    C,
 }
 
 /// The network's shape, shared by the subcommands.
@@ -54,6 +56,12 @@ struct NetArgs {
     /// Unit kind.
     #[arg(long, value_enum, default_value_t = Kind::Preact)]
     kind: Kind,
+    /// A variant of the paper's Tables 1 and 2 instead of --kind: a placement (original,
+    /// bn-after-add, relu-before-add, relu-only-preact, preact), a shortcut combination on the
+    /// original unit (scale:H:F, gate:B, shortcut-gate:B, conv, dropout:P), or
+    /// PLACEMENT+COMBINATION (e.g. preact+gate:-6).
+    #[arg(long, conflicts_with = "kind")]
+    unit: Option<Variant>,
     /// Bottleneck units (1x1, 3x3, 1x1, expansion 4).
     #[arg(long)]
     bottleneck: bool,
@@ -71,7 +79,12 @@ impl NetArgs {
         c.shortcut = match self.shortcut {
             ShortcutArg::A => ShortcutOption::A,
             ShortcutArg::B => ShortcutOption::B,
+            ShortcutArg::C => ShortcutOption::C,
         };
+        if let Some(v) = self.unit {
+            v.apply(&mut c);
+        }
+        c.validate()?;
         Ok(c)
     }
 }
@@ -164,7 +177,7 @@ enum Command {
         out: PathBuf,
     },
     /// The identity-mapping analysis on the GPU: per-unit norms of x_l, F(x_l) and dE/dx_l at
-    /// initialisation, for each depth and both unit kinds; a table, CSV and SVG.
+    /// initialisation, for each depth and unit variant; a table, CSV and SVG.
     Analyze {
         /// Depths: basic units for 6n+2, bottleneck units for 9n+2 that are not 6n+2 (164, 1001).
         #[arg(long, value_delimiter = ',', default_value = "110,1001")]
@@ -172,6 +185,10 @@ enum Command {
         /// Unit kinds to compare.
         #[arg(long, value_delimiter = ',', default_value = "preact,original")]
         kinds: Vec<Kind>,
+        /// Unit variants to compare instead of --kinds (names as `train --unit` takes them),
+        /// e.g. `preact,original,scale:0.5:1,gate:-6,bn-after-add`.
+        #[arg(long, value_delimiter = ',', conflicts_with = "kinds")]
+        variants: Vec<Variant>,
         /// Images in the batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -238,8 +255,12 @@ fn main() -> ExitCode {
             };
             train_cmd(&net, &data, &opts, resume.as_deref())
         }
-        Some(Command::Analyze { depths, kinds, batch, classes, seed, rows, out }) => {
-            analyze_cmd(&depths, &kinds, batch, classes, seed, rows, &out)
+        Some(Command::Analyze { depths, kinds, variants, batch, classes, seed, rows, out }) => {
+            let variants = match variants.is_empty() {
+                true => kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect(),
+                false => variants,
+            };
+            analyze_cmd(&depths, &variants, batch, classes, seed, rows, &out)
         }
         Some(Command::Bench { quick, full, shapes, only, burn, torch, json }) => {
             bench_cmd(quick, full, &shapes, only, burn, torch, &json)
@@ -261,12 +282,12 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     let config = args.config()?;
     let (train_set, test_set) = data.load(opts.seed)?;
     println!(
-        "data: {} ({} train, {} test, {} classes); network: {:?} ResNet-{} ({} classes)",
+        "data: {} ({} train, {} test, {} classes); network: {} ResNet-{} ({} classes)",
         train_set.name(),
         train_set.len(),
         test_set.len(),
         train_set.classes(),
-        config.kind,
+        Variant::of(&config),
         config.depth(),
         config.classes
     );
@@ -286,16 +307,22 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     Ok(())
 }
 
-/// The analysis' networks: each depth with each kind (bottleneck units for 9n+2 depths that
+/// Any configuration, to take a variant of.
+fn placeholder() -> NetConfig {
+    NetConfig::cifar(20, UnitKind::PreAct, false, 10).expect("ResNet-20 is a valid configuration")
+}
+
+/// The analysis' networks: each depth with each variant (bottleneck units for 9n+2 depths that
 /// are not 6n+2).
-fn analysis_variants(depths: &[usize], kinds: &[Kind], classes: usize) -> Result<Vec<Variant>> {
+fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize) -> Result<Vec<Network>> {
     let mut v = Vec::new();
     for &d in depths {
         let bottleneck = (d >= 2 && (d - 2) % 6 != 0) && (d >= 11 && (d - 2) % 9 == 0);
-        for &k in kinds {
-            let config = NetConfig::cifar(d, k.into(), bottleneck, classes)?;
-            let label = format!("ResNet-{d} {}", if matches!(k, Kind::Preact) { "pre-act" } else { "original" });
-            v.push(Variant { label, config });
+        for &variant in variants {
+            let mut config = NetConfig::cifar(d, UnitKind::PreAct, bottleneck, classes)?;
+            variant.apply(&mut config);
+            config.validate()?;
+            v.push(Network { label: format!("ResNet-{d} {variant}"), config });
         }
     }
     Ok(v)
@@ -303,7 +330,7 @@ fn analysis_variants(depths: &[usize], kinds: &[Kind], classes: usize) -> Result
 
 fn analyze_cmd(
     depths: &[usize],
-    kinds: &[Kind],
+    variants: &[Variant],
     batch: usize,
     classes: usize,
     seed: u64,
@@ -315,14 +342,14 @@ fn analyze_cmd(
     }
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
-    let variants = analysis_variants(depths, kinds, classes)?;
+    let networks = analysis_networks(depths, variants, classes)?;
     let (set, _) = data::synthetic(batch, 1, seed);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     set.gather(&(0..batch).collect::<Vec<_>>(), &mut images, &mut labels);
     let images = Tensor::new(&gpu, &[batch, 3, 32, 32], &images)?;
     let labels = upload_labels(&gpu, &labels.iter().map(|&l| l % classes as u32).collect::<Vec<_>>(), classes)?;
     let mut measured = Vec::new();
-    for v in &variants {
+    for v in &networks {
         let t = std::time::Instant::now();
         let m = analysis::measure(&gpu, std::slice::from_ref(v), &images, &labels, seed)?;
         println!("\n{}({:.1} s)", analysis::table(&m[0], rows), t.elapsed().as_secs_f64());
@@ -341,12 +368,14 @@ fn demo() -> Result<()> {
     println!("resnet-wgpu demo: a small pre-activation ResNet trained on the embedded shapes10 data,");
     println!("then the gradient-flow analysis of ResNet-110, pre-activation against original.");
     println!("(`resnet-wgpu --help` lists the commands.)\n");
-    let net = NetArgs { depth: 8, kind: Kind::Preact, bottleneck: false, shortcut: ShortcutArg::B, classes: 10 };
+    let net =
+        NetArgs { depth: 8, kind: Kind::Preact, unit: None, bottleneck: false, shortcut: ShortcutArg::B, classes: 10 };
     let data = DataArgs { data: None, train_size: 3000, test_size: 1000 };
     let opts = TrainOptions { epochs: 3, batch: 64, lr: 0.1, out: "runs/demo-train".into(), ..TrainOptions::default() };
     train_cmd(&net, &data, &opts, None)?;
     println!();
-    analyze_cmd(&[110], &[Kind::Preact, Kind::Original], 4, 10, 0, 8, std::path::Path::new("runs/demo-analyze"))
+    let variants = [UnitKind::PreAct, UnitKind::Original].map(|kind| Variant::of(&NetConfig { kind, ..placeholder() }));
+    analyze_cmd(&[110], &variants, 4, 10, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
 fn bench_cmd(
