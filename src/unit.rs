@@ -22,6 +22,11 @@
 //!   the projection's output; `x_{l+1}` itself gives the final ReLU's mask. The ReLU between
 //!   layers is recomputed.
 //!
+//! The paper's other variants (the placements of its Table 2 and the shortcut combinations of
+//! Table 1, see [`crate::arch`]) run on a general path instead: `h(x_l)`, `F(x_l)`, the gate and
+//! `y_l` are computed into buffers of their own and combined by `ops::mix`; it keeps every layer's
+//! output, each BN's input, `h`, the gate and (BN after addition) `y_l`. Clear before fast.
+//!
 //! Per BN layer, two per-channel vectors (batch mean and inverse std) are saved.
 //! Temporaries (recomputed activations and gradients inside the branch) live in a workspace
 //! shared by all units of the network.
