@@ -130,7 +130,8 @@ pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub report: AdapterReport,
-    /// The largest buffer this context will bind to one shader.
+    /// The largest buffer this context will bind to one shader. Tensors may be larger (up to
+    /// the adapter's largest buffer): the ops run them in chunks that fit.
     pub max_binding_bytes: u64,
     pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
@@ -220,7 +221,8 @@ impl Gpu {
         }));
 
         let info = adapter.get_info();
-        let max_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        // At most i32::MAX elements in one binding: the shaders index in u32 and offset in i32.
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(i32::MAX as u64 * 4);
         let report = AdapterReport {
             name: info.name.clone(),
             backend: info.backend,
