@@ -47,8 +47,9 @@ struct Acts {
     /// `x_0 .. x_L`, each kept for the backward.
     streams: Vec<Tensor>,
     kept: Vec<Kept>,
-    /// The stream's gradient, one buffer per shape, accumulated in place.
-    grads: HashMap<[usize; 4], Tensor>,
+    /// The stream's gradient, one buffer per (shape, stage), accumulated in place; see
+    /// [`grad_key`].
+    grads: HashMap<([usize; 4], usize), Tensor>,
     /// Original networks: the stem convolution's output (its BN's input).
     stem_h: Option<Tensor>,
     /// Pre-activation networks: `ReLU(BN(x_L))` and its gradient.
@@ -240,6 +241,14 @@ impl ResNet {
         Ok(d)
     }
 
+    /// The key of stream `l`'s gradient buffer: its shape and the stage of the unit that wrote
+    /// it (0 for the stem's `x_0`). Identity units share one buffer (their gradient is
+    /// accumulated in place); a stage's first unit never shares with its input, even where its
+    /// stride leaves the shape as it was (1x1 maps).
+    fn grad_key(&self, l: usize, dims: [usize; 4]) -> ([usize; 4], usize) {
+        (dims, l.checked_sub(1).and_then(|u| self.units.get(u)).map_or(0, |u| u.spec.stage))
+    }
+
     fn ensure_acts(&mut self, gpu: &Gpu, images: [usize; 4]) -> Result<()> {
         if self.acts.as_ref().is_some_and(|a| a.images == images) {
             return Ok(());
@@ -251,13 +260,13 @@ impl ResNet {
         let mut streams = vec![Tensor::zeros(gpu, &x0)?];
         let mut kept = Vec::new();
         let mut grads = HashMap::new();
-        grads.insert(x0, Tensor::zeros(gpu, &x0)?);
+        grads.insert(self.grad_key(0, x0), Tensor::zeros(gpu, &x0)?);
         let mut d = x0;
-        for u in &self.units {
+        for (l, u) in self.units.iter().enumerate() {
             kept.push(u.allocate(gpu, d, &mut ws)?);
             d = u.out_dims(d);
             streams.push(Tensor::zeros(gpu, &d)?);
-            if let std::collections::hash_map::Entry::Vacant(e) = grads.entry(d) {
+            if let std::collections::hash_map::Entry::Vacant(e) = grads.entry(self.grad_key(l + 1, d)) {
                 e.insert(Tensor::zeros(gpu, &d)?);
             }
         }
@@ -348,9 +357,10 @@ impl ResNet {
         norms: Option<&Tensor>,
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let a = self.acts()?;
-        let grad = |t: &Tensor| -> Result<&Tensor> {
-            let d = t.nchw("stream")?;
-            a.grads.get(&d).ok_or_else(|| Error::Invalid(format!("no stream gradient of {d:?}")))
+        // The gradient buffer of stream l.
+        let grad = |l: usize| -> Result<&Tensor> {
+            let d = a.streams.get(l).ok_or_else(|| Error::Invalid(format!("no stream {l}")))?.nchw("stream")?;
+            a.grads.get(&self.grad_key(l, d)).ok_or_else(|| Error::Invalid(format!("no stream gradient of {d:?}")))
         };
         let mut cbs = Vec::new();
         let l_count = self.units.len();
@@ -368,7 +378,7 @@ impl ResNet {
             false,
         )?;
         let x_last = &a.streams[l_count];
-        let g_last = grad(x_last)?;
+        let g_last = grad(l_count)?;
         match (&self.final_bn, &a.z) {
             (Some(bn), Some((_, dz))) => {
                 head::pool_backward(&mut rec, &a.dpooled, dz, false)?;
@@ -384,15 +394,15 @@ impl ResNet {
         for (l, u) in self.units.iter().enumerate().rev() {
             let mut rec = gpu.recorder(&u.spec.name);
             let (x, y) = (&a.streams[l], &a.streams[l + 1]);
-            u.backward(&mut rec, x, y, grad(y)?, grad(x)?, &a.kept[l], &a.ws)?;
+            u.backward(&mut rec, x, y, grad(l + 1)?, grad(l)?, &a.kept[l], &a.ws)?;
             if let Some(n) = norms {
-                probe::sum_squares(&mut rec, grad(x)?, n, 3 * l + 2)?;
+                probe::sum_squares(&mut rec, grad(l)?, n, 3 * l + 2)?;
             }
             cbs.push(rec.finish());
         }
 
         let mut rec = gpu.recorder("stem backward");
-        let g0 = grad(&a.streams[0])?;
+        let g0 = grad(0)?;
         let dstem = match (&self.stem_bn, &a.stem_h) {
             (Some(bn), Some(h)) => {
                 let dh = a.ws.get(h.dims(), Slot::DAct)?;
