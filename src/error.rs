@@ -32,6 +32,10 @@ pub enum Error {
     #[error("{what} needs {bytes} bytes, more than this adapter's {of} of {limit} bytes")]
     TooLarge { what: String, bytes: u64, limit: u64, of: &'static str },
 
+    /// The device could not allocate what was asked: out of memory, or a buffer it refused.
+    #[error("allocating {what} failed ({bytes} bytes of buffers requested): {detail}")]
+    Allocation { what: String, bytes: u64, detail: String },
+
     /// Reading a buffer back to the host failed.
     #[error("reading a GPU buffer back failed: {0}")]
     Map(String),

@@ -55,12 +55,8 @@ impl Tensor {
     }
 
     fn uninit(gpu: &Gpu, dims: &[usize], len: usize) -> Tensor {
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("tensor"),
-            size: (len as u64 * 4).max(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buffer = gpu.create_buffer("tensor", (len as u64 * 4).max(4), usage);
         Tensor { dims: dims.to_vec(), buffer }
     }
 
