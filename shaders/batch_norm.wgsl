@@ -37,6 +37,10 @@ struct Params {
     unbias: u32,     // f32 bits: M / (M - 1)
     chunk: u32,      // elements per run
     parts: u32,      // runs per plane: ceil(hw / chunk)
+    // Only when a batch runs in chunks (ops/split.rs); 0 otherwise.
+    prev: u32,       // *_merge: images in the chunks before this one
+    last: u32,       // *_merge: 1 on the last chunk
+    total: u32,      // backward_apply: elements per channel of the whole batch (0: n * hw)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -282,7 +286,7 @@ fn backward_apply(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
     let r = plane_run(flat(wid, nwg, lid));
     if !r.ok { return; }
     let k = chan(r.c);
-    let inv_m = 1.0 / f32(p.n * p.hw);
+    let inv_m = 1.0 / f32(select(p.n * p.hw, p.total, p.total != 0u));
     let gi = k.gamma * k.invstd;
     let mb = scratch[r.c] * inv_m;
     let mg = scratch[p.c + r.c] * inv_m;
@@ -290,5 +294,94 @@ fn backward_apply(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
         let xh = (x[i] - k.mean) * k.invstd;
         let g = gi * (dz(i, k, xh) - mb - xh * mg);
         if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
+    }
+}
+
+// ---- a batch in chunks (ops/split.rs): each chunk's runs are reduced as above, then merged in
+// chunk order into per-channel accumulators, so the results stay deterministic ----
+
+// Training statistics, pass 2 for a chunk of p.n images after p.prev others: the chunk's mean
+// and squared deviations merged (Chan et al.) into save_mean (the mean so far) and save_invstd
+// (the squared deviations so far); the last chunk turns them into the mean and invstd and
+// moves the running statistics, as stats_final does.
+@compute @workgroup_size(FG)
+fn stats_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let c = wid.x;
+    let t = lid.x;
+    let runs = p.n * p.parts;
+    let base = 2u * c * runs;
+    let nb = f32(p.n * p.hw);
+    var s = 0.0;
+    for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
+    red_a[t] = s;
+    red_b[t] = 0.0;
+    reduce_ab(t);
+    let mean_b = red_a[0] / nb;
+    workgroupBarrier();
+    var q = 0.0;
+    for (var r = t; r < runs; r += FG) {
+        let nr = f32(run_len(r));
+        let d = part[base + 2u * r] / nr - mean_b;
+        q += part[base + 2u * r + 1u] + nr * d * d;
+    }
+    red_a[t] = q;
+    reduce_ab(t);
+    if t == 0u {
+        var mean = mean_b;
+        var m2 = red_a[0];
+        if p.prev > 0u {
+            let na = f32(p.prev * p.hw);
+            let delta = mean_b - save_mean[c];
+            mean = save_mean[c] + delta * (nb / (na + nb));
+            m2 = save_invstd[c] + m2 + delta * delta * (na * nb / (na + nb));
+        }
+        save_mean[c] = mean;
+        save_invstd[c] = m2;
+        if p.last == 1u {
+            let var_b = m2 / f32((p.prev + p.n) * p.hw);
+            let mo = bitcast<f32>(p.momentum);
+            save_invstd[c] = 1.0 / sqrt(var_b + bitcast<f32>(p.eps));
+            running_mean[c] = (1.0 - mo) * running_mean[c] + mo * mean;
+            running_var[c] = (1.0 - mo) * running_var[c] + mo * (var_b * bitcast<f32>(p.unbias));
+        }
+    }
+}
+
+// Backward sums, pass 2 for a chunk after p.prev images: the chunk's sum dz and sum dz * xhat
+// added to scratch (written by the first chunk); the last chunk also writes (or adds to)
+// dbeta and dgamma, as backward_final does.
+@compute @workgroup_size(FG)
+fn backward_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
+    let c = wid.x;
+    let t = lid.x;
+    let runs = p.n * p.parts;
+    let base = 2u * c * runs;
+    var sb = 0.0;
+    var sg = 0.0;
+    for (var r = t; r < runs; r += FG) {
+        sb += part[base + 2u * r];
+        sg += part[base + 2u * r + 1u];
+    }
+    red_a[t] = sb;
+    red_b[t] = sg;
+    reduce_ab(t);
+    if t == 0u {
+        var b = red_a[0];
+        var g = red_b[0];
+        if p.prev > 0u {
+            b += scratch[c];
+            g += scratch[p.c + c];
+        }
+        scratch[c] = b;
+        scratch[p.c + c] = g;
+        if p.last == 1u {
+            if p.accumulate == 1u {
+                dbeta[c] += b;
+                dgamma[c] += g;
+            } else {
+                dbeta[c] = b;
+                dgamma[c] = g;
+            }
+        }
     }
 }

@@ -7,6 +7,7 @@ struct Params {
     c: u32,  // channels
     hw: u32, // H * W
     n: u32,  // batch
+    accumulate: u32, // bias_grad: 1 adds into db (a later chunk of the batch)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -62,5 +63,7 @@ fn bias_grad(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) li
         if lid.x < k { part[lid.x] += part[lid.x + k]; }
         workgroupBarrier();
     }
-    if lid.x == 0u { db[c] = part[0]; }
+    if lid.x == 0u {
+        if p.accumulate == 1u { db[c] += part[0]; } else { db[c] = part[0]; }
+    }
 }

@@ -15,6 +15,7 @@ struct Params {
     seed: u32,
     threshold: u32, // dropout drops i when its hash is below this
     relu: u32,      // forward: y = max(., 0)
+    base: u32,      // the flat index of element 0 (a chunk of a larger tensor): the mask's index
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -40,7 +41,7 @@ fn coefficients(i: u32) -> vec2f {
         case 1u: { return vec2f(1.0 - g[i], g[i]); }
         case 2u: { return vec2f(1.0 - g[i], 1.0); }
         case 3u: {
-            if pcg_hash(p.seed ^ pcg_hash(i)) >= p.threshold { return vec2f(p.lambda_h, 1.0); }
+            if pcg_hash(p.seed ^ pcg_hash(p.base + i)) >= p.threshold { return vec2f(p.lambda_h, 1.0); }
             return vec2f(0.0, 1.0);
         }
         default: { return vec2f(p.lambda_h, p.lambda_f); }

@@ -27,9 +27,14 @@ pub enum Error {
     #[error("invalid argument: {0}")]
     Invalid(String),
 
-    /// A buffer larger than the adapter can bind to one shader.
-    #[error("{what} needs {bytes} bytes, more than this adapter's storage-binding limit of {limit} bytes")]
-    TooLarge { what: String, bytes: u64, limit: u64 },
+    /// A buffer larger than the adapter allows: `of` names the limit (the largest buffer, or
+    /// the largest storage binding for what cannot be split into chunks that fit one).
+    #[error("{what} needs {bytes} bytes, more than this adapter's {of} of {limit} bytes")]
+    TooLarge { what: String, bytes: u64, limit: u64, of: &'static str },
+
+    /// The device could not allocate what was asked: out of memory, or a buffer it refused.
+    #[error("allocating {what} failed ({bytes} bytes of buffers requested): {detail}")]
+    Allocation { what: String, bytes: u64, detail: String },
 
     /// Reading a buffer back to the host failed.
     #[error("reading a GPU buffer back failed: {0}")]

@@ -3,6 +3,7 @@
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use wgpu::util::DeviceExt;
@@ -134,13 +135,26 @@ pub struct Gpu {
     pub device: wgpu::Device,
     pub queue: wgpu::Queue,
     pub report: AdapterReport,
-    /// The largest buffer this context will bind to one shader.
+    /// The largest buffer this context will bind to one shader. Tensors may be larger (up to
+    /// the adapter's largest buffer): the ops run them in chunks that fit.
     pub max_binding_bytes: u64,
     pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     cache: Mutex<HashMap<(TypeId, String), Box<dyn Any + Send + Sync>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
     submit_lock: Mutex<()>,
+    /// Bytes of buffers requested through [`Gpu::create_buffer`] so far (never decreases).
+    requested: AtomicU64,
+}
+
+/// What the device holds now, from wgpu's internal counters: live buffers and textures and
+/// the memory allocated for them (every buffer: tensors, scratch, parameter blocks, staging).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryCounts {
+    pub buffers: i64,
+    pub buffer_bytes: i64,
+    pub textures: i64,
+    pub texture_bytes: i64,
 }
 
 /// Lists the adapters of the given backends, one line each.
@@ -224,7 +238,8 @@ impl Gpu {
         }));
 
         let info = adapter.get_info();
-        let max_binding = (limits.max_storage_buffer_binding_size as u64).min(limits.max_buffer_size);
+        // At most i32::MAX elements in one binding: the shaders index in u32 and offset in i32.
+        let max_binding = limits.max_storage_buffer_binding_size.min(limits.max_buffer_size).min(i32::MAX as u64 * 4);
         let report = AdapterReport {
             name: info.name.clone(),
             backend: info.backend,
@@ -247,7 +262,54 @@ impl Gpu {
             cache: Mutex::new(HashMap::new()),
             uncaptured,
             submit_lock: Mutex::new(()),
+            requested: AtomicU64::new(0),
         })
+    }
+
+    /// A buffer of `size` bytes, counted in the bytes an [`Gpu::allocation_scope`] reports.
+    pub fn create_buffer(&self, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+        self.requested.fetch_add(size, Ordering::Relaxed);
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage,
+            mapped_at_creation: false,
+        })
+    }
+
+    /// Runs `f`, which allocates `what`, inside error scopes: an out-of-memory or validation
+    /// error the device raises meanwhile (on this thread) is returned as [`Error::Allocation`]
+    /// naming `what` and the bytes of buffers `f` requested, instead of reaching the
+    /// uncaptured-error handler (or aborting).
+    pub fn allocation_scope<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let before = self.requested.load(Ordering::Relaxed);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let out = f();
+        // Scopes pop innermost first.
+        let v = pollster::block_on(validation.pop());
+        let o = pollster::block_on(oom.pop());
+        match o.or(v) {
+            Some(e) => Err(Error::Allocation {
+                what: what.to_string(),
+                bytes: self.requested.load(Ordering::Relaxed) - before,
+                detail: e.to_string(),
+            }),
+            None => out,
+        }
+    }
+
+    /// Live buffers and textures of this device and their memory (wgpu's internal counters,
+    /// built with its `counters` feature). Buffers freed by Rust are released once the GPU is
+    /// done with them: read after [`Gpu::wait`] for settled figures.
+    pub fn memory(&self) -> MemoryCounts {
+        let hal = self.device.get_internal_counters().hal;
+        MemoryCounts {
+            buffers: hal.buffers.read() as i64,
+            buffer_bytes: hal.buffer_memory.read() as i64,
+            textures: hal.textures.read() as i64,
+            texture_bytes: hal.texture_memory.read() as i64,
+        }
     }
 
     /// Whether the device was opened with timestamp queries.

@@ -124,6 +124,18 @@ impl ResNet {
     /// A network with fresh He-initialised weights drawn from `seed`.
     pub fn new(gpu: &Gpu, config: &NetConfig, seed: u64) -> Result<ResNet> {
         config.validate()?;
+        // Refused before the host values are drawn: a tensor past the largest buffer.
+        for t in config.tensors() {
+            let bytes = (t.len() as u64).saturating_mul(4);
+            if bytes > gpu.report.max_buffer {
+                return Err(Error::TooLarge {
+                    what: format!("network tensor {} {:?}", t.name, t.dims),
+                    bytes,
+                    limit: gpu.report.max_buffer,
+                    of: "largest buffer",
+                });
+            }
+        }
         let state = config.tensors().into_iter().map(|t| t.name).zip(config.initial_values(seed)).collect();
         ResNet::from_state(gpu, config, &state)
     }
@@ -132,6 +144,13 @@ impl ResNet {
     /// layouts). `num_batches_tracked` is taken from the first BN layer.
     pub fn from_state(gpu: &Gpu, config: &NetConfig, state: &State) -> Result<ResNet> {
         config.validate()?;
+        // Out of memory or a refused buffer: an error naming what and how much, not an abort.
+        gpu.allocation_scope(&format!("the weights of a depth-{} network", config.depth()), || {
+            ResNet::allocate(gpu, config, state)
+        })
+    }
+
+    fn allocate(gpu: &Gpu, config: &NetConfig, state: &State) -> Result<ResNet> {
         let c0 = config.stem_channels();
         let stem_l = Layer { c_in: config.in_channels, c_out: c0, k: 3, stride: 1 };
         let stem = Conv::load(gpu, state, "conv1.weight", stem_l)?;
@@ -244,6 +263,13 @@ impl ResNet {
             return Ok(());
         }
         self.acts = None; // release the old shape's buffers first
+        let what = format!("the activations for images {images:?}");
+        let acts = gpu.allocation_scope(&what, || self.allocate_acts(gpu, images))?;
+        self.acts = Some(acts);
+        Ok(())
+    }
+
+    fn allocate_acts(&self, gpu: &Gpu, images: [usize; 4]) -> Result<Acts> {
         let [n, _, h, w] = images;
         let x0 = [n, self.config.stem_channels(), h, w];
         let mut ws = Workspace::default();
@@ -280,7 +306,7 @@ impl ResNet {
             _ => None,
         };
         let stem_h = self.config.kind.stem_bn().then(|| Tensor::zeros(gpu, &x0)).transpose()?;
-        self.acts = Some(Acts {
+        Ok(Acts {
             images,
             streams,
             kept,
@@ -295,8 +321,7 @@ impl ResNet {
             loss: Tensor::zeros(gpu, &[1])?,
             grad_images: Tensor::zeros(gpu, &images)?,
             ws,
-        });
-        Ok(())
+        })
     }
 
     fn acts(&self) -> Result<&Acts> {

@@ -17,9 +17,15 @@ fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize> {
     }
     let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
     let len = len.ok_or_else(|| Error::Shape(format!("{what}: {dims:?} overflows")))?;
-    let bytes = (len as u64) * 4;
-    if bytes > gpu.max_binding_bytes {
-        return Err(Error::TooLarge { what: format!("{what} {dims:?}"), bytes, limit: gpu.max_binding_bytes });
+    let bytes = (len as u64).checked_mul(4).ok_or_else(|| Error::Shape(format!("{what}: {dims:?} overflows")))?;
+    // Up to the largest buffer: the ops run tensors past one storage binding in chunks.
+    if bytes > gpu.report.max_buffer {
+        return Err(Error::TooLarge {
+            what: format!("{what} {dims:?}"),
+            bytes,
+            limit: gpu.report.max_buffer,
+            of: "largest buffer",
+        });
     }
     Ok(len)
 }
@@ -49,12 +55,13 @@ impl Tensor {
     }
 
     fn uninit(gpu: &Gpu, dims: &[usize], len: usize) -> Tensor {
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("tensor"),
-            size: (len as u64 * 4).max(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buffer = gpu.create_buffer("tensor", (len as u64 * 4).max(4), usage);
+        Tensor { dims: dims.to_vec(), buffer }
+    }
+
+    /// A tensor of `dims` over an existing buffer of at least that size (the ops' temporaries).
+    pub(crate) fn from_buffer(dims: &[usize], buffer: wgpu::Buffer) -> Tensor {
         Tensor { dims: dims.to_vec(), buffer }
     }
 

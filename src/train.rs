@@ -295,3 +295,47 @@ pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
         .take(epochs)
         .collect()
 }
+
+/// One reading of a long run: after `step` steps, the device's live buffers and textures.
+#[derive(Clone, Copy, Debug)]
+pub struct SoakPoint {
+    pub step: usize,
+    pub loss: f32,
+    pub memory: crate::gpu::MemoryCounts,
+    pub seconds: f64,
+}
+
+/// A long run for leak checks: `steps` SGD steps of `config` (He-initialised from `seed`) on
+/// batches of `batch` random images of 3 x `size` x `size`, new data and labels written into
+/// the same tensors each step as training does. The device's live buffers and textures are read
+/// (after waiting for the device) after steps 1 and 10, then every `every` steps and after the
+/// last: once every pipeline and scratch buffer exists, they must stay flat.
+pub fn soak(
+    gpu: &Gpu,
+    config: &crate::arch::NetConfig,
+    batch: usize,
+    size: usize,
+    steps: usize,
+    every: usize,
+    seed: u64,
+) -> Result<Vec<SoakPoint>> {
+    let mut net = ResNet::new(gpu, config, seed)?;
+    let mut rng = Rng::new(seed);
+    let dims = [batch, config.in_channels, size, size];
+    let len = dims.iter().product();
+    let images = Tensor::zeros(gpu, &dims)?;
+    let labels = upload_labels(gpu, &vec![0; batch], config.classes)?;
+    let opt = Sgd { lr: 0.01, ..Sgd::default() };
+    let start = Instant::now();
+    let mut points = Vec::new();
+    for step in 1..=steps {
+        images.write(gpu, &rng.data(len))?;
+        labels.write(gpu, &(0..batch).map(|_| rng.below(config.classes) as u32).collect::<Vec<_>>())?;
+        let loss = net.train_step(gpu, &images, &labels, opt)?;
+        if step == 1 || step == 10 || step % every.max(1) == 0 || step == steps {
+            gpu.wait()?;
+            points.push(SoakPoint { step, loss, memory: gpu.memory(), seconds: start.elapsed().as_secs_f64() });
+        }
+    }
+    Ok(points)
+}

@@ -314,6 +314,14 @@ fn dims_of(t: &Tensor) -> Result<[usize; 4]> {
 impl Unit {
     /// The unit `spec` with its tensors from `state` (PyTorch names, see [`crate::arch`]).
     pub fn from_state(gpu: &Gpu, spec: &UnitSpec, state: &State) -> Result<Unit> {
+        // The passes index the layers from both ends (the last layer's input is kept).
+        if spec.layers.len() < 2 {
+            return Err(Error::Invalid(format!(
+                "{}: a unit has at least 2 weight layers, got {}",
+                spec.name,
+                spec.layers.len()
+            )));
+        }
         let mut convs = Vec::new();
         let mut bns = Vec::new();
         for (i, l) in spec.layers.iter().enumerate() {

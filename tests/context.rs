@@ -1,6 +1,8 @@
 //! The GPU context: the adapter report, the typed error for a missing adapter, and tensors.
 mod common;
 use common::*;
+use resnet_wgpu::arch::{NetConfig, UnitKind};
+use resnet_wgpu::net::ResNet;
 use resnet_wgpu::{Error, Gpu, GpuOptions, Tensor};
 
 #[test]
@@ -52,12 +54,55 @@ fn tensors_round_trip_and_validate() {
 }
 
 #[test]
-fn tensors_past_the_binding_limit_are_refused() {
+fn tensors_past_the_binding_limit_are_allowed_up_to_the_largest_buffer() {
     let opts = GpuOptions { max_binding_bytes: Some(1024), ..GpuOptions::from_env() };
     let small = Gpu::with_options(&opts).unwrap();
-    assert!(Tensor::zeros(&small, &[256]).is_ok());
-    match Tensor::zeros(&small, &[257]) {
-        Err(Error::TooLarge { bytes, limit, .. }) => assert_eq!((bytes, limit), (1028, 1024)),
+    assert_eq!(small.max_binding_bytes, 1024);
+    // Past the binding limit: allowed (the ops split it, see tests/binding_limit.rs).
+    let data: Vec<f32> = (0..257).map(|i| i as f32).collect();
+    let t = Tensor::new(&small, &[257], &data).unwrap();
+    assert_eq!(t.read(&small).unwrap(), data);
+    // Past the largest buffer: refused, naming the size and the limit.
+    let max = small.report.max_buffer;
+    let elems = (max / 4 + 1) as usize;
+    match Tensor::zeros(&small, &[elems]) {
+        Err(e @ Error::TooLarge { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains(&(elems as u64 * 4).to_string()) && msg.contains(&max.to_string()), "{msg}");
+        }
         other => panic!("expected TooLarge, got {other:?}"),
+    }
+}
+
+#[test]
+fn device_errors_while_allocating_are_typed_errors_naming_sizes() {
+    let g = gpu();
+    // A buffer the device refuses (past its largest), inside an allocation scope: an error
+    // naming what and the bytes, and nothing left for the uncaptured-error handler.
+    let bytes = g.report.max_buffer + 4;
+    let got = g.allocation_scope("a test buffer", || {
+        let _b = g.create_buffer("too large", bytes, wgpu::BufferUsages::STORAGE);
+        Ok(())
+    });
+    match got {
+        Err(e @ Error::Allocation { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("a test buffer") && msg.contains(&bytes.to_string()), "{msg}");
+        }
+        other => panic!("expected Error::Allocation, got {other:?}"),
+    }
+    g.wait().unwrap();
+    assert!(g.allocation_scope("nothing", || Ok(1)).is_ok());
+
+    // A network with a weight tensor past the largest buffer: refused, naming the tensor and
+    // its bytes, before any value is drawn on the host (40000 x 40000 x 3 x 3 floats).
+    let cfg = NetConfig { widths: [16, 16, 40000], ..NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap() };
+    match ResNet::new(g, &cfg, 0) {
+        Err(e @ Error::TooLarge { bytes: 57_600_000_000, .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("layer3.0.conv2.weight") && msg.contains("57600000000"), "{msg}");
+        }
+        Err(other) => panic!("expected TooLarge, got {other:?}"),
+        Ok(_) => panic!("expected TooLarge, got a network"),
     }
 }

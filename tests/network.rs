@@ -181,3 +181,15 @@ fn bad_inputs_are_errors() {
     missing.remove("layer2.0.conv1.weight");
     assert!(ResNet::from_state(g, &cfg, &missing).is_err());
 }
+
+#[test]
+fn stride_2_units_on_1x1_maps_keep_their_own_gradient_buffer() {
+    // A stride-2 unit on a 1x1 map keeps the shape; its input and output gradients must still
+    // be two buffers (once they were one per shape, and the backward refused the unit).
+    for (i, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+        for shortcut in [ShortcutOption::A, ShortcutOption::B] {
+            let cfg = NetConfig { widths: [3, 3, 3], ..tiny(kind, false, shortcut) };
+            compare_pass(&cfg, [8, 3, 2, 2], 90 + i as u64, F32_TOL);
+        }
+    }
+}

@@ -133,20 +133,6 @@ fn kernels_refuse_bad_operands() {
     rec.run().unwrap();
 }
 
-/// [`check`], except for a gradient that is zero in exact arithmetic, where a relative error
-/// means nothing: the BN after the addition removes any per-channel constant added to `y_l`, so
-/// the gradient of a projection shortcut's BN bias is exactly zero in that placement, and f32
-/// leaves only rounding residue (about 1e-7) there.
-fn check_grad(name: &str, got: &[f32], want: &[f64]) {
-    let norm = want.iter().map(|v| v * v).sum::<f64>().sqrt();
-    if norm > 1e-12 {
-        return check(name, got, want, F32_TOL);
-    }
-    let max = got.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    eprintln!("{name}: zero in exact arithmetic, max abs {max:.2e}");
-    assert!(max <= 1e-5, "{name}: {max:e} where the gradient is zero");
-}
-
 /// The unit's learned tensors under their PyTorch names, gate included.
 fn unit_params(u: &Unit) -> Vec<(String, &Param)> {
     let p = &u.spec.name;

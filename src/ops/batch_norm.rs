@@ -15,13 +15,17 @@
 //! fixed order: mean, invstd, running statistics); `normalize` / `normalize_eval` (runs of
 //! [`APPLY_CHUNK`] elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
 //! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and `backward_apply`
-//! (runs of `dx`). No atomics: results are deterministic.
+//! (runs of `dx`). No atomics: results are deterministic. A batch past the storage-binding limit
+//! runs by chunks of images (`split.rs`): `stats_merge` / `backward_merge` fold each chunk's
+//! partials into the batch's statistics and sums in chunk order, then the element-wise kernels
+//! run chunk by chunk.
 //!
 //! Every tensor passed to one call must be a distinct tensor (a buffer cannot be bound twice
 //! when one binding is written); at most 65535 channels.
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::ops::split;
 use crate::tensor::Tensor;
 
 /// Added to the variance before the square root.
@@ -114,6 +118,21 @@ fn params(d: [usize; 4], chunk: usize, relu: bool, add: bool, accumulate: bool, 
     ]
 }
 
+/// `prm` with the words of a batch run in chunks (`split.rs`): `prev` images before this chunk,
+/// whether it is the `last`, and the elements per channel of the whole batch (`total`).
+fn chunked(prm: [u32; 11], prev: usize, last: bool, total: u32) -> [u32; 14] {
+    let mut v = [0; 14];
+    v[..11].copy_from_slice(&prm);
+    v[11..].copy_from_slice(&[prev as u32, last as u32, total]);
+    v
+}
+
+/// Elements per channel, `N*H*W`, as the shader's u32.
+fn per_channel_count(what: &str, d: [usize; 4]) -> Result<u32> {
+    u32::try_from(d[0] * d[2] * d[3])
+        .map_err(|_| Error::Invalid(format!("{what}: {d:?} has more than 2^32 elements per channel")))
+}
+
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
 fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
     groups_for(d[0] * d[1] * parts(d, chunk))
@@ -182,6 +201,10 @@ pub fn forward_train(
         )));
     }
     let unbias = (m as f64 / (m - 1) as f64) as f32;
+    let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
+    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, y], &whole)? {
+        return forward_train_chunked(rec, x, y, p, save_mean, save_invstd, ep, per, unbias);
+    }
     let part = partials(rec.gpu, d);
     let prm = params(d, REDUCE_CHUNK, ep.relu, ep.add, false, unbias);
     rec.dispatch(Shader::BatchNorm, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)], run_groups(d, REDUCE_CHUNK));
@@ -215,6 +238,56 @@ pub fn forward_train(
     Ok(())
 }
 
+/// [`forward_train`] by chunks of `per` images: each chunk's statistics merged into the
+/// batch's in chunk order, then each chunk normalised.
+#[allow(clippy::too_many_arguments)]
+fn forward_train_chunked(
+    rec: &mut Recorder,
+    x: &Tensor,
+    y: &Tensor,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    ep: Epilogue,
+    per: usize,
+    unbias: f32,
+) -> Result<()> {
+    const WHAT: &str = "batch norm forward_train";
+    let d = x.nchw(WHAT)?;
+    per_channel_count(WHAT, d)?;
+    for r in split::ranges(d[0], per) {
+        let dc = [r.len(), d[1], d[2], d[3]];
+        let xt = split::images(rec, "in0", x, &r, true);
+        let part = partials(rec.gpu, dc);
+        let prm = params(dc, REDUCE_CHUNK, false, false, false, unbias);
+        rec.dispatch(
+            Shader::BatchNorm,
+            "stats_partial",
+            &prm,
+            &[(1, &xt.buffer), (14, &part)],
+            run_groups(dc, REDUCE_CHUNK),
+        );
+        rec.dispatch(
+            Shader::BatchNorm,
+            "stats_merge",
+            &chunked(prm, r.start, r.end == d[0], 0),
+            &[
+                (5, &p.running_mean.buffer),
+                (6, &p.running_var.buffer),
+                (7, &save_mean.buffer),
+                (8, &save_invstd.buffer),
+                (14, &part),
+            ],
+            [d[1] as u32, 1, 1],
+        );
+    }
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
+        apply_saved(rec, &i[0], &o[0], p.gamma, p.beta, save_mean, save_invstd, ep)
+    };
+    split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &[], chunk)?;
+    Ok(())
+}
+
 /// Inference mode with the running statistics.
 ///
 /// With `ep.add`, `y` holds `y_old` on entry and `y = y_old + bn(x)` (then the ReLU, if set) on
@@ -238,6 +311,11 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
             ("running_var", p.running_var),
         ],
     )?;
+    let whole = [p.gamma, p.beta, p.running_mean, p.running_var];
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| forward_eval(rec, &i[0], &o[0], p, ep);
+    if split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &whole, chunk)? {
+        return Ok(());
+    }
     rec.dispatch(
         Shader::BatchNorm,
         "normalize_eval",
@@ -324,6 +402,39 @@ pub fn backward(
             "{WHAT}: expected more than 1 value per channel when training, got input {d:?}"
         )));
     }
+    let whole = [gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch];
+    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, dy, dx], &whole)? {
+        // The sums over the chunks first (merged in chunk order), then dx chunk by chunk.
+        let total = per_channel_count(WHAT, d)?;
+        let stat = [(3, gamma), (4, beta), (7, save_mean), (8, save_invstd)];
+        for r in split::ranges(d[0], per) {
+            let dc = [r.len(), d[1], d[2], d[3]];
+            let (xt, dyt) = (split::images(rec, "in0", x, &r, true), split::images(rec, "in1", dy, &r, true));
+            let part = partials(rec.gpu, dc);
+            let mut binds = vec![(1, &xt.buffer), (9, &dyt.buffer), (14, &part)];
+            binds.extend(stat.iter().map(|(b, t)| (*b, &t.buffer)));
+            let prm = params(dc, REDUCE_CHUNK, relu, false, accumulate_params, 1.0);
+            rec.dispatch(Shader::BatchNorm, "backward_partial", &prm, &binds, run_groups(dc, REDUCE_CHUNK));
+            rec.dispatch(
+                Shader::BatchNorm,
+                "backward_merge",
+                &chunked(prm, r.start, r.end == d[0], 0),
+                &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer), (14, &part)],
+                [c as u32, 1, 1],
+            );
+        }
+        for r in split::ranges(d[0], per) {
+            let dc = [r.len(), d[1], d[2], d[3]];
+            let (xt, dyt) = (split::images(rec, "in0", x, &r, true), split::images(rec, "in1", dy, &r, true));
+            let dxt = split::images(rec, "out0", dx, &r, accumulate_dx);
+            let mut binds = vec![(1, &xt.buffer), (9, &dyt.buffer), (10, &dxt.buffer), (11, &scratch.buffer)];
+            binds.extend(stat.iter().map(|(b, t)| (*b, &t.buffer)));
+            let prm = chunked(params(dc, APPLY_CHUNK, relu, false, accumulate_dx, 1.0), 0, false, total);
+            rec.dispatch(Shader::BatchNorm, "backward_apply", &prm, &binds, run_groups(dc, APPLY_CHUNK));
+            split::store_images(rec, &dxt, dx, &r);
+        }
+        return Ok(());
+    }
     let part = partials(rec.gpu, d);
     rec.dispatch(
         Shader::BatchNorm,
@@ -383,6 +494,12 @@ pub fn apply_saved(
     let d = activations(WHAT, x, &[("y", y)])?;
     per_channel(WHAT, d[1], &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
     distinct(WHAT, &[("x", x), ("y", y), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
+        apply_saved(rec, &i[0], &o[0], gamma, beta, mean, invstd, ep)
+    };
+    if split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &[gamma, beta, mean, invstd], chunk)? {
+        return Ok(());
+    }
     let prm = params(d, APPLY_CHUNK, ep.relu, ep.add, false, 1.0);
     rec.dispatch(
         Shader::BatchNorm,

@@ -25,6 +25,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
+use crate::ops::split;
 use crate::tensor::Tensor;
 
 /// Output spatial size: (h + 2*pad - k) / stride + 1 with pad = k / 2.
@@ -91,16 +92,8 @@ impl Geometry {
                 y.dims()
             )));
         }
-        // The shaders index in u32 and offsets in i32.
-        for t in [x, w, y] {
-            if t.len() > i32::MAX as usize {
-                return Err(Error::TooLarge {
-                    what: format!("{what}: tensor {:?}", t.dims()),
-                    bytes: t.bytes(),
-                    limit: i32::MAX as u64 * 4,
-                });
-            }
-        }
+        // The shaders index in u32 and offsets in i32: every tensor bound has at most i32::MAX
+        // elements, as the context's binding limit is below that (larger ones run in chunks).
         Ok(Geometry { n, c, h, w: wd, k, ks: kh, oh, ow, stride })
     }
 
@@ -434,6 +427,11 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: u
     const WHAT: &str = "conv forward";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
     distinct(WHAT, y, [x, w])?;
+    let chunk =
+        |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| forward(rec, &i[0], w, &o[0], stride, accumulate);
+    if split::batch_op(rec, WHAT, &[x], &[(y, accumulate)], &[w], chunk)? {
+        return Ok(());
+    }
     match plan(rec.gpu, Op::Forward, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::Forward, x, w, y, accumulate, span),
         Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::Forward, x, w, y, accumulate, bm, bn),
@@ -454,6 +452,11 @@ pub fn backward_data(
     const WHAT: &str = "conv backward_data";
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], dx, w, dy, stride)?;
     distinct(WHAT, dx, [dy, w])?;
+    let chunk =
+        |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| backward_data(rec, &i[0], w, &o[0], stride, accumulate);
+    if split::batch_op(rec, WHAT, &[dy], &[(dx, accumulate)], &[w], chunk)? {
+        return Ok(());
+    }
     match plan(rec.gpu, Op::BackwardData, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, span),
         Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, bm, bn),
@@ -474,6 +477,14 @@ pub fn backward_weight(
     const WHAT: &str = "conv backward_weight";
     let g = Geometry::check(WHAT, ["x", "dw", "dy"], x, dw, dy, stride)?;
     distinct(WHAT, dw, [x, dy])?;
+    // By chunks of images: the first chunk's sum overwrites dw (unless `accumulate`), each later
+    // one is added to it, in order.
+    let chunk = |rec: &mut Recorder, r: &std::ops::Range<usize>, i: &[Tensor], _: &[Tensor]| {
+        backward_weight(rec, &i[0], &i[1], dw, stride, accumulate || r.start > 0)
+    };
+    if split::batch_op(rec, WHAT, &[x, dy], &[], &[dw], chunk)? {
+        return Ok(());
+    }
     match plan(rec.gpu, Op::BackwardWeight, &g) {
         Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, dy, dw, accumulate, splits, chunk),
         Plan::Tiled { bm, bn, splits, chunk } => tiled_weight(rec, &g, x, dy, dw, accumulate, bm, bn, splits, chunk),

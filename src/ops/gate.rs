@@ -4,7 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
-use crate::ops::{conv, same_len};
+use std::ops::Range;
+
+use crate::ops::{conv, same_len, split};
 use crate::tensor::Tensor;
 
 fn check_bias(what: &str, t: &Tensor, b: &Tensor) -> Result<[usize; 4]> {
@@ -18,6 +20,10 @@ fn check_bias(what: &str, t: &Tensor, b: &Tensor) -> Result<[usize; 4]> {
 /// `z = sigmoid(z + b[c])` in place.
 pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
     let [n, c, h, w] = check_bias("gate bias_sigmoid", z, b)?;
+    let chunk = |rec: &mut Recorder, _: &Range<usize>, _: &[Tensor], o: &[Tensor]| bias_sigmoid(rec, b, &o[0]);
+    if split::batch_op(rec, "gate bias_sigmoid", &[], &[(z, true)], &[b], chunk)? {
+        return Ok(());
+    }
     let p = [z.len(), c, h * w, n].map(|v| v as u32);
     rec.dispatch(Shader::Gate, "bias_sigmoid", &p, &[(1, &b.buffer), (2, &z.buffer)], groups_for(z.len()));
     Ok(())
@@ -26,6 +32,11 @@ pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
 /// `d = d * g * (1 - g)` in place: `dE/dg` in, `dE/dz` out.
 pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()> {
     same_len("gate sigmoid_backward", &[g, d])?;
+    if split::flat_op(rec, "gate sigmoid_backward", &[g], &[(d, true)], |rec, i, o| {
+        sigmoid_backward(rec, &i[0], &o[0])
+    })? {
+        return Ok(());
+    }
     let p = [g.len() as u32];
     rec.dispatch(Shader::Gate, "sigmoid_backward", &p, &[(3, &g.buffer), (4, &d.buffer)], groups_for(g.len()));
     Ok(())
@@ -33,8 +44,19 @@ pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()
 
 /// `db[c] = sum over N, H, W of dz` (overwrites `db`).
 pub fn bias_grad(rec: &mut Recorder, dz: &Tensor, db: &Tensor) -> Result<()> {
-    let [n, c, h, w] = check_bias("gate bias_grad", dz, db)?;
-    let p = [dz.len(), c, h * w, n].map(|v| v as u32);
+    check_bias("gate bias_grad", dz, db)?;
+    // Past the binding limit: by chunks of images, each adding into db in order.
+    let chunk =
+        |rec: &mut Recorder, r: &Range<usize>, i: &[Tensor], _: &[Tensor]| bias_grad_at(rec, &i[0], db, r.start > 0);
+    if split::batch_op(rec, "gate bias_grad", &[dz], &[], &[db], chunk)? {
+        return Ok(());
+    }
+    bias_grad_at(rec, dz, db, false)
+}
+
+fn bias_grad_at(rec: &mut Recorder, dz: &Tensor, db: &Tensor, accumulate: bool) -> Result<()> {
+    let [n, c, h, w] = dz.nchw("gate bias_grad")?;
+    let p = [dz.len(), c, h * w, n, accumulate as usize].map(|v| v as u32);
     rec.dispatch(Shader::Gate, "bias_grad", &p, &[(5, &dz.buffer), (6, &db.buffer)], [c as u32, 1, 1]);
     Ok(())
 }

@@ -4,13 +4,13 @@
 use crate::arch::Combine;
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
-use crate::ops::same_len;
+use crate::ops::{same_len, split};
 use crate::rng::dropout_threshold;
 use crate::tensor::Tensor;
 
 /// The shader's parameters: mode, constants, the dropout seed and threshold. Dropout is active
 /// only in training; in inference it is the plain sum.
-fn params(combine: Combine, train: bool, seed: u32, len: usize, relu: bool) -> [u32; 7] {
+fn params(combine: Combine, train: bool, seed: u32, len: usize, relu: bool, base: usize) -> [u32; 8] {
     let (mode, lh, lf, threshold) = match combine {
         Combine::Add => (0, 1.0, 1.0, 0),
         Combine::Scale { h, f } => (0, h, f, 0),
@@ -19,7 +19,7 @@ fn params(combine: Combine, train: bool, seed: u32, len: usize, relu: bool) -> [
         Combine::Dropout { rate } if train => (3, 1.0 / (1.0 - rate), 1.0, dropout_threshold(rate)),
         Combine::Dropout { .. } => (0, 1.0, 1.0, 0),
     };
-    [len as u32, mode, f32::to_bits(lh), f32::to_bits(lf), seed, threshold, relu as u32]
+    [len as u32, mode, f32::to_bits(lh), f32::to_bits(lf), seed, threshold, relu as u32, base as u32]
 }
 
 /// The gate tensor a gated combination reads (and the buffer to bind in its place otherwise:
@@ -61,10 +61,26 @@ pub fn forward(
     let g = gate_of(combine, g, h)?;
     same_len("mix forward", &[h, f, g, y])?;
     not_aliased("mix forward", &[y], &[h, f, g])?;
-    let n = y.len();
-    let bind = [(1, &h.buffer), (2, &f.buffer), (3, &g.buffer), (4, &y.buffer)];
-    rec.dispatch(Shader::Mix, "forward", &params(combine, train, seed, n, relu), &bind, groups_for(n));
+    // Past the binding limit: by chunks of the flat range; `base` keeps the dropout mask's
+    // element indices those of the whole tensor.
+    if let Some(per) = split::flat_chunk(rec.gpu, "mix forward", &[h, f, g, y])? {
+        for r in split::ranges(y.len(), per) {
+            let [th, tf, tg] =
+                [(h, "in0"), (f, "in1"), (g, "in2")].map(|(t, role)| split::elements(rec, role, t, &r, true));
+            let ty = split::elements(rec, "out0", y, &r, false);
+            forward_at(rec, combine, train, seed, [&th, &tf, &tg, &ty], relu, r.start);
+            split::store_elements(rec, &ty, y, &r);
+        }
+        return Ok(());
+    }
+    forward_at(rec, combine, train, seed, [h, f, g, y], relu, 0);
     Ok(())
+}
+
+fn forward_at(rec: &mut Recorder, c: Combine, train: bool, seed: u32, t: [&Tensor; 4], relu: bool, base: usize) {
+    let n = t[3].len();
+    let bind = [(1, &t[0].buffer), (2, &t[1].buffer), (3, &t[2].buffer), (4, &t[3].buffer)];
+    rec.dispatch(Shader::Mix, "forward", &params(c, train, seed, n, relu, base), &bind, groups_for(n));
 }
 
 /// The backward of a training [`forward`] (before its ReLU) given `dy`: overwrites
@@ -85,19 +101,46 @@ pub fn backward(
     combine.validate()?;
     let gate = gate_of(combine, g, h)?;
     same_len("mix backward", &[h, f, gate, dy, dh, df])?;
-    let n = dy.len();
-    let p = params(combine, true, seed, n, false);
-    let mut bind = vec![(3, &gate.buffer), (5, &dy.buffer), (6, &dh.buffer), (7, &df.buffer)];
-    if combine.gated() {
-        let dg = dg.ok_or_else(|| Error::Invalid(format!("{combine:?}: the backward needs dg")))?;
-        same_len("mix backward", &[dy, dg])?;
-        not_aliased("mix backward", &[dh, df, dg], &[h, f, gate, dy])?;
-        bind.extend([(1, &h.buffer), (2, &f.buffer), (8, &dg.buffer)]);
+    let dg = match combine.gated() {
+        true => Some(dg.ok_or_else(|| Error::Invalid(format!("{combine:?}: the backward needs dg")))?),
+        false => None,
+    };
+    match dg {
+        Some(dg) => {
+            same_len("mix backward", &[dy, dg])?;
+            not_aliased("mix backward", &[dh, df, dg], &[h, f, gate, dy])?;
+        }
+        None => not_aliased("mix backward", &[dh, df], &[gate, dy])?,
+    }
+    let outs: Vec<&Tensor> = [dh, df].into_iter().chain(dg).collect();
+    let all: Vec<&Tensor> = [h, f, gate, dy].into_iter().chain(outs.iter().copied()).collect();
+    if let Some(per) = split::flat_chunk(rec.gpu, "mix backward", &all)? {
+        for r in split::ranges(dy.len(), per) {
+            let ins = [(h, "in0"), (f, "in1"), (gate, "in2"), (dy, "in3")];
+            let [th, tf, tg, tdy] = ins.map(|(t, role)| split::elements(rec, role, t, &r, true));
+            let to: Vec<Tensor> =
+                outs.iter().enumerate().map(|(i, t)| split::elements(rec, &format!("out{i}"), t, &r, false)).collect();
+            backward_at(rec, combine, seed, [&th, &tf, &tg, &tdy], &to.iter().collect::<Vec<_>>(), r.start);
+            for (t, tmp) in outs.iter().zip(&to) {
+                split::store_elements(rec, tmp, t, &r);
+            }
+        }
+        return Ok(());
+    }
+    backward_at(rec, combine, seed, [h, f, gate, dy], &outs, 0);
+    Ok(())
+}
+
+/// The backward's dispatch: `ins` are `h, f, gate, dy`; `outs` are `dh, df` and, gated, `dg`.
+fn backward_at(rec: &mut Recorder, combine: Combine, seed: u32, ins: [&Tensor; 4], outs: &[&Tensor], base: usize) {
+    let n = ins[3].len();
+    let p = params(combine, true, seed, n, false, base);
+    let mut bind = vec![(3, &ins[2].buffer), (5, &ins[3].buffer), (6, &outs[0].buffer), (7, &outs[1].buffer)];
+    if let Some(dg) = outs.get(2) {
+        bind.extend([(1, &ins[0].buffer), (2, &ins[1].buffer), (8, &dg.buffer)]);
         rec.dispatch(Shader::Mix, "backward_gate", &p, &bind, groups_for(n));
     } else {
         // Only the coefficients are read: `h` stands in for the gate the shader declares.
-        not_aliased("mix backward", &[dh, df], &[gate, dy])?;
         rec.dispatch(Shader::Mix, "backward", &p, &bind, groups_for(n));
     }
-    Ok(())
 }

@@ -3,6 +3,7 @@
 //! Conventions: every function validates shapes and returns a typed error before recording
 //! anything. Backward functions take `accumulate`: `true` adds into the gradient buffer (the
 //! residual stream's gradient, or a gradient shared by several uses), `false` overwrites it.
+//! Tensors larger than one storage binding are run in chunks that fit (see `split.rs`).
 //!
 //! [`Recorder`]: crate::gpu::Recorder
 
@@ -15,6 +16,7 @@ pub mod probe;
 pub mod relu;
 pub mod residual;
 pub mod sgd;
+pub(crate) mod split;
 
 use crate::error::{Error, Result};
 use crate::tensor::Tensor;

@@ -8,6 +8,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::ops::{residual, split};
 use crate::tensor::Tensor;
 
 /// Integer class labels in a u32 storage buffer, one per sample, each below `classes`.
@@ -37,8 +38,13 @@ fn check_labels(labels: &[u32], classes: usize) -> Result<()> {
 pub fn upload_labels(gpu: &Gpu, labels: &[u32], classes: usize) -> Result<Labels> {
     check_labels(labels, classes)?;
     let bytes = labels.len() as u64 * 4;
-    if bytes > gpu.max_binding_bytes {
-        return Err(Error::TooLarge { what: format!("{} labels", labels.len()), bytes, limit: gpu.max_binding_bytes });
+    if bytes > gpu.report.max_buffer {
+        return Err(Error::TooLarge {
+            what: format!("{} labels", labels.len()),
+            bytes,
+            limit: gpu.report.max_buffer,
+            of: "largest buffer",
+        });
     }
     let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("labels"),
@@ -124,6 +130,10 @@ pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
     let [n, c, h, w] = x.nchw("pool forward: x")?;
     expect(p, &[n, c], "pool forward: p")?;
     distinct("pool forward", &[("x", x), ("p", p)])?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| pool_forward(rec, &i[0], &o[0]);
+    if split::batch_op(rec, "pool forward", &[x], &[(p, false)], &[], chunk)? {
+        return Ok(());
+    }
     let len = fits_u32("pool forward", n * c)?;
     let hw = h * w;
     let params = Params { n, c, hw, k: 0, len, accumulate: false, inv: 1.0 / hw as f32 };
@@ -142,6 +152,10 @@ pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: b
     let [n, c, h, w] = dx.nchw("pool backward: dx")?;
     expect(dp, &[n, c], "pool backward: dp")?;
     distinct("pool backward", &[("dp", dp), ("dx", dx)])?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| pool_backward(rec, &i[0], &o[0], accumulate);
+    if split::batch_op(rec, "pool backward", &[dp], &[(dx, accumulate)], &[], chunk)? {
+        return Ok(());
+    }
     let len = fits_u32("pool backward", dx.len())?;
     let hw = h * w;
     let params = Params { n, c, hw, k: 0, len, accumulate, inv: 1.0 / hw as f32 };
@@ -165,6 +179,10 @@ pub fn fc_forward(rec: &mut Recorder, p: &Tensor, w: &Tensor, b: &Tensor, logits
     expect(b, &[k], "fc forward: b")?;
     expect(logits, &[n, k], "fc forward: logits")?;
     distinct("fc forward", &[("p", p), ("w", w), ("b", b), ("logits", logits)])?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| fc_forward(rec, &i[0], w, b, &o[0]);
+    if split::batch_op(rec, "fc forward", &[p], &[(logits, false)], &[w, b], chunk)? {
+        return Ok(());
+    }
     let len = fits_u32("fc forward", n * k)?;
     let params = Params { n, c, hw: 0, k, len, accumulate: false, inv: 0.0 };
     rec.dispatch(
@@ -202,6 +220,14 @@ pub fn fc_backward(
     expect(dw, &[k, c], "fc backward: dw")?;
     expect(db, &[k], "fc backward: db")?;
     distinct("fc backward", &[("p", p), ("w", w), ("dlogits", dlogits), ("dp", dp), ("dw", dw), ("db", db)])?;
+    // By chunks: dw and db summed over the chunks in order (the first overwrites unless
+    // `accumulate_params`).
+    let chunk = |rec: &mut Recorder, r: &std::ops::Range<usize>, i: &[Tensor], o: &[Tensor]| {
+        fc_backward(rec, &i[0], w, &i[1], &o[0], dw, db, accumulate_dp, accumulate_params || r.start > 0)
+    };
+    if split::batch_op(rec, "fc backward", &[p, dlogits], &[(dp, accumulate_dp)], &[w, dw, db], chunk)? {
+        return Ok(());
+    }
     let len_data = fits_u32("fc backward", n * c)?;
     let len_params = fits_u32("fc backward", k * c + k)?;
 
@@ -253,13 +279,49 @@ pub fn softmax_xent(
     expect(loss, &[1], "softmax xent: loss")?;
     expect(dlogits, &[n, k], "softmax xent: dlogits")?;
     distinct("softmax xent", &[("logits", logits), ("loss", loss), ("dlogits", dlogits)])?;
+    let gpu = rec.gpu;
+    // Every chunk scales by 1/N of the whole batch; the first chunk's loss goes to `loss`, each
+    // later one's is added to it, in order.
+    // Labels (4 bytes a row) fit wherever the logits (4K bytes a row) do.
+    let Some(per) = split::batch_chunk(gpu, "softmax xent", n, &[logits, dlogits], &[loss])? else {
+        return xent_dispatch(rec, logits, &labels.buffer, loss, dlogits, n, k, n);
+    };
+    for r in split::ranges(n, per) {
+        let zt = split::images(rec, "in0", logits, &r, true);
+        let dzt = split::images(rec, "out0", dlogits, &r, false);
+        let lt = split::temp(gpu, "labels", &[r.len()]);
+        rec.encoder.copy_buffer_to_buffer(&labels.buffer, r.start as u64 * 4, &lt.buffer, 0, lt.bytes());
+        if r.start == 0 {
+            xent_dispatch(rec, &zt, &lt.buffer, loss, &dzt, r.len(), k, n)?;
+        } else {
+            let part = split::temp(gpu, "loss", &[1]);
+            xent_dispatch(rec, &zt, &lt.buffer, &part, &dzt, r.len(), k, n)?;
+            residual::add(rec, &part, loss)?;
+        }
+        split::store_images(rec, &dzt, dlogits, &r);
+    }
+    Ok(())
+}
+
+/// One softmax_xent dispatch over `n` rows of `logits`, scaled by `1 / total`.
+#[allow(clippy::too_many_arguments)]
+fn xent_dispatch(
+    rec: &mut Recorder,
+    logits: &Tensor,
+    labels: &wgpu::Buffer,
+    loss: &Tensor,
+    dlogits: &Tensor,
+    n: usize,
+    k: usize,
+    total: usize,
+) -> Result<()> {
     let len = fits_u32("softmax xent", n * k)?;
-    let params = Params { n, c: 0, hw: 0, k, len, accumulate: false, inv: 1.0 / n as f32 };
+    let params = Params { n, c: 0, hw: 0, k, len, accumulate: false, inv: 1.0 / total as f32 };
     rec.dispatch(
         Shader::PoolFcLoss,
         "softmax_xent",
         &params.words(),
-        &[(13, &logits.buffer), (14, &labels.buffer), (15, &loss.buffer), (16, &dlogits.buffer)],
+        &[(13, &logits.buffer), (14, labels), (15, &loss.buffer), (16, &dlogits.buffer)],
         [1, 1, 1],
     );
     Ok(())

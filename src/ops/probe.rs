@@ -2,13 +2,31 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
-use crate::ops::same_len;
+use crate::ops::{residual, same_len, split};
 use crate::tensor::Tensor;
 
 /// `out[slot] = sum(x^2)` (one deterministic workgroup reduction).
 pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) -> Result<()> {
     if slot >= out.len() {
         return Err(Error::Invalid(format!("sum_squares: slot {slot} past the {} outputs", out.len())));
+    }
+    split::whole_fits(rec.gpu, "sum_squares", &[out])?;
+    if let Some(per) = split::flat_chunk(rec.gpu, "sum_squares", &[x])? {
+        // The first chunk's sum goes to out[slot]; each later one is added to it, in order.
+        for (i, r) in split::ranges(x.len(), per).enumerate() {
+            let xt = split::elements(rec, "in0", x, &r, true);
+            if i == 0 {
+                sum_squares(rec, &xt, out, slot)?;
+                continue;
+            }
+            let (part, total) = (split::temp(rec.gpu, "part", &[1]), split::temp(rec.gpu, "total", &[1]));
+            sum_squares(rec, &xt, &part, 0)?;
+            let at = slot as u64 * 4;
+            rec.encoder.copy_buffer_to_buffer(&out.buffer, at, &total.buffer, 0, 4);
+            residual::add(rec, &part, &total)?;
+            rec.encoder.copy_buffer_to_buffer(&total.buffer, 0, &out.buffer, at, 4);
+        }
+        return Ok(());
     }
     rec.dispatch(
         Shader::Probe,
@@ -23,6 +41,9 @@ pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) ->
 /// `b = a - b`, element-wise.
 pub fn subtract_from(rec: &mut Recorder, a: &Tensor, b: &Tensor) -> Result<()> {
     same_len("subtract_from", &[a, b])?;
+    if split::flat_op(rec, "subtract_from", &[a], &[(b, true)], |rec, i, o| subtract_from(rec, &i[0], &o[0]))? {
+        return Ok(());
+    }
     rec.dispatch(
         Shader::Probe,
         "subtract_from",

@@ -2,12 +2,15 @@
 
 use crate::error::Result;
 use crate::gpu::{Recorder, Shader, groups_for};
-use crate::ops::same_len;
+use crate::ops::{same_len, split};
 use crate::tensor::Tensor;
 
 /// `y = max(x, 0)`.
 pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
     same_len("relu forward", &[x, y])?;
+    if split::flat_op(rec, "relu forward", &[x], &[(y, false)], |rec, i, o| forward(rec, &i[0], &o[0]))? {
+        return Ok(());
+    }
     let n = x.len();
     rec.dispatch(Shader::Relu, "forward", &[n as u32], &[(1, &x.buffer), (2, &y.buffer)], groups_for(n));
     Ok(())
@@ -16,6 +19,10 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
 /// `dx (+)= dy * [x > 0]`; `x` may be the forward's input or its output.
 pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
     same_len("relu backward", &[x, dy, dx])?;
+    let chunk = |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| backward(rec, &i[0], &i[1], &o[0], accumulate);
+    if split::flat_op(rec, "relu backward", &[x, dy], &[(dx, accumulate)], chunk)? {
+        return Ok(());
+    }
     let n = x.len();
     rec.dispatch(
         Shader::Relu,
@@ -30,6 +37,9 @@ pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumu
 /// `g *= [y > 0]` in place, where `y` is a kept ReLU output and `g` the gradient at it.
 pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
     same_len("relu mask", &[y, g])?;
+    if split::flat_op(rec, "relu mask", &[y], &[(g, true)], |rec, i, o| mask_in_place(rec, &i[0], &o[0]))? {
+        return Ok(());
+    }
     let n = y.len();
     rec.dispatch(Shader::Relu, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
     Ok(())

@@ -6,12 +6,15 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
-use crate::ops::same_len;
+use crate::ops::{same_len, split};
 use crate::tensor::Tensor;
 
 /// `stream += branch`, in place.
 pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
     same_len("residual add", &[branch, stream])?;
+    if split::flat_op(rec, "residual add", &[branch], &[(stream, true)], |rec, i, o| add(rec, &i[0], &o[0]))? {
+        return Ok(());
+    }
     let n = stream.len();
     rec.dispatch(Shader::Residual, "add", &[n as u32], &[(1, &branch.buffer), (2, &stream.buffer)], groups_for(n));
     Ok(())
@@ -37,6 +40,10 @@ fn subsample_params(x: &Tensor, y: &Tensor, stride: usize, accumulate: bool, len
 /// Option A forward: `y = x[:, :, ::s, ::s]`, channels past x's zero. Overwrites `y`.
 pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usize) -> Result<()> {
     let params = subsample_params(x, y, stride, false, y.len())?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| subsample_forward(rec, &i[0], &o[0], stride);
+    if split::batch_op(rec, "option-A shortcut forward", &[x], &[(y, false)], &[], chunk)? {
+        return Ok(());
+    }
     rec.dispatch(
         Shader::Residual,
         "subsample_forward",
@@ -50,6 +57,12 @@ pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usi
 /// Option A backward: `dx (+)= ` the transpose of the subsample applied to `dy`.
 pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
     let params = subsample_params(dx, dy, stride, accumulate, dx.len())?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
+        subsample_backward(rec, &i[0], &o[0], stride, accumulate)
+    };
+    if split::batch_op(rec, "option-A shortcut backward", &[dy], &[(dx, accumulate)], &[], chunk)? {
+        return Ok(());
+    }
     rec.dispatch(
         Shader::Residual,
         "subsample_backward",
@@ -61,7 +74,7 @@ pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: 
 }
 
 /// `dst = src`, a plain copy (the identity shortcut's start of `x_{l+1} = x_l + F(x_l)` when
-/// `x_l` must be kept for the backward).
+/// `x_l` must be kept for the backward). A buffer copy binds nothing: any size runs whole.
 pub fn copy(rec: &mut Recorder, src: &Tensor, dst: &Tensor) -> Result<()> {
     same_len("copy", &[src, dst])?;
     rec.encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, src.bytes());

@@ -3,6 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
+use crate::ops::split;
 use crate::tensor::Tensor;
 
 /// One step of PyTorch's `SGD(lr, momentum, weight_decay)` (dampening 0, no Nesterov), in place
@@ -34,6 +35,11 @@ pub fn step(
         if !v.is_finite() || v < 0.0 {
             return Err(Error::Invalid(format!("sgd step: {name} = {v} must be finite and not negative")));
         }
+    }
+    let chunk =
+        |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| step(rec, &o[0], &i[0], &o[1], lr, momentum, weight_decay);
+    if split::flat_op(rec, "sgd step", &[g], &[(w, true), (m, true)], chunk)? {
+        return Ok(());
     }
     let n = u32::try_from(w.len())
         .map_err(|_| Error::Invalid(format!("sgd step: {} elements exceed u32 indexing", w.len())))?;
