@@ -60,6 +60,7 @@ pub fn line_chart(
     root.fill(&WHITE).map_err(|e| plot_err(e.to_string()))?;
     let mut builder = ChartBuilder::on(&root);
     builder.caption(title, ("sans-serif", 22)).margin(12).x_label_area_size(45).y_label_area_size(70);
+    // Twelve distinguishable colours (the variants' analysis draws eleven series).
     let colours = [
         RGBColor(31, 119, 180),
         RGBColor(214, 39, 40),
@@ -67,6 +68,12 @@ pub fn line_chart(
         RGBColor(148, 103, 189),
         RGBColor(255, 127, 14),
         RGBColor(23, 190, 207),
+        RGBColor(140, 86, 75),
+        RGBColor(227, 119, 194),
+        RGBColor(127, 127, 127),
+        RGBColor(188, 189, 34),
+        RGBColor(0, 0, 0),
+        RGBColor(255, 187, 120),
     ];
     macro_rules! draw {
         ($chart:expr) => {{
