@@ -363,21 +363,21 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
 // ---------------------------------------------------------------------------------------------
 // Timing
 
-/// Timestamps around a submission, where the device has them.
-struct Timer {
+/// Timestamps around a submission, where the device has them (also the conv autotuner's clock).
+pub(crate) struct Timer {
     query: Option<(wgpu::QuerySet, wgpu::Buffer)>,
     /// Nanoseconds per timestamp tick.
     period_ns: f64,
 }
 
 /// One measured run: GPU milliseconds (where timed so) and wall milliseconds.
-struct Sample {
-    gpu_ms: Option<f64>,
-    wall_ms: f64,
+pub(crate) struct Sample {
+    pub(crate) gpu_ms: Option<f64>,
+    pub(crate) wall_ms: f64,
 }
 
 impl Timer {
-    fn new(gpu: &Gpu, use_timestamps: bool) -> Timer {
+    pub(crate) fn new(gpu: &Gpu, use_timestamps: bool) -> Timer {
         if !(use_timestamps && gpu.has_timestamps()) {
             return Timer { query: None, period_ns: 1.0 };
         }
@@ -415,7 +415,7 @@ impl Timer {
     }
 
     /// Submits `buffers` in one submission between the timestamps and waits.
-    fn time(&self, gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<Sample> {
+    pub(crate) fn time(&self, gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<Sample> {
         let mut all = Vec::with_capacity(buffers.len() + 2);
         if let Some((set, resolve)) = &self.query {
             all.push(Timer::stamp(gpu, set, resolve, 0));

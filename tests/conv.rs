@@ -123,6 +123,12 @@ fn fetch(g: &Gpu, t: &Tensor) -> Vec<f32> {
 
 fn check_forward(cases: &[Case], seed: u64, tiled: bool) {
     for (ctx, g) in contexts(tiled) {
+        check_forward_on(ctx, g, cases, seed);
+    }
+}
+
+fn check_forward_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    {
         let mut rng = Rng::new(seed);
         for c in cases {
             let (wd, yd) = (c.wd(), c.yd());
@@ -142,6 +148,12 @@ fn check_forward(cases: &[Case], seed: u64, tiled: bool) {
 
 fn check_backward_data(cases: &[Case], seed: u64, tiled: bool) {
     for (ctx, g) in contexts(tiled) {
+        check_backward_data_on(ctx, g, cases, seed);
+    }
+}
+
+fn check_backward_data_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    {
         let mut rng = Rng::new(seed);
         for c in cases {
             let (wd, yd) = (c.wd(), c.yd());
@@ -166,6 +178,12 @@ fn check_backward_data(cases: &[Case], seed: u64, tiled: bool) {
 
 fn check_backward_weight(cases: &[Case], seed: u64, tiled: bool) {
     for (ctx, g) in contexts(tiled) {
+        check_backward_weight_on(ctx, g, cases, seed);
+    }
+}
+
+fn check_backward_weight_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    {
         let mut rng = Rng::new(seed);
         for c in cases {
             let (wd, yd) = (c.wd(), c.yd());
@@ -186,6 +204,42 @@ fn check_backward_weight(cases: &[Case], seed: u64, tiled: bool) {
             );
         }
     }
+}
+
+/// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
+/// channels past 128 (two tiles of the largest configurations).
+fn tile_cases() -> Vec<Case> {
+    let mut v: Vec<Case> = EDGES.iter().map(|c| case(c.xd, c.k, c.ks, c.stride)).collect();
+    v.extend([case([2, 16, 32, 32], 16, 3, 1), case([1, 16, 32, 32], 16, 3, 2), case([1, 130, 3, 5], 132, 3, 2)]);
+    v
+}
+
+/// Each tile configuration of the tiled kernels (the autotuner may pick any of them on a GPU),
+/// forced in turn on a context of its own, through `check`.
+fn every_tile(check: fn(&str, &Gpu, &[Case], u64), seed: u64) {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    let names = conv::tile_names(&g);
+    assert!(names.len() >= 8, "tile configurations that fit: {names:?}");
+    for name in names {
+        conv::force_tile(&g, Some(&name)).unwrap();
+        check(&format!("tile {name}"), &g, &tile_cases(), seed);
+    }
+    assert!(conv::force_tile(&g, Some("no-such-tile")).is_err());
+}
+
+#[test]
+fn forward_every_tile_configuration() {
+    every_tile(check_forward_on, 41);
+}
+
+#[test]
+fn backward_data_every_tile_configuration() {
+    every_tile(check_backward_data_on, 42);
+}
+
+#[test]
+fn backward_weight_every_tile_configuration() {
+    every_tile(check_backward_weight_on, 43);
 }
 
 #[test]

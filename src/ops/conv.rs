@@ -27,6 +27,8 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
 use crate::tensor::Tensor;
 
+mod tiled;
+
 /// Output spatial size: (h + 2*pad - k) / stride + 1 with pad = k / 2.
 ///
 /// Returns 0 where no output exists (stride 0, or a kernel larger than the padded input).
@@ -183,6 +185,21 @@ pub fn set_kernels(gpu: &Gpu, kernels: Kernels) {
     kernels_cell(gpu).store(kernels as u8, Ordering::Relaxed);
 }
 
+/// Forces tile configuration `name` of the tiled kernels on this context (testing and
+/// benchmarking aid; the environment variable `RESNET_WGPU_CONV_TILE` does the same for a new
+/// context). A forced configuration takes the tiled kernels wherever it is used; `None` goes
+/// back to the automatic choice. Errors for an unknown name or one that does not fit the adapter.
+#[doc(hidden)]
+pub fn force_tile(gpu: &Gpu, name: Option<&str>) -> Result<()> {
+    tiled::force(gpu, name)
+}
+
+/// The names of the tile configurations this context's adapter can run.
+#[doc(hidden)]
+pub fn tile_names(gpu: &Gpu) -> Vec<String> {
+    tiled::names(gpu)
+}
+
 fn kernels(gpu: &Gpu) -> Kernels {
     match kernels_cell(gpu).load(Ordering::Relaxed) {
         1 => Kernels::Register,
@@ -206,9 +223,9 @@ enum Plan {
     Register { span: usize },
     /// Register path, backward_weight: `splits` ranges of `chunk` quads each.
     RegisterWeight { splits: usize, chunk: usize },
-    /// Tiled GEMM with a `bm` x `bn` output tile per workgroup; backward_weight splits its
-    /// reduction into `splits` ranges of `chunk` (a multiple of 16).
-    Tiled { bm: usize, bn: usize, splits: usize, chunk: usize },
+    /// Tiled GEMM with configuration `tile` (an index into `tiled::TILES`); backward_weight
+    /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
+    Tiled { tile: usize, splits: usize, chunk: usize },
 }
 
 /// Floats in one weight window: a `var<uniform> array<vec4f, 4096>` (64 KiB, the smallest
@@ -228,8 +245,6 @@ const REG_KB: usize = 16;
 /// Register path, backward_weight: the (k, c) tile of a workgroup (`rp_wgt`), 3x3 and 1x1.
 const REG_WK: usize = 8;
 const REG_WC: [usize; 2] = [4, 16];
-/// Reduction steps per tile of the tiled kernels (`BK` in the shader).
-const BK: usize = 16;
 
 /// Whether this context's adapter can run the register path at all, under `kernels`.
 fn register_adapter(gpu: &Gpu, kernels: Kernels) -> bool {
@@ -294,34 +309,16 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
             }
         }
     }
-    match op {
-        Op::Forward | Op::BackwardData => {
-            // 64 x 64 tiles where there are enough output channels and enough tiles to fill a
-            // GPU (about 128 workgroups); else 64 x 16, four times the workgroups.
-            let (m, cols) = match op {
-                Op::Forward => (g.n * g.oh * g.ow, g.k),
-                _ => (g.n * g.h * g.w, g.c),
-            };
-            let big = cols > 32 && m.div_ceil(64) * cols.div_ceil(64) >= 128;
-            Plan::Tiled { bm: 64, bn: if big { 64 } else { 16 }, splits: 1, chunk: 0 }
-        }
-        Op::BackwardWeight => {
-            let (bm, bn) = if g.k > 16 { (64, 64) } else { (16, 64) };
-            let tiles = g.k.div_ceil(bm) * (g.c * kk).div_ceil(bn);
-            let red = g.n * g.oh * g.ow;
-            // Split-K: enough workgroups to fill a GPU (about 256), each with at least 256
-            // reduction steps, and at most 16 MiB of partial sums.
-            let len = g.k * g.c * kk;
-            let splits = 256usize.div_ceil(tiles).min(red.div_ceil(256)).min((4 << 20) / len.max(1)).max(1);
-            let chunk = red.div_ceil(splits).div_ceil(BK) * BK;
-            Plan::Tiled { bm, bn, splits: red.div_ceil(chunk), chunk }
-        }
-    }
+    tiled::choose(gpu, op, g)
 }
 
 fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let k = kernels(gpu);
-    gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k))
+    // A forced tile configuration takes the tiled kernels (and is part of the key).
+    match tiled::forced(gpu) {
+        Some(t) => gpu.cached(&format!("conv.plan.{op:?}.tile{t}.{g:?}"), || tiled::plan_for(op, g, t)),
+        None => gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k)),
+    }
 }
 
 /// Records one dispatch of `entry` with `params` and the given bindings (binding 0 is the
@@ -333,8 +330,20 @@ fn dispatch(
     res: &[(u32, wgpu::BindingResource)],
     groups: [u32; 3],
 ) {
+    let pipeline = rec.gpu.pipeline(Shader::Conv, entry);
+    dispatch_pipeline(rec, &pipeline, entry, params, res, groups);
+}
+
+/// Records one dispatch of `pipeline` (`label` names it in debuggers).
+fn dispatch_pipeline(
+    rec: &mut Recorder,
+    pipeline: &wgpu::ComputePipeline,
+    label: &str,
+    params: &Params,
+    res: &[(u32, wgpu::BindingResource)],
+    groups: [u32; 3],
+) {
     let gpu = rec.gpu;
-    let pipeline = gpu.pipeline(Shader::Conv, entry);
     let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("conv params"),
         contents: bytemuck::bytes_of(params),
@@ -343,13 +352,13 @@ fn dispatch(
     let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
     entries.extend(res.iter().map(|(b, r)| wgpu::BindGroupEntry { binding: *b, resource: r.clone() }));
     let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(entry),
+        label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
     let mut pass =
-        rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
+        rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+    pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind, &[]);
     pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
 }
@@ -436,7 +445,7 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: u
     distinct(WHAT, y, [x, w])?;
     match plan(rec.gpu, Op::Forward, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::Forward, x, w, y, accumulate, span),
-        Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::Forward, x, w, y, accumulate, bm, bn),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::Forward, &g, plan, x, w, y, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
     }
     Ok(())
@@ -456,7 +465,7 @@ pub fn backward_data(
     distinct(WHAT, dx, [dy, w])?;
     match plan(rec.gpu, Op::BackwardData, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, span),
-        Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, bm, bn),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, w, dx, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for backward_data"),
     }
     Ok(())
@@ -476,49 +485,10 @@ pub fn backward_weight(
     distinct(WHAT, dw, [x, dy])?;
     match plan(rec.gpu, Op::BackwardWeight, &g) {
         Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, dy, dw, accumulate, splits, chunk),
-        Plan::Tiled { bm, bn, splits, chunk } => tiled_weight(rec, &g, x, dy, dw, accumulate, bm, bn, splits, chunk),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardWeight, &g, plan, x, dy, dw, accumulate),
         Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
     }
     Ok(())
-}
-
-/// Tiled forward (a = x, out = y) or backward_data (a = dy, out = dx).
-#[allow(clippy::too_many_arguments)]
-fn tiled_data(
-    rec: &mut Recorder,
-    g: &Geometry,
-    op: Op,
-    a: &Tensor,
-    w: &Tensor,
-    out: &Tensor,
-    acc: bool,
-    bm: usize,
-    bn: usize,
-) {
-    let (m, cols) = match op {
-        Op::Forward => (g.n * g.oh * g.ow, g.k),
-        _ => (g.n * g.h * g.w, g.c),
-    };
-    let mut params = g.params(acc);
-    params.m = m as u32;
-    let entry = match (op, bn) {
-        (Op::Forward, 64) => "tl_forward_64x64",
-        (Op::Forward, _) => "tl_forward_64x16",
-        (_, 64) => "tl_backward_data_64x64",
-        _ => "tl_backward_data_64x16",
-    };
-    debug_assert_eq!(bm, 64);
-    let groups = fold(m.div_ceil(bm), cols.div_ceil(bn));
-    // The entry points of both ops see all four data bindings (the op is a literal folded
-    // after the shader's functions are inlined): `a` and `out` fill both roles.
-    let binds = [
-        (1, a.buffer.as_entire_binding()),
-        (2, w.buffer.as_entire_binding()),
-        (3, out.buffer.as_entire_binding()),
-        (4, a.buffer.as_entire_binding()),
-        (5, out.buffer.as_entire_binding()),
-    ];
-    dispatch(rec, entry, &params, &binds, groups);
 }
 
 /// dw (=|+=) the partial sums in `part` ([splits][len]), added in split order.
@@ -543,39 +513,6 @@ fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &Tensor, splits: u
 /// command buffer or another, reuses it. The split counts are bounded (the plan), so are these.
 fn partials(gpu: &Gpu, splits: usize, len: usize) -> wgpu::Buffer {
     scratch(gpu, "partials", (splits * len * 4).max(16) as u64, wgpu::BufferUsages::STORAGE)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn tiled_weight(
-    rec: &mut Recorder,
-    g: &Geometry,
-    x: &Tensor,
-    dy: &Tensor,
-    dw: &Tensor,
-    acc: bool,
-    bm: usize,
-    bn: usize,
-    splits: usize,
-    chunk: usize,
-) {
-    let cols = g.c * g.ks * g.ks;
-    let mut params = g.params(acc);
-    params.chunk = chunk as u32;
-    params.splits = splits as u32;
-    let entry = if bm == 64 { "tl_backward_weight_64x64" } else { "tl_backward_weight_16x64" };
-    // With one split the kernel writes dw itself and `part` is bound but unused.
-    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
-    let binds = [
-        (1, x.buffer.as_entire_binding()),
-        (4, dy.buffer.as_entire_binding()),
-        (6, dw.buffer.as_entire_binding()),
-        (7, part.as_entire_binding()),
-    ];
-    let groups = [g.k.div_ceil(bm) as u32, cols.div_ceil(bn) as u32, splits as u32];
-    dispatch(rec, entry, &params, &binds, groups);
-    if splits > 1 {
-        reduce_splits(rec, &part, dw, splits, acc);
-    }
 }
 
 /// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx).
