@@ -215,7 +215,8 @@ fn tile_cases() -> Vec<Case> {
 }
 
 /// Each tile configuration of the tiled kernels (the autotuner may pick any of them on a GPU),
-/// forced in turn on a context of its own, through `check`.
+/// forced in turn on a context of its own, through `check`; then the autotuner's own choice
+/// (timed here even on a CPU adapter, with the pipelines already built).
 fn every_tile(check: fn(&str, &Gpu, &[Case], u64), seed: u64) {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let names = conv::tile_names(&g);
@@ -225,6 +226,9 @@ fn every_tile(check: fn(&str, &Gpu, &[Case], u64), seed: u64) {
         check(&format!("tile {name}"), &g, &tile_cases(), seed);
     }
     assert!(conv::force_tile(&g, Some("no-such-tile")).is_err());
+    conv::force_tile(&g, None).unwrap();
+    conv::set_kernels(&g, conv::Kernels::Tuned);
+    check("tuned", &g, &tile_cases(), seed);
 }
 
 #[test]

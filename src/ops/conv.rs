@@ -173,6 +173,9 @@ pub enum Kernels {
     Register,
     /// Always the tiled kernels.
     Tiled,
+    /// Always the tiled kernels, their configuration timed per shape even on a CPU adapter
+    /// (which otherwise takes a fixed rule): tests the autotuner where there is no GPU.
+    Tuned,
 }
 
 fn kernels_cell(gpu: &Gpu) -> Arc<AtomicU8> {
@@ -204,6 +207,7 @@ fn kernels(gpu: &Gpu) -> Kernels {
     match kernels_cell(gpu).load(Ordering::Relaxed) {
         1 => Kernels::Register,
         2 => Kernels::Tiled,
+        3 => Kernels::Tuned,
         _ => Kernels::Auto,
     }
 }
@@ -256,7 +260,7 @@ fn register_adapter(gpu: &Gpu, kernels: Kernels) -> bool {
     match kernels {
         Kernels::Auto => capable && cpu,
         Kernels::Register => capable,
-        Kernels::Tiled => false,
+        Kernels::Tiled | Kernels::Tuned => false,
     }
 }
 
@@ -309,7 +313,7 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
             }
         }
     }
-    tiled::choose(gpu, op, g)
+    tiled::choose(gpu, op, g, kernels == Kernels::Tuned)
 }
 
 fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {

@@ -252,11 +252,11 @@ pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk }
 }
 
-/// The tiled plan for `op` on `g`: forced, ruled (CPU adapters) or tuned.
-pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
+/// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned.
+pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan {
     let tile = match forced(gpu) {
         Some(i) => i,
-        None if gpu.report.device_type == wgpu::DeviceType::Cpu => rule(op, g),
+        None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => rule(op, g),
         None => tune(gpu, op, g),
     };
     plan_for(op, g, tile)
