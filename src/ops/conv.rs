@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use wgpu::util::DeviceExt;
 
+use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
 use crate::tensor::Tensor;
@@ -236,8 +237,6 @@ enum Plan {
 /// `max_uniform_buffer_binding_size` a WebGPU adapter may have).
 const WINDOW: usize = 16384;
 const WINDOW_BYTES: u64 = WINDOW as u64 * 4;
-/// Texels per row of an operand texture (`TEXW` in the shader): 4096 floats.
-const TEXW: usize = 1024;
 /// Lanes of the register path's workgroup (`LANES` in the shader).
 const LANES: usize = 8;
 /// Register path, forward and backward_data: output rows and channels per lane (`rp_data`).
@@ -275,11 +274,6 @@ fn register_layout(g: &Geometry, op: Op) -> bool {
         // Lanes own quads of dx; dy is the texture (stride 2: two dy columns per quad).
         Op::BackwardData => quads_ok(g.w) && g.w == g.stride * g.ow,
     }
-}
-
-/// Whether a tensor of `len` elements fits an operand texture (whole texels).
-fn texture_fits(gpu: &Gpu, len: usize) -> bool {
-    len.is_multiple_of(4) && (len / 4).div_ceil(TEXW) <= gpu.adapter.limits().max_texture_dimension_2d as usize
 }
 
 fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
@@ -385,51 +379,6 @@ fn scratch(gpu: &Gpu, role: &str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu
             mapped_at_creation: false,
         })
     })
-}
-
-/// Copies `t` into this context's rgba32f operand texture `role` of its size (texel i holds
-/// elements 4i .. 4i+3) and returns a view of it. The length is a multiple of 4 (checked by
-/// the plan).
-fn operand_texture(rec: &mut Recorder, role: &str, t: &Tensor) -> wgpu::TextureView {
-    let texels = t.len() / 4;
-    let rows = texels.div_ceil(TEXW);
-    let gpu = rec.gpu;
-    let tex = gpu.cached(&format!("conv.texture.{role}.{rows}"), || {
-        gpu.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some("conv operand"),
-            size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        })
-    });
-    let row_bytes = (TEXW * 16) as u32;
-    let (full, rest) = (texels / TEXW, texels % TEXW);
-    let copy = |enc: &mut wgpu::CommandEncoder, offset: u64, y: usize, width: usize, height: usize| {
-        enc.copy_buffer_to_texture(
-            wgpu::TexelCopyBufferInfo {
-                buffer: &t.buffer,
-                layout: wgpu::TexelCopyBufferLayout { offset, bytes_per_row: Some(row_bytes), rows_per_image: None },
-            },
-            wgpu::TexelCopyTextureInfo {
-                texture: &tex,
-                mip_level: 0,
-                origin: wgpu::Origin3d { x: 0, y: y as u32, z: 0 },
-                aspect: wgpu::TextureAspect::All,
-            },
-            wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: 1 },
-        );
-    };
-    if full > 0 {
-        copy(&mut rec.encoder, 0, 0, TEXW, full);
-    }
-    if rest > 0 {
-        copy(&mut rec.encoder, (full * TEXW * 16) as u64, full, rest, 1);
-    }
-    tex.create_view(&wgpu::TextureViewDescriptor::default())
 }
 
 /// Window `i` of a weight-window buffer, as a uniform binding.
@@ -538,7 +487,7 @@ fn register_data(
         _ => (g.c, g.k, g.n * g.h.div_ceil(REG_ROWS) * g.w / 4),
     };
     let windows = chans.div_ceil(span);
-    let view = operand_texture(rec, "a", a);
+    let view = operand_texture(rec, "conv.a", a);
     let buf = scratch(
         rec.gpu,
         "windows",
@@ -615,8 +564,8 @@ fn register_weight(
     splits: usize,
     chunk: usize,
 ) {
-    let xv = operand_texture(rec, "a", x);
-    let dv = operand_texture(rec, "b", dy);
+    let xv = operand_texture(rec, "conv.a", x);
+    let dv = operand_texture(rec, "conv.b", dy);
     let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
     let ktiles = g.k.div_ceil(REG_WK);
     let ctiles = g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);
