@@ -403,28 +403,49 @@ const TEXW: u32 = 1024u;
 fn tx(q: u32) -> vec4f { return textureLoad(xt, vec2u(q % TEXW, q / TEXW), 0); }
 fn tdy(q: u32) -> vec4f { return textureLoad(dyt, vec2u(q % TEXW, q / TEXW), 0); }
 
+// As stats_partial4; a full run (REDUCE_CHUNK = 16 elements) is loaded once into registers for
+// both passes: on CPU adapters the loads are the cost.
 @compute @workgroup_size(WG)
 fn stats_partial_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                  @builtin(local_invocation_id) lid: vec3u) {
+                   @builtin(local_invocation_id) lid: vec3u) {
     let inv = flat(wid, nwg, lid);
     let r = channel_run(inv);
     if !r.ok { return; }
+    let q0 = r.start / 4u;
     var s = 0.0;
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let v = tx(i);
-        s += v.x;
-        s += v.y;
-        s += v.z;
-        s += v.w;
-    }
-    let mu = s / f32(r.end - r.start);
     var q = 0.0;
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let d = tx(i) - vec4f(mu);
-        q += d.x * d.x;
-        q += d.y * d.y;
-        q += d.z * d.z;
-        q += d.w * d.w;
+    if r.end - r.start == 16u {
+        let v = array<vec4f, 4>(tx(q0), tx(q0 + 1u), tx(q0 + 2u), tx(q0 + 3u));
+        for (var j = 0u; j < 4u; j++) {
+            s += v[j].x;
+            s += v[j].y;
+            s += v[j].z;
+            s += v[j].w;
+        }
+        let mu = vec4f(s / 16.0);
+        for (var j = 0u; j < 4u; j++) {
+            let d = v[j] - mu;
+            q += d.x * d.x;
+            q += d.y * d.y;
+            q += d.z * d.z;
+            q += d.w * d.w;
+        }
+    } else {
+        for (var i = q0; i < r.end / 4u; i++) {
+            let v = tx(i);
+            s += v.x;
+            s += v.y;
+            s += v.z;
+            s += v.w;
+        }
+        let mu = vec4f(s / f32(r.end - r.start));
+        for (var i = q0; i < r.end / 4u; i++) {
+            let d = tx(i) - mu;
+            q += d.x * d.x;
+            q += d.y * d.y;
+            q += d.z * d.z;
+            q += d.w * d.w;
+        }
     }
     part[2u * inv] = s;
     part[2u * inv + 1u] = q;
