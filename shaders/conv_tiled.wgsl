@@ -12,6 +12,8 @@
 //   AS, BS   padded row strides (vec4s) of the workgroup tiles: BM / 4 + 1 and BN / 4 + 1
 //   A_PER, B_PER  elements each invocation stages per tile (data_main: B_PER vec4s)
 //   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
+//   ST       the storage type of x, the weights and y: f32, or f16 (the f16 path, forward only:
+//            f16 loads and stores, the tiles and all arithmetic in f32)
 //
 // GEMMs:
 //   forward:         M = N*OH*OW output pixels, cols = K, reduction C*KK (im2col of x)
@@ -52,12 +54,14 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;        // x (forward, weight) or dy (backward_data)
-@group(0) @binding(2) var<storage, read> wtt: array<vec4f>;      // data: transposed weights
-@group(0) @binding(3) var<storage, read_write> dst: array<f32>;  // data: y or dx
+@group(0) @binding(1) var<storage, read> src: array<ST>;         // x (forward, weight) or dy (backward_data)
+@group(0) @binding(2) var<storage, read> wtt: array<vec4<ST>>;   // data: transposed weights
+@group(0) @binding(3) var<storage, read_write> dst: array<ST>;   // data: y or dx
 @group(0) @binding(4) var<storage, read> dys: array<f32>;        // weight: dy
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
 @group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums
+@group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
+@group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main: transposed
 
 var<workgroup> ta: array<vec4f, TA_LEN>;
 var<workgroup> tb: array<vec4f, TB_LEN>;
@@ -99,7 +103,7 @@ fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
         if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
             return 0.0;
         }
-        return src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)];
+        return f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]);
     }
     // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
     let ty = i32(py + PAD) - i32(ky);
@@ -112,7 +116,7 @@ fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
     if oy >= p.oh || ox >= p.ow {
         return 0.0;
     }
-    return src[((n * p.k + c) * p.oh + oy) * p.ow + ox];
+    return f32(src[((n * p.k + c) * p.oh + oy) * p.ow + ox]);
 }
 
 @compute @workgroup_size(THREADS)
@@ -168,7 +172,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         let rl = brl + j * BSTEP;
         var v = vec4f(0.0);
         if b_ok && rl < red {
-            v = wtt[rl * cv + bcol];
+            v = vec4f(wtt[rl * cv + bcol]);
         }
         tb[rl * BS + bv] = v;
     }
@@ -187,7 +191,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                 let r = r1 + brl + j * BSTEP;
                 var v = vec4f(0.0);
                 if b_ok && r < red {
-                    v = wtt[r * cv + bcol];
+                    v = vec4f(wtt[r * cv + bcol]);
                 }
                 rb[j] = v;
             }
@@ -229,9 +233,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                     }
                     let o = ((n * cols + col) * sy + oy) * sx + ox;
                     if p.accumulate == 1u {
-                        dst[o] += v4[j];
+                        dst[o] = ST(f32(dst[o]) + v4[j]);
                     } else {
-                        dst[o] = v4[j];
+                        dst[o] = ST(v4[j]);
                     }
                 }
             }
@@ -251,7 +255,7 @@ fn b_weight(n: u32, oy: u32, ox: u32, ok: bool, c: u32, ky: u32, kx: u32) -> f32
     if !ok || iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
         return 0.0;
     }
-    return src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)];
+    return f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]);
 }
 
 @compute @workgroup_size(THREADS)
@@ -358,4 +362,38 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
             }
         }
     }
+}
+
+// The weights as the data ops' B operand, as conv.wgsl `transpose_weights` does for f32 (which
+// this one serves where ST is f16): [reduction][cols rounded up to 4], zeros in the padding;
+// MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] = w[k][c][t].
+@compute @workgroup_size(64)
+fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    var cols: u32;
+    var red: u32;
+    if MODE == 0u {
+        cols = p.k;
+        red = p.c * KK;
+    } else {
+        cols = p.c;
+        red = p.k * KK;
+    }
+    let cp = (cols + 3u) / 4u * 4u;
+    if i >= red * cp {
+        return;
+    }
+    let r = i / cp;
+    let col = i - r * cp;
+    var v = ST(0.0);
+    if col < cols {
+        if MODE == 0u {
+            v = wsrc[col * red + r];
+        } else {
+            let k = r / KK;
+            v = wsrc[(k * p.c + col) * KK + (r - k * KK)];
+        }
+    }
+    wtt_out[i] = v;
 }

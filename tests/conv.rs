@@ -428,3 +428,56 @@ fn bad_shapes_are_errors() {
     assert!(is_shape_error(conv::backward_data(&mut rec, &sq, &w2, &sq, 1, true)));
     rec.run().unwrap();
 }
+
+/// The f16 path's stated bound: relative L2 error at most 1e-3 against the f64 reference on the
+/// same half-rounded inputs (one rounding of the f32 result to f16: unit roundoff 4.9e-4).
+const F16_TOL: f64 = 1e-3;
+
+/// The f16 forward (where the adapter has shader-f16) on the tile-edge shapes, overwriting and
+/// accumulating, with the automatic tile; each configuration forced on the first five (kernel
+/// sizes 1 and 3, strides 1 and 2).
+#[test]
+fn forward_f16_within_bound() {
+    use resnet_wgpu::tensor::HalfTensor;
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
+    let mut tiles = vec![None];
+    tiles.extend(conv::tile_names(&g).into_iter().map(Some));
+    for tile in tiles {
+        conv::force_tile(&g, tile.as_deref()).unwrap();
+        let mut rng = Rng::new(51);
+        let cases = tile_cases();
+        for c in &cases[..if tile.is_some() { 5 } else { cases.len() }] {
+            let (wd, yd) = (c.wd(), c.yd());
+            let (x, w, prior) = (half(&rng.data(len(c.xd))), half(&rng.data(len(wd))), half(&rng.data(len(yd))));
+            let tx = HalfTensor::from_f32(&g, &c.xd, &x).unwrap();
+            let tw = HalfTensor::from_f32(&g, &wd, &w).unwrap();
+            let ty = HalfTensor::from_f32(&g, &yd, &vec![f32::NAN; len(yd)]).unwrap();
+            let tacc = HalfTensor::from_f32(&g, &yd, &prior).unwrap();
+            let mut rec = g.recorder("conv forward f16");
+            conv::forward_f16(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+            conv::forward_f16(&mut rec, &tx, &tw, &tacc, c.stride, true).unwrap();
+            rec.run().unwrap();
+            let want = r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), wd, c.stride);
+            let tag = format!("f16 tile {} {}", tile.as_deref().unwrap_or("auto"), c.name());
+            check(&format!("conv fwd {tag}"), &ty.read(&g).unwrap(), &want, F16_TOL);
+            check(&format!("conv fwd accumulate {tag}"), &tacc.read(&g).unwrap(), &plus(&prior, &want), F16_TOL);
+        }
+    }
+    // Shapes are checked as in f32.
+    let t = |d: &[usize]| HalfTensor::from_f32(&g, d, &vec![0.0; d.iter().product()]).unwrap();
+    let mut rec = g.recorder("bad f16");
+    assert!(is_shape_error(conv::forward_f16(
+        &mut rec,
+        &t(&[1, 2, 5, 5]),
+        &t(&[3, 3, 3, 3]),
+        &t(&[1, 3, 5, 5]),
+        1,
+        false
+    )));
+    rec.run().unwrap();
+}

@@ -26,7 +26,7 @@ use wgpu::util::DeviceExt;
 use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 mod tiled;
 
@@ -62,9 +62,15 @@ impl Geometry {
     /// Checks `x` [N,C,H,W], `w` [K,C,ks,ks] and `y` [N,K,OH,OW] against each other; `what` and
     /// the names say which call and which tensors, in the error.
     fn check(what: &str, names: [&str; 3], x: &Tensor, w: &Tensor, y: &Tensor, stride: usize) -> Result<Geometry> {
-        let [n, c, h, wd] = x.nchw(&format!("{what}: {}", names[0]))?;
-        let [k, wc, kh, kw] = w.nchw(&format!("{what}: {} (OIHW)", names[1]))?;
-        let [yn, yk, oh, ow] = y.nchw(&format!("{what}: {}", names[2]))?;
+        let xd = x.nchw(&format!("{what}: {}", names[0]))?;
+        let wd = w.nchw(&format!("{what}: {} (OIHW)", names[1]))?;
+        let yd = y.nchw(&format!("{what}: {}", names[2]))?;
+        Geometry::of_dims(what, names, [xd, wd, yd], stride)
+    }
+
+    /// The checks of [`Geometry::check`] on the three shapes.
+    fn of_dims(what: &str, names: [&str; 3], dims: [[usize; 4]; 3], stride: usize) -> Result<Geometry> {
+        let [[n, c, h, wd], [k, wc, kh, kw], [yn, yk, oh, ow]] = dims;
         if stride != 1 && stride != 2 {
             return Err(Error::Invalid(format!("{what}: stride must be 1 or 2, got {stride}")));
         }
@@ -77,29 +83,23 @@ impl Geometry {
         if wc != c {
             return Err(Error::Shape(format!(
                 "{what}: {} has {c} channels but {} {:?} expects {wc}",
-                names[0],
-                names[1],
-                w.dims()
+                names[0], names[1], dims[1]
             )));
         }
         let (eh, ew) = (out_size(h, kh, stride), out_size(wd, kh, stride));
         if [yn, yk, oh, ow] != [n, k, eh, ew] {
             return Err(Error::Shape(format!(
                 "{what}: {} {:?} with {} {:?} at stride {stride} needs {} [{n}, {k}, {eh}, {ew}], got {:?}",
-                names[0],
-                x.dims(),
-                names[1],
-                w.dims(),
-                names[2],
-                y.dims()
+                names[0], dims[0], names[1], dims[1], names[2], dims[2]
             )));
         }
         // The shaders index in u32 and offsets in i32.
-        for t in [x, w, y] {
-            if t.len() > i32::MAX as usize {
+        for d in dims {
+            let len = d.iter().product::<usize>();
+            if len > i32::MAX as usize {
                 return Err(Error::TooLarge {
-                    what: format!("{what}: tensor {:?}", t.dims()),
-                    bytes: t.bytes(),
+                    what: format!("{what}: tensor {d:?}"),
+                    bytes: len as u64 * 4,
                     limit: i32::MAX as u64 * 4,
                 });
             }
@@ -466,6 +466,40 @@ fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &Tensor, splits: u
 /// command buffer or another, reuses it. The split counts are bounded (the plan), so are these.
 fn partials(gpu: &Gpu, splits: usize, len: usize) -> wgpu::Buffer {
     scratch(gpu, "partials", (splits * len * 4).max(16) as u64, wgpu::BufferUsages::STORAGE)
+}
+
+/// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
+/// in f32 (the tiled kernels with f16 loads and stores, f32 tiles and accumulation), on adapters
+/// with `SHADER_F16`. Shapes as [`forward`]. The tile configuration is the f32 forward's for
+/// the shape (forced, tuned or ruled; the rule where the f32 forward takes the register path).
+///
+/// Error: the result is the exact convolution of the stored halves, accumulated in f32, rounded
+/// once to f16 (with `accumulate`, after adding the old value in f32): relative L2 error at most
+/// about the f16 unit roundoff, 2^-11 = 4.9e-4, plus the f32 accumulation's; `tests/conv.rs`
+/// holds it to 1e-3 against the f64 reference on the same (half-rounded) inputs.
+pub fn forward_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    w: &HalfTensor,
+    y: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    const WHAT: &str = "conv forward_f16";
+    if !rec.gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{WHAT}: the adapter has no shader-f16")));
+    }
+    let dims = [x.nchw(&format!("{WHAT}: x"))?, w.nchw(&format!("{WHAT}: w (OIHW)"))?, y.nchw(&format!("{WHAT}: y"))?];
+    let g = Geometry::of_dims(WHAT, ["x", "w", "y"], dims, stride)?;
+    if y.buffer == x.buffer || y.buffer == w.buffer {
+        return Err(Error::Invalid(format!("{WHAT}: the output must not alias an input")));
+    }
+    let tile = match plan(rec.gpu, Op::Forward, &g) {
+        Plan::Tiled { tile, .. } => tile,
+        _ => tiled::rule(Op::Forward, &g),
+    };
+    tiled::record_half(rec, &g, tile, x, w, y, accumulate);
+    Ok(())
 }
 
 /// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx).

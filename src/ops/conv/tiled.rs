@@ -16,7 +16,7 @@ use super::{Geometry, Op, Params, Plan, dispatch_pipeline, fold, partials, reduc
 use crate::bench::Timer;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// One tile configuration: a `bm` x `bn` output tile per workgroup, `bk` reduction steps staged
 /// per tile, `tm` x `tn` outputs per invocation.
@@ -92,7 +92,7 @@ impl Tile {
     }
 
     /// The template with this configuration's constants and the geometry family's literals.
-    fn source(&self, op: Op, ks: usize, stride: usize) -> String {
+    fn source(&self, op: Op, ks: usize, stride: usize, half: bool) -> String {
         let t = self.threads();
         let (a_per, b_per, step) = match op {
             // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
@@ -125,7 +125,8 @@ impl Tile {
             ("BSTEP", t / (self.bn / 4)),
             ("RSTEP", step.max(1)),
         ];
-        let mut s: String = consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")).collect();
+        let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
+        s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         s.push_str(&TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})")));
         s
     }
@@ -133,18 +134,25 @@ impl Tile {
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
 
-/// The pipeline of configuration `tile` for `op` at kernel size `ks` and `stride`, built once
-/// per context.
-fn pipeline(gpu: &Gpu, tile: usize, op: Op, ks: usize, stride: usize) -> wgpu::ComputePipeline {
+/// The pipeline of configuration `tile` for `op` at kernel size `ks` and `stride` (f16
+/// storage where `half`), entry point `entry` of the template, built once per context.
+fn pipeline(
+    gpu: &Gpu,
+    tile: usize,
+    op: Op,
+    ks: usize,
+    stride: usize,
+    half: bool,
+    entry: &str,
+) -> wgpu::ComputePipeline {
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
-    let key = format!("conv.tiled.{}.{op:?}.k{ks}.s{stride}", t.name());
+    let key = format!("conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}.{entry}", t.name(), if half { "f16" } else { "f32" });
     gpu.cached(&key, || {
         let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
             label: Some(&key),
-            source: wgpu::ShaderSource::Wgsl(t.source(op, ks, stride).into()),
+            source: wgpu::ShaderSource::Wgsl(t.source(op, ks, stride, half).into()),
         });
-        let entry = if op == Op::BackwardWeight { "weight_main" } else { "data_main" };
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
@@ -213,7 +221,7 @@ fn index_of(name: &str) -> usize {
 /// The fixed rule (CPU adapters, and the tuner's fallback): 64 x 64 tiles where there are more
 /// than 32 output channels and enough tiles to fill a GPU (about 128 workgroups), else 64 x 16
 /// (four times the workgroups); backward_weight 64 x 64 above 16 output channels, else 16 x 64.
-fn rule(op: Op, g: &Geometry) -> usize {
+pub(super) fn rule(op: Op, g: &Geometry) -> usize {
     let (m, cols) = gemm_rows_cols(op, g);
     let big = match op {
         Op::BackwardWeight => g.k > 16,
@@ -369,8 +377,36 @@ fn data(rec: &mut Recorder, g: &Geometry, op: Op, tile: usize, a: &Tensor, w: &T
     let mut params = g.params(acc);
     params.m = m as u32;
     let binds = [(1, a.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, out.buffer.as_entire_binding())];
-    let p = pipeline(gpu, tile, op, g.ks, g.stride);
+    let p = pipeline(gpu, tile, op, g.ks, g.stride, false, "data_main");
     dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
+}
+
+/// The f16 forward: the half weights transposed to a half B operand (the template's
+/// `transpose_main`), then the tiled GEMM with f16 loads and stores.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half(
+    rec: &mut Recorder,
+    g: &Geometry,
+    tile: usize,
+    x: &HalfTensor,
+    w: &HalfTensor,
+    y: &HalfTensor,
+    acc: bool,
+) {
+    let t = TILES[tile];
+    let (m, cols) = gemm_rows_cols(Op::Forward, g);
+    let red = g.c * g.ks * g.ks;
+    let cp = cols.div_ceil(4) * 4;
+    let gpu = rec.gpu;
+    let wtt = scratch(gpu, "wtt16", (red * cp * 2) as u64, wgpu::BufferUsages::STORAGE);
+    let mut params = g.params(acc);
+    params.m = m as u32;
+    let transpose = pipeline(gpu, tile, Op::Forward, g.ks, g.stride, true, "transpose_main");
+    let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
+    dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
+    let p = pipeline(gpu, tile, Op::Forward, g.ks, g.stride, true, "data_main");
+    let binds = [(1, x.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, y.buffer.as_entire_binding())];
+    dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -398,7 +434,7 @@ fn weight(
         (6, dw.buffer.as_entire_binding()),
         (7, part.as_entire_binding()),
     ];
-    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride);
+    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, false, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
     if splits > 1 {
