@@ -12,8 +12,8 @@
 //   AS, BS   padded row strides (vec4s) of the workgroup tiles: BM / 4 + 1 and BN / 4 + 1
 //   A_PER, B_PER  elements each invocation stages per tile (data_main: B_PER vec4s)
 //   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
-//   ST       the storage type of x, the weights and y: f32, or f16 (the f16 path, forward only:
-//            f16 loads and stores, the tiles and all arithmetic in f32)
+//   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
+//            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
 //
 // GEMMs:
 //   forward:         M = N*OH*OW output pixels, cols = K, reduction C*KK (im2col of x)
@@ -57,7 +57,7 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<ST>;         // x (forward, weight) or dy (backward_data)
 @group(0) @binding(2) var<storage, read> wtt: array<vec4<ST>>;   // data: transposed weights
 @group(0) @binding(3) var<storage, read_write> dst: array<ST>;   // data: y or dx
-@group(0) @binding(4) var<storage, read> dys: array<f32>;        // weight: dy
+@group(0) @binding(4) var<storage, read> dys: array<ST>;         // weight: dy
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
 @group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums
 @group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
@@ -306,7 +306,7 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
                 let k = m0 + row0 + j * RSTEP;
                 var v = 0.0;
                 if r_ok && k < p.k {
-                    v = dys[(n * p.k + k) * ohw + pix];
+                    v = f32(dys[(n * p.k + k) * ohw + pix]);
                 }
                 ra[j] = v;
             }

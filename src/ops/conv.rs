@@ -468,15 +468,56 @@ fn partials(gpu: &Gpu, splits: usize, len: usize) -> wgpu::Buffer {
     scratch(gpu, "partials", (splits * len * 4).max(16) as u64, wgpu::BufferUsages::STORAGE)
 }
 
+/// The f16 path's checks: the adapter has shader-f16, the shapes are those of [`forward`] (x,
+/// w, y), and the output aliases no input.
+fn check_f16(
+    gpu: &Gpu,
+    what: &str,
+    names: [&str; 3],
+    t: [(&[usize], &wgpu::Buffer); 3],
+    out: usize,
+    stride: usize,
+) -> Result<Geometry> {
+    if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
+    }
+    let nchw = |i: usize| -> Result<[usize; 4]> {
+        match t[i].0 {
+            &[n, c, h, w] => Ok([n, c, h, w]),
+            d => Err(Error::Shape(format!("{what}: {} must be 4-D, got {d:?}", names[i]))),
+        }
+    };
+    let g = Geometry::of_dims(what, names, [nchw(0)?, nchw(1)?, nchw(2)?], stride)?;
+    if (0..3).any(|i| i != out && t[i].1 == t[out].1) {
+        return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
+    }
+    Ok(g)
+}
+
+/// The tile configuration of the f16 path for `op` on `g`: the f32 op's (forced, tuned or
+/// ruled; the rule where the f32 op takes the register path).
+fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
+    match plan(gpu, op, g) {
+        p @ Plan::Tiled { .. } => p,
+        _ => tiled::plan_for(op, g, tiled::rule(op, g)),
+    }
+}
+
+fn tile_of(p: Plan) -> usize {
+    match p {
+        Plan::Tiled { tile, .. } => tile,
+        _ => unreachable!("half_plan gives tiled plans"),
+    }
+}
+
 /// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
 /// in f32 (the tiled kernels with f16 loads and stores, f32 tiles and accumulation), on adapters
-/// with `SHADER_F16`. Shapes as [`forward`]. The tile configuration is the f32 forward's for
-/// the shape (forced, tuned or ruled; the rule where the f32 forward takes the register path).
+/// with `SHADER_F16`. Shapes as [`forward`]; the tile configuration is the f32 forward's.
 ///
-/// Error: the result is the exact convolution of the stored halves, accumulated in f32, rounded
-/// once to f16 (with `accumulate`, after adding the old value in f32): relative L2 error at most
-/// about the f16 unit roundoff, 2^-11 = 4.9e-4, plus the f32 accumulation's; `tests/conv.rs`
-/// holds it to 1e-3 against the f64 reference on the same (half-rounded) inputs.
+/// Error: the exact convolution of the stored halves, accumulated in f32, rounded once to f16
+/// (with `accumulate`, after adding the old value in f32): relative L2 error about the f16 unit
+/// roundoff, 2^-11 = 4.9e-4, at most; `tests/conv.rs` holds it to 1e-3 against the f64
+/// reference on the same (half) inputs.
 pub fn forward_f16(
     rec: &mut Recorder,
     x: &HalfTensor,
@@ -485,20 +526,45 @@ pub fn forward_f16(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
-    const WHAT: &str = "conv forward_f16";
-    if !rec.gpu.report.features.contains(wgpu::Features::SHADER_F16) {
-        return Err(Error::Invalid(format!("{WHAT}: the adapter has no shader-f16")));
-    }
-    let dims = [x.nchw(&format!("{WHAT}: x"))?, w.nchw(&format!("{WHAT}: w (OIHW)"))?, y.nchw(&format!("{WHAT}: y"))?];
-    let g = Geometry::of_dims(WHAT, ["x", "w", "y"], dims, stride)?;
-    if y.buffer == x.buffer || y.buffer == w.buffer {
-        return Err(Error::Invalid(format!("{WHAT}: the output must not alias an input")));
-    }
-    let tile = match plan(rec.gpu, Op::Forward, &g) {
-        Plan::Tiled { tile, .. } => tile,
-        _ => tiled::rule(Op::Forward, &g),
-    };
-    tiled::record_half(rec, &g, tile, x, w, y, accumulate);
+    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
+    tiled::record_half_data(rec, Op::Forward, &g, tile, x, w, y, accumulate);
+    Ok(())
+}
+
+/// The f16 backward_data: dx (+)= the input gradient, dy, w and dx stored as halves (as
+/// [`forward_f16`], with the same bound).
+pub fn backward_data_f16(
+    rec: &mut Recorder,
+    dy: &HalfTensor,
+    w: &HalfTensor,
+    dx: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let t = [(dx.dims(), &dx.buffer), (w.dims(), &w.buffer), (dy.dims(), &dy.buffer)];
+    let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
+    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, w, dx, accumulate);
+    Ok(())
+}
+
+/// The f16 backward_weight: dw (+)= the weight gradient from half x and dy, into an f32 `dw`
+/// (weights and their gradients stay f32). Nothing is rounded to f16 after the loads: within
+/// f32 accuracy (1e-5 relative L2) of the f64 reference on the same half inputs.
+pub fn backward_weight_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    dw: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
+    let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
+    let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
+    tiled::record_half_weight(rec, &g, plan, x, dy, dw, accumulate);
     Ok(())
 }
 

@@ -381,32 +381,66 @@ fn data(rec: &mut Recorder, g: &Geometry, op: Op, tile: usize, a: &Tensor, w: &T
     dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
 
-/// The f16 forward: the half weights transposed to a half B operand (the template's
-/// `transpose_main`), then the tiled GEMM with f16 loads and stores.
+/// The f16 forward (a = x, out = y) or backward_data (a = dy, out = dx): the half weights
+/// transposed to a half B operand (the template's `transpose_main`), then the tiled GEMM with
+/// f16 loads and stores.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn record_half(
+pub(super) fn record_half_data(
     rec: &mut Recorder,
+    op: Op,
     g: &Geometry,
     tile: usize,
-    x: &HalfTensor,
+    a: &HalfTensor,
     w: &HalfTensor,
-    y: &HalfTensor,
+    out: &HalfTensor,
     acc: bool,
 ) {
     let t = TILES[tile];
-    let (m, cols) = gemm_rows_cols(Op::Forward, g);
-    let red = g.c * g.ks * g.ks;
+    let (m, cols) = gemm_rows_cols(op, g);
+    let red = if op == Op::Forward { g.c * g.ks * g.ks } else { g.k * g.ks * g.ks };
     let cp = cols.div_ceil(4) * 4;
     let gpu = rec.gpu;
     let wtt = scratch(gpu, "wtt16", (red * cp * 2) as u64, wgpu::BufferUsages::STORAGE);
     let mut params = g.params(acc);
     params.m = m as u32;
-    let transpose = pipeline(gpu, tile, Op::Forward, g.ks, g.stride, true, "transpose_main");
+    let transpose = pipeline(gpu, tile, op, g.ks, g.stride, true, "transpose_main");
     let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
     dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
-    let p = pipeline(gpu, tile, Op::Forward, g.ks, g.stride, true, "data_main");
-    let binds = [(1, x.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, y.buffer.as_entire_binding())];
+    let p = pipeline(gpu, tile, op, g.ks, g.stride, true, "data_main");
+    let binds = [(1, a.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, out.buffer.as_entire_binding())];
     dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
+}
+
+/// The f16 backward_weight: half x and dy, an f32 dw.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half_weight(
+    rec: &mut Recorder,
+    g: &Geometry,
+    plan: Plan,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    dw: &Tensor,
+    acc: bool,
+) {
+    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    let t = TILES[tile];
+    let (rows, cols) = gemm_rows_cols(Op::BackwardWeight, g);
+    let mut params: Params = g.params(acc);
+    params.chunk = chunk as u32;
+    params.splits = splits as u32;
+    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
+    let binds = [
+        (1, x.buffer.as_entire_binding()),
+        (4, dy.buffer.as_entire_binding()),
+        (6, dw.buffer.as_entire_binding()),
+        (7, part.as_entire_binding()),
+    ];
+    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, true, "weight_main");
+    let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
+    dispatch_pipeline(rec, &p, "conv tiled weight f16", &params, &binds, groups);
+    if splits > 1 {
+        reduce_splits(rec, &part, dw, splits, acc);
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
