@@ -9,15 +9,11 @@
 // writer per output element: no atomics, and every sum runs in a fixed order (bit-identical
 // results from run to run).
 //
-// tl_*  Tiled implicit GEMM through workgroup memory, for any adapter and any shape.
-//       forward:         M = N*OH*OW output pixels, N = K,  reduction C*ks*ks (im2col of x)
-//       backward_data:   M = N*H*W input pixels,    N = C,  reduction K*ks*ks (dy gathered at
-//                        oy = (iy + pad - ky) / stride where that divides, zero elsewhere)
-//       backward_weight: M = K, N = C*ks*ks, reduction N*OH*OW, split into `splits` ranges that
-//                        write partial sums to a scratch buffer; `reduce_splits` adds them up in
-//                        split order.
-//       Each workgroup stages BK = 16 reduction steps of a BM x BN tile in workgroup memory;
-//       each invocation keeps a 4 x 4 block of outputs in registers.
+// tl_*  Tiled implicit GEMM through workgroup memory, for any adapter and any shape: a template
+//       of its own (conv_tiled.wgsl), built per tile configuration by ops/conv/tiled.rs, which
+//       also picks the configuration (timed on the device on first use). This file keeps its
+//       helpers: `transpose_weights` (the weights as the data ops' GEMM operand) and
+//       `reduce_splits` (the split-K partial sums of backward_weight, added in split order).
 //
 // rp_*  Register path for CPU adapters (lavapipe/llvmpipe with subgroups of 8 or more). There a
 //       workgroup runs on one core as SIMD lanes, a load from a storage buffer or from workgroup
@@ -61,14 +57,11 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 
 // Tiled path operands.
-@group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
-@group(0) @binding(3) var<storage, read_write> y: array<f32>;
-@group(0) @binding(4) var<storage, read> dy: array<f32>;
-@group(0) @binding(5) var<storage, read_write> dx: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
 @group(0) @binding(8) var<storage, read> part_in: array<f32>;
+@group(0) @binding(9) var<storage, read_write> wtt_out: array<f32>; // transpose_weights
 
 // Register path operands.
 @group(0) @binding(10) var at: texture_2d<f32>;                 // x (forward, backward_weight) or dy (backward_data)
@@ -77,276 +70,42 @@ struct Params {
 @group(0) @binding(13) var<storage, read_write> out4: array<vec4f>; // y or dx, by quads
 
 // ------------------------------------------------------------------------------------------
-// Tiled implicit GEMM
+// Helpers of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)
 // ------------------------------------------------------------------------------------------
 
-const BK: u32 = 16u;
-const BM_MAX: u32 = 64u;
-const BN_MAX: u32 = 64u;
-// [BK][BM/4] and [BK][BN/4] vec4 tiles: an invocation reads its 4 rows and 4 columns of one
-// reduction step as one vec4 each.
-var<workgroup> tile_a: array<vec4f, 256>; // BK * BM_MAX / 4
-var<workgroup> tile_b: array<vec4f, 256>; // BK * BN_MAX / 4
-
-// A[m][r] of forward (m: output pixel, r: (c, ky, kx)), zero in the padding.
-fn fwd_a(n: u32, oy: u32, ox: u32, r: u32) -> f32 {
+// The weights of forward (mode p.base = 0) or backward_data (1) as the tiled GEMM's B operand,
+// [reduction][cols rounded up to 4] with zeros in the padding: forward B[(c, t)][k] =
+// w[k][c][t], backward_data B[(k, t)][c] = w[k][c][t]. The tiled kernels then read B by vec4s.
+@compute @workgroup_size(64)
+fn transpose_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                     @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
     let kk = p.ks * p.ks;
-    let c = r / kk;
-    let t = r - c * kk;
-    let ky = t / p.ks;
-    let kx = t - ky * p.ks;
-    let iy = i32(oy * p.stride + ky) - i32(p.pad);
-    let ix = i32(ox * p.stride + kx) - i32(p.pad);
-    if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
-        return 0.0;
-    }
-    return x[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)];
-}
-
-// A[m][r] of backward_data (m: input pixel, r: (k, ky, kx)): the dy term that reaches it.
-fn bwd_a(n: u32, iy: u32, ix: u32, r: u32) -> f32 {
-    let kk = p.ks * p.ks;
-    let k = r / kk;
-    let t = r - k * kk;
-    let ky = t / p.ks;
-    let kx = t - ky * p.ks;
-    // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
-    let ty = i32(iy + p.pad) - i32(ky);
-    let tx = i32(ix + p.pad) - i32(kx);
-    let s = i32(p.stride);
-    if ty < 0 || tx < 0 || ty % s != 0 || tx % s != 0 {
-        return 0.0;
-    }
-    let oy = u32(ty / s);
-    let ox = u32(tx / s);
-    if oy >= p.oh || ox >= p.ow {
-        return 0.0;
-    }
-    return dy[((n * p.k + k) * p.oh + oy) * p.ow + ox];
-}
-
-// The 4 x 4 outer product of one reduction step, accumulated into `acc` (acc[i] = row i).
-fn outer4(acc: ptr<function, array<vec4f, 4>>, a: vec4f, b: vec4f) {
-    (*acc)[0] = fma(vec4f(a.x), b, (*acc)[0]);
-    (*acc)[1] = fma(vec4f(a.y), b, (*acc)[1]);
-    (*acc)[2] = fma(vec4f(a.z), b, (*acc)[2]);
-    (*acc)[3] = fma(vec4f(a.w), b, (*acc)[3]);
-}
-
-fn set_a(i: u32, v: f32) {
-    tile_a[i >> 2u][i & 3u] = v;
-}
-
-fn set_b(i: u32, v: f32) {
-    tile_b[i >> 2u][i & 3u] = v;
-}
-
-// forward (mode 0) and backward_data (mode 1): out[m][col] = sum_r A[m][r] * B[r][col], with
-// B[r][col] the weight of (col, r) (forward) or of (r, col) (backward_data). BM x BN tile per
-// workgroup of (BM/4) * (BN/4) invocations; `mode`, `bm`, `bn` are literals at the call sites.
-fn tl_data(lid: u32, wid: vec3u, nwg: vec3u, mode: u32, bm: u32, bn: u32) {
-    let threads = (bm / 4u) * (bn / 4u);
-    let kk = p.ks * p.ks;
-    var cols: u32; // GEMM columns: output channels
-    var red: u32;  // reduction length
-    var sy: u32;   // output spatial size
-    var sx: u32;
-    if mode == 0u {
+    var cols: u32;
+    var red: u32;
+    if p.base == 0u {
         cols = p.k;
         red = p.c * kk;
-        sy = p.oh;
-        sx = p.ow;
     } else {
         cols = p.c;
         red = p.k * kk;
-        sy = p.h;
-        sx = p.w;
     }
-    let m0 = (wid.z * nwg.x + wid.x) * bm;
-    let n0 = wid.y * bn;
-    // This invocation's staging slots: the A row is fixed (ml), the B column too (nl).
-    let ml = lid % bm;
-    let am = m0 + ml;
-    let am_ok = am < p.m;
-    let amc = min(am, p.m - 1u);
-    let ax = amc % sx;
-    let ay = (amc / sx) % sy;
-    let an = amc / (sx * sy);
-    let nl = lid % bn;
-    let bcol = n0 + nl;
-    // Outputs of this invocation: rows m0 + tm*4 + i, columns n0 + tn*4 + j.
-    let tm = lid % (bm / 4u);
-    let tn = lid / (bm / 4u);
-    var acc: array<vec4f, 4>;
-    for (var r0 = 0u; r0 < red; r0 += BK) {
-        for (var e = lid; e < BK * bm; e += threads) {
-            let rl = e / bm;
-            let r = r0 + rl;
-            var v = 0.0;
-            if am_ok && r < red {
-                if mode == 0u {
-                    v = fwd_a(an, ay, ax, r);
-                } else {
-                    v = bwd_a(an, ay, ax, r);
-                }
-            }
-            set_a(rl * bm + ml, v);
-        }
-        for (var e = lid; e < BK * bn; e += threads) {
-            let rl = e / bn;
-            let r = r0 + rl;
-            var v = 0.0;
-            if bcol < cols && r < red {
-                if mode == 0u {
-                    v = wt[bcol * red + r];
-                } else {
-                    let k = r / kk;
-                    v = wt[(k * p.c + bcol) * kk + (r - k * kk)];
-                }
-            }
-            set_b(rl * bn + nl, v);
-        }
-        workgroupBarrier();
-        for (var rl = 0u; rl < BK; rl++) {
-            outer4(&acc, tile_a[rl * (bm / 4u) + tm], tile_b[rl * (bn / 4u) + tn]);
-        }
-        workgroupBarrier();
+    let cp = (cols + 3u) / 4u * 4u;
+    if i >= red * cp {
+        return;
     }
-    for (var i = 0u; i < 4u; i++) {
-        let m = m0 + tm * 4u + i;
-        if m >= p.m {
-            continue;
-        }
-        let ox = m % sx;
-        let oy = (m / sx) % sy;
-        let n = m / (sx * sy);
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + tn * 4u + j;
-            if col >= cols {
-                continue;
-            }
-            let o = ((n * cols + col) * sy + oy) * sx + ox;
-            let v = acc[i][j];
-            if mode == 0u {
-                if p.accumulate == 1u { y[o] += v; } else { y[o] = v; }
-            } else {
-                if p.accumulate == 1u { dx[o] += v; } else { dx[o] = v; }
-            }
+    let r = i / cp;
+    let col = i - r * cp;
+    var v = 0.0;
+    if col < cols {
+        if p.base == 0u {
+            v = wt[col * red + r];
+        } else {
+            let k = r / kk;
+            v = wt[(k * p.c + col) * kk + (r - k * kk)];
         }
     }
-}
-
-@compute @workgroup_size(256)
-fn tl_forward_64x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
-                    @builtin(num_workgroups) nwg: vec3u) {
-    tl_data(lid, wid, nwg, 0u, 64u, 64u);
-}
-
-@compute @workgroup_size(64)
-fn tl_forward_64x16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
-                    @builtin(num_workgroups) nwg: vec3u) {
-    tl_data(lid, wid, nwg, 0u, 64u, 16u);
-}
-
-@compute @workgroup_size(256)
-fn tl_backward_data_64x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
-                          @builtin(num_workgroups) nwg: vec3u) {
-    tl_data(lid, wid, nwg, 1u, 64u, 64u);
-}
-
-@compute @workgroup_size(64)
-fn tl_backward_data_64x16(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
-                          @builtin(num_workgroups) nwg: vec3u) {
-    tl_data(lid, wid, nwg, 1u, 64u, 16u);
-}
-
-// backward_weight: dw[k][col] = sum_r dy[r][k] * im2col(x)[r][col], col = (c, ky, kx), r over
-// N*OH*OW, restricted to split wid.z's range [wid.z * chunk, (wid.z + 1) * chunk).
-fn tl_weight(lid: u32, wid: vec3u, bm: u32, bn: u32) {
-    let threads = (bm / 4u) * (bn / 4u);
-    let kk = p.ks * p.ks;
-    let cols = p.c * kk;
-    let red = p.n * p.oh * p.ow;
-    let ohw = p.oh * p.ow;
-    let m0 = wid.x * bm;
-    let n0 = wid.y * bn;
-    let r_begin = wid.z * p.chunk;
-    let r_end = min(red, r_begin + p.chunk);
-    // Staging slots: reduction step rl = lid % BK is fixed per invocation (threads is a
-    // multiple of BK), the rows and columns it stages vary.
-    let rl = lid % BK;
-    let tm = lid % (bm / 4u);
-    let tn = lid / (bm / 4u);
-    var acc: array<vec4f, 4>;
-    for (var r0 = r_begin; r0 < r_end; r0 += BK) {
-        let r = r0 + rl;
-        let r_ok = r < r_end;
-        let rc = min(r, red - 1u);
-        let n = rc / ohw;
-        let pix = rc - n * ohw;
-        let oy = pix / p.ow;
-        let ox = pix - oy * p.ow;
-        for (var e = lid; e < BK * bm; e += threads) {
-            let kl = e / BK;
-            let k = m0 + kl;
-            var v = 0.0;
-            if r_ok && k < p.k {
-                v = dy[(n * p.k + k) * ohw + pix];
-            }
-            set_a(rl * bm + kl, v);
-        }
-        for (var e = lid; e < BK * bn; e += threads) {
-            let cl = e / BK;
-            let col = n0 + cl;
-            var v = 0.0;
-            if r_ok && col < cols {
-                let c = col / kk;
-                let t = col - c * kk;
-                let ky = t / p.ks;
-                let kx = t - ky * p.ks;
-                let iy = i32(oy * p.stride + ky) - i32(p.pad);
-                let ix = i32(ox * p.stride + kx) - i32(p.pad);
-                if iy >= 0 && ix >= 0 && iy < i32(p.h) && ix < i32(p.w) {
-                    v = x[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)];
-                }
-            }
-            set_b(rl * bn + cl, v);
-        }
-        workgroupBarrier();
-        for (var s = 0u; s < BK; s++) {
-            outer4(&acc, tile_a[s * (bm / 4u) + tm], tile_b[s * (bn / 4u) + tn]);
-        }
-        workgroupBarrier();
-    }
-    let len = p.k * cols;
-    for (var i = 0u; i < 4u; i++) {
-        let k = m0 + tm * 4u + i;
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + tn * 4u + j;
-            if k >= p.k || col >= cols {
-                continue;
-            }
-            let o = k * cols + col;
-            let v = acc[i][j];
-            if p.splits > 1u {
-                part[wid.z * len + o] = v;
-            } else if p.accumulate == 1u {
-                dw[o] += v;
-            } else {
-                dw[o] = v;
-            }
-        }
-    }
-}
-
-@compute @workgroup_size(256)
-fn tl_backward_weight_64x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
-    tl_weight(lid, wid, 64u, 64u);
-}
-
-@compute @workgroup_size(64)
-fn tl_backward_weight_16x64(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
-    tl_weight(lid, wid, 16u, 64u);
+    wtt_out[i] = v;
 }
 
 // dw (=|+=) the sum of the `splits` partial results, added in split order.

@@ -180,16 +180,19 @@ pub enum Item {
     ConvForward,
     ConvBackwardData,
     ConvBackwardWeight,
+    /// The f16 path's forward (where the adapter has shader-f16).
+    ConvForwardF16,
     BnForward,
     BnBackward,
     Unit(UnitKind, Pass),
 }
 
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 9] = [
+pub const ITEMS: [Item; 10] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
+    Item::ConvForwardF16,
     Item::BnForward,
     Item::BnBackward,
     Item::Unit(UnitKind::PreAct, Pass::Forward),
@@ -208,6 +211,7 @@ impl Item {
             Item::ConvForward => "conv3x3 forward".into(),
             Item::ConvBackwardData => "conv3x3 backward_data".into(),
             Item::ConvBackwardWeight => "conv3x3 backward_weight".into(),
+            Item::ConvForwardF16 => "conv3x3 forward f16".into(),
             Item::BnForward => "bn forward (train)".into(),
             Item::BnBackward => "bn backward".into(),
             Item::Unit(k, Pass::Forward) => format!("unit {} fwd", unit_name(k)),
@@ -219,7 +223,7 @@ impl Item {
     pub fn flops(self, [n, c, h, w]: [usize; 4]) -> Option<f64> {
         let conv = 2.0 * (n * c * c * 9 * h * w) as f64;
         match self {
-            Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight => Some(conv),
+            Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight | Item::ConvForwardF16 => Some(conv),
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
             Item::Unit(_, Pass::ForwardBackward) => Some(3.0 * 2.0 * conv),
             Item::BnForward | Item::BnBackward => None,
@@ -349,6 +353,9 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             if opts.only.as_ref().is_some_and(|o| !item.name().contains(o.as_str())) {
                 continue;
             }
+            if item == Item::ConvForwardF16 && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+                continue;
+            }
             let row = bench_item(gpu, &timer, opts, item, shape)?;
             eprintln!("  {:<26} {:<14} {:>10.3} ms", row.name(), shape_str(shape), row.ms);
             rows.push(row);
@@ -360,21 +367,21 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
 // ---------------------------------------------------------------------------------------------
 // Timing
 
-/// Timestamps around a submission, where the device has them.
-struct Timer {
+/// Timestamps around a submission, where the device has them (also the conv autotuner's clock).
+pub(crate) struct Timer {
     query: Option<(wgpu::QuerySet, wgpu::Buffer)>,
     /// Nanoseconds per timestamp tick.
     period_ns: f64,
 }
 
 /// One measured run: GPU milliseconds (where timed so) and wall milliseconds.
-struct Sample {
-    gpu_ms: Option<f64>,
-    wall_ms: f64,
+pub(crate) struct Sample {
+    pub(crate) gpu_ms: Option<f64>,
+    pub(crate) wall_ms: f64,
 }
 
 impl Timer {
-    fn new(gpu: &Gpu, use_timestamps: bool) -> Timer {
+    pub(crate) fn new(gpu: &Gpu, use_timestamps: bool) -> Timer {
         if !(use_timestamps && gpu.has_timestamps()) {
             return Timer { query: None, period_ns: 1.0 };
         }
@@ -412,7 +419,7 @@ impl Timer {
     }
 
     /// Submits `buffers` in one submission between the timestamps and waits.
-    fn time(&self, gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<Sample> {
+    pub(crate) fn time(&self, gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<Sample> {
         let mut all = Vec::with_capacity(buffers.len() + 2);
         if let Some((set, resolve)) = &self.query {
             all.push(Timer::stamp(gpu, set, resolve, 0));
@@ -516,6 +523,18 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                     Item::ConvBackwardData => conv::backward_data(&mut rec, &dy, &w, &out, 1, false)?,
                     _ => conv::backward_weight(&mut rec, &x, &dy, &dw, 1, false)?,
                 }
+                Ok(vec![rec.finish()])
+            })
+        }
+        Item::ConvForwardF16 => {
+            use crate::tensor::HalfTensor;
+            let x = HalfTensor::from_f32(gpu, &d, &rng.data(d.iter().product()))?;
+            let w = HalfTensor::from_f32(gpu, &[c, c, 3, 3], &rng.data(c * c * 9))?;
+            let out = HalfTensor::from_f32(gpu, &d, &vec![0.0; d.iter().product()])?;
+            flush(gpu)?;
+            measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
+                let mut rec = gpu.recorder("bench conv f16");
+                conv::forward_f16(&mut rec, &x, &w, &out, 1, false)?;
                 Ok(vec![rec.finish()])
             })
         }

@@ -430,6 +430,19 @@ impl Recorder<'_> {
         buffers: &[(u32, &wgpu::Buffer)],
         groups: [u32; 3],
     ) {
+        let res: Vec<_> = buffers.iter().map(|(b, buf)| (*b, buf.as_entire_binding())).collect();
+        self.dispatch_resources(shader, entry, params, &res, groups);
+    }
+
+    /// As [`Recorder::dispatch`], with any binding resources (texture views too).
+    pub fn dispatch_resources(
+        &mut self,
+        shader: Shader,
+        entry: &'static str,
+        params: &[u32],
+        resources: &[(u32, wgpu::BindingResource)],
+        groups: [u32; 3],
+    ) {
         let gpu = self.gpu;
         let pipeline = gpu.pipeline(shader, entry);
         let mut words = params.to_vec();
@@ -442,8 +455,8 @@ impl Recorder<'_> {
             usage: wgpu::BufferUsages::UNIFORM,
         });
         let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        for (b, buf) in buffers {
-            entries.push(wgpu::BindGroupEntry { binding: *b, resource: buf.as_entire_binding() });
+        for (b, r) in resources {
+            entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
         }
         let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
             label: Some(entry),

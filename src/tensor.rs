@@ -142,3 +142,67 @@ pub fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u
     staging.unmap();
     Ok(out)
 }
+
+/// A dense row-major tensor stored as IEEE half floats (the f16 convolution path,
+/// [`crate::ops::conv::forward_f16`]). The buffer holds `len` halves, padded to whole 4 bytes.
+#[derive(Debug)]
+pub struct HalfTensor {
+    dims: Vec<usize>,
+    pub buffer: wgpu::Buffer,
+}
+
+impl HalfTensor {
+    /// Uploads `data` as a half tensor of shape `dims`.
+    pub fn new(gpu: &Gpu, dims: &[usize], data: &[half::f16]) -> Result<HalfTensor> {
+        let len = check_dims(gpu, dims, "half tensor")?;
+        if data.len() != len {
+            return Err(Error::Length { what: format!("half tensor {dims:?}"), expected: len, got: data.len() });
+        }
+        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("half tensor"),
+            size: (len as u64 * 2).div_ceil(4) * 4,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
+        bytes.resize(bytes.len().div_ceil(4) * 4, 0);
+        gpu.queue.write_buffer(&buffer, 0, &bytes);
+        Ok(HalfTensor { dims: dims.to_vec(), buffer })
+    }
+
+    /// Uploads f32 data rounded to the nearest half.
+    pub fn from_f32(gpu: &Gpu, dims: &[usize], data: &[f32]) -> Result<HalfTensor> {
+        let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+        HalfTensor::new(gpu, dims, &h)
+    }
+
+    /// The shape.
+    pub fn dims(&self) -> &[usize] {
+        &self.dims
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Never true: tensors have at least one element.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The shape as `[n, c, h, w]`, or a shape error naming `what`.
+    pub fn nchw(&self, what: &str) -> Result<[usize; 4]> {
+        match self.dims[..] {
+            [n, c, h, w] => Ok([n, c, h, w]),
+            _ => Err(Error::Shape(format!("{what} must be 4-D NCHW, got {:?}", self.dims))),
+        }
+    }
+
+    /// Copies the contents back to the host, widened to f32 (waits for all work queued before it).
+    pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let bytes = read_buffer(gpu, &self.buffer, (self.len() as u64 * 2).div_ceil(4) * 4)?;
+        let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes[..self.len() * 2]);
+        Ok(h.iter().map(|v| v.to_f32()).collect())
+    }
+}

@@ -180,6 +180,59 @@ fn backward_relu_and_accumulate() {
     }
 }
 
+/// The vec4 variant of the run kernels (the GPUs' choice; a CPU adapter takes texture loads),
+/// on a context of its own: the training forward with each epilogue, then the backward with and
+/// without the ReLU mask, accumulating and not, on planes of a multiple of 4 elements.
+#[test]
+fn vec4_variant_matches_reference() {
+    let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    bn::set_texture_loads(&g, false);
+    let up = |dims: &[usize], v: &[f32]| resnet_wgpu::Tensor::new(&g, dims, v).unwrap();
+    let nan = |dims: &[usize]| resnet_wgpu::Tensor::filled(&g, dims, f32::NAN).unwrap();
+    let mut rng = Rng::new(14);
+    for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3]] {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
+            let (x, y_old, dy, h) = (rng.data(n), rng.data(n), rng.data(n), Host::new(&mut rng, c));
+            let (tg, tb, trm, trv) = (up(&[c], &h.gamma), up(&[c], &h.beta), up(&[c], &h.rm), up(&[c], &h.rv));
+            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let (tx, tdy) = (up(&dims, &x), up(&dims, &dy));
+            let ty = if ep.add { up(&dims, &y_old) } else { nan(&dims) };
+            let (tmean, tinv, scratch) = (nan(&[c]), nan(&[c]), nan(&[2 * c]));
+            let prior = rng.data(n);
+            let tdx = if acc { up(&dims, &prior) } else { nan(&dims) };
+            let (tdg, tdb) = (nan(&[c]), nan(&[c]));
+            let relu = ep.relu && !ep.add;
+            let mut rec = g.recorder("bn vec4");
+            bn::forward_train(&mut rec, &tx, &ty, &p, &tmean, &tinv, ep).unwrap();
+            bn::backward(&mut rec, &tx, &tdy, &tg, &tb, &tmean, &tinv, relu, &tdx, &tdg, &tdb, &scratch, acc, false)
+                .unwrap();
+            rec.run().unwrap();
+            let (x64, gamma, beta) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta));
+            let old = to_f64(&y_old);
+            let want = rbn::forward_train(
+                &x64,
+                dims,
+                &gamma,
+                &beta,
+                &to_f64(&h.rm),
+                &to_f64(&h.rv),
+                ep.add.then_some(&old[..]),
+                ep.relu,
+            );
+            let (dx, dgamma, dbeta) = rbn::backward(&x64, dims, &to_f64(&dy), &gamma, &beta, relu);
+            let dx: Vec<f64> = if acc { prior.iter().zip(&dx).map(|(&p, &q)| p as f64 + q).collect() } else { dx };
+            let tag = format!("vec4 {dims:?} {ep:?}");
+            let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
+            check(&format!("bn train y {tag}"), &rd(&ty), &want.y, F32_TOL);
+            check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
+            check(&format!("bn bwd dx {tag}"), &rd(&tdx), &dx, F32_TOL);
+            check(&format!("bn bwd dgamma {tag}"), &rd(&tdg), &dgamma, F32_TOL);
+            check(&format!("bn bwd dbeta {tag}"), &rd(&tdb), &dbeta, F32_TOL);
+        }
+    }
+}
+
 /// Three training steps on different batches through one layer: the running statistics (and the
 /// last step's outputs) follow the reference.
 #[test]

@@ -123,6 +123,12 @@ fn fetch(g: &Gpu, t: &Tensor) -> Vec<f32> {
 
 fn check_forward(cases: &[Case], seed: u64, tiled: bool) {
     for (ctx, g) in contexts(tiled) {
+        check_forward_on(ctx, g, cases, seed);
+    }
+}
+
+fn check_forward_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    {
         let mut rng = Rng::new(seed);
         for c in cases {
             let (wd, yd) = (c.wd(), c.yd());
@@ -142,6 +148,12 @@ fn check_forward(cases: &[Case], seed: u64, tiled: bool) {
 
 fn check_backward_data(cases: &[Case], seed: u64, tiled: bool) {
     for (ctx, g) in contexts(tiled) {
+        check_backward_data_on(ctx, g, cases, seed);
+    }
+}
+
+fn check_backward_data_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    {
         let mut rng = Rng::new(seed);
         for c in cases {
             let (wd, yd) = (c.wd(), c.yd());
@@ -166,6 +178,12 @@ fn check_backward_data(cases: &[Case], seed: u64, tiled: bool) {
 
 fn check_backward_weight(cases: &[Case], seed: u64, tiled: bool) {
     for (ctx, g) in contexts(tiled) {
+        check_backward_weight_on(ctx, g, cases, seed);
+    }
+}
+
+fn check_backward_weight_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    {
         let mut rng = Rng::new(seed);
         for c in cases {
             let (wd, yd) = (c.wd(), c.yd());
@@ -186,6 +204,46 @@ fn check_backward_weight(cases: &[Case], seed: u64, tiled: bool) {
             );
         }
     }
+}
+
+/// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
+/// channels past 128 (two tiles of the largest configurations).
+fn tile_cases() -> Vec<Case> {
+    let mut v: Vec<Case> = EDGES.iter().map(|c| case(c.xd, c.k, c.ks, c.stride)).collect();
+    v.extend([case([2, 16, 32, 32], 16, 3, 1), case([1, 16, 32, 32], 16, 3, 2), case([1, 130, 3, 5], 132, 3, 2)]);
+    v
+}
+
+/// Each tile configuration of the tiled kernels (the autotuner may pick any of them on a GPU),
+/// forced in turn on a context of its own, through `check`; then the autotuner's own choice
+/// (timed here even on a CPU adapter, with the pipelines already built).
+fn every_tile(check: fn(&str, &Gpu, &[Case], u64), seed: u64) {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    let names = conv::tile_names(&g);
+    assert!(names.len() >= 8, "tile configurations that fit: {names:?}");
+    for name in names {
+        conv::force_tile(&g, Some(&name)).unwrap();
+        check(&format!("tile {name}"), &g, &tile_cases(), seed);
+    }
+    assert!(conv::force_tile(&g, Some("no-such-tile")).is_err());
+    conv::force_tile(&g, None).unwrap();
+    conv::set_kernels(&g, conv::Kernels::Tuned);
+    check("tuned", &g, &tile_cases(), seed);
+}
+
+#[test]
+fn forward_every_tile_configuration() {
+    every_tile(check_forward_on, 41);
+}
+
+#[test]
+fn backward_data_every_tile_configuration() {
+    every_tile(check_backward_data_on, 42);
+}
+
+#[test]
+fn backward_weight_every_tile_configuration() {
+    every_tile(check_backward_weight_on, 43);
 }
 
 #[test]
@@ -368,5 +426,76 @@ fn bad_shapes_are_errors() {
     let mut rec = g.recorder("alias");
     assert!(is_shape_error(conv::forward(&mut rec, &sq, &w2, &sq, 1, true)));
     assert!(is_shape_error(conv::backward_data(&mut rec, &sq, &w2, &sq, 1, true)));
+    rec.run().unwrap();
+}
+
+/// The f16 path's stated bound for half outputs (forward, backward_data): relative L2 error at
+/// most 1e-3 against the f64 reference on the same half-rounded inputs (one rounding of the
+/// f32 result to f16: unit roundoff 4.9e-4). backward_weight writes f32: F32_TOL.
+const F16_TOL: f64 = 1e-3;
+
+/// The f16 path (where the adapter has shader-f16) on the tile-edge shapes, overwriting and
+/// accumulating, with the automatic tile; each configuration forced on the first two (3x3 at
+/// strides 1 and 2: the index arithmetic of every configuration is checked in f32 above, this
+/// checks its f16 loads and stores).
+#[test]
+fn f16_path_within_bound() {
+    use resnet_wgpu::tensor::HalfTensor;
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
+    let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(&g, d, v).unwrap();
+    let poison = |d: &[usize]| HalfTensor::from_f32(&g, d, &vec![f32::NAN; d.iter().product()]).unwrap();
+    let mut tiles = vec![None];
+    tiles.extend(conv::tile_names(&g).into_iter().map(Some));
+    for tile in tiles {
+        conv::force_tile(&g, tile.as_deref()).unwrap();
+        let mut rng = Rng::new(51);
+        let cases = tile_cases();
+        for c in &cases[..if tile.is_some() { 2 } else { cases.len() }] {
+            let (xd, wd, yd) = (c.xd, c.wd(), c.yd());
+            let (x, w, dy) = (half(&rng.data(len(xd))), half(&rng.data(len(wd))), half(&rng.data(len(yd))));
+            let (py, pdx, pdw) = (half(&rng.data(len(yd))), half(&rng.data(len(xd))), rng.data(len(wd)));
+            let (tx, tw, tdy) = (h(&xd, &x), h(&wd, &w), h(&yd, &dy));
+            let (ty, tyacc, tdx, tdxacc) = (poison(&yd), h(&yd, &py), poison(&xd), h(&xd, &pdx));
+            let (tdw, tdwacc) = (nan(&g, &wd), up(&g, &wd, &pdw));
+            let mut rec = g.recorder("conv f16");
+            conv::forward_f16(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+            conv::forward_f16(&mut rec, &tx, &tw, &tyacc, c.stride, true).unwrap();
+            conv::backward_data_f16(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+            conv::backward_data_f16(&mut rec, &tdy, &tw, &tdxacc, c.stride, true).unwrap();
+            conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+            conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdwacc, c.stride, true).unwrap();
+            rec.run().unwrap();
+            let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+            let y = r::conv::forward(&x64, xd, &w64, wd, c.stride);
+            let dx = r::conv::backward_data(&dy64, &w64, wd, xd, c.stride);
+            let dw = r::conv::backward_weight(&x64, xd, &dy64, wd, c.stride);
+            let tag = format!("f16 tile {} {}", tile.as_deref().unwrap_or("auto"), c.name());
+            let rd = |t: &HalfTensor| t.read(&g).unwrap();
+            check(&format!("conv fwd {tag}"), &rd(&ty), &y, F16_TOL);
+            check(&format!("conv fwd accumulate {tag}"), &rd(&tyacc), &plus(&py, &y), F16_TOL);
+            check(&format!("conv bwd data {tag}"), &rd(&tdx), &dx, F16_TOL);
+            check(&format!("conv bwd data accumulate {tag}"), &rd(&tdxacc), &plus(&pdx, &dx), F16_TOL);
+            check(&format!("conv bwd weight {tag}"), &fetch(&g, &tdw), &dw, F32_TOL);
+            check(&format!("conv bwd weight accumulate {tag}"), &fetch(&g, &tdwacc), &plus(&pdw, &dw), F32_TOL);
+        }
+    }
+    // Shapes and aliasing are checked as in f32.
+    let z = |d: &[usize]| HalfTensor::from_f32(&g, d, &vec![0.0; d.iter().product()]).unwrap();
+    let mut rec = g.recorder("bad f16");
+    assert!(is_shape_error(conv::forward_f16(
+        &mut rec,
+        &z(&[1, 2, 5, 5]),
+        &z(&[3, 3, 3, 3]),
+        &z(&[1, 3, 5, 5]),
+        1,
+        false
+    )));
+    let sq = z(&[1, 2, 3, 3]);
+    assert!(is_shape_error(conv::backward_data_f16(&mut rec, &sq, &z(&[2, 2, 3, 3]), &sq, 1, false)));
     rec.run().unwrap();
 }

@@ -421,6 +421,8 @@ fn info() -> Result<()> {
     }
     let gpu = Gpu::with_options(&opts)?;
     println!("chosen: {}", gpu.report);
+    // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
+    println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
     Ok(())
 }
 

@@ -24,6 +24,10 @@
 //! when one binding is written); at most 65535 channels.
 
 use crate::error::{Error, Result};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{operand_texture, texture_fits};
 use crate::gpu::{Gpu, Recorder, Shader, groups_for};
 use crate::ops::split;
 use crate::tensor::Tensor;
@@ -133,6 +137,119 @@ fn per_channel_count(what: &str, d: [usize; 4]) -> Result<u32> {
         .map_err(|_| Error::Invalid(format!("{what}: {d:?} has more than 2^32 elements per channel")))
 }
 
+/// Which variant of the run kernels a shape takes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    /// Scalar loads and stores: planes whose size is not a multiple of 4.
+    Scalar,
+    /// vec4 loads and stores (planes of a multiple of 4 elements, so every run is whole vec4s):
+    /// GPUs.
+    Vec4,
+    /// As `Vec4`, but x and dy read from rgba32f texture copies: CPU adapters, where a texture
+    /// fetch is one vector gather and a storage load a loop over the SIMD lanes (2x to 4x
+    /// faster on lavapipe).
+    Texture,
+}
+
+fn texture_cell(gpu: &Gpu) -> Arc<AtomicBool> {
+    gpu.cached("batch_norm.texture-loads", || Arc::new(AtomicBool::new(true)))
+}
+
+/// Allows (the default) or forbids the texture variant on this context, so that a CPU adapter
+/// can test the GPUs' vec4 variant (testing aid).
+#[doc(hidden)]
+pub fn set_texture_loads(gpu: &Gpu, allowed: bool) {
+    texture_cell(gpu).store(allowed, Ordering::Relaxed);
+}
+
+fn variant(gpu: &Gpu, d: [usize; 4]) -> Variant {
+    let len = d.iter().product::<usize>();
+    if !(d[2] * d[3]).is_multiple_of(4) || !REDUCE_CHUNK.is_multiple_of(4) || !APPLY_CHUNK.is_multiple_of(4) {
+        Variant::Scalar
+    } else if gpu.report.device_type == wgpu::DeviceType::Cpu
+        && texture_fits(gpu, len)
+        && texture_cell(gpu).load(Ordering::Relaxed)
+    {
+        Variant::Texture
+    } else {
+        Variant::Vec4
+    }
+}
+
+/// Texture copies of x and dy where the variant reads them so (made once per call).
+struct Views {
+    x: Option<wgpu::TextureView>,
+    dy: Option<wgpu::TextureView>,
+}
+
+impl Views {
+    fn new(rec: &mut Recorder, v: Variant, x: Option<&Tensor>, dy: Option<&Tensor>) -> Views {
+        let mut tex =
+            |role, t: Option<&Tensor>| t.filter(|_| v == Variant::Texture).map(|t| operand_texture(rec, role, t));
+        Views { x: tex("bn.x", x), dy: tex("bn.dy", dy) }
+    }
+}
+
+/// The activation-sized operands of a run kernel (those it uses).
+#[derive(Clone, Copy, Default)]
+struct Acts<'a> {
+    x: Option<&'a Tensor>,
+    y: Option<&'a Tensor>,
+    dy: Option<&'a Tensor>,
+    dx: Option<&'a Tensor>,
+}
+
+/// Records run kernel `entry` in variant `v` over runs of `chunk`, with the activations `acts`
+/// (x and dy from `views` in the texture variant) and the per-channel buffers `others`.
+#[allow(clippy::too_many_arguments)]
+fn run_dispatch(
+    rec: &mut Recorder,
+    d: [usize; 4],
+    v: Variant,
+    entry: &'static str,
+    prm: &[u32],
+    chunk: usize,
+    acts: Acts,
+    views: &Views,
+    others: &[(u32, &wgpu::Buffer)],
+) {
+    fn buf(t: &Tensor) -> wgpu::BindingResource<'_> {
+        t.buffer.as_entire_binding()
+    }
+    // Bindings of x, y, dy, dx in each variant (shaders/batch_norm.wgsl).
+    let (suffix, b) = match v {
+        Variant::Scalar => ("", [1, 2, 9, 10]),
+        Variant::Vec4 => ("4", [15, 16, 17, 18]),
+        Variant::Texture => ("_t", [19, 16, 20, 18]),
+    };
+    let mut res: Vec<(u32, wgpu::BindingResource)> =
+        others.iter().map(|(n, buf)| (*n, buf.as_entire_binding())).collect();
+    if let Some(x) = acts.x {
+        res.push((b[0], views.x.as_ref().map_or_else(|| buf(x), wgpu::BindingResource::TextureView)));
+    }
+    if let Some(y) = acts.y {
+        res.push((b[1], buf(y)));
+    }
+    if let Some(dy) = acts.dy {
+        res.push((b[2], views.dy.as_ref().map_or_else(|| buf(dy), wgpu::BindingResource::TextureView)));
+    }
+    if let Some(dx) = acts.dx {
+        res.push((b[3], buf(dx)));
+    }
+    let entry = match (entry, suffix) {
+        (e, "") => e,
+        ("stats_partial", "4") => "stats_partial4",
+        ("normalize", "4") => "normalize4",
+        ("backward_partial", "4") => "backward_partial4",
+        ("backward_apply", "4") => "backward_apply4",
+        ("stats_partial", _) => "stats_partial_t",
+        ("normalize", _) => "normalize_t",
+        ("backward_partial", _) => "backward_partial_t",
+        _ => "backward_apply_t",
+    };
+    rec.dispatch_resources(Shader::BatchNorm, entry, prm, &res, run_groups(d, chunk));
+}
+
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
 fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
     groups_for(d[0] * d[1] * parts(d, chunk))
@@ -207,7 +324,10 @@ pub fn forward_train(
     }
     let part = partials(rec.gpu, d);
     let prm = params(d, REDUCE_CHUNK, ep.relu, ep.add, false, unbias);
-    rec.dispatch(Shader::BatchNorm, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)], run_groups(d, REDUCE_CHUNK));
+    let v = variant(rec.gpu, d);
+    let views = Views::new(rec, v, Some(x), None);
+    let xa = Acts { x: Some(x), ..Acts::default() };
+    run_dispatch(rec, d, v, "stats_partial", &prm, REDUCE_CHUNK, xa, &views, &[(14, &part)]);
     rec.dispatch(
         Shader::BatchNorm,
         "stats_final",
@@ -221,19 +341,16 @@ pub fn forward_train(
         ],
         [c as u32, 1, 1],
     );
-    rec.dispatch(
-        Shader::BatchNorm,
+    run_dispatch(
+        rec,
+        d,
+        v,
         "normalize",
         &params(d, APPLY_CHUNK, ep.relu, ep.add, false, unbias),
-        &[
-            (1, &x.buffer),
-            (2, &y.buffer),
-            (3, &p.gamma.buffer),
-            (4, &p.beta.buffer),
-            (7, &save_mean.buffer),
-            (8, &save_invstd.buffer),
-        ],
-        run_groups(d, APPLY_CHUNK),
+        APPLY_CHUNK,
+        Acts { y: Some(y), ..xa },
+        &views,
+        &[(3, &p.gamma.buffer), (4, &p.beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer)],
     );
     Ok(())
 }
@@ -436,20 +553,19 @@ pub fn backward(
         return Ok(());
     }
     let part = partials(rec.gpu, d);
-    rec.dispatch(
-        Shader::BatchNorm,
+    let v = variant(rec.gpu, d);
+    let views = Views::new(rec, v, Some(x), Some(dy));
+    let (xs, dys) = (Some(x), Some(dy));
+    run_dispatch(
+        rec,
+        d,
+        v,
         "backward_partial",
         &params(d, REDUCE_CHUNK, relu, false, false, 1.0),
-        &[
-            (1, &x.buffer),
-            (3, &gamma.buffer),
-            (4, &beta.buffer),
-            (7, &save_mean.buffer),
-            (8, &save_invstd.buffer),
-            (9, &dy.buffer),
-            (14, &part),
-        ],
-        run_groups(d, REDUCE_CHUNK),
+        REDUCE_CHUNK,
+        Acts { x: xs, dy: dys, ..Acts::default() },
+        &views,
+        &[(3, &gamma.buffer), (4, &beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer), (14, &part)],
     );
     rec.dispatch(
         Shader::BatchNorm,
@@ -458,21 +574,22 @@ pub fn backward(
         &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer), (14, &part)],
         [c as u32, 1, 1],
     );
-    rec.dispatch(
-        Shader::BatchNorm,
+    run_dispatch(
+        rec,
+        d,
+        v,
         "backward_apply",
         &params(d, APPLY_CHUNK, relu, false, accumulate_dx, 1.0),
+        APPLY_CHUNK,
+        Acts { x: xs, dy: dys, dx: Some(dx), ..Acts::default() },
+        &views,
         &[
-            (1, &x.buffer),
             (3, &gamma.buffer),
             (4, &beta.buffer),
             (7, &save_mean.buffer),
             (8, &save_invstd.buffer),
-            (9, &dy.buffer),
-            (10, &dx.buffer),
             (11, &scratch.buffer),
         ],
-        run_groups(d, APPLY_CHUNK),
     );
     Ok(())
 }
@@ -501,19 +618,18 @@ pub fn apply_saved(
         return Ok(());
     }
     let prm = params(d, APPLY_CHUNK, ep.relu, ep.add, false, 1.0);
-    rec.dispatch(
-        Shader::BatchNorm,
+    let v = variant(rec.gpu, d);
+    let views = Views::new(rec, v, Some(x), None);
+    run_dispatch(
+        rec,
+        d,
+        v,
         "normalize",
         &prm,
-        &[
-            (1, &x.buffer),
-            (2, &y.buffer),
-            (3, &gamma.buffer),
-            (4, &beta.buffer),
-            (7, &mean.buffer),
-            (8, &invstd.buffer),
-        ],
-        run_groups(d, APPLY_CHUNK),
+        APPLY_CHUNK,
+        Acts { x: Some(x), y: Some(y), ..Acts::default() },
+        &views,
+        &[(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)],
     );
     Ok(())
 }

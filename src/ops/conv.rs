@@ -23,10 +23,13 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use wgpu::util::DeviceExt;
 
+use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
 use crate::ops::split;
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
+
+mod tiled;
 
 /// Output spatial size: (h + 2*pad - k) / stride + 1 with pad = k / 2.
 ///
@@ -60,9 +63,15 @@ impl Geometry {
     /// Checks `x` [N,C,H,W], `w` [K,C,ks,ks] and `y` [N,K,OH,OW] against each other; `what` and
     /// the names say which call and which tensors, in the error.
     fn check(what: &str, names: [&str; 3], x: &Tensor, w: &Tensor, y: &Tensor, stride: usize) -> Result<Geometry> {
-        let [n, c, h, wd] = x.nchw(&format!("{what}: {}", names[0]))?;
-        let [k, wc, kh, kw] = w.nchw(&format!("{what}: {} (OIHW)", names[1]))?;
-        let [yn, yk, oh, ow] = y.nchw(&format!("{what}: {}", names[2]))?;
+        let xd = x.nchw(&format!("{what}: {}", names[0]))?;
+        let wd = w.nchw(&format!("{what}: {} (OIHW)", names[1]))?;
+        let yd = y.nchw(&format!("{what}: {}", names[2]))?;
+        Geometry::of_dims(what, names, [xd, wd, yd], stride)
+    }
+
+    /// The checks of [`Geometry::check`] on the three shapes.
+    fn of_dims(what: &str, names: [&str; 3], dims: [[usize; 4]; 3], stride: usize) -> Result<Geometry> {
+        let [[n, c, h, wd], [k, wc, kh, kw], [yn, yk, oh, ow]] = dims;
         if stride != 1 && stride != 2 {
             return Err(Error::Invalid(format!("{what}: stride must be 1 or 2, got {stride}")));
         }
@@ -75,21 +84,14 @@ impl Geometry {
         if wc != c {
             return Err(Error::Shape(format!(
                 "{what}: {} has {c} channels but {} {:?} expects {wc}",
-                names[0],
-                names[1],
-                w.dims()
+                names[0], names[1], dims[1]
             )));
         }
         let (eh, ew) = (out_size(h, kh, stride), out_size(wd, kh, stride));
         if [yn, yk, oh, ow] != [n, k, eh, ew] {
             return Err(Error::Shape(format!(
                 "{what}: {} {:?} with {} {:?} at stride {stride} needs {} [{n}, {k}, {eh}, {ew}], got {:?}",
-                names[0],
-                x.dims(),
-                names[1],
-                w.dims(),
-                names[2],
-                y.dims()
+                names[0], dims[0], names[1], dims[1], names[2], dims[2]
             )));
         }
         // The shaders index in u32 and offsets in i32: every tensor bound has at most i32::MAX
@@ -164,6 +166,9 @@ pub enum Kernels {
     Register,
     /// Always the tiled kernels.
     Tiled,
+    /// Always the tiled kernels, their configuration timed per shape even on a CPU adapter
+    /// (which otherwise takes a fixed rule): tests the autotuner where there is no GPU.
+    Tuned,
 }
 
 fn kernels_cell(gpu: &Gpu) -> Arc<AtomicU8> {
@@ -176,10 +181,26 @@ pub fn set_kernels(gpu: &Gpu, kernels: Kernels) {
     kernels_cell(gpu).store(kernels as u8, Ordering::Relaxed);
 }
 
+/// Forces tile configuration `name` of the tiled kernels on this context (testing and
+/// benchmarking aid; the environment variable `RESNET_WGPU_CONV_TILE` does the same for a new
+/// context). A forced configuration takes the tiled kernels wherever it is used; `None` goes
+/// back to the automatic choice. Errors for an unknown name or one that does not fit the adapter.
+#[doc(hidden)]
+pub fn force_tile(gpu: &Gpu, name: Option<&str>) -> Result<()> {
+    tiled::force(gpu, name)
+}
+
+/// The names of the tile configurations this context's adapter can run.
+#[doc(hidden)]
+pub fn tile_names(gpu: &Gpu) -> Vec<String> {
+    tiled::names(gpu)
+}
+
 fn kernels(gpu: &Gpu) -> Kernels {
     match kernels_cell(gpu).load(Ordering::Relaxed) {
         1 => Kernels::Register,
         2 => Kernels::Tiled,
+        3 => Kernels::Tuned,
         _ => Kernels::Auto,
     }
 }
@@ -199,17 +220,15 @@ enum Plan {
     Register { span: usize },
     /// Register path, backward_weight: `splits` ranges of `chunk` quads each.
     RegisterWeight { splits: usize, chunk: usize },
-    /// Tiled GEMM with a `bm` x `bn` output tile per workgroup; backward_weight splits its
-    /// reduction into `splits` ranges of `chunk` (a multiple of 16).
-    Tiled { bm: usize, bn: usize, splits: usize, chunk: usize },
+    /// Tiled GEMM with configuration `tile` (an index into `tiled::TILES`); backward_weight
+    /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
+    Tiled { tile: usize, splits: usize, chunk: usize },
 }
 
 /// Floats in one weight window: a `var<uniform> array<vec4f, 4096>` (64 KiB, the smallest
 /// `max_uniform_buffer_binding_size` a WebGPU adapter may have).
 const WINDOW: usize = 16384;
 const WINDOW_BYTES: u64 = WINDOW as u64 * 4;
-/// Texels per row of an operand texture (`TEXW` in the shader): 4096 floats.
-const TEXW: usize = 1024;
 /// Lanes of the register path's workgroup (`LANES` in the shader).
 const LANES: usize = 8;
 /// Register path, forward and backward_data: output rows and channels per lane (`rp_data`).
@@ -221,8 +240,6 @@ const REG_KB: usize = 16;
 /// Register path, backward_weight: the (k, c) tile of a workgroup (`rp_wgt`), 3x3 and 1x1.
 const REG_WK: usize = 8;
 const REG_WC: [usize; 2] = [4, 16];
-/// Reduction steps per tile of the tiled kernels (`BK` in the shader).
-const BK: usize = 16;
 
 /// Whether this context's adapter can run the register path at all, under `kernels`.
 fn register_adapter(gpu: &Gpu, kernels: Kernels) -> bool {
@@ -234,7 +251,7 @@ fn register_adapter(gpu: &Gpu, kernels: Kernels) -> bool {
     match kernels {
         Kernels::Auto => capable && cpu,
         Kernels::Register => capable,
-        Kernels::Tiled => false,
+        Kernels::Tiled | Kernels::Tuned => false,
     }
 }
 
@@ -249,11 +266,6 @@ fn register_layout(g: &Geometry, op: Op) -> bool {
         // Lanes own quads of dx; dy is the texture (stride 2: two dy columns per quad).
         Op::BackwardData => quads_ok(g.w) && g.w == g.stride * g.ow,
     }
-}
-
-/// Whether a tensor of `len` elements fits an operand texture (whole texels).
-fn texture_fits(gpu: &Gpu, len: usize) -> bool {
-    len.is_multiple_of(4) && (len / 4).div_ceil(TEXW) <= gpu.adapter.limits().max_texture_dimension_2d as usize
 }
 
 fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
@@ -287,34 +299,16 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
             }
         }
     }
-    match op {
-        Op::Forward | Op::BackwardData => {
-            // 64 x 64 tiles where there are enough output channels and enough tiles to fill a
-            // GPU (about 128 workgroups); else 64 x 16, four times the workgroups.
-            let (m, cols) = match op {
-                Op::Forward => (g.n * g.oh * g.ow, g.k),
-                _ => (g.n * g.h * g.w, g.c),
-            };
-            let big = cols > 32 && m.div_ceil(64) * cols.div_ceil(64) >= 128;
-            Plan::Tiled { bm: 64, bn: if big { 64 } else { 16 }, splits: 1, chunk: 0 }
-        }
-        Op::BackwardWeight => {
-            let (bm, bn) = if g.k > 16 { (64, 64) } else { (16, 64) };
-            let tiles = g.k.div_ceil(bm) * (g.c * kk).div_ceil(bn);
-            let red = g.n * g.oh * g.ow;
-            // Split-K: enough workgroups to fill a GPU (about 256), each with at least 256
-            // reduction steps, and at most 16 MiB of partial sums.
-            let len = g.k * g.c * kk;
-            let splits = 256usize.div_ceil(tiles).min(red.div_ceil(256)).min((4 << 20) / len.max(1)).max(1);
-            let chunk = red.div_ceil(splits).div_ceil(BK) * BK;
-            Plan::Tiled { bm, bn, splits: red.div_ceil(chunk), chunk }
-        }
-    }
+    tiled::choose(gpu, op, g, kernels == Kernels::Tuned)
 }
 
 fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let k = kernels(gpu);
-    gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k))
+    // A forced tile configuration takes the tiled kernels (and is part of the key).
+    match tiled::forced(gpu) {
+        Some(t) => gpu.cached(&format!("conv.plan.{op:?}.tile{t}.{g:?}"), || tiled::plan_for(op, g, t)),
+        None => gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k)),
+    }
 }
 
 /// Records one dispatch of `entry` with `params` and the given bindings (binding 0 is the
@@ -326,8 +320,20 @@ fn dispatch(
     res: &[(u32, wgpu::BindingResource)],
     groups: [u32; 3],
 ) {
+    let pipeline = rec.gpu.pipeline(Shader::Conv, entry);
+    dispatch_pipeline(rec, &pipeline, entry, params, res, groups);
+}
+
+/// Records one dispatch of `pipeline` (`label` names it in debuggers).
+fn dispatch_pipeline(
+    rec: &mut Recorder,
+    pipeline: &wgpu::ComputePipeline,
+    label: &str,
+    params: &Params,
+    res: &[(u32, wgpu::BindingResource)],
+    groups: [u32; 3],
+) {
     let gpu = rec.gpu;
-    let pipeline = gpu.pipeline(Shader::Conv, entry);
     let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
         label: Some("conv params"),
         contents: bytemuck::bytes_of(params),
@@ -336,13 +342,13 @@ fn dispatch(
     let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
     entries.extend(res.iter().map(|(b, r)| wgpu::BindGroupEntry { binding: *b, resource: r.clone() }));
     let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(entry),
+        label: Some(label),
         layout: &pipeline.get_bind_group_layout(0),
         entries: &entries,
     });
     let mut pass =
-        rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
-    pass.set_pipeline(&pipeline);
+        rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
+    pass.set_pipeline(pipeline);
     pass.set_bind_group(0, &bind, &[]);
     pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
 }
@@ -367,51 +373,6 @@ fn scratch(gpu: &Gpu, role: &str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu
     })
 }
 
-/// Copies `t` into this context's rgba32f operand texture `role` of its size (texel i holds
-/// elements 4i .. 4i+3) and returns a view of it. The length is a multiple of 4 (checked by
-/// the plan).
-fn operand_texture(rec: &mut Recorder, role: &str, t: &Tensor) -> wgpu::TextureView {
-    let texels = t.len() / 4;
-    let rows = texels.div_ceil(TEXW);
-    let gpu = rec.gpu;
-    let tex = gpu.cached(&format!("conv.texture.{role}.{rows}"), || {
-        gpu.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some("conv operand"),
-            size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        })
-    });
-    let row_bytes = (TEXW * 16) as u32;
-    let (full, rest) = (texels / TEXW, texels % TEXW);
-    let copy = |enc: &mut wgpu::CommandEncoder, offset: u64, y: usize, width: usize, height: usize| {
-        enc.copy_buffer_to_texture(
-            wgpu::TexelCopyBufferInfo {
-                buffer: &t.buffer,
-                layout: wgpu::TexelCopyBufferLayout { offset, bytes_per_row: Some(row_bytes), rows_per_image: None },
-            },
-            wgpu::TexelCopyTextureInfo {
-                texture: &tex,
-                mip_level: 0,
-                origin: wgpu::Origin3d { x: 0, y: y as u32, z: 0 },
-                aspect: wgpu::TextureAspect::All,
-            },
-            wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: 1 },
-        );
-    };
-    if full > 0 {
-        copy(&mut rec.encoder, 0, 0, TEXW, full);
-    }
-    if rest > 0 {
-        copy(&mut rec.encoder, (full * TEXW * 16) as u64, full, rest, 1);
-    }
-    tex.create_view(&wgpu::TextureViewDescriptor::default())
-}
-
 /// Window `i` of a weight-window buffer, as a uniform binding.
 fn window(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
     wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -434,7 +395,7 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: u
     }
     match plan(rec.gpu, Op::Forward, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::Forward, x, w, y, accumulate, span),
-        Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::Forward, x, w, y, accumulate, bm, bn),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::Forward, &g, plan, x, w, y, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
     }
     Ok(())
@@ -459,7 +420,7 @@ pub fn backward_data(
     }
     match plan(rec.gpu, Op::BackwardData, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, span),
-        Plan::Tiled { bm, bn, .. } => tiled_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, bm, bn),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, w, dx, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for backward_data"),
     }
     Ok(())
@@ -487,49 +448,10 @@ pub fn backward_weight(
     }
     match plan(rec.gpu, Op::BackwardWeight, &g) {
         Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, dy, dw, accumulate, splits, chunk),
-        Plan::Tiled { bm, bn, splits, chunk } => tiled_weight(rec, &g, x, dy, dw, accumulate, bm, bn, splits, chunk),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardWeight, &g, plan, x, dy, dw, accumulate),
         Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
     }
     Ok(())
-}
-
-/// Tiled forward (a = x, out = y) or backward_data (a = dy, out = dx).
-#[allow(clippy::too_many_arguments)]
-fn tiled_data(
-    rec: &mut Recorder,
-    g: &Geometry,
-    op: Op,
-    a: &Tensor,
-    w: &Tensor,
-    out: &Tensor,
-    acc: bool,
-    bm: usize,
-    bn: usize,
-) {
-    let (m, cols) = match op {
-        Op::Forward => (g.n * g.oh * g.ow, g.k),
-        _ => (g.n * g.h * g.w, g.c),
-    };
-    let mut params = g.params(acc);
-    params.m = m as u32;
-    let entry = match (op, bn) {
-        (Op::Forward, 64) => "tl_forward_64x64",
-        (Op::Forward, _) => "tl_forward_64x16",
-        (_, 64) => "tl_backward_data_64x64",
-        _ => "tl_backward_data_64x16",
-    };
-    debug_assert_eq!(bm, 64);
-    let groups = fold(m.div_ceil(bm), cols.div_ceil(bn));
-    // The entry points of both ops see all four data bindings (the op is a literal folded
-    // after the shader's functions are inlined): `a` and `out` fill both roles.
-    let binds = [
-        (1, a.buffer.as_entire_binding()),
-        (2, w.buffer.as_entire_binding()),
-        (3, out.buffer.as_entire_binding()),
-        (4, a.buffer.as_entire_binding()),
-        (5, out.buffer.as_entire_binding()),
-    ];
-    dispatch(rec, entry, &params, &binds, groups);
 }
 
 /// dw (=|+=) the partial sums in `part` ([splits][len]), added in split order.
@@ -556,37 +478,104 @@ fn partials(gpu: &Gpu, splits: usize, len: usize) -> wgpu::Buffer {
     scratch(gpu, "partials", (splits * len * 4).max(16) as u64, wgpu::BufferUsages::STORAGE)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn tiled_weight(
-    rec: &mut Recorder,
-    g: &Geometry,
-    x: &Tensor,
-    dy: &Tensor,
-    dw: &Tensor,
-    acc: bool,
-    bm: usize,
-    bn: usize,
-    splits: usize,
-    chunk: usize,
-) {
-    let cols = g.c * g.ks * g.ks;
-    let mut params = g.params(acc);
-    params.chunk = chunk as u32;
-    params.splits = splits as u32;
-    let entry = if bm == 64 { "tl_backward_weight_64x64" } else { "tl_backward_weight_16x64" };
-    // With one split the kernel writes dw itself and `part` is bound but unused.
-    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
-    let binds = [
-        (1, x.buffer.as_entire_binding()),
-        (4, dy.buffer.as_entire_binding()),
-        (6, dw.buffer.as_entire_binding()),
-        (7, part.as_entire_binding()),
-    ];
-    let groups = [g.k.div_ceil(bm) as u32, cols.div_ceil(bn) as u32, splits as u32];
-    dispatch(rec, entry, &params, &binds, groups);
-    if splits > 1 {
-        reduce_splits(rec, &part, dw, splits, acc);
+/// The f16 path's checks: the adapter has shader-f16, the shapes are those of [`forward`] (x,
+/// w, y), and the output aliases no input.
+fn check_f16(
+    gpu: &Gpu,
+    what: &str,
+    names: [&str; 3],
+    t: [(&[usize], &wgpu::Buffer); 3],
+    out: usize,
+    stride: usize,
+) -> Result<Geometry> {
+    if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
     }
+    let nchw = |i: usize| -> Result<[usize; 4]> {
+        match t[i].0 {
+            &[n, c, h, w] => Ok([n, c, h, w]),
+            d => Err(Error::Shape(format!("{what}: {} must be 4-D, got {d:?}", names[i]))),
+        }
+    };
+    let g = Geometry::of_dims(what, names, [nchw(0)?, nchw(1)?, nchw(2)?], stride)?;
+    if (0..3).any(|i| i != out && t[i].1 == t[out].1) {
+        return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
+    }
+    Ok(g)
+}
+
+/// The tile configuration of the f16 path for `op` on `g`: the f32 op's (forced, tuned or
+/// ruled; the rule where the f32 op takes the register path).
+fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
+    match plan(gpu, op, g) {
+        p @ Plan::Tiled { .. } => p,
+        _ => tiled::plan_for(op, g, tiled::rule(op, g)),
+    }
+}
+
+fn tile_of(p: Plan) -> usize {
+    match p {
+        Plan::Tiled { tile, .. } => tile,
+        _ => unreachable!("half_plan gives tiled plans"),
+    }
+}
+
+/// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
+/// in f32 (the tiled kernels with f16 loads and stores, f32 tiles and accumulation), on adapters
+/// with `SHADER_F16`. Shapes as [`forward`]; the tile configuration is the f32 forward's.
+///
+/// Error: the exact convolution of the stored halves, accumulated in f32, rounded once to f16
+/// (with `accumulate`, after adding the old value in f32): relative L2 error about the f16 unit
+/// roundoff, 2^-11 = 4.9e-4, at most; `tests/conv.rs` holds it to 1e-3 against the f64
+/// reference on the same (half) inputs.
+pub fn forward_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    w: &HalfTensor,
+    y: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
+    tiled::record_half_data(rec, Op::Forward, &g, tile, x, w, y, accumulate);
+    Ok(())
+}
+
+/// The f16 backward_data: dx (+)= the input gradient, dy, w and dx stored as halves (as
+/// [`forward_f16`], with the same bound).
+pub fn backward_data_f16(
+    rec: &mut Recorder,
+    dy: &HalfTensor,
+    w: &HalfTensor,
+    dx: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let t = [(dx.dims(), &dx.buffer), (w.dims(), &w.buffer), (dy.dims(), &dy.buffer)];
+    let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
+    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, w, dx, accumulate);
+    Ok(())
+}
+
+/// The f16 backward_weight: dw (+)= the weight gradient from half x and dy, into an f32 `dw`
+/// (weights and their gradients stay f32). Nothing is rounded to f16 after the loads: within
+/// f32 accuracy (1e-5 relative L2) of the f64 reference on the same half inputs.
+pub fn backward_weight_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    dw: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
+    let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
+    let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
+    tiled::record_half_weight(rec, &g, plan, x, dy, dw, accumulate);
+    Ok(())
 }
 
 /// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx).
@@ -608,7 +597,7 @@ fn register_data(
         _ => (g.c, g.k, g.n * g.h.div_ceil(REG_ROWS) * g.w / 4),
     };
     let windows = chans.div_ceil(span);
-    let view = operand_texture(rec, "a", a);
+    let view = operand_texture(rec, "conv.a", a);
     let buf = scratch(
         rec.gpu,
         "windows",
@@ -685,8 +674,8 @@ fn register_weight(
     splits: usize,
     chunk: usize,
 ) {
-    let xv = operand_texture(rec, "a", x);
-    let dv = operand_texture(rec, "b", dy);
+    let xv = operand_texture(rec, "conv.a", x);
+    let dv = operand_texture(rec, "conv.b", dy);
     let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
     let ktiles = g.k.div_ceil(REG_WK);
     let ctiles = g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);

@@ -19,7 +19,61 @@ pub mod sgd;
 pub(crate) mod split;
 
 use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder};
 use crate::tensor::Tensor;
+
+/// Texels per row of an operand texture (`TEXW` in the shaders): 4096 floats.
+pub(crate) const TEXW: usize = 1024;
+
+/// Whether a tensor of `len` elements fits an operand texture (whole texels).
+pub(crate) fn texture_fits(gpu: &Gpu, len: usize) -> bool {
+    len.is_multiple_of(4) && (len / 4).div_ceil(TEXW) <= gpu.adapter.limits().max_texture_dimension_2d as usize
+}
+
+/// Copies `t` into this context's rgba32f operand texture `role` of its size (texel i holds
+/// elements 4i .. 4i+3) and returns a view of it. The length is a multiple of 4 (checked by
+/// the plan).
+pub(crate) fn operand_texture(rec: &mut Recorder, role: &str, t: &Tensor) -> wgpu::TextureView {
+    let texels = t.len() / 4;
+    let rows = texels.div_ceil(TEXW);
+    let gpu = rec.gpu;
+    let tex = gpu.cached(&format!("texture.{role}.{rows}"), || {
+        gpu.device.create_texture(&wgpu::TextureDescriptor {
+            label: Some("conv operand"),
+            size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
+            mip_level_count: 1,
+            sample_count: 1,
+            dimension: wgpu::TextureDimension::D2,
+            format: wgpu::TextureFormat::Rgba32Float,
+            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+            view_formats: &[],
+        })
+    });
+    let row_bytes = (TEXW * 16) as u32;
+    let (full, rest) = (texels / TEXW, texels % TEXW);
+    let copy = |enc: &mut wgpu::CommandEncoder, offset: u64, y: usize, width: usize, height: usize| {
+        enc.copy_buffer_to_texture(
+            wgpu::TexelCopyBufferInfo {
+                buffer: &t.buffer,
+                layout: wgpu::TexelCopyBufferLayout { offset, bytes_per_row: Some(row_bytes), rows_per_image: None },
+            },
+            wgpu::TexelCopyTextureInfo {
+                texture: &tex,
+                mip_level: 0,
+                origin: wgpu::Origin3d { x: 0, y: y as u32, z: 0 },
+                aspect: wgpu::TextureAspect::All,
+            },
+            wgpu::Extent3d { width: width as u32, height: height as u32, depth_or_array_layers: 1 },
+        );
+    };
+    if full > 0 {
+        copy(&mut rec.encoder, 0, 0, TEXW, full);
+    }
+    if rest > 0 {
+        copy(&mut rec.encoder, (full * TEXW * 16) as u64, full, rest, 1);
+    }
+    tex.create_view(&wgpu::TextureViewDescriptor::default())
+}
 
 /// All tensors hold the same number of elements.
 pub(crate) fn same_len(what: &str, ts: &[&Tensor]) -> Result<()> {

@@ -1,0 +1,399 @@
+// Tiled implicit-GEMM convolution (ops/conv/tiled.rs), a template: the host prepends the
+// constants of one tile configuration and one geometry family, and builds one module per
+// (configuration, op, kernel size, stride):
+//
+//   BM, BN   output tile of a workgroup (GEMM rows x columns)
+//   BK       reduction steps staged per tile
+//   TM, TN   outputs per invocation (multiples of 4), held in registers as vec4s
+//   THREADS  (BM / TM) * (BN / TN) invocations (also spelled out in @workgroup_size)
+//   KS, KK, PAD, STRIDE   kernel size, its square, padding, stride (literals: the index
+//            arithmetic folds)
+//   MODE     0 forward, 1 backward_data (data_main only)
+//   AS, BS   padded row strides (vec4s) of the workgroup tiles: BM / 4 + 1 and BN / 4 + 1
+//   A_PER, B_PER  elements each invocation stages per tile (data_main: B_PER vec4s)
+//   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
+//   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
+//            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
+//
+// GEMMs:
+//   forward:         M = N*OH*OW output pixels, cols = K, reduction C*KK (im2col of x)
+//   backward_data:   M = N*H*W input pixels,    cols = C, reduction K*KK (dy gathered at
+//                    oy = (iy + pad - ky) / stride where that divides, zero elsewhere)
+//   backward_weight: M = K, cols = C*KK, reduction N*OH*OW, split into `splits` ranges of
+//                    `chunk` steps whose partial sums reduce_splits (conv.wgsl) adds in order.
+//
+// Design, for GPUs: the weights of the data ops come pre-transposed to [reduction][cols padded
+// to 4] (conv.wgsl `transpose_weights`), so their tile loads are coalesced vec4 loads; the
+// im2col operand is gathered as scalars, consecutive invocations on consecutive pixels
+// (coalesced where the stride is 1). Tiles live in two workgroup buffers: while the
+// invocations multiply out one, the next tile's global loads are already in flight into
+// registers and are stored to the other buffer, so a tile costs one barrier. Rows of the
+// workgroup tiles are padded by one vec4 so that invocations storing down a column (the
+// reduction-fastest loads) spread over the banks. An invocation's TM rows (TN columns) are
+// TM / 4 vec4s spaced BM / TM * 4 apart, so that a warp's vec4 reads of a tile row are
+// consecutive. Every sum runs in a fixed order (bit-identical results from run to run).
+
+struct Params {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    k: u32,
+    oh: u32,
+    ow: u32,
+    stride: u32,
+    ks: u32,
+    pad: u32,
+    accumulate: u32, // 1 adds into the output, 0 overwrites it
+    m: u32,          // data: GEMM rows
+    base: u32,
+    span: u32,
+    chunk: u32,      // backward_weight: reduction steps per split (a multiple of BK)
+    splits: u32,     // backward_weight: number of splits
+    len: u32,
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<ST>;         // x (forward, weight) or dy (backward_data)
+@group(0) @binding(2) var<storage, read> wtt: array<vec4<ST>>;   // data: transposed weights
+@group(0) @binding(3) var<storage, read_write> dst: array<ST>;   // data: y or dx
+@group(0) @binding(4) var<storage, read> dys: array<ST>;         // weight: dy
+@group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
+@group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums
+@group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
+@group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main: transposed
+
+var<workgroup> ta: array<vec4f, TA_LEN>;
+var<workgroup> tb: array<vec4f, TB_LEN>;
+
+// One reduction step of a tile: the outer product of this invocation's TM rows and TN columns.
+fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, tm: u32, tn: u32) {
+    var av: array<vec4f, TMV>;
+    var bv: array<vec4f, TNV>;
+    for (var g = 0u; g < TMV; g++) {
+        av[g] = ta[abase + g * (BM / TM) + tm];
+    }
+    for (var h = 0u; h < TNV; h++) {
+        bv[h] = tb[bbase + h * (BN / TN) + tn];
+    }
+    for (var g = 0u; g < TMV; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            let s = vec4f(av[g][i]);
+            for (var h = 0u; h < TNV; h++) {
+                let j = (g * 4u + i) * TNV + h;
+                (*acc)[j] = fma(s, bv[h], (*acc)[j]);
+            }
+        }
+    }
+}
+
+// A[m][r] of the data ops for pixel (n, py, px) of the GEMM rows: im2col of x (forward), or
+// the dy term that reaches input pixel (py, px) (backward_data). Zero outside.
+fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
+    if !ok || r >= red {
+        return 0.0;
+    }
+    let c = r / KK; // input channel (forward) or output channel (backward_data)
+    let t = r - c * KK;
+    let ky = t / KS;
+    let kx = t - ky * KS;
+    if MODE == 0u {
+        let iy = i32(py * STRIDE + ky) - i32(PAD);
+        let ix = i32(px * STRIDE + kx) - i32(PAD);
+        if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
+            return 0.0;
+        }
+        return f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]);
+    }
+    // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
+    let ty = i32(py + PAD) - i32(ky);
+    let tx = i32(px + PAD) - i32(kx);
+    if ty < 0 || tx < 0 || ty % i32(STRIDE) != 0 || tx % i32(STRIDE) != 0 {
+        return 0.0;
+    }
+    let oy = u32(ty) / STRIDE;
+    let ox = u32(tx) / STRIDE;
+    if oy >= p.oh || ox >= p.ow {
+        return 0.0;
+    }
+    return f32(src[((n * p.k + c) * p.oh + oy) * p.ow + ox]);
+}
+
+@compute @workgroup_size(THREADS)
+fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u,
+             @builtin(num_workgroups) nwg: vec3u) {
+    var cols: u32; // GEMM columns: output channels
+    var red: u32;  // reduction length
+    var sy: u32;   // spatial size of the GEMM rows' pixels
+    var sx: u32;
+    if MODE == 0u {
+        cols = p.k;
+        red = p.c * KK;
+        sy = p.oh;
+        sx = p.ow;
+    } else {
+        cols = p.c;
+        red = p.k * KK;
+        sy = p.h;
+        sx = p.w;
+    }
+    let cv = (cols + 3u) / 4u; // vec4s per row of the transposed weights
+    let m0 = (wid.z * nwg.x + wid.x) * BM;
+    let n0 = wid.y * BN;
+    // A staging: one fixed row ml (THREADS is a multiple of BM), reduction rows arl + j * ASTEP.
+    let ml = lid % BM;
+    let arl = lid / BM;
+    let am = m0 + ml;
+    let a_ok = am < p.m;
+    let amc = min(am, p.m - 1u);
+    let ax = amc % sx;
+    let ay = (amc / sx) % sy;
+    let an = amc / (sx * sy);
+    // B staging: one fixed vec4 column bv, reduction rows brl + j * BSTEP.
+    let bv = lid % (BN / 4u);
+    let brl = lid / (BN / 4u);
+    let bcol = n0 / 4u + bv;
+    let b_ok = bcol < cv;
+    // Outputs: vec4 row groups g * (BM / TM) + tm, column groups h * (BN / TN) + tn.
+    let tm = lid % (BM / TM);
+    let tn = lid / (BM / TM);
+
+    var acc: array<vec4f, ACC_LEN>;
+    var ra: array<f32, A_PER>;
+    var rb: array<vec4f, B_PER>;
+    let nt = (red + BK - 1u) / BK;
+
+    // Tile 0 into buffer 0.
+    for (var j = 0u; j < A_PER; j++) {
+        let rl = arl + j * ASTEP;
+        ta[rl * AS + ml / 4u][ml % 4u] = a_data(an, ay, ax, a_ok, rl, red);
+    }
+    for (var j = 0u; j < B_PER; j++) {
+        let rl = brl + j * BSTEP;
+        var v = vec4f(0.0);
+        if b_ok && rl < red {
+            v = vec4f(wtt[rl * cv + bcol]);
+        }
+        tb[rl * BS + bv] = v;
+    }
+    workgroupBarrier();
+
+    for (var t = 0u; t < nt; t++) {
+        let cur = t & 1u;
+        let more = t + 1u < nt;
+        let r1 = (t + 1u) * BK;
+        // The next tile's loads, into registers, before this tile's arithmetic.
+        if more {
+            for (var j = 0u; j < A_PER; j++) {
+                ra[j] = a_data(an, ay, ax, a_ok, r1 + arl + j * ASTEP, red);
+            }
+            for (var j = 0u; j < B_PER; j++) {
+                let r = r1 + brl + j * BSTEP;
+                var v = vec4f(0.0);
+                if b_ok && r < red {
+                    v = vec4f(wtt[r * cv + bcol]);
+                }
+                rb[j] = v;
+            }
+        }
+        let abuf = cur * BK * AS;
+        let bbuf = cur * BK * BS;
+        for (var rl = 0u; rl < BK; rl++) {
+            mac_step(&acc, abuf + rl * AS, bbuf + rl * BS, tm, tn);
+        }
+        if more {
+            let nabuf = (cur ^ 1u) * BK * AS;
+            let nbbuf = (cur ^ 1u) * BK * BS;
+            for (var j = 0u; j < A_PER; j++) {
+                let rl = arl + j * ASTEP;
+                ta[nabuf + rl * AS + ml / 4u][ml % 4u] = ra[j];
+            }
+            for (var j = 0u; j < B_PER; j++) {
+                tb[nbbuf + (brl + j * BSTEP) * BS + bv] = rb[j];
+            }
+        }
+        workgroupBarrier();
+    }
+
+    for (var g = 0u; g < TMV; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            let m = m0 + (g * (BM / TM) + tm) * 4u + i;
+            if m >= p.m {
+                continue;
+            }
+            let ox = m % sx;
+            let oy = (m / sx) % sy;
+            let n = m / (sx * sy);
+            for (var h = 0u; h < TNV; h++) {
+                let v4 = acc[(g * 4u + i) * TNV + h];
+                for (var j = 0u; j < 4u; j++) {
+                    let col = n0 + (h * (BN / TN) + tn) * 4u + j;
+                    if col >= cols {
+                        continue;
+                    }
+                    let o = ((n * cols + col) * sy + oy) * sx + ox;
+                    if p.accumulate == 1u {
+                        dst[o] = ST(f32(dst[o]) + v4[j]);
+                    } else {
+                        dst[o] = ST(v4[j]);
+                    }
+                }
+            }
+        }
+    }
+}
+
+// backward_weight: dw[k][col] = sum_r dy[r][k] * im2col(x)[r][col], col = (c, ky, kx), r over
+// N*OH*OW, restricted to split wid.z's range. Both operands are loaded reduction-fastest
+// (consecutive pixels): staging row rl = lid % BK is fixed per invocation (THREADS is a
+// multiple of BK), its GEMM rows (columns) are lid / BK + j * RSTEP.
+
+// im2col(x) at output pixel (n, oy, ox) for column (c, ky, kx), zero in the padding.
+fn b_weight(n: u32, oy: u32, ox: u32, ok: bool, c: u32, ky: u32, kx: u32) -> f32 {
+    let iy = i32(oy * STRIDE + ky) - i32(PAD);
+    let ix = i32(ox * STRIDE + kx) - i32(PAD);
+    if !ok || iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
+        return 0.0;
+    }
+    return f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]);
+}
+
+@compute @workgroup_size(THREADS)
+fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) wid: vec3u) {
+    let cols = p.c * KK;
+    let ohw = p.oh * p.ow;
+    let red = p.n * ohw;
+    let m0 = wid.x * BM;
+    let n0 = wid.y * BN;
+    let r_begin = wid.z * p.chunk;
+    let r_end = min(red, r_begin + p.chunk);
+    let nt = (r_end - r_begin + BK - 1u) / BK;
+    let rl = lid % BK;
+    let row0 = lid / BK;
+    let tm = lid % (BM / TM);
+    let tn = lid / (BM / TM);
+
+    // This invocation's staged columns are fixed: their (c, ky, kx) once.
+    var bc: array<u32, B_PER>;
+    var bky: array<u32, B_PER>;
+    var bkx: array<u32, B_PER>;
+    var bok: array<bool, B_PER>;
+    for (var j = 0u; j < B_PER; j++) {
+        let col = n0 + row0 + j * RSTEP;
+        bok[j] = col < cols;
+        let c = col / KK;
+        let t = col - c * KK;
+        bc[j] = c;
+        bky[j] = t / KS;
+        bkx[j] = t - bky[j] * KS;
+    }
+
+    var acc: array<vec4f, ACC_LEN>;
+    var ra: array<f32, A_PER>;
+    var rb: array<f32, B_PER>;
+
+    for (var t = 0u; t <= nt; t++) {
+        // Loads of tile t (where there is one) into registers...
+        if t < nt {
+            let r = r_begin + t * BK + rl;
+            let r_ok = r < r_end;
+            let rc = min(r, red - 1u);
+            let n = rc / ohw;
+            let pix = rc - n * ohw;
+            let oy = pix / p.ow;
+            let ox = pix - oy * p.ow;
+            for (var j = 0u; j < A_PER; j++) {
+                let k = m0 + row0 + j * RSTEP;
+                var v = 0.0;
+                if r_ok && k < p.k {
+                    v = f32(dys[(n * p.k + k) * ohw + pix]);
+                }
+                ra[j] = v;
+            }
+            for (var j = 0u; j < B_PER; j++) {
+                rb[j] = b_weight(n, oy, ox, r_ok && bok[j], bc[j], bky[j], bkx[j]);
+            }
+        }
+        // ... the arithmetic of tile t - 1 meanwhile ...
+        if t > 0u {
+            let cur = (t - 1u) & 1u;
+            for (var s = 0u; s < BK; s++) {
+                mac_step(&acc, (cur * BK + s) * AS, (cur * BK + s) * BS, tm, tn);
+            }
+        }
+        // ... then tile t into the other buffer.
+        if t < nt {
+            let nxt = t & 1u;
+            for (var j = 0u; j < A_PER; j++) {
+                let kl = row0 + j * RSTEP;
+                ta[(nxt * BK + rl) * AS + kl / 4u][kl % 4u] = ra[j];
+            }
+            for (var j = 0u; j < B_PER; j++) {
+                let cl = row0 + j * RSTEP;
+                tb[(nxt * BK + rl) * BS + cl / 4u][cl % 4u] = rb[j];
+            }
+        }
+        workgroupBarrier();
+    }
+
+    let len = p.k * cols;
+    for (var g = 0u; g < TMV; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            let k = m0 + (g * (BM / TM) + tm) * 4u + i;
+            if k >= p.k {
+                continue;
+            }
+            for (var h = 0u; h < TNV; h++) {
+                let v4 = acc[(g * 4u + i) * TNV + h];
+                for (var j = 0u; j < 4u; j++) {
+                    let col = n0 + (h * (BN / TN) + tn) * 4u + j;
+                    if col >= cols {
+                        continue;
+                    }
+                    let o = k * cols + col;
+                    if p.splits > 1u {
+                        part[wid.z * len + o] = v4[j];
+                    } else if p.accumulate == 1u {
+                        dw[o] += v4[j];
+                    } else {
+                        dw[o] = v4[j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// The weights as the data ops' B operand, as conv.wgsl `transpose_weights` does for f32 (which
+// this one serves where ST is f16): [reduction][cols rounded up to 4], zeros in the padding;
+// MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] = w[k][c][t].
+@compute @workgroup_size(64)
+fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    var cols: u32;
+    var red: u32;
+    if MODE == 0u {
+        cols = p.k;
+        red = p.c * KK;
+    } else {
+        cols = p.c;
+        red = p.k * KK;
+    }
+    let cp = (cols + 3u) / 4u * 4u;
+    if i >= red * cp {
+        return;
+    }
+    let r = i / cp;
+    let col = i - r * cp;
+    var v = ST(0.0);
+    if col < cols {
+        if MODE == 0u {
+            v = wsrc[col * red + r];
+        } else {
+            let k = r / KK;
+            v = wsrc[(k * p.c + col) * KK + (r - k * KK)];
+        }
+    }
+    wtt_out[i] = v;
+}

@@ -1,0 +1,489 @@
+//! The tiled implicit-GEMM kernels (`shaders/conv_tiled.wgsl`): the tile configurations, one
+//! module per (configuration, op, kernel size, stride) built from the template, the choice of a
+//! configuration per (op, shape), and their dispatches.
+//!
+//! The choice: a configuration forced on the context ([`force`], or the environment variable
+//! `RESNET_WGPU_CONV_TILE` naming one) wherever it fits the adapter; else, on a CPU adapter, a
+//! fixed rule (timing there is slow and noisy, and CPU adapters mostly take the register path);
+//! else the autotuner: on the first use of an (op, shape) it times every configuration that fits
+//! on operands of that shape (GPU timestamps where the device has them, else the wall clock),
+//! and the plan cache of `conv.rs` keeps the fastest for the life of the context. With
+//! `RESNET_WGPU_CONV_TUNE_LOG` set, each tuning prints its timings to stderr.
+
+use std::sync::{Arc, Mutex};
+
+use super::{Geometry, Op, Params, Plan, dispatch_pipeline, fold, partials, reduce_splits, scratch};
+use crate::bench::Timer;
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder};
+use crate::tensor::{HalfTensor, Tensor};
+
+/// One tile configuration: a `bm` x `bn` output tile per workgroup, `bk` reduction steps staged
+/// per tile, `tm` x `tn` outputs per invocation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Tile {
+    pub bm: usize,
+    pub bn: usize,
+    pub bk: usize,
+    pub tm: usize,
+    pub tn: usize,
+}
+
+const fn tile(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Tile {
+    Tile { bm, bn, bk, tm, tn }
+}
+
+/// The candidates. Each is valid for all three ops (see [`Tile::valid`]); the first two are the
+/// small tiles of the fixed rule (few output channels), the rest trade registers per invocation
+/// against workgroups in flight. 128x128 with 16 steps needs 33 KiB of workgroup memory and is
+/// left out where the adapter has less.
+pub(super) const TILES: &[Tile] = &[
+    tile(64, 16, 16, 4, 4),
+    tile(16, 64, 16, 4, 4),
+    tile(64, 64, 16, 4, 4),
+    tile(64, 32, 16, 4, 4),
+    tile(32, 64, 16, 4, 4),
+    tile(128, 32, 16, 8, 4),
+    tile(128, 64, 16, 8, 4),
+    tile(64, 128, 16, 4, 8),
+    tile(128, 128, 8, 8, 8),
+    tile(128, 128, 16, 8, 8),
+];
+
+impl Tile {
+    pub fn threads(&self) -> usize {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}x{}k{}t{}x{}", self.bm, self.bn, self.bk, self.tm, self.tn)
+    }
+
+    /// Two buffers of each operand tile, rows padded by one vec4.
+    fn workgroup_bytes(&self) -> usize {
+        2 * self.bk * (self.bm / 4 + 1 + self.bn / 4 + 1) * 16
+    }
+
+    /// The divisibility the template's staging loops assume, for both kernels: data (a fixed
+    /// GEMM row per invocation, whole vec4 columns of B) and weight (a fixed reduction step per
+    /// invocation).
+    pub fn valid(&self) -> bool {
+        let t = self.threads();
+        let v4 = |n: usize| n.is_multiple_of(4);
+        v4(self.tm)
+            && v4(self.tn)
+            && self.bm.is_multiple_of(self.tm)
+            && self.bn.is_multiple_of(self.tn)
+            && t.is_multiple_of(self.bm)
+            && t.is_multiple_of(self.bn / 4)
+            && (self.bk * self.bn / 4).is_multiple_of(t)
+            && t.is_multiple_of(self.bk)
+            && (self.bk * self.bm).is_multiple_of(t)
+            && (self.bk * self.bn).is_multiple_of(t)
+    }
+
+    /// Whether the adapter can run it.
+    fn fits(&self, gpu: &Gpu) -> bool {
+        let l = gpu.device.limits();
+        let t = self.threads() as u32;
+        t <= l.max_compute_invocations_per_workgroup
+            && t <= l.max_compute_workgroup_size_x
+            && self.workgroup_bytes() as u32 <= l.max_compute_workgroup_storage_size
+    }
+
+    /// The template with this configuration's constants and the geometry family's literals.
+    fn source(&self, op: Op, ks: usize, stride: usize, half: bool) -> String {
+        let t = self.threads();
+        let (a_per, b_per, step) = match op {
+            // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
+            Op::Forward | Op::BackwardData => (self.bk * self.bm / t, self.bk * self.bn / 4 / t, 0),
+            // Weight: scalars of both, one fixed reduction step each.
+            Op::BackwardWeight => (self.bk * self.bm / t, self.bk * self.bn / t, t / self.bk),
+        };
+        let consts = [
+            ("BM", self.bm),
+            ("BN", self.bn),
+            ("BK", self.bk),
+            ("TM", self.tm),
+            ("TN", self.tn),
+            ("TMV", self.tm / 4),
+            ("TNV", self.tn / 4),
+            ("THREADS", t),
+            ("ACC_LEN", self.tm * self.tn / 4),
+            ("KS", ks),
+            ("KK", ks * ks),
+            ("PAD", ks / 2),
+            ("STRIDE", stride),
+            ("MODE", usize::from(op == Op::BackwardData)),
+            ("AS", self.bm / 4 + 1),
+            ("BS", self.bn / 4 + 1),
+            ("TA_LEN", 2 * self.bk * (self.bm / 4 + 1)),
+            ("TB_LEN", 2 * self.bk * (self.bn / 4 + 1)),
+            ("A_PER", a_per),
+            ("B_PER", b_per),
+            ("ASTEP", t / self.bm),
+            ("BSTEP", t / (self.bn / 4)),
+            ("RSTEP", step.max(1)),
+        ];
+        let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
+        s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
+        s.push_str(&TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})")));
+        s
+    }
+}
+
+const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
+
+/// The pipeline of configuration `tile` for `op` at kernel size `ks` and `stride` (f16
+/// storage where `half`), entry point `entry` of the template, built once per context.
+fn pipeline(
+    gpu: &Gpu,
+    tile: usize,
+    op: Op,
+    ks: usize,
+    stride: usize,
+    half: bool,
+    entry: &str,
+) -> wgpu::ComputePipeline {
+    let t = TILES[tile];
+    debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
+    let key = format!("conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}.{entry}", t.name(), if half { "f16" } else { "f32" });
+    gpu.cached(&key, || {
+        let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+            label: Some(&key),
+            source: wgpu::ShaderSource::Wgsl(t.source(op, ks, stride, half).into()),
+        });
+        gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&key),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            compilation_options: Default::default(),
+            cache: None,
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forcing a configuration
+
+/// The context's forced configuration (an index into [`TILES`]), first read from
+/// `RESNET_WGPU_CONV_TILE`.
+fn forced_cell(gpu: &Gpu) -> Arc<Mutex<Option<usize>>> {
+    gpu.cached("conv.tiled.forced", || {
+        let from_env = std::env::var("RESNET_WGPU_CONV_TILE").ok().filter(|s| !s.is_empty());
+        let index = from_env.and_then(|name| match lookup(gpu, &name) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!("RESNET_WGPU_CONV_TILE ignored: {e}");
+                None
+            }
+        });
+        Arc::new(Mutex::new(index))
+    })
+}
+
+fn lookup(gpu: &Gpu, name: &str) -> Result<usize> {
+    let i = TILES.iter().position(|t| t.name() == name).ok_or_else(|| {
+        let all: Vec<String> = TILES.iter().map(Tile::name).collect();
+        Error::Invalid(format!("no conv tile configuration {name:?} (there are {})", all.join(", ")))
+    })?;
+    if !TILES[i].fits(gpu) {
+        return Err(Error::Invalid(format!("conv tile configuration {name} does not fit this adapter's limits")));
+    }
+    Ok(i)
+}
+
+/// Forces configuration `name` (or, `None`, lifts the force) on this context's tiled
+/// convolutions from now on.
+pub(super) fn force(gpu: &Gpu, name: Option<&str>) -> Result<()> {
+    let index = name.map(|n| lookup(gpu, n)).transpose()?;
+    *forced_cell(gpu).lock().unwrap_or_else(|p| p.into_inner()) = index;
+    Ok(())
+}
+
+pub(super) fn forced(gpu: &Gpu) -> Option<usize> {
+    *forced_cell(gpu).lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The names of the configurations that fit this context's adapter.
+pub(super) fn names(gpu: &Gpu) -> Vec<String> {
+    TILES.iter().filter(|t| t.fits(gpu)).map(Tile::name).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Choosing
+
+fn index_of(name: &str) -> usize {
+    TILES.iter().position(|t| t.name() == name).expect("the rule names listed tiles")
+}
+
+/// The fixed rule (CPU adapters, and the tuner's fallback): 64 x 64 tiles where there are more
+/// than 32 output channels and enough tiles to fill a GPU (about 128 workgroups), else 64 x 16
+/// (four times the workgroups); backward_weight 64 x 64 above 16 output channels, else 16 x 64.
+pub(super) fn rule(op: Op, g: &Geometry) -> usize {
+    let (m, cols) = gemm_rows_cols(op, g);
+    let big = match op {
+        Op::BackwardWeight => g.k > 16,
+        _ => cols > 32 && m.div_ceil(64) * cols.div_ceil(64) >= 128,
+    };
+    index_of(match (op, big) {
+        (_, true) => "64x64k16t4x4",
+        (Op::BackwardWeight, false) => "16x64k16t4x4",
+        (_, false) => "64x16k16t4x4",
+    })
+}
+
+/// GEMM rows and columns of `op`.
+fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
+    match op {
+        Op::Forward => (g.n * g.oh * g.ow, g.k),
+        Op::BackwardData => (g.n * g.h * g.w, g.c),
+        Op::BackwardWeight => (g.k, g.c * g.ks * g.ks),
+    }
+}
+
+/// The plan of configuration `tile` for `op` on `g` (split-K for backward_weight: enough
+/// workgroups to fill a GPU, about 256, each with at least 256 reduction steps, and at most
+/// 16 MiB of partial sums).
+pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
+    let t = TILES[tile];
+    if op != Op::BackwardWeight {
+        return Plan::Tiled { tile, splits: 1, chunk: 0 };
+    }
+    let (rows, cols) = gemm_rows_cols(op, g);
+    let tiles = rows.div_ceil(t.bm) * cols.div_ceil(t.bn);
+    let red = g.n * g.oh * g.ow;
+    let len = rows * cols;
+    let splits = 256usize.div_ceil(tiles).min(red.div_ceil(256)).min((4 << 20) / len.max(1)).max(1);
+    let chunk = red.div_ceil(splits).div_ceil(t.bk) * t.bk;
+    Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk }
+}
+
+/// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned.
+pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan {
+    let tile = match forced(gpu) {
+        Some(i) => i,
+        None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => rule(op, g),
+        None => tune(gpu, op, g),
+    };
+    plan_for(op, g, tile)
+}
+
+/// Times each configuration that fits on zero operands of `g`'s shape (one warm-up, then the
+/// median of three runs) and returns the fastest; the rule where nothing could be timed.
+fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
+    let fallback = rule(op, g);
+    let x = [g.n, g.c, g.h, g.w];
+    let w = [g.k, g.c, g.ks, g.ks];
+    let y = [g.n, g.k, g.oh, g.ow];
+    // (input, weights or second input, output) of each op.
+    let dims = match op {
+        Op::Forward => [x, w, y],
+        Op::BackwardData => [y, w, x],
+        Op::BackwardWeight => [x, y, w],
+    };
+    let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
+        return fallback;
+    };
+    let timer = Timer::new(gpu, true);
+    let log = std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some();
+    let mut best = (f64::INFINITY, fallback);
+    let mut report = Vec::new();
+    for (i, tile) in TILES.iter().enumerate().filter(|(_, t)| t.fits(gpu)) {
+        let plan = plan_for(op, g, i);
+        let mut times = Vec::new();
+        for rep in 0..4 {
+            let mut rec = gpu.recorder("conv tune");
+            record(&mut rec, op, g, plan, &t[0], &t[1], &t[2], false);
+            match timer.time(gpu, vec![rec.finish()]) {
+                Ok(s) if rep > 0 => times.push(s.gpu_ms.unwrap_or(s.wall_ms)),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        if times.len() < 3 {
+            report.push(format!("{} failed", tile.name()));
+            continue;
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times[1];
+        report.push(format!("{} {ms:.4}", tile.name()));
+        if ms < best.0 {
+            best = (ms, i);
+        }
+    }
+    if log {
+        eprintln!(
+            "conv tune {op:?} x [{}, {}, {}, {}] k {} ks {} stride {}: ms {}; chose {}",
+            g.n,
+            g.c,
+            g.h,
+            g.w,
+            g.k,
+            g.ks,
+            g.stride,
+            report.join(", "),
+            TILES[best.1].name()
+        );
+    }
+    best.1
+}
+
+// ---------------------------------------------------------------------------------------------
+// Recording
+
+/// Records `op` under a tiled `plan`: forward (a = x, b = w, out = y), backward_data (a = dy,
+/// b = w, out = dx) or backward_weight (a = x, b = dy, out = dw).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record(
+    rec: &mut Recorder,
+    op: Op,
+    g: &Geometry,
+    plan: Plan,
+    a: &Tensor,
+    b: &Tensor,
+    out: &Tensor,
+    acc: bool,
+) {
+    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    match op {
+        Op::BackwardWeight => weight(rec, g, tile, a, b, out, acc, splits, chunk),
+        _ => data(rec, g, op, tile, a, b, out, acc),
+    }
+}
+
+/// Forward (a = x, out = y) or backward_data (a = dy, out = dx): the weights transposed to the
+/// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM.
+#[allow(clippy::too_many_arguments)]
+fn data(rec: &mut Recorder, g: &Geometry, op: Op, tile: usize, a: &Tensor, w: &Tensor, out: &Tensor, acc: bool) {
+    let t = TILES[tile];
+    let kk = g.ks * g.ks;
+    let (m, cols) = gemm_rows_cols(op, g);
+    let red = if op == Op::Forward { g.c * kk } else { g.k * kk };
+    let cp = cols.div_ceil(4) * 4;
+    let wtt = scratch(rec.gpu, "wtt", (red * cp * 4) as u64, wgpu::BufferUsages::STORAGE);
+    let mut params = g.params(acc);
+    params.base = u32::from(op == Op::BackwardData);
+    let gpu = rec.gpu;
+    dispatch_pipeline(
+        rec,
+        &gpu.pipeline(crate::gpu::Shader::Conv, "transpose_weights"),
+        "transpose_weights",
+        &params,
+        &[(2, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())],
+        crate::gpu::groups_for(red * cp),
+    );
+    let mut params = g.params(acc);
+    params.m = m as u32;
+    let binds = [(1, a.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, out.buffer.as_entire_binding())];
+    let p = pipeline(gpu, tile, op, g.ks, g.stride, false, "data_main");
+    dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
+}
+
+/// The f16 forward (a = x, out = y) or backward_data (a = dy, out = dx): the half weights
+/// transposed to a half B operand (the template's `transpose_main`), then the tiled GEMM with
+/// f16 loads and stores.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half_data(
+    rec: &mut Recorder,
+    op: Op,
+    g: &Geometry,
+    tile: usize,
+    a: &HalfTensor,
+    w: &HalfTensor,
+    out: &HalfTensor,
+    acc: bool,
+) {
+    let t = TILES[tile];
+    let (m, cols) = gemm_rows_cols(op, g);
+    let red = if op == Op::Forward { g.c * g.ks * g.ks } else { g.k * g.ks * g.ks };
+    let cp = cols.div_ceil(4) * 4;
+    let gpu = rec.gpu;
+    let wtt = scratch(gpu, "wtt16", (red * cp * 2) as u64, wgpu::BufferUsages::STORAGE);
+    let mut params = g.params(acc);
+    params.m = m as u32;
+    let transpose = pipeline(gpu, tile, op, g.ks, g.stride, true, "transpose_main");
+    let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
+    dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
+    let p = pipeline(gpu, tile, op, g.ks, g.stride, true, "data_main");
+    let binds = [(1, a.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, out.buffer.as_entire_binding())];
+    dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
+}
+
+/// The f16 backward_weight: half x and dy, an f32 dw.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half_weight(
+    rec: &mut Recorder,
+    g: &Geometry,
+    plan: Plan,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    dw: &Tensor,
+    acc: bool,
+) {
+    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    let t = TILES[tile];
+    let (rows, cols) = gemm_rows_cols(Op::BackwardWeight, g);
+    let mut params: Params = g.params(acc);
+    params.chunk = chunk as u32;
+    params.splits = splits as u32;
+    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
+    let binds = [
+        (1, x.buffer.as_entire_binding()),
+        (4, dy.buffer.as_entire_binding()),
+        (6, dw.buffer.as_entire_binding()),
+        (7, part.as_entire_binding()),
+    ];
+    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, true, "weight_main");
+    let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
+    dispatch_pipeline(rec, &p, "conv tiled weight f16", &params, &binds, groups);
+    if splits > 1 {
+        reduce_splits(rec, &part, dw, splits, acc);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn weight(
+    rec: &mut Recorder,
+    g: &Geometry,
+    tile: usize,
+    x: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    acc: bool,
+    splits: usize,
+    chunk: usize,
+) {
+    let t = TILES[tile];
+    let (rows, cols) = gemm_rows_cols(Op::BackwardWeight, g);
+    let mut params: Params = g.params(acc);
+    params.chunk = chunk as u32;
+    params.splits = splits as u32;
+    // With one split the kernel writes dw itself and `part` is bound but unused.
+    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
+    let binds = [
+        (1, x.buffer.as_entire_binding()),
+        (4, dy.buffer.as_entire_binding()),
+        (6, dw.buffer.as_entire_binding()),
+        (7, part.as_entire_binding()),
+    ];
+    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, false, "weight_main");
+    let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
+    dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
+    if splits > 1 {
+        reduce_splits(rec, &part, dw, splits, acc);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_tile_is_valid() {
+        for t in TILES {
+            assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
+        }
+    }
+}
