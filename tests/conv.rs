@@ -246,6 +246,47 @@ fn backward_weight_every_tile_configuration() {
     every_tile(check_backward_weight_on, 43);
 }
 
+/// Every tile configuration adds each output's terms in the same order, so all of them give the
+/// same bits: the autotuner's choice (which may differ from run to run on a GPU) never changes
+/// a result.
+#[test]
+fn every_tile_configuration_gives_the_same_bits() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(44);
+    // The last two split backward_weight's reduction over several workgroups; in the last, a
+    // split sized by each tile's own count of output tiles would differ between tiles.
+    for c in [
+        case([2, 5, 9, 7], 6, 3, 2),
+        case([1, 130, 3, 5], 132, 3, 1),
+        case([2, 16, 32, 32], 16, 3, 1),
+        case([2, 8, 48, 48], 128, 3, 1),
+    ] {
+        let (wd, yd) = (c.wd(), c.yd());
+        let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
+        let (tx, tw, tdy) = (up(&g, &c.xd, &x), up(&g, &wd, &w), up(&g, &yd, &dy));
+        let mut first: Option<[Vec<u32>; 3]> = None;
+        for name in conv::tile_names(&g) {
+            conv::force_tile(&g, Some(&name)).unwrap();
+            let (ty, tdx, tdw) = (nan(&g, &yd), nan(&g, &c.xd), nan(&g, &wd));
+            let mut rec = g.recorder("conv");
+            conv::forward(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+            conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+            conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+            rec.run().unwrap();
+            let bits = [&ty, &tdx, &tdw].map(|t| fetch(&g, t).iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
+            match &first {
+                None => first = Some(bits),
+                Some(f) => {
+                    for (op, (a, b)) in ["forward", "backward_data", "backward_weight"].iter().zip(f.iter().zip(&bits))
+                    {
+                        assert!(a == b, "{} {op}: tile {name} differs from the first configuration", c.name());
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn forward_matches_reference() {
     check_forward(CASES, 11, false);

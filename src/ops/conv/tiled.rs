@@ -244,19 +244,24 @@ fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
 }
 
 /// The plan of configuration `tile` for `op` on `g` (split-K for backward_weight: enough
-/// workgroups to fill a GPU, about 256, each with at least 256 reduction steps, and at most
-/// 16 MiB of partial sums).
+/// workgroups to fill a GPU, about 256 of 64x64 outputs, each with at least 256 reduction
+/// steps, and at most 16 MiB of partial sums).
+///
+/// The split depends on the shape alone, never on the tile: every configuration then adds each
+/// output's terms in the same order (ascending within a split, splits in order), so whichever
+/// configuration the autotuner picks, the results are the same bits.
 pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
-    let t = TILES[tile];
     if op != Op::BackwardWeight {
         return Plan::Tiled { tile, splits: 1, chunk: 0 };
     }
     let (rows, cols) = gemm_rows_cols(op, g);
-    let tiles = rows.div_ceil(t.bm) * cols.div_ceil(t.bn);
+    let tiles = rows.div_ceil(64) * cols.div_ceil(64);
     let red = g.n * g.oh * g.ow;
     let len = rows * cols;
     let splits = 256usize.div_ceil(tiles).min(red.div_ceil(256)).min((4 << 20) / len.max(1)).max(1);
-    let chunk = red.div_ceil(splits).div_ceil(t.bk) * t.bk;
+    // A multiple of every configuration's reduction step (8 or 16).
+    let step = TILES.iter().map(|t| t.bk).max().unwrap_or(16);
+    let chunk = red.div_ceil(splits).div_ceil(step) * step;
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk }
 }
 
