@@ -1,5 +1,6 @@
 //! Runs the PyTorch fixture (tests/fixtures/torch-resnet20-original-b) with each conv kernel
-//! family and prints the worst gradient error against PyTorch: a diagnostic for adapters.
+//! family, batch norm with and without its vector loads, and prints the worst gradient errors
+//! against PyTorch: a diagnostic for adapters.
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::io;
 use resnet_wgpu::ops::conv::{self, Kernels};
@@ -15,9 +16,16 @@ fn main() -> Result<()> {
     let batch = io::read(&dir.join("batch.safetensors"))?;
     let torch = io::read(&dir.join("torch.safetensors"))?;
     let labels: Vec<u32> = batch["labels"].to_i64().unwrap_or_default().iter().map(|&l| l as u32).collect();
-    for (name, k) in [("auto", Kernels::Auto), ("tiled", Kernels::Tiled), ("register", Kernels::Register)] {
+    let families = [("auto", Kernels::Auto), ("tiled", Kernels::Tiled), ("register", Kernels::Register)];
+    // Batch norm: as the adapter chooses (texture loads on CPU adapters, vec4 storage loads on
+    // GPUs), vec4 storage loads forced, scalar loads forced.
+    let bn_modes = [("auto", true, true), ("vec4", true, false), ("scalar", false, false)];
+    for ((family, k), (bn, vector, texture)) in families.into_iter().flat_map(|f| bn_modes.map(|m| (f, m))) {
         let gpu = Gpu::new()?;
         conv::set_kernels(&gpu, k);
+        resnet_wgpu::ops::batch_norm::set_vector_loads(&gpu, vector);
+        resnet_wgpu::ops::batch_norm::set_texture_loads(&gpu, texture);
+        let name = format!("conv {family}, batch norm {bn}");
         let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
         let images = Tensor::new(&gpu, &[4, 3, 32, 32], &batch["images"].to_f32())?;
         net.forward_backward(&gpu, &images, &upload_labels(&gpu, &labels, 10)?, true)?;

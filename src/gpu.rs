@@ -317,6 +317,18 @@ impl Gpu {
         self.report.features.contains(wgpu::Features::TIMESTAMP_QUERY)
     }
 
+    /// A shader module from WGSL, with the runtime checks of [`shader_checks`].
+    pub fn shader_module(&self, label: &str, wgsl: &str) -> wgpu::ShaderModule {
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(wgsl.into()) };
+        // SAFETY: `shader_checks` keeps wgpu's bounds checks on every buffer and array access
+        // unless the user turns them off by name (RESNET_WGPU_SHADER_CHECKS=none), so a kernel
+        // cannot touch memory outside its bindings. What it turns off: the counters naga adds to
+        // bound every loop (which keep drivers from unrolling the register-tile loops, leaving
+        // the accumulators in local memory) and the guards on integer division; every loop bound
+        // and divisor in these kernels comes from shapes validated on the host.
+        unsafe { self.device.create_shader_module_trusted(desc, shader_checks(self.report.device_type)) }
+    }
+
     /// The compute pipeline for `entry` in `shader`, built on first use and cached for the life
     /// of this context.
     pub fn pipeline(&self, shader: Shader, entry: &'static str) -> wgpu::ComputePipeline {
@@ -327,12 +339,7 @@ impl Gpu {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         let module = modules
             .entry(shader)
-            .or_insert_with(|| {
-                self.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-                    label: Some(&format!("{shader:?}")),
-                    source: wgpu::ShaderSource::Wgsl(shader.source().into()),
-                })
-            })
+            .or_insert_with(|| self.shader_module(&format!("{shader:?}"), shader.source()))
             .clone();
         let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),
@@ -481,4 +488,25 @@ impl Recorder<'_> {
         let gpu = self.gpu;
         gpu.submit([self.finish()])
     }
+}
+
+/// The runtime checks our kernels are compiled with on an adapter of type `device`: on GPUs,
+/// bounds checks on, loop bounding and integer-division guards off (see [`Gpu::shader_module`]);
+/// on CPU adapters wgpu's default, all on (there the unbounded loops are unrolled by LLVM and
+/// the tiled kernels take about 3x longer to build). `RESNET_WGPU_SHADER_CHECKS=all` turns
+/// everything on, `gpu` picks the GPU choice everywhere, `none` turns everything off
+/// (benchmarking aids).
+pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
+    let mut checks = wgpu::ShaderRuntimeChecks::checked();
+    let relaxed = match std::env::var("RESNET_WGPU_SHADER_CHECKS").as_deref() {
+        Ok("all") => false,
+        Ok("none") => return wgpu::ShaderRuntimeChecks::unchecked(),
+        Ok("gpu") => true,
+        _ => device != wgpu::DeviceType::Cpu,
+    };
+    if relaxed {
+        checks.force_loop_bounding = false;
+        checks.int_div_checks = false;
+    }
+    checks
 }

@@ -187,6 +187,7 @@ fn backward_relu_and_accumulate() {
 fn vec4_variant_matches_reference() {
     let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     bn::set_texture_loads(&g, false);
+    bn::set_vector_loads(&g, true);
     let up = |dims: &[usize], v: &[f32]| resnet_wgpu::Tensor::new(&g, dims, v).unwrap();
     let nan = |dims: &[usize]| resnet_wgpu::Tensor::filled(&g, dims, f32::NAN).unwrap();
     let mut rng = Rng::new(14);

@@ -162,9 +162,29 @@ pub fn set_texture_loads(gpu: &Gpu, allowed: bool) {
     texture_cell(gpu).store(allowed, Ordering::Relaxed);
 }
 
+/// Whether the vec4 and texture variants may run. The default: yes on CPU adapters, where the
+/// texture variant is 2x to 4x faster and gives the scalar kernels' bits; no on GPUs, where the
+/// vec4 storage variant gave gradients 3.6e-3 away from PyTorch's on the ResNet-20 fixture on an
+/// H200 (the scalar kernels: 2.8e-6) for a reason not yet found (BENCHMARKS.md).
+fn vector_cell(gpu: &Gpu) -> Arc<AtomicBool> {
+    let cpu = gpu.report.device_type == wgpu::DeviceType::Cpu;
+    gpu.cached("batch_norm.vector-loads", || Arc::new(AtomicBool::new(cpu)))
+}
+
+/// Allows or forbids the vec4 and texture variants on this context (see `vector_cell` for the
+/// default): a testing and diagnostic aid.
+#[doc(hidden)]
+pub fn set_vector_loads(gpu: &Gpu, allowed: bool) {
+    vector_cell(gpu).store(allowed, Ordering::Relaxed);
+}
+
 fn variant(gpu: &Gpu, d: [usize; 4]) -> Variant {
     let len = d.iter().product::<usize>();
-    if !(d[2] * d[3]).is_multiple_of(4) || !REDUCE_CHUNK.is_multiple_of(4) || !APPLY_CHUNK.is_multiple_of(4) {
+    if !(d[2] * d[3]).is_multiple_of(4)
+        || !REDUCE_CHUNK.is_multiple_of(4)
+        || !APPLY_CHUNK.is_multiple_of(4)
+        || !vector_cell(gpu).load(Ordering::Relaxed)
+    {
         Variant::Scalar
     } else if gpu.report.device_type == wgpu::DeviceType::Cpu
         && texture_fits(gpu, len)

@@ -149,10 +149,7 @@ fn pipeline(
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
     let key = format!("conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}.{entry}", t.name(), if half { "f16" } else { "f32" });
     gpu.cached(&key, || {
-        let module = gpu.device.create_shader_module(wgpu::ShaderModuleDescriptor {
-            label: Some(&key),
-            source: wgpu::ShaderSource::Wgsl(t.source(op, ks, stride, half).into()),
-        });
+        let module = gpu.shader_module(&key, &t.source(op, ks, stride, half));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
@@ -275,8 +272,8 @@ pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan
     plan_for(op, g, tile)
 }
 
-/// Times each configuration that fits on zero operands of `g`'s shape (one warm-up, then the
-/// median of three runs) and returns the fastest; the rule where nothing could be timed.
+/// Times each configuration that fits on zero operands of `g`'s shape (a warm-up round, then
+/// the median of three rounds) and returns the fastest; the rule where nothing could be timed.
 fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
     let fallback = rule(op, g);
     let x = [g.n, g.c, g.h, g.w];
@@ -293,27 +290,35 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
     };
     let timer = Timer::new(gpu, true);
     let log = std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some();
-    let mut best = (f64::INFINITY, fallback);
-    let mut report = Vec::new();
-    for (i, tile) in TILES.iter().enumerate().filter(|(_, t)| t.fits(gpu)) {
-        let plan = plan_for(op, g, i);
-        let mut times = Vec::new();
-        for rep in 0..4 {
+    // Round-robin: every configuration once per round (the first round a warm-up), so that a
+    // GPU still raising its clocks when tuning starts does not penalise the first candidates.
+    let candidates: Vec<usize> = (0..TILES.len()).filter(|&i| TILES[i].fits(gpu)).collect();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
+    let mut failed = vec![false; candidates.len()];
+    for round in 0..4 {
+        for (j, &i) in candidates.iter().enumerate() {
+            if failed[j] {
+                continue;
+            }
             let mut rec = gpu.recorder("conv tune");
-            record(&mut rec, op, g, plan, &t[0], &t[1], &t[2], false);
+            record(&mut rec, op, g, plan_for(op, g, i), &t[0], &t[1], &t[2], false);
             match timer.time(gpu, vec![rec.finish()]) {
-                Ok(s) if rep > 0 => times.push(s.gpu_ms.unwrap_or(s.wall_ms)),
+                Ok(s) if round > 0 => times[j].push(s.gpu_ms.unwrap_or(s.wall_ms)),
                 Ok(_) => {}
-                Err(_) => break,
+                Err(_) => failed[j] = true,
             }
         }
-        if times.len() < 3 {
-            report.push(format!("{} failed", tile.name()));
+    }
+    let mut best = (f64::INFINITY, fallback);
+    let mut report = Vec::new();
+    for (j, &i) in candidates.iter().enumerate() {
+        if failed[j] || times[j].len() < 3 {
+            report.push(format!("{} failed", TILES[i].name()));
             continue;
         }
-        times.sort_by(f64::total_cmp);
-        let ms = times[1];
-        report.push(format!("{} {ms:.4}", tile.name()));
+        times[j].sort_by(f64::total_cmp);
+        let ms = times[j][1];
+        report.push(format!("{} {ms:.4}", TILES[i].name()));
         if ms < best.0 {
             best = (ms, i);
         }
