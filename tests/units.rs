@@ -90,27 +90,6 @@ fn every_unit_variant_matches_the_reference() {
     assert_eq!(seen.len(), 12, "variants covered: {seen:?}");
 }
 
-/// The unit's learned tensors under their PyTorch names.
-fn unit_params(u: &Unit) -> Vec<(String, &resnet_wgpu::unit::Param)> {
-    let p = &u.spec.name;
-    let mut v = Vec::new();
-    for (i, (c, b)) in u.convs.iter().zip(&u.bns).enumerate() {
-        v.push((format!("{p}.conv{}.weight", i + 1), &c.w));
-        v.push((format!("{p}.bn{}.weight", i + 1), &b.gamma));
-        v.push((format!("{p}.bn{}.bias", i + 1), &b.beta));
-    }
-    match (&u.proj, &u.proj_bn) {
-        (Some(c), None) => v.push((format!("{p}.shortcut.weight"), &c.w)),
-        (Some(c), Some(b)) => {
-            v.push((format!("{p}.shortcut.0.weight"), &c.w));
-            v.push((format!("{p}.shortcut.1.weight"), &b.gamma));
-            v.push((format!("{p}.shortcut.1.bias"), &b.beta));
-        }
-        _ => {}
-    }
-    v
-}
-
 /// The unit's running statistics under their PyTorch names.
 fn unit_buffers(u: &Unit) -> Vec<(String, &resnet_wgpu::Tensor)> {
     let p = &u.spec.name;

@@ -9,7 +9,7 @@ use resnet_wgpu::arch::{Combine, NetConfig, Shortcut, ShortcutOption, UnitKind, 
 use resnet_wgpu::net::ResNet;
 use resnet_wgpu::ops::{gate, mix};
 use resnet_wgpu::reference::{conv as rconv, gate as rgate, mix as rmix, net as rnet, to_f64};
-use resnet_wgpu::unit::{Mode, Param, Unit, Workspace};
+use resnet_wgpu::unit::{Mode, Unit, Workspace};
 
 const COMBINATIONS: [Combine; 6] = [
     Combine::Add,
@@ -131,31 +131,6 @@ fn kernels_refuse_bad_operands() {
     // A bias of the wrong length.
     assert!(gate::bias_sigmoid(&mut rec, &poisoned(&[3]), &a).is_err());
     rec.run().unwrap();
-}
-
-/// The unit's learned tensors under their PyTorch names, gate included.
-fn unit_params(u: &Unit) -> Vec<(String, &Param)> {
-    let p = &u.spec.name;
-    let mut v = Vec::new();
-    for (i, (c, b)) in u.convs.iter().zip(&u.bns).enumerate() {
-        v.push((format!("{p}.conv{}.weight", i + 1), &c.w));
-        v.push((format!("{p}.bn{}.weight", i + 1), &b.gamma));
-        v.push((format!("{p}.bn{}.bias", i + 1), &b.beta));
-    }
-    match (&u.proj, &u.proj_bn) {
-        (Some(c), None) => v.push((format!("{p}.shortcut.weight"), &c.w)),
-        (Some(c), Some(b)) => {
-            v.push((format!("{p}.shortcut.0.weight"), &c.w));
-            v.push((format!("{p}.shortcut.1.weight"), &b.gamma));
-            v.push((format!("{p}.shortcut.1.bias"), &b.beta));
-        }
-        _ => {}
-    }
-    if let Some(gt) = &u.gate {
-        v.push((format!("{p}.gate.weight"), &gt.w));
-        v.push((format!("{p}.gate.bias"), &gt.b));
-    }
-    v
 }
 
 /// Every unit of a small network of `cfg` (identity and stride-2 units), forward and backward

@@ -94,3 +94,28 @@ pub fn check_grad(name: &str, got: &[f32], want: &[f64]) {
     eprintln!("{name}: zero in exact arithmetic, max abs {max:.2e}");
     assert!(max <= 1e-5, "{name}: {max:e} where the gradient is zero");
 }
+
+/// The unit's learned tensors under their PyTorch names, gate included.
+pub fn unit_params(u: &resnet_wgpu::unit::Unit) -> Vec<(String, &resnet_wgpu::unit::Param)> {
+    let p = &u.spec.name;
+    let mut v = Vec::new();
+    for (i, (c, b)) in u.convs.iter().zip(&u.bns).enumerate() {
+        v.push((format!("{p}.conv{}.weight", i + 1), &c.w));
+        v.push((format!("{p}.bn{}.weight", i + 1), &b.gamma));
+        v.push((format!("{p}.bn{}.bias", i + 1), &b.beta));
+    }
+    match (&u.proj, &u.proj_bn) {
+        (Some(c), None) => v.push((format!("{p}.shortcut.weight"), &c.w)),
+        (Some(c), Some(b)) => {
+            v.push((format!("{p}.shortcut.0.weight"), &c.w));
+            v.push((format!("{p}.shortcut.1.weight"), &b.gamma));
+            v.push((format!("{p}.shortcut.1.bias"), &b.beta));
+        }
+        _ => {}
+    }
+    if let Some(gt) = &u.gate {
+        v.push((format!("{p}.gate.weight"), &gt.w));
+        v.push((format!("{p}.gate.bias"), &gt.b));
+    }
+    v
+}
