@@ -281,10 +281,10 @@ impl NetConfig {
     /// - stem: `conv1.weight`; every placement but pre-activation also `bn1.*` after it;
     /// - unit `layer{s}.{j}`: `conv{i}.weight` and `bn{i}.*` for each weight layer `i`; a
     ///   projection shortcut is `shortcut.weight` in pre-activation units and `shortcut.0.weight`
-    ///   with `shortcut.1.*` (its BN) in the others; a gate is `gate.weight` [C_out, C_in, 1, 1]
-    ///   and `gate.bias` [C_out];
+    ///   with `shortcut.1.*` (its BN) in the others; a gate is `gate.weight` `[C_out, C_in, 1, 1]`
+    ///   and `gate.bias` `[C_out]`;
     /// - pre-activation networks: the final `bn.*` before pooling;
-    /// - head: `fc.weight` [classes, C], `fc.bias` [classes].
+    /// - head: `fc.weight` `[classes, C]`, `fc.bias` `[classes]`.
     ///
     /// `bn*.` expands to `weight`, `bias` (learned) and `running_mean`, `running_var`,
     /// `num_batches_tracked` (buffers).

@@ -352,7 +352,7 @@ impl Unit {
 
     /// Whether this unit runs on the fused path: pre-activation or original with the plain sum.
     /// Every other variant runs on the general path, which computes `h`, `F` and their
-    /// combination into buffers of their own (see [`Unit::forward_general`]).
+    /// combination into buffers of their own (see the module doc).
     pub fn fused(&self) -> bool {
         self.spec.combine == Combine::Add && matches!(self.spec.kind, UnitKind::PreAct | UnitKind::Original)
     }

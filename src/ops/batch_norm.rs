@@ -10,10 +10,10 @@
 //!
 //! Every kernel gives each invocation a run of consecutive elements of one `(n, c)` plane (so
 //! per-channel values are loaded once per run: on CPU adapters each storage access is costly).
-//! Kernels: `stats_partial` (per run of [`REDUCE_CHUNK`] elements: sum and squared deviations
+//! Kernels: `stats_partial` (per run of `REDUCE_CHUNK` elements: sum and squared deviations
 //! into a per-context partials buffer) then `stats_final` (a workgroup per channel, combining its runs in a
 //! fixed order: mean, invstd, running statistics); `normalize` / `normalize_eval` (runs of
-//! [`APPLY_CHUNK`] elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
+//! `APPLY_CHUNK` elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
 //! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and `backward_apply`
 //! (runs of `dx`). No atomics: results are deterministic. A batch past the storage-binding limit
 //! runs by chunks of images (`split.rs`): `stats_merge` / `backward_merge` fold each chunk's
@@ -55,7 +55,7 @@ pub struct Epilogue {
     pub relu: bool,
 }
 
-/// Per-channel parameters and buffers of one BN layer, all 1-D [C] tensors.
+/// Per-channel parameters and buffers of one BN layer, all 1-D `[C]` tensors.
 pub struct BnTensors<'a> {
     pub gamma: &'a Tensor,
     pub beta: &'a Tensor,
@@ -276,7 +276,7 @@ fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
 }
 
 /// This context's buffer for the reductions' per-run partials (2 floats per run of
-/// [`REDUCE_CHUNK`]), one per size. Calls recorded one after another may share it: each
+/// `REDUCE_CHUNK`), one per size. Calls recorded one after another may share it: each
 /// reduction's final pass reads it before the next one's first pass writes it.
 fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
     let bytes = (2 * d[0] * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64;
@@ -290,7 +290,7 @@ fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
     })
 }
 
-/// Training mode: batch statistics saved into save_mean/save_invstd ([C]), running stats updated (momentum 0.1, unbiased var), y written per `ep`.
+/// Training mode: batch statistics saved into save_mean/save_invstd (`[C]`), running stats updated (momentum 0.1, unbiased var), y written per `ep`.
 ///
 /// With `ep.add`, `y` holds `y_old` on entry and `y = y_old + bn(x)` (then the ReLU, if set) on
 /// exit. `N*H*W == 1` is [`Error::Invalid`] (no unbiased variance), as in PyTorch.
@@ -470,8 +470,8 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
     Ok(())
 }
 
-/// Backward of forward_train: dx (+)= ..., dgamma (+)= ..., dbeta (+)= ... . If `relu`, dy is first multiplied by the recomputed mask [gamma*xhat+beta > 0].
-/// `scratch` is a [2*C] tensor for the per-channel sums (caller-owned so nothing is allocated per call).
+/// Backward of forward_train: dx (+)= ..., dgamma (+)= ..., dbeta (+)= ... . If `relu`, dy is first multiplied by the recomputed mask `[gamma*xhat+beta > 0]`.
+/// `scratch` is a `[2*C]` tensor for the per-channel sums (caller-owned so nothing is allocated per call).
 ///
 /// `relu` is for a forward run with `Epilogue { add: false, relu: true }` only: the mask is
 /// recomputed from `x`, the saved statistics, `gamma` and `beta`, so the forward's output need

@@ -60,7 +60,7 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Checks `x` [N,C,H,W], `w` [K,C,ks,ks] and `y` [N,K,OH,OW] against each other; `what` and
+    /// Checks `x` `[N,C,H,W]`, `w` `[K,C,ks,ks]` and `y` `[N,K,OH,OW]` against each other; `what` and
     /// the names say which call and which tensors, in the error.
     fn check(what: &str, names: [&str; 3], x: &Tensor, w: &Tensor, y: &Tensor, stride: usize) -> Result<Geometry> {
         let xd = x.nchw(&format!("{what}: {}", names[0]))?;
@@ -382,7 +382,7 @@ fn window(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
     })
 }
 
-/// y (+)= conv(x, w). x [N,C,H,W], w [K,C,k,k] (PyTorch OIHW, k in {1,3}, pad k/2, no bias), y [N,K,OH,OW], stride 1 or 2.
+/// y (+)= conv(x, w). x `[N,C,H,W]`, w `[K,C,k,k]` (PyTorch OIHW, k in {1,3}, pad k/2, no bias), y `[N,K,OH,OW]`, stride 1 or 2.
 /// accumulate = true adds into y: the fused residual add (x_{l+1} = x_l + F).
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
     const WHAT: &str = "conv forward";
@@ -454,7 +454,7 @@ pub fn backward_weight(
     Ok(())
 }
 
-/// dw (=|+=) the partial sums in `part` ([splits][len]), added in split order.
+/// dw (=|+=) the partial sums in `part` (`[splits][len]`), added in split order.
 fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &Tensor, splits: usize, acc: bool) {
     let len = dw.len();
     let params = Params { accumulate: acc as u32, splits: splits as u32, len: len as u32, ..Params::default() };

@@ -1,8 +1,8 @@
 //! The network head (global average pooling, the fully connected layer, softmax
 //! cross-entropy), dispatching `shaders/pool_fc_loss.wgsl`. Reference: `reference::pool_fc_loss`.
 //!
-//! Shapes: `x` [N,C,H,W], pooled `p` [N,C], weight `w` [K,C] (PyTorch `Linear` layout), bias `b`
-//! [K], `logits` [N,K], labels N values below K, `loss` [1].
+//! Shapes: `x` `[N,C,H,W]`, pooled `p` `[N,C]`, weight `w` `[K,C]` (PyTorch `Linear` layout), bias `b`
+//! `[K]`, `logits` `[N,K]`, labels N values below K, `loss` `[1]`.
 
 use wgpu::util::DeviceExt;
 
@@ -125,7 +125,7 @@ impl Params {
     }
 }
 
-/// Global average pooling: `p[n,c] = mean_{h,w} x[n,c,h,w]`; `p` is [N,C].
+/// Global average pooling: `p[n,c] = mean_{h,w} x[n,c,h,w]`; `p` is `[N,C]`.
 pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
     let [n, c, h, w] = x.nchw("pool forward: x")?;
     expect(p, &[n, c], "pool forward: p")?;
@@ -147,7 +147,7 @@ pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
     Ok(())
 }
 
-/// `dx[n,c,h,w] (+)= dp[n,c] / (H*W)`; `dp` is [N,C], `dx` [N,C,H,W].
+/// `dx[n,c,h,w] (+)= dp[n,c] / (H*W)`; `dp` is `[N,C]`, `dx` `[N,C,H,W]`.
 pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
     let [n, c, h, w] = dx.nchw("pool backward: dx")?;
     expect(dp, &[n, c], "pool backward: dp")?;
@@ -169,7 +169,7 @@ pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: b
     Ok(())
 }
 
-/// `logits = p · wᵀ + b`: `p` [N,C], `w` [K,C], `b` [K], `logits` [N,K].
+/// `logits = p · wᵀ + b`: `p` `[N,C]`, `w` `[K,C]`, `b` `[K]`, `logits` `[N,K]`.
 pub fn fc_forward(rec: &mut Recorder, p: &Tensor, w: &Tensor, b: &Tensor, logits: &Tensor) -> Result<()> {
     let [n, c] = two_d(p, "fc forward: p")?;
     let [k, wc] = two_d(w, "fc forward: w")?;
@@ -252,7 +252,7 @@ pub fn fc_backward(
 
 /// Softmax cross-entropy, mean over the batch: `loss[0] = mean_n (logsumexp(z_n) - z_n[label_n])`
 /// and `dlogits = (softmax(z) - onehot(labels)) / N` (overwritten). `logits` and `dlogits` are
-/// [N,K], `labels` N values with `classes == K`, `loss` [1].
+/// `[N,K]`, `labels` N values with `classes == K`, `loss` `[1]`.
 pub fn softmax_xent(
     rec: &mut Recorder,
     logits: &Tensor,

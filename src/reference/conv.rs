@@ -1,5 +1,5 @@
 //! CPU reference for 2-D convolution (f64): square kernel, padding `k / 2`, no bias.
-//! x [N,C,H,W], w [K,C,k,k] (OIHW), y [N,K,OH,OW] with OH = (H + 2*pad - k) / stride + 1.
+//! x `[N,C,H,W]`, w `[K,C,k,k]` (OIHW), y `[N,K,OH,OW]` with OH = (H + 2*pad - k) / stride + 1.
 //! All three functions walk the same (n, k, c, oy, ox, ky, kx) loop nest and differ only in
 //! which of `y[n,k,oy,ox] += x[n,c,iy,ix] * w[k,c,ky,kx]` they accumulate.
 
@@ -46,7 +46,7 @@ fn out_dims(xd: [usize; 4], wd: [usize; 4], stride: usize) -> [usize; 4] {
     [xd[0], wd[0], out_size(xd[2], wd[2], stride), out_size(xd[3], wd[3], stride)]
 }
 
-/// `y = conv(x, w)`, y [N,K,OH,OW].
+/// `y = conv(x, w)`, y `[N,K,OH,OW]`.
 pub fn forward(x: &[f64], xd: [usize; 4], w: &[f64], wd: [usize; 4], stride: usize) -> Vec<f64> {
     assert_eq!(x.len(), xd.iter().product::<usize>(), "conv reference: x length");
     assert_eq!(w.len(), wd.iter().product::<usize>(), "conv reference: w length");
@@ -55,7 +55,7 @@ pub fn forward(x: &[f64], xd: [usize; 4], w: &[f64], wd: [usize; 4], stride: usi
     y
 }
 
-/// `dx = dL/dx` given `dy = dL/dy`, dx [N,C,H,W] = `xd`.
+/// `dx = dL/dx` given `dy = dL/dy`, dx `[N,C,H,W]` = `xd`.
 pub fn backward_data(dy: &[f64], w: &[f64], wd: [usize; 4], xd: [usize; 4], stride: usize) -> Vec<f64> {
     assert_eq!(dy.len(), out_dims(xd, wd, stride).iter().product::<usize>(), "conv reference: dy length");
     assert_eq!(w.len(), wd.iter().product::<usize>(), "conv reference: w length");
@@ -64,7 +64,7 @@ pub fn backward_data(dy: &[f64], w: &[f64], wd: [usize; 4], xd: [usize; 4], stri
     dx
 }
 
-/// `dw = dL/dw` given `x` and `dy = dL/dy`, dw [K,C,k,k] = `wd`.
+/// `dw = dL/dw` given `x` and `dy = dL/dy`, dw `[K,C,k,k]` = `wd`.
 pub fn backward_weight(x: &[f64], xd: [usize; 4], dy: &[f64], wd: [usize; 4], stride: usize) -> Vec<f64> {
     assert_eq!(x.len(), xd.iter().product::<usize>(), "conv reference: x length");
     assert_eq!(dy.len(), out_dims(xd, wd, stride).iter().product::<usize>(), "conv reference: dy length");

@@ -1,7 +1,7 @@
 //! CPU reference for the network head (f64): global average pooling, the fully connected layer
-//! (weight [K,C], PyTorch `Linear` layout) and softmax cross-entropy, mean over the batch.
+//! (weight `[K,C]`, PyTorch `Linear` layout) and softmax cross-entropy, mean over the batch.
 
-/// `p[n,c] = mean_{h,w} x[n,c,h,w]`; `x` is [N,C,H,W] with `hw = H*W`; returns [N,C].
+/// `p[n,c] = mean_{h,w} x[n,c,h,w]`; `x` is `[N,C,H,W]` with `hw = H*W`; returns `[N,C]`.
 pub fn pool_forward(x: &[f64], n: usize, c: usize, hw: usize) -> Vec<f64> {
     assert_eq!(x.len(), n * c * hw);
     let mut p = vec![0.0; n * c];
@@ -15,7 +15,7 @@ pub fn pool_forward(x: &[f64], n: usize, c: usize, hw: usize) -> Vec<f64> {
     p
 }
 
-/// `dx[n,c,h,w] = dp[n,c] / (H*W)`; returns [N,C,H,W].
+/// `dx[n,c,h,w] = dp[n,c] / (H*W)`; returns `[N,C,H,W]`.
 pub fn pool_backward(dp: &[f64], hw: usize) -> Vec<f64> {
     let mut dx = vec![0.0; dp.len() * hw];
     for (i, &g) in dp.iter().enumerate() {
@@ -26,7 +26,7 @@ pub fn pool_backward(dp: &[f64], hw: usize) -> Vec<f64> {
     dx
 }
 
-/// `logits[n,k] = b[k] + sum_c p[n,c] w[k,c]`; `p` [N,C], `w` [K,C], `b` [K]; returns [N,K].
+/// `logits[n,k] = b[k] + sum_c p[n,c] w[k,c]`; `p` `[N,C]`, `w` `[K,C]`, `b` `[K]`; returns `[N,K]`.
 pub fn fc_forward(p: &[f64], w: &[f64], b: &[f64], n: usize, c: usize, k: usize) -> Vec<f64> {
     assert_eq!((p.len(), w.len(), b.len()), (n * c, k * c, k));
     let mut z = vec![0.0; n * k];
@@ -42,8 +42,8 @@ pub fn fc_forward(p: &[f64], w: &[f64], b: &[f64], n: usize, c: usize, k: usize)
     z
 }
 
-/// The fully connected layer's gradients `(dp, dw, db)`: `dp = dz · w` [N,C], `dw = dzᵀ · p`
-/// [K,C], `db = sum_n dz` [K].
+/// The fully connected layer's gradients `(dp, dw, db)`: `dp = dz · w` `[N,C]`, `dw = dzᵀ · p`
+/// `[K,C]`, `db = sum_n dz` `[K]`.
 pub fn fc_backward(p: &[f64], w: &[f64], dz: &[f64], n: usize, c: usize, k: usize) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     assert_eq!((p.len(), w.len(), dz.len()), (n * c, k * c, n * k));
     let mut dp = vec![0.0; n * c];
@@ -62,7 +62,7 @@ pub fn fc_backward(p: &[f64], w: &[f64], dz: &[f64], n: usize, c: usize, k: usiz
     (dp, dw, db)
 }
 
-/// Softmax cross-entropy of `z` [N,K] against `labels` (each below K), mean over the batch:
+/// Softmax cross-entropy of `z` `[N,K]` against `labels` (each below K), mean over the batch:
 /// returns `(loss, dz)` with `dz = (softmax(z) - onehot) / N`. Subtracts each row's max.
 pub fn softmax_xent(z: &[f64], labels: &[u32], k: usize) -> (f64, Vec<f64>) {
     let n = labels.len();
