@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (after tools/device_pack.sh), in priority order, each step
+# time-limited so that the whole stays under LIMIT seconds (default 420):
+#   1. the adapter;
+#   2. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check);
+#   3. the test binaries on the GPU;
+#   4. the full benchmark with the autotuner's log and the burn and PyTorch peers.
+# Outputs go under $OUT (the device tool brings them back).
+set -u
+start=$(date +%s)
+LIMIT=${LIMIT:-420}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+left() { echo $(( LIMIT - ($(date +%s) - start) )); }
+source .device/vulkan-env.sh
+export WGPU_BACKEND=vulkan PYTHONUNBUFFERED=1
+for f in .device/*.gz; do b=$(basename "$f" .gz); gunzip -c "$f" > "/tmp/$b" && chmod +x "/tmp/$b"; done
+/tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
+echo "=== torch_check ($(left) s left)"
+timeout 90 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG | tee "$OUT/torch_check.txt"
+for t in conv batch_norm variants network units binding_limit; do
+    l=$(left); [ "$l" -lt 150 ] && { echo "skip test $t: time"; continue; }
+    timeout 90 "/tmp/t_$t" --test-threads 4 --nocapture > "$OUT/t_$t.log" 2>&1
+    echo "test $t exit $? ($(left) s left)"
+    grep -E "^test result|panicked|relative L2 error" "$OUT/t_$t.log" | head -4
+done
+echo "=== bench ($(left) s left)"
+peers=()
+[ -x /tmp/burn-unit ] && peers+=(--burn /tmp/burn-unit)
+[ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
+l=$(left)
+RESNET_WGPU_CONV_TUNE_LOG=1 timeout $(( l > 30 ? l - 10 : 20 )) /tmp/resnet-wgpu bench --full "${peers[@]}" \
+    --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+echo "bench exit $?"
+grep -E "^(conv3x3|bn|unit)|fp32" "$OUT/bench.txt" | head -80
+echo "=== done at $(( $(date +%s) - start )) s"
