@@ -358,7 +358,7 @@ pub(super) fn record(
 ) {
     let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
     match op {
-        Op::BackwardWeight => weight(rec, g, tile, a, b, out, acc, splits, chunk),
+        Op::BackwardWeight => weight(rec, g, tile, [&a.buffer, &b.buffer], out, acc, splits, chunk, false),
         _ => data(rec, g, op, tile, a, b, out, acc),
     }
 }
@@ -433,37 +433,22 @@ pub(super) fn record_half_weight(
     acc: bool,
 ) {
     let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
-    let t = TILES[tile];
-    let (rows, cols) = gemm_rows_cols(Op::BackwardWeight, g);
-    let mut params: Params = g.params(acc);
-    params.chunk = chunk as u32;
-    params.splits = splits as u32;
-    let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
-    let binds = [
-        (1, x.buffer.as_entire_binding()),
-        (4, dy.buffer.as_entire_binding()),
-        (6, dw.buffer.as_entire_binding()),
-        (7, part.as_entire_binding()),
-    ];
-    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, true, "weight_main");
-    let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
-    dispatch_pipeline(rec, &p, "conv tiled weight f16", &params, &binds, groups);
-    if splits > 1 {
-        reduce_splits(rec, &part, dw, splits, acc);
-    }
+    weight(rec, g, tile, [&x.buffer, &dy.buffer], dw, acc, splits, chunk, true);
 }
 
+/// backward_weight: `dw (+)= ` the GEMM of `x` and `dy` (`[x, dy]`, f16 where `half`) over
+/// N*H*W, in `splits` of `chunk` steps summed by [`reduce_splits`].
 #[allow(clippy::too_many_arguments)]
 fn weight(
     rec: &mut Recorder,
     g: &Geometry,
     tile: usize,
-    x: &Tensor,
-    dy: &Tensor,
+    [x, dy]: [&wgpu::Buffer; 2],
     dw: &Tensor,
     acc: bool,
     splits: usize,
     chunk: usize,
+    half: bool,
 ) {
     let t = TILES[tile];
     let (rows, cols) = gemm_rows_cols(Op::BackwardWeight, g);
@@ -473,12 +458,12 @@ fn weight(
     // With one split the kernel writes dw itself and `part` is bound but unused.
     let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
     let binds = [
-        (1, x.buffer.as_entire_binding()),
-        (4, dy.buffer.as_entire_binding()),
+        (1, x.as_entire_binding()),
+        (4, dy.as_entire_binding()),
         (6, dw.buffer.as_entire_binding()),
         (7, part.as_entire_binding()),
     ];
-    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, false, "weight_main");
+    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, half, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
     if splits > 1 {
