@@ -485,26 +485,27 @@ impl std::str::FromStr for Variant {
         let name = parts.next().unwrap_or_default();
         let nums = parts.map(|p| p.parse::<f32>().map_err(|_| bad(&format!("{p:?} is not a number"))));
         let nums = nums.collect::<Result<Vec<f32>>>()?;
-        let arity = |n: usize| if nums.len() <= n { Ok(()) } else { Err(bad("too many numbers")) };
-        v.combine = match name {
-            "add" => Combine::Add,
-            "conv" => {
+        // The one number of gate, shortcut-gate and dropout, or its default.
+        let one = |default: f32| match nums[..] {
+            [] => Ok(default),
+            [x] => Ok(x),
+            _ => Err(bad(&format!("{name} takes one number"))),
+        };
+        v.combine = match (name, &nums[..]) {
+            ("add", []) => Combine::Add,
+            ("conv", []) => {
                 v.conv_shortcut = true;
                 Combine::Add
             }
-            "scale" => match nums[..] {
-                [] => Combine::Scale { h: 0.5, f: 0.5 },
-                [h, f] => Combine::Scale { h, f },
-                _ => return Err(bad("scale takes two numbers, scale:H:F")),
-            },
-            "gate" => Combine::ExclusiveGate { bias: nums.first().copied().unwrap_or(-6.0) },
-            "shortcut-gate" => Combine::ShortcutGate { bias: nums.first().copied().unwrap_or(-6.0) },
-            "dropout" => Combine::Dropout { rate: nums.first().copied().unwrap_or(0.5) },
+            ("add" | "conv", _) => return Err(bad(&format!("{name} takes no number"))),
+            ("scale", []) => Combine::Scale { h: 0.5, f: 0.5 },
+            ("scale", &[h, f]) => Combine::Scale { h, f },
+            ("scale", _) => return Err(bad("scale takes two numbers, scale:H:F")),
+            ("gate", _) => Combine::ExclusiveGate { bias: one(-6.0)? },
+            ("shortcut-gate", _) => Combine::ShortcutGate { bias: one(-6.0)? },
+            ("dropout", _) => Combine::Dropout { rate: one(0.5)? },
             _ => return Err(bad("unknown combination (add, scale, gate, shortcut-gate, conv, dropout)")),
         };
-        if !matches!(name, "scale") {
-            arity(if matches!(name, "add" | "conv") { 0 } else { 1 })?;
-        }
         v.combine.validate()?;
         Ok(v)
     }
