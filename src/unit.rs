@@ -210,18 +210,17 @@ pub enum Slot {
 impl Workspace {
     /// Makes sure a tensor of `dims` exists for every slot.
     pub fn reserve(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
-        for slot in [Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)] {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), slot)) {
-                e.insert(Tensor::zeros(gpu, dims)?);
-            }
-        }
-        Ok(())
+        self.reserve_slots(gpu, dims, [Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)])
     }
 
     /// Makes sure the general path's [`Slot::Mix`] tensors of `dims` exist.
     pub fn reserve_mix(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
-        for i in 0..4 {
-            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), Slot::Mix(i))) {
+        self.reserve_slots(gpu, dims, [0, 1, 2, 3].map(Slot::Mix))
+    }
+
+    fn reserve_slots(&mut self, gpu: &Gpu, dims: &[usize], slots: [Slot; 4]) -> Result<()> {
+        for slot in slots {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), slot)) {
                 e.insert(Tensor::zeros(gpu, dims)?);
             }
         }
