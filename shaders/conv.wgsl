@@ -33,6 +33,13 @@
 //       Variants (stride, ks, op) are entry points passing literals to one function, so that
 //       the driver folds the branches between them. The host picks this path where rows of
 //       quads tile the 8 lanes exactly (quads per row 1, 2, 4 or 8) and the windows fit.
+//
+// BN + ReLU prologue (both families, forward and backward_weight): with PRE (an override here, a
+// template constant in conv_tiled.wgsl) the x operand is read as a = ReLU((x - mean) * scale +
+// beta) per input channel, `aff[c] = (mean, scale = gamma * invstd, beta, 0)`, applied to each
+// element as it is loaded, before the zero padding: the convolution of a pre-activation unit
+// reads the BN's input directly and the activation is never written (see ops/batch_norm.rs
+// `affine`).
 
 struct Params {
     n: u32,
@@ -58,6 +65,7 @@ struct Params {
 
 // Tiled path operands.
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
+@group(0) @binding(5) var<storage, read> aff: array<vec4f>; // PRE: per input channel (mean, scale, beta, 0)
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
 @group(0) @binding(8) var<storage, read> part_in: array<f32>;
@@ -130,6 +138,10 @@ fn reduce_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg
 const LANES: u32 = 8u;
 const TEXW: u32 = 1024u; // texels per row of an operand texture (4096 floats)
 
+// Whether the `at` operand (x: forward and backward_weight only) is read through the BN + ReLU
+// prologue.
+override PRE: bool = false;
+
 // Texel `t` of an operand texture: elements 4t .. 4t+3 of the flattened tensor.
 fn tex_a(t: u32) -> vec4f {
     return textureLoad(at, vec2u(t % TEXW, t / TEXW), 0);
@@ -195,7 +207,12 @@ fn quad(q: u32, total: u32, rows: u32, cols: u32) -> Quad {
 fn row_a(plane: u32, iy: i32, h: u32, w: u32, tq: u32) -> vec4f {
     let ok = iy >= 0 && iy < i32(h);
     let r = u32(clamp(iy, 0, i32(h) - 1));
-    return select(vec4f(0.0), tex_a((plane * h + r) * (w / 4u) + tq), ok);
+    var v = tex_a((plane * h + r) * (w / 4u) + tq);
+    if PRE {
+        let a = aff[plane % p.c];
+        v = max(fma(v - vec4f(a.x), vec4f(a.y), vec4f(a.z)), vec4f(0.0));
+    }
+    return select(vec4f(0.0), v, ok);
 }
 
 // One input row for the 3 column taps of a stride-1 3x3 correlation at quad columns

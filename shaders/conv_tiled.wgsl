@@ -12,6 +12,8 @@
 //   AS, BS   padded row strides (vec4s) of the workgroup tiles: BM / 4 + 1 and BN / 4 + 1
 //   A_PER, B_PER  elements each invocation stages per tile (data_main: B_PER vec4s)
 //   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
+//   PRE      true: x is read through the BN + ReLU prologue (conv.wgsl's head), forward and
+//            backward_weight only
 //   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
 //            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
 //
@@ -58,6 +60,7 @@ struct Params {
 @group(0) @binding(2) var<storage, read> wtt: array<vec4<ST>>;   // data: transposed weights
 @group(0) @binding(3) var<storage, read_write> dst: array<ST>;   // data: y or dx
 @group(0) @binding(4) var<storage, read> dys: array<ST>;         // weight: dy
+@group(0) @binding(5) var<storage, read> aff: array<vec4f>;      // PRE: per input channel (mean, scale, beta, 0)
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
 @group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums
 @group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
@@ -87,6 +90,15 @@ fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, t
     }
 }
 
+// Element v of x in input channel c, through the prologue where PRE: ReLU((v - mean) * scale + beta).
+fn pre(v: f32, c: u32) -> f32 {
+    if PRE {
+        let a = aff[c];
+        return max(fma(v - a.x, a.y, a.z), 0.0);
+    }
+    return v;
+}
+
 // A[m][r] of the data ops for pixel (n, py, px) of the GEMM rows: im2col of x (forward), or
 // the dy term that reaches input pixel (py, px) (backward_data). Zero outside.
 fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
@@ -103,7 +115,7 @@ fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
         if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
             return 0.0;
         }
-        return f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]);
+        return pre(f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]), c);
     }
     // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
     let ty = i32(py + PAD) - i32(ky);
@@ -255,7 +267,7 @@ fn b_weight(n: u32, oy: u32, ox: u32, ok: bool, c: u32, ky: u32, kx: u32) -> f32
     if !ok || iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
         return 0.0;
     }
-    return f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]);
+    return pre(f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]), c);
 }
 
 @compute @workgroup_size(THREADS)

@@ -138,7 +138,7 @@ pub struct Gpu {
     /// The largest buffer this context will bind to one shader. Tensors may be larger (up to
     /// the adapter's largest buffer): the ops run them in chunks that fit.
     pub max_binding_bytes: u64,
-    pipelines: Mutex<HashMap<(Shader, &'static str), wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<(Shader, &'static str, String), wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     cache: Mutex<HashMap<(TypeId, String), Box<dyn Any + Send + Sync>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -332,8 +332,20 @@ impl Gpu {
     /// The compute pipeline for `entry` in `shader`, built on first use and cached for the life
     /// of this context.
     pub fn pipeline(&self, shader: Shader, entry: &'static str) -> wgpu::ComputePipeline {
+        self.pipeline_with(shader, entry, &[])
+    }
+
+    /// As [`Gpu::pipeline`], with values for the shader's `override` constants (one pipeline per
+    /// set of values).
+    pub fn pipeline_with(
+        &self,
+        shader: Shader,
+        entry: &'static str,
+        constants: &[(&str, f64)],
+    ) -> wgpu::ComputePipeline {
+        let key = (shader, entry, format!("{constants:?}"));
         let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = cache.get(&(shader, entry)) {
+        if let Some(p) = cache.get(&key) {
             return p.clone();
         }
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
@@ -346,10 +358,10 @@ impl Gpu {
             layout: None,
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            compilation_options: wgpu::PipelineCompilationOptions { constants, ..Default::default() },
             cache: None,
         });
-        cache.insert((shader, entry), p.clone());
+        cache.insert(key, p.clone());
         p
     }
 

@@ -557,7 +557,7 @@ impl ResNet {
             probe::sum_squares(&mut rec, x, &norms, 3 * l)?;
             let d = y.nchw("stream")?;
             let f = a.ws.get(&d, Slot::Grad(0))?;
-            u.branch(&mut rec, &a.kept[l], &a.ws, f)?;
+            u.branch(&mut rec, &a.kept[l], f)?;
             probe::sum_squares(&mut rec, f, &norms, 3 * l + 1)?;
             // The additive identity over the stage's identity units.
             let acc = a.ws.get(&d, Slot::Grad(1))?;

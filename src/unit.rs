@@ -12,15 +12,20 @@
 //! (for the identity shortcut it is the same buffer). Units that change shape write `g_l` into
 //! the next buffer, starting from the shortcut's own backward.
 //!
+//! Fusion: every `ReLU(BN(.))` that feeds a convolution (each layer of a pre-activation unit,
+//! the layers after the first of an original unit) is never written: the BN computes its batch
+//! statistics ([`Bn::prologue`]) and the convolution applies the normalisation and the ReLU as
+//! it loads its input, in the forward ([`conv::forward_bn_relu`]) and in the weight gradient
+//! ([`conv::backward_weight_bn_relu`]). The BN backward recomputes the ReLU mask from the BN's
+//! input and the saved statistics.
+//!
 //! Memory: what a unit keeps for its backward.
 //! - Pre-activation: its input `x_l` (the stream buffer) and the input of each later weight
 //!   layer (`conv_i(...)`, the input of `bn_{i+1}`): 2 tensors for a basic unit, 3 for a
-//!   bottleneck. Each `ReLU(BN(.))` is recomputed in the backward from the saved batch
-//!   statistics, so neither the BN outputs nor the ReLU outputs are kept. PyTorch's autograd
-//!   keeps 4 tensors for the basic unit (x, ReLU(BN1(x)), conv1 output, ReLU(BN2(.))).
+//!   bottleneck. Neither the BN outputs nor the ReLU outputs exist. PyTorch's autograd keeps 4
+//!   tensors for the basic unit (x, ReLU(BN1(x)), conv1 output, ReLU(BN2(.))).
 //! - Original: `x_l`, each convolution's output (the BN inputs), and for projection shortcuts
-//!   the projection's output; `x_{l+1}` itself gives the final ReLU's mask. The ReLU between
-//!   layers is recomputed.
+//!   the projection's output; `x_{l+1}` itself gives the final ReLU's mask.
 //!
 //! The paper's other variants (the placements of its Table 2 and the shortcut combinations of
 //! Table 1, see [`crate::arch`]) run on a general path instead: `h(x_l)`, `F(x_l)`, the gate and
@@ -93,6 +98,8 @@ pub struct Bn {
     save_mean: Tensor,
     save_invstd: Tensor,
     scratch: Tensor,
+    /// The convolutions' BN + ReLU prologue values, `[C, 4]` (see [`Bn::prologue`]).
+    pub affine: Tensor,
 }
 
 impl Bn {
@@ -107,6 +114,7 @@ impl Bn {
             save_mean: Tensor::zeros(gpu, &[c])?,
             save_invstd: Tensor::zeros(gpu, &[c])?,
             scratch: Tensor::zeros(gpu, &[2 * c])?,
+            affine: Tensor::zeros(gpu, &[c, 4])?,
         })
     }
 
@@ -133,6 +141,26 @@ impl Bn {
             }
             Mode::Eval => batch_norm::forward_eval(rec, x, y, &self.tensors(), ep),
         }
+    }
+
+    /// The forward of `ReLU(BN(x))` for a convolution that applies it itself as it loads `x`
+    /// ([`conv::forward_bn_relu`]): in training the batch statistics (saved, running ones
+    /// moved), then [`Bn::affine`] from them; in inference from the running statistics.
+    pub fn prologue(&self, rec: &mut Recorder, mode: Mode, x: &Tensor) -> Result<()> {
+        match mode {
+            Mode::Train => {
+                batch_norm::stats_train(rec, x, &self.tensors(), &self.save_mean, &self.save_invstd)?;
+                self.prologue_saved(rec)
+            }
+            Mode::Eval => batch_norm::affine_eval(rec, &self.tensors(), &self.affine),
+        }
+    }
+
+    /// [`Bn::affine`] from the statistics the last training forward saved (for the backward:
+    /// the values are rebuilt rather than trusted to be the last forward's).
+    pub fn prologue_saved(&self, rec: &mut Recorder) -> Result<()> {
+        let (g, b) = (&self.gamma.value, &self.beta.value);
+        batch_norm::affine(rec, g, b, &self.save_mean, &self.save_invstd, &self.affine)
     }
 
     /// Recomputes `ReLU(BN(x))` with the statistics the last training forward saved.
@@ -195,8 +223,8 @@ pub struct Workspace {
     map: HashMap<(Vec<usize>, Slot), Tensor>,
 }
 
-/// The roles of workspace tensors: a recomputed activation, its gradient, and two alternating
-/// gradients at layer inputs (so that one layer's output gradient and input gradient never
+/// The roles of workspace tensors: a recomputed activation (the general path), an activation's
+/// gradient, and two alternating gradients at layer inputs (so that one layer's output gradient and input gradient never
 /// share a buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Slot {
@@ -208,18 +236,24 @@ pub enum Slot {
 }
 
 impl Workspace {
-    /// Makes sure a tensor of `dims` exists for every slot.
+    /// Makes sure a tensor of `dims` exists for the gradient slots.
     pub fn reserve(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
-        self.reserve_slots(gpu, dims, [Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)])
+        self.reserve_slots(gpu, dims, &[Slot::DAct, Slot::Grad(0), Slot::Grad(1)])
+    }
+
+    /// Makes sure the general path's tensors of `dims` exist: [`Slot::Act`] and the gradient
+    /// slots.
+    pub fn reserve_general(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
+        self.reserve_slots(gpu, dims, &[Slot::Act, Slot::DAct, Slot::Grad(0), Slot::Grad(1)])
     }
 
     /// Makes sure the general path's [`Slot::Mix`] tensors of `dims` exist.
     pub fn reserve_mix(&mut self, gpu: &Gpu, dims: &[usize]) -> Result<()> {
-        self.reserve_slots(gpu, dims, [0, 1, 2, 3].map(Slot::Mix))
+        self.reserve_slots(gpu, dims, &[0, 1, 2, 3].map(Slot::Mix))
     }
 
-    fn reserve_slots(&mut self, gpu: &Gpu, dims: &[usize], slots: [Slot; 4]) -> Result<()> {
-        for slot in slots {
+    fn reserve_slots(&mut self, gpu: &Gpu, dims: &[usize], slots: &[Slot]) -> Result<()> {
+        for &slot in slots {
             if let std::collections::hash_map::Entry::Vacant(e) = self.map.entry((dims.to_vec(), slot)) {
                 e.insert(Tensor::zeros(gpu, dims)?);
             }
@@ -412,8 +446,8 @@ impl Unit {
     ) -> Result<()> {
         match self.spec.kind {
             _ if !self.fused() => self.forward_general(rec, mode, x, y, kept, ws),
-            UnitKind::PreAct => self.forward_preact(rec, mode, x, y, kept, ws),
-            _ => self.forward_original(rec, mode, x, y, kept, ws),
+            UnitKind::PreAct => self.forward_preact(rec, mode, x, y, kept),
+            _ => self.forward_original(rec, mode, x, y, kept),
         }
     }
 
@@ -448,7 +482,7 @@ impl Unit {
     /// After a training forward, recomputes the branch `F(x_l)` into `out` from what the unit
     /// kept (for the analysis; independent of the stream buffers, so `x_{l+1} = h(x_l) + F`
     /// can be checked): pre-activation `F = conv_k(ReLU(BN_k(in_k)))`, original `F = BN_k(h_k)`.
-    pub fn branch(&self, rec: &mut Recorder, kept: &Kept, ws: &Workspace, out: &Tensor) -> Result<()> {
+    pub fn branch(&self, rec: &mut Recorder, kept: &Kept, out: &Tensor) -> Result<()> {
         let k = self.convs.len();
         if let Some(gk) = &kept.general {
             return residual::copy(rec, &gk.layer_out[k - 1], out);
@@ -456,9 +490,9 @@ impl Unit {
         match self.spec.kind {
             UnitKind::PreAct => {
                 let input = &kept.tensors[k - 2]; // in_k, the last layer's input
-                let a = ws.get(&dims_of(input)?, Slot::Act)?;
-                self.bns[k - 1].recompute_relu(rec, input, a)?;
-                conv::forward(rec, a, &self.convs[k - 1].w.value, out, self.convs[k - 1].stride, false)
+                let (bn, conv) = (&self.bns[k - 1], &self.convs[k - 1]);
+                bn.prologue_saved(rec)?;
+                conv::forward_bn_relu(rec, input, &bn.affine, &conv.w.value, out, conv.stride, false)
             }
             _ => self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default()),
         }
@@ -481,32 +515,28 @@ impl Unit {
 
     // ---- full pre-activation: a_i = ReLU(BN_i(in_i)), in_{i+1} = conv_i(a_i), y = h + in_k ----
 
-    fn forward_preact(
-        &self,
-        rec: &mut Recorder,
-        mode: Mode,
-        x: &Tensor,
-        y: &Tensor,
-        kept: &Kept,
-        ws: &Workspace,
-    ) -> Result<()> {
+    fn forward_preact(&self, rec: &mut Recorder, mode: Mode, x: &Tensor, y: &Tensor, kept: &Kept) -> Result<()> {
         let k = self.convs.len();
-        let relu = Epilogue { add: false, relu: true };
         let mut input = x;
         for i in 0..k {
-            let a = ws.get(&dims_of(input)?, Slot::Act)?;
-            self.bns[i].forward(rec, mode, input, a, relu)?;
+            // conv_i(ReLU(BN_i(in_i))): the BN's statistics here, its normalisation and the
+            // ReLU as the convolution loads in_i.
+            let bn = &self.bns[i];
+            bn.prologue(rec, mode, input)?;
             if i == 0 {
                 match self.spec.shortcut {
                     // The projection takes the pre-activated input.
-                    Shortcut::Projection => conv::forward(rec, a, &self.proj()?.w.value, y, self.spec.stride, false)?,
+                    Shortcut::Projection => {
+                        let p = &self.proj()?.w.value;
+                        conv::forward_bn_relu(rec, x, &bn.affine, p, y, self.spec.stride, false)?
+                    }
                     _ => self.shortcut_free(rec, x, y)?,
                 }
             }
             let last = i + 1 == k;
             let out = if last { y } else { &kept.tensors[i] };
             // The last convolution adds F into the stream in place: x_{l+1} = h(x_l) + F(x_l).
-            conv::forward(rec, a, &self.convs[i].w.value, out, self.convs[i].stride, last)?;
+            conv::forward_bn_relu(rec, input, &bn.affine, &self.convs[i].w.value, out, self.convs[i].stride, last)?;
             input = out;
         }
         Ok(())
@@ -526,14 +556,15 @@ impl Unit {
         for i in (0..k).rev() {
             let input = if i == 0 { x } else { &kept.tensors[i - 1] };
             let di = dims_of(input)?;
-            let (a, da) = (ws.get(&di, Slot::Act)?, ws.get(&di, Slot::DAct)?);
-            let conv = &self.convs[i];
-            self.bns[i].recompute_relu(rec, input, a)?;
-            conv::backward_weight(rec, a, d_out, &conv.w.grad, conv.stride, false)?;
+            let da = ws.get(&di, Slot::DAct)?;
+            let (conv, bn) = (&self.convs[i], &self.bns[i]);
+            // The weight gradient reads ReLU(BN_i(in_i)) through the prologue: nothing recomputed.
+            bn.prologue_saved(rec)?;
+            conv::backward_weight_bn_relu(rec, input, &bn.affine, d_out, &conv.w.grad, conv.stride, false)?;
             conv::backward_data(rec, d_out, &conv.w.value, da, conv.stride, false)?;
             if i > 0 {
                 let d_in = ws.get(&di, Slot::Grad(i % 2))?;
-                self.bns[i].backward(rec, input, da, true, d_in, false)?;
+                bn.backward(rec, input, da, true, d_in, false)?;
                 d_out = d_in;
                 continue;
             }
@@ -546,36 +577,29 @@ impl Unit {
                 }
                 Shortcut::Projection => {
                     let p = self.proj()?;
-                    conv::backward_weight(rec, a, g_out, &p.w.grad, self.spec.stride, false)?;
+                    conv::backward_weight_bn_relu(rec, x, &bn.affine, g_out, &p.w.grad, self.spec.stride, false)?;
                     conv::backward_data(rec, g_out, &p.w.value, da, self.spec.stride, true)?;
                     false
                 }
             };
-            self.bns[0].backward(rec, x, da, true, g_in, accumulate)?;
+            bn.backward(rec, x, da, true, g_in, accumulate)?;
         }
         Ok(())
     }
 
     // ---- original: h_i = conv_i(in_i), in_{i+1} = ReLU(BN_i(h_i)), y = ReLU(h + BN_k(h_k)) ----
 
-    fn forward_original(
-        &self,
-        rec: &mut Recorder,
-        mode: Mode,
-        x: &Tensor,
-        y: &Tensor,
-        kept: &Kept,
-        ws: &Workspace,
-    ) -> Result<()> {
+    fn forward_original(&self, rec: &mut Recorder, mode: Mode, x: &Tensor, y: &Tensor, kept: &Kept) -> Result<()> {
         let k = self.convs.len();
-        let mut input = x;
         for i in 0..k {
-            let h = &kept.tensors[i];
-            conv::forward(rec, input, &self.convs[i].w.value, h, self.convs[i].stride, false)?;
-            if i + 1 < k {
-                let a = ws.get(&dims_of(h)?, Slot::Act)?;
-                self.bns[i].forward(rec, mode, h, a, Epilogue { add: false, relu: true })?;
-                input = a;
+            let (h, conv) = (&kept.tensors[i], &self.convs[i]);
+            if i == 0 {
+                conv::forward(rec, x, &conv.w.value, h, conv.stride, false)?;
+            } else {
+                // conv_i(ReLU(BN_{i-1}(h_{i-1}))): the ReLU(BN(.)) applied as the convolution loads.
+                let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
+                bn.prologue(rec, mode, hp)?;
+                conv::forward_bn_relu(rec, hp, &bn.affine, &conv.w.value, h, conv.stride, false)?;
             }
         }
         match self.spec.shortcut {
@@ -634,11 +658,10 @@ impl Unit {
                 // g_l = (shortcut's gradient) + the branch's.
                 conv::backward_data(rec, dh, &conv.w.value, g_in, conv.stride, true)?;
             } else {
-                let hp = &kept.tensors[i - 1];
-                let dp = dims_of(hp)?;
-                let (a, da) = (ws.get(&dp, Slot::Act)?, ws.get(&dp, Slot::DAct)?);
-                self.bns[i - 1].recompute_relu(rec, hp, a)?;
-                conv::backward_weight(rec, a, dh, &conv.w.grad, conv.stride, false)?;
+                let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
+                let da = ws.get(&dims_of(hp)?, Slot::DAct)?;
+                bn.prologue_saved(rec)?;
+                conv::backward_weight_bn_relu(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
                 conv::backward_data(rec, dh, &conv.w.value, da, conv.stride, false)?;
                 dy = da;
             }
@@ -697,8 +720,8 @@ impl Unit {
         let out = self.out_dims(x);
         let (mut layer_out, mut conv_out) = (Vec::new(), Vec::new());
         for (i, (di, dout)) in dims.iter().enumerate() {
-            ws.reserve(gpu, di)?;
-            ws.reserve(gpu, dout)?;
+            ws.reserve_general(gpu, di)?;
+            ws.reserve_general(gpu, dout)?;
             layer_out.push(Tensor::zeros(gpu, dout)?);
             conv_out.push(self.post_bn(i).map(|_| Tensor::zeros(gpu, dout)).transpose()?);
         }

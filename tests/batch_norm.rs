@@ -95,6 +95,39 @@ fn forward_train_every_epilogue() {
     }
 }
 
+/// stats_train (the statistics without the output) and the prologue values from them
+/// (`affine`), and from the running statistics (`affine_eval`), against the reference.
+#[test]
+fn statistics_and_prologue_values() {
+    let g = gpu();
+    let mut rng = Rng::new(17);
+    for &dims in SHAPES {
+        let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+        let (x, h) = (rng.data(n), Host::new(&mut rng, c));
+        let d = Dev::new(&h);
+        let tx = upload(&dims, &x);
+        let (tmean, tinv, taff, teval) = (poisoned(&[c]), poisoned(&[c]), poisoned(&[c, 4]), poisoned(&[c, 4]));
+        let mut rec = g.recorder("bn prologue");
+        // The eval values first, from the running statistics before this step moves them.
+        bn::affine_eval(&mut rec, &d.tensors(), &teval).unwrap();
+        bn::stats_train(&mut rec, &tx, &d.tensors(), &tmean, &tinv).unwrap();
+        bn::affine(&mut rec, &d.gamma, &d.beta, &tmean, &tinv, &taff).unwrap();
+        rec.run().unwrap();
+        let (gamma, beta) = (to_f64(&h.gamma), to_f64(&h.beta));
+        let (rm, rv) = (to_f64(&h.rm), to_f64(&h.rv));
+        let want = rbn::forward_train(&to_f64(&x), dims, &gamma, &beta, &rm, &rv, None, false);
+        let tag = format!("{dims:?}");
+        check(&format!("bn stats mean {tag}"), &read(&tmean), &want.mean, F32_TOL);
+        check(&format!("bn stats invstd {tag}"), &read(&tinv), &want.invstd, F32_TOL);
+        check(&format!("bn stats running mean {tag}"), &read(&d.rm), &want.running_mean, F32_TOL);
+        check(&format!("bn stats running var {tag}"), &read(&d.rv), &want.running_var, F32_TOL);
+        let aff = rbn::affine(&want.mean, &want.invstd, &gamma, &beta);
+        check(&format!("bn affine {tag}"), &read(&taff), &aff, F32_TOL);
+        let inv_eval: Vec<f64> = rv.iter().map(|v| 1.0 / (v + f64::from(bn::EPS)).sqrt()).collect();
+        check(&format!("bn affine eval {tag}"), &read(&teval), &rbn::affine(&rm, &inv_eval, &gamma, &beta), F32_TOL);
+    }
+}
+
 #[test]
 fn forward_eval_every_epilogue() {
     let g = gpu();
@@ -373,6 +406,19 @@ fn bad_shapes_are_errors() {
     invalid(bn::forward_eval(&mut rec, &x, &x, &d.tensors(), ep));
     invalid(bn::forward_train(&mut rec, &x, &y, &d.tensors(), &m, &m, ep));
     invalid(bn::backward(&mut rec, &x, &y, &d.gamma, &d.beta, &m, &s, false, &y, &dgm, &dbt, &scratch, false, false));
+
+    // The statistics and the prologue values: the same checks, and the values must be [C, 4].
+    shape(bn::stats_train(&mut rec, &flat, &d.tensors(), &m, &s));
+    shape(bn::stats_train(&mut rec, &x, &d.tensors(), &four, &s));
+    invalid(bn::stats_train(&mut rec, &one, &d.tensors(), &m, &s));
+    invalid(bn::stats_train(&mut rec, &x, &d.tensors(), &m, &m));
+    let aff = poisoned(&[3, 4]);
+    for bad in [&four, &row, &poisoned(&[3, 3]), &poisoned(&[12])] {
+        shape(bn::affine(&mut rec, &d.gamma, &d.beta, &m, &s, bad));
+        shape(bn::affine_eval(&mut rec, &d.tensors(), bad));
+    }
+    shape(bn::affine(&mut rec, &d.gamma, &four, &m, &s, &aff));
+    invalid(bn::affine(&mut rec, &d.gamma, &d.beta, &m, &m, &aff));
 
     // Nothing was recorded: the (empty) command buffer runs cleanly.
     rec.run().unwrap();

@@ -206,6 +206,63 @@ fn check_backward_weight_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
     }
 }
 
+/// Random BN + ReLU prologue values for `c` channels: means and betas in [-0.5, 0.5), scales
+/// of both signs with |scale| in [0.5, 1.5), so that the ReLU cuts part of every channel.
+fn affine_values(rng: &mut Rng, c: usize) -> Vec<f32> {
+    (0..c)
+        .flat_map(|_| {
+            let s = rng.range(-1.0, 1.0);
+            [0.5 * rng.range(-1.0, 1.0), s.signum() * 0.5 + s, 0.5 * rng.range(-1.0, 1.0), 0.0].map(|v| v as f32)
+        })
+        .collect()
+}
+
+/// forward_bn_relu and backward_weight_bn_relu (overwriting and accumulating) against the
+/// reference convolutions of `ReLU(BN(x))`.
+fn check_bn_relu_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    let mut rng = Rng::new(seed);
+    for c in cases {
+        let (wd, yd) = (c.wd(), c.yd());
+        let (x, aff, w, dy) =
+            (rng.data(len(c.xd)), affine_values(&mut rng, c.xd[1]), rng.data(len(wd)), rng.data(len(yd)));
+        let (prior_y, prior_w) = (rng.data(len(yd)), rng.data(len(wd)));
+        let (tx, taff, tw, tdy) = (up(g, &c.xd, &x), up(g, &[c.xd[1], 4], &aff), up(g, &wd, &w), up(g, &yd, &dy));
+        let (ty, tyacc, tdw, tdwacc) = (nan(g, &yd), up(g, &yd, &prior_y), nan(g, &wd), up(g, &wd, &prior_w));
+        let mut rec = g.recorder("conv bn relu");
+        conv::forward_bn_relu(&mut rec, &tx, &taff, &tw, &ty, c.stride, false).unwrap();
+        conv::forward_bn_relu(&mut rec, &tx, &taff, &tw, &tyacc, c.stride, true).unwrap();
+        conv::backward_weight_bn_relu(&mut rec, &tx, &taff, &tdy, &tdw, c.stride, false).unwrap();
+        conv::backward_weight_bn_relu(&mut rec, &tx, &taff, &tdy, &tdwacc, c.stride, true).unwrap();
+        rec.run().unwrap();
+        let a = r::batch_norm::prologue(&to_f64(&x), c.xd, &to_f64(&aff));
+        let want_y = r::conv::forward(&a, c.xd, &to_f64(&w), wd, c.stride);
+        let want_w = r::conv::backward_weight(&a, c.xd, &to_f64(&dy), wd, c.stride);
+        let name = c.name();
+        check(&format!("{ctx} conv fwd bn-relu {name}"), &fetch(g, &ty), &want_y, F32_TOL);
+        check(
+            &format!("{ctx} conv fwd bn-relu accumulate {name}"),
+            &fetch(g, &tyacc),
+            &plus(&prior_y, &want_y),
+            F32_TOL,
+        );
+        check(&format!("{ctx} conv bwd weight bn-relu {name}"), &fetch(g, &tdw), &want_w, F32_TOL);
+        check(
+            &format!("{ctx} conv bwd weight bn-relu accumulate {name}"),
+            &fetch(g, &tdwacc),
+            &plus(&prior_w, &want_w),
+            F32_TOL,
+        );
+    }
+}
+
+#[test]
+fn bn_relu_prologue_matches_reference() {
+    for (ctx, g) in contexts(true) {
+        check_bn_relu_on(ctx, g, CASES, 44);
+        check_bn_relu_on(ctx, g, EDGES, 45);
+    }
+}
+
 /// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
 /// channels past 128 (two tiles of the largest configurations).
 fn tile_cases() -> Vec<Case> {
@@ -467,6 +524,17 @@ fn bad_shapes_are_errors() {
     let mut rec = g.recorder("alias");
     assert!(is_shape_error(conv::forward(&mut rec, &sq, &w2, &sq, 1, true)));
     assert!(is_shape_error(conv::backward_data(&mut rec, &sq, &w2, &sq, 1, true)));
+    rec.run().unwrap();
+    // The prologue's values must be [C, 4] (x has 3 channels).
+    let mut rec = g.recorder("bad affine");
+    for aff in [t(&[3, 3]), t(&[2, 4]), t(&[12]), t(&[3, 4, 1])] {
+        assert!(is_shape_error(conv::forward_bn_relu(&mut rec, &x, &aff, &w, &y, 2, false)), "{:?}", aff.dims());
+        assert!(
+            is_shape_error(conv::backward_weight_bn_relu(&mut rec, &x, &aff, &y, &w, 2, false)),
+            "{:?}",
+            aff.dims()
+        );
+    }
     rec.run().unwrap();
 }
 

@@ -32,7 +32,9 @@ fn a_tiny_run_on_shapes10_beats_chance() {
     let opts = TrainOptions {
         epochs: 4,
         batch: 32,
-        lr: 0.1,
+        // 0.1 overshoots on this data (the test loss jumps in epoch 2), so that rounding alone
+        // moves the final accuracy by a few points.
+        lr: 0.05,
         progress: false,
         out: out_dir("chance"),
         ..TrainOptions::default()

@@ -305,49 +305,108 @@ pub fn forward_train(
 ) -> Result<()> {
     const WHAT: &str = "batch norm forward_train";
     let d = activations(WHAT, x, &[("y", y)])?;
-    let c = d[1];
-    per_channel(
-        WHAT,
-        c,
-        &[
-            ("gamma", p.gamma),
-            ("beta", p.beta),
-            ("running_mean", p.running_mean),
-            ("running_var", p.running_var),
-            ("save_mean", save_mean),
-            ("save_invstd", save_invstd),
-        ],
-    )?;
-    distinct(
-        WHAT,
-        &[
-            ("x", x),
-            ("y", y),
-            ("gamma", p.gamma),
-            ("beta", p.beta),
-            ("running_mean", p.running_mean),
-            ("running_var", p.running_var),
-            ("save_mean", save_mean),
-            ("save_invstd", save_invstd),
-        ],
-    )?;
+    let unbias = check_train(WHAT, x, Some(y), p, save_mean, save_invstd)?;
+    let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
+    if split::batch_chunk(rec.gpu, WHAT, d[0], &[x, y], &whole)?.is_some() {
+        stats_train(rec, x, p, save_mean, save_invstd)?;
+        let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
+            apply_saved(rec, &i[0], &o[0], p.gamma, p.beta, save_mean, save_invstd, ep)
+        };
+        split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &[], chunk)?;
+        return Ok(());
+    }
+    // One texture copy of x (CPU adapters) serves both passes.
+    let v = variant(rec.gpu, d);
+    let views = Views::new(rec, v, Some(x), None);
+    record_stats(rec, d, v, &views, x, p, save_mean, save_invstd, unbias);
+    run_dispatch(
+        rec,
+        d,
+        v,
+        "normalize",
+        &params(d, APPLY_CHUNK, ep.relu, ep.add, false, unbias),
+        APPLY_CHUNK,
+        Acts { x: Some(x), y: Some(y), ..Acts::default() },
+        &views,
+        &[(3, &p.gamma.buffer), (4, &p.beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer)],
+    );
+    Ok(())
+}
+
+/// The checks of a training forward on `x` (and its output `y`) and the per-channel tensors;
+/// returns the running variance's unbiasing factor `M / (M - 1)`.
+fn check_train(
+    what: &str,
+    x: &Tensor,
+    y: Option<&Tensor>,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<f32> {
+    let d = activations(what, x, &[])?;
+    let named = [
+        ("gamma", p.gamma),
+        ("beta", p.beta),
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("save_mean", save_mean),
+        ("save_invstd", save_invstd),
+    ];
+    per_channel(what, d[1], &named)?;
+    let mut all = vec![("x", x)];
+    all.extend(y.map(|y| ("y", y)));
+    all.extend(named);
+    distinct(what, &all)?;
     let m = d[0] * d[2] * d[3];
     if m == 1 {
         return Err(Error::Invalid(format!(
-            "{WHAT}: expected more than 1 value per channel when training, got input {d:?}"
+            "{what}: expected more than 1 value per channel when training, got input {d:?}"
         )));
     }
-    let unbias = (m as f64 / (m - 1) as f64) as f32;
+    Ok((m as f64 / (m - 1) as f64) as f32)
+}
+
+/// The batch statistics of a training forward without its output: save_mean and save_invstd
+/// written and the running statistics moved, as [`forward_train`] does, for a consumer that
+/// applies the normalisation itself (the convolutions' BN + ReLU prologue, through
+/// [`affine`]).
+pub fn stats_train(
+    rec: &mut Recorder,
+    x: &Tensor,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    const WHAT: &str = "batch norm stats_train";
+    let unbias = check_train(WHAT, x, None, p, save_mean, save_invstd)?;
+    let d = x.nchw(WHAT)?;
     let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
-    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, y], &whole)? {
-        return forward_train_chunked(rec, x, y, p, save_mean, save_invstd, ep, per, unbias);
+    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x], &whole)? {
+        return stats_chunked(rec, x, p, save_mean, save_invstd, per, unbias);
     }
-    let part = partials(rec.gpu, d);
-    let prm = params(d, REDUCE_CHUNK, ep.relu, ep.add, false, unbias);
     let v = variant(rec.gpu, d);
     let views = Views::new(rec, v, Some(x), None);
+    record_stats(rec, d, v, &views, x, p, save_mean, save_invstd, unbias);
+    Ok(())
+}
+
+/// Records the two statistics passes over `x` (shape `d`, read per variant `v`).
+#[allow(clippy::too_many_arguments)]
+fn record_stats(
+    rec: &mut Recorder,
+    d: [usize; 4],
+    v: Variant,
+    views: &Views,
+    x: &Tensor,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    unbias: f32,
+) {
+    let part = partials(rec.gpu, d);
+    let prm = params(d, REDUCE_CHUNK, false, false, false, unbias);
     let xa = Acts { x: Some(x), ..Acts::default() };
-    run_dispatch(rec, d, v, "stats_partial", &prm, REDUCE_CHUNK, xa, &views, &[(14, &part)]);
+    run_dispatch(rec, d, v, "stats_partial", &prm, REDUCE_CHUNK, xa, views, &[(14, &part)]);
     rec.dispatch(
         Shader::BatchNorm,
         "stats_final",
@@ -359,37 +418,22 @@ pub fn forward_train(
             (8, &save_invstd.buffer),
             (14, &part),
         ],
-        [c as u32, 1, 1],
+        [d[1] as u32, 1, 1],
     );
-    run_dispatch(
-        rec,
-        d,
-        v,
-        "normalize",
-        &params(d, APPLY_CHUNK, ep.relu, ep.add, false, unbias),
-        APPLY_CHUNK,
-        Acts { y: Some(y), ..xa },
-        &views,
-        &[(3, &p.gamma.buffer), (4, &p.beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer)],
-    );
-    Ok(())
 }
 
-/// [`forward_train`] by chunks of `per` images: each chunk's statistics merged into the
-/// batch's in chunk order, then each chunk normalised.
-#[allow(clippy::too_many_arguments)]
-fn forward_train_chunked(
+/// [`stats_train`] by chunks of `per` images: each chunk's statistics merged into the batch's
+/// in chunk order.
+fn stats_chunked(
     rec: &mut Recorder,
     x: &Tensor,
-    y: &Tensor,
     p: &BnTensors,
     save_mean: &Tensor,
     save_invstd: &Tensor,
-    ep: Epilogue,
     per: usize,
     unbias: f32,
 ) -> Result<()> {
-    const WHAT: &str = "batch norm forward_train";
+    const WHAT: &str = "batch norm stats_train";
     let d = x.nchw(WHAT)?;
     per_channel_count(WHAT, d)?;
     for r in split::ranges(d[0], per) {
@@ -418,10 +462,58 @@ fn forward_train_chunked(
             [d[1] as u32, 1, 1],
         );
     }
-    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
-        apply_saved(rec, &i[0], &o[0], p.gamma, p.beta, save_mean, save_invstd, ep)
-    };
-    split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &[], chunk)?;
+    Ok(())
+}
+
+/// The per-channel values of the convolutions' BN + ReLU prologue
+/// ([`crate::ops::conv::forward_bn_relu`]): `affine[c] = (mean, gamma * invstd, beta, 0)`,
+/// `[C, 4]`, from given statistics (those a training forward saved).
+pub fn affine(
+    rec: &mut Recorder,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+    out: &Tensor,
+) -> Result<()> {
+    const WHAT: &str = "batch norm affine";
+    let c = gamma.len();
+    per_channel(WHAT, c, &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
+    check_affine_out(WHAT, c, out)?;
+    distinct(WHAT, &[("out", out), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
+    let prm = [1, c as u32, 1, 0, 0, 0, EPS.to_bits()];
+    let bufs = [(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer), (21, &out.buffer)];
+    rec.dispatch(Shader::BatchNorm, "affine_saved", &prm, &bufs, groups_for(c));
+    Ok(())
+}
+
+/// [`affine`] of inference mode: from the running statistics, `invstd = 1 / sqrt(var + EPS)`.
+pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()> {
+    const WHAT: &str = "batch norm affine_eval";
+    let c = p.gamma.len();
+    let named =
+        [("gamma", p.gamma), ("beta", p.beta), ("running_mean", p.running_mean), ("running_var", p.running_var)];
+    per_channel(WHAT, c, &named)?;
+    check_affine_out(WHAT, c, out)?;
+    let mut all = vec![("out", out)];
+    all.extend(named);
+    distinct(WHAT, &all)?;
+    let prm = [1, c as u32, 1, 0, 0, 0, EPS.to_bits()];
+    let bufs = [
+        (3, &p.gamma.buffer),
+        (4, &p.beta.buffer),
+        (5, &p.running_mean.buffer),
+        (6, &p.running_var.buffer),
+        (21, &out.buffer),
+    ];
+    rec.dispatch(Shader::BatchNorm, "affine_eval", &prm, &bufs, groups_for(c));
+    Ok(())
+}
+
+fn check_affine_out(what: &str, c: usize, out: &Tensor) -> Result<()> {
+    if out.dims() != [c, 4] {
+        return Err(Error::Shape(format!("{what}: out must be [{c}, 4], got {:?}", out.dims())));
+    }
     Ok(())
 }
 

@@ -1,6 +1,11 @@
 //! 2-D convolution (square kernel 1 or 3, padding `k / 2`, stride 1 or 2, no bias), forward and
 //! both backwards, dispatching `shaders/conv.wgsl`. Reference: `reference::conv`.
 //!
+//! [`forward_bn_relu`] and [`backward_weight_bn_relu`] read their input through a batch norm and
+//! a ReLU applied as each element is loaded (`a = ReLU(BN(x))` with per-channel values from
+//! [`crate::ops::batch_norm::affine`]): a pre-activation unit's convolutions read the BN's input
+//! itself, and the activation is neither written in the forward nor recomputed in the backward.
+//!
 //! Two kernel families (see the head of the shader for their designs):
 //!
 //! * the *tiled* implicit GEMM through workgroup memory: any adapter, any shape;
@@ -385,17 +390,72 @@ fn window(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
 /// y (+)= conv(x, w). x `[N,C,H,W]`, w `[K,C,k,k]` (PyTorch OIHW, k in {1,3}, pad k/2, no bias), y `[N,K,OH,OW]`, stride 1 or 2.
 /// accumulate = true adds into y: the fused residual add (x_{l+1} = x_l + F).
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
+    forward_with(rec, x, None, w, y, stride, accumulate)
+}
+
+/// y (+)= conv(ReLU(BN(x)), w): [`forward`] of the pre-activation `a = ReLU(gamma * (x - mean) *
+/// invstd + beta)`, computed per element as x is loaded (zero padding stays zero). `affine` is
+/// `[C, 4]`, per channel `(mean, gamma * invstd, beta, 0)`, as [`crate::ops::batch_norm::affine`]
+/// writes it.
+pub fn forward_bn_relu(
+    rec: &mut Recorder,
+    x: &Tensor,
+    affine: &Tensor,
+    w: &Tensor,
+    y: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    forward_with(rec, x, Some(affine), w, y, stride, accumulate)
+}
+
+/// `affine` is `[C, 4]` for an input of `c` channels, and not the output.
+fn check_affine(what: &str, affine: Option<&Tensor>, c: usize, out: &Tensor) -> Result<()> {
+    let Some(a) = affine else { return Ok(()) };
+    if a.dims() != [c, 4] {
+        return Err(Error::Shape(format!(
+            "{what}: affine must be [{c}, 4] (mean, scale, beta, 0), got {:?}",
+            a.dims()
+        )));
+    }
+    if a.buffer == out.buffer {
+        return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
+    }
+    Ok(())
+}
+
+/// The buffer bound as the kernels' prologue values (binding 5): `pre`'s, or where there is no
+/// prologue a small context buffer (the kernels declare the binding either way).
+pub(super) fn affine_binding(gpu: &Gpu, pre: Option<&Tensor>) -> wgpu::Buffer {
+    match pre {
+        Some(t) => t.buffer.clone(),
+        None => scratch(gpu, "affine-none", 16, wgpu::BufferUsages::STORAGE),
+    }
+}
+
+fn forward_with(
+    rec: &mut Recorder,
+    x: &Tensor,
+    pre: Option<&Tensor>,
+    w: &Tensor,
+    y: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
     const WHAT: &str = "conv forward";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
     distinct(WHAT, y, [x, w])?;
-    let chunk =
-        |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| forward(rec, &i[0], w, &o[0], stride, accumulate);
-    if split::batch_op(rec, WHAT, &[x], &[(y, accumulate)], &[w], chunk)? {
+    check_affine(WHAT, pre, g.c, y)?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
+        forward_with(rec, &i[0], pre, w, &o[0], stride, accumulate)
+    };
+    let whole: Vec<&Tensor> = std::iter::once(w).chain(pre).collect();
+    if split::batch_op(rec, WHAT, &[x], &[(y, accumulate)], &whole, chunk)? {
         return Ok(());
     }
     match plan(rec.gpu, Op::Forward, &g) {
-        Plan::Register { span } => register_data(rec, &g, Op::Forward, x, w, y, accumulate, span),
-        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::Forward, &g, plan, x, w, y, accumulate),
+        Plan::Register { span } => register_data(rec, &g, Op::Forward, x, pre, w, y, accumulate, span),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::Forward, &g, plan, x, pre, w, y, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
     }
     Ok(())
@@ -419,8 +479,8 @@ pub fn backward_data(
         return Ok(());
     }
     match plan(rec.gpu, Op::BackwardData, &g) {
-        Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, w, dx, accumulate, span),
-        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, w, dx, accumulate),
+        Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, None, w, dx, accumulate, span),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, None, w, dx, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for backward_data"),
     }
     Ok(())
@@ -435,20 +495,48 @@ pub fn backward_weight(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    backward_weight_with(rec, x, None, dy, dw, stride, accumulate)
+}
+
+/// dw (+)= the weight gradient of [`forward_bn_relu`]: [`backward_weight`] with its input
+/// `ReLU(BN(x))` computed from x and `affine` as x is loaded.
+pub fn backward_weight_bn_relu(
+    rec: &mut Recorder,
+    x: &Tensor,
+    affine: &Tensor,
+    dy: &Tensor,
+    dw: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    backward_weight_with(rec, x, Some(affine), dy, dw, stride, accumulate)
+}
+
+fn backward_weight_with(
+    rec: &mut Recorder,
+    x: &Tensor,
+    pre: Option<&Tensor>,
+    dy: &Tensor,
+    dw: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
     const WHAT: &str = "conv backward_weight";
     let g = Geometry::check(WHAT, ["x", "dw", "dy"], x, dw, dy, stride)?;
     distinct(WHAT, dw, [x, dy])?;
+    check_affine(WHAT, pre, g.c, dw)?;
     // By chunks of images: the first chunk's sum overwrites dw (unless `accumulate`), each later
     // one is added to it, in order.
     let chunk = |rec: &mut Recorder, r: &std::ops::Range<usize>, i: &[Tensor], _: &[Tensor]| {
-        backward_weight(rec, &i[0], &i[1], dw, stride, accumulate || r.start > 0)
+        backward_weight_with(rec, &i[0], pre, &i[1], dw, stride, accumulate || r.start > 0)
     };
-    if split::batch_op(rec, WHAT, &[x, dy], &[], &[dw], chunk)? {
+    let whole: Vec<&Tensor> = std::iter::once(dw).chain(pre).collect();
+    if split::batch_op(rec, WHAT, &[x, dy], &[], &whole, chunk)? {
         return Ok(());
     }
     match plan(rec.gpu, Op::BackwardWeight, &g) {
-        Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, dy, dw, accumulate, splits, chunk),
-        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardWeight, &g, plan, x, dy, dw, accumulate),
+        Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, pre, dy, dw, accumulate, splits, chunk),
+        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
         Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
     }
     Ok(())
@@ -585,6 +673,7 @@ fn register_data(
     g: &Geometry,
     op: Op,
     a: &Tensor,
+    pre: Option<&Tensor>,
     w: &Tensor,
     out: &Tensor,
     acc: bool,
@@ -633,6 +722,8 @@ fn register_data(
         }
     }
     let entry = register_entry(op, g.stride, g.ks);
+    let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
+    let aff = affine_binding(rec.gpu, pre);
     for i in 0..windows {
         let (c0, n) = (i * span, span.min(chans - i * span));
         let mut params = g.params(acc);
@@ -643,9 +734,16 @@ fn register_data(
             (10, wgpu::BindingResource::TextureView(&view)),
             (12, window(&buf, i)),
             (13, out.buffer.as_entire_binding()),
+            (5, aff.as_entire_binding()),
         ];
-        dispatch(rec, entry, &params, &binds, fold(quads.div_ceil(LANES), n.div_ceil(REG_KB)));
+        dispatch_pipeline(rec, &pipeline, entry, &params, &binds, fold(quads.div_ceil(LANES), n.div_ceil(REG_KB)));
     }
+}
+
+/// The register path's pipeline for `entry`, with the BN + ReLU prologue on x where `pre`
+/// (the shader's `PRE` override).
+fn register_pipeline(gpu: &Gpu, entry: &'static str, pre: bool) -> wgpu::ComputePipeline {
+    gpu.pipeline_with(Shader::Conv, entry, if pre { &[("PRE", 1.0)] } else { &[] })
 }
 
 fn register_entry(op: Op, stride: usize, ks: usize) -> &'static str {
@@ -668,6 +766,7 @@ fn register_weight(
     rec: &mut Recorder,
     g: &Geometry,
     x: &Tensor,
+    pre: Option<&Tensor>,
     dy: &Tensor,
     dw: &Tensor,
     acc: bool,
@@ -691,13 +790,16 @@ fn register_weight(
         (1, _) => "rp_backward_weight_s1k1",
         _ => "rp_backward_weight_s2k1",
     };
+    let aff = affine_binding(rec.gpu, pre);
     let binds = [
         (10, wgpu::BindingResource::TextureView(&xv)),
         (11, wgpu::BindingResource::TextureView(&dv)),
         (6, dw.buffer.as_entire_binding()),
         (7, part.as_entire_binding()),
+        (5, aff.as_entire_binding()),
     ];
-    dispatch(rec, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
+    let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
+    dispatch_pipeline(rec, &pipeline, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
     if splits > 1 {
         reduce_splits(rec, &part, dw, splits, acc);
     }

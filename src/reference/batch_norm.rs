@@ -107,6 +107,29 @@ pub fn forward_train(
     Train { y, mean, invstd, running_mean, running_var }
 }
 
+/// The convolutions' BN + ReLU prologue values (`ops::batch_norm::affine`): per channel
+/// `(mean, gamma * invstd, beta, 0)`, `[C, 4]` flattened.
+pub fn affine(mean: &[f64], invstd: &[f64], gamma: &[f64], beta: &[f64]) -> Vec<f64> {
+    (0..mean.len()).flat_map(|c| [mean[c], gamma[c] * invstd[c], beta[c], 0.0]).collect()
+}
+
+/// What the prologue reads for `x`: `ReLU((x - mean) * scale + beta)` per channel, with
+/// `affine` as [`affine`] gives it.
+pub fn prologue(x: &[f64], d: [usize; 4], affine: &[f64]) -> Vec<f64> {
+    let [n, c, h, w] = d;
+    let mut a = vec![0.0; x.len()];
+    for b in 0..n {
+        for ch in 0..c {
+            let (m, s, be) = (affine[4 * ch], affine[4 * ch + 1], affine[4 * ch + 2]);
+            for k in 0..h * w {
+                let i = at(d, b, ch, k);
+                a[i] = ((x[i] - m) * s + be).max(0.0);
+            }
+        }
+    }
+    a
+}
+
 /// Inference mode with the running statistics; epilogue as in [`forward_train`].
 #[allow(clippy::too_many_arguments)]
 pub fn forward_eval(

@@ -12,7 +12,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::{Geometry, Op, Params, Plan, dispatch_pipeline, fold, partials, reduce_splits, scratch};
+use super::{Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch};
 use crate::bench::Timer;
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
@@ -92,7 +92,7 @@ impl Tile {
     }
 
     /// The template with this configuration's constants and the geometry family's literals.
-    fn source(&self, op: Op, ks: usize, stride: usize, half: bool) -> String {
+    fn source(&self, op: Op, ks: usize, stride: usize, half: bool, pre: bool) -> String {
         let t = self.threads();
         let (a_per, b_per, step) = match op {
             // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
@@ -126,6 +126,7 @@ impl Tile {
             ("RSTEP", step.max(1)),
         ];
         let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
+        s.push_str(&format!("const PRE: bool = {pre};\n"));
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         s.push_str(&TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})")));
         s
@@ -134,28 +135,47 @@ impl Tile {
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
 
-/// The pipeline of configuration `tile` for `op` at kernel size `ks` and `stride` (f16
-/// storage where `half`), entry point `entry` of the template, built once per context.
-fn pipeline(
-    gpu: &Gpu,
-    tile: usize,
+/// Which module of the template: the op, kernel size and stride, f16 storage (`half`), and the
+/// BN + ReLU prologue on x (`pre`).
+#[derive(Clone, Copy, Debug)]
+struct Build {
     op: Op,
     ks: usize,
     stride: usize,
     half: bool,
-    entry: &str,
-) -> wgpu::ComputePipeline {
+    pre: bool,
+}
+
+impl Build {
+    fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
+        Build { op, ks: g.ks, stride: g.stride, half, pre }
+    }
+}
+
+/// The pipeline of configuration `tile` for `b`, entry point `entry` of the template, built once
+/// per context.
+fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &str) -> wgpu::ComputePipeline {
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
-    let key = format!("conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}.{entry}", t.name(), if half { "f16" } else { "f32" });
+    let Build { op, ks, stride, half, pre } = b;
+    let key = format!(
+        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}.{entry}",
+        t.name(),
+        if half { "f16" } else { "f32" },
+        if pre { ".pre" } else { "" }
+    );
     gpu.cached(&key, || {
-        let module = gpu.shader_module(&key, &t.source(op, ks, stride, half));
+        let module = gpu.shader_module(&key, &t.source(op, ks, stride, half, pre));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
             module: &module,
             entry_point: Some(entry),
-            compilation_options: Default::default(),
+            // Every kernel stores its workgroup tiles before it reads them.
+            compilation_options: wgpu::PipelineCompilationOptions {
+                zero_initialize_workgroup_memory: false,
+                ..Default::default()
+            },
             cache: None,
         })
     })
@@ -301,7 +321,7 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
                 continue;
             }
             let mut rec = gpu.recorder("conv tune");
-            record(&mut rec, op, g, plan_for(op, g, i), &t[0], &t[1], &t[2], false);
+            record(&mut rec, op, g, plan_for(op, g, i), &t[0], None, &t[1], &t[2], false);
             match timer.time(gpu, vec![rec.finish()]) {
                 Ok(s) if round > 0 => times[j].push(s.gpu_ms.unwrap_or(s.wall_ms)),
                 Ok(_) => {}
@@ -344,7 +364,8 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
 // Recording
 
 /// Records `op` under a tiled `plan`: forward (a = x, b = w, out = y), backward_data (a = dy,
-/// b = w, out = dx) or backward_weight (a = x, b = dy, out = dw).
+/// b = w, out = dx) or backward_weight (a = x, b = dy, out = dw); x through the BN + ReLU
+/// prologue with `pre`'s per-channel values where given (forward and backward_weight).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record(
     rec: &mut Recorder,
@@ -352,22 +373,35 @@ pub(super) fn record(
     g: &Geometry,
     plan: Plan,
     a: &Tensor,
+    pre: Option<&Tensor>,
     b: &Tensor,
     out: &Tensor,
     acc: bool,
 ) {
     let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    let build = Build::of(op, g, false, pre.is_some());
+    let aff = affine_binding(rec.gpu, pre);
     match op {
-        Op::BackwardWeight => weight(rec, g, tile, [&a.buffer, &b.buffer], out, acc, splits, chunk, false),
-        _ => data(rec, g, op, tile, a, b, out, acc),
+        Op::BackwardWeight => weight(rec, g, tile, build, [&a.buffer, &b.buffer, &aff], out, acc, splits, chunk),
+        _ => data(rec, g, build, tile, [&a.buffer, &aff], b, out, acc),
     }
 }
 
 /// Forward (a = x, out = y) or backward_data (a = dy, out = dx): the weights transposed to the
 /// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM.
 #[allow(clippy::too_many_arguments)]
-fn data(rec: &mut Recorder, g: &Geometry, op: Op, tile: usize, a: &Tensor, w: &Tensor, out: &Tensor, acc: bool) {
+fn data(
+    rec: &mut Recorder,
+    g: &Geometry,
+    build: Build,
+    tile: usize,
+    [a, aff]: [&wgpu::Buffer; 2],
+    w: &Tensor,
+    out: &Tensor,
+    acc: bool,
+) {
     let t = TILES[tile];
+    let op = build.op;
     let kk = g.ks * g.ks;
     let (m, cols) = gemm_rows_cols(op, g);
     let red = if op == Op::Forward { g.c * kk } else { g.k * kk };
@@ -386,8 +420,13 @@ fn data(rec: &mut Recorder, g: &Geometry, op: Op, tile: usize, a: &Tensor, w: &T
     );
     let mut params = g.params(acc);
     params.m = m as u32;
-    let binds = [(1, a.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, out.buffer.as_entire_binding())];
-    let p = pipeline(gpu, tile, op, g.ks, g.stride, false, "data_main");
+    let binds = [
+        (1, a.as_entire_binding()),
+        (2, wtt.as_entire_binding()),
+        (3, out.buffer.as_entire_binding()),
+        (5, aff.as_entire_binding()),
+    ];
+    let p = pipeline(gpu, tile, build, "data_main");
     dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
 
@@ -413,11 +452,18 @@ pub(super) fn record_half_data(
     let wtt = scratch(gpu, "wtt16", (red * cp * 2) as u64, wgpu::BufferUsages::STORAGE);
     let mut params = g.params(acc);
     params.m = m as u32;
-    let transpose = pipeline(gpu, tile, op, g.ks, g.stride, true, "transpose_main");
+    let build = Build::of(op, g, true, false);
+    let transpose = pipeline(gpu, tile, build, "transpose_main");
     let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
     dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
-    let p = pipeline(gpu, tile, op, g.ks, g.stride, true, "data_main");
-    let binds = [(1, a.buffer.as_entire_binding()), (2, wtt.as_entire_binding()), (3, out.buffer.as_entire_binding())];
+    let p = pipeline(gpu, tile, build, "data_main");
+    let aff = affine_binding(gpu, None);
+    let binds = [
+        (1, a.buffer.as_entire_binding()),
+        (2, wtt.as_entire_binding()),
+        (3, out.buffer.as_entire_binding()),
+        (5, aff.as_entire_binding()),
+    ];
     dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
 
@@ -433,22 +479,24 @@ pub(super) fn record_half_weight(
     acc: bool,
 ) {
     let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
-    weight(rec, g, tile, [&x.buffer, &dy.buffer], dw, acc, splits, chunk, true);
+    let aff = affine_binding(rec.gpu, None);
+    let build = Build::of(Op::BackwardWeight, g, true, false);
+    weight(rec, g, tile, build, [&x.buffer, &dy.buffer, &aff], dw, acc, splits, chunk);
 }
 
-/// backward_weight: `dw (+)= ` the GEMM of `x` and `dy` (`[x, dy]`, f16 where `half`) over
-/// N*H*W, in `splits` of `chunk` steps summed by [`reduce_splits`].
+/// backward_weight: `dw (+)= ` the GEMM of `x` and `dy` (`[x, dy, prologue]`, f16 where
+/// `build.half`) over N*H*W, in `splits` of `chunk` steps summed by [`reduce_splits`].
 #[allow(clippy::too_many_arguments)]
 fn weight(
     rec: &mut Recorder,
     g: &Geometry,
     tile: usize,
-    [x, dy]: [&wgpu::Buffer; 2],
+    build: Build,
+    [x, dy, aff]: [&wgpu::Buffer; 3],
     dw: &Tensor,
     acc: bool,
     splits: usize,
     chunk: usize,
-    half: bool,
 ) {
     let t = TILES[tile];
     let (rows, cols) = gemm_rows_cols(Op::BackwardWeight, g);
@@ -462,8 +510,9 @@ fn weight(
         (4, dy.as_entire_binding()),
         (6, dw.buffer.as_entire_binding()),
         (7, part.as_entire_binding()),
+        (5, aff.as_entire_binding()),
     ];
-    let p = pipeline(rec.gpu, tile, Op::BackwardWeight, g.ks, g.stride, half, "weight_main");
+    let p = pipeline(rec.gpu, tile, build, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
     if splits > 1 {
