@@ -65,7 +65,6 @@ struct Params {
 
 // Tiled path operands.
 @group(0) @binding(2) var<storage, read> wt: array<f32>;
-@group(0) @binding(5) var<storage, read> aff: array<vec4f>; // PRE: per input channel (mean, scale, beta, 0)
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
 @group(0) @binding(8) var<storage, read> part_in: array<f32>;
@@ -76,6 +75,7 @@ struct Params {
 @group(0) @binding(11) var bt: texture_2d<f32>;                 // dy (backward_weight)
 @group(0) @binding(12) var<uniform> wu: array<vec4f, 4096>;     // weight window
 @group(0) @binding(13) var<storage, read_write> out4: array<vec4f>; // y or dx, by quads
+@group(0) @binding(5) var<uniform> affu: array<vec4f, 4096>;    // PRE: per input channel (mean, scale, beta, 0)
 
 // ------------------------------------------------------------------------------------------
 // Helpers of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)
@@ -204,15 +204,25 @@ fn quad(q: u32, total: u32, rows: u32, cols: u32) -> Quad {
 
 // Row `iy` (may be outside [0, h)) of plane `plane` (n * C + c) of the `at` tensor, columns
 // 4 * tq .. 4 * tq + 3 in texels: zero outside the rows.
-fn row_a(plane: u32, iy: i32, h: u32, w: u32, tq: u32) -> vec4f {
+// Where PRE, the texel goes through the prologue with the plane's channel values `pa` (from
+// `pro`, read once per channel by the caller).
+fn row_a(plane: u32, iy: i32, h: u32, w: u32, tq: u32, pa: vec4f) -> vec4f {
     let ok = iy >= 0 && iy < i32(h);
     let r = u32(clamp(iy, 0, i32(h) - 1));
     var v = tex_a((plane * h + r) * (w / 4u) + tq);
     if PRE {
-        let a = aff[plane % p.c];
-        v = max(fma(v - vec4f(a.x), vec4f(a.y), vec4f(a.z)), vec4f(0.0));
+        v = max(fma(v - vec4f(pa.x), vec4f(pa.y), vec4f(pa.z)), vec4f(0.0));
     }
     return select(vec4f(0.0), v, ok);
+}
+
+// The prologue's values of input channel c (unused unless PRE), from a uniform window: one
+// vector gather.
+fn pro(c: u32) -> vec4f {
+    if PRE {
+        return affu[c];
+    }
+    return vec4f(0.0);
 }
 
 // One input row for the 3 column taps of a stride-1 3x3 correlation at quad columns
@@ -224,17 +234,17 @@ struct Row3 {
     r: vec4f,
 }
 
-fn row3_s1(plane: u32, iy: i32, h: u32, w: u32, g: Quad) -> Row3 {
-    let m = row_a(plane, iy, h, w, g.qx);
+fn row3_s1(plane: u32, iy: i32, h: u32, w: u32, g: Quad, pa: vec4f) -> Row3 {
+    let m = row_a(plane, iy, h, w, g.qx, pa);
     let l = select(0.0, subgroupShuffleUp(m.w, 1u), g.lok);
     let r = select(0.0, subgroupShuffleDown(m.x, 1u), g.rok);
     return Row3(vec4f(l, m.xyz), m, vec4f(m.yzw, r));
 }
 
 // Stride 2 (pad 1): output quad columns 4qx .. 4qx+3 read input columns 8qx - 1 .. 8qx + 7.
-fn row3_s2(plane: u32, iy: i32, h: u32, w: u32, g: Quad) -> Row3 {
-    let a = row_a(plane, iy, h, w, 2u * g.qx);
-    let b = row_a(plane, iy, h, w, 2u * g.qx + 1u);
+fn row3_s2(plane: u32, iy: i32, h: u32, w: u32, g: Quad, pa: vec4f) -> Row3 {
+    let a = row_a(plane, iy, h, w, 2u * g.qx, pa);
+    let b = row_a(plane, iy, h, w, 2u * g.qx + 1u, pa);
     let l = select(0.0, subgroupShuffleUp(b.w, 1u), g.lok);
     return Row3(vec4f(l, a.y, a.w, b.y), vec4f(a.x, a.z, b.x, b.z), vec4f(a.y, a.w, b.y, b.w));
 }
@@ -373,32 +383,32 @@ struct In5 {
 }
 
 // One input row for the column taps: stride 1 or 2, 3 taps, or 1 tap (in .m).
-fn xrow(plane: u32, iy: i32, h: u32, w: u32, g: Quad, s: u32, ks: u32) -> Row3 {
+fn xrow(plane: u32, iy: i32, h: u32, w: u32, g: Quad, s: u32, ks: u32, pa: vec4f) -> Row3 {
     var o: Row3;
     if ks == 3u {
         if s == 1u {
-            o = row3_s1(plane, iy, h, w, g);
+            o = row3_s1(plane, iy, h, w, g, pa);
         } else {
-            o = row3_s2(plane, iy, h, w, g);
+            o = row3_s2(plane, iy, h, w, g, pa);
         }
     } else if s == 1u {
-        o.m = row_a(plane, iy, h, w, g.qx);
+        o.m = row_a(plane, iy, h, w, g.qx, pa);
     } else {
-        let a = row_a(plane, iy, h, w, 2u * g.qx);
-        let b = row_a(plane, iy, h, w, 2u * g.qx + 1u);
+        let a = row_a(plane, iy, h, w, 2u * g.qx, pa);
+        let b = row_a(plane, iy, h, w, 2u * g.qx + 1u, pa);
         o.m = vec4f(a.x, a.z, b.x, b.z);
     }
     return o;
 }
 
 // The first `n` (a literal, at most 5) input rows from `base`; the others stay zero.
-fn inputs(plane: u32, base: i32, h: u32, w: u32, g: Quad, s: u32, ks: u32, n: u32) -> In5 {
+fn inputs(plane: u32, base: i32, h: u32, w: u32, g: Quad, s: u32, ks: u32, n: u32, pa: vec4f) -> In5 {
     var o: In5;
-    o.i0 = xrow(plane, base, h, w, g, s, ks);
-    if n > 1u { o.i1 = xrow(plane, base + 1, h, w, g, s, ks); }
-    if n > 2u { o.i2 = xrow(plane, base + 2, h, w, g, s, ks); }
-    if n > 3u { o.i3 = xrow(plane, base + 3, h, w, g, s, ks); }
-    if n > 4u { o.i4 = xrow(plane, base + 4, h, w, g, s, ks); }
+    o.i0 = xrow(plane, base, h, w, g, s, ks, pa);
+    if n > 1u { o.i1 = xrow(plane, base + 1, h, w, g, s, ks, pa); }
+    if n > 2u { o.i2 = xrow(plane, base + 2, h, w, g, s, ks, pa); }
+    if n > 3u { o.i3 = xrow(plane, base + 3, h, w, g, s, ks, pa); }
+    if n > 4u { o.i4 = xrow(plane, base + 4, h, w, g, s, ks, pa); }
     return o;
 }
 
@@ -494,7 +504,7 @@ fn rp_data(wid: vec3u, nwg: vec3u, lane: u32, op: u32, s: u32, ks: u32) {
                 x0.t0 = vec4f(d0.x, 0.0, d0.y, 0.0);
             }
         } else {
-            let ins = inputs(plane, base, irows, icols, g, s, ks, n);
+            let ins = inputs(plane, base, irows, icols, g, s, ks, n, pro(c));
             x0 = taps_at(ins, 0u, ks, op == 1u);
             x1 = taps_at(ins, s, ks, op == 1u);
         }
@@ -653,12 +663,14 @@ fn col3(b: ptr<function, Blk>, d: D8, x: X9, nt: u32) {
 // x (the `at` texture) of input channel c (clamped to the channels) at a lane's output quad,
 // 1x1: row g.row (stride 1) or every other column of row 2 * g.row (stride 2).
 fn x1(g: Quad, c: u32, s: u32) -> vec4f {
-    let plane = g.n * p.c + min(c, p.c - 1u);
+    let cc = min(c, p.c - 1u);
+    let plane = g.n * p.c + cc;
+    let pa = pro(cc);
     if s == 1u {
-        return row_a(plane, i32(g.row), p.h, p.w, g.qx);
+        return row_a(plane, i32(g.row), p.h, p.w, g.qx, pa);
     }
-    let a = row_a(plane, 2 * i32(g.row), p.h, p.w, 2u * g.qx);
-    let b = row_a(plane, 2 * i32(g.row), p.h, p.w, 2u * g.qx + 1u);
+    let a = row_a(plane, 2 * i32(g.row), p.h, p.w, 2u * g.qx, pa);
+    let b = row_a(plane, 2 * i32(g.row), p.h, p.w, 2u * g.qx + 1u, pa);
     return vec4f(a.x, a.z, b.x, b.z);
 }
 
@@ -667,15 +679,17 @@ fn x1(g: Quad, c: u32, s: u32) -> vec4f {
 fn wtaps(g: Quad, c: u32, s: u32, ks: u32) -> X9 {
     var xs: X9;
     if ks == 3u {
-        let plane = g.n * p.c + min(c, p.c - 1u);
+        let cc = min(c, p.c - 1u);
+        let plane = g.n * p.c + cc;
+        let pa = pro(cc);
         if s == 1u {
             let iy = i32(g.row) - 1;
-            xs = taps3(row3_s1(plane, iy, p.h, p.w, g), row3_s1(plane, iy + 1, p.h, p.w, g),
-                       row3_s1(plane, iy + 2, p.h, p.w, g), false);
+            xs = taps3(row3_s1(plane, iy, p.h, p.w, g, pa), row3_s1(plane, iy + 1, p.h, p.w, g, pa),
+                       row3_s1(plane, iy + 2, p.h, p.w, g, pa), false);
         } else {
             let iy = 2 * i32(g.row) - 1;
-            xs = taps3(row3_s2(plane, iy, p.h, p.w, g), row3_s2(plane, iy + 1, p.h, p.w, g),
-                       row3_s2(plane, iy + 2, p.h, p.w, g), false);
+            xs = taps3(row3_s2(plane, iy, p.h, p.w, g, pa), row3_s2(plane, iy + 1, p.h, p.w, g, pa),
+                       row3_s2(plane, iy + 2, p.h, p.w, g, pa), false);
         }
     } else {
         xs.t0 = x1(g, c, s);

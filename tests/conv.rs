@@ -260,6 +260,9 @@ fn bn_relu_prologue_matches_reference() {
     for (ctx, g) in contexts(true) {
         check_bn_relu_on(ctx, g, CASES, 44);
         check_bn_relu_on(ctx, g, EDGES, 45);
+        // More channels than the register path's window of prologue values (4096): its
+        // backward_weight would take this shape, the prologue makes it take the tiled kernels.
+        check_bn_relu_on(ctx, g, &[case([1, 4097, 2, 4], 2, 1, 1)], 46);
     }
 }
 

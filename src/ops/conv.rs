@@ -316,6 +316,17 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     }
 }
 
+/// [`plan`], where the BN + ReLU prologue (`pre`) with more channels than the register path's
+/// window takes the tiled kernels.
+fn plan_pre(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
+    match plan(gpu, op, g) {
+        Plan::Register { .. } | Plan::RegisterWeight { .. } if pre && g.c > AFFINE_WINDOW => {
+            tiled::plan_for(op, g, tiled::rule(op, g))
+        }
+        p => p,
+    }
+}
+
 /// Records one dispatch of `entry` with `params` and the given bindings (binding 0 is the
 /// parameter buffer).
 fn dispatch(
@@ -453,7 +464,7 @@ fn forward_with(
     if split::batch_op(rec, WHAT, &[x], &[(y, accumulate)], &whole, chunk)? {
         return Ok(());
     }
-    match plan(rec.gpu, Op::Forward, &g) {
+    match plan_pre(rec.gpu, Op::Forward, &g, pre.is_some()) {
         Plan::Register { span } => register_data(rec, &g, Op::Forward, x, pre, w, y, accumulate, span),
         plan @ Plan::Tiled { .. } => tiled::record(rec, Op::Forward, &g, plan, x, pre, w, y, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
@@ -534,7 +545,7 @@ fn backward_weight_with(
     if split::batch_op(rec, WHAT, &[x, dy], &[], &whole, chunk)? {
         return Ok(());
     }
-    match plan(rec.gpu, Op::BackwardWeight, &g) {
+    match plan_pre(rec.gpu, Op::BackwardWeight, &g, pre.is_some()) {
         Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, pre, dy, dw, accumulate, splits, chunk),
         plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
         Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
@@ -723,7 +734,7 @@ fn register_data(
     }
     let entry = register_entry(op, g.stride, g.ks);
     let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
-    let aff = affine_binding(rec.gpu, pre);
+    let aff = affine_window(rec, pre);
     for i in 0..windows {
         let (c0, n) = (i * span, span.min(chans - i * span));
         let mut params = g.params(acc);
@@ -734,10 +745,25 @@ fn register_data(
             (10, wgpu::BindingResource::TextureView(&view)),
             (12, window(&buf, i)),
             (13, out.buffer.as_entire_binding()),
-            (5, aff.as_entire_binding()),
+            (5, window(&aff, 0)),
         ];
         dispatch_pipeline(rec, &pipeline, entry, &params, &binds, fold(quads.div_ceil(LANES), n.div_ceil(REG_KB)));
     }
+}
+
+/// Channels the register path's prologue window holds (a 64 KiB uniform `array<vec4f, 4096>`).
+const AFFINE_WINDOW: usize = WINDOW / 4;
+
+/// The register path's prologue values as a uniform window (a vector gather on a CPU adapter,
+/// where a storage load is a loop over the lanes): `pre` copied into a context scratch buffer,
+/// or that buffer unfilled where there is no prologue. At most [`AFFINE_WINDOW`] channels (the
+/// plan takes the tiled kernels past that).
+fn affine_window(rec: &mut Recorder, pre: Option<&Tensor>) -> wgpu::Buffer {
+    let buf = scratch(rec.gpu, "affine", WINDOW_BYTES, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST);
+    if let Some(a) = pre {
+        rec.encoder.copy_buffer_to_buffer(&a.buffer, 0, &buf, 0, Some(a.bytes()));
+    }
+    buf
 }
 
 /// The register path's pipeline for `entry`, with the BN + ReLU prologue on x where `pre`
@@ -790,13 +816,13 @@ fn register_weight(
         (1, _) => "rp_backward_weight_s1k1",
         _ => "rp_backward_weight_s2k1",
     };
-    let aff = affine_binding(rec.gpu, pre);
+    let aff = affine_window(rec, pre);
     let binds = [
         (10, wgpu::BindingResource::TextureView(&xv)),
         (11, wgpu::BindingResource::TextureView(&dv)),
         (6, dw.buffer.as_entire_binding()),
         (7, part.as_entire_binding()),
-        (5, aff.as_entire_binding()),
+        (5, window(&aff, 0)),
     ];
     let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
     dispatch_pipeline(rec, &pipeline, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
