@@ -57,6 +57,8 @@ pub const CIFAR_32: [[usize; 4]; 3] = [[32, 16, 32, 32], [32, 32, 16, 16], [32, 
 /// Activation-sized tensors moved by the training BN forward: `stats` reads `x` twice (mean,
 /// then variance), `normalize` reads `x` and writes `y`.
 pub const BN_FORWARD_PASSES: u64 = 4;
+/// The statistics alone (`stats_train`, what the fused units run): `x` read twice.
+pub const BN_STATS_PASSES: u64 = 2;
 /// Likewise for the BN backward: `backward_reduce` reads `x` and `dy`, `backward_apply` reads
 /// `x` and `dy` and writes `dx`.
 pub const BN_BACKWARD_PASSES: u64 = 5;
@@ -182,18 +184,26 @@ pub enum Item {
     ConvBackwardWeight,
     /// The f16 path's forward (where the adapter has shader-f16).
     ConvForwardF16,
+    /// The forward and weight gradient reading `ReLU(BN(x))` through the fused prologue.
+    ConvForwardBnRelu,
+    ConvBackwardWeightBnRelu,
     BnForward,
+    /// The training statistics alone (the fused units' BN forward).
+    BnStatistics,
     BnBackward,
     Unit(UnitKind, Pass),
 }
 
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 10] = [
+pub const ITEMS: [Item; 13] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
     Item::ConvForwardF16,
+    Item::ConvForwardBnRelu,
+    Item::ConvBackwardWeightBnRelu,
     Item::BnForward,
+    Item::BnStatistics,
     Item::BnBackward,
     Item::Unit(UnitKind::PreAct, Pass::Forward),
     Item::Unit(UnitKind::PreAct, Pass::ForwardBackward),
@@ -212,7 +222,10 @@ impl Item {
             Item::ConvBackwardData => "conv3x3 backward_data".into(),
             Item::ConvBackwardWeight => "conv3x3 backward_weight".into(),
             Item::ConvForwardF16 => "conv3x3 forward f16".into(),
+            Item::ConvForwardBnRelu => "conv3x3 forward bn-relu".into(),
+            Item::ConvBackwardWeightBnRelu => "conv3x3 backward_weight bn-relu".into(),
             Item::BnForward => "bn forward (train)".into(),
+            Item::BnStatistics => "bn statistics (train)".into(),
             Item::BnBackward => "bn backward".into(),
             Item::Unit(k, Pass::Forward) => format!("unit {} fwd", unit_name(k)),
             Item::Unit(k, Pass::ForwardBackward) => format!("unit {} fwd+bwd", unit_name(k)),
@@ -223,10 +236,15 @@ impl Item {
     pub fn flops(self, [n, c, h, w]: [usize; 4]) -> Option<f64> {
         let conv = 2.0 * (n * c * c * 9 * h * w) as f64;
         match self {
-            Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight | Item::ConvForwardF16 => Some(conv),
+            Item::ConvForward
+            | Item::ConvBackwardData
+            | Item::ConvBackwardWeight
+            | Item::ConvForwardF16
+            | Item::ConvForwardBnRelu
+            | Item::ConvBackwardWeightBnRelu => Some(conv),
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
             Item::Unit(_, Pass::ForwardBackward) => Some(3.0 * 2.0 * conv),
-            Item::BnForward | Item::BnBackward => None,
+            Item::BnForward | Item::BnStatistics | Item::BnBackward => None,
         }
     }
 
@@ -235,6 +253,7 @@ impl Item {
         let t = (d.iter().product::<usize>() * 4) as f64;
         match self {
             Item::BnForward => Some(BN_FORWARD_PASSES as f64 * t),
+            Item::BnStatistics => Some(BN_STATS_PASSES as f64 * t),
             Item::BnBackward => Some(BN_BACKWARD_PASSES as f64 * t),
             _ => None,
         }
@@ -509,10 +528,16 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
     let c = d[1];
     let mut no_prep = || Ok(());
     match item {
-        Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight => {
+        Item::ConvForward
+        | Item::ConvBackwardData
+        | Item::ConvBackwardWeight
+        | Item::ConvForwardBnRelu
+        | Item::ConvBackwardWeightBnRelu => {
             let x = random(gpu, &mut rng, &d)?;
             let dy = random(gpu, &mut rng, &d)?;
             let w = random(gpu, &mut rng, &[c, c, 3, 3])?;
+            let aff: Vec<f32> = (0..c).flat_map(|_| [0.0, 1.0, 0.0, 0.0]).collect();
+            let aff = Tensor::new(gpu, &[c, 4], &aff)?;
             let out = Tensor::zeros(gpu, &d)?;
             let dw = Tensor::zeros(gpu, &[c, c, 3, 3])?;
             flush(gpu)?;
@@ -521,6 +546,10 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 match item {
                     Item::ConvForward => conv::forward(&mut rec, &x, &w, &out, 1, false)?,
                     Item::ConvBackwardData => conv::backward_data(&mut rec, &dy, &w, &out, 1, false)?,
+                    Item::ConvForwardBnRelu => conv::forward_bn_relu(&mut rec, &x, &aff, &w, &out, 1, false)?,
+                    Item::ConvBackwardWeightBnRelu => {
+                        conv::backward_weight_bn_relu(&mut rec, &x, &aff, &dy, &dw, 1, false)?
+                    }
                     _ => conv::backward_weight(&mut rec, &x, &dy, &dw, 1, false)?,
                 }
                 Ok(vec![rec.finish()])
@@ -538,7 +567,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 Ok(vec![rec.finish()])
             })
         }
-        Item::BnForward | Item::BnBackward => {
+        Item::BnForward | Item::BnStatistics | Item::BnBackward => {
             let ones = vec![1.0; c];
             let zeros = vec![0.0; c];
             let bn = Bn::new(gpu, &ones, &zeros, &zeros, &ones)?;
@@ -551,10 +580,10 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             rec.run()?;
             measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
                 let mut rec = gpu.recorder("bench bn");
-                if item == Item::BnForward {
-                    bn.forward(&mut rec, Mode::Train, &x, &y, Epilogue::default())?;
-                } else {
-                    bn.backward(&mut rec, &x, &dy, false, &y, false)?;
+                match item {
+                    Item::BnForward => bn.forward(&mut rec, Mode::Train, &x, &y, Epilogue::default())?,
+                    Item::BnStatistics => bn.prologue(&mut rec, Mode::Train, &x)?,
+                    _ => bn.backward(&mut rec, &x, &dy, false, &y, false)?,
                 }
                 Ok(vec![rec.finish()])
             })
