@@ -125,6 +125,23 @@ fn convolutions_of_every_kernel_family_split_by_images() {
                 let want = if acc { plus(&prior_dw, &want) } else { want };
                 check(&format!("{tag} backward_weight acc={acc}"), &fetch(g, &tdw), &want, F32_TOL);
             }
+
+            // the same two through the BN + ReLU prologue (one affine for every chunk)
+            let aff: Vec<f32> = (0..xd[1]).flat_map(|_| [0.2 * rng.data(1)[0], 1.0, 0.1, 0.0]).collect();
+            let taff = up(g, &[xd[1], 4], &aff);
+            let ra = r::batch_norm::prologue(&rx, xd, &to_f64(&aff));
+            let ty = nan(g, &yd);
+            run(g, |rec| conv::forward_bn_relu(rec, big(&tx), &taff, &tw, &ty, stride, false));
+            check(
+                &format!("{tag} forward_bn_relu"),
+                &fetch(g, &ty),
+                &r::conv::forward(&ra, xd, &rw, wd, stride),
+                F32_TOL,
+            );
+            let tdw = nan(g, &wd);
+            run(g, |rec| conv::backward_weight_bn_relu(rec, big(&tx), &taff, &tdy, &tdw, stride, false));
+            let want = r::conv::backward_weight(&ra, xd, &rdy, wd, stride);
+            check(&format!("{tag} backward_weight_bn_relu"), &fetch(g, &tdw), &want, F32_TOL);
         }
     }
 }
@@ -166,6 +183,15 @@ fn batch_norm_splits_with_batch_statistics() {
             check(&format!("{tag} invstd"), &fetch(g, &ti), &want.invstd, F32_TOL);
             check(&format!("{tag} running_mean"), &fetch(g, &trm), &want.running_mean, F32_TOL);
             check(&format!("{tag} running_var"), &fetch(g, &trv), &want.running_var, F32_TOL);
+
+            // the statistics alone (stats_train), from the same running statistics
+            let (trm2, trv2) = (up(g, &[c], &rmean), up(g, &[c], &rvar));
+            let (tm2, ti2) = (nan(g, &[c]), nan(g, &[c]));
+            let p2 = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm2, running_var: &trv2 };
+            run(g, |rec| bn::stats_train(rec, big(&tx), &p2, &tm2, &ti2));
+            check(&format!("{tag} stats_train mean"), &fetch(g, &tm2), &want.mean, F32_TOL);
+            check(&format!("{tag} stats_train invstd"), &fetch(g, &ti2), &want.invstd, F32_TOL);
+            check(&format!("{tag} stats_train running_var"), &fetch(g, &trv2), &want.running_var, F32_TOL);
 
             // apply_saved with the saved statistics: the training y again
             let ty2 = if ep.add { up(g, &d, &prior) } else { nan(g, &d) };

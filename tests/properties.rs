@@ -59,17 +59,19 @@ proptest! {
         n in 1usize..3, c in 1usize..5, h in 1usize..8, w in 1usize..8, k in 1usize..5,
         ks in prop_oneof![3 => Just(3usize), 2 => Just(1usize), 1 => 0usize..6],
         stride in prop_oneof![3 => Just(1usize), 3 => Just(2usize), 1 => 0usize..5],
-        wc in rarely(), bad_at in 0usize..4, bad in rarely(),
-        op in 0usize..3, seed in any::<u64>(),
+        wc in rarely(), bad_at in 0usize..4, bad in rarely(), ac in rarely(),
+        op in 0usize..5, seed in any::<u64>(),
     ) {
         let mut rng = Rng::new(seed);
         let xd = [n, c, h, w];
         let wd = [k, c + wc, ks, ks];
         let (oh, ow) = (conv::out_size(h, ks, stride), conv::out_size(w, ks, stride));
         let yd = nudge(vec![n, k, oh, ow], bad_at, bad);
-        let valid = matches!(ks, 1 | 3) && matches!(stride, 1 | 2) && wc == 0 && bad == 0;
+        // ops 3 and 4 read ReLU(BN(x)) through the prologue, whose values are [C, 4]
+        let valid = matches!(ks, 1 | 3) && matches!(stride, 1 | 2) && wc == 0 && bad == 0 && (op < 3 || ac == 0);
         let (x, wt, y) = (make(&xd, &mut rng), make(&wd, &mut rng), make(&yd, &mut rng));
-        let (Ok((tx, vx)), Ok((tw, vw)), Ok((ty, vy))) = (x, wt, y) else {
+        let aff = make(&[c + ac, 4], &mut rng);
+        let (Ok((tx, vx)), Ok((tw, vw)), Ok((ty, vy)), Ok((ta, va))) = (x, wt, y, aff) else {
             prop_assert!(!valid, "a valid shape failed to allocate");
             return Ok(());
         };
@@ -77,16 +79,21 @@ proptest! {
         let got = match op {
             0 => conv::forward(&mut rec, &tx, &tw, &ty, stride, false),
             1 => conv::backward_data(&mut rec, &ty, &tw, &tx, stride, false),
-            _ => conv::backward_weight(&mut rec, &tx, &ty, &tw, stride, false),
+            2 => conv::backward_weight(&mut rec, &tx, &ty, &tw, stride, false),
+            3 => conv::forward_bn_relu(&mut rec, &tx, &ta, &tw, &ty, stride, false),
+            _ => conv::backward_weight_bn_relu(&mut rec, &tx, &ta, &ty, &tw, stride, false),
         };
         prop_assert_eq!(got.is_ok(), valid, "op {} x {:?} w {:?} y {:?} stride {}: {:?}", op, xd, wd, yd, stride, got.err());
         rec.run().unwrap();
         if valid {
             let (rx, rw, ry) = (to_f64(&vx), to_f64(&vw), to_f64(&vy));
+            let ra = r::batch_norm::prologue(&rx, xd, &to_f64(&va));
             match op {
                 0 => check("conv forward", &read(&ty), &r::conv::forward(&rx, xd, &rw, [k, c, ks, ks], stride), F32_TOL),
                 1 => check("conv backward_data", &read(&tx), &r::conv::backward_data(&ry, &rw, [k, c, ks, ks], xd, stride), F32_TOL),
-                _ => check("conv backward_weight", &read(&tw), &r::conv::backward_weight(&rx, xd, &ry, [k, c, ks, ks], stride), F32_TOL),
+                2 => check("conv backward_weight", &read(&tw), &r::conv::backward_weight(&rx, xd, &ry, [k, c, ks, ks], stride), F32_TOL),
+                3 => check("conv forward_bn_relu", &read(&ty), &r::conv::forward(&ra, xd, &rw, [k, c, ks, ks], stride), F32_TOL),
+                _ => check("conv backward_weight_bn_relu", &read(&tw), &r::conv::backward_weight(&ra, xd, &ry, [k, c, ks, ks], stride), F32_TOL),
             }
         }
     }
