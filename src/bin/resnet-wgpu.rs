@@ -423,6 +423,20 @@ fn info() -> Result<()> {
     println!("chosen: {}", gpu.report);
     // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
     println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
+    // Whether wgpu's experimental cooperative matrices (tensor cores) exist on this adapter, and
+    // in which shapes and types: what a tensor-core path would have to use.
+    let coop = gpu.adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
+    let configs: Vec<String> = gpu
+        .adapter
+        .cooperative_matrix_properties()
+        .iter()
+        .map(|c| format!("{}x{}x{} {:?}->{:?}", c.m_size, c.n_size, c.k_size, c.ab_type, c.cr_type))
+        .collect();
+    println!(
+        "cooperative matrix: {}; configurations: {}",
+        if coop { "offered" } else { "not offered" },
+        if configs.is_empty() { "none".to_string() } else { configs.join(" ") }
+    );
     Ok(())
 }
 
