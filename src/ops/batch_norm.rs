@@ -165,7 +165,9 @@ pub fn set_texture_loads(gpu: &Gpu, allowed: bool) {
 /// Whether the vec4 and texture variants may run. The default: yes on CPU adapters, where the
 /// texture variant is 2x to 4x faster and gives the scalar kernels' bits; no on GPUs, where the
 /// vec4 storage variant gave gradients 3.6e-3 away from PyTorch's on the ResNet-20 fixture on an
-/// H200 (the scalar kernels: 2.8e-6) for a reason not yet found (BENCHMARKS.md).
+/// H200 (the scalar kernels: 2.8e-6). That turned out to be a ReLU input within f32 rounding of
+/// zero, which any change in a sum's order can flip (`examples/relu_ties.rs`, BENCHMARKS.md), not
+/// a fault of the vec4 kernels; they stay off on GPUs until they are timed against the scalar ones.
 fn vector_cell(gpu: &Gpu) -> Arc<AtomicBool> {
     let cpu = gpu.report.device_type == wgpu::DeviceType::Cpu;
     gpu.cached("batch_norm.vector-loads", || Arc::new(AtomicBool::new(cpu)))

@@ -1,0 +1,112 @@
+//! Why a whole network's f32 gradients can sit 1e-3 away from an f64 reference while every
+//! kernel is within 1e-5: ReLU inputs within rounding of zero.
+//!
+//! Runs the PyTorch fixture's ResNet-20 (tests/fixtures/torch-resnet20-original-b) in the f64
+//! reference and lists the ReLU inputs within 1e-5 of zero: after the stem's BN and each unit's
+//! first BN, and after each identity unit's addition (not after the two projection units').
+//! Then it prints the worst relative L2 error of our gradients (and of PyTorch's, in float64)
+//! against the f64 reference. The forward's f32 rounding grows to about 1e-5 relative by the
+//! deeper layers, so such an input can land on the other side of zero: that one ReLU then
+//! passes (or blocks) a gradient the f64 pass blocks (or passes), and every shallower gradient
+//! moves by about 1e-3. Which batches show it changes with the order of any sum (a reduction's
+//! run length, vec4 loads, FMA contraction on another adapter).
+//!
+//! `cargo run --release --example relu_ties [-- SEED [vec4]]`: with SEED, random images instead
+//! of the fixture's; with `vec4`, batch norm's vec4 kernels.
+use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::ops::pool_fc_loss::upload_labels;
+use resnet_wgpu::reference::{conv as rconv, net as rnet, rel_l2, to_f64};
+use resnet_wgpu::{Gpu, Result, Tensor, io};
+use std::collections::HashMap;
+use std::path::Path;
+
+const UNITS: [&str; 9] =
+    ["layer1.0", "layer1.1", "layer1.2", "layer2.0", "layer2.1", "layer2.2", "layer3.0", "layer3.1", "layer3.2"];
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-resnet20-original-b");
+    let cfg = NetConfig { shortcut: ShortcutOption::B, ..NetConfig::cifar(20, UnitKind::Original, false, 10)? };
+    let batch = io::read(&dir.join("batch.safetensors"))?;
+    let torch = io::read(&dir.join("torch.safetensors"))?;
+    let params: HashMap<String, Vec<f64>> =
+        io::read(&dir.join("weights.safetensors"))?.iter().map(|(k, v)| (k.clone(), to_f64(&v.to_f32()))).collect();
+    let labels: Vec<usize> = batch["labels"].to_i64().unwrap_or_default().iter().map(|&l| l as usize).collect();
+    let seed = args.first().and_then(|s| s.parse::<u64>().ok());
+    let images = match seed {
+        Some(s) => resnet_wgpu::rng::Rng::new(s).data(4 * 3 * 32 * 32).iter().map(|v| 2.0 * v).collect(),
+        None => batch["images"].to_f32(),
+    };
+    let dims = [4, 3, 32, 32];
+
+    // The f64 reference: ReLU inputs near zero after each unit's bn1 (batch statistics).
+    let fwd = rnet::forward(&cfg, &params, &to_f64(&images), dims, true);
+    let mut near = Vec::new();
+    let stem = rconv::forward(&to_f64(&images), dims, &params["conv1.weight"], [16, 3, 3, 3], 1);
+    near_zero_after_bn(&params, "bn1", &stem, dims[0], &mut near);
+    for (l, name) in UNITS.iter().enumerate() {
+        let (x, d) = (&fwd.streams[l], fwd.stream_dims[l]);
+        let w = &params[&format!("{name}.conv1.weight")];
+        let h = rconv::forward(x, d, w, [w.len() / (d[1] * 9), d[1], 3, 3], if l == 3 || l == 6 { 2 } else { 1 });
+        near_zero_after_bn(&params, &format!("{name}.bn1"), &h, d[0], &mut near);
+    }
+    // ... and the ReLU after each identity unit's addition, x_l + F(x_l).
+    for (l, name) in UNITS.iter().enumerate() {
+        if fwd.stream_dims[l] != fwd.stream_dims[l + 1] {
+            continue; // a projection unit: its shortcut is not x_l
+        }
+        for (i, (x, f)) in fwd.streams[l].iter().zip(&fwd.branches[l]).enumerate() {
+            if (x + f).abs() < 1e-5 {
+                near.push(format!("{name} output element {i}: {:.1e}", x + f));
+            }
+        }
+    }
+    println!("images: {}", seed.map_or("the fixture's".to_string(), |s| format!("random, seed {s}")));
+    println!("ReLU inputs within 1e-5 of zero (f64): {near:?}");
+
+    // Ours (and PyTorch's, for the fixture's images) against the f64 reference.
+    let want = rnet::train_pass(&cfg, &params, &to_f64(&images), dims, &labels);
+    let gpu = Gpu::new()?;
+    if args.iter().any(|a| a == "vec4") {
+        resnet_wgpu::ops::batch_norm::set_texture_loads(&gpu, false);
+        resnet_wgpu::ops::batch_norm::set_vector_loads(&gpu, true);
+    }
+    let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
+    let l32: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
+    net.forward_backward(&gpu, &Tensor::new(&gpu, &dims, &images)?, &upload_labels(&gpu, &l32, 10)?, true)?;
+    let mut worst = (0.0, String::new());
+    let mut torch_worst = 0.0f64;
+    for (n, g) in net.grads(&gpu)? {
+        let e = rel_l2(&g, &want.grads[&n]);
+        if e > worst.0 {
+            worst = (e, n.clone());
+        }
+        if seed.is_none() {
+            torch_worst = torch_worst.max(rel_l2(&torch[&format!("grad.{n}")].to_f32(), &want.grads[&n]));
+        }
+    }
+    println!("ours ({}): worst gradient against the f64 reference {:.2e} ({})", gpu.report.name, worst.0, worst.1);
+    if seed.is_none() {
+        println!("PyTorch's (the fixture): worst gradient against the f64 reference {torch_worst:.2e}");
+    }
+    Ok(())
+}
+
+/// The inputs of the ReLU after batch norm `bn` (training mode: batch statistics) of the
+/// activations `h` of `n` images that lie within 1e-5 of zero, into `near`.
+fn near_zero_after_bn(params: &HashMap<String, Vec<f64>>, bn: &str, h: &[f64], n: usize, near: &mut Vec<String>) {
+    let (gamma, beta) = (&params[&format!("{bn}.weight")], &params[&format!("{bn}.bias")]);
+    let k = gamma.len();
+    let hw = h.len() / (n * k);
+    for c in 0..k {
+        let v: Vec<f64> = (0..n).flat_map(|i| h[(i * k + c) * hw..(i * k + c + 1) * hw].to_vec()).collect();
+        let mean = v.iter().sum::<f64>() / v.len() as f64;
+        let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / v.len() as f64;
+        for a in &v {
+            let z = gamma[c] * (a - mean) / (var + 1e-5).sqrt() + beta[c];
+            if z.abs() < 1e-5 {
+                near.push(format!("{bn} channel {c}: {z:.1e}"));
+            }
+        }
+    }
+}
