@@ -25,7 +25,10 @@ const UNITS: [&str; 9] =
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/torch-resnet20-original-b");
+    // The fixture beside the sources, or under the working directory (a copied binary).
+    let fixture = "tests/fixtures/torch-resnet20-original-b";
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(fixture);
+    let dir = if built.exists() { built } else { Path::new(fixture).to_path_buf() };
     let cfg = NetConfig { shortcut: ShortcutOption::B, ..NetConfig::cifar(20, UnitKind::Original, false, 10)? };
     let batch = io::read(&dir.join("batch.safetensors"))?;
     let torch = io::read(&dir.join("torch.safetensors"))?;

@@ -2,7 +2,8 @@
 # One call on a lent GPU machine (after tools/device_pack.sh), in priority order, each step
 # time-limited so that the whole stays under LIMIT seconds (default 420):
 #   1. the adapter;
-#   2. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check);
+#   2. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
+#      its gradients against the f64 reference with the default and vec4 batch norm (relu_ties);
 #   3. the test binaries on the GPU;
 #   4. the full benchmark with the autotuner's log and the burn and PyTorch peers.
 # Outputs go under $OUT (the device tool brings them back).
@@ -18,6 +19,9 @@ for f in .device/*.gz; do b=$(basename "$f" .gz); gunzip -c "$f" > "/tmp/$b" && 
 /tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
 echo "=== torch_check ($(left) s left)"
 timeout 90 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG | tee "$OUT/torch_check.txt"
+# ReLU inputs within rounding of zero: the fixture's gradients against the f64 reference with the
+# default and the vec4 batch-norm kernels (BENCHMARKS.md, the H200's 3.6e-3).
+for a in "" vec4; do timeout 60 /tmp/relu_ties "" $a 2>&1 | grep -v XDG | tee -a "$OUT/relu_ties.txt"; done
 for t in conv batch_norm variants network units binding_limit; do
     l=$(left); [ "$l" -lt 150 ] && { echo "skip test $t: time"; continue; }
     timeout 90 "/tmp/t_$t" --test-threads 4 --nocapture > "$OUT/t_$t.log" 2>&1
