@@ -3,10 +3,11 @@
 //!
 //! Runs the PyTorch fixture's ResNet-20 (tests/fixtures/torch-resnet20-original-b) in the f64
 //! reference and lists the ReLU inputs within 1e-5 of zero: after the stem's BN and each unit's
-//! first BN, and after each identity unit's addition (not after the two projection units').
+//! first BN, and after each unit's addition.
 //! Then it prints the worst relative L2 error of our gradients (and of PyTorch's, in float64)
-//! against the f64 reference. The forward's f32 rounding grows to about 1e-5 relative by the
-//! deeper layers, so such an input can land on the other side of zero: that one ReLU then
+//! against the f64 reference, and how far our streams are from the reference's. Those grow
+//! from 1e-7 to 2e-6 relative L2 through the network (single elements 1e-6 to 1e-5 off deep
+//! in it), so such an input can land on the other side of zero: that one ReLU then
 //! passes (or blocks) a gradient the f64 pass blocks (or passes), and every shallower gradient
 //! moves by about 1e-3. Which batches show it changes with the order of any sum (a reduction's
 //! run length, vec4 loads, FMA contraction on another adapter).
@@ -53,12 +54,18 @@ fn main() -> Result<()> {
         let h = rconv::forward(x, d, w, [w.len() / (d[1] * 9), d[1], 3, 3], if l == 3 || l == 6 { 2 } else { 1 });
         near_zero_after_bn(&params, &format!("{name}.bn1"), &h, d[0], &mut near);
     }
-    // ... and the ReLU after each identity unit's addition, x_l + F(x_l).
+    // ... and the ReLU after each unit's addition, h(x_l) + F(x_l): h = x_l, or for the
+    // projection units BN(conv1x1(x_l)) with the batch statistics.
     for (l, name) in UNITS.iter().enumerate() {
-        if fwd.stream_dims[l] != fwd.stream_dims[l + 1] {
-            continue; // a projection unit: its shortcut is not x_l
-        }
-        for (i, (x, f)) in fwd.streams[l].iter().zip(&fwd.branches[l]).enumerate() {
+        let (x, d) = (&fwd.streams[l], fwd.stream_dims[l]);
+        let h = if d == fwd.stream_dims[l + 1] {
+            x.clone()
+        } else {
+            let w = &params[&format!("{name}.shortcut.0.weight")];
+            let p = rconv::forward(x, d, w, [w.len() / d[1], d[1], 1, 1], 2);
+            batch_norm_train(&params, &format!("{name}.shortcut.1"), &p, d[0])
+        };
+        for (i, (x, f)) in h.iter().zip(&fwd.branches[l]).enumerate() {
             if (x + f).abs() < 1e-5 {
                 near.push(format!("{name} output element {i}: {:.1e}", x + f));
             }
@@ -77,6 +84,14 @@ fn main() -> Result<()> {
     let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
     let l32: Vec<u32> = labels.iter().map(|&l| l as u32).collect();
     net.forward_backward(&gpu, &Tensor::new(&gpu, &dims, &images)?, &upload_labels(&gpu, &l32, 10)?, true)?;
+    // Our forward's streams against the reference's: how far f32 rounding has grown, unit by unit.
+    let ours = net.streams()?;
+    let growth: Vec<String> = ours
+        .iter()
+        .zip(&fwd.streams)
+        .map(|(t, w)| Ok(format!("{:.0e}", rel_l2(&t.read(&gpu)?, w))))
+        .collect::<Result<_>>()?;
+    println!("our streams x_0 .. x_9 against the f64 reference (relative L2): {}", growth.join(" "));
     let mut worst = (0.0, String::new());
     let mut torch_worst = 0.0f64;
     for (n, g) in net.grads(&gpu)? {
@@ -112,4 +127,21 @@ fn near_zero_after_bn(params: &HashMap<String, Vec<f64>>, bn: &str, h: &[f64], n
             }
         }
     }
+}
+
+/// Batch norm `bn` of the activations `h` of `n` images with the batch statistics.
+fn batch_norm_train(params: &HashMap<String, Vec<f64>>, bn: &str, h: &[f64], n: usize) -> Vec<f64> {
+    let (gamma, beta) = (&params[&format!("{bn}.weight")], &params[&format!("{bn}.bias")]);
+    let k = gamma.len();
+    let hw = h.len() / (n * k);
+    let mut out = h.to_vec();
+    for c in 0..k {
+        let idx: Vec<usize> = (0..n).flat_map(|i| (i * k + c) * hw..(i * k + c + 1) * hw).collect();
+        let mean = idx.iter().map(|&i| h[i]).sum::<f64>() / idx.len() as f64;
+        let var = idx.iter().map(|&i| (h[i] - mean) * (h[i] - mean)).sum::<f64>() / idx.len() as f64;
+        for &i in &idx {
+            out[i] = gamma[c] * (h[i] - mean) / (var + 1e-5).sqrt() + beta[c];
+        }
+    }
+    out
 }
