@@ -16,7 +16,7 @@
 //! of the fixture's; with `vec4`, batch norm's vec4 kernels.
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
-use resnet_wgpu::reference::{conv as rconv, net as rnet, rel_l2, to_f64};
+use resnet_wgpu::reference::{batch_norm as rbn, conv as rconv, net as rnet, rel_l2, to_f64};
 use resnet_wgpu::{Gpu, Result, Tensor, io};
 use std::collections::HashMap;
 use std::path::Path;
@@ -47,12 +47,14 @@ fn main() -> Result<()> {
     let fwd = rnet::forward(&cfg, &params, &to_f64(&images), dims, true);
     let mut near = Vec::new();
     let stem = rconv::forward(&to_f64(&images), dims, &params["conv1.weight"], [16, 3, 3, 3], 1);
-    near_zero_after_bn(&params, "bn1", &stem, dims[0], &mut near);
+    near_zero(&batch_norm_train(&params, "bn1", &stem, dims[0]), "bn1", &mut near);
     for (l, name) in UNITS.iter().enumerate() {
         let (x, d) = (&fwd.streams[l], fwd.stream_dims[l]);
         let w = &params[&format!("{name}.conv1.weight")];
-        let h = rconv::forward(x, d, w, [w.len() / (d[1] * 9), d[1], 3, 3], if l == 3 || l == 6 { 2 } else { 1 });
-        near_zero_after_bn(&params, &format!("{name}.bn1"), &h, d[0], &mut near);
+        let stride = d[2] / fwd.stream_dims[l + 1][2];
+        let h = rconv::forward(x, d, w, [w.len() / (d[1] * 9), d[1], 3, 3], stride);
+        let bn = format!("{name}.bn1");
+        near_zero(&batch_norm_train(&params, &bn, &h, d[0]), &bn, &mut near);
     }
     // ... and the ReLU after each unit's addition, h(x_l) + F(x_l): h = x_l, or for the
     // projection units BN(conv1x1(x_l)) with the batch statistics.
@@ -65,11 +67,8 @@ fn main() -> Result<()> {
             let p = rconv::forward(x, d, w, [w.len() / d[1], d[1], 1, 1], 2);
             batch_norm_train(&params, &format!("{name}.shortcut.1"), &p, d[0])
         };
-        for (i, (x, f)) in h.iter().zip(&fwd.branches[l]).enumerate() {
-            if (x + f).abs() < 1e-5 {
-                near.push(format!("{name} output element {i}: {:.1e}", x + f));
-            }
-        }
+        let sum: Vec<f64> = h.iter().zip(&fwd.branches[l]).map(|(x, f)| x + f).collect();
+        near_zero(&sum, &format!("{name} output"), &mut near);
     }
     println!("images: {}", seed.map_or("the fixture's".to_string(), |s| format!("random, seed {s}")));
     println!("ReLU inputs within 1e-5 of zero (f64): {near:?}");
@@ -110,38 +109,18 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The inputs of the ReLU after batch norm `bn` (training mode: batch statistics) of the
-/// activations `h` of `n` images that lie within 1e-5 of zero, into `near`.
-fn near_zero_after_bn(params: &HashMap<String, Vec<f64>>, bn: &str, h: &[f64], n: usize, near: &mut Vec<String>) {
-    let (gamma, beta) = (&params[&format!("{bn}.weight")], &params[&format!("{bn}.bias")]);
-    let k = gamma.len();
-    let hw = h.len() / (n * k);
-    for c in 0..k {
-        let v: Vec<f64> = (0..n).flat_map(|i| h[(i * k + c) * hw..(i * k + c + 1) * hw].to_vec()).collect();
-        let mean = v.iter().sum::<f64>() / v.len() as f64;
-        let var = v.iter().map(|a| (a - mean) * (a - mean)).sum::<f64>() / v.len() as f64;
-        for a in &v {
-            let z = gamma[c] * (a - mean) / (var + 1e-5).sqrt() + beta[c];
-            if z.abs() < 1e-5 {
-                near.push(format!("{bn} channel {c}: {z:.1e}"));
-            }
-        }
+/// The elements of `v` (the input of a ReLU, named `what`) within 1e-5 of zero, into `near`.
+fn near_zero(v: &[f64], what: &str, near: &mut Vec<String>) {
+    for (i, z) in v.iter().enumerate().filter(|(_, z)| z.abs() < 1e-5) {
+        near.push(format!("{what} element {i}: {z:.1e}"));
     }
 }
 
-/// Batch norm `bn` of the activations `h` of `n` images with the batch statistics.
+/// Batch norm `bn` of the activations `h` of `n` images with the batch statistics (the
+/// reference's), as the training forward computes it before its ReLU.
 fn batch_norm_train(params: &HashMap<String, Vec<f64>>, bn: &str, h: &[f64], n: usize) -> Vec<f64> {
     let (gamma, beta) = (&params[&format!("{bn}.weight")], &params[&format!("{bn}.bias")]);
     let k = gamma.len();
-    let hw = h.len() / (n * k);
-    let mut out = h.to_vec();
-    for c in 0..k {
-        let idx: Vec<usize> = (0..n).flat_map(|i| (i * k + c) * hw..(i * k + c + 1) * hw).collect();
-        let mean = idx.iter().map(|&i| h[i]).sum::<f64>() / idx.len() as f64;
-        let var = idx.iter().map(|&i| (h[i] - mean) * (h[i] - mean)).sum::<f64>() / idx.len() as f64;
-        for &i in &idx {
-            out[i] = gamma[c] * (h[i] - mean) / (var + 1e-5).sqrt() + beta[c];
-        }
-    }
-    out
+    let (zeros, ones) = (vec![0.0; k], vec![1.0; k]);
+    rbn::forward_train(h, [n, k, 1, h.len() / (n * k)], gamma, beta, &zeros, &ones, None, false).y
 }

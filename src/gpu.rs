@@ -79,6 +79,10 @@ impl Shader {
     }
 }
 
+/// A pipeline's key: shader, entry point and the override constants' values (`None`: none, the
+/// common case, looked up without allocating).
+type PipelineKey = (Shader, &'static str, Option<String>);
+
 /// What was opened, for printing.
 #[derive(Clone, Debug)]
 pub struct AdapterReport {
@@ -138,7 +142,7 @@ pub struct Gpu {
     /// The largest buffer this context will bind to one shader. Tensors may be larger (up to
     /// the adapter's largest buffer): the ops run them in chunks that fit.
     pub max_binding_bytes: u64,
-    pipelines: Mutex<HashMap<(Shader, &'static str, String), wgpu::ComputePipeline>>,
+    pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     cache: Mutex<HashMap<(TypeId, String), Box<dyn Any + Send + Sync>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
@@ -343,7 +347,7 @@ impl Gpu {
         entry: &'static str,
         constants: &[(&str, f64)],
     ) -> wgpu::ComputePipeline {
-        let key = (shader, entry, format!("{constants:?}"));
+        let key = (shader, entry, (!constants.is_empty()).then(|| format!("{constants:?}")));
         let mut cache = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = cache.get(&key) {
             return p.clone();
