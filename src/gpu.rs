@@ -6,8 +6,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 
 /// Which adapter to open. [`GpuOptions::from_env`] honours `WGPU_BACKEND`, `WGPU_POWER_PREF` and
@@ -149,6 +147,8 @@ pub struct Gpu {
     submit_lock: Mutex<()>,
     /// Bytes of buffers requested through [`Gpu::create_buffer`] so far (never decreases).
     requested: AtomicU64,
+    /// The device's alignment of uniform-buffer binding offsets (a parameter block's slot).
+    uniform_align: u64,
 }
 
 /// What the device holds now, from wgpu's internal counters: live buffers and textures and
@@ -267,6 +267,7 @@ impl Gpu {
             uncaptured,
             submit_lock: Mutex::new(()),
             requested: AtomicU64::new(0),
+            uniform_align: limits.min_uniform_buffer_offset_alignment.max(4) as u64,
         })
     }
 
@@ -391,6 +392,8 @@ impl Gpu {
         Recorder {
             gpu: self,
             encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
+            pass: None,
+            arena: Arena::default(),
         }
     }
 
@@ -425,9 +428,62 @@ impl Gpu {
 }
 
 /// Records compute dispatches into one command encoder.
+///
+/// Consecutive dispatches share one compute pass (wgpu still orders each dispatch after the
+/// writes of the ones before it): wgpu validates each pass with usage scopes as large as the
+/// device's resource count, which per dispatch made recording cost more than small kernels run.
+/// The parameter blocks of the dispatches share a few uniform buffers (the arena) instead of one
+/// buffer each.
 pub struct Recorder<'a> {
     pub gpu: &'a Gpu,
-    pub encoder: wgpu::CommandEncoder,
+    // Declared before the encoder, so that an unfinished recorder ends its pass first.
+    pass: Option<wgpu::ComputePass<'static>>,
+    encoder: wgpu::CommandEncoder,
+    arena: Arena,
+}
+
+/// The uniform buffers holding a recorder's parameter blocks, one slot per dispatch: the
+/// current buffer and its bytes so far, written to it when it is full or the recorder finishes
+/// (queue writes land before the next submission, so before the recorded commands run).
+#[derive(Default)]
+struct Arena {
+    current: Option<(wgpu::Buffer, Vec<u8>)>,
+    buffers: u32,
+}
+
+/// The largest arena buffer: 256 slots of 256 bytes.
+const ARENA_BYTES: u64 = 64 << 10;
+
+impl Arena {
+    /// Places `bytes` in a slot and returns its buffer and offset.
+    fn push(&mut self, gpu: &Gpu, bytes: &[u8]) -> (wgpu::Buffer, u64) {
+        let slot = (bytes.len() as u64).div_ceil(gpu.uniform_align) * gpu.uniform_align;
+        let fits = |staged: &Vec<u8>, buf: &wgpu::Buffer| staged.len() as u64 + slot <= buf.size();
+        if !self.current.as_ref().is_some_and(|(buf, staged)| fits(staged, buf)) {
+            self.flush(gpu);
+            // Small recorders get small buffers; long ones grow to ARENA_BYTES.
+            let size = (4096u64 << self.buffers.min(4)).min(ARENA_BYTES).max(slot);
+            self.buffers += 1;
+            let buf = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("params"),
+                size,
+                usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+            self.current = Some((buf, Vec::with_capacity(size as usize)));
+        }
+        let (buf, staged) = self.current.as_mut().expect("a buffer with room was just made");
+        let offset = staged.len() as u64;
+        staged.extend_from_slice(bytes);
+        staged.resize((offset + slot) as usize, 0);
+        (buf.clone(), offset)
+    }
+
+    fn flush(&mut self, gpu: &Gpu) {
+        if let Some((buf, staged)) = self.current.take() {
+            gpu.queue.write_buffer(&buf, 0, &staged);
+        }
+    }
 }
 
 /// Threads per workgroup of the element-wise kernels (`WG` in the shaders).
@@ -466,36 +522,57 @@ impl Recorder<'_> {
         resources: &[(u32, wgpu::BindingResource)],
         groups: [u32; 3],
     ) {
-        let gpu = self.gpu;
-        let pipeline = gpu.pipeline(shader, entry);
+        let pipeline = self.gpu.pipeline(shader, entry);
         let mut words = params.to_vec();
         // Zero-padded to a fixed 256 bytes: a shader's Params struct is shared by its file's entry
         // points, and an entry may be called with fewer words than the struct has.
         words.resize(params.len().div_ceil(4).max(16) * 4, 0);
-        let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("params"),
-            contents: bytemuck::cast_slice(&words),
-            usage: wgpu::BufferUsages::UNIFORM,
-        });
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        self.dispatch_pipeline(&pipeline, entry, bytemuck::cast_slice(&words), resources, groups);
+    }
+
+    /// One dispatch of `pipeline` (`label` names its bind group): `params` (bytes) is bound at
+    /// binding 0 as a uniform, each resource at its binding.
+    pub fn dispatch_pipeline(
+        &mut self,
+        pipeline: &wgpu::ComputePipeline,
+        label: &str,
+        params: &[u8],
+        resources: &[(u32, wgpu::BindingResource)],
+        groups: [u32; 3],
+    ) {
+        let gpu = self.gpu;
+        let (buffer, offset) = self.arena.push(gpu, params);
+        let uniform = wgpu::BufferBinding { buffer: &buffer, offset, size: wgpu::BufferSize::new(params.len() as u64) };
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(uniform) }];
         for (b, r) in resources {
             entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
         }
         let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(entry),
+            label: Some(label),
             layout: &pipeline.get_bind_group_layout(0),
             entries: &entries,
         });
-        let mut pass = self
-            .encoder
-            .begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(entry), timestamp_writes: None });
-        pass.set_pipeline(&pipeline);
+        let encoder = &mut self.encoder;
+        let pass = self.pass.get_or_insert_with(|| {
+            encoder
+                .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
+                .forget_lifetime()
+        });
+        pass.set_pipeline(pipeline);
         pass.set_bind_group(0, &bind, &[]);
         pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
     }
 
+    /// The command encoder, for commands outside compute passes (copies): ends the open pass.
+    pub fn encoder(&mut self) -> &mut wgpu::CommandEncoder {
+        self.pass = None;
+        &mut self.encoder
+    }
+
     /// The recorded commands.
-    pub fn finish(self) -> wgpu::CommandBuffer {
+    pub fn finish(mut self) -> wgpu::CommandBuffer {
+        self.pass = None;
+        self.arena.flush(self.gpu);
         self.encoder.finish()
     }
 

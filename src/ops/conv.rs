@@ -26,8 +26,6 @@ use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use wgpu::util::DeviceExt;
-
 use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
@@ -349,24 +347,7 @@ fn dispatch_pipeline(
     res: &[(u32, wgpu::BindingResource)],
     groups: [u32; 3],
 ) {
-    let gpu = rec.gpu;
-    let uniform = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("conv params"),
-        contents: bytemuck::bytes_of(params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
-    let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-    entries.extend(res.iter().map(|(b, r)| wgpu::BindGroupEntry { binding: *b, resource: r.clone() }));
-    let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-        label: Some(label),
-        layout: &pipeline.get_bind_group_layout(0),
-        entries: &entries,
-    });
-    let mut pass =
-        rec.encoder.begin_compute_pass(&wgpu::ComputePassDescriptor { label: Some(label), timestamp_writes: None });
-    pass.set_pipeline(pipeline);
-    pass.set_bind_group(0, &bind, &[]);
-    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+    rec.dispatch_pipeline(pipeline, label, bytemuck::bytes_of(params), res, groups);
 }
 
 /// `count` workgroups along x, folded into x and z where they exceed the per-dimension limit
@@ -711,7 +692,7 @@ fn register_data(
         let (c0, n) = (i * span, span.min(chans - i * span));
         let dst = i as u64 * WINDOW_BYTES;
         match op {
-            Op::Forward => rec.encoder.copy_buffer_to_buffer(
+            Op::Forward => rec.encoder().copy_buffer_to_buffer(
                 &w.buffer,
                 (c0 * red * kk * 4) as u64,
                 &buf,
@@ -721,7 +702,7 @@ fn register_data(
             _ => {
                 for k in 0..g.k {
                     let src = ((k * g.c + c0) * kk * 4) as u64;
-                    rec.encoder.copy_buffer_to_buffer(
+                    rec.encoder().copy_buffer_to_buffer(
                         &w.buffer,
                         src,
                         &buf,
@@ -761,7 +742,7 @@ const AFFINE_WINDOW: usize = WINDOW / 4;
 fn affine_window(rec: &mut Recorder, pre: Option<&Tensor>) -> wgpu::Buffer {
     let buf = scratch(rec.gpu, "affine", WINDOW_BYTES, wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST);
     if let Some(a) = pre {
-        rec.encoder.copy_buffer_to_buffer(&a.buffer, 0, &buf, 0, Some(a.bytes()));
+        rec.encoder().copy_buffer_to_buffer(&a.buffer, 0, &buf, 0, Some(a.bytes()));
     }
     buf
 }

@@ -67,10 +67,10 @@ pub(crate) fn operand_texture(rec: &mut Recorder, role: &str, t: &Tensor) -> wgp
         );
     };
     if full > 0 {
-        copy(&mut rec.encoder, 0, 0, TEXW, full);
+        copy(rec.encoder(), 0, 0, TEXW, full);
     }
     if rest > 0 {
-        copy(&mut rec.encoder, (full * TEXW * 16) as u64, full, rest, 1);
+        copy(rec.encoder(), (full * TEXW * 16) as u64, full, rest, 1);
     }
     tex.create_view(&wgpu::TextureViewDescriptor::default())
 }

@@ -290,7 +290,7 @@ pub fn softmax_xent(
         let zt = split::images(rec, "in0", logits, &r, true);
         let dzt = split::images(rec, "out0", dlogits, &r, false);
         let lt = split::temp(gpu, "labels", &[r.len()]);
-        rec.encoder.copy_buffer_to_buffer(&labels.buffer, r.start as u64 * 4, &lt.buffer, 0, lt.bytes());
+        rec.encoder().copy_buffer_to_buffer(&labels.buffer, r.start as u64 * 4, &lt.buffer, 0, lt.bytes());
         if r.start == 0 {
             xent_dispatch(rec, &zt, &lt.buffer, loss, &dzt, r.len(), k, n)?;
         } else {

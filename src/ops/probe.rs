@@ -22,9 +22,9 @@ pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) ->
             let (part, total) = (split::temp(rec.gpu, "part", &[1]), split::temp(rec.gpu, "total", &[1]));
             sum_squares(rec, &xt, &part, 0)?;
             let at = slot as u64 * 4;
-            rec.encoder.copy_buffer_to_buffer(&out.buffer, at, &total.buffer, 0, 4);
+            rec.encoder().copy_buffer_to_buffer(&out.buffer, at, &total.buffer, 0, 4);
             residual::add(rec, &part, &total)?;
-            rec.encoder.copy_buffer_to_buffer(&total.buffer, 0, &out.buffer, at, 4);
+            rec.encoder().copy_buffer_to_buffer(&total.buffer, 0, &out.buffer, at, 4);
         }
         return Ok(());
     }

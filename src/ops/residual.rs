@@ -77,6 +77,6 @@ pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: 
 /// `x_l` must be kept for the backward). A buffer copy binds nothing: any size runs whole.
 pub fn copy(rec: &mut Recorder, src: &Tensor, dst: &Tensor) -> Result<()> {
     same_len("copy", &[src, dst])?;
-    rec.encoder.copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, src.bytes());
+    rec.encoder().copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, src.bytes());
     Ok(())
 }

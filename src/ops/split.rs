@@ -126,7 +126,7 @@ pub(crate) fn images(rec: &mut Recorder, role: &str, t: &Tensor, r: &Range<usize
     let tmp = temp(rec.gpu, role, &chunk_dims(t, r));
     if load {
         let at = (r.start * per_image(t)) as u64 * 4;
-        rec.encoder.copy_buffer_to_buffer(&t.buffer, at, &tmp.buffer, 0, tmp.bytes());
+        rec.encoder().copy_buffer_to_buffer(&t.buffer, at, &tmp.buffer, 0, tmp.bytes());
     }
     tmp
 }
@@ -134,21 +134,21 @@ pub(crate) fn images(rec: &mut Recorder, role: &str, t: &Tensor, r: &Range<usize
 /// Copies the temporary `tmp` back into images `r` of `t`.
 pub(crate) fn store_images(rec: &mut Recorder, tmp: &Tensor, t: &Tensor, r: &Range<usize>) {
     let at = (r.start * per_image(t)) as u64 * 4;
-    rec.encoder.copy_buffer_to_buffer(&tmp.buffer, 0, &t.buffer, at, tmp.bytes());
+    rec.encoder().copy_buffer_to_buffer(&tmp.buffer, 0, &t.buffer, at, tmp.bytes());
 }
 
 /// A 1-D temporary holding elements `r` of `t` (copied in when `load`).
 pub(crate) fn elements(rec: &mut Recorder, role: &str, t: &Tensor, r: &Range<usize>, load: bool) -> Tensor {
     let tmp = temp(rec.gpu, role, &[r.len()]);
     if load {
-        rec.encoder.copy_buffer_to_buffer(&t.buffer, r.start as u64 * 4, &tmp.buffer, 0, tmp.bytes());
+        rec.encoder().copy_buffer_to_buffer(&t.buffer, r.start as u64 * 4, &tmp.buffer, 0, tmp.bytes());
     }
     tmp
 }
 
 /// Copies the 1-D temporary `tmp` back into elements `r` of `t`.
 pub(crate) fn store_elements(rec: &mut Recorder, tmp: &Tensor, t: &Tensor, r: &Range<usize>) {
-    rec.encoder.copy_buffer_to_buffer(&tmp.buffer, 0, &t.buffer, r.start as u64 * 4, tmp.bytes());
+    rec.encoder().copy_buffer_to_buffer(&tmp.buffer, 0, &t.buffer, r.start as u64 * 4, tmp.bytes());
 }
 
 /// An op over the batch, run by chunks of images when a tensor does not fit one binding.
