@@ -37,11 +37,14 @@ fn main() -> Result<()> {
         io::read(&dir.join("weights.safetensors"))?.iter().map(|(k, v)| (k.clone(), to_f64(&v.to_f32()))).collect();
     let labels: Vec<usize> = batch["labels"].to_i64().unwrap_or_default().iter().map(|&l| l as usize).collect();
     let seed = args.first().and_then(|s| s.parse::<u64>().ok());
-    let images = match seed {
-        Some(s) => resnet_wgpu::rng::Rng::new(s).data(4 * 3 * 32 * 32).iter().map(|v| 2.0 * v).collect(),
-        None => batch["images"].to_f32(),
+    // Random batches are 4x3x32x32 (CIFAR's size); the fixture's are its own (4x3x16x16).
+    let d = &batch["images"].dims;
+    let (dims, images) = match seed {
+        Some(s) => {
+            ([4, 3, 32, 32], resnet_wgpu::rng::Rng::new(s).data(4 * 3 * 32 * 32).iter().map(|v| 2.0 * v).collect())
+        }
+        None => ([d[0], d[1], d[2], d[3]], batch["images"].to_f32()),
     };
-    let dims = [4, 3, 32, 32];
 
     // The f64 reference: ReLU inputs near zero after each unit's bn1 (batch statistics).
     let fwd = rnet::forward(&cfg, &params, &to_f64(&images), dims, true);

@@ -27,7 +27,7 @@ fn main() -> Result<()> {
         resnet_wgpu::ops::batch_norm::set_texture_loads(&gpu, texture);
         let name = format!("conv {family}, batch norm {bn}");
         let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
-        let images = Tensor::new(&gpu, &[4, 3, 32, 32], &batch["images"].to_f32())?;
+        let images = Tensor::new(&gpu, &batch["images"].dims, &batch["images"].to_f32())?;
         net.forward_backward(&gpu, &images, &upload_labels(&gpu, &labels, 10)?, true)?;
         let mut rows: Vec<(f64, String)> = net
             .grads(&gpu)?

@@ -19,7 +19,8 @@ fn a_pytorch_state_dict_gives_pytorchs_gradients() {
     let torch = io::read(&dir.join("torch.safetensors")).unwrap();
     let images = batch["images"].to_f32();
     let labels: Vec<u32> = batch["labels"].to_i64().unwrap().iter().map(|&l| l as u32).collect();
-    let dims = [4, 3, 32, 32];
+    let d = &batch["images"].dims;
+    let dims = [d[0], d[1], d[2], d[3]];
     let loss = net.forward_backward(g, &upload(&dims, &images), &upload_labels(g, &labels, 10).unwrap(), true).unwrap();
     let want = |k: &str| to_f64(&torch[k].to_f32());
     check("torch loss", &[loss], &want("loss"), F32_TOL);
