@@ -12,8 +12,8 @@
 //! moves by about 1e-3. Which batches show it changes with the order of any sum (a reduction's
 //! run length, vec4 loads, FMA contraction on another adapter).
 //!
-//! `cargo run --release --example relu_ties [-- SEED [vec4]]`: with SEED, random images instead
-//! of the fixture's; with `vec4`, batch norm's vec4 kernels.
+//! `cargo run --release --example relu_ties [-- SEED [scalar|vec4|wide]]`: with SEED, random
+//! images instead of the fixture's; with a variant, batch norm's kernels of that variant.
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
 use resnet_wgpu::reference::{batch_norm as rbn, conv as rconv, net as rnet, rel_l2, to_f64};
@@ -79,9 +79,13 @@ fn main() -> Result<()> {
     // Ours (and PyTorch's, for the fixture's images) against the f64 reference.
     let want = rnet::train_pass(&cfg, &params, &to_f64(&images), dims, &labels);
     let gpu = Gpu::new()?;
-    if args.iter().any(|a| a == "vec4") {
-        resnet_wgpu::ops::batch_norm::set_texture_loads(&gpu, false);
-        resnet_wgpu::ops::batch_norm::set_vector_loads(&gpu, true);
+    {
+        use resnet_wgpu::ops::batch_norm::{Kernels, set_kernels};
+        for (name, k) in [("scalar", Kernels::Scalar), ("vec4", Kernels::Vec4), ("wide", Kernels::Wide)] {
+            if args.iter().any(|a| a == name) {
+                set_kernels(&gpu, k);
+            }
+        }
     }
     let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
     let l32: Vec<u32> = labels.iter().map(|&l| l as u32).collect();

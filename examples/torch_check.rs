@@ -1,5 +1,5 @@
 //! Runs the PyTorch fixture (tests/fixtures/torch-resnet20-original-b) with each conv kernel
-//! family, batch norm with and without its vector loads, and prints the worst gradient errors
+//! family, batch norm with each of its kernel variants, and prints the worst gradient errors
 //! against PyTorch: a diagnostic for adapters.
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::io;
@@ -17,15 +17,14 @@ fn main() -> Result<()> {
     let torch = io::read(&dir.join("torch.safetensors"))?;
     let labels: Vec<u32> = batch["labels"].to_i64().unwrap_or_default().iter().map(|&l| l as u32).collect();
     let families = [("auto", Kernels::Auto), ("tiled", Kernels::Tiled), ("register", Kernels::Register)];
-    // Batch norm: as the adapter chooses (texture loads on CPU adapters, vec4 storage loads on
-    // GPUs), vec4 storage loads forced, scalar loads forced.
-    let bn_modes = [("auto", true, true), ("vec4", true, false), ("scalar", false, false)];
-    for ((family, k), (bn, vector, texture)) in families.into_iter().flat_map(|f| bn_modes.map(|m| (f, m))) {
+    // Batch norm: as the adapter chooses, then each variant forced.
+    use resnet_wgpu::ops::batch_norm::{self as bn, Kernels as Bn};
+    let bn_modes = [Bn::Auto, Bn::Scalar, Bn::Vec4, Bn::Wide];
+    for ((family, k), b) in families.into_iter().flat_map(|f| bn_modes.map(|m| (f, m))) {
         let gpu = Gpu::new()?;
         conv::set_kernels(&gpu, k);
-        resnet_wgpu::ops::batch_norm::set_vector_loads(&gpu, vector);
-        resnet_wgpu::ops::batch_norm::set_texture_loads(&gpu, texture);
-        let name = format!("conv {family}, batch norm {bn}");
+        bn::set_kernels(&gpu, b);
+        let name = format!("conv {family}, batch norm {b:?}");
         let mut net = io::load_net(&gpu, &cfg, &dir.join("weights.safetensors"))?;
         let images = Tensor::new(&gpu, &batch["images"].dims, &batch["images"].to_f32())?;
         net.forward_backward(&gpu, &images, &upload_labels(&gpu, &labels, 10)?, true)?;

@@ -11,7 +11,8 @@
 // shorter). On CPU adapters (lavapipe) each storage-buffer load or store is a scalar loop over
 // the SIMD lanes, so the per-channel values are loaded once per run instead of once per
 // element and no per-element integer division is needed; only the small final reductions
-// (one workgroup per channel over the per-run partials) use workgroup memory.
+// (one workgroup per channel over the per-run partials) use workgroup memory. The wide variants
+// at the end give each run a workgroup instead, for coalesced loads on GPUs.
 //
 // Reductions are two kernels: `*_partial` (one invocation per short run: its sums into
 // `part`), then `*_final` (one workgroup per channel: each thread sums a strided set of that
@@ -629,5 +630,114 @@ fn backward_apply_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
         let xh = (tx(i) - vec4f(k.mean)) * k.invstd;
         let g = gi * (dz_t(i, k, xh) - mb - xh * mg);
         if p.accumulate == 1u { dx4[i] += g; } else { dx4[i] = g; }
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Wide variants (for GPUs): one workgroup of FG threads per run of p.chunk = FG * WIDE
+// elements, thread t taking elements start + t + j * FG, so a warp's loads are consecutive
+// (coalesced) where the kernels above give each thread its own run. The reductions sum each
+// thread's WIDE elements in order, then the threads by the fixed tree of reduce_ab, into the same
+// per-run partials as stats_partial / backward_partial for the same *_final kernels.
+// ------------------------------------------------------------------------------------------
+
+const WIDE: u32 = 16u; // elements per thread of a wide run: runs of FG * WIDE = 1024 (ops/batch_norm.rs)
+
+// The run of workgroup `wid` (the workgroup grid folded as `flat`'s).
+fn wide_run(wid: vec3u, nwg: vec3u) -> u32 {
+    return wid.y * nwg.x + wid.x;
+}
+
+@compute @workgroup_size(FG)
+fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                   @builtin(local_invocation_id) lid: vec3u) {
+    let inv = wide_run(wid, nwg);
+    let r = channel_run(inv);
+    let t = lid.x;
+    // Every thread reaches the barriers; a run that does not exist sums nothing.
+    var v: array<f32, WIDE>;
+    var s = 0.0;
+    for (var j = 0u; j < WIDE; j++) {
+        let i = r.start + t + j * FG;
+        if r.ok && i < r.end {
+            v[j] = x[i];
+            s += v[j];
+        }
+    }
+    red_a[t] = s;
+    red_b[t] = 0.0;
+    reduce_ab(t);
+    let sum = red_a[0];
+    let mu = sum / f32(max(r.end - r.start, 1u));
+    workgroupBarrier(); // everyone has read red_a[0] before it is overwritten
+    var q = 0.0;
+    for (var j = 0u; j < WIDE; j++) {
+        let i = r.start + t + j * FG;
+        if r.ok && i < r.end {
+            let d = v[j] - mu;
+            q += d * d;
+        }
+    }
+    red_a[t] = q;
+    reduce_ab(t);
+    if t == 0u && r.ok {
+        part[2u * inv] = sum;
+        part[2u * inv + 1u] = red_a[0];
+    }
+}
+
+@compute @workgroup_size(FG)
+fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+               @builtin(local_invocation_id) lid: vec3u) {
+    let r = plane_run(wide_run(wid, nwg));
+    if !r.ok { return; }
+    let mean = save_mean[r.c];
+    let invstd = save_invstd[r.c];
+    let g = gamma[r.c];
+    let b = beta[r.c];
+    for (var i = r.start + lid.x; i < r.end; i += FG) { epilogue(i, (x[i] - mean) * invstd * g + b); }
+}
+
+@compute @workgroup_size(FG)
+fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                      @builtin(local_invocation_id) lid: vec3u) {
+    let inv = wide_run(wid, nwg);
+    let r = channel_run(inv);
+    let t = lid.x;
+    let k = chan(min(r.c, p.c - 1u));
+    var s1 = 0.0;
+    var s2 = 0.0;
+    for (var j = 0u; j < WIDE; j++) {
+        let i = r.start + t + j * FG;
+        if r.ok && i < r.end {
+            let xh = (x[i] - k.mean) * k.invstd;
+            let g = dz(i, k, xh);
+            s1 += g;
+            s2 += g * xh;
+        }
+    }
+    red_a[t] = s1;
+    red_b[t] = s2;
+    reduce_ab(t);
+    if t == 0u && r.ok {
+        part[2u * inv] = red_a[0];
+        part[2u * inv + 1u] = red_b[0];
+    }
+}
+
+@compute @workgroup_size(FG)
+fn backward_apply_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                    @builtin(local_invocation_id) lid: vec3u) {
+    let r = plane_run(wide_run(wid, nwg));
+    if !r.ok { return; }
+    let k = chan(r.c);
+    let inv_m = 1.0 / f32(select(p.n * p.hw, p.total, p.total != 0u));
+    let gi = k.gamma * k.invstd;
+    let mb = scratch[r.c] * inv_m;
+    let mg = scratch[p.c + r.c] * inv_m;
+    for (var i = r.start + lid.x; i < r.end; i += FG) {
+        let xh = (x[i] - k.mean) * k.invstd;
+        let g = gi * (dz(i, k, xh) - mb - xh * mg);
+        if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
     }
 }

@@ -330,6 +330,8 @@ pub struct PeerRow {
 pub struct Report {
     /// Our adapter: name, backend, type, driver.
     pub adapter: String,
+    /// The batch-norm kernels the run used (`ops::batch_norm::Kernels`, resolved).
+    pub bn_kernels: String,
     pub warmup: usize,
     pub reps: usize,
     pub rows: Vec<BenchRow>,
@@ -350,6 +352,7 @@ pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
     let r = &gpu.report;
     Ok(Report {
         adapter: format!("{} ({:?}, {:?}, driver {})", r.name, r.backend, r.device_type, r.driver),
+        bn_kernels: format!("{:?}", crate::ops::batch_norm::kernels(gpu)),
         warmup: opts.warmup,
         reps: opts.reps,
         rows,
@@ -876,6 +879,7 @@ pub fn table(r: &Report) -> String {
         "mixed: see each row's timing"
     };
     let _ = writeln!(s, "adapter: {}", r.adapter);
+    let _ = writeln!(s, "batch norm kernels: {}", r.bn_kernels);
     let _ = writeln!(
         s,
         "commit {}; median of {} runs after {} warm-up; ms: {timing}",
@@ -1046,9 +1050,10 @@ pub fn to_json(r: &Report) -> String {
     let skipped: Vec<String> = r.skipped.iter().map(|s| format!("    {}", js(s))).collect();
     let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n{}\n  ]", v.join(",\n")) };
     format!(
-        "{{\n  \"adapter\": {},\n  \"commit\": {},\n  \"unix_time\": {},\n  \"warmup\": {},\n  \"reps\": {},\n  \
+        "{{\n  \"adapter\": {},\n  \"bn_kernels\": {},\n  \"commit\": {},\n  \"unix_time\": {},\n  \"warmup\": {},\n  \"reps\": {},\n  \
          \"rows\": {},\n  \"peers\": {},\n  \"skipped\": {}\n}}\n",
         js(&r.adapter),
+        js(&r.bn_kernels),
         r.commit.as_deref().map_or("null".into(), js),
         r.unix_time,
         r.warmup,

@@ -213,18 +213,30 @@ fn backward_relu_and_accumulate() {
     }
 }
 
-/// The vec4 variant of the run kernels (the GPUs' choice; a CPU adapter takes texture loads),
-/// on a context of its own: the training forward with each epilogue, then the backward with and
-/// without the ReLU mask, accumulating and not, on planes of a multiple of 4 elements.
+/// Each variant of the run kernels forced on a context of its own (the adapter's default runs
+/// in the other tests): the training forward with each epilogue, then the backward with and
+/// without the ReLU mask, accumulating and not. Planes of a multiple of 4 elements take the
+/// vec4 and texture variants; the wide one (a workgroup per run of 1024) takes any plane, here
+/// planes shorter than a run, of exactly one run, and of two runs with a short last one.
 #[test]
-fn vec4_variant_matches_reference() {
+fn every_variant_matches_reference() {
+    for k in [bn::Kernels::Scalar, bn::Kernels::Vec4, bn::Kernels::Texture, bn::Kernels::Wide] {
+        variant_matches_reference(k);
+    }
+}
+
+fn variant_matches_reference(k: bn::Kernels) {
     let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
-    bn::set_texture_loads(&g, false);
-    bn::set_vector_loads(&g, true);
+    bn::set_kernels(&g, k);
     let up = |dims: &[usize], v: &[f32]| resnet_wgpu::Tensor::new(&g, dims, v).unwrap();
     let nan = |dims: &[usize]| resnet_wgpu::Tensor::filled(&g, dims, f32::NAN).unwrap();
     let mut rng = Rng::new(14);
-    for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3]] {
+    let shapes: &[[usize; 4]] = if k == bn::Kernels::Wide {
+        &[[1, 3, 5, 7], [2, 3, 33, 40], [3, 5, 4, 3], [1, 2, 32, 32]]
+    } else {
+        &[[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3]]
+    };
+    for &dims in shapes {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
         for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
             let (x, y_old, dy, h) = (rng.data(n), rng.data(n), rng.data(n), Host::new(&mut rng, c));
@@ -237,7 +249,7 @@ fn vec4_variant_matches_reference() {
             let tdx = if acc { up(&dims, &prior) } else { nan(&dims) };
             let (tdg, tdb) = (nan(&[c]), nan(&[c]));
             let relu = ep.relu && !ep.add;
-            let mut rec = g.recorder("bn vec4");
+            let mut rec = g.recorder("bn variant");
             bn::forward_train(&mut rec, &tx, &ty, &p, &tmean, &tinv, ep).unwrap();
             bn::backward(&mut rec, &tx, &tdy, &tg, &tb, &tmean, &tinv, relu, &tdx, &tdg, &tdb, &scratch, acc, false)
                 .unwrap();
@@ -256,7 +268,7 @@ fn vec4_variant_matches_reference() {
             );
             let (dx, dgamma, dbeta) = rbn::backward(&x64, dims, &to_f64(&dy), &gamma, &beta, relu);
             let dx: Vec<f64> = if acc { prior.iter().zip(&dx).map(|(&p, &q)| p as f64 + q).collect() } else { dx };
-            let tag = format!("vec4 {dims:?} {ep:?}");
+            let tag = format!("{k:?} {dims:?} {ep:?}");
             let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
             check(&format!("bn train y {tag}"), &rd(&ty), &want.y, F32_TOL);
             check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);

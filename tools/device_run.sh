@@ -3,9 +3,11 @@
 # time-limited so that the whole stays under LIMIT seconds (default 420):
 #   1. the adapter;
 #   2. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
-#      its gradients against the f64 reference with the default and vec4 batch norm (relu_ties);
+#      its gradients against the f64 reference with the default, vec4 and wide batch norm (relu_ties);
 #   3. the test binaries on the GPU;
-#   4. the full benchmark with the autotuner's log and the burn and PyTorch peers.
+#   4. batch norm's vec4 and wide kernels timed (bn rows; the units with the wide ones), against
+#      the default (scalar) ones in step 5;
+#   5. the full benchmark with the autotuner's log and the burn and PyTorch peers.
 # Outputs go under $OUT (the device tool brings them back).
 set -u
 start=$(date +%s)
@@ -21,12 +23,20 @@ echo "=== torch_check ($(left) s left)"
 timeout 90 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG | tee "$OUT/torch_check.txt"
 # ReLU inputs within rounding of zero: the fixture's gradients against the f64 reference with the
 # default and the vec4 batch-norm kernels (BENCHMARKS.md, the H200's 3.6e-3).
-for a in "" vec4; do timeout 60 /tmp/relu_ties "" $a 2>&1 | grep -v XDG | tee -a "$OUT/relu_ties.txt"; done
+for a in "" vec4 wide; do timeout 60 /tmp/relu_ties "" $a 2>&1 | grep -v XDG | tee -a "$OUT/relu_ties.txt"; done
 for t in conv batch_norm variants network units binding_limit; do
     l=$(left); [ "$l" -lt 150 ] && { echo "skip test $t: time"; continue; }
     timeout 90 "/tmp/t_$t" --test-threads 4 --nocapture > "$OUT/t_$t.log" 2>&1
     echo "test $t exit $? ($(left) s left)"
     grep -E "^test result|panicked|relative L2 error" "$OUT/t_$t.log" | head -4
+done
+echo "=== batch-norm variants ($(left) s left)"
+for v in vec4:bn wide:bn wide:unit; do
+    bn=${v%%:*} only=${v##*:}
+    l=$(left); [ "$l" -lt 240 ] && { echo "skip $bn $only: time"; continue; }
+    RESNET_WGPU_BN=$bn timeout 45 /tmp/resnet-wgpu bench --full --only "$only" \
+        --json "$OUT/bench-$bn-$only.json" > "$OUT/bench-$bn-$only.txt" 2>&1
+    grep -E "^(bn|unit)" "$OUT/bench-$bn-$only.txt" | sed "s/^/$bn: /"
 done
 echo "=== bench ($(left) s left)"
 peers=()

@@ -15,7 +15,9 @@
 //! fixed order: mean, invstd, running statistics); `normalize` / `normalize_eval` (runs of
 //! `APPLY_CHUNK` elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
 //! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and `backward_apply`
-//! (runs of `dx`). No atomics: results are deterministic. A batch past the storage-binding limit
+//! (runs of `dx`). No atomics: results are deterministic. The run kernels come in variants
+//! ([`Kernels`]): scalar, vec4, texture loads (CPU adapters) and wide (a workgroup per run of
+//! 1024, for coalesced loads on GPUs). A batch past the storage-binding limit
 //! runs by chunks of images (`split.rs`): `stats_merge` / `backward_merge` fold each chunk's
 //! partials into the batch's statistics and sums in chunk order, then the element-wise kernels
 //! run chunk by chunk.
@@ -24,11 +26,10 @@
 //! when one binding is written); at most 65535 channels.
 
 use crate::error::{Error, Result};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::{operand_texture, texture_fits};
-use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader, WG, groups_for};
 use crate::ops::split;
 use crate::tensor::Tensor;
 
@@ -140,61 +141,85 @@ fn per_channel_count(what: &str, d: [usize; 4]) -> Result<u32> {
 /// Which variant of the run kernels a shape takes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Variant {
-    /// Scalar loads and stores: planes whose size is not a multiple of 4.
+    /// Scalar loads and stores, a run of 16 elements per invocation: any plane size.
     Scalar,
-    /// vec4 loads and stores (planes of a multiple of 4 elements, so every run is whole vec4s):
-    /// GPUs.
+    /// vec4 loads and stores (planes of a multiple of 4 elements, so every run is whole vec4s).
     Vec4,
     /// As `Vec4`, but x and dy read from rgba32f texture copies: CPU adapters, where a texture
     /// fetch is one vector gather and a storage load a loop over the SIMD lanes (2x to 4x
     /// faster on lavapipe).
     Texture,
+    /// A workgroup per run of [`WIDE_CHUNK`] elements, its threads reading consecutive
+    /// elements (coalesced loads on GPUs): any plane size.
+    Wide,
 }
 
-fn texture_cell(gpu: &Gpu) -> Arc<AtomicBool> {
-    gpu.cached("batch_norm.texture-loads", || Arc::new(AtomicBool::new(true)))
+/// Elements per run of the wide variant (`FG * WIDE` in the shader).
+const WIDE_CHUNK: usize = 1024;
+
+impl Variant {
+    /// Elements per run of the reductions' first pass.
+    fn reduce_chunk(self) -> usize {
+        if self == Variant::Wide { WIDE_CHUNK } else { REDUCE_CHUNK }
+    }
+
+    /// Elements per run of the element-wise kernels.
+    fn apply_chunk(self) -> usize {
+        if self == Variant::Wide { WIDE_CHUNK } else { APPLY_CHUNK }
+    }
 }
 
-/// Allows (the default) or forbids the texture variant on this context, so that a CPU adapter
-/// can test the GPUs' vec4 variant (testing aid).
-#[doc(hidden)]
-pub fn set_texture_loads(gpu: &Gpu, allowed: bool) {
-    texture_cell(gpu).store(allowed, Ordering::Relaxed);
+/// Which batch-norm kernels a context runs (shapes a forced variant cannot take run the scalar
+/// kernels). `Auto`: texture loads on CPU adapters (vec4 where the texture would be too large),
+/// scalar kernels on GPUs; `RESNET_WGPU_BN=scalar|vec4|texture|wide` changes that default (a
+/// benchmarking aid). Every variant matches the reference; they differ in speed and in the
+/// order of their sums.
+///
+/// GPUs keep the scalar kernels until the vec4 and wide ones are timed against them there: on
+/// an H200 the scalar ones read 400-900 GB/s of its 4.8 TB/s (runs of 16 elements per thread,
+/// loads not coalesced), which the wide kernels address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernels {
+    Auto,
+    Scalar,
+    Vec4,
+    Texture,
+    Wide,
 }
 
-/// Whether the vec4 and texture variants may run. The default: yes on CPU adapters, where the
-/// texture variant is 2x to 4x faster and gives the scalar kernels' bits; no on GPUs, where the
-/// vec4 storage variant gave gradients 3.6e-3 away from PyTorch's on the ResNet-20 fixture on an
-/// H200 (the scalar kernels: 2.8e-6). That turned out to be a ReLU input within f32 rounding of
-/// zero, which any change in a sum's order can flip (`examples/relu_ties.rs`, BENCHMARKS.md), not
-/// a fault of the vec4 kernels; they stay off on GPUs until they are timed against the scalar ones.
-fn vector_cell(gpu: &Gpu) -> Arc<AtomicBool> {
-    let cpu = gpu.report.device_type == wgpu::DeviceType::Cpu;
-    gpu.cached("batch_norm.vector-loads", || Arc::new(AtomicBool::new(cpu)))
+fn kernels_cell(gpu: &Gpu) -> Arc<Mutex<Kernels>> {
+    gpu.cached("batch_norm.kernels", || Arc::new(Mutex::new(Kernels::Auto)))
 }
 
-/// Allows or forbids the vec4 and texture variants on this context (see `vector_cell` for the
-/// default): a testing and diagnostic aid.
-#[doc(hidden)]
-pub fn set_vector_loads(gpu: &Gpu, allowed: bool) {
-    vector_cell(gpu).store(allowed, Ordering::Relaxed);
+/// Chooses the batch-norm kernels of this context (a testing and benchmarking aid).
+pub fn set_kernels(gpu: &Gpu, k: Kernels) {
+    *kernels_cell(gpu).lock().unwrap_or_else(|p| p.into_inner()) = k;
+}
+
+/// The kernels this context runs: those [`set_kernels`] chose, or the default for its adapter
+/// (never `Auto`).
+pub fn kernels(gpu: &Gpu) -> Kernels {
+    match *kernels_cell(gpu).lock().unwrap_or_else(|p| p.into_inner()) {
+        Kernels::Auto => match std::env::var("RESNET_WGPU_BN").as_deref() {
+            Ok("scalar") => Kernels::Scalar,
+            Ok("vec4") => Kernels::Vec4,
+            Ok("texture") => Kernels::Texture,
+            Ok("wide") => Kernels::Wide,
+            _ if gpu.report.device_type == wgpu::DeviceType::Cpu => Kernels::Texture,
+            _ => Kernels::Scalar,
+        },
+        k => k,
+    }
 }
 
 fn variant(gpu: &Gpu, d: [usize; 4]) -> Variant {
-    let len = d.iter().product::<usize>();
-    if !(d[2] * d[3]).is_multiple_of(4)
-        || !REDUCE_CHUNK.is_multiple_of(4)
-        || !APPLY_CHUNK.is_multiple_of(4)
-        || !vector_cell(gpu).load(Ordering::Relaxed)
-    {
-        Variant::Scalar
-    } else if gpu.report.device_type == wgpu::DeviceType::Cpu
-        && texture_fits(gpu, len)
-        && texture_cell(gpu).load(Ordering::Relaxed)
-    {
-        Variant::Texture
-    } else {
-        Variant::Vec4
+    let k = kernels(gpu);
+    let quads = (d[2] * d[3]).is_multiple_of(4) && REDUCE_CHUNK.is_multiple_of(4) && APPLY_CHUNK.is_multiple_of(4);
+    match k {
+        Kernels::Wide => Variant::Wide,
+        Kernels::Texture if quads && texture_fits(gpu, d.iter().product()) => Variant::Texture,
+        Kernels::Texture | Kernels::Vec4 if quads => Variant::Vec4,
+        _ => Variant::Scalar,
     }
 }
 
@@ -243,6 +268,7 @@ fn run_dispatch(
         Variant::Scalar => ("", [1, 2, 9, 10]),
         Variant::Vec4 => ("4", [15, 16, 17, 18]),
         Variant::Texture => ("_t", [19, 16, 20, 18]),
+        Variant::Wide => ("_w", [1, 2, 9, 10]),
     };
     let mut res: Vec<(u32, wgpu::BindingResource)> =
         others.iter().map(|(n, buf)| (*n, buf.as_entire_binding())).collect();
@@ -264,12 +290,19 @@ fn run_dispatch(
         ("normalize", "4") => "normalize4",
         ("backward_partial", "4") => "backward_partial4",
         ("backward_apply", "4") => "backward_apply4",
+        ("stats_partial", "_w") => "stats_partial_w",
+        ("normalize", "_w") => "normalize_w",
+        ("backward_partial", "_w") => "backward_partial_w",
+        ("backward_apply", "_w") => "backward_apply_w",
         ("stats_partial", _) => "stats_partial_t",
         ("normalize", _) => "normalize_t",
         ("backward_partial", _) => "backward_partial_t",
         _ => "backward_apply_t",
     };
-    rec.dispatch_resources(Shader::BatchNorm, entry, prm, &res, run_groups(d, chunk));
+    // The wide kernels take a workgroup of WG threads per run.
+    let runs = d[0] * d[1] * parts(d, chunk);
+    let groups = if v == Variant::Wide { groups_for(runs * WG as usize) } else { groups_for(runs) };
+    rec.dispatch_resources(Shader::BatchNorm, entry, prm, &res, groups);
 }
 
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
@@ -326,8 +359,8 @@ pub fn forward_train(
         d,
         v,
         "normalize",
-        &params(d, APPLY_CHUNK, ep.relu, ep.add, false, unbias),
-        APPLY_CHUNK,
+        &params(d, v.apply_chunk(), ep.relu, ep.add, false, unbias),
+        v.apply_chunk(),
         Acts { x: Some(x), y: Some(y), ..Acts::default() },
         &views,
         &[(3, &p.gamma.buffer), (4, &p.beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer)],
@@ -406,9 +439,9 @@ fn record_stats(
     unbias: f32,
 ) {
     let part = partials(rec.gpu, d);
-    let prm = params(d, REDUCE_CHUNK, false, false, false, unbias);
+    let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
     let xa = Acts { x: Some(x), ..Acts::default() };
-    run_dispatch(rec, d, v, "stats_partial", &prm, REDUCE_CHUNK, xa, views, &[(14, &part)]);
+    run_dispatch(rec, d, v, "stats_partial", &prm, v.reduce_chunk(), xa, views, &[(14, &part)]);
     rec.dispatch(
         Shader::BatchNorm,
         "stats_final",
@@ -675,8 +708,8 @@ pub fn backward(
         d,
         v,
         "backward_partial",
-        &params(d, REDUCE_CHUNK, relu, false, false, 1.0),
-        REDUCE_CHUNK,
+        &params(d, v.reduce_chunk(), relu, false, false, 1.0),
+        v.reduce_chunk(),
         Acts { x: xs, dy: dys, ..Acts::default() },
         &views,
         &[(3, &gamma.buffer), (4, &beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer), (14, &part)],
@@ -684,7 +717,7 @@ pub fn backward(
     rec.dispatch(
         Shader::BatchNorm,
         "backward_final",
-        &params(d, REDUCE_CHUNK, relu, false, accumulate_params, 1.0),
+        &params(d, v.reduce_chunk(), relu, false, accumulate_params, 1.0),
         &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer), (14, &part)],
         [c as u32, 1, 1],
     );
@@ -693,8 +726,8 @@ pub fn backward(
         d,
         v,
         "backward_apply",
-        &params(d, APPLY_CHUNK, relu, false, accumulate_dx, 1.0),
-        APPLY_CHUNK,
+        &params(d, v.apply_chunk(), relu, false, accumulate_dx, 1.0),
+        v.apply_chunk(),
         Acts { x: xs, dy: dys, dx: Some(dx), ..Acts::default() },
         &views,
         &[
@@ -731,8 +764,8 @@ pub fn apply_saved(
     if split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &[gamma, beta, mean, invstd], chunk)? {
         return Ok(());
     }
-    let prm = params(d, APPLY_CHUNK, ep.relu, ep.add, false, 1.0);
     let v = variant(rec.gpu, d);
+    let prm = params(d, v.apply_chunk(), ep.relu, ep.add, false, 1.0);
     let views = Views::new(rec, v, Some(x), None);
     run_dispatch(
         rec,
@@ -740,7 +773,7 @@ pub fn apply_saved(
         v,
         "normalize",
         &prm,
-        APPLY_CHUNK,
+        v.apply_chunk(),
         Acts { x: Some(x), y: Some(y), ..Acts::default() },
         &views,
         &[(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)],
