@@ -342,8 +342,8 @@ pub fn forward_train(
     let d = activations(WHAT, x, &[("y", y)])?;
     let unbias = check_train(WHAT, x, Some(y), p, save_mean, save_invstd)?;
     let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
-    if split::batch_chunk(rec.gpu, WHAT, d[0], &[x, y], &whole)?.is_some() {
-        stats_train(rec, x, p, save_mean, save_invstd)?;
+    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, y], &whole)? {
+        stats_chunked(rec, x, p, save_mean, save_invstd, per, unbias)?;
         let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
             apply_saved(rec, &i[0], &o[0], p.gamma, p.beta, save_mean, save_invstd, ep)
         };
@@ -446,15 +446,26 @@ fn record_stats(
         Shader::BatchNorm,
         "stats_final",
         &prm,
-        &[
-            (5, &p.running_mean.buffer),
-            (6, &p.running_var.buffer),
-            (7, &save_mean.buffer),
-            (8, &save_invstd.buffer),
-            (14, &part),
-        ],
+        &final_binds(p, save_mean, save_invstd, &part),
         [d[1] as u32, 1, 1],
     );
+}
+
+/// The bindings of `stats_final` and `stats_merge`: the running and saved statistics and the
+/// partials.
+fn final_binds<'a>(
+    p: &BnTensors<'a>,
+    save_mean: &'a Tensor,
+    save_invstd: &'a Tensor,
+    part: &'a wgpu::Buffer,
+) -> [(u32, &'a wgpu::Buffer); 5] {
+    [
+        (5, &p.running_mean.buffer),
+        (6, &p.running_var.buffer),
+        (7, &save_mean.buffer),
+        (8, &save_invstd.buffer),
+        (14, part),
+    ]
 }
 
 /// [`stats_train`] by chunks of `per` images: each chunk's statistics merged into the batch's
@@ -487,13 +498,7 @@ fn stats_chunked(
             Shader::BatchNorm,
             "stats_merge",
             &chunked(prm, r.start, r.end == d[0], 0),
-            &[
-                (5, &p.running_mean.buffer),
-                (6, &p.running_var.buffer),
-                (7, &save_mean.buffer),
-                (8, &save_invstd.buffer),
-                (14, &part),
-            ],
+            &final_binds(p, save_mean, save_invstd, &part),
             [d[1] as u32, 1, 1],
         );
     }
