@@ -14,6 +14,8 @@
 //   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
 //   PRE      true: x is read through the BN + ReLU prologue (conv.wgsl's head), forward and
 //            backward_weight only
+//   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
+//            the batch norm that follows (tile_moments; f32 only)
 //   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
 //            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
 //
@@ -62,7 +64,7 @@ struct Params {
 @group(0) @binding(4) var<storage, read> dys: array<ST>;         // weight: dy
 @group(0) @binding(5) var<storage, read> aff: array<vec4f>;      // PRE: per input channel (mean, scale, beta, 0)
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
-@group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums
+@group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums; STATS: moments
 @group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
 @group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main: transposed
 
@@ -237,7 +239,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
             let oy = (m / sx) % sy;
             let n = m / (sx * sy);
             for (var h = 0u; h < TNV; h++) {
-                let v4 = acc[(g * 4u + i) * TNV + h];
+                var v4 = acc[(g * 4u + i) * TNV + h];
                 for (var j = 0u; j < 4u; j++) {
                     let col = n0 + (h * (BN / TN) + tn) * 4u + j;
                     if col >= cols {
@@ -245,11 +247,69 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                     }
                     let o = ((n * cols + col) * sy + oy) * sx + ox;
                     if p.accumulate == 1u {
-                        dst[o] = ST(f32(dst[o]) + v4[j]);
-                    } else {
-                        dst[o] = ST(v4[j]);
+                        v4[j] = f32(dst[o]) + v4[j];
                     }
+                    dst[o] = ST(v4[j]);
                 }
+                acc[(g * 4u + i) * TNV + h] = v4; // the values written, for STATS
+            }
+        }
+    }
+    if STATS {
+        tile_moments(lid, m0, n0, cols, tm, tn, (wid.z * nwg.x + wid.x), &acc);
+    }
+}
+
+// STATS (forward, f32): the batch norm that follows gets, per output channel of this tile, the
+// sum of the tile's outputs and their squared deviations from the tile's mean (two passes over
+// the registers, threads combined in a fixed order through the free A tile), into
+// part[2 * (col * row_blocks + rb)] and the next float: the per-run partials of batch_norm.wgsl's
+// stats_final with runs of BM rows (ops/conv.rs forward_stats).
+fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32,
+                acc: ptr<function, array<vec4f, ACC_LEN>>) {
+    const CG: u32 = BN / 4u; // vec4 column groups of the tile
+    // A folded grid may have workgroups past the last row block (m0 >= p.m): they write nothing.
+    let live = m0 < p.m;
+    let rows = select(1u, min(BM, p.m - m0), live);
+    var s: array<vec4f, TNV>;
+    for (var g = 0u; g < TMV; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            if m0 + (g * (BM / TM) + tm) * 4u + i < p.m {
+                for (var h = 0u; h < TNV; h++) { s[h] += (*acc)[(g * 4u + i) * TNV + h]; }
+            }
+        }
+    }
+    for (var h = 0u; h < TNV; h++) { ta[tm * CG + h * (BN / TN) + tn] = s[h]; }
+    workgroupBarrier();
+    if lid < CG {
+        var t = vec4f(0.0);
+        for (var r = 0u; r < BM / TM; r++) { t += ta[r * CG + lid]; }
+        tb[lid] = t;
+        tb[CG + lid] = t / f32(rows);
+    }
+    workgroupBarrier();
+    var q: array<vec4f, TNV>;
+    for (var g = 0u; g < TMV; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            if m0 + (g * (BM / TM) + tm) * 4u + i < p.m {
+                for (var h = 0u; h < TNV; h++) {
+                    let d = (*acc)[(g * 4u + i) * TNV + h] - tb[CG + h * (BN / TN) + tn];
+                    q[h] += d * d;
+                }
+            }
+        }
+    }
+    for (var h = 0u; h < TNV; h++) { ta[tm * CG + h * (BN / TN) + tn] = q[h]; }
+    workgroupBarrier();
+    if lid < CG && live {
+        var t = vec4f(0.0);
+        for (var r = 0u; r < BM / TM; r++) { t += ta[r * CG + lid]; }
+        let blocks = (p.m + BM - 1u) / BM;
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + lid * 4u + j;
+            if col < cols {
+                part[2u * (col * blocks + rb)] = tb[lid][j];
+                part[2u * (col * blocks + rb) + 1u] = t[j];
             }
         }
     }

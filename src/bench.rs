@@ -187,6 +187,9 @@ pub enum Item {
     /// The forward and weight gradient reading `ReLU(BN(x))` through the fused prologue.
     ConvForwardBnRelu,
     ConvBackwardWeightBnRelu,
+    /// The forward followed by the next BN's training statistics of its output
+    /// (`conv::forward_stats`: in the epilogue on the tiled kernels).
+    ConvForwardStats,
     BnForward,
     /// The training statistics alone (the fused units' BN forward).
     BnStatistics,
@@ -195,13 +198,14 @@ pub enum Item {
 }
 
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 13] = [
+pub const ITEMS: [Item; 14] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
     Item::ConvForwardF16,
     Item::ConvForwardBnRelu,
     Item::ConvBackwardWeightBnRelu,
+    Item::ConvForwardStats,
     Item::BnForward,
     Item::BnStatistics,
     Item::BnBackward,
@@ -224,6 +228,7 @@ impl Item {
             Item::ConvForwardF16 => "conv3x3 forward f16".into(),
             Item::ConvForwardBnRelu => "conv3x3 forward bn-relu".into(),
             Item::ConvBackwardWeightBnRelu => "conv3x3 backward_weight bn-relu".into(),
+            Item::ConvForwardStats => "conv3x3 forward +bn stats".into(),
             Item::BnForward => "bn forward (train)".into(),
             Item::BnStatistics => "bn statistics (train)".into(),
             Item::BnBackward => "bn backward".into(),
@@ -241,7 +246,8 @@ impl Item {
             | Item::ConvBackwardWeight
             | Item::ConvForwardF16
             | Item::ConvForwardBnRelu
-            | Item::ConvBackwardWeightBnRelu => Some(conv),
+            | Item::ConvBackwardWeightBnRelu
+            | Item::ConvForwardStats => Some(conv),
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
             Item::Unit(_, Pass::ForwardBackward) => Some(3.0 * 2.0 * conv),
             Item::BnForward | Item::BnStatistics | Item::BnBackward => None,
@@ -535,7 +541,8 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
         | Item::ConvBackwardData
         | Item::ConvBackwardWeight
         | Item::ConvForwardBnRelu
-        | Item::ConvBackwardWeightBnRelu => {
+        | Item::ConvBackwardWeightBnRelu
+        | Item::ConvForwardStats => {
             let x = random(gpu, &mut rng, &d)?;
             let dy = random(gpu, &mut rng, &d)?;
             let w = random(gpu, &mut rng, &[c, c, 3, 3])?;
@@ -543,10 +550,12 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let aff = Tensor::new(gpu, &[c, 4], &aff)?;
             let out = Tensor::zeros(gpu, &d)?;
             let dw = Tensor::zeros(gpu, &[c, c, 3, 3])?;
+            let bn = Bn::new(gpu, &vec![1.0; c], &vec![0.0; c], &vec![0.0; c], &vec![1.0; c])?;
             flush(gpu)?;
             measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
                 let mut rec = gpu.recorder("bench conv");
                 match item {
+                    Item::ConvForwardStats => bn.conv_stats(&mut rec, &x, None, &w, &out, 1, false)?,
                     Item::ConvForward => conv::forward(&mut rec, &x, &w, &out, 1, false)?,
                     Item::ConvBackwardData => conv::backward_data(&mut rec, &dy, &w, &out, 1, false)?,
                     Item::ConvForwardBnRelu => conv::forward_bn_relu(&mut rec, &x, &aff, &w, &out, 1, false)?,

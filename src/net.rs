@@ -13,7 +13,7 @@ use crate::ops::pool_fc_loss::{self as head, Labels};
 use crate::ops::{conv, probe, relu, residual, sgd};
 use crate::rng::dropout_seed;
 use crate::tensor::Tensor;
-use crate::unit::{Bn, Conv, Kept, Mode, Param, Slot, State, Unit, Workspace};
+use crate::unit::{Bn, Chain, Conv, Kept, Mode, Param, Slot, State, Unit, Workspace};
 
 /// SGD settings (PyTorch semantics: `d = g + wd*w; m = mu*m + d; w -= lr*m`).
 #[derive(Clone, Copy, Debug)]
@@ -339,20 +339,44 @@ impl ResNet {
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let a = self.acts()?;
         let mut cbs = Vec::new();
+        let chains = |l: usize| mode == Mode::Train && self.units.get(l).is_some_and(|u| u.chains());
 
         let mut rec = gpu.recorder("stem forward");
         match (&self.stem_bn, &a.stem_h) {
             (Some(bn), Some(h)) => {
-                conv::forward(&mut rec, images, &self.stem.w.value, h, 1, false)?;
-                bn.forward(&mut rec, mode, h, &a.streams[0], Epilogue { add: false, relu: true })?;
+                let (w, relu) = (&self.stem.w.value, Epilogue { add: false, relu: true });
+                if mode == Mode::Train {
+                    // The BN's statistics from the convolution's epilogue (conv::forward_stats).
+                    bn.conv_stats(&mut rec, images, None, w, h, 1, false)?;
+                    bn.recompute(&mut rec, h, &a.streams[0], relu)?;
+                } else {
+                    conv::forward(&mut rec, images, w, h, 1, false)?;
+                    bn.forward(&mut rec, mode, h, &a.streams[0], relu)?;
+                }
+            }
+            // A pre-activation stem's convolution takes the first unit's BN statistics of x_0.
+            _ if chains(0) => {
+                let bn = &self.units[0].bns[0];
+                bn.conv_stats(&mut rec, images, None, &self.stem.w.value, &a.streams[0], 1, false)?
             }
             _ => conv::forward(&mut rec, images, &self.stem.w.value, &a.streams[0], 1, false)?,
         }
         cbs.push(rec.finish());
 
+        let n = self.units.len();
         for (l, u) in self.units.iter().enumerate() {
             let mut rec = gpu.recorder(&u.spec.name);
-            u.forward(&mut rec, mode, &a.streams[l], &a.streams[l + 1], &a.kept[l], &a.ws)?;
+            // Between chaining units, each x_l's BN statistics come from the epilogue of the
+            // convolution that writes x_l (unit::Chain).
+            let chain = Chain {
+                input_stats: chains(l) && (l > 0 || self.stem_bn.is_none()) && (l == 0 || chains(l - 1)),
+                next_bn: match l + 1 < n {
+                    _ if !chains(l) => None,
+                    true => chains(l + 1).then(|| &self.units[l + 1].bns[0]),
+                    false => self.final_bn.as_ref(),
+                },
+            };
+            u.forward_chained(&mut rec, mode, &a.streams[l], &a.streams[l + 1], &a.kept[l], &a.ws, chain)?;
             cbs.push(rec.finish());
         }
 
@@ -361,7 +385,12 @@ impl ResNet {
         // z = ReLU(BN(x_L)) (pre-activation), ReLU(x_L) (ReLU-only pre-activation) or x_L.
         let z = match (&self.final_bn, &a.z) {
             (Some(bn), Some((z, _))) => {
-                bn.forward(&mut rec, mode, x_last, z, Epilogue { add: false, relu: true })?;
+                let relu = Epilogue { add: false, relu: true };
+                if n > 0 && chains(n - 1) {
+                    bn.recompute(&mut rec, x_last, z, relu)?; // statistics from the last unit
+                } else {
+                    bn.forward(&mut rec, mode, x_last, z, relu)?;
+                }
                 z
             }
             (None, Some((z, _))) => {

@@ -156,6 +156,23 @@ impl Bn {
         }
     }
 
+    /// `y (+)= conv(x, w)` (through the BN + ReLU prologue `pre` where given) followed by this
+    /// BN's training statistics of `y` ([`conv::forward_stats`]: on the tiled kernels the
+    /// convolution's epilogue sums its output, so `y` is not read again).
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_stats(
+        &self,
+        rec: &mut Recorder,
+        x: &Tensor,
+        pre: Option<&Tensor>,
+        w: &Tensor,
+        y: &Tensor,
+        stride: usize,
+        accumulate: bool,
+    ) -> Result<()> {
+        conv::forward_stats(rec, x, pre, w, y, stride, accumulate, &self.tensors(), &self.save_mean, &self.save_invstd)
+    }
+
     /// [`Bn::affine`] from the statistics the last training forward saved (for the backward:
     /// the values are rebuilt rather than trusted to be the last forward's).
     pub fn prologue_saved(&self, rec: &mut Recorder) -> Result<()> {
@@ -201,6 +218,19 @@ impl Bn {
             false,
         )
     }
+}
+
+/// How a fused pre-activation unit's training forward shares batch statistics with its
+/// neighbours ([`Unit::forward_chained`]): each BN's statistics taken in the epilogue of the
+/// convolution that writes its input ([`conv::forward_stats`]), so no BN reads an activation.
+#[derive(Clone, Copy, Default)]
+pub struct Chain<'a> {
+    /// The statistics of `x` for this unit's first BN are already taken (by the convolution that
+    /// wrote `x`: the stem, or the previous unit's last).
+    pub input_stats: bool,
+    /// The BN that normalises `y` next (the next unit's first, or the network's final BN): its
+    /// statistics are taken by this unit's last convolution.
+    pub next_bn: Option<&'a Bn>,
 }
 
 /// A square convolution without bias.
@@ -444,9 +474,38 @@ impl Unit {
         kept: &Kept,
         ws: &Workspace,
     ) -> Result<()> {
+        self.forward_chained(rec, mode, x, y, kept, ws, Chain::default())
+    }
+
+    /// Whether this unit's training forward takes a [`Chain`]: the fused pre-activation units
+    /// (their first BN normalises `x`, and the next BN `y`).
+    pub fn chains(&self) -> bool {
+        self.fused() && self.spec.kind == UnitKind::PreAct
+    }
+
+    /// [`Unit::forward`], sharing batch statistics with its neighbours as `chain` says (training,
+    /// units that [`Unit::chains`]; anything but the default chain elsewhere is an error).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_chained(
+        &self,
+        rec: &mut Recorder,
+        mode: Mode,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        ws: &Workspace,
+        chain: Chain,
+    ) -> Result<()> {
+        let linked = chain.input_stats || chain.next_bn.is_some();
+        if linked && !(self.chains() && mode == Mode::Train) {
+            return Err(Error::Invalid(format!(
+                "{}: only a fused pre-activation unit in training shares batch statistics",
+                self.spec.name
+            )));
+        }
         match self.spec.kind {
             _ if !self.fused() => self.forward_general(rec, mode, x, y, kept, ws),
-            UnitKind::PreAct => self.forward_preact(rec, mode, x, y, kept),
+            UnitKind::PreAct => self.forward_preact(rec, mode, x, y, kept, chain),
             _ => self.forward_original(rec, mode, x, y, kept),
         }
     }
@@ -515,14 +574,28 @@ impl Unit {
 
     // ---- full pre-activation: a_i = ReLU(BN_i(in_i)), in_{i+1} = conv_i(a_i), y = h + in_k ----
 
-    fn forward_preact(&self, rec: &mut Recorder, mode: Mode, x: &Tensor, y: &Tensor, kept: &Kept) -> Result<()> {
+    fn forward_preact(
+        &self,
+        rec: &mut Recorder,
+        mode: Mode,
+        x: &Tensor,
+        y: &Tensor,
+        kept: &Kept,
+        chain: Chain,
+    ) -> Result<()> {
         let k = self.convs.len();
+        let train = mode == Mode::Train;
         let mut input = x;
         for i in 0..k {
-            // conv_i(ReLU(BN_i(in_i))): the BN's statistics here, its normalisation and the
-            // ReLU as the convolution loads in_i.
+            // conv_i(ReLU(BN_i(in_i))): the BN's normalisation and the ReLU as the convolution
+            // loads in_i. In training BN_i's statistics come from conv_{i-1}'s epilogue (below),
+            // BN_0's from x, or from the epilogue of the convolution that wrote x (`chain`).
             let bn = &self.bns[i];
-            bn.prologue(rec, mode, input)?;
+            if (i == 0 && !chain.input_stats) || !train {
+                bn.prologue(rec, mode, input)?;
+            } else {
+                bn.prologue_saved(rec)?;
+            }
             if i == 0 {
                 match self.spec.shortcut {
                     // The projection takes the pre-activated input.
@@ -533,10 +606,22 @@ impl Unit {
                     _ => self.shortcut_free(rec, x, y)?,
                 }
             }
-            let last = i + 1 == k;
-            let out = if last { y } else { &kept.tensors[i] };
-            // The last convolution adds F into the stream in place: x_{l+1} = h(x_l) + F(x_l).
-            conv::forward_bn_relu(rec, input, &bn.affine, &self.convs[i].w.value, out, self.convs[i].stride, last)?;
+            let (w, stride) = (&self.convs[i].w.value, self.convs[i].stride);
+            if i + 1 == k {
+                // The last convolution adds F into the stream in place: x_{l+1} = h(x_l) + F(x_l)
+                // (and takes the next BN's statistics of x_{l+1}, `chain`).
+                match chain.next_bn {
+                    Some(next) => next.conv_stats(rec, input, Some(&bn.affine), w, y, stride, true)?,
+                    None => conv::forward_bn_relu(rec, input, &bn.affine, w, y, stride, true)?,
+                }
+                break;
+            }
+            let out = &kept.tensors[i];
+            if train {
+                self.bns[i + 1].conv_stats(rec, input, Some(&bn.affine), w, out, stride, false)?;
+            } else {
+                conv::forward_bn_relu(rec, input, &bn.affine, w, out, stride, false)?;
+            }
             input = out;
         }
         Ok(())
@@ -591,27 +676,45 @@ impl Unit {
 
     fn forward_original(&self, rec: &mut Recorder, mode: Mode, x: &Tensor, y: &Tensor, kept: &Kept) -> Result<()> {
         let k = self.convs.len();
+        let train = mode == Mode::Train;
+        // h_i = conv_i(in_i), in_0 = x, in_i = ReLU(BN_{i-1}(h_{i-1})) applied as the convolution
+        // loads. In training each convolution's epilogue takes its BN's statistics of h_i.
         for i in 0..k {
             let (h, conv) = (&kept.tensors[i], &self.convs[i]);
-            if i == 0 {
-                conv::forward(rec, x, &conv.w.value, h, conv.stride, false)?;
+            let (input, pre) = if i == 0 {
+                (x, None)
             } else {
-                // conv_i(ReLU(BN_{i-1}(h_{i-1}))): the ReLU(BN(.)) applied as the convolution loads.
                 let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
-                bn.prologue(rec, mode, hp)?;
-                conv::forward_bn_relu(rec, hp, &bn.affine, &conv.w.value, h, conv.stride, false)?;
+                if train {
+                    bn.prologue_saved(rec)?
+                } else {
+                    bn.prologue(rec, mode, hp)?
+                }
+                (hp, Some(&bn.affine))
+            };
+            match (train, pre) {
+                (true, _) => self.bns[i].conv_stats(rec, input, pre, &conv.w.value, h, conv.stride, false)?,
+                (false, None) => conv::forward(rec, input, &conv.w.value, h, conv.stride, false)?,
+                (false, Some(a)) => conv::forward_bn_relu(rec, input, a, &conv.w.value, h, conv.stride, false)?,
             }
         }
         match self.spec.shortcut {
             Shortcut::Projection => {
-                let hs = &kept.tensors[k];
-                conv::forward(rec, x, &self.proj()?.w.value, hs, self.spec.stride, false)?;
-                self.proj_bn()?.forward(rec, mode, hs, y, Epilogue::default())?;
+                let (hs, pw, bn) = (&kept.tensors[k], &self.proj()?.w.value, self.proj_bn()?);
+                if train {
+                    bn.conv_stats(rec, x, None, pw, hs, self.spec.stride, false)?;
+                    bn.recompute(rec, hs, y, Epilogue::default())?;
+                } else {
+                    conv::forward(rec, x, pw, hs, self.spec.stride, false)?;
+                    bn.forward(rec, mode, hs, y, Epilogue::default())?;
+                }
             }
             _ => self.shortcut_free(rec, x, y)?,
         }
         // x_{l+1} = ReLU(h(x_l) + BN_k(h_k)), added into the stream in place.
-        self.bns[k - 1].forward(rec, mode, &kept.tensors[k - 1], y, Epilogue { add: true, relu: true })
+        let (hk, bn) = (&kept.tensors[k - 1], &self.bns[k - 1]);
+        let ep = Epilogue { add: true, relu: true };
+        if train { bn.recompute(rec, hk, y, ep) } else { bn.forward(rec, mode, hk, y, ep) }
     }
 
     fn proj_bn(&self) -> Result<&Bn> {

@@ -266,6 +266,70 @@ fn bn_relu_prologue_matches_reference() {
     }
 }
 
+/// forward_stats against the reference convolution and the reference batch norm's training
+/// statistics of its output: without a prologue overwriting y, and with one accumulating into y
+/// (the statistics are those of the values written). On the tiled kernels the epilogue sums the
+/// tiles; elsewhere the batch norm reads y. Cases with one value per channel are left out (no
+/// training statistics).
+fn check_stats_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    check_stats_with(ctx, g, cases, seed, &[(false, false), (true, true)]);
+}
+
+/// check_stats_on with only a prologue and accumulation: the epilogue is the same code either
+/// way, and each tile configuration builds a module per variant.
+fn check_stats_pre_acc(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    check_stats_with(ctx, g, cases, seed, &[(true, true)]);
+}
+
+fn check_stats_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, variants: &[(bool, bool)]) {
+    use resnet_wgpu::ops::batch_norm::BnTensors;
+    let mut rng = Rng::new(seed);
+    for c in cases.iter().filter(|c| c.yd()[0] * c.yd()[2] * c.yd()[3] > 1) {
+        let (wd, yd, k) = (c.wd(), c.yd(), c.k);
+        for &(with_pre, acc) in variants {
+            let (x, aff, w, prior) =
+                (rng.data(len(c.xd)), affine_values(&mut rng, c.xd[1]), rng.data(len(wd)), rng.data(len(yd)));
+            let (rm, rv): (Vec<f32>, Vec<f32>) = (rng.data(k), rng.data(k).iter().map(|v| 0.5 + v.abs()).collect());
+            let ones = vec![1.0; k];
+            let (tx, taff, tw) = (up(g, &c.xd, &x), up(g, &[c.xd[1], 4], &aff), up(g, &wd, &w));
+            let ty = if acc { up(g, &yd, &prior) } else { nan(g, &yd) };
+            let (tg, tb, trm, trv) = (up(g, &[k], &ones), up(g, &[k], &ones), up(g, &[k], &rm), up(g, &[k], &rv));
+            let (tmean, tinv) = (nan(g, &[k]), nan(g, &[k]));
+            let bn = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let pre = with_pre.then_some(&taff);
+            let mut rec = g.recorder("conv forward_stats");
+            conv::forward_stats(&mut rec, &tx, pre, &tw, &ty, c.stride, acc, &bn, &tmean, &tinv).unwrap();
+            rec.run().unwrap();
+            let a = if with_pre { r::batch_norm::prologue(&to_f64(&x), c.xd, &to_f64(&aff)) } else { to_f64(&x) };
+            let mut want_y = r::conv::forward(&a, c.xd, &to_f64(&w), wd, c.stride);
+            if acc {
+                want_y = plus(&prior, &want_y);
+            }
+            let ones = vec![1.0; k];
+            let st = r::batch_norm::forward_train(&want_y, yd, &ones, &ones, &to_f64(&rm), &to_f64(&rv), None, false);
+            let tag = format!("{ctx} conv forward_stats pre {with_pre} acc {acc} {}", c.name());
+            check(&format!("{tag} y"), &fetch(g, &ty), &want_y, F32_TOL);
+            check(&format!("{tag} mean"), &fetch(g, &tmean), &st.mean, F32_TOL);
+            check(&format!("{tag} invstd"), &fetch(g, &tinv), &st.invstd, F32_TOL);
+            check(&format!("{tag} running mean"), &fetch(g, &trm), &st.running_mean, F32_TOL);
+            check(&format!("{tag} running var"), &fetch(g, &trv), &st.running_var, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn forward_stats_matches_reference() {
+    for (ctx, g) in contexts(true) {
+        check_stats_on(ctx, g, CASES, 47);
+        check_stats_on(ctx, g, EDGES, 48);
+    }
+}
+
+#[test]
+fn forward_stats_every_tile_configuration() {
+    every_tile(check_stats_pre_acc, 49);
+}
+
 /// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
 /// channels past 128 (two tiles of the largest configurations).
 fn tile_cases() -> Vec<Case> {

@@ -181,3 +181,29 @@ fn stack_of_20_preact_units_keeps_the_stream_additive() {
     }
     check("dE/dx_0 through 20 units", &read(&grad), &g_ref, F32_TOL);
 }
+
+/// Only a fused pre-activation unit in training shares batch statistics with its neighbours
+/// (`unit::Chain`): any other unit, or inference, refuses a chain instead of leaving a BN with
+/// statistics nobody computed.
+#[test]
+fn a_chain_is_refused_where_it_cannot_be_honoured() {
+    use resnet_wgpu::unit::Chain;
+    let g = gpu();
+    for (i, (cfg, spec)) in variants().into_iter().enumerate().filter(|(_, (_, s))| s.shortcut == Shortcut::Identity) {
+        let unit = Unit::from_state(g, &spec, &random_state(&cfg, i as u64)).unwrap();
+        let xd = [2, spec.c_in, 4, 4];
+        let mut ws = Workspace::default();
+        let kept = unit.allocate(g, xd, &mut ws).unwrap();
+        let (tx, ty) = (upload(&xd, &Rng::new(5).data(32 * spec.c_in)), poisoned(&unit.out_dims(xd)));
+        let chain = Chain { input_stats: true, next_bn: None };
+        for mode in [Mode::Train, Mode::Eval] {
+            let mut rec = g.recorder("unit chain");
+            let r = unit.forward_chained(&mut rec, mode, &tx, &ty, &kept, &ws, chain);
+            let honoured = unit.chains() && mode == Mode::Train;
+            assert_eq!(r.is_ok(), honoured, "{:?} {} {mode:?}: {r:?}", spec.kind, spec.name);
+            if !honoured {
+                assert!(matches!(r, Err(resnet_wgpu::Error::Invalid(_))), "{r:?}");
+            }
+        }
+    }
+}

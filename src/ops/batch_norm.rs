@@ -370,7 +370,7 @@ pub fn forward_train(
 
 /// The checks of a training forward on `x` (and its output `y`) and the per-channel tensors;
 /// returns the running variance's unbiasing factor `M / (M - 1)`.
-fn check_train(
+pub(crate) fn check_train(
     what: &str,
     x: &Tensor,
     y: Option<&Tensor>,
@@ -449,6 +449,35 @@ fn record_stats(
         &final_binds(p, save_mean, save_invstd, &part),
         [d[1] as u32, 1, 1],
     );
+}
+
+/// [`stats_train`] of `x` from per-channel partials a convolution's epilogue wrote as it
+/// produced `x` (`ops::conv::forward_stats`): for each channel, runs of `run` consecutive
+/// elements of its `N*H*W` (in (n, h, w) order, the last run shorter), each run's sum and
+/// squared deviations from its own mean at `part[2 * (c * runs + r)]` and the next float.
+/// `stats_final` combines them as it does its own partials, with the channel as one plane.
+pub(crate) fn stats_from_moments(
+    rec: &mut Recorder,
+    x: &Tensor,
+    part: &wgpu::Buffer,
+    run: usize,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    const WHAT: &str = "batch norm stats_train";
+    let unbias = check_train(WHAT, x, None, p, save_mean, save_invstd)?;
+    let d = x.nchw(WHAT)?;
+    let plane = [1, d[1], d[0] * d[2] * d[3], 1];
+    let prm = params(plane, run, false, false, false, unbias);
+    rec.dispatch(
+        Shader::BatchNorm,
+        "stats_final",
+        &prm,
+        &final_binds(p, save_mean, save_invstd, part),
+        [d[1] as u32, 1, 1],
+    );
+    Ok(())
 }
 
 /// The bindings of `stats_final` and `stats_merge`: the running and saved statistics and the

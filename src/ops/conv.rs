@@ -29,6 +29,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
+use crate::ops::batch_norm::{self, BnTensors};
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -399,6 +400,43 @@ pub fn forward_bn_relu(
     accumulate: bool,
 ) -> Result<()> {
     forward_with(rec, x, Some(affine), w, y, stride, accumulate)
+}
+
+/// [`forward`] (or [`forward_bn_relu`], with `pre`) for a convolution whose output a training
+/// batch norm normalises next, and that batch norm's statistics of `y` (as
+/// [`batch_norm::stats_train`] computes them: `save_mean`, `save_invstd`, the running
+/// statistics moved). Where the convolution runs on the tiled kernels (GPUs), its epilogue
+/// sums each output tile per channel as it stores it (sum and squared deviations from the
+/// tile's mean, of the values written, after `accumulate`) and one small kernel combines them:
+/// `y` is not read again. Elsewhere (the register path, a batch in chunks) `stats_train` reads
+/// `y` after the convolution. The two sum in different orders: results agree to f32 rounding.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_stats(
+    rec: &mut Recorder,
+    x: &Tensor,
+    pre: Option<&Tensor>,
+    w: &Tensor,
+    y: &Tensor,
+    stride: usize,
+    accumulate: bool,
+    bn: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    const WHAT: &str = "conv forward_stats";
+    let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
+    distinct(WHAT, y, [x, w])?;
+    check_affine(WHAT, pre, g.c, y)?;
+    batch_norm::check_train(WHAT, y, None, bn, save_mean, save_invstd)?;
+    let whole: Vec<&Tensor> = std::iter::once(w).chain(pre).collect();
+    let plan = plan_pre(rec.gpu, Op::Forward, &g, pre.is_some());
+    if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[x, y], &whole)?.is_none() {
+        if let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, x, pre, w, y, accumulate) {
+            return batch_norm::stats_from_moments(rec, y, &part, run, bn, save_mean, save_invstd);
+        }
+    }
+    forward_with(rec, x, pre, w, y, stride, accumulate)?;
+    batch_norm::stats_train(rec, y, bn, save_mean, save_invstd)
 }
 
 /// `affine` is `[C, 4]` for an input of `c` channels, and not the output.

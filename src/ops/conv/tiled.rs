@@ -82,6 +82,12 @@ impl Tile {
             && (self.bk * self.bn).is_multiple_of(t)
     }
 
+    /// Whether the forward's STATS epilogue fits: one vec4 of column sums per (row thread,
+    /// column group) in the A tile.
+    pub fn stats_fit(&self) -> bool {
+        (self.bm / self.tm) * (self.bn / 4) <= 2 * self.bk * (self.bm / 4 + 1)
+    }
+
     /// Whether the adapter can run it.
     fn fits(&self, gpu: &Gpu) -> bool {
         let l = gpu.device.limits();
@@ -92,7 +98,8 @@ impl Tile {
     }
 
     /// The template with this configuration's constants and the geometry family's literals.
-    fn source(&self, op: Op, ks: usize, stride: usize, half: bool, pre: bool) -> String {
+    fn source(&self, op: Op, ks: usize, stride: usize, b: Build) -> String {
+        let Build { half, pre, stats, .. } = b;
         let t = self.threads();
         let (a_per, b_per, step) = match op {
             // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
@@ -126,7 +133,7 @@ impl Tile {
             ("RSTEP", step.max(1)),
         ];
         let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
-        s.push_str(&format!("const PRE: bool = {pre};\n"));
+        s.push_str(&format!("const PRE: bool = {pre};\nconst STATS: bool = {stats};\n"));
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         s.push_str(&TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})")));
         s
@@ -135,8 +142,8 @@ impl Tile {
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
 
-/// Which module of the template: the op, kernel size and stride, f16 storage (`half`), and the
-/// BN + ReLU prologue on x (`pre`).
+/// Which module of the template: the op, kernel size and stride, f16 storage (`half`), the
+/// BN + ReLU prologue on x (`pre`) and the forward's per-channel sums of y (`stats`).
 #[derive(Clone, Copy, Debug)]
 struct Build {
     op: Op,
@@ -144,11 +151,12 @@ struct Build {
     stride: usize,
     half: bool,
     pre: bool,
+    stats: bool,
 }
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        Build { op, ks: g.ks, stride: g.stride, half, pre }
+        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false }
     }
 }
 
@@ -157,15 +165,16 @@ impl Build {
 fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &str) -> wgpu::ComputePipeline {
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
-    let Build { op, ks, stride, half, pre } = b;
+    let Build { op, ks, stride, half, pre, stats } = b;
     let key = format!(
-        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}.{entry}",
+        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}.{entry}",
         t.name(),
         if half { "f16" } else { "f32" },
-        if pre { ".pre" } else { "" }
+        if pre { ".pre" } else { "" },
+        if stats { ".stats" } else { "" }
     );
     gpu.cached(&key, || {
-        let module = gpu.shader_module(&key, &t.source(op, ks, stride, half, pre));
+        let module = gpu.shader_module(&key, &t.source(op, ks, stride, b));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
@@ -383,12 +392,42 @@ pub(super) fn record(
     let aff = affine_binding(rec.gpu, pre);
     match op {
         Op::BackwardWeight => weight(rec, g, tile, build, [&a.buffer, &b.buffer, &aff], out, acc, splits, chunk),
-        _ => data(rec, g, build, tile, [&a.buffer, &aff], b, out, acc),
+        _ => data(rec, g, build, tile, [&a.buffer, &aff], b, out, acc, None),
     }
 }
 
+/// The forward under a tiled `plan` whose epilogue also writes the per-channel moments of y
+/// (`tile_moments` in the template): returns the partials buffer (`2 * K * blocks` floats,
+/// a context scratch buffer: read it before the next such call) and the rows per block, or
+/// `None`, recording nothing, where the configuration has no room for that epilogue.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_forward_stats(
+    rec: &mut Recorder,
+    g: &Geometry,
+    plan: Plan,
+    x: &Tensor,
+    pre: Option<&Tensor>,
+    w: &Tensor,
+    y: &Tensor,
+    acc: bool,
+) -> Option<(wgpu::Buffer, usize)> {
+    let Plan::Tiled { tile, .. } = plan else { unreachable!("a tiled plan") };
+    let t = TILES[tile];
+    if !t.stats_fit() {
+        return None;
+    }
+    let (m, cols) = gemm_rows_cols(Op::Forward, g);
+    let bytes = (2 * cols * m.div_ceil(t.bm) * 4) as u64;
+    let part = scratch(rec.gpu, "moments", bytes, wgpu::BufferUsages::STORAGE);
+    let build = Build { stats: true, ..Build::of(Op::Forward, g, false, pre.is_some()) };
+    let aff = affine_binding(rec.gpu, pre);
+    data(rec, g, build, tile, [&x.buffer, &aff], w, y, acc, Some(&part));
+    Some((part, t.bm))
+}
+
 /// Forward (a = x, out = y) or backward_data (a = dy, out = dx): the weights transposed to the
-/// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM.
+/// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM (with the
+/// forward's moments into `moments` where given, `build.stats`).
 #[allow(clippy::too_many_arguments)]
 fn data(
     rec: &mut Recorder,
@@ -399,6 +438,7 @@ fn data(
     w: &Tensor,
     out: &Tensor,
     acc: bool,
+    moments: Option<&wgpu::Buffer>,
 ) {
     let t = TILES[tile];
     let op = build.op;
@@ -420,14 +460,22 @@ fn data(
     );
     let mut params = g.params(acc);
     params.m = m as u32;
-    let binds = [
+    let mut binds = vec![
         (1, a.as_entire_binding()),
         (2, wtt.as_entire_binding()),
         (3, out.buffer.as_entire_binding()),
         (5, aff.as_entire_binding()),
     ];
+    let none = moments_none(gpu);
+    binds.push((7, moments.unwrap_or(&none).as_entire_binding()));
     let p = pipeline(gpu, tile, build, "data_main");
     dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
+}
+
+/// The buffer bound as data_main's moments (binding 7) without STATS: the template declares the
+/// binding either way.
+fn moments_none(gpu: &Gpu) -> wgpu::Buffer {
+    scratch(gpu, "moments-none", 16, wgpu::BufferUsages::STORAGE)
 }
 
 /// The f16 forward (a = x, out = y) or backward_data (a = dy, out = dx): the half weights
@@ -457,12 +505,13 @@ pub(super) fn record_half_data(
     let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
     dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
     let p = pipeline(gpu, tile, build, "data_main");
-    let aff = affine_binding(gpu, None);
+    let (aff, none) = (affine_binding(gpu, None), moments_none(gpu));
     let binds = [
         (1, a.buffer.as_entire_binding()),
         (2, wtt.as_entire_binding()),
         (3, out.buffer.as_entire_binding()),
         (5, aff.as_entire_binding()),
+        (7, none.as_entire_binding()),
     ];
     dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
@@ -528,6 +577,8 @@ mod tests {
     fn every_tile_is_valid() {
         for t in TILES {
             assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
+            // Else forward_stats falls back to reading y for that configuration.
+            assert!(t.stats_fit(), "{} has no room for the forward's moments", t.name());
         }
     }
 }
