@@ -58,7 +58,7 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> scratch: array<f32>; // [2C]: sum dz, sum dz*xhat
 @group(0) @binding(12) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dbeta: array<f32>;
-@group(0) @binding(21) var<storage, read_write> aff: array<vec4f>; // affine_*: [C] (mean, scale, beta, 0)
+@group(0) @binding(21) var<storage, read_write> aff: array<vec4f>; // affine_*: [C] (mean, scale, beta, invstd)
 // [2 * C * N * parts]: per-run partials, channel-major: run r of channel c at 2 * (c * N * parts + r).
 @group(0) @binding(14) var<storage, read_write> part: array<f32>;
 
@@ -209,14 +209,14 @@ fn normalize_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
 }
 
 // The per-channel values of the convolutions' BN + ReLU prologue (conv.wgsl), one invocation per
-// channel: (mean, scale = gamma * invstd, beta, 0), the prologue computing
+// channel: (mean, scale = gamma * invstd, beta, invstd), the prologue computing
 // ReLU((x - mean) * scale + beta). From the saved statistics (training) ...
 @compute @workgroup_size(WG)
 fn affine_saved(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                 @builtin(local_invocation_id) lid: vec3u) {
     let c = flat(wid, nwg, lid);
     if c >= p.c { return; }
-    aff[c] = vec4f(save_mean[c], gamma[c] * save_invstd[c], beta[c], 0.0);
+    aff[c] = vec4f(save_mean[c], gamma[c] * save_invstd[c], beta[c], save_invstd[c]);
 }
 
 // ... or from the running statistics (inference).
@@ -226,7 +226,7 @@ fn affine_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     let c = flat(wid, nwg, lid);
     if c >= p.c { return; }
     let invstd = 1.0 / sqrt(running_var[c] + bitcast<f32>(p.eps));
-    aff[c] = vec4f(running_mean[c], gamma[c] * invstd, beta[c], 0.0);
+    aff[c] = vec4f(running_mean[c], gamma[c] * invstd, beta[c], invstd);
 }
 
 // Per-channel values of the backward, loaded once per run.

@@ -36,7 +36,7 @@
 //
 // BN + ReLU prologue (both families, forward and backward_weight): with PRE (an override here, a
 // template constant in conv_tiled.wgsl) the x operand is read as a = ReLU((x - mean) * scale +
-// beta) per input channel, `aff[c] = (mean, scale = gamma * invstd, beta, 0)`, applied to each
+// beta) per input channel, `aff[c] = (mean, scale = gamma * invstd, beta, invstd)`, applied to each
 // element as it is loaded, before the zero padding: the convolution of a pre-activation unit
 // reads the BN's input directly and the activation is never written (see ops/batch_norm.rs
 // `affine`).
@@ -75,7 +75,7 @@ struct Params {
 @group(0) @binding(11) var bt: texture_2d<f32>;                 // dy (backward_weight)
 @group(0) @binding(12) var<uniform> wu: array<vec4f, 4096>;     // weight window
 @group(0) @binding(13) var<storage, read_write> out4: array<vec4f>; // y or dx, by quads
-@group(0) @binding(5) var<uniform> affu: array<vec4f, 4096>;    // PRE: per input channel (mean, scale, beta, 0)
+@group(0) @binding(5) var<uniform> affu: array<vec4f, 4096>;    // PRE: per input channel (mean, scale, beta, invstd)
 
 // ------------------------------------------------------------------------------------------
 // Helpers of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)

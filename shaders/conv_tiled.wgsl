@@ -16,6 +16,8 @@
 //            backward_weight only
 //   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
 //            the batch norm that follows (tile_moments; f32 only)
+//   BSUMS    true: backward_data's epilogue also writes the per-channel sums of the backward of
+//            the BN + ReLU before the convolution (tile_bn_sums; f32 only)
 //   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
 //            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
 //
@@ -61,8 +63,8 @@ struct Params {
 @group(0) @binding(1) var<storage, read> src: array<ST>;         // x (forward, weight) or dy (backward_data)
 @group(0) @binding(2) var<storage, read> wtt: array<vec4<ST>>;   // data: transposed weights
 @group(0) @binding(3) var<storage, read_write> dst: array<ST>;   // data: y or dx
-@group(0) @binding(4) var<storage, read> dys: array<ST>;         // weight: dy
-@group(0) @binding(5) var<storage, read> aff: array<vec4f>;      // PRE: per input channel (mean, scale, beta, 0)
+@group(0) @binding(4) var<storage, read> dys: array<ST>;         // weight: dy; BSUMS: the BN's input
+@group(0) @binding(5) var<storage, read> aff: array<vec4f>;      // PRE, BSUMS: per input channel (mean, scale, beta, invstd)
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
 @group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums; STATS: moments
 @group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
@@ -258,6 +260,72 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     if STATS {
         tile_moments(lid, m0, n0, cols, tm, tn, (wid.z * nwg.x + wid.x), &acc);
     }
+    if BSUMS {
+        tile_bn_sums(lid, m0, n0, cols, sy, sx, tm, tn, (wid.z * nwg.x + wid.x), &acc);
+    }
+}
+
+// Sums a vec4 per (row thread, column group) of the tile from ta[] in a fixed order, for the
+// first CG threads (the others get zeros); every thread calls it (it has barriers).
+fn tile_column_sums(lid: u32, tm: u32, tn: u32, v: ptr<function, array<vec4f, TNV>>) -> vec4f {
+    const CG: u32 = BN / 4u;
+    for (var h = 0u; h < TNV; h++) { ta[tm * CG + h * (BN / TN) + tn] = (*v)[h]; }
+    workgroupBarrier();
+    var t = vec4f(0.0);
+    if lid < CG {
+        for (var r = 0u; r < BM / TM; r++) { t += ta[r * CG + lid]; }
+    }
+    workgroupBarrier();
+    return t;
+}
+
+// BSUMS (backward_data, f32): dx is the gradient at the output of a BN + ReLU whose input is x_bn
+// (bound as dys) with per-channel values aff = (mean, scale, beta, invstd). Per channel of this
+// tile: sum dz and sum dz * xhat, dz = dx * [ (x_bn - mean) * scale + beta > 0 ] (the forward
+// prologue's own expression), xhat = (x_bn - mean) * invstd, into part as batch_norm.wgsl's
+// backward_final reads per-run partials, runs of BM rows (ops/conv.rs backward_data_bn).
+fn tile_bn_sums(lid: u32, m0: u32, n0: u32, cols: u32, sy: u32, sx: u32, tm: u32, tn: u32, rb: u32,
+                acc: ptr<function, array<vec4f, ACC_LEN>>) {
+    const CG: u32 = BN / 4u;
+    var s1: array<vec4f, TNV>;
+    var s2: array<vec4f, TNV>;
+    for (var g = 0u; g < TMV; g++) {
+        for (var i = 0u; i < 4u; i++) {
+            let m = m0 + (g * (BM / TM) + tm) * 4u + i;
+            if m >= p.m {
+                continue;
+            }
+            let ox = m % sx;
+            let oy = (m / sx) % sy;
+            let n = m / (sx * sy);
+            for (var h = 0u; h < TNV; h++) {
+                let v4 = (*acc)[(g * 4u + i) * TNV + h];
+                for (var j = 0u; j < 4u; j++) {
+                    let col = n0 + (h * (BN / TN) + tn) * 4u + j;
+                    if col >= cols {
+                        continue;
+                    }
+                    let a = aff[col];
+                    let t = f32(dys[((n * cols + col) * sy + oy) * sx + ox]) - a.x;
+                    let dz = select(0.0, v4[j], t * a.y + a.z > 0.0);
+                    s1[h][j] += dz;
+                    s2[h][j] += dz * (t * a.w);
+                }
+            }
+        }
+    }
+    let t1 = tile_column_sums(lid, tm, tn, &s1);
+    let t2 = tile_column_sums(lid, tm, tn, &s2);
+    if lid < CG && m0 < p.m {
+        let blocks = (p.m + BM - 1u) / BM;
+        for (var j = 0u; j < 4u; j++) {
+            let col = n0 + lid * 4u + j;
+            if col < cols {
+                part[2u * (col * blocks + rb)] = t1[j];
+                part[2u * (col * blocks + rb) + 1u] = t2[j];
+            }
+        }
+    }
 }
 
 // STATS (forward, f32): the batch norm that follows gets, per output channel of this tile, the
@@ -279,13 +347,9 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
             }
         }
     }
-    for (var h = 0u; h < TNV; h++) { ta[tm * CG + h * (BN / TN) + tn] = s[h]; }
-    workgroupBarrier();
+    let sum = tile_column_sums(lid, tm, tn, &s);
     if lid < CG {
-        var t = vec4f(0.0);
-        for (var r = 0u; r < BM / TM; r++) { t += ta[r * CG + lid]; }
-        tb[lid] = t;
-        tb[CG + lid] = t / f32(rows);
+        tb[lid] = sum / f32(rows); // the tile's means, for every thread
     }
     workgroupBarrier();
     var q: array<vec4f, TNV>;
@@ -293,23 +357,20 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
         for (var i = 0u; i < 4u; i++) {
             if m0 + (g * (BM / TM) + tm) * 4u + i < p.m {
                 for (var h = 0u; h < TNV; h++) {
-                    let d = (*acc)[(g * 4u + i) * TNV + h] - tb[CG + h * (BN / TN) + tn];
+                    let d = (*acc)[(g * 4u + i) * TNV + h] - tb[h * (BN / TN) + tn];
                     q[h] += d * d;
                 }
             }
         }
     }
-    for (var h = 0u; h < TNV; h++) { ta[tm * CG + h * (BN / TN) + tn] = q[h]; }
-    workgroupBarrier();
+    let m2 = tile_column_sums(lid, tm, tn, &q);
     if lid < CG && live {
-        var t = vec4f(0.0);
-        for (var r = 0u; r < BM / TM; r++) { t += ta[r * CG + lid]; }
         let blocks = (p.m + BM - 1u) / BM;
         for (var j = 0u; j < 4u; j++) {
             let col = n0 + lid * 4u + j;
             if col < cols {
-                part[2u * (col * blocks + rb)] = tb[lid][j];
-                part[2u * (col * blocks + rb) + 1u] = t[j];
+                part[2u * (col * blocks + rb)] = sum[j];
+                part[2u * (col * blocks + rb) + 1u] = m2[j];
             }
         }
     }

@@ -190,6 +190,9 @@ pub enum Item {
     /// The forward followed by the next BN's training statistics of its output
     /// (`conv::forward_stats`: in the epilogue on the tiled kernels).
     ConvForwardStats,
+    /// backward_data into a BN + ReLU's output gradient, then that BN's backward
+    /// (`conv::backward_data_bn`: the BN's sums in the convolution's epilogue on the tiled kernels).
+    ConvBackwardDataBn,
     BnForward,
     /// The training statistics alone (the fused units' BN forward).
     BnStatistics,
@@ -198,7 +201,7 @@ pub enum Item {
 }
 
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 14] = [
+pub const ITEMS: [Item; 15] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
@@ -206,6 +209,7 @@ pub const ITEMS: [Item; 14] = [
     Item::ConvForwardBnRelu,
     Item::ConvBackwardWeightBnRelu,
     Item::ConvForwardStats,
+    Item::ConvBackwardDataBn,
     Item::BnForward,
     Item::BnStatistics,
     Item::BnBackward,
@@ -229,6 +233,7 @@ impl Item {
             Item::ConvForwardBnRelu => "conv3x3 forward bn-relu".into(),
             Item::ConvBackwardWeightBnRelu => "conv3x3 backward_weight bn-relu".into(),
             Item::ConvForwardStats => "conv3x3 forward +bn stats".into(),
+            Item::ConvBackwardDataBn => "conv3x3 backward_data +bn bwd".into(),
             Item::BnForward => "bn forward (train)".into(),
             Item::BnStatistics => "bn statistics (train)".into(),
             Item::BnBackward => "bn backward".into(),
@@ -247,7 +252,8 @@ impl Item {
             | Item::ConvForwardF16
             | Item::ConvForwardBnRelu
             | Item::ConvBackwardWeightBnRelu
-            | Item::ConvForwardStats => Some(conv),
+            | Item::ConvForwardStats
+            | Item::ConvBackwardDataBn => Some(conv),
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
             Item::Unit(_, Pass::ForwardBackward) => Some(3.0 * 2.0 * conv),
             Item::BnForward | Item::BnStatistics | Item::BnBackward => None,
@@ -542,7 +548,8 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
         | Item::ConvBackwardWeight
         | Item::ConvForwardBnRelu
         | Item::ConvBackwardWeightBnRelu
-        | Item::ConvForwardStats => {
+        | Item::ConvForwardStats
+        | Item::ConvBackwardDataBn => {
             let x = random(gpu, &mut rng, &d)?;
             let dy = random(gpu, &mut rng, &d)?;
             let w = random(gpu, &mut rng, &[c, c, 3, 3])?;
@@ -551,11 +558,16 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let out = Tensor::zeros(gpu, &d)?;
             let dw = Tensor::zeros(gpu, &[c, c, 3, 3])?;
             let bn = Bn::new(gpu, &vec![1.0; c], &vec![0.0; c], &vec![0.0; c], &vec![1.0; c])?;
-            flush(gpu)?;
+            let dx = Tensor::zeros(gpu, &d)?;
+            // The statistics and prologue values of x, for the BN backward.
+            let mut rec = gpu.recorder("bench conv setup");
+            bn.prologue(&mut rec, Mode::Train, &x)?;
+            rec.run()?;
             measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
                 let mut rec = gpu.recorder("bench conv");
                 match item {
                     Item::ConvForwardStats => bn.conv_stats(&mut rec, &x, None, &w, &out, 1, false)?,
+                    Item::ConvBackwardDataBn => bn.conv_backward(&mut rec, &dy, &w, 1, &out, false, &x, &dx, false)?,
                     Item::ConvForward => conv::forward(&mut rec, &x, &w, &out, 1, false)?,
                     Item::ConvBackwardData => conv::backward_data(&mut rec, &dy, &w, &out, 1, false)?,
                     Item::ConvForwardBnRelu => conv::forward_bn_relu(&mut rec, &x, &aff, &w, &out, 1, false)?,

@@ -41,7 +41,7 @@ use std::collections::HashMap;
 use crate::arch::{Combine, Layer, Shortcut, UnitKind, UnitSpec};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
-use crate::ops::batch_norm::{self, BnTensors, Epilogue};
+use crate::ops::batch_norm::{self, BnGrads, BnTensors, Epilogue};
 use crate::ops::{conv, gate, mix, relu, residual};
 use crate::tensor::Tensor;
 
@@ -171,6 +171,37 @@ impl Bn {
         accumulate: bool,
     ) -> Result<()> {
         conv::forward_stats(rec, x, pre, w, y, stride, accumulate, &self.tensors(), &self.save_mean, &self.save_invstd)
+    }
+
+    /// The backward through the convolution that reads this BN's `ReLU(BN(x))`
+    /// ([`conv::backward_data_bn`]): `da (+)=` the convolution's input gradient from `dy` and `w`,
+    /// then this BN's backward with the ReLU mask into `dx` (+=, with `accumulate_dx`) and its
+    /// parameter gradients, [`Bn::affine`] holding the saved statistics' values
+    /// ([`Bn::prologue_saved`]). On the tiled kernels the convolution's epilogue makes the BN's
+    /// sums.
+    #[allow(clippy::too_many_arguments)]
+    pub fn conv_backward(
+        &self,
+        rec: &mut Recorder,
+        dy: &Tensor,
+        w: &Tensor,
+        stride: usize,
+        da: &Tensor,
+        accumulate: bool,
+        x: &Tensor,
+        dx: &Tensor,
+        accumulate_dx: bool,
+    ) -> Result<()> {
+        let grads = BnGrads {
+            gamma: &self.gamma.value,
+            beta: &self.beta.value,
+            save_mean: &self.save_mean,
+            save_invstd: &self.save_invstd,
+            dgamma: &self.gamma.grad,
+            dbeta: &self.beta.grad,
+            scratch: &self.scratch,
+        };
+        conv::backward_data_bn(rec, dy, w, da, stride, accumulate, x, &self.affine, &grads, dx, accumulate_dx)
     }
 
     /// [`Bn::affine`] from the statistics the last training forward saved (for the backward:
@@ -646,28 +677,31 @@ impl Unit {
             // The weight gradient reads ReLU(BN_i(in_i)) through the prologue: nothing recomputed.
             bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu(rec, input, &bn.affine, d_out, &conv.w.grad, conv.stride, false)?;
-            conv::backward_data(rec, d_out, &conv.w.value, da, conv.stride, false)?;
+            // da = dE/d ReLU(BN_i(in_i)), then BN_i's backward (its sums in the convolution's
+            // epilogue on the tiled kernels).
+            let (w, stride) = (&conv.w.value, conv.stride);
             if i > 0 {
                 let d_in = ws.get(&di, Slot::Grad(i % 2))?;
-                bn.backward(rec, input, da, true, d_in, false)?;
+                bn.conv_backward(rec, d_out, w, stride, da, false, input, d_in, false)?;
                 d_out = d_in;
                 continue;
             }
             // The first layer: the shortcut's gradient, then the branch's added into g_l.
-            let accumulate = match self.spec.shortcut {
-                Shortcut::Identity => true, // g_in is g_out: g_l = g_{l+1} + ...
+            match self.spec.shortcut {
+                // g_in is g_out: g_l = g_{l+1} + ...
+                Shortcut::Identity => bn.conv_backward(rec, d_out, w, stride, da, false, x, g_in, true)?,
                 Shortcut::Subsample => {
                     residual::subsample_backward(rec, g_out, g_in, self.spec.stride, false)?;
-                    true
+                    bn.conv_backward(rec, d_out, w, stride, da, false, x, g_in, true)?;
                 }
                 Shortcut::Projection => {
+                    // The projection also reads ReLU(BN_0(x)): its input gradient adds into da.
                     let p = self.proj()?;
                     conv::backward_weight_bn_relu(rec, x, &bn.affine, g_out, &p.w.grad, self.spec.stride, false)?;
-                    conv::backward_data(rec, g_out, &p.w.value, da, self.spec.stride, true)?;
-                    false
+                    conv::backward_data(rec, d_out, w, da, stride, false)?;
+                    bn.conv_backward(rec, g_out, &p.w.value, self.spec.stride, da, true, x, g_in, false)?;
                 }
-            };
-            bn.backward(rec, x, da, true, g_in, accumulate)?;
+            }
         }
         Ok(())
     }
@@ -749,25 +783,27 @@ impl Unit {
                 conv::backward_data(rec, dhs, &p.w.value, g_in, self.spec.stride, false)?;
             }
         }
-        // The gradient at the last BN's output is g_out itself.
-        let mut dy = g_out;
+        // The gradient at the last BN's output is g_out itself (its ReLU, f, masked above).
+        let hk = &kept.tensors[k - 1];
+        let mut dh = ws.get(&dims_of(hk)?, Slot::Grad((k - 1) % 2))?; // dE/dh_i
+        self.bns[k - 1].backward(rec, hk, g_out, false, dh, false)?;
         for i in (0..k).rev() {
-            let h = &kept.tensors[i];
-            let dh = ws.get(&dims_of(h)?, Slot::Grad(i % 2))?;
-            self.bns[i].backward(rec, h, dy, i + 1 < k, dh, false)?;
             let conv = &self.convs[i];
             if i == 0 {
                 conv::backward_weight(rec, x, dh, &conv.w.grad, conv.stride, false)?;
                 // g_l = (shortcut's gradient) + the branch's.
                 conv::backward_data(rec, dh, &conv.w.value, g_in, conv.stride, true)?;
-            } else {
-                let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
-                let da = ws.get(&dims_of(hp)?, Slot::DAct)?;
-                bn.prologue_saved(rec)?;
-                conv::backward_weight_bn_relu(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
-                conv::backward_data(rec, dh, &conv.w.value, da, conv.stride, false)?;
-                dy = da;
+                break;
             }
+            // conv_i reads ReLU(BN_{i-1}(h_{i-1})): its weight gradient through the prologue, its
+            // input gradient da, then BN_{i-1}'s backward with the ReLU mask into dh_{i-1} (the
+            // BN's sums in the convolution's epilogue on the tiled kernels).
+            let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
+            let (da, dhp) = (ws.get(&dims_of(hp)?, Slot::DAct)?, ws.get(&dims_of(hp)?, Slot::Grad((i - 1) % 2))?);
+            bn.prologue_saved(rec)?;
+            conv::backward_weight_bn_relu(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
+            bn.conv_backward(rec, dh, &conv.w.value, conv.stride, da, false, hp, dhp, false)?;
+            dh = dhp;
         }
         Ok(())
     }

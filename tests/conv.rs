@@ -330,6 +330,84 @@ fn forward_stats_every_tile_configuration() {
     every_tile(check_stats_pre_acc, 49);
 }
 
+/// backward_data_bn against the reference: the convolution's input gradient `da` at the output
+/// of a BN + ReLU over a random `x`, then that BN's backward with the ReLU mask (dx, dgamma,
+/// dbeta), the statistics and prologue values made on the GPU first (stats_train, affine).
+/// Overwriting, and accumulating into both `da` and `dx` (the sums are those of the final `da`).
+/// On the tiled kernels the convolution's epilogue makes the BN's sums; elsewhere the BN does.
+fn check_bn_backward_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    check_bn_backward_with(ctx, g, cases, seed, &[false, true]);
+}
+
+/// check_bn_backward_on accumulating only (one module per tile configuration).
+fn check_bn_backward_acc(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
+    check_bn_backward_with(ctx, g, cases, seed, &[true]);
+}
+
+fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &[bool]) {
+    use resnet_wgpu::ops::batch_norm::{self as bn, BnGrads, BnTensors};
+    use resnet_wgpu::reference::batch_norm as rbn;
+    let mut rng = Rng::new(seed);
+    for c in cases.iter().filter(|c| c.xd[0] * c.xd[2] * c.xd[3] > 1) {
+        let (wd, yd, ch) = (c.wd(), c.yd(), c.xd[1]);
+        for &acc in accs {
+            let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
+            let (prior_da, prior_dx) = (rng.data(len(c.xd)), rng.data(len(c.xd)));
+            let gamma: Vec<f32> = rng.data(ch).iter().map(|v| v.signum() * 0.5 + v).collect();
+            let beta: Vec<f32> = rng.data(ch).iter().map(|v| 0.5 * v).collect();
+            let (tx, tw, tdy) = (up(g, &c.xd, &x), up(g, &wd, &w), up(g, &yd, &dy));
+            let (tg, tb) = (up(g, &[ch], &gamma), up(g, &[ch], &beta));
+            let (trm, trv) = (up(g, &[ch], &vec![0.0; ch]), up(g, &[ch], &vec![1.0; ch]));
+            let (tmean, tinv, taff) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[ch, 4]));
+            let (tdg, tdb, scratch) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[2 * ch]));
+            let (tda, tdx) =
+                if acc { (up(g, &c.xd, &prior_da), up(g, &c.xd, &prior_dx)) } else { (nan(g, &c.xd), nan(g, &c.xd)) };
+            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let grads = BnGrads {
+                gamma: &tg,
+                beta: &tb,
+                save_mean: &tmean,
+                save_invstd: &tinv,
+                dgamma: &tdg,
+                dbeta: &tdb,
+                scratch: &scratch,
+            };
+            let mut rec = g.recorder("conv backward_data_bn");
+            bn::stats_train(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
+            bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
+            conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, c.stride, acc, &tx, &taff, &grads, &tdx, acc).unwrap();
+            rec.run().unwrap();
+            let mut want_da = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
+            if acc {
+                want_da = plus(&prior_da, &want_da);
+            }
+            let (x64, g64, b64) = (to_f64(&x), to_f64(&gamma), to_f64(&beta));
+            let (mut want_dx, want_dg, want_db) = rbn::backward(&x64, c.xd, &want_da, &g64, &b64, true);
+            if acc {
+                want_dx = plus(&prior_dx, &want_dx);
+            }
+            let tag = format!("{ctx} conv backward_data_bn acc {acc} {}", c.name());
+            check(&format!("{tag} da"), &fetch(g, &tda), &want_da, F32_TOL);
+            check(&format!("{tag} dx"), &fetch(g, &tdx), &want_dx, F32_TOL);
+            check(&format!("{tag} dgamma"), &fetch(g, &tdg), &want_dg, F32_TOL);
+            check(&format!("{tag} dbeta"), &fetch(g, &tdb), &want_db, F32_TOL);
+        }
+    }
+}
+
+#[test]
+fn backward_data_bn_matches_reference() {
+    for (ctx, g) in contexts(true) {
+        check_bn_backward_on(ctx, g, CASES, 50);
+        check_bn_backward_on(ctx, g, EDGES, 51);
+    }
+}
+
+#[test]
+fn backward_data_bn_every_tile_configuration() {
+    every_tile(check_bn_backward_acc, 52);
+}
+
 /// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
 /// channels past 128 (two tiles of the largest configurations).
 fn tile_cases() -> Vec<Case> {

@@ -535,7 +535,7 @@ fn stats_chunked(
 }
 
 /// The per-channel values of the convolutions' BN + ReLU prologue
-/// ([`crate::ops::conv::forward_bn_relu`]): `affine[c] = (mean, gamma * invstd, beta, 0)`,
+/// ([`crate::ops::conv::forward_bn_relu`]): `affine[c] = (mean, gamma * invstd, beta, invstd)`,
 /// `[C, 4]`, from given statistics (those a training forward saved).
 pub fn affine(
     rec: &mut Recorder,
@@ -631,6 +631,65 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
     Ok(())
 }
 
+/// A training BN's tensors for its backward: parameters and saved statistics (read), gradients
+/// (written) and a `[2C]` scratch, all per channel.
+pub struct BnGrads<'a> {
+    pub gamma: &'a Tensor,
+    pub beta: &'a Tensor,
+    pub save_mean: &'a Tensor,
+    pub save_invstd: &'a Tensor,
+    pub dgamma: &'a Tensor,
+    pub dbeta: &'a Tensor,
+    pub scratch: &'a Tensor,
+}
+
+/// The checks of [`backward`]; returns x's `[n, c, h, w]`.
+pub(crate) fn check_backward(what: &str, x: &Tensor, dy: &Tensor, dx: &Tensor, b: &BnGrads) -> Result<[usize; 4]> {
+    let BnGrads { gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch } = *b;
+    let d = activations(what, x, &[("dy", dy), ("dx", dx)])?;
+    let c = d[1];
+    per_channel(
+        what,
+        c,
+        &[
+            ("gamma", gamma),
+            ("beta", beta),
+            ("save_mean", save_mean),
+            ("save_invstd", save_invstd),
+            ("dgamma", dgamma),
+            ("dbeta", dbeta),
+        ],
+    )?;
+    if scratch.len() != 2 * c {
+        return Err(Error::Shape(format!(
+            "{what}: scratch must hold 2*C = {} elements, got {:?}",
+            2 * c,
+            scratch.dims()
+        )));
+    }
+    distinct(
+        what,
+        &[
+            ("x", x),
+            ("dy", dy),
+            ("gamma", gamma),
+            ("beta", beta),
+            ("save_mean", save_mean),
+            ("save_invstd", save_invstd),
+            ("dx", dx),
+            ("dgamma", dgamma),
+            ("dbeta", dbeta),
+            ("scratch", scratch),
+        ],
+    )?;
+    if d[0] * d[2] * d[3] == 1 {
+        return Err(Error::Invalid(format!(
+            "{what}: expected more than 1 value per channel when training, got input {d:?}"
+        )));
+    }
+    Ok(d)
+}
+
 /// Backward of forward_train: dx (+)= ..., dgamma (+)= ..., dbeta (+)= ... . If `relu`, dy is first multiplied by the recomputed mask `[gamma*xhat+beta > 0]`.
 /// `scratch` is a `[2*C]` tensor for the per-channel sums (caller-owned so nothing is allocated per call).
 ///
@@ -659,47 +718,9 @@ pub fn backward(
     accumulate_params: bool,
 ) -> Result<()> {
     const WHAT: &str = "batch norm backward";
-    let d = activations(WHAT, x, &[("dy", dy), ("dx", dx)])?;
+    let bg = BnGrads { gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch };
+    let d = check_backward(WHAT, x, dy, dx, &bg)?;
     let c = d[1];
-    per_channel(
-        WHAT,
-        c,
-        &[
-            ("gamma", gamma),
-            ("beta", beta),
-            ("save_mean", save_mean),
-            ("save_invstd", save_invstd),
-            ("dgamma", dgamma),
-            ("dbeta", dbeta),
-        ],
-    )?;
-    if scratch.len() != 2 * c {
-        return Err(Error::Shape(format!(
-            "{WHAT}: scratch must hold 2*C = {} elements, got {:?}",
-            2 * c,
-            scratch.dims()
-        )));
-    }
-    distinct(
-        WHAT,
-        &[
-            ("x", x),
-            ("dy", dy),
-            ("gamma", gamma),
-            ("beta", beta),
-            ("save_mean", save_mean),
-            ("save_invstd", save_invstd),
-            ("dx", dx),
-            ("dgamma", dgamma),
-            ("dbeta", dbeta),
-            ("scratch", scratch),
-        ],
-    )?;
-    if d[0] * d[2] * d[3] == 1 {
-        return Err(Error::Invalid(format!(
-            "{WHAT}: expected more than 1 value per channel when training, got input {d:?}"
-        )));
-    }
     let whole = [gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch];
     if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, dy, dx], &whole)? {
         // The sums over the chunks first (merged in chunk order), then dx chunk by chunk.
@@ -770,6 +791,54 @@ pub fn backward(
             (7, &save_mean.buffer),
             (8, &save_invstd.buffer),
             (11, &scratch.buffer),
+        ],
+    );
+    Ok(())
+}
+
+/// [`backward`] with `relu` (mask recomputed) of a batch norm whose sums `sum dz` and
+/// `sum dz * xhat` a convolution's epilogue wrote as it produced `dy`
+/// (`ops::conv::backward_data_bn`), as per-run partials in `part`: runs of `run` elements of
+/// each channel's `N*H*W`, as [`stats_from_moments`] reads them. Then `backward_final` (dgamma,
+/// dbeta overwritten) and `backward_apply` (dx (+)=) as [`backward`] runs them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_from_sums(
+    rec: &mut Recorder,
+    x: &Tensor,
+    dy: &Tensor,
+    b: &BnGrads,
+    dx: &Tensor,
+    accumulate_dx: bool,
+    part: &wgpu::Buffer,
+    run: usize,
+) -> Result<()> {
+    const WHAT: &str = "batch norm backward";
+    let d = check_backward(WHAT, x, dy, dx, b)?;
+    let plane = [1, d[1], d[0] * d[2] * d[3], 1];
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_final",
+        &params(plane, run, true, false, false, 1.0),
+        &[(11, &b.scratch.buffer), (12, &b.dgamma.buffer), (13, &b.dbeta.buffer), (14, part)],
+        [d[1] as u32, 1, 1],
+    );
+    let v = variant(rec.gpu, d);
+    let views = Views::new(rec, v, Some(x), Some(dy));
+    run_dispatch(
+        rec,
+        d,
+        v,
+        "backward_apply",
+        &params(d, v.apply_chunk(), true, false, accumulate_dx, 1.0),
+        v.apply_chunk(),
+        Acts { x: Some(x), dy: Some(dy), dx: Some(dx), ..Acts::default() },
+        &views,
+        &[
+            (3, &b.gamma.buffer),
+            (4, &b.beta.buffer),
+            (7, &b.save_mean.buffer),
+            (8, &b.save_invstd.buffer),
+            (11, &b.scratch.buffer),
         ],
     );
     Ok(())

@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
-use crate::ops::batch_norm::{self, BnTensors};
+use crate::ops::batch_norm::{self, BnGrads, BnTensors};
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -388,7 +388,7 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: u
 
 /// y (+)= conv(ReLU(BN(x)), w): [`forward`] of the pre-activation `a = ReLU(gamma * (x - mean) *
 /// invstd + beta)`, computed per element as x is loaded (zero padding stays zero). `affine` is
-/// `[C, 4]`, per channel `(mean, gamma * invstd, beta, 0)`, as [`crate::ops::batch_norm::affine`]
+/// `[C, 4]`, per channel `(mean, gamma * invstd, beta, invstd)`, as [`crate::ops::batch_norm::affine`]
 /// writes it.
 pub fn forward_bn_relu(
     rec: &mut Recorder,
@@ -439,12 +439,66 @@ pub fn forward_stats(
     batch_norm::stats_train(rec, y, bn, save_mean, save_invstd)
 }
 
+/// [`backward_data`] into `da`, the gradient at the output of a training BN + ReLU whose input
+/// is `x` (a pre-activation convolution's input: `affine` as [`forward_bn_relu`] read it, from
+/// the saved statistics), then that BN's backward with the ReLU mask
+/// ([`batch_norm::backward`] with `relu`): `dx (+)=` the gradient at `x`, `dgamma` and `dbeta`
+/// overwritten. On the tiled kernels the convolution's epilogue sums `dz` and `dz * xhat` per
+/// channel as it stores `da`, so the BN's backward reads `da` and `x` once (for `dx`) instead of
+/// twice. With `accumulate` the convolution adds into `da` (a second path into the same
+/// activation, such as a projection shortcut) and the sums are those of the final `da`.
+/// Elsewhere (the register path, a batch in chunks) the BN's backward makes its own sums.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_data_bn(
+    rec: &mut Recorder,
+    dy: &Tensor,
+    w: &Tensor,
+    da: &Tensor,
+    stride: usize,
+    accumulate: bool,
+    x: &Tensor,
+    affine: &Tensor,
+    bn: &BnGrads,
+    dx: &Tensor,
+    accumulate_dx: bool,
+) -> Result<()> {
+    const WHAT: &str = "conv backward_data_bn";
+    let g = Geometry::check(WHAT, ["dx", "w", "dy"], da, w, dy, stride)?;
+    distinct(WHAT, da, [dy, w])?;
+    check_affine(WHAT, Some(affine), g.c, da)?;
+    batch_norm::check_backward(WHAT, x, da, dx, bn)?;
+    let plan = plan(rec.gpu, Op::BackwardData, &g);
+    if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[dy, da, x, dx], &[w])?.is_none() {
+        if let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, dy, w, da, accumulate, x, affine) {
+            return batch_norm::backward_from_sums(rec, x, da, bn, dx, accumulate_dx, &part, run);
+        }
+    }
+    backward_data(rec, dy, w, da, stride, accumulate)?;
+    let BnGrads { gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch } = *bn;
+    batch_norm::backward(
+        rec,
+        x,
+        da,
+        gamma,
+        beta,
+        save_mean,
+        save_invstd,
+        true,
+        dx,
+        dgamma,
+        dbeta,
+        scratch,
+        accumulate_dx,
+        false,
+    )
+}
+
 /// `affine` is `[C, 4]` for an input of `c` channels, and not the output.
 fn check_affine(what: &str, affine: Option<&Tensor>, c: usize, out: &Tensor) -> Result<()> {
     let Some(a) = affine else { return Ok(()) };
     if a.dims() != [c, 4] {
         return Err(Error::Shape(format!(
-            "{what}: affine must be [{c}, 4] (mean, scale, beta, 0), got {:?}",
+            "{what}: affine must be [{c}, 4] (mean, scale, beta, invstd), got {:?}",
             a.dims()
         )));
     }

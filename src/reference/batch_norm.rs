@@ -108,9 +108,9 @@ pub fn forward_train(
 }
 
 /// The convolutions' BN + ReLU prologue values (`ops::batch_norm::affine`): per channel
-/// `(mean, gamma * invstd, beta, 0)`, `[C, 4]` flattened.
+/// `(mean, gamma * invstd, beta, invstd)`, `[C, 4]` flattened (invstd for the backward's xhat).
 pub fn affine(mean: &[f64], invstd: &[f64], gamma: &[f64], beta: &[f64]) -> Vec<f64> {
-    (0..mean.len()).flat_map(|c| [mean[c], gamma[c] * invstd[c], beta[c], 0.0]).collect()
+    (0..mean.len()).flat_map(|c| [mean[c], gamma[c] * invstd[c], beta[c], invstd[c]]).collect()
 }
 
 /// What the prologue reads for `x`: `ReLU((x - mean) * scale + beta)` per channel, with

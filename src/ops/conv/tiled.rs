@@ -99,7 +99,7 @@ impl Tile {
 
     /// The template with this configuration's constants and the geometry family's literals.
     fn source(&self, op: Op, ks: usize, stride: usize, b: Build) -> String {
-        let Build { half, pre, stats, .. } = b;
+        let Build { half, pre, stats, bsums, .. } = b;
         let t = self.threads();
         let (a_per, b_per, step) = match op {
             // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
@@ -133,7 +133,7 @@ impl Tile {
             ("RSTEP", step.max(1)),
         ];
         let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
-        s.push_str(&format!("const PRE: bool = {pre};\nconst STATS: bool = {stats};\n"));
+        s.push_str(&format!("const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\n"));
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         s.push_str(&TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})")));
         s
@@ -143,7 +143,8 @@ impl Tile {
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
 
 /// Which module of the template: the op, kernel size and stride, f16 storage (`half`), the
-/// BN + ReLU prologue on x (`pre`) and the forward's per-channel sums of y (`stats`).
+/// BN + ReLU prologue on x (`pre`), the forward's per-channel sums of y (`stats`) and
+/// backward_data's sums for the backward of the BN + ReLU before the convolution (`bsums`).
 #[derive(Clone, Copy, Debug)]
 struct Build {
     op: Op,
@@ -152,12 +153,22 @@ struct Build {
     half: bool,
     pre: bool,
     stats: bool,
+    bsums: bool,
 }
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false }
+        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false }
     }
+}
+
+/// What data_main's epilogue writes besides the output: nothing, the forward's moments
+/// (`STATS`), or backward_data's BN sums (`BSUMS`, reading the BN's input `x`).
+#[derive(Clone, Copy)]
+enum Epi<'a> {
+    None,
+    Moments(&'a wgpu::Buffer),
+    BnSums { part: &'a wgpu::Buffer, x: &'a wgpu::Buffer },
 }
 
 /// The pipeline of configuration `tile` for `b`, entry point `entry` of the template, built once
@@ -165,13 +176,14 @@ impl Build {
 fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &str) -> wgpu::ComputePipeline {
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
-    let Build { op, ks, stride, half, pre, stats } = b;
+    let Build { op, ks, stride, half, pre, stats, bsums } = b;
     let key = format!(
-        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}.{entry}",
+        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}.{entry}",
         t.name(),
         if half { "f16" } else { "f32" },
         if pre { ".pre" } else { "" },
-        if stats { ".stats" } else { "" }
+        if stats { ".stats" } else { "" },
+        if bsums { ".bsums" } else { "" }
     );
     gpu.cached(&key, || {
         let module = gpu.shader_module(&key, &t.source(op, ks, stride, b));
@@ -392,7 +404,7 @@ pub(super) fn record(
     let aff = affine_binding(rec.gpu, pre);
     match op {
         Op::BackwardWeight => weight(rec, g, tile, build, [&a.buffer, &b.buffer, &aff], out, acc, splits, chunk),
-        _ => data(rec, g, build, tile, [&a.buffer, &aff], b, out, acc, None),
+        _ => data(rec, g, build, tile, [&a.buffer, &aff], b, out, acc, Epi::None),
     }
 }
 
@@ -421,13 +433,44 @@ pub(super) fn record_forward_stats(
     let part = scratch(rec.gpu, "moments", bytes, wgpu::BufferUsages::STORAGE);
     let build = Build { stats: true, ..Build::of(Op::Forward, g, false, pre.is_some()) };
     let aff = affine_binding(rec.gpu, pre);
-    data(rec, g, build, tile, [&x.buffer, &aff], w, y, acc, Some(&part));
+    data(rec, g, build, tile, [&x.buffer, &aff], w, y, acc, Epi::Moments(&part));
+    Some((part, t.bm))
+}
+
+/// backward_data under a tiled `plan` (dy -> da) whose epilogue also writes the sums of the
+/// backward of the BN + ReLU that produced the convolution's input, from that BN's input `x`
+/// and its `affine` values (`tile_bn_sums` in the template): returns the partials buffer and the
+/// rows per block (as [`record_forward_stats`]), or `None`, recording nothing, where the
+/// configuration has no room for that epilogue.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_backward_data_sums(
+    rec: &mut Recorder,
+    g: &Geometry,
+    plan: Plan,
+    dy: &Tensor,
+    w: &Tensor,
+    da: &Tensor,
+    acc: bool,
+    x: &Tensor,
+    affine: &Tensor,
+) -> Option<(wgpu::Buffer, usize)> {
+    let Plan::Tiled { tile, .. } = plan else { unreachable!("a tiled plan") };
+    let t = TILES[tile];
+    if !t.stats_fit() {
+        return None;
+    }
+    let (m, cols) = gemm_rows_cols(Op::BackwardData, g);
+    let bytes = (2 * cols * m.div_ceil(t.bm) * 4) as u64;
+    let part = scratch(rec.gpu, "bn-sums", bytes, wgpu::BufferUsages::STORAGE);
+    let build = Build { bsums: true, ..Build::of(Op::BackwardData, g, false, false) };
+    let epi = Epi::BnSums { part: &part, x: &x.buffer };
+    data(rec, g, build, tile, [&dy.buffer, &affine.buffer], w, da, acc, epi);
     Some((part, t.bm))
 }
 
 /// Forward (a = x, out = y) or backward_data (a = dy, out = dx): the weights transposed to the
-/// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM (with the
-/// forward's moments into `moments` where given, `build.stats`).
+/// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM (with what
+/// `epi` says its epilogue writes besides; `build` says the same).
 #[allow(clippy::too_many_arguments)]
 fn data(
     rec: &mut Recorder,
@@ -438,7 +481,7 @@ fn data(
     w: &Tensor,
     out: &Tensor,
     acc: bool,
-    moments: Option<&wgpu::Buffer>,
+    epi: Epi,
 ) {
     let t = TILES[tile];
     let op = build.op;
@@ -466,16 +509,22 @@ fn data(
         (3, out.buffer.as_entire_binding()),
         (5, aff.as_entire_binding()),
     ];
-    let none = moments_none(gpu);
-    binds.push((7, moments.unwrap_or(&none).as_entire_binding()));
+    let [none_part, none_x] = epilogue_none(gpu);
+    let (part, x) = match epi {
+        Epi::None => (&none_part, &none_x),
+        Epi::Moments(part) => (part, &none_x),
+        Epi::BnSums { part, x } => (part, x),
+    };
+    binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
     let p = pipeline(gpu, tile, build, "data_main");
     dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
 
-/// The buffer bound as data_main's moments (binding 7) without STATS: the template declares the
-/// binding either way.
-fn moments_none(gpu: &Gpu) -> wgpu::Buffer {
-    scratch(gpu, "moments-none", 16, wgpu::BufferUsages::STORAGE)
+/// The buffers bound as data_main's epilogue buffers without STATS or BSUMS (the template
+/// declares them either way): one for the partials (binding 7, written) and another for the
+/// BN's input (binding 4, read; one buffer cannot be bound both ways in a dispatch).
+fn epilogue_none(gpu: &Gpu) -> [wgpu::Buffer; 2] {
+    ["epilogue-none-part", "epilogue-none-x"].map(|role| scratch(gpu, role, 16, wgpu::BufferUsages::STORAGE))
 }
 
 /// The f16 forward (a = x, out = y) or backward_data (a = dy, out = dx): the half weights
@@ -505,13 +554,14 @@ pub(super) fn record_half_data(
     let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
     dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
     let p = pipeline(gpu, tile, build, "data_main");
-    let (aff, none) = (affine_binding(gpu, None), moments_none(gpu));
+    let (aff, [none_part, none_x]) = (affine_binding(gpu, None), epilogue_none(gpu));
     let binds = [
         (1, a.buffer.as_entire_binding()),
         (2, wtt.as_entire_binding()),
         (3, out.buffer.as_entire_binding()),
         (5, aff.as_entire_binding()),
-        (7, none.as_entire_binding()),
+        (7, none_part.as_entire_binding()),
+        (4, none_x.as_entire_binding()),
     ];
     dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
 }
