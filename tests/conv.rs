@@ -327,7 +327,7 @@ fn forward_stats_matches_reference() {
 
 #[test]
 fn forward_stats_every_tile_configuration() {
-    every_tile(check_stats_pre_acc, 49);
+    every_tile_on(check_stats_pre_acc, 49, EPILOGUE_CASES);
 }
 
 /// backward_data_bn against the reference: the convolution's input gradient `da` at the output
@@ -405,7 +405,7 @@ fn backward_data_bn_matches_reference() {
 
 #[test]
 fn backward_data_bn_every_tile_configuration() {
-    every_tile(check_bn_backward_acc, 52);
+    every_tile_on(check_bn_backward_acc, 52, EPILOGUE_CASES);
 }
 
 /// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
@@ -420,18 +420,34 @@ fn tile_cases() -> Vec<Case> {
 /// forced in turn on a context of its own, through `check`; then the autotuner's own choice
 /// (timed here even on a CPU adapter, with the pipelines already built).
 fn every_tile(check: fn(&str, &Gpu, &[Case], u64), seed: u64) {
+    every_tile_on(check, seed, &tile_cases());
+}
+
+/// every_tile over `cases`.
+fn every_tile_on(check: fn(&str, &Gpu, &[Case], u64), seed: u64, cases: &[Case]) {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let names = conv::tile_names(&g);
     assert!(names.len() >= 8, "tile configurations that fit: {names:?}");
     for name in names {
         conv::force_tile(&g, Some(&name)).unwrap();
-        check(&format!("tile {name}"), &g, &tile_cases(), seed);
+        check(&format!("tile {name}"), &g, cases, seed);
     }
     assert!(conv::force_tile(&g, Some("no-such-tile")).is_err());
     conv::force_tile(&g, None).unwrap();
     conv::set_kernels(&g, conv::Kernels::Tuned);
-    check("tuned", &g, &tile_cases(), seed);
+    check("tuned", &g, cases, seed);
 }
+
+/// The epilogues' cases under every tile configuration: what their indexing depends on (rows
+/// over images and an odd spatial size, several row blocks, columns past one tile and not a
+/// multiple of 4, stride 2's output sizes), in 3x3 kernels only (each kernel size and stride is a
+/// module of its own per configuration).
+const EPILOGUE_CASES: &[Case] = &[
+    case([3, 5, 7, 8], 33, 3, 1),
+    case([2, 33, 5, 16], 9, 3, 2),
+    case([2, 16, 32, 32], 16, 3, 1),
+    case([1, 130, 3, 5], 132, 3, 1),
+];
 
 #[test]
 fn forward_every_tile_configuration() {

@@ -5,6 +5,9 @@
 //! a ReLU applied as each element is loaded (`a = ReLU(BN(x))` with per-channel values from
 //! [`crate::ops::batch_norm::affine`]): a pre-activation unit's convolutions read the BN's input
 //! itself, and the activation is neither written in the forward nor recomputed in the backward.
+//! [`forward_stats`] and [`backward_data_bn`] also do the batch norm's reductions next to them:
+//! the statistics of a forward's output, and the sums of the backward of the BN + ReLU before a
+//! convolution, in the tiled kernels' epilogues (elsewhere the batch norm reads the activation).
 //!
 //! Two kernel families (see the head of the shader for their designs):
 //!
@@ -18,7 +21,8 @@
 //! The choice and the tile sizes are made per shape and cached in the context ([`Gpu::cached`]),
 //! as are the scratch buffers (split-K partial sums, weight windows) and operand textures, one
 //! per role and size: nothing is allocated per call once a shape has been seen, except each
-//! dispatch's small parameter buffer and bind group (as in [`Recorder::dispatch`]). Reusing them
+//! dispatch's bind group and its slot in the recorder's parameter buffers (as in
+//! [`Recorder::dispatch`]). Reusing them
 //! across calls is safe because every call fills and consumes them within its own commands, and
 //! the queue runs commands in order.
 
