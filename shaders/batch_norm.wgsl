@@ -188,11 +188,17 @@ fn normalize(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: ve
              @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(flat(wid, nwg, lid));
     if !r.ok { return; }
+    normalize_run(r, r.start, 1u);
+}
+
+// normalize's work on elements first, first + step, ... of run r (the wide kernel strides by
+// its workgroup).
+fn normalize_run(r: Run, first: u32, step: u32) {
     let mean = save_mean[r.c];
     let invstd = save_invstd[r.c];
     let g = gamma[r.c];
     let b = beta[r.c];
-    for (var i = r.start; i < r.end; i++) { epilogue(i, (x[i] - mean) * invstd * g + b); }
+    for (var i = first; i < r.end; i += step) { epilogue(i, (x[i] - mean) * invstd * g + b); }
 }
 
 // Inference-mode normalisation with the running statistics, one run per invocation.
@@ -308,12 +314,17 @@ fn backward_apply(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
                   @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(flat(wid, nwg, lid));
     if !r.ok { return; }
+    backward_apply_run(r, r.start, 1u);
+}
+
+// backward_apply's work on elements first, first + step, ... of run r (as normalize_run).
+fn backward_apply_run(r: Run, first: u32, step: u32) {
     let k = chan(r.c);
     let inv_m = 1.0 / f32(select(p.n * p.hw, p.total, p.total != 0u));
     let gi = k.gamma * k.invstd;
     let mb = scratch[r.c] * inv_m;
     let mg = scratch[p.c + r.c] * inv_m;
-    for (var i = r.start; i < r.end; i++) {
+    for (var i = first; i < r.end; i += step) {
         let xh = (x[i] - k.mean) * k.invstd;
         let g = gi * (dz(i, k, xh) - mb - xh * mg);
         if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
@@ -691,11 +702,7 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
                @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(wide_run(wid, nwg));
     if !r.ok { return; }
-    let mean = save_mean[r.c];
-    let invstd = save_invstd[r.c];
-    let g = gamma[r.c];
-    let b = beta[r.c];
-    for (var i = r.start + lid.x; i < r.end; i += FG) { epilogue(i, (x[i] - mean) * invstd * g + b); }
+    normalize_run(r, r.start + lid.x, FG);
 }
 
 @compute @workgroup_size(FG)
@@ -730,14 +737,5 @@ fn backward_apply_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
                     @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(wide_run(wid, nwg));
     if !r.ok { return; }
-    let k = chan(r.c);
-    let inv_m = 1.0 / f32(select(p.n * p.hw, p.total, p.total != 0u));
-    let gi = k.gamma * k.invstd;
-    let mb = scratch[r.c] * inv_m;
-    let mg = scratch[p.c + r.c] * inv_m;
-    for (var i = r.start + lid.x; i < r.end; i += FG) {
-        let xh = (x[i] - k.mean) * k.invstd;
-        let g = gi * (dz(i, k, xh) - mb - xh * mg);
-        if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
-    }
+    backward_apply_run(r, r.start + lid.x, FG);
 }

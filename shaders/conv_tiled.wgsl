@@ -17,7 +17,7 @@
 //   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
 //            the batch norm that follows (tile_moments; f32 only)
 //   BSUMS    true: backward_data's epilogue also writes the per-channel sums of the backward of
-//            the BN + ReLU before the convolution (tile_bn_sums; f32 only)
+//            the BN + ReLU before the convolution (in data_main's store loop; f32 only)
 //   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
 //            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
 //
@@ -231,6 +231,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         workgroupBarrier();
     }
 
+    // BSUMS: per column, sum dz and sum dz * xhat of this invocation's outputs.
+    var s1: array<vec4f, TNV>;
+    var s2: array<vec4f, TNV>;
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
             let m = m0 + (g * (BM / TM) + tm) * 4u + i;
@@ -252,16 +255,32 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                         v4[j] = f32(dst[o]) + v4[j];
                     }
                     dst[o] = ST(v4[j]);
+                    if BSUMS {
+                        // dz = da * [ReLU input > 0] with the forward prologue's own expression,
+                        // xhat = (x_bn - mean) * invstd; x_bn (bound as dys) is at da's index.
+                        let a = aff[col];
+                        let t = f32(dys[o]) - a.x;
+                        let dz = select(0.0, v4[j], t * a.y + a.z > 0.0);
+                        s1[h][j] += dz;
+                        s2[h][j] += dz * (t * a.w);
+                    }
                 }
                 acc[(g * 4u + i) * TNV + h] = v4; // the values written, for STATS
             }
         }
     }
+    let block = wid.z * nwg.x + wid.x; // the row block
     if STATS {
-        tile_moments(lid, m0, n0, cols, tm, tn, (wid.z * nwg.x + wid.x), &acc);
+        tile_moments(lid, m0, n0, cols, tm, tn, block, &acc);
     }
     if BSUMS {
-        tile_bn_sums(lid, m0, n0, cols, sy, sx, tm, tn, (wid.z * nwg.x + wid.x), &acc);
+        // BSUMS (backward_data, f32): dx is the gradient at the output of a BN + ReLU whose
+        // input x_bn is bound as dys, aff = (mean, scale, beta, invstd): the BN backward's sums
+        // per channel of this tile, as backward_final's per-run partials (ops/conv.rs
+        // backward_data_bn).
+        let t1 = tile_column_sums(lid, tm, tn, &s1);
+        let t2 = tile_column_sums(lid, tm, tn, &s2);
+        write_partials(lid, m0, n0, cols, block, t1, t2);
     }
 }
 
@@ -279,51 +298,19 @@ fn tile_column_sums(lid: u32, tm: u32, tn: u32, v: ptr<function, array<vec4f, TN
     return t;
 }
 
-// BSUMS (backward_data, f32): dx is the gradient at the output of a BN + ReLU whose input is x_bn
-// (bound as dys) with per-channel values aff = (mean, scale, beta, invstd). Per channel of this
-// tile: sum dz and sum dz * xhat, dz = dx * [ (x_bn - mean) * scale + beta > 0 ] (the forward
-// prologue's own expression), xhat = (x_bn - mean) * invstd, into part as batch_norm.wgsl's
-// backward_final reads per-run partials, runs of BM rows (ops/conv.rs backward_data_bn).
-fn tile_bn_sums(lid: u32, m0: u32, n0: u32, cols: u32, sy: u32, sx: u32, tm: u32, tn: u32, rb: u32,
-                acc: ptr<function, array<vec4f, ACC_LEN>>) {
-    const CG: u32 = BN / 4u;
-    var s1: array<vec4f, TNV>;
-    var s2: array<vec4f, TNV>;
-    for (var g = 0u; g < TMV; g++) {
-        for (var i = 0u; i < 4u; i++) {
-            let m = m0 + (g * (BM / TM) + tm) * 4u + i;
-            if m >= p.m {
-                continue;
-            }
-            let ox = m % sx;
-            let oy = (m / sx) % sy;
-            let n = m / (sx * sy);
-            for (var h = 0u; h < TNV; h++) {
-                let v4 = (*acc)[(g * 4u + i) * TNV + h];
-                for (var j = 0u; j < 4u; j++) {
-                    let col = n0 + (h * (BN / TN) + tn) * 4u + j;
-                    if col >= cols {
-                        continue;
-                    }
-                    let a = aff[col];
-                    let t = f32(dys[((n * cols + col) * sy + oy) * sx + ox]) - a.x;
-                    let dz = select(0.0, v4[j], t * a.y + a.z > 0.0);
-                    s1[h][j] += dz;
-                    s2[h][j] += dz * (t * a.w);
-                }
-            }
-        }
+// Writes the first CG threads' column sums a and b of row block rb to part[2 * (col * blocks +
+// rb)] and the next float (the batch norm's per-run partials, runs of BM rows), except past the
+// last row block (a folded grid's extra workgroups) or the last column.
+fn write_partials(lid: u32, m0: u32, n0: u32, cols: u32, rb: u32, a: vec4f, b: vec4f) {
+    if lid >= BN / 4u || m0 >= p.m {
+        return;
     }
-    let t1 = tile_column_sums(lid, tm, tn, &s1);
-    let t2 = tile_column_sums(lid, tm, tn, &s2);
-    if lid < CG && m0 < p.m {
-        let blocks = (p.m + BM - 1u) / BM;
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + lid * 4u + j;
-            if col < cols {
-                part[2u * (col * blocks + rb)] = t1[j];
-                part[2u * (col * blocks + rb) + 1u] = t2[j];
-            }
+    let blocks = (p.m + BM - 1u) / BM;
+    for (var j = 0u; j < 4u; j++) {
+        let col = n0 + lid * 4u + j;
+        if col < cols {
+            part[2u * (col * blocks + rb)] = a[j];
+            part[2u * (col * blocks + rb) + 1u] = b[j];
         }
     }
 }
@@ -337,8 +324,7 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
                 acc: ptr<function, array<vec4f, ACC_LEN>>) {
     const CG: u32 = BN / 4u; // vec4 column groups of the tile
     // A folded grid may have workgroups past the last row block (m0 >= p.m): they write nothing.
-    let live = m0 < p.m;
-    let rows = select(1u, min(BM, p.m - m0), live);
+    let rows = select(1u, min(BM, p.m - m0), m0 < p.m);
     var s: array<vec4f, TNV>;
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
@@ -364,16 +350,7 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
         }
     }
     let m2 = tile_column_sums(lid, tm, tn, &q);
-    if lid < CG && live {
-        let blocks = (p.m + BM - 1u) / BM;
-        for (var j = 0u; j < 4u; j++) {
-            let col = n0 + lid * 4u + j;
-            if col < cols {
-                part[2u * (col * blocks + rb)] = sum[j];
-                part[2u * (col * blocks + rb) + 1u] = m2[j];
-            }
-        }
-    }
+    write_partials(lid, m0, n0, cols, rb, sum, m2);
 }
 
 // backward_weight: dw[k][col] = sum_r dy[r][k] * im2col(x)[r][col], col = (c, ky, kx), r over

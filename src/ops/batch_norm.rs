@@ -199,14 +199,20 @@ pub fn set_kernels(gpu: &Gpu, k: Kernels) {
 /// The kernels this context runs: those [`set_kernels`] chose, or the default for its adapter
 /// (never `Auto`).
 pub fn kernels(gpu: &Gpu) -> Kernels {
+    // RESNET_WGPU_BN, read once per process (this runs for every batch-norm call).
+    static FROM_ENV: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
+    let from_env = FROM_ENV.get_or_init(|| match std::env::var("RESNET_WGPU_BN").as_deref() {
+        Ok("scalar") => Some(Kernels::Scalar),
+        Ok("vec4") => Some(Kernels::Vec4),
+        Ok("texture") => Some(Kernels::Texture),
+        Ok("wide") => Some(Kernels::Wide),
+        _ => None,
+    });
     match *kernels_cell(gpu).lock().unwrap_or_else(|p| p.into_inner()) {
-        Kernels::Auto => match std::env::var("RESNET_WGPU_BN").as_deref() {
-            Ok("scalar") => Kernels::Scalar,
-            Ok("vec4") => Kernels::Vec4,
-            Ok("texture") => Kernels::Texture,
-            Ok("wide") => Kernels::Wide,
-            _ if gpu.report.device_type == wgpu::DeviceType::Cpu => Kernels::Texture,
-            _ => Kernels::Scalar,
+        Kernels::Auto => match from_env {
+            Some(k) => *k,
+            None if gpu.report.device_type == wgpu::DeviceType::Cpu => Kernels::Texture,
+            None => Kernels::Scalar,
         },
         k => k,
     }

@@ -439,7 +439,7 @@ pub(super) fn record_forward_stats(
 
 /// backward_data under a tiled `plan` (dy -> da) whose epilogue also writes the sums of the
 /// backward of the BN + ReLU that produced the convolution's input, from that BN's input `x`
-/// and its `affine` values (`tile_bn_sums` in the template): returns the partials buffer and the
+/// and its `affine` values (`BSUMS` in the template): returns the partials buffer and the
 /// rows per block (as [`record_forward_stats`]), or `None`, recording nothing, where the
 /// configuration has no room for that epilogue.
 #[allow(clippy::too_many_arguments)]
