@@ -27,6 +27,10 @@
 //                    oy = (iy + pad - ky) / stride where that divides, zero elsewhere)
 //   backward_weight: M = K, cols = C*KK, reduction N*OH*OW, split into `splits` ranges of
 //                    `chunk` steps whose partial sums reduce_splits (conv.wgsl) adds in order.
+//   The data ops split their reduction the same way where their output has few tiles (deep
+//   layers on small images): split s of `splits` (the grid's y is column block + s * column
+//   blocks) sums steps [s * chunk, (s + 1) * chunk) into part[s * len + o] (f32); with one
+//   split (chunk = the whole reduction) the kernel writes the output itself.
 //
 // Design, for GPUs: the weights of the data ops come pre-transposed to [reduction][cols padded
 // to 4] (conv.wgsl `transpose_weights`), so their tile loads are coalesced vec4 loads; the
@@ -54,9 +58,9 @@ struct Params {
     m: u32,          // data: GEMM rows
     base: u32,
     span: u32,
-    chunk: u32,      // backward_weight: reduction steps per split (a multiple of BK)
-    splits: u32,     // backward_weight: number of splits
-    len: u32,
+    chunk: u32,      // reduction steps per split (a multiple of BK; data ops: the whole reduction when unsplit)
+    splits: u32,     // number of splits
+    len: u32,        // data ops: output elements (the stride of the splits' partial sums)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -155,7 +159,12 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     }
     let cv = (cols + 3u) / 4u; // vec4s per row of the transposed weights
     let m0 = (wid.z * nwg.x + wid.x) * BM;
-    let n0 = wid.y * BN;
+    let cb = (cols + BN - 1u) / BN; // column blocks
+    let split = wid.y / cb;
+    let n0 = (wid.y - split * cb) * BN;
+    // This split's reduction steps [r0, r_end).
+    let r0 = split * p.chunk;
+    let r_end = min(red, r0 + p.chunk);
     // A staging: one fixed row ml (THREADS is a multiple of BM), reduction rows arl + j * ASTEP.
     let ml = lid % BM;
     let arl = lid / BM;
@@ -177,18 +186,18 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     var acc: array<vec4f, ACC_LEN>;
     var ra: array<f32, A_PER>;
     var rb: array<vec4f, B_PER>;
-    let nt = (red + BK - 1u) / BK;
+    let nt = (r_end - r0 + BK - 1u) / BK;
 
     // Tile 0 into buffer 0.
     for (var j = 0u; j < A_PER; j++) {
         let rl = arl + j * ASTEP;
-        ta[rl * AS + ml / 4u][ml % 4u] = a_data(an, ay, ax, a_ok, rl, red);
+        ta[rl * AS + ml / 4u][ml % 4u] = a_data(an, ay, ax, a_ok, r0 + rl, r_end);
     }
     for (var j = 0u; j < B_PER; j++) {
         let rl = brl + j * BSTEP;
         var v = vec4f(0.0);
-        if b_ok && rl < red {
-            v = vec4f(wtt[rl * cv + bcol]);
+        if b_ok && r0 + rl < r_end {
+            v = vec4f(wtt[(r0 + rl) * cv + bcol]);
         }
         tb[rl * BS + bv] = v;
     }
@@ -197,16 +206,16 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     for (var t = 0u; t < nt; t++) {
         let cur = t & 1u;
         let more = t + 1u < nt;
-        let r1 = (t + 1u) * BK;
+        let r1 = r0 + (t + 1u) * BK;
         // The next tile's loads, into registers, before this tile's arithmetic.
         if more {
             for (var j = 0u; j < A_PER; j++) {
-                ra[j] = a_data(an, ay, ax, a_ok, r1 + arl + j * ASTEP, red);
+                ra[j] = a_data(an, ay, ax, a_ok, r1 + arl + j * ASTEP, r_end);
             }
             for (var j = 0u; j < B_PER; j++) {
                 let r = r1 + brl + j * BSTEP;
                 var v = vec4f(0.0);
-                if b_ok && r < red {
+                if b_ok && r < r_end {
                     v = vec4f(wtt[r * cv + bcol]);
                 }
                 rb[j] = v;
@@ -251,6 +260,11 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                         continue;
                     }
                     let o = ((n * cols + col) * sy + oy) * sx + ox;
+                    if p.splits > 1u {
+                        // A split's partial sum (never with STATS or BSUMS: the host checks).
+                        part[split * p.len + o] = v4[j];
+                        continue;
+                    }
                     if p.accumulate == 1u {
                         v4[j] = f32(dst[o]) + v4[j];
                     }

@@ -272,6 +272,22 @@ pub(super) fn rule(op: Op, g: &Geometry) -> usize {
     })
 }
 
+/// Workgroups of 64x64 outputs that fill a large GPU: four per multiprocessor of a 132-SM
+/// H100 or H200. A data op whose output has fewer tiles splits its reduction (`plan_for`).
+const DATA_WORKGROUPS: usize = 528;
+/// The fewest reduction steps of a data op's split.
+const DATA_MIN_CHUNK: usize = 256;
+
+/// GEMM reduction length of `op`.
+fn reduction(op: Op, g: &Geometry) -> usize {
+    let kk = g.ks * g.ks;
+    match op {
+        Op::Forward => g.c * kk,
+        Op::BackwardData => g.k * kk,
+        Op::BackwardWeight => g.n * g.oh * g.ow,
+    }
+}
+
 /// GEMM rows and columns of `op`.
 fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
     match op {
@@ -281,22 +297,33 @@ fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
     }
 }
 
-/// The plan of configuration `tile` for `op` on `g` (split-K for backward_weight: enough
-/// workgroups to fill a GPU, about 256 of 64x64 outputs, each with at least 256 reduction
-/// steps, and at most 16 MiB of partial sums).
+/// The plan of configuration `tile` for `op` on `g`: split-K where the output alone has too
+/// few tiles to fill a GPU, with at most 16 MiB of partial sums.
+/// - backward_weight: about 256 workgroups of 64x64 outputs, each with at least 256 reduction
+///   steps.
+/// - forward and backward_data, only where the output has fewer than [`DATA_WORKGROUPS`] tiles
+///   of 64x64 (deep layers on small images: 512 channels at 7x7 make 200 at batch 32), each
+///   split with at least [`DATA_MIN_CHUNK`] steps. Their fused epilogues need the whole sum, so
+///   forward_stats and backward_data_bn take their unfused forms there.
 ///
 /// The split depends on the shape alone, never on the tile: every configuration then adds each
 /// output's terms in the same order (ascending within a split, splits in order), so whichever
 /// configuration the autotuner picks, the results are the same bits.
 pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
-    if op != Op::BackwardWeight {
-        return Plan::Tiled { tile, splits: 1, chunk: 0 };
-    }
     let (rows, cols) = gemm_rows_cols(op, g);
     let tiles = rows.div_ceil(64) * cols.div_ceil(64);
-    let red = g.n * g.oh * g.ow;
+    let red = reduction(op, g);
     let len = rows * cols;
-    let splits = 256usize.div_ceil(tiles).min(red.div_ceil(256)).min((4 << 20) / len.max(1)).max(1);
+    let cap = (4 << 20) / len.max(1);
+    let splits = match op {
+        Op::BackwardWeight => 256usize.div_ceil(tiles).min(red.div_ceil(256)),
+        _ if tiles >= DATA_WORKGROUPS => 1,
+        _ => DATA_WORKGROUPS.div_ceil(tiles).min(red / DATA_MIN_CHUNK),
+    };
+    let splits = splits.min(cap).max(1);
+    if splits == 1 && op != Op::BackwardWeight {
+        return Plan::Tiled { tile, splits: 1, chunk: 0 };
+    }
     // A multiple of every configuration's reduction step (8 or 16).
     let step = TILES.iter().map(|t| t.bk).max().unwrap_or(16);
     let chunk = red.div_ceil(splits).div_ceil(step) * step;
@@ -404,14 +431,15 @@ pub(super) fn record(
     let aff = affine_binding(rec.gpu, pre);
     match op {
         Op::BackwardWeight => weight(rec, g, tile, build, [&a.buffer, &b.buffer, &aff], out, acc, splits, chunk),
-        _ => data(rec, g, build, tile, [&a.buffer, &aff], b, out, acc, Epi::None),
+        _ => data(rec, g, build, plan, [&a.buffer, &aff], b, out, acc, Epi::None),
     }
 }
 
 /// The forward under a tiled `plan` whose epilogue also writes the per-channel moments of y
 /// (`tile_moments` in the template): returns the partials buffer (`2 * K * blocks` floats,
 /// a context scratch buffer: read it before the next such call) and the rows per block, or
-/// `None`, recording nothing, where the configuration has no room for that epilogue.
+/// `None`, recording nothing, where the configuration has no room for that epilogue or the
+/// plan splits the reduction.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_forward_stats(
     rec: &mut Recorder,
@@ -423,9 +451,9 @@ pub(super) fn record_forward_stats(
     y: &Tensor,
     acc: bool,
 ) -> Option<(wgpu::Buffer, usize)> {
-    let Plan::Tiled { tile, .. } = plan else { unreachable!("a tiled plan") };
+    let Plan::Tiled { tile, splits, .. } = plan else { unreachable!("a tiled plan") };
     let t = TILES[tile];
-    if !t.stats_fit() {
+    if !t.stats_fit() || splits > 1 {
         return None;
     }
     let (m, cols) = gemm_rows_cols(Op::Forward, g);
@@ -433,7 +461,7 @@ pub(super) fn record_forward_stats(
     let part = scratch(rec.gpu, "moments", bytes, wgpu::BufferUsages::STORAGE);
     let build = Build { stats: true, ..Build::of(Op::Forward, g, false, pre.is_some()) };
     let aff = affine_binding(rec.gpu, pre);
-    data(rec, g, build, tile, [&x.buffer, &aff], w, y, acc, Epi::Moments(&part));
+    data(rec, g, build, plan, [&x.buffer, &aff], w, y, acc, Epi::Moments(&part));
     Some((part, t.bm))
 }
 
@@ -441,7 +469,7 @@ pub(super) fn record_forward_stats(
 /// backward of the BN + ReLU that produced the convolution's input, from that BN's input `x`
 /// and its `affine` values (`BSUMS` in the template): returns the partials buffer and the
 /// rows per block (as [`record_forward_stats`]), or `None`, recording nothing, where the
-/// configuration has no room for that epilogue.
+/// configuration has no room for that epilogue or the plan splits the reduction.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_backward_data_sums(
     rec: &mut Recorder,
@@ -454,9 +482,9 @@ pub(super) fn record_backward_data_sums(
     x: &Tensor,
     affine: &Tensor,
 ) -> Option<(wgpu::Buffer, usize)> {
-    let Plan::Tiled { tile, .. } = plan else { unreachable!("a tiled plan") };
+    let Plan::Tiled { tile, splits, .. } = plan else { unreachable!("a tiled plan") };
     let t = TILES[tile];
-    if !t.stats_fit() {
+    if !t.stats_fit() || splits > 1 {
         return None;
     }
     let (m, cols) = gemm_rows_cols(Op::BackwardData, g);
@@ -464,30 +492,31 @@ pub(super) fn record_backward_data_sums(
     let part = scratch(rec.gpu, "bn-sums", bytes, wgpu::BufferUsages::STORAGE);
     let build = Build { bsums: true, ..Build::of(Op::BackwardData, g, false, false) };
     let epi = Epi::BnSums { part: &part, x: &x.buffer };
-    data(rec, g, build, tile, [&dy.buffer, &affine.buffer], w, da, acc, epi);
+    data(rec, g, build, plan, [&dy.buffer, &affine.buffer], w, da, acc, epi);
     Some((part, t.bm))
 }
 
 /// Forward (a = x, out = y) or backward_data (a = dy, out = dx): the weights transposed to the
 /// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM (with what
-/// `epi` says its epilogue writes besides; `build` says the same).
+/// `epi` says its epilogue writes besides; `build` says the same), its splits summed by
+/// [`reduce_splits`] where the plan has several (never with an epilogue).
 #[allow(clippy::too_many_arguments)]
 fn data(
     rec: &mut Recorder,
     g: &Geometry,
     build: Build,
-    tile: usize,
+    plan: Plan,
     [a, aff]: [&wgpu::Buffer; 2],
     w: &Tensor,
     out: &Tensor,
     acc: bool,
     epi: Epi,
 ) {
+    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
     let t = TILES[tile];
     let op = build.op;
-    let kk = g.ks * g.ks;
     let (m, cols) = gemm_rows_cols(op, g);
-    let red = if op == Op::Forward { g.c * kk } else { g.k * kk };
+    let red = reduction(op, g);
     let cp = cols.div_ceil(4) * 4;
     let wtt = scratch(rec.gpu, "wtt", (red * cp * 4) as u64, wgpu::BufferUsages::STORAGE);
     let mut params = g.params(acc);
@@ -501,8 +530,7 @@ fn data(
         &[(2, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())],
         crate::gpu::groups_for(red * cp),
     );
-    let mut params = g.params(acc);
-    params.m = m as u32;
+    let params = data_params(g, op, acc, splits, chunk);
     let mut binds = vec![
         (1, a.as_entire_binding()),
         (2, wtt.as_entire_binding()),
@@ -510,14 +538,33 @@ fn data(
         (5, aff.as_entire_binding()),
     ];
     let [none_part, none_x] = epilogue_none(gpu);
-    let (part, x) = match epi {
-        Epi::None => (&none_part, &none_x),
-        Epi::Moments(part) => (part, &none_x),
-        Epi::BnSums { part, x } => (part, x),
+    let split_part = (splits > 1).then(|| partials(gpu, splits, out.len()));
+    let (part, x) = match (epi, &split_part) {
+        (Epi::None, Some(sp)) => (sp, &none_x),
+        (Epi::None, None) => (&none_part, &none_x),
+        (Epi::Moments(part), None) => (part, &none_x),
+        (Epi::BnSums { part, x }, None) => (part, x),
+        (_, Some(_)) => unreachable!("the epilogues' callers take unsplit plans"),
     };
     binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
     let p = pipeline(gpu, tile, build, "data_main");
-    dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
+    let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
+    dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, groups);
+    if let Some(sp) = &split_part {
+        reduce_splits(rec, sp, out, splits, acc);
+    }
+}
+
+/// The data ops' parameters: GEMM rows, and the reduction in `splits` ranges of `chunk` steps
+/// (one range of all of it where unsplit).
+fn data_params(g: &Geometry, op: Op, acc: bool, splits: usize, chunk: usize) -> Params {
+    let (m, cols) = gemm_rows_cols(op, g);
+    let mut params = g.params(acc);
+    params.m = m as u32;
+    params.splits = splits as u32;
+    params.chunk = if splits > 1 { chunk } else { reduction(op, g) } as u32;
+    params.len = (m * cols) as u32;
+    params
 }
 
 /// The buffers bound as data_main's epilogue buffers without STATS or BSUMS (the template
@@ -543,12 +590,12 @@ pub(super) fn record_half_data(
 ) {
     let t = TILES[tile];
     let (m, cols) = gemm_rows_cols(op, g);
-    let red = if op == Op::Forward { g.c * g.ks * g.ks } else { g.k * g.ks * g.ks };
+    let red = reduction(op, g);
     let cp = cols.div_ceil(4) * 4;
     let gpu = rec.gpu;
     let wtt = scratch(gpu, "wtt16", (red * cp * 2) as u64, wgpu::BufferUsages::STORAGE);
-    let mut params = g.params(acc);
-    params.m = m as u32;
+    // Unsplit: the partial sums would be f32 where the output is f16.
+    let params = data_params(g, op, acc, 1, 0);
     let build = Build::of(op, g, true, false);
     let transpose = pipeline(gpu, tile, build, "transpose_main");
     let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
@@ -629,6 +676,36 @@ mod tests {
             assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
             // Else forward_stats falls back to reading y for that configuration.
             assert!(t.stats_fit(), "{} has no room for the forward's moments", t.name());
+        }
+    }
+
+    fn geometry(n: usize, c: usize, hw: usize, k: usize) -> Geometry {
+        Geometry { n, c, h: hw, w: hw, k, ks: 3, oh: hw, ow: hw, stride: 1 }
+    }
+
+    fn splits(op: Op, g: &Geometry) -> (usize, usize) {
+        match plan_for(op, g, 0) {
+            Plan::Tiled { splits, chunk, .. } => (splits, chunk),
+            p => panic!("{p:?}"),
+        }
+    }
+
+    /// The data ops split only deep layers on small images, into whole steps of every tile.
+    #[test]
+    fn data_ops_split_few_tiles_only() {
+        for op in [Op::Forward, Op::BackwardData] {
+            // ImageNet-like stages at batch 32: 200 and 392 tiles of 64x64 split 3 and 2 ways;
+            // 784 and more do not.
+            assert_eq!(splits(op, &geometry(32, 512, 7, 512)), (3, 1536), "{op:?}");
+            assert_eq!(splits(op, &geometry(32, 256, 14, 256)), (2, 1152), "{op:?}");
+            assert_eq!(splits(op, &geometry(32, 128, 28, 128)).0, 1, "{op:?}");
+            assert_eq!(splits(op, &geometry(32, 64, 56, 64)).0, 1, "{op:?}");
+            // Short reductions never split, however few the tiles.
+            assert_eq!(splits(op, &geometry(1, 16, 4, 16)).0, 1, "{op:?}");
+            // Every chunk is whole tiles of every configuration, and the last split is not empty.
+            let g = geometry(1, 130, 3, 132);
+            let (s, chunk) = splits(op, &g);
+            assert!(s > 1 && chunk.is_multiple_of(16) && (s - 1) * chunk < reduction(op, &g), "{op:?}: {s} x {chunk}");
         }
     }
 }
