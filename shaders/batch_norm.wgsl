@@ -45,16 +45,19 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> x: array<f32>;
-@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+// ST, the storage type of the activations x, y, dy and dx (bindings 1, 2, 9, 10), is f32, or
+// f16 in the module of the f16 path (ops/batch_norm.rs `*_f16`; the host prepends the alias):
+// loads widen to f32, stores round once, everything between is f32.
+@group(0) @binding(1) var<storage, read> x: array<ST>;
+@group(0) @binding(2) var<storage, read_write> y: array<ST>;
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;
 @group(0) @binding(4) var<storage, read> beta: array<f32>;
 @group(0) @binding(5) var<storage, read_write> running_mean: array<f32>;
 @group(0) @binding(6) var<storage, read_write> running_var: array<f32>;
 @group(0) @binding(7) var<storage, read_write> save_mean: array<f32>;
 @group(0) @binding(8) var<storage, read_write> save_invstd: array<f32>;
-@group(0) @binding(9) var<storage, read> dy: array<f32>;
-@group(0) @binding(10) var<storage, read_write> dx: array<f32>;
+@group(0) @binding(9) var<storage, read> dy: array<ST>;
+@group(0) @binding(10) var<storage, read_write> dx: array<ST>;
 @group(0) @binding(11) var<storage, read_write> scratch: array<f32>; // [2C]: sum dz, sum dz*xhat
 @group(0) @binding(12) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dbeta: array<f32>;
@@ -122,9 +125,9 @@ fn flat(wid: vec3u, nwg: vec3u, lid: vec3u) -> u32 {
 // Writes z into y[i] per the epilogue; y is read only when adding.
 fn epilogue(i: u32, z: f32) {
     var v = z;
-    if p.add == 1u { v = y[i] + v; }
+    if p.add == 1u { v = f32(y[i]) + v; }
     if p.relu == 1u { v = max(v, 0.0); }
-    y[i] = v;
+    y[i] = ST(v);
 }
 
 // Training statistics, pass 1: per run, the sum and the sum of squared deviations from the
@@ -136,11 +139,11 @@ fn stats_partial(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg
     let r = channel_run(inv);
     if !r.ok { return; }
     var s = 0.0;
-    for (var i = r.start; i < r.end; i++) { s += x[i]; }
+    for (var i = r.start; i < r.end; i++) { s += f32(x[i]); }
     let mu = s / f32(r.end - r.start);
     var q = 0.0;
     for (var i = r.start; i < r.end; i++) {
-        let d = x[i] - mu;
+        let d = f32(x[i]) - mu;
         q += d * d;
     }
     part[2u * inv] = s;
@@ -198,7 +201,7 @@ fn normalize_run(r: Run, first: u32, step: u32) {
     let invstd = save_invstd[r.c];
     let g = gamma[r.c];
     let b = beta[r.c];
-    for (var i = first; i < r.end; i += step) { epilogue(i, (x[i] - mean) * invstd * g + b); }
+    for (var i = first; i < r.end; i += step) { epilogue(i, (f32(x[i]) - mean) * invstd * g + b); }
 }
 
 // Inference-mode normalisation with the running statistics, one run per invocation.
@@ -211,7 +214,7 @@ fn normalize_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
     let invstd = 1.0 / sqrt(running_var[r.c] + bitcast<f32>(p.eps));
     let g = gamma[r.c];
     let b = beta[r.c];
-    for (var i = r.start; i < r.end; i++) { epilogue(i, (x[i] - mean) * invstd * g + b); }
+    for (var i = r.start; i < r.end; i++) { epilogue(i, (f32(x[i]) - mean) * invstd * g + b); }
 }
 
 // The per-channel values of the convolutions' BN + ReLU prologue (conv.wgsl), one invocation per
@@ -250,7 +253,7 @@ fn chan(c: u32) -> Chan {
 // dz for element i with normalised input xh (the mask is z = gamma * xhat + beta > 0, as the
 // forward computes z up to rounding).
 fn dz(i: u32, k: Chan, xh: f32) -> f32 {
-    let g = dy[i];
+    let g = f32(dy[i]);
     if p.relu == 1u { return select(0.0, g, xh * k.gamma + k.beta > 0.0); }
     return g;
 }
@@ -266,7 +269,7 @@ fn backward_partial(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
     var s1 = 0.0;
     var s2 = 0.0;
     for (var i = r.start; i < r.end; i++) {
-        let xh = (x[i] - k.mean) * k.invstd;
+        let xh = (f32(x[i]) - k.mean) * k.invstd;
         let g = dz(i, k, xh);
         s1 += g;
         s2 += g * xh;
@@ -325,9 +328,9 @@ fn backward_apply_run(r: Run, first: u32, step: u32) {
     let mb = scratch[r.c] * inv_m;
     let mg = scratch[p.c + r.c] * inv_m;
     for (var i = first; i < r.end; i += step) {
-        let xh = (x[i] - k.mean) * k.invstd;
+        let xh = (f32(x[i]) - k.mean) * k.invstd;
         let g = gi * (dz(i, k, xh) - mb - xh * mg);
-        if p.accumulate == 1u { dx[i] += g; } else { dx[i] = g; }
+        if p.accumulate == 1u { dx[i] = ST(f32(dx[i]) + g); } else { dx[i] = ST(g); }
     }
 }
 
@@ -671,7 +674,7 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     for (var j = 0u; j < WIDE; j++) {
         let i = r.start + t + j * FG;
         if r.ok && i < r.end {
-            v[j] = x[i];
+            v[j] = f32(x[i]);
             s += v[j];
         }
     }
@@ -717,7 +720,7 @@ fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
     for (var j = 0u; j < WIDE; j++) {
         let i = r.start + t + j * FG;
         if r.ok && i < r.end {
-            let xh = (x[i] - k.mean) * k.invstd;
+            let xh = (f32(x[i]) - k.mean) * k.invstd;
             let g = dz(i, k, xh);
             s1 += g;
             s2 += g * xh;

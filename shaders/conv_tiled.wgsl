@@ -15,11 +15,13 @@
 //   PRE      true: x is read through the BN + ReLU prologue (conv.wgsl's head), forward and
 //            backward_weight only
 //   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
-//            the batch norm that follows (tile_moments; f32 only)
+//            the batch norm that follows (tile_moments, of the values as stored)
 //   BSUMS    true: backward_data's epilogue also writes the per-channel sums of the backward of
-//            the BN + ReLU before the convolution (in data_main's store loop; f32 only)
+//            the BN + ReLU before the convolution (in data_main's store loop, of the values as
+//            stored)
 //   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
-//            loads and stores, the tiles and all arithmetic in f32; dw stays f32)
+//            loads and stores, the tiles and all arithmetic in f32; dw stays f32; the weights
+//            may also come as f32, transpose_main32)
 //
 // GEMMs:
 //   forward:         M = N*OH*OW output pixels, cols = K, reduction C*KK (im2col of x)
@@ -72,7 +74,8 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
 @group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums; STATS: moments
 @group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
-@group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main: transposed
+@group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main*: transposed
+@group(0) @binding(10) var<storage, read> wsrc32: array<f32>;    // transpose_main32: f32 weights
 
 var<workgroup> ta: array<vec4f, TA_LEN>;
 var<workgroup> tb: array<vec4f, TB_LEN>;
@@ -268,7 +271,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                     if p.accumulate == 1u {
                         v4[j] = f32(dst[o]) + v4[j];
                     }
-                    dst[o] = ST(v4[j]);
+                    let stored = ST(v4[j]);
+                    dst[o] = stored;
+                    v4[j] = f32(stored); // as stored (rounded where ST is f16), for STATS and BSUMS
                     if BSUMS {
                         // dz = da * [ReLU input > 0] with the forward prologue's own expression,
                         // xhat = (x_bn - mean) * invstd; x_bn (bound as dys) is at da's index.
@@ -489,12 +494,13 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
 }
 
 // The weights as the data ops' B operand, as conv.wgsl `transpose_weights` does for f32 (which
-// this one serves where ST is f16): [reduction][cols rounded up to 4], zeros in the padding;
+// these serve where ST is f16): [reduction][cols rounded up to 4], zeros in the padding;
 // MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] = w[k][c][t].
-@compute @workgroup_size(64)
-fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                  @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+// transpose_main reads ST weights, transpose_main32 f32 ones (the f16 units' f32 weights).
+
+// Element i of the transposed weights: its index in the weights, or -1 in the padding; -2 past
+// the end.
+fn transpose_source(i: u32) -> i32 {
     var cols: u32;
     var red: u32;
     if MODE == 0u {
@@ -506,18 +512,46 @@ fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
     }
     let cp = (cols + 3u) / 4u * 4u;
     if i >= red * cp {
-        return;
+        return -2;
     }
     let r = i / cp;
     let col = i - r * cp;
+    if col >= cols {
+        return -1;
+    }
+    if MODE == 0u {
+        return i32(col * red + r);
+    }
+    let k = r / KK;
+    return i32((k * p.c + col) * KK + (r - k * KK));
+}
+
+@compute @workgroup_size(64)
+fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    let s = transpose_source(i);
+    if s == -2 {
+        return;
+    }
     var v = ST(0.0);
-    if col < cols {
-        if MODE == 0u {
-            v = wsrc[col * red + r];
-        } else {
-            let k = r / KK;
-            v = wsrc[(k * p.c + col) * KK + (r - k * KK)];
-        }
+    if s >= 0 {
+        v = wsrc[s];
+    }
+    wtt_out[i] = v;
+}
+
+@compute @workgroup_size(64)
+fn transpose_main32(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                    @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    let s = transpose_source(i);
+    if s == -2 {
+        return;
+    }
+    var v = ST(0.0);
+    if s >= 0 {
+        v = ST(wsrc32[s]);
     }
     wtt_out[i] = v;
 }

@@ -198,10 +198,13 @@ pub enum Item {
     BnStatistics,
     BnBackward,
     Unit(UnitKind, Pass),
+    /// A pre-activation unit's forward+backward on the f16 path (where the adapter has
+    /// shader-f16): `Unit::forward_f16` and `backward_f16`.
+    UnitF16,
 }
 
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 15] = [
+pub const ITEMS: [Item; 16] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
@@ -217,6 +220,7 @@ pub const ITEMS: [Item; 15] = [
     Item::Unit(UnitKind::PreAct, Pass::ForwardBackward),
     Item::Unit(UnitKind::Original, Pass::Forward),
     Item::Unit(UnitKind::Original, Pass::ForwardBackward),
+    Item::UnitF16,
 ];
 
 fn unit_name(kind: UnitKind) -> &'static str {
@@ -239,6 +243,7 @@ impl Item {
             Item::BnBackward => "bn backward".into(),
             Item::Unit(k, Pass::Forward) => format!("unit {} fwd", unit_name(k)),
             Item::Unit(k, Pass::ForwardBackward) => format!("unit {} fwd+bwd", unit_name(k)),
+            Item::UnitF16 => "unit preact f16 fwd+bwd".into(),
         }
     }
 
@@ -255,7 +260,7 @@ impl Item {
             | Item::ConvForwardStats
             | Item::ConvBackwardDataBn => Some(conv),
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
-            Item::Unit(_, Pass::ForwardBackward) => Some(3.0 * 2.0 * conv),
+            Item::Unit(_, Pass::ForwardBackward) | Item::UnitF16 => Some(3.0 * 2.0 * conv),
             Item::BnForward | Item::BnStatistics | Item::BnBackward => None,
         }
     }
@@ -387,7 +392,8 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             if opts.only.as_ref().is_some_and(|o| !item.name().contains(o.as_str())) {
                 continue;
             }
-            if item == Item::ConvForwardF16 && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+            let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16);
+            if half && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
                 continue;
             }
             let row = bench_item(gpu, &timer, opts, item, shape)?;
@@ -642,6 +648,34 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 Pass::Forward => measure(gpu, timer, opts, item, d, &mut no_prep, &mut record),
                 Pass::ForwardBackward => measure(gpu, timer, opts, item, d, &mut reset, &mut record),
             }
+        }
+        Item::UnitF16 => {
+            use crate::tensor::HalfTensor;
+            let unit = identity_unit(gpu, UnitKind::PreAct, c)?;
+            let kept = unit.allocate_f16(gpu, d)?;
+            let x = HalfTensor::from_f32(gpu, &d, &rng.data(d.iter().product()))?;
+            let y = HalfTensor::zeros(gpu, &d)?;
+            let dy_host = rng.data(d.iter().product());
+            let g = HalfTensor::from_f32(gpu, &d, &dy_host)?;
+            let g_bytes = bytemuck::cast_slice::<half::f16, u8>(
+                &dy_host.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>(),
+            )
+            .to_vec();
+            flush(gpu)?;
+            // As the f32 unit: the backward accumulates into g, restored before each run.
+            let mut reset = || {
+                let mut bytes = g_bytes.clone();
+                bytes.resize(g.buffer.size() as usize, 0);
+                gpu.queue.write_buffer(&g.buffer, 0, &bytes);
+                flush(gpu)
+            };
+            let mut record = || {
+                let mut rec = gpu.recorder("bench unit f16");
+                unit.forward_f16(&mut rec, &x, &y, &kept)?;
+                unit.backward_f16(&mut rec, &x, &g, &kept)?;
+                Ok(vec![rec.finish()])
+            };
+            measure(gpu, timer, opts, item, d, &mut reset, &mut record)
         }
     }
 }
@@ -955,6 +989,22 @@ pub fn table(r: &Report) -> String {
                     opt(ours_ms, 3),
                     peer_ms,
                     ours_ms.map_or("-".into(), |o| ratio_str(peer_ms / o)),
+                );
+            }
+            // Our f16 path beside the same peer (the target: faster than torch fp32).
+            let f16 = r.rows.iter().find(|row| row.item == Item::UnitF16 && row.shape == p.shape);
+            if let (UnitKind::PreAct, Some(row)) = (p.unit, f16) {
+                let ours_ms = comparable_ms(row, p.timing);
+                let _ = writeln!(
+                    s,
+                    "{:<9} {:<14} {:<8} {:<22} {:>10.3} {:>10.3} {:>8}",
+                    "preact",
+                    shape_str(p.shape),
+                    "f16 f+b",
+                    p.peer,
+                    ours_ms,
+                    p.forward_backward_ms,
+                    ratio_str(p.forward_backward_ms / ours_ms),
                 );
             }
         }

@@ -52,6 +52,8 @@ impl GpuOptions {
 pub enum Shader {
     Conv,
     BatchNorm,
+    /// `batch_norm.wgsl` with f16 activations (the f16 path; adapters with `SHADER_F16` only).
+    BatchNormF16,
     Relu,
     Residual,
     PoolFcLoss,
@@ -62,10 +64,13 @@ pub enum Shader {
 }
 
 impl Shader {
-    fn source(self) -> &'static str {
-        match self {
+    fn source(self) -> std::borrow::Cow<'static, str> {
+        const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
+        let text = match self {
             Shader::Conv => include_str!("../shaders/conv.wgsl"),
-            Shader::BatchNorm => include_str!("../shaders/batch_norm.wgsl"),
+            // The activations' storage type, ST.
+            Shader::BatchNorm => return format!("alias ST = f32;\n{BATCH_NORM}").into(),
+            Shader::BatchNormF16 => return format!("enable f16;\nalias ST = f16;\n{BATCH_NORM}").into(),
             Shader::Relu => include_str!("../shaders/relu.wgsl"),
             Shader::Residual => include_str!("../shaders/residual.wgsl"),
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
@@ -73,7 +78,8 @@ impl Shader {
             Shader::Probe => include_str!("../shaders/probe.wgsl"),
             Shader::Mix => include_str!("../shaders/mix.wgsl"),
             Shader::Gate => include_str!("../shaders/gate.wgsl"),
-        }
+        };
+        text.into()
     }
 }
 
@@ -356,7 +362,7 @@ impl Gpu {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         let module = modules
             .entry(shader)
-            .or_insert_with(|| self.shader_module(&format!("{shader:?}"), shader.source()))
+            .or_insert_with(|| self.shader_module(&format!("{shader:?}"), &shader.source()))
             .clone();
         let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),

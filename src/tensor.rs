@@ -170,6 +170,12 @@ impl HalfTensor {
         Ok(HalfTensor { dims: dims.to_vec(), buffer })
     }
 
+    /// A half tensor of zeros.
+    pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<HalfTensor> {
+        let len = check_dims(gpu, dims, "half tensor")?;
+        HalfTensor::new(gpu, dims, &vec![half::f16::ZERO; len])
+    }
+
     /// Uploads f32 data rounded to the nearest half.
     pub fn from_f32(gpu: &Gpu, dims: &[usize], data: &[f32]) -> Result<HalfTensor> {
         let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();

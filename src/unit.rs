@@ -43,7 +43,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::ops::batch_norm::{self, BnGrads, BnTensors, Epilogue};
 use crate::ops::{conv, gate, mix, relu, residual};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// Training (batch statistics, running statistics updated) or inference (running statistics).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,7 +192,12 @@ impl Bn {
         dx: &Tensor,
         accumulate_dx: bool,
     ) -> Result<()> {
-        let grads = BnGrads {
+        conv::backward_data_bn(rec, dy, w, da, stride, accumulate, x, &self.affine, &self.grads(), dx, accumulate_dx)
+    }
+
+    /// What this BN's backward reads and writes per channel.
+    fn grads(&self) -> BnGrads<'_> {
+        BnGrads {
             gamma: &self.gamma.value,
             beta: &self.beta.value,
             save_mean: &self.save_mean,
@@ -200,8 +205,7 @@ impl Bn {
             dgamma: &self.gamma.grad,
             dbeta: &self.beta.grad,
             scratch: &self.scratch,
-        };
-        conv::backward_data_bn(rec, dy, w, da, stride, accumulate, x, &self.affine, &grads, dx, accumulate_dx)
+        }
     }
 
     /// [`Bn::affine`] from the statistics the last training forward saved (for the backward:
@@ -1047,4 +1051,109 @@ fn kept_h(gk: &GeneralKept) -> Result<&Tensor> {
 
 fn missing(s: &UnitSpec, what: &str) -> Error {
     Error::Invalid(format!("{}: no kept {what}", s.name))
+}
+
+// ---- The f16 path: pre-activation units with the identity shortcut, in training. The
+// activations (x, y, what the unit keeps, the gradients at them) are halves; the weights, the
+// BN parameters and statistics, every parameter gradient and all arithmetic are f32. The same
+// fused passes as the f32 units on the tiled kernels: each BN + ReLU in the next convolution's
+// loads, the BN statistics and backward sums in the convolutions' epilogues, F added into the
+// stream by the last convolution. ----
+
+/// What an f16 unit keeps between its training forward and its backward, and its temporaries.
+#[derive(Debug)]
+pub struct HalfKept {
+    /// `in_{i+1} = conv_i(ReLU(BN_i(in_i)))` for all but the last layer.
+    pub tensors: Vec<HalfTensor>,
+    /// Per layer `i`: the gradient at `ReLU(BN_i(in_i))`.
+    da: Vec<HalfTensor>,
+    /// Per layer `i > 0`: the gradient at `in_i`.
+    d_in: Vec<HalfTensor>,
+}
+
+impl Unit {
+    /// Whether the f16 path takes this unit: a pre-activation unit with the plain sum and the
+    /// identity shortcut.
+    pub fn half_capable(&self) -> bool {
+        self.fused() && self.spec.kind == UnitKind::PreAct && self.spec.shortcut == Shortcut::Identity
+    }
+
+    fn check_half(&self) -> Result<()> {
+        if self.half_capable() {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{}: the f16 path takes pre-activation units with identity shortcuts ({:?}, {:?} here)",
+            self.spec.name, self.spec.kind, self.spec.shortcut
+        )))
+    }
+
+    /// Allocates what [`Unit::forward_f16`] keeps for an input of `x` dims and the temporaries
+    /// of [`Unit::backward_f16`].
+    pub fn allocate_f16(&self, gpu: &Gpu, x: [usize; 4]) -> Result<HalfKept> {
+        self.check_half()?;
+        let dims = self.layer_dims(x);
+        let k = dims.len();
+        let tensors = dims[..k - 1].iter().map(|(_, out)| HalfTensor::zeros(gpu, out)).collect::<Result<_>>()?;
+        let da = dims.iter().map(|(i, _)| HalfTensor::zeros(gpu, i)).collect::<Result<_>>()?;
+        let d_in = dims[1..].iter().map(|(i, _)| HalfTensor::zeros(gpu, i)).collect::<Result<_>>()?;
+        Ok(HalfKept { tensors, da, d_in })
+    }
+
+    /// The training forward on the f16 path: `y = x + F(x)`, `x` and `y` `[N, C, H, W]`
+    /// halves. The batch statistics are saved and the running ones moved, as [`Unit::forward`]
+    /// does.
+    pub fn forward_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
+        self.check_half()?;
+        if x.dims() != y.dims() || x.buffer == y.buffer {
+            return Err(Error::Shape(format!(
+                "{} forward_f16: y must be a tensor of x's shape {:?}, got {:?}",
+                self.spec.name,
+                x.dims(),
+                y.dims()
+            )));
+        }
+        let k = self.convs.len();
+        let bn0 = &self.bns[0];
+        batch_norm::stats_train_f16(rec, x, &bn0.tensors(), &bn0.save_mean, &bn0.save_invstd)?;
+        // The identity shortcut: y = x, then the last convolution adds F into it.
+        rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size());
+        let mut input = x;
+        for i in 0..k {
+            // conv_i(ReLU(BN_i(in_i))), BN_i applied as the convolution loads in_i; BN_{i+1}'s
+            // statistics in its epilogue.
+            let (bn, conv) = (&self.bns[i], &self.convs[i]);
+            bn.prologue_saved(rec)?;
+            if i + 1 == k {
+                return conv::forward_bn_relu_f16(rec, input, &bn.affine, &conv.w.value, y, conv.stride, true);
+            }
+            let (out, next) = (&kept.tensors[i], &self.bns[i + 1]);
+            let (pre, w) = (Some(&bn.affine), &conv.w.value);
+            let (stats, mean, invstd) = (next.tensors(), &next.save_mean, &next.save_invstd);
+            conv::forward_stats_f16(rec, input, pre, w, out, conv.stride, false, &stats, mean, invstd)?;
+            input = out;
+        }
+        Ok(())
+    }
+
+    /// The backward of the last [`Unit::forward_f16`]: `g` holds `dE/dx_{l+1}` on entry and
+    /// `dE/dx_l` on exit (the identity shortcut's gradient in place); every parameter gradient
+    /// of the unit is written (f32).
+    pub fn backward_f16(&self, rec: &mut Recorder, x: &HalfTensor, g: &HalfTensor, kept: &HalfKept) -> Result<()> {
+        self.check_half()?;
+        let k = self.convs.len();
+        let mut d_out = g; // the gradient at conv_i's output
+        for i in (0..k).rev() {
+            let input = if i == 0 { x } else { &kept.tensors[i - 1] };
+            let (conv, bn) = (&self.convs[i], &self.bns[i]);
+            let (w, stride, da) = (&conv.w.value, conv.stride, &kept.da[i]);
+            bn.prologue_saved(rec)?;
+            conv::backward_weight_bn_relu_f16(rec, input, &bn.affine, d_out, &conv.w.grad, stride, false)?;
+            // da, then BN_i's backward into the gradient at in_i (added into g for i = 0).
+            let (d_in, acc) = if i == 0 { (g, true) } else { (&kept.d_in[i - 1], false) };
+            conv::backward_data_bn_f16(rec, d_out, w, da, stride, false, input, &bn.affine, &bn.grads(), d_in, acc)?;
+            d_out = d_in;
+        }
+        Ok(())
+    }
 }

@@ -24,7 +24,7 @@ timeout 90 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep
 # ReLU inputs within rounding of zero: the fixture's gradients against the f64 reference with the
 # default and the vec4 batch-norm kernels (BENCHMARKS.md, the H200's 3.6e-3).
 for a in "" vec4 wide; do timeout 60 /tmp/relu_ties "" $a 2>&1 | grep -v XDG | tee -a "$OUT/relu_ties.txt"; done
-for t in conv batch_norm variants network units binding_limit; do
+for t in conv batch_norm variants network units f16_units binding_limit; do
     l=$(left); [ "$l" -lt 150 ] && { echo "skip test $t: time"; continue; }
     timeout 90 "/tmp/t_$t" --test-threads 4 --nocapture > "$OUT/t_$t.log" 2>&1
     echo "test $t exit $? ($(left) s left)"

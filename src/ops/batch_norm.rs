@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use super::{operand_texture, texture_fits};
 use crate::gpu::{Gpu, Recorder, Shader, WG, groups_for};
 use crate::ops::split;
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// Added to the variance before the square root.
 pub const EPS: f32 = 1e-5;
@@ -474,6 +474,23 @@ pub(crate) fn stats_from_moments(
     const WHAT: &str = "batch norm stats_train";
     let unbias = check_train(WHAT, x, None, p, save_mean, save_invstd)?;
     let d = x.nchw(WHAT)?;
+    record_moments_final(rec, d, part, run, p, save_mean, save_invstd, unbias);
+    Ok(())
+}
+
+/// `stats_final` over per-channel partials of runs of `run` elements of each channel's `N*H*W`
+/// (x's shape `d`).
+#[allow(clippy::too_many_arguments)]
+fn record_moments_final(
+    rec: &mut Recorder,
+    d: [usize; 4],
+    part: &wgpu::Buffer,
+    run: usize,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    unbias: f32,
+) {
     let plane = [1, d[1], d[0] * d[2] * d[3], 1];
     let prm = params(plane, run, false, false, false, unbias);
     rec.dispatch(
@@ -483,7 +500,6 @@ pub(crate) fn stats_from_moments(
         &final_binds(p, save_mean, save_invstd, part),
         [d[1] as u32, 1, 1],
     );
-    Ok(())
 }
 
 /// The bindings of `stats_final` and `stats_merge`: the running and saved statistics and the
@@ -820,14 +836,7 @@ pub(crate) fn backward_from_sums(
 ) -> Result<()> {
     const WHAT: &str = "batch norm backward";
     let d = check_backward(WHAT, x, dy, dx, b)?;
-    let plane = [1, d[1], d[0] * d[2] * d[3], 1];
-    rec.dispatch(
-        Shader::BatchNorm,
-        "backward_final",
-        &params(plane, run, true, false, false, 1.0),
-        &[(11, &b.scratch.buffer), (12, &b.dgamma.buffer), (13, &b.dbeta.buffer), (14, part)],
-        [d[1] as u32, 1, 1],
-    );
+    record_sums_final(rec, d, b, part, run);
     let v = variant(rec.gpu, d);
     let views = Views::new(rec, v, Some(x), Some(dy));
     run_dispatch(
@@ -848,6 +857,19 @@ pub(crate) fn backward_from_sums(
         ],
     );
     Ok(())
+}
+
+/// `backward_final` (with the ReLU mask) over per-channel partials of runs of `run` elements of
+/// each channel's `N*H*W` (x's shape `d`): dgamma, dbeta overwritten, the sums into scratch.
+fn record_sums_final(rec: &mut Recorder, d: [usize; 4], b: &BnGrads, part: &wgpu::Buffer, run: usize) {
+    let plane = [1, d[1], d[0] * d[2] * d[3], 1];
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_final",
+        &params(plane, run, true, false, false, 1.0),
+        &[(11, &b.scratch.buffer), (12, &b.dgamma.buffer), (13, &b.dbeta.buffer), (14, part)],
+        [d[1] as u32, 1, 1],
+    );
 }
 
 /// `y = ep(BN(x))` with given statistics (`mean`, `invstd`, e.g. those a training forward
@@ -887,5 +909,192 @@ pub fn apply_saved(
         &views,
         &[(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)],
     );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The f16 path: f16 activations (`HalfTensor`), f32 per-channel tensors and arithmetic; the
+// scalar or wide kernels of batch_norm.wgsl built with ST = f16 (`Shader::BatchNormF16`). A
+// batch runs whole (no chunks): every activation fits one storage binding.
+
+/// The f16 path's checks: the adapter has shader-f16; `x` and `others` share one 4-D shape,
+/// fit one storage binding each and are distinct buffers; returns the shape.
+fn half_activations(gpu: &Gpu, what: &str, x: &HalfTensor, others: &[(&str, &HalfTensor)]) -> Result<[usize; 4]> {
+    if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
+    }
+    let d = x.nchw(&format!("{what}: x"))?;
+    let all: Vec<(&str, &HalfTensor)> = std::iter::once(("x", x)).chain(others.iter().copied()).collect();
+    for (i, (name, t)) in all.iter().enumerate() {
+        let e = t.nchw(&format!("{what}: {name}"))?;
+        if e != d {
+            return Err(Error::Shape(format!("{what}: {name} is {e:?}, x is {d:?}")));
+        }
+        if (t.len() * 2) as u64 > gpu.report.max_storage_binding {
+            return Err(Error::Invalid(format!(
+                "{what}: {name} {d:?} is larger than one storage binding (the f16 path runs whole batches)"
+            )));
+        }
+        if all[..i].iter().any(|(_, o)| o.buffer == t.buffer) {
+            return Err(Error::Invalid(format!("{what}: {name} must be a tensor of its own")));
+        }
+    }
+    if d[1] > MAX_CHANNELS {
+        return Err(Error::Invalid(format!("{what}: {} channels, at most {MAX_CHANNELS} supported", d[1])));
+    }
+    if d[0] * d[2] * d[3] == 1 {
+        return Err(Error::Invalid(format!(
+            "{what}: expected more than 1 value per channel when training, got input {d:?}"
+        )));
+    }
+    Ok(d)
+}
+
+/// The f16 path's run kernels: wide where the context runs the wide kernels, else scalar.
+fn half_variant(gpu: &Gpu, d: [usize; 4]) -> Variant {
+    if variant(gpu, d) == Variant::Wide { Variant::Wide } else { Variant::Scalar }
+}
+
+/// Records run kernel `entry` of the f16 module in variant `v` (scalar or wide) over `d`, with
+/// `binds`.
+fn half_dispatch(
+    rec: &mut Recorder,
+    d: [usize; 4],
+    v: Variant,
+    entry: &'static str,
+    prm: &[u32],
+    binds: &[(u32, &wgpu::Buffer)],
+) {
+    let (entry, groups) = match (v, entry) {
+        (Variant::Wide, "stats_partial") => {
+            ("stats_partial_w", groups_for(d[0] * d[1] * parts(d, WIDE_CHUNK) * WG as usize))
+        }
+        (Variant::Wide, _) => ("backward_apply_w", groups_for(d[0] * d[1] * parts(d, WIDE_CHUNK) * WG as usize)),
+        (_, e) => (e, run_groups(d, if e == "stats_partial" { REDUCE_CHUNK } else { APPLY_CHUNK })),
+    };
+    rec.dispatch(Shader::BatchNormF16, entry, prm, binds, groups);
+}
+
+/// [`stats_train`] of an f16 `x`: the batch statistics (saved, running ones moved), in f32.
+pub fn stats_train_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    const WHAT: &str = "batch norm stats_train_f16";
+    let (d, unbias) = check_train_f16(rec.gpu, WHAT, x, p, save_mean, save_invstd)?;
+    let v = half_variant(rec.gpu, d);
+    let part = partials(rec.gpu, d);
+    let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
+    half_dispatch(rec, d, v, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)]);
+    rec.dispatch(
+        Shader::BatchNorm,
+        "stats_final",
+        &prm,
+        &final_binds(p, save_mean, save_invstd, &part),
+        [d[1] as u32, 1, 1],
+    );
+    Ok(())
+}
+
+/// The checks of a training forward on an f16 `x`; returns its shape and the running
+/// variance's unbiasing factor.
+pub(crate) fn check_train_f16(
+    gpu: &Gpu,
+    what: &str,
+    x: &HalfTensor,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<([usize; 4], f32)> {
+    let d = half_activations(gpu, what, x, &[])?;
+    let named = [
+        ("gamma", p.gamma),
+        ("beta", p.beta),
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("save_mean", save_mean),
+        ("save_invstd", save_invstd),
+    ];
+    per_channel(what, d[1], &named)?;
+    distinct(what, &named)?;
+    let m = d[0] * d[2] * d[3];
+    Ok((d, (m as f64 / (m - 1) as f64) as f32))
+}
+
+/// [`stats_from_moments`] for an f16 `x` (`ops::conv::forward_stats_f16`).
+pub(crate) fn stats_from_moments_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    part: &wgpu::Buffer,
+    run: usize,
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    let (d, unbias) = check_train_f16(rec.gpu, "batch norm stats_train_f16", x, p, save_mean, save_invstd)?;
+    record_moments_final(rec, d, part, run, p, save_mean, save_invstd, unbias);
+    Ok(())
+}
+
+/// The checks of [`backward_f16`]'s tensors; returns x's shape.
+pub(crate) fn check_backward_f16(
+    gpu: &Gpu,
+    what: &str,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    dx: &HalfTensor,
+    b: &BnGrads,
+) -> Result<[usize; 4]> {
+    let d = half_activations(gpu, what, x, &[("dy", dy), ("dx", dx)])?;
+    let BnGrads { gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch } = *b;
+    let named = [
+        ("gamma", gamma),
+        ("beta", beta),
+        ("save_mean", save_mean),
+        ("save_invstd", save_invstd),
+        ("dgamma", dgamma),
+        ("dbeta", dbeta),
+    ];
+    per_channel(what, d[1], &named)?;
+    if scratch.len() != 2 * d[1] {
+        return Err(Error::Shape(format!("{what}: scratch must hold 2*C = {} elements", 2 * d[1])));
+    }
+    let mut all = named.to_vec();
+    all.push(("scratch", scratch));
+    distinct(what, &all)?;
+    Ok(d)
+}
+
+/// [`backward_from_sums`] for f16 `x`, `dy` and `dx` (`ops::conv::backward_data_bn_f16`):
+/// the gradients dgamma, dbeta in f32, `dx (+)=` rounded once to f16.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_from_sums_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    b: &BnGrads,
+    dx: &HalfTensor,
+    accumulate_dx: bool,
+    part: &wgpu::Buffer,
+    run: usize,
+) -> Result<()> {
+    let d = check_backward_f16(rec.gpu, "batch norm backward_f16", x, dy, dx, b)?;
+    record_sums_final(rec, d, b, part, run);
+    let v = half_variant(rec.gpu, d);
+    let binds = [
+        (1, &x.buffer),
+        (9, &dy.buffer),
+        (10, &dx.buffer),
+        (3, &b.gamma.buffer),
+        (4, &b.beta.buffer),
+        (7, &b.save_mean.buffer),
+        (8, &b.save_invstd.buffer),
+        (11, &b.scratch.buffer),
+    ];
+    let prm = params(d, v.apply_chunk(), true, false, accumulate_dx, 1.0);
+    half_dispatch(rec, d, v, "backward_apply", &prm, &binds);
     Ok(())
 }

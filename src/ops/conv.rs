@@ -38,6 +38,7 @@ use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
 mod tiled;
+use tiled::Weights;
 
 /// Output spatial size: (h + 2*pad - k) / stride + 1 with pad = k / 2.
 ///
@@ -430,12 +431,14 @@ pub fn forward_stats(
     const WHAT: &str = "conv forward_stats";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
     distinct(WHAT, y, [x, w])?;
-    check_affine(WHAT, pre, g.c, y)?;
+    check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train(WHAT, y, None, bn, save_mean, save_invstd)?;
     let whole: Vec<&Tensor> = std::iter::once(w).chain(pre).collect();
     let plan = plan_pre(rec.gpu, Op::Forward, &g, pre.is_some());
     if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[x, y], &whole)?.is_none() {
-        if let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, x, pre, w, y, accumulate) {
+        if let Some((part, run)) =
+            tiled::record_forward_stats(rec, &g, plan, false, &x.buffer, pre, Weights::F32(w), &y.buffer, accumulate)
+        {
             return batch_norm::stats_from_moments(rec, y, &part, run, bn, save_mean, save_invstd);
         }
     }
@@ -469,11 +472,14 @@ pub fn backward_data_bn(
     const WHAT: &str = "conv backward_data_bn";
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], da, w, dy, stride)?;
     distinct(WHAT, da, [dy, w])?;
-    check_affine(WHAT, Some(affine), g.c, da)?;
+    check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward(WHAT, x, da, dx, bn)?;
     let plan = plan(rec.gpu, Op::BackwardData, &g);
     if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[dy, da, x, dx], &[w])?.is_none() {
-        if let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, dy, w, da, accumulate, x, affine) {
+        let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(w), &da.buffer, &x.buffer);
+        if let Some((part, run)) =
+            tiled::record_backward_data_sums(rec, &g, plan, false, dyb, wf, dab, accumulate, xb, affine)
+        {
             return batch_norm::backward_from_sums(rec, x, da, bn, dx, accumulate_dx, &part, run);
         }
     }
@@ -498,7 +504,7 @@ pub fn backward_data_bn(
 }
 
 /// `affine` is `[C, 4]` for an input of `c` channels, and not the output.
-fn check_affine(what: &str, affine: Option<&Tensor>, c: usize, out: &Tensor) -> Result<()> {
+fn check_affine(what: &str, affine: Option<&Tensor>, c: usize, out: &wgpu::Buffer) -> Result<()> {
     let Some(a) = affine else { return Ok(()) };
     if a.dims() != [c, 4] {
         return Err(Error::Shape(format!(
@@ -506,7 +512,7 @@ fn check_affine(what: &str, affine: Option<&Tensor>, c: usize, out: &Tensor) -> 
             a.dims()
         )));
     }
-    if a.buffer == out.buffer {
+    if a.buffer == *out {
         return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
     }
     Ok(())
@@ -533,7 +539,7 @@ fn forward_with(
     const WHAT: &str = "conv forward";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
     distinct(WHAT, y, [x, w])?;
-    check_affine(WHAT, pre, g.c, y)?;
+    check_affine(WHAT, pre, g.c, &y.buffer)?;
     let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
         forward_with(rec, &i[0], pre, w, &o[0], stride, accumulate)
     };
@@ -612,7 +618,7 @@ fn backward_weight_with(
     const WHAT: &str = "conv backward_weight";
     let g = Geometry::check(WHAT, ["x", "dw", "dy"], x, dw, dy, stride)?;
     distinct(WHAT, dw, [x, dy])?;
-    check_affine(WHAT, pre, g.c, dw)?;
+    check_affine(WHAT, pre, g.c, &dw.buffer)?;
     // By chunks of images: the first chunk's sum overwrites dw (unless `accumulate`), each later
     // one is added to it, in order.
     let chunk = |rec: &mut Recorder, r: &std::ops::Range<usize>, i: &[Tensor], _: &[Tensor]| {
@@ -631,17 +637,10 @@ fn backward_weight_with(
 }
 
 /// dw (=|+=) the partial sums in `part` (`[splits][len]`), added in split order.
-fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &Tensor, splits: usize, acc: bool) {
-    let len = dw.len();
+fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &wgpu::Buffer, len: usize, splits: usize, acc: bool) {
     let params = Params { accumulate: acc as u32, splits: splits as u32, len: len as u32, ..Params::default() };
     let groups = crate::gpu::groups_for(len);
-    dispatch(
-        rec,
-        "reduce_splits",
-        &params,
-        &[(8, part.as_entire_binding()), (6, dw.buffer.as_entire_binding())],
-        groups,
-    );
+    dispatch(rec, "reduce_splits", &params, &[(8, part.as_entire_binding()), (6, dw.as_entire_binding())], groups);
 }
 
 /// Scratch for `splits` partial copies of a `len`-element result (split-K backward_weight).
@@ -715,7 +714,7 @@ pub fn forward_f16(
     let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
     let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
-    tiled::record_half_data(rec, Op::Forward, &g, tile, x, w, y, accumulate);
+    tiled::record_half_data(rec, Op::Forward, &g, tile, x, None, Weights::F16(w), y, accumulate);
     Ok(())
 }
 
@@ -732,7 +731,7 @@ pub fn backward_data_f16(
     let t = [(dx.dims(), &dx.buffer), (w.dims(), &w.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
     let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
-    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, w, dx, accumulate);
+    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, None, Weights::F16(w), dx, accumulate);
     Ok(())
 }
 
@@ -750,8 +749,114 @@ pub fn backward_weight_f16(
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
     let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
-    tiled::record_half_weight(rec, &g, plan, x, dy, dw, accumulate);
+    tiled::record_half_weight(rec, &g, plan, x, None, dy, dw, accumulate);
     Ok(())
+}
+
+// ---- The f16 units' convolutions: f16 activations, f32 weights (rounded to f16 as they are
+// transposed into the GEMM's operand) and weight gradients, the batch norms' values and sums
+// in f32. Always the tiled kernels, unsplit, with their epilogues. ----
+
+/// `y (+)= conv(ReLU(BN(x)), w)`, [`forward_bn_relu`] on the f16 path: x and y halves, `w` f32.
+pub fn forward_bn_relu_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    affine: &Tensor,
+    w: &Tensor,
+    y: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    const WHAT: &str = "conv forward_bn_relu_f16";
+    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
+    check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
+    tiled::record_half_data(rec, Op::Forward, &g, tile, x, Some(affine), Weights::F32(w), y, accumulate);
+    Ok(())
+}
+
+/// [`forward_stats`] on the f16 path: `y (+)= conv(x, w)` (x through the BN + ReLU prologue
+/// `pre` where given), x and y halves, `w` f32, and the following batch norm's training
+/// statistics of `y` as stored (f16), summed in the convolution's epilogue.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_stats_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    pre: Option<&Tensor>,
+    w: &Tensor,
+    y: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+    bn: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+) -> Result<()> {
+    const WHAT: &str = "conv forward_stats_f16";
+    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
+    check_affine(WHAT, pre, g.c, &y.buffer)?;
+    batch_norm::check_train_f16(rec.gpu, WHAT, y, bn, save_mean, save_invstd)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
+    let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
+    let (xb, yb) = (&x.buffer, &y.buffer);
+    let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, true, xb, pre, Weights::F32(w), yb, accumulate)
+    else {
+        unreachable!("every tile configuration has room for the moments (tiled.rs every_tile_is_valid)")
+    };
+    batch_norm::stats_from_moments_f16(rec, y, &part, run, bn, save_mean, save_invstd)
+}
+
+/// [`backward_weight_bn_relu`] on the f16 path: `dw (+)=` the weight gradient (f32) from half
+/// `x`, read through the BN + ReLU prologue, and half `dy`.
+pub fn backward_weight_bn_relu_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    affine: &Tensor,
+    dy: &HalfTensor,
+    dw: &Tensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    const WHAT: &str = "conv backward_weight_bn_relu_f16";
+    let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
+    let g = check_f16(rec.gpu, WHAT, ["x", "dw", "dy"], t, 1, stride)?;
+    check_affine(WHAT, Some(affine), g.c, &dw.buffer)?;
+    let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
+    tiled::record_half_weight(rec, &g, plan, x, Some(affine), dy, dw, accumulate);
+    Ok(())
+}
+
+/// [`backward_data_bn`] on the f16 path: `da (+)=` the input gradient from half `dy` and f32
+/// `w`, then the backward of the BN + ReLU whose input is `x` (its sums in the convolution's
+/// epilogue, of `da` as stored): `dx (+)=` (half), dgamma and dbeta overwritten (f32).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_data_bn_f16(
+    rec: &mut Recorder,
+    dy: &HalfTensor,
+    w: &Tensor,
+    da: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+    x: &HalfTensor,
+    affine: &Tensor,
+    bn: &BnGrads,
+    dx: &HalfTensor,
+    accumulate_dx: bool,
+) -> Result<()> {
+    const WHAT: &str = "conv backward_data_bn_f16";
+    let t = [(da.dims(), &da.buffer), (w.dims(), &w.buffer), (dy.dims(), &dy.buffer)];
+    let g = check_f16(rec.gpu, WHAT, ["dx", "w", "dy"], t, 0, stride)?;
+    check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
+    batch_norm::check_backward_f16(rec.gpu, WHAT, x, da, dx, bn)?;
+    let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
+    let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
+    let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(w), &da.buffer, &x.buffer);
+    let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, true, dyb, wf, dab, accumulate, xb, affine)
+    else {
+        unreachable!("every tile configuration has room for the sums (tiled.rs every_tile_is_valid)")
+    };
+    batch_norm::backward_from_sums_f16(rec, x, da, bn, dx, accumulate_dx, &part, run)
 }
 
 /// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx).
@@ -904,6 +1009,6 @@ fn register_weight(
     let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
     dispatch_pipeline(rec, &pipeline, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
     if splits > 1 {
-        reduce_splits(rec, &part, dw, splits, acc);
+        reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);
     }
 }

@@ -431,24 +431,33 @@ pub(super) fn record(
     let aff = affine_binding(rec.gpu, pre);
     match op {
         Op::BackwardWeight => weight(rec, g, tile, build, [&a.buffer, &b.buffer, &aff], out, acc, splits, chunk),
-        _ => data(rec, g, build, plan, [&a.buffer, &aff], b, out, acc, Epi::None),
+        _ => data(rec, g, build, plan, [&a.buffer, &aff], Weights::F32(b), &out.buffer, acc, Epi::None),
     }
 }
 
+/// The weights of the data ops: f32, or halves (the f16 path's own weights; the f16 path also
+/// takes f32 weights, rounding them as it transposes them).
+#[derive(Clone, Copy)]
+pub(super) enum Weights<'a> {
+    F32(&'a Tensor),
+    F16(&'a HalfTensor),
+}
+
 /// The forward under a tiled `plan` whose epilogue also writes the per-channel moments of y
-/// (`tile_moments` in the template): returns the partials buffer (`2 * K * blocks` floats,
-/// a context scratch buffer: read it before the next such call) and the rows per block, or
-/// `None`, recording nothing, where the configuration has no room for that epilogue or the
-/// plan splits the reduction.
+/// (`tile_moments` in the template), x and y f32 or (`half`) f16: returns the partials buffer
+/// (`2 * K * blocks` floats, a context scratch buffer: read it before the next such call) and
+/// the rows per block, or `None`, recording nothing, where the configuration has no room for
+/// that epilogue or the plan splits the reduction.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_forward_stats(
     rec: &mut Recorder,
     g: &Geometry,
     plan: Plan,
-    x: &Tensor,
+    half: bool,
+    x: &wgpu::Buffer,
     pre: Option<&Tensor>,
-    w: &Tensor,
-    y: &Tensor,
+    w: Weights,
+    y: &wgpu::Buffer,
     acc: bool,
 ) -> Option<(wgpu::Buffer, usize)> {
     let Plan::Tiled { tile, splits, .. } = plan else { unreachable!("a tiled plan") };
@@ -459,27 +468,29 @@ pub(super) fn record_forward_stats(
     let (m, cols) = gemm_rows_cols(Op::Forward, g);
     let bytes = (2 * cols * m.div_ceil(t.bm) * 4) as u64;
     let part = scratch(rec.gpu, "moments", bytes, wgpu::BufferUsages::STORAGE);
-    let build = Build { stats: true, ..Build::of(Op::Forward, g, false, pre.is_some()) };
+    let build = Build { stats: true, ..Build::of(Op::Forward, g, half, pre.is_some()) };
     let aff = affine_binding(rec.gpu, pre);
-    data(rec, g, build, plan, [&x.buffer, &aff], w, y, acc, Epi::Moments(&part));
+    data(rec, g, build, plan, [x, &aff], w, y, acc, Epi::Moments(&part));
     Some((part, t.bm))
 }
 
 /// backward_data under a tiled `plan` (dy -> da) whose epilogue also writes the sums of the
 /// backward of the BN + ReLU that produced the convolution's input, from that BN's input `x`
-/// and its `affine` values (`BSUMS` in the template): returns the partials buffer and the
-/// rows per block (as [`record_forward_stats`]), or `None`, recording nothing, where the
-/// configuration has no room for that epilogue or the plan splits the reduction.
+/// and its `affine` values (`BSUMS` in the template), activations f32 or (`half`) f16: returns
+/// the partials buffer and the rows per block (as [`record_forward_stats`]), or `None`,
+/// recording nothing, where the configuration has no room for that epilogue or the plan splits
+/// the reduction.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_backward_data_sums(
     rec: &mut Recorder,
     g: &Geometry,
     plan: Plan,
-    dy: &Tensor,
-    w: &Tensor,
-    da: &Tensor,
+    half: bool,
+    dy: &wgpu::Buffer,
+    w: Weights,
+    da: &wgpu::Buffer,
     acc: bool,
-    x: &Tensor,
+    x: &wgpu::Buffer,
     affine: &Tensor,
 ) -> Option<(wgpu::Buffer, usize)> {
     let Plan::Tiled { tile, splits, .. } = plan else { unreachable!("a tiled plan") };
@@ -490,16 +501,35 @@ pub(super) fn record_backward_data_sums(
     let (m, cols) = gemm_rows_cols(Op::BackwardData, g);
     let bytes = (2 * cols * m.div_ceil(t.bm) * 4) as u64;
     let part = scratch(rec.gpu, "bn-sums", bytes, wgpu::BufferUsages::STORAGE);
-    let build = Build { bsums: true, ..Build::of(Op::BackwardData, g, false, false) };
-    let epi = Epi::BnSums { part: &part, x: &x.buffer };
-    data(rec, g, build, plan, [&dy.buffer, &affine.buffer], w, da, acc, epi);
+    let build = Build { bsums: true, ..Build::of(Op::BackwardData, g, half, false) };
+    data(rec, g, build, plan, [dy, &affine.buffer], w, da, acc, Epi::BnSums { part: &part, x });
     Some((part, t.bm))
 }
 
-/// Forward (a = x, out = y) or backward_data (a = dy, out = dx): the weights transposed to the
-/// GEMM's B operand (a context scratch buffer of their size), then the tiled GEMM (with what
-/// `epi` says its epilogue writes besides; `build` says the same), its splits summed by
-/// [`reduce_splits`] where the plan has several (never with an epilogue).
+/// The f16 forward (a = x, out = y; x through the BN + ReLU prologue with `pre`'s values where
+/// given) or backward_data (a = dy, out = dx), unsplit (the splits' partial sums are f32).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half_data(
+    rec: &mut Recorder,
+    op: Op,
+    g: &Geometry,
+    tile: usize,
+    a: &HalfTensor,
+    pre: Option<&Tensor>,
+    w: Weights,
+    out: &HalfTensor,
+    acc: bool,
+) {
+    let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
+    let aff = affine_binding(rec.gpu, pre);
+    data(rec, g, Build::of(op, g, true, pre.is_some()), plan, [&a.buffer, &aff], w, &out.buffer, acc, Epi::None);
+}
+
+/// Forward (a = x, out = y) or backward_data (a = dy, out = dx), f32 or (`build.half`) f16: the
+/// weights transposed to the GEMM's B operand (a context scratch buffer of their size; f16
+/// where the activations are), then the tiled GEMM (with what `epi` says its epilogue writes
+/// besides; `build` says the same), its splits summed by [`reduce_splits`] where the plan has
+/// several (f32 only, never with an epilogue).
 #[allow(clippy::too_many_arguments)]
 fn data(
     rec: &mut Recorder,
@@ -507,8 +537,8 @@ fn data(
     build: Build,
     plan: Plan,
     [a, aff]: [&wgpu::Buffer; 2],
-    w: &Tensor,
-    out: &Tensor,
+    w: Weights,
+    out: &wgpu::Buffer,
     acc: bool,
     epi: Epi,
 ) {
@@ -518,27 +548,39 @@ fn data(
     let (m, cols) = gemm_rows_cols(op, g);
     let red = reduction(op, g);
     let cp = cols.div_ceil(4) * 4;
-    let wtt = scratch(rec.gpu, "wtt", (red * cp * 4) as u64, wgpu::BufferUsages::STORAGE);
-    let mut params = g.params(acc);
-    params.base = u32::from(op == Op::BackwardData);
     let gpu = rec.gpu;
-    dispatch_pipeline(
-        rec,
-        &gpu.pipeline(crate::gpu::Shader::Conv, "transpose_weights"),
-        "transpose_weights",
-        &params,
-        &[(2, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())],
-        crate::gpu::groups_for(red * cp),
-    );
     let params = data_params(g, op, acc, splits, chunk);
+    // The transposition: conv.wgsl's for f32, the template's (from f16 or f32 weights) for f16.
+    let (wtt, transpose, label, source) = match (build.half, w) {
+        (false, Weights::F32(w)) => (
+            scratch(gpu, "wtt", (red * cp * 4) as u64, wgpu::BufferUsages::STORAGE),
+            gpu.pipeline(crate::gpu::Shader::Conv, "transpose_weights"),
+            "transpose_weights",
+            (2, &w.buffer),
+        ),
+        (true, w) => {
+            let (entry, source) = match w {
+                Weights::F16(w) => ("transpose_main", (8, &w.buffer)),
+                Weights::F32(w) => ("transpose_main32", (10, &w.buffer)),
+            };
+            let wtt = scratch(gpu, "wtt16", (red * cp * 2).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
+            (wtt, pipeline(gpu, tile, build, entry), entry, source)
+        }
+        (false, Weights::F16(_)) => unreachable!("f16 weights take the f16 path"),
+    };
+    let mut tp = params;
+    tp.base = u32::from(op == Op::BackwardData); // conv.wgsl's transpose_weights: the op
+    let binds = [(source.0, source.1.as_entire_binding()), (9, wtt.as_entire_binding())];
+    dispatch_pipeline(rec, &transpose, label, &tp, &binds, crate::gpu::groups_for(red * cp));
     let mut binds = vec![
         (1, a.as_entire_binding()),
         (2, wtt.as_entire_binding()),
-        (3, out.buffer.as_entire_binding()),
+        (3, out.as_entire_binding()),
         (5, aff.as_entire_binding()),
     ];
     let [none_part, none_x] = epilogue_none(gpu);
-    let split_part = (splits > 1).then(|| partials(gpu, splits, out.len()));
+    let len = m * cols;
+    let split_part = (splits > 1).then(|| partials(gpu, splits, len));
     let (part, x) = match (epi, &split_part) {
         (Epi::None, Some(sp)) => (sp, &none_x),
         (Epi::None, None) => (&none_part, &none_x),
@@ -549,9 +591,10 @@ fn data(
     binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
-    dispatch_pipeline(rec, &p, "conv tiled data", &params, &binds, groups);
+    dispatch_pipeline(rec, &p, if build.half { "conv tiled f16" } else { "conv tiled data" }, &params, &binds, groups);
     if let Some(sp) = &split_part {
-        reduce_splits(rec, sp, out, splits, acc);
+        assert!(!build.half, "the f16 path is unsplit");
+        reduce_splits(rec, sp, out, len, splits, acc);
     }
 }
 
@@ -574,59 +617,22 @@ fn epilogue_none(gpu: &Gpu) -> [wgpu::Buffer; 2] {
     ["epilogue-none-part", "epilogue-none-x"].map(|role| scratch(gpu, role, 16, wgpu::BufferUsages::STORAGE))
 }
 
-/// The f16 forward (a = x, out = y) or backward_data (a = dy, out = dx): the half weights
-/// transposed to a half B operand (the template's `transpose_main`), then the tiled GEMM with
-/// f16 loads and stores.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn record_half_data(
-    rec: &mut Recorder,
-    op: Op,
-    g: &Geometry,
-    tile: usize,
-    a: &HalfTensor,
-    w: &HalfTensor,
-    out: &HalfTensor,
-    acc: bool,
-) {
-    let t = TILES[tile];
-    let (m, cols) = gemm_rows_cols(op, g);
-    let red = reduction(op, g);
-    let cp = cols.div_ceil(4) * 4;
-    let gpu = rec.gpu;
-    let wtt = scratch(gpu, "wtt16", (red * cp * 2) as u64, wgpu::BufferUsages::STORAGE);
-    // Unsplit: the partial sums would be f32 where the output is f16.
-    let params = data_params(g, op, acc, 1, 0);
-    let build = Build::of(op, g, true, false);
-    let transpose = pipeline(gpu, tile, build, "transpose_main");
-    let binds = [(8, w.buffer.as_entire_binding()), (9, wtt.as_entire_binding())];
-    dispatch_pipeline(rec, &transpose, "transpose_main f16", &params, &binds, crate::gpu::groups_for(red * cp));
-    let p = pipeline(gpu, tile, build, "data_main");
-    let (aff, [none_part, none_x]) = (affine_binding(gpu, None), epilogue_none(gpu));
-    let binds = [
-        (1, a.buffer.as_entire_binding()),
-        (2, wtt.as_entire_binding()),
-        (3, out.buffer.as_entire_binding()),
-        (5, aff.as_entire_binding()),
-        (7, none_part.as_entire_binding()),
-        (4, none_x.as_entire_binding()),
-    ];
-    dispatch_pipeline(rec, &p, "conv tiled f16", &params, &binds, fold(m.div_ceil(t.bm), cols.div_ceil(t.bn)));
-}
-
-/// The f16 backward_weight: half x and dy, an f32 dw.
+/// The f16 backward_weight: half x (through the BN + ReLU prologue with `pre`'s values where
+/// given) and dy, an f32 dw.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_half_weight(
     rec: &mut Recorder,
     g: &Geometry,
     plan: Plan,
     x: &HalfTensor,
+    pre: Option<&Tensor>,
     dy: &HalfTensor,
     dw: &Tensor,
     acc: bool,
 ) {
     let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
-    let aff = affine_binding(rec.gpu, None);
-    let build = Build::of(Op::BackwardWeight, g, true, false);
+    let aff = affine_binding(rec.gpu, pre);
+    let build = Build::of(Op::BackwardWeight, g, true, pre.is_some());
     weight(rec, g, tile, build, [&x.buffer, &dy.buffer, &aff], dw, acc, splits, chunk);
 }
 
@@ -662,7 +668,7 @@ fn weight(
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
     if splits > 1 {
-        reduce_splits(rec, &part, dw, splits, acc);
+        reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);
     }
 }
 
