@@ -385,14 +385,7 @@ pub(crate) fn check_train(
     save_invstd: &Tensor,
 ) -> Result<f32> {
     let d = activations(what, x, &[])?;
-    let named = [
-        ("gamma", p.gamma),
-        ("beta", p.beta),
-        ("running_mean", p.running_mean),
-        ("running_var", p.running_var),
-        ("save_mean", save_mean),
-        ("save_invstd", save_invstd),
-    ];
+    let named = train_tensors(p, save_mean, save_invstd);
     per_channel(what, d[1], &named)?;
     let mut all = vec![("x", x)];
     all.extend(y.map(|y| ("y", y)));
@@ -405,6 +398,22 @@ pub(crate) fn check_train(
         )));
     }
     Ok((m as f64 / (m - 1) as f64) as f32)
+}
+
+/// A training forward's per-channel tensors, named for errors.
+fn train_tensors<'a>(
+    p: &BnTensors<'a>,
+    save_mean: &'a Tensor,
+    save_invstd: &'a Tensor,
+) -> [(&'static str, &'a Tensor); 6] {
+    [
+        ("gamma", p.gamma),
+        ("beta", p.beta),
+        ("running_mean", p.running_mean),
+        ("running_var", p.running_var),
+        ("save_mean", save_mean),
+        ("save_invstd", save_invstd),
+    ]
 }
 
 /// The batch statistics of a training forward without its output: save_mean and save_invstd
@@ -1010,14 +1019,7 @@ pub(crate) fn check_train_f16(
     save_invstd: &Tensor,
 ) -> Result<([usize; 4], f32)> {
     let d = half_activations(gpu, what, x, &[])?;
-    let named = [
-        ("gamma", p.gamma),
-        ("beta", p.beta),
-        ("running_mean", p.running_mean),
-        ("running_var", p.running_var),
-        ("save_mean", save_mean),
-        ("save_invstd", save_invstd),
-    ];
+    let named = train_tensors(p, save_mean, save_invstd);
     per_channel(what, d[1], &named)?;
     distinct(what, &named)?;
     let m = d[0] * d[2] * d[3];
