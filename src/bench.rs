@@ -198,13 +198,13 @@ pub enum Item {
     BnStatistics,
     BnBackward,
     Unit(UnitKind, Pass),
-    /// A pre-activation unit's forward+backward on the f16 path (where the adapter has
-    /// shader-f16): `Unit::forward_f16` and `backward_f16`.
-    UnitF16,
+    /// A unit's forward+backward on the f16 path (where the adapter has shader-f16):
+    /// `Unit::forward_f16` and `backward_f16`.
+    UnitF16(UnitKind),
 }
 
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 16] = [
+pub const ITEMS: [Item; 17] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
@@ -220,7 +220,8 @@ pub const ITEMS: [Item; 16] = [
     Item::Unit(UnitKind::PreAct, Pass::ForwardBackward),
     Item::Unit(UnitKind::Original, Pass::Forward),
     Item::Unit(UnitKind::Original, Pass::ForwardBackward),
-    Item::UnitF16,
+    Item::UnitF16(UnitKind::PreAct),
+    Item::UnitF16(UnitKind::Original),
 ];
 
 fn unit_name(kind: UnitKind) -> &'static str {
@@ -243,7 +244,7 @@ impl Item {
             Item::BnBackward => "bn backward".into(),
             Item::Unit(k, Pass::Forward) => format!("unit {} fwd", unit_name(k)),
             Item::Unit(k, Pass::ForwardBackward) => format!("unit {} fwd+bwd", unit_name(k)),
-            Item::UnitF16 => "unit preact f16 fwd+bwd".into(),
+            Item::UnitF16(k) => format!("unit {} f16 fwd+bwd", unit_name(k)),
         }
     }
 
@@ -260,7 +261,7 @@ impl Item {
             | Item::ConvForwardStats
             | Item::ConvBackwardDataBn => Some(conv),
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
-            Item::Unit(_, Pass::ForwardBackward) | Item::UnitF16 => Some(3.0 * 2.0 * conv),
+            Item::Unit(_, Pass::ForwardBackward) | Item::UnitF16(_) => Some(3.0 * 2.0 * conv),
             Item::BnForward | Item::BnStatistics | Item::BnBackward => None,
         }
     }
@@ -392,7 +393,7 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             if opts.only.as_ref().is_some_and(|o| !item.name().contains(o.as_str())) {
                 continue;
             }
-            let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16);
+            let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16(_));
             if half && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
                 continue;
             }
@@ -649,9 +650,9 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 Pass::ForwardBackward => measure(gpu, timer, opts, item, d, &mut reset, &mut record),
             }
         }
-        Item::UnitF16 => {
+        Item::UnitF16(kind) => {
             use crate::tensor::HalfTensor;
-            let unit = identity_unit(gpu, UnitKind::PreAct, c)?;
+            let unit = identity_unit(gpu, kind, c)?;
             let kept = unit.allocate_f16(gpu, d)?;
             let x = HalfTensor::from_f32(gpu, &d, &rng.data(d.iter().product()))?;
             let y = HalfTensor::zeros(gpu, &d)?;
@@ -672,7 +673,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let mut record = || {
                 let mut rec = gpu.recorder("bench unit f16");
                 unit.forward_f16(&mut rec, &x, &y, &kept)?;
-                unit.backward_f16(&mut rec, &x, &g, &kept)?;
+                unit.backward_f16(&mut rec, &x, &y, &g, &g, &kept)?;
                 Ok(vec![rec.finish()])
             };
             measure(gpu, timer, opts, item, d, &mut reset, &mut record)
@@ -992,13 +993,13 @@ pub fn table(r: &Report) -> String {
                 );
             }
             // Our f16 path beside the same peer (the target: faster than torch fp32).
-            let f16 = r.rows.iter().find(|row| row.item == Item::UnitF16 && row.shape == p.shape);
-            if let (UnitKind::PreAct, Some(row)) = (p.unit, f16) {
+            let f16 = r.rows.iter().find(|row| row.item == Item::UnitF16(p.unit) && row.shape == p.shape);
+            if let Some(row) = f16 {
                 let ours_ms = comparable_ms(row, p.timing);
                 let _ = writeln!(
                     s,
                     "{:<9} {:<14} {:<8} {:<22} {:>10.3} {:>10.3} {:>8}",
-                    "preact",
+                    unit_name(p.unit),
                     shape_str(p.shape),
                     "f16 f+b",
                     p.peer,

@@ -55,6 +55,8 @@ pub enum Shader {
     /// `batch_norm.wgsl` with f16 activations (the f16 path; adapters with `SHADER_F16` only).
     BatchNormF16,
     Relu,
+    /// `relu.wgsl` on f16 tensors (as `BatchNormF16`).
+    ReluF16,
     Residual,
     PoolFcLoss,
     Sgd,
@@ -66,12 +68,16 @@ pub enum Shader {
 impl Shader {
     fn source(self) -> std::borrow::Cow<'static, str> {
         const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
+        const RELU: &str = include_str!("../shaders/relu.wgsl");
+        // The storage type ST of the files that serve both paths.
+        const F32: &str = "alias ST = f32;\n";
+        const F16: &str = "enable f16;\nalias ST = f16;\n";
         let text = match self {
             Shader::Conv => include_str!("../shaders/conv.wgsl"),
-            // The activations' storage type, ST.
-            Shader::BatchNorm => return format!("alias ST = f32;\n{BATCH_NORM}").into(),
-            Shader::BatchNormF16 => return format!("enable f16;\nalias ST = f16;\n{BATCH_NORM}").into(),
-            Shader::Relu => include_str!("../shaders/relu.wgsl"),
+            Shader::BatchNorm => return format!("{F32}{BATCH_NORM}").into(),
+            Shader::BatchNormF16 => return format!("{F16}{BATCH_NORM}").into(),
+            Shader::Relu => return format!("{F32}{RELU}").into(),
+            Shader::ReluF16 => return format!("{F16}{RELU}").into(),
             Shader::Residual => include_str!("../shaders/residual.wgsl"),
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
             Shader::Sgd => include_str!("../shaders/sgd.wgsl"),

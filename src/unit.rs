@@ -226,6 +226,12 @@ impl Bn {
         batch_norm::apply_saved(rec, x, y, g, b, &self.save_mean, &self.save_invstd, ep)
     }
 
+    /// [`Bn::recompute`] on f16 tensors.
+    pub fn recompute_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, ep: Epilogue) -> Result<()> {
+        let (g, b) = (&self.gamma.value, &self.beta.value);
+        batch_norm::apply_saved_f16(rec, x, y, g, b, &self.save_mean, &self.save_invstd, ep)
+    }
+
     /// Backward of the last training forward: `dx (+)=`, the parameter gradients overwritten.
     pub fn backward(
         &self,
@@ -1053,29 +1059,31 @@ fn missing(s: &UnitSpec, what: &str) -> Error {
     Error::Invalid(format!("{}: no kept {what}", s.name))
 }
 
-// ---- The f16 path: pre-activation units with the identity shortcut, in training. The
-// activations (x, y, what the unit keeps, the gradients at them) are halves; the weights, the
-// BN parameters and statistics, every parameter gradient and all arithmetic are f32. The same
-// fused passes as the f32 units on the tiled kernels: each BN + ReLU in the next convolution's
-// loads, the BN statistics and backward sums in the convolutions' epilogues, F added into the
-// stream by the last convolution. ----
+// ---- The f16 path: the fused pre-activation and original units with identity or projection
+// shortcuts, in training. The activations (x, y, what the unit keeps, the gradients at them)
+// are halves; the weights, the BN parameters and statistics, every parameter gradient and all
+// arithmetic are f32. The passes are the fused f32 units' on the tiled kernels: each BN +
+// ReLU in the next convolution's loads, BN statistics and backward sums in the convolutions'
+// epilogues, F added into the stream by the last convolution (pre-activation). ----
 
 /// What an f16 unit keeps between its training forward and its backward, and its temporaries.
 #[derive(Debug)]
 pub struct HalfKept {
-    /// `in_{i+1} = conv_i(ReLU(BN_i(in_i)))` for all but the last layer.
+    /// As [`Kept::tensors`]: pre-activation `in_{i+1}` for all but the last layer; original
+    /// `h_i` for every layer, then the projection's convolution output.
     pub tensors: Vec<HalfTensor>,
-    /// Per layer `i`: the gradient at `ReLU(BN_i(in_i))`.
+    /// Per layer `i`: the gradient at the convolution's input activation.
     da: Vec<HalfTensor>,
-    /// Per layer `i > 0`: the gradient at `in_i`.
-    d_in: Vec<HalfTensor>,
+    /// Pre-activation: per layer `i > 0`, the gradient at `in_i`. Original: per layer, the
+    /// gradient at `h_i`, then at the projection's convolution output.
+    grads: Vec<HalfTensor>,
 }
 
 impl Unit {
-    /// Whether the f16 path takes this unit: a pre-activation unit with the plain sum and the
-    /// identity shortcut.
+    /// Whether the f16 path takes this unit: a pre-activation or original unit with the plain
+    /// sum and the identity or projection shortcut.
     pub fn half_capable(&self) -> bool {
-        self.fused() && self.spec.kind == UnitKind::PreAct && self.spec.shortcut == Shortcut::Identity
+        self.fused() && matches!(self.spec.shortcut, Shortcut::Identity | Shortcut::Projection)
     }
 
     fn check_half(&self) -> Result<()> {
@@ -1083,8 +1091,9 @@ impl Unit {
             return Ok(());
         }
         Err(Error::Invalid(format!(
-            "{}: the f16 path takes pre-activation units with identity shortcuts ({:?}, {:?} here)",
-            self.spec.name, self.spec.kind, self.spec.shortcut
+            "{}: the f16 path takes pre-activation and original units with identity or projection \
+             shortcuts ({:?}, {:?}, {:?} here)",
+            self.spec.name, self.spec.kind, self.spec.combine, self.spec.shortcut
         )))
     }
 
@@ -1093,38 +1102,94 @@ impl Unit {
     pub fn allocate_f16(&self, gpu: &Gpu, x: [usize; 4]) -> Result<HalfKept> {
         self.check_half()?;
         let dims = self.layer_dims(x);
-        let k = dims.len();
-        let tensors = dims[..k - 1].iter().map(|(_, out)| HalfTensor::zeros(gpu, out)).collect::<Result<_>>()?;
-        let da = dims.iter().map(|(i, _)| HalfTensor::zeros(gpu, i)).collect::<Result<_>>()?;
-        let d_in = dims[1..].iter().map(|(i, _)| HalfTensor::zeros(gpu, i)).collect::<Result<_>>()?;
-        Ok(HalfKept { tensors, da, d_in })
+        let zeros = |d: &[usize; 4]| HalfTensor::zeros(gpu, d);
+        let da = dims.iter().map(|(i, _)| zeros(i)).collect::<Result<_>>()?;
+        let (mut tensors, mut grads): (Vec<HalfTensor>, Vec<HalfTensor>) = match self.spec.kind {
+            UnitKind::PreAct => (
+                dims[..dims.len() - 1].iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
+                dims[1..].iter().map(|(i, _)| zeros(i)).collect::<Result<_>>()?,
+            ),
+            _ => (
+                dims.iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
+                dims.iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
+            ),
+        };
+        if self.spec.kind == UnitKind::Original && self.spec.shortcut == Shortcut::Projection {
+            tensors.push(zeros(&self.out_dims(x))?);
+            grads.push(zeros(&self.out_dims(x))?);
+        }
+        Ok(HalfKept { tensors, da, grads })
     }
 
-    /// The training forward on the f16 path: `y = x + F(x)`, `x` and `y` `[N, C, H, W]`
-    /// halves. The batch statistics are saved and the running ones moved, as [`Unit::forward`]
-    /// does.
+    /// The training forward on the f16 path: `y = x_{l+1}` from `x = x_l`, both halves
+    /// (`[N, C, H, W]`). The batch statistics are saved and the running ones moved, as
+    /// [`Unit::forward`] does.
     pub fn forward_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
         self.check_half()?;
-        if x.dims() != y.dims() || x.buffer == y.buffer {
+        let out = self.out_dims(x.nchw(&format!("{} forward_f16: x", self.spec.name))?);
+        if y.dims() != out || x.buffer == y.buffer {
             return Err(Error::Shape(format!(
-                "{} forward_f16: y must be a tensor of x's shape {:?}, got {:?}",
+                "{} forward_f16: y must be a tensor of its own of shape {out:?}, got {:?}",
                 self.spec.name,
-                x.dims(),
                 y.dims()
             )));
         }
+        match self.spec.kind {
+            UnitKind::PreAct => self.forward_preact_f16(rec, x, y, kept),
+            _ => self.forward_original_f16(rec, x, y, kept),
+        }
+    }
+
+    /// The backward of the last [`Unit::forward_f16`], as [`Unit::backward`]: `g_out` holds
+    /// `dE/dx_{l+1}` on entry; on exit `g_in` holds `dE/dx_l` (`g_in` and `g_out` are the same
+    /// tensor for the identity shortcut) and every parameter gradient (f32) is written.
+    pub fn backward_f16(
+        &self,
+        rec: &mut Recorder,
+        x: &HalfTensor,
+        y: &HalfTensor,
+        g_out: &HalfTensor,
+        g_in: &HalfTensor,
+        kept: &HalfKept,
+    ) -> Result<()> {
+        self.check_half()?;
+        let identity = self.spec.shortcut == Shortcut::Identity;
+        if identity != std::ptr::eq(g_in, g_out) {
+            return Err(Error::Invalid(format!(
+                "{}: the identity shortcut's gradient is accumulated in place",
+                self.spec.name
+            )));
+        }
+        match self.spec.kind {
+            UnitKind::PreAct => self.backward_preact_f16(rec, x, g_out, g_in, kept),
+            _ => self.backward_original_f16(rec, x, y, g_out, g_in, kept),
+        }
+    }
+
+    // ---- pre-activation: a_i = ReLU(BN_i(in_i)), in_{i+1} = conv_i(a_i), y = h + in_k ----
+
+    fn forward_preact_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
         let k = self.convs.len();
         let bn0 = &self.bns[0];
         batch_norm::stats_train_f16(rec, x, &bn0.tensors(), &bn0.save_mean, &bn0.save_invstd)?;
-        // The identity shortcut: y = x, then the last convolution adds F into it.
-        rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size());
         let mut input = x;
         for i in 0..k {
             // conv_i(ReLU(BN_i(in_i))), BN_i applied as the convolution loads in_i; BN_{i+1}'s
             // statistics in its epilogue.
             let (bn, conv) = (&self.bns[i], &self.convs[i]);
             bn.prologue_saved(rec)?;
+            if i == 0 {
+                match self.spec.shortcut {
+                    // y = h(x): the projection reads the pre-activated x; the identity copies it.
+                    Shortcut::Projection => {
+                        let p = &self.proj()?.w.value;
+                        conv::forward_bn_relu_f16(rec, x, &bn.affine, p, y, self.spec.stride, false)?;
+                    }
+                    _ => rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size()),
+                }
+            }
             if i + 1 == k {
+                // The last convolution adds F into the stream: x_{l+1} = h(x_l) + F(x_l).
                 return conv::forward_bn_relu_f16(rec, input, &bn.affine, &conv.w.value, y, conv.stride, true);
             }
             let (out, next) = (&kept.tensors[i], &self.bns[i + 1]);
@@ -1136,23 +1201,126 @@ impl Unit {
         Ok(())
     }
 
-    /// The backward of the last [`Unit::forward_f16`]: `g` holds `dE/dx_{l+1}` on entry and
-    /// `dE/dx_l` on exit (the identity shortcut's gradient in place); every parameter gradient
-    /// of the unit is written (f32).
-    pub fn backward_f16(&self, rec: &mut Recorder, x: &HalfTensor, g: &HalfTensor, kept: &HalfKept) -> Result<()> {
-        self.check_half()?;
+    fn backward_preact_f16(
+        &self,
+        rec: &mut Recorder,
+        x: &HalfTensor,
+        g_out: &HalfTensor,
+        g_in: &HalfTensor,
+        kept: &HalfKept,
+    ) -> Result<()> {
         let k = self.convs.len();
-        let mut d_out = g; // the gradient at conv_i's output
+        let mut d_out = g_out; // the gradient at conv_i's output
         for i in (0..k).rev() {
             let input = if i == 0 { x } else { &kept.tensors[i - 1] };
             let (conv, bn) = (&self.convs[i], &self.bns[i]);
             let (w, stride, da) = (&conv.w.value, conv.stride, &kept.da[i]);
             bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu_f16(rec, input, &bn.affine, d_out, &conv.w.grad, stride, false)?;
-            // da, then BN_i's backward into the gradient at in_i (added into g for i = 0).
-            let (d_in, acc) = if i == 0 { (g, true) } else { (&kept.d_in[i - 1], false) };
-            conv::backward_data_bn_f16(rec, d_out, w, da, stride, false, input, &bn.affine, &bn.grads(), d_in, acc)?;
-            d_out = d_in;
+            if i > 0 {
+                // da, then BN_i's backward into the gradient at in_i.
+                let d_in = &kept.grads[i - 1];
+                conv::backward_data_bn_f16(
+                    rec,
+                    d_out,
+                    w,
+                    da,
+                    stride,
+                    false,
+                    input,
+                    &bn.affine,
+                    &bn.grads(),
+                    d_in,
+                    false,
+                )?;
+                d_out = d_in;
+                continue;
+            }
+            let grads = bn.grads();
+            match self.spec.shortcut {
+                // g_in is g_out: the branch's gradient added into it.
+                Shortcut::Projection => {
+                    // The projection also reads ReLU(BN_0(x)): its input gradient adds into da.
+                    let (p, s) = (self.proj()?, self.spec.stride);
+                    conv::backward_weight_bn_relu_f16(rec, x, &bn.affine, g_out, &p.w.grad, s, false)?;
+                    conv::backward_data_f16(rec, d_out, w, da, stride, false)?;
+                    conv::backward_data_bn_f16(
+                        rec, g_out, &p.w.value, da, s, true, x, &bn.affine, &grads, g_in, false,
+                    )?;
+                }
+                _ => conv::backward_data_bn_f16(rec, d_out, w, da, stride, false, x, &bn.affine, &grads, g_in, true)?,
+            }
+        }
+        Ok(())
+    }
+
+    // ---- original: h_i = conv_i(in_i), in_{i+1} = ReLU(BN_i(h_i)), y = ReLU(h + BN_k(h_k)) ----
+
+    fn forward_original_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
+        let k = self.convs.len();
+        // h_i = conv_i(in_i), in_i = ReLU(BN_{i-1}(h_{i-1})) applied as the convolution loads;
+        // each convolution's epilogue takes its BN's statistics of h_i.
+        for i in 0..k {
+            let (h, conv, bn) = (&kept.tensors[i], &self.convs[i], &self.bns[i]);
+            let (input, pre) = match i {
+                0 => (x, None),
+                _ => {
+                    self.bns[i - 1].prologue_saved(rec)?;
+                    (&kept.tensors[i - 1], Some(&self.bns[i - 1].affine))
+                }
+            };
+            let (stats, mean, invstd) = (bn.tensors(), &bn.save_mean, &bn.save_invstd);
+            conv::forward_stats_f16(rec, input, pre, &conv.w.value, h, conv.stride, false, &stats, mean, invstd)?;
+        }
+        match self.spec.shortcut {
+            Shortcut::Projection => {
+                let (hs, pw, bn) = (&kept.tensors[k], &self.proj()?.w.value, self.proj_bn()?);
+                let (stats, mean, invstd) = (bn.tensors(), &bn.save_mean, &bn.save_invstd);
+                conv::forward_stats_f16(rec, x, None, pw, hs, self.spec.stride, false, &stats, mean, invstd)?;
+                bn.recompute_f16(rec, hs, y, Epilogue::default())?;
+            }
+            _ => rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size()),
+        }
+        // x_{l+1} = ReLU(h(x_l) + BN_k(h_k)), added into the stream in place.
+        self.bns[k - 1].recompute_f16(rec, &kept.tensors[k - 1], y, Epilogue { add: true, relu: true })
+    }
+
+    fn backward_original_f16(
+        &self,
+        rec: &mut Recorder,
+        x: &HalfTensor,
+        y: &HalfTensor,
+        g_out: &HalfTensor,
+        g_in: &HalfTensor,
+        kept: &HalfKept,
+    ) -> Result<()> {
+        let k = self.convs.len();
+        // f = ReLU: dE/dy_l = dE/dx_{l+1} * [x_{l+1} > 0], in place.
+        relu::mask_in_place_f16(rec, y, g_out)?;
+        if self.spec.shortcut == Shortcut::Projection {
+            let (hs, dhs, bn, p) = (&kept.tensors[k], &kept.grads[k], self.proj_bn()?, self.proj()?);
+            batch_norm::backward_f16(rec, hs, g_out, &bn.grads(), false, dhs, false)?;
+            conv::backward_weight_f16(rec, x, dhs, &p.w.grad, self.spec.stride, false)?;
+            conv::backward_data_f16(rec, dhs, &p.w.value, g_in, self.spec.stride, false)?;
+        }
+        // The gradient at the last BN's output is g_out itself (its ReLU, f, masked above).
+        let mut dh = &kept.grads[k - 1]; // dE/dh_i
+        batch_norm::backward_f16(rec, &kept.tensors[k - 1], g_out, &self.bns[k - 1].grads(), false, dh, false)?;
+        for i in (0..k).rev() {
+            let conv = &self.convs[i];
+            if i == 0 {
+                conv::backward_weight_f16(rec, x, dh, &conv.w.grad, conv.stride, false)?;
+                // g_l = (shortcut's gradient) + the branch's.
+                return conv::backward_data_f16(rec, dh, &conv.w.value, g_in, conv.stride, true);
+            }
+            // conv_i reads ReLU(BN_{i-1}(h_{i-1})): its weight gradient through the prologue,
+            // then da and BN_{i-1}'s backward with the ReLU mask into dh_{i-1}.
+            let (hp, bn, da, dhp) = (&kept.tensors[i - 1], &self.bns[i - 1], &kept.da[i], &kept.grads[i - 1]);
+            bn.prologue_saved(rec)?;
+            conv::backward_weight_bn_relu_f16(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
+            let w = &conv.w.value;
+            conv::backward_data_bn_f16(rec, dh, w, da, conv.stride, false, hp, &bn.affine, &bn.grads(), dhp, false)?;
+            dh = dhp;
         }
         Ok(())
     }

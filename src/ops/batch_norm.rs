@@ -974,12 +974,17 @@ fn half_dispatch(
     prm: &[u32],
     binds: &[(u32, &wgpu::Buffer)],
 ) {
-    let (entry, groups) = match (v, entry) {
-        (Variant::Wide, "stats_partial") => {
-            ("stats_partial_w", groups_for(d[0] * d[1] * parts(d, WIDE_CHUNK) * WG as usize))
+    let (entry, groups) = match v {
+        Variant::Wide => {
+            let wide = match entry {
+                "stats_partial" => "stats_partial_w",
+                "normalize" => "normalize_w",
+                "backward_partial" => "backward_partial_w",
+                _ => "backward_apply_w",
+            };
+            (wide, groups_for(d[0] * d[1] * parts(d, WIDE_CHUNK) * WG as usize))
         }
-        (Variant::Wide, _) => ("backward_apply_w", groups_for(d[0] * d[1] * parts(d, WIDE_CHUNK) * WG as usize)),
-        (_, e) => (e, run_groups(d, if e == "stats_partial" { REDUCE_CHUNK } else { APPLY_CHUNK })),
+        _ => (entry, run_groups(d, if entry.ends_with("_partial") { REDUCE_CHUNK } else { APPLY_CHUNK })),
     };
     rec.dispatch(Shader::BatchNormF16, entry, prm, binds, groups);
 }
@@ -1098,5 +1103,63 @@ pub(crate) fn backward_from_sums_f16(
     ];
     let prm = params(d, v.apply_chunk(), true, false, accumulate_dx, 1.0);
     half_dispatch(rec, d, v, "backward_apply", &prm, &binds);
+    Ok(())
+}
+
+/// [`apply_saved`] on f16 tensors: `y = ep(BN(x))` with given statistics (`y_old` read as f16
+/// where `ep.add`; the result rounded once).
+#[allow(clippy::too_many_arguments)]
+pub fn apply_saved_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    y: &HalfTensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    mean: &Tensor,
+    invstd: &Tensor,
+    ep: Epilogue,
+) -> Result<()> {
+    const WHAT: &str = "batch norm apply_saved_f16";
+    let d = half_activations(rec.gpu, WHAT, x, &[("y", y)])?;
+    let named = [("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)];
+    per_channel(WHAT, d[1], &named)?;
+    distinct(WHAT, &named)?;
+    let v = half_variant(rec.gpu, d);
+    let prm = params(d, v.apply_chunk(), ep.relu, ep.add, false, 1.0);
+    let binds =
+        [(1, &x.buffer), (2, &y.buffer), (3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)];
+    half_dispatch(rec, d, v, "normalize", &prm, &binds);
+    Ok(())
+}
+
+/// [`backward`] on f16 `x`, `dy` and `dx` (the parameter gradients f32, overwritten): the
+/// sums, then `dx (+)=` rounded once to f16; with `relu`, `dy` masked by the recomputed
+/// `[gamma * xhat + beta > 0]`.
+pub fn backward_f16(
+    rec: &mut Recorder,
+    x: &HalfTensor,
+    dy: &HalfTensor,
+    b: &BnGrads,
+    relu: bool,
+    dx: &HalfTensor,
+    accumulate_dx: bool,
+) -> Result<()> {
+    let d = check_backward_f16(rec.gpu, "batch norm backward_f16", x, dy, dx, b)?;
+    let v = half_variant(rec.gpu, d);
+    let part = partials(rec.gpu, d);
+    let stat = [(3, &b.gamma.buffer), (4, &b.beta.buffer), (7, &b.save_mean.buffer), (8, &b.save_invstd.buffer)];
+    let mut binds = vec![(1, &x.buffer), (9, &dy.buffer), (14, &part)];
+    binds.extend(stat);
+    half_dispatch(rec, d, v, "backward_partial", &params(d, v.reduce_chunk(), relu, false, false, 1.0), &binds);
+    rec.dispatch(
+        Shader::BatchNorm,
+        "backward_final",
+        &params(d, v.reduce_chunk(), relu, false, false, 1.0),
+        &[(11, &b.scratch.buffer), (12, &b.dgamma.buffer), (13, &b.dbeta.buffer), (14, &part)],
+        [d[1] as u32, 1, 1],
+    );
+    let mut binds = vec![(1, &x.buffer), (9, &dy.buffer), (10, &dx.buffer), (11, &b.scratch.buffer)];
+    binds.extend(stat);
+    half_dispatch(rec, d, v, "backward_apply", &params(d, v.apply_chunk(), relu, false, accumulate_dx, 1.0), &binds);
     Ok(())
 }

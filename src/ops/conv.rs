@@ -436,9 +436,17 @@ pub fn forward_stats(
     let whole: Vec<&Tensor> = std::iter::once(w).chain(pre).collect();
     let plan = plan_pre(rec.gpu, Op::Forward, &g, pre.is_some());
     if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[x, y], &whole)?.is_none() {
-        if let Some((part, run)) =
-            tiled::record_forward_stats(rec, &g, plan, false, &x.buffer, pre, Weights::F32(w), &y.buffer, accumulate)
-        {
+        if let Some((part, run)) = tiled::record_forward_stats(
+            rec,
+            &g,
+            plan,
+            false,
+            &x.buffer,
+            pre,
+            Weights::F32(&w.buffer),
+            &y.buffer,
+            accumulate,
+        ) {
             return batch_norm::stats_from_moments(rec, y, &part, run, bn, save_mean, save_invstd);
         }
     }
@@ -476,7 +484,7 @@ pub fn backward_data_bn(
     batch_norm::check_backward(WHAT, x, da, dx, bn)?;
     let plan = plan(rec.gpu, Op::BackwardData, &g);
     if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[dy, da, x, dx], &[w])?.is_none() {
-        let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(w), &da.buffer, &x.buffer);
+        let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(&w.buffer), &da.buffer, &x.buffer);
         if let Some((part, run)) =
             tiled::record_backward_data_sums(rec, &g, plan, false, dyb, wf, dab, accumulate, xb, affine)
         {
@@ -706,15 +714,15 @@ fn tile_of(p: Plan) -> usize {
 pub fn forward_f16(
     rec: &mut Recorder,
     x: &HalfTensor,
-    w: &HalfTensor,
+    w: &impl F16Weights,
     y: &HalfTensor,
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
     let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
-    tiled::record_half_data(rec, Op::Forward, &g, tile, x, None, Weights::F16(w), y, accumulate);
+    tiled::record_half_data(rec, Op::Forward, &g, tile, x, None, operand(w), y, accumulate);
     Ok(())
 }
 
@@ -723,15 +731,15 @@ pub fn forward_f16(
 pub fn backward_data_f16(
     rec: &mut Recorder,
     dy: &HalfTensor,
-    w: &HalfTensor,
+    w: &impl F16Weights,
     dx: &HalfTensor,
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
-    let t = [(dx.dims(), &dx.buffer), (w.dims(), &w.buffer), (dy.dims(), &dy.buffer)];
+    let t = [(dx.dims(), &dx.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
     let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
-    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, None, Weights::F16(w), dx, accumulate);
+    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, None, operand(w), dx, accumulate);
     Ok(())
 }
 
@@ -753,6 +761,47 @@ pub fn backward_weight_f16(
     Ok(())
 }
 
+/// The weights the f16 path's forward and backward_data take: halves ([`HalfTensor`]), or
+/// f32 ([`Tensor`], rounded to f16 as they are transposed into the GEMM's operand: the f16
+/// units keep f32 weights, and their gradients are f32 either way).
+pub trait F16Weights {
+    /// The shape, `[K, C, k, k]`.
+    fn shape(&self) -> &[usize];
+    /// The buffer.
+    fn buffer(&self) -> &wgpu::Buffer;
+    /// Whether the buffer holds halves (else f32).
+    fn is_half(&self) -> bool;
+}
+
+impl F16Weights for HalfTensor {
+    fn shape(&self) -> &[usize] {
+        self.dims()
+    }
+    fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    fn is_half(&self) -> bool {
+        true
+    }
+}
+
+impl F16Weights for Tensor {
+    fn shape(&self) -> &[usize] {
+        self.dims()
+    }
+    fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+    fn is_half(&self) -> bool {
+        false
+    }
+}
+
+/// The tiled kernels' view of f16-path weights.
+fn operand(w: &impl F16Weights) -> Weights<'_> {
+    if w.is_half() { Weights::F16(w.buffer()) } else { Weights::F32(w.buffer()) }
+}
+
 // ---- The f16 units' convolutions: f16 activations, f32 weights (rounded to f16 as they are
 // transposed into the GEMM's operand) and weight gradients, the batch norms' values and sums
 // in f32. Always the tiled kernels, unsplit, with their epilogues. ----
@@ -762,17 +811,17 @@ pub fn forward_bn_relu_f16(
     rec: &mut Recorder,
     x: &HalfTensor,
     affine: &Tensor,
-    w: &Tensor,
+    w: &impl F16Weights,
     y: &HalfTensor,
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv forward_bn_relu_f16";
-    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
     let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
-    tiled::record_half_data(rec, Op::Forward, &g, tile, x, Some(affine), Weights::F32(w), y, accumulate);
+    tiled::record_half_data(rec, Op::Forward, &g, tile, x, Some(affine), operand(w), y, accumulate);
     Ok(())
 }
 
@@ -784,7 +833,7 @@ pub fn forward_stats_f16(
     rec: &mut Recorder,
     x: &HalfTensor,
     pre: Option<&Tensor>,
-    w: &Tensor,
+    w: &impl F16Weights,
     y: &HalfTensor,
     stride: usize,
     accumulate: bool,
@@ -793,14 +842,14 @@ pub fn forward_stats_f16(
     save_invstd: &Tensor,
 ) -> Result<()> {
     const WHAT: &str = "conv forward_stats_f16";
-    let t = [(x.dims(), &x.buffer), (w.dims(), &w.buffer), (y.dims(), &y.buffer)];
+    let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train_f16(rec.gpu, WHAT, y, bn, save_mean, save_invstd)?;
     let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
     let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
     let (xb, yb) = (&x.buffer, &y.buffer);
-    let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, true, xb, pre, Weights::F32(w), yb, accumulate)
+    let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, true, xb, pre, operand(w), yb, accumulate)
     else {
         unreachable!("every tile configuration has room for the moments (tiled.rs every_tile_is_valid)")
     };
@@ -834,7 +883,7 @@ pub fn backward_weight_bn_relu_f16(
 pub fn backward_data_bn_f16(
     rec: &mut Recorder,
     dy: &HalfTensor,
-    w: &Tensor,
+    w: &impl F16Weights,
     da: &HalfTensor,
     stride: usize,
     accumulate: bool,
@@ -845,13 +894,13 @@ pub fn backward_data_bn_f16(
     accumulate_dx: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv backward_data_bn_f16";
-    let t = [(da.dims(), &da.buffer), (w.dims(), &w.buffer), (dy.dims(), &dy.buffer)];
+    let t = [(da.dims(), &da.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["dx", "w", "dy"], t, 0, stride)?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward_f16(rec.gpu, WHAT, x, da, dx, bn)?;
     let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
     let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
-    let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(w), &da.buffer, &x.buffer);
+    let (dyb, wf, dab, xb) = (&dy.buffer, operand(w), &da.buffer, &x.buffer);
     let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, true, dyb, wf, dab, accumulate, xb, affine)
     else {
         unreachable!("every tile configuration has room for the sums (tiled.rs every_tile_is_valid)")

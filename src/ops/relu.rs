@@ -1,9 +1,9 @@
 //! ReLU, dispatching `shaders/relu.wgsl`. Reference: `reference::relu`.
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
 use crate::ops::{same_len, split};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// `y = max(x, 0)`.
 pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
@@ -42,5 +42,26 @@ pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
     }
     let n = y.len();
     rec.dispatch(Shader::Relu, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
+    Ok(())
+}
+
+/// [`mask_in_place`] on f16 tensors (the f16 path; adapters with shader-f16), whole (no chunks).
+pub fn mask_in_place_f16(rec: &mut Recorder, y: &HalfTensor, g: &HalfTensor) -> Result<()> {
+    const WHAT: &str = "relu mask_in_place_f16";
+    if !rec.gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{WHAT}: the adapter has no shader-f16")));
+    }
+    if y.dims() != g.dims() || y.buffer == g.buffer {
+        return Err(Error::Shape(format!(
+            "{WHAT}: y {:?} and g {:?} must be distinct tensors of one shape",
+            y.dims(),
+            g.dims()
+        )));
+    }
+    if (y.len() * 2) as u64 > rec.gpu.report.max_storage_binding {
+        return Err(Error::Invalid(format!("{WHAT}: {:?} is larger than one storage binding", y.dims())));
+    }
+    let n = y.len();
+    rec.dispatch(Shader::ReluF16, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
     Ok(())
 }

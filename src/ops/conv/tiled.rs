@@ -431,7 +431,7 @@ pub(super) fn record(
     let aff = affine_binding(rec.gpu, pre);
     match op {
         Op::BackwardWeight => weight(rec, g, tile, build, [&a.buffer, &b.buffer, &aff], out, acc, splits, chunk),
-        _ => data(rec, g, build, plan, [&a.buffer, &aff], Weights::F32(b), &out.buffer, acc, Epi::None),
+        _ => data(rec, g, build, plan, [&a.buffer, &aff], Weights::F32(&b.buffer), &out.buffer, acc, Epi::None),
     }
 }
 
@@ -439,8 +439,8 @@ pub(super) fn record(
 /// takes f32 weights, rounding them as it transposes them).
 #[derive(Clone, Copy)]
 pub(super) enum Weights<'a> {
-    F32(&'a Tensor),
-    F16(&'a HalfTensor),
+    F32(&'a wgpu::Buffer),
+    F16(&'a wgpu::Buffer),
 }
 
 /// The forward under a tiled `plan` whose epilogue also writes the per-channel moments of y
@@ -556,15 +556,18 @@ fn data(
             scratch(gpu, "wtt", (red * cp * 4) as u64, wgpu::BufferUsages::STORAGE),
             gpu.pipeline(crate::gpu::Shader::Conv, "transpose_weights"),
             "transpose_weights",
-            (2, &w.buffer),
+            (2, w),
         ),
         (true, w) => {
             let (entry, source) = match w {
-                Weights::F16(w) => ("transpose_main", (8, &w.buffer)),
-                Weights::F32(w) => ("transpose_main32", (10, &w.buffer)),
+                Weights::F16(w) => ("transpose_main", (8, w)),
+                Weights::F32(w) => ("transpose_main32", (10, w)),
             };
             let wtt = scratch(gpu, "wtt16", (red * cp * 2).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
-            (wtt, pipeline(gpu, tile, build, entry), entry, source)
+            // The transposition depends on the op and kernel size alone: one pipeline for
+            // every tile configuration, stride and epilogue (fewer shader compiles).
+            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, ..build };
+            (wtt, pipeline(gpu, 0, canonical, entry), entry, source)
         }
         (false, Weights::F16(_)) => unreachable!("f16 weights take the f16 path"),
     };
