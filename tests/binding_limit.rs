@@ -510,6 +510,46 @@ fn what_cannot_be_split_is_a_typed_error_naming_sizes() {
     assert!(matches!(net.train_step(g, &images, &labels, Sgd::default()), Err(Error::TooLarge { .. })));
 }
 
+/// The f16 path binds whole tensors: one past the limit is `Error::TooLarge` naming it, from
+/// the convolutions, the batch norm and a unit alike, with nothing recorded.
+#[test]
+fn the_f16_path_past_the_limit_is_a_typed_error() {
+    use resnet_wgpu::tensor::HalfTensor;
+    let g = small();
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    // 2 x 16 x 8 x 8 halves are 4096 bytes; 2 x 4 x 8 x 8 are 1024.
+    let half = |d: &[usize]| HalfTensor::zeros(g, d).unwrap();
+    let (x, w, y) = (half(&[2, 16, 8, 8]), Tensor::zeros(g, &[4, 16, 1, 1]).unwrap(), half(&[2, 4, 8, 8]));
+    let mut rec = g.recorder("f16 too large");
+    match conv::forward_f16(&mut rec, &x, &w, &y, 1, false) {
+        Err(Error::TooLarge { bytes: 4096, limit: LIMIT, what, .. }) => {
+            assert!(what.contains("[2, 16, 8, 8]"), "{what}")
+        }
+        other => panic!("expected TooLarge for x, got {other:?}"),
+    }
+    let c = 16;
+    let (ones, zeros) = (Tensor::filled(g, &[c], 1.0).unwrap(), Tensor::zeros(g, &[c]).unwrap());
+    let (mean, invstd, rm, rv) = (zeros_of(g, c), zeros_of(g, c), zeros_of(g, c), zeros_of(g, c));
+    let p = BnTensors { gamma: &ones, beta: &zeros, running_mean: &rm, running_var: &rv };
+    assert!(matches!(bn::stats_train_f16(&mut rec, &x, &p, &mean, &invstd), Err(Error::TooLarge { bytes: 4096, .. })));
+    // A unit whose input does not fit.
+    let cfg = NetConfig { widths: [16, 16, 16], units_per_stage: 2, ..tiny(UnitKind::PreAct, ShortcutOption::B) };
+    let spec = cfg.units().into_iter().find(|u| u.name == "layer1.1").unwrap();
+    let unit = Unit::from_state(g, &spec, &random_state(&cfg, 1)).unwrap();
+    let kept = unit.allocate_f16(g, [2, 16, 8, 8]).unwrap();
+    let out = half(&[2, 16, 8, 8]);
+    assert!(matches!(unit.forward_f16(&mut rec, &x, &out, &kept), Err(Error::TooLarge { .. })));
+    // Nothing was recorded: the recorder still runs.
+    rec.run().unwrap();
+}
+
+fn zeros_of(g: &Gpu, c: usize) -> Tensor {
+    Tensor::zeros(g, &[c]).unwrap()
+}
+
 /// The paper's variants past the limit: the combination and gate kernels by chunks (the dropout
 /// mask must stay that of the whole tensor), and whole variant networks.
 #[test]

@@ -939,11 +939,7 @@ fn half_activations(gpu: &Gpu, what: &str, x: &HalfTensor, others: &[(&str, &Hal
         if e != d {
             return Err(Error::Shape(format!("{what}: {name} is {e:?}, x is {d:?}")));
         }
-        if (t.len() * 2) as u64 > gpu.report.max_storage_binding {
-            return Err(Error::Invalid(format!(
-                "{what}: {name} {d:?} is larger than one storage binding (the f16 path runs whole batches)"
-            )));
-        }
+        split::whole_fits_f16(gpu, &format!("{what}: {name}"), t.dims(), t.buffer.size())?;
         if all[..i].iter().any(|(_, o)| o.buffer == t.buffer) {
             return Err(Error::Invalid(format!("{what}: {name} must be a tensor of its own")));
         }

@@ -684,6 +684,9 @@ fn check_f16(
     if (0..3).any(|i| i != out && t[i].1 == t[out].1) {
         return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
     }
+    for (name, (dims, buffer)) in names.iter().zip(t) {
+        split::whole_fits_f16(gpu, &format!("{what}: {name}"), dims, buffer.size())?;
+    }
     Ok(g)
 }
 

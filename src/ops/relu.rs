@@ -58,9 +58,7 @@ pub fn mask_in_place_f16(rec: &mut Recorder, y: &HalfTensor, g: &HalfTensor) -> 
             g.dims()
         )));
     }
-    if (y.len() * 2) as u64 > rec.gpu.report.max_storage_binding {
-        return Err(Error::Invalid(format!("{WHAT}: {:?} is larger than one storage binding", y.dims())));
-    }
+    split::whole_fits_f16(rec.gpu, WHAT, y.dims(), y.buffer.size())?;
     let n = y.len();
     rec.dispatch(Shader::ReluF16, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
     Ok(())

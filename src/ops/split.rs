@@ -37,6 +37,21 @@ pub(crate) fn whole_fits(gpu: &Gpu, what: &str, whole: &[&Tensor]) -> Result<()>
     }
 }
 
+/// A tensor of the f16 path (`dims`, `bytes` in its buffer) fits one binding: that path binds
+/// whole tensors; `Error::TooLarge` naming it otherwise.
+pub(crate) fn whole_fits_f16(gpu: &Gpu, what: &str, dims: &[usize], bytes: u64) -> Result<()> {
+    let limit = gpu.max_binding_bytes;
+    if bytes <= limit {
+        return Ok(());
+    }
+    Err(Error::TooLarge {
+        what: format!("{what}: tensor {dims:?}"),
+        bytes,
+        limit,
+        of: "storage-binding limit (the f16 path binds whole tensors: no chunks)",
+    })
+}
+
 /// `None` when every tensor of `batched` fits one binding (the fast path); else the most images
 /// per chunk such that each tensor's chunk fits. Every tensor of `batched` has `n` images (its
 /// first dimension); `whole` tensors are checked to fit as they are. One image that does not
