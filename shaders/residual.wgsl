@@ -5,6 +5,9 @@
 // through the `accumulate` flag of the backward kernels.
 //
 // Option A (units that change shape): h(x) = x subsampled by the stride, extra channels zero.
+//
+// ST, the storage type of every tensor, is f32, or f16 in the module of the f16 path
+// (ops/residual.rs `*_f16`; the host prepends the alias).
 
 struct Params {
     len: u32,    // elements written
@@ -16,10 +19,10 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> branch: array<f32>;
-@group(0) @binding(2) var<storage, read_write> stream: array<f32>;
-@group(0) @binding(3) var<storage, read> src: array<f32>;
-@group(0) @binding(4) var<storage, read_write> dst: array<f32>;
+@group(0) @binding(1) var<storage, read> branch: array<ST>;
+@group(0) @binding(2) var<storage, read_write> stream: array<ST>;
+@group(0) @binding(3) var<storage, read> src: array<ST>;
+@group(0) @binding(4) var<storage, read_write> dst: array<ST>;
 
 const WG: u32 = 64u;
 
@@ -33,7 +36,7 @@ fn add(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
        @builtin(local_invocation_id) lid: vec3u) {
     let i = flat(wid, nwg, lid);
     if i >= p.len { return; }
-    stream[i] += branch[i];
+    stream[i] = ST(f32(stream[i]) + f32(branch[i]));
 }
 
 // dst [N, c_out, h_out, w_out] = x [N, c_in, h_in, w_in] at (s*h, s*w), zero where c >= c_in.
@@ -46,7 +49,7 @@ fn subsample_forward(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups)
     let oh = (i / p.w_out) % p.h_out;
     let c = (i / (p.w_out * p.h_out)) % p.c_out;
     let n = i / (p.w_out * p.h_out * p.c_out);
-    var v = 0.0;
+    var v = ST(0.0);
     if c < p.c_in {
         v = src[((n * p.c_in + c) * p.h_in + oh * p.stride) * p.w_in + ow * p.stride];
     }
@@ -65,7 +68,8 @@ fn subsample_backward(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
     let n = i / (p.w_in * p.h_in * p.c_in);
     var v = 0.0;
     if ih % p.stride == 0u && iw % p.stride == 0u {
-        v = src[((n * p.c_out + c) * p.h_out + ih / p.stride) * p.w_out + iw / p.stride];
+        v = f32(src[((n * p.c_out + c) * p.h_out + ih / p.stride) * p.w_out + iw / p.stride]);
     }
-    if p.accumulate == 1u { dst[i] += v; } else { dst[i] = v; }
+    if p.accumulate == 1u { v += f32(dst[i]); }
+    dst[i] = ST(v);
 }

@@ -58,6 +58,8 @@ pub enum Shader {
     /// `relu.wgsl` on f16 tensors (as `BatchNormF16`).
     ReluF16,
     Residual,
+    /// `residual.wgsl` on f16 tensors (as `BatchNormF16`).
+    ResidualF16,
     PoolFcLoss,
     Sgd,
     Probe,
@@ -69,6 +71,7 @@ impl Shader {
     fn source(self) -> std::borrow::Cow<'static, str> {
         const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
         const RELU: &str = include_str!("../shaders/relu.wgsl");
+        const RESIDUAL: &str = include_str!("../shaders/residual.wgsl");
         // The storage type ST of the files that serve both paths.
         const F32: &str = "alias ST = f32;\n";
         const F16: &str = "enable f16;\nalias ST = f16;\n";
@@ -78,7 +81,8 @@ impl Shader {
             Shader::BatchNormF16 => return format!("{F16}{BATCH_NORM}").into(),
             Shader::Relu => return format!("{F32}{RELU}").into(),
             Shader::ReluF16 => return format!("{F16}{RELU}").into(),
-            Shader::Residual => include_str!("../shaders/residual.wgsl"),
+            Shader::Residual => return format!("{F32}{RESIDUAL}").into(),
+            Shader::ResidualF16 => return format!("{F16}{RESIDUAL}").into(),
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
             Shader::Sgd => include_str!("../shaders/sgd.wgsl"),
             Shader::Probe => include_str!("../shaders/probe.wgsl"),

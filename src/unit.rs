@@ -1059,8 +1059,8 @@ fn missing(s: &UnitSpec, what: &str) -> Error {
     Error::Invalid(format!("{}: no kept {what}", s.name))
 }
 
-// ---- The f16 path: the fused pre-activation and original units with identity or projection
-// shortcuts, in training. The activations (x, y, what the unit keeps, the gradients at them)
+// ---- The f16 path: the fused pre-activation and original units (every shortcut), in
+// training. The activations (x, y, what the unit keeps, the gradients at them)
 // are halves; the weights, the BN parameters and statistics, every parameter gradient and all
 // arithmetic are f32. The passes are the fused f32 units' on the tiled kernels: each BN +
 // ReLU in the next convolution's loads, BN statistics and backward sums in the convolutions'
@@ -1081,9 +1081,9 @@ pub struct HalfKept {
 
 impl Unit {
     /// Whether the f16 path takes this unit: a pre-activation or original unit with the plain
-    /// sum and the identity or projection shortcut.
+    /// sum (any shortcut).
     pub fn half_capable(&self) -> bool {
-        self.fused() && matches!(self.spec.shortcut, Shortcut::Identity | Shortcut::Projection)
+        self.fused()
     }
 
     fn check_half(&self) -> Result<()> {
@@ -1091,9 +1091,8 @@ impl Unit {
             return Ok(());
         }
         Err(Error::Invalid(format!(
-            "{}: the f16 path takes pre-activation and original units with identity or projection \
-             shortcuts ({:?}, {:?}, {:?} here)",
-            self.spec.name, self.spec.kind, self.spec.combine, self.spec.shortcut
+            "{}: the f16 path takes pre-activation and original units with the plain sum ({:?}, {:?} here)",
+            self.spec.name, self.spec.kind, self.spec.combine
         )))
     }
 
@@ -1185,7 +1184,7 @@ impl Unit {
                         let p = &self.proj()?.w.value;
                         conv::forward_bn_relu_f16(rec, x, &bn.affine, p, y, self.spec.stride, false)?;
                     }
-                    _ => rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size()),
+                    _ => self.shortcut_free_f16(rec, x, y)?,
                 }
             }
             if i + 1 == k {
@@ -1248,10 +1247,28 @@ impl Unit {
                         rec, g_out, &p.w.value, da, s, true, x, &bn.affine, &grads, g_in, false,
                     )?;
                 }
-                _ => conv::backward_data_bn_f16(rec, d_out, w, da, stride, false, x, &bn.affine, &grads, g_in, true)?,
+                Shortcut::Subsample => {
+                    residual::subsample_backward_f16(rec, g_out, g_in, self.spec.stride, false)?;
+                    conv::backward_data_bn_f16(rec, d_out, w, da, stride, false, x, &bn.affine, &grads, g_in, true)?;
+                }
+                Shortcut::Identity => {
+                    conv::backward_data_bn_f16(rec, d_out, w, da, stride, false, x, &bn.affine, &grads, g_in, true)?
+                }
             }
         }
         Ok(())
+    }
+
+    /// `h(x)` into `y` (overwriting it) for the parameter-free shortcuts, on the f16 path.
+    fn shortcut_free_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor) -> Result<()> {
+        match self.spec.shortcut {
+            Shortcut::Identity => {
+                rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size());
+                Ok(())
+            }
+            Shortcut::Subsample => residual::subsample_forward_f16(rec, x, y, self.spec.stride),
+            Shortcut::Projection => Ok(()),
+        }
     }
 
     // ---- original: h_i = conv_i(in_i), in_{i+1} = ReLU(BN_i(h_i)), y = ReLU(h + BN_k(h_k)) ----
@@ -1279,7 +1296,7 @@ impl Unit {
                 conv::forward_stats_f16(rec, x, None, pw, hs, self.spec.stride, false, &stats, mean, invstd)?;
                 bn.recompute_f16(rec, hs, y, Epilogue::default())?;
             }
-            _ => rec.encoder().copy_buffer_to_buffer(&x.buffer, 0, &y.buffer, 0, x.buffer.size()),
+            _ => self.shortcut_free_f16(rec, x, y)?,
         }
         // x_{l+1} = ReLU(h(x_l) + BN_k(h_k)), added into the stream in place.
         self.bns[k - 1].recompute_f16(rec, &kept.tensors[k - 1], y, Epilogue { add: true, relu: true })
@@ -1297,11 +1314,15 @@ impl Unit {
         let k = self.convs.len();
         // f = ReLU: dE/dy_l = dE/dx_{l+1} * [x_{l+1} > 0], in place.
         relu::mask_in_place_f16(rec, y, g_out)?;
-        if self.spec.shortcut == Shortcut::Projection {
-            let (hs, dhs, bn, p) = (&kept.tensors[k], &kept.grads[k], self.proj_bn()?, self.proj()?);
-            batch_norm::backward_f16(rec, hs, g_out, &bn.grads(), false, dhs, false)?;
-            conv::backward_weight_f16(rec, x, dhs, &p.w.grad, self.spec.stride, false)?;
-            conv::backward_data_f16(rec, dhs, &p.w.value, g_in, self.spec.stride, false)?;
+        match self.spec.shortcut {
+            Shortcut::Identity => {}
+            Shortcut::Subsample => residual::subsample_backward_f16(rec, g_out, g_in, self.spec.stride, false)?,
+            Shortcut::Projection => {
+                let (hs, dhs, bn, p) = (&kept.tensors[k], &kept.grads[k], self.proj_bn()?, self.proj()?);
+                batch_norm::backward_f16(rec, hs, g_out, &bn.grads(), false, dhs, false)?;
+                conv::backward_weight_f16(rec, x, dhs, &p.w.grad, self.spec.stride, false)?;
+                conv::backward_data_f16(rec, dhs, &p.w.value, g_in, self.spec.stride, false)?;
+            }
         }
         // The gradient at the last BN's output is g_out itself (its ReLU, f, masked above).
         let mut dh = &kept.grads[k - 1]; // dE/dh_i

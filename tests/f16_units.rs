@@ -1,5 +1,5 @@
-//! The f16 path's units (pre-activation and original, identity and projection shortcuts,
-//! training forward and backward) against the f64 reference on the same half-rounded input and
+//! The f16 path's units (pre-activation and original, every shortcut, training forward and
+//! backward) against the f64 reference on the same half-rounded input and
 //! output gradient: `x_{l+1}`, `dE/dx_l`, every parameter gradient and the running statistics,
 //! with the outputs and gradients poisoned first; and the units the f16 path refuses.
 mod common;
@@ -22,27 +22,34 @@ const F16_UNIT_TOL: f64 = 5e-3;
 ///   35 to 90 values per channel, show it most.
 const F16_BN_PARAM_TOL: f64 = 3e-2;
 
-fn config(kind: UnitKind, bottleneck: bool) -> NetConfig {
+fn config(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption) -> NetConfig {
     NetConfig {
         kind,
         combine: Combine::Add,
         units_per_stage: 2,
         bottleneck,
-        shortcut: ShortcutOption::B,
+        shortcut,
         widths: if bottleneck { [2, 3, 5] } else { [5, 6, 7] },
         in_channels: 3,
         classes: 3,
     }
 }
 
-/// The units of `cfg` the f16 path takes, one per shortcut: the identity unit `layer1.1` and
-/// the projection unit `layer2.0` (stride 2, widening).
-fn units(cfg: &NetConfig) -> Vec<UnitSpec> {
-    let all = cfg.units();
-    let pick = |name: &str| all.iter().find(|s| s.name == name).cloned().expect("unit exists");
-    let (identity, projection) = (pick("layer1.1"), pick("layer2.0"));
-    assert_eq!((identity.shortcut, projection.shortcut), (Shortcut::Identity, Shortcut::Projection));
-    vec![identity, projection]
+/// One unit per shortcut, with its network's configuration: the identity unit `layer1.1` and
+/// the projection unit `layer2.0` (option B: stride 2, widening), and option A's subsampling
+/// unit `layer2.0`.
+fn units(kind: UnitKind, bottleneck: bool) -> Vec<(NetConfig, UnitSpec)> {
+    let pick = |cfg: NetConfig, name: &str, shortcut: Shortcut| {
+        let spec = cfg.units().into_iter().find(|s| s.name == name).expect("unit exists");
+        assert_eq!(spec.shortcut, shortcut, "{name}");
+        (cfg, spec)
+    };
+    let (b, a) = (config(kind, bottleneck, ShortcutOption::B), config(kind, bottleneck, ShortcutOption::A));
+    vec![
+        pick(b.clone(), "layer1.1", Shortcut::Identity),
+        pick(b, "layer2.0", Shortcut::Projection),
+        pick(a, "layer2.0", Shortcut::Subsample),
+    ]
 }
 
 fn half_round(v: &[f32]) -> Vec<f32> {
@@ -146,7 +153,7 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
     }
 }
 
-/// Pre-activation and original, basic and bottleneck, identity and projection shortcuts; batch
+/// Pre-activation and original, basic and bottleneck, every shortcut; batch
 /// 1 and 2, odd sizes, channels not a multiple of 4, with the context's own kernels. Then the
 /// basic identity units again with a large tile and the wide batch-norm kernels forced (each
 /// tile configuration is a module of its own for each of the f16 path's prologue and epilogue
@@ -166,8 +173,7 @@ fn f16_units_within_bound() {
         let mut seed = 80;
         for kind in [UnitKind::PreAct, UnitKind::Original] {
             for bottleneck in [false, true] {
-                let cfg = config(kind, bottleneck);
-                for spec in units(&cfg) {
+                for (cfg, spec) in units(kind, bottleneck) {
                     let covered = ctx == "auto" || (!bottleneck && spec.shortcut == Shortcut::Identity);
                     if covered {
                         check_unit(g, ctx, &cfg, &spec, 1, [7, 5], seed);
@@ -180,20 +186,21 @@ fn f16_units_within_bound() {
     }
 }
 
-/// Units the f16 path does not take (option A's subsampling shortcut, the paper's other
-/// combinations) are refused, with a typed error and nothing recorded.
+/// Units the f16 path does not take (the paper's other combinations: scaling, gates, dropout)
+/// are refused, with a typed error and nothing recorded.
 #[test]
 fn f16_path_refuses_other_units() {
     let g = gpu();
-    let option_a = NetConfig { shortcut: ShortcutOption::A, ..config(UnitKind::PreAct, false) };
-    let spec = option_a.units().into_iter().find(|s| s.shortcut == Shortcut::Subsample).expect("a subsampling unit");
-    let unit = Unit::from_state(g, &spec, &random_state(&option_a, 3)).unwrap();
-    assert!(!unit.half_capable());
-    let err = unit.allocate_f16(g, [1, spec.c_in, 8, 8]).unwrap_err();
-    assert!(matches!(err, resnet_wgpu::Error::Invalid(_)), "{err}");
-    let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 0.5 }, ..config(UnitKind::Original, false) };
-    let spec = scaled.units().into_iter().find(|s| s.name == "layer1.1").expect("layer1.1");
-    let unit = Unit::from_state(g, &spec, &random_state(&scaled, 4)).unwrap();
-    assert!(!unit.half_capable());
-    assert!(matches!(unit.allocate_f16(g, [1, spec.c_in, 4, 4]), Err(resnet_wgpu::Error::Invalid(_))));
+    for (kind, combine) in [
+        (UnitKind::Original, Combine::Scale { h: 0.5, f: 0.5 }),
+        (UnitKind::PreAct, Combine::ExclusiveGate { bias: -6.0 }),
+        (UnitKind::PreAct, Combine::Dropout { rate: 0.5 }),
+    ] {
+        let cfg = NetConfig { combine, ..config(kind, false, ShortcutOption::B) };
+        let spec = cfg.units().into_iter().find(|s| s.name == "layer1.1").expect("layer1.1");
+        let unit = Unit::from_state(g, &spec, &random_state(&cfg, 4)).unwrap();
+        assert!(!unit.half_capable());
+        let err = unit.allocate_f16(g, [1, spec.c_in, 4, 4]).unwrap_err();
+        assert!(matches!(err, resnet_wgpu::Error::Invalid(_)), "{err}");
+    }
 }

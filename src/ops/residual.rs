@@ -7,7 +7,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader, groups_for};
 use crate::ops::{same_len, split};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// `stream += branch`, in place.
 pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
@@ -23,15 +23,20 @@ pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
 /// The shader's parameters for `len` elements written, checking that `x` -> `y` is a valid
 /// option-A shortcut.
 fn subsample_params(x: &Tensor, y: &Tensor, stride: usize, accumulate: bool, len: usize) -> Result<[u32; 9]> {
-    let [n, c_in, h, w] = x.nchw("shortcut input")?;
-    let [n2, c_out, oh, ow] = y.nchw("shortcut output")?;
+    subsample_dims(x.dims(), y.dims(), stride, accumulate, len)
+}
+
+/// [`subsample_params`] from the shapes.
+fn subsample_dims(x: &[usize], y: &[usize], stride: usize, accumulate: bool, len: usize) -> Result<[u32; 9]> {
+    let bad = || {
+        Error::Shape(format!(
+            "option-A shortcut, stride {stride}: {x:?} -> {y:?} must be 4-D, divide H and W by the \
+             stride (rounding up) and not reduce channels"
+        ))
+    };
+    let (&[n, c_in, h, w], &[n2, c_out, oh, ow]) = (x, y) else { return Err(bad()) };
     if !(1..=2).contains(&stride) || n != n2 || c_out < c_in || oh != h.div_ceil(stride) || ow != w.div_ceil(stride) {
-        return Err(Error::Shape(format!(
-            "option-A shortcut, stride {stride}: {:?} -> {:?} must divide H and W by the stride \
-             (rounding up) and not reduce channels",
-            x.dims(),
-            y.dims()
-        )));
+        return Err(bad());
     }
     let d = [len, c_in, c_out, h, w, oh, ow, accumulate as usize, stride];
     Ok(d.map(|v| v as u32))
@@ -78,5 +83,46 @@ pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: 
 pub fn copy(rec: &mut Recorder, src: &Tensor, dst: &Tensor) -> Result<()> {
     same_len("copy", &[src, dst])?;
     rec.encoder().copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, src.bytes());
+    Ok(())
+}
+
+/// The f16 path's checks of a shortcut from `x` to `y`: the adapter has shader-f16, each fits
+/// one binding, and they are distinct.
+fn check_f16(rec: &Recorder, what: &str, x: &HalfTensor, y: &HalfTensor) -> Result<()> {
+    if !rec.gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
+    }
+    if x.buffer == y.buffer {
+        return Err(Error::Invalid(format!("{what}: input and output must be different tensors")));
+    }
+    for t in [x, y] {
+        split::whole_fits_f16(rec.gpu, what, t.dims(), t.buffer.size())?;
+    }
+    Ok(())
+}
+
+/// [`subsample_forward`] on f16 tensors (the f16 path), whole (no chunks).
+pub fn subsample_forward_f16(rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, stride: usize) -> Result<()> {
+    const WHAT: &str = "option-A shortcut forward_f16";
+    check_f16(rec, WHAT, x, y)?;
+    let params = subsample_dims(x.dims(), y.dims(), stride, false, y.len())?;
+    let binds = [(3, &x.buffer), (4, &y.buffer)];
+    rec.dispatch(Shader::ResidualF16, "subsample_forward", &params, &binds, groups_for(y.len()));
+    Ok(())
+}
+
+/// [`subsample_backward`] on f16 tensors (the f16 path), whole (no chunks).
+pub fn subsample_backward_f16(
+    rec: &mut Recorder,
+    dy: &HalfTensor,
+    dx: &HalfTensor,
+    stride: usize,
+    accumulate: bool,
+) -> Result<()> {
+    const WHAT: &str = "option-A shortcut backward_f16";
+    check_f16(rec, WHAT, dy, dx)?;
+    let params = subsample_dims(dx.dims(), dy.dims(), stride, accumulate, dx.len())?;
+    let binds = [(3, &dy.buffer), (4, &dx.buffer)];
+    rec.dispatch(Shader::ResidualF16, "subsample_backward", &params, &binds, groups_for(dx.len()));
     Ok(())
 }
