@@ -658,16 +658,10 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let y = HalfTensor::zeros(gpu, &d)?;
             let dy_host = rng.data(d.iter().product());
             let g = HalfTensor::from_f32(gpu, &d, &dy_host)?;
-            let g_bytes = bytemuck::cast_slice::<half::f16, u8>(
-                &dy_host.iter().map(|&v| half::f16::from_f32(v)).collect::<Vec<_>>(),
-            )
-            .to_vec();
             flush(gpu)?;
             // As the f32 unit: the backward accumulates into g, restored before each run.
             let mut reset = || {
-                let mut bytes = g_bytes.clone();
-                bytes.resize(g.buffer.size() as usize, 0);
-                gpu.queue.write_buffer(&g.buffer, 0, &bytes);
+                g.write(gpu, &dy_host)?;
                 flush(gpu)
             };
             let mut record = || {

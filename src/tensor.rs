@@ -164,10 +164,31 @@ impl HalfTensor {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
+        let t = HalfTensor { dims: dims.to_vec(), buffer };
+        t.upload(gpu, data);
+        Ok(t)
+    }
+
+    /// Overwrites the contents with `data` rounded to the nearest half (queued: it lands
+    /// before the next submission's work).
+    pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::Length {
+                what: format!("half tensor {:?}", self.dims),
+                expected: self.len(),
+                got: data.len(),
+            });
+        }
+        let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
+        self.upload(gpu, &h);
+        Ok(())
+    }
+
+    /// Queues `data` (of this tensor's length) into the buffer, padded to whole 4 bytes.
+    fn upload(&self, gpu: &Gpu, data: &[half::f16]) {
         let mut bytes: Vec<u8> = bytemuck::cast_slice(data).to_vec();
         bytes.resize(bytes.len().div_ceil(4) * 4, 0);
-        gpu.queue.write_buffer(&buffer, 0, &bytes);
-        Ok(HalfTensor { dims: dims.to_vec(), buffer })
+        gpu.queue.write_buffer(&self.buffer, 0, &bytes);
     }
 
     /// A half tensor of zeros.

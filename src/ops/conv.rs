@@ -671,9 +671,6 @@ fn check_f16(
     out: usize,
     stride: usize,
 ) -> Result<Geometry> {
-    if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
-        return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
-    }
     let nchw = |i: usize| -> Result<[usize; 4]> {
         match t[i].0 {
             &[n, c, h, w] => Ok([n, c, h, w]),

@@ -25,31 +25,28 @@ use crate::tensor::Tensor;
 
 /// Every tensor in `whole` fits one binding; `Error::TooLarge` naming the first that does not.
 pub(crate) fn whole_fits(gpu: &Gpu, what: &str, whole: &[&Tensor]) -> Result<()> {
-    let limit = gpu.max_binding_bytes;
-    match whole.iter().find(|t| t.bytes() > limit) {
-        Some(t) => Err(Error::TooLarge {
-            what: format!("{what}: tensor {:?} (bound whole; it has no batch to split)", t.dims()),
-            bytes: t.bytes(),
-            limit,
-            of: "storage-binding limit",
-        }),
-        None => Ok(()),
+    for t in whole {
+        let what = format!("{what}: tensor {:?} (bound whole; it has no batch to split)", t.dims());
+        fits(gpu, what, t.bytes(), "storage-binding limit")?;
     }
+    Ok(())
 }
 
-/// A tensor of the f16 path (`dims`, `bytes` in its buffer) fits one binding: that path binds
-/// whole tensors; `Error::TooLarge` naming it otherwise.
-pub(crate) fn whole_fits_f16(gpu: &Gpu, what: &str, dims: &[usize], bytes: u64) -> Result<()> {
+/// `bytes` fit one binding; `Error::TooLarge` about `what` otherwise.
+fn fits(gpu: &Gpu, what: String, bytes: u64, of: &'static str) -> Result<()> {
     let limit = gpu.max_binding_bytes;
-    if bytes <= limit {
-        return Ok(());
+    if bytes <= limit { Ok(()) } else { Err(Error::TooLarge { what, bytes, limit, of }) }
+}
+
+/// The f16 path's checks of one of its tensors (`dims`, `bytes` in its buffer): the adapter
+/// has shader-f16 (`Error::Invalid` otherwise), and the tensor fits one binding, as that path
+/// binds whole tensors (`Error::TooLarge` naming it otherwise).
+pub(crate) fn whole_fits_f16(gpu: &Gpu, what: &str, dims: &[usize], bytes: u64) -> Result<()> {
+    if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+        return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
     }
-    Err(Error::TooLarge {
-        what: format!("{what}: tensor {dims:?}"),
-        bytes,
-        limit,
-        of: "storage-binding limit (the f16 path binds whole tensors: no chunks)",
-    })
+    let of = "storage-binding limit (the f16 path binds whole tensors: no chunks)";
+    fits(gpu, format!("{what}: tensor {dims:?}"), bytes, of)
 }
 
 /// `None` when every tensor of `batched` fits one binding (the fast path); else the most images
