@@ -22,6 +22,9 @@
 //   ST       the storage type of x, dy, the weights, y and dx: f32, or f16 (the f16 path: f16
 //            loads and stores, the tiles and all arithmetic in f32; dw stays f32; the weights
 //            may also come as f32, transpose_main32)
+//   COOP     (f16 builds, adapters with cooperative matrices) the block between @plain-begin and
+//            @plain-end is replaced by conv_tiled_coop.wgsl: f16 tiles multiplied on cooperative
+//            matrices (tensor cores), with constants of its own
 //
 // GEMMs:
 //   forward:         M = N*OH*OW output pixels, cols = K, reduction C*KK (im2col of x)
@@ -77,8 +80,33 @@ struct Params {
 @group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main*: transposed
 @group(0) @binding(10) var<storage, read> wsrc32: array<f32>;    // transpose_main32: f32 weights
 
+// @plain-begin: the tile storage and arithmetic. conv_tiled_coop.wgsl replaces this block where
+// COOP (the f16 path on adapters with cooperative matrices); the kernels below see only the
+// functions put_a, put_b, put_b4 (staging), tile_product (one staged tile into the accumulators)
+// and drain (the accumulators into acc, the epilogues' registers), and the arrays ta and tb.
+
 var<workgroup> ta: array<vec4f, TA_LEN>;
 var<workgroup> tb: array<vec4f, TB_LEN>;
+
+// The plain kernels accumulate straight into acc: no fragments.
+alias Frags = u32;
+
+// Element (reduction row r, GEMM row m) of buffer buf's A tile; (r, column n) of its B tile;
+// B's vec4 column nv.
+fn put_a(buf: u32, r: u32, m: u32, v: f32) { ta[(buf * BK + r) * AS + m / 4u][m % 4u] = v; }
+fn put_b(buf: u32, r: u32, n: u32, v: f32) { tb[(buf * BK + r) * BS + n / 4u][n % 4u] = v; }
+fn put_b4(buf: u32, r: u32, nv: u32, v: vec4f) { tb[(buf * BK + r) * BS + nv] = v; }
+
+// The BK reduction steps of buffer buf into this invocation's accumulators.
+fn tile_product(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>, buf: u32,
+                lid: u32, tm: u32, tn: u32) {
+    for (var rl = 0u; rl < BK; rl++) {
+        mac_step(acc, (buf * BK + rl) * AS, (buf * BK + rl) * BS, tm, tn);
+    }
+}
+
+fn drain(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>, lid: u32, tm: u32,
+         tn: u32) {}
 
 // One reduction step of a tile: the outer product of this invocation's TM rows and TN columns.
 fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, tm: u32, tn: u32) {
@@ -100,6 +128,7 @@ fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, t
         }
     }
 }
+// @plain-end
 
 // Element v of x in input channel c, through the prologue where PRE: ReLU((v - mean) * scale + beta).
 fn pre(v: f32, c: u32) -> f32 {
@@ -187,6 +216,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     let tn = lid / (BM / TM);
 
     var acc: array<vec4f, ACC_LEN>;
+    var frags: Frags;
     var ra: array<f32, A_PER>;
     var rb: array<vec4f, B_PER>;
     let nt = (r_end - r0 + BK - 1u) / BK;
@@ -194,7 +224,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     // Tile 0 into buffer 0.
     for (var j = 0u; j < A_PER; j++) {
         let rl = arl + j * ASTEP;
-        ta[rl * AS + ml / 4u][ml % 4u] = a_data(an, ay, ax, a_ok, r0 + rl, r_end);
+        put_a(0u, rl, ml, a_data(an, ay, ax, a_ok, r0 + rl, r_end));
     }
     for (var j = 0u; j < B_PER; j++) {
         let rl = brl + j * BSTEP;
@@ -202,7 +232,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         if b_ok && r0 + rl < r_end {
             v = vec4f(wtt[(r0 + rl) * cv + bcol]);
         }
-        tb[rl * BS + bv] = v;
+        put_b4(0u, rl, bv, v);
     }
     workgroupBarrier();
 
@@ -224,24 +254,18 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                 rb[j] = v;
             }
         }
-        let abuf = cur * BK * AS;
-        let bbuf = cur * BK * BS;
-        for (var rl = 0u; rl < BK; rl++) {
-            mac_step(&acc, abuf + rl * AS, bbuf + rl * BS, tm, tn);
-        }
+        tile_product(&acc, &frags, cur, lid, tm, tn);
         if more {
-            let nabuf = (cur ^ 1u) * BK * AS;
-            let nbbuf = (cur ^ 1u) * BK * BS;
             for (var j = 0u; j < A_PER; j++) {
-                let rl = arl + j * ASTEP;
-                ta[nabuf + rl * AS + ml / 4u][ml % 4u] = ra[j];
+                put_a(cur ^ 1u, arl + j * ASTEP, ml, ra[j]);
             }
             for (var j = 0u; j < B_PER; j++) {
-                tb[nbbuf + (brl + j * BSTEP) * BS + bv] = rb[j];
+                put_b4(cur ^ 1u, brl + j * BSTEP, bv, rb[j]);
             }
         }
         workgroupBarrier();
     }
+    drain(&acc, &frags, lid, tm, tn);
 
     // BSUMS: per column, sum dz and sum dz * xhat of this invocation's outputs.
     var s1: array<vec4f, TNV>;
@@ -418,6 +442,7 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     }
 
     var acc: array<vec4f, ACC_LEN>;
+    var frags: Frags;
     var ra: array<f32, A_PER>;
     var rb: array<f32, B_PER>;
 
@@ -445,25 +470,21 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         }
         // ... the arithmetic of tile t - 1 meanwhile ...
         if t > 0u {
-            let cur = (t - 1u) & 1u;
-            for (var s = 0u; s < BK; s++) {
-                mac_step(&acc, (cur * BK + s) * AS, (cur * BK + s) * BS, tm, tn);
-            }
+            tile_product(&acc, &frags, (t - 1u) & 1u, lid, tm, tn);
         }
         // ... then tile t into the other buffer.
         if t < nt {
             let nxt = t & 1u;
             for (var j = 0u; j < A_PER; j++) {
-                let kl = row0 + j * RSTEP;
-                ta[(nxt * BK + rl) * AS + kl / 4u][kl % 4u] = ra[j];
+                put_a(nxt, rl, row0 + j * RSTEP, ra[j]);
             }
             for (var j = 0u; j < B_PER; j++) {
-                let cl = row0 + j * RSTEP;
-                tb[(nxt * BK + rl) * BS + cl / 4u][cl % 4u] = rb[j];
+                put_b(nxt, rl, row0 + j * RSTEP, rb[j]);
             }
         }
         workgroupBarrier();
     }
+    drain(&acc, &frags, lid, tm, tn);
 
     let len = p.k * cols;
     for (var g = 0u; g < TMV; g++) {
@@ -526,32 +547,27 @@ fn transpose_source(i: u32) -> i32 {
     return i32((k * p.c + col) * KK + (r - k * KK));
 }
 
+// Element i of the transposed weights (x: its flat index, from the grid) and its source index
+// (y, as transpose_source).
+fn transpose_target(wid: vec3u, nwg: vec3u, lid: u32) -> vec2i {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    return vec2i(i32(i), transpose_source(i));
+}
+
 @compute @workgroup_size(64)
 fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                   @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    let s = transpose_source(i);
-    if s == -2 {
-        return;
+    let t = transpose_target(wid, nwg, lid);
+    if t.y != -2 {
+        wtt_out[t.x] = select(ST(0.0), wsrc[max(t.y, 0)], t.y >= 0);
     }
-    var v = ST(0.0);
-    if s >= 0 {
-        v = wsrc[s];
-    }
-    wtt_out[i] = v;
 }
 
 @compute @workgroup_size(64)
 fn transpose_main32(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    let s = transpose_source(i);
-    if s == -2 {
-        return;
+    let t = transpose_target(wid, nwg, lid);
+    if t.y != -2 {
+        wtt_out[t.x] = select(ST(0.0), ST(wsrc32[max(t.y, 0)]), t.y >= 0);
     }
-    var v = ST(0.0);
-    if s >= 0 {
-        v = ST(wsrc32[s]);
-    }
-    wtt_out[i] = v;
 }

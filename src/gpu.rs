@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 
 /// Which adapter to open. [`GpuOptions::from_env`] honours `WGPU_BACKEND`, `WGPU_POWER_PREF` and
-/// `WGPU_ADAPTER_NAME`, as wgpu's own tools do.
+/// `WGPU_ADAPTER_NAME`, as wgpu's own tools do, and `RESNET_WGPU_COOP=0`.
 #[derive(Clone, Debug)]
 pub struct GpuOptions {
     /// Backends to look at (Vulkan, Metal, DX12, GL, ...).
@@ -20,6 +20,10 @@ pub struct GpuOptions {
     pub adapter_name: Option<String>,
     /// Lower the storage-binding limit below the adapter's (testing and debugging aid).
     pub max_binding_bytes: Option<u64>,
+    /// Use wgpu's experimental cooperative matrices (tensor cores) for the f16 path's
+    /// convolutions where the adapter offers them (see [`CoopMatrix`]); `false` keeps every
+    /// kernel on plain arithmetic.
+    pub cooperative_matrix: bool,
 }
 
 impl Default for GpuOptions {
@@ -29,6 +33,7 @@ impl Default for GpuOptions {
             power: wgpu::PowerPreference::HighPerformance,
             adapter_name: None,
             max_binding_bytes: None,
+            cooperative_matrix: true,
         }
     }
 }
@@ -42,8 +47,41 @@ impl GpuOptions {
             power: wgpu::PowerPreference::from_env().unwrap_or(d.power),
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
             max_binding_bytes: None,
+            cooperative_matrix: std::env::var("RESNET_WGPU_COOP").map_or(true, |v| v != "0"),
         }
     }
+}
+
+/// The cooperative matrices a context uses: square `size` x `size` fragments (8 or 16) of f16
+/// operands with f32 accumulators, multiplied by subgroups of `subgroup` invocations (the
+/// adapter's one subgroup size: the kernels assign fragments to subgroups by invocation index).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoopMatrix {
+    pub size: u32,
+    pub subgroup: u32,
+}
+
+/// The cooperative-matrix configuration the f16 path can use on `adapter`: 16x16x16 where
+/// offered, else 8x8x8, f16 operands and f32 accumulators, on an adapter with one subgroup
+/// size; `None` elsewhere.
+fn coop_matrix(adapter: &wgpu::Adapter) -> Option<CoopMatrix> {
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX | wgpu::Features::SHADER_F16;
+    let info = adapter.get_info();
+    if !adapter.features().contains(needed) || info.subgroup_min_size != info.subgroup_max_size {
+        return None;
+    }
+    let props = adapter.cooperative_matrix_properties();
+    let offered = |size: u32| {
+        props.iter().any(|c| {
+            c.m_size == size
+                && c.n_size == size
+                && c.k_size == size
+                && c.ab_type == wgpu::CooperativeScalarType::F16
+                && c.cr_type == wgpu::CooperativeScalarType::F32
+        })
+    };
+    let size = [16, 8].into_iter().find(|&s| offered(s))?;
+    Some(CoopMatrix { size, subgroup: info.subgroup_min_size })
 }
 
 /// The WGSL kernel families; one file each in `shaders/`, dispatched by the `ops` module of the
@@ -109,6 +147,8 @@ pub struct AdapterReport {
     pub max_buffer: u64,
     pub max_workgroup_storage: u32,
     pub max_invocations: u32,
+    /// The cooperative matrices in use, if any.
+    pub coop: Option<CoopMatrix>,
 }
 
 impl std::fmt::Display for AdapterReport {
@@ -126,7 +166,11 @@ impl std::fmt::Display for AdapterReport {
             self.max_buffer >> 20,
             self.max_workgroup_storage >> 10,
             self.max_invocations
-        )
+        )?;
+        if let Some(c) = self.coop {
+            write!(f, "; cooperative matrix {0}x{0}x{0} f16->f32, subgroups of {1}", c.size, c.subgroup)?;
+        }
+        Ok(())
     }
 }
 
@@ -236,6 +280,16 @@ impl Gpu {
                 features |= *f;
             }
         }
+        let coop = coop_matrix(&adapter).filter(|_| opts.cooperative_matrix);
+        let mut experimental = wgpu::ExperimentalFeatures::disabled();
+        if coop.is_some() {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            // SAFETY: wgpu's experimental cooperative matrices are used by the f16 path's tiled
+            // convolutions only (`conv_tiled_coop.wgsl`), whose results the tests check against
+            // the CPU reference wherever the adapter offers them; `RESNET_WGPU_COOP=0` (or
+            // `GpuOptions::cooperative_matrix`) leaves the feature off.
+            experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
+        }
         // The adapter's own limits, not wgpu's conservative defaults.
         let limits = adapter.limits();
         let (device, queue) = adapter
@@ -243,7 +297,7 @@ impl Gpu {
                 label: Some("resnet-wgpu"),
                 required_features: features,
                 required_limits: limits.clone(),
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                experimental_features: experimental,
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
@@ -270,6 +324,7 @@ impl Gpu {
             max_buffer: limits.max_buffer_size,
             max_workgroup_storage: limits.max_compute_workgroup_storage_size,
             max_invocations: limits.max_compute_invocations_per_workgroup,
+            coop,
         };
         Ok(Gpu {
             adapter,

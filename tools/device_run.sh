@@ -6,7 +6,8 @@
 #      its gradients against the f64 reference with the default, vec4 and wide batch norm (relu_ties);
 #   3. the test binaries on the GPU;
 #   4. batch norm's vec4 and wide kernels timed (bn rows; the units with the wide ones), against
-#      the default (scalar) ones in step 5;
+#      the default (scalar) ones in step 5; the f16 rows with cooperative matrices off
+#      (RESNET_WGPU_COOP=0), against step 5's, which use them where the card offers them;
 #   5. the full benchmark with the autotuner's log and the burn and PyTorch peers.
 # Outputs go under $OUT (the device tool brings them back).
 set -u
@@ -24,19 +25,21 @@ timeout 90 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep
 # ReLU inputs within rounding of zero: the fixture's gradients against the f64 reference with the
 # default and the vec4 batch-norm kernels (BENCHMARKS.md, the H200's 3.6e-3).
 for a in "" vec4 wide; do timeout 60 /tmp/relu_ties "" $a 2>&1 | grep -v XDG | tee -a "$OUT/relu_ties.txt"; done
-for t in conv batch_norm variants network units f16_units binding_limit; do
+for t in conv batch_norm variants network units f16_units coop binding_limit; do
     l=$(left); [ "$l" -lt 150 ] && { echo "skip test $t: time"; continue; }
     timeout 90 "/tmp/t_$t" --test-threads 4 --nocapture > "$OUT/t_$t.log" 2>&1
     echo "test $t exit $? ($(left) s left)"
     grep -E "^test result|panicked|relative L2 error" "$OUT/t_$t.log" | head -4
 done
 echo "=== batch-norm variants ($(left) s left)"
-for v in vec4:bn wide:bn wide:unit; do
+for v in vec4:bn wide:bn wide:unit coop0:f16; do
     bn=${v%%:*} only=${v##*:}
     l=$(left); [ "$l" -lt 240 ] && { echo "skip $bn $only: time"; continue; }
-    RESNET_WGPU_BN=$bn timeout 45 /tmp/resnet-wgpu bench --full --only "$only" \
+    [ "$bn" = coop0 ] && export RESNET_WGPU_COOP=0
+    RESNET_WGPU_BN=${bn/coop0/} timeout 45 /tmp/resnet-wgpu bench --full --only "$only" \
         --json "$OUT/bench-$bn-$only.json" > "$OUT/bench-$bn-$only.txt" 2>&1
-    grep -E "^(bn|unit)" "$OUT/bench-$bn-$only.txt" | sed "s/^/$bn: /"
+    grep -E "^(bn|unit|conv)" "$OUT/bench-$bn-$only.txt" | sed "s/^/$bn: /"
+    unset RESNET_WGPU_COOP
 done
 echo "=== bench ($(left) s left)"
 peers=()

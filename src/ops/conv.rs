@@ -205,6 +205,14 @@ pub fn tile_names(gpu: &Gpu) -> Vec<String> {
     tiled::names(gpu)
 }
 
+/// The names of the tile configurations whose f16 convolutions run on this context's
+/// cooperative matrices (tensor cores; [`crate::gpu::CoopMatrix`]): empty where the context has
+/// none. Forced with [`force_tile`], one of these takes them.
+#[doc(hidden)]
+pub fn coop_tile_names(gpu: &Gpu) -> Vec<String> {
+    tiled::coop_names(gpu)
+}
+
 fn kernels(gpu: &Gpu) -> Kernels {
     match kernels_cell(gpu).load(Ordering::Relaxed) {
         1 => Kernels::Register,
@@ -314,7 +322,7 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
 fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let k = kernels(gpu);
     // A forced tile configuration takes the tiled kernels (and is part of the key).
-    match tiled::forced(gpu) {
+    match tiled::forced(gpu, op, g) {
         Some(t) => gpu.cached(&format!("conv.plan.{op:?}.tile{t}.{g:?}"), || tiled::plan_for(op, g, t)),
         None => gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k)),
     }
@@ -688,12 +696,14 @@ fn check_f16(
 }
 
 /// The tile configuration of the f16 path for `op` on `g`: the f32 op's (forced, tuned or
-/// ruled; the rule where the f32 op takes the register path).
+/// ruled; the rule where the f32 op takes the register path), or, on a context with
+/// cooperative matrices, one that runs on them ([`tiled::half_tile`]).
 fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
-    match plan(gpu, op, g) {
-        p @ Plan::Tiled { .. } => p,
-        _ => tiled::plan_for(op, g, tiled::rule(op, g)),
-    }
+    let f32_tile = || match plan(gpu, op, g) {
+        Plan::Tiled { tile, .. } => tile,
+        _ => tiled::rule(op, g),
+    };
+    tiled::plan_for(op, g, tiled::half_tile(gpu, op, g, f32_tile))
 }
 
 fn tile_of(p: Plan) -> usize {
@@ -706,6 +716,9 @@ fn tile_of(p: Plan) -> usize {
 /// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
 /// in f32 (the tiled kernels with f16 loads and stores, f32 tiles and accumulation), on adapters
 /// with `SHADER_F16`. Shapes as [`forward`]; the tile configuration is the f32 forward's.
+/// Where the context has cooperative matrices ([`crate::gpu::CoopMatrix`]: tensor cores), the
+/// tiles are f16 and their products run on them, with f32 accumulators; the bound below holds
+/// either way (`tests/coop.rs`).
 ///
 /// Error: the exact convolution of the stored halves, accumulated in f32, rounded once to f16
 /// (with `accumulate`, after adding the old value in f32): relative L2 error about the f16 unit
@@ -744,8 +757,9 @@ pub fn backward_data_f16(
 }
 
 /// The f16 backward_weight: dw (+)= the weight gradient from half x and dy, into an f32 `dw`
-/// (weights and their gradients stay f32). Nothing is rounded to f16 after the loads: within
-/// f32 accuracy (1e-5 relative L2) of the f64 reference on the same half inputs.
+/// (weights and their gradients stay f32). Nothing is rounded to f16 after the loads (products
+/// of halves are exact in f32, on cooperative matrices too): within f32 accuracy (1e-5
+/// relative L2) of the f64 reference on the same half inputs.
 pub fn backward_weight_f16(
     rec: &mut Recorder,
     x: &HalfTensor,
@@ -857,7 +871,8 @@ pub fn forward_stats_f16(
 }
 
 /// [`backward_weight_bn_relu`] on the f16 path: `dw (+)=` the weight gradient (f32) from half
-/// `x`, read through the BN + ReLU prologue, and half `dy`.
+/// `x`, read through the BN + ReLU prologue, and half `dy`. On cooperative matrices the
+/// prologue's outputs are rounded to f16 (their operands): 1e-3 relative L2 (`tests/coop.rs`).
 pub fn backward_weight_bn_relu_f16(
     rec: &mut Recorder,
     x: &HalfTensor,

@@ -9,17 +9,23 @@
 //! on operands of that shape (GPU timestamps where the device has them, else the wall clock),
 //! and the plan cache of `conv.rs` keeps the fastest for the life of the context. With
 //! `RESNET_WGPU_CONV_TUNE_LOG` set, each tuning prints its timings to stderr.
+//!
+//! The f16 path, on a context with cooperative matrices (tensor cores; [`CoopMatrix`]), builds
+//! its modules with `shaders/conv_tiled_coop.wgsl` in place of the template's plain tile
+//! arithmetic, wherever the configuration divides into whole fragments and subgroups
+//! ([`Tile::coop_layout`]); where the chosen one does not, it runs 64x64 with 16 steps.
 
 use std::sync::{Arc, Mutex};
 
 use super::{Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch};
 use crate::bench::Timer;
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder};
+use crate::gpu::{CoopMatrix, Gpu, Recorder};
 use crate::tensor::{HalfTensor, Tensor};
 
 /// One tile configuration: a `bm` x `bn` output tile per workgroup, `bk` reduction steps staged
-/// per tile, `tm` x `tn` outputs per invocation.
+/// per tile, `tm` x `tn` outputs per invocation; `coop_only`: for the f16 path on cooperative
+/// matrices only (their f16 tiles take half the workgroup memory of the plain ones).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Tile {
     pub bm: usize,
@@ -27,16 +33,22 @@ pub(super) struct Tile {
     pub bk: usize,
     pub tm: usize,
     pub tn: usize,
+    pub coop_only: bool,
 }
 
 const fn tile(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Tile {
-    Tile { bm, bn, bk, tm, tn }
+    Tile { bm, bn, bk, tm, tn, coop_only: false }
+}
+
+const fn coop_tile(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Tile {
+    Tile { coop_only: true, ..tile(bm, bn, bk, tm, tn) }
 }
 
 /// The candidates. Each is valid for all three ops (see [`Tile::valid`]); the first two are the
 /// small tiles of the fixed rule (few output channels), the rest trade registers per invocation
 /// against workgroups in flight. 128x128 with 16 steps needs 33 KiB of workgroup memory and is
-/// left out where the adapter has less.
+/// left out where the adapter has less. The last two, with 32 steps (two products of 16x16
+/// fragments per barrier), are the f16 path's on cooperative matrices only.
 pub(super) const TILES: &[Tile] = &[
     tile(64, 16, 16, 4, 4),
     tile(16, 64, 16, 4, 4),
@@ -48,6 +60,8 @@ pub(super) const TILES: &[Tile] = &[
     tile(64, 128, 16, 4, 8),
     tile(128, 128, 8, 8, 8),
     tile(128, 128, 16, 8, 8),
+    coop_tile(64, 64, 32, 4, 4),
+    coop_tile(128, 64, 32, 8, 4),
 ];
 
 impl Tile {
@@ -90,15 +104,54 @@ impl Tile {
 
     /// Whether the adapter can run it.
     fn fits(&self, gpu: &Gpu) -> bool {
+        self.fits_with(gpu, self.workgroup_bytes())
+    }
+
+    fn fits_with(&self, gpu: &Gpu, workgroup_bytes: usize) -> bool {
         let l = gpu.device.limits();
         let t = self.threads() as u32;
         t <= l.max_compute_invocations_per_workgroup
             && t <= l.max_compute_workgroup_size_x
-            && self.workgroup_bytes() as u32 <= l.max_compute_workgroup_storage_size
+            && workgroup_bytes as u32 <= l.max_compute_workgroup_storage_size
     }
 
-    /// The template with this configuration's constants and the geometry family's literals.
-    fn source(&self, op: Op, ks: usize, stride: usize, b: Build) -> String {
+    /// How this configuration runs on cooperative matrices `c` (conv_tiled_coop.wgsl) on this
+    /// context's adapter, if it can: [`Tile::coop_shape`] with room in workgroup memory.
+    fn coop_layout(&self, gpu: &Gpu, c: CoopMatrix) -> Option<CoopLayout> {
+        self.coop_shape(c).filter(|l| self.fits_with(gpu, l.workgroup_bytes(self)))
+    }
+
+    /// The layout on cooperative matrices `c`, where the configuration divides into whole
+    /// fragments (tile and reduction steps) and whole subgroups, with the fragment grid shared
+    /// evenly among the subgroups.
+    fn coop_shape(&self, c: CoopMatrix) -> Option<CoopLayout> {
+        let (f, sg, t) = (c.size as usize, c.subgroup as usize, self.threads());
+        if !(self.bm.is_multiple_of(f)
+            && self.bn.is_multiple_of(f)
+            && self.bk.is_multiple_of(f)
+            && t.is_multiple_of(sg))
+        {
+            return None;
+        }
+        let (fm, fn_, warps) = (self.bm / f, self.bn / f, t / sg);
+        // Subgroups nwr per fragment column and warps / nwr per row: the fewest fragment loads
+        // per product (wr + wc).
+        let (nwr, wr, wc) = (1..=warps)
+            .filter(|&d| warps.is_multiple_of(d) && fm.is_multiple_of(d) && fn_.is_multiple_of(warps / d))
+            .map(|d| (d, fm / d, fn_ / (warps / d)))
+            .min_by_key(|&(_, wr, wc)| wr + wc)?;
+        // tc: at most 16 KiB, whole fragment rows.
+        let tcs = self.bn + 4;
+        let mut tcr = self.bm;
+        while tcr * tcs * 4 > 16384 && tcr.is_multiple_of(2 * f) {
+            tcr /= 2;
+        }
+        Some(CoopLayout { f, sg, nwr, wr, wc, tcr, tcs })
+    }
+
+    /// The template with this configuration's constants and the geometry family's literals
+    /// (and, for a COOP build, the cooperative-matrix block in place of the plain one).
+    fn source(&self, op: Op, ks: usize, stride: usize, b: Build, coop: Option<CoopLayout>) -> String {
         let Build { half, pre, stats, bsums, .. } = b;
         let t = self.threads();
         let (a_per, b_per, step) = match op {
@@ -134,17 +187,75 @@ impl Tile {
         ];
         let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
         s.push_str(&format!("const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\n"));
+        let mut template = TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})"));
+        let mut consts = consts.to_vec();
+        if let Some(l) = coop {
+            s.insert_str(0, "enable wgpu_cooperative_matrix;\n");
+            let f = l.f;
+            for role in ["A", "B"] {
+                s.push_str(&format!("alias Frag{role} = coop_mat{f}x{f}<f16, {role}>;\n"));
+            }
+            s.push_str(&format!("alias FragC = coop_mat{f}x{f}<f32, C>;\n"));
+            // ta and tb hold only the epilogues' column sums.
+            let (ta_len, tb_len) = l.sums_lens(self);
+            consts.retain(|(k, _)| !matches!(*k, "TA_LEN" | "TB_LEN"));
+            consts.extend([
+                ("TA_LEN", ta_len),
+                ("TB_LEN", tb_len),
+                ("F", f),
+                ("SG", l.sg),
+                ("NWR", l.nwr),
+                ("WR", l.wr),
+                ("WC", l.wc),
+                ("AHS", self.bm + 8),
+                ("BHS", self.bn + 8),
+                ("TCR", l.tcr),
+                ("TCS", l.tcs),
+            ]);
+            let (begin, end) = (template.find("// @plain-begin"), template.find("// @plain-end"));
+            let (Some(begin), Some(end)) = (begin, end) else { unreachable!("the template marks its plain block") };
+            template.replace_range(begin..end + "// @plain-end".len(), COOP_BLOCK);
+        }
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
-        s.push_str(&TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})")));
+        s.push_str(&template);
         s
     }
 }
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
+const COOP_BLOCK: &str = include_str!("../../../shaders/conv_tiled_coop.wgsl");
+
+/// A tile configuration on cooperative matrices ([`Tile::coop_layout`]): `f` x `f` fragments,
+/// subgroups of `sg`, `nwr` subgroups per column of the fragment grid, each owning `wr` x `wc`
+/// fragments; drain's staging buffer of `tcr` rows of stride `tcs` floats.
+#[derive(Clone, Copy, Debug)]
+struct CoopLayout {
+    f: usize,
+    sg: usize,
+    nwr: usize,
+    wr: usize,
+    wc: usize,
+    tcr: usize,
+    tcs: usize,
+}
+
+impl CoopLayout {
+    /// The vec4s of ta and tb the epilogues' column sums use (tile_column_sums, tile_moments).
+    fn sums_lens(&self, t: &Tile) -> (usize, usize) {
+        ((t.bm / t.tm) * (t.bn / 4), t.bn / 4)
+    }
+
+    /// Two f16 buffers of each operand tile, tc, and the column sums' vec4s.
+    fn workgroup_bytes(&self, t: &Tile) -> usize {
+        let (ta, tb) = self.sums_lens(t);
+        2 * t.bk * (t.bm + 8 + t.bn + 8) * 2 + self.tcr * self.tcs * 4 + (ta + tb) * 16
+    }
+}
 
 /// Which module of the template: the op, kernel size and stride, f16 storage (`half`), the
 /// BN + ReLU prologue on x (`pre`), the forward's per-channel sums of y (`stats`) and
-/// backward_data's sums for the backward of the BN + ReLU before the convolution (`bsums`).
+/// backward_data's sums for the backward of the BN + ReLU before the convolution (`bsums`),
+/// and (f16 only) the tile arithmetic on cooperative matrices (`coop`).
 #[derive(Clone, Copy, Debug)]
 struct Build {
     op: Op,
@@ -154,11 +265,43 @@ struct Build {
     pre: bool,
     stats: bool,
     bsums: bool,
+    coop: bool,
 }
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false }
+        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false }
+    }
+
+    /// This build on cooperative matrices where the context has them, the build is f16 and
+    /// configuration `tile` runs on them.
+    fn with_coop(self, gpu: &Gpu, tile: usize) -> Build {
+        Build { coop: self.half && coop_layout(gpu, tile).is_some(), ..self }
+    }
+}
+
+/// Configuration `tile`'s layout on this context's cooperative matrices, if it has them and the
+/// configuration runs on them.
+fn coop_layout(gpu: &Gpu, tile: usize) -> Option<CoopLayout> {
+    gpu.report.coop.and_then(|c| TILES[tile].coop_layout(gpu, c))
+}
+
+/// The configuration of the f16 path for `op` on `g`, whose f32 plan's configuration is
+/// `f32_tile()`. Without cooperative matrices, that one. With them: the forced configuration,
+/// or on a CPU adapter the f32 plan's, where it runs on them (else 64x64 with 16 steps); on a
+/// GPU the fastest of those that run on them, timed on f16 operands of that shape on first use
+/// (cached).
+pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> usize {
+    if gpu.report.coop.is_none() {
+        return f32_tile();
+    }
+    let square = index_of("64x64k16t4x4");
+    let on_coop =
+        |t: usize| if coop_layout(gpu, t).is_some() || coop_layout(gpu, square).is_none() { t } else { square };
+    match forced_any(gpu) {
+        Some(t) => on_coop(t),
+        None if gpu.report.device_type == wgpu::DeviceType::Cpu => on_coop(f32_tile()),
+        None => gpu.cached(&format!("conv.half-tile.{op:?}.{g:?}"), || tune(gpu, op, g, true)),
     }
 }
 
@@ -176,17 +319,19 @@ enum Epi<'a> {
 fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &str) -> wgpu::ComputePipeline {
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
-    let Build { op, ks, stride, half, pre, stats, bsums } = b;
+    let Build { op, ks, stride, half, pre, stats, bsums, coop } = b;
     let key = format!(
-        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}.{entry}",
+        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}.{entry}",
         t.name(),
         if half { "f16" } else { "f32" },
         if pre { ".pre" } else { "" },
         if stats { ".stats" } else { "" },
-        if bsums { ".bsums" } else { "" }
+        if bsums { ".bsums" } else { "" },
+        if coop { ".coop" } else { "" }
     );
     gpu.cached(&key, || {
-        let module = gpu.shader_module(&key, &t.source(op, ks, stride, b));
+        let layout = if coop { coop_layout(gpu, tile) } else { None };
+        let module = gpu.shader_module(&key, &t.source(op, ks, stride, b, layout));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
@@ -226,7 +371,8 @@ fn lookup(gpu: &Gpu, name: &str) -> Result<usize> {
         let all: Vec<String> = TILES.iter().map(Tile::name).collect();
         Error::Invalid(format!("no conv tile configuration {name:?} (there are {})", all.join(", ")))
     })?;
-    if !TILES[i].fits(gpu) {
+    let fits = if TILES[i].coop_only { coop_layout(gpu, i).is_some() } else { TILES[i].fits(gpu) };
+    if !fits {
         return Err(Error::Invalid(format!("conv tile configuration {name} does not fit this adapter's limits")));
     }
     Ok(i)
@@ -240,13 +386,29 @@ pub(super) fn force(gpu: &Gpu, name: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-pub(super) fn forced(gpu: &Gpu) -> Option<usize> {
+/// The forced configuration for `op` on `g` on the plain kernels: a configuration for
+/// cooperative matrices only gives way to the rule's.
+pub(super) fn forced(gpu: &Gpu, op: Op, g: &Geometry) -> Option<usize> {
+    forced_any(gpu).map(|t| if TILES[t].coop_only { rule(op, g) } else { t })
+}
+
+fn forced_any(gpu: &Gpu) -> Option<usize> {
     *forced_cell(gpu).lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// The names of the configurations that fit this context's adapter.
+/// The names of the configurations that fit this context's adapter (on the plain kernels).
 pub(super) fn names(gpu: &Gpu) -> Vec<String> {
-    TILES.iter().filter(|t| t.fits(gpu)).map(Tile::name).collect()
+    TILES.iter().filter(|t| !t.coop_only && t.fits(gpu)).map(Tile::name).collect()
+}
+
+/// The names of the configurations the f16 path runs on this context's cooperative matrices
+/// (none without them).
+pub(super) fn coop_names(gpu: &Gpu) -> Vec<String> {
+    coop_tiles(gpu).into_iter().map(|i| TILES[i].name()).collect()
+}
+
+fn coop_tiles(gpu: &Gpu) -> Vec<usize> {
+    (0..TILES.len()).filter(|&i| coop_layout(gpu, i).is_some()).collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -332,17 +494,19 @@ pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
 
 /// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned.
 pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan {
-    let tile = match forced(gpu) {
+    let tile = match forced(gpu, op, g) {
         Some(i) => i,
         None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => rule(op, g),
-        None => tune(gpu, op, g),
+        None => tune(gpu, op, g, false),
     };
     plan_for(op, g, tile)
 }
 
 /// Times each configuration that fits on zero operands of `g`'s shape (a warm-up round, then
 /// the median of three rounds) and returns the fastest; the rule where nothing could be timed.
-fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
+/// `half`: the f16 path's configurations on cooperative matrices, on f16 activations and f32
+/// weights (as the f16 units run them).
+fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> usize {
     let fallback = rule(op, g);
     let x = [g.n, g.c, g.h, g.w];
     let w = [g.k, g.c, g.ks, g.ks];
@@ -356,11 +520,24 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
     let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
         return fallback;
     };
+    // The f16 path's activations: every operand but the weights (or dw).
+    let wi = if op == Op::BackwardWeight { 2 } else { 1 };
+    let halves = if half {
+        let Ok(h) = dims.iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
+            return fallback;
+        };
+        Some(h)
+    } else {
+        None
+    };
     let timer = Timer::new(gpu, true);
     let log = std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some();
     // Round-robin: every configuration once per round (the first round a warm-up), so that a
     // GPU still raising its clocks when tuning starts does not penalise the first candidates.
-    let candidates: Vec<usize> = (0..TILES.len()).filter(|&i| TILES[i].fits(gpu)).collect();
+    let candidates: Vec<usize> = match half {
+        true => coop_tiles(gpu),
+        false => (0..TILES.len()).filter(|&i| !TILES[i].coop_only && TILES[i].fits(gpu)).collect(),
+    };
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
     let mut failed = vec![false; candidates.len()];
     for round in 0..4 {
@@ -369,7 +546,16 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
                 continue;
             }
             let mut rec = gpu.recorder("conv tune");
-            record(&mut rec, op, g, plan_for(op, g, i), &t[0], None, &t[1], &t[2], false);
+            let plan = plan_for(op, g, i);
+            match (&halves, op) {
+                (None, _) => record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
+                (Some(h), Op::BackwardWeight) => {
+                    record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[wi], false)
+                }
+                (Some(h), _) => {
+                    record_half_data(&mut rec, op, g, i, &h[0], None, Weights::F32(&t[wi].buffer), &h[2], false)
+                }
+            }
             match timer.time(gpu, vec![rec.finish()]) {
                 Ok(s) if round > 0 => times[j].push(s.gpu_ms.unwrap_or(s.wall_ms)),
                 Ok(_) => {}
@@ -566,7 +752,7 @@ fn data(
             let wtt = scratch(gpu, "wtt16", (red * cp * 2).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
             // The transposition depends on the op and kernel size alone: one pipeline for
             // every tile configuration, stride and epilogue (fewer shader compiles).
-            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, ..build };
+            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
             (wtt, pipeline(gpu, 0, canonical, entry), entry, source)
         }
         (false, Weights::F16(_)) => unreachable!("f16 weights take the f16 path"),
@@ -592,6 +778,7 @@ fn data(
         (_, Some(_)) => unreachable!("the epilogues' callers take unsplit plans"),
     };
     binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
+    let build = build.with_coop(gpu, tile);
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
     dispatch_pipeline(rec, &p, if build.half { "conv tiled f16" } else { "conv tiled data" }, &params, &binds, groups);
@@ -667,6 +854,7 @@ fn weight(
         (7, part.as_entire_binding()),
         (5, aff.as_entire_binding()),
     ];
+    let build = build.with_coop(rec.gpu, tile);
     let p = pipeline(rec.gpu, tile, build, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
@@ -686,6 +874,29 @@ mod tests {
             // Else forward_stats falls back to reading y for that configuration.
             assert!(t.stats_fit(), "{} has no room for the forward's moments", t.name());
         }
+    }
+
+    /// On NVIDIA's cooperative matrices (16x16x16, warps of 32) every configuration with
+    /// steps of 16 or more has a layout within 48 KiB of workgroup memory (NVIDIA's Vulkan
+    /// limit), with whole fragments per warp; lavapipe's (8x8x8, subgroups of 8) too.
+    #[test]
+    fn coop_layouts() {
+        for c in [CoopMatrix { size: 16, subgroup: 32 }, CoopMatrix { size: 8, subgroup: 8 }] {
+            for t in TILES {
+                let Some(l) = t.coop_shape(c) else {
+                    assert!(t.bk < c.size as usize, "{} has no layout on {c:?}", t.name());
+                    continue;
+                };
+                let warps = t.threads() / l.sg;
+                assert_eq!(l.nwr * l.wr * l.f, t.bm, "{}", t.name());
+                assert_eq!((warps / l.nwr) * l.wc * l.f, t.bn, "{}", t.name());
+                assert!(t.bm.is_multiple_of(l.tcr) && l.tcr.is_multiple_of(l.f), "{}", t.name());
+                assert!(l.workgroup_bytes(t) <= 48 << 10, "{}: {} bytes", t.name(), l.workgroup_bytes(t));
+            }
+        }
+        // 64x64 tiles: 2 x 1 fragments of 16 for each of 8 warps, drained 32 rows at a time.
+        let l = TILES[index_of("64x64k16t4x4")].coop_shape(CoopMatrix { size: 16, subgroup: 32 });
+        assert!(matches!(l, Some(CoopLayout { nwr: 2, wr: 2, wc: 1, tcr: 32, .. })), "{l:?}");
     }
 
     fn geometry(n: usize, c: usize, hw: usize, k: usize) -> Geometry {
