@@ -350,6 +350,8 @@ pub struct Report {
     pub adapter: String,
     /// The batch-norm kernels the run used (`ops::batch_norm::Kernels`, resolved).
     pub bn_kernels: String,
+    /// The cooperative matrices the f16 rows' convolutions used, or `none`.
+    pub coop: String,
     pub warmup: usize,
     pub reps: usize,
     pub rows: Vec<BenchRow>,
@@ -371,6 +373,7 @@ pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
     Ok(Report {
         adapter: format!("{} ({:?}, {:?}, driver {})", r.name, r.backend, r.device_type, r.driver),
         bn_kernels: format!("{:?}", crate::ops::batch_norm::kernels(gpu)),
+        coop: r.coop.map_or("none".into(), |c| format!("{0}x{0}x{0} f16->f32, subgroups of {1}", c.size, c.subgroup)),
         warmup: opts.warmup,
         reps: opts.reps,
         rows,
@@ -930,6 +933,7 @@ pub fn table(r: &Report) -> String {
     };
     let _ = writeln!(s, "adapter: {}", r.adapter);
     let _ = writeln!(s, "batch norm kernels: {}", r.bn_kernels);
+    let _ = writeln!(s, "f16 convolutions on cooperative matrices: {}", r.coop);
     let _ = writeln!(
         s,
         "commit {}; median of {} runs after {} warm-up; ms: {timing}",
@@ -1116,10 +1120,11 @@ pub fn to_json(r: &Report) -> String {
     let skipped: Vec<String> = r.skipped.iter().map(|s| format!("    {}", js(s))).collect();
     let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n{}\n  ]", v.join(",\n")) };
     format!(
-        "{{\n  \"adapter\": {},\n  \"bn_kernels\": {},\n  \"commit\": {},\n  \"unix_time\": {},\n  \"warmup\": {},\n  \"reps\": {},\n  \
+        "{{\n  \"adapter\": {},\n  \"bn_kernels\": {},\n  \"coop\": {},\n  \"commit\": {},\n  \"unix_time\": {},\n  \"warmup\": {},\n  \"reps\": {},\n  \
          \"rows\": {},\n  \"peers\": {},\n  \"skipped\": {}\n}}\n",
         js(&r.adapter),
         js(&r.bn_kernels),
+        js(&r.coop),
         r.commit.as_deref().map_or("null".into(), js),
         r.unix_time,
         r.warmup,

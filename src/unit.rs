@@ -1072,7 +1072,8 @@ pub struct HalfKept {
     /// As [`Kept::tensors`]: pre-activation `in_{i+1}` for all but the last layer; original
     /// `h_i` for every layer, then the projection's convolution output.
     pub tensors: Vec<HalfTensor>,
-    /// Per layer `i`: the gradient at the convolution's input activation.
+    /// The gradient at a convolution's input activation: pre-activation per layer `i`,
+    /// original per layer `i > 0` (layer 0 reads the unit's input).
     da: Vec<HalfTensor>,
     /// Pre-activation: per layer `i > 0`, the gradient at `in_i`. Original: per layer, the
     /// gradient at `h_i`, then at the projection's convolution output.
@@ -1102,7 +1103,8 @@ impl Unit {
         self.check_half()?;
         let dims = self.layer_dims(x);
         let zeros = |d: &[usize; 4]| HalfTensor::zeros(gpu, d);
-        let da = dims.iter().map(|(i, _)| zeros(i)).collect::<Result<_>>()?;
+        let first = usize::from(self.spec.kind == UnitKind::Original);
+        let da = dims[first..].iter().map(|(i, _)| zeros(i)).collect::<Result<_>>()?;
         let (mut tensors, mut grads): (Vec<HalfTensor>, Vec<HalfTensor>) = match self.spec.kind {
             UnitKind::PreAct => (
                 dims[..dims.len() - 1].iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
@@ -1336,7 +1338,7 @@ impl Unit {
             }
             // conv_i reads ReLU(BN_{i-1}(h_{i-1})): its weight gradient through the prologue,
             // then da and BN_{i-1}'s backward with the ReLU mask into dh_{i-1}.
-            let (hp, bn, da, dhp) = (&kept.tensors[i - 1], &self.bns[i - 1], &kept.da[i], &kept.grads[i - 1]);
+            let (hp, bn, da, dhp) = (&kept.tensors[i - 1], &self.bns[i - 1], &kept.da[i - 1], &kept.grads[i - 1]);
             bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu_f16(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
             let w = &conv.w.value;
