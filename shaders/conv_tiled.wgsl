@@ -514,6 +514,25 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     }
 }
 
+// The f16 data ops' split reduction (conv.wgsl's reduce_splits for an ST output): dst (=|+=)
+// the sum of the `splits` f32 partial results in part, added in split order, rounded once.
+@compute @workgroup_size(64)
+fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
+    if i >= p.len {
+        return;
+    }
+    var s = part[i];
+    for (var j = 1u; j < p.splits; j++) {
+        s += part[j * p.len + i];
+    }
+    if p.accumulate == 1u {
+        s = f32(dst[i]) + s;
+    }
+    dst[i] = ST(s);
+}
+
 // The weights as the data ops' B operand, as conv.wgsl `transpose_weights` does for f32 (which
 // these serve where ST is f16): [reduction][cols rounded up to 4], zeros in the padding;
 // MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] = w[k][c][t].

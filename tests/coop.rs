@@ -18,10 +18,16 @@ use resnet_wgpu::{Gpu, GpuOptions, Tensor};
 const F16_TOL: f64 = 1e-3;
 
 /// x [N, C, H, W], K output channels, kernel size, stride: batch 1, odd sizes, channels that are
-/// not multiples of 4 or of a fragment, stride 2 on odd sizes, a 1x1 kernel, and a reduction of
-/// many tiles.
-const CASES: &[([usize; 4], usize, usize, usize)] =
-    &[([1, 5, 7, 9], 6, 3, 1), ([2, 12, 7, 5], 20, 3, 2), ([1, 10, 9, 7], 12, 1, 2), ([2, 40, 6, 5], 36, 3, 1)];
+/// not multiples of 4 or of a fragment, stride 2 on odd sizes, a 1x1 kernel, a reduction of many
+/// tiles, and one long enough (576 steps over a single output tile) that forward and
+/// backward_data split it (f32 partial sums, rounded to f16 once).
+const CASES: &[([usize; 4], usize, usize, usize)] = &[
+    ([1, 5, 7, 9], 6, 3, 1),
+    ([2, 12, 7, 5], 20, 3, 2),
+    ([1, 10, 9, 7], 12, 1, 2),
+    ([2, 40, 6, 5], 36, 3, 1),
+    ([1, 64, 5, 3], 64, 3, 1),
+];
 
 fn len(d: [usize; 4]) -> usize {
     d.iter().product()

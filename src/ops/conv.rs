@@ -734,8 +734,8 @@ pub fn forward_f16(
 ) -> Result<()> {
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
-    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
-    tiled::record_half_data(rec, Op::Forward, &g, tile, x, None, operand(w), y, accumulate);
+    let plan = half_plan(rec.gpu, Op::Forward, &g);
+    tiled::record_half_data(rec, Op::Forward, &g, plan, x, None, operand(w), y, accumulate);
     Ok(())
 }
 
@@ -751,8 +751,8 @@ pub fn backward_data_f16(
 ) -> Result<()> {
     let t = [(dx.dims(), &dx.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
-    let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
-    tiled::record_half_data(rec, Op::BackwardData, &g, tile, dy, None, operand(w), dx, accumulate);
+    let plan = half_plan(rec.gpu, Op::BackwardData, &g);
+    tiled::record_half_data(rec, Op::BackwardData, &g, plan, dy, None, operand(w), dx, accumulate);
     Ok(())
 }
 
@@ -818,7 +818,8 @@ fn operand(w: &impl F16Weights) -> Weights<'_> {
 
 // ---- The f16 units' convolutions: f16 activations, f32 weights (rounded to f16 as they are
 // transposed into the GEMM's operand) and weight gradients, the batch norms' values and sums
-// in f32. Always the tiled kernels, unsplit, with their epilogues. ----
+// in f32. Always the tiled kernels: with their epilogues unsplit; forward_bn_relu_f16 split
+// as the plan says (deep layers on small images), its partial sums f32. ----
 
 /// `y (+)= conv(ReLU(BN(x)), w)`, [`forward_bn_relu`] on the f16 path: x and y halves, `w` f32.
 pub fn forward_bn_relu_f16(
@@ -834,8 +835,8 @@ pub fn forward_bn_relu_f16(
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
-    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
-    tiled::record_half_data(rec, Op::Forward, &g, tile, x, Some(affine), operand(w), y, accumulate);
+    let plan = half_plan(rec.gpu, Op::Forward, &g);
+    tiled::record_half_data(rec, Op::Forward, &g, plan, x, Some(affine), operand(w), y, accumulate);
     Ok(())
 }
 

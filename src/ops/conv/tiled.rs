@@ -553,7 +553,7 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> usize {
                     record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[wi], false)
                 }
                 (Some(h), _) => {
-                    record_half_data(&mut rec, op, g, i, &h[0], None, Weights::F32(&t[wi].buffer), &h[2], false)
+                    record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[wi].buffer), &h[2], false)
                 }
             }
             match timer.time(gpu, vec![rec.finish()]) {
@@ -693,20 +693,20 @@ pub(super) fn record_backward_data_sums(
 }
 
 /// The f16 forward (a = x, out = y; x through the BN + ReLU prologue with `pre`'s values where
-/// given) or backward_data (a = dy, out = dx), unsplit (the splits' partial sums are f32).
+/// given) or backward_data (a = dy, out = dx) under a tiled `plan` (its splits' partial sums
+/// f32, rounded to f16 once, by the template's reduce_main).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_half_data(
     rec: &mut Recorder,
     op: Op,
     g: &Geometry,
-    tile: usize,
+    plan: Plan,
     a: &HalfTensor,
     pre: Option<&Tensor>,
     w: Weights,
     out: &HalfTensor,
     acc: bool,
 ) {
-    let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
     let aff = affine_binding(rec.gpu, pre);
     data(rec, g, Build::of(op, g, true, pre.is_some()), plan, [&a.buffer, &aff], w, &out.buffer, acc, Epi::None);
 }
@@ -714,8 +714,8 @@ pub(super) fn record_half_data(
 /// Forward (a = x, out = y) or backward_data (a = dy, out = dx), f32 or (`build.half`) f16: the
 /// weights transposed to the GEMM's B operand (a context scratch buffer of their size; f16
 /// where the activations are), then the tiled GEMM (with what `epi` says its epilogue writes
-/// besides; `build` says the same), its splits summed by [`reduce_splits`] where the plan has
-/// several (f32 only, never with an epilogue).
+/// besides; `build` says the same), its splits summed where the plan has several (never with an
+/// epilogue): by [`reduce_splits`] into f32, by the template's reduce_main into f16.
 #[allow(clippy::too_many_arguments)]
 fn data(
     rec: &mut Recorder,
@@ -782,9 +782,15 @@ fn data(
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
     dispatch_pipeline(rec, &p, if build.half { "conv tiled f16" } else { "conv tiled data" }, &params, &binds, groups);
-    if let Some(sp) = &split_part {
-        assert!(!build.half, "the f16 path is unsplit");
-        reduce_splits(rec, sp, out, len, splits, acc);
+    match &split_part {
+        Some(sp) if build.half => {
+            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
+            let reduce = pipeline(gpu, 0, canonical, "reduce_main");
+            let binds = [(7, sp.as_entire_binding()), (3, out.as_entire_binding())];
+            dispatch_pipeline(rec, &reduce, "reduce_main", &params, &binds, crate::gpu::groups_for(len));
+        }
+        Some(sp) => reduce_splits(rec, sp, out, len, splits, acc),
+        None => {}
     }
 }
 
