@@ -79,6 +79,9 @@ pub struct BenchOptions {
     pub only: Option<String>,
     /// Use timestamp queries where the device has them (else always wall time).
     pub timestamps: bool,
+    /// After each benchmark, one more run with each dispatch timed on its own
+    /// ([`crate::profile`]; needs timestamp queries): [`BenchRow::profile`].
+    pub profile: bool,
     /// The burn peer binary (`burn-unit N C H W REPS preact|original cpu|gpu`); `None`: skip.
     pub burn: Option<PathBuf>,
     /// `cpu` or `gpu` for the burn peer; `None`: `cpu` where our adapter is a CPU, else `gpu`.
@@ -103,6 +106,7 @@ impl BenchOptions {
             reps: if quick { 5 } else { 20 },
             only: None,
             timestamps: true,
+            profile: false,
             burn: None,
             burn_adapter: None,
             torch: None,
@@ -281,7 +285,7 @@ impl Item {
 /// How a row's `ms` was measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Timing {
-    /// GPU timestamp queries around the submitted command buffers.
+    /// GPU timestamp queries around each run's command buffers, the runs queued back to back.
     Timestamps,
     /// Host wall clock of submit + wait.
     Wall,
@@ -311,6 +315,8 @@ pub struct BenchRow {
     pub record_ms: f64,
     pub timing: Timing,
     pub reps: usize,
+    /// With [`BenchOptions::profile`]: one more run's dispatches, each timed on its own.
+    pub profile: Vec<crate::profile::Span>,
 }
 
 impl BenchRow {
@@ -402,6 +408,9 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             }
             let row = bench_item(gpu, &timer, opts, item, shape)?;
             eprintln!("  {:<26} {:<14} {:>10.3} ms", row.name(), shape_str(shape), row.ms);
+            for (label, count, ms) in profile_summary(&row.profile) {
+                eprintln!("      {ms:>8.3} ms  {count:>3} x {label}");
+            }
             rows.push(row);
         }
     }
@@ -411,80 +420,116 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
 // ---------------------------------------------------------------------------------------------
 // Timing
 
-/// Timestamps around a submission, where the device has them (also the conv autotuner's clock).
+/// GPU timestamps around submissions, where the device has them (also the conv autotuner's
+/// clock).
 pub(crate) struct Timer {
-    query: Option<(wgpu::QuerySet, wgpu::Buffer)>,
+    timestamps: bool,
     /// Nanoseconds per timestamp tick.
     period_ns: f64,
 }
 
-/// One measured run: GPU milliseconds (where timed so) and wall milliseconds.
-pub(crate) struct Sample {
-    pub(crate) gpu_ms: Option<f64>,
-    pub(crate) wall_ms: f64,
+/// A run for [`Timer::time_queued`]: command buffers it needs first, untimed (restoring a
+/// gradient the run accumulates into), then the timed ones.
+pub(crate) struct Run {
+    pub(crate) untimed: Vec<wgpu::CommandBuffer>,
+    pub(crate) timed: Vec<wgpu::CommandBuffer>,
 }
+
+/// The most runs one query set of [`Timer::time_queued`] holds (wgpu allows 4096 queries).
+const QUEUED_RUNS: usize = 1024;
 
 impl Timer {
     pub(crate) fn new(gpu: &Gpu, use_timestamps: bool) -> Timer {
-        if !(use_timestamps && gpu.has_timestamps()) {
-            return Timer { query: None, period_ns: 1.0 };
-        }
-        let set = gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
-            label: Some("bench timestamps"),
-            ty: wgpu::QueryType::Timestamp,
-            count: 2,
-        });
-        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("bench timestamps resolved"),
-            size: 2 * wgpu::QUERY_SIZE as u64,
-            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        });
-        Timer { query: Some((set, resolve)), period_ns: gpu.queue.get_timestamp_period() as f64 }
+        Timer { timestamps: use_timestamps && gpu.has_timestamps(), period_ns: gpu.queue.get_timestamp_period() as f64 }
     }
 
-    /// A command buffer holding one empty compute pass that writes timestamp `index` (at its
-    /// start for 0, its end for 1); the closing one also resolves both into the buffer.
-    fn stamp(gpu: &Gpu, set: &wgpu::QuerySet, resolve: &wgpu::Buffer, index: u32) -> wgpu::CommandBuffer {
+    /// Whether this timer reads GPU timestamps.
+    pub(crate) fn has_timestamps(&self) -> bool {
+        self.timestamps
+    }
+
+    fn query_set(gpu: &Gpu, runs: usize) -> wgpu::QuerySet {
+        gpu.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("bench timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2 * runs as u32,
+        })
+    }
+
+    /// A command buffer holding one empty compute pass that writes timestamp `index` at its
+    /// start (`end` false) or its end.
+    fn stamp(gpu: &Gpu, set: &wgpu::QuerySet, index: u32, end: bool) -> wgpu::CommandBuffer {
         let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("timestamp") });
         let writes = wgpu::ComputePassTimestampWrites {
             query_set: set,
-            beginning_of_pass_write_index: (index == 0).then_some(0),
-            end_of_pass_write_index: (index == 1).then_some(1),
+            beginning_of_pass_write_index: (!end).then_some(index),
+            end_of_pass_write_index: end.then_some(index),
         };
         drop(enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("timestamp"),
             timestamp_writes: Some(writes),
         }));
-        if index == 1 {
-            enc.resolve_query_set(set, 0..2, resolve, 0);
-        }
         enc.finish()
     }
 
-    /// Submits `buffers` in one submission between the timestamps and waits.
-    pub(crate) fn time(&self, gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<Sample> {
-        let mut all = Vec::with_capacity(buffers.len() + 2);
-        if let Some((set, resolve)) = &self.query {
-            all.push(Timer::stamp(gpu, set, resolve, 0));
-        }
-        all.extend(buffers);
-        if let Some((set, resolve)) = &self.query {
-            all.push(Timer::stamp(gpu, set, resolve, 1));
-        }
+    /// Milliseconds between timestamps 2i and 2i + 1 of `set`, for each of `runs` runs (`None`
+    /// for a clock that went backwards, which it should not).
+    fn read(&self, gpu: &Gpu, set: &wgpu::QuerySet, runs: usize) -> Result<Vec<Option<f64>>> {
+        let bytes = 2 * runs as u64 * wgpu::QUERY_SIZE as u64;
+        let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("bench timestamps resolved"),
+            size: bytes,
+            usage: wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        });
+        let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("resolve") });
+        enc.resolve_query_set(set, 0..2 * runs as u32, &resolve, 0);
+        gpu.submit([enc.finish()])?;
+        let raw = read_buffer(gpu, &resolve, bytes)?;
+        Ok(raw
+            .chunks_exact(2 * wgpu::QUERY_SIZE as usize)
+            .map(|c| {
+                let t: [u64; 2] = bytemuck::pod_read_unaligned(c);
+                (t[1] > t[0]).then(|| (t[1] - t[0]) as f64 * self.period_ns * 1e-6)
+            })
+            .collect())
+    }
+
+    /// Submits `buffers` in one submission and waits: wall milliseconds.
+    pub(crate) fn wall_ms(gpu: &Gpu, buffers: Vec<wgpu::CommandBuffer>) -> Result<f64> {
         let t = Instant::now();
-        gpu.submit(all)?;
-        let wall_ms = t.elapsed().as_secs_f64() * 1e3;
-        let gpu_ms = match &self.query {
-            Some((_, resolve)) => {
-                let raw = read_buffer(gpu, resolve, 2 * wgpu::QUERY_SIZE as u64)?;
-                let ticks: [u64; 2] = bytemuck::pod_read_unaligned(&raw);
-                // A clock that went backwards (it should not) leaves this run to the wall clock.
-                (ticks[1] > ticks[0]).then(|| (ticks[1] - ticks[0]) as f64 * self.period_ns * 1e-6)
+        gpu.submit(buffers)?;
+        Ok(t.elapsed().as_secs_f64() * 1e3)
+    }
+
+    /// Submits the runs one after another without waiting in between, each between two
+    /// timestamps, then waits once: the GPU runs them back to back, as a CUDA stream timed
+    /// with events does, so its clocks stay up as they would in training. Each run's GPU
+    /// milliseconds (`None` for a run without a reading); all `None` where the adapter has no
+    /// timestamps.
+    pub(crate) fn time_queued(&self, gpu: &Gpu, mut runs: Vec<Run>) -> Result<Vec<Option<f64>>> {
+        let mut out = Vec::with_capacity(runs.len());
+        while !runs.is_empty() {
+            let rest = runs.split_off(runs.len().min(QUEUED_RUNS));
+            let n = runs.len();
+            let set = self.timestamps.then(|| Timer::query_set(gpu, n));
+            for (i, run) in runs.into_iter().enumerate() {
+                let mut all = run.untimed;
+                all.extend(set.as_ref().map(|s| Timer::stamp(gpu, s, 2 * i as u32, false)));
+                all.extend(run.timed);
+                all.extend(set.as_ref().map(|s| Timer::stamp(gpu, s, 2 * i as u32 + 1, true)));
+                gpu.submit_queued(all);
             }
-            None => None,
-        };
-        Ok(Sample { gpu_ms, wall_ms })
+            match &set {
+                Some(s) => out.extend(self.read(gpu, s, n)?),
+                None => {
+                    gpu.wait()?;
+                    out.extend(std::iter::repeat_n(None, n));
+                }
+            }
+            runs = rest;
+        }
+        Ok(out)
     }
 }
 
@@ -494,31 +539,55 @@ fn median(v: &mut [f64]) -> f64 {
     if v.len() % 2 == 1 { v[m] } else { 0.5 * (v[m - 1] + v[m]) }
 }
 
+/// Wall time of the queued warm-up on a GPU, at least: a GPU that idled between benchmarks
+/// (the CPU compiling and tuning) runs at a fraction of its clocks until it has been busy a
+/// while.
+pub(crate) const WARM_UP: Duration = Duration::from_millis(200);
+
 /// Warm-up, then the measured runs of `record` (which records fresh command buffers each time);
-/// `prepare` runs untimed before each run (to reset a gradient accumulated in place).
+/// `prepare` records untimed commands that go before each run (restoring a gradient that the
+/// run accumulates into).
+///
+/// GPU time: the runs queued back to back ([`Timer::time_queued`]), as PyTorch's CUDA events
+/// time a stream. Wall time (and recording time): each run submitted and waited for on its own.
 fn measure(
     gpu: &Gpu,
     timer: &Timer,
     opts: &BenchOptions,
     item: Item,
     shape: [usize; 4],
-    prepare: &mut dyn FnMut() -> Result<()>,
+    prepare: &mut dyn FnMut() -> Result<Vec<wgpu::CommandBuffer>>,
     record: &mut dyn FnMut() -> Result<Vec<wgpu::CommandBuffer>>,
 ) -> Result<BenchRow> {
-    let (mut gpu_ms, mut wall_ms, mut record_ms) = (Vec::new(), Vec::new(), Vec::new());
-    for i in 0..opts.warmup + opts.reps {
-        prepare()?;
+    let mut runs = |count: usize| -> Result<Vec<Run>> {
+        (0..count).map(|_| Ok(Run { untimed: prepare()?, timed: record()? })).collect()
+    };
+    let warm = if is_cpu_adapter(gpu) { Duration::ZERO } else { WARM_UP };
+    let start = Instant::now();
+    loop {
+        timer.time_queued(gpu, runs(opts.warmup.max(1))?)?;
+        if start.elapsed() >= warm {
+            break;
+        }
+    }
+    let gpu_ms: Vec<f64> = timer.time_queued(gpu, runs(opts.reps)?)?.into_iter().flatten().collect();
+    let (mut wall_ms, mut record_ms) = (Vec::new(), Vec::new());
+    for _ in 0..opts.reps {
+        gpu.submit(prepare()?)?;
         let t = Instant::now();
         let buffers = record()?;
-        let rec = t.elapsed().as_secs_f64() * 1e3;
-        let s = timer.time(gpu, buffers)?;
-        if i >= opts.warmup {
-            record_ms.push(rec);
-            wall_ms.push(s.wall_ms);
-            if let Some(g) = s.gpu_ms {
-                gpu_ms.push(g);
-            }
-        }
+        record_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        wall_ms.push(Timer::wall_ms(gpu, buffers)?);
+    }
+    let mut profile = Vec::new();
+    if opts.profile && timer.has_timestamps() {
+        crate::profile::set(gpu, true);
+        let untimed = prepare();
+        let timed = record();
+        crate::profile::set(gpu, false);
+        gpu.submit(untimed?)?;
+        gpu.submit(timed?)?;
+        profile = crate::profile::take(gpu)?;
     }
     // Timestamps only where every measured run has one.
     let (timing, mut times) =
@@ -533,10 +602,37 @@ fn measure(
         record_ms: median(&mut record_ms),
         timing,
         reps: opts.reps,
+        profile,
     })
 }
 
-/// Uploads its writes and waits: what `prepare` does after writing a tensor.
+/// A profile's dispatches grouped by label, in order of first appearance: (label, count, total
+/// ms), then a last line with the sum.
+pub fn profile_summary(spans: &[crate::profile::Span]) -> Vec<(String, usize, f64)> {
+    let mut out: Vec<(String, usize, f64)> = Vec::new();
+    for s in spans {
+        match out.iter_mut().find(|(l, ..)| *l == s.label) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += s.ms;
+            }
+            None => out.push((s.label.clone(), 1, s.ms)),
+        }
+    }
+    if !out.is_empty() {
+        out.push(("(sum of the dispatches)".into(), spans.len(), spans.iter().map(|s| s.ms).sum()));
+    }
+    out
+}
+
+/// A command buffer copying `from` into `to` (buffers of one size).
+fn copy(gpu: &Gpu, from: &wgpu::Buffer, to: &wgpu::Buffer) -> wgpu::CommandBuffer {
+    let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("bench reset") });
+    enc.copy_buffer_to_buffer(from, 0, to, 0, from.size());
+    enc.finish()
+}
+
+/// Uploads its writes and waits.
 fn flush(gpu: &Gpu) -> Result<()> {
     gpu.submit([])
 }
@@ -551,7 +647,7 @@ fn random(gpu: &Gpu, rng: &mut Rng, dims: &[usize]) -> Result<Tensor> {
 fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usize; 4]) -> Result<BenchRow> {
     let mut rng = Rng::new(0xbe9c);
     let c = d[1];
-    let mut no_prep = || Ok(());
+    let mut no_prep = || Ok(Vec::new());
     match item {
         Item::ConvForward
         | Item::ConvBackwardData
@@ -630,13 +726,11 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let y = Tensor::zeros(gpu, &d)?;
             let dy_host = rng.data(d.iter().product());
             let g = Tensor::new(gpu, &d, &dy_host)?;
+            let g0 = Tensor::new(gpu, &d, &dy_host)?;
             flush(gpu)?;
             // The backward accumulates into g (the identity shortcut's gradient, in place):
             // restore it before each run, untimed.
-            let mut reset = || {
-                g.write(gpu, &dy_host)?;
-                flush(gpu)
-            };
+            let mut reset = || Ok(vec![copy(gpu, &g0.buffer, &g.buffer)]);
             let mut record = || {
                 let mut rec = gpu.recorder("bench unit forward");
                 unit.forward(&mut rec, Mode::Train, &x, &y, &kept, &ws)?;
@@ -661,12 +755,10 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let y = HalfTensor::zeros(gpu, &d)?;
             let dy_host = rng.data(d.iter().product());
             let g = HalfTensor::from_f32(gpu, &d, &dy_host)?;
+            let g0 = HalfTensor::from_f32(gpu, &d, &dy_host)?;
             flush(gpu)?;
             // As the f32 unit: the backward accumulates into g, restored before each run.
-            let mut reset = || {
-                g.write(gpu, &dy_host)?;
-                flush(gpu)
-            };
+            let mut reset = || Ok(vec![copy(gpu, &g0.buffer, &g.buffer)]);
             let mut record = || {
                 let mut rec = gpu.recorder("bench unit f16");
                 unit.forward_f16(&mut rec, &x, &y, &kept)?;
@@ -925,7 +1017,7 @@ pub fn table(r: &Report) -> String {
     use std::fmt::Write;
     let mut s = String::new();
     let timing = if r.rows.iter().all(|row| row.timing == Timing::Timestamps) {
-        "GPU timestamps around the submission"
+        "GPU timestamps around each run, the runs queued back to back"
     } else if r.rows.iter().all(|row| row.timing == Timing::Wall) {
         "wall clock of submit + wait (no timestamp queries)"
     } else {

@@ -465,6 +465,7 @@ impl Gpu {
             encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
             pass: None,
             arena: Arena::default(),
+            spans: crate::profile::Spans::begin(self),
         }
     }
 
@@ -475,6 +476,13 @@ impl Gpu {
         let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
         self.queue.submit(buffers);
         self.wait_locked()
+    }
+
+    /// Submits command buffers in one submission without waiting: their errors surface at the
+    /// next [`Gpu::wait`] or [`Gpu::submit`].
+    pub fn submit_queued(&self, buffers: impl IntoIterator<Item = wgpu::CommandBuffer>) {
+        let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.queue.submit(buffers);
     }
 
     /// Waits for everything submitted so far and returns any error the device raised since.
@@ -511,6 +519,8 @@ pub struct Recorder<'a> {
     pass: Option<wgpu::ComputePass<'static>>,
     encoder: wgpu::CommandEncoder,
     arena: Arena,
+    /// Per-dispatch timestamps, where profiling is on ([`crate::profile`]).
+    spans: Option<crate::profile::Spans>,
 }
 
 /// The uniform buffers holding a recorder's parameter blocks, one slot per dispatch: the
@@ -624,6 +634,16 @@ impl Recorder<'_> {
             entries: &entries,
         });
         let encoder = &mut self.encoder;
+        if let Some(spans) = self.spans.as_mut() {
+            // Profiling: a pass of its own, stamped at its start and end.
+            self.pass = None;
+            if let Some(mut pass) = spans.pass(encoder, label) {
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, &bind, &[]);
+                pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
+                return;
+            }
+        }
         let pass = self.pass.get_or_insert_with(|| {
             encoder
                 .begin_compute_pass(&wgpu::ComputePassDescriptor { label: None, timestamp_writes: None })
@@ -644,6 +664,9 @@ impl Recorder<'_> {
     pub fn finish(mut self) -> wgpu::CommandBuffer {
         self.pass = None;
         self.arena.flush(self.gpu);
+        if let Some(spans) = self.spans.take() {
+            spans.finish(self.gpu, &mut self.encoder);
+        }
         self.encoder.finish()
     }
 

@@ -10,6 +10,7 @@ pub mod gpu;
 pub mod io;
 pub mod net;
 pub mod ops;
+pub mod profile;
 pub mod reference;
 pub mod report;
 pub mod rng;

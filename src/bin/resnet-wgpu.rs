@@ -118,33 +118,40 @@ impl DataArgs {
     }
 }
 
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Few repetitions (the default on a CPU adapter).
+    #[arg(long, conflicts_with = "full")]
+    quick: bool,
+    /// Many repetitions (the default on a GPU).
+    #[arg(long)]
+    full: bool,
+    /// Shapes N,C,H,W (repeatable); default: the CIFAR stages (and ImageNet-like ones on a GPU).
+    #[arg(long = "shapes", value_delimiter = ' ', num_args = 1..)]
+    shapes: Vec<String>,
+    /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`).
+    #[arg(long)]
+    only: Option<String>,
+    /// After each benchmark, one more run with every dispatch timed on its own (its own
+    /// compute pass between timestamps): where the time goes, kernel by kernel.
+    #[arg(long)]
+    profile: bool,
+    /// The burn peer binary (../shared/peers/burn-unit, built with cargo build --release).
+    #[arg(long)]
+    burn: Option<PathBuf>,
+    /// The PyTorch peer script (../shared/peers/torch_unit.py; needs CUDA).
+    #[arg(long)]
+    torch: Option<PathBuf>,
+    /// Where the JSON goes.
+    #[arg(long, default_value = "runs/bench.json")]
+    json: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Times the kernels and whole units on the GPU (timestamp queries where the adapter has
     /// them), with burn and PyTorch beside them when their paths are given.
-    Bench {
-        /// Few repetitions (the default on a CPU adapter).
-        #[arg(long, conflicts_with = "full")]
-        quick: bool,
-        /// Many repetitions (the default on a GPU).
-        #[arg(long)]
-        full: bool,
-        /// Shapes N,C,H,W (repeatable); default: the CIFAR stages (and ImageNet-like ones on a GPU).
-        #[arg(long = "shapes", value_delimiter = ' ', num_args = 1..)]
-        shapes: Vec<String>,
-        /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`).
-        #[arg(long)]
-        only: Option<String>,
-        /// The burn peer binary (../shared/peers/burn-unit, built with cargo build --release).
-        #[arg(long)]
-        burn: Option<PathBuf>,
-        /// The PyTorch peer script (../shared/peers/torch_unit.py; needs CUDA).
-        #[arg(long)]
-        torch: Option<PathBuf>,
-        /// Where the JSON goes.
-        #[arg(long, default_value = "runs/bench.json")]
-        json: PathBuf,
-    },
+    Bench(BenchArgs),
     /// Trains a ResNet with the paper's recipe (SGD 0.9, weight decay 1e-4, lr 0.1 divided by
     /// 10 at 50% and 75%, crop and flip); CSV, SVG and checkpoints go to --out.
     Train {
@@ -262,9 +269,7 @@ fn main() -> ExitCode {
             };
             analyze_cmd(&depths, &variants, batch, classes, seed, rows, &out)
         }
-        Some(Command::Bench { quick, full, shapes, only, burn, torch, json }) => {
-            bench_cmd(quick, full, &shapes, only, burn, torch, &json)
-        }
+        Some(Command::Bench(args)) => bench_cmd(args),
         None => demo(),
     };
     match result {
@@ -378,30 +383,24 @@ fn demo() -> Result<()> {
     analyze_cmd(&[110], &variants, 4, 10, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
-fn bench_cmd(
-    quick: bool,
-    full: bool,
-    shapes: &[String],
-    only: Option<String>,
-    burn: Option<PathBuf>,
-    torch: Option<PathBuf>,
-    json: &std::path::Path,
-) -> Result<()> {
+fn bench_cmd(a: BenchArgs) -> Result<()> {
     let gpu = Gpu::new()?;
-    let mode = if quick {
+    let mode = if a.quick {
         Some(true)
-    } else if full {
+    } else if a.full {
         Some(false)
     } else {
         None
     };
     let mut o = bench::BenchOptions::for_adapter(&gpu, mode);
-    if !shapes.is_empty() {
-        o.shapes = Some(shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>>>()?);
+    if !a.shapes.is_empty() {
+        o.shapes = Some(a.shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>>>()?);
     }
-    o.only = only;
-    o.burn = burn;
-    o.torch = torch;
+    o.only = a.only;
+    o.profile = a.profile;
+    o.burn = a.burn;
+    o.torch = a.torch;
+    let json = &a.json;
     let report = bench::run_all(&gpu, &o)?;
     bench::print_table(&report);
     if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -239,7 +239,8 @@ enum Plan {
     RegisterWeight { splits: usize, chunk: usize },
     /// Tiled GEMM with configuration `tile` (an index into `tiled::TILES`); backward_weight
     /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
-    Tiled { tile: usize, splits: usize, chunk: usize },
+    /// `coop`: the f16 path's tile arithmetic on cooperative matrices.
+    Tiled { tile: usize, splits: usize, chunk: usize, coop: bool },
 }
 
 /// Floats in one weight window: a `var<uniform> array<vec4f, 4096>` (64 KiB, the smallest
@@ -697,18 +698,20 @@ fn check_f16(
 
 /// The tile configuration of the f16 path for `op` on `g`: the f32 op's (forced, tuned or
 /// ruled; the rule where the f32 op takes the register path), or, on a context with
-/// cooperative matrices, one that runs on them ([`tiled::half_tile`]).
+/// cooperative matrices, its own choice, on them or plain ([`tiled::half_tile`]).
 fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let f32_tile = || match plan(gpu, op, g) {
         Plan::Tiled { tile, .. } => tile,
         _ => tiled::rule(op, g),
     };
-    tiled::plan_for(op, g, tiled::half_tile(gpu, op, g, f32_tile))
+    let (tile, coop) = tiled::half_tile(gpu, op, g, f32_tile);
+    tiled::on_coop(tiled::plan_for(op, g, tile), coop)
 }
 
-fn tile_of(p: Plan) -> usize {
-    match p {
-        Plan::Tiled { tile, .. } => tile,
+/// `half_plan` without splits (the fused epilogues need the whole sum).
+fn half_plan_unsplit(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
+    match half_plan(gpu, op, g) {
+        Plan::Tiled { tile, coop, .. } => Plan::Tiled { tile, splits: 1, chunk: 0, coop },
         _ => unreachable!("half_plan gives tiled plans"),
     }
 }
@@ -861,8 +864,7 @@ pub fn forward_stats_f16(
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train_f16(rec.gpu, WHAT, y, bn, save_mean, save_invstd)?;
-    let tile = tile_of(half_plan(rec.gpu, Op::Forward, &g));
-    let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
+    let plan = half_plan_unsplit(rec.gpu, Op::Forward, &g);
     let (xb, yb) = (&x.buffer, &y.buffer);
     let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, true, xb, pre, operand(w), yb, accumulate)
     else {
@@ -914,8 +916,7 @@ pub fn backward_data_bn_f16(
     let g = check_f16(rec.gpu, WHAT, ["dx", "w", "dy"], t, 0, stride)?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward_f16(rec.gpu, WHAT, x, da, dx, bn)?;
-    let tile = tile_of(half_plan(rec.gpu, Op::BackwardData, &g));
-    let plan = Plan::Tiled { tile, splits: 1, chunk: 0 };
+    let plan = half_plan_unsplit(rec.gpu, Op::BackwardData, &g);
     let (dyb, wf, dab, xb) = (&dy.buffer, operand(w), &da.buffer, &x.buffer);
     let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, true, dyb, wf, dab, accumulate, xb, affine)
     else {

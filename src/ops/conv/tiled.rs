@@ -16,9 +16,10 @@
 //! ([`Tile::coop_layout`]); where the chosen one does not, it runs 64x64 with 16 steps.
 
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use super::{Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch};
-use crate::bench::Timer;
+use crate::bench::{Run, Timer, WARM_UP};
 use crate::error::{Error, Result};
 use crate::gpu::{CoopMatrix, Gpu, Recorder};
 use crate::tensor::{HalfTensor, Tensor};
@@ -273,10 +274,24 @@ impl Build {
         Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false }
     }
 
-    /// This build on cooperative matrices where the context has them, the build is f16 and
-    /// configuration `tile` runs on them.
-    fn with_coop(self, gpu: &Gpu, tile: usize) -> Build {
-        Build { coop: self.half && coop_layout(gpu, tile).is_some(), ..self }
+    /// A dispatch label: the op, configuration `tile`, this build's variant and the splits.
+    fn label(&self, tile: usize, splits: usize) -> String {
+        let flags = [
+            (self.half, " f16"),
+            (self.coop, " coop"),
+            (self.pre, " bn-relu"),
+            (self.stats, " +stats"),
+            (self.bsums, " +bn-sums"),
+        ];
+        let flags: String = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
+        let splits = if splits > 1 { format!(" split {splits}") } else { String::new() };
+        format!("conv {:?} {}{flags}{splits}", self.op, TILES[tile].name())
+    }
+
+    /// This build on cooperative matrices where the plan asks for them (`coop`), the build is
+    /// f16, and configuration `tile` runs on this context's.
+    fn with_coop(self, gpu: &Gpu, tile: usize, coop: bool) -> Build {
+        Build { coop: coop && self.half && coop_layout(gpu, tile).is_some(), ..self }
     }
 }
 
@@ -286,22 +301,34 @@ fn coop_layout(gpu: &Gpu, tile: usize) -> Option<CoopLayout> {
     gpu.report.coop.and_then(|c| TILES[tile].coop_layout(gpu, c))
 }
 
-/// The configuration of the f16 path for `op` on `g`, whose f32 plan's configuration is
-/// `f32_tile()`. Without cooperative matrices, that one. With them: the forced configuration,
-/// or on a CPU adapter the f32 plan's, where it runs on them (else 64x64 with 16 steps); on a
-/// GPU the fastest of those that run on them, timed on f16 operands of that shape on first use
-/// (cached).
-pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> usize {
+/// The configuration of the f16 path for `op` on `g`, and whether it runs on cooperative
+/// matrices; `f32_tile()` is the f32 plan's configuration. Without cooperative matrices, that
+/// one. With them: the forced configuration, or on a CPU adapter the f32 plan's, on them where
+/// it runs on them (else 64x64 with 16 steps, on them); on a GPU the fastest of the
+/// configurations, on cooperative matrices and plain, timed on f16 operands of that shape on
+/// first use (cached). The plain ones win where the output has few channels: a 16-channel
+/// output fills a quarter of a tile of 64 columns on tensor cores.
+pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> (usize, bool) {
     if gpu.report.coop.is_none() {
-        return f32_tile();
+        return (f32_tile(), false);
     }
     let square = index_of("64x64k16t4x4");
-    let on_coop =
-        |t: usize| if coop_layout(gpu, t).is_some() || coop_layout(gpu, square).is_none() { t } else { square };
+    let on_coop = |t: usize| match coop_layout(gpu, t).is_some() || coop_layout(gpu, square).is_none() {
+        true => (t, coop_layout(gpu, t).is_some()),
+        false => (square, true),
+    };
     match forced_any(gpu) {
         Some(t) => on_coop(t),
         None if gpu.report.device_type == wgpu::DeviceType::Cpu => on_coop(f32_tile()),
         None => gpu.cached(&format!("conv.half-tile.{op:?}.{g:?}"), || tune(gpu, op, g, true)),
+    }
+}
+
+/// `plan` with its tile arithmetic on cooperative matrices (`coop`) or not.
+pub(super) fn on_coop(plan: Plan, coop: bool) -> Plan {
+    match plan {
+        Plan::Tiled { tile, splits, chunk, .. } => Plan::Tiled { tile, splits, chunk, coop },
+        p => p,
     }
 }
 
@@ -484,12 +511,12 @@ pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
     };
     let splits = splits.min(cap).max(1);
     if splits == 1 && op != Op::BackwardWeight {
-        return Plan::Tiled { tile, splits: 1, chunk: 0 };
+        return Plan::Tiled { tile, splits: 1, chunk: 0, coop: false };
     }
     // A multiple of every configuration's reduction step (8 or 16).
     let step = TILES.iter().map(|t| t.bk).max().unwrap_or(16);
     let chunk = red.div_ceil(splits).div_ceil(step) * step;
-    Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk }
+    Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk, coop: false }
 }
 
 /// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned.
@@ -497,17 +524,18 @@ pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan
     let tile = match forced(gpu, op, g) {
         Some(i) => i,
         None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => rule(op, g),
-        None => tune(gpu, op, g, false),
+        None => tune(gpu, op, g, false).0,
     };
     plan_for(op, g, tile)
 }
 
-/// Times each configuration that fits on zero operands of `g`'s shape (a warm-up round, then
-/// the median of three rounds) and returns the fastest; the rule where nothing could be timed.
-/// `half`: the f16 path's configurations on cooperative matrices, on f16 activations and f32
-/// weights (as the f16 units run them).
-fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> usize {
-    let fallback = rule(op, g);
+/// Times each configuration that fits on zero operands of `g`'s shape (warm-up rounds, then the
+/// median of three rounds) and returns the fastest; the rule where nothing could be timed.
+/// `half`: the f16 path's configurations, on cooperative matrices where the context has them
+/// and plain, on f16 activations and f32 weights (as the f16 units run them); the choice says
+/// which (`true`: on cooperative matrices).
+fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
+    let fallback = (rule(op, g), false);
     let x = [g.n, g.c, g.h, g.w];
     let w = [g.k, g.c, g.ks, g.ks];
     let y = [g.n, g.k, g.oh, g.ow];
@@ -532,49 +560,59 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> usize {
     };
     let timer = Timer::new(gpu, true);
     let log = std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some();
-    // Round-robin: every configuration once per round (the first round a warm-up), so that a
-    // GPU still raising its clocks when tuning starts does not penalise the first candidates.
-    let candidates: Vec<usize> = match half {
-        true => coop_tiles(gpu),
-        false => (0..TILES.len()).filter(|&i| !TILES[i].coop_only && TILES[i].fits(gpu)).collect(),
+    let plain = (0..TILES.len()).filter(|&i| !TILES[i].coop_only && TILES[i].fits(gpu)).map(|i| (i, false));
+    let candidates: Vec<(usize, bool)> = match half {
+        true => coop_tiles(gpu).into_iter().map(|i| (i, true)).chain(plain).collect(),
+        false => plain.collect(),
     };
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
-    let mut failed = vec![false; candidates.len()];
-    for round in 0..4 {
-        for (j, &i) in candidates.iter().enumerate() {
-            if failed[j] {
-                continue;
-            }
-            let mut rec = gpu.recorder("conv tune");
-            let plan = plan_for(op, g, i);
-            match (&halves, op) {
-                (None, _) => record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
-                (Some(h), Op::BackwardWeight) => {
-                    record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[wi], false)
-                }
-                (Some(h), _) => {
-                    record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[wi].buffer), &h[2], false)
-                }
-            }
-            match timer.time(gpu, vec![rec.finish()]) {
-                Ok(s) if round > 0 => times[j].push(s.gpu_ms.unwrap_or(s.wall_ms)),
-                Ok(_) => {}
-                Err(_) => failed[j] = true,
+    let run = |(i, coop): (usize, bool)| {
+        let mut rec = gpu.recorder("conv tune");
+        let plan = on_coop(plan_for(op, g, i), coop);
+        match (&halves, op) {
+            (None, _) => record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
+            (Some(h), Op::BackwardWeight) => record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[wi], false),
+            (Some(h), _) => {
+                record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[wi].buffer), &h[2], false)
             }
         }
+        rec.finish()
+    };
+    // Each configuration once on its own (its pipelines built; one the device rejects drops
+    // out), then rounds of all of them round-robin, queued back to back: warm-up rounds for
+    // at least WARM_UP of wall time on a GPU (whose clocks are down after idling while the
+    // CPU built pipelines), then three timed rounds, each configuration's median kept.
+    let candidates: Vec<(usize, bool)> =
+        candidates.into_iter().filter(|&c| Timer::wall_ms(gpu, vec![run(c)]).is_ok()).collect();
+    let round =
+        || -> Vec<Run> { candidates.iter().map(|&c| Run { untimed: Vec::new(), timed: vec![run(c)] }).collect() };
+    let warm = if gpu.report.device_type == wgpu::DeviceType::Cpu { Duration::ZERO } else { WARM_UP };
+    let start = Instant::now();
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
+    let mut warmed = false;
+    while !warmed {
+        warmed = timer.time_queued(gpu, round()).is_err() || start.elapsed() >= warm;
+    }
+    let timed: Vec<Option<f64>> = match timer.has_timestamps() {
+        true => timer.time_queued(gpu, (0..3).flat_map(|_| round()).collect()).unwrap_or_default(),
+        // Wall time, each run on its own.
+        false => (0..3).flat_map(|_| candidates.iter().map(|&c| Timer::wall_ms(gpu, vec![run(c)]).ok())).collect(),
+    };
+    for (k, ms) in timed.into_iter().enumerate() {
+        times[k % candidates.len()].extend(ms);
     }
     let mut best = (f64::INFINITY, fallback);
     let mut report = Vec::new();
-    for (j, &i) in candidates.iter().enumerate() {
-        if failed[j] || times[j].len() < 3 {
-            report.push(format!("{} failed", TILES[i].name()));
+    let name = |(i, coop): (usize, bool)| format!("{}{}", TILES[i].name(), if coop { " coop" } else { "" });
+    for (j, &c) in candidates.iter().enumerate() {
+        if times[j].len() < 3 {
+            report.push(format!("{} failed", name(c)));
             continue;
         }
         times[j].sort_by(f64::total_cmp);
         let ms = times[j][1];
-        report.push(format!("{} {ms:.4}", TILES[i].name()));
+        report.push(format!("{} {ms:.4}", name(c)));
         if ms < best.0 {
-            best = (ms, i);
+            best = (ms, c);
         }
     }
     if log {
@@ -588,7 +626,7 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> usize {
             g.ks,
             g.stride,
             report.join(", "),
-            TILES[best.1].name()
+            name(best.1)
         );
     }
     best.1
@@ -612,7 +650,7 @@ pub(super) fn record(
     out: &Tensor,
     acc: bool,
 ) {
-    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    let Plan::Tiled { tile, splits, chunk, .. } = plan else { unreachable!("a tiled plan") };
     let build = Build::of(op, g, false, pre.is_some());
     let aff = affine_binding(rec.gpu, pre);
     match op {
@@ -728,7 +766,7 @@ fn data(
     acc: bool,
     epi: Epi,
 ) {
-    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    let Plan::Tiled { tile, splits, chunk, coop } = plan else { unreachable!("a tiled plan") };
     let t = TILES[tile];
     let op = build.op;
     let (m, cols) = gemm_rows_cols(op, g);
@@ -778,10 +816,10 @@ fn data(
         (_, Some(_)) => unreachable!("the epilogues' callers take unsplit plans"),
     };
     binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
-    let build = build.with_coop(gpu, tile);
+    let build = build.with_coop(gpu, tile, coop);
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
-    dispatch_pipeline(rec, &p, if build.half { "conv tiled f16" } else { "conv tiled data" }, &params, &binds, groups);
+    dispatch_pipeline(rec, &p, &build.label(tile, splits), &params, &binds, groups);
     match &split_part {
         Some(sp) if build.half => {
             let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
@@ -826,9 +864,9 @@ pub(super) fn record_half_weight(
     dw: &Tensor,
     acc: bool,
 ) {
-    let Plan::Tiled { tile, splits, chunk } = plan else { unreachable!("a tiled plan") };
+    let Plan::Tiled { tile, splits, chunk, coop } = plan else { unreachable!("a tiled plan") };
     let aff = affine_binding(rec.gpu, pre);
-    let build = Build::of(Op::BackwardWeight, g, true, pre.is_some());
+    let build = Build::of(Op::BackwardWeight, g, true, pre.is_some()).with_coop(rec.gpu, tile, coop);
     weight(rec, g, tile, build, [&x.buffer, &dy.buffer, &aff], dw, acc, splits, chunk);
 }
 
@@ -860,10 +898,9 @@ fn weight(
         (7, part.as_entire_binding()),
         (5, aff.as_entire_binding()),
     ];
-    let build = build.with_coop(rec.gpu, tile);
     let p = pipeline(rec.gpu, tile, build, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
-    dispatch_pipeline(rec, &p, "conv tiled weight", &params, &binds, groups);
+    dispatch_pipeline(rec, &p, &build.label(tile, splits), &params, &binds, groups);
     if splits > 1 {
         reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);
     }
