@@ -171,13 +171,13 @@ impl Variant {
 
 /// Which batch-norm kernels a context runs (shapes a forced variant cannot take run the scalar
 /// kernels). `Auto`: texture loads on CPU adapters (vec4 where the texture would be too large),
-/// scalar kernels on GPUs; `RESNET_WGPU_BN=scalar|vec4|texture|wide` changes that default (a
+/// the wide kernels on GPUs; `RESNET_WGPU_BN=scalar|vec4|texture|wide` changes that default (a
 /// benchmarking aid). Every variant matches the reference; they differ in speed and in the
 /// order of their sums.
 ///
-/// GPUs keep the scalar kernels until the vec4 and wide ones are timed against them there: on
-/// an H200 the scalar ones read 400-900 GB/s of its 4.8 TB/s (runs of 16 elements per thread,
-/// loads not coalesced), which the wide kernels address.
+/// On an H200 (BENCHMARKS.md, commit cef0a1d) the wide kernels read 1.7 to 2.3 TB/s at the
+/// ImageNet-like shapes where the scalar ones read 0.5 to 0.9 (runs of 16 elements per
+/// thread, loads not coalesced), and they were up to 9x faster at 128x16x32x32.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
     Auto,
@@ -212,7 +212,7 @@ pub fn kernels(gpu: &Gpu) -> Kernels {
         Kernels::Auto => match from_env {
             Some(k) => *k,
             None if gpu.report.device_type == wgpu::DeviceType::Cpu => Kernels::Texture,
-            None => Kernels::Scalar,
+            None => Kernels::Wide,
         },
         k => k,
     }
