@@ -542,7 +542,7 @@ fn median(v: &mut [f64]) -> f64 {
 /// Wall time of the queued warm-up on a GPU, at least: a GPU that idled between benchmarks
 /// (the CPU compiling and tuning) runs at a fraction of its clocks until it has been busy a
 /// while.
-pub(crate) const WARM_UP: Duration = Duration::from_millis(200);
+const WARM_UP: Duration = Duration::from_millis(200);
 
 /// Warm-up, then the measured runs of `record` (which records fresh command buffers each time);
 /// `prepare` records untimed commands that go before each run (restoring a gradient that the

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch};
-use crate::bench::{Run, Timer, WARM_UP};
+use crate::bench::{Run, Timer};
 use crate::error::{Error, Result};
 use crate::gpu::{CoopMatrix, Gpu, Recorder};
 use crate::tensor::{HalfTensor, Tensor};
@@ -529,6 +529,10 @@ pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan
     plan_for(op, g, tile)
 }
 
+/// The autotuner's warm-up on a GPU: this much wall time or this many rounds, the first reached.
+const TUNE_WARM_UP: Duration = Duration::from_millis(100);
+const TUNE_WARM_ROUNDS: usize = 10;
+
 /// Times each configuration that fits on zero operands of `g`'s shape (warm-up rounds, then the
 /// median of three rounds) and returns the fastest; the rule where nothing could be timed.
 /// `half`: the f16 path's configurations, on cooperative matrices where the context has them
@@ -578,19 +582,22 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
         rec.finish()
     };
     // Each configuration once on its own (its pipelines built; one the device rejects drops
-    // out), then rounds of all of them round-robin, queued back to back: warm-up rounds for
-    // at least WARM_UP of wall time on a GPU (whose clocks are down after idling while the
-    // CPU built pipelines), then three timed rounds, each configuration's median kept.
+    // out), then rounds of all of them round-robin, queued back to back: warm-up rounds on a
+    // GPU (whose clocks are down after idling while the CPU built pipelines) for TUNE_WARM_UP
+    // of wall time or TUNE_WARM_ROUNDS rounds, whichever comes first (small shapes, whose
+    // choice matters little, tune fast), then three timed rounds, each configuration's median
+    // kept.
     let candidates: Vec<(usize, bool)> =
         candidates.into_iter().filter(|&c| Timer::wall_ms(gpu, vec![run(c)]).is_ok()).collect();
     let round =
         || -> Vec<Run> { candidates.iter().map(|&c| Run { untimed: Vec::new(), timed: vec![run(c)] }).collect() };
-    let warm = if gpu.report.device_type == wgpu::DeviceType::Cpu { Duration::ZERO } else { WARM_UP };
+    let warm_rounds = if gpu.report.device_type == wgpu::DeviceType::Cpu { 1 } else { TUNE_WARM_ROUNDS };
     let start = Instant::now();
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
-    let mut warmed = false;
-    while !warmed {
-        warmed = timer.time_queued(gpu, round()).is_err() || start.elapsed() >= warm;
+    for _ in 0..warm_rounds {
+        if timer.time_queued(gpu, round()).is_err() || start.elapsed() >= TUNE_WARM_UP {
+            break;
+        }
     }
     let timed: Vec<Option<f64>> = match timer.has_timestamps() {
         true => timer.time_queued(gpu, (0..3).flat_map(|_| round()).collect()).unwrap_or_default(),
