@@ -1164,9 +1164,14 @@ pub fn to_json(r: &Report) -> String {
         .rows
         .iter()
         .map(|row| {
+            let profile: Vec<String> = row
+                .profile
+                .iter()
+                .map(|p| format!("{{\"label\": {}, \"ms\": {}}}", js(&p.label), jn(Some(p.ms))))
+                .collect();
             format!(
                 "    {{\"name\": {}, \"shape\": {}, \"ms\": {}, \"min_ms\": {}, \"wall_ms\": {}, \"record_ms\": {}, \
-                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}}}",
+                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}, \"profile\": [{}]}}",
                 js(&row.name()),
                 jshape(row.shape),
                 jn(Some(row.ms)),
@@ -1177,6 +1182,7 @@ pub fn to_json(r: &Report) -> String {
                 row.reps,
                 jn(row.gflops()),
                 jn(row.gbytes_per_s()),
+                profile.join(", "),
             )
         })
         .collect();

@@ -175,13 +175,20 @@ fn variants_train_and_analyze() {
 fn bench_times_a_tiny_shape_and_writes_json() {
     let d = dir("bench");
     let json = d.join("bench.json");
-    let (ok, text) = tool(&["bench", "--quick", "--shapes", "2,3,5,5", "--json", json.to_str().unwrap()]);
+    let (ok, text) = tool(&["bench", "--quick", "--shapes", "2,3,5,5", "--profile", "--json", json.to_str().unwrap()]);
     assert!(ok, "{text}");
     for row in ["conv3x3 forward", "bn backward", "unit preact fwd+bwd", "unit original fwd"] {
         assert!(text.contains(row), "{row} missing from {text}");
     }
     let j = std::fs::read_to_string(&json).unwrap();
     assert!(j.contains("\"adapter\"") && j.contains("unit preact fwd+bwd"), "{j}");
+    // --profile, where the adapter has timestamps: each row's dispatches, timed one by one.
+    if text.contains("GPU timestamps") {
+        assert!(text.contains("x (sum of the dispatches)"), "no profile in {text}");
+        let unit = j.lines().find(|l| l.contains("\"unit preact fwd+bwd\"")).unwrap();
+        let spans = unit.matches("\"label\"").count();
+        assert!(spans >= 8, "a pre-activation unit's forward+backward profiled as {spans} dispatches: {unit}");
+    }
 }
 
 #[test]
