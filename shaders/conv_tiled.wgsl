@@ -130,6 +130,18 @@ fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, t
 }
 // @plain-end
 
+// The epilogues visit the accumulators in order k = 0, 1, ... (k = (g * 4 + i) * TNV + h) as
+// acc[0], each followed by a rotation that puts the value back last: every index into acc is a
+// constant however the loops around it are compiled. An array indexed by the variable of a loop
+// the driver does not unroll lives in local memory, and the big tiles' epilogues (64 outputs
+// per invocation) are loops a driver may leave rolled.
+fn rotate(acc: ptr<function, array<vec4f, ACC_LEN>>, last: vec4f) {
+    for (var t = 0u; t + 1u < ACC_LEN; t++) {
+        (*acc)[t] = (*acc)[t + 1u];
+    }
+    (*acc)[ACC_LEN - 1u] = last;
+}
+
 // Element v of x in input channel c, through the prologue where PRE: ReLU((v - mean) * scale + beta).
 fn pre(v: f32, c: u32) -> f32 {
     if PRE {
@@ -273,15 +285,13 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
             let m = m0 + (g * (BM / TM) + tm) * 4u + i;
-            if m >= p.m {
-                continue;
-            }
+            let live = m < p.m;
             let ox = m % sx;
             let oy = (m / sx) % sy;
             let n = m / (sx * sy);
             for (var h = 0u; h < TNV; h++) {
-                var v4 = acc[(g * 4u + i) * TNV + h];
-                for (var j = 0u; j < 4u; j++) {
+                var v4 = acc[0]; // acc[(g * 4 + i) * TNV + h], through rotate
+                for (var j = 0u; j < 4u && live; j++) {
                     let col = n0 + (h * (BN / TN) + tn) * 4u + j;
                     if col >= cols {
                         continue;
@@ -308,7 +318,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                         s2[h][j] += dz * (t * a.w);
                     }
                 }
-                acc[(g * 4u + i) * TNV + h] = v4; // the values written, for STATS
+                rotate(&acc, v4); // v4: the values written, for STATS
             }
         }
     }
@@ -371,8 +381,13 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
     var s: array<vec4f, TNV>;
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
-            if m0 + (g * (BM / TM) + tm) * 4u + i < p.m {
-                for (var h = 0u; h < TNV; h++) { s[h] += (*acc)[(g * 4u + i) * TNV + h]; }
+            let live = m0 + (g * (BM / TM) + tm) * 4u + i < p.m;
+            for (var h = 0u; h < TNV; h++) {
+                let v = (*acc)[0]; // (*acc)[(g * 4 + i) * TNV + h], through rotate
+                if live {
+                    s[h] += v;
+                }
+                rotate(acc, v);
             }
         }
     }
@@ -384,11 +399,14 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
     var q: array<vec4f, TNV>;
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
-            if m0 + (g * (BM / TM) + tm) * 4u + i < p.m {
-                for (var h = 0u; h < TNV; h++) {
-                    let d = (*acc)[(g * 4u + i) * TNV + h] - tb[h * (BN / TN) + tn];
+            let live = m0 + (g * (BM / TM) + tm) * 4u + i < p.m;
+            for (var h = 0u; h < TNV; h++) {
+                let v = (*acc)[0];
+                if live {
+                    let d = v - tb[h * (BN / TN) + tn];
                     q[h] += d * d;
                 }
+                rotate(acc, v);
             }
         }
     }
@@ -490,12 +508,11 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
             let k = m0 + (g * (BM / TM) + tm) * 4u + i;
-            if k >= p.k {
-                continue;
-            }
+            let live = k < p.k;
             for (var h = 0u; h < TNV; h++) {
-                let v4 = acc[(g * 4u + i) * TNV + h];
-                for (var j = 0u; j < 4u; j++) {
+                let v4 = acc[0]; // acc[(g * 4 + i) * TNV + h], through rotate
+                rotate(&acc, v4);
+                for (var j = 0u; j < 4u && live; j++) {
                     let col = n0 + (h * (BN / TN) + tn) * 4u + j;
                     if col >= cols {
                         continue;
