@@ -4,9 +4,10 @@
 #   1. the adapter;
 #   2. the cooperative-matrix test (tests/coop.rs): where it fails, the benchmark runs with
 #      RESNET_WGPU_COOP=0, so that a broken tensor-core kernel cannot cost the peers' figures;
-#   3. the full benchmark with the autotuner's log and the burn and PyTorch peers;
+#   3. the full benchmark with the autotuner's log, each row's dispatches timed (--profile), and the
+#      burn and PyTorch peers;
 #   4. the f16 rows with cooperative matrices switched the other way (off where step 3 had them
-#      on), and batch norm's vec4, texture and wide kernels (bn rows) against step 3's default;
+#      on), and batch norm's vec4, texture and scalar kernels (bn rows) against step 3's default (wide);
 #   5. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
 #      its gradients against the f64 reference (relu_ties);
 #   6. the other test binaries on the GPU, while time is left.
@@ -34,14 +35,14 @@ peers=()
 [ -x /tmp/burn-unit ] && peers+=(--burn /tmp/burn-unit)
 [ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
 l=$(left); b=$(( l - 170 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
-RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full "${peers[@]}" \
+RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
 grep -E "^(conv3x3|bn|unit)|fp32" "$OUT/bench.txt" | head -120
 
 echo "=== variants ($(left) s left)"
 {
-    for v in coop:f16 vec4:bn texture:bn wide:bn; do
+    for v in coop:f16 vec4:bn texture:bn scalar:bn; do
         bn=${v%%:*} only=${v##*:}
         l=$(left); [ "$l" -lt 100 ] && { echo "skip $bn $only: time"; continue; }
         if [ "$bn" = coop ]; then
