@@ -142,20 +142,34 @@ fn rotate(acc: ptr<function, array<vec4f, ACC_LEN>>, last: vec4f) {
     (*acc)[ACC_LEN - 1u] = last;
 }
 
-// Element v of x in input channel c, through the prologue where PRE: ReLU((v - mean) * scale + beta).
-fn pre(v: f32, c: u32) -> f32 {
-    if PRE {
+// An operand element as loaded for the next tile, before anything is computed from it: the
+// conversion to f32 and the prologue wait for the load, so they run when the element is
+// staged, after the current tile's arithmetic (computed at load time, they would stall the
+// invocation on the load before that arithmetic and undo the prefetch). `inside`: an element
+// of x, not padding (the prologue applies to those only).
+struct Raw {
+    v: ST,
+    inside: bool,
+}
+
+const OUTSIDE: Raw = Raw(ST(0.0), false);
+
+// The staged value of a loaded element of x in input channel c: through the prologue where
+// PRE, ReLU((v - mean) * scale + beta); padding stays zero.
+fn x_value(e: Raw, c: u32) -> f32 {
+    let v = f32(e.v);
+    if PRE && e.inside {
         let a = aff[c];
         return max(fma(v - a.x, a.y, a.z), 0.0);
     }
     return v;
 }
 
-// A[m][r] of the data ops for pixel (n, py, px) of the GEMM rows: im2col of x (forward), or
-// the dy term that reaches input pixel (py, px) (backward_data). Zero outside.
-fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
+// A[m][r] of the data ops for pixel (n, py, px) of the GEMM rows, as loaded: im2col of x
+// (forward), or the dy term that reaches input pixel (py, px) (backward_data). Zero outside.
+fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> Raw {
     if !ok || r >= red {
-        return 0.0;
+        return OUTSIDE;
     }
     let c = r / KK; // input channel (forward) or output channel (backward_data)
     let t = r - c * KK;
@@ -165,22 +179,27 @@ fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> f32 {
         let iy = i32(py * STRIDE + ky) - i32(PAD);
         let ix = i32(px * STRIDE + kx) - i32(PAD);
         if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
-            return 0.0;
+            return OUTSIDE;
         }
-        return pre(f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]), c);
+        return Raw(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)], true);
     }
     // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
     let ty = i32(py + PAD) - i32(ky);
     let tx = i32(px + PAD) - i32(kx);
     if ty < 0 || tx < 0 || ty % i32(STRIDE) != 0 || tx % i32(STRIDE) != 0 {
-        return 0.0;
+        return OUTSIDE;
     }
     let oy = u32(ty) / STRIDE;
     let ox = u32(tx) / STRIDE;
     if oy >= p.oh || ox >= p.ow {
-        return 0.0;
+        return OUTSIDE;
     }
-    return f32(src[((n * p.k + c) * p.oh + oy) * p.ow + ox]);
+    return Raw(src[((n * p.k + c) * p.oh + oy) * p.ow + ox], true);
+}
+
+// The staged value of element r of a_data's reduction (PRE: forward only, channel r / KK).
+fn a_value(e: Raw, r: u32) -> f32 {
+    return x_value(e, r / KK);
 }
 
 @compute @workgroup_size(THREADS)
@@ -229,14 +248,14 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
 
     var acc: array<vec4f, ACC_LEN>;
     var frags: Frags;
-    var ra: array<f32, A_PER>;
-    var rb: array<vec4f, B_PER>;
+    var ra: array<Raw, A_PER>;
+    var rb: array<vec4<ST>, B_PER>;
     let nt = (r_end - r0 + BK - 1u) / BK;
 
     // Tile 0 into buffer 0.
     for (var j = 0u; j < A_PER; j++) {
         let rl = arl + j * ASTEP;
-        put_a(0u, rl, ml, a_data(an, ay, ax, a_ok, r0 + rl, r_end));
+        put_a(0u, rl, ml, a_value(a_data(an, ay, ax, a_ok, r0 + rl, r_end), r0 + rl));
     }
     for (var j = 0u; j < B_PER; j++) {
         let rl = brl + j * BSTEP;
@@ -259,9 +278,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
             }
             for (var j = 0u; j < B_PER; j++) {
                 let r = r1 + brl + j * BSTEP;
-                var v = vec4f(0.0);
+                var v = vec4<ST>();
                 if b_ok && r < r_end {
-                    v = vec4f(wtt[r * cv + bcol]);
+                    v = wtt[r * cv + bcol];
                 }
                 rb[j] = v;
             }
@@ -269,10 +288,11 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         tile_product(&acc, &frags, cur, lid, tm, tn);
         if more {
             for (var j = 0u; j < A_PER; j++) {
-                put_a(cur ^ 1u, arl + j * ASTEP, ml, ra[j]);
+                let rl = arl + j * ASTEP;
+                put_a(cur ^ 1u, rl, ml, a_value(ra[j], r1 + rl));
             }
             for (var j = 0u; j < B_PER; j++) {
-                put_b4(cur ^ 1u, brl + j * BSTEP, bv, rb[j]);
+                put_b4(cur ^ 1u, brl + j * BSTEP, bv, vec4f(rb[j]));
             }
         }
         workgroupBarrier();
@@ -419,14 +439,14 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
 // (consecutive pixels): staging row rl = lid % BK is fixed per invocation (THREADS is a
 // multiple of BK), its GEMM rows (columns) are lid / BK + j * RSTEP.
 
-// im2col(x) at output pixel (n, oy, ox) for column (c, ky, kx), zero in the padding.
-fn b_weight(n: u32, oy: u32, ox: u32, ok: bool, c: u32, ky: u32, kx: u32) -> f32 {
+// im2col(x) at output pixel (n, oy, ox) for column (c, ky, kx), as loaded; zero in the padding.
+fn b_weight(n: u32, oy: u32, ox: u32, ok: bool, c: u32, ky: u32, kx: u32) -> Raw {
     let iy = i32(oy * STRIDE + ky) - i32(PAD);
     let ix = i32(ox * STRIDE + kx) - i32(PAD);
     if !ok || iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
-        return 0.0;
+        return OUTSIDE;
     }
-    return pre(f32(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)]), c);
+    return Raw(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)], true);
 }
 
 @compute @workgroup_size(THREADS)
@@ -461,8 +481,8 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
 
     var acc: array<vec4f, ACC_LEN>;
     var frags: Frags;
-    var ra: array<f32, A_PER>;
-    var rb: array<f32, B_PER>;
+    var ra: array<ST, A_PER>;
+    var rb: array<Raw, B_PER>;
 
     for (var t = 0u; t <= nt; t++) {
         // Loads of tile t (where there is one) into registers...
@@ -476,9 +496,9 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
             let ox = pix - oy * p.ow;
             for (var j = 0u; j < A_PER; j++) {
                 let k = m0 + row0 + j * RSTEP;
-                var v = 0.0;
+                var v = ST(0.0);
                 if r_ok && k < p.k {
-                    v = f32(dys[(n * p.k + k) * ohw + pix]);
+                    v = dys[(n * p.k + k) * ohw + pix];
                 }
                 ra[j] = v;
             }
@@ -494,10 +514,10 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         if t < nt {
             let nxt = t & 1u;
             for (var j = 0u; j < A_PER; j++) {
-                put_a(nxt, rl, row0 + j * RSTEP, ra[j]);
+                put_a(nxt, rl, row0 + j * RSTEP, f32(ra[j]));
             }
             for (var j = 0u; j < B_PER; j++) {
-                put_b(nxt, rl, row0 + j * RSTEP, rb[j]);
+                put_b(nxt, rl, row0 + j * RSTEP, x_value(rb[j], bc[j]));
             }
         }
         workgroupBarrier();
