@@ -108,39 +108,23 @@ fn tile_product(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, 
 fn drain(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>, lid: u32, tm: u32,
          tn: u32) {}
 
-// One reduction step of a tile: the outer product of this invocation's TM rows and TN columns.
-fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, tm: u32, tn: u32) {
-    var av: array<vec4f, TMV>;
-    var bv: array<vec4f, TNV>;
-    for (var g = 0u; g < TMV; g++) {
-        av[g] = ta[abase + g * (BM / TM) + tm];
-    }
-    for (var h = 0u; h < TNV; h++) {
-        bv[h] = tb[bbase + h * (BN / TN) + tn];
-    }
-    for (var g = 0u; g < TMV; g++) {
-        for (var i = 0u; i < 4u; i++) {
-            let s = vec4f(av[g][i]);
-            for (var h = 0u; h < TNV; h++) {
-                let j = (g * 4u + i) * TNV + h;
-                (*acc)[j] = fma(s, bv[h], (*acc)[j]);
-            }
-        }
-    }
-}
+// mac_step(acc, abase, bbase, tm, tn): one reduction step of a tile, the outer product of this
+// invocation's TM rows and TN columns. The host writes it out (tiled.rs `unrolled`) as
+// straight-line code with constant indices into acc, in this loop's order:
+//   av[g] = ta[abase + g * (BM / TM) + tm];  bv[h] = tb[bbase + h * (BN / TN) + tn];
+//   for g < TMV, i < 4, h < TNV:  acc[(g * 4 + i) * TNV + h] = fma(vec4f(av[g][i]), bv[h], acc[..])
+// (an array indexed by the variable of a loop that the driver leaves rolled lives in local
+// memory, not registers: the unrolling must not be left to the driver's heuristics).
+// @mac_step
 // @plain-end
 
 // The epilogues visit the accumulators in order k = 0, 1, ... (k = (g * 4 + i) * TNV + h) as
 // acc[0], each followed by a rotation that puts the value back last: every index into acc is a
 // constant however the loops around it are compiled. An array indexed by the variable of a loop
 // the driver does not unroll lives in local memory, and the big tiles' epilogues (64 outputs
-// per invocation) are loops a driver may leave rolled.
-fn rotate(acc: ptr<function, array<vec4f, ACC_LEN>>, last: vec4f) {
-    for (var t = 0u; t + 1u < ACC_LEN; t++) {
-        (*acc)[t] = (*acc)[t + 1u];
-    }
-    (*acc)[ACC_LEN - 1u] = last;
-}
+// per invocation) are loops a driver may leave rolled. rotate(acc, last): acc[t] = acc[t + 1]
+// for t < ACC_LEN - 1, then acc[ACC_LEN - 1] = last, written out by the host as mac_step is.
+// @rotate
 
 // An operand element as loaded for the next tile, before anything is computed from it: the
 // conversion to f32 and the prologue wait for the load, so they run when the element is

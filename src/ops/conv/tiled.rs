@@ -218,7 +218,44 @@ impl Tile {
             template.replace_range(begin..end + "// @plain-end".len(), COOP_BLOCK);
         }
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
-        s.push_str(&template);
+        let template = template.replace("// @rotate\n", &self.rotate_source());
+        s.push_str(&template.replace("// @mac_step\n", &self.mac_step_source()));
+        s
+    }
+
+    /// The template's `mac_step` written out: the loads of this invocation's TM / 4 row vec4s
+    /// and TN / 4 column vec4s, then each FMA in the template's loop order, every index into
+    /// `acc` a constant (so the accumulators are registers whatever the driver unrolls).
+    fn mac_step_source(&self) -> String {
+        let (tmv, tnv) = (self.tm / 4, self.tn / 4);
+        let mut s = String::from(
+            "fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, tm: u32, tn: u32) {\n",
+        );
+        for g in 0..tmv {
+            s.push_str(&format!("    let a{g} = ta[abase + {g}u * (BM / TM) + tm];\n"));
+        }
+        for h in 0..tnv {
+            s.push_str(&format!("    let b{h} = tb[bbase + {h}u * (BN / TN) + tn];\n"));
+        }
+        for g in 0..tmv {
+            for (i, lane) in ["x", "y", "z", "w"].iter().enumerate() {
+                for h in 0..tnv {
+                    let j = (g * 4 + i) * tnv + h;
+                    s.push_str(&format!("    (*acc)[{j}] = fma(vec4f(a{g}.{lane}), b{h}, (*acc)[{j}]);\n"));
+                }
+            }
+        }
+        s + "}\n"
+    }
+
+    /// The template's `rotate` written out: one move per accumulator, constant indices.
+    fn rotate_source(&self) -> String {
+        let len = self.tm * self.tn / 4;
+        let mut s = String::from("fn rotate(acc: ptr<function, array<vec4f, ACC_LEN>>, last: vec4f) {\n");
+        for t in 0..len - 1 {
+            s.push_str(&format!("    (*acc)[{t}] = (*acc)[{}];\n", t + 1));
+        }
+        s.push_str(&format!("    (*acc)[{}] = last;\n}}\n", len - 1));
         s
     }
 }
@@ -947,6 +984,35 @@ mod tests {
         // 64x64 tiles: 2 x 1 fragments of 16 for each of 8 warps, drained 32 rows at a time.
         let l = TILES[index_of("64x64k16t4x4")].coop_shape(CoopMatrix { size: 16, subgroup: 32 });
         assert!(matches!(l, Some(CoopLayout { nwr: 2, wr: 2, wc: 1, tcr: 32, .. })), "{l:?}");
+    }
+
+    /// Every build of every configuration gets its written-out mac_step (plain builds) and
+    /// rotate, with each accumulator's FMAs in the template's loop order.
+    #[test]
+    fn written_out_functions() {
+        let coop = CoopMatrix { size: 16, subgroup: 32 };
+        for t in TILES {
+            for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
+                let b = Build { op, ks: 3, stride: 1, half: true, pre: false, stats: false, bsums: false, coop: false };
+                let plain = t.source(op, 3, 1, b, None);
+                assert_eq!(plain.matches("fn mac_step(").count(), 1, "{}", t.name());
+                assert_eq!(plain.matches("fn rotate(").count(), 1, "{}", t.name());
+                assert!(!plain.contains("// @mac_step") && !plain.contains("// @rotate"), "{}", t.name());
+                let fmas = plain.lines().filter(|l| l.starts_with("    (*acc)[") && l.contains("= fma(")).count();
+                assert_eq!(fmas, t.tm * t.tn / 4, "{}", t.name());
+                if let Some(l) = t.coop_shape(coop) {
+                    let src = t.source(op, 3, 1, Build { coop: true, ..b }, Some(l));
+                    assert!(!src.contains("fn mac_step(") && src.contains("fn rotate("), "{}", t.name());
+                }
+            }
+        }
+        // 8x8 per invocation: two row and two column vec4s, the last FMA into acc[15] from
+        // the second row vec4's last lane and the second column vec4.
+        let s = TILES[index_of("128x128k16t8x8")].mac_step_source();
+        assert!(s.contains("let a1 = ta[abase + 1u * (BM / TM) + tm];"), "{s}");
+        assert!(s.ends_with("    (*acc)[15] = fma(vec4f(a1.w), b1, (*acc)[15]);\n}\n"), "{s}");
+        let r = TILES[index_of("64x64k16t4x4")].rotate_source();
+        assert!(r.contains("(*acc)[2] = (*acc)[3];\n    (*acc)[3] = last;"), "{r}");
     }
 
     fn geometry(n: usize, c: usize, hw: usize, k: usize) -> Geometry {
