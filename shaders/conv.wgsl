@@ -131,6 +131,9 @@ fn reduce_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg
     if p.accumulate == 1u { dw[i] += s; } else { dw[i] = s; }
 }
 
+// @subgroups: the rest of this file uses subgroup operations. On an adapter without them the
+// host builds the module without it (gpu.rs `Shader::source`), and ops/conv.rs never picks
+// the register path there.
 // ------------------------------------------------------------------------------------------
 // Register path (CPU adapters)
 // ------------------------------------------------------------------------------------------

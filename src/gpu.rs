@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 
 /// Which adapter to open. [`GpuOptions::from_env`] honours `WGPU_BACKEND`, `WGPU_POWER_PREF` and
-/// `WGPU_ADAPTER_NAME`, as wgpu's own tools do, and `RESNET_WGPU_COOP=0`.
+/// `WGPU_ADAPTER_NAME`, as wgpu's own tools do, `RESNET_WGPU_COOP=0` and `RESNET_WGPU_SUBGROUPS=0`.
 #[derive(Clone, Debug)]
 pub struct GpuOptions {
     /// Backends to look at (Vulkan, Metal, DX12, GL, ...).
@@ -24,6 +24,9 @@ pub struct GpuOptions {
     /// convolutions where the adapter offers them (see [`CoopMatrix`]); `false` keeps every
     /// kernel on plain arithmetic.
     pub cooperative_matrix: bool,
+    /// Use subgroup operations where the adapter has them (`false`: run as on an adapter
+    /// without them, the portable kernels only; a testing aid).
+    pub subgroups: bool,
 }
 
 impl Default for GpuOptions {
@@ -34,6 +37,7 @@ impl Default for GpuOptions {
             adapter_name: None,
             max_binding_bytes: None,
             cooperative_matrix: true,
+            subgroups: true,
         }
     }
 }
@@ -48,6 +52,7 @@ impl GpuOptions {
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
             max_binding_bytes: None,
             cooperative_matrix: std::env::var("RESNET_WGPU_COOP").map_or(true, |v| v != "0"),
+            subgroups: std::env::var("RESNET_WGPU_SUBGROUPS").map_or(true, |v| v != "0"),
         }
     }
 }
@@ -106,7 +111,9 @@ pub enum Shader {
 }
 
 impl Shader {
-    fn source(self) -> std::borrow::Cow<'static, str> {
+    /// The module's WGSL; `subgroups`: the device has subgroup operations (else the parts that
+    /// use them are left out, after a `// @subgroups` line).
+    fn source(self, subgroups: bool) -> std::borrow::Cow<'static, str> {
         const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
         const RELU: &str = include_str!("../shaders/relu.wgsl");
         const RESIDUAL: &str = include_str!("../shaders/residual.wgsl");
@@ -114,7 +121,13 @@ impl Shader {
         const F32: &str = "alias ST = f32;\n";
         const F16: &str = "enable f16;\nalias ST = f16;\n";
         let text = match self {
-            Shader::Conv => include_str!("../shaders/conv.wgsl"),
+            Shader::Conv => {
+                let text = include_str!("../shaders/conv.wgsl");
+                match text.find("// @subgroups") {
+                    Some(end) if !subgroups => &text[..end],
+                    _ => text,
+                }
+            }
             Shader::BatchNorm => return format!("{F32}{BATCH_NORM}").into(),
             Shader::BatchNormF16 => return format!("{F16}{BATCH_NORM}").into(),
             Shader::Relu => return format!("{F32}{RELU}").into(),
@@ -276,11 +289,11 @@ impl Gpu {
 
         let mut features = wgpu::Features::empty();
         for (f, _) in OPTIONAL_FEATURES {
-            if adapter.features().contains(*f) {
+            if adapter.features().contains(*f) && (opts.subgroups || *f != wgpu::Features::SUBGROUP) {
                 features |= *f;
             }
         }
-        let coop = coop_matrix(&adapter).filter(|_| opts.cooperative_matrix);
+        let coop = coop_matrix(&adapter).filter(|_| opts.cooperative_matrix && opts.subgroups);
         let mut experimental = wgpu::ExperimentalFeatures::disabled();
         if coop.is_some() {
             features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
@@ -427,7 +440,10 @@ impl Gpu {
         let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
         let module = modules
             .entry(shader)
-            .or_insert_with(|| self.shader_module(&format!("{shader:?}"), &shader.source()))
+            .or_insert_with(|| {
+                let subgroups = self.report.features.contains(wgpu::Features::SUBGROUP);
+                self.shader_module(&format!("{shader:?}"), &shader.source(subgroups))
+            })
             .clone();
         let p = self.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(entry),

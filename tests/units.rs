@@ -41,68 +41,16 @@ fn variants() -> Vec<(NetConfig, UnitSpec)> {
 
 #[test]
 fn every_unit_variant_matches_the_reference() {
-    let g = gpu();
     let mut rng = Rng::new(21);
     let mut seen = std::collections::HashSet::new();
     for (i, (cfg, spec)) in variants().into_iter().enumerate() {
         // Odd sizes, H != W; batch 1 on every other case.
         let n = if i % 2 == 0 { 1 } else { 2 };
-        let xd = [n, spec.c_in, 7, 5];
-        let state = random_state(&cfg, i as u64);
-        let params = to_ref(&state);
-        let unit = Unit::from_state(g, &spec, &state).unwrap();
-        let mut ws = Workspace::default();
-        let kept = unit.allocate(g, xd, &mut ws).unwrap();
-        let yd = unit.out_dims(xd);
-        let x = rng.data(xd.iter().product());
-        let dy = rng.data(yd.iter().product());
-        let tx = upload(&xd, &x);
-        let ty = poisoned(&yd);
-        let tg_out = upload(&yd, &dy);
-        let identity = spec.shortcut == Shortcut::Identity;
-        let tg_in_own = poisoned(&xd);
-        let tg_in = if identity { &tg_out } else { &tg_in_own };
-        for (_, p) in unit_params(&unit) {
-            p.grad.fill(g, f32::NAN);
-        }
-
-        let mut rec = g.recorder("unit forward");
-        unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();
-        let fwd = rec.finish();
-        let mut rec = g.recorder("unit backward");
-        unit.backward(&mut rec, &tx, &ty, &tg_out, tg_in, &kept, &ws).unwrap();
-        g.submit([fwd, rec.finish()]).unwrap();
-
-        let want = rnet::unit_forward(&spec, &params, &to_f64(&x), xd, true);
-        let (want_dx, want_grads) = rnet::unit_backward(&spec, &params, &want.saved, &to_f64(&dy));
-        let tag = format!("{:?} {} {:?} {:?}", spec.kind, spec.name, spec.shortcut, xd);
         seen.insert((spec.kind, spec.layers.len(), spec.shortcut));
-        check(&format!("{tag} x_l+1"), &read(&ty), &want.out, F32_TOL);
-        check(&format!("{tag} dE/dx_l"), &read(tg_in), &want_dx, F32_TOL);
-        for (name, p) in unit_params(&unit) {
-            check(&format!("{tag} grad {name}"), &read(&p.grad), &want_grads[&name], F32_TOL);
-        }
-        for (name, t) in unit_buffers(&unit) {
-            check(&format!("{tag} {name}"), &read(t), &want.buffers[&name], F32_TOL);
-        }
+        check_unit(&cfg, &spec, [n, spec.c_in, 7, 5], i as u64, &mut rng);
     }
     // Pre-activation and original, basic and bottleneck, with every shortcut.
     assert_eq!(seen.len(), 12, "variants covered: {seen:?}");
-}
-
-/// The unit's running statistics under their PyTorch names.
-fn unit_buffers(u: &Unit) -> Vec<(String, &resnet_wgpu::Tensor)> {
-    let p = &u.spec.name;
-    let mut bns: Vec<(String, &resnet_wgpu::unit::Bn)> =
-        u.bns.iter().enumerate().map(|(i, b)| (format!("{p}.bn{}", i + 1), b)).collect();
-    if let Some(b) = &u.proj_bn {
-        bns.push((format!("{p}.shortcut.1"), b));
-    }
-    bns.into_iter()
-        .flat_map(|(n, b)| {
-            [(format!("{n}.running_mean"), &b.running_mean), (format!("{n}.running_var"), &b.running_var)]
-        })
-        .collect()
 }
 
 #[test]

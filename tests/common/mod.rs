@@ -164,3 +164,70 @@ pub fn unit_params(u: &resnet_wgpu::unit::Unit) -> Vec<(String, &resnet_wgpu::un
     }
     v
 }
+
+/// One unit of `cfg` (weights from `seed`) at input dims `xd`, training forward and backward
+/// on the GPU against the reference, outputs poisoned first: `x_{l+1}`, `dE/dx_l`, every
+/// parameter gradient and the running statistics, within [`F32_TOL`].
+pub fn check_unit(
+    cfg: &resnet_wgpu::arch::NetConfig,
+    spec: &resnet_wgpu::arch::UnitSpec,
+    xd: [usize; 4],
+    seed: u64,
+    rng: &mut Rng,
+) {
+    use resnet_wgpu::arch::Shortcut;
+    use resnet_wgpu::reference::{net as rnet, to_f64};
+    use resnet_wgpu::unit::{Mode, Unit, Workspace};
+    let g = gpu();
+    let state = random_state(cfg, seed);
+    let params = to_ref(&state);
+    let unit = Unit::from_state(g, spec, &state).unwrap();
+    let mut ws = Workspace::default();
+    let kept = unit.allocate(g, xd, &mut ws).unwrap();
+    let yd = unit.out_dims(xd);
+    let x = rng.data(xd.iter().product());
+    let dy = rng.data(yd.iter().product());
+    let tx = upload(&xd, &x);
+    let ty = poisoned(&yd);
+    let tg_out = upload(&yd, &dy);
+    let identity = spec.shortcut == Shortcut::Identity;
+    let tg_in_own = poisoned(&xd);
+    let tg_in = if identity { &tg_out } else { &tg_in_own };
+    for (_, p) in unit_params(&unit) {
+        p.grad.fill(g, f32::NAN);
+    }
+
+    let mut rec = g.recorder("unit forward");
+    unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();
+    let fwd = rec.finish();
+    let mut rec = g.recorder("unit backward");
+    unit.backward(&mut rec, &tx, &ty, &tg_out, tg_in, &kept, &ws).unwrap();
+    g.submit([fwd, rec.finish()]).unwrap();
+
+    let want = rnet::unit_forward(spec, &params, &to_f64(&x), xd, true);
+    let (want_dx, want_grads) = rnet::unit_backward(spec, &params, &want.saved, &to_f64(&dy));
+    let tag = format!("{:?} {} {:?} {:?}", spec.kind, spec.name, spec.shortcut, xd);
+    check(&format!("{tag} x_l+1"), &read(&ty), &want.out, F32_TOL);
+    check(&format!("{tag} dE/dx_l"), &read(tg_in), &want_dx, F32_TOL);
+    for (name, p) in unit_params(&unit) {
+        check(&format!("{tag} grad {name}"), &read(&p.grad), &want_grads[&name], F32_TOL);
+    }
+    for (name, t) in unit_buffers(&unit) {
+        check(&format!("{tag} {name}"), &read(t), &want.buffers[&name], F32_TOL);
+    }
+}
+
+/// The unit's running statistics under their PyTorch names.
+pub fn unit_buffers(u: &resnet_wgpu::unit::Unit) -> Vec<(String, &resnet_wgpu::Tensor)> {
+    let p = &u.spec.name;
+    let mut bns: Vec<(String, &resnet_wgpu::unit::Bn)> =
+        u.bns.iter().enumerate().map(|(i, b)| (format!("{p}.bn{}", i + 1), b)).collect();
+    if let Some(b) = &u.proj_bn {
+        bns.push((format!("{p}.shortcut.1"), b));
+    }
+    bns.into_iter()
+        .flat_map(|(n, b)| {
+            [(format!("{n}.running_mean"), &b.running_mean), (format!("{n}.running_var"), &b.running_var)]
+        })
+        .collect()
+}

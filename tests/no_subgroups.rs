@@ -1,0 +1,33 @@
+//! On an adapter without subgroup operations (`RESNET_WGPU_SUBGROUPS=0` makes this one act as
+//! one): the modules leave out the kernels that need them, the ops take the portable kernels,
+//! and units still match the reference.
+mod common;
+use common::*;
+use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
+
+#[test]
+fn units_match_the_reference_without_subgroups() {
+    // SAFETY: this binary's only test sets the variable before anything (wgpu included) has
+    // started a thread that could read the environment.
+    unsafe { std::env::set_var("RESNET_WGPU_SUBGROUPS", "0") };
+    let g = gpu();
+    assert!(!g.report.features.contains(wgpu::Features::SUBGROUP), "{}", g.report);
+    let mut rng = Rng::new(5);
+    for (seed, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+        let cfg = NetConfig {
+            kind,
+            combine: Combine::Add,
+            units_per_stage: 1,
+            bottleneck: false,
+            shortcut: ShortcutOption::B,
+            widths: [3, 5, 6],
+            in_channels: 3,
+            classes: 3,
+        };
+        let units = cfg.units();
+        // An identity unit at 8x8 (where a subgroup adapter would take the register path) and
+        // the stride-2 projection unit after it on odd sizes, batch 1.
+        check_unit(&cfg, &units[0], [2, 3, 8, 8], seed as u64, &mut rng);
+        check_unit(&cfg, &units[1], [1, 3, 7, 5], seed as u64 + 10, &mut rng);
+    }
+}
