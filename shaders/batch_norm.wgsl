@@ -16,8 +16,9 @@
 //
 // Reductions are two kernels: `*_partial` (one invocation per short run: its sums into
 // `part`), then `*_final` (one workgroup per channel: each thread sums a strided set of that
-// channel's N * parts partials, then a fixed tree in workgroup memory), so results are
-// deterministic (no float atomics) and about as accurate as a tree over the elements (runs are
+// channel's N * parts partials, then the threads' sums by `sum2`: a fixed tree in workgroup
+// memory, or subgroup shuffles where the adapter has them), so results are deterministic on
+// an adapter (no float atomics) and about as accurate as a tree over the elements (runs are
 // short, REDUCE_CHUNK in ops/batch_norm.rs). The statistics combine per-run means and squared
 // deviations (Chan et al.), each run being two-pass over its own elements.
 //
@@ -68,21 +69,49 @@ struct Params {
 const WG: u32 = 64u; // runs per workgroup of the run kernels
 const FG: u32 = 64u; // threads per workgroup (one per channel) of the final reductions
 
-var<workgroup> red_a: array<f32, FG>;
-var<workgroup> red_b: array<f32, FG>;
+// sum2(t, v): the sums over the workgroup's FG threads of their v (thread t passes its own),
+// returned to every thread, in a fixed order. Every thread of the workgroup must call it. Two
+// versions; the host keeps one (gpu.rs `Shader::source`).
+var<workgroup> red: array<vec2f, FG>;
 
-// Fixed-order tree sums of red_a[0..FG] and red_b[0..FG] into [0]; every thread sees the
-// results after return.
-fn reduce_ab(t: u32) {
+// @tree-begin: adapters without subgroup operations: a fixed tree in workgroup memory.
+fn sum2(t: u32, v: vec2f) -> vec2f {
+    red[t] = v;
     workgroupBarrier();
     for (var s = FG / 2u; s > 0u; s = s >> 1u) {
         if t < s {
-            red_a[t] += red_a[t + s];
-            red_b[t] += red_b[t + s];
+            red[t] += red[t + s];
         }
         workgroupBarrier();
     }
+    let total = red[0];
+    workgroupBarrier(); // every thread has read red[0] before a next call writes red
+    return total;
 }
+// @tree-end
+
+// @subgroups-begin: adapters with one subgroup size SG (a power of two, at most FG; the host
+// prepends it): a butterfly of shuffles within each subgroup (every lane gets the same sum:
+// IEEE addition commutes), then the FG / SG subgroup sums in order, so one barrier round
+// instead of log2(FG). Subgroups are taken to be runs of SG consecutive invocations, as
+// drivers form them for a one-dimensional workgroup.
+fn sum2(t: u32, v: vec2f) -> vec2f {
+    var s = v;
+    for (var d = 1u; d < SG; d = d << 1u) {
+        s += subgroupShuffleXor(s, d);
+    }
+    if t % SG == 0u {
+        red[t / SG] = s;
+    }
+    workgroupBarrier();
+    var total = red[0];
+    for (var i = 1u; i < FG / SG; i++) {
+        total += red[i];
+    }
+    workgroupBarrier(); // every thread has read red before a next call writes it
+    return total;
+}
+// @subgroups-end
 
 // One run of elements [start, end) (flat indices) of a plane of channel c; ok: it exists.
 struct Run {
@@ -161,21 +190,16 @@ fn stats_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) 
     let m = f32(p.n * p.hw);
     var s = 0.0;
     for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
-    red_a[t] = s;
-    red_b[t] = 0.0;
-    reduce_ab(t);
-    let mean = red_a[0] / m;
-    workgroupBarrier(); // everyone has read red_a[0] before it is overwritten
+    let mean = sum2(t, vec2f(s, 0.0)).x / m;
     var q = 0.0;
     for (var r = t; r < runs; r += FG) {
         let nr = f32(run_len(r));
         let d = part[base + 2u * r] / nr - mean;
         q += part[base + 2u * r + 1u] + nr * d * d;
     }
-    red_a[t] = q;
-    reduce_ab(t);
+    let m2 = sum2(t, vec2f(q, 0.0)).x;
     if t == 0u {
-        let var_b = red_a[0] / m;
+        let var_b = m2 / m;
         let mo = bitcast<f32>(p.momentum);
         save_mean[c] = mean;
         save_invstd[c] = 1.0 / sqrt(var_b + bitcast<f32>(p.eps));
@@ -292,12 +316,10 @@ fn backward_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
         sb += part[base + 2u * r];
         sg += part[base + 2u * r + 1u];
     }
-    red_a[t] = sb;
-    red_b[t] = sg;
-    reduce_ab(t);
+    let sums = sum2(t, vec2f(sb, sg));
     if t == 0u {
-        let b = red_a[0];
-        let g = red_b[0];
+        let b = sums.x;
+        let g = sums.y;
         scratch[c] = b;
         scratch[p.c + c] = g;
         if p.accumulate == 1u {
@@ -350,22 +372,17 @@ fn stats_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) 
     let nb = f32(p.n * p.hw);
     var s = 0.0;
     for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
-    red_a[t] = s;
-    red_b[t] = 0.0;
-    reduce_ab(t);
-    let mean_b = red_a[0] / nb;
-    workgroupBarrier();
+    let mean_b = sum2(t, vec2f(s, 0.0)).x / nb;
     var q = 0.0;
     for (var r = t; r < runs; r += FG) {
         let nr = f32(run_len(r));
         let d = part[base + 2u * r] / nr - mean_b;
         q += part[base + 2u * r + 1u] + nr * d * d;
     }
-    red_a[t] = q;
-    reduce_ab(t);
+    let q_b = sum2(t, vec2f(q, 0.0)).x;
     if t == 0u {
         var mean = mean_b;
-        var m2 = red_a[0];
+        var m2 = q_b;
         if p.prev > 0u {
             let na = f32(p.prev * p.hw);
             let delta = mean_b - save_mean[c];
@@ -399,12 +416,10 @@ fn backward_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
         sb += part[base + 2u * r];
         sg += part[base + 2u * r + 1u];
     }
-    red_a[t] = sb;
-    red_b[t] = sg;
-    reduce_ab(t);
+    let sums = sum2(t, vec2f(sb, sg));
     if t == 0u {
-        var b = red_a[0];
-        var g = red_b[0];
+        var b = sums.x;
+        var g = sums.y;
         if p.prev > 0u {
             b += scratch[c];
             g += scratch[p.c + c];
@@ -651,7 +666,7 @@ fn backward_apply_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
 // Wide variants (for GPUs): one workgroup of FG threads per run of p.chunk = FG * WIDE
 // elements, thread t taking elements start + t + j * FG, so a warp's loads are consecutive
 // (coalesced) where the kernels above give each thread its own run. The reductions sum each
-// thread's WIDE elements in order, then the threads by the fixed tree of reduce_ab, into the same
+// thread's WIDE elements in order, then the threads by sum2, into the same
 // per-run partials as stats_partial / backward_partial for the same *_final kernels.
 // ------------------------------------------------------------------------------------------
 
@@ -678,12 +693,8 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
             s += v[j];
         }
     }
-    red_a[t] = s;
-    red_b[t] = 0.0;
-    reduce_ab(t);
-    let sum = red_a[0];
+    let sum = sum2(t, vec2f(s, 0.0)).x;
     let mu = sum / f32(max(r.end - r.start, 1u));
-    workgroupBarrier(); // everyone has read red_a[0] before it is overwritten
     var q = 0.0;
     for (var j = 0u; j < WIDE; j++) {
         let i = r.start + t + j * FG;
@@ -692,11 +703,10 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
             q += d * d;
         }
     }
-    red_a[t] = q;
-    reduce_ab(t);
+    let m2 = sum2(t, vec2f(q, 0.0)).x;
     if t == 0u && r.ok {
         part[2u * inv] = sum;
-        part[2u * inv + 1u] = red_a[0];
+        part[2u * inv + 1u] = m2;
     }
 }
 
@@ -726,12 +736,10 @@ fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
             s2 += g * xh;
         }
     }
-    red_a[t] = s1;
-    red_b[t] = s2;
-    reduce_ab(t);
+    let sums = sum2(t, vec2f(s1, s2));
     if t == 0u && r.ok {
-        part[2u * inv] = red_a[0];
-        part[2u * inv + 1u] = red_b[0];
+        part[2u * inv] = sums.x;
+        part[2u * inv + 1u] = sums.y;
     }
 }
 

@@ -111,9 +111,10 @@ pub enum Shader {
 }
 
 impl Shader {
-    /// The module's WGSL; `subgroups`: the device has subgroup operations (else the parts that
-    /// use them are left out, after a `// @subgroups` line).
-    fn source(self, subgroups: bool) -> std::borrow::Cow<'static, str> {
+    /// The module's WGSL for a device with subgroup operations of one size `Some(size)`, of
+    /// several sizes `Some(0)`, or none: conv.wgsl leaves out what follows its `// @subgroups`
+    /// line without them; batch_norm.wgsl keeps one of its two `sum2` blocks.
+    fn source(self, subgroups: Option<u32>) -> std::borrow::Cow<'static, str> {
         const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
         const RELU: &str = include_str!("../shaders/relu.wgsl");
         const RESIDUAL: &str = include_str!("../shaders/residual.wgsl");
@@ -124,12 +125,12 @@ impl Shader {
             Shader::Conv => {
                 let text = include_str!("../shaders/conv.wgsl");
                 match text.find("// @subgroups") {
-                    Some(end) if !subgroups => &text[..end],
+                    Some(end) if subgroups.is_none() => &text[..end],
                     _ => text,
                 }
             }
-            Shader::BatchNorm => return format!("{F32}{BATCH_NORM}").into(),
-            Shader::BatchNormF16 => return format!("{F16}{BATCH_NORM}").into(),
+            Shader::BatchNorm => return format!("{F32}{}", batch_norm_source(BATCH_NORM, subgroups)).into(),
+            Shader::BatchNormF16 => return format!("{F16}{}", batch_norm_source(BATCH_NORM, subgroups)).into(),
             Shader::Relu => return format!("{F32}{RELU}").into(),
             Shader::ReluF16 => return format!("{F16}{RELU}").into(),
             Shader::Residual => return format!("{F32}{RESIDUAL}").into(),
@@ -142,6 +143,26 @@ impl Shader {
         };
         text.into()
     }
+}
+
+/// batch_norm.wgsl with one of its two `sum2` blocks: the subgroup one (with its `SG`) where
+/// the device's subgroups have one size, a power of two from 4 to the workgroup's 64, else the
+/// workgroup-memory tree.
+fn batch_norm_source(text: &str, subgroups: Option<u32>) -> String {
+    let block = |name: &str| {
+        let (begin, end) = (format!("// @{name}-begin"), format!("// @{name}-end"));
+        match (text.find(&begin), text.find(&end)) {
+            (Some(b), Some(e)) => b..e + end.len(),
+            _ => unreachable!("batch_norm.wgsl marks its {name} block"),
+        }
+    };
+    let (left_out, head) = match subgroups.filter(|s| s.is_power_of_two() && (4..=64).contains(s)) {
+        Some(sg) => ("tree", format!("const SG: u32 = {sg}u;\n")),
+        None => ("subgroups", String::new()),
+    };
+    let mut s = text.to_string();
+    s.replace_range(block(left_out), "");
+    head + &s
 }
 
 /// A pipeline's key: shader, entry point and the override constants' values (`None`: none, the
@@ -441,7 +462,10 @@ impl Gpu {
         let module = modules
             .entry(shader)
             .or_insert_with(|| {
-                let subgroups = self.report.features.contains(wgpu::Features::SUBGROUP);
+                let subgroups = self.report.features.contains(wgpu::Features::SUBGROUP).then(|| {
+                    let info = self.adapter.get_info();
+                    if info.subgroup_min_size == info.subgroup_max_size { info.subgroup_min_size } else { 0 }
+                });
                 self.shader_module(&format!("{shader:?}"), &shader.source(subgroups))
             })
             .clone();
@@ -712,4 +736,26 @@ pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
         checks.int_div_checks = false;
     }
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One `sum2` per batch-norm module: the subgroup one where the subgroups have one size
+    /// that divides the workgroup, else the tree; conv.wgsl without subgroup operations
+    /// where there are none.
+    #[test]
+    fn modules_fit_the_subgroups() {
+        for (subgroups, sg) in
+            [(Some(32), Some(32)), (Some(8), Some(8)), (Some(0), None), (Some(128), None), (None, None)]
+        {
+            let s = Shader::BatchNorm.source(subgroups);
+            assert_eq!(s.matches("fn sum2(").count(), 1, "{subgroups:?}");
+            assert_eq!(s.contains("subgroupShuffleXor"), sg.is_some(), "{subgroups:?}");
+            assert_eq!(s.contains(&format!("const SG: u32 = {}u;", sg.unwrap_or(0))), sg.is_some(), "{subgroups:?}");
+            let conv = Shader::Conv.source(subgroups);
+            assert_eq!(conv.contains("subgroupShuffle"), subgroups.is_some(), "{subgroups:?}");
+        }
+    }
 }

@@ -1,9 +1,10 @@
 //! On an adapter without subgroup operations (`RESNET_WGPU_SUBGROUPS=0` makes this one act as
-//! one): the modules leave out the kernels that need them, the ops take the portable kernels,
-//! and units still match the reference.
+//! one): the modules leave out the kernels that need them, the ops take the portable kernels
+//! (batch norm's reductions: the workgroup-memory tree), and units still match the reference.
 mod common;
 use common::*;
 use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::ops::batch_norm::{Kernels, set_kernels};
 
 #[test]
 fn units_match_the_reference_without_subgroups() {
@@ -13,7 +14,11 @@ fn units_match_the_reference_without_subgroups() {
     let g = gpu();
     assert!(!g.report.features.contains(wgpu::Features::SUBGROUP), "{}", g.report);
     let mut rng = Rng::new(5);
-    for (seed, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+    // Batch norm's texture kernels (this adapter's default) and the wide ones (GPUs'): their
+    // partial and final reductions both go through the tree here.
+    let cases = [(UnitKind::PreAct, Kernels::Texture), (UnitKind::Original, Kernels::Wide)];
+    for (seed, (kind, kernels)) in cases.into_iter().enumerate() {
+        set_kernels(g, kernels);
         let cfg = NetConfig {
             kind,
             combine: Combine::Add,
