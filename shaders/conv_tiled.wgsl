@@ -108,23 +108,43 @@ fn tile_product(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, 
 fn drain(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>, lid: u32, tm: u32,
          tn: u32) {}
 
-// mac_step(acc, abase, bbase, tm, tn): one reduction step of a tile, the outer product of this
-// invocation's TM rows and TN columns. The host writes it out (tiled.rs `unrolled`) as
-// straight-line code with constant indices into acc, in this loop's order:
-//   av[g] = ta[abase + g * (BM / TM) + tm];  bv[h] = tb[bbase + h * (BN / TN) + tn];
-//   for g < TMV, i < 4, h < TNV:  acc[(g * 4 + i) * TNV + h] = fma(vec4f(av[g][i]), bv[h], acc[..])
-// (an array indexed by the variable of a loop that the driver leaves rolled lives in local
-// memory, not registers: the unrolling must not be left to the driver's heuristics).
-// @mac_step
+// One reduction step of a tile: the outer product of this invocation's TM rows and TN columns.
+fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, tm: u32, tn: u32) {
+    var av: array<vec4f, TMV>;
+    var bv: array<vec4f, TNV>;
+    for (var g = 0u; g < TMV; g++) { // @unroll
+        av[g] = ta[abase + g * (BM / TM) + tm];
+    }
+    for (var h = 0u; h < TNV; h++) { // @unroll
+        bv[h] = tb[bbase + h * (BN / TN) + tn];
+    }
+    for (var g = 0u; g < TMV; g++) { // @unroll
+        for (var i = 0u; i < 4u; i++) { // @unroll
+            let s = vec4f(av[g][i]);
+            for (var h = 0u; h < TNV; h++) { // @unroll
+                let j = (g * 4u + i) * TNV + h;
+                (*acc)[j] = fma(s, bv[h], (*acc)[j]);
+            }
+        }
+    }
+}
 // @plain-end
 
+// Loops marked `// @unroll` are unrolled by the host (tiled.rs `unroll`: one block per value
+// of the loop variable, which is a `const` there), so that every index into the register arrays
+// (accumulators, operands, prefetched loads) is a constant: an array indexed by the variable of
+// a loop that the driver leaves rolled lives in local memory, not registers, and the unrolling
+// must not be left to the driver's heuristics.
+//
 // The epilogues visit the accumulators in order k = 0, 1, ... (k = (g * 4 + i) * TNV + h) as
-// acc[0], each followed by a rotation that puts the value back last: every index into acc is a
-// constant however the loops around it are compiled. An array indexed by the variable of a loop
-// the driver does not unroll lives in local memory, and the big tiles' epilogues (64 outputs
-// per invocation) are loops a driver may leave rolled. rotate(acc, last): acc[t] = acc[t + 1]
-// for t < ACC_LEN - 1, then acc[ACC_LEN - 1] = last, written out by the host as mac_step is.
-// @rotate
+// acc[0], each followed by a rotation that puts the value back last, so that their loops (too
+// long to unroll) index acc by constants only.
+fn rotate(acc: ptr<function, array<vec4f, ACC_LEN>>, last: vec4f) {
+    for (var t = 1u; t < ACC_LEN; t++) { // @unroll
+        (*acc)[t - 1u] = (*acc)[t];
+    }
+    (*acc)[ACC_LEN - 1u] = last;
+}
 
 // An operand element as loaded for the next tile, before anything is computed from it: the
 // conversion to f32 and the prologue wait for the load, so they run when the element is
@@ -257,10 +277,10 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         let r1 = r0 + (t + 1u) * BK;
         // The next tile's loads, into registers, before this tile's arithmetic.
         if more {
-            for (var j = 0u; j < A_PER; j++) {
+            for (var j = 0u; j < A_PER; j++) { // @unroll
                 ra[j] = a_data(an, ay, ax, a_ok, r1 + arl + j * ASTEP, r_end);
             }
-            for (var j = 0u; j < B_PER; j++) {
+            for (var j = 0u; j < B_PER; j++) { // @unroll
                 let r = r1 + brl + j * BSTEP;
                 var v = vec4<ST>();
                 if b_ok && r < r_end {
@@ -271,11 +291,11 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         }
         tile_product(&acc, &frags, cur, lid, tm, tn);
         if more {
-            for (var j = 0u; j < A_PER; j++) {
+            for (var j = 0u; j < A_PER; j++) { // @unroll
                 let rl = arl + j * ASTEP;
                 put_a(cur ^ 1u, rl, ml, a_value(ra[j], r1 + rl));
             }
-            for (var j = 0u; j < B_PER; j++) {
+            for (var j = 0u; j < B_PER; j++) { // @unroll
                 put_b4(cur ^ 1u, brl + j * BSTEP, bv, vec4f(rb[j]));
             }
         }
@@ -453,7 +473,7 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     var bky: array<u32, B_PER>;
     var bkx: array<u32, B_PER>;
     var bok: array<bool, B_PER>;
-    for (var j = 0u; j < B_PER; j++) {
+    for (var j = 0u; j < B_PER; j++) { // @unroll
         let col = n0 + row0 + j * RSTEP;
         bok[j] = col < cols;
         let c = col / KK;
@@ -478,7 +498,7 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
             let pix = rc - n * ohw;
             let oy = pix / p.ow;
             let ox = pix - oy * p.ow;
-            for (var j = 0u; j < A_PER; j++) {
+            for (var j = 0u; j < A_PER; j++) { // @unroll
                 let k = m0 + row0 + j * RSTEP;
                 var v = ST(0.0);
                 if r_ok && k < p.k {
@@ -486,7 +506,7 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
                 }
                 ra[j] = v;
             }
-            for (var j = 0u; j < B_PER; j++) {
+            for (var j = 0u; j < B_PER; j++) { // @unroll
                 rb[j] = b_weight(n, oy, ox, r_ok && bok[j], bc[j], bky[j], bkx[j]);
             }
         }
@@ -497,10 +517,10 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         // ... then tile t into the other buffer.
         if t < nt {
             let nxt = t & 1u;
-            for (var j = 0u; j < A_PER; j++) {
+            for (var j = 0u; j < A_PER; j++) { // @unroll
                 put_a(nxt, rl, row0 + j * RSTEP, f32(ra[j]));
             }
-            for (var j = 0u; j < B_PER; j++) {
+            for (var j = 0u; j < B_PER; j++) { // @unroll
                 put_b(nxt, rl, row0 + j * RSTEP, x_value(rb[j], bc[j]));
             }
         }

@@ -42,18 +42,20 @@ fn warp_origin(lid: u32) -> vec2u {
     return vec2u((warp % NWR) * WR, (warp / NWR) * WC);
 }
 
-// The BK reduction steps of buffer buf, F at a time, into the subgroup's fragments.
+// The BK reduction steps of buffer buf, F at a time, into the subgroup's fragments. (Loops
+// marked `// @unroll` are unrolled by the host, as in conv_tiled.wgsl: the fragments are
+// registers, indexed by constants.)
 fn tile_product(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>, buf: u32,
                 lid: u32, tm: u32, tn: u32) {
     let o = warp_origin(lid);
     for (var s = 0u; s < BK; s += F) {
         var a: array<FragA, WR>;
-        for (var i = 0u; i < WR; i++) {
+        for (var i = 0u; i < WR; i++) { // @unroll
             a[i] = coopLoad<FragA>(&tah[(buf * BK + s) * AHS + (o.x + i) * F], AHS);
         }
-        for (var j = 0u; j < WC; j++) {
+        for (var j = 0u; j < WC; j++) { // @unroll
             let b = coopLoadT<FragB>(&tbh[(buf * BK + s) * BHS + (o.y + j) * F], BHS);
-            for (var i = 0u; i < WR; i++) {
+            for (var i = 0u; i < WR; i++) { // @unroll
                 (*frags)[i * WC + j] = coopMultiplyAdd(a[i], b, (*frags)[i * WC + j]);
             }
         }
@@ -66,20 +68,20 @@ fn drain(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>,
          tn: u32) {
     let o = warp_origin(lid);
     for (var r0 = 0u; r0 < BM; r0 += TCR) {
-        for (var i = 0u; i < WR; i++) {
+        for (var i = 0u; i < WR; i++) { // @unroll
             let row = (o.x + i) * F;
             if row >= r0 && row < r0 + TCR {
-                for (var j = 0u; j < WC; j++) {
+                for (var j = 0u; j < WC; j++) { // @unroll
                     coopStoreT((*frags)[i * WC + j], &tc[(row - r0) * TCS + (o.y + j) * F], TCS);
                 }
             }
         }
         workgroupBarrier();
-        for (var g = 0u; g < TMV; g++) {
-            for (var i = 0u; i < 4u; i++) {
+        for (var g = 0u; g < TMV; g++) { // @unroll
+            for (var i = 0u; i < 4u; i++) { // @unroll
                 let m = (g * (BM / TM) + tm) * 4u + i;
                 if m >= r0 && m < r0 + TCR {
-                    for (var h = 0u; h < TNV; h++) {
+                    for (var h = 0u; h < TNV; h++) { // @unroll
                         let t = (m - r0) * TCS + (h * (BN / TN) + tn) * 4u;
                         (*acc)[(g * 4u + i) * TNV + h] = vec4f(tc[t], tc[t + 1u], tc[t + 2u], tc[t + 3u]);
                     }

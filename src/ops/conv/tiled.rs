@@ -218,49 +218,72 @@ impl Tile {
             template.replace_range(begin..end + "// @plain-end".len(), COOP_BLOCK);
         }
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
-        let template = template.replace("// @rotate\n", &self.rotate_source());
-        s.push_str(&template.replace("// @mac_step\n", &self.mac_step_source()));
-        s
-    }
-
-    /// The template's `mac_step` written out: the loads of this invocation's TM / 4 row vec4s
-    /// and TN / 4 column vec4s, then each FMA in the template's loop order, every index into
-    /// `acc` a constant (so the accumulators are registers whatever the driver unrolls).
-    fn mac_step_source(&self) -> String {
-        let (tmv, tnv) = (self.tm / 4, self.tn / 4);
-        let mut s = String::from(
-            "fn mac_step(acc: ptr<function, array<vec4f, ACC_LEN>>, abase: u32, bbase: u32, tm: u32, tn: u32) {\n",
-        );
-        for g in 0..tmv {
-            s.push_str(&format!("    let a{g} = ta[abase + {g}u * (BM / TM) + tm];\n"));
-        }
-        for h in 0..tnv {
-            s.push_str(&format!("    let b{h} = tb[bbase + {h}u * (BN / TN) + tn];\n"));
-        }
-        for g in 0..tmv {
-            for (i, lane) in ["x", "y", "z", "w"].iter().enumerate() {
-                for h in 0..tnv {
-                    let j = (g * 4 + i) * tnv + h;
-                    s.push_str(&format!("    (*acc)[{j}] = fma(vec4f(a{g}.{lane}), b{h}, (*acc)[{j}]);\n"));
-                }
-            }
-        }
-        s + "}\n"
-    }
-
-    /// The template's `rotate` written out: one move per accumulator, constant indices.
-    fn rotate_source(&self) -> String {
-        let len = self.tm * self.tn / 4;
-        let mut s = String::from("fn rotate(acc: ptr<function, array<vec4f, ACC_LEN>>, last: vec4f) {\n");
-        for t in 0..len - 1 {
-            s.push_str(&format!("    (*acc)[{t}] = (*acc)[{}];\n", t + 1));
-        }
-        s.push_str(&format!("    (*acc)[{}] = last;\n}}\n", len - 1));
-        s
+        s.push_str(&template);
+        unroll(&s, &consts)
     }
 }
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
+
+/// The marker of a loop to unroll, at the end of its header line.
+const UNROLL: &str = " // @unroll\n";
+
+/// `src` with every loop whose header line ends in `// @unroll` written out: `for (var v = a;
+/// v < b; v++) {` (or `v += step`), the bounds literals or names in `consts`, becomes one block
+/// `{ const v = <value>u; <body> }` per value, so that whatever the body indexes by `v` it
+/// indexes by a constant (the template's comment says why). Nested marked loops unroll too.
+fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
+    let value = |t: &str| -> usize {
+        let t = t.trim();
+        match t.trim_end_matches('u').parse() {
+            Ok(v) => v,
+            Err(_) => match consts.iter().find(|(k, _)| *k == t) {
+                Some((_, v)) => *v,
+                None => unreachable!("an unrolled loop's bound {t:?} is a literal or a template constant"),
+            },
+        }
+    };
+    let mut s = src.to_string();
+    while let Some(mark) = s.find(UNROLL) {
+        let start = s[..mark].rfind('\n').map_or(0, |i| i + 1);
+        let header = s[start..mark].trim();
+        // for (var v = a; v < b; v++) {   or   for (var v = a; v < b; v += step) {
+        let inner = header.strip_prefix("for (var ").and_then(|h| h.strip_suffix(") {"));
+        let parts: Option<[&str; 3]> = inner.and_then(|h| h.split(';').collect::<Vec<_>>().try_into().ok());
+        let Some([init, cond, next]) = parts else { unreachable!("an unrolled loop's header: {header}") };
+        let (var, a) = init.split_once('=').map(|(v, a)| (v.trim(), value(a))).unwrap_or_default();
+        let b = cond.split_once('<').map(|(_, b)| value(b)).unwrap_or_default();
+        let next = next.trim();
+        let step = if next == format!("{var}++") { 1 } else { next.split_once("+=").map_or(0, |(_, s)| value(s)) };
+        assert!(!var.is_empty() && step > 0, "an unrolled loop's header: {header}");
+        // The body runs to the brace that closes the header's.
+        let body_start = mark + UNROLL.len();
+        let mut depth = 1;
+        let mut end = body_start;
+        for (i, c) in s[body_start..].char_indices() {
+            depth += match c {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            };
+            if depth == 0 {
+                end = body_start + i;
+                break;
+            }
+        }
+        // Up to the closing brace's line (the body ends in a newline).
+        let body = &s[body_start..s[..end].rfind('\n').map_or(end, |i| i + 1).max(body_start)];
+        let indent = &s[start..start + s[start..].len() - s[start..].trim_start().len()];
+        let mut out = String::new();
+        for v in (a..b).step_by(step) {
+            out.push_str(&format!("{indent}{{\n{indent}    const {var} = {v}u;\n{body}{indent}}}\n"));
+        }
+        // Past the closing brace and its line's end.
+        let after = s[end..].find('\n').map_or(s.len(), |i| end + i + 1);
+        s.replace_range(start..after, &out);
+    }
+    s
+}
 const COOP_BLOCK: &str = include_str!("../../../shaders/conv_tiled_coop.wgsl");
 
 /// A tile configuration on cooperative matrices ([`Tile::coop_layout`]): `f` x `f` fragments,
@@ -986,33 +1009,34 @@ mod tests {
         assert!(matches!(l, Some(CoopLayout { nwr: 2, wr: 2, wc: 1, tcr: 32, .. })), "{l:?}");
     }
 
-    /// Every build of every configuration gets its written-out mac_step (plain builds) and
-    /// rotate, with each accumulator's FMAs in the template's loop order.
+    /// Every build of every configuration has its marked loops unrolled: each FMA (MMA) into
+    /// the accumulators (fragments) once per accumulator (fragment), none left marked.
     #[test]
-    fn written_out_functions() {
+    fn every_build_is_unrolled() {
         let coop = CoopMatrix { size: 16, subgroup: 32 };
+        let count = |src: &str, line: &str| src.lines().filter(|l| l.trim() == line).count();
         for t in TILES {
             for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
                 let b = Build { op, ks: 3, stride: 1, half: true, pre: false, stats: false, bsums: false, coop: false };
                 let plain = t.source(op, 3, 1, b, None);
-                assert_eq!(plain.matches("fn mac_step(").count(), 1, "{}", t.name());
-                assert_eq!(plain.matches("fn rotate(").count(), 1, "{}", t.name());
-                assert!(!plain.contains("// @mac_step") && !plain.contains("// @rotate"), "{}", t.name());
-                let fmas = plain.lines().filter(|l| l.starts_with("    (*acc)[") && l.contains("= fma(")).count();
-                assert_eq!(fmas, t.tm * t.tn / 4, "{}", t.name());
+                assert!(!plain.contains(UNROLL), "{}", t.name());
+                let fma = "(*acc)[j] = fma(s, bv[h], (*acc)[j]);";
+                assert_eq!(count(&plain, fma), t.tm * t.tn / 4, "{}", t.name());
                 if let Some(l) = t.coop_shape(coop) {
                     let src = t.source(op, 3, 1, Build { coop: true, ..b }, Some(l));
-                    assert!(!src.contains("fn mac_step(") && src.contains("fn rotate("), "{}", t.name());
+                    assert!(!src.contains(UNROLL), "{}", t.name());
+                    let mma = "(*frags)[i * WC + j] = coopMultiplyAdd(a[i], b, (*frags)[i * WC + j]);";
+                    assert_eq!(count(&src, mma), l.wr * l.wc, "{}", t.name());
                 }
             }
         }
-        // 8x8 per invocation: two row and two column vec4s, the last FMA into acc[15] from
-        // the second row vec4's last lane and the second column vec4.
-        let s = TILES[index_of("128x128k16t8x8")].mac_step_source();
-        assert!(s.contains("let a1 = ta[abase + 1u * (BM / TM) + tm];"), "{s}");
-        assert!(s.ends_with("    (*acc)[15] = fma(vec4f(a1.w), b1, (*acc)[15]);\n}\n"), "{s}");
-        let r = TILES[index_of("64x64k16t4x4")].rotate_source();
-        assert!(r.contains("(*acc)[2] = (*acc)[3];\n    (*acc)[3] = last;"), "{r}");
+    }
+
+    #[test]
+    fn unroll_writes_out_marked_loops() {
+        let src = "fn f() {\n    for (var g = 0u; g < TWO; g++) { // @unroll\n        for (var i = 1u; i < 6u; i += 2u) { // @unroll\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
+        let want = "fn f() {\n    {\n        const g = 0u;\n        {\n            const i = 1u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 3u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 5u;\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    {\n        const g = 1u;\n        {\n            const i = 1u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 3u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 5u;\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
+        assert_eq!(unroll(src, &[("TWO", 2)]), want);
     }
 
     fn geometry(n: usize, c: usize, hw: usize, k: usize) -> Geometry {
