@@ -158,13 +158,23 @@ struct Raw {
 
 const OUTSIDE: Raw = Raw(ST(0.0), false);
 
-// The staged value of a loaded element of x in input channel c: through the prologue where
-// PRE, ReLU((v - mean) * scale + beta); padding stays zero.
-fn x_value(e: Raw, c: u32) -> f32 {
+// The prologue's values (mean, scale, beta) of input channel c where PRE (clamped: a column
+// or reduction row past the end loads nothing). They are loaded with the elements they apply
+// to (forward: per element, into registers beside the prefetched ones; backward_weight: once
+// per column), so that staging does not wait on a load of its own.
+fn pro(c: u32) -> vec3f {
+    if PRE {
+        return aff[min(c, p.c - 1u)].xyz;
+    }
+    return vec3f(0.0);
+}
+
+// The staged value of a loaded element of x with its channel's prologue values k: where PRE,
+// ReLU((v - mean) * scale + beta); padding stays zero.
+fn x_value(e: Raw, k: vec3f) -> f32 {
     let v = f32(e.v);
     if PRE && e.inside {
-        let a = aff[c];
-        return max(fma(v - a.x, a.y, a.z), 0.0);
+        return max(fma(v - k.x, k.y, k.z), 0.0);
     }
     return v;
 }
@@ -199,11 +209,6 @@ fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> Raw {
         return OUTSIDE;
     }
     return Raw(src[((n * p.k + c) * p.oh + oy) * p.ow + ox], true);
-}
-
-// The staged value of element r of a_data's reduction (PRE: forward only, channel r / KK).
-fn a_value(e: Raw, r: u32) -> f32 {
-    return x_value(e, r / KK);
 }
 
 @compute @workgroup_size(THREADS)
@@ -253,13 +258,14 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     var acc: array<vec4f, ACC_LEN>;
     var frags: Frags;
     var ra: array<Raw, A_PER>;
+    var rk: array<vec3f, A_PER>; // PRE: the prologue's values for ra's channels
     var rb: array<vec4<ST>, B_PER>;
     let nt = (r_end - r0 + BK - 1u) / BK;
 
     // Tile 0 into buffer 0.
     for (var j = 0u; j < A_PER; j++) {
         let rl = arl + j * ASTEP;
-        put_a(0u, rl, ml, a_value(a_data(an, ay, ax, a_ok, r0 + rl, r_end), r0 + rl));
+        put_a(0u, rl, ml, x_value(a_data(an, ay, ax, a_ok, r0 + rl, r_end), pro((r0 + rl) / KK)));
     }
     for (var j = 0u; j < B_PER; j++) {
         let rl = brl + j * BSTEP;
@@ -279,6 +285,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         if more {
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 ra[j] = a_data(an, ay, ax, a_ok, r1 + arl + j * ASTEP, r_end);
+                rk[j] = pro((r1 + arl + j * ASTEP) / KK);
             }
             for (var j = 0u; j < B_PER; j++) { // @unroll
                 let r = r1 + brl + j * BSTEP;
@@ -292,8 +299,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         tile_product(&acc, &frags, cur, lid, tm, tn);
         if more {
             for (var j = 0u; j < A_PER; j++) { // @unroll
-                let rl = arl + j * ASTEP;
-                put_a(cur ^ 1u, rl, ml, a_value(ra[j], r1 + rl));
+                put_a(cur ^ 1u, arl + j * ASTEP, ml, x_value(ra[j], rk[j]));
             }
             for (var j = 0u; j < B_PER; j++) { // @unroll
                 put_b4(cur ^ 1u, brl + j * BSTEP, bv, vec4f(rb[j]));
@@ -468,17 +474,20 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     let tm = lid % (BM / TM);
     let tn = lid / (BM / TM);
 
-    // This invocation's staged columns are fixed: their (c, ky, kx) once.
+    // This invocation's staged columns are fixed: their (c, ky, kx) and (PRE) their channel's
+    // prologue values once.
     var bc: array<u32, B_PER>;
     var bky: array<u32, B_PER>;
     var bkx: array<u32, B_PER>;
     var bok: array<bool, B_PER>;
+    var bk: array<vec3f, B_PER>;
     for (var j = 0u; j < B_PER; j++) { // @unroll
         let col = n0 + row0 + j * RSTEP;
         bok[j] = col < cols;
         let c = col / KK;
         let t = col - c * KK;
         bc[j] = c;
+        bk[j] = pro(c);
         bky[j] = t / KS;
         bkx[j] = t - bky[j] * KS;
     }
@@ -521,7 +530,7 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
                 put_a(nxt, rl, row0 + j * RSTEP, f32(ra[j]));
             }
             for (var j = 0u; j < B_PER; j++) { // @unroll
-                put_b(nxt, rl, row0 + j * RSTEP, x_value(rb[j], bc[j]));
+                put_b(nxt, rl, row0 + j * RSTEP, x_value(rb[j], bk[j]));
             }
         }
         workgroupBarrier();

@@ -403,6 +403,14 @@ fn backward_data_bn_matches_reference() {
     }
 }
 
+/// The BN + ReLU prologue under every tile configuration: its values are loaded into
+/// registers beside the prefetched elements (forward) or once per staged column
+/// (backward_weight), arrays whose length depends on the configuration.
+#[test]
+fn bn_relu_every_tile_configuration() {
+    every_tile_on(check_bn_relu_on, 47, EPILOGUE_CASES);
+}
+
 #[test]
 fn backward_data_bn_every_tile_configuration() {
     every_tile_on(check_bn_backward_acc, 52, EPILOGUE_CASES);
