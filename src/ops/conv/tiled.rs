@@ -224,6 +224,7 @@ impl Tile {
 }
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
+const COOP_BLOCK: &str = include_str!("../../../shaders/conv_tiled_coop.wgsl");
 
 /// The marker of a loop to unroll, at the end of its header line.
 const UNROLL: &str = " // @unroll\n";
@@ -252,10 +253,12 @@ fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
         let parts: Option<[&str; 3]> = inner.and_then(|h| h.split(';').collect::<Vec<_>>().try_into().ok());
         let Some([init, cond, next]) = parts else { unreachable!("an unrolled loop's header: {header}") };
         let (var, a) = init.split_once('=').map(|(v, a)| (v.trim(), value(a))).unwrap_or_default();
-        let b = cond.split_once('<').map(|(_, b)| value(b)).unwrap_or_default();
+        let b = cond.split_once('<').map(|(_, b)| value(b));
         let next = next.trim();
-        let step = if next == format!("{var}++") { 1 } else { next.split_once("+=").map_or(0, |(_, s)| value(s)) };
-        assert!(!var.is_empty() && step > 0, "an unrolled loop's header: {header}");
+        let step = if next == format!("{var}++") { Some(1) } else { next.split_once("+=").map(|(_, s)| value(s)) };
+        let (Some(b), Some(step)) = (b, step.filter(|&s| s > 0 && !var.is_empty())) else {
+            unreachable!("an unrolled loop's header: {header}")
+        };
         // The body runs to the brace that closes the header's.
         let body_start = mark + UNROLL.len();
         let mut depth = 1;
@@ -271,6 +274,7 @@ fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
                 break;
             }
         }
+        assert_eq!(depth, 0, "an unrolled loop without its closing brace: {header}");
         // Up to the closing brace's line (the body ends in a newline).
         let body = &s[body_start..s[..end].rfind('\n').map_or(end, |i| i + 1).max(body_start)];
         let indent = &s[start..start + s[start..].len() - s[start..].trim_start().len()];
@@ -284,7 +288,6 @@ fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
     }
     s
 }
-const COOP_BLOCK: &str = include_str!("../../../shaders/conv_tiled_coop.wgsl");
 
 /// A tile configuration on cooperative matrices ([`Tile::coop_layout`]): `f` x `f` fragments,
 /// subgroups of `sg`, `nwr` subgroups per column of the fragment grid, each owning `wr` x `wc`
