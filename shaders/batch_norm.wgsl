@@ -262,6 +262,19 @@ fn affine_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     aff[c] = vec4f(running_mean[c], gamma[c] * invstd, beta[c], invstd);
 }
 
+// The prologue as a pass of its own: y = ReLU((x - mean) * scale + beta) from those values, the
+// expression of conv_tiled.wgsl's x_value (the same bits), one element per invocation (loads
+// coalesced on GPUs). The convolutions take it and then no prologue where the autotuner finds
+// that faster than their fused prologue (ops/conv.rs `separate_prologue`).
+@compute @workgroup_size(WG)
+fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+               @builtin(local_invocation_id) lid: vec3u) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.n * p.c * p.hw { return; }
+    let k = aff[(i / p.hw) % p.c];
+    y[i] = ST(max(fma(f32(x[i]) - k.x, k.y, k.z), 0.0));
+}
+
 // Per-channel values of the backward, loaded once per run.
 struct Chan {
     mean: f32,

@@ -191,6 +191,12 @@ impl HalfTensor {
         gpu.queue.write_buffer(&self.buffer, 0, &bytes);
     }
 
+    /// A half tensor of shape `dims` over `buffer` (at least `dims`' halves, padded to whole 4
+    /// bytes).
+    pub(crate) fn from_buffer(dims: &[usize], buffer: wgpu::Buffer) -> HalfTensor {
+        HalfTensor { dims: dims.to_vec(), buffer }
+    }
+
     /// A half tensor of zeros.
     pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<HalfTensor> {
         let len = check_dims(gpu, dims, "half tensor")?;

@@ -17,7 +17,9 @@
 //! statistics ([`Bn::prologue`]) and the convolution applies the normalisation and the ReLU as
 //! it loads its input, in the forward ([`conv::forward_bn_relu`]) and in the weight gradient
 //! ([`conv::backward_weight_bn_relu`]). The BN backward recomputes the ReLU mask from the BN's
-//! input and the saved statistics.
+//! input and the saved statistics. (On a GPU, where timing says a separate pass is faster for a
+//! shape, the convolution writes `ReLU(BN(x))` into a context temporary first; the unit's memory
+//! below is the same.)
 //!
 //! Memory: what a unit keeps for its backward.
 //! - Pre-activation: its input `x_l` (the stream buffer) and the input of each later weight

@@ -96,7 +96,9 @@ fn forward_train_every_epilogue() {
 }
 
 /// stats_train (the statistics without the output) and the prologue values from them
-/// (`affine`), and from the running statistics (`affine_eval`), against the reference.
+/// (`affine`), and from the running statistics (`affine_eval`), against the reference; and the
+/// prologue as a pass of its own (`affine_relu`) from the values computed, against the
+/// reference's prologue from the same values.
 #[test]
 fn statistics_and_prologue_values() {
     let g = gpu();
@@ -107,11 +109,13 @@ fn statistics_and_prologue_values() {
         let d = Dev::new(&h);
         let tx = upload(&dims, &x);
         let (tmean, tinv, taff, teval) = (poisoned(&[c]), poisoned(&[c]), poisoned(&[c, 4]), poisoned(&[c, 4]));
+        let ta = poisoned(&dims);
         let mut rec = g.recorder("bn prologue");
         // The eval values first, from the running statistics before this step moves them.
         bn::affine_eval(&mut rec, &d.tensors(), &teval).unwrap();
         bn::stats_train(&mut rec, &tx, &d.tensors(), &tmean, &tinv).unwrap();
         bn::affine(&mut rec, &d.gamma, &d.beta, &tmean, &tinv, &taff).unwrap();
+        bn::affine_relu(&mut rec, &tx, &taff, &ta).unwrap();
         rec.run().unwrap();
         let (gamma, beta) = (to_f64(&h.gamma), to_f64(&h.beta));
         let (rm, rv) = (to_f64(&h.rm), to_f64(&h.rv));
@@ -123,6 +127,8 @@ fn statistics_and_prologue_values() {
         check(&format!("bn stats running var {tag}"), &read(&d.rv), &want.running_var, F32_TOL);
         let aff = rbn::affine(&want.mean, &want.invstd, &gamma, &beta);
         check(&format!("bn affine {tag}"), &read(&taff), &aff, F32_TOL);
+        let a = rbn::prologue(&to_f64(&x), dims, &to_f64(&read(&taff)));
+        check(&format!("bn affine_relu {tag}"), &read(&ta), &a, F32_TOL);
         let inv_eval: Vec<f64> = rv.iter().map(|v| 1.0 / (v + f64::from(bn::EPS)).sqrt()).collect();
         check(&format!("bn affine eval {tag}"), &read(&teval), &rbn::affine(&rm, &inv_eval, &gamma, &beta), F32_TOL);
     }
@@ -431,6 +437,13 @@ fn bad_shapes_are_errors() {
     }
     shape(bn::affine(&mut rec, &d.gamma, &four, &m, &s, &aff));
     invalid(bn::affine(&mut rec, &d.gamma, &d.beta, &m, &m, &aff));
+    // The prologue pass: x and y of one shape, [C, 4] values, three distinct tensors.
+    for bad in [&four, &row, &poisoned(&[3, 3]), &poisoned(&[12])] {
+        shape(bn::affine_relu(&mut rec, &x, bad, &y));
+    }
+    shape(bn::affine_relu(&mut rec, &flat, &aff, &y));
+    shape(bn::affine_relu(&mut rec, &x, &aff, &other));
+    invalid(bn::affine_relu(&mut rec, &x, &aff, &x));
 
     // Nothing was recorded: the (empty) command buffer runs cleanly.
     rec.run().unwrap();

@@ -84,6 +84,18 @@ fn tiled_gpu() -> &'static Gpu {
     })
 }
 
+/// A context on the tiled kernels whose BN + ReLU prologue runs as a pass of its own (the
+/// autotuner's other choice on a GPU).
+fn separate_gpu() -> &'static Gpu {
+    static GPU: OnceLock<Gpu> = OnceLock::new();
+    GPU.get_or_init(|| {
+        let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        conv::set_kernels(&g, conv::Kernels::Tiled);
+        conv::set_prologue(&g, conv::Prologue::Separate);
+        g
+    })
+}
+
 /// On a GPU, a third context that takes the register path wherever the adapter's subgroups
 /// allow it (on a CPU adapter the first context already does).
 fn register_gpu() -> Option<&'static Gpu> {
@@ -264,6 +276,16 @@ fn bn_relu_prologue_matches_reference() {
         // backward_weight would take this shape, the prologue makes it take the tiled kernels.
         check_bn_relu_on(ctx, g, &[case([1, 4097, 2, 4], 2, 1, 1)], 46);
     }
+}
+
+/// The prologue as a pass of its own (`batch_norm::affine_relu`, then the convolution without
+/// one): the forward, backward_weight and forward_stats checks of the fused prologue.
+#[test]
+fn bn_relu_separate_prologue() {
+    let g = separate_gpu();
+    check_bn_relu_on("separate", g, CASES, 44);
+    check_bn_relu_on("separate", g, EDGES, 45);
+    check_stats_pre_acc("separate", g, EPILOGUE_CASES, 48);
 }
 
 /// forward_stats against the reference convolution and the reference batch norm's training

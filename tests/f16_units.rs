@@ -158,7 +158,8 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
 /// basic identity units again with a large tile and the wide batch-norm kernels forced (each
 /// tile configuration is a module of its own for each of the f16 path's prologue and epilogue
 /// combinations, which lavapipe takes seconds to compile; the batch norm's f16 kernels are the
-/// scalar or the wide ones).
+/// scalar or the wide ones), and with the BN + ReLU prologues as passes of their own (the
+/// autotuner's other choice on a GPU: the activations rounded to f16 before the convolutions).
 #[test]
 fn f16_units_within_bound() {
     let g = gpu();
@@ -169,7 +170,9 @@ fn f16_units_within_bound() {
     let forced = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     conv::force_tile(&forced, Some("128x64k16t8x4")).unwrap();
     batch_norm::set_kernels(&forced, batch_norm::Kernels::Wide);
-    for (ctx, g) in [("auto", g), ("tile 128x64k16t8x4, wide bn", &forced)] {
+    let separate = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    conv::set_prologue(&separate, conv::Prologue::Separate);
+    for (ctx, g) in [("auto", g), ("tile 128x64k16t8x4, wide bn", &forced), ("separate prologue", &separate)] {
         let mut seed = 80;
         for kind in [UnitKind::PreAct, UnitKind::Original] {
             for bottleneck in [false, true] {

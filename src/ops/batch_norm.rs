@@ -579,7 +579,7 @@ pub fn affine(
     const WHAT: &str = "batch norm affine";
     let c = gamma.len();
     per_channel(WHAT, c, &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
-    check_affine_out(WHAT, c, out)?;
+    check_affine_out(WHAT, "out", c, out)?;
     distinct(WHAT, &[("out", out), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
     let prm = [1, c as u32, 1, 0, 0, 0, EPS.to_bits()];
     let bufs = [(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer), (21, &out.buffer)];
@@ -594,7 +594,7 @@ pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()
     let named =
         [("gamma", p.gamma), ("beta", p.beta), ("running_mean", p.running_mean), ("running_var", p.running_var)];
     per_channel(WHAT, c, &named)?;
-    check_affine_out(WHAT, c, out)?;
+    check_affine_out(WHAT, "out", c, out)?;
     let mut all = vec![("out", out)];
     all.extend(named);
     distinct(WHAT, &all)?;
@@ -610,9 +610,29 @@ pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()
     Ok(())
 }
 
-fn check_affine_out(what: &str, c: usize, out: &Tensor) -> Result<()> {
-    if out.dims() != [c, 4] {
-        return Err(Error::Shape(format!("{what}: out must be [{c}, 4], got {:?}", out.dims())));
+/// `y = ReLU((x - mean) * scale + beta)` per channel from `affine` ([`affine`]'s `[C, 4]`
+/// values): the convolutions' BN + ReLU prologue ([`crate::ops::conv::forward_bn_relu`]) as a
+/// pass of its own, with the prologue's expression and so the same bits. The convolutions run
+/// it and then no prologue where that is faster on the adapter.
+pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) -> Result<()> {
+    const WHAT: &str = "batch norm affine_relu";
+    let d = activations(WHAT, x, &[("y", y)])?;
+    check_affine_out(WHAT, "affine", d[1], affine)?;
+    distinct(WHAT, &[("x", x), ("y", y), ("affine", affine)])?;
+    let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| affine_relu(rec, &i[0], affine, &o[0]);
+    if split::batch_op(rec, WHAT, &[x], &[(y, false)], &[affine], chunk)? {
+        return Ok(());
+    }
+    let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
+    let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
+    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, groups_for(x.len()));
+    Ok(())
+}
+
+/// `t` (named `name`) holds the `[c, 4]` prologue values.
+fn check_affine_out(what: &str, name: &str, c: usize, t: &Tensor) -> Result<()> {
+    if t.dims() != [c, 4] {
+        return Err(Error::Shape(format!("{what}: {name} must be [{c}, 4], got {:?}", t.dims())));
     }
     Ok(())
 }
@@ -1122,6 +1142,27 @@ pub fn apply_saved_f16(
     let binds =
         [(1, &x.buffer), (2, &y.buffer), (3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)];
     half_dispatch(rec, d, v, "normalize", &prm, &binds);
+    Ok(())
+}
+
+/// [`affine_relu`] on f16 tensors: `y = ReLU((x - mean) * scale + beta)` in f32 from the half
+/// `x`, rounded once to the half `y`.
+pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &HalfTensor) -> Result<()> {
+    const WHAT: &str = "batch norm affine_relu_f16";
+    let d = x.nchw(&format!("{WHAT}: x"))?;
+    if y.dims() != x.dims() {
+        return Err(Error::Shape(format!("{WHAT}: y is {:?}, x is {d:?}", y.dims())));
+    }
+    if y.buffer == x.buffer {
+        return Err(Error::Invalid(format!("{WHAT}: y must be a tensor of its own")));
+    }
+    for (name, t) in [("x", x), ("y", y)] {
+        split::whole_fits_f16(rec.gpu, &format!("{WHAT}: {name}"), t.dims(), t.buffer.size())?;
+    }
+    check_affine_out(WHAT, "affine", d[1], affine)?;
+    let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
+    let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
+    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, groups_for(x.len()));
     Ok(())
 }
 

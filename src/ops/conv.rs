@@ -27,8 +27,8 @@
 //! the queue runs commands in order.
 
 use std::num::NonZeroU64;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::{operand_texture, texture_fits};
 use crate::error::{Error, Result};
@@ -222,6 +222,78 @@ fn kernels(gpu: &Gpu) -> Kernels {
     }
 }
 
+/// Where the tiled convolutions apply a BN + ReLU prologue ([`forward_bn_relu`],
+/// [`backward_weight_bn_relu`]; a testing and benchmarking aid, `RESNET_WGPU_PROLOGUE=fused` or
+/// `separate` does the same for a new context).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prologue {
+    /// Timed per (op, shape) where the tile configurations are (GPUs, [`Kernels::Tuned`]),
+    /// fused elsewhere.
+    Auto,
+    /// In the convolution's loads.
+    Fused,
+    /// A pass of its own ([`batch_norm::affine_relu`] into a context temporary of the input's
+    /// size), then the convolution without a prologue: one more write and read of the input,
+    /// but no per-element prologue in the convolution's inner loop.
+    Separate,
+}
+
+fn prologue_cell(gpu: &Gpu) -> Arc<Mutex<Prologue>> {
+    gpu.cached("conv.prologue", || {
+        let p = match std::env::var("RESNET_WGPU_PROLOGUE").as_deref() {
+            Ok("fused") => Prologue::Fused,
+            Ok("separate") => Prologue::Separate,
+            Ok("" | "auto") | Err(_) => Prologue::Auto,
+            Ok(other) => {
+                eprintln!("RESNET_WGPU_PROLOGUE={other:?} ignored (fused, separate or auto)");
+                Prologue::Auto
+            }
+        };
+        Arc::new(Mutex::new(p))
+    })
+}
+
+/// Sets where this context's tiled convolutions apply a BN + ReLU prologue (testing and
+/// benchmarking aid).
+#[doc(hidden)]
+pub fn set_prologue(gpu: &Gpu, p: Prologue) {
+    *prologue_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = p;
+}
+
+/// Whether `op` (forward or backward_weight) with a prologue under tiled `plan` takes the
+/// prologue as a pass of its own ([`Prologue`]); an automatic choice is timed once per (op,
+/// shape, plan) and cached. On the H200 the fused prologue made a forward 0.08 to 0.14 ms
+/// slower, where the separate pass would cost about 0.03 to 0.05 (BENCHMARKS.md).
+fn separate_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) -> bool {
+    let mode = *prologue_cell(gpu).lock().unwrap_or_else(|e| e.into_inner());
+    match mode {
+        Prologue::Fused => false,
+        Prologue::Separate => true,
+        Prologue::Auto if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels(gpu) != Kernels::Tuned => false,
+        Prologue::Auto => gpu.cached(&format!("conv.prologue.{op:?}.{half}.{g:?}.{plan:?}"), || {
+            tiled::tune_prologue(gpu, op, g, plan, half)
+        }),
+    }
+}
+
+/// `ReLU(BN(x))` from `affine` into this context's temporary of x's size (one per size, reused
+/// by every call: each use is recorded before the next call overwrites it, and commands run in
+/// order).
+fn prologue_pass(rec: &mut Recorder, x: &Tensor, affine: &Tensor) -> Result<Tensor> {
+    let a = Tensor::from_buffer(x.dims(), scratch(rec.gpu, "prologue", x.bytes(), wgpu::BufferUsages::STORAGE));
+    batch_norm::affine_relu(rec, x, affine, &a)?;
+    Ok(a)
+}
+
+/// [`prologue_pass`] on the f16 path: `ReLU(BN(x))` rounded once to halves.
+fn prologue_pass_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor) -> Result<HalfTensor> {
+    let buf = scratch(rec.gpu, "prologue-f16", x.buffer.size(), wgpu::BufferUsages::STORAGE);
+    let a = HalfTensor::from_buffer(x.dims(), buf);
+    batch_norm::affine_relu_f16(rec, x, affine, &a)?;
+    Ok(a)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Op {
     Forward,
@@ -401,7 +473,9 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: u
 }
 
 /// y (+)= conv(ReLU(BN(x)), w): [`forward`] of the pre-activation `a = ReLU(gamma * (x - mean) *
-/// invstd + beta)`, computed per element as x is loaded (zero padding stays zero). `affine` is
+/// invstd + beta)`, computed per element as x is loaded (zero padding stays zero), or, where the
+/// autotuner found it faster for the shape, by a pass of its own into a context temporary
+/// ([`Prologue`]). `affine` is
 /// `[C, 4]`, per channel `(mean, gamma * invstd, beta, invstd)`, as [`crate::ops::batch_norm::affine`]
 /// writes it.
 pub fn forward_bn_relu(
@@ -445,6 +519,12 @@ pub fn forward_stats(
     let whole: Vec<&Tensor> = std::iter::once(w).chain(pre).collect();
     let plan = plan_pre(rec.gpu, Op::Forward, &g, pre.is_some());
     if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[x, y], &whole)?.is_none() {
+        let (x, pre) = match pre {
+            Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, false) => {
+                (&prologue_pass(rec, x, aff)?, None)
+            }
+            _ => (x, pre),
+        };
         if let Some((part, run)) = tiled::record_forward_stats(
             rec,
             &g,
@@ -566,7 +646,13 @@ fn forward_with(
     }
     match plan_pre(rec.gpu, Op::Forward, &g, pre.is_some()) {
         Plan::Register { span } => register_data(rec, &g, Op::Forward, x, pre, w, y, accumulate, span),
-        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::Forward, &g, plan, x, pre, w, y, accumulate),
+        plan @ Plan::Tiled { .. } => match pre {
+            Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, false) => {
+                let a = prologue_pass(rec, x, aff)?;
+                tiled::record(rec, Op::Forward, &g, plan, &a, None, w, y, accumulate)
+            }
+            _ => tiled::record(rec, Op::Forward, &g, plan, x, pre, w, y, accumulate),
+        },
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
     }
     Ok(())
@@ -647,7 +733,13 @@ fn backward_weight_with(
     }
     match plan_pre(rec.gpu, Op::BackwardWeight, &g, pre.is_some()) {
         Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, pre, dy, dw, accumulate, splits, chunk),
-        plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
+        plan @ Plan::Tiled { .. } => match pre {
+            Some(aff) if separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, false) => {
+                let a = prologue_pass(rec, x, aff)?;
+                tiled::record(rec, Op::BackwardWeight, &g, plan, &a, None, dy, dw, accumulate)
+            }
+            _ => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
+        },
         Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
     }
     Ok(())
@@ -839,7 +931,13 @@ pub fn forward_bn_relu_f16(
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
     let plan = half_plan(rec.gpu, Op::Forward, &g);
-    tiled::record_half_data(rec, Op::Forward, &g, plan, x, Some(affine), operand(w), y, accumulate);
+    match separate_prologue(rec.gpu, Op::Forward, &g, plan, true) {
+        true => {
+            let a = prologue_pass_f16(rec, x, affine)?;
+            tiled::record_half_data(rec, Op::Forward, &g, plan, &a, None, operand(w), y, accumulate)
+        }
+        false => tiled::record_half_data(rec, Op::Forward, &g, plan, x, Some(affine), operand(w), y, accumulate),
+    }
     Ok(())
 }
 
@@ -865,6 +963,12 @@ pub fn forward_stats_f16(
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train_f16(rec.gpu, WHAT, y, bn, save_mean, save_invstd)?;
     let plan = half_plan_unsplit(rec.gpu, Op::Forward, &g);
+    let (x, pre) = match pre {
+        Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, true) => {
+            (&prologue_pass_f16(rec, x, aff)?, None)
+        }
+        _ => (x, pre),
+    };
     let (xb, yb) = (&x.buffer, &y.buffer);
     let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, true, xb, pre, operand(w), yb, accumulate)
     else {
@@ -890,7 +994,13 @@ pub fn backward_weight_bn_relu_f16(
     let g = check_f16(rec.gpu, WHAT, ["x", "dw", "dy"], t, 1, stride)?;
     check_affine(WHAT, Some(affine), g.c, &dw.buffer)?;
     let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
-    tiled::record_half_weight(rec, &g, plan, x, Some(affine), dy, dw, accumulate);
+    match separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, true) {
+        true => {
+            let a = prologue_pass_f16(rec, x, affine)?;
+            tiled::record_half_weight(rec, &g, plan, &a, None, dy, dw, accumulate)
+        }
+        false => tiled::record_half_weight(rec, &g, plan, x, Some(affine), dy, dw, accumulate),
+    }
     Ok(())
 }
 

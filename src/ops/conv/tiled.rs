@@ -7,8 +7,10 @@
 //! fixed rule (timing there is slow and noisy, and CPU adapters mostly take the register path);
 //! else the autotuner: on the first use of an (op, shape) it times every configuration that fits
 //! on operands of that shape (GPU timestamps where the device has them, else the wall clock),
-//! and the plan cache of `conv.rs` keeps the fastest for the life of the context. With
-//! `RESNET_WGPU_CONV_TUNE_LOG` set, each tuning prints its timings to stderr.
+//! and the plan cache of `conv.rs` keeps the fastest for the life of the context. Where an op
+//! has a BN + ReLU prologue, the same timing ([`tune_prologue`]) decides whether it stays fused
+//! or runs as a pass of its own. With `RESNET_WGPU_CONV_TUNE_LOG` set, each tuning prints its
+//! timings to stderr.
 //!
 //! The f16 path, on a context with cooperative matrices (tensor cores; [`CoopMatrix`]), builds
 //! its modules with `shaders/conv_tiled_coop.wgsl` in place of the template's plain tile
@@ -22,6 +24,7 @@ use super::{Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold,
 use crate::bench::{Run, Timer};
 use crate::error::{Error, Result};
 use crate::gpu::{CoopMatrix, Gpu, Recorder};
+use crate::ops::batch_norm;
 use crate::tensor::{HalfTensor, Tensor};
 
 /// One tile configuration: a `bm` x `bn` output tile per workgroup, `bk` reduction steps staged
@@ -625,14 +628,13 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
     } else {
         None
     };
-    let timer = Timer::new(gpu, true);
-    let log = std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some();
     let plain = (0..TILES.len()).filter(|&i| !TILES[i].coop_only && TILES[i].fits(gpu)).map(|i| (i, false));
     let candidates: Vec<(usize, bool)> = match half {
         true => coop_tiles(gpu).into_iter().map(|i| (i, true)).chain(plain).collect(),
         false => plain.collect(),
     };
-    let run = |(i, coop): (usize, bool)| {
+    let run = |k: usize| {
+        let (i, coop) = candidates[k];
         let mut rec = gpu.recorder("conv tune");
         let plan = on_coop(plan_for(op, g, i), coop);
         match (&halves, op) {
@@ -642,64 +644,136 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
                 record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[wi].buffer), &h[2], false)
             }
         }
-        rec.finish()
+        Ok(rec.finish())
     };
-    // Each configuration once on its own (its pipelines built; one the device rejects drops
-    // out), then rounds of all of them round-robin, queued back to back: warm-up rounds on a
-    // GPU (whose clocks are down after idling while the CPU built pipelines) for TUNE_WARM_UP
-    // of wall time or TUNE_WARM_ROUNDS rounds, whichever comes first (small shapes, whose
-    // choice matters little, tune fast), then three timed rounds, each configuration's median
-    // kept.
-    let candidates: Vec<(usize, bool)> =
-        candidates.into_iter().filter(|&c| Timer::wall_ms(gpu, vec![run(c)]).is_ok()).collect();
-    let round =
-        || -> Vec<Run> { candidates.iter().map(|&c| Run { untimed: Vec::new(), timed: vec![run(c)] }).collect() };
-    let warm_rounds = if gpu.report.device_type == wgpu::DeviceType::Cpu { 1 } else { TUNE_WARM_ROUNDS };
-    let start = Instant::now();
-    let mut times: Vec<Vec<f64>> = vec![Vec::new(); candidates.len()];
-    for _ in 0..warm_rounds {
-        if timer.time_queued(gpu, round()).is_err() || start.elapsed() >= TUNE_WARM_UP {
-            break;
-        }
-    }
-    let timed: Vec<Option<f64>> = match timer.has_timestamps() {
-        true => timer.time_queued(gpu, (0..3).flat_map(|_| round()).collect()).unwrap_or_default(),
-        // Wall time, each run on its own.
-        false => (0..3).flat_map(|_| candidates.iter().map(|&c| Timer::wall_ms(gpu, vec![run(c)]).ok())).collect(),
-    };
-    for (k, ms) in timed.into_iter().enumerate() {
-        times[k % candidates.len()].extend(ms);
-    }
+    let times = time_each(gpu, candidates.len(), run);
     let mut best = (f64::INFINITY, fallback);
     let mut report = Vec::new();
     let name = |(i, coop): (usize, bool)| format!("{}{}", TILES[i].name(), if coop { " coop" } else { "" });
-    for (j, &c) in candidates.iter().enumerate() {
-        if times[j].len() < 3 {
+    for (&c, ms) in candidates.iter().zip(times) {
+        let Some(ms) = ms else {
             report.push(format!("{} failed", name(c)));
             continue;
-        }
-        times[j].sort_by(f64::total_cmp);
-        let ms = times[j][1];
+        };
         report.push(format!("{} {ms:.4}", name(c)));
         if ms < best.0 {
             best = (ms, c);
         }
     }
-    if log {
-        eprintln!(
-            "conv tune {op:?} x [{}, {}, {}, {}] k {} ks {} stride {}: ms {}; chose {}",
-            g.n,
-            g.c,
-            g.h,
-            g.w,
-            g.k,
-            g.ks,
-            g.stride,
-            report.join(", "),
-            name(best.1)
-        );
+    if tune_log() {
+        eprintln!("conv tune {}: ms {}; chose {}", tuned_shape(op, g), report.join(", "), name(best.1));
     }
     best.1
+}
+
+/// `op` and `g` in the tuners' log lines (tools/gpu_tune.sh reads them).
+fn tuned_shape(op: Op, g: &Geometry) -> String {
+    format!("{op:?} x [{}, {}, {}, {}] k {} ks {} stride {}", g.n, g.c, g.h, g.w, g.k, g.ks, g.stride)
+}
+
+/// Whether `RESNET_WGPU_CONV_TUNE_LOG` asks for the tuners' timings on stderr.
+fn tune_log() -> bool {
+    std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some()
+}
+
+/// The median ms of each of `n` candidates (`run(k)` records candidate k), `None` for one that
+/// failed. Each runs once on its own (its pipelines built; one the device rejects drops out),
+/// then rounds of all of them round-robin, queued back to back: warm-up rounds on a GPU (whose
+/// clocks are down after idling while the CPU built pipelines) for TUNE_WARM_UP of wall time or
+/// TUNE_WARM_ROUNDS rounds, whichever comes first (small shapes, whose choice matters little,
+/// tune fast), then three timed rounds (GPU timestamps where the device has them, else the wall
+/// clock, each run on its own).
+fn time_each(gpu: &Gpu, n: usize, run: impl Fn(usize) -> Result<wgpu::CommandBuffer>) -> Vec<Option<f64>> {
+    let ok: Vec<usize> = (0..n).filter(|&k| run(k).and_then(|b| Timer::wall_ms(gpu, vec![b])).is_ok()).collect();
+    let mut out = vec![None; n];
+    if ok.is_empty() {
+        return out;
+    }
+    let round =
+        || -> Result<Vec<Run>> { ok.iter().map(|&k| Ok(Run { untimed: Vec::new(), timed: vec![run(k)?] })).collect() };
+    let timer = Timer::new(gpu, true);
+    let warm_rounds = if gpu.report.device_type == wgpu::DeviceType::Cpu { 1 } else { TUNE_WARM_ROUNDS };
+    let start = Instant::now();
+    for _ in 0..warm_rounds {
+        if round().and_then(|r| timer.time_queued(gpu, r)).is_err() || start.elapsed() >= TUNE_WARM_UP {
+            break;
+        }
+    }
+    let timed: Vec<Option<f64>> = match timer.has_timestamps() {
+        true => (0..3)
+            .map(|_| round())
+            .collect::<Result<Vec<_>>>()
+            .and_then(|r| timer.time_queued(gpu, r.into_iter().flatten().collect()))
+            .unwrap_or_default(),
+        false => {
+            (0..3).flat_map(|_| ok.iter().map(|&k| run(k).and_then(|b| Timer::wall_ms(gpu, vec![b])).ok())).collect()
+        }
+    };
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); ok.len()];
+    for (j, ms) in timed.into_iter().enumerate() {
+        times[j % ok.len()].extend(ms);
+    }
+    for (&k, mut t) in ok.iter().zip(times) {
+        if t.len() == 3 {
+            t.sort_by(f64::total_cmp);
+            out[k] = Some(t[1]);
+        }
+    }
+    out
+}
+
+/// Whether `op` (forward or backward_weight) under tiled `plan` on `g` runs faster with its
+/// BN + ReLU prologue as a pass of its own ([`batch_norm::affine_relu`] into a temporary, then
+/// the convolution without a prologue) than fused into the convolution's loads, on f32 or
+/// (`half`) f16 activations: both timed as [`tune`] times configurations, on zero operands of
+/// `g`'s shape. Fused where either fails.
+pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) -> bool {
+    let x = [g.n, g.c, g.h, g.w];
+    let (b, out) = match op {
+        Op::BackwardWeight => ([g.n, g.k, g.oh, g.ow], [g.k, g.c, g.ks, g.ks]),
+        _ => ([g.k, g.c, g.ks, g.ks], [g.n, g.k, g.oh, g.ow]),
+    };
+    // x, the second operand, the output, the prologue values, and the separate pass's output.
+    let dims = [&x[..], &b, &out, &[g.c, 4], &x];
+    let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
+        return false;
+    };
+    // The f16 path's activations (the weights, dw and prologue values stay f32).
+    let h = match half {
+        true => dims.iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>(),
+        false => Ok(Vec::new()),
+    };
+    let Ok(h) = h else { return false };
+    let run = |separate: usize| {
+        let mut rec = gpu.recorder("conv tune prologue");
+        let (xi, pre) = if separate == 1 { (4, None) } else { (0, Some(&t[3])) };
+        if separate == 1 {
+            match half {
+                false => batch_norm::affine_relu(&mut rec, &t[0], &t[3], &t[4])?,
+                true => batch_norm::affine_relu_f16(&mut rec, &h[0], &t[3], &h[4])?,
+            }
+        }
+        match (half, op) {
+            (false, _) => record(&mut rec, op, g, plan, &t[xi], pre, &t[1], &t[2], false),
+            (true, Op::BackwardWeight) => record_half_weight(&mut rec, g, plan, &h[xi], pre, &h[1], &t[2], false),
+            (true, _) => record_half_data(&mut rec, op, g, plan, &h[xi], pre, Weights::F32(&t[1].buffer), &h[2], false),
+        }
+        Ok(rec.finish())
+    };
+    let times = time_each(gpu, 2, run);
+    let separate = matches!(times[..], [Some(fused), Some(apart)] if apart < fused);
+    if tune_log() {
+        let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
+        eprintln!(
+            "conv tune prologue{} {}: ms fused {}, separate {}; chose {}",
+            if half { " f16" } else { "" },
+            tuned_shape(op, g),
+            ms(times[0]),
+            ms(times[1]),
+            if separate { "separate" } else { "fused" }
+        );
+    }
+    separate
 }
 
 // ---------------------------------------------------------------------------------------------
