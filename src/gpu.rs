@@ -103,6 +103,8 @@ pub enum Shader {
     Residual,
     /// `residual.wgsl` on f16 tensors (as `BatchNormF16`).
     ResidualF16,
+    /// `cast.wgsl`: f32 <-> f16 (the f16 network's boundaries; adapters with `SHADER_F16` only).
+    Cast,
     PoolFcLoss,
     Sgd,
     Probe,
@@ -135,6 +137,7 @@ impl Shader {
             Shader::ReluF16 => return format!("{F16}{RELU}").into(),
             Shader::Residual => return format!("{F32}{RESIDUAL}").into(),
             Shader::ResidualF16 => return format!("{F16}{RESIDUAL}").into(),
+            Shader::Cast => include_str!("../shaders/cast.wgsl"),
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
             Shader::Sgd => include_str!("../shaders/sgd.wgsl"),
             Shader::Probe => include_str!("../shaders/probe.wgsl"),

@@ -7,13 +7,13 @@
 
 use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
+use crate::gpu::{Gpu, Recorder};
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::pool_fc_loss::{self as head, Labels};
-use crate::ops::{conv, probe, relu, residual, sgd};
+use crate::ops::{cast, conv, probe, relu, residual, sgd};
 use crate::rng::dropout_seed;
-use crate::tensor::Tensor;
-use crate::unit::{Bn, Chain, Conv, Kept, Mode, Param, Slot, State, Unit, Workspace};
+use crate::tensor::{HalfTensor, Tensor};
+use crate::unit::{Bn, Chain, Conv, HalfKept, Kept, Mode, Param, Slot, State, Unit, Workspace};
 
 /// SGD settings (PyTorch semantics: `d = g + wd*w; m = mu*m + d; w -= lr*m`).
 #[derive(Clone, Copy, Debug)]
@@ -43,7 +43,7 @@ pub enum Entry<'a> {
 /// Activations for one input shape, allocated when the shape first appears.
 struct Acts {
     images: [usize; 4],
-    /// `x_0 .. x_L`, each kept for the backward.
+    /// `x_0 .. x_L`, each kept for the backward (empty on the f16 network: `half` has them).
     streams: Vec<Tensor>,
     kept: Vec<Kept>,
     /// The stream's gradients, accumulated in place: `grads[grad_of[l]]` holds `dE/dx_l`. An
@@ -61,6 +61,54 @@ struct Acts {
     loss: Tensor,
     grad_images: Tensor,
     ws: Workspace,
+    /// The f16 network's ([`ResNet::set_f16`]).
+    half: Option<HalfActs>,
+}
+
+/// The f16 network's activations: the stream `x_0 .. x_L`, what each unit keeps and the
+/// stream's gradients (shared as [`Acts::grads`]) as halves; `x_0` as the f32 stem writes it
+/// and its gradient as the stem reads it, `x_L` as the f32 head reads it and its gradient as
+/// the head writes it.
+struct HalfActs {
+    loss_scale: f32,
+    x0: Tensor,
+    g0: Tensor,
+    xl: Tensor,
+    gl: Tensor,
+    /// Original networks: the gradient at the stem's BN input.
+    stem_dh: Option<Tensor>,
+    streams: Vec<HalfTensor>,
+    kept: Vec<HalfKept>,
+    grads: Vec<HalfTensor>,
+    grad_of: Vec<usize>,
+}
+
+/// The stream's gradient buffers for streams of `dims` (`x_0 .. x_L`) around `units`, from the
+/// last stream down: `grad_of[l]` indexes `dE/dx_l`'s. A stream reuses a buffer of its shape
+/// unless it is the next stream's and the unit between them does not accumulate in place (an
+/// identity-shortcut unit shares its output's).
+fn grad_buffers<T>(
+    units: &[Unit],
+    dims: &[[usize; 4]],
+    mut alloc: impl FnMut(&[usize; 4]) -> Result<T>,
+) -> Result<(Vec<T>, Vec<usize>)> {
+    let (mut grads, mut shapes, mut grad_of) = (Vec::new(), Vec::new(), vec![0; dims.len()]);
+    for l in (0..dims.len()).rev() {
+        let next = (l + 1 < dims.len()).then(|| grad_of[l + 1]);
+        let shared = l < units.len() && units[l].spec.shortcut == Shortcut::Identity;
+        grad_of[l] = match (shared, next) {
+            (true, Some(i)) => i,
+            _ => match (0..grads.len()).find(|&i| shapes[i] == dims[l] && Some(i) != next) {
+                Some(i) => i,
+                None => {
+                    grads.push(alloc(&dims[l])?);
+                    shapes.push(dims[l]);
+                    grads.len() - 1
+                }
+            },
+        };
+    }
+    Ok((grads, grad_of))
 }
 
 /// What [`ResNet::probe`] measured.
@@ -117,6 +165,8 @@ pub struct ResNet {
     fc_b: Param,
     /// BN's `num_batches_tracked`: training forwards run so far.
     pub batches_tracked: i64,
+    /// The f16 network's loss scale, where its training passes run on the f16 path.
+    loss_scale: Option<f32>,
     acts: Option<Acts>,
 }
 
@@ -163,7 +213,18 @@ impl ResNet {
         let first_count = config.tensors().into_iter().find(|t| t.role == Role::Count);
         let batches_tracked =
             first_count.and_then(|t| state.get(&t.name)).and_then(|v| v.first()).map_or(0, |&v| v as i64);
-        Ok(ResNet { config: config.clone(), stem, stem_bn, units, final_bn, fc_w, fc_b, batches_tracked, acts: None })
+        Ok(ResNet {
+            config: config.clone(),
+            stem,
+            stem_bn,
+            units,
+            final_bn,
+            fc_w,
+            fc_b,
+            batches_tracked,
+            loss_scale: None,
+            acts: None,
+        })
     }
 
     /// Every named tensor, in the order of [`NetConfig::tensors`].
@@ -243,8 +304,59 @@ impl ResNet {
             let kept: u64 = a.kept.iter().map(|k| k.bytes()).sum();
             let streams: u64 = a.streams.iter().map(|t| t.bytes()).sum();
             let grads: u64 = a.grads.iter().map(|t| t.bytes()).sum();
-            kept + streams + grads + a.ws.bytes()
+            let half = a.half.as_ref().map_or(0, |h| {
+                let f32s = [&h.x0, &h.g0, &h.xl, &h.gl].into_iter().chain(&h.stem_dh).map(|t| t.bytes()).sum::<u64>();
+                let halves = h.streams.iter().chain(&h.grads).map(|t| t.buffer.size()).sum::<u64>();
+                f32s + halves + h.kept.iter().map(HalfKept::bytes).sum::<u64>()
+            });
+            kept + streams + grads + a.ws.bytes() + half
         })
+    }
+
+    /// Runs the training passes ([`ResNet::forward_backward`], [`ResNet::train_step`]) on the
+    /// f16 path (`Some(loss_scale)`) or in f32 (`None`, the default). On the f16 path the stem
+    /// and the head stay f32 and every unit runs [`Unit::forward_f16`] and
+    /// [`Unit::backward_f16`]: the stream, what the units keep and the stream's gradients are
+    /// halves (about half the activation memory and traffic); weights, BN statistics, every
+    /// parameter gradient and all arithmetic stay f32. The head's gradient enters the units
+    /// multiplied by `loss_scale` (a power of two such as 1024: a whole network's gradients at
+    /// the stream are small, and halves lose precision below 6.1e-5) and the units' parameter
+    /// gradients and the stem's are divided by it again, so [`ResNet::grads`] reads the true
+    /// gradients. Inference ([`ResNet::predict`]) runs in f32 either way (it reallocates the
+    /// f32 activations when it follows f16 training at the same shape); [`ResNet::probe`],
+    /// [`ResNet::train_step_checked`] and [`ResNet::streams`] measure the f32 network and are
+    /// refused on the f16 path.
+    ///
+    /// Errors: the adapter has no shader-f16, a unit the f16 path does not take (only
+    /// pre-activation and original units with the plain sum), or a loss scale that is not a
+    /// finite positive power of two.
+    pub fn set_f16(&mut self, gpu: &Gpu, loss_scale: Option<f32>) -> Result<()> {
+        if let Some(s) = loss_scale {
+            if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
+                return Err(Error::Invalid(format!("the f16 network: {} has no shader-f16", gpu.report.name)));
+            }
+            if let Some(u) = self.units.iter().find(|u| !u.half_capable()) {
+                return Err(Error::Invalid(format!(
+                    "the f16 network: unit {} ({:?}, {:?}) is not on the f16 path (pre-activation and original units with the plain sum)",
+                    u.spec.name, u.spec.kind, u.spec.combine
+                )));
+            }
+            // A normal float with no mantissa bits.
+            if !(s.is_normal() && s > 0.0 && s.to_bits() & 0x007f_ffff == 0) {
+                return Err(Error::Invalid(format!("the f16 network: loss scale {s} must be a positive power of two")));
+            }
+        }
+        if loss_scale != self.loss_scale {
+            self.acts = None;
+            self.loss_scale = loss_scale;
+        }
+        Ok(())
+    }
+
+    /// The f16 network's loss scale, where its training passes run on the f16 path
+    /// ([`ResNet::set_f16`]).
+    pub fn f16(&self) -> Option<f32> {
+        self.loss_scale
     }
 
     fn check_images(&self, images: &Tensor) -> Result<[usize; 4]> {
@@ -258,47 +370,52 @@ impl ResNet {
         Ok(d)
     }
 
-    fn ensure_acts(&mut self, gpu: &Gpu, images: [usize; 4]) -> Result<()> {
-        if self.acts.as_ref().is_some_and(|a| a.images == images) {
+    /// Activations for `images`, on the f16 path with `Some(loss_scale)`.
+    fn ensure_acts(&mut self, gpu: &Gpu, images: [usize; 4], half: Option<f32>) -> Result<()> {
+        let scale = |a: &Acts| a.half.as_ref().map(|h| h.loss_scale);
+        if self.acts.as_ref().is_some_and(|a| a.images == images && scale(a) == half) {
             return Ok(());
         }
         self.acts = None; // release the old shape's buffers first
         let what = format!("the activations for images {images:?}");
-        let acts = gpu.allocation_scope(&what, || self.allocate_acts(gpu, images))?;
+        let acts = gpu.allocation_scope(&what, || self.allocate_acts(gpu, images, half))?;
         self.acts = Some(acts);
         Ok(())
     }
 
-    fn allocate_acts(&self, gpu: &Gpu, images: [usize; 4]) -> Result<Acts> {
+    fn allocate_acts(&self, gpu: &Gpu, images: [usize; 4], half: Option<f32>) -> Result<Acts> {
         let [n, _, h, w] = images;
         let x0 = [n, self.config.stem_channels(), h, w];
-        let mut ws = Workspace::default();
-        let mut streams = vec![Tensor::zeros(gpu, &x0)?];
-        let mut kept = Vec::new();
         let mut dims = vec![x0];
-        let mut d = x0;
         for u in &self.units {
-            kept.push(u.allocate(gpu, d, &mut ws)?);
-            d = u.out_dims(d);
-            streams.push(Tensor::zeros(gpu, &d)?);
-            dims.push(d);
+            dims.push(u.out_dims(dims[dims.len() - 1]));
         }
-        // Gradient buffers, from the last stream down: reuse one of the right shape unless it
-        // is the next stream's and the unit between them does not accumulate in place.
-        let (mut grads, mut grad_of) = (Vec::<Tensor>::new(), vec![0; dims.len()]);
-        for l in (0..dims.len()).rev() {
-            let next = (l + 1 < dims.len()).then(|| grad_of[l + 1]);
-            let shared = l < self.units.len() && self.units[l].spec.shortcut == Shortcut::Identity;
-            grad_of[l] = match (shared, next) {
-                (true, Some(i)) => i,
-                _ => match (0..grads.len()).find(|&i| grads[i].dims() == dims[l] && Some(i) != next) {
-                    Some(i) => i,
-                    None => {
-                        grads.push(Tensor::zeros(gpu, &dims[l])?);
-                        grads.len() - 1
-                    }
-                },
-            };
+        let d = dims[dims.len() - 1];
+        let mut ws = Workspace::default();
+        let (mut streams, mut kept, mut grads, mut grad_of, mut half_acts) = (vec![], vec![], vec![], vec![], None);
+        match half {
+            None => {
+                streams = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<_>>()?;
+                kept =
+                    self.units.iter().zip(&dims).map(|(u, &d)| u.allocate(gpu, d, &mut ws)).collect::<Result<_>>()?;
+                (grads, grad_of) = grad_buffers(&self.units, &dims, |d| Tensor::zeros(gpu, d))?;
+            }
+            Some(loss_scale) => {
+                let zeros = |d: &[usize; 4]| HalfTensor::zeros(gpu, d);
+                let (grads, grad_of) = grad_buffers(&self.units, &dims, zeros)?;
+                half_acts = Some(HalfActs {
+                    loss_scale,
+                    x0: Tensor::zeros(gpu, &x0)?,
+                    g0: Tensor::zeros(gpu, &x0)?,
+                    xl: Tensor::zeros(gpu, &d)?,
+                    gl: Tensor::zeros(gpu, &d)?,
+                    stem_dh: self.stem_bn.as_ref().map(|_| Tensor::zeros(gpu, &x0)).transpose()?,
+                    streams: dims.iter().map(zeros).collect::<Result<_>>()?,
+                    kept: self.units.iter().zip(&dims).map(|(u, &d)| u.allocate_f16(gpu, d)).collect::<Result<_>>()?,
+                    grads,
+                    grad_of,
+                });
+            }
         }
         let (c, k) = (d[1], self.config.classes);
         let z = match self.config.kind {
@@ -321,6 +438,7 @@ impl ResNet {
             loss: Tensor::zeros(gpu, &[1])?,
             grad_images: Tensor::zeros(gpu, &images)?,
             ws,
+            half: half_acts,
         })
     }
 
@@ -338,29 +456,16 @@ impl ResNet {
         mode: Mode,
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let a = self.acts()?;
+        if let Some(h) = &a.half {
+            return self.record_forward_f16(gpu, a, h, images, labels);
+        }
         let mut cbs = Vec::new();
         let chains = |l: usize| mode == Mode::Train && self.units.get(l).is_some_and(|u| u.chains());
 
         let mut rec = gpu.recorder("stem forward");
-        match (&self.stem_bn, &a.stem_h) {
-            (Some(bn), Some(h)) => {
-                let (w, relu) = (&self.stem.w.value, Epilogue { add: false, relu: true });
-                if mode == Mode::Train {
-                    // The BN's statistics from the convolution's epilogue (conv::forward_stats).
-                    bn.conv_stats(&mut rec, images, None, w, h, 1, false)?;
-                    bn.recompute(&mut rec, h, &a.streams[0], relu)?;
-                } else {
-                    conv::forward(&mut rec, images, w, h, 1, false)?;
-                    bn.forward(&mut rec, mode, h, &a.streams[0], relu)?;
-                }
-            }
-            // A pre-activation stem's convolution takes the first unit's BN statistics of x_0.
-            _ if chains(0) => {
-                let bn = &self.units[0].bns[0];
-                bn.conv_stats(&mut rec, images, None, &self.stem.w.value, &a.streams[0], 1, false)?
-            }
-            _ => conv::forward(&mut rec, images, &self.stem.w.value, &a.streams[0], 1, false)?,
-        }
+        // A pre-activation stem's convolution takes the first unit's BN statistics of x_0.
+        let first_bn = chains(0).then(|| &self.units[0].bns[0]);
+        self.stem_forward(&mut rec, a, images, &a.streams[0], mode, first_bn)?;
         cbs.push(rec.finish());
 
         let n = self.units.len();
@@ -381,31 +486,99 @@ impl ResNet {
         }
 
         let mut rec = gpu.recorder("head forward");
-        let x_last = &a.streams[self.units.len()];
-        // z = ReLU(BN(x_L)) (pre-activation), ReLU(x_L) (ReLU-only pre-activation) or x_L.
+        self.head_forward(&mut rec, a, &a.streams[n], labels, mode, n > 0 && chains(n - 1))?;
+        cbs.push(rec.finish());
+        Ok(cbs)
+    }
+
+    /// The f16 network's training forward: the f32 stem, `x_0` rounded to halves, every unit
+    /// on the f16 path, `x_L` widened for the f32 head.
+    fn record_forward_f16(
+        &self,
+        gpu: &Gpu,
+        a: &Acts,
+        h: &HalfActs,
+        images: &Tensor,
+        labels: Option<&Labels>,
+    ) -> Result<Vec<wgpu::CommandBuffer>> {
+        let mut cbs = Vec::new();
+        let mut rec = gpu.recorder("stem forward");
+        self.stem_forward(&mut rec, a, images, &h.x0, Mode::Train, None)?;
+        cast::to_half(&mut rec, &h.x0, &h.streams[0], 1.0)?;
+        cbs.push(rec.finish());
+        for (l, u) in self.units.iter().enumerate() {
+            let mut rec = gpu.recorder(&u.spec.name);
+            u.forward_f16(&mut rec, &h.streams[l], &h.streams[l + 1], &h.kept[l])?;
+            cbs.push(rec.finish());
+        }
+        let mut rec = gpu.recorder("head forward");
+        cast::to_f32(&mut rec, &h.streams[self.units.len()], &h.xl, 1.0)?;
+        self.head_forward(&mut rec, a, &h.xl, labels, Mode::Train, false)?;
+        cbs.push(rec.finish());
+        Ok(cbs)
+    }
+
+    /// The stem: `x_0` from the images (through the stem BN and ReLU of original networks);
+    /// with `first_bn`, that BN's training statistics of `x_0` from the convolution's epilogue.
+    fn stem_forward(
+        &self,
+        rec: &mut Recorder,
+        a: &Acts,
+        images: &Tensor,
+        x0: &Tensor,
+        mode: Mode,
+        first_bn: Option<&Bn>,
+    ) -> Result<()> {
+        match (&self.stem_bn, &a.stem_h, first_bn) {
+            (Some(bn), Some(h), _) => {
+                let (w, relu) = (&self.stem.w.value, Epilogue { add: false, relu: true });
+                if mode == Mode::Train {
+                    // The BN's statistics from the convolution's epilogue (conv::forward_stats).
+                    bn.conv_stats(rec, images, None, w, h, 1, false)?;
+                    bn.recompute(rec, h, x0, relu)
+                } else {
+                    conv::forward(rec, images, w, h, 1, false)?;
+                    bn.forward(rec, mode, h, x0, relu)
+                }
+            }
+            (_, _, Some(bn)) => bn.conv_stats(rec, images, None, &self.stem.w.value, x0, 1, false),
+            _ => conv::forward(rec, images, &self.stem.w.value, x0, 1, false),
+        }
+    }
+
+    /// The head from `x_L`: `z = ReLU(BN(x_L))` (pre-activation; `stats_done`: the last unit's
+    /// epilogue made the BN's statistics), `ReLU(x_L)` (ReLU-only pre-activation) or `x_L`,
+    /// pooled, the fully connected layer, and with labels the loss and its gradient.
+    fn head_forward(
+        &self,
+        rec: &mut Recorder,
+        a: &Acts,
+        x_last: &Tensor,
+        labels: Option<&Labels>,
+        mode: Mode,
+        stats_done: bool,
+    ) -> Result<()> {
         let z = match (&self.final_bn, &a.z) {
             (Some(bn), Some((z, _))) => {
                 let relu = Epilogue { add: false, relu: true };
-                if n > 0 && chains(n - 1) {
-                    bn.recompute(&mut rec, x_last, z, relu)?; // statistics from the last unit
-                } else {
-                    bn.forward(&mut rec, mode, x_last, z, relu)?;
+                match stats_done {
+                    true => bn.recompute(rec, x_last, z, relu)?,
+                    false => bn.forward(rec, mode, x_last, z, relu)?,
                 }
                 z
             }
             (None, Some((z, _))) => {
-                relu::forward(&mut rec, x_last, z)?;
+                relu::forward(rec, x_last, z)?;
                 z
             }
             _ => x_last,
         };
-        head::pool_forward(&mut rec, z, &a.pooled)?;
-        head::fc_forward(&mut rec, &a.pooled, &self.fc_w.value, &self.fc_b.value, &a.logits)?;
+        head::pool_forward(rec, z, &a.pooled)?;
+        head::fc_forward(rec, &a.pooled, &self.fc_w.value, &self.fc_b.value, &a.logits)?;
         if let Some(labels) = labels {
-            head::softmax_xent(&mut rec, &a.logits, labels, &a.loss, &a.dlogits)?;
+            head::softmax_xent(rec, &a.logits, labels, &a.loss, &a.dlogits)?;
         }
-        cbs.push(rec.finish());
-        Ok(cbs)
+        Ok(())
     }
 
     /// Records the backward of the last training forward, head to stem.
@@ -418,6 +591,9 @@ impl ResNet {
         norms: Option<&Tensor>,
     ) -> Result<Vec<wgpu::CommandBuffer>> {
         let a = self.acts()?;
+        if let Some(h) = &a.half {
+            return self.record_backward_f16(gpu, a, h, images, image_grad);
+        }
         let grad = |l: usize| -> Result<&Tensor> {
             let i = a.grad_of.get(l).ok_or_else(|| Error::Invalid(format!("no stream gradient {l}")))?;
             Ok(&a.grads[*i])
@@ -426,30 +602,8 @@ impl ResNet {
         let l_count = self.units.len();
 
         let mut rec = gpu.recorder("head backward");
-        head::fc_backward(
-            &mut rec,
-            &a.pooled,
-            &self.fc_w.value,
-            &a.dlogits,
-            &a.dpooled,
-            &self.fc_w.grad,
-            &self.fc_b.grad,
-            false,
-            false,
-        )?;
-        let x_last = &a.streams[l_count];
         let g_last = grad(l_count)?;
-        match (&self.final_bn, &a.z) {
-            (Some(bn), Some((_, dz))) => {
-                head::pool_backward(&mut rec, &a.dpooled, dz, false)?;
-                bn.backward(&mut rec, x_last, dz, true, g_last, false)?;
-            }
-            (None, Some((_, dz))) => {
-                head::pool_backward(&mut rec, &a.dpooled, dz, false)?;
-                relu::backward(&mut rec, x_last, dz, g_last, false)?;
-            }
-            _ => head::pool_backward(&mut rec, &a.dpooled, g_last, false)?,
-        }
+        self.head_backward(&mut rec, a, &a.streams[l_count], g_last)?;
         if let Some(n) = norms {
             probe::sum_squares(&mut rec, g_last, n, 3 * l_count + 2)?;
         }
@@ -466,21 +620,104 @@ impl ResNet {
         }
 
         let mut rec = gpu.recorder("stem backward");
-        let g0 = grad(0)?;
-        let dstem = match (&self.stem_bn, &a.stem_h) {
-            (Some(bn), Some(h)) => {
-                let dh = a.ws.get(h.dims(), Slot::DAct)?;
-                bn.backward(&mut rec, h, g0, true, dh, false)?;
+        let dh = a.stem_h.as_ref().map(|h| a.ws.get(h.dims(), Slot::DAct)).transpose()?;
+        self.stem_backward(&mut rec, a, images, grad(0)?, dh, image_grad)?;
+        cbs.push(rec.finish());
+        Ok(cbs)
+    }
+
+    /// The f16 network's backward: the f32 head's gradient at `x_L` times the loss scale,
+    /// rounded to halves; every unit's backward on the f16 path; the gradient at `x_0` and the
+    /// units' parameter gradients divided by the loss scale; the f32 stem.
+    fn record_backward_f16(
+        &self,
+        gpu: &Gpu,
+        a: &Acts,
+        h: &HalfActs,
+        images: &Tensor,
+        image_grad: bool,
+    ) -> Result<Vec<wgpu::CommandBuffer>> {
+        let grad = |l: usize| -> Result<&HalfTensor> {
+            let i = h.grad_of.get(l).ok_or_else(|| Error::Invalid(format!("no stream gradient {l}")))?;
+            Ok(&h.grads[*i])
+        };
+        let (l_count, s) = (self.units.len(), h.loss_scale);
+        let mut cbs = Vec::new();
+        let mut rec = gpu.recorder("head backward");
+        self.head_backward(&mut rec, a, &h.xl, &h.gl)?;
+        cast::to_half(&mut rec, &h.gl, grad(l_count)?, s)?;
+        cbs.push(rec.finish());
+        for (l, u) in self.units.iter().enumerate().rev() {
+            let mut rec = gpu.recorder(&u.spec.name);
+            u.backward_f16(&mut rec, &h.streams[l], &h.streams[l + 1], grad(l + 1)?, grad(l)?, &h.kept[l])?;
+            cbs.push(rec.finish());
+        }
+        let mut rec = gpu.recorder("stem backward");
+        for (_, p) in self.unit_params() {
+            cast::scale(&mut rec, &p.grad, 1.0 / s)?;
+        }
+        cast::to_f32(&mut rec, grad(0)?, &h.g0, 1.0 / s)?;
+        self.stem_backward(&mut rec, a, images, &h.g0, h.stem_dh.as_ref(), image_grad)?;
+        cbs.push(rec.finish());
+        Ok(cbs)
+    }
+
+    /// The head's backward to `g_last = dE/dx_L` (overwritten), and the fully connected layer's
+    /// parameter gradients.
+    fn head_backward(&self, rec: &mut Recorder, a: &Acts, x_last: &Tensor, g_last: &Tensor) -> Result<()> {
+        head::fc_backward(
+            rec,
+            &a.pooled,
+            &self.fc_w.value,
+            &a.dlogits,
+            &a.dpooled,
+            &self.fc_w.grad,
+            &self.fc_b.grad,
+            false,
+            false,
+        )?;
+        match (&self.final_bn, &a.z) {
+            (Some(bn), Some((_, dz))) => {
+                head::pool_backward(rec, &a.dpooled, dz, false)?;
+                bn.backward(rec, x_last, dz, true, g_last, false)
+            }
+            (None, Some((_, dz))) => {
+                head::pool_backward(rec, &a.dpooled, dz, false)?;
+                relu::backward(rec, x_last, dz, g_last, false)
+            }
+            _ => head::pool_backward(rec, &a.dpooled, g_last, false),
+        }
+    }
+
+    /// The stem's backward from `g0 = dE/dx_0` (through the stem BN of original networks, its
+    /// input gradient into `dh`), and with `image_grad` the gradient to the images.
+    fn stem_backward(
+        &self,
+        rec: &mut Recorder,
+        a: &Acts,
+        images: &Tensor,
+        g0: &Tensor,
+        dh: Option<&Tensor>,
+        image_grad: bool,
+    ) -> Result<()> {
+        let dstem = match (&self.stem_bn, &a.stem_h, dh) {
+            (Some(bn), Some(h), Some(dh)) => {
+                bn.backward(rec, h, g0, true, dh, false)?;
                 dh
             }
             _ => g0,
         };
-        conv::backward_weight(&mut rec, images, dstem, &self.stem.w.grad, 1, false)?;
+        conv::backward_weight(rec, images, dstem, &self.stem.w.grad, 1, false)?;
         if image_grad {
-            conv::backward_data(&mut rec, dstem, &self.stem.w.value, &a.grad_images, 1, false)?;
+            conv::backward_data(rec, dstem, &self.stem.w.value, &a.grad_images, 1, false)?;
         }
-        cbs.push(rec.finish());
-        Ok(cbs)
+        Ok(())
+    }
+
+    /// The units' learned parameters (the f16 network scales their gradients).
+    fn unit_params(&self) -> Vec<(String, &Param)> {
+        let units: Vec<&str> = self.units.iter().map(|u| u.spec.name.as_str()).collect();
+        self.params().into_iter().filter(|(n, _)| units.iter().any(|u| n.starts_with(&format!("{u}.")))).collect()
     }
 
     fn record_sgd(&self, gpu: &Gpu, opt: Sgd) -> Result<wgpu::CommandBuffer> {
@@ -491,7 +728,9 @@ impl ResNet {
         Ok(rec.finish())
     }
 
-    fn prepare(&mut self, gpu: &Gpu, images: &Tensor, labels: Option<&Labels>) -> Result<()> {
+    /// Checks the batch and makes the activations for it: the f16 network's with
+    /// `Some(loss_scale)`.
+    fn prepare(&mut self, gpu: &Gpu, images: &Tensor, labels: Option<&Labels>, half: Option<f32>) -> Result<()> {
         let d = self.check_images(images)?;
         if let Some(l) = labels {
             if l.len != d[0] || l.classes != self.config.classes {
@@ -505,13 +744,13 @@ impl ResNet {
         for (l, u) in self.units.iter_mut().enumerate() {
             u.seed = dropout_seed(self.batches_tracked as u64, l);
         }
-        self.ensure_acts(gpu, d)
+        self.ensure_acts(gpu, d, half)
     }
 
     /// One training-mode forward and backward (no update): loss, logits, every parameter
     /// gradient, and with `image_grad` the gradient to the images. Returns the loss.
     pub fn forward_backward(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, image_grad: bool) -> Result<f32> {
-        self.prepare(gpu, images, Some(labels))?;
+        self.prepare(gpu, images, Some(labels), self.loss_scale)?;
         let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
         cbs.extend(self.record_backward(gpu, images, image_grad, None)?);
         gpu.submit(cbs)?;
@@ -522,7 +761,7 @@ impl ResNet {
     /// One SGD step on a batch: forward, backward and update in one submission. Returns the
     /// loss before the update.
     pub fn train_step(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
-        self.prepare(gpu, images, Some(labels))?;
+        self.prepare(gpu, images, Some(labels), self.loss_scale)?;
         let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
         cbs.extend(self.record_backward(gpu, images, false, None)?);
         cbs.push(self.record_sgd(gpu, opt)?);
@@ -536,6 +775,7 @@ impl ResNet {
     /// gradient `dE/dx_l` or the loss is not finite, the step returns [`Error::NonFinite`]
     /// naming the first one in the order they were computed, and the weights are not updated.
     pub fn train_step_checked(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
+        self.f32_only("train_step_checked")?;
         let p = self.probe(gpu, images, labels)?;
         if let Some(bad) = first_non_finite(&p, &self.units) {
             return Err(Error::NonFinite(bad));
@@ -546,7 +786,7 @@ impl ResNet {
 
     /// Inference mode (running statistics): the logits, `[N, classes]` row-major.
     pub fn predict(&mut self, gpu: &Gpu, images: &Tensor) -> Result<Vec<f32>> {
-        self.prepare(gpu, images, None)?;
+        self.prepare(gpu, images, None, None)?;
         gpu.submit(self.record_forward(gpu, images, None, Mode::Eval)?)?;
         self.logits(gpu)
     }
@@ -571,7 +811,8 @@ impl ResNet {
     /// identity check `x_end = x_start + sum F` over its identity-shortcut units, all computed
     /// on the GPU from its own buffers.
     pub fn probe(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels) -> Result<Probes> {
-        self.prepare(gpu, images, Some(labels))?;
+        self.f32_only("probe")?;
+        self.prepare(gpu, images, Some(labels), None)?;
         let l_count = self.units.len();
         let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
         let a = self.acts()?;
@@ -625,6 +866,15 @@ impl ResNet {
 
     /// The stream `x_l` of the last forward, `l = 0..=L` (GPU buffers, borrowed).
     pub fn streams(&self) -> Result<&[Tensor]> {
+        self.f32_only("streams")?;
         Ok(&self.acts()?.streams)
+    }
+
+    /// [`Error::Invalid`] for `what` on the f16 network ([`ResNet::set_f16`]).
+    fn f32_only(&self, what: &str) -> Result<()> {
+        match self.loss_scale {
+            Some(_) => Err(Error::Invalid(format!("{what} measures the f32 network: call set_f16(gpu, None) first"))),
+            None => Ok(()),
+        }
     }
 }

@@ -1082,6 +1082,13 @@ pub struct HalfKept {
     grads: Vec<HalfTensor>,
 }
 
+impl HalfKept {
+    /// Bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.tensors.iter().chain(&self.da).chain(&self.grads).map(|t| t.buffer.size()).sum()
+    }
+}
+
 impl Unit {
     /// Whether the f16 path takes this unit: a pre-activation or original unit with the plain
     /// sum (any shortcut).

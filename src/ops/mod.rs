@@ -8,6 +8,7 @@
 //! [`Recorder`]: crate::gpu::Recorder
 
 pub mod batch_norm;
+pub mod cast;
 pub mod conv;
 pub mod gate;
 pub mod mix;

@@ -3,6 +3,7 @@
 //! `tests/gradcheck.rs`.
 
 pub mod batch_norm;
+pub mod cast;
 pub mod conv;
 pub mod gate;
 pub mod mix;
