@@ -37,6 +37,10 @@ pub struct TrainOptions {
     /// Check every step for NaN or infinity ([`ResNet::train_step_checked`]): slower, and
     /// stops naming the first unit and tensor that went non-finite.
     pub check_finite: bool,
+    /// Train on the f16 path with this loss scale ([`ResNet::set_f16`]); f32 where `None`.
+    /// Evaluation runs in f32 either way. Not with `check_finite` (its probes measure the f32
+    /// network).
+    pub f16: Option<f32>,
 }
 
 impl Default for TrainOptions {
@@ -53,6 +57,7 @@ impl Default for TrainOptions {
             out: PathBuf::from("runs/train"),
             progress: true,
             check_finite: false,
+            f16: None,
         }
     }
 }
@@ -158,6 +163,10 @@ pub fn train(
             net.config.classes
         )));
     }
+    if opts.f16.is_some() && opts.check_finite {
+        return Err(Error::Invalid("checking every step runs the f32 network: not with f16".into()));
+    }
+    net.set_f16(gpu, opts.f16)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
     let steps = train.len() / opts.batch; // the last partial batch is dropped
     let (mut images, mut labels) = (Vec::new(), Vec::new());

@@ -121,8 +121,11 @@ fn train_and_analyze_run_on_tiny_settings() {
         out,
         "--resume",
         ckpt.to_str().unwrap(),
+        // The second epoch on the f16 path, from the f32 run's checkpoint.
+        "--f16",
     ]);
     assert!(ok && text.contains("resuming after epoch 1") && text.contains("epoch   2/2"), "{text}");
+    assert!(text.contains("f16 path, loss scale 1024"), "{text}");
 
     let a = dir("analyze");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);
@@ -205,6 +208,11 @@ fn bad_arguments_get_clear_messages() {
         (vec!["train", "--depth", "8", "--train-size", "10", "--batch", "32"], "batch 32 for 10"),
         (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
         (vec!["train", "--unit", "sideways"], "unknown combination"),
+        (vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "1000"], "power of two"),
+        (
+            vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "--check-finite"],
+            "not with f16",
+        ),
         (vec!["analyze", "--variants", "scale:2"], "scale takes two numbers"),
         (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
     ] {

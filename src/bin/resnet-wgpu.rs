@@ -174,6 +174,10 @@ enum Command {
         /// Check every step for NaN/infinity and stop naming the first unit and tensor.
         #[arg(long)]
         check_finite: bool,
+        /// Train every unit on the f16 path (half activations, f32 weights and arithmetic),
+        /// with this loss scale (a power of two; 1024 when given without a value).
+        #[arg(long, value_name = "LOSS_SCALE", num_args = 0..=1, default_missing_value = "1024")]
+        f16: Option<f32>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Continue from a checkpoint written by an earlier run.
@@ -245,6 +249,7 @@ fn main() -> ExitCode {
             weight_decay,
             no_augment,
             check_finite,
+            f16,
             seed,
             resume,
             out,
@@ -256,6 +261,7 @@ fn main() -> ExitCode {
                 weight_decay,
                 augment: !no_augment,
                 check_finite,
+                f16,
                 seed,
                 out,
                 ..TrainOptions::default()
@@ -304,6 +310,9 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         }
         None => (ResNet::new(&gpu, &config, opts.seed)?, 0, Vec::new()),
     };
+    if let Some(s) = opts.f16 {
+        println!("training on the f16 path, loss scale {s}");
+    }
     let h = train::train(&gpu, &mut net, &train_set, &test_set, opts, start, history)?;
     if let Some(last) = h.last() {
         println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
