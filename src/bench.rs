@@ -754,7 +754,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
         Item::UnitF16(kind) => {
             use crate::tensor::HalfTensor;
             let unit = identity_unit(gpu, kind, c)?;
-            let kept = unit.allocate_f16(gpu, d)?;
+            let kept = unit.allocate_f16(gpu, d, &mut crate::unit::Workspace::default())?;
             let x = HalfTensor::from_f32(gpu, &d, &rng.data(d.iter().product()))?;
             let y = HalfTensor::zeros(gpu, &d)?;
             let dy_host = rng.data(d.iter().product());

@@ -411,7 +411,12 @@ impl ResNet {
                     gl: Tensor::zeros(gpu, &d)?,
                     stem_dh: self.stem_bn.as_ref().map(|_| Tensor::zeros(gpu, &x0)).transpose()?,
                     streams: dims.iter().map(zeros).collect::<Result<_>>()?,
-                    kept: self.units.iter().zip(&dims).map(|(u, &d)| u.allocate_f16(gpu, d)).collect::<Result<_>>()?,
+                    kept: self
+                        .units
+                        .iter()
+                        .zip(&dims)
+                        .map(|(u, &d)| u.allocate_f16(gpu, d, &mut ws))
+                        .collect::<Result<_>>()?,
                     grads,
                     grad_of,
                 });

@@ -290,10 +290,20 @@ impl Conv {
     }
 }
 
-/// Temporaries shared by every unit of a network, by shape and role.
+/// Temporaries shared by every unit of a network, by shape and role: f32, and the f16 path's
+/// halves ([`Unit::allocate_f16`]).
 #[derive(Default)]
 pub struct Workspace {
     map: HashMap<(Vec<usize>, Slot), Tensor>,
+    half: HashMap<(Vec<usize>, HalfSlot), HalfTensor>,
+}
+
+/// The roles of the f16 path's temporaries: per layer `i`, the gradient at its convolution's
+/// input activation, and the gradient at its input (see [`HalfKept`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum HalfSlot {
+    Da(usize),
+    Grad(usize),
 }
 
 /// The roles of workspace tensors: a recomputed activation (the general path), an activation's
@@ -340,9 +350,19 @@ impl Workspace {
             .ok_or_else(|| Error::Invalid(format!("workspace has no {slot:?} tensor of {dims:?}")))
     }
 
+    /// A handle on the f16 temporary of `dims` in `slot`, made on first use (every unit given
+    /// it shares that buffer: a unit uses its temporaries only within its own backward).
+    fn half(&mut self, gpu: &Gpu, dims: &[usize; 4], slot: HalfSlot) -> Result<HalfTensor> {
+        let t = match self.half.entry((dims.to_vec(), slot)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(HalfTensor::zeros(gpu, dims)?),
+        };
+        Ok(HalfTensor::from_buffer(dims, t.buffer.clone()))
+    }
+
     /// Bytes held.
     pub fn bytes(&self) -> u64 {
-        self.map.values().map(|t| t.bytes()).sum()
+        self.map.values().map(|t| t.bytes()).sum::<u64>() + self.half.values().map(|t| t.buffer.size()).sum::<u64>()
     }
 }
 
@@ -1068,7 +1088,8 @@ fn missing(s: &UnitSpec, what: &str) -> Error {
 // ReLU in the next convolution's loads, BN statistics and backward sums in the convolutions'
 // epilogues, F added into the stream by the last convolution (pre-activation). ----
 
-/// What an f16 unit keeps between its training forward and its backward, and its temporaries.
+/// What an f16 unit keeps between its training forward and its backward, and handles on its
+/// temporaries (shared through the [`Workspace`] with every unit of the same shapes).
 #[derive(Debug)]
 pub struct HalfKept {
     /// As [`Kept::tensors`]: pre-activation `in_{i+1}` for all but the last layer; original
@@ -1083,9 +1104,9 @@ pub struct HalfKept {
 }
 
 impl HalfKept {
-    /// Bytes held.
+    /// Bytes held by this unit alone (its temporaries are the workspace's).
     pub fn bytes(&self) -> u64 {
-        self.tensors.iter().chain(&self.da).chain(&self.grads).map(|t| t.buffer.size()).sum()
+        self.tensors.iter().map(|t| t.buffer.size()).sum()
     }
 }
 
@@ -1106,27 +1127,29 @@ impl Unit {
         )))
     }
 
-    /// Allocates what [`Unit::forward_f16`] keeps for an input of `x` dims and the temporaries
-    /// of [`Unit::backward_f16`].
-    pub fn allocate_f16(&self, gpu: &Gpu, x: [usize; 4]) -> Result<HalfKept> {
+    /// Allocates what [`Unit::forward_f16`] keeps for an input of `x` dims, and takes the
+    /// temporaries of [`Unit::backward_f16`] from `ws` (made there on first use, shared by every
+    /// unit given the same workspace).
+    pub fn allocate_f16(&self, gpu: &Gpu, x: [usize; 4], ws: &mut Workspace) -> Result<HalfKept> {
         self.check_half()?;
         let dims = self.layer_dims(x);
         let zeros = |d: &[usize; 4]| HalfTensor::zeros(gpu, d);
         let first = usize::from(self.spec.kind == UnitKind::Original);
-        let da = dims[first..].iter().map(|(i, _)| zeros(i)).collect::<Result<_>>()?;
+        let da = (first..dims.len()).map(|i| ws.half(gpu, &dims[i].0, HalfSlot::Da(i))).collect::<Result<_>>()?;
         let (mut tensors, mut grads): (Vec<HalfTensor>, Vec<HalfTensor>) = match self.spec.kind {
             UnitKind::PreAct => (
                 dims[..dims.len() - 1].iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
-                dims[1..].iter().map(|(i, _)| zeros(i)).collect::<Result<_>>()?,
+                (1..dims.len()).map(|i| ws.half(gpu, &dims[i].0, HalfSlot::Grad(i))).collect::<Result<_>>()?,
             ),
             _ => (
                 dims.iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
-                dims.iter().map(|(_, o)| zeros(o)).collect::<Result<_>>()?,
+                (0..dims.len()).map(|i| ws.half(gpu, &dims[i].1, HalfSlot::Grad(i))).collect::<Result<_>>()?,
             ),
         };
         if self.spec.kind == UnitKind::Original && self.spec.shortcut == Shortcut::Projection {
-            tensors.push(zeros(&self.out_dims(x))?);
-            grads.push(zeros(&self.out_dims(x))?);
+            let out = self.out_dims(x);
+            tensors.push(zeros(&out)?);
+            grads.push(ws.half(gpu, &out, HalfSlot::Grad(dims.len()))?);
         }
         Ok(HalfKept { tensors, da, grads })
     }

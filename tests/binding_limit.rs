@@ -539,7 +539,7 @@ fn the_f16_path_past_the_limit_is_a_typed_error() {
     let cfg = NetConfig { widths: [16, 16, 16], units_per_stage: 2, ..tiny(UnitKind::PreAct, ShortcutOption::B) };
     let spec = cfg.units().into_iter().find(|u| u.name == "layer1.1").unwrap();
     let unit = Unit::from_state(g, &spec, &random_state(&cfg, 1)).unwrap();
-    let kept = unit.allocate_f16(g, [2, 16, 8, 8]).unwrap();
+    let kept = unit.allocate_f16(g, [2, 16, 8, 8], &mut Workspace::default()).unwrap();
     let out = half(&[2, 16, 8, 8]);
     assert!(matches!(unit.forward_f16(&mut rec, &x, &out, &kept), Err(Error::TooLarge { .. })));
     // Nothing was recorded: the recorder still runs.

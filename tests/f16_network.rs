@@ -155,7 +155,9 @@ fn compare_f16_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64) {
     // The f32 network at the same shape holds more (its activations are f32).
     net.set_f16(g, None).unwrap();
     net.forward_backward(g, &images, &tl, false).unwrap();
-    assert!(half_bytes < net.activation_bytes(), "f16 {half_bytes} bytes, f32 {}", net.activation_bytes());
+    let full_bytes = net.activation_bytes();
+    eprintln!("{tag}: activations {half_bytes} bytes on the f16 path, {full_bytes} in f32");
+    assert!(half_bytes < full_bytes, "f16 {half_bytes} bytes, f32 {full_bytes}");
 }
 
 #[test]

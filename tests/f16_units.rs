@@ -9,7 +9,7 @@ use resnet_wgpu::arch::{Combine, NetConfig, Shortcut, ShortcutOption, UnitKind, 
 use resnet_wgpu::ops::{batch_norm, conv};
 use resnet_wgpu::reference::{net as rnet, to_f64};
 use resnet_wgpu::tensor::HalfTensor;
-use resnet_wgpu::unit::Unit;
+use resnet_wgpu::unit::{Unit, Workspace};
 
 /// The f16 units' stated bounds: relative L2 error against the f64 reference on the same half
 /// inputs. The activations, what the unit keeps and the gradients at them are each rounded to
@@ -108,7 +108,7 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
     let unit = Unit::from_state(g, spec, &state).unwrap();
     let xd = [n, spec.c_in, hw[0], hw[1]];
     let yd = unit.out_dims(xd);
-    let kept = unit.allocate_f16(g, xd).unwrap();
+    let kept = unit.allocate_f16(g, xd, &mut Workspace::default()).unwrap();
     let (x, dy, want) = (seed..seed + 5000)
         .find_map(|s| {
             let mut rng = Rng::new(s);
@@ -203,7 +203,7 @@ fn f16_path_refuses_other_units() {
         let spec = cfg.units().into_iter().find(|s| s.name == "layer1.1").expect("layer1.1");
         let unit = Unit::from_state(g, &spec, &random_state(&cfg, 4)).unwrap();
         assert!(!unit.half_capable());
-        let err = unit.allocate_f16(g, [1, spec.c_in, 4, 4]).unwrap_err();
+        let err = unit.allocate_f16(g, [1, spec.c_in, 4, 4], &mut Workspace::default()).unwrap_err();
         assert!(matches!(err, resnet_wgpu::Error::Invalid(_)), "{err}");
     }
 }
