@@ -68,7 +68,7 @@ echo "=== torch_check ($(left) s left)"
 cat "$OUT/torch_check.txt"
 
 echo "=== tests ($(left) s left)"
-for t in conv units f16_units network variants batch_norm no_subgroups binding_limit; do
+for t in conv units f16_units f16_network network variants batch_norm no_subgroups binding_limit; do
     l=$(left); [ "$l" -lt 30 ] && { echo "skip test $t: time"; continue; }
     to=$(( l - 10 < 60 ? l - 10 : 60 ))
     timeout $to "/tmp/t_$t" --test-threads 4 --nocapture > "/tmp/t_$t.log" 2>&1
