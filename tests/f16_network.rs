@@ -75,16 +75,7 @@ fn casts_match_the_reference() {
 /// One unit per stage, every shape-changing variant (tests/network.rs's `tiny`, a little wider:
 /// the f16 roundings need BNs over more than a handful of values to be measurable).
 fn tiny(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption) -> NetConfig {
-    NetConfig {
-        kind,
-        combine: Combine::Add,
-        units_per_stage: 1,
-        bottleneck,
-        shortcut,
-        widths: [4, 6, 8],
-        in_channels: 3,
-        classes: 5,
-    }
+    one_unit_per_stage(kind, bottleneck, shortcut, [4, 6, 8], 5)
 }
 
 /// The f16 network's bounds on its training pass against the f64 reference (on the same f32

@@ -3,27 +3,18 @@
 //! inference logits; SGD steps.
 mod common;
 use common::*;
-use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::net::{ResNet, Sgd};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
 use resnet_wgpu::reference::{net as rnet, sgd as rsgd, to_f64};
 
+/// One unit per stage: every shape-changing unit variant, at depth 11 (basic) or 29
+/// (bottleneck); identity units are covered by ResNet-20 below and tests/units.rs. Bottleneck
+/// stages carry 12, 20, 24 channels. (With 2-channel bottleneck layers one BN bias gradient is a
+/// near-cancelling sum whose f32 rounding alone, 4e-7 absolute, is 4.5e-5 of its norm; such
+/// layers are checked unit by unit in tests/units.rs.)
 fn tiny(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption) -> NetConfig {
-    NetConfig {
-        kind,
-        combine: Combine::Add,
-        // One unit per stage: every shape-changing unit variant, at depth 11 (basic) or 29
-        // (bottleneck); identity units are covered by ResNet-20 below and tests/units.rs.
-        units_per_stage: 1,
-        bottleneck,
-        shortcut,
-        // Bottleneck stages then carry 12, 20, 24 channels. (With 2-channel bottleneck layers one
-        // BN bias gradient is a near-cancelling sum whose f32 rounding alone, 4e-7 absolute, is
-        // 4.5e-5 of its norm; such layers are checked unit by unit in tests/units.rs.)
-        widths: [3, 5, 6],
-        in_channels: 3,
-        classes: 5,
-    }
+    one_unit_per_stage(kind, bottleneck, shortcut, [3, 5, 6], 5)
 }
 
 /// One training pass of `cfg` on random data, GPU against reference, every output compared.

@@ -231,3 +231,24 @@ pub fn unit_buffers(u: &resnet_wgpu::unit::Unit) -> Vec<(String, &resnet_wgpu::T
         })
         .collect()
 }
+
+/// A network of one unit per stage (every shape-changing unit variant) with the plain sum, on
+/// 3-channel images: the tests' small whole networks.
+pub fn one_unit_per_stage(
+    kind: resnet_wgpu::arch::UnitKind,
+    bottleneck: bool,
+    shortcut: resnet_wgpu::arch::ShortcutOption,
+    widths: [usize; 3],
+    classes: usize,
+) -> resnet_wgpu::arch::NetConfig {
+    resnet_wgpu::arch::NetConfig {
+        kind,
+        combine: resnet_wgpu::arch::Combine::Add,
+        units_per_stage: 1,
+        bottleneck,
+        shortcut,
+        widths,
+        in_channels: 3,
+        classes,
+    }
+}
