@@ -319,7 +319,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
             let ox = m % sx;
             let oy = (m / sx) % sy;
             let n = m / (sx * sy);
-            for (var h = 0u; h < TNV; h++) {
+            for (var h = 0u; h < TNV; h++) { // @unroll
                 var v4 = acc[0]; // acc[(g * 4 + i) * TNV + h], through rotate
                 for (var j = 0u; j < 4u && live; j++) {
                     let col = n0 + (h * (BN / TN) + tn) * 4u + j;
@@ -371,7 +371,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
 // first CG threads (the others get zeros); every thread calls it (it has barriers).
 fn tile_column_sums(lid: u32, tm: u32, tn: u32, v: ptr<function, array<vec4f, TNV>>) -> vec4f {
     const CG: u32 = BN / 4u;
-    for (var h = 0u; h < TNV; h++) { ta[tm * CG + h * (BN / TN) + tn] = (*v)[h]; }
+    for (var h = 0u; h < TNV; h++) { // @unroll
+        ta[tm * CG + h * (BN / TN) + tn] = (*v)[h];
+    }
     workgroupBarrier();
     var t = vec4f(0.0);
     if lid < CG {
@@ -412,7 +414,7 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
             let live = m0 + (g * (BM / TM) + tm) * 4u + i < p.m;
-            for (var h = 0u; h < TNV; h++) {
+            for (var h = 0u; h < TNV; h++) { // @unroll
                 let v = (*acc)[0]; // (*acc)[(g * 4 + i) * TNV + h], through rotate
                 if live {
                     s[h] += v;
@@ -430,7 +432,7 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
     for (var g = 0u; g < TMV; g++) {
         for (var i = 0u; i < 4u; i++) {
             let live = m0 + (g * (BM / TM) + tm) * 4u + i < p.m;
-            for (var h = 0u; h < TNV; h++) {
+            for (var h = 0u; h < TNV; h++) { // @unroll
                 let v = (*acc)[0];
                 if live {
                     let d = v - tb[h * (BN / TN) + tn];

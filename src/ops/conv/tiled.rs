@@ -1109,6 +1109,73 @@ mod tests {
         }
     }
 
+    /// The indices into per-invocation (function-space) arrays that are not constants in
+    /// naga's IR (`Access`, where a constant index is `AccessIndex`), by function.
+    fn runtime_indices(src: &str) -> Vec<String> {
+        use wgpu::naga::{AddressSpace, Expression, TypeInner};
+        let m = wgpu::naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+        let is_array = |ty| matches!(m.types[ty].inner, TypeInner::Array { .. });
+        let functions = m.functions.iter().map(|(_, f)| f).chain(m.entry_points.iter().map(|e| &e.function));
+        let mut found = Vec::new();
+        for f in functions {
+            for (_, e) in f.expressions.iter() {
+                let Expression::Access { base, index } = *e else { continue };
+                // A literal or a module constant is a constant too.
+                if matches!(f.expressions[index], Expression::Literal(_) | Expression::Constant(_)) {
+                    continue;
+                }
+                let local_array = match f.expressions[base] {
+                    Expression::LocalVariable(v) => is_array(f.local_variables[v].ty),
+                    Expression::FunctionArgument(i) => match m.types[f.arguments[i as usize].ty].inner {
+                        TypeInner::Pointer { base, space: AddressSpace::Function } => is_array(base),
+                        _ => false,
+                    },
+                    _ => false,
+                };
+                if local_array {
+                    found.push(format!("{}: {:?}", f.name.clone().unwrap_or_default(), f.expressions[index]));
+                }
+            }
+        }
+        found
+    }
+
+    /// No build of any configuration indexes a per-invocation array (accumulators, prefetched
+    /// loads, fragments) by a runtime value, so drivers can keep them in registers: the big
+    /// tiles ran 11x to 25x slower than 64x64 on the H200, as if those arrays lived in local
+    /// memory (BENCHMARKS.md). Checked on naga's IR of every module the pipelines compile.
+    #[test]
+    fn per_invocation_arrays_are_indexed_by_constants() {
+        let coop = CoopMatrix { size: 16, subgroup: 32 };
+        for t in TILES {
+            for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
+                let epilogue = |stats: bool| match op {
+                    Op::Forward => (stats, false),
+                    Op::BackwardData => (false, stats),
+                    Op::BackwardWeight => (false, false),
+                };
+                for (half, pre, fused) in [(false, false, false), (false, true, true), (true, true, true)] {
+                    let (stats, bsums) = epilogue(fused);
+                    let pre = pre && op != Op::BackwardData;
+                    let b = Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false };
+                    let mut builds = vec![(b, None)];
+                    if let (true, Some(l)) = (half, t.coop_shape(coop)) {
+                        builds.push((Build { coop: true, ..b }, Some(l)));
+                    }
+                    for (b, l) in builds {
+                        let found = runtime_indices(&t.source(op, 3, 2, b, l));
+                        assert!(
+                            found.is_empty(),
+                            "{} {op:?} {}: runtime indices in {found:?}",
+                            t.name(),
+                            b.label(0, 1)
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn unroll_writes_out_marked_loops() {
         let src = "fn f() {\n    for (var g = 0u; g < TWO; g++) { // @unroll\n        for (var i = 1u; i < 6u; i += 2u) { // @unroll\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
