@@ -1109,27 +1109,30 @@ mod tests {
         }
     }
 
-    /// The indices into per-invocation (function-space) arrays that are not constants in
-    /// naga's IR (`Access`, where a constant index is `AccessIndex`), by function.
+    /// The indices into per-invocation arrays (function-space variables, arguments and loaded
+    /// or composed array values) that are not constants in naga's IR (`Access`, where a
+    /// constant index is `AccessIndex`, a literal or a constant), by function.
     fn runtime_indices(src: &str) -> Vec<String> {
+        use wgpu::naga::valid::{Capabilities, ValidationFlags, Validator};
         use wgpu::naga::{AddressSpace, Expression, TypeInner};
         let m = wgpu::naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
-        let is_array = |ty| matches!(m.types[ty].inner, TypeInner::Array { .. });
-        let functions = m.functions.iter().map(|(_, f)| f).chain(m.entry_points.iter().map(|e| &e.function));
+        let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+            .validate(&m)
+            .unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+        let functions = m.functions.iter().map(|(h, f)| (f, &info[h]));
+        let entries = m.entry_points.iter().enumerate().map(|(i, e)| (&e.function, info.get_entry_point(i)));
         let mut found = Vec::new();
-        for f in functions {
+        for (f, fi) in functions.chain(entries) {
             for (_, e) in f.expressions.iter() {
                 let Expression::Access { base, index } = *e else { continue };
-                // A literal or a module constant is a constant too.
                 if matches!(f.expressions[index], Expression::Literal(_) | Expression::Constant(_)) {
                     continue;
                 }
-                let local_array = match f.expressions[base] {
-                    Expression::LocalVariable(v) => is_array(f.local_variables[v].ty),
-                    Expression::FunctionArgument(i) => match m.types[f.arguments[i as usize].ty].inner {
-                        TypeInner::Pointer { base, space: AddressSpace::Function } => is_array(base),
-                        _ => false,
-                    },
+                let local_array = match *fi[base].ty.inner_with(&m.types) {
+                    TypeInner::Pointer { base, space: AddressSpace::Function } => {
+                        matches!(m.types[base].inner, TypeInner::Array { .. })
+                    }
+                    TypeInner::Array { .. } => true,
                     _ => false,
                 };
                 if local_array {
