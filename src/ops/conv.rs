@@ -475,9 +475,8 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: u
 /// y (+)= conv(ReLU(BN(x)), w): [`forward`] of the pre-activation `a = ReLU(gamma * (x - mean) *
 /// invstd + beta)`, computed per element as x is loaded (zero padding stays zero), or, where the
 /// autotuner found it faster for the shape, by a pass of its own into a context temporary
-/// ([`Prologue`]). `affine` is
-/// `[C, 4]`, per channel `(mean, gamma * invstd, beta, invstd)`, as [`crate::ops::batch_norm::affine`]
-/// writes it.
+/// ([`Prologue`]). `affine` is `[C, 4]`, per channel `(mean, gamma * invstd, beta, invstd)`, as
+/// [`crate::ops::batch_norm::affine`] writes it.
 pub fn forward_bn_relu(
     rec: &mut Recorder,
     x: &Tensor,
