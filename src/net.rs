@@ -658,7 +658,7 @@ impl ResNet {
             cbs.push(rec.finish());
         }
         let mut rec = gpu.recorder("stem backward");
-        for (_, p) in self.unit_params() {
+        for p in self.unit_params() {
             cast::scale(&mut rec, &p.grad, 1.0 / s)?;
         }
         cast::to_f32(&mut rec, grad(0)?, &h.g0, 1.0 / s)?;
@@ -719,10 +719,14 @@ impl ResNet {
         Ok(())
     }
 
-    /// The units' learned parameters (the f16 network scales their gradients).
-    fn unit_params(&self) -> Vec<(String, &Param)> {
-        let units: Vec<&str> = self.units.iter().map(|u| u.spec.name.as_str()).collect();
-        self.params().into_iter().filter(|(n, _)| units.iter().any(|u| n.starts_with(&format!("{u}.")))).collect()
+    /// The f16 units' learned parameters, whose gradients the f16 network divides by the loss
+    /// scale: every convolution's weights and every BN's scale and shift (the f16 path takes no
+    /// gated units).
+    fn unit_params(&self) -> impl Iterator<Item = &Param> {
+        self.units.iter().flat_map(|u| {
+            let weights = u.convs.iter().chain(&u.proj).map(|c| &c.w);
+            weights.chain(u.bns.iter().chain(&u.proj_bn).flat_map(|b| [&b.gamma, &b.beta]))
+        })
     }
 
     fn record_sgd(&self, gpu: &Gpu, opt: Sgd) -> Result<wgpu::CommandBuffer> {

@@ -666,7 +666,7 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
     best.1
 }
 
-/// `op` and `g` in the tuners' log lines (tools/gpu_tune.sh reads them).
+/// `op` and `g` in the tuners' log lines (tools/gpu_tune.sh prints them).
 fn tuned_shape(op: Op, g: &Geometry) -> String {
     format!("{op:?} x [{}, {}, {}, {}] k {} ks {} stride {}", g.n, g.c, g.h, g.w, g.k, g.ks, g.stride)
 }
