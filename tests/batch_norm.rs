@@ -5,6 +5,7 @@ use common::*;
 use resnet_wgpu::Error;
 use resnet_wgpu::ops::batch_norm::{self as bn, BnTensors, Epilogue};
 use resnet_wgpu::reference::{batch_norm as rbn, to_f64};
+use resnet_wgpu::tensor::HalfTensor;
 
 /// Batch 1 with H != W drawn from {1, 5, 7, 9, 32} and C from {1, 3, 5, 16}; plus two batches of
 /// several images (the batch index in the per-channel loops) with N*H*W above the 256 threads of
@@ -129,6 +130,20 @@ fn statistics_and_prologue_values() {
         check(&format!("bn affine {tag}"), &read(&taff), &aff, F32_TOL);
         let a = rbn::prologue(&to_f64(&x), dims, &to_f64(&read(&taff)));
         check(&format!("bn affine_relu {tag}"), &read(&ta), &a, F32_TOL);
+        if g.report.features.contains(wgpu::Features::SHADER_F16) {
+            // The f16 pass: the same expression on half x, rounded once to a half (unit
+            // roundoff 4.9e-4; the f16 path's bound 1e-3), output poisoned first.
+            let xh: Vec<f32> = x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect();
+            let (txh, tah) = (
+                HalfTensor::from_f32(g, &dims, &xh).unwrap(),
+                HalfTensor::from_f32(g, &dims, &vec![f32::NAN; n]).unwrap(),
+            );
+            let mut rec = g.recorder("bn affine_relu_f16");
+            bn::affine_relu_f16(&mut rec, &txh, &taff, &tah).unwrap();
+            rec.run().unwrap();
+            let a = rbn::prologue(&to_f64(&xh), dims, &to_f64(&read(&taff)));
+            check(&format!("bn affine_relu_f16 {tag}"), &tah.read(g).unwrap(), &a, 1e-3);
+        }
         let inv_eval: Vec<f64> = rv.iter().map(|v| 1.0 / (v + f64::from(bn::EPS)).sqrt()).collect();
         check(&format!("bn affine eval {tag}"), &read(&teval), &rbn::affine(&rm, &inv_eval, &gamma, &beta), F32_TOL);
     }

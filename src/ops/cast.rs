@@ -54,10 +54,7 @@ pub fn to_f32(rec: &mut Recorder, x: &HalfTensor, y: &Tensor, s: f32) -> Result<
 pub fn scale(rec: &mut Recorder, t: &Tensor, s: f32) -> Result<()> {
     const WHAT: &str = "cast scale";
     check_scale(WHAT, s)?;
-    split::whole_fits(rec.gpu, WHAT, &[t])?;
-    if !rec.gpu.report.features.contains(wgpu::Features::SHADER_F16) {
-        return Err(Error::Invalid(format!("{WHAT}: the adapter has no shader-f16")));
-    }
+    split::whole_fits_f16(rec.gpu, WHAT, t.dims(), t.bytes())?;
     let n = t.len();
     rec.dispatch(Shader::Cast, "scale", &params(n, s), &[(4, &t.buffer)], groups_for(n));
     Ok(())
