@@ -12,10 +12,8 @@ fn tool(args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
-fn dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("resnet-wgpu-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+fn dir(name: &str) -> TempDir {
+    TempDir::new(&format!("cli-{name}"))
 }
 
 #[test]

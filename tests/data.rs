@@ -1,31 +1,15 @@
 //! The data module: CIFAR's binary formats on small files written here, the synthetic `shapes10`
 //! set, batches, shuffling and the training augmentation.
 
-use std::path::{Path, PathBuf};
+mod common;
+use common::TempDir;
+use std::path::Path;
 
 use resnet_wgpu::Error;
 use resnet_wgpu::data::{
     self, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Dataset, IMAGE_LEN, PLANE, load_cifar, synthetic,
 };
 use resnet_wgpu::rng::Rng;
-
-/// A fresh directory under the system's temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-        let dir = std::env::temp_dir().join(format!("resnet-wgpu-data-{tag}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Pixel byte of record `r` at channel `c`, row `y`, column `x`: every coordinate has its own
 /// stride, so a transposed or mis-ordered layout shows.
@@ -84,8 +68,8 @@ fn check_image(set: &Dataset, i: usize, pattern: usize, mean: [f32; 3], std: [f3
 #[test]
 fn cifar10_layout_labels_and_normalisation() {
     let tmp = TempDir::new("c10");
-    write_cifar10(&tmp.0);
-    let (train, test) = load_cifar(&tmp.0).unwrap();
+    write_cifar10(&tmp);
+    let (train, test) = load_cifar(&tmp).unwrap();
     assert_eq!((train.len(), test.len()), (10, 3));
     assert_eq!((train.classes(), test.classes()), (10, 10));
     assert_eq!(train.name(), "cifar10");
@@ -107,8 +91,8 @@ fn cifar10_layout_labels_and_normalisation() {
 
     // The archive's own folder, given its parent.
     let tmp2 = TempDir::new("c10sub");
-    write_cifar10(&tmp2.0.join("cifar-10-batches-bin"));
-    let (train2, test2) = load_cifar(&tmp2.0).unwrap();
+    write_cifar10(&tmp2.join("cifar-10-batches-bin"));
+    let (train2, test2) = load_cifar(&tmp2).unwrap();
     assert_eq!(train2.images(), train.images());
     assert_eq!(test2.labels(), test.labels());
 }
@@ -116,11 +100,11 @@ fn cifar10_layout_labels_and_normalisation() {
 #[test]
 fn cifar100_uses_the_fine_label() {
     let tmp = TempDir::new("c100");
-    let dir = tmp.0.join("cifar-100-binary");
+    let dir = tmp.join("cifar-100-binary");
     std::fs::create_dir_all(&dir).unwrap();
     write_records(&dir.join("train.bin"), &[(&[3, 57], 0), (&[19, 99], 1), (&[0, 0], 2), (&[7, 12], 3)]);
     write_records(&dir.join("test.bin"), &[(&[11, 42], 4)]);
-    let (train, test) = load_cifar(&tmp.0).unwrap();
+    let (train, test) = load_cifar(&tmp).unwrap();
     assert_eq!(train.name(), "cifar100");
     assert_eq!((train.classes(), test.classes()), (100, 100));
     assert_eq!(train.labels(), &[57, 99, 0, 12]);
@@ -143,24 +127,24 @@ fn format_error_on(err: Error, file: &str) {
 fn bad_cifar_files_are_typed_errors() {
     // Truncated mid-record.
     let tmp = TempDir::new("trunc");
-    write_cifar10(&tmp.0);
-    let p = tmp.0.join("data_batch_3.bin");
+    write_cifar10(&tmp);
+    let p = tmp.join("data_batch_3.bin");
     let bytes = std::fs::read(&p).unwrap();
     std::fs::write(&p, &bytes[..bytes.len() - 100]).unwrap();
-    format_error_on(load_cifar(&tmp.0).unwrap_err(), "data_batch_3.bin");
+    format_error_on(load_cifar(&tmp).unwrap_err(), "data_batch_3.bin");
 
     // Empty.
     std::fs::write(&p, []).unwrap();
-    format_error_on(load_cifar(&tmp.0).unwrap_err(), "data_batch_3.bin");
+    format_error_on(load_cifar(&tmp).unwrap_err(), "data_batch_3.bin");
 
     // A label out of range.
     write_records(&p, &[(&[3], 0), (&[10], 1)]);
-    format_error_on(load_cifar(&tmp.0).unwrap_err(), "data_batch_3.bin");
+    format_error_on(load_cifar(&tmp).unwrap_err(), "data_batch_3.bin");
 
     // A missing file is named.
     write_records(&p, &[(&[3], 0)]);
-    std::fs::remove_file(tmp.0.join("data_batch_4.bin")).unwrap();
-    match load_cifar(&tmp.0).unwrap_err() {
+    std::fs::remove_file(tmp.join("data_batch_4.bin")).unwrap();
+    match load_cifar(&tmp).unwrap_err() {
         Error::Io { path, source } => {
             assert!(path.ends_with("data_batch_4.bin"), "{path}");
             assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
@@ -170,18 +154,18 @@ fn bad_cifar_files_are_typed_errors() {
 
     // CIFAR-100 files holding CIFAR-10-sized records: the size is no multiple of 3074.
     let tmp = TempDir::new("wrong");
-    write_records(&tmp.0.join("train.bin"), &[(&[5], 0), (&[6], 1)]);
-    write_records(&tmp.0.join("test.bin"), &[(&[1, 2], 0)]);
-    format_error_on(load_cifar(&tmp.0).unwrap_err(), "train.bin");
+    write_records(&tmp.join("train.bin"), &[(&[5], 0), (&[6], 1)]);
+    write_records(&tmp.join("test.bin"), &[(&[1, 2], 0)]);
+    format_error_on(load_cifar(&tmp).unwrap_err(), "train.bin");
     // A coarse label out of range.
-    write_records(&tmp.0.join("train.bin"), &[(&[20, 5], 0)]);
-    format_error_on(load_cifar(&tmp.0).unwrap_err(), "train.bin");
+    write_records(&tmp.join("train.bin"), &[(&[20, 5], 0)]);
+    format_error_on(load_cifar(&tmp).unwrap_err(), "train.bin");
 
     // No such directory; a directory with neither set.
-    let gone = tmp.0.join("no-such-dir");
+    let gone = tmp.join("no-such-dir");
     assert!(matches!(load_cifar(&gone), Err(Error::Io { .. })));
     let empty = TempDir::new("empty");
-    assert!(matches!(load_cifar(&empty.0), Err(Error::Io { .. })));
+    assert!(matches!(load_cifar(&empty), Err(Error::Io { .. })));
 }
 
 #[test]

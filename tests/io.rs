@@ -7,10 +7,8 @@ use resnet_wgpu::io::{self, Data};
 use resnet_wgpu::net::{ResNet, Sgd};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
 
-fn temp(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("resnet-wgpu-io-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir.join(name)
+fn temp(tag: &str) -> TempDir {
+    TempDir::new(&format!("io-{tag}"))
 }
 
 #[test]
@@ -19,7 +17,8 @@ fn weights_round_trip_under_pytorch_names() {
     let cfg = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
     let state = random_state(&cfg, 3);
     let net = ResNet::from_state(g, &cfg, &state).unwrap();
-    let path = temp("w.safetensors");
+    let dir = temp("w");
+    let path = dir.join("w.safetensors");
     io::save_weights(&net, g, &path).unwrap();
     let file = io::read(&path).unwrap();
     assert_eq!(file.len(), cfg.tensors().len());
@@ -55,7 +54,8 @@ fn checkpoints_keep_the_momentum() {
     let mut net = ResNet::new(g, &cfg, 1).unwrap();
     let labels = upload_labels(g, &[0, 3], 4).unwrap();
     net.train_step(g, &upload(&[2, 3, 6, 6], &rng.data(216)), &labels, Sgd::default()).unwrap();
-    let path = temp("ckpt.safetensors");
+    let dir = temp("ckpt");
+    let path = dir.join("ckpt.safetensors");
     io::write(&path, &io::state_tensors(&net, g, true).unwrap()).unwrap();
     let back = io::load_net(g, &cfg, &path).unwrap();
     assert_eq!(back.batches_tracked, 1);
@@ -69,7 +69,8 @@ fn checkpoints_keep_the_momentum() {
 fn mismatched_files_are_refused_naming_the_first_mismatch() {
     let g = gpu();
     let cfg20 = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
-    let path = temp("w20.safetensors");
+    let dir = temp("w20");
+    let path = dir.join("w20.safetensors");
     io::save_weights(&ResNet::new(g, &cfg20, 0).unwrap(), g, &path).unwrap();
 
     let cfg32 = NetConfig::cifar(32, UnitKind::PreAct, false, 10).unwrap();
@@ -84,10 +85,11 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
     assert!(e.to_string().contains("bn1.weight"), "{e}");
 
-    let junk = temp("junk.safetensors");
+    let junk_dir = temp("junk");
+    let junk = junk_dir.join("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").unwrap();
     assert!(matches!(io::read(&junk), Err(Error::Format { .. })));
-    assert!(matches!(io::read(&temp("missing.safetensors")), Err(Error::Io { .. })));
+    assert!(matches!(io::read(&junk_dir.join("missing.safetensors")), Err(Error::Io { .. })));
 }
 
 #[test]
@@ -102,7 +104,8 @@ fn other_dtypes_are_converted() {
         ("d", TensorView::new(Dtype::F64, vec![2], &d).unwrap()),
         ("n", TensorView::new(Dtype::I32, vec![], &i).unwrap()),
     ];
-    let path = temp("dtypes.safetensors");
+    let dir = temp("dtypes");
+    let path = dir.join("dtypes.safetensors");
     std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
     let f = io::read(&path).unwrap();
     assert_eq!(f["h"].to_f32(), vec![1.5, -2.0]);

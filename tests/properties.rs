@@ -310,14 +310,17 @@ proptest! {
         garbage in prop::collection::vec(any::<u8>(), 0..64), which in 0usize..3,
     ) {
         let cfg = NetConfig { units_per_stage: 1, widths: [2, 2, 2], classes: 3, ..NetConfig::cifar(8, UnitKind::PreAct, false, 3).unwrap() };
-        let dir = std::env::temp_dir().join(format!("resnet-wgpu-prop-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let good = dir.join("good.safetensors");
-        if !good.exists() {
-            let net = ResNet::new(gpu(), &cfg, 1).unwrap();
-            io::save_weights(&net, gpu(), &good).unwrap();
-        }
-        let mut bytes = std::fs::read(&good).unwrap();
+        // A good file's bytes, written once per test binary.
+        static GOOD: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+        let mut bytes = GOOD
+            .get_or_init(|| {
+                let dir = TempDir::new("prop-good");
+                let net = ResNet::new(gpu(), &cfg, 1).unwrap();
+                io::save_weights(&net, gpu(), &dir.join("good.safetensors")).unwrap();
+                std::fs::read(dir.join("good.safetensors")).unwrap()
+            })
+            .clone();
+        let dir = TempDir::new("prop");
         match which {
             0 => bytes.truncate(cut.min(bytes.len().saturating_sub(1))),
             1 => {
@@ -336,6 +339,5 @@ proptest! {
         if which != 1 {
             prop_assert!(read.is_err() && net.is_err(), "truncated or garbage bytes were accepted");
         }
-        std::fs::remove_file(&path).ok();
     }
 }

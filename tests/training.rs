@@ -20,8 +20,8 @@ fn tiny() -> NetConfig {
     }
 }
 
-fn out_dir(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("resnet-wgpu-train-{}-{name}", std::process::id()))
+fn out_dir(name: &str) -> TempDir {
+    TempDir::new(&format!("train-{name}"))
 }
 
 #[test]
@@ -29,6 +29,7 @@ fn a_tiny_run_on_shapes10_beats_chance() {
     let g = gpu();
     let (train_set, test_set) = data::synthetic(1200, 300, 3);
     let mut net = ResNet::new(g, &tiny(), 3).unwrap();
+    let dir = out_dir("chance");
     let opts = TrainOptions {
         epochs: 4,
         batch: 32,
@@ -36,7 +37,7 @@ fn a_tiny_run_on_shapes10_beats_chance() {
         // moves the final accuracy by a few points.
         lr: 0.05,
         progress: false,
-        out: out_dir("chance"),
+        out: dir.to_path_buf(),
         ..TrainOptions::default()
     };
     let (_, before) = train::evaluate(g, &mut net, &test_set, 100).unwrap();
@@ -54,17 +55,19 @@ fn a_tiny_run_on_shapes10_beats_chance() {
 fn resuming_from_a_checkpoint_is_bit_identical() {
     let g = gpu();
     let (train_set, test_set) = data::synthetic(160, 40, 4);
-    let opts = TrainOptions { epochs: 2, batch: 32, progress: false, out: out_dir("full"), ..TrainOptions::default() };
+    let dirs = [out_dir("full"), out_dir("half"), out_dir("rest")];
+    let opts =
+        TrainOptions { epochs: 2, batch: 32, progress: false, out: dirs[0].to_path_buf(), ..TrainOptions::default() };
     let mut full = ResNet::new(g, &tiny(), 4).unwrap();
     let h_full = train::train(g, &mut full, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
 
     // One epoch, then a fresh process would load the checkpoint and go on.
-    let half = TrainOptions { epochs: 1, out: out_dir("half"), ..opts.clone() };
+    let half = TrainOptions { epochs: 1, out: dirs[1].to_path_buf(), ..opts.clone() };
     let mut first = ResNet::new(g, &tiny(), 4).unwrap();
     train::train(g, &mut first, &train_set, &test_set, &half, 0, Vec::new()).unwrap();
     let (mut resumed, done) = train::load_checkpoint(g, &tiny(), &half.out.join("checkpoint.safetensors")).unwrap();
     assert_eq!(done, 1);
-    let rest = TrainOptions { out: out_dir("rest"), ..opts.clone() };
+    let rest = TrainOptions { out: dirs[2].to_path_buf(), ..opts.clone() };
     let h_rest = train::train(g, &mut resumed, &train_set, &test_set, &rest, done, Vec::new()).unwrap();
     assert_eq!(h_rest.last().unwrap().train_loss, h_full.last().unwrap().train_loss);
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
@@ -79,12 +82,13 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
         cfg.tensors().into_iter().map(|t| t.name).zip(cfg.initial_values(5)).collect();
     state.get_mut("layer2.0.conv2.weight").unwrap()[7] = f32::NAN;
     let mut net = ResNet::from_state(g, &cfg, &state).unwrap();
+    let dir = out_dir("nan");
     let opts = TrainOptions {
         epochs: 1,
         batch: 32,
         progress: false,
         check_finite: true,
-        out: out_dir("nan"),
+        out: dir.to_path_buf(),
         ..TrainOptions::default()
     };
     let before = net.state(g).unwrap();
@@ -110,8 +114,9 @@ fn the_same_seed_gives_bit_identical_losses_and_weights() {
     let (train_set, test_set) = data::synthetic(96, 20, 6);
     let run = |name: &str| {
         let mut net = ResNet::new(g, &tiny(), 6).unwrap();
+        let dir = out_dir(name);
         let opts =
-            TrainOptions { epochs: 1, batch: 32, progress: false, out: out_dir(name), ..TrainOptions::default() };
+            TrainOptions { epochs: 1, batch: 32, progress: false, out: dir.to_path_buf(), ..TrainOptions::default() };
         let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
         (h, net.state(g).unwrap())
     };

@@ -2,6 +2,7 @@
 //! every GPU result goes through.
 #![allow(dead_code)]
 
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use resnet_wgpu::reference::{max_abs, rel_l2};
@@ -250,5 +251,38 @@ pub fn one_unit_per_stage(
         widths,
         in_channels: 3,
         classes,
+    }
+}
+
+/// A fresh directory under the system's temp dir, removed with everything in it when dropped,
+/// so that a run of the suite leaves nothing behind. Derefs to its path.
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// `resnet-wgpu-<tag>-<pid>-<nanos>`: unique per test and per run.
+    pub fn new(tag: &str) -> TempDir {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let dir = std::env::temp_dir().join(format!("resnet-wgpu-{tag}-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        TempDir(dir)
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TempDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
