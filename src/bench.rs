@@ -1037,15 +1037,17 @@ pub fn table(r: &Report) -> String {
         r.reps,
         r.warmup
     );
+    // The name column as wide as the longest name, so that the columns line up.
+    let w = r.rows.iter().map(|row| row.name().len()).max().unwrap_or(0).max(26);
     let _ = writeln!(
         s,
-        "{:<26} {:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
+        "{:<w$} {:<14} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8}",
         "benchmark", "N,C,H,W", "ms", "min ms", "wall ms", "record ms", "GFLOP/s", "GB/s"
     );
     for row in &r.rows {
         let _ = writeln!(
             s,
-            "{:<26} {:<14} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9} {:>8}{}",
+            "{:<w$} {:<14} {:>10.3} {:>10.3} {:>10.3} {:>10.3} {:>9} {:>8}{}",
             row.name(),
             shape_str(row.shape),
             row.ms,
