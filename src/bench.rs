@@ -41,8 +41,11 @@ use std::time::{Duration, Instant};
 use crate::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
 use crate::error::{Error, Result};
 use crate::gpu::Gpu;
+use crate::gpu::Stream;
+use crate::net::{ResNet, Sgd};
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::conv;
+use crate::ops::pool_fc_loss::upload_labels;
 use crate::rng::Rng;
 use crate::tensor::{Tensor, read_buffer};
 use crate::unit::{Bn, Mode, State, Unit, Workspace};
@@ -205,10 +208,18 @@ pub enum Item {
     /// A unit's forward+backward on the f16 path (where the adapter has shader-f16):
     /// `Unit::forward_f16` and `backward_f16`.
     UnitF16(UnitKind),
+    /// One training step of the CIFAR ResNet-20 of this kind (forward, backward, SGD update),
+    /// f32 or (`true`) the f16 network: at the shapes of its first stage (`N,16,32,32`), on `N`
+    /// images of 32x32. The f16 network not on CPU adapters: lavapipe converts halves in
+    /// software, and its step takes 35x the f32 one's.
+    Net(UnitKind, bool),
 }
 
+/// The network of the [`Item::Net`] rows: ResNet-20, the paper's smallest CIFAR network.
+pub const NET_DEPTH: usize = 20;
+
 /// Every benchmark, in the order rows are printed.
-pub const ITEMS: [Item; 17] = [
+pub const ITEMS: [Item; 20] = [
     Item::ConvForward,
     Item::ConvBackwardData,
     Item::ConvBackwardWeight,
@@ -226,6 +237,9 @@ pub const ITEMS: [Item; 17] = [
     Item::Unit(UnitKind::Original, Pass::ForwardBackward),
     Item::UnitF16(UnitKind::PreAct),
     Item::UnitF16(UnitKind::Original),
+    Item::Net(UnitKind::PreAct, false),
+    Item::Net(UnitKind::Original, false),
+    Item::Net(UnitKind::PreAct, true),
 ];
 
 fn unit_name(kind: UnitKind) -> &'static str {
@@ -249,6 +263,9 @@ impl Item {
             Item::Unit(k, Pass::Forward) => format!("unit {} fwd", unit_name(k)),
             Item::Unit(k, Pass::ForwardBackward) => format!("unit {} fwd+bwd", unit_name(k)),
             Item::UnitF16(k) => format!("unit {} f16 fwd+bwd", unit_name(k)),
+            Item::Net(k, half) => {
+                format!("net ResNet-{NET_DEPTH} {}{} train step", unit_name(k), if half { " f16" } else { "" })
+            }
         }
     }
 
@@ -267,6 +284,22 @@ impl Item {
             Item::Unit(_, Pass::Forward) => Some(2.0 * conv),
             Item::Unit(_, Pass::ForwardBackward) | Item::UnitF16(_) => Some(3.0 * 2.0 * conv),
             Item::BnForward | Item::BnStatistics | Item::BnBackward => None,
+            // Forward and backward of every convolution (the stem's data gradient, which a
+            // training step skips, counted too).
+            Item::Net(..) => {
+                let macs = NetConfig::cifar(NET_DEPTH, UnitKind::PreAct, false, 10).ok()?.conv_macs(h);
+                Some(3.0 * 2.0 * (n * macs) as f64)
+            }
+        }
+    }
+
+    /// The row's shape for a benchmark shape `d`, or `None` where the item does not run there:
+    /// the network rows run at their first stage's shape, on `N` images.
+    pub fn shape_at(self, d: [usize; 4]) -> Option<[usize; 4]> {
+        match self {
+            Item::Net(..) if d[1..] == [16, 32, 32] => Some([d[0], 3, 32, 32]),
+            Item::Net(..) => None,
+            _ => Some(d),
         }
     }
 
@@ -317,6 +350,10 @@ pub struct BenchRow {
     pub reps: usize,
     /// With [`BenchOptions::profile`]: one more run's dispatches, each timed on its own.
     pub profile: Vec<crate::profile::Span>,
+    /// Network rows: the median wall time of [`ResNet::train_step`] as a caller sees it
+    /// (recording, the passes handed to the device as they are recorded, the wait, the loss
+    /// read back).
+    pub step_ms: Option<f64>,
 }
 
 impl BenchRow {
@@ -402,10 +439,14 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             if opts.only.as_ref().is_some_and(|o| !item.name().contains(o.as_str())) {
                 continue;
             }
-            let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16(_));
+            let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16(_) | Item::Net(_, true));
             if half && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
                 continue;
             }
+            if item == Item::Net(UnitKind::PreAct, true) && is_cpu_adapter(gpu) {
+                continue;
+            }
+            let Some(shape) = item.shape_at(shape) else { continue };
             let row = bench_item(gpu, &timer, opts, item, shape)?;
             eprintln!("  {:<26} {:<14} {:>10.3} ms", row.name(), shape_str(shape), row.ms);
             for (label, count, ms) in profile_summary(&row.profile) {
@@ -607,6 +648,7 @@ fn measure(
         timing,
         reps: opts.reps,
         profile,
+        step_ms: None,
     })
 }
 
@@ -770,6 +812,30 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 Ok(vec![rec.finish()])
             };
             measure(gpu, timer, opts, item, d, &mut reset, &mut record)
+        }
+        Item::Net(kind, half) => {
+            let mut net = ResNet::new(gpu, &NetConfig::cifar(NET_DEPTH, kind, false, 10)?, 7)?;
+            if half {
+                net.set_f16(gpu, Some(1024.0))?;
+            }
+            let images = random(gpu, &mut rng, &d)?;
+            let labels: Vec<u32> = (0..d[0]).map(|_| rng.below(10) as u32).collect();
+            let labels = upload_labels(gpu, &labels, 10)?;
+            // Learning rate 0: every kernel of the update runs and the weights stay as they are.
+            let opt = Sgd { lr: 0.0, ..Sgd::default() };
+            let mut row = measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
+                let mut out = Stream::held(gpu);
+                net.record_train_step(gpu, &mut out, &images, &labels, opt)?;
+                Ok(out.into_buffers())
+            })?;
+            let mut step = Vec::with_capacity(opts.reps);
+            for _ in 0..opts.reps {
+                let t = Instant::now();
+                net.train_step(gpu, &images, &labels, opt)?;
+                step.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            row.step_ms = Some(median(&mut step));
+            Ok(row)
         }
     }
 }
@@ -1059,6 +1125,22 @@ pub fn table(r: &Report) -> String {
             if row.timing == Timing::Wall && r.rows.iter().any(|o| o.timing != Timing::Wall) { " (wall)" } else { "" },
         );
     }
+    let nets: Vec<_> = r.rows.iter().filter_map(|row| row.step_ms.map(|step| (row, step))).collect();
+    if !nets.is_empty() {
+        let _ = writeln!(s);
+        let _ = writeln!(
+            s,
+            "networks: a training step as ResNet::train_step takes it (recording, the passes handed to the \
+             device as they are recorded, the wait, the loss read back), median of {}; above, `ms` is the \
+             same step's GPU time and `record ms` its recording",
+            r.reps
+        );
+        let _ = writeln!(s, "{:<w$} {:<14} {:>10} {:>10}", "network", "N,C,H,W", "step ms", "images/s");
+        for (row, step) in nets {
+            let rate = row.shape[0] as f64 / (step * 1e-3);
+            let _ = writeln!(s, "{:<w$} {:<14} {:>10.3} {:>10.0}", row.name(), shape_str(row.shape), step, rate);
+        }
+    }
     if !r.peers.is_empty() {
         let _ = writeln!(s);
         let _ = writeln!(
@@ -1177,7 +1259,7 @@ pub fn to_json(r: &Report) -> String {
                 .collect();
             format!(
                 "    {{\"name\": {}, \"shape\": {}, \"ms\": {}, \"min_ms\": {}, \"wall_ms\": {}, \"record_ms\": {}, \
-                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}, \"profile\": [{}]}}",
+                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}, \"step_ms\": {}, \"profile\": [{}]}}",
                 js(&row.name()),
                 jshape(row.shape),
                 jn(Some(row.ms)),
@@ -1188,6 +1270,7 @@ pub fn to_json(r: &Report) -> String {
                 row.reps,
                 jn(row.gflops()),
                 jn(row.gbytes_per_s()),
+                jn(row.step_ms),
                 profile.join(", "),
             )
         })

@@ -528,6 +528,11 @@ impl Gpu {
         self.queue.submit(buffers);
     }
 
+    /// A [`Stream`] of command buffers to this context's queue.
+    pub fn stream(&self) -> Stream<'_> {
+        Stream { gpu: self, pending: Vec::new(), chunk: Stream::CHUNK }
+    }
+
     /// Waits for everything submitted so far and returns any error the device raised since.
     pub fn wait(&self) -> Result<()> {
         let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
@@ -546,6 +551,45 @@ impl Gpu {
             Some(msg) => Err(Error::Device(msg)),
             None => Ok(()),
         }
+    }
+}
+
+/// Command buffers handed to the queue while the host records the next ones: [`Stream::push`]
+/// submits (without waiting) every [`Stream::CHUNK`] buffers, so that the device runs a network's
+/// first units while the host records the rest, instead of idling until the whole pass is
+/// recorded. [`Stream::finish`] submits the rest and waits. The buffers run in the order they
+/// were pushed, as in one submission. Dropped unfinished, it submits nothing more; what it had
+/// submitted runs.
+pub struct Stream<'g> {
+    gpu: &'g Gpu,
+    pending: Vec<wgpu::CommandBuffer>,
+    chunk: usize,
+}
+
+impl Stream<'_> {
+    /// Buffers per submission: a network's unit records one per pass, and a submission costs the
+    /// host about as much as recording a small dispatch or two.
+    pub const CHUNK: usize = 4;
+
+    /// A stream that submits nothing: the bench takes its buffers ([`Stream::into_buffers`]).
+    pub(crate) fn held(gpu: &Gpu) -> Stream<'_> {
+        Stream { gpu, pending: Vec::new(), chunk: usize::MAX }
+    }
+
+    pub(crate) fn into_buffers(self) -> Vec<wgpu::CommandBuffer> {
+        self.pending
+    }
+
+    pub fn push(&mut self, buffer: wgpu::CommandBuffer) {
+        self.pending.push(buffer);
+        if self.pending.len() >= self.chunk {
+            self.gpu.submit_queued(self.pending.drain(..));
+        }
+    }
+
+    /// Submits what is left, waits for everything, and reports any device error.
+    pub fn finish(mut self) -> Result<()> {
+        self.gpu.submit(self.pending.drain(..))
     }
 }
 

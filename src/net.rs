@@ -7,7 +7,7 @@
 
 use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder};
+use crate::gpu::{Gpu, Recorder, Stream};
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::pool_fc_loss::{self as head, Labels};
 use crate::ops::{cast, conv, probe, relu, residual, sgd};
@@ -451,27 +451,27 @@ impl ResNet {
         self.acts.as_ref().ok_or_else(|| Error::Invalid("no forward pass has run yet".into()))
     }
 
-    /// Records the forward: the stem, each unit and the head in command buffers of their own.
-    /// With labels, the head also computes the loss and its gradient at the logits.
+    /// Records the forward: the stem, each unit and the head in command buffers of their own,
+    /// pushed to `out` as each is recorded (the device starts on them meanwhile). With labels, the head also computes the loss and its gradient at the logits.
     fn record_forward(
         &self,
         gpu: &Gpu,
+        out: &mut Stream,
         images: &Tensor,
         labels: Option<&Labels>,
         mode: Mode,
-    ) -> Result<Vec<wgpu::CommandBuffer>> {
+    ) -> Result<()> {
         let a = self.acts()?;
         if let Some(h) = &a.half {
-            return self.record_forward_f16(gpu, a, h, images, labels);
+            return self.record_forward_f16(gpu, out, a, h, images, labels);
         }
-        let mut cbs = Vec::new();
         let chains = |l: usize| mode == Mode::Train && self.units.get(l).is_some_and(|u| u.chains());
 
         let mut rec = gpu.recorder("stem forward");
         // A pre-activation stem's convolution takes the first unit's BN statistics of x_0.
         let first_bn = chains(0).then(|| &self.units[0].bns[0]);
         self.stem_forward(&mut rec, a, images, &a.streams[0], mode, first_bn)?;
-        cbs.push(rec.finish());
+        out.push(rec.finish());
 
         let n = self.units.len();
         for (l, u) in self.units.iter().enumerate() {
@@ -487,13 +487,13 @@ impl ResNet {
                 },
             };
             u.forward_chained(&mut rec, mode, &a.streams[l], &a.streams[l + 1], &a.kept[l], &a.ws, chain)?;
-            cbs.push(rec.finish());
+            out.push(rec.finish());
         }
 
         let mut rec = gpu.recorder("head forward");
         self.head_forward(&mut rec, a, &a.streams[n], labels, mode, n > 0 && chains(n - 1))?;
-        cbs.push(rec.finish());
-        Ok(cbs)
+        out.push(rec.finish());
+        Ok(())
     }
 
     /// The f16 network's training forward: the f32 stem, `x_0` rounded to halves, every unit
@@ -501,26 +501,26 @@ impl ResNet {
     fn record_forward_f16(
         &self,
         gpu: &Gpu,
+        out: &mut Stream,
         a: &Acts,
         h: &HalfActs,
         images: &Tensor,
         labels: Option<&Labels>,
-    ) -> Result<Vec<wgpu::CommandBuffer>> {
-        let mut cbs = Vec::new();
+    ) -> Result<()> {
         let mut rec = gpu.recorder("stem forward");
         self.stem_forward(&mut rec, a, images, &h.x0, Mode::Train, None)?;
         cast::to_half(&mut rec, &h.x0, &h.streams[0], 1.0)?;
-        cbs.push(rec.finish());
+        out.push(rec.finish());
         for (l, u) in self.units.iter().enumerate() {
             let mut rec = gpu.recorder(&u.spec.name);
             u.forward_f16(&mut rec, &h.streams[l], &h.streams[l + 1], &h.kept[l])?;
-            cbs.push(rec.finish());
+            out.push(rec.finish());
         }
         let mut rec = gpu.recorder("head forward");
         cast::to_f32(&mut rec, &h.streams[self.units.len()], &h.xl, 1.0)?;
         self.head_forward(&mut rec, a, &h.xl, labels, Mode::Train, false)?;
-        cbs.push(rec.finish());
-        Ok(cbs)
+        out.push(rec.finish());
+        Ok(())
     }
 
     /// The stem: `x_0` from the images (through the stem BN and ReLU of original networks);
@@ -591,19 +591,19 @@ impl ResNet {
     fn record_backward(
         &self,
         gpu: &Gpu,
+        out: &mut Stream,
         images: &Tensor,
         image_grad: bool,
         norms: Option<&Tensor>,
-    ) -> Result<Vec<wgpu::CommandBuffer>> {
+    ) -> Result<()> {
         let a = self.acts()?;
         if let Some(h) = &a.half {
-            return self.record_backward_f16(gpu, a, h, images, image_grad);
+            return self.record_backward_f16(gpu, out, a, h, images, image_grad);
         }
         let grad = |l: usize| -> Result<&Tensor> {
             let i = a.grad_of.get(l).ok_or_else(|| Error::Invalid(format!("no stream gradient {l}")))?;
             Ok(&a.grads[*i])
         };
-        let mut cbs = Vec::new();
         let l_count = self.units.len();
 
         let mut rec = gpu.recorder("head backward");
@@ -612,7 +612,7 @@ impl ResNet {
         if let Some(n) = norms {
             probe::sum_squares(&mut rec, g_last, n, 3 * l_count + 2)?;
         }
-        cbs.push(rec.finish());
+        out.push(rec.finish());
 
         for (l, u) in self.units.iter().enumerate().rev() {
             let mut rec = gpu.recorder(&u.spec.name);
@@ -621,14 +621,14 @@ impl ResNet {
             if let Some(n) = norms {
                 probe::sum_squares(&mut rec, grad(l)?, n, 3 * l + 2)?;
             }
-            cbs.push(rec.finish());
+            out.push(rec.finish());
         }
 
         let mut rec = gpu.recorder("stem backward");
         let dh = a.stem_h.as_ref().map(|h| a.ws.get(h.dims(), Slot::DAct)).transpose()?;
         self.stem_backward(&mut rec, a, images, grad(0)?, dh, image_grad)?;
-        cbs.push(rec.finish());
-        Ok(cbs)
+        out.push(rec.finish());
+        Ok(())
     }
 
     /// The f16 network's backward: the f32 head's gradient at `x_L` times the loss scale,
@@ -637,25 +637,25 @@ impl ResNet {
     fn record_backward_f16(
         &self,
         gpu: &Gpu,
+        out: &mut Stream,
         a: &Acts,
         h: &HalfActs,
         images: &Tensor,
         image_grad: bool,
-    ) -> Result<Vec<wgpu::CommandBuffer>> {
+    ) -> Result<()> {
         let grad = |l: usize| -> Result<&HalfTensor> {
             let i = h.grad_of.get(l).ok_or_else(|| Error::Invalid(format!("no stream gradient {l}")))?;
             Ok(&h.grads[*i])
         };
         let (l_count, s) = (self.units.len(), h.loss_scale);
-        let mut cbs = Vec::new();
         let mut rec = gpu.recorder("head backward");
         self.head_backward(&mut rec, a, &h.xl, &h.gl)?;
         cast::to_half(&mut rec, &h.gl, grad(l_count)?, s)?;
-        cbs.push(rec.finish());
+        out.push(rec.finish());
         for (l, u) in self.units.iter().enumerate().rev() {
             let mut rec = gpu.recorder(&u.spec.name);
             u.backward_f16(&mut rec, &h.streams[l], &h.streams[l + 1], grad(l + 1)?, grad(l)?, &h.kept[l])?;
-            cbs.push(rec.finish());
+            out.push(rec.finish());
         }
         let mut rec = gpu.recorder("stem backward");
         for p in self.unit_params() {
@@ -663,8 +663,8 @@ impl ResNet {
         }
         cast::to_f32(&mut rec, grad(0)?, &h.g0, 1.0 / s)?;
         self.stem_backward(&mut rec, a, images, &h.g0, h.stem_dh.as_ref(), image_grad)?;
-        cbs.push(rec.finish());
-        Ok(cbs)
+        out.push(rec.finish());
+        Ok(())
     }
 
     /// The head's backward to `g_last = dE/dx_L` (overwritten), and the fully connected layer's
@@ -760,23 +760,38 @@ impl ResNet {
     /// gradient, and with `image_grad` the gradient to the images. Returns the loss.
     pub fn forward_backward(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, image_grad: bool) -> Result<f32> {
         self.prepare(gpu, images, Some(labels), self.loss_scale)?;
-        let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
-        cbs.extend(self.record_backward(gpu, images, image_grad, None)?);
-        gpu.submit(cbs)?;
+        let mut out = gpu.stream();
+        self.record_forward(gpu, &mut out, images, Some(labels), Mode::Train)?;
+        self.record_backward(gpu, &mut out, images, image_grad, None)?;
+        out.finish()?;
         self.batches_tracked += 1;
         self.loss(gpu)
     }
 
-    /// One SGD step on a batch: forward, backward and update in one submission. Returns the
-    /// loss before the update.
+    /// One SGD step on a batch: forward, backward and update, handed to the device as they are
+    /// recorded, then one wait for the loss. Returns the loss before the update.
     pub fn train_step(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
-        self.prepare(gpu, images, Some(labels), self.loss_scale)?;
-        let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
-        cbs.extend(self.record_backward(gpu, images, false, None)?);
-        cbs.push(self.record_sgd(gpu, opt)?);
-        gpu.submit(cbs)?;
+        let mut out = gpu.stream();
+        self.record_train_step(gpu, &mut out, images, labels, opt)?;
+        out.finish()?;
         self.batches_tracked += 1;
         self.loss(gpu)
+    }
+
+    /// Records [`ResNet::train_step`]'s passes into `out` (the bench times them queued).
+    pub(crate) fn record_train_step(
+        &mut self,
+        gpu: &Gpu,
+        out: &mut Stream,
+        images: &Tensor,
+        labels: &Labels,
+        opt: Sgd,
+    ) -> Result<()> {
+        self.prepare(gpu, images, Some(labels), self.loss_scale)?;
+        self.record_forward(gpu, out, images, Some(labels), Mode::Train)?;
+        self.record_backward(gpu, out, images, false, None)?;
+        out.push(self.record_sgd(gpu, opt)?);
+        Ok(())
     }
 
     /// [`ResNet::train_step`] with a check after the passes: the forward and backward run with
@@ -796,7 +811,9 @@ impl ResNet {
     /// Inference mode (running statistics): the logits, `[N, classes]` row-major.
     pub fn predict(&mut self, gpu: &Gpu, images: &Tensor) -> Result<Vec<f32>> {
         self.prepare(gpu, images, None, None)?;
-        gpu.submit(self.record_forward(gpu, images, None, Mode::Eval)?)?;
+        let mut out = gpu.stream();
+        self.record_forward(gpu, &mut out, images, None, Mode::Eval)?;
+        out.finish()?;
         self.logits(gpu)
     }
 
@@ -823,7 +840,8 @@ impl ResNet {
         self.f32_only("probe")?;
         self.prepare(gpu, images, Some(labels), None)?;
         let l_count = self.units.len();
-        let mut cbs = self.record_forward(gpu, images, Some(labels), Mode::Train)?;
+        let mut out = gpu.stream();
+        self.record_forward(gpu, &mut out, images, Some(labels), Mode::Train)?;
         let a = self.acts()?;
         // Slots: 3l + {0: x_l, 1: F(x_l), 2: dE/dx_l}, then per stage {diff, x_end}.
         let stage_base = 3 * (l_count + 1);
@@ -856,11 +874,9 @@ impl ResNet {
             }
         }
         probe::sum_squares(&mut rec, &a.streams[l_count], &norms, 3 * l_count)?;
-        cbs.push(rec.finish());
-
-        let mut bwd = self.record_backward(gpu, images, false, Some(&norms))?;
-        cbs.append(&mut bwd);
-        gpu.submit(cbs)?;
+        out.push(rec.finish());
+        self.record_backward(gpu, &mut out, images, false, Some(&norms))?;
+        out.finish()?;
         self.batches_tracked += 1;
         let v = norms.read(gpu)?;
         let per_unit = (0..=l_count).map(|l| [v[3 * l].sqrt(), v[3 * l + 1].sqrt(), v[3 * l + 2].sqrt()]).collect();

@@ -106,3 +106,32 @@ fn device_errors_while_allocating_are_typed_errors_naming_sizes() {
         Ok(_) => panic!("expected TooLarge, got a network"),
     }
 }
+
+/// A stream runs every buffer pushed to it, in push order, across its submissions: copies and
+/// adds over more than two submissions' worth, where any dropped, repeated or reordered buffer
+/// changes the result.
+#[test]
+fn a_stream_runs_its_buffers_in_order() {
+    use resnet_wgpu::gpu::Stream;
+    use resnet_wgpu::ops::residual;
+    let g = gpu();
+    let dims = [1, 3, 5, 7];
+    let xs = Rng::new(31).data(dims.iter().product());
+    let (x, acc) = (upload(&dims, &xs), poisoned(&dims));
+    let n = 2 * Stream::CHUNK + 3;
+    // Copy x at 0 and again at `reset`; add x everywhere else: acc = (n - reset) x.
+    let reset = Stream::CHUNK + 1;
+    let mut out = g.stream();
+    for i in 0..n {
+        let mut rec = g.recorder("stream test");
+        if i == 0 || i == reset {
+            residual::copy(&mut rec, &x, &acc).unwrap();
+        } else {
+            residual::add(&mut rec, &x, &acc).unwrap();
+        }
+        out.push(rec.finish());
+    }
+    out.finish().unwrap();
+    let want: Vec<f64> = xs.iter().map(|&v| (n - reset) as f64 * v as f64).collect();
+    check("stream", &read(&acc), &want, F32_TOL);
+}
