@@ -27,6 +27,9 @@ pub struct GpuOptions {
     /// Use subgroup operations where the adapter has them (`false`: run as on an adapter
     /// without them, the portable kernels only; a testing aid).
     pub subgroups: bool,
+    /// Command buffers per submission while a network's passes are recorded ([`Gpu::stream`]);
+    /// `None`: [`Stream::CHUNK`] on GPUs, all in one submission on CPU adapters.
+    pub stream_chunk: Option<usize>,
 }
 
 impl Default for GpuOptions {
@@ -38,12 +41,14 @@ impl Default for GpuOptions {
             max_binding_bytes: None,
             cooperative_matrix: true,
             subgroups: true,
+            stream_chunk: None,
         }
     }
 }
 
 impl GpuOptions {
-    /// Defaults overridden by `WGPU_BACKEND`, `WGPU_POWER_PREF` and `WGPU_ADAPTER_NAME`.
+    /// Defaults overridden by `WGPU_BACKEND`, `WGPU_POWER_PREF` and `WGPU_ADAPTER_NAME`, and by
+    /// `RESNET_WGPU_COOP=0`, `RESNET_WGPU_SUBGROUPS=0` and `RESNET_WGPU_STREAM_CHUNK=N`.
     pub fn from_env() -> Self {
         let d = GpuOptions::default();
         GpuOptions {
@@ -53,6 +58,7 @@ impl GpuOptions {
             max_binding_bytes: None,
             cooperative_matrix: std::env::var("RESNET_WGPU_COOP").map_or(true, |v| v != "0"),
             subgroups: std::env::var("RESNET_WGPU_SUBGROUPS").map_or(true, |v| v != "0"),
+            stream_chunk: std::env::var("RESNET_WGPU_STREAM_CHUNK").ok().and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -246,6 +252,8 @@ pub struct Gpu {
     requested: AtomicU64,
     /// The device's alignment of uniform-buffer binding offsets (a parameter block's slot).
     uniform_align: u64,
+    /// Command buffers per submission of [`Gpu::stream`].
+    stream_chunk: usize,
 }
 
 /// What the device holds now, from wgpu's internal counters: live buffers and textures and
@@ -363,6 +371,8 @@ impl Gpu {
             max_invocations: limits.max_compute_invocations_per_workgroup,
             coop,
         };
+        let cpu = report.device_type == wgpu::DeviceType::Cpu;
+        let stream_chunk = opts.stream_chunk.unwrap_or(if cpu { usize::MAX } else { Stream::CHUNK });
         Ok(Gpu {
             adapter,
             device,
@@ -376,6 +386,7 @@ impl Gpu {
             submit_lock: Mutex::new(()),
             requested: AtomicU64::new(0),
             uniform_align: limits.min_uniform_buffer_offset_alignment.max(4) as u64,
+            stream_chunk,
         })
     }
 
@@ -528,9 +539,12 @@ impl Gpu {
         self.queue.submit(buffers);
     }
 
-    /// A [`Stream`] of command buffers to this context's queue.
+    /// A [`Stream`] of command buffers to this context's queue, submitting every
+    /// [`GpuOptions::stream_chunk`] buffers: by default [`Stream::CHUNK`] on GPUs, and on CPU
+    /// adapters everything at [`Stream::finish`], since there the host's recording would take
+    /// the cores the adapter computes on (lavapipe: a ResNet-20 step 10% slower streamed).
     pub fn stream(&self) -> Stream<'_> {
-        Stream { gpu: self, pending: Vec::new(), chunk: Stream::CHUNK }
+        Stream::new(self, self.stream_chunk)
     }
 
     /// Waits for everything submitted so far and returns any error the device raised since.
@@ -555,9 +569,9 @@ impl Gpu {
 }
 
 /// Command buffers handed to the queue while the host records the next ones: [`Stream::push`]
-/// submits (without waiting) every [`Stream::CHUNK`] buffers, so that the device runs a network's
-/// first units while the host records the rest, instead of idling until the whole pass is
-/// recorded. [`Stream::finish`] submits the rest and waits. The buffers run in the order they
+/// submits (without waiting) every `chunk` buffers, so that the device runs a network's first
+/// units while the host records the rest, instead of idling until the whole pass is recorded
+/// ([`Gpu::stream`] picks the chunk). [`Stream::finish`] submits the rest and waits. The buffers run in the order they
 /// were pushed, as in one submission. Dropped unfinished, it submits nothing more; what it had
 /// submitted runs.
 pub struct Stream<'g> {
@@ -571,9 +585,14 @@ impl Stream<'_> {
     /// host about as much as recording a small dispatch or two.
     pub const CHUNK: usize = 4;
 
+    /// A stream that submits every `chunk` buffers (at least one) as they are pushed.
+    pub fn new(gpu: &Gpu, chunk: usize) -> Stream<'_> {
+        Stream { gpu, pending: Vec::new(), chunk: chunk.max(1) }
+    }
+
     /// A stream that submits nothing: the bench takes its buffers ([`Stream::into_buffers`]).
     pub(crate) fn held(gpu: &Gpu) -> Stream<'_> {
-        Stream { gpu, pending: Vec::new(), chunk: usize::MAX }
+        Stream::new(gpu, usize::MAX)
     }
 
     pub(crate) fn into_buffers(self) -> Vec<wgpu::CommandBuffer> {

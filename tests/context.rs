@@ -121,7 +121,7 @@ fn a_stream_runs_its_buffers_in_order() {
     let n = 2 * Stream::CHUNK + 3;
     // Copy x at 0 and again at `reset`; add x everywhere else: acc = (n - reset) x.
     let reset = Stream::CHUNK + 1;
-    let mut out = g.stream();
+    let mut out = Stream::new(g, Stream::CHUNK);
     for i in 0..n {
         let mut rec = g.recorder("stream test");
         if i == 0 || i == reset {

@@ -89,6 +89,16 @@ fn tiled_conv_kernels_in_whole_networks_match_the_reference() {
 }
 
 #[test]
+fn passes_submitted_a_command_buffer_at_a_time_match_the_reference() {
+    // Each unit's command buffers handed to the device as soon as each is recorded (GPUs submit
+    // every 4 by default; CPU adapters a whole pass at once).
+    let opts = resnet_wgpu::GpuOptions { stream_chunk: Some(1), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = resnet_wgpu::Gpu::with_options(&opts).unwrap();
+    compare_pass_on(&g, &tiny(UnitKind::PreAct, false, ShortcutOption::B), [2, 3, 5, 6], 90, F32_TOL);
+    compare_pass_on(&g, &tiny(UnitKind::Original, true, ShortcutOption::A), [1, 3, 9, 7], 91, F32_TOL);
+}
+
+#[test]
 fn resnet20_on_a_batch_of_4_matches_the_reference() {
     for (i, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
         let cfg = NetConfig::cifar(20, kind, false, 10).unwrap();

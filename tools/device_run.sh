@@ -7,7 +7,8 @@
 #   3. the full benchmark with the autotuner's log, each row's dispatches timed (--profile), and the
 #      burn and PyTorch peers;
 #   4. the conv rows with no runtime checks in the shaders (RESNET_WGPU_SHADER_CHECKS=none: what
-#      naga's clamps on array indices cost against step 3's default), the f16 rows with cooperative
+#      naga's clamps on array indices cost against step 3's default), the network rows with each
+#      pass submitted at once (RESNET_WGPU_STREAM_CHUNK: against step 3's streaming), the f16 rows with cooperative
 #      matrices switched the other way (off where step 3 had them on), and batch norm's vec4,
 #      texture and scalar kernels (bn rows) against step 3's default (wide);
 #   5. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
@@ -44,12 +45,15 @@ grep -E "^(conv3x3|bn|unit)|fp32" "$OUT/bench.txt" | head -120
 
 echo "=== variants ($(left) s left)"
 {
-    for v in none:conv coop:f16 vec4:bn texture:bn scalar:bn; do
+    for v in none:conv whole:net coop:f16 vec4:bn texture:bn scalar:bn; do
         bn=${v%%:*} only=${v##*:}
         l=$(left); [ "$l" -lt 100 ] && { echo "skip $bn $only: time"; continue; }
         if [ "$bn" = none ]; then
             RESNET_WGPU_SHADER_CHECKS=none timeout 60 /tmp/resnet-wgpu bench --full --only conv > /tmp/v.txt 2>&1
             echo "exit $?"; grep -E "^conv" /tmp/v.txt | sed "s/^/checks=none: /"
+        elif [ "$bn" = whole ]; then
+            RESNET_WGPU_STREAM_CHUNK=1000000 timeout 40 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
+            echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/one submission: /"
         elif [ "$bn" = coop ]; then
             # The other setting from step 3's.
             [ $coop_rc -ne 0 ] && c=1 || c=0
