@@ -8,9 +8,9 @@
 #      burn and PyTorch peers;
 #   4. the conv rows with no runtime checks in the shaders (RESNET_WGPU_SHADER_CHECKS=none: what
 #      naga's clamps on array indices cost against step 3's default), the network rows with each
-#      pass submitted at once (RESNET_WGPU_STREAM_CHUNK: against step 3's streaming), the f16 rows with cooperative
-#      matrices switched the other way (off where step 3 had them on), and batch norm's vec4,
-#      texture and scalar kernels (bn rows) against step 3's default (wide);
+#      pass submitted at once (RESNET_WGPU_STREAM_CHUNK: against step 3's streaming), and the f16
+#      rows with cooperative matrices switched the other way (off where step 3 had them on);
+#      batch norm's kernels were compared in call 1 of 2026-11-27b (wide is the GPU default);
 #   5. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
 #      its gradients against the f64 reference (relu_ties);
 #   6. the other test binaries on the GPU, while time is left.
@@ -41,28 +41,25 @@ l=$(left); b=$(( l - 170 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
 RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
-grep -E "^(conv3x3|bn|unit)|fp32" "$OUT/bench.txt" | head -120
+grep -E "^(conv3x3|bn|unit|net)|fp32" "$OUT/bench.txt" | head -130
 
 echo "=== variants ($(left) s left)"
 {
-    for v in none:conv whole:net coop:f16 vec4:bn texture:bn scalar:bn; do
-        bn=${v%%:*} only=${v##*:}
-        l=$(left); [ "$l" -lt 100 ] && { echo "skip $bn $only: time"; continue; }
-        if [ "$bn" = none ]; then
+    for v in none:conv whole:net coop:f16; do
+        l=$(left); [ "$l" -lt 100 ] && { echo "skip $v: time"; continue; }
+        case $v in
+        none:conv)
             RESNET_WGPU_SHADER_CHECKS=none timeout 60 /tmp/resnet-wgpu bench --full --only conv > /tmp/v.txt 2>&1
-            echo "exit $?"; grep -E "^conv" /tmp/v.txt | sed "s/^/checks=none: /"
-        elif [ "$bn" = whole ]; then
+            echo "exit $?"; grep -E "^conv" /tmp/v.txt | sed "s/^/checks=none: /" ;;
+        whole:net)
             RESNET_WGPU_STREAM_CHUNK=1000000 timeout 40 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
-            echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/one submission: /"
-        elif [ "$bn" = coop ]; then
+            echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/one submission: /" ;;
+        coop:f16)
             # The other setting from step 3's.
             [ $coop_rc -ne 0 ] && c=1 || c=0
             RESNET_WGPU_COOP=$c timeout 60 /tmp/resnet-wgpu bench --full --only f16 > /tmp/v.txt 2>&1
-            echo "exit $?"; grep -E "^(conv|unit)|cooperative" /tmp/v.txt | sed "s/^/coop=$c: /"
-        else
-            RESNET_WGPU_BN=$bn timeout 40 /tmp/resnet-wgpu bench --full --only bn > /tmp/v.txt 2>&1
-            echo "exit $?"; grep -E "^bn" /tmp/v.txt | sed "s/^/$bn: /"
-        fi
+            echo "exit $?"; grep -E "^(conv|unit|net)|cooperative" /tmp/v.txt | sed "s/^/coop=$c: /" ;;
+        esac
     done
 } > "$OUT/variants.txt" 2>&1
 cat "$OUT/variants.txt"
