@@ -571,9 +571,9 @@ impl Gpu {
 /// Command buffers handed to the queue while the host records the next ones: [`Stream::push`]
 /// submits (without waiting) every `chunk` buffers, so that the device runs a network's first
 /// units while the host records the rest, instead of idling until the whole pass is recorded
-/// ([`Gpu::stream`] picks the chunk). [`Stream::finish`] submits the rest and waits. The buffers run in the order they
-/// were pushed, as in one submission. Dropped unfinished, it submits nothing more; what it had
-/// submitted runs.
+/// ([`Gpu::stream`] picks the chunk). [`Stream::finish`] submits the rest and waits. The
+/// buffers run in the order they were pushed, as in one submission. Dropped unfinished (a
+/// recording that failed half way), it submits nothing more, and what it had submitted runs.
 pub struct Stream<'g> {
     gpu: &'g Gpu,
     pending: Vec<wgpu::CommandBuffer>,
@@ -599,6 +599,7 @@ impl Stream<'_> {
         self.pending
     }
 
+    /// Adds a buffer; submits the pending ones when there are `chunk` of them.
     pub fn push(&mut self, buffer: wgpu::CommandBuffer) {
         self.pending.push(buffer);
         if self.pending.len() >= self.chunk {

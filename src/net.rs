@@ -452,7 +452,8 @@ impl ResNet {
     }
 
     /// Records the forward: the stem, each unit and the head in command buffers of their own,
-    /// pushed to `out` as each is recorded (the device starts on them meanwhile). With labels, the head also computes the loss and its gradient at the logits.
+    /// pushed to `out` as each is recorded (the device starts on them meanwhile). With labels,
+    /// the head also computes the loss and its gradient at the logits.
     fn record_forward(
         &self,
         gpu: &Gpu,
