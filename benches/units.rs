@@ -5,13 +5,13 @@
 //! batch 128 and ImageNet-like stages at batch 32) on a GPU, unless told otherwise:
 //!
 //!     cargo bench --bench units -- [--quick|--full] [--reps R] [--warmup W]
-//!         [--shape N,C,H,W]... [--only SUBSTRING] [--wall]
+//!         [--shape N,C,H,W]... [--only SUBSTRING] [--skip SUBSTRING] [--wall]
 //!         [--peers] [--burn PATH] [--burn-adapter cpu|gpu] [--torch PATH] [--python PY]
 //!         [--json PATH]
 //!
 //! `--peers` runs both peers from their default places (`~/burn-unit/target/release/burn-unit`,
 //! `../shared/peers/torch_unit.py`). The same settings as environment variables: `BENCH_QUICK=1`,
-//! `BENCH_FULL=1`, `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`,
+//! `BENCH_FULL=1`, `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`, `BENCH_SKIP`,
 //! `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
 
 use std::path::PathBuf;
@@ -52,6 +52,7 @@ fn run() -> Result<()> {
     let mut shapes: Vec<[usize; 4]> =
         env("BENCH_SHAPES").map_or(Ok(Vec::new()), |s| s.split_whitespace().map(bench::parse_shape).collect())?;
     let mut only = env("BENCH_ONLY");
+    let mut skip = env("BENCH_SKIP");
     let mut burn = env("BENCH_BURN").map(PathBuf::from);
     let mut torch = env("BENCH_TORCH").map(PathBuf::from);
     let mut burn_adapter = None;
@@ -71,6 +72,7 @@ fn run() -> Result<()> {
             "--warmup" => warmup = Some(number("--warmup", it.next())?),
             "--shape" => shapes.push(bench::parse_shape(&it.next().unwrap_or_default())?),
             "--only" => only = it.next(),
+            "--skip" => skip = it.next(),
             "--wall" => wall = true,
             "--peers" => {
                 burn = Some(bench::default_burn_path());
@@ -97,6 +99,7 @@ fn run() -> Result<()> {
         opts.shapes = Some(shapes);
     }
     opts.only = only;
+    opts.skip = skip;
     opts.timestamps = !wall;
     opts.burn = burn;
     opts.burn_adapter = burn_adapter;

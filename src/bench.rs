@@ -80,6 +80,8 @@ pub struct BenchOptions {
     pub reps: usize,
     /// Only the benchmarks whose name contains this (e.g. `"unit"`, `"conv"`).
     pub only: Option<String>,
+    /// Leave out the benchmarks whose name contains this (e.g. `"train step"`).
+    pub skip: Option<String>,
     /// Use timestamp queries where the device has them (else always wall time).
     pub timestamps: bool,
     /// After each benchmark, one more run with each dispatch timed on its own
@@ -108,6 +110,7 @@ impl BenchOptions {
             warmup: if quick { 3 } else { 5 },
             reps: if quick { 5 } else { 20 },
             only: None,
+            skip: None,
             timestamps: true,
             profile: false,
             burn: None,
@@ -436,7 +439,10 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     for shape in opts.shapes(gpu) {
         for item in ITEMS {
-            if opts.only.as_ref().is_some_and(|o| !item.name().contains(o.as_str())) {
+            let name = item.name();
+            if opts.only.as_ref().is_some_and(|o| !name.contains(o.as_str()))
+                || opts.skip.as_ref().is_some_and(|o| name.contains(o.as_str()))
+            {
                 continue;
             }
             let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16(_) | Item::Net(_, true));

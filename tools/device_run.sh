@@ -5,11 +5,12 @@
 #   2. the cooperative-matrix test (tests/coop.rs): where it fails, the benchmark runs with
 #      RESNET_WGPU_COOP=0, so that a broken tensor-core kernel cannot cost the peers' figures;
 #   3. the full benchmark with the autotuner's log, each row's dispatches timed (--profile), and the
-#      burn and PyTorch peers;
-#   4. the conv rows with no runtime checks in the shaders (RESNET_WGPU_SHADER_CHECKS=none: what
-#      naga's clamps on array indices cost against step 3's default), the network rows with each
-#      pass submitted at once (RESNET_WGPU_STREAM_CHUNK: against step 3's streaming), and the f16
-#      rows with cooperative matrices switched the other way (off where step 3 had them on);
+#      burn and PyTorch peers, without the network rows;
+#   4. the ResNet-20 training-step rows, streamed (the default) and with each pass in one
+#      submission (RESNET_WGPU_STREAM_CHUNK); the conv rows with no runtime checks in the shaders
+#      (RESNET_WGPU_SHADER_CHECKS=none: what naga's clamps on array indices cost against step 3's
+#      default); and the f16 rows with cooperative matrices switched the other way (off where
+#      step 3 had them on);
 #      batch norm's kernels were compared in call 1 of 2026-11-27b (wide is the GPU default);
 #   5. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
 #      its gradients against the f64 reference (relu_ties);
@@ -38,21 +39,25 @@ peers=()
 [ -x /tmp/burn-unit ] && peers+=(--burn /tmp/burn-unit)
 [ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
 l=$(left); b=$(( l - 170 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
-RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile "${peers[@]}" \
+RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
 grep -E "^(conv3x3|bn|unit|net)|fp32" "$OUT/bench.txt" | head -130
 
 echo "=== variants ($(left) s left)"
 {
-    for v in none:conv whole:net coop:f16; do
+    for v in net none:conv coop:f16; do
         l=$(left); [ "$l" -lt 100 ] && { echo "skip $v: time"; continue; }
         case $v in
         none:conv)
             RESNET_WGPU_SHADER_CHECKS=none timeout 60 /tmp/resnet-wgpu bench --full --only conv > /tmp/v.txt 2>&1
             echo "exit $?"; grep -E "^conv" /tmp/v.txt | sed "s/^/checks=none: /" ;;
-        whole:net)
-            RESNET_WGPU_STREAM_CHUNK=1000000 timeout 40 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
+        net)
+            # The ResNet-20 training-step rows (left out of step 3, so that their tuning cannot
+            # cost its later rows), streamed as by default, then each pass in one submission.
+            timeout 60 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
+            echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/streamed: /"
+            RESNET_WGPU_STREAM_CHUNK=1000000 timeout 50 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
             echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/one submission: /" ;;
         coop:f16)
             # The other setting from step 3's.

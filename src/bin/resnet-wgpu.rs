@@ -132,6 +132,9 @@ struct BenchArgs {
     /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`).
     #[arg(long)]
     only: Option<String>,
+    /// Leave out the benchmarks whose name contains this (e.g. `train step`).
+    #[arg(long)]
+    skip: Option<String>,
     /// After each benchmark, one more run with every dispatch timed on its own (its own
     /// compute pass between timestamps): where the time goes, kernel by kernel.
     #[arg(long)]
@@ -406,6 +409,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         o.shapes = Some(a.shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>>>()?);
     }
     o.only = a.only;
+    o.skip = a.skip;
     o.profile = a.profile;
     o.burn = a.burn;
     o.torch = a.torch;
