@@ -213,8 +213,9 @@ pub enum Item {
     UnitF16(UnitKind),
     /// One training step of the CIFAR ResNet-20 of this kind (forward, backward, SGD update),
     /// f32 or (`true`) the f16 network: at the shapes of its first stage (`N,16,32,32`), on `N`
-    /// images of 32x32. The f16 network not on CPU adapters: lavapipe converts halves in
-    /// software, and its step takes 35x the f32 one's.
+    /// images of 32x32. The f16 network not on CPU adapters: its convolutions take the tiled
+    /// kernels, which lavapipe runs far slower than the register path of the f32 ones (a step
+    /// 35x the f32 one's).
     Net(UnitKind, bool),
 }
 
