@@ -40,8 +40,7 @@ use std::time::{Duration, Instant};
 
 use crate::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
 use crate::error::{Error, Result};
-use crate::gpu::Gpu;
-use crate::gpu::Stream;
+use crate::gpu::{Gpu, Stream};
 use crate::net::{ResNet, Sgd};
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::conv;
@@ -450,7 +449,7 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             if half && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
                 continue;
             }
-            if item == Item::Net(UnitKind::PreAct, true) && is_cpu_adapter(gpu) {
+            if matches!(item, Item::Net(_, true)) && is_cpu_adapter(gpu) {
                 continue;
             }
             let Some(shape) = item.shape_at(shape) else { continue };
