@@ -7,7 +7,8 @@
 #   3. the full benchmark with the autotuner's log, each row's dispatches timed (--profile), and the
 #      burn and PyTorch peers, without the network rows;
 #   4. the ResNet-20 training-step rows, streamed (the default) and with each pass in one
-#      submission (RESNET_WGPU_STREAM_CHUNK); the conv rows with no runtime checks in the shaders
+#      submission (RESNET_WGPU_STREAM_CHUNK), and PyTorch's step of the same network
+#      (tools/torch_resnet.py bench); the conv rows with no runtime checks in the shaders
 #      (RESNET_WGPU_SHADER_CHECKS=none: what naga's clamps on array indices cost against step 3's
 #      default); and the f16 rows with cooperative matrices switched the other way (off where
 #      step 3 had them on);
@@ -58,7 +59,12 @@ echo "=== variants ($(left) s left)"
             timeout 60 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
             echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/streamed: /"
             RESNET_WGPU_STREAM_CHUNK=1000000 timeout 50 /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
-            echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/one submission: /" ;;
+            echo "exit $?"; grep -E "^net" /tmp/v.txt | sed "s/^/one submission: /"
+            # PyTorch's step of the same network at the same batch (fp32 with TF32 off, tf32, fp16).
+            if [ -f .device/torch_resnet.py ]; then
+                timeout 60 python3 .device/torch_resnet.py bench --n 128 --reps 30 > /tmp/v.txt 2>&1
+                echo "exit $?"; grep -E "^\{|Error" /tmp/v.txt | sed "s/^/torch: /"
+            fi ;;
         coop:f16)
             # The other setting from step 3's.
             [ $coop_rc -ne 0 ] && c=1 || c=0

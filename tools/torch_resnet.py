@@ -8,8 +8,14 @@
   resnet-wgpu grad --depth 20 --kind preact --shortcut b --classes 10 \
       --weights DIR/weights.safetensors --batch DIR/batch.safetensors --out DIR/ours.safetensors
   python3 tools/torch_resnet.py compare DIR/torch.safetensors DIR/ours.safetensors [--tol 1e-4]
+  python3 tools/torch_resnet.py bench [--depth 20] [--n 128] [--kinds preact,original]
+      [--modes fp32,tf32,fp16] [--reps 30]
+      on a CUDA GPU: one SGD training step (forward, cross-entropy, backward, update), timed as
+      the `net ResNet-20 ... train step` rows of `resnet-wgpu bench`; one JSON line per kind and
+      mode: step_ms (CUDA events around the step, the steps queued back to back, median) and
+      step_item_ms (wall clock of a step and its loss.item(), as `ResNet::train_step`, median)
 
-Needs torch and safetensors. The architecture follows src/arch.rs: CIFAR stem (3x3 conv), three
+Needs torch, and safetensors for make and compare. The architecture follows src/arch.rs: CIFAR stem (3x3 conv), three
 stages of basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1, expansion 4) units, pre-activation
 (BN-ReLU-conv; the projection shortcut takes ReLU(BN1(x)); a final BN-ReLU) or original
 (conv-BN, ReLU between, ReLU after the addition; projection = conv + BN), option A
@@ -17,12 +23,13 @@ stages of basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1, expansion 4) units, pre
 """
 import argparse
 import copy
+import json
 import sys
+import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 
 # While a list (make --margin), every ReLU appends its smallest |input| to it.
@@ -152,6 +159,7 @@ def relu_margin(model, images):
 
 
 def make(a):
+    from safetensors.torch import save_file
     # A ReLU input within f32 rounding of zero can flip between PyTorch's float64 and a float32
     # pass and move the gradients of everything before it by ~1e-3; --margin searches seeds from
     # --seed for a batch whose every ReLU input is at least that far from zero.
@@ -179,6 +187,7 @@ def make(a):
 
 
 def compare(a):
+    from safetensors.torch import load_file
     want, got = load_file(a.want), load_file(a.got)
     worst = 0.0
     missing = [k for k in want if k not in got]
@@ -191,6 +200,61 @@ def compare(a):
         print(f"{k:50s} rel L2 {rel:.2e}  max abs {(g - w).abs().max().item():.2e}")
     print(f"{len(want) - len(missing)} tensors compared, worst rel L2 {worst:.2e}; missing: {missing}")
     sys.exit(0 if worst <= a.tol and not missing else 1)
+
+
+def median_ms(step, reps):
+    """Median CUDA-event milliseconds of `step`, the steps queued back to back after 5 warm-up."""
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        start[i].record()
+        step()
+        end[i].record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) for s, e in zip(start, end))
+    return times[len(times) // 2]
+
+
+def bench(a):
+    for kind in a.kinds.split(","):
+        for mode in a.modes.split(","):
+            torch.backends.cuda.matmul.allow_tf32 = mode == "tf32"
+            torch.backends.cudnn.allow_tf32 = mode == "tf32"
+            torch.backends.cudnn.benchmark = True
+            torch.manual_seed(0)
+            model = ResNet(a.depth, kind, False, "B", a.classes).cuda().train()
+            # Learning rate 0, as resnet-wgpu's rows: every kernel of the update runs.
+            opt = torch.optim.SGD(model.parameters(), lr=0.0, momentum=0.9, weight_decay=1e-4)
+            half = mode == "fp16"
+            scaler = torch.amp.GradScaler("cuda", enabled=half)
+            images = torch.randn(a.n, 3, 32, 32, device="cuda")
+            labels = torch.randint(0, a.classes, (a.n,), device="cuda")
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast("cuda", dtype=torch.float16, enabled=half):
+                    loss = F.cross_entropy(model(images), labels)
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+                return loss
+
+            ms = median_ms(step, a.reps)
+            walls = []
+            for _ in range(a.reps):
+                t = time.perf_counter()
+                step().item()
+                walls.append((time.perf_counter() - t) * 1e3)
+            walls.sort()
+            print(json.dumps({
+                "peer": "torch", "net": f"resnet{a.depth}", "kind": kind, "mode": mode, "n": a.n,
+                "step_ms": round(ms, 4), "step_item_ms": round(walls[len(walls) // 2], 4),
+                "images_per_s": round(a.n / (walls[len(walls) // 2] * 1e-3)),
+                "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+            }), flush=True)
 
 
 def main():
@@ -211,8 +275,15 @@ def main():
     c.add_argument("want")
     c.add_argument("got")
     c.add_argument("--tol", type=float, default=1e-4)
+    b = sub.add_parser("bench")
+    b.add_argument("--depth", type=int, default=20)
+    b.add_argument("--classes", type=int, default=10)
+    b.add_argument("--n", type=int, default=128)
+    b.add_argument("--kinds", default="preact,original")
+    b.add_argument("--modes", default="fp32,tf32,fp16")
+    b.add_argument("--reps", type=int, default=30)
     a = p.parse_args()
-    make(a) if a.cmd == "make" else compare(a)
+    {"make": make, "compare": compare, "bench": bench}[a.cmd](a)
 
 
 if __name__ == "__main__":
