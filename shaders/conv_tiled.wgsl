@@ -77,7 +77,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;   // weight: dw
 @group(0) @binding(7) var<storage, read_write> part: array<f32>; // weight: split partial sums; STATS: moments
 @group(0) @binding(8) var<storage, read> wsrc: array<ST>;        // transpose_main: the weights
-@group(0) @binding(9) var<storage, read_write> wtt_out: array<ST>; // transpose_main*: transposed
+@group(0) @binding(9) var<storage, read_write> wtt_out: array<vec4<ST>>; // transpose_main*: transposed
 @group(0) @binding(10) var<storage, read> wsrc32: array<f32>;    // transpose_main32: f32 weights
 
 // @plain-begin: the tile storage and arithmetic. conv_tiled_coop.wgsl replaces this block where
@@ -590,24 +590,14 @@ fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
 // MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] = w[k][c][t].
 // transpose_main reads ST weights, transpose_main32 f32 ones (the f16 units' f32 weights).
 
-// Element i of the transposed weights: its index in the weights, or -1 in the padding; -2 past
-// the end.
-fn transpose_source(i: u32) -> i32 {
-    var cols: u32;
-    var red: u32;
-    if MODE == 0u {
-        cols = p.k;
-        red = p.c * KK;
-    } else {
+// Element (r, col) of the transposed weights: its index in the weights, or -1 in the padding.
+fn transpose_source(r: u32, col: u32) -> i32 {
+    var cols = p.k;
+    var red = p.c * KK;
+    if MODE == 1u {
         cols = p.c;
         red = p.k * KK;
     }
-    let cp = (cols + 3u) / 4u * 4u;
-    if i >= red * cp {
-        return -2;
-    }
-    let r = i / cp;
-    let col = i - r * cp;
     if col >= cols {
         return -1;
     }
@@ -618,27 +608,54 @@ fn transpose_source(i: u32) -> i32 {
     return i32((k * p.c + col) * KK + (r - k * KK));
 }
 
-// Element i of the transposed weights (x: its flat index, from the grid) and its source index
-// (y, as transpose_source).
-fn transpose_target(wid: vec3u, nwg: vec3u, lid: u32) -> vec2i {
+// The vec4 of the transposed weights that invocation i writes (as conv.wgsl's
+// transpose_weights orders them, for coalesced reads): (its row r, its first column 4q, its
+// index in wtt_out), or -1 as the index past the end.
+fn transpose_quad(wid: vec3u, nwg: vec3u, lid: u32) -> vec3i {
     let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    return vec2i(i32(i), transpose_source(i));
+    var cols = p.k;
+    var red = p.c * KK;
+    if MODE == 1u {
+        cols = p.c;
+        red = p.k * KK;
+    }
+    let quads = (cols + 3u) / 4u;
+    if i >= red * quads {
+        return vec3i(0, 0, -1);
+    }
+    let q = i / red;
+    let r = i - q * red;
+    return vec3i(i32(r), i32(q * 4u), i32(r * quads + q));
+}
+
+fn from_main(r: u32, col: u32) -> ST {
+    let s = transpose_source(r, col);
+    return select(ST(0.0), wsrc[max(s, 0)], s >= 0);
+}
+
+fn from_f32(r: u32, col: u32) -> ST {
+    let s = transpose_source(r, col);
+    return select(ST(0.0), ST(wsrc32[max(s, 0)]), s >= 0);
 }
 
 @compute @workgroup_size(64)
 fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                   @builtin(local_invocation_index) lid: u32) {
-    let t = transpose_target(wid, nwg, lid);
-    if t.y != -2 {
-        wtt_out[t.x] = select(ST(0.0), wsrc[max(t.y, 0)], t.y >= 0);
+    let t = transpose_quad(wid, nwg, lid);
+    if t.z >= 0 {
+        let r = u32(t.x);
+        let c = u32(t.y);
+        wtt_out[t.z] = vec4<ST>(from_main(r, c), from_main(r, c + 1u), from_main(r, c + 2u), from_main(r, c + 3u));
     }
 }
 
 @compute @workgroup_size(64)
 fn transpose_main32(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_index) lid: u32) {
-    let t = transpose_target(wid, nwg, lid);
-    if t.y != -2 {
-        wtt_out[t.x] = select(ST(0.0), ST(wsrc32[max(t.y, 0)]), t.y >= 0);
+    let t = transpose_quad(wid, nwg, lid);
+    if t.z >= 0 {
+        let r = u32(t.x);
+        let c = u32(t.y);
+        wtt_out[t.z] = vec4<ST>(from_f32(r, c), from_f32(r, c + 1u), from_f32(r, c + 2u), from_f32(r, c + 3u));
     }
 }

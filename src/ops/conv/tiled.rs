@@ -942,7 +942,8 @@ fn data(
     let mut tp = params;
     tp.base = u32::from(op == Op::BackwardData); // conv.wgsl's transpose_weights: the op
     let binds = [(source.0, source.1.as_entire_binding()), (9, wtt.as_entire_binding())];
-    dispatch_pipeline(rec, &transpose, label, &tp, &binds, crate::gpu::groups_for(red * cp));
+    // One invocation per vec4 of the transposed weights.
+    dispatch_pipeline(rec, &transpose, label, &tp, &binds, crate::gpu::groups_for(red * cp / 4));
     let mut binds = vec![
         (1, a.as_entire_binding()),
         (2, wtt.as_entire_binding()),
