@@ -357,6 +357,10 @@ pub struct BenchRow {
     /// (recording, the passes handed to the device as they are recorded, the wait, the loss
     /// read back).
     pub step_ms: Option<f64>,
+    /// Network rows on an adapter that streams ([`Gpu::stream`] submitting as it goes): the same
+    /// step with all its passes in one submission, timed interleaved with `step_ms`'s runs (what
+    /// streaming saves). `None` where the context submits a step at once anyway.
+    pub step_one_ms: Option<f64>,
 }
 
 impl BenchRow {
@@ -454,7 +458,14 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             }
             let Some(shape) = item.shape_at(shape) else { continue };
             let row = bench_item(gpu, &timer, opts, item, shape)?;
-            eprintln!("  {:<26} {:<14} {:>10.3} ms", row.name(), shape_str(shape), row.ms);
+            // The time of day lines the row up with a clock log of the GPU (tools/device_run.sh).
+            eprintln!(
+                "  {:<26} {:<14} {:>10.3} ms  at {} UTC",
+                row.name(),
+                shape_str(shape),
+                row.ms,
+                utc_time_of_day()
+            );
             for (label, count, ms) in profile_summary(&row.profile) {
                 eprintln!("      {ms:>8.3} ms  {count:>3} x {label}");
             }
@@ -580,6 +591,13 @@ impl Timer {
     }
 }
 
+/// The wall clock's time of day, UTC, as `HH:MM:SS.mmm`.
+fn utc_time_of_day() -> String {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let s = ms / 1000 % 86_400;
+    format!("{:02}:{:02}:{:02}.{:03}", s / 3600, s / 60 % 60, s % 60, ms % 1000)
+}
+
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     let m = v.len() / 2;
@@ -655,6 +673,7 @@ fn measure(
         reps: opts.reps,
         profile,
         step_ms: None,
+        step_one_ms: None,
     })
 }
 
@@ -834,13 +853,24 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 net.record_train_step(gpu, &mut out, &images, &labels, opt)?;
                 Ok(out.into_buffers())
             })?;
-            let mut step = Vec::with_capacity(opts.reps);
+            // train_step as it is, and (where the context streams) the same step submitted at
+            // once, run by run in turn so that drifting clocks weigh on both alike.
+            let (mut step, mut step_one) = (Vec::with_capacity(opts.reps), Vec::with_capacity(opts.reps));
             for _ in 0..opts.reps {
                 let t = Instant::now();
                 net.train_step(gpu, &images, &labels, opt)?;
                 step.push(t.elapsed().as_secs_f64() * 1e3);
+                if gpu.streams() {
+                    let t = Instant::now();
+                    let mut out = Stream::new(gpu, usize::MAX);
+                    net.record_train_step(gpu, &mut out, &images, &labels, opt)?;
+                    out.finish()?;
+                    net.loss(gpu)?;
+                    step_one.push(t.elapsed().as_secs_f64() * 1e3);
+                }
             }
             row.step_ms = Some(median(&mut step));
+            row.step_one_ms = (!step_one.is_empty()).then(|| median(&mut step_one));
             Ok(row)
         }
     }
@@ -1141,10 +1171,20 @@ pub fn table(r: &Report) -> String {
              same step's GPU time and `record ms` its recording",
             r.reps
         );
-        let _ = writeln!(s, "{:<w$} {:<14} {:>10} {:>10}", "network", "N,C,H,W", "step ms", "images/s");
+        let streams = nets.iter().any(|(row, _)| row.step_one_ms.is_some());
+        if streams {
+            let _ = writeln!(
+                s,
+                "(`one submission ms`: the same step with every pass submitted at the end, timed in turn with \
+                 `step ms`, whose passes go to the device as they are recorded)"
+            );
+        }
+        let one = if streams { format!(" {:>18}", "one submission ms") } else { String::new() };
+        let _ = writeln!(s, "{:<w$} {:<14} {:>10} {:>10}{one}", "network", "N,C,H,W", "step ms", "images/s");
         for (row, step) in nets {
             let rate = row.shape[0] as f64 / (step * 1e-3);
-            let _ = writeln!(s, "{:<w$} {:<14} {:>10.3} {:>10.0}", row.name(), shape_str(row.shape), step, rate);
+            let one = row.step_one_ms.map_or(String::new(), |o| format!(" {o:>18.3}"));
+            let _ = writeln!(s, "{:<w$} {:<14} {:>10.3} {:>10.0}{one}", row.name(), shape_str(row.shape), step, rate);
         }
     }
     if !r.peers.is_empty() {
@@ -1265,7 +1305,7 @@ pub fn to_json(r: &Report) -> String {
                 .collect();
             format!(
                 "    {{\"name\": {}, \"shape\": {}, \"ms\": {}, \"min_ms\": {}, \"wall_ms\": {}, \"record_ms\": {}, \
-                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}, \"step_ms\": {}, \"profile\": [{}]}}",
+                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}, \"step_ms\": {}, \"step_one_ms\": {}, \"profile\": [{}]}}",
                 js(&row.name()),
                 jshape(row.shape),
                 jn(Some(row.ms)),
@@ -1277,6 +1317,7 @@ pub fn to_json(r: &Report) -> String {
                 jn(row.gflops()),
                 jn(row.gbytes_per_s()),
                 jn(row.step_ms),
+                jn(row.step_one_ms),
                 profile.join(", "),
             )
         })

@@ -547,6 +547,11 @@ impl Gpu {
         Stream::new(self, self.stream_chunk)
     }
 
+    /// Whether [`Gpu::stream`] submits before its [`Stream::finish`] (on GPUs, by default).
+    pub fn streams(&self) -> bool {
+        self.stream_chunk != usize::MAX
+    }
+
     /// Waits for everything submitted so far and returns any error the device raised since.
     pub fn wait(&self) -> Result<()> {
         let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -196,26 +196,43 @@ fn bench_times_a_tiny_shape_and_writes_json() {
 
 /// The network rows: one ResNet-20 training step timed queued and as `train_step` takes it,
 /// at the first stage's shape; GFLOP/s from the network's convolutions (40.8 M multiply-adds an
-/// image, forward and backward).
+/// image, forward and backward). Where the context streams (here forced by
+/// `RESNET_WGPU_STREAM_CHUNK`), the same step in one submission beside it.
 #[test]
 fn bench_times_a_network_training_step() {
-    let d = dir("bench-net");
-    let json = d.join("bench.json");
-    let args = ["bench", "--quick", "--shapes", "2,16,32,32", "--only", "preact train step", "--json"];
-    let (ok, text) = tool(&[&args[..], &[json.to_str().unwrap()]].concat());
-    assert!(ok, "{text}");
-    assert!(text.contains("net ResNet-20 preact train step") && text.contains("networks:"), "{text}");
-    let j = std::fs::read_to_string(&json).unwrap();
-    let row = j.lines().find(|l| l.contains("\"net ResNet-20 preact train step\"")).expect("the network row");
-    let field = |name: &str| -> f64 {
-        let at = row.find(&format!("\"{name}\": ")).unwrap_or_else(|| panic!("{name} in {row}")) + name.len() + 4;
-        row[at..].split([',', '}']).next().unwrap().trim().parse().unwrap_or_else(|e| panic!("{name}: {e} in {row}"))
-    };
-    assert!(row.contains("\"shape\": [2, 3, 32, 32]"), "{row}");
-    let (ms, step) = (field("ms"), field("step_ms"));
-    assert!(ms > 0.0 && step > 0.0, "{row}");
-    let want = 6.0 * 2.0 * 40_812_544.0 / (ms * 1e-3) / 1e9;
-    assert!((field("gflops") - want).abs() <= 1e-3 * want, "{row}: GFLOP/s against {want}");
+    for chunk in [None, Some("4")] {
+        let d = dir("bench-net");
+        let json = d.join("bench.json");
+        let args = ["bench", "--quick", "--shapes", "2,16,32,32", "--only", "preact train step", "--json"];
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"));
+        cmd.args(args).arg(&json);
+        if let Some(c) = chunk {
+            cmd.env("RESNET_WGPU_STREAM_CHUNK", c);
+        }
+        let out = cmd.output().expect("run resnet-wgpu");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("net ResNet-20 preact train step") && text.contains("networks:"), "{text}");
+        let j = std::fs::read_to_string(&json).unwrap();
+        let row = j.lines().find(|l| l.contains("\"net ResNet-20 preact train step\"")).expect("the network row");
+        let raw = |name: &str| -> &str {
+            let at = row.find(&format!("\"{name}\": ")).unwrap_or_else(|| panic!("{name} in {row}")) + name.len() + 4;
+            row[at..].split([',', '}']).next().unwrap().trim()
+        };
+        let field = |name: &str| -> f64 { raw(name).parse().unwrap_or_else(|e| panic!("{name}: {e} in {row}")) };
+        assert!(row.contains("\"shape\": [2, 3, 32, 32]"), "{row}");
+        let (ms, step) = (field("ms"), field("step_ms"));
+        assert!(ms > 0.0 && step > 0.0, "{row}");
+        let want = 6.0 * 2.0 * 40_812_544.0 / (ms * 1e-3) / 1e9;
+        assert!((field("gflops") - want).abs() <= 1e-3 * want, "{row}: GFLOP/s against {want}");
+        // The one-submission step: timed where the context streams, absent where it does not.
+        let streams = chunk.is_some() || gpu().streams();
+        assert_eq!(raw("step_one_ms") != "null", streams, "{row}");
+        assert_eq!(text.contains("one submission ms"), streams, "{text}");
+        if streams {
+            assert!(field("step_one_ms") > 0.0, "{row}");
+        }
+    }
 }
 
 #[test]
