@@ -795,8 +795,7 @@ fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
         Plan::Tiled { tile, .. } => tile,
         _ => tiled::rule(op, g),
     };
-    let (tile, coop) = tiled::half_tile(gpu, op, g, f32_tile);
-    tiled::on_coop(tiled::plan_for(op, g, tile), coop)
+    tiled::half_plan(gpu, op, g, f32_tile)
 }
 
 /// `half_plan` without splits (the fused epilogues need the whole sum).

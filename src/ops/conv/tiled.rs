@@ -7,9 +7,10 @@
 //! fixed rule (timing there is slow and noisy, and CPU adapters mostly take the register path);
 //! else the autotuner: on the first use of an (op, shape) it times every configuration that fits
 //! on operands of that shape (GPU timestamps where the device has them, else the wall clock),
-//! and the plan cache of `conv.rs` keeps the fastest for the life of the context. Where an op
-//! has a BN + ReLU prologue, the same timing ([`tune_prologue`]) decides whether it stays fused
-//! or runs as a pass of its own. With `RESNET_WGPU_CONV_TUNE_LOG` set, each tuning prints its
+//! and the plan cache of `conv.rs` keeps the fastest for the life of the context. Where a data
+//! op's rule splits its reduction, the same timing ([`tune_split`]) decides whether it does. Where
+//! an op has a BN + ReLU prologue, the same timing ([`tune_prologue`]) decides whether it stays
+//! fused or runs as a pass of its own. With `RESNET_WGPU_CONV_TUNE_LOG` set, each tuning prints its
 //! timings to stderr.
 //!
 //! The f16 path, on a context with cooperative matrices (tensor cores; [`CoopMatrix`]), builds
@@ -585,14 +586,26 @@ pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk, coop: false }
 }
 
-/// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned.
+/// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned
+/// (the configuration, then whether a data op splits its reduction, [`tune_split`]).
 pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan {
     let tile = match forced(gpu, op, g) {
-        Some(i) => i,
-        None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => rule(op, g),
+        Some(i) => return plan_for(op, g, i),
+        None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => return plan_for(op, g, rule(op, g)),
         None => tune(gpu, op, g, false).0,
     };
-    plan_for(op, g, tile)
+    tune_split(gpu, op, g, plan_for(op, g, tile), false)
+}
+
+/// The f16 path's plan for `op` on `g`: [`half_tile`]'s configuration, and where that was tuned,
+/// whether a data op splits its reduction ([`tune_split`]); cached.
+pub(super) fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> Plan {
+    let (tile, coop) = half_tile(gpu, op, g, f32_tile);
+    let plan = on_coop(plan_for(op, g, tile), coop);
+    if forced_any(gpu).is_some() || gpu.report.device_type == wgpu::DeviceType::Cpu {
+        return plan;
+    }
+    gpu.cached(&format!("conv.half-split.{op:?}.{g:?}.{plan:?}"), || tune_split(gpu, op, g, plan, true))
 }
 
 /// The autotuner's warm-up on a GPU: this much wall time or this many rounds, the first reached.
@@ -774,6 +787,56 @@ pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: b
         );
     }
     separate
+}
+
+/// `plan`, or the same configuration without splitting the reduction, whichever runs `op` faster
+/// on `g`, where `plan` is a data op's (forward or backward_data) that [`plan_for`]'s rule split
+/// (its output has fewer tiles than [`DATA_WORKGROUPS`]); f32 or (`half`) f16 activations. Both
+/// are timed as [`tune`] times configurations, on zero operands of `g`'s shape, the split one with
+/// its reduction pass. On the H200 the rule split every ImageNet-like data op from 14x14 down, and
+/// the split's reductions took 0.05 to 0.11 ms of a unit's 2.5 (BENCHMARKS.md, cfa22d4); unsplit,
+/// a unit's fused epilogues (BN statistics, BN backward sums) apply as well, which this timing
+/// leaves out. `plan` where either fails to run.
+pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) -> Plan {
+    let Plan::Tiled { tile, splits, coop, .. } = plan else { return plan };
+    if splits == 1 || op == Op::BackwardWeight {
+        return plan;
+    }
+    let whole = Plan::Tiled { tile, splits: 1, chunk: 0, coop };
+    let (x, y) = ([g.n, g.c, g.h, g.w], [g.n, g.k, g.oh, g.ow]);
+    let (a, out) = if op == Op::Forward { (x, y) } else { (y, x) };
+    let Ok(t) = [a, [g.k, g.c, g.ks, g.ks], out].iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>()
+    else {
+        return plan;
+    };
+    let h = match half {
+        true => [a, out].iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>(),
+        false => Ok(Vec::new()),
+    };
+    let Ok(h) = h else { return plan };
+    let plans = [plan, whole];
+    let run = |k: usize| {
+        let mut rec = gpu.recorder("conv tune split");
+        match half {
+            false => record(&mut rec, op, g, plans[k], &t[0], None, &t[1], &t[2], false),
+            true => record_half_data(&mut rec, op, g, plans[k], &h[0], None, Weights::F32(&t[1].buffer), &h[1], false),
+        }
+        Ok(rec.finish())
+    };
+    let times = time_each(gpu, 2, run);
+    let unsplit = matches!(times[..], [Some(split), Some(w)] if w < split);
+    if tune_log() {
+        let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
+        eprintln!(
+            "conv tune split{} {}: ms split {splits} {}, whole {}; chose {}",
+            if half { " f16" } else { "" },
+            tuned_shape(op, g),
+            ms(times[0]),
+            ms(times[1]),
+            if unsplit { "whole" } else { "split" }
+        );
+    }
+    if unsplit { whole } else { plan }
 }
 
 // ---------------------------------------------------------------------------------------------
