@@ -732,9 +732,9 @@ impl ResNet {
 
     fn record_sgd(&self, gpu: &Gpu, opt: Sgd) -> Result<wgpu::CommandBuffer> {
         let mut rec = gpu.recorder("sgd");
-        for (_, p) in self.params() {
-            sgd::step(&mut rec, &p.value, &p.grad, &p.momentum, opt.lr, opt.momentum, opt.weight_decay)?;
-        }
+        let params = self.params();
+        let triples: Vec<[&Tensor; 3]> = params.iter().map(|(_, p)| [&p.value, &p.grad, &p.momentum]).collect();
+        sgd::step_many(&mut rec, &triples, opt.lr, opt.momentum, opt.weight_decay)?;
         Ok(rec.finish())
     }
 

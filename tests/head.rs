@@ -6,6 +6,7 @@ use resnet_wgpu::Error;
 use resnet_wgpu::ops::pool_fc_loss::{self as head, Labels, upload_labels};
 use resnet_wgpu::ops::sgd;
 use resnet_wgpu::reference::{self as r, to_f64};
+use resnet_wgpu::tensor::Tensor;
 
 fn labels(rng: &mut Rng, n: usize, k: usize) -> Vec<u32> {
     (0..n).map(|_| rng.below(k) as u32).collect()
@@ -248,6 +249,46 @@ fn sgd_steps() {
         check(&format!("sgd w after {STEPS} steps {tag}"), &read(&tw), &w, F32_TOL);
         check(&format!("sgd m after {STEPS} steps {tag}"), &read(&tm), &m, F32_TOL);
     }
+}
+
+/// `step_many`, a network's update: 11 tensors of awkward lengths (two dispatches of up to 8, the
+/// second with unused slots) after 3 steps, each against the reference; every element of every
+/// w and m moves, so one left unwritten fails. Then its refusals.
+#[test]
+fn sgd_many_steps() {
+    let g = gpu();
+    let mut rng = Rng::new(17);
+    let lens = [1usize, 7, 432, 1000, 333, 5, 9, 64, 100, 17, 2305];
+    let (lr, mu, wd) = (0.1f32, 0.9f32, 5e-4f32);
+    const STEPS: usize = 3;
+    let w0: Vec<Vec<f32>> = lens.iter().map(|&n| rng.data(n)).collect();
+    let m0: Vec<Vec<f32>> = lens.iter().map(|&n| rng.data(n)).collect();
+    let grads: Vec<Vec<Vec<f32>>> = (0..STEPS).map(|_| lens.iter().map(|&n| rng.data(n)).collect()).collect();
+    let tw: Vec<_> = w0.iter().zip(&lens).map(|(v, &n)| upload(&[n], v)).collect();
+    let tm: Vec<_> = m0.iter().zip(&lens).map(|(v, &n)| upload(&[n], v)).collect();
+    for gs in &grads {
+        let tg: Vec<_> = gs.iter().zip(&lens).map(|(v, &n)| upload(&[n], v)).collect();
+        let triples: Vec<[&Tensor; 3]> = (0..lens.len()).map(|j| [&tw[j], &tg[j], &tm[j]]).collect();
+        let mut rec = g.recorder("sgd many");
+        sgd::step_many(&mut rec, &triples, lr, mu, wd).unwrap();
+        rec.run().unwrap();
+    }
+    for (j, &n) in lens.iter().enumerate() {
+        let (mut w, mut m) = (to_f64(&w0[j]), to_f64(&m0[j]));
+        for gs in &grads {
+            r::sgd::step(&mut w, &to_f64(&gs[j]), &mut m, lr as f64, mu as f64, wd as f64);
+        }
+        check(&format!("sgd many w, tensor {j} of {n}"), &read(&tw[j]), &w, F32_TOL);
+        check(&format!("sgd many m, tensor {j} of {n}"), &read(&tm[j]), &m, F32_TOL);
+    }
+    let t = |n: usize| upload(&[n], &vec![0.5; n]);
+    let (a, b, c, d) = (t(4), t(4), t(4), t(4));
+    let mut rec = g.recorder("sgd many refusals");
+    let shared = sgd::step_many(&mut rec, &[[&a, &b, &c], [&d, &b, &t(4)]], lr, mu, wd);
+    assert!(matches!(shared, Err(Error::Invalid(_))), "a gradient shared by two parameters: {shared:?}");
+    assert!(matches!(sgd::step_many(&mut rec, &[[&a, &b, &t(5)]], lr, mu, wd), Err(Error::Shape(_))));
+    assert!(matches!(sgd::step_many(&mut rec, &[[&a, &a, &c]], lr, mu, wd), Err(Error::Invalid(_))));
+    assert!(matches!(sgd::step_many(&mut rec, &[[&a, &b, &c]], -0.1, mu, wd), Err(Error::Invalid(_))));
 }
 
 #[test]

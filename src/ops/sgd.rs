@@ -2,7 +2,7 @@
 //! `reference::sgd`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader, groups_for};
 use crate::ops::split;
 use crate::tensor::Tensor;
 
@@ -20,6 +20,83 @@ pub fn step(
     momentum: f32,
     weight_decay: f32,
 ) -> Result<()> {
+    check(w, g, m)?;
+    check_hyper(lr, momentum, weight_decay)?;
+    let chunk =
+        |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| step(rec, &o[0], &i[0], &o[1], lr, momentum, weight_decay);
+    if split::flat_op(rec, "sgd step", &[g], &[(w, true), (m, true)], chunk)? {
+        return Ok(());
+    }
+    let n = len_u32(w)?;
+    rec.dispatch(
+        Shader::Sgd,
+        "step",
+        &[n, lr.to_bits(), momentum.to_bits(), weight_decay.to_bits()],
+        &[(1, &w.buffer), (2, &g.buffer), (3, &m.buffer)],
+        groups_for(n as usize),
+    );
+    Ok(())
+}
+
+/// Tensors per dispatch of [`step_many`] (`step8` in the shader).
+const GROUP: usize = 8;
+
+/// [`step`] on each `[w, g, m]` of `params` (a network's parameters): the same update, up to 8
+/// tensors to a dispatch where the adapter binds 24 storage buffers at once and each tensor fits
+/// one binding (else one [`step`] each). Errors as [`step`], and where a tensor appears in two
+/// of the triples.
+pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
+    check_hyper(lr, momentum, weight_decay)?;
+    for (i, [w, g, m]) in params.iter().enumerate() {
+        check(w, g, m)?;
+        let later = params[i + 1..].iter().flatten();
+        if later.clone().any(|o| o.buffer == w.buffer || o.buffer == g.buffer || o.buffer == m.buffer) {
+            return Err(Error::Invalid(format!("sgd step_many: parameter {i} shares a tensor with a later one")));
+        }
+    }
+    let gpu = rec.gpu;
+    let grouped = gpu.device.limits().max_storage_buffers_per_shader_stage as usize >= 3 * GROUP;
+    let fits = |[w, ..]: &&[&Tensor; 3]| grouped && w.bytes() <= gpu.max_binding_bytes && w.len() <= u32::MAX as usize;
+    let (together, alone): (Vec<&[&Tensor; 3]>, Vec<_>) = params.iter().partition(fits);
+    for [w, g, m] in alone {
+        step(rec, w, g, m, lr, momentum, weight_decay)?;
+    }
+    for group in together.chunks(GROUP) {
+        let mut words = vec![0, lr.to_bits(), momentum.to_bits(), weight_decay.to_bits()];
+        let mut binds: Vec<(u32, &wgpu::Buffer)> = Vec::with_capacity(3 * GROUP);
+        let unused = unused_slots(gpu);
+        for (j, spare) in unused.iter().enumerate() {
+            let slot = 4 + 3 * j as u32;
+            let ([w, g, m], len) = match group.get(j) {
+                Some([w, g, m]) => ([&w.buffer, &g.buffer, &m.buffer], len_u32(w)?),
+                None => ([&spare[0], &spare[1], &spare[2]], 0),
+            };
+            words.push(len);
+            binds.extend([(slot, w), (slot + 1, g), (slot + 2, m)]);
+        }
+        let most = group.iter().map(|[w, ..]| w.len()).max().unwrap_or(0);
+        rec.dispatch(Shader::Sgd, "step8", &words, &binds, groups_for(most));
+    }
+    Ok(())
+}
+
+/// Buffers for the unused slots of a `step8` dispatch (of 0 elements there, never read): one
+/// each, since two writable bindings of one dispatch must not share a buffer.
+fn unused_slots(gpu: &Gpu) -> Vec<[wgpu::Buffer; 3]> {
+    gpu.cached("sgd.unused", || {
+        let make = || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("sgd unused slot"),
+                size: 4,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        (0..GROUP).map(|_| [make(), make(), make()]).collect()
+    })
+}
+
+fn check(w: &Tensor, g: &Tensor, m: &Tensor) -> Result<()> {
     if g.dims() != w.dims() || m.dims() != w.dims() {
         return Err(Error::Shape(format!(
             "sgd step: w {:?}, g {:?} and m {:?} must have one shape",
@@ -31,24 +108,18 @@ pub fn step(
     if w.buffer == g.buffer || w.buffer == m.buffer || g.buffer == m.buffer {
         return Err(Error::Invalid("sgd step: w, g and m must be distinct tensors".into()));
     }
+    Ok(())
+}
+
+fn check_hyper(lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
     for (name, v) in [("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)] {
         if !v.is_finite() || v < 0.0 {
             return Err(Error::Invalid(format!("sgd step: {name} = {v} must be finite and not negative")));
         }
     }
-    let chunk =
-        |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| step(rec, &o[0], &i[0], &o[1], lr, momentum, weight_decay);
-    if split::flat_op(rec, "sgd step", &[g], &[(w, true), (m, true)], chunk)? {
-        return Ok(());
-    }
-    let n = u32::try_from(w.len())
-        .map_err(|_| Error::Invalid(format!("sgd step: {} elements exceed u32 indexing", w.len())))?;
-    rec.dispatch(
-        Shader::Sgd,
-        "step",
-        &[n, lr.to_bits(), momentum.to_bits(), weight_decay.to_bits()],
-        &[(1, &w.buffer), (2, &g.buffer), (3, &m.buffer)],
-        groups_for(n as usize),
-    );
     Ok(())
+}
+
+fn len_u32(w: &Tensor) -> Result<u32> {
+    u32::try_from(w.len()).map_err(|_| Error::Invalid(format!("sgd step: {} elements exceed u32 indexing", w.len())))
 }
