@@ -773,20 +773,34 @@ pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: b
         }
         Ok(rec.finish())
     };
+    second_faster(gpu, ("prologue", half, op, g), ["fused", "separate"], run)
+}
+
+/// Whether the second of two ways to run `op` on `g` (`run(1)` against `run(0)`, timed as
+/// [`time_each`] times them) is faster; the first where either fails. With the tune log, prints
+/// both timings as `conv tune {what}`, its `names` and the choice.
+fn second_faster(
+    gpu: &Gpu,
+    (what, half, op, g): (&str, bool, Op, &Geometry),
+    names: [&str; 2],
+    run: impl Fn(usize) -> Result<wgpu::CommandBuffer>,
+) -> bool {
     let times = time_each(gpu, 2, run);
-    let separate = matches!(times[..], [Some(fused), Some(apart)] if apart < fused);
+    let second = matches!(times[..], [Some(first), Some(other)] if other < first);
     if tune_log() {
         let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
         eprintln!(
-            "conv tune prologue{} {}: ms fused {}, separate {}; chose {}",
+            "conv tune {what}{} {}: ms {} {}, {} {}; chose {}",
             if half { " f16" } else { "" },
             tuned_shape(op, g),
+            names[0],
             ms(times[0]),
+            names[1],
             ms(times[1]),
-            if separate { "separate" } else { "fused" }
+            names[usize::from(second)]
         );
     }
-    separate
+    second
 }
 
 /// `plan`, or the same configuration without splitting the reduction, whichever runs `op` faster
@@ -823,20 +837,11 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
         }
         Ok(rec.finish())
     };
-    let times = time_each(gpu, 2, run);
-    let unsplit = matches!(times[..], [Some(split), Some(w)] if w < split);
-    if tune_log() {
-        let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
-        eprintln!(
-            "conv tune split{} {}: ms split {splits} {}, whole {}; chose {}",
-            if half { " f16" } else { "" },
-            tuned_shape(op, g),
-            ms(times[0]),
-            ms(times[1]),
-            if unsplit { "whole" } else { "split" }
-        );
+    let split = format!("split {splits}");
+    match second_faster(gpu, ("split", half, op, g), [&split, "whole"], run) {
+        true => whole,
+        false => plan,
     }
-    if unsplit { whole } else { plan }
 }
 
 // ---------------------------------------------------------------------------------------------
