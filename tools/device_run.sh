@@ -75,26 +75,20 @@ echo "=== variants ($(left) s left)"
 cat "$OUT/variants.txt"
 
 echo "=== tests ($(left) s left)"
-for t in f16_network conv units f16_units network variants batch_norm no_subgroups binding_limit; do
+# conv_none: tests/conv.rs with naga's bounds checks off (RESNET_WGPU_SHADER_CHECKS=none, 4% to
+# 7% faster convolutions in the cfa22d4 call): whether it passes there decides whether the tiled
+# kernels could drop the checks on GPUs.
+for t in f16_network conv conv_none units f16_units network variants batch_norm no_subgroups binding_limit; do
     l=$(left); [ "$l" -lt 30 ] && { echo "skip test $t: time"; continue; }
     to=$(( l - 10 < 60 ? l - 10 : 60 ))
-    timeout $to "/tmp/t_$t" --test-threads 4 --nocapture > "/tmp/t_$t.log" 2>&1
+    checks=${RESNET_WGPU_SHADER_CHECKS:-}
+    exe="/tmp/t_$t"
+    [ $t = conv_none ] && { exe=/tmp/t_conv; checks=none; }
+    RESNET_WGPU_SHADER_CHECKS=$checks timeout $to "$exe" --test-threads 4 --nocapture > "/tmp/t_$t.log" 2>&1
     echo "test $t exit $? ($(left) s left)"; summary "/tmp/t_$t.log"
     # At most 8 files come back: the test logs go into one.
     { echo "##### $t"; cat "/tmp/t_$t.log"; } >> "$OUT/tests.log"
 done
-# The convolutions' tests with naga's bounds checks off (RESNET_WGPU_SHADER_CHECKS=none, 4% to
-# 7% faster convolutions in the cfa22d4 call): whether they hold there decides whether the tiled
-# kernels could drop the checks on GPUs.
-l=$(left)
-if [ "$l" -ge 60 ]; then
-    to=$(( l - 10 < 90 ? l - 10 : 90 ))
-    RESNET_WGPU_SHADER_CHECKS=none timeout $to /tmp/t_conv --test-threads 4 > /tmp/t_none.log 2>&1
-    echo "test conv (checks none) exit $? ($(left) s left)"; summary /tmp/t_none.log
-    { echo "##### conv, RESNET_WGPU_SHADER_CHECKS=none"; cat /tmp/t_none.log; } >> "$OUT/tests.log"
-else
-    echo "skip test conv (checks none): time"
-fi
 
 echo "=== torch_check ($(left) s left)"
 if [ "$(left)" -ge 60 ]; then
