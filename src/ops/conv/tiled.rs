@@ -819,21 +819,19 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
     let whole = Plan::Tiled { tile, splits: 1, chunk: 0, coop };
     let (x, y) = ([g.n, g.c, g.h, g.w], [g.n, g.k, g.oh, g.ow]);
     let (a, out) = if op == Op::Forward { (x, y) } else { (y, x) };
-    let Ok(t) = [a, [g.k, g.c, g.ks, g.ks], out].iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>()
-    else {
-        return plan;
+    // The weights in f32 (as the f16 units keep them); the activations in f32 or f16.
+    let Ok(w) = Tensor::zeros(gpu, &[g.k, g.c, g.ks, g.ks]) else { return plan };
+    let acts = match half {
+        false => [a, out].iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>().map(|t| (t, Vec::new())),
+        true => [a, out].iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>().map(|h| (Vec::new(), h)),
     };
-    let h = match half {
-        true => [a, out].iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>(),
-        false => Ok(Vec::new()),
-    };
-    let Ok(h) = h else { return plan };
+    let Ok((t, h)) = acts else { return plan };
     let plans = [plan, whole];
     let run = |k: usize| {
         let mut rec = gpu.recorder("conv tune split");
         match half {
-            false => record(&mut rec, op, g, plans[k], &t[0], None, &t[1], &t[2], false),
-            true => record_half_data(&mut rec, op, g, plans[k], &h[0], None, Weights::F32(&t[1].buffer), &h[1], false),
+            false => record(&mut rec, op, g, plans[k], &t[0], None, &w, &t[1], false),
+            true => record_half_data(&mut rec, op, g, plans[k], &h[0], None, Weights::F32(&w.buffer), &h[1], false),
         }
         Ok(rec.finish())
     };
