@@ -3,6 +3,7 @@
 
 use std::any::{Any, TypeId};
 use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -245,7 +246,8 @@ pub struct Gpu {
     pub max_binding_bytes: u64,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
-    cache: Mutex<HashMap<(TypeId, String), Box<dyn Any + Send + Sync>>>,
+    /// [`Gpu::cached`]'s values: per (key type, value type), a map from key to value.
+    cache: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
     uncaptured: Arc<Mutex<Option<String>>>,
     submit_lock: Mutex<()>,
     /// Bytes of buffers requested through [`Gpu::create_buffer`] so far (never decreases).
@@ -500,16 +502,23 @@ impl Gpu {
     /// of the context. wgpu handles are reference-counted, so the clone of a cached buffer is the
     /// same buffer. `make` runs without the cache locked (it may use the cache itself); of two
     /// threads racing to build one key, the first to finish wins.
-    pub fn cached<T: Clone + Send + Sync + 'static>(&self, key: &str, make: impl FnOnce() -> T) -> T {
-        let id = (TypeId::of::<T>(), key.to_string());
+    pub fn cached<K, T>(&self, key: K, make: impl FnOnce() -> T) -> T
+    where
+        K: Hash + Eq + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
+        // Keys are values, not formatted strings: the ops look their plans and scratch buffers
+        // up on every dispatch, and the formatting cost more than the lookup.
         let lock = || self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = lock().get(&id).and_then(|b| b.downcast_ref::<T>()) {
+        let id = TypeId::of::<(K, T)>();
+        if let Some(v) = lock().get(&id).and_then(|m| m.downcast_ref::<HashMap<K, T>>()).and_then(|m| m.get(&key)) {
             return v.clone();
         }
         let v = make();
         let mut cache = lock();
-        let slot = cache.entry(id).or_insert_with(|| Box::new(v));
-        slot.downcast_ref::<T>().expect("cache entries are keyed by type").clone()
+        let map = cache.entry(id).or_insert_with(|| Box::new(HashMap::<K, T>::new()));
+        let map = map.downcast_mut::<HashMap<K, T>>().expect("cache maps are keyed by their types");
+        map.entry(key).or_insert(v).clone()
     }
 
     /// A recorder for one command buffer.
@@ -519,8 +528,16 @@ impl Gpu {
             encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
             pass: None,
             arena: Arena::default(),
+            binds: None,
             spans: crate::profile::Spans::begin(self),
         }
+    }
+
+    /// A recorder whose dispatches take their bind groups from `binds` where it has them (a
+    /// pass recorded again on the same buffers with the same parameters), and leave there the
+    /// ones they make.
+    pub fn recorder_cached<'a>(&'a self, label: &str, binds: &'a BindCache) -> Recorder<'a> {
+        Recorder { binds: Some(binds), ..self.recorder(label) }
     }
 
     /// Submits command buffers in one submission, waits for them, and reports any device error.
@@ -631,8 +648,146 @@ pub struct Recorder<'a> {
     pass: Option<wgpu::ComputePass<'static>>,
     encoder: wgpu::CommandEncoder,
     arena: Arena,
+    /// Bind groups kept from earlier recordings ([`Gpu::recorder_cached`]).
+    binds: Option<&'a BindCache>,
     /// Per-dispatch timestamps, where profiling is on ([`crate::profile`]).
     spans: Option<crate::profile::Spans>,
+}
+
+/// Bind groups kept from one recording of a network's passes to the next.
+///
+/// A training step records the same few hundred dispatches, on the same buffers with the same
+/// parameters, every time; making their bind groups again (and their parameter slots) took a
+/// third of the host's recording. An entry is keyed by the pipeline, the parameter bytes and
+/// every bound buffer range, and binds its parameters in a uniform buffer of its own, written
+/// once. Only dispatches that bind buffers alone are kept. An entry holds its buffers alive, so
+/// the owner calls [`BindCache::sweep`] once per top-level pass, which drops the entries that no
+/// recording used since [`BindCache::KEEP`] sweeps before (a caller's images tensor replaced
+/// each step, say), and drops the cache with the buffers it was made for.
+#[derive(Default)]
+pub struct BindCache {
+    state: Mutex<BindState>,
+}
+
+#[derive(Default)]
+struct BindState {
+    /// Entries by the hash of their key; a bucket holds the (rare) keys that share one.
+    entries: HashMap<u64, Vec<BindEntry>>,
+    epoch: u64,
+}
+
+struct BindEntry {
+    pipeline: wgpu::ComputePipeline,
+    params: Vec<u8>,
+    buffers: Vec<(u32, wgpu::Buffer, u64, Option<wgpu::BufferSize>)>,
+    group: wgpu::BindGroup,
+    /// The sweep epoch of its last use.
+    used: u64,
+}
+
+impl BindEntry {
+    fn matches(&self, pipeline: &wgpu::ComputePipeline, params: &[u8], buffers: &[(u32, wgpu::BufferBinding)]) -> bool {
+        self.pipeline == *pipeline
+            && self.params == params
+            && self.buffers.len() == buffers.len()
+            && self.buffers.iter().zip(buffers).all(|((b, buf, offset, size), (b2, r))| {
+                b == b2 && buf == r.buffer && *offset == r.offset && *size == r.size
+            })
+    }
+}
+
+impl BindCache {
+    /// Sweeps an entry survives unused.
+    pub const KEEP: u64 = 4;
+
+    pub fn new() -> BindCache {
+        BindCache::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BindState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts a new epoch and drops the entries unused in the last [`BindCache::KEEP`].
+    pub fn sweep(&self) {
+        let mut s = self.lock();
+        s.epoch += 1;
+        let epoch = s.epoch;
+        s.entries.retain(|_, bucket| {
+            bucket.retain(|e| epoch - e.used <= Self::KEEP);
+            !bucket.is_empty()
+        });
+    }
+
+    /// Bind groups held.
+    pub fn len(&self) -> usize {
+        self.lock().entries.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The bind group of a dispatch of `pipeline` with `params` at binding 0 and `resources`,
+    /// from the cache or made and kept; `None` where a resource is not a buffer range.
+    fn get(
+        &self,
+        gpu: &Gpu,
+        pipeline: &wgpu::ComputePipeline,
+        label: &str,
+        params: &[u8],
+        resources: &[(u32, wgpu::BindingResource)],
+    ) -> Option<wgpu::BindGroup> {
+        let mut buffers = Vec::with_capacity(resources.len());
+        for (b, r) in resources {
+            match r {
+                wgpu::BindingResource::Buffer(range) => buffers.push((*b, range.clone())),
+                _ => return None,
+            }
+        }
+        let mut h = DefaultHasher::new();
+        pipeline.hash(&mut h);
+        params.hash(&mut h);
+        for (b, r) in &buffers {
+            (b, r.buffer, r.offset, r.size).hash(&mut h);
+        }
+        let key = h.finish();
+        let mut s = self.lock();
+        let epoch = s.epoch;
+        let bucket = s.entries.entry(key).or_default();
+        if let Some(e) = bucket.iter_mut().find(|e| e.matches(pipeline, params, &buffers)) {
+            e.used = epoch;
+            return Some(e.group.clone());
+        }
+        let mut bytes = params.to_vec();
+        bytes.resize(params.len().next_multiple_of(16).max(16), 0);
+        let uniform = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("params (kept)"),
+            size: bytes.len() as u64,
+            usage: wgpu::BufferUsages::UNIFORM,
+            mapped_at_creation: true,
+        });
+        // A mapping refused (it cannot be, on a buffer mapped at creation): the arena's way.
+        uniform.slice(..).get_mapped_range_mut().ok()?.copy_from_slice(&bytes);
+        uniform.unmap();
+        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
+        for (b, r) in resources {
+            entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
+        }
+        let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(label),
+            layout: &pipeline.get_bind_group_layout(0),
+            entries: &entries,
+        });
+        bucket.push(BindEntry {
+            pipeline: pipeline.clone(),
+            params: params.to_vec(),
+            buffers: buffers.into_iter().map(|(b, r)| (b, r.buffer.clone(), r.offset, r.size)).collect(),
+            group: group.clone(),
+            used: epoch,
+        });
+        Some(group)
+    }
 }
 
 /// The uniform buffers holding a recorder's parameter blocks, one slot per dispatch: the
@@ -734,17 +889,24 @@ impl Recorder<'_> {
         groups: [u32; 3],
     ) {
         let gpu = self.gpu;
-        let (buffer, offset) = self.arena.push(gpu, params);
-        let uniform = wgpu::BufferBinding { buffer: &buffer, offset, size: wgpu::BufferSize::new(params.len() as u64) };
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(uniform) }];
-        for (b, r) in resources {
-            entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
-        }
-        let bind = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(label),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        let bind = match self.binds.and_then(|c| c.get(gpu, pipeline, label, params, resources)) {
+            Some(bind) => bind,
+            None => {
+                let (buffer, offset) = self.arena.push(gpu, params);
+                let size = wgpu::BufferSize::new(params.len() as u64);
+                let uniform = wgpu::BufferBinding { buffer: &buffer, offset, size };
+                let mut entries =
+                    vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(uniform) }];
+                for (b, r) in resources {
+                    entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
+                }
+                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some(label),
+                    layout: &pipeline.get_bind_group_layout(0),
+                    entries: &entries,
+                })
+            }
+        };
         let encoder = &mut self.encoder;
         if let Some(spans) = self.spans.as_mut() {
             // Profiling: a pass of its own, stamped at its start and end.

@@ -7,7 +7,7 @@
 
 use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, Stream};
+use crate::gpu::{BindCache, Gpu, Recorder, Stream};
 use crate::ops::batch_norm::Epilogue;
 use crate::ops::pool_fc_loss::{self as head, Labels};
 use crate::ops::{cast, conv, probe, relu, residual, sgd};
@@ -63,6 +63,8 @@ struct Acts {
     ws: Workspace,
     /// The f16 network's ([`ResNet::set_f16`]).
     half: Option<HalfActs>,
+    /// The bind groups of the network's passes on these buffers, kept from step to step.
+    binds: BindCache,
 }
 
 /// The f16 network's activations: the stream `x_0 .. x_L`, what each unit keeps and the
@@ -444,6 +446,7 @@ impl ResNet {
             grad_images: Tensor::zeros(gpu, &images)?,
             ws,
             half: half_acts,
+            binds: BindCache::new(),
         })
     }
 
@@ -468,7 +471,7 @@ impl ResNet {
         }
         let chains = |l: usize| mode == Mode::Train && self.units.get(l).is_some_and(|u| u.chains());
 
-        let mut rec = gpu.recorder("stem forward");
+        let mut rec = self.recorder(gpu, "stem forward");
         // A pre-activation stem's convolution takes the first unit's BN statistics of x_0.
         let first_bn = chains(0).then(|| &self.units[0].bns[0]);
         self.stem_forward(&mut rec, a, images, &a.streams[0], mode, first_bn)?;
@@ -476,7 +479,7 @@ impl ResNet {
 
         let n = self.units.len();
         for (l, u) in self.units.iter().enumerate() {
-            let mut rec = gpu.recorder(&u.spec.name);
+            let mut rec = self.recorder(gpu, &u.spec.name);
             // Between chaining units, each x_l's BN statistics come from the epilogue of the
             // convolution that writes x_l (unit::Chain).
             let chain = Chain {
@@ -491,7 +494,7 @@ impl ResNet {
             out.push(rec.finish());
         }
 
-        let mut rec = gpu.recorder("head forward");
+        let mut rec = self.recorder(gpu, "head forward");
         self.head_forward(&mut rec, a, &a.streams[n], labels, mode, n > 0 && chains(n - 1))?;
         out.push(rec.finish());
         Ok(())
@@ -508,16 +511,16 @@ impl ResNet {
         images: &Tensor,
         labels: Option<&Labels>,
     ) -> Result<()> {
-        let mut rec = gpu.recorder("stem forward");
+        let mut rec = self.recorder(gpu, "stem forward");
         self.stem_forward(&mut rec, a, images, &h.x0, Mode::Train, None)?;
         cast::to_half(&mut rec, &h.x0, &h.streams[0], 1.0)?;
         out.push(rec.finish());
         for (l, u) in self.units.iter().enumerate() {
-            let mut rec = gpu.recorder(&u.spec.name);
+            let mut rec = self.recorder(gpu, &u.spec.name);
             u.forward_f16(&mut rec, &h.streams[l], &h.streams[l + 1], &h.kept[l])?;
             out.push(rec.finish());
         }
-        let mut rec = gpu.recorder("head forward");
+        let mut rec = self.recorder(gpu, "head forward");
         cast::to_f32(&mut rec, &h.streams[self.units.len()], &h.xl, 1.0)?;
         self.head_forward(&mut rec, a, &h.xl, labels, Mode::Train, false)?;
         out.push(rec.finish());
@@ -607,7 +610,7 @@ impl ResNet {
         };
         let l_count = self.units.len();
 
-        let mut rec = gpu.recorder("head backward");
+        let mut rec = self.recorder(gpu, "head backward");
         let g_last = grad(l_count)?;
         self.head_backward(&mut rec, a, &a.streams[l_count], g_last)?;
         if let Some(n) = norms {
@@ -616,7 +619,7 @@ impl ResNet {
         out.push(rec.finish());
 
         for (l, u) in self.units.iter().enumerate().rev() {
-            let mut rec = gpu.recorder(&u.spec.name);
+            let mut rec = self.recorder(gpu, &u.spec.name);
             let (x, y) = (&a.streams[l], &a.streams[l + 1]);
             u.backward(&mut rec, x, y, grad(l + 1)?, grad(l)?, &a.kept[l], &a.ws)?;
             if let Some(n) = norms {
@@ -625,7 +628,7 @@ impl ResNet {
             out.push(rec.finish());
         }
 
-        let mut rec = gpu.recorder("stem backward");
+        let mut rec = self.recorder(gpu, "stem backward");
         let dh = a.stem_h.as_ref().map(|h| a.ws.get(h.dims(), Slot::DAct)).transpose()?;
         self.stem_backward(&mut rec, a, images, grad(0)?, dh, image_grad)?;
         out.push(rec.finish());
@@ -649,16 +652,16 @@ impl ResNet {
             Ok(&h.grads[*i])
         };
         let (l_count, s) = (self.units.len(), h.loss_scale);
-        let mut rec = gpu.recorder("head backward");
+        let mut rec = self.recorder(gpu, "head backward");
         self.head_backward(&mut rec, a, &h.xl, &h.gl)?;
         cast::to_half(&mut rec, &h.gl, grad(l_count)?, s)?;
         out.push(rec.finish());
         for (l, u) in self.units.iter().enumerate().rev() {
-            let mut rec = gpu.recorder(&u.spec.name);
+            let mut rec = self.recorder(gpu, &u.spec.name);
             u.backward_f16(&mut rec, &h.streams[l], &h.streams[l + 1], grad(l + 1)?, grad(l)?, &h.kept[l])?;
             out.push(rec.finish());
         }
-        let mut rec = gpu.recorder("stem backward");
+        let mut rec = self.recorder(gpu, "stem backward");
         for p in self.unit_params() {
             cast::scale(&mut rec, &p.grad, 1.0 / s)?;
         }
@@ -731,7 +734,7 @@ impl ResNet {
     }
 
     fn record_sgd(&self, gpu: &Gpu, opt: Sgd) -> Result<wgpu::CommandBuffer> {
-        let mut rec = gpu.recorder("sgd");
+        let mut rec = self.recorder(gpu, "sgd");
         let params = self.params();
         let triples: Vec<[&Tensor; 3]> = params.iter().map(|(_, p)| [&p.value, &p.grad, &p.momentum]).collect();
         sgd::step_many(&mut rec, &triples, opt.lr, opt.momentum, opt.weight_decay)?;
@@ -754,7 +757,23 @@ impl ResNet {
         for (l, u) in self.units.iter_mut().enumerate() {
             u.seed = dropout_seed(self.batches_tracked as u64, l);
         }
-        self.ensure_acts(gpu, d, half)
+        self.ensure_acts(gpu, d, half)?;
+        self.acts()?.binds.sweep();
+        Ok(())
+    }
+
+    /// Bind groups kept from the last steps for the next (0 before the first pass).
+    pub fn kept_bind_groups(&self) -> usize {
+        self.acts.as_ref().map_or(0, |a| a.binds.len())
+    }
+
+    /// A recorder for one of the network's passes: its bind groups are kept with the
+    /// activations, for the next step's passes.
+    fn recorder<'a>(&'a self, gpu: &'a Gpu, label: &str) -> Recorder<'a> {
+        match &self.acts {
+            Some(a) => gpu.recorder_cached(label, &a.binds),
+            None => gpu.recorder(label),
+        }
     }
 
     /// One training-mode forward and backward (no update): loss, logits, every parameter

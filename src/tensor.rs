@@ -86,7 +86,7 @@ impl Tensor {
     }
 
     /// The shape as `[n, c, h, w]`, or a shape error naming `what`.
-    pub fn nchw(&self, what: &str) -> Result<[usize; 4]> {
+    pub fn nchw(&self, what: impl std::fmt::Display) -> Result<[usize; 4]> {
         match self.dims[..] {
             [n, c, h, w] => Ok([n, c, h, w]),
             _ => Err(Error::Shape(format!("{what} must be 4-D NCHW, got {:?}", self.dims))),
@@ -225,7 +225,7 @@ impl HalfTensor {
     }
 
     /// The shape as `[n, c, h, w]`, or a shape error naming `what`.
-    pub fn nchw(&self, what: &str) -> Result<[usize; 4]> {
+    pub fn nchw(&self, what: impl std::fmt::Display) -> Result<[usize; 4]> {
         match self.dims[..] {
             [n, c, h, w] => Ok([n, c, h, w]),
             _ => Err(Error::Shape(format!("{what} must be 4-D NCHW, got {:?}", self.dims))),

@@ -170,6 +170,10 @@ pub fn train(
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
     let steps = train.len() / opts.batch; // the last partial batch is dropped
     let (mut images, mut labels) = (Vec::new(), Vec::new());
+    // One batch's tensors, written each step: a step then binds the same buffers as the last,
+    // and the network's passes reuse their bind groups.
+    let t = Tensor::zeros(gpu, &[opts.batch, 3, 32, 32])?;
+    let l = upload_labels(gpu, &vec![0; opts.batch], net.config.classes)?;
     for epoch in start_epoch..opts.epochs {
         // Each epoch's draws depend only on (seed, epoch): a resumed run repeats them exactly.
         let mut rng = Rng::new(opts.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
@@ -185,8 +189,8 @@ pub fn train(
             } else {
                 train.gather(chunk, &mut images, &mut labels);
             }
-            let t = Tensor::new(gpu, &[chunk.len(), 3, 32, 32], &images)?;
-            let l = upload_labels(gpu, &labels, net.config.classes)?;
+            t.write(gpu, &images)?;
+            l.write(gpu, &labels)?;
             let loss = if opts.check_finite {
                 net.train_step_checked(gpu, &t, &l, sgd).map_err(|e| match e {
                     Error::NonFinite(m) => Error::NonFinite(format!("epoch {}: {m}; no checkpoint written", epoch + 1)),

@@ -1159,7 +1159,7 @@ impl Unit {
     /// [`Unit::forward`] does.
     pub fn forward_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
         self.check_half()?;
-        let out = self.out_dims(x.nchw(&format!("{} forward_f16: x", self.spec.name))?);
+        let out = self.out_dims(x.nchw(format_args!("{} forward_f16: x", self.spec.name))?);
         if y.dims() != out || x.buffer == y.buffer {
             return Err(Error::Shape(format!(
                 "{} forward_f16: y must be a tensor of its own of shape {out:?}, got {:?}",

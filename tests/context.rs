@@ -135,3 +135,42 @@ fn a_stream_runs_its_buffers_in_order() {
     let want: Vec<f64> = xs.iter().map(|&v| (n - reset) as f64 * v as f64).collect();
     check("stream", &read(&acc), &want, F32_TOL);
 }
+
+#[test]
+fn kept_bind_groups_are_reused_on_new_contents_and_swept() {
+    use resnet_wgpu::gpu::BindCache;
+    use resnet_wgpu::ops::relu;
+    let g = gpu();
+    let mut rng = Rng::new(41);
+    let dims = [1, 3, 5, 7];
+    let len = 105;
+    let x = Tensor::new(g, &dims, &rng.data(len)).unwrap();
+    let (y, z) = (Tensor::zeros(g, &dims).unwrap(), Tensor::zeros(g, &dims).unwrap());
+    let cache = BindCache::new();
+    let mut relu_into = |out: &Tensor| {
+        let data = rng.data(len);
+        x.write(g, &data).unwrap();
+        out.write(g, &vec![f32::NAN; len]).unwrap(); // poisoned: an unwritten element fails
+        let mut rec = g.recorder_cached("relu", &cache);
+        relu::forward(&mut rec, &x, out).unwrap();
+        rec.run().unwrap();
+        let want: Vec<f32> = data.iter().map(|v| v.max(0.0)).collect();
+        assert_eq!(out.read(g).unwrap(), want);
+    };
+    // The same dispatch on new contents of the same buffers: one bind group, used each time.
+    for round in 0..3 {
+        cache.sweep();
+        relu_into(&y);
+        assert_eq!(cache.len(), 1, "round {round}");
+    }
+    // Another output buffer: a bind group of its own.
+    relu_into(&z);
+    assert_eq!(cache.len(), 2);
+    // Unused, they stay for KEEP sweeps and go at the next.
+    for _ in 0..BindCache::KEEP {
+        cache.sweep();
+    }
+    assert_eq!(cache.len(), 2);
+    cache.sweep();
+    assert!(cache.is_empty());
+}

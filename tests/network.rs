@@ -73,18 +73,27 @@ fn tiny_networks_of_every_variant_match_the_reference() {
     }
 }
 
+/// A context on which the convolutions take the kernel family GPUs use (CPU adapters default
+/// to another), shared by this binary's tests so that its pipelines are built once.
+fn tiled_gpu() -> &'static resnet_wgpu::Gpu {
+    static GPU: std::sync::OnceLock<resnet_wgpu::Gpu> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| {
+        let g = resnet_wgpu::Gpu::new().unwrap();
+        resnet_wgpu::ops::conv::set_kernels(&g, resnet_wgpu::ops::conv::Kernels::Tiled);
+        g
+    })
+}
+
 #[test]
 fn tiled_conv_kernels_in_whole_networks_match_the_reference() {
-    // The kernel family GPUs use, forced on this adapter too (CPU adapters default to another).
-    let g = resnet_wgpu::Gpu::new().unwrap();
-    resnet_wgpu::ops::conv::set_kernels(&g, resnet_wgpu::ops::conv::Kernels::Tiled);
+    let g = tiled_gpu();
     // In training each convolution followed by a BN takes its statistics in its epilogue here
     // (conv::forward_stats); the bottlenecks have a convolution between two BNs of one unit.
     for (i, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
         for shortcut in [ShortcutOption::A, ShortcutOption::B] {
-            compare_pass_on(&g, &tiny(kind, false, shortcut), [2, 3, 8, 8], 80 + i as u64, F32_TOL);
+            compare_pass_on(g, &tiny(kind, false, shortcut), [2, 3, 8, 8], 80 + i as u64, F32_TOL);
         }
-        compare_pass_on(&g, &tiny(kind, true, ShortcutOption::B), [2, 3, 8, 8], 82 + i as u64, F32_TOL);
+        compare_pass_on(g, &tiny(kind, true, ShortcutOption::B), [2, 3, 8, 8], 82 + i as u64, F32_TOL);
     }
 }
 
@@ -124,20 +133,40 @@ fn inference_logits_match_the_reference() {
 
 #[test]
 fn sgd_steps_match_the_reference() {
-    let g = gpu();
-    let mut rng = Rng::new(60);
+    sgd_steps_on(gpu(), 60);
+}
+
+#[test]
+fn sgd_steps_on_the_tiled_kernels_reuse_their_bind_groups_and_match_the_reference() {
+    // The kernel family GPUs use: its dispatches bind buffers only, so a step's bind groups are
+    // kept for the next (gpu::BindCache); the images and labels are written in place, as the
+    // training loop does, so every later step's are the first's, bound to new values.
+    let kept = sgd_steps_on(tiled_gpu(), 62);
+    assert!(kept[0] > 0);
+    assert_eq!(kept[1..], kept[..2], "a later step made bind groups of its own: {kept:?}");
+}
+
+/// Three SGD steps of a tiny network on fresh random batches, against the reference step by
+/// step and in the state after them; returns the bind groups kept after each step.
+fn sgd_steps_on(g: &resnet_wgpu::Gpu, seed: u64) -> Vec<usize> {
+    let mut rng = Rng::new(seed);
     let cfg = tiny(UnitKind::PreAct, false, ShortcutOption::A);
-    let state = random_state(&cfg, 61);
+    let state = random_state(&cfg, seed + 1);
     let mut params = to_ref(&state);
     let mut momentum: std::collections::HashMap<String, Vec<f64>> = std::collections::HashMap::new();
     let mut net = ResNet::from_state(g, &cfg, &state).unwrap();
     let opt = Sgd { lr: 0.05, momentum: 0.9, weight_decay: 1e-3 };
     let dims = [2, 3, 6, 5];
+    let images = resnet_wgpu::Tensor::zeros(g, &dims).unwrap();
+    let tl = upload_labels(g, &vec![0; dims[0]], cfg.classes).unwrap();
+    let mut kept = vec![];
     for step in 0..3 {
         let x = rng.data(dims.iter().product());
         let labels: Vec<u32> = (0..dims[0]).map(|_| rng.below(cfg.classes) as u32).collect();
-        let tl = upload_labels(g, &labels, cfg.classes).unwrap();
-        let loss = net.train_step(g, &upload(&dims, &x), &tl, opt).unwrap();
+        images.write(g, &x).unwrap();
+        tl.write(g, &labels).unwrap();
+        let loss = net.train_step(g, &images, &tl, opt).unwrap();
+        kept.push(net.kept_bind_groups());
         let want =
             rnet::train_pass(&cfg, &params, &to_f64(&x), dims, &labels.iter().map(|&l| l as usize).collect::<Vec<_>>());
         check(&format!("step {step} loss"), &[loss], &[want.loss], F32_TOL);
@@ -153,6 +182,7 @@ fn sgd_steps_match_the_reference() {
     for (name, v) in net.state(g).unwrap() {
         check(&format!("after 3 steps: {name}"), &v, &params[&name], F32_TOL);
     }
+    kept
 }
 
 #[test]

@@ -66,9 +66,9 @@ pub struct BnTensors<'a> {
 
 /// The `[n, c, h, w]` of `x`, checking that every other activation has the same shape.
 fn activations(what: &str, x: &Tensor, others: &[(&str, &Tensor)]) -> Result<[usize; 4]> {
-    let d = x.nchw(&format!("{what}: x"))?;
+    let d = x.nchw(format_args!("{what}: x"))?;
     for (name, t) in others {
-        let e = t.nchw(&format!("{what}: {name}"))?;
+        let e = t.nchw(format_args!("{what}: {name}"))?;
         if e != d {
             return Err(Error::Shape(format!("{what}: {name} is {e:?}, x is {d:?}")));
         }
@@ -321,7 +321,7 @@ fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
 /// reduction's final pass reads it before the next one's first pass writes it.
 fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
     let bytes = (2 * d[0] * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64;
-    gpu.cached(&format!("batch_norm.partials.{bytes}"), || {
+    gpu.cached(("batch_norm.partials", bytes), || {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("batch norm partials"),
             size: bytes,
@@ -949,10 +949,10 @@ pub fn apply_saved(
 /// The f16 path's checks: the adapter has shader-f16; `x` and `others` share one 4-D shape,
 /// fit one storage binding each and are distinct buffers; returns the shape.
 fn half_activations(gpu: &Gpu, what: &str, x: &HalfTensor, others: &[(&str, &HalfTensor)]) -> Result<[usize; 4]> {
-    let d = x.nchw(&format!("{what}: x"))?;
+    let d = x.nchw(format_args!("{what}: x"))?;
     let all: Vec<(&str, &HalfTensor)> = std::iter::once(("x", x)).chain(others.iter().copied()).collect();
     for (i, (name, t)) in all.iter().enumerate() {
-        let e = t.nchw(&format!("{what}: {name}"))?;
+        let e = t.nchw(format_args!("{what}: {name}"))?;
         if e != d {
             return Err(Error::Shape(format!("{what}: {name} is {e:?}, x is {d:?}")));
         }
@@ -1149,7 +1149,7 @@ pub fn apply_saved_f16(
 /// `x`, rounded once to the half `y`.
 pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &HalfTensor) -> Result<()> {
     const WHAT: &str = "batch norm affine_relu_f16";
-    let d = x.nchw(&format!("{WHAT}: x"))?;
+    let d = x.nchw(format_args!("{WHAT}: x"))?;
     if y.dims() != x.dims() {
         return Err(Error::Shape(format!("{WHAT}: y is {:?}, x is {d:?}", y.dims())));
     }

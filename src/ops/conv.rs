@@ -72,9 +72,9 @@ impl Geometry {
     /// Checks `x` `[N,C,H,W]`, `w` `[K,C,ks,ks]` and `y` `[N,K,OH,OW]` against each other; `what` and
     /// the names say which call and which tensors, in the error.
     fn check(what: &str, names: [&str; 3], x: &Tensor, w: &Tensor, y: &Tensor, stride: usize) -> Result<Geometry> {
-        let xd = x.nchw(&format!("{what}: {}", names[0]))?;
-        let wd = w.nchw(&format!("{what}: {} (OIHW)", names[1]))?;
-        let yd = y.nchw(&format!("{what}: {}", names[2]))?;
+        let xd = x.nchw(format_args!("{what}: {}", names[0]))?;
+        let wd = w.nchw(format_args!("{what}: {} (OIHW)", names[1]))?;
+        let yd = y.nchw(format_args!("{what}: {}", names[2]))?;
         Geometry::of_dims(what, names, [xd, wd, yd], stride)
     }
 
@@ -271,9 +271,9 @@ fn separate_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) ->
         Prologue::Fused => false,
         Prologue::Separate => true,
         Prologue::Auto if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels(gpu) != Kernels::Tuned => false,
-        Prologue::Auto => gpu.cached(&format!("conv.prologue.{op:?}.{half}.{g:?}.{plan:?}"), || {
-            tiled::tune_prologue(gpu, op, g, plan, half)
-        }),
+        Prologue::Auto => {
+            gpu.cached(("conv.prologue", op, half, *g, plan), || tiled::tune_prologue(gpu, op, g, plan, half))
+        }
     }
 }
 
@@ -302,7 +302,7 @@ enum Op {
 }
 
 /// How one convolution runs; chosen per (op, geometry, kernel family) and cached per context.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Plan {
     /// Register path, forward or backward_data: weight windows of `span` output channels (a
     /// multiple of [`REG_KB`]).
@@ -396,8 +396,8 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let k = kernels(gpu);
     // A forced tile configuration takes the tiled kernels (and is part of the key).
     match tiled::forced(gpu, op, g) {
-        Some(t) => gpu.cached(&format!("conv.plan.{op:?}.tile{t}.{g:?}"), || tiled::plan_for(op, g, t)),
-        None => gpu.cached(&format!("conv.plan.{op:?}.{k:?}.{g:?}"), || choose(gpu, op, g, k)),
+        Some(t) => gpu.cached(("conv.plan.tile", op, t, *g), || tiled::plan_for(op, g, t)),
+        None => gpu.cached(("conv.plan", op, k, *g), || choose(gpu, op, g, k)),
     }
 }
 
@@ -446,8 +446,8 @@ fn fold(count: usize, y: usize) -> [u32; 3] {
 }
 
 /// A context-lifetime scratch buffer of exactly `bytes` bytes, one per (`role`, size).
-fn scratch(gpu: &Gpu, role: &str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-    gpu.cached(&format!("conv.scratch.{role}.{bytes}"), || {
+fn scratch(gpu: &Gpu, role: &'static str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
+    gpu.cached(("conv.scratch", role, bytes), || {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("conv scratch"),
             size: bytes,

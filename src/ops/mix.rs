@@ -119,7 +119,7 @@ pub fn backward(
             let ins = [(h, "in0"), (f, "in1"), (gate, "in2"), (dy, "in3")];
             let [th, tf, tg, tdy] = ins.map(|(t, role)| split::elements(rec, role, t, &r, true));
             let to: Vec<Tensor> =
-                outs.iter().enumerate().map(|(i, t)| split::elements(rec, &format!("out{i}"), t, &r, false)).collect();
+                outs.iter().enumerate().map(|(i, t)| split::elements(rec, split::OUT[i], t, &r, false)).collect();
             backward_at(rec, combine, seed, [&th, &tf, &tg, &tdy], &to.iter().collect::<Vec<_>>(), r.start);
             for (t, tmp) in outs.iter().zip(&to) {
                 split::store_elements(rec, tmp, t, &r);

@@ -34,11 +34,11 @@ pub(crate) fn texture_fits(gpu: &Gpu, len: usize) -> bool {
 /// Copies `t` into this context's rgba32f operand texture `role` of its size (texel i holds
 /// elements 4i .. 4i+3) and returns a view of it. The length is a multiple of 4 (checked by
 /// the plan).
-pub(crate) fn operand_texture(rec: &mut Recorder, role: &str, t: &Tensor) -> wgpu::TextureView {
+pub(crate) fn operand_texture(rec: &mut Recorder, role: &'static str, t: &Tensor) -> wgpu::TextureView {
     let texels = t.len() / 4;
     let rows = texels.div_ceil(TEXW);
     let gpu = rec.gpu;
-    let tex = gpu.cached(&format!("texture.{role}.{rows}"), || {
+    let tex = gpu.cached(("texture", role, rows), || {
         gpu.device.create_texture(&wgpu::TextureDescriptor {
             label: Some("conv operand"),
             size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },

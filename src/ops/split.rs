@@ -25,7 +25,8 @@ use crate::tensor::Tensor;
 
 /// Every tensor in `whole` fits one binding; `Error::TooLarge` naming the first that does not.
 pub(crate) fn whole_fits(gpu: &Gpu, what: &str, whole: &[&Tensor]) -> Result<()> {
-    for t in whole {
+    // The message is formatted only for a tensor that does not fit: this runs per dispatch.
+    for t in whole.iter().filter(|t| t.bytes() > gpu.max_binding_bytes) {
         let what = format!("{what}: tensor {:?} (bound whole; it has no batch to split)", t.dims());
         fits(gpu, what, t.bytes(), "storage-binding limit")?;
     }
@@ -111,11 +112,16 @@ fn per_image(t: &Tensor) -> usize {
     t.len() / t.dims()[0]
 }
 
+/// The roles of a chunked op's temporaries (each role its own scratch tensor): at most 8
+/// inputs and 8 outputs.
+pub(crate) const IN: [&str; 8] = ["in0", "in1", "in2", "in3", "in4", "in5", "in6", "in7"];
+pub(crate) const OUT: [&str; 8] = ["out0", "out1", "out2", "out3", "out4", "out5", "out6", "out7"];
+
 /// This context's temporary of `dims` for `role`: a view of a cached buffer (see the module
 /// doc), contents undefined.
-pub(crate) fn temp(gpu: &Gpu, role: &str, dims: &[usize]) -> Tensor {
+pub(crate) fn temp(gpu: &Gpu, role: &'static str, dims: &[usize]) -> Tensor {
     let bytes = dims.iter().product::<usize>() as u64 * 4;
-    let buffer = gpu.cached(&format!("split.{role}.{bytes}"), || {
+    let buffer = gpu.cached(("split", role, bytes), || {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("split chunk"),
             size: bytes.max(4),
@@ -134,7 +140,7 @@ fn chunk_dims(t: &Tensor, r: &Range<usize>) -> Vec<usize> {
 }
 
 /// A temporary holding images `r` of `t` (copied in when `load`).
-pub(crate) fn images(rec: &mut Recorder, role: &str, t: &Tensor, r: &Range<usize>, load: bool) -> Tensor {
+pub(crate) fn images(rec: &mut Recorder, role: &'static str, t: &Tensor, r: &Range<usize>, load: bool) -> Tensor {
     let tmp = temp(rec.gpu, role, &chunk_dims(t, r));
     if load {
         let at = (r.start * per_image(t)) as u64 * 4;
@@ -150,7 +156,7 @@ pub(crate) fn store_images(rec: &mut Recorder, tmp: &Tensor, t: &Tensor, r: &Ran
 }
 
 /// A 1-D temporary holding elements `r` of `t` (copied in when `load`).
-pub(crate) fn elements(rec: &mut Recorder, role: &str, t: &Tensor, r: &Range<usize>, load: bool) -> Tensor {
+pub(crate) fn elements(rec: &mut Recorder, role: &'static str, t: &Tensor, r: &Range<usize>, load: bool) -> Tensor {
     let tmp = temp(rec.gpu, role, &[r.len()]);
     if load {
         rec.encoder().copy_buffer_to_buffer(&t.buffer, r.start as u64 * 4, &tmp.buffer, 0, tmp.bytes());
@@ -182,10 +188,8 @@ pub(crate) fn batch_op(
     let batched: Vec<&Tensor> = ins.iter().copied().chain(outs.iter().map(|o| o.0)).collect();
     let Some(per) = batch_chunk(rec.gpu, what, n, &batched, whole)? else { return Ok(false) };
     for r in ranges(n, per) {
-        let ti: Vec<Tensor> =
-            ins.iter().enumerate().map(|(i, t)| images(rec, &format!("in{i}"), t, &r, true)).collect();
-        let to: Vec<Tensor> =
-            outs.iter().enumerate().map(|(i, (t, load))| images(rec, &format!("out{i}"), t, &r, *load)).collect();
+        let ti: Vec<Tensor> = ins.iter().enumerate().map(|(i, t)| images(rec, IN[i], t, &r, true)).collect();
+        let to: Vec<Tensor> = outs.iter().enumerate().map(|(i, (t, load))| images(rec, OUT[i], t, &r, *load)).collect();
         f(rec, &r, &ti, &to)?;
         for ((t, _), tmp) in outs.iter().zip(&to) {
             store_images(rec, tmp, t, &r);
@@ -210,10 +214,9 @@ pub(crate) fn flat_op(
         return Err(Error::Shape(format!("{what}: tensors differ in size")));
     }
     for r in ranges(n, per) {
-        let ti: Vec<Tensor> =
-            ins.iter().enumerate().map(|(i, t)| elements(rec, &format!("in{i}"), t, &r, true)).collect();
+        let ti: Vec<Tensor> = ins.iter().enumerate().map(|(i, t)| elements(rec, IN[i], t, &r, true)).collect();
         let to: Vec<Tensor> =
-            outs.iter().enumerate().map(|(i, (t, load))| elements(rec, &format!("out{i}"), t, &r, *load)).collect();
+            outs.iter().enumerate().map(|(i, (t, load))| elements(rec, OUT[i], t, &r, *load)).collect();
         f(rec, &ti, &to)?;
         for ((t, _), tmp) in outs.iter().zip(&to) {
             store_elements(rec, tmp, t, &r);

@@ -324,7 +324,7 @@ impl CoopLayout {
 /// BN + ReLU prologue on x (`pre`), the forward's per-channel sums of y (`stats`) and
 /// backward_data's sums for the backward of the BN + ReLU before the convolution (`bsums`),
 /// and (f16 only) the tile arithmetic on cooperative matrices (`coop`).
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Build {
     op: Op,
     ks: usize,
@@ -341,7 +341,12 @@ impl Build {
         Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false }
     }
 
-    /// A dispatch label: the op, configuration `tile`, this build's variant and the splits.
+    /// A dispatch label: the op, configuration `tile`, this build's variant and the splits;
+    /// formatted once per context (dispatches look it up).
+    fn dispatch_label(&self, gpu: &Gpu, tile: usize, splits: usize) -> Arc<str> {
+        gpu.cached(("conv.label", *self, tile, splits), || Arc::from(self.label(tile, splits)))
+    }
+
     fn label(&self, tile: usize, splits: usize) -> String {
         let flags = [
             (self.half, " f16"),
@@ -387,7 +392,7 @@ pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce()
     match forced_any(gpu) {
         Some(t) => on_coop(t),
         None if gpu.report.device_type == wgpu::DeviceType::Cpu => on_coop(f32_tile()),
-        None => gpu.cached(&format!("conv.half-tile.{op:?}.{g:?}"), || tune(gpu, op, g, true)),
+        None => gpu.cached(("conv.half-tile", op, *g), || tune(gpu, op, g, true)),
     }
 }
 
@@ -410,20 +415,20 @@ enum Epi<'a> {
 
 /// The pipeline of configuration `tile` for `b`, entry point `entry` of the template, built once
 /// per context.
-fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &str) -> wgpu::ComputePipeline {
+fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::ComputePipeline {
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
-    let Build { op, ks, stride, half, pre, stats, bsums, coop } = b;
-    let key = format!(
-        "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}.{entry}",
-        t.name(),
-        if half { "f16" } else { "f32" },
-        if pre { ".pre" } else { "" },
-        if stats { ".stats" } else { "" },
-        if bsums { ".bsums" } else { "" },
-        if coop { ".coop" } else { "" }
-    );
-    gpu.cached(&key, || {
+    gpu.cached(("conv.tiled", tile, b, entry), || {
+        let Build { op, ks, stride, half, pre, stats, bsums, coop } = b;
+        let key = format!(
+            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}.{entry}",
+            t.name(),
+            if half { "f16" } else { "f32" },
+            if pre { ".pre" } else { "" },
+            if stats { ".stats" } else { "" },
+            if bsums { ".bsums" } else { "" },
+            if coop { ".coop" } else { "" }
+        );
         let layout = if coop { coop_layout(gpu, tile) } else { None };
         let module = gpu.shader_module(&key, &t.source(op, ks, stride, b, layout));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -605,7 +610,7 @@ pub(super) fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce()
     if forced_any(gpu).is_some() || gpu.report.device_type == wgpu::DeviceType::Cpu {
         return plan;
     }
-    gpu.cached(&format!("conv.half-split.{op:?}.{g:?}.{plan:?}"), || tune_split(gpu, op, g, plan, true))
+    gpu.cached(("conv.half-split", op, *g, plan), || tune_split(gpu, op, g, plan, true))
 }
 
 /// The autotuner's warm-up on a GPU: this much wall time or this many rounds, the first reached.
@@ -1030,7 +1035,7 @@ fn data(
     let build = build.with_coop(gpu, tile, coop);
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
-    dispatch_pipeline(rec, &p, &build.label(tile, splits), &params, &binds, groups);
+    dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
     match &split_part {
         Some(sp) if build.half => {
             let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
@@ -1111,7 +1116,7 @@ fn weight(
     ];
     let p = pipeline(rec.gpu, tile, build, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
-    dispatch_pipeline(rec, &p, &build.label(tile, splits), &params, &binds, groups);
+    dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
     if splits > 1 {
         reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);
     }
