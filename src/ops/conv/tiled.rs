@@ -52,8 +52,12 @@ const fn coop_tile(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Til
 /// The candidates. Each is valid for all three ops (see [`Tile::valid`]); the first two are the
 /// small tiles of the fixed rule (few output channels), the rest trade registers per invocation
 /// against workgroups in flight. 128x128 with 16 steps needs 33 KiB of workgroup memory and is
-/// left out where the adapter has less. The last two, with 32 steps (two products of 16x16
-/// fragments per barrier), are the f16 path's on cooperative matrices only.
+/// left out where the adapter has less. The one after it keeps 128x128's 8x8 outputs per
+/// invocation on a workgroup of 64 invocations: as many registers per output, four times the
+/// workgroups on the deep layers' small grids (on the H200, 128x128 came within 5% of the best
+/// there with fewer workgroups than multiprocessors; 128x64 and 64x128 with 8x8 tripled the
+/// conv tests' time on lavapipe and are left out). The last two, with 32 steps (two products of
+/// 16x16 fragments per barrier), are the f16 path's on cooperative matrices only.
 pub(super) const TILES: &[Tile] = &[
     tile(64, 16, 16, 4, 4),
     tile(16, 64, 16, 4, 4),
@@ -65,6 +69,7 @@ pub(super) const TILES: &[Tile] = &[
     tile(64, 128, 16, 4, 8),
     tile(128, 128, 8, 8, 8),
     tile(128, 128, 16, 8, 8),
+    tile(64, 64, 16, 8, 8),
     coop_tile(64, 64, 32, 4, 4),
     coop_tile(128, 64, 32, 8, 4),
 ];
