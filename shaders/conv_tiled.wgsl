@@ -47,6 +47,19 @@
 // reduction-fastest loads) spread over the banks. An invocation's TM rows (TN columns) are
 // TM / 4 vec4s spaced BM / TM * 4 apart, so that a warp's vec4 reads of a tile row are
 // consecutive. Every sum runs in a fixed order (bit-identical results from run to run).
+//
+// Every index is in range by construction, so that on Vulkan GPUs these modules are built
+// without wgpu's bounds checks (gpu.rs `shader_module_in_range`; keep it so when editing):
+// - storage: every load and store is guarded by the shape it reads or writes (a_data, b_weight,
+//   `b_ok && r < r_end`, `k < p.k`, the epilogues' `live` and `col < cols`) or clamped (pro),
+//   and the splits' partials and the moments are sized by the host for what the grid writes;
+// - workgroup tiles: put_a / put_b take buf < 2, a reduction row below BK (arl + j * ASTEP <
+//   ASTEP * A_PER = BK, and so on: Tile::valid's divisibility) and a row or column below BM or
+//   BN; mac_step reads below BM / 4 (BN / 4) of a padded row; the epilogues' column sums use
+//   (BM / TM) * (BN / 4) vec4s of ta (Tile::stats_fit, the host's condition for STATS and
+//   BSUMS) and BN / 4 of tb; the cooperative-matrix block's fragments lie inside their tiles
+//   (conv_tiled_coop.wgsl);
+// - registers: the host unrolls every loop that indexes a per-invocation array (below).
 
 struct Params {
     n: u32,

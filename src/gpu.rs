@@ -31,6 +31,10 @@ pub struct GpuOptions {
     /// Command buffers per submission while a network's passes are recorded ([`Gpu::stream`]);
     /// `None`: [`Stream::CHUNK`] on GPUs, all in one submission on CPU adapters.
     pub stream_chunk: Option<usize>,
+    /// Build the tiled convolutions' modules, whose every index is in range by construction,
+    /// without wgpu's bounds checks (`Some(false)`) or with them (`Some(true)`); `None`: without
+    /// them on Vulkan GPUs only (see [`Gpu::shader_module_in_range`]). A testing aid.
+    pub tiled_bounds_checks: Option<bool>,
 }
 
 impl Default for GpuOptions {
@@ -43,6 +47,7 @@ impl Default for GpuOptions {
             cooperative_matrix: true,
             subgroups: true,
             stream_chunk: None,
+            tiled_bounds_checks: None,
         }
     }
 }
@@ -60,6 +65,7 @@ impl GpuOptions {
             cooperative_matrix: std::env::var("RESNET_WGPU_COOP").map_or(true, |v| v != "0"),
             subgroups: std::env::var("RESNET_WGPU_SUBGROUPS").map_or(true, |v| v != "0"),
             stream_chunk: std::env::var("RESNET_WGPU_STREAM_CHUNK").ok().and_then(|v| v.parse().ok()),
+            tiled_bounds_checks: None,
         }
     }
 }
@@ -256,6 +262,8 @@ pub struct Gpu {
     uniform_align: u64,
     /// Command buffers per submission of [`Gpu::stream`].
     stream_chunk: usize,
+    /// Whether [`Gpu::shader_module_in_range`] keeps wgpu's bounds checks.
+    tiled_bounds_checks: bool,
 }
 
 /// What the device holds now, from wgpu's internal counters: live buffers and textures and
@@ -379,7 +387,6 @@ impl Gpu {
             adapter,
             device,
             queue,
-            report,
             max_binding_bytes: opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding)),
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
@@ -389,6 +396,8 @@ impl Gpu {
             requested: AtomicU64::new(0),
             uniform_align: limits.min_uniform_buffer_offset_alignment.max(4) as u64,
             stream_chunk,
+            tiled_bounds_checks: opts.tiled_bounds_checks.unwrap_or_else(|| in_range_checks(&report)),
+            report,
         })
     }
 
@@ -453,6 +462,23 @@ impl Gpu {
         // the accumulators in local memory) and the guards on integer division; every loop bound
         // and divisor in these kernels comes from shapes validated on the host.
         unsafe { self.device.create_shader_module_trusted(desc, shader_checks(self.report.device_type)) }
+    }
+
+    /// As [`Gpu::shader_module`], for a module whose every index is in range by construction:
+    /// each storage access is guarded by the shape it reads or writes, or bounded by sizes the
+    /// host validated, and each workgroup-array index is bounded by the module's constants (the
+    /// tiled convolutions; `shaders/conv_tiled.wgsl` says why each index holds). On Vulkan GPUs
+    /// it is built without wgpu's bounds checks too: naga's clamp on every workgroup-tile access
+    /// cost the convolutions 4% to 7% on the H200 (BENCHMARKS.md, cfa22d4).
+    pub fn shader_module_in_range(&self, label: &str, wgsl: &str) -> wgpu::ShaderModule {
+        let desc = wgpu::ShaderModuleDescriptor { label: Some(label), source: wgpu::ShaderSource::Wgsl(wgsl.into()) };
+        let mut checks = shader_checks(self.report.device_type);
+        checks.bounds_checks &= self.tiled_bounds_checks;
+        // SAFETY: as `shader_module`'s, and where the bounds checks are off as well: the module's
+        // indices are in range by construction (above), and on Vulkan wgpu turns on the
+        // driver's robust buffer access, so even an index this missed could not reach past
+        // a binding. On every other backend and on CPU adapters the checks stay on.
+        unsafe { self.device.create_shader_module_trusted(desc, checks) }
     }
 
     /// The compute pipeline for `entry` in `shader`, built on first use and cached for the life
@@ -970,6 +996,20 @@ pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
         checks.int_div_checks = false;
     }
     checks
+}
+
+/// Whether [`Gpu::shader_module_in_range`] keeps wgpu's bounds checks on adapter `report` by
+/// default: not on Vulkan GPUs. `RESNET_WGPU_SHADER_CHECKS` as for [`shader_checks`]: `all`
+/// keeps them everywhere, `gpu` drops them on any Vulkan adapter (CPU ones too), `none` drops
+/// them everywhere.
+pub fn in_range_checks(report: &AdapterReport) -> bool {
+    let vulkan = report.backend == wgpu::Backend::Vulkan;
+    match std::env::var("RESNET_WGPU_SHADER_CHECKS").as_deref() {
+        Ok("all") => true,
+        Ok("none") => false,
+        Ok("gpu") => !vulkan,
+        _ => !(vulkan && report.device_type != wgpu::DeviceType::Cpu),
+    }
 }
 
 #[cfg(test)]

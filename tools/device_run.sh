@@ -11,11 +11,11 @@
 #      train_step takes it, and in one submission, in turn), and PyTorch's step of the same
 #      network (tools/torch_resnet.py bench); the bench's progress lines with them, in case the
 #      row's time runs out (in the call of cfa22d4 the first network run did, before any row);
-#      the conv rows with no shader checks and the cooperative-matrix switch were measured in that
-#      call (BENCHMARKS.md) and are not rerun;
+#      then the deep layers' conv rows with wgpu's bounds checks back in the tiled modules
+#      (RESNET_WGPU_SHADER_CHECKS=all), beside step 3's, where time is left;
 #   5. the test binaries on the GPU, while time is left: the f16 network's first (it ran out of
-#      time in the cfa22d4 call), then the convolutions' (the weight transposes changed since);
-#      then tests/conv.rs again with the shader bounds checks off;
+#      time in the cfa22d4 call), then the convolutions' (their every-tile tests build the
+#      tiled modules without bounds checks, as the default now does on Vulkan GPUs);
 #   6. the PyTorch fixture with each conv family x batch-norm kernels (examples/torch_check), and
 #      its gradients against the f64 reference (relu_ties), where time is left.
 # Throughout, nvidia-smi logs the GPU's clocks, power and clock-event reasons every 200 ms into
@@ -71,19 +71,24 @@ echo "=== variants ($(left) s left)"
         timeout 60 python3 .device/torch_resnet.py bench --n 128 --reps 30 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^\{|Error" /tmp/v.txt | sed "s/^/torch: /"
     fi
+    # The deep layers' convolutions with wgpu's bounds checks back in the tiled modules, to set
+    # beside step 3's rows (built without them on Vulkan GPUs: Gpu::shader_module_in_range).
+    if [ "$(left)" -ge 160 ]; then
+        RESNET_WGPU_SHADER_CHECKS=all timeout 60 /tmp/resnet-wgpu bench --full --only conv3x3 \
+            --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
+        echo "exit $?"; grep -E "^conv3x3" /tmp/v.txt | sed "s/^/checks=all: /"
+    fi
 } > "$OUT/variants.txt" 2>&1
 cat "$OUT/variants.txt"
 
 echo "=== tests ($(left) s left)"
-# conv_none: tests/conv.rs with naga's bounds checks off (RESNET_WGPU_SHADER_CHECKS=none, 4% to
-# 7% faster convolutions in the cfa22d4 call): whether it passes there decides whether the tiled
-# kernels could drop the checks on GPUs.
-for t in f16_network conv conv_none units f16_units network variants batch_norm no_subgroups binding_limit; do
+# Since the tiled convolutions build without wgpu's bounds checks on Vulkan GPUs (c.f.
+# Gpu::shader_module_in_range), conv, coop and the unit and network tests run them so.
+for t in f16_network conv units f16_units network variants batch_norm no_subgroups binding_limit; do
     l=$(left); [ "$l" -lt 30 ] && { echo "skip test $t: time"; continue; }
     to=$(( l - 10 < 60 ? l - 10 : 60 ))
     checks=${RESNET_WGPU_SHADER_CHECKS:-}
     exe="/tmp/t_$t"
-    [ $t = conv_none ] && { exe=/tmp/t_conv; checks=none; }
     RESNET_WGPU_SHADER_CHECKS=$checks timeout $to "$exe" --test-threads 4 --nocapture > "/tmp/t_$t.log" 2>&1
     echo "test $t exit $? ($(left) s left)"; summary "/tmp/t_$t.log"
     # At most 8 files come back: the test logs go into one.

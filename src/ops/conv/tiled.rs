@@ -435,7 +435,7 @@ fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::Comp
             if coop { ".coop" } else { "" }
         );
         let layout = if coop { coop_layout(gpu, tile) } else { None };
-        let module = gpu.shader_module(&key, &t.source(op, ks, stride, b, layout));
+        let module = gpu.shader_module_in_range(&key, &t.source(op, ks, stride, b, layout));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&key),
             layout: None,
