@@ -55,9 +55,10 @@ const fn coop_tile(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Til
 /// left out where the adapter has less. The one after it keeps 128x128's 8x8 outputs per
 /// invocation on a workgroup of 64 invocations: as many registers per output, four times the
 /// workgroups on the deep layers' small grids (on the H200, 128x128 came within 5% of the best
-/// there with fewer workgroups than multiprocessors; 128x64 and 64x128 with 8x8 tripled the
-/// conv tests' time on lavapipe and are left out). The last two, with 32 steps (two products of
-/// 16x16 fragments per barrier), are the f16 path's on cooperative matrices only.
+/// there with fewer workgroups than multiprocessors). Each configuration adds its modules to
+/// tests/conv.rs, which lavapipe compiles with LLVM (half of that binary's 257 s in CI), so
+/// 128x64 and 64x128 with 8x8 are left out. The last two, with 32 steps (two products of 16x16
+/// fragments per barrier), are the f16 path's on cooperative matrices only.
 pub(super) const TILES: &[Tile] = &[
     tile(64, 16, 16, 4, 4),
     tile(16, 64, 16, 4, 4),
