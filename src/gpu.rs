@@ -796,15 +796,7 @@ impl BindCache {
         // A mapping refused (it cannot be, on a buffer mapped at creation): the arena's way.
         uniform.slice(..).get_mapped_range_mut().ok()?.copy_from_slice(&bytes);
         uniform.unmap();
-        let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: uniform.as_entire_binding() }];
-        for (b, r) in resources {
-            entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
-        }
-        let group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: Some(label),
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
+        let group = bind_group(gpu, pipeline, label, uniform.as_entire_binding(), resources);
         bucket.push(BindEntry {
             pipeline: pipeline.clone(),
             params: params.to_vec(),
@@ -814,6 +806,26 @@ impl BindCache {
         });
         Some(group)
     }
+}
+
+/// A bind group of `pipeline` (its group 0): the parameter block `params` at binding 0, each
+/// of `resources` at its binding.
+fn bind_group(
+    gpu: &Gpu,
+    pipeline: &wgpu::ComputePipeline,
+    label: &str,
+    params: wgpu::BindingResource,
+    resources: &[(u32, wgpu::BindingResource)],
+) -> wgpu::BindGroup {
+    let mut entries = vec![wgpu::BindGroupEntry { binding: 0, resource: params }];
+    for (b, r) in resources {
+        entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
+    }
+    gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some(label),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &entries,
+    })
 }
 
 /// The uniform buffers holding a recorder's parameter blocks, one slot per dispatch: the
@@ -921,16 +933,7 @@ impl Recorder<'_> {
                 let (buffer, offset) = self.arena.push(gpu, params);
                 let size = wgpu::BufferSize::new(params.len() as u64);
                 let uniform = wgpu::BufferBinding { buffer: &buffer, offset, size };
-                let mut entries =
-                    vec![wgpu::BindGroupEntry { binding: 0, resource: wgpu::BindingResource::Buffer(uniform) }];
-                for (b, r) in resources {
-                    entries.push(wgpu::BindGroupEntry { binding: *b, resource: r.clone() });
-                }
-                gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                    label: Some(label),
-                    layout: &pipeline.get_bind_group_layout(0),
-                    entries: &entries,
-                })
+                bind_group(gpu, pipeline, label, wgpu::BindingResource::Buffer(uniform), resources)
             }
         };
         let encoder = &mut self.encoder;
