@@ -12,8 +12,7 @@
 // tl_*  Tiled implicit GEMM through workgroup memory, for any adapter and any shape: a template
 //       of its own (conv_tiled.wgsl), built per tile configuration by ops/conv/tiled.rs, which
 //       also picks the configuration (timed on the device on first use). This file keeps its
-//       helpers: `transpose_weights` (the weights as the data ops' GEMM operand) and
-//       `reduce_splits` (the split-K partial sums of backward_weight, added in split order).
+//       helper `reduce_splits` (the f32 split-K partial sums, added in split order).
 //
 // rp_*  Register path for CPU adapters (lavapipe/llvmpipe with subgroups of 8 or more). There a
 //       workgroup runs on one core as SIMD lanes, a load from a storage buffer or from workgroup
@@ -64,11 +63,9 @@ struct Params {
 @group(0) @binding(0) var<uniform> p: Params;
 
 // Tiled path operands.
-@group(0) @binding(2) var<storage, read> wt: array<f32>;
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
 @group(0) @binding(8) var<storage, read> part_in: array<f32>;
-@group(0) @binding(9) var<storage, read_write> wtt_out: array<vec4f>; // transpose_weights
 
 // Register path operands.
 @group(0) @binding(10) var at: texture_2d<f32>;                 // x (forward, backward_weight) or dy (backward_data)
@@ -78,52 +75,8 @@ struct Params {
 @group(0) @binding(5) var<uniform> affu: array<vec4f, 4096>;    // PRE: per input channel (mean, scale, beta, invstd)
 
 // ------------------------------------------------------------------------------------------
-// Helpers of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)
+// Helper of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)
 // ------------------------------------------------------------------------------------------
-
-// The weights of forward (mode p.base = 0) or backward_data (1) as the tiled GEMM's B operand,
-// [reduction][cols rounded up to 4] with zeros in the padding: forward B[(c, t)][k] =
-// w[k][c][t], backward_data B[(k, t)][c] = w[k][c][t]. The tiled kernels then read B by vec4s.
-// Invocation i writes the vec4 of B at row r = i % red, columns 4q..4q+3 (q = i / red): the
-// invocations of a subgroup take consecutive rows, which lie side by side in w (forward) or in
-// runs of ks*ks (backward_data), so the reads coalesce; the writes are 16-byte pieces a row of B
-// apart. (One element per invocation with B's order made every read a separate transaction.)
-fn transposed_at(r: u32, col: u32, cols: u32, red: u32) -> f32 {
-    if col >= cols {
-        return 0.0;
-    }
-    if p.base == 0u {
-        return wt[col * red + r];
-    }
-    let kk = p.ks * p.ks;
-    let k = r / kk;
-    return wt[(k * p.c + col) * kk + (r - k * kk)];
-}
-
-@compute @workgroup_size(64)
-fn transpose_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                     @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    let kk = p.ks * p.ks;
-    var cols: u32;
-    var red: u32;
-    if p.base == 0u {
-        cols = p.k;
-        red = p.c * kk;
-    } else {
-        cols = p.c;
-        red = p.k * kk;
-    }
-    let quads = (cols + 3u) / 4u;
-    if i >= red * quads {
-        return;
-    }
-    let q = i / red;
-    let r = i - q * red;
-    let c = q * 4u;
-    wtt_out[r * quads + q] = vec4f(transposed_at(r, c, cols, red), transposed_at(r, c + 1u, cols, red),
-                                   transposed_at(r, c + 2u, cols, red), transposed_at(r, c + 3u, cols, red));
-}
 
 // dw (=|+=) the sum of the `splits` partial results, added in split order.
 @compute @workgroup_size(64)

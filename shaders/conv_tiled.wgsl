@@ -38,7 +38,7 @@
 //   split (chunk = the whole reduction) the kernel writes the output itself.
 //
 // Design, for GPUs: the weights of the data ops come pre-transposed to [reduction][cols padded
-// to 4] (conv.wgsl `transpose_weights`), so their tile loads are coalesced vec4 loads; the
+// to 4] (transpose_main, below), so their tile loads are coalesced vec4 loads; the
 // im2col operand is gathered as scalars, consecutive invocations on consecutive pixels
 // (coalesced where the stride is 1). Tiles live in two workgroup buffers: while the
 // invocations multiply out one, the next tile's global loads are already in flight into
@@ -598,77 +598,112 @@ fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     dst[i] = ST(s);
 }
 
-// The weights as the data ops' B operand, as conv.wgsl `transpose_weights` does for f32 (which
-// these serve where ST is f16): [reduction][cols rounded up to 4], zeros in the padding;
-// MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] = w[k][c][t].
-// transpose_main reads ST weights, transpose_main32 f32 ones (the f16 units' f32 weights).
+// The weights as the data ops' B operand: [reduction][cols rounded up to 4], zeros in the
+// padding; MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] =
+// w[k][c][t]. Both are transposes of `batch` row-major matrices [cols][rows] that lie one after
+// the other in w: forward one [K][C*KK], backward_data K of [C][KK] (block b of B's rows is the
+// transpose of matrix b). transpose_main reads ST weights, transpose_main32 f32 ones (the f16
+// units' f32 weights); an f32 build serves the f32 path.
+//
+// A workgroup moves one tile of TT_S rows x TT_R columns of B through workgroup memory (as f32:
+// exact for f16 values), so that its reads run along the weights' rows (TT_S consecutive
+// elements per TT_S invocations) and its writes along B's rows (TT_R / 4 consecutive vec4s).
+// Every index is in range: loads and stores are guarded by the shapes, the tile's by
+// e < 4 * 256 = TT_S * TT_R (slot s * TT_P + r < TT_S * TT_P) and q < TT_R / 4.
+const TT_S: u32 = 16u;       // rows of B per tile
+const TT_R: u32 = 64u;       // columns of B per tile (16 vec4s)
+const TT_P: u32 = TT_R + 1u; // padded row of the tile (spreads the column stores over banks)
+var<workgroup> tt: array<f32, 1040>; // TT_S * TT_P
 
-// Element (r, col) of the transposed weights: its index in the weights, or -1 in the padding.
-fn transpose_source(r: u32, col: u32) -> i32 {
-    var cols = p.k;
-    var red = p.c * KK;
+// The tile of B that workgroup wid moves: (matrix b, first row s0, first column r0), and B's
+// shape (rows per matrix, cols, vec4s per row); `live` false past the last tile (uniform).
+struct TTile {
+    b: u32,
+    s0: u32,
+    r0: u32,
+    rows: u32,
+    cols: u32,
+    quads: u32,
+    live: bool,
+}
+
+fn transpose_tile(wid: vec3u, nwg: vec3u) -> TTile {
+    var t: TTile;
+    t.cols = p.k;
+    t.rows = p.c * KK;
+    var batch = 1u;
     if MODE == 1u {
-        cols = p.c;
-        red = p.k * KK;
+        t.cols = p.c;
+        t.rows = KK;
+        batch = p.k;
     }
-    if col >= cols {
+    t.quads = (t.cols + 3u) / 4u;
+    let across = (t.quads * 4u + TT_R - 1u) / TT_R;
+    let down = (t.rows + TT_S - 1u) / TT_S;
+    let g = wid.z * nwg.x + wid.x;
+    t.live = g < batch * down * across;
+    t.b = g / (down * across);
+    let rem = g - t.b * down * across;
+    t.s0 = rem / across * TT_S;
+    t.r0 = rem % across * TT_R;
+    return t;
+}
+
+// Element e (< TT_S * TT_R) of the tile's load: its index in the weights, or -1 outside them
+// (B's padding columns, rows past the end).
+fn tile_source(t: TTile, e: u32) -> i32 {
+    let s = t.s0 + e % TT_S;
+    let r = t.r0 + e / TT_S;
+    if s >= t.rows || r >= t.cols {
         return -1;
     }
-    if MODE == 0u {
-        return i32(col * red + r);
+    return i32((t.b * t.cols + r) * t.rows + s);
+}
+
+// Slot of element e of the load in tt: row e % TT_S, column e / TT_S.
+fn tile_slot(e: u32) -> u32 {
+    return e % TT_S * TT_P + e / TT_S;
+}
+
+// After the barrier: invocation lid writes the tile's vec4 at row lid / 16, vec4 lid % 16.
+fn tile_store(t: TTile, lid: u32) {
+    let s = lid / 16u;
+    let q = lid % 16u;
+    if t.s0 + s < t.rows && t.r0 / 4u + q < t.quads {
+        let o = s * TT_P + q * 4u;
+        wtt_out[(t.b * t.rows + t.s0 + s) * t.quads + t.r0 / 4u + q] =
+            vec4<ST>(ST(tt[o]), ST(tt[o + 1u]), ST(tt[o + 2u]), ST(tt[o + 3u]));
     }
-    let k = r / KK;
-    return i32((k * p.c + col) * KK + (r - k * KK));
 }
 
-// The vec4 of the transposed weights that invocation i writes (as conv.wgsl's
-// transpose_weights orders them, for coalesced reads): (its row r, its first column 4q, its
-// index in wtt_out), or -1 as the index past the end.
-fn transpose_quad(wid: vec3u, nwg: vec3u, lid: u32) -> vec3i {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    var cols = p.k;
-    var red = p.c * KK;
-    if MODE == 1u {
-        cols = p.c;
-        red = p.k * KK;
-    }
-    let quads = (cols + 3u) / 4u;
-    if i >= red * quads {
-        return vec3i(0, 0, -1);
-    }
-    let q = i / red;
-    let r = i - q * red;
-    return vec3i(i32(r), i32(q * 4u), i32(r * quads + q));
-}
-
-fn from_main(r: u32, col: u32) -> ST {
-    let s = transpose_source(r, col);
-    return select(ST(0.0), wsrc[max(s, 0)], s >= 0);
-}
-
-fn from_f32(r: u32, col: u32) -> ST {
-    let s = transpose_source(r, col);
-    return select(ST(0.0), ST(wsrc32[max(s, 0)]), s >= 0);
-}
-
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn transpose_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                   @builtin(local_invocation_index) lid: u32) {
-    let t = transpose_quad(wid, nwg, lid);
-    if t.z >= 0 {
-        let r = u32(t.x);
-        let c = u32(t.y);
-        wtt_out[t.z] = vec4<ST>(from_main(r, c), from_main(r, c + 1u), from_main(r, c + 2u), from_main(r, c + 3u));
+    let t = transpose_tile(wid, nwg);
+    if !t.live {
+        return;
     }
+    for (var j = 0u; j < 4u; j++) {
+        let e = lid + j * 256u;
+        let i = tile_source(t, e);
+        tt[tile_slot(e)] = select(0.0, f32(wsrc[max(i, 0)]), i >= 0);
+    }
+    workgroupBarrier();
+    tile_store(t, lid);
 }
 
-@compute @workgroup_size(64)
+@compute @workgroup_size(256)
 fn transpose_main32(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_index) lid: u32) {
-    let t = transpose_quad(wid, nwg, lid);
-    if t.z >= 0 {
-        let r = u32(t.x);
-        let c = u32(t.y);
-        wtt_out[t.z] = vec4<ST>(from_f32(r, c), from_f32(r, c + 1u), from_f32(r, c + 2u), from_f32(r, c + 3u));
+    let t = transpose_tile(wid, nwg);
+    if !t.live {
+        return;
     }
+    for (var j = 0u; j < 4u; j++) {
+        let e = lid + j * 256u;
+        let i = tile_source(t, e);
+        tt[tile_slot(e)] = select(0.0, wsrc32[max(i, 0)], i >= 0);
+    }
+    workgroupBarrier();
+    tile_store(t, lid);
 }

@@ -995,32 +995,20 @@ fn data(
     let cp = cols.div_ceil(4) * 4;
     let gpu = rec.gpu;
     let params = data_params(g, op, acc, splits, chunk);
-    // The transposition: conv.wgsl's for f32, the template's (from f16 or f32 weights) for f16.
-    let (wtt, transpose, label, source) = match (build.half, w) {
-        (false, Weights::F32(w)) => (
-            scratch(gpu, "wtt", (red * cp * 4) as u64, wgpu::BufferUsages::STORAGE),
-            gpu.pipeline(crate::gpu::Shader::Conv, "transpose_weights"),
-            "transpose_weights",
-            (2, w),
-        ),
-        (true, w) => {
-            let (entry, source) = match w {
-                Weights::F16(w) => ("transpose_main", (8, w)),
-                Weights::F32(w) => ("transpose_main32", (10, w)),
-            };
-            let wtt = scratch(gpu, "wtt16", (red * cp * 2).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
-            // The transposition depends on the op and kernel size alone: one pipeline for
-            // every tile configuration, stride and epilogue (fewer shader compiles).
-            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
-            (wtt, pipeline(gpu, 0, canonical, entry), entry, source)
-        }
+    // The transposition (the template's, from the weights' own type to the activations').
+    let (entry, source) = match (build.half, w) {
+        (true, Weights::F16(w)) | (false, Weights::F32(w)) => ("transpose_main", (8, w)),
+        (true, Weights::F32(w)) => ("transpose_main32", (10, w)),
         (false, Weights::F16(_)) => unreachable!("f16 weights take the f16 path"),
     };
-    let mut tp = params;
-    tp.base = u32::from(op == Op::BackwardData); // conv.wgsl's transpose_weights: the op
+    let elem = if build.half { 2 } else { 4 };
+    let wtt = scratch(gpu, "wtt", (red * cp * elem).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
+    // The transposition depends on the op, kernel size and type alone: one pipeline for every
+    // tile configuration, stride and epilogue (fewer shader compiles).
+    let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
+    let transpose = pipeline(gpu, 0, canonical, entry);
     let binds = [(source.0, source.1.as_entire_binding()), (9, wtt.as_entire_binding())];
-    // One invocation per vec4 of the transposed weights.
-    dispatch_pipeline(rec, &transpose, label, &tp, &binds, crate::gpu::groups_for(red * cp / 4));
+    dispatch_pipeline(rec, &transpose, entry, &params, &binds, fold(transpose_tiles(op, g), 1));
     let mut binds = vec![
         (1, a.as_entire_binding()),
         (2, wtt.as_entire_binding()),
@@ -1052,6 +1040,15 @@ fn data(
         Some(sp) => reduce_splits(rec, sp, out, len, splits, acc),
         None => {}
     }
+}
+
+/// Workgroups of the template's transpose_main*: tiles of 16 rows x 64 columns of B (its
+/// columns padded to 4) over `batch` transposed matrices of `rows` rows each (as
+/// `transpose_tile` counts them).
+fn transpose_tiles(op: Op, g: &Geometry) -> usize {
+    let kk = g.ks * g.ks;
+    let (cols, rows, batch) = if op == Op::BackwardData { (g.c, kk, g.k) } else { (g.k, g.c * kk, 1) };
+    batch * rows.div_ceil(16) * (cols.div_ceil(4) * 4).div_ceil(64)
 }
 
 /// The data ops' parameters: GEMM rows, and the reduction in `splits` ranges of `chunk` steps
