@@ -543,6 +543,70 @@ fn every_tile_configuration_gives_the_same_bits() {
     }
 }
 
+/// Winograd's cases: 3x3 at stride 1 with a partial last block (odd H or W, H or W of 1), a
+/// block count that is not a multiple of 4, channels not multiples of 4, output channels past
+/// one GEMM tile (132) and input channels past several staged steps (132); one stride-2 and one
+/// 1x1 case, which keep the other kernels.
+const WINOGRAD_CASES: &[Case] = &[
+    case([1, 1, 1, 1], 1, 3, 1),
+    case([1, 3, 5, 5], 5, 3, 1),
+    case([3, 5, 7, 8], 33, 3, 1),
+    case([2, 5, 9, 1], 3, 3, 1),
+    case([2, 16, 9, 7], 16, 3, 1),
+    case([1, 40, 3, 5], 132, 3, 1),
+    case([1, 132, 3, 5], 40, 3, 1),
+    case([2, 16, 32, 32], 16, 3, 1),
+    case([1, 3, 7, 5], 16, 3, 2),
+    case([1, 16, 5, 9], 1, 1, 1),
+];
+
+/// Winograd F(2x2, 3x3) in each GEMM configuration (the autotuner may pick any of them on a
+/// GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs: forward,
+/// backward_data and the BN + ReLU prologue (overwriting poisoned outputs and accumulating)
+/// against the reference. Each configuration sums in the same order, so all give the same
+/// bits. Where the adapter has timestamps, the profile shows that Winograd ran.
+#[test]
+fn winograd_every_configuration() {
+    let opts = resnet_wgpu::GpuOptions { tiled_bounds_checks: Some(false), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+    let names = conv::winograd_names();
+    assert!(names.len() >= 2, "{names:?}");
+    let c = case([2, 16, 9, 7], 12, 3, 1);
+    let (wd, yd) = (c.wd(), c.yd());
+    let mut rng = Rng::new(48);
+    let (x, w) = (rng.data(len(c.xd)), rng.data(len(wd)));
+    let (tx, tw) = (up(&g, &c.xd, &x), up(&g, &wd, &w));
+    let mut first: Option<Vec<u32>> = None;
+    for name in &names {
+        conv::force_winograd(&g, Some(name)).unwrap();
+        let ctx = format!("winograd {name}");
+        check_forward_on(&ctx, &g, WINOGRAD_CASES, 45);
+        check_backward_data_on(&ctx, &g, WINOGRAD_CASES, 46);
+        check_bn_relu_on(&ctx, &g, WINOGRAD_CASES, 47);
+        resnet_wgpu::profile::set(&g, true);
+        let ty = nan(&g, &yd);
+        let mut rec = g.recorder("conv");
+        conv::forward(&mut rec, &tx, &tw, &ty, 1, false).unwrap();
+        rec.run().unwrap();
+        resnet_wgpu::profile::set(&g, false);
+        let spans = resnet_wgpu::profile::take(&g).unwrap();
+        if g.has_timestamps() {
+            assert!(spans.iter().any(|s| &s.label == name), "{ctx}: dispatches {spans:?}");
+        }
+        let bits: Vec<u32> = fetch(&g, &ty).iter().map(|v| v.to_bits()).collect();
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),
+        }
+    }
+    assert!(conv::force_winograd(&g, Some("no-such-configuration")).is_err());
+    // Off, and back to the automatic choice (on a CPU adapter: the other kernels, untimed).
+    for choice in [Some("off"), None] {
+        conv::force_winograd(&g, choice).unwrap();
+        check_forward_on(&format!("winograd {choice:?}"), &g, &WINOGRAD_CASES[2..3], 45);
+    }
+}
+
 #[test]
 fn forward_matches_reference() {
     check_forward(CASES, 11, false);

@@ -11,7 +11,8 @@
 #      train_step takes it, and in one submission, in turn), and PyTorch's step of the same
 #      network (tools/torch_resnet.py bench); the bench's progress lines with them, in case the
 #      row's time runs out (in the call of cfa22d4 the first network run did, before any row);
-#      then the deep layers' conv rows with wgpu's bounds checks back in the tiled modules
+#      then the deep layers' unit rows without Winograd (RESNET_WGPU_CONV_WINOGRAD=off)
+#      and their conv rows with wgpu's bounds checks back in the tiled modules
 #      (RESNET_WGPU_SHADER_CHECKS=all), beside step 3's, where time is left;
 #   5. the test binaries on the GPU, while time is left: the f16 network's first (it ran out of
 #      time in the cfa22d4 call), then the convolutions' (their every-tile tests build the
@@ -70,6 +71,14 @@ echo "=== variants ($(left) s left)"
     if [ -f .device/torch_resnet.py ] && [ "$(left)" -ge 100 ]; then
         timeout 60 python3 .device/torch_resnet.py bench --n 128 --reps 30 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^\{|Error" /tmp/v.txt | sed "s/^/torch: /"
+    fi
+    # The deep layers' units without Winograd (the tiled kernels alone, as before it was a
+    # candidate), beside step 3's rows, where the tuner may have taken it (its `conv tune
+    # winograd` lines time both per convolution).
+    if [ "$(left)" -ge 170 ]; then
+        RESNET_WGPU_CONV_WINOGRAD=off timeout 70 /tmp/resnet-wgpu bench --full --only unit \
+            --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
+        echo "exit $?"; grep -E "^unit" /tmp/v.txt | sed "s/^/winograd=off: /"
     fi
     # The deep layers' convolutions with wgpu's bounds checks back in the tiled modules, to set
     # beside step 3's rows (built without them on Vulkan GPUs: Gpu::shader_module_in_range).

@@ -38,6 +38,7 @@ use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
 mod tiled;
+mod winograd;
 use tiled::Weights;
 
 /// Output spatial size: (h + 2*pad - k) / stride + 1 with pad = k / 2.
@@ -162,6 +163,24 @@ fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
         return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
     }
     Ok(())
+}
+
+/// Forces Winograd F(2x2, 3x3) in GEMM configuration `name` (one of [`winograd_names`]) for
+/// every forward and backward_data it applies to (3x3, stride 1, f32) on this context, or
+/// (`"off"`) never takes it; `None` goes back to the automatic choice (timed against the tiled
+/// kernels on GPUs). The environment variable `RESNET_WGPU_CONV_WINOGRAD` does the same for a
+/// new context. A forced tile configuration ([`force_tile`]) takes precedence. Winograd rounds
+/// differently from the GEMM kernels (within the f32 bound either way), so `"off"` keeps a GPU's
+/// results independent of what the autotuner picks.
+#[doc(hidden)]
+pub fn force_winograd(gpu: &Gpu, name: Option<&str>) -> Result<()> {
+    winograd::force(gpu, name)
+}
+
+/// The Winograd GEMM configurations' names.
+#[doc(hidden)]
+pub fn winograd_names() -> Vec<String> {
+    winograd::names()
 }
 
 /// Which kernel family a context uses (a testing and benchmarking aid).
@@ -313,6 +332,10 @@ enum Plan {
     /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
     /// `coop`: the f16 path's tile arithmetic on cooperative matrices.
     Tiled { tile: usize, splits: usize, chunk: usize, coop: bool },
+    /// Winograd F(2x2, 3x3) (forward and backward_data at stride 1) with GEMM configuration
+    /// `config` (an index into `winograd::CONFIGS`); `tile` is the tiled configuration it was
+    /// chosen over (the f16 path's starting point).
+    Winograd { config: usize, tile: usize },
 }
 
 /// Floats in one weight window: a `var<uniform> array<vec4f, 4096>` (64 KiB, the smallest
@@ -397,7 +420,9 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     // A forced tile configuration takes the tiled kernels (and is part of the key).
     match tiled::forced(gpu, op, g) {
         Some(t) => gpu.cached(("conv.plan.tile", op, t, *g), || tiled::plan_for(op, g, t)),
-        None => gpu.cached(("conv.plan", op, k, *g), || choose(gpu, op, g, k)),
+        None => gpu.cached(("conv.plan", op, k, winograd::choice(gpu), *g), || {
+            winograd::consider(gpu, op, g, k, choose(gpu, op, g, k))
+        }),
     }
 }
 
@@ -652,6 +677,7 @@ fn forward_with(
             }
             _ => tiled::record(rec, Op::Forward, &g, plan, x, pre, w, y, accumulate),
         },
+        Plan::Winograd { config, .. } => winograd::record(rec, Op::Forward, &g, config, x, pre, w, y, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
     }
     Ok(())
@@ -677,6 +703,9 @@ pub fn backward_data(
     match plan(rec.gpu, Op::BackwardData, &g) {
         Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, None, w, dx, accumulate, span),
         plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, None, w, dx, accumulate),
+        Plan::Winograd { config, .. } => {
+            winograd::record(rec, Op::BackwardData, &g, config, dy, None, w, dx, accumulate)
+        }
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for backward_data"),
     }
     Ok(())
@@ -739,7 +768,7 @@ fn backward_weight_with(
             }
             _ => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
         },
-        Plan::Register { .. } => unreachable!("a forward plan for backward_weight"),
+        Plan::Register { .. } | Plan::Winograd { .. } => unreachable!("a data op's plan for backward_weight"),
     }
     Ok(())
 }
@@ -792,7 +821,7 @@ fn check_f16(
 /// cooperative matrices, its own choice, on them or plain ([`tiled::half_tile`]).
 fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let f32_tile = || match plan(gpu, op, g) {
-        Plan::Tiled { tile, .. } => tile,
+        Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
         _ => tiled::rule(op, g),
     };
     tiled::half_plan(gpu, op, g, f32_tile)

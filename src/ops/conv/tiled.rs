@@ -243,7 +243,7 @@ const UNROLL: &str = " // @unroll\n";
 /// v < b; v++) {` (or `v += step`), the bounds literals or names in `consts`, becomes one block
 /// `{ const v = <value>u; <body> }` per value, so that whatever the body indexes by `v` it
 /// indexes by a constant (the template's comment says why). Nested marked loops unroll too.
-fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
+pub(super) fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
     let value = |t: &str| -> usize {
         let t = t.trim();
         match t.trim_end_matches('u').parse() {
@@ -691,12 +691,12 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
 }
 
 /// `op` and `g` in the tuners' log lines (tools/gpu_tune.sh prints them).
-fn tuned_shape(op: Op, g: &Geometry) -> String {
+pub(super) fn tuned_shape(op: Op, g: &Geometry) -> String {
     format!("{op:?} x [{}, {}, {}, {}] k {} ks {} stride {}", g.n, g.c, g.h, g.w, g.k, g.ks, g.stride)
 }
 
 /// Whether `RESNET_WGPU_CONV_TUNE_LOG` asks for the tuners' timings on stderr.
-fn tune_log() -> bool {
+pub(super) fn tune_log() -> bool {
     std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some()
 }
 
@@ -707,7 +707,7 @@ fn tune_log() -> bool {
 /// TUNE_WARM_ROUNDS rounds, whichever comes first (small shapes, whose choice matters little,
 /// tune fast), then three timed rounds (GPU timestamps where the device has them, else the wall
 /// clock, each run on its own).
-fn time_each(gpu: &Gpu, n: usize, run: impl Fn(usize) -> Result<wgpu::CommandBuffer>) -> Vec<Option<f64>> {
+pub(super) fn time_each(gpu: &Gpu, n: usize, run: impl Fn(usize) -> Result<wgpu::CommandBuffer>) -> Vec<Option<f64>> {
     let ok: Vec<usize> = (0..n).filter(|&k| run(k).and_then(|b| Timer::wall_ms(gpu, vec![b])).is_ok()).collect();
     let mut out = vec![None; n];
     if ok.is_empty() {

@@ -1,0 +1,294 @@
+// Winograd F(2x2, 3x3) convolution for the data ops at stride 1 (ops/conv/winograd.rs), a
+// template: the host prepends the GEMM's tile constants and builds one module per
+// configuration:
+//
+//   BM, BN   output tile of a GEMM workgroup (co x tiles p)
+//   BK       reduction steps (input channels) staged per tile
+//   TM, TN   outputs per invocation (multiples of 4), held in registers as vec4s; TMV, TNV
+//            = TM / 4, TN / 4
+//   THREADS  (BM / TM) * (BN / TN) invocations (also spelled out in @workgroup_size)
+//   A_PER, B_PER  vec4s of U and of V each invocation stages per tile
+//
+// A 3x3 correlation at stride 1 and padding 1 (forward: x with w; backward_data: dy with the
+// weights flipped and their channels swapped, w'[c][k][i][j] = w[k][c][2-i][2-j]) computes each
+// 2x2 block of an output channel co from the 4x4 input patch d of every input channel ci as
+//   Y = A^T [ sum_ci (G g G^T) .* (B^T d B) ] A        (Lavin and Gray, 2016)
+// with g the 3x3 kernel of (co, ci): 16 multiplies per input channel where the direct
+// convolution makes 36, 2.25x fewer (and fewer still where H or W is odd: partial blocks).
+// Four kernels per call, the sum over ci as 16 independent GEMMs:
+//   wino_weights: U[e][ci][co] = (G g G^T)[e]           (co padded to CO4 = co rounded up to 4)
+//   wino_input:   V[e][ci][t]  = (B^T d B)[e]           (d the patch of block t of channel ci,
+//                 through the BN + ReLU prologue where p.pre; t padded to P4, zeros)
+//   wino_gemm:    M[e][co][t]  = sum_ci U[e][ci][co] V[e][ci][t]   (e = the grid's z)
+//   wino_output:  out[n][co][2by + a][2bx + b] (=|+=) (A^T M[.][co][t] A)[a][b]
+// Block t = (n * TH + by) * TW + bx over TH = ceil(H / 2) x TW = ceil(W / 2) blocks per image;
+// its patch starts at row 2by - 1, column 2bx - 1 (zeros outside the image).
+//
+// The GEMM's operands are both reduction-major, so its tile loads are coalesced vec4 loads
+// along co and t, and its stores are vec4s along t (what wino_output reads). A workgroup
+// stages BK x BM of U and BK x BN of V per step; the next step's global loads are in flight in
+// registers while the invocations multiply out the staged one. An invocation's TM rows (TN
+// columns) are TM / 4 vec4s spaced BM / TM * 4 apart, so that a warp's reads of a tile row are
+// consecutive (or one broadcast). Every sum runs in a fixed order.
+//
+// Every index is in range by construction (the host builds this module without wgpu's bounds
+// checks on Vulkan GPUs, gpu.rs `shader_module_in_range`): each kernel returns past its last
+// element; each storage load and store is guarded by the shape it reads or writes; the
+// workgroup tiles take a row below BK and a vec4 below AS (BS): e < THREADS * A_PER = BK * AS;
+// the register arrays are indexed by unrolled constants or by loops of constant bounds.
+
+struct Params {
+    n: u32,
+    ci: u32,         // input channels (the reduction)
+    co: u32,         // output channels
+    h: u32,          // height and width of input and output
+    w: u32,
+    th: u32,         // 2x2 blocks per column and per row of an image
+    tw: u32,
+    np: u32,         // blocks: n * th * tw
+    p4: u32,         // np rounded up to 4 (the rows of V and M)
+    co4: u32,        // co rounded up to 4 (the rows of U)
+    mode: u32,       // wino_weights: 0 forward (g = w[co][ci]), 1 backward_data (g = w[ci][co] flipped)
+    accumulate: u32, // wino_output: 1 adds into the output, 0 overwrites it
+    pre: u32,        // wino_input: 1 reads the input through the BN + ReLU prologue
+}
+
+@group(0) @binding(0) var<uniform> p: Params;
+@group(0) @binding(1) var<storage, read> src: array<f32>;            // weights: w; input: x or dy
+@group(0) @binding(2) var<storage, read> aff: array<vec4f>;          // input, pre: per ci (mean, scale, beta, invstd)
+@group(0) @binding(3) var<storage, read_write> tout: array<f32>;     // weights: U; input: V
+@group(0) @binding(4) var<storage, read> u4: array<vec4f>;           // gemm: U
+@group(0) @binding(5) var<storage, read> v4: array<vec4f>;           // gemm: V
+@group(0) @binding(6) var<storage, read_write> m4: array<vec4f>;     // gemm: M
+@group(0) @binding(7) var<storage, read> mres: array<f32>;           // output: M
+@group(0) @binding(8) var<storage, read_write> dst: array<f32>;      // output: y or dx
+
+fn flat(wid: vec3u, nwg: vec3u, lid: u32) -> u32 {
+    return (wid.y * nwg.x + wid.x) * 64u + lid;
+}
+
+// U for (ci, co) of invocation i over ci x CO4 (co fastest, so the stores coalesce).
+@compute @workgroup_size(64)
+fn wino_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.ci * p.co4 {
+        return;
+    }
+    let ci = i / p.co4;
+    let co = i - ci * p.co4;
+    var u: array<f32, 16>; // zeros in the padding columns
+    if co < p.co {
+        var g: array<f32, 9>;
+        for (var t = 0u; t < 9u; t++) {
+            if p.mode == 0u {
+                g[t] = src[(co * p.ci + ci) * 9u + t];
+            } else {
+                g[t] = src[(ci * p.co + co) * 9u + 8u - t];
+            }
+        }
+        // G g (4x3), then (G g) G^T (4x4); G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
+        var gg: array<f32, 12>;
+        for (var j = 0u; j < 3u; j++) {
+            gg[j] = g[j];
+            gg[3u + j] = 0.5 * (g[j] + g[3u + j] + g[6u + j]);
+            gg[6u + j] = 0.5 * (g[j] - g[3u + j] + g[6u + j]);
+            gg[9u + j] = g[6u + j];
+        }
+        for (var r = 0u; r < 4u; r++) {
+            let a = gg[r * 3u];
+            let b = gg[r * 3u + 1u];
+            let c = gg[r * 3u + 2u];
+            u[r * 4u] = a;
+            u[r * 4u + 1u] = 0.5 * (a + b + c);
+            u[r * 4u + 2u] = 0.5 * (a - b + c);
+            u[r * 4u + 3u] = c;
+        }
+    }
+    for (var e = 0u; e < 16u; e++) {
+        tout[(e * p.ci + ci) * p.co4 + co] = u[e];
+    }
+}
+
+// V for (ci, t) of invocation i over ci x P4 (t fastest).
+@compute @workgroup_size(64)
+fn wino_input(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.ci * p.p4 {
+        return;
+    }
+    let ci = i / p.p4;
+    let t = i - ci * p.p4;
+    var d: array<f32, 16>; // the patch; zeros outside the image and in the padding blocks
+    if t < p.np {
+        let bx = t % p.tw;
+        let rest = t / p.tw;
+        let by = rest % p.th;
+        let n = rest / p.th;
+        var a = vec4f(0.0);
+        if p.pre == 1u {
+            a = aff[ci];
+        }
+        let plane = (n * p.ci + ci) * p.h * p.w;
+        for (var r = 0u; r < 4u; r++) {
+            let y = 2u * by + r; // the image row plus 1
+            for (var c = 0u; c < 4u; c++) {
+                let x = 2u * bx + c;
+                if y >= 1u && y <= p.h && x >= 1u && x <= p.w {
+                    var v = src[plane + (y - 1u) * p.w + x - 1u];
+                    if p.pre == 1u {
+                        v = max((v - a.x) * a.y + a.z, 0.0);
+                    }
+                    d[r * 4u + c] = v;
+                }
+            }
+        }
+    }
+    // B^T d (rows), then (B^T d) B (columns); B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1].
+    var e: array<f32, 16>;
+    for (var c = 0u; c < 4u; c++) {
+        e[c] = d[c] - d[8u + c];
+        e[4u + c] = d[4u + c] + d[8u + c];
+        e[8u + c] = d[8u + c] - d[4u + c];
+        e[12u + c] = d[4u + c] - d[12u + c];
+    }
+    for (var r = 0u; r < 4u; r++) {
+        let o = (r * 4u * p.ci + ci) * p.p4 + t; // element (r, 0); (r, c) is c * ci * P4 further
+        let s = p.ci * p.p4;
+        tout[o] = e[r * 4u] - e[r * 4u + 2u];
+        tout[o + s] = e[r * 4u + 1u] + e[r * 4u + 2u];
+        tout[o + 2u * s] = e[r * 4u + 2u] - e[r * 4u + 1u];
+        tout[o + 3u * s] = e[r * 4u + 1u] - e[r * 4u + 3u];
+    }
+}
+
+// The output block (co, t) of invocation i over co x np (t fastest).
+@compute @workgroup_size(64)
+fn wino_output(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+               @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.co * p.np {
+        return;
+    }
+    let co = i / p.np;
+    let t = i - co * p.np;
+    var m: array<f32, 16>;
+    for (var e = 0u; e < 16u; e++) {
+        m[e] = mres[(e * p.co + co) * p.p4 + t];
+    }
+    // A^T m (rows), then (A^T m) A (columns); A^T = [1 1 1 0; 0 1 -1 -1].
+    var s: array<f32, 8>;
+    for (var c = 0u; c < 4u; c++) {
+        s[c] = m[c] + m[4u + c] + m[8u + c];
+        s[4u + c] = m[4u + c] - m[8u + c] - m[12u + c];
+    }
+    let bx = t % p.tw;
+    let rest = t / p.tw;
+    let by = rest % p.th;
+    let n = rest / p.th;
+    for (var a = 0u; a < 2u; a++) {
+        let y = 2u * by + a;
+        let r = a * 4u;
+        var out = array<f32, 2>(s[r] + s[r + 1u] + s[r + 2u], s[r + 1u] - s[r + 2u] - s[r + 3u]);
+        for (var b = 0u; b < 2u; b++) {
+            let x = 2u * bx + b;
+            if y < p.h && x < p.w {
+                let o = ((n * p.co + co) * p.h + y) * p.w + x;
+                if p.accumulate == 1u {
+                    dst[o] += out[b];
+                } else {
+                    dst[o] = out[b];
+                }
+            }
+        }
+    }
+}
+
+const AS: u32 = BM / 4u; // vec4s per row of the U tile
+const BS: u32 = BN / 4u; // vec4s per row of the V tile
+var<workgroup> ta: array<vec4f, BK * AS>;
+var<workgroup> tb: array<vec4f, BK * BS>;
+
+// The vec4 of U at reduction row k, vec4 column v of GEMM e (zeros past the end).
+fn load_u(e: u32, k: u32, v: u32) -> vec4f {
+    if k < p.ci && v < p.co4 / 4u {
+        return u4[(e * p.ci + k) * (p.co4 / 4u) + v];
+    }
+    return vec4f(0.0);
+}
+
+fn load_v(e: u32, k: u32, v: u32) -> vec4f {
+    if k < p.ci && v < p.p4 / 4u {
+        return v4[(e * p.ci + k) * (p.p4 / 4u) + v];
+    }
+    return vec4f(0.0);
+}
+
+// GEMM e = wid.z: M[e][co][t] for the tile of co from wid.y * BM and t from wid.x * BN.
+@compute @workgroup_size(THREADS)
+fn wino_gemm(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
+    let e = wid.z;
+    let cv0 = wid.y * AS; // first vec4 of co
+    let tv0 = wid.x * BS; // first vec4 of t
+    let tr = lid / (BN / TN);
+    let tc = lid % (BN / TN);
+    var acc: array<vec4f, TMV * 4u * TNV>;
+    var ra: array<vec4f, A_PER>;
+    var rb: array<vec4f, B_PER>;
+    for (var j = 0u; j < A_PER; j++) { // @unroll
+        let q = lid + j * THREADS;
+        ra[j] = load_u(e, q / AS, cv0 + q % AS);
+    }
+    for (var j = 0u; j < B_PER; j++) { // @unroll
+        let q = lid + j * THREADS;
+        rb[j] = load_v(e, q / BS, tv0 + q % BS);
+    }
+    let steps = (p.ci + BK - 1u) / BK;
+    for (var s = 0u; s < steps; s++) {
+        for (var j = 0u; j < A_PER; j++) { // @unroll
+            ta[lid + j * THREADS] = ra[j];
+        }
+        for (var j = 0u; j < B_PER; j++) { // @unroll
+            tb[lid + j * THREADS] = rb[j];
+        }
+        workgroupBarrier();
+        if s + 1u < steps {
+            let k0 = (s + 1u) * BK;
+            for (var j = 0u; j < A_PER; j++) { // @unroll
+                let q = lid + j * THREADS;
+                ra[j] = load_u(e, k0 + q / AS, cv0 + q % AS);
+            }
+            for (var j = 0u; j < B_PER; j++) { // @unroll
+                let q = lid + j * THREADS;
+                rb[j] = load_v(e, k0 + q / BS, tv0 + q % BS);
+            }
+        }
+        for (var k = 0u; k < BK; k++) {
+            var b: array<vec4f, TNV>;
+            for (var h = 0u; h < TNV; h++) { // @unroll
+                b[h] = tb[k * BS + h * (BN / TN) + tc];
+            }
+            for (var g = 0u; g < TMV; g++) { // @unroll
+                let a = ta[k * AS + g * (BM / TM) + tr];
+                for (var i = 0u; i < 4u; i++) { // @unroll
+                    for (var h = 0u; h < TNV; h++) { // @unroll
+                        acc[(g * 4u + i) * TNV + h] = fma(vec4f(a[i]), b[h], acc[(g * 4u + i) * TNV + h]);
+                    }
+                }
+            }
+        }
+        workgroupBarrier();
+    }
+    for (var g = 0u; g < TMV; g++) { // @unroll
+        for (var i = 0u; i < 4u; i++) { // @unroll
+            let co = (cv0 + g * (BM / TM) + tr) * 4u + i;
+            for (var h = 0u; h < TNV; h++) { // @unroll
+                let tv = tv0 + h * (BN / TN) + tc;
+                if co < p.co && tv < p.p4 / 4u {
+                    m4[(e * p.co + co) * (p.p4 / 4u) + tv] = acc[(g * 4u + i) * TNV + h];
+                }
+            }
+        }
+    }
+}

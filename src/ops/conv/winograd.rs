@@ -1,0 +1,367 @@
+//! Winograd F(2x2, 3x3) for the data ops (forward, backward_data) of 3x3 convolutions at stride
+//! 1, dispatching `shaders/winograd.wgsl` (its head has the algebra and the layouts): 2.25x
+//! fewer multiplies than the implicit GEMM, for four passes over transformed operands
+//! (weights, input, 16 GEMMs, output). Reference: `reference::conv`, as for every kernel family.
+//!
+//! An autotuned candidate on GPUs: where it applies, [`consider`] times it in each GEMM
+//! configuration against the tiled plan the tuner chose and keeps the fastest. CPU adapters
+//! take it by rule in place of the tiled kernels (not of the register path) where both channel
+//! counts are 16 or more; [`force`] takes it wherever it applies, or nowhere (tests,
+//! benchmarks, and results independent of the autotuner). The transformed operands live in context scratch buffers, one
+//! per role and size (U, V and M: 4x the input and the output, and 16/9 the weights).
+
+use std::sync::{Arc, Mutex};
+
+use super::tiled;
+use super::{Geometry, Kernels, Op, Plan, affine_binding, scratch};
+use crate::error::{Error, Result};
+use crate::gpu::{Gpu, Recorder, groups_for};
+use crate::tensor::Tensor;
+
+/// A configuration of the GEMM: a workgroup's `bm` x `bn` output tile (co x blocks), `tm` x
+/// `tn` outputs per invocation.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Config {
+    name: &'static str,
+    bm: usize,
+    bn: usize,
+    tm: usize,
+    tn: usize,
+}
+
+/// Reduction steps staged per tile (`BK`).
+const BK: usize = 16;
+
+/// The configurations [`consider`] times: 256 invocations of 4x4, and 64 or 128 of 8x8 (more
+/// outputs per staged load, fewer workgroups). Each fits WebGPU's default limits (256
+/// invocations, 16 KiB of workgroup memory), so every adapter runs all of them (the test below).
+pub(super) const CONFIGS: &[Config] = &[
+    Config { name: "wino 64x64t4x4", bm: 64, bn: 64, tm: 4, tn: 4 },
+    Config { name: "wino 64x64t8x8", bm: 64, bn: 64, tm: 8, tn: 8 },
+    Config { name: "wino 128x64t8x8", bm: 128, bn: 64, tm: 8, tn: 8 },
+    Config { name: "wino 64x128t8x8", bm: 64, bn: 128, tm: 8, tn: 8 },
+];
+
+impl Config {
+    fn threads(&self) -> usize {
+        (self.bm / self.tm) * (self.bn / self.tn)
+    }
+
+    /// The template with this configuration's constants (every vec4 of a staged tile has one
+    /// loader: `A_PER` and `B_PER` are whole).
+    fn source(&self) -> String {
+        let threads = self.threads();
+        let consts = [
+            ("BM", self.bm),
+            ("BN", self.bn),
+            ("BK", BK),
+            ("TM", self.tm),
+            ("TN", self.tn),
+            ("TMV", self.tm / 4),
+            ("TNV", self.tn / 4),
+            ("THREADS", threads),
+            ("A_PER", BK * self.bm / 4 / threads),
+            ("B_PER", BK * self.bn / 4 / threads),
+        ];
+        let mut s: String = consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")).collect();
+        s.push_str(TEMPLATE);
+        tiled::unroll(&s, &consts)
+    }
+}
+
+const TEMPLATE: &str = include_str!("../../../shaders/winograd.wgsl");
+
+/// The shader's `Params`, padded to 64 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct Params {
+    n: u32,
+    ci: u32,
+    co: u32,
+    h: u32,
+    w: u32,
+    th: u32,
+    tw: u32,
+    np: u32,
+    p4: u32,
+    co4: u32,
+    mode: u32,
+    accumulate: u32,
+    pre: u32,
+    _pad: [u32; 3],
+}
+
+/// The transformed problem of `op` on `g`: input channels, output channels, blocks, and their
+/// rounding up to 4.
+struct Dims {
+    ci: usize,
+    co: usize,
+    th: usize,
+    tw: usize,
+    np: usize,
+    p4: usize,
+    co4: usize,
+}
+
+impl Dims {
+    fn of(op: Op, g: &Geometry) -> Dims {
+        let (ci, co) = if op == Op::Forward { (g.c, g.k) } else { (g.k, g.c) };
+        let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+        let np = g.n * th * tw;
+        Dims { ci, co, th, tw, np, p4: np.div_ceil(4) * 4, co4: co.div_ceil(4) * 4 }
+    }
+
+    /// Bytes of U, V and M.
+    fn bytes(&self) -> [u64; 3] {
+        [self.ci * self.co4, self.ci * self.p4, self.co * self.p4].map(|e| (16 * e * 4) as u64)
+    }
+}
+
+/// Whether Winograd runs `op` on `g`: forward or backward_data, 3x3 at stride 1, and U, V and M
+/// each within one binding, the GEMM's grid within the per-dimension limit.
+pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
+    if op == Op::BackwardWeight || g.ks != 3 || g.stride != 1 {
+        return false;
+    }
+    let d = Dims::of(op, g);
+    d.bytes().iter().all(|&b| b <= gpu.max_binding_bytes) && d.p4.div_ceil(64) <= 65535
+}
+
+/// The pipeline of `entry` in configuration `config`, built once per context (the transforms
+/// are the same in every configuration: they come from the first's module).
+fn pipeline(gpu: &Gpu, config: usize, entry: &'static str) -> wgpu::ComputePipeline {
+    let config = if entry == "wino_gemm" { config } else { 0 };
+    gpu.cached(("conv.winograd", config, entry), || {
+        let c = CONFIGS[config];
+        let label = format!("conv.winograd.{}.{entry}", c.name);
+        let module = gpu.shader_module_in_range(&label, &c.source());
+        gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+            label: Some(&label),
+            layout: None,
+            module: &module,
+            entry_point: Some(entry),
+            // The GEMM stores its workgroup tiles before it reads them.
+            compilation_options: wgpu::PipelineCompilationOptions {
+                zero_initialize_workgroup_memory: false,
+                ..Default::default()
+            },
+            cache: None,
+        })
+    })
+}
+
+/// Records `op` (forward: a = x, out = y; backward_data: a = dy, out = dx) on `g` by Winograd in
+/// GEMM configuration `config`; a through the BN + ReLU prologue with `pre`'s per-channel
+/// values where given (forward); `acc` adds into `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record(
+    rec: &mut Recorder,
+    op: Op,
+    g: &Geometry,
+    config: usize,
+    a: &Tensor,
+    pre: Option<&Tensor>,
+    w: &Tensor,
+    out: &Tensor,
+    acc: bool,
+) {
+    let d = Dims::of(op, g);
+    let u32_ = |v: usize| v as u32;
+    let params = Params {
+        n: u32_(g.n),
+        ci: u32_(d.ci),
+        co: u32_(d.co),
+        h: u32_(g.h),
+        w: u32_(g.w),
+        th: u32_(d.th),
+        tw: u32_(d.tw),
+        np: u32_(d.np),
+        p4: u32_(d.p4),
+        co4: u32_(d.co4),
+        mode: u32::from(op == Op::BackwardData),
+        accumulate: u32::from(acc),
+        pre: u32::from(pre.is_some()),
+        _pad: [0; 3],
+    };
+    let gpu = rec.gpu;
+    let [ub, vb, mb] = d.bytes();
+    let storage = wgpu::BufferUsages::STORAGE;
+    let (u, v, m) =
+        (scratch(gpu, "wino-u", ub, storage), scratch(gpu, "wino-v", vb, storage), scratch(gpu, "wino-m", mb, storage));
+    let aff = affine_binding(gpu, pre);
+    let bytes = bytemuck::bytes_of(&params);
+    let mut run = |entry: &'static str, label: &str, res: &[(u32, wgpu::BindingResource)], groups: [u32; 3]| {
+        rec.dispatch_pipeline(&pipeline(gpu, config, entry), label, bytes, res, groups);
+    };
+    run(
+        "wino_weights",
+        "wino_weights",
+        &[(1, w.buffer.as_entire_binding()), (3, u.as_entire_binding())],
+        groups_for(d.ci * d.co4),
+    );
+    run(
+        "wino_input",
+        "wino_input",
+        &[(1, a.buffer.as_entire_binding()), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
+        groups_for(d.ci * d.p4),
+    );
+    let c = CONFIGS[config];
+    run(
+        "wino_gemm",
+        c.name,
+        &[(4, u.as_entire_binding()), (5, v.as_entire_binding()), (6, m.as_entire_binding())],
+        [d.p4.div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, 16],
+    );
+    run(
+        "wino_output",
+        "wino_output",
+        &[(7, m.as_entire_binding()), (8, out.buffer.as_entire_binding())],
+        groups_for(d.co * d.np),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Choosing it
+
+/// What a context does about Winograd: time it where it applies (GPUs), never, or always in
+/// one configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) enum Choice {
+    Auto,
+    Off,
+    Config(usize),
+}
+
+fn choice_cell(gpu: &Gpu) -> Arc<Mutex<Choice>> {
+    gpu.cached("conv.winograd.choice", || {
+        let choice = match std::env::var("RESNET_WGPU_CONV_WINOGRAD").as_deref() {
+            Ok("off") => Choice::Off,
+            Ok(n) => index_of(n).map_or(Choice::Auto, Choice::Config),
+            Err(_) => Choice::Auto,
+        };
+        Arc::new(Mutex::new(choice))
+    })
+}
+
+fn index_of(name: &str) -> Option<usize> {
+    CONFIGS.iter().position(|c| c.name == name || c.name.strip_prefix("wino ") == Some(name))
+}
+
+/// This context's [`Choice`].
+pub(super) fn choice(gpu: &Gpu) -> Choice {
+    *choice_cell(gpu).lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Forces configuration `name` (with or without its `wino ` prefix) wherever Winograd applies,
+/// or (`"off"`) the other kernels everywhere; `None` goes back to the automatic choice. Errors
+/// for an unknown name.
+pub(super) fn force(gpu: &Gpu, name: Option<&str>) -> Result<()> {
+    let choice = match name {
+        None => Choice::Auto,
+        Some("off") => Choice::Off,
+        Some(n) => Choice::Config(index_of(n).ok_or_else(|| {
+            let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
+            Error::Invalid(format!("unknown Winograd configuration {n:?}; known: {known:?} or \"off\""))
+        })?),
+    };
+    *choice_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = choice;
+    Ok(())
+}
+
+/// The configurations' names.
+pub(super) fn names() -> Vec<String> {
+    CONFIGS.iter().map(|c| c.name.to_string()).collect()
+}
+
+/// The configuration CPU adapters take by rule: on lavapipe it ran 1.3x to 7x faster than the
+/// tiled kernels' CPU rule where both sides have 16 channels or more, and slower below
+/// (BENCHMARKS.md).
+const CPU_CONFIG: usize = 1;
+const CPU_MIN_CHANNELS: usize = 16;
+
+/// `plan` (the choice for `op` on `g` without Winograd), or Winograd where it applies and: is
+/// forced ([`force`]); or, on a CPU adapter under the automatic kernels, where the rule says
+/// so; or, on a GPU (or a CPU adapter that tunes, `Kernels::Tuned`), where timing it in each
+/// configuration (as the tiled tuner times its configurations, on zero operands of `g`'s shape)
+/// finds one faster than `plan`. Register plans and the explicit families (`Kernels::Tiled`,
+/// `Kernels::Register`) are kept unless forced.
+pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: Plan) -> Plan {
+    if !applies(gpu, op, g) {
+        return plan;
+    }
+    let tile = match plan {
+        Plan::Tiled { tile, .. } => tile,
+        _ => tiled::rule(op, g),
+    };
+    match choice(gpu) {
+        Choice::Config(config) => return Plan::Winograd { config, tile },
+        Choice::Off => return plan,
+        Choice::Auto => {}
+    }
+    if !matches!(plan, Plan::Tiled { .. }) || matches!(kernels, Kernels::Tiled | Kernels::Register) {
+        return plan;
+    }
+    if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels != Kernels::Tuned {
+        let d = Dims::of(op, g);
+        return match d.ci.min(d.co) >= CPU_MIN_CHANNELS {
+            true => Plan::Winograd { config: CPU_CONFIG, tile },
+            false => plan,
+        };
+    }
+    let (x, wd, y) = ([g.n, g.c, g.h, g.w], [g.k, g.c, 3, 3], [g.n, g.k, g.oh, g.ow]);
+    let dims = if op == Op::Forward { [x, wd, y] } else { [y, wd, x] };
+    let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
+        return plan;
+    };
+    let run = |k: usize| {
+        let mut rec = gpu.recorder("conv tune winograd");
+        match k {
+            0 => tiled::record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
+            _ => record(&mut rec, op, g, k - 1, &t[0], None, &t[1], &t[2], false),
+        }
+        Ok(rec.finish())
+    };
+    let times = tiled::time_each(gpu, 1 + CONFIGS.len(), run);
+    let mut best = (f64::INFINITY, plan);
+    let mut report = Vec::new();
+    for (k, ms) in times.into_iter().enumerate() {
+        let (name, candidate) = match k {
+            0 => ("tiled", plan),
+            _ => (CONFIGS[k - 1].name, Plan::Winograd { config: k - 1, tile }),
+        };
+        match ms {
+            Some(ms) => {
+                report.push(format!("{name} {ms:.4}"));
+                if ms < best.0 {
+                    best = (ms, candidate);
+                }
+            }
+            None => report.push(format!("{name} failed")),
+        }
+    }
+    if tiled::tune_log() {
+        let chose = match best.1 {
+            Plan::Winograd { config, .. } => CONFIGS[config].name,
+            _ => "tiled",
+        };
+        eprintln!("conv tune winograd {}: ms {}; chose {chose}", tiled::tuned_shape(op, g), report.join(", "));
+    }
+    best.1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every configuration's tiles are staged whole (each vec4 has one loader) and fit WebGPU's
+    /// default limits.
+    #[test]
+    fn configurations_fit_the_template_and_the_default_limits() {
+        for c in CONFIGS {
+            let t = c.threads();
+            assert!(c.bm % c.tm == 0 && c.bn % c.tn == 0 && c.tm % 4 == 0 && c.tn % 4 == 0, "{}", c.name);
+            assert!((BK * c.bm / 4).is_multiple_of(t) && (BK * c.bn / 4).is_multiple_of(t), "{}", c.name);
+            assert!(t <= 256 && BK * (c.bm + c.bn) * 4 <= 16384, "{}", c.name);
+        }
+    }
+}
