@@ -1,4 +1,4 @@
-// Winograd F(2x2, 3x3) convolution for the data ops at stride 1 (ops/conv/winograd.rs), a
+// Winograd F(2x2, 3x3) convolution for 3x3 kernels at stride 1 (ops/conv/winograd.rs), a
 // template: the host prepends the GEMM's tile constants and builds one module per
 // configuration:
 //
@@ -22,7 +22,9 @@
 //   wino_gemm:    M[e][co][t]  = sum_ci U[e][ci][co] V[e][ci][t]   (e = the grid's z)
 //   wino_output:  out[n][co][2by + a][2bx + b] (=|+=) (A^T M[.][co][t] A)[a][b]
 // Block t = (n * TH + by) * TW + bx over TH = ceil(H / 2) x TW = ceil(W / 2) blocks per image;
-// its patch starts at row 2by - 1, column 2bx - 1 (zeros outside the image).
+// its patch starts at row 2by - 1, column 2bx - 1 (zeros outside the image). backward_weight,
+// the same algebra differentiated in g, has kernels of its own before and after the same GEMM
+// (below wino_input).
 //
 // The GEMM's operands are both reduction-major, so its tile loads are coalesced vec4 loads
 // along co and t, and its stores are vec4s along t (what wino_output reads). A workgroup
@@ -110,16 +112,9 @@ fn wino_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg:
     }
 }
 
-// V for (ci, t) of invocation i over ci x P4 (t fastest).
-@compute @workgroup_size(64)
-fn wino_input(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-              @builtin(local_invocation_index) lid: u32) {
-    let i = flat(wid, nwg, lid);
-    if i >= p.ci * p.p4 {
-        return;
-    }
-    let ci = i / p.p4;
-    let t = i - ci * p.p4;
+// B^T d B for the patch of block t (< np) of input channel ci of src, through the prologue where
+// p.pre; zeros for a padding block (t >= np).
+fn input_tile(ci: u32, t: u32) -> array<f32, 16> {
     var d: array<f32, 16>; // the patch; zeros outside the image and in the padding blocks
     if t < p.np {
         let bx = t % p.tw;
@@ -153,13 +148,138 @@ fn wino_input(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: v
         e[8u + c] = d[8u + c] - d[4u + c];
         e[12u + c] = d[4u + c] - d[12u + c];
     }
+    var v: array<f32, 16>;
     for (var r = 0u; r < 4u; r++) {
-        let o = (r * 4u * p.ci + ci) * p.p4 + t; // element (r, 0); (r, c) is c * ci * P4 further
-        let s = p.ci * p.p4;
-        tout[o] = e[r * 4u] - e[r * 4u + 2u];
-        tout[o + s] = e[r * 4u + 1u] + e[r * 4u + 2u];
-        tout[o + 2u * s] = e[r * 4u + 2u] - e[r * 4u + 1u];
-        tout[o + 3u * s] = e[r * 4u + 1u] - e[r * 4u + 3u];
+        v[r * 4u] = e[r * 4u] - e[r * 4u + 2u];
+        v[r * 4u + 1u] = e[r * 4u + 1u] + e[r * 4u + 2u];
+        v[r * 4u + 2u] = e[r * 4u + 2u] - e[r * 4u + 1u];
+        v[r * 4u + 3u] = e[r * 4u + 1u] - e[r * 4u + 3u];
+    }
+    return v;
+}
+
+// V for (ci, t) of invocation i over ci x P4 (t fastest).
+@compute @workgroup_size(64)
+fn wino_input(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+              @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.ci * p.p4 {
+        return;
+    }
+    let ci = i / p.p4;
+    let t = i - ci * p.p4;
+    let v = input_tile(ci, t);
+    for (var e = 0u; e < 16u; e++) {
+        tout[(e * p.ci + ci) * p.p4 + t] = v[e];
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// backward_weight: dw[k][c] = G^T [ sum_t (A dY A^T) .* (B^T d B) ] G over the blocks t of every
+// image (the forward's algebra differentiated in g), with dY the 2x2 block of dy[n][k] and d the
+// patch of x[n][c] (through the prologue where p.pre). Layouts, reduction-major for wino_gemm:
+//   wino_input_t: X[e][t][c] (c padded to C4), wino_dy_t: DY[e][t][k] (k padded to K4),
+//   wino_gemm (run with ci = P4, co = K, co4 = K4, p4 = C4): M[e][k][c] = sum_t DY X,
+//   wino_dw: dw[k][c][i][j] (=|+=) (G^T M[.][k][c] G)[i][j].
+// Here p.ci = C, p.co = K, p.co4 = K4, and the blocks as for the forward.
+// ------------------------------------------------------------------------------------------
+
+// X for (t, c) of invocation i over P4 x C4 (c fastest, so the stores coalesce).
+@compute @workgroup_size(64)
+fn wino_input_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    let c4 = (p.ci + 3u) / 4u * 4u;
+    if i >= p.p4 * c4 {
+        return;
+    }
+    let t = i / c4;
+    let c = i - t * c4;
+    var v: array<f32, 16>;
+    if c < p.ci {
+        v = input_tile(c, t);
+    }
+    for (var e = 0u; e < 16u; e++) {
+        tout[(e * p.p4 + t) * c4 + c] = v[e];
+    }
+}
+
+// DY for (t, k) of invocation i over P4 x K4 (k fastest): A dY A^T, A = [1 0; 1 1; 1 -1; 0 -1].
+@compute @workgroup_size(64)
+fn wino_dy_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+             @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.p4 * p.co4 {
+        return;
+    }
+    let t = i / p.co4;
+    let k = i - t * p.co4;
+    var d = array<f32, 4>(0.0, 0.0, 0.0, 0.0); // dY, row-major; zeros outside the image
+    if t < p.np && k < p.co {
+        let bx = t % p.tw;
+        let rest = t / p.tw;
+        let by = rest % p.th;
+        let n = rest / p.th;
+        let plane = (n * p.co + k) * p.h * p.w;
+        for (var a = 0u; a < 2u; a++) {
+            for (var b = 0u; b < 2u; b++) {
+                let y = 2u * by + a;
+                let x = 2u * bx + b;
+                if y < p.h && x < p.w {
+                    d[a * 2u + b] = src[plane + y * p.w + x];
+                }
+            }
+        }
+    }
+    // A dY (4x2), then (A dY) A^T (4x4).
+    let r = array<vec2f, 4>(vec2f(d[0], d[1]), vec2f(d[0] + d[2], d[1] + d[3]), vec2f(d[0] - d[2], d[1] - d[3]),
+                            vec2f(-d[2], -d[3]));
+    for (var q = 0u; q < 4u; q++) {
+        let o = (q * 4u * p.p4 + t) * p.co4 + k; // element (q, 0); (q, j) is j * P4 * K4 further
+        let s = p.p4 * p.co4;
+        tout[o] = r[q].x;
+        tout[o + s] = r[q].x + r[q].y;
+        tout[o + 2u * s] = r[q].x - r[q].y;
+        tout[o + 3u * s] = -r[q].y;
+    }
+}
+
+// dw for (k, c) of invocation i over K x C (c fastest).
+@compute @workgroup_size(64)
+fn wino_dw(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+           @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.co * p.ci {
+        return;
+    }
+    let k = i / p.ci;
+    let c = i - k * p.ci;
+    let c4 = (p.ci + 3u) / 4u * 4u;
+    var m: array<f32, 16>;
+    for (var e = 0u; e < 16u; e++) {
+        m[e] = mres[(e * p.co + k) * c4 + c];
+    }
+    // G^T m (3x4), then (G^T m) G (3x3); G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+    var q: array<f32, 12>;
+    for (var j = 0u; j < 4u; j++) {
+        q[j] = m[j] + 0.5 * (m[4u + j] + m[8u + j]);
+        q[4u + j] = 0.5 * (m[4u + j] - m[8u + j]);
+        q[8u + j] = 0.5 * (m[4u + j] + m[8u + j]) + m[12u + j];
+    }
+    for (var r = 0u; r < 3u; r++) {
+        let a = q[r * 4u];
+        let b = q[r * 4u + 1u];
+        let cc = q[r * 4u + 2u];
+        let d = q[r * 4u + 3u];
+        var g = array<f32, 3>(a + 0.5 * (b + cc), 0.5 * (b - cc), 0.5 * (b + cc) + d);
+        for (var j = 0u; j < 3u; j++) {
+            let o = (k * p.ci + c) * 9u + r * 3u + j;
+            if p.accumulate == 1u {
+                dst[o] += g[j];
+            } else {
+                dst[o] = g[j];
+            }
+        }
     }
 }
 

@@ -562,9 +562,9 @@ const WINOGRAD_CASES: &[Case] = &[
 
 /// Winograd F(2x2, 3x3) in each GEMM configuration (the autotuner may pick any of them on a
 /// GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs: forward,
-/// backward_data and the BN + ReLU prologue (overwriting poisoned outputs and accumulating)
-/// against the reference. Each configuration sums in the same order, so all give the same
-/// bits. Where the adapter has timestamps, the profile shows that Winograd ran.
+/// backward_data, backward_weight and the BN + ReLU prologue (overwriting poisoned outputs and
+/// accumulating) against the reference. Each configuration sums in the same order, so all give
+/// the same bits. Where the adapter has timestamps, the profile shows that Winograd ran.
 #[test]
 fn winograd_every_configuration() {
     let opts = resnet_wgpu::GpuOptions { tiled_bounds_checks: Some(false), ..resnet_wgpu::GpuOptions::from_env() };
@@ -574,26 +574,28 @@ fn winograd_every_configuration() {
     let c = case([2, 16, 9, 7], 12, 3, 1);
     let (wd, yd) = (c.wd(), c.yd());
     let mut rng = Rng::new(48);
-    let (x, w) = (rng.data(len(c.xd)), rng.data(len(wd)));
-    let (tx, tw) = (up(&g, &c.xd, &x), up(&g, &wd, &w));
-    let mut first: Option<Vec<u32>> = None;
+    let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
+    let (tx, tw, tdy) = (up(&g, &c.xd, &x), up(&g, &wd, &w), up(&g, &yd, &dy));
+    let mut first: Option<[Vec<u32>; 2]> = None;
     for name in &names {
         conv::force_winograd(&g, Some(name)).unwrap();
         let ctx = format!("winograd {name}");
         check_forward_on(&ctx, &g, WINOGRAD_CASES, 45);
         check_backward_data_on(&ctx, &g, WINOGRAD_CASES, 46);
+        check_backward_weight_on(&ctx, &g, WINOGRAD_CASES, 49);
         check_bn_relu_on(&ctx, &g, WINOGRAD_CASES, 47);
         resnet_wgpu::profile::set(&g, true);
-        let ty = nan(&g, &yd);
+        let (ty, tdw) = (nan(&g, &yd), nan(&g, &wd));
         let mut rec = g.recorder("conv");
         conv::forward(&mut rec, &tx, &tw, &ty, 1, false).unwrap();
+        conv::backward_weight(&mut rec, &tx, &tdy, &tdw, 1, false).unwrap();
         rec.run().unwrap();
         resnet_wgpu::profile::set(&g, false);
         let spans = resnet_wgpu::profile::take(&g).unwrap();
         if g.has_timestamps() {
-            assert!(spans.iter().any(|s| &s.label == name), "{ctx}: dispatches {spans:?}");
+            assert_eq!(spans.iter().filter(|s| &s.label == name).count(), 2, "{ctx}: dispatches {spans:?}");
         }
-        let bits: Vec<u32> = fetch(&g, &ty).iter().map(|v| v.to_bits()).collect();
+        let bits = [&ty, &tdw].map(|t| fetch(&g, t).iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
         match &first {
             None => first = Some(bits),
             Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),

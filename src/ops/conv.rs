@@ -166,7 +166,8 @@ fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
 }
 
 /// Forces Winograd F(2x2, 3x3) in GEMM configuration `name` (one of [`winograd_names`]) for
-/// every forward and backward_data it applies to (3x3, stride 1, f32) on this context, or
+/// every convolution it applies to (3x3, stride 1, f32: forward, backward_data and
+/// backward_weight) on this context, or
 /// (`"off"`) never takes it; `None` goes back to the automatic choice (timed against the tiled
 /// kernels on GPUs). The environment variable `RESNET_WGPU_CONV_WINOGRAD` does the same for a
 /// new context. A forced tile configuration ([`force_tile`]) takes precedence. Winograd rounds
@@ -332,7 +333,7 @@ enum Plan {
     /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
     /// `coop`: the f16 path's tile arithmetic on cooperative matrices.
     Tiled { tile: usize, splits: usize, chunk: usize, coop: bool },
-    /// Winograd F(2x2, 3x3) (forward and backward_data at stride 1) with GEMM configuration
+    /// Winograd F(2x2, 3x3) (3x3 kernels at stride 1, every op) with GEMM configuration
     /// `config` (an index into `winograd::CONFIGS`); `tile` is the tiled configuration it was
     /// chosen over (the f16 path's starting point).
     Winograd { config: usize, tile: usize },
@@ -768,7 +769,10 @@ fn backward_weight_with(
             }
             _ => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
         },
-        Plan::Register { .. } | Plan::Winograd { .. } => unreachable!("a data op's plan for backward_weight"),
+        Plan::Winograd { config, .. } => {
+            winograd::record(rec, Op::BackwardWeight, &g, config, x, pre, dy, dw, accumulate)
+        }
+        Plan::Register { .. } => unreachable!("a data op's plan for backward_weight"),
     }
     Ok(())
 }

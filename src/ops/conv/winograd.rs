@@ -1,14 +1,16 @@
-//! Winograd F(2x2, 3x3) for the data ops (forward, backward_data) of 3x3 convolutions at stride
-//! 1, dispatching `shaders/winograd.wgsl` (its head has the algebra and the layouts): 2.25x
-//! fewer multiplies than the implicit GEMM, for four passes over transformed operands
-//! (weights, input, 16 GEMMs, output). Reference: `reference::conv`, as for every kernel family.
+//! Winograd F(2x2, 3x3) for 3x3 convolutions at stride 1, forward, backward_data and
+//! backward_weight, dispatching `shaders/winograd.wgsl` (its head has the algebra and the
+//! layouts): 2.25x fewer multiplies than the implicit GEMM, for four passes over transformed
+//! operands (two transforms in, 16 GEMMs, one transform out). Reference: `reference::conv`, as
+//! for every kernel family.
 //!
 //! An autotuned candidate on GPUs: where it applies, [`consider`] times it in each GEMM
 //! configuration against the tiled plan the tuner chose and keeps the fastest. CPU adapters
 //! take it by rule in place of the tiled kernels (not of the register path) where both channel
-//! counts are 16 or more; [`force`] takes it wherever it applies, or nowhere (tests,
-//! benchmarks, and results independent of the autotuner). The transformed operands live in context scratch buffers, one
-//! per role and size (U, V and M: 4x the input and the output, and 16/9 the weights).
+//! counts are 16 or more (backward_weight: 32); [`force`] takes it wherever it applies, or nowhere (tests,
+//! benchmarks, and results independent of the autotuner). The transformed operands live in
+//! context scratch buffers, one per role and size (4x the input and the output, 16/9 the
+//! weights).
 
 use std::sync::{Arc, Mutex};
 
@@ -91,9 +93,10 @@ struct Params {
     _pad: [u32; 3],
 }
 
-/// The transformed problem of `op` on `g`: input channels, output channels, blocks, and their
-/// rounding up to 4.
+/// The transformed problem of `op` on `g`: input channels (backward_weight: x's), output
+/// channels (dy's), blocks, and their rounding up to 4.
 struct Dims {
+    op: Op,
     ci: usize,
     co: usize,
     th: usize,
@@ -105,26 +108,55 @@ struct Dims {
 
 impl Dims {
     fn of(op: Op, g: &Geometry) -> Dims {
-        let (ci, co) = if op == Op::Forward { (g.c, g.k) } else { (g.k, g.c) };
+        let (ci, co) = if op == Op::BackwardData { (g.k, g.c) } else { (g.c, g.k) };
         let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
         let np = g.n * th * tw;
-        Dims { ci, co, th, tw, np, p4: np.div_ceil(4) * 4, co4: co.div_ceil(4) * 4 }
+        Dims { op, ci, co, th, tw, np, p4: np.div_ceil(4) * 4, co4: co.div_ceil(4) * 4 }
     }
 
-    /// Bytes of U, V and M.
+    fn ci4(&self) -> usize {
+        self.ci.div_ceil(4) * 4
+    }
+
+    /// Bytes of U, V and M (backward_weight: DY, X and M).
     fn bytes(&self) -> [u64; 3] {
-        [self.ci * self.co4, self.ci * self.p4, self.co * self.p4].map(|e| (16 * e * 4) as u64)
+        let floats = match self.op {
+            Op::BackwardWeight => [self.p4 * self.co4, self.p4 * self.ci4(), self.co * self.ci4()],
+            _ => [self.ci * self.co4, self.ci * self.p4, self.co * self.p4],
+        };
+        floats.map(|e| (16 * e * 4) as u64)
+    }
+
+    /// The transforms' parameters.
+    fn params(&self, g: &Geometry, acc: bool, pre: bool) -> Params {
+        let u = |v: usize| v as u32;
+        Params {
+            n: u(g.n),
+            ci: u(self.ci),
+            co: u(self.co),
+            h: u(g.h),
+            w: u(g.w),
+            th: u(self.th),
+            tw: u(self.tw),
+            np: u(self.np),
+            p4: u(self.p4),
+            co4: u(self.co4),
+            mode: u32::from(self.op == Op::BackwardData),
+            accumulate: u32::from(acc),
+            pre: u32::from(pre),
+            _pad: [0; 3],
+        }
     }
 }
 
-/// Whether Winograd runs `op` on `g`: forward or backward_data, 3x3 at stride 1, and U, V and M
-/// each within one binding, the GEMM's grid within the per-dimension limit.
+/// Whether Winograd runs `op` on `g`: 3x3 at stride 1, its three operands each within one
+/// binding, the GEMM's grid within the per-dimension limit.
 pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
-    if op == Op::BackwardWeight || g.ks != 3 || g.stride != 1 {
+    if g.ks != 3 || g.stride != 1 {
         return false;
     }
     let d = Dims::of(op, g);
-    d.bytes().iter().all(|&b| b <= gpu.max_binding_bytes) && d.p4.div_ceil(64) <= 65535
+    d.bytes().iter().all(|&b| b <= gpu.max_binding_bytes) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
 }
 
 /// The pipeline of `entry` in configuration `config`, built once per context (the transforms
@@ -150,9 +182,10 @@ fn pipeline(gpu: &Gpu, config: usize, entry: &'static str) -> wgpu::ComputePipel
     })
 }
 
-/// Records `op` (forward: a = x, out = y; backward_data: a = dy, out = dx) on `g` by Winograd in
-/// GEMM configuration `config`; a through the BN + ReLU prologue with `pre`'s per-channel
-/// values where given (forward); `acc` adds into `out`.
+/// Records `op` on `g` by Winograd in GEMM configuration `config`: forward (a = x, b = w, out =
+/// y), backward_data (a = dy, b = w, out = dx) or backward_weight (a = x, b = dy, out = dw); x
+/// through the BN + ReLU prologue with `pre`'s per-channel values where given (forward and
+/// backward_weight); `acc` adds into `out`.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record(
     rec: &mut Recorder,
@@ -161,63 +194,51 @@ pub(super) fn record(
     config: usize,
     a: &Tensor,
     pre: Option<&Tensor>,
-    w: &Tensor,
+    b: &Tensor,
     out: &Tensor,
     acc: bool,
 ) {
     let d = Dims::of(op, g);
-    let u32_ = |v: usize| v as u32;
-    let params = Params {
-        n: u32_(g.n),
-        ci: u32_(d.ci),
-        co: u32_(d.co),
-        h: u32_(g.h),
-        w: u32_(g.w),
-        th: u32_(d.th),
-        tw: u32_(d.tw),
-        np: u32_(d.np),
-        p4: u32_(d.p4),
-        co4: u32_(d.co4),
-        mode: u32::from(op == Op::BackwardData),
-        accumulate: u32::from(acc),
-        pre: u32::from(pre.is_some()),
-        _pad: [0; 3],
-    };
+    let params = d.params(g, acc, pre.is_some());
     let gpu = rec.gpu;
     let [ub, vb, mb] = d.bytes();
     let storage = wgpu::BufferUsages::STORAGE;
     let (u, v, m) =
         (scratch(gpu, "wino-u", ub, storage), scratch(gpu, "wino-v", vb, storage), scratch(gpu, "wino-m", mb, storage));
     let aff = affine_binding(gpu, pre);
-    let bytes = bytemuck::bytes_of(&params);
-    let mut run = |entry: &'static str, label: &str, res: &[(u32, wgpu::BindingResource)], groups: [u32; 3]| {
-        rec.dispatch_pipeline(&pipeline(gpu, config, entry), label, bytes, res, groups);
+    let c = CONFIGS[config];
+    let mut run = |entry: &'static str, label: &str, prm: &Params, res: &[(u32, wgpu::BindingResource)], groups| {
+        rec.dispatch_pipeline(&pipeline(gpu, config, entry), label, bytemuck::bytes_of(prm), res, groups);
     };
-    run(
-        "wino_weights",
-        "wino_weights",
-        &[(1, w.buffer.as_entire_binding()), (3, u.as_entire_binding())],
-        groups_for(d.ci * d.co4),
-    );
+    let (a, b, out) = (a.buffer.as_entire_binding(), b.buffer.as_entire_binding(), out.buffer.as_entire_binding());
+    let gemm = [(4, u.as_entire_binding()), (5, v.as_entire_binding()), (6, m.as_entire_binding())];
+    if op == Op::BackwardWeight {
+        // The GEMM over the blocks: rows k (K4 wide), columns c (C4 wide).
+        let gp = Params { ci: params.p4, p4: d.ci4() as u32, ..params };
+        let (x, dy) = (a, b);
+        run(
+            "wino_input_t",
+            "wino_input_t",
+            &params,
+            &[(1, x), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
+            groups_for(d.p4 * d.ci4()),
+        );
+        run("wino_dy_t", "wino_dy_t", &params, &[(1, dy), (3, u.as_entire_binding())], groups_for(d.p4 * d.co4));
+        run("wino_gemm", c.name, &gp, &gemm, [d.ci4().div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, 16]);
+        run("wino_dw", "wino_dw", &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.ci));
+        return;
+    }
+    let w = b;
+    run("wino_weights", "wino_weights", &params, &[(1, w), (3, u.as_entire_binding())], groups_for(d.ci * d.co4));
     run(
         "wino_input",
         "wino_input",
-        &[(1, a.buffer.as_entire_binding()), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
+        &params,
+        &[(1, a), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
         groups_for(d.ci * d.p4),
     );
-    let c = CONFIGS[config];
-    run(
-        "wino_gemm",
-        c.name,
-        &[(4, u.as_entire_binding()), (5, v.as_entire_binding()), (6, m.as_entire_binding())],
-        [d.p4.div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, 16],
-    );
-    run(
-        "wino_output",
-        "wino_output",
-        &[(7, m.as_entire_binding()), (8, out.buffer.as_entire_binding())],
-        groups_for(d.co * d.np),
-    );
+    run("wino_gemm", c.name, &params, &gemm, [d.p4.div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, 16]);
+    run("wino_output", "wino_output", &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.np));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -273,11 +294,16 @@ pub(super) fn names() -> Vec<String> {
     CONFIGS.iter().map(|c| c.name.to_string()).collect()
 }
 
-/// The configuration CPU adapters take by rule: on lavapipe it ran 1.3x to 7x faster than the
-/// tiled kernels' CPU rule where both sides have 16 channels or more, and slower below
-/// (BENCHMARKS.md).
+/// The configuration CPU adapters take by rule, where both channel counts reach
+/// [`cpu_min_channels`]: on lavapipe it ran 1.4x to 7x faster than the tiled kernels' CPU rule
+/// there, and slower below (BENCHMARKS.md).
 const CPU_CONFIG: usize = 1;
-const CPU_MIN_CHANNELS: usize = 16;
+
+/// The data ops from 16 channels, backward_weight from 32 (whose GEMM, over the blocks, has
+/// few output tiles: 1.6x slower than the tiled kernels at 16 channels, 2.3x faster at 32).
+fn cpu_min_channels(op: Op) -> usize {
+    if op == Op::BackwardWeight { 32 } else { 16 }
+}
 
 /// `plan` (the choice for `op` on `g` without Winograd), or Winograd where it applies and: is
 /// forced ([`force`]); or, on a CPU adapter under the automatic kernels, where the rule says
@@ -303,13 +329,17 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     }
     if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels != Kernels::Tuned {
         let d = Dims::of(op, g);
-        return match d.ci.min(d.co) >= CPU_MIN_CHANNELS {
+        return match d.ci.min(d.co) >= cpu_min_channels(op) {
             true => Plan::Winograd { config: CPU_CONFIG, tile },
             false => plan,
         };
     }
     let (x, wd, y) = ([g.n, g.c, g.h, g.w], [g.k, g.c, 3, 3], [g.n, g.k, g.oh, g.ow]);
-    let dims = if op == Op::Forward { [x, wd, y] } else { [y, wd, x] };
+    let dims = match op {
+        Op::Forward => [x, wd, y],
+        Op::BackwardData => [y, wd, x],
+        Op::BackwardWeight => [x, y, wd],
+    };
     let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
         return plan;
     };
