@@ -53,6 +53,8 @@ struct Params {
     mode: u32,       // wino_weights: 0 forward (g = w[co][ci]), 1 backward_data (g = w[ci][co] flipped)
     accumulate: u32, // wino_output: 1 adds into the output, 0 overwrites it
     pre: u32,        // wino_input: 1 reads the input through the BN + ReLU prologue
+    chunk: u32,      // wino_gemm: reduction steps per split (a multiple of BK)
+    splits: u32,     // wino_gemm, wino_dw: splits of the reduction (1 but for backward_weight)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -179,8 +181,10 @@ fn wino_input(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: v
 // image (the forward's algebra differentiated in g), with dY the 2x2 block of dy[n][k] and d the
 // patch of x[n][c] (through the prologue where p.pre). Layouts, reduction-major for wino_gemm:
 //   wino_input_t: X[e][t][c] (c padded to C4), wino_dy_t: DY[e][t][k] (k padded to K4),
-//   wino_gemm (run with ci = P4, co = K, co4 = K4, p4 = C4): M[e][k][c] = sum_t DY X,
-//   wino_dw: dw[k][c][i][j] (=|+=) (G^T M[.][k][c] G)[i][j].
+//   wino_gemm (run with ci = P4, co = K, co4 = K4, p4 = C4): M[e][k][c] = sum_t DY X, in
+//                 `splits` partial sums over ranges of blocks where the output has few tiles,
+//   wino_dw: dw[k][c][i][j] (=|+=) (G^T M[.][k][c] G)[i][j] (wino_dw_splits: M the splits'
+//                 sum in order).
 // Here p.ci = C, p.co = K, p.co4 = K4, and the blocks as for the forward.
 // ------------------------------------------------------------------------------------------
 
@@ -244,7 +248,32 @@ fn wino_dy_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: ve
     }
 }
 
-// dw for (k, c) of invocation i over K x C (c fastest).
+// dw (=|+=) G^T m G for (k, c); G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
+fn store_dw(k: u32, c: u32, m: array<f32, 16>) {
+    var q: array<f32, 12>; // G^T m (3x4)
+    for (var j = 0u; j < 4u; j++) {
+        q[j] = m[j] + 0.5 * (m[4u + j] + m[8u + j]);
+        q[4u + j] = 0.5 * (m[4u + j] - m[8u + j]);
+        q[8u + j] = 0.5 * (m[4u + j] + m[8u + j]) + m[12u + j];
+    }
+    for (var r = 0u; r < 3u; r++) {
+        let a = q[r * 4u];
+        let b = q[r * 4u + 1u];
+        let cc = q[r * 4u + 2u];
+        let d = q[r * 4u + 3u];
+        var g = array<f32, 3>(a + 0.5 * (b + cc), 0.5 * (b - cc), 0.5 * (b + cc) + d); // (G^T m) G
+        for (var j = 0u; j < 3u; j++) {
+            let o = (k * p.ci + c) * 9u + r * 3u + j;
+            if p.accumulate == 1u {
+                dst[o] += g[j];
+            } else {
+                dst[o] = g[j];
+            }
+        }
+    }
+}
+
+// dw for (k, c) of invocation i over K x C (c fastest), from an unsplit GEMM.
 @compute @workgroup_size(64)
 fn wino_dw(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
            @builtin(local_invocation_index) lid: u32) {
@@ -259,28 +288,31 @@ fn wino_dw(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3
     for (var e = 0u; e < 16u; e++) {
         m[e] = mres[(e * p.co + k) * c4 + c];
     }
-    // G^T m (3x4), then (G^T m) G (3x3); G^T = [1 .5 .5 0; 0 .5 -.5 0; 0 .5 .5 1].
-    var q: array<f32, 12>;
-    for (var j = 0u; j < 4u; j++) {
-        q[j] = m[j] + 0.5 * (m[4u + j] + m[8u + j]);
-        q[4u + j] = 0.5 * (m[4u + j] - m[8u + j]);
-        q[8u + j] = 0.5 * (m[4u + j] + m[8u + j]) + m[12u + j];
+    store_dw(k, c, m);
+}
+
+// wino_dw from p.splits partial sums, added in split order (an entry of its own: the loop over
+// the splits made lavapipe's unsplit case 1.5x to 2x slower).
+@compute @workgroup_size(64)
+fn wino_dw_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                  @builtin(local_invocation_index) lid: u32) {
+    let i = flat(wid, nwg, lid);
+    if i >= p.co * p.ci {
+        return;
     }
-    for (var r = 0u; r < 3u; r++) {
-        let a = q[r * 4u];
-        let b = q[r * 4u + 1u];
-        let cc = q[r * 4u + 2u];
-        let d = q[r * 4u + 3u];
-        var g = array<f32, 3>(a + 0.5 * (b + cc), 0.5 * (b - cc), 0.5 * (b + cc) + d);
-        for (var j = 0u; j < 3u; j++) {
-            let o = (k * p.ci + c) * 9u + r * 3u + j;
-            if p.accumulate == 1u {
-                dst[o] += g[j];
-            } else {
-                dst[o] = g[j];
-            }
+    let k = i / p.ci;
+    let c = i - k * p.ci;
+    let c4 = (p.ci + 3u) / 4u * 4u;
+    var m: array<f32, 16>;
+    for (var e = 0u; e < 16u; e++) {
+        m[e] = mres[(e * p.co + k) * c4 + c];
+    }
+    for (var s = 1u; s < p.splits; s++) {
+        for (var e = 0u; e < 16u; e++) {
+            m[e] += mres[((s * 16u + e) * p.co + k) * c4 + c];
         }
     }
+    store_dw(k, c, m);
 }
 
 // The output block (co, t) of invocation i over co x np (t fastest).
@@ -330,25 +362,31 @@ const BS: u32 = BN / 4u; // vec4s per row of the V tile
 var<workgroup> ta: array<vec4f, BK * AS>;
 var<workgroup> tb: array<vec4f, BK * BS>;
 
-// The vec4 of U at reduction row k, vec4 column v of GEMM e (zeros past the end).
-fn load_u(e: u32, k: u32, v: u32) -> vec4f {
-    if k < p.ci && v < p.co4 / 4u {
+// The vec4 of U at reduction row k (below `end`, the end of the split), vec4 column v of GEMM e
+// (zeros past the end).
+fn load_u(e: u32, k: u32, end: u32, v: u32) -> vec4f {
+    if k < end && v < p.co4 / 4u {
         return u4[(e * p.ci + k) * (p.co4 / 4u) + v];
     }
     return vec4f(0.0);
 }
 
-fn load_v(e: u32, k: u32, v: u32) -> vec4f {
-    if k < p.ci && v < p.p4 / 4u {
+fn load_v(e: u32, k: u32, end: u32, v: u32) -> vec4f {
+    if k < end && v < p.p4 / 4u {
         return v4[(e * p.ci + k) * (p.p4 / 4u) + v];
     }
     return vec4f(0.0);
 }
 
-// GEMM e = wid.z: M[e][co][t] for the tile of co from wid.y * BM and t from wid.x * BN.
+// GEMM e = wid.z % 16: M[e][co][t] for the tile of co from wid.y * BM and t from wid.x * BN,
+// over split s = wid.z / 16 of the reduction (steps [s * chunk, (s + 1) * chunk)), into
+// M[s][e][co][t]: the splits' partial sums, which wino_dw adds in split order.
 @compute @workgroup_size(THREADS)
 fn wino_gemm(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
-    let e = wid.z;
+    let e = wid.z % 16u;
+    let split = wid.z / 16u;
+    let k_begin = split * p.chunk;
+    let k_end = min(p.ci, k_begin + p.chunk);
     let cv0 = wid.y * AS; // first vec4 of co
     let tv0 = wid.x * BS; // first vec4 of t
     let tr = lid / (BN / TN);
@@ -358,13 +396,13 @@ fn wino_gemm(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index)
     var rb: array<vec4f, B_PER>;
     for (var j = 0u; j < A_PER; j++) { // @unroll
         let q = lid + j * THREADS;
-        ra[j] = load_u(e, q / AS, cv0 + q % AS);
+        ra[j] = load_u(e, k_begin + q / AS, k_end, cv0 + q % AS);
     }
     for (var j = 0u; j < B_PER; j++) { // @unroll
         let q = lid + j * THREADS;
-        rb[j] = load_v(e, q / BS, tv0 + q % BS);
+        rb[j] = load_v(e, k_begin + q / BS, k_end, tv0 + q % BS);
     }
-    let steps = (p.ci + BK - 1u) / BK;
+    let steps = (k_end - min(k_begin, k_end) + BK - 1u) / BK;
     for (var s = 0u; s < steps; s++) {
         for (var j = 0u; j < A_PER; j++) { // @unroll
             ta[lid + j * THREADS] = ra[j];
@@ -374,14 +412,14 @@ fn wino_gemm(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index)
         }
         workgroupBarrier();
         if s + 1u < steps {
-            let k0 = (s + 1u) * BK;
+            let k0 = k_begin + (s + 1u) * BK;
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 let q = lid + j * THREADS;
-                ra[j] = load_u(e, k0 + q / AS, cv0 + q % AS);
+                ra[j] = load_u(e, k0 + q / AS, k_end, cv0 + q % AS);
             }
             for (var j = 0u; j < B_PER; j++) { // @unroll
                 let q = lid + j * THREADS;
-                rb[j] = load_v(e, k0 + q / BS, tv0 + q % BS);
+                rb[j] = load_v(e, k0 + q / BS, k_end, tv0 + q % BS);
             }
         }
         for (var k = 0u; k < BK; k++) {
@@ -406,7 +444,7 @@ fn wino_gemm(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index)
             for (var h = 0u; h < TNV; h++) { // @unroll
                 let tv = tv0 + h * (BN / TN) + tc;
                 if co < p.co && tv < p.p4 / 4u {
-                    m4[(e * p.co + co) * (p.p4 / 4u) + tv] = acc[(g * 4u + i) * TNV + h];
+                    m4[(wid.z * p.co + co) * (p.p4 / 4u) + tv] = acc[(g * 4u + i) * TNV + h];
                 }
             }
         }

@@ -34,6 +34,13 @@ pub(super) struct Config {
 /// Reduction steps staged per tile (`BK`).
 const BK: usize = 16;
 
+/// backward_weight's GEMM splits its reduction over the blocks until it has about this many
+/// workgroups (a large GPU's SMs several times over), in ranges of at least
+/// [`WEIGHT_MIN_CHUNK`] blocks: its output has (K / 64) x (C / 64) x 16 tiles, 16 at 64
+/// channels, with reductions of N * H * W / 4 blocks.
+const WEIGHT_WORKGROUPS: usize = 512;
+const WEIGHT_MIN_CHUNK: usize = 256;
+
 /// The configurations [`consider`] times: 256 invocations of 4x4, and 64 or 128 of 8x8 (more
 /// outputs per staged load, fewer workgroups). Each fits WebGPU's default limits (256
 /// invocations, 16 KiB of workgroup memory), so every adapter runs all of them (the test below).
@@ -90,7 +97,9 @@ struct Params {
     mode: u32,
     accumulate: u32,
     pre: u32,
-    _pad: [u32; 3],
+    chunk: u32,
+    splits: u32,
+    _pad: u32,
 }
 
 /// The transformed problem of `op` on `g`: input channels (backward_weight: x's), output
@@ -104,6 +113,10 @@ struct Dims {
     np: usize,
     p4: usize,
     co4: usize,
+    /// backward_weight's GEMM reduction (over the blocks) in `splits` ranges of `chunk`; the data
+    /// ops' in one.
+    splits: usize,
+    chunk: usize,
 }
 
 impl Dims {
@@ -111,7 +124,19 @@ impl Dims {
         let (ci, co) = if op == Op::BackwardData { (g.k, g.c) } else { (g.c, g.k) };
         let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
         let np = g.n * th * tw;
-        Dims { op, ci, co, th, tw, np, p4: np.div_ceil(4) * 4, co4: co.div_ceil(4) * 4 }
+        let (p4, co4) = (np.div_ceil(4) * 4, co.div_ceil(4) * 4);
+        let (splits, chunk) = match op {
+            Op::BackwardWeight => {
+                // Output tiles counted as 64x64 whatever the configuration, so that every
+                // configuration splits alike (and gives the same bits).
+                let tiles = 16 * co.div_ceil(64) * (ci.div_ceil(4) * 4).div_ceil(64);
+                let splits = WEIGHT_WORKGROUPS.div_ceil(tiles).min(p4 / WEIGHT_MIN_CHUNK).max(1);
+                let chunk = p4.div_ceil(splits).div_ceil(BK) * BK;
+                (p4.div_ceil(chunk), chunk)
+            }
+            _ => (1, ci.div_ceil(BK) * BK),
+        };
+        Dims { op, ci, co, th, tw, np, p4, co4, splits, chunk }
     }
 
     fn ci4(&self) -> usize {
@@ -121,7 +146,7 @@ impl Dims {
     /// Bytes of U, V and M (backward_weight: DY, X and M).
     fn bytes(&self) -> [u64; 3] {
         let floats = match self.op {
-            Op::BackwardWeight => [self.p4 * self.co4, self.p4 * self.ci4(), self.co * self.ci4()],
+            Op::BackwardWeight => [self.p4 * self.co4, self.p4 * self.ci4(), self.splits * self.co * self.ci4()],
             _ => [self.ci * self.co4, self.ci * self.p4, self.co * self.p4],
         };
         floats.map(|e| (16 * e * 4) as u64)
@@ -144,7 +169,9 @@ impl Dims {
             mode: u32::from(self.op == Op::BackwardData),
             accumulate: u32::from(acc),
             pre: u32::from(pre),
-            _pad: [0; 3],
+            chunk: self.chunk as u32,
+            splits: self.splits as u32,
+            _pad: 0,
         }
     }
 }
@@ -224,8 +251,10 @@ pub(super) fn record(
             groups_for(d.p4 * d.ci4()),
         );
         run("wino_dy_t", "wino_dy_t", &params, &[(1, dy), (3, u.as_entire_binding())], groups_for(d.p4 * d.co4));
-        run("wino_gemm", c.name, &gp, &gemm, [d.ci4().div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, 16]);
-        run("wino_dw", "wino_dw", &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.ci));
+        let z = 16 * d.splits as u32;
+        run("wino_gemm", c.name, &gp, &gemm, [d.ci4().div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, z]);
+        let dw = if d.splits > 1 { "wino_dw_splits" } else { "wino_dw" };
+        run(dw, dw, &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.ci));
         return;
     }
     let w = b;
