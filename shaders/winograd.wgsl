@@ -8,6 +8,9 @@
 //            = TM / 4, TN / 4
 //   THREADS  (BM / TM) * (BN / TN) invocations (also spelled out in @workgroup_size)
 //   A_PER, B_PER  vec4s of U and of V each invocation stages per tile
+//   ST, WT   the storage types of the activations (x, dy, y, dx) and of the weights: f32, or
+//            f16 on the f16 path (which keeps its weights f32 or f16, and dw f32); loads widen
+//            to f32, stores round once, the transformed operands and everything else are f32
 //
 // A 3x3 correlation at stride 1 and padding 1 (forward: x with w; backward_data: dy with the
 // weights flipped and their channels swapped, w'[c][k][i][j] = w[k][c][2-i][2-j]) computes each
@@ -58,14 +61,16 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-@group(0) @binding(1) var<storage, read> src: array<f32>;            // weights: w; input: x or dy
+@group(0) @binding(1) var<storage, read> src: array<ST>;             // the transforms in: x or dy
+@group(0) @binding(9) var<storage, read> wsrc: array<WT>;            // wino_weights: w
 @group(0) @binding(2) var<storage, read> aff: array<vec4f>;          // input, pre: per ci (mean, scale, beta, invstd)
 @group(0) @binding(3) var<storage, read_write> tout: array<f32>;     // weights: U; input: V
 @group(0) @binding(4) var<storage, read> u4: array<vec4f>;           // gemm: U
 @group(0) @binding(5) var<storage, read> v4: array<vec4f>;           // gemm: V
 @group(0) @binding(6) var<storage, read_write> m4: array<vec4f>;     // gemm: M
 @group(0) @binding(7) var<storage, read> mres: array<f32>;           // output: M
-@group(0) @binding(8) var<storage, read_write> dst: array<f32>;      // output: y or dx
+@group(0) @binding(8) var<storage, read_write> dst: array<ST>;       // wino_output: y or dx
+@group(0) @binding(10) var<storage, read_write> dwo: array<f32>;     // wino_dw*: dw
 
 fn flat(wid: vec3u, nwg: vec3u, lid: u32) -> u32 {
     return (wid.y * nwg.x + wid.x) * 64u + lid;
@@ -86,9 +91,9 @@ fn wino_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg:
         var g: array<f32, 9>;
         for (var t = 0u; t < 9u; t++) {
             if p.mode == 0u {
-                g[t] = src[(co * p.ci + ci) * 9u + t];
+                g[t] = f32(wsrc[(co * p.ci + ci) * 9u + t]);
             } else {
-                g[t] = src[(ci * p.co + co) * 9u + 8u - t];
+                g[t] = f32(wsrc[(ci * p.co + co) * 9u + 8u - t]);
             }
         }
         // G g (4x3), then (G g) G^T (4x4); G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1].
@@ -133,7 +138,7 @@ fn input_tile(ci: u32, t: u32) -> array<f32, 16> {
             for (var c = 0u; c < 4u; c++) {
                 let x = 2u * bx + c;
                 if y >= 1u && y <= p.h && x >= 1u && x <= p.w {
-                    var v = src[plane + (y - 1u) * p.w + x - 1u];
+                    var v = f32(src[plane + (y - 1u) * p.w + x - 1u]);
                     if p.pre == 1u {
                         v = max((v - a.x) * a.y + a.z, 0.0);
                     }
@@ -230,7 +235,7 @@ fn wino_dy_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: ve
                 let y = 2u * by + a;
                 let x = 2u * bx + b;
                 if y < p.h && x < p.w {
-                    d[a * 2u + b] = src[plane + y * p.w + x];
+                    d[a * 2u + b] = f32(src[plane + y * p.w + x]);
                 }
             }
         }
@@ -265,9 +270,9 @@ fn store_dw(k: u32, c: u32, m: array<f32, 16>) {
         for (var j = 0u; j < 3u; j++) {
             let o = (k * p.ci + c) * 9u + r * 3u + j;
             if p.accumulate == 1u {
-                dst[o] += g[j];
+                dwo[o] += g[j];
             } else {
-                dst[o] = g[j];
+                dwo[o] = g[j];
             }
         }
     }
@@ -348,9 +353,9 @@ fn wino_output(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
             if y < p.h && x < p.w {
                 let o = ((n * p.co + co) * p.h + y) * p.w + x;
                 if p.accumulate == 1u {
-                    dst[o] += out[b];
+                    dst[o] = ST(f32(dst[o]) + out[b]);
                 } else {
-                    dst[o] = out[b];
+                    dst[o] = ST(out[b]);
                 }
             }
         }

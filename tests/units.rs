@@ -53,6 +53,20 @@ fn every_unit_variant_matches_the_reference() {
     assert_eq!(seen.len(), 12, "variants covered: {seen:?}");
 }
 
+/// Every variant again with Winograd forced for its 3x3 convolutions at stride 1 (the
+/// autotuner's other choice on a GPU; the fused units' BN statistics and BN backward sums then
+/// come from the batch norm's own kernels).
+#[test]
+fn every_unit_variant_on_winograd() {
+    let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    resnet_wgpu::ops::conv::force_winograd(&g, Some("64x64t4x4")).unwrap();
+    let mut rng = Rng::new(23);
+    for (i, (cfg, spec)) in variants().into_iter().enumerate() {
+        let n = if i % 2 == 0 { 1 } else { 2 };
+        check_unit_on(&g, &cfg, &spec, [n, spec.c_in, 7, 5], i as u64, &mut rng);
+    }
+}
+
 #[test]
 fn stack_of_20_preact_units_keeps_the_stream_additive() {
     let g = gpu();

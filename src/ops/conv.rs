@@ -422,7 +422,7 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     match tiled::forced(gpu, op, g) {
         Some(t) => gpu.cached(("conv.plan.tile", op, t, *g), || tiled::plan_for(op, g, t)),
         None => gpu.cached(("conv.plan", op, k, winograd::choice(gpu), *g), || {
-            winograd::consider(gpu, op, g, k, choose(gpu, op, g, k))
+            winograd::consider(gpu, op, g, k, choose(gpu, op, g, k), false)
         }),
     }
 }
@@ -678,7 +678,7 @@ fn forward_with(
             }
             _ => tiled::record(rec, Op::Forward, &g, plan, x, pre, w, y, accumulate),
         },
-        Plan::Winograd { config, .. } => winograd::record(rec, Op::Forward, &g, config, x, pre, w, y, accumulate),
+        Plan::Winograd { config, .. } => winograd::record_f32(rec, Op::Forward, &g, config, x, pre, w, y, accumulate),
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for forward"),
     }
     Ok(())
@@ -705,7 +705,7 @@ pub fn backward_data(
         Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, None, w, dx, accumulate, span),
         plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, None, w, dx, accumulate),
         Plan::Winograd { config, .. } => {
-            winograd::record(rec, Op::BackwardData, &g, config, dy, None, w, dx, accumulate)
+            winograd::record_f32(rec, Op::BackwardData, &g, config, dy, None, w, dx, accumulate)
         }
         Plan::RegisterWeight { .. } => unreachable!("a backward_weight plan for backward_data"),
     }
@@ -770,7 +770,7 @@ fn backward_weight_with(
             _ => tiled::record(rec, Op::BackwardWeight, &g, plan, x, pre, dy, dw, accumulate),
         },
         Plan::Winograd { config, .. } => {
-            winograd::record(rec, Op::BackwardWeight, &g, config, x, pre, dy, dw, accumulate)
+            winograd::record_f32(rec, Op::BackwardWeight, &g, config, x, pre, dy, dw, accumulate)
         }
         Plan::Register { .. } => unreachable!("a data op's plan for backward_weight"),
     }
@@ -828,15 +828,22 @@ fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
         Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
         _ => tiled::rule(op, g),
     };
-    tiled::half_plan(gpu, op, g, f32_tile)
+    let tiled = tiled::half_plan(gpu, op, g, f32_tile);
+    let (k, choice) = (kernels(gpu), winograd::choice(gpu));
+    gpu.cached(("conv.half-winograd", op, k, choice, *g, tiled), || winograd::consider(gpu, op, g, k, tiled, true))
 }
 
-/// `half_plan` without splits (the fused epilogues need the whole sum).
+/// `half_plan` without splits (the fused epilogues need the whole sum); Winograd as it is.
 fn half_plan_unsplit(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     match half_plan(gpu, op, g) {
         Plan::Tiled { tile, coop, .. } => Plan::Tiled { tile, splits: 1, chunk: 0, coop },
-        _ => unreachable!("half_plan gives tiled plans"),
+        p => p,
     }
+}
+
+/// The f16 path's storage types for Winograd: half activations, the weights as given.
+fn half_types(w_half: bool) -> winograd::Types {
+    winograd::Types { act_half: true, w_half }
 }
 
 /// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
@@ -860,8 +867,13 @@ pub fn forward_f16(
 ) -> Result<()> {
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
-    let plan = half_plan(rec.gpu, Op::Forward, &g);
-    tiled::record_half_data(rec, Op::Forward, &g, plan, x, None, operand(w), y, accumulate);
+    match half_plan(rec.gpu, Op::Forward, &g) {
+        Plan::Winograd { config, .. } => {
+            let t = half_types(w.is_half());
+            winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, None, w.buffer(), &y.buffer, accumulate)
+        }
+        plan => tiled::record_half_data(rec, Op::Forward, &g, plan, x, None, operand(w), y, accumulate),
+    }
     Ok(())
 }
 
@@ -877,8 +889,13 @@ pub fn backward_data_f16(
 ) -> Result<()> {
     let t = [(dx.dims(), &dx.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
-    let plan = half_plan(rec.gpu, Op::BackwardData, &g);
-    tiled::record_half_data(rec, Op::BackwardData, &g, plan, dy, None, operand(w), dx, accumulate);
+    match half_plan(rec.gpu, Op::BackwardData, &g) {
+        Plan::Winograd { config, .. } => {
+            let t = half_types(w.is_half());
+            winograd::record(rec, Op::BackwardData, &g, config, t, &dy.buffer, None, w.buffer(), &dx.buffer, accumulate)
+        }
+        plan => tiled::record_half_data(rec, Op::BackwardData, &g, plan, dy, None, operand(w), dx, accumulate),
+    }
     Ok(())
 }
 
@@ -896,8 +913,24 @@ pub fn backward_weight_f16(
 ) -> Result<()> {
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
-    let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
-    tiled::record_half_weight(rec, &g, plan, x, None, dy, dw, accumulate);
+    match half_plan(rec.gpu, Op::BackwardWeight, &g) {
+        Plan::Winograd { config, .. } => {
+            let t = half_types(false);
+            winograd::record(
+                rec,
+                Op::BackwardWeight,
+                &g,
+                config,
+                t,
+                &x.buffer,
+                None,
+                &dy.buffer,
+                &dw.buffer,
+                accumulate,
+            )
+        }
+        plan => tiled::record_half_weight(rec, &g, plan, x, None, dy, dw, accumulate),
+    }
     Ok(())
 }
 
@@ -962,6 +995,11 @@ pub fn forward_bn_relu_f16(
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
     let plan = half_plan(rec.gpu, Op::Forward, &g);
+    if let Plan::Winograd { config, .. } = plan {
+        let (t, aff) = (half_types(w.is_half()), Some(affine));
+        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, aff, w.buffer(), &y.buffer, accumulate);
+        return Ok(());
+    }
     match separate_prologue(rec.gpu, Op::Forward, &g, plan, true) {
         true => {
             let a = prologue_pass_f16(rec, x, affine)?;
@@ -994,6 +1032,12 @@ pub fn forward_stats_f16(
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train_f16(rec.gpu, WHAT, y, bn, save_mean, save_invstd)?;
     let plan = half_plan_unsplit(rec.gpu, Op::Forward, &g);
+    if let Plan::Winograd { config, .. } = plan {
+        // The statistics by the batch norm's own kernels, reading y.
+        let t = half_types(w.is_half());
+        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, pre, w.buffer(), &y.buffer, accumulate);
+        return batch_norm::stats_train_f16(rec, y, bn, save_mean, save_invstd);
+    }
     let (x, pre) = match pre {
         Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, true) => {
             (&prologue_pass_f16(rec, x, aff)?, None)
@@ -1025,6 +1069,11 @@ pub fn backward_weight_bn_relu_f16(
     let g = check_f16(rec.gpu, WHAT, ["x", "dw", "dy"], t, 1, stride)?;
     check_affine(WHAT, Some(affine), g.c, &dw.buffer)?;
     let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
+    if let Plan::Winograd { config, .. } = plan {
+        let (t, aff) = (half_types(false), Some(affine));
+        winograd::record(rec, Op::BackwardWeight, &g, config, t, &x.buffer, aff, &dy.buffer, &dw.buffer, accumulate);
+        return Ok(());
+    }
     match separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, true) {
         true => {
             let a = prologue_pass_f16(rec, x, affine)?;
@@ -1058,6 +1107,12 @@ pub fn backward_data_bn_f16(
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward_f16(rec.gpu, WHAT, x, da, dx, bn)?;
     let plan = half_plan_unsplit(rec.gpu, Op::BackwardData, &g);
+    if let Plan::Winograd { config, .. } = plan {
+        // The sums by the batch norm's own kernels, reading da.
+        let t = half_types(w.is_half());
+        winograd::record(rec, Op::BackwardData, &g, config, t, &dy.buffer, None, w.buffer(), &da.buffer, accumulate);
+        return batch_norm::backward_f16(rec, x, da, bn, true, dx, accumulate_dx);
+    }
     let (dyb, wf, dab, xb) = (&dy.buffer, operand(w), &da.buffer, &x.buffer);
     let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, true, dyb, wf, dab, accumulate, xb, affine)
     else {

@@ -176,10 +176,24 @@ pub fn check_unit(
     seed: u64,
     rng: &mut Rng,
 ) {
+    check_unit_on(gpu(), cfg, spec, xd, seed, rng)
+}
+
+/// [`check_unit`] on context `g`.
+pub fn check_unit_on(
+    g: &Gpu,
+    cfg: &resnet_wgpu::arch::NetConfig,
+    spec: &resnet_wgpu::arch::UnitSpec,
+    xd: [usize; 4],
+    seed: u64,
+    rng: &mut Rng,
+) {
     use resnet_wgpu::arch::Shortcut;
     use resnet_wgpu::reference::{net as rnet, to_f64};
     use resnet_wgpu::unit::{Mode, Unit, Workspace};
-    let g = gpu();
+    let upload = |d: &[usize], v: &[f32]| Tensor::new(g, d, v).expect("upload");
+    let poisoned = |d: &[usize]| Tensor::filled(g, d, f32::NAN).expect("poisoned tensor");
+    let read = |t: &Tensor| t.read(g).expect("read back");
     let state = random_state(cfg, seed);
     let params = to_ref(&state);
     let unit = Unit::from_state(g, spec, &state).unwrap();

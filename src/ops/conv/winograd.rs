@@ -14,11 +14,11 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::tiled;
+use super::tiled::{self, Weights};
 use super::{Geometry, Kernels, Op, Plan, affine_binding, scratch};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, groups_for};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// A configuration of the GEMM: a workgroup's `bm` x `bn` output tile (co x blocks), `tm` x
 /// `tn` outputs per invocation.
@@ -57,8 +57,8 @@ impl Config {
     }
 
     /// The template with this configuration's constants (every vec4 of a staged tile has one
-    /// loader: `A_PER` and `B_PER` are whole).
-    fn source(&self) -> String {
+    /// loader: `A_PER` and `B_PER` are whole) and storage types `t`.
+    fn source(&self, t: Types) -> String {
         let threads = self.threads();
         let consts = [
             ("BM", self.bm),
@@ -72,13 +72,27 @@ impl Config {
             ("A_PER", BK * self.bm / 4 / threads),
             ("B_PER", BK * self.bn / 4 / threads),
         ];
-        let mut s: String = consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")).collect();
+        let ty = |half: bool| if half { "f16" } else { "f32" };
+        let mut s = String::from(if t.act_half || t.w_half { "enable f16;\n" } else { "" });
+        s.push_str(&format!("alias ST = {};\nalias WT = {};\n", ty(t.act_half), ty(t.w_half)));
+        s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         s.push_str(TEMPLATE);
         tiled::unroll(&s, &consts)
     }
 }
 
 const TEMPLATE: &str = include_str!("../../../shaders/winograd.wgsl");
+
+/// Storage types: the activations' (x, dy, y, dx) and the weights' f32 or (`true`) f16.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(super) struct Types {
+    pub act_half: bool,
+    pub w_half: bool,
+}
+
+impl Types {
+    pub(super) const F32: Types = Types { act_half: false, w_half: false };
+}
 
 /// The shader's `Params`, padded to 64 bytes.
 #[repr(C)]
@@ -186,14 +200,15 @@ pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
     d.bytes().iter().all(|&b| b <= gpu.max_binding_bytes) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
 }
 
-/// The pipeline of `entry` in configuration `config`, built once per context (the transforms
-/// are the same in every configuration: they come from the first's module).
-fn pipeline(gpu: &Gpu, config: usize, entry: &'static str) -> wgpu::ComputePipeline {
-    let config = if entry == "wino_gemm" { config } else { 0 };
-    gpu.cached(("conv.winograd", config, entry), || {
+/// The pipeline of `entry` in configuration `config` for storage types `t`, built once per
+/// context (the GEMM is the same for every type, the transforms for every configuration: each
+/// comes from the one module that differs).
+fn pipeline(gpu: &Gpu, config: usize, t: Types, entry: &'static str) -> wgpu::ComputePipeline {
+    let (config, t) = if entry == "wino_gemm" { (config, Types::F32) } else { (0, t) };
+    gpu.cached(("conv.winograd", config, t, entry), || {
         let c = CONFIGS[config];
-        let label = format!("conv.winograd.{}.{entry}", c.name);
-        let module = gpu.shader_module_in_range(&label, &c.source());
+        let label = format!("conv.winograd.{}.{}{}.{entry}", c.name, t.act_half as u8, t.w_half as u8);
+        let module = gpu.shader_module_in_range(&label, &c.source(t));
         gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
             label: Some(&label),
             layout: None,
@@ -209,12 +224,9 @@ fn pipeline(gpu: &Gpu, config: usize, entry: &'static str) -> wgpu::ComputePipel
     })
 }
 
-/// Records `op` on `g` by Winograd in GEMM configuration `config`: forward (a = x, b = w, out =
-/// y), backward_data (a = dy, b = w, out = dx) or backward_weight (a = x, b = dy, out = dw); x
-/// through the BN + ReLU prologue with `pre`'s per-channel values where given (forward and
-/// backward_weight); `acc` adds into `out`.
+/// [`record`] on f32 tensors.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn record(
+pub(super) fn record_f32(
     rec: &mut Recorder,
     op: Op,
     g: &Geometry,
@@ -223,6 +235,26 @@ pub(super) fn record(
     pre: Option<&Tensor>,
     b: &Tensor,
     out: &Tensor,
+    acc: bool,
+) {
+    record(rec, op, g, config, Types::F32, &a.buffer, pre, &b.buffer, &out.buffer, acc)
+}
+
+/// Records `op` on `g` by Winograd in GEMM configuration `config`, storage types `t`: forward
+/// (a = x, b = w, out = y), backward_data (a = dy, b = w, out = dx) or backward_weight (a = x,
+/// b = dy, out = dw, f32 whatever `t`); x through the BN + ReLU prologue with `pre`'s
+/// per-channel values where given (forward and backward_weight); `acc` adds into `out`.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record(
+    rec: &mut Recorder,
+    op: Op,
+    g: &Geometry,
+    config: usize,
+    t: Types,
+    a: &wgpu::Buffer,
+    pre: Option<&Tensor>,
+    b: &wgpu::Buffer,
+    out: &wgpu::Buffer,
     acc: bool,
 ) {
     let d = Dims::of(op, g);
@@ -235,9 +267,9 @@ pub(super) fn record(
     let aff = affine_binding(gpu, pre);
     let c = CONFIGS[config];
     let mut run = |entry: &'static str, label: &str, prm: &Params, res: &[(u32, wgpu::BindingResource)], groups| {
-        rec.dispatch_pipeline(&pipeline(gpu, config, entry), label, bytemuck::bytes_of(prm), res, groups);
+        rec.dispatch_pipeline(&pipeline(gpu, config, t, entry), label, bytemuck::bytes_of(prm), res, groups);
     };
-    let (a, b, out) = (a.buffer.as_entire_binding(), b.buffer.as_entire_binding(), out.buffer.as_entire_binding());
+    let (a, b, out) = (a.as_entire_binding(), b.as_entire_binding(), out.as_entire_binding());
     let gemm = [(4, u.as_entire_binding()), (5, v.as_entire_binding()), (6, m.as_entire_binding())];
     if op == Op::BackwardWeight {
         // The GEMM over the blocks: rows k (K4 wide), columns c (C4 wide).
@@ -254,11 +286,11 @@ pub(super) fn record(
         let z = 16 * d.splits as u32;
         run("wino_gemm", c.name, &gp, &gemm, [d.ci4().div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, z]);
         let dw = if d.splits > 1 { "wino_dw_splits" } else { "wino_dw" };
-        run(dw, dw, &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.ci));
+        run(dw, dw, &params, &[(7, m.as_entire_binding()), (10, out)], groups_for(d.co * d.ci));
         return;
     }
     let w = b;
-    run("wino_weights", "wino_weights", &params, &[(1, w), (3, u.as_entire_binding())], groups_for(d.ci * d.co4));
+    run("wino_weights", "wino_weights", &params, &[(9, w), (3, u.as_entire_binding())], groups_for(d.ci * d.co4));
     run(
         "wino_input",
         "wino_input",
@@ -339,8 +371,9 @@ fn cpu_min_channels(op: Op) -> usize {
 /// so; or, on a GPU (or a CPU adapter that tunes, `Kernels::Tuned`), where timing it in each
 /// configuration (as the tiled tuner times its configurations, on zero operands of `g`'s shape)
 /// finds one faster than `plan`. Register plans and the explicit families (`Kernels::Tiled`,
-/// `Kernels::Register`) are kept unless forced.
-pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: Plan) -> Plan {
+/// `Kernels::Register`) are kept unless forced. `half`: for the f16 path (`plan` its tiled plan,
+/// both timed on f16 activations and f32 weights, as the f16 units run them).
+pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: Plan, half: bool) -> Plan {
     if !applies(gpu, op, g) {
         return plan;
     }
@@ -369,14 +402,33 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         Op::BackwardData => [y, wd, x],
         Op::BackwardWeight => [x, y, wd],
     };
-    let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
+    // The operands as the path runs them: all f32 (in `dims`' order), or (`half`) the weights
+    // (or dw) f32 and the two activations f16.
+    let wi = if op == Op::BackwardWeight { 2 } else { 1 };
+    let f32s = match half {
+        false => dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>(),
+        true => Tensor::zeros(gpu, &dims[wi]).map(|w| vec![w]),
+    };
+    let acts = (0..3).filter(|&i| half && i != wi);
+    let (Ok(t), Ok(h)) = (f32s, acts.map(|i| HalfTensor::zeros(gpu, &dims[i])).collect::<Result<Vec<_>>>()) else {
         return plan;
     };
     let run = |k: usize| {
         let mut rec = gpu.recorder("conv tune winograd");
-        match k {
-            0 => tiled::record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
-            _ => record(&mut rec, op, g, k - 1, &t[0], None, &t[1], &t[2], false),
+        let t16 = Types { act_half: true, w_half: false };
+        match (half, op == Op::BackwardWeight, k) {
+            (false, _, 0) => tiled::record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
+            (false, _, _) => record_f32(&mut rec, op, g, k - 1, &t[0], None, &t[1], &t[2], false),
+            (true, true, 0) => tiled::record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[0], false),
+            (true, true, _) => {
+                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &h[1].buffer, &t[0].buffer, false)
+            }
+            (true, false, 0) => {
+                tiled::record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[0].buffer), &h[1], false)
+            }
+            (true, false, _) => {
+                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &t[0].buffer, &h[1].buffer, false)
+            }
         }
         Ok(rec.finish())
     };
@@ -403,7 +455,8 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
             Plan::Winograd { config, .. } => CONFIGS[config].name,
             _ => "tiled",
         };
-        eprintln!("conv tune winograd {}: ms {}; chose {chose}", tiled::tuned_shape(op, g), report.join(", "));
+        let what = if half { "winograd f16" } else { "winograd" };
+        eprintln!("conv tune {what} {}: ms {}; chose {chose}", tiled::tuned_shape(op, g), report.join(", "));
     }
     best.1
 }
