@@ -21,6 +21,8 @@ fn info_names_the_adapter() {
     let (ok, text) = tool(&["info"]);
     assert!(ok, "{text}");
     assert!(text.contains("chosen:") && text.contains(&gpu().report.name), "{text}");
+    // The names RESNET_WGPU_CONV_WINOGRAD takes.
+    assert!(text.contains("conv winograd: 64x64t4x4 "), "{text}");
 }
 
 #[test]

@@ -435,6 +435,9 @@ fn info() -> Result<()> {
     println!("chosen: {}", gpu.report);
     // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
     println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
+    // For RESNET_WGPU_CONV_WINOGRAD (3x3 convolutions at stride 1; `off` never takes it).
+    let wino: Vec<String> = resnet_wgpu::ops::conv::winograd_names().iter().map(|n| n.replace("wino ", "")).collect();
+    println!("conv winograd: {}", wino.join(" "));
     // Whether wgpu's experimental cooperative matrices (tensor cores) exist on this adapter, and
     // in which shapes and types: what a tensor-core path would have to use.
     let coop = gpu.adapter.features().contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX);
