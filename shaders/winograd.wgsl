@@ -278,22 +278,24 @@ fn store_dw(k: u32, c: u32, m: array<f32, 16>) {
     }
 }
 
+// The 16 values of M at (k, c) in split s.
+fn split_m(k: u32, c: u32, s: u32) -> array<f32, 16> {
+    let c4 = (p.ci + 3u) / 4u * 4u;
+    var m: array<f32, 16>;
+    for (var e = 0u; e < 16u; e++) {
+        m[e] = mres[((s * 16u + e) * p.co + k) * c4 + c];
+    }
+    return m;
+}
+
 // dw for (k, c) of invocation i over K x C (c fastest), from an unsplit GEMM.
 @compute @workgroup_size(64)
 fn wino_dw(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
            @builtin(local_invocation_index) lid: u32) {
     let i = flat(wid, nwg, lid);
-    if i >= p.co * p.ci {
-        return;
+    if i < p.co * p.ci {
+        store_dw(i / p.ci, i % p.ci, split_m(i / p.ci, i % p.ci, 0u));
     }
-    let k = i / p.ci;
-    let c = i - k * p.ci;
-    let c4 = (p.ci + 3u) / 4u * 4u;
-    var m: array<f32, 16>;
-    for (var e = 0u; e < 16u; e++) {
-        m[e] = mres[(e * p.co + k) * c4 + c];
-    }
-    store_dw(k, c, m);
 }
 
 // wino_dw from p.splits partial sums, added in split order (an entry of its own: the loop over
@@ -306,15 +308,12 @@ fn wino_dw_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
         return;
     }
     let k = i / p.ci;
-    let c = i - k * p.ci;
-    let c4 = (p.ci + 3u) / 4u * 4u;
-    var m: array<f32, 16>;
-    for (var e = 0u; e < 16u; e++) {
-        m[e] = mres[(e * p.co + k) * c4 + c];
-    }
+    let c = i % p.ci;
+    var m = split_m(k, c, 0u);
     for (var s = 1u; s < p.splits; s++) {
+        var q = split_m(k, c, s);
         for (var e = 0u; e < 16u; e++) {
-            m[e] += mres[((s * 16u + e) * p.co + k) * c4 + c];
+            m[e] += q[e];
         }
     }
     store_dw(k, c, m);

@@ -609,51 +609,68 @@ fn winograd_every_configuration() {
     }
 }
 
+/// The f16 path's three ops on case `c` (half inputs from `rng`; forward and backward_data
+/// overwriting poisoned outputs and accumulating, dw f32) against the f64 reference on the same
+/// halves, within the f16 bound (dw within f32's). The weights are halves, or (`f32_weights`)
+/// f32 holding the same f16-representable values, as the f16 units keep them.
+fn check_f16_ops(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str, f32_weights: bool) {
+    use resnet_wgpu::tensor::HalfTensor;
+    let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
+    let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(g, d, v).unwrap();
+    let poison = |d: &[usize]| HalfTensor::from_f32(g, d, &vec![f32::NAN; d.iter().product()]).unwrap();
+    let (xd, wd, yd) = (c.xd, c.wd(), c.yd());
+    let (x, w, dy) = (half(&rng.data(len(xd))), half(&rng.data(len(wd))), half(&rng.data(len(yd))));
+    let (py, pdx, pdw) = (half(&rng.data(len(yd))), half(&rng.data(len(xd))), rng.data(len(wd)));
+    let (tx, tw16, tw32, tdy) = (h(&xd, &x), h(&wd, &w), up(g, &wd, &w), h(&yd, &dy));
+    let (ty, tyacc, tdx, tdxacc) = (poison(&yd), h(&yd, &py), poison(&xd), h(&xd, &pdx));
+    let (tdw, tdwacc) = (nan(g, &wd), up(g, &wd, &pdw));
+    let mut rec = g.recorder("conv f16");
+    match f32_weights {
+        false => {
+            conv::forward_f16(&mut rec, &tx, &tw16, &ty, c.stride, false).unwrap();
+            conv::forward_f16(&mut rec, &tx, &tw16, &tyacc, c.stride, true).unwrap();
+            conv::backward_data_f16(&mut rec, &tdy, &tw16, &tdx, c.stride, false).unwrap();
+            conv::backward_data_f16(&mut rec, &tdy, &tw16, &tdxacc, c.stride, true).unwrap();
+        }
+        true => {
+            conv::forward_f16(&mut rec, &tx, &tw32, &ty, c.stride, false).unwrap();
+            conv::forward_f16(&mut rec, &tx, &tw32, &tyacc, c.stride, true).unwrap();
+            conv::backward_data_f16(&mut rec, &tdy, &tw32, &tdx, c.stride, false).unwrap();
+            conv::backward_data_f16(&mut rec, &tdy, &tw32, &tdxacc, c.stride, true).unwrap();
+        }
+    }
+    conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+    conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdwacc, c.stride, true).unwrap();
+    rec.run().unwrap();
+    let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+    let y = r::conv::forward(&x64, xd, &w64, wd, c.stride);
+    let dx = r::conv::backward_data(&dy64, &w64, wd, xd, c.stride);
+    let dw = r::conv::backward_weight(&x64, xd, &dy64, wd, c.stride);
+    let tag = format!("{tag} {}{}", c.name(), if f32_weights { " f32 weights" } else { "" });
+    let rd = |t: &HalfTensor| t.read(g).unwrap();
+    check(&format!("conv fwd {tag}"), &rd(&ty), &y, F16_TOL);
+    check(&format!("conv fwd accumulate {tag}"), &rd(&tyacc), &plus(&py, &y), F16_TOL);
+    check(&format!("conv bwd data {tag}"), &rd(&tdx), &dx, F16_TOL);
+    check(&format!("conv bwd data accumulate {tag}"), &rd(&tdxacc), &plus(&pdx, &dx), F16_TOL);
+    check(&format!("conv bwd weight {tag}"), &fetch(g, &tdw), &dw, F32_TOL);
+    check(&format!("conv bwd weight accumulate {tag}"), &fetch(g, &tdwacc), &plus(&pdw, &dw), F32_TOL);
+}
+
 /// Winograd on the f16 path in each GEMM configuration: half activations loaded to f32 and
-/// stored rounded once, weights as halves (forward) or f32 (backward_data, as the f16 units keep
-/// them; f16-representable values here, so that both mean the same weights), dw f32; within the
-/// f16 path's bounds.
+/// stored rounded once, the weights as halves and as f32 (as the f16 units keep them), dw f32;
+/// within the f16 path's bounds.
 #[test]
 fn winograd_f16_within_bound() {
-    use resnet_wgpu::tensor::HalfTensor;
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     if !g.report.features.contains(wgpu::Features::SHADER_F16) {
         eprintln!("skipped: no shader-f16 on {}", g.report.name);
         return;
     }
-    let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
-    let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(&g, d, v).unwrap();
-    let poison = |d: &[usize]| HalfTensor::from_f32(&g, d, &vec![f32::NAN; d.iter().product()]).unwrap();
-    let rd = |t: &HalfTensor| t.read(&g).unwrap();
     for name in conv::winograd_names() {
         conv::force_winograd(&g, Some(&name)).unwrap();
         let mut rng = Rng::new(52);
-        for c in WINOGRAD_CASES {
-            let (xd, wd, yd) = (c.xd, c.wd(), c.yd());
-            let (x, w, dy) = (half(&rng.data(len(xd))), half(&rng.data(len(wd))), half(&rng.data(len(yd))));
-            let (py, pdx, pdw) = (half(&rng.data(len(yd))), half(&rng.data(len(xd))), rng.data(len(wd)));
-            let (tx, tw16, tw32, tdy) = (h(&xd, &x), h(&wd, &w), up(&g, &wd, &w), h(&yd, &dy));
-            let (ty, tyacc, tdx, tdxacc) = (poison(&yd), h(&yd, &py), poison(&xd), h(&xd, &pdx));
-            let (tdw, tdwacc) = (nan(&g, &wd), up(&g, &wd, &pdw));
-            let mut rec = g.recorder("conv f16 winograd");
-            conv::forward_f16(&mut rec, &tx, &tw16, &ty, c.stride, false).unwrap();
-            conv::forward_f16(&mut rec, &tx, &tw16, &tyacc, c.stride, true).unwrap();
-            conv::backward_data_f16(&mut rec, &tdy, &tw32, &tdx, c.stride, false).unwrap();
-            conv::backward_data_f16(&mut rec, &tdy, &tw32, &tdxacc, c.stride, true).unwrap();
-            conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
-            conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdwacc, c.stride, true).unwrap();
-            rec.run().unwrap();
-            let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
-            let y = r::conv::forward(&x64, xd, &w64, wd, c.stride);
-            let dx = r::conv::backward_data(&dy64, &w64, wd, xd, c.stride);
-            let dw = r::conv::backward_weight(&x64, xd, &dy64, wd, c.stride);
-            let tag = format!("f16 winograd {name} {}", c.name());
-            check(&format!("conv fwd {tag}"), &rd(&ty), &y, F16_TOL);
-            check(&format!("conv fwd accumulate {tag}"), &rd(&tyacc), &plus(&py, &y), F16_TOL);
-            check(&format!("conv bwd data {tag}"), &rd(&tdx), &dx, F16_TOL);
-            check(&format!("conv bwd data accumulate {tag}"), &rd(&tdxacc), &plus(&pdx, &dx), F16_TOL);
-            check(&format!("conv bwd weight {tag}"), &fetch(&g, &tdw), &dw, F32_TOL);
-            check(&format!("conv bwd weight accumulate {tag}"), &fetch(&g, &tdwacc), &plus(&pdw, &dw), F32_TOL);
+        for (i, c) in WINOGRAD_CASES.iter().enumerate() {
+            check_f16_ops(&g, c, &mut rng, &format!("f16 winograd {name}"), i % 2 == 1);
         }
     }
 }
@@ -869,9 +886,6 @@ fn f16_path_within_bound() {
         eprintln!("skipped: no shader-f16 on {}", g.report.name);
         return;
     }
-    let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
-    let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(&g, d, v).unwrap();
-    let poison = |d: &[usize]| HalfTensor::from_f32(&g, d, &vec![f32::NAN; d.iter().product()]).unwrap();
     let mut tiles = vec![None];
     tiles.extend(conv::tile_names(&g).into_iter().map(Some));
     for tile in tiles {
@@ -879,32 +893,7 @@ fn f16_path_within_bound() {
         let mut rng = Rng::new(51);
         let cases = tile_cases();
         for c in &cases[..if tile.is_some() { 2 } else { cases.len() }] {
-            let (xd, wd, yd) = (c.xd, c.wd(), c.yd());
-            let (x, w, dy) = (half(&rng.data(len(xd))), half(&rng.data(len(wd))), half(&rng.data(len(yd))));
-            let (py, pdx, pdw) = (half(&rng.data(len(yd))), half(&rng.data(len(xd))), rng.data(len(wd)));
-            let (tx, tw, tdy) = (h(&xd, &x), h(&wd, &w), h(&yd, &dy));
-            let (ty, tyacc, tdx, tdxacc) = (poison(&yd), h(&yd, &py), poison(&xd), h(&xd, &pdx));
-            let (tdw, tdwacc) = (nan(&g, &wd), up(&g, &wd, &pdw));
-            let mut rec = g.recorder("conv f16");
-            conv::forward_f16(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
-            conv::forward_f16(&mut rec, &tx, &tw, &tyacc, c.stride, true).unwrap();
-            conv::backward_data_f16(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
-            conv::backward_data_f16(&mut rec, &tdy, &tw, &tdxacc, c.stride, true).unwrap();
-            conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
-            conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdwacc, c.stride, true).unwrap();
-            rec.run().unwrap();
-            let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
-            let y = r::conv::forward(&x64, xd, &w64, wd, c.stride);
-            let dx = r::conv::backward_data(&dy64, &w64, wd, xd, c.stride);
-            let dw = r::conv::backward_weight(&x64, xd, &dy64, wd, c.stride);
-            let tag = format!("f16 tile {} {}", tile.as_deref().unwrap_or("auto"), c.name());
-            let rd = |t: &HalfTensor| t.read(&g).unwrap();
-            check(&format!("conv fwd {tag}"), &rd(&ty), &y, F16_TOL);
-            check(&format!("conv fwd accumulate {tag}"), &rd(&tyacc), &plus(&py, &y), F16_TOL);
-            check(&format!("conv bwd data {tag}"), &rd(&tdx), &dx, F16_TOL);
-            check(&format!("conv bwd data accumulate {tag}"), &rd(&tdxacc), &plus(&pdx, &dx), F16_TOL);
-            check(&format!("conv bwd weight {tag}"), &fetch(&g, &tdw), &dw, F32_TOL);
-            check(&format!("conv bwd weight accumulate {tag}"), &fetch(&g, &tdwacc), &plus(&pdw, &dw), F32_TOL);
+            check_f16_ops(&g, c, &mut rng, &format!("f16 tile {}", tile.as_deref().unwrap_or("auto")), false);
         }
     }
     // Shapes and aliasing are checked as in f32.

@@ -436,19 +436,25 @@ fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::Comp
             if coop { ".coop" } else { "" }
         );
         let layout = if coop { coop_layout(gpu, tile) } else { None };
-        let module = gpu.shader_module_in_range(&key, &t.source(op, ks, stride, b, layout));
-        gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&key),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            // Every kernel stores its workgroup tiles before it reads them.
-            compilation_options: wgpu::PipelineCompilationOptions {
-                zero_initialize_workgroup_memory: false,
-                ..Default::default()
-            },
-            cache: None,
-        })
+        in_range_pipeline(gpu, &key, &t.source(op, ks, stride, b, layout), entry)
+    })
+}
+
+/// The pipeline of `entry` in `source`, a template instance whose every index is in range by
+/// construction ([`Gpu::shader_module_in_range`]) and whose kernels store their workgroup tiles
+/// before they read them (so wgpu need not zero them first). Shared with Winograd's template.
+pub(super) fn in_range_pipeline(gpu: &Gpu, label: &str, source: &str, entry: &str) -> wgpu::ComputePipeline {
+    let module = gpu.shader_module_in_range(label, source);
+    gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(label),
+        layout: None,
+        module: &module,
+        entry_point: Some(entry),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            zero_initialize_workgroup_memory: false,
+            ..Default::default()
+        },
+        cache: None,
     })
 }
 

@@ -208,19 +208,7 @@ fn pipeline(gpu: &Gpu, config: usize, t: Types, entry: &'static str) -> wgpu::Co
     gpu.cached(("conv.winograd", config, t, entry), || {
         let c = CONFIGS[config];
         let label = format!("conv.winograd.{}.{}{}.{entry}", c.name, t.act_half as u8, t.w_half as u8);
-        let module = gpu.shader_module_in_range(&label, &c.source(t));
-        gpu.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
-            label: Some(&label),
-            layout: None,
-            module: &module,
-            entry_point: Some(entry),
-            // The GEMM stores its workgroup tiles before it reads them.
-            compilation_options: wgpu::PipelineCompilationOptions {
-                zero_initialize_workgroup_memory: false,
-                ..Default::default()
-            },
-            cache: None,
-        })
+        tiled::in_range_pipeline(gpu, &label, &c.source(t), entry)
     })
 }
 
