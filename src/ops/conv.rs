@@ -9,14 +9,19 @@
 //! the statistics of a forward's output, and the sums of the backward of the BN + ReLU before a
 //! convolution, in the tiled kernels' epilogues (elsewhere the batch norm reads the activation).
 //!
-//! Two kernel families (see the head of the shader for their designs):
+//! Three kernel families (see the head of each shader for their designs):
 //!
 //! * the *tiled* implicit GEMM through workgroup memory: any adapter, any shape;
 //! * the *register* path for CPU adapters (lavapipe/llvmpipe) with subgroups of at least 8
 //!   invocations, where workgroup memory is as slow as a storage buffer: the big operand goes
 //!   through an rgba32f texture copy of the tensor, the weights through 64 KiB uniform-buffer
 //!   windows, and lanes share data by subgroup shuffles. It covers the shapes of CIFAR-style
-//!   ResNets (row widths 4, 8, 16, 32); other shapes take the tiled kernels.
+//!   ResNets (row widths 4, 8, 16, 32); other shapes take the tiled kernels;
+//! * *Winograd* F(2x2, 3x3) for 3x3 kernels at stride 1 (`conv/winograd.rs`,
+//!   `shaders/winograd.wgsl`): transforms around 16 GEMMs, 2.25x fewer multiplies, where the
+//!   autotuner finds it faster than the tiled plan (GPUs) or by rule in place of the tiled
+//!   kernels (CPU adapters), f32 and f16 paths alike. Its results round differently from the
+//!   others' ([`force_winograd`] turns it off).
 //!
 //! The choice and the tile sizes are made per shape and cached in the context ([`Gpu::cached`]),
 //! as are the scratch buffers (split-K partial sums, weight windows) and operand textures, one

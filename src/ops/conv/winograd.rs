@@ -4,13 +4,13 @@
 //! operands (two transforms in, 16 GEMMs, one transform out). Reference: `reference::conv`, as
 //! for every kernel family.
 //!
-//! An autotuned candidate on GPUs: where it applies, [`consider`] times it in each GEMM
-//! configuration against the tiled plan the tuner chose and keeps the fastest. CPU adapters
-//! take it by rule in place of the tiled kernels (not of the register path) where both channel
-//! counts are 16 or more (backward_weight: 32); [`force`] takes it wherever it applies, or nowhere (tests,
-//! benchmarks, and results independent of the autotuner). The transformed operands live in
-//! context scratch buffers, one per role and size (4x the input and the output, 16/9 the
-//! weights).
+//! An autotuned candidate on GPUs, f32 and f16 paths alike: where it applies, [`consider`]
+//! times it in each GEMM configuration against the tiled plan the tuner chose and keeps the
+//! fastest. CPU adapters take it by rule in place of the tiled kernels (not of the register
+//! path) where both channel counts are 16 or more (backward_weight: 32); [`force`] takes it
+//! wherever it applies, or nowhere (tests, benchmarks, and results independent of the
+//! autotuner). The transformed operands live in context scratch buffers, one per role and size
+//! (4x the input and the output, 16/9 the weights).
 
 use std::sync::{Arc, Mutex};
 
