@@ -97,6 +97,20 @@ fn tiled_conv_kernels_in_whole_networks_match_the_reference() {
     }
 }
 
+/// Whole networks (forward and backward, every parameter gradient) with Winograd forced for
+/// their 3x3 convolutions at stride 1, submitted a command buffer at a time as GPUs stream
+/// them.
+#[test]
+fn winograd_in_whole_networks_matches_the_reference() {
+    let opts = resnet_wgpu::GpuOptions { stream_chunk: Some(1), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = resnet_wgpu::Gpu::with_options(&opts).unwrap();
+    resnet_wgpu::ops::conv::force_winograd(&g, Some("64x64t8x8")).unwrap();
+    for (i, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+        compare_pass_on(&g, &tiny(kind, false, ShortcutOption::B), [2, 3, 8, 8], 84 + i as u64, F32_TOL);
+        compare_pass_on(&g, &tiny(kind, true, ShortcutOption::A), [1, 3, 9, 7], 86 + i as u64, F32_TOL);
+    }
+}
+
 #[test]
 fn passes_submitted_a_command_buffer_at_a_time_match_the_reference() {
     // Each unit's command buffers handed to the device as soon as each is recorded (GPUs submit
