@@ -190,14 +190,20 @@ impl Dims {
     }
 }
 
+/// The most bytes one transformed operand may take: the context keeps them (per size) as long
+/// as it lives, so beyond this the tiled kernels, which need no such workspace, run instead (at
+/// batch 32 the ImageNet-like stages need 98 MiB at most).
+const MAX_OPERAND_BYTES: u64 = 256 << 20;
+
 /// Whether Winograd runs `op` on `g`: 3x3 at stride 1, its three operands each within one
-/// binding, the GEMM's grid within the per-dimension limit.
+/// binding and [`MAX_OPERAND_BYTES`], the GEMM's grid within the per-dimension limit.
 pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
     if g.ks != 3 || g.stride != 1 {
         return false;
     }
     let d = Dims::of(op, g);
-    d.bytes().iter().all(|&b| b <= gpu.max_binding_bytes) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
+    let limit = gpu.max_binding_bytes.min(MAX_OPERAND_BYTES);
+    d.bytes().iter().all(|&b| b <= limit) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
 }
 
 /// The pipeline of `entry` in configuration `config` for storage types `t`, built once per
