@@ -360,6 +360,12 @@ fn cpu_min_channels(op: Op) -> usize {
     if op == Op::BackwardWeight { 32 } else { 16 }
 }
 
+/// Where the tiled plan would fuse its unit's BN reductions into its epilogue (unsplit data ops),
+/// Winograd is taken only if it runs in this fraction of the plan's time or less: the
+/// reductions' own passes cost a few percent of a convolution (BENCHMARKS.md, cfa22d4: 25 to 40
+/// us against 0.35 to 0.45 ms at batch 32).
+const FUSED_MARGIN: f64 = 0.9;
+
 /// `plan` (the choice for `op` on `g` without Winograd), or Winograd where it applies and: is
 /// forced ([`force`]); or, on a CPU adapter under the automatic kernels, where the rule says
 /// so; or, on a GPU (or a CPU adapter that tunes, `Kernels::Tuned`), where timing it in each
@@ -427,18 +433,22 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         Ok(rec.finish())
     };
     let times = tiled::time_each(gpu, 1 + CONFIGS.len(), run);
+    // An unsplit tiled data op also takes its unit's BN statistics or BN backward sums in its
+    // epilogue, which Winograd leaves to passes of their own: there it must win by a margin.
+    let fused = matches!(plan, Plan::Tiled { splits: 1, .. }) && op != Op::BackwardWeight;
+    let handicap = if fused { 1.0 / FUSED_MARGIN } else { 1.0 };
     let mut best = (f64::INFINITY, plan);
     let mut report = Vec::new();
     for (k, ms) in times.into_iter().enumerate() {
-        let (name, candidate) = match k {
-            0 => ("tiled", plan),
-            _ => (CONFIGS[k - 1].name, Plan::Winograd { config: k - 1, tile }),
+        let (name, candidate, weight) = match k {
+            0 => ("tiled", plan, 1.0),
+            _ => (CONFIGS[k - 1].name, Plan::Winograd { config: k - 1, tile }, handicap),
         };
         match ms {
             Some(ms) => {
                 report.push(format!("{name} {ms:.4}"));
-                if ms < best.0 {
-                    best = (ms, candidate);
+                if ms * weight < best.0 {
+                    best = (ms * weight, candidate);
                 }
             }
             None => report.push(format!("{name} failed")),
@@ -450,7 +460,8 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
             _ => "tiled",
         };
         let what = if half { "winograd f16" } else { "winograd" };
-        eprintln!("conv tune {what} {}: ms {}; chose {chose}", tiled::tuned_shape(op, g), report.join(", "));
+        let margin = if fused { format!(" (Winograd by {FUSED_MARGIN}x)") } else { String::new() };
+        eprintln!("conv tune {what} {}: ms {}; chose {chose}{margin}", tiled::tuned_shape(op, g), report.join(", "));
     }
     best.1
 }
