@@ -662,9 +662,8 @@ impl ResNet {
             out.push(rec.finish());
         }
         let mut rec = self.recorder(gpu, "stem backward");
-        for p in self.unit_params() {
-            cast::scale(&mut rec, &p.grad, 1.0 / s)?;
-        }
+        let grads: Vec<&Tensor> = self.unit_params().map(|p| &p.grad).collect();
+        cast::scale_many(&mut rec, &grads, 1.0 / s)?;
         cast::to_f32(&mut rec, grad(0)?, &h.g0, 1.0 / s)?;
         self.stem_backward(&mut rec, a, images, &h.g0, h.stem_dh.as_ref(), image_grad)?;
         out.push(rec.finish());

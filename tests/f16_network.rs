@@ -72,6 +72,33 @@ fn casts_match_the_reference() {
     rec.run().unwrap();
 }
 
+/// `scale_many` on 11 tensors of odd lengths (two dispatches, the second with unused slots):
+/// each scaled exactly as `scale` does; a tensor given twice and a bad scale are errors.
+#[test]
+fn scale_many_scales_each_tensor() {
+    if !has_f16() {
+        return;
+    }
+    let g = gpu();
+    let mut rng = Rng::new(91);
+    let lens = [1usize, 3, 64, 65, 7, 130, 2, 9, 1000, 5, 33];
+    let data: Vec<Vec<f32>> = lens.iter().map(|&n| rng.data(n)).collect();
+    let ts: Vec<_> = lens.iter().zip(&data).map(|(&n, v)| upload(&[n], v)).collect();
+    let mut rec = g.recorder("scale_many");
+    cast::scale_many(&mut rec, &ts.iter().collect::<Vec<_>>(), 1.0 / 256.0).unwrap();
+    rec.run().unwrap();
+    for (i, (t, v)) in ts.iter().zip(&data).enumerate() {
+        let want: Vec<f64> = v.iter().map(|&x| f64::from(x / 256.0)).collect();
+        check(&format!("scale_many tensor {i} of {}", v.len()), &read(t), &want, 0.0);
+    }
+    let mut rec = g.recorder("bad scale_many");
+    assert!(matches!(cast::scale_many(&mut rec, &[&ts[0], &ts[1], &ts[0]], 2.0), Err(Error::Invalid(_))));
+    assert!(matches!(cast::scale_many(&mut rec, &[&ts[0]], f32::NAN), Err(Error::Invalid(_))));
+    rec.run().unwrap();
+    // Nothing was recorded by the refusals: the tensors are as the first call left them.
+    check("scale_many after refusals", &read(&ts[0]), &[f64::from(data[0][0] / 256.0)], 0.0);
+}
+
 /// One unit per stage, every shape-changing variant (tests/network.rs's `tiny`, a little wider:
 /// the f16 roundings need BNs over more than a handful of values to be measurable).
 fn tiny(kind: UnitKind, bottleneck: bool, shortcut: ShortcutOption) -> NetConfig {

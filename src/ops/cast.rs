@@ -3,7 +3,7 @@
 //! Reference: `reference::cast`. Adapters with shader-f16 only; each tensor is bound whole.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader, groups_for};
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -29,9 +29,11 @@ fn check_scale(what: &str, s: f32) -> Result<()> {
     Ok(())
 }
 
-/// The uniform parameters: length and scale.
-fn params(len: usize, s: f32) -> [u32; 2] {
-    [len as u32, s.to_bits()]
+/// The uniform parameters: length and scale (and `scale8`'s lengths, unused here).
+fn params(len: usize, s: f32) -> [u32; 12] {
+    let mut p = [0; 12];
+    p[..2].copy_from_slice(&[len as u32, s.to_bits()]);
+    p
 }
 
 /// `y = x * s`, rounded to halves.
@@ -58,4 +60,55 @@ pub fn scale(rec: &mut Recorder, t: &Tensor, s: f32) -> Result<()> {
     let n = t.len();
     rec.dispatch(Shader::Cast, "scale", &params(n, s), &[(4, &t.buffer)], groups_for(n));
     Ok(())
+}
+
+/// Tensors per dispatch of [`scale_many`] (`scale8` in the shader: WebGPU's default limit of 8
+/// storage buffers per stage).
+const GROUP: usize = 8;
+
+/// [`scale`] on each of `ts` (a network's parameter gradients), up to 8 tensors to a dispatch
+/// where their lengths fit u32 (else one [`scale`] each): a network's unscaling in a few
+/// dispatches instead of one per tensor. Errors as [`scale`], and where a tensor appears twice.
+pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
+    const WHAT: &str = "cast scale_many";
+    check_scale(WHAT, s)?;
+    for (i, t) in ts.iter().enumerate() {
+        split::whole_fits_f16(rec.gpu, WHAT, t.dims(), t.bytes())?;
+        if ts[i + 1..].iter().any(|o| o.buffer == t.buffer) {
+            return Err(Error::Invalid(format!("{WHAT}: tensor {i} appears again")));
+        }
+    }
+    let (together, alone): (Vec<&Tensor>, Vec<&Tensor>) = ts.iter().partition(|t| u32::try_from(t.len()).is_ok());
+    for t in alone {
+        scale(rec, t, s)?;
+    }
+    let unused = unused_slots(rec.gpu);
+    for group in together.chunks(GROUP) {
+        let mut words = params(0, s);
+        let mut binds: Vec<(u32, &wgpu::Buffer)> = Vec::with_capacity(GROUP);
+        for (j, spare) in unused.iter().enumerate() {
+            let (buf, len) = group.get(j).map_or((spare, 0), |t| (&t.buffer, t.len() as u32));
+            words[4 + j] = len;
+            binds.push((5 + j as u32, buf));
+        }
+        let most = group.iter().map(|t| t.len()).max().unwrap_or(0);
+        rec.dispatch(Shader::Cast, "scale8", &words, &binds, groups_for(most));
+    }
+    Ok(())
+}
+
+/// Buffers for the unused slots of a `scale8` dispatch (of length 0 there, never touched): one
+/// each, since two writable bindings of one dispatch must not share a buffer.
+fn unused_slots(gpu: &Gpu) -> Vec<wgpu::Buffer> {
+    gpu.cached("cast.unused", || {
+        let make = || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("cast unused slot"),
+                size: 4,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        (0..GROUP).map(|_| make()).collect()
+    })
 }
