@@ -875,7 +875,7 @@ pub fn forward_f16(
     match half_plan(rec.gpu, Op::Forward, &g) {
         Plan::Winograd { config, .. } => {
             let t = half_types(w.is_half());
-            winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, None, w.buffer(), &y.buffer, accumulate)
+            winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, None, w.buffer(), &y.buffer, accumulate, None)
         }
         plan => tiled::record_half_data(rec, Op::Forward, &g, plan, x, None, operand(w), y, accumulate),
     }
@@ -897,7 +897,19 @@ pub fn backward_data_f16(
     match half_plan(rec.gpu, Op::BackwardData, &g) {
         Plan::Winograd { config, .. } => {
             let t = half_types(w.is_half());
-            winograd::record(rec, Op::BackwardData, &g, config, t, &dy.buffer, None, w.buffer(), &dx.buffer, accumulate)
+            winograd::record(
+                rec,
+                Op::BackwardData,
+                &g,
+                config,
+                t,
+                &dy.buffer,
+                None,
+                w.buffer(),
+                &dx.buffer,
+                accumulate,
+                None,
+            )
         }
         plan => tiled::record_half_data(rec, Op::BackwardData, &g, plan, dy, None, operand(w), dx, accumulate),
     }
@@ -932,6 +944,7 @@ pub fn backward_weight_f16(
                 &dy.buffer,
                 &dw.buffer,
                 accumulate,
+                None,
             )
         }
         plan => tiled::record_half_weight(rec, &g, plan, x, None, dy, dw, accumulate),
@@ -1002,7 +1015,7 @@ pub fn forward_bn_relu_f16(
     let plan = half_plan(rec.gpu, Op::Forward, &g);
     if let Plan::Winograd { config, .. } = plan {
         let (t, aff) = (half_types(w.is_half()), Some(affine));
-        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, aff, w.buffer(), &y.buffer, accumulate);
+        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, aff, w.buffer(), &y.buffer, accumulate, None);
         return Ok(());
     }
     match separate_prologue(rec.gpu, Op::Forward, &g, plan, true) {
@@ -1040,7 +1053,7 @@ pub fn forward_stats_f16(
     if let Plan::Winograd { config, .. } = plan {
         // The statistics by the batch norm's own kernels, reading y.
         let t = half_types(w.is_half());
-        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, pre, w.buffer(), &y.buffer, accumulate);
+        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, pre, w.buffer(), &y.buffer, accumulate, None);
         return batch_norm::stats_train_f16(rec, y, bn, save_mean, save_invstd);
     }
     let (x, pre) = match pre {
@@ -1076,7 +1089,19 @@ pub fn backward_weight_bn_relu_f16(
     let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
     if let Plan::Winograd { config, .. } = plan {
         let (t, aff) = (half_types(false), Some(affine));
-        winograd::record(rec, Op::BackwardWeight, &g, config, t, &x.buffer, aff, &dy.buffer, &dw.buffer, accumulate);
+        winograd::record(
+            rec,
+            Op::BackwardWeight,
+            &g,
+            config,
+            t,
+            &x.buffer,
+            aff,
+            &dy.buffer,
+            &dw.buffer,
+            accumulate,
+            None,
+        );
         return Ok(());
     }
     match separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, true) {
@@ -1115,7 +1140,19 @@ pub fn backward_data_bn_f16(
     if let Plan::Winograd { config, .. } = plan {
         // The sums by the batch norm's own kernels, reading da.
         let t = half_types(w.is_half());
-        winograd::record(rec, Op::BackwardData, &g, config, t, &dy.buffer, None, w.buffer(), &da.buffer, accumulate);
+        winograd::record(
+            rec,
+            Op::BackwardData,
+            &g,
+            config,
+            t,
+            &dy.buffer,
+            None,
+            w.buffer(),
+            &da.buffer,
+            accumulate,
+            None,
+        );
         return batch_norm::backward_f16(rec, x, da, bn, true, dx, accumulate_dx);
     }
     let (dyb, wf, dab, xb) = (&dy.buffer, operand(w), &da.buffer, &x.buffer);

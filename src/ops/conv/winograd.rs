@@ -10,7 +10,8 @@
 //! path) where both channel counts are 16 or more (backward_weight: 32); [`force`] takes it
 //! wherever it applies, or nowhere (tests, benchmarks, and results independent of the
 //! autotuner). The transformed operands live in context scratch buffers, one per role and size
-//! (4x the input and the output, 16/9 the weights).
+//! (4x the input and the output, 16/9 the weights), for the shapes that take it (the tuner
+//! times it in buffers of its own).
 
 use std::sync::{Arc, Mutex};
 
@@ -231,13 +232,28 @@ pub(super) fn record_f32(
     out: &Tensor,
     acc: bool,
 ) {
-    record(rec, op, g, config, Types::F32, &a.buffer, pre, &b.buffer, &out.buffer, acc)
+    record(rec, op, g, config, Types::F32, &a.buffer, pre, &b.buffer, &out.buffer, acc, None)
+}
+
+/// Buffers for the transformed operands of `op` on `g` (U, V, M), of the caller's: the
+/// autotuner's, dropped after timing, so that only the shapes that take Winograd keep their
+/// workspace in the context.
+fn workspace(gpu: &Gpu, op: Op, g: &Geometry) -> [wgpu::Buffer; 3] {
+    Dims::of(op, g).bytes().map(|size| {
+        gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("winograd tuning workspace"),
+            size,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    })
 }
 
 /// Records `op` on `g` by Winograd in GEMM configuration `config`, storage types `t`: forward
 /// (a = x, b = w, out = y), backward_data (a = dy, b = w, out = dx) or backward_weight (a = x,
 /// b = dy, out = dw, f32 whatever `t`); x through the BN + ReLU prologue with `pre`'s
-/// per-channel values where given (forward and backward_weight); `acc` adds into `out`.
+/// per-channel values where given (forward and backward_weight); `acc` adds into `out`. The
+/// transformed operands go to `ws` where given, else to the context's scratch buffers.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record(
     rec: &mut Recorder,
@@ -250,14 +266,21 @@ pub(super) fn record(
     b: &wgpu::Buffer,
     out: &wgpu::Buffer,
     acc: bool,
+    ws: Option<&[wgpu::Buffer; 3]>,
 ) {
     let d = Dims::of(op, g);
     let params = d.params(g, acc, pre.is_some());
     let gpu = rec.gpu;
     let [ub, vb, mb] = d.bytes();
     let storage = wgpu::BufferUsages::STORAGE;
-    let (u, v, m) =
-        (scratch(gpu, "wino-u", ub, storage), scratch(gpu, "wino-v", vb, storage), scratch(gpu, "wino-m", mb, storage));
+    let [u, v, m] = match ws {
+        Some(ws) => ws.clone(),
+        None => [
+            scratch(gpu, "wino-u", ub, storage),
+            scratch(gpu, "wino-v", vb, storage),
+            scratch(gpu, "wino-m", mb, storage),
+        ],
+    };
     let aff = affine_binding(gpu, pre);
     let c = CONFIGS[config];
     let mut run = |entry: &'static str, label: &str, prm: &Params, res: &[(u32, wgpu::BindingResource)], groups| {
@@ -413,21 +436,25 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     let (Ok(t), Ok(h)) = (f32s, acts.map(|i| HalfTensor::zeros(gpu, &dims[i])).collect::<Result<Vec<_>>>()) else {
         return plan;
     };
+    let ws = workspace(gpu, op, g);
     let run = |k: usize| {
         let mut rec = gpu.recorder("conv tune winograd");
-        let t16 = Types { act_half: true, w_half: false };
+        let (t32, t16) = (Types::F32, Types { act_half: true, w_half: false });
+        let ws = Some(&ws);
         match (half, op == Op::BackwardWeight, k) {
             (false, _, 0) => tiled::record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
-            (false, _, _) => record_f32(&mut rec, op, g, k - 1, &t[0], None, &t[1], &t[2], false),
+            (false, _, _) => {
+                record(&mut rec, op, g, k - 1, t32, &t[0].buffer, None, &t[1].buffer, &t[2].buffer, false, ws)
+            }
             (true, true, 0) => tiled::record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[0], false),
             (true, true, _) => {
-                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &h[1].buffer, &t[0].buffer, false)
+                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &h[1].buffer, &t[0].buffer, false, ws)
             }
             (true, false, 0) => {
                 tiled::record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[0].buffer), &h[1], false)
             }
             (true, false, _) => {
-                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &t[0].buffer, &h[1].buffer, false)
+                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &t[0].buffer, &h[1].buffer, false, ws)
             }
         }
         Ok(rec.finish())
