@@ -5,9 +5,10 @@
 //   backward_data:   dx (=|+=) conv_transpose(dy, w)
 //   backward_weight: dw (=|+=) corr(x, dy)
 //
-// Two kernel families, chosen per adapter and shape by ops/conv.rs. Both are gathers with one
-// writer per output element: no atomics, and every sum runs in a fixed order (bit-identical
-// results from run to run).
+// Two kernel families, chosen per adapter and shape by ops/conv.rs (a third, Winograd for 3x3 at
+// stride 1, has a file of its own: winograd.wgsl). Both are gathers with one writer per output
+// element: no atomics, and every sum runs in a fixed order (bit-identical results from run to
+// run).
 //
 // tl_*  Tiled implicit GEMM through workgroup memory, for any adapter and any shape: a template
 //       of its own (conv_tiled.wgsl), built per tile configuration by ops/conv/tiled.rs, which
