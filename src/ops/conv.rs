@@ -171,13 +171,13 @@ fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
 }
 
 /// Forces Winograd F(2x2, 3x3) in GEMM configuration `name` (one of [`winograd_names`]) for
-/// every convolution it applies to (3x3, stride 1, f32: forward, backward_data and
-/// backward_weight) on this context, or
-/// (`"off"`) never takes it; `None` goes back to the automatic choice (timed against the tiled
-/// kernels on GPUs). The environment variable `RESNET_WGPU_CONV_WINOGRAD` does the same for a
-/// new context. A forced tile configuration ([`force_tile`]) takes precedence. Winograd rounds
-/// differently from the GEMM kernels (within the f32 bound either way), so `"off"` keeps a GPU's
-/// results independent of what the autotuner picks.
+/// every convolution it applies to (3x3 at stride 1: forward, backward_data and backward_weight,
+/// f32 and f16 paths) on this context, or (`"off"`) never takes it; `None` goes back to the
+/// automatic choice (timed against the tiled kernels on GPUs). The environment variable
+/// `RESNET_WGPU_CONV_WINOGRAD` does the same for a new context. A forced tile configuration
+/// ([`force_tile`]) takes precedence. Winograd rounds differently from the GEMM kernels (within
+/// the f32 bound either way), so `"off"` keeps a GPU's results independent of what the
+/// autotuner picks.
 #[doc(hidden)]
 pub fn force_winograd(gpu: &Gpu, name: Option<&str>) -> Result<()> {
     winograd::force(gpu, name)
