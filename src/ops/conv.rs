@@ -846,11 +846,6 @@ fn half_plan_unsplit(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     }
 }
 
-/// The f16 path's storage types for Winograd: half activations, the weights as given.
-fn half_types(w_half: bool) -> winograd::Types {
-    winograd::Types { act_half: true, w_half }
-}
-
 /// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
 /// in f32 (the tiled kernels with f16 loads and stores, f32 tiles and accumulation), on adapters
 /// with `SHADER_F16`. Shapes as [`forward`]; the tile configuration is the f32 forward's.
@@ -874,8 +869,7 @@ pub fn forward_f16(
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
     match half_plan(rec.gpu, Op::Forward, &g) {
         Plan::Winograd { config, .. } => {
-            let t = half_types(w.is_half());
-            winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, None, w.buffer(), &y.buffer, accumulate, None)
+            winograd::record_half_data(rec, Op::Forward, &g, config, x, None, w, y, accumulate)
         }
         plan => tiled::record_half_data(rec, Op::Forward, &g, plan, x, None, operand(w), y, accumulate),
     }
@@ -896,20 +890,7 @@ pub fn backward_data_f16(
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
     match half_plan(rec.gpu, Op::BackwardData, &g) {
         Plan::Winograd { config, .. } => {
-            let t = half_types(w.is_half());
-            winograd::record(
-                rec,
-                Op::BackwardData,
-                &g,
-                config,
-                t,
-                &dy.buffer,
-                None,
-                w.buffer(),
-                &dx.buffer,
-                accumulate,
-                None,
-            )
+            winograd::record_half_data(rec, Op::BackwardData, &g, config, dy, None, w, dx, accumulate)
         }
         plan => tiled::record_half_data(rec, Op::BackwardData, &g, plan, dy, None, operand(w), dx, accumulate),
     }
@@ -931,22 +912,7 @@ pub fn backward_weight_f16(
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
     match half_plan(rec.gpu, Op::BackwardWeight, &g) {
-        Plan::Winograd { config, .. } => {
-            let t = half_types(false);
-            winograd::record(
-                rec,
-                Op::BackwardWeight,
-                &g,
-                config,
-                t,
-                &x.buffer,
-                None,
-                &dy.buffer,
-                &dw.buffer,
-                accumulate,
-                None,
-            )
-        }
+        Plan::Winograd { config, .. } => winograd::record_half_weight(rec, &g, config, x, None, dy, dw, accumulate),
         plan => tiled::record_half_weight(rec, &g, plan, x, None, dy, dw, accumulate),
     }
     Ok(())
@@ -1014,8 +980,7 @@ pub fn forward_bn_relu_f16(
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
     let plan = half_plan(rec.gpu, Op::Forward, &g);
     if let Plan::Winograd { config, .. } = plan {
-        let (t, aff) = (half_types(w.is_half()), Some(affine));
-        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, aff, w.buffer(), &y.buffer, accumulate, None);
+        winograd::record_half_data(rec, Op::Forward, &g, config, x, Some(affine), w, y, accumulate);
         return Ok(());
     }
     match separate_prologue(rec.gpu, Op::Forward, &g, plan, true) {
@@ -1052,8 +1017,7 @@ pub fn forward_stats_f16(
     let plan = half_plan_unsplit(rec.gpu, Op::Forward, &g);
     if let Plan::Winograd { config, .. } = plan {
         // The statistics by the batch norm's own kernels, reading y.
-        let t = half_types(w.is_half());
-        winograd::record(rec, Op::Forward, &g, config, t, &x.buffer, pre, w.buffer(), &y.buffer, accumulate, None);
+        winograd::record_half_data(rec, Op::Forward, &g, config, x, pre, w, y, accumulate);
         return batch_norm::stats_train_f16(rec, y, bn, save_mean, save_invstd);
     }
     let (x, pre) = match pre {
@@ -1088,20 +1052,7 @@ pub fn backward_weight_bn_relu_f16(
     check_affine(WHAT, Some(affine), g.c, &dw.buffer)?;
     let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
     if let Plan::Winograd { config, .. } = plan {
-        let (t, aff) = (half_types(false), Some(affine));
-        winograd::record(
-            rec,
-            Op::BackwardWeight,
-            &g,
-            config,
-            t,
-            &x.buffer,
-            aff,
-            &dy.buffer,
-            &dw.buffer,
-            accumulate,
-            None,
-        );
+        winograd::record_half_weight(rec, &g, config, x, Some(affine), dy, dw, accumulate);
         return Ok(());
     }
     match separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, true) {
@@ -1139,20 +1090,7 @@ pub fn backward_data_bn_f16(
     let plan = half_plan_unsplit(rec.gpu, Op::BackwardData, &g);
     if let Plan::Winograd { config, .. } = plan {
         // The sums by the batch norm's own kernels, reading da.
-        let t = half_types(w.is_half());
-        winograd::record(
-            rec,
-            Op::BackwardData,
-            &g,
-            config,
-            t,
-            &dy.buffer,
-            None,
-            w.buffer(),
-            &da.buffer,
-            accumulate,
-            None,
-        );
+        winograd::record_half_data(rec, Op::BackwardData, &g, config, dy, None, w, da, accumulate);
         return batch_norm::backward_f16(rec, x, da, bn, true, dx, accumulate_dx);
     }
     let (dyb, wf, dab, xb) = (&dy.buffer, operand(w), &da.buffer, &x.buffer);

@@ -16,7 +16,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::tiled::{self, Weights};
-use super::{Geometry, Kernels, Op, Plan, affine_binding, scratch};
+use super::{F16Weights, Geometry, Kernels, Op, Plan, affine_binding, scratch};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, groups_for};
 use crate::tensor::{HalfTensor, Tensor};
@@ -86,13 +86,13 @@ const TEMPLATE: &str = include_str!("../../../shaders/winograd.wgsl");
 
 /// Storage types: the activations' (x, dy, y, dx) and the weights' f32 or (`true`) f16.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub(super) struct Types {
-    pub act_half: bool,
-    pub w_half: bool,
+struct Types {
+    act_half: bool,
+    w_half: bool,
 }
 
 impl Types {
-    pub(super) const F32: Types = Types { act_half: false, w_half: false };
+    const F32: Types = Types { act_half: false, w_half: false };
 }
 
 /// The shader's `Params`, padded to 64 bytes.
@@ -235,6 +235,39 @@ pub(super) fn record_f32(
     record(rec, op, g, config, Types::F32, &a.buffer, pre, &b.buffer, &out.buffer, acc, None)
 }
 
+/// [`record`] of a data op on the f16 path: `a` and `out` halves, the weights as given.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half_data(
+    rec: &mut Recorder,
+    op: Op,
+    g: &Geometry,
+    config: usize,
+    a: &HalfTensor,
+    pre: Option<&Tensor>,
+    w: &impl F16Weights,
+    out: &HalfTensor,
+    acc: bool,
+) {
+    let t = Types { act_half: true, w_half: w.is_half() };
+    record(rec, op, g, config, t, &a.buffer, pre, w.buffer(), &out.buffer, acc, None)
+}
+
+/// [`record`] of backward_weight on the f16 path: `x` and `dy` halves, `dw` f32.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn record_half_weight(
+    rec: &mut Recorder,
+    g: &Geometry,
+    config: usize,
+    x: &HalfTensor,
+    pre: Option<&Tensor>,
+    dy: &HalfTensor,
+    dw: &Tensor,
+    acc: bool,
+) {
+    let t = Types { act_half: true, w_half: false };
+    record(rec, Op::BackwardWeight, g, config, t, &x.buffer, pre, &dy.buffer, &dw.buffer, acc, None)
+}
+
 /// Buffers for the transformed operands of `op` on `g` (U, V, M), of the caller's: the
 /// autotuner's, dropped after timing, so that only the shapes that take Winograd keep their
 /// workspace in the context.
@@ -255,7 +288,7 @@ fn workspace(gpu: &Gpu, op: Op, g: &Geometry) -> [wgpu::Buffer; 3] {
 /// per-channel values where given (forward and backward_weight); `acc` adds into `out`. The
 /// transformed operands go to `ws` where given, else to the context's scratch buffers.
 #[allow(clippy::too_many_arguments)]
-pub(super) fn record(
+fn record(
     rec: &mut Recorder,
     op: Op,
     g: &Geometry,
