@@ -119,15 +119,19 @@ fn wino_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg:
     }
 }
 
+// Block t's image, block row and block column: (n, by, bx).
+fn block(t: u32) -> vec3u {
+    let rest = t / p.tw;
+    return vec3u(rest / p.th, rest % p.th, t % p.tw);
+}
+
 // B^T d B for the patch of block t (< np) of input channel ci of src, through the prologue where
 // p.pre; zeros for a padding block (t >= np).
 fn input_tile(ci: u32, t: u32) -> array<f32, 16> {
     var d: array<f32, 16>; // the patch; zeros outside the image and in the padding blocks
     if t < p.np {
-        let bx = t % p.tw;
-        let rest = t / p.tw;
-        let by = rest % p.th;
-        let n = rest / p.th;
+        let b = block(t);
+        let n = b.x; let by = b.y; let bx = b.z;
         var a = vec4f(0.0);
         if p.pre == 1u {
             a = aff[ci];
@@ -225,10 +229,8 @@ fn wino_dy_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: ve
     let k = i - t * p.co4;
     var d = array<f32, 4>(0.0, 0.0, 0.0, 0.0); // dY, row-major; zeros outside the image
     if t < p.np && k < p.co {
-        let bx = t % p.tw;
-        let rest = t / p.tw;
-        let by = rest % p.th;
-        let n = rest / p.th;
+        let b = block(t);
+        let n = b.x; let by = b.y; let bx = b.z;
         let plane = (n * p.co + k) * p.h * p.w;
         for (var a = 0u; a < 2u; a++) {
             for (var b = 0u; b < 2u; b++) {
@@ -339,10 +341,8 @@ fn wino_output(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
         s[c] = m[c] + m[4u + c] + m[8u + c];
         s[4u + c] = m[4u + c] - m[8u + c] - m[12u + c];
     }
-    let bx = t % p.tw;
-    let rest = t / p.tw;
-    let by = rest % p.th;
-    let n = rest / p.th;
+    let b = block(t);
+    let n = b.x; let by = b.y; let bx = b.z;
     for (var a = 0u; a < 2u; a++) {
         let y = 2u * by + a;
         let r = a * 4u;

@@ -3,7 +3,7 @@
 //! Reference: `reference::cast`. Adapters with shader-f16 only; each tensor is bound whole.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader, groups_for};
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -66,9 +66,9 @@ pub fn scale(rec: &mut Recorder, t: &Tensor, s: f32) -> Result<()> {
 /// storage buffers per stage).
 const GROUP: usize = 8;
 
-/// [`scale`] on each of `ts` (a network's parameter gradients), up to 8 tensors to a dispatch
-/// where their lengths fit u32 (else one [`scale`] each): a network's unscaling in a few
-/// dispatches instead of one per tensor. Errors as [`scale`], and where a tensor appears twice.
+/// [`scale`] on each of `ts` (a network's parameter gradients), 8 tensors to a dispatch: a
+/// network's unscaling in a few dispatches instead of one per tensor. Errors as [`scale`], and
+/// where a tensor appears twice.
 pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
     const WHAT: &str = "cast scale_many";
     check_scale(WHAT, s)?;
@@ -78,12 +78,9 @@ pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
             return Err(Error::Invalid(format!("{WHAT}: tensor {i} appears again")));
         }
     }
-    let (together, alone): (Vec<&Tensor>, Vec<&Tensor>) = ts.iter().partition(|t| u32::try_from(t.len()).is_ok());
-    for t in alone {
-        scale(rec, t, s)?;
-    }
-    let unused = unused_slots(rec.gpu);
-    for group in together.chunks(GROUP) {
+    // Each fits one binding, so its length fits u32.
+    let unused = super::spare_slots(rec.gpu, GROUP);
+    for group in ts.chunks(GROUP) {
         let mut words = params(0, s);
         let mut binds: Vec<(u32, &wgpu::Buffer)> = Vec::with_capacity(GROUP);
         for (j, spare) in unused.iter().enumerate() {
@@ -95,20 +92,4 @@ pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
         rec.dispatch(Shader::Cast, "scale8", &words, &binds, groups_for(most));
     }
     Ok(())
-}
-
-/// Buffers for the unused slots of a `scale8` dispatch (of length 0 there, never touched): one
-/// each, since two writable bindings of one dispatch must not share a buffer.
-fn unused_slots(gpu: &Gpu) -> Vec<wgpu::Buffer> {
-    gpu.cached("cast.unused", || {
-        let make = || {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("cast unused slot"),
-                size: 4,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        (0..GROUP).map(|_| make()).collect()
-    })
 }

@@ -76,6 +76,23 @@ pub(crate) fn operand_texture(rec: &mut Recorder, role: &'static str, t: &Tensor
     tex.create_view(&wgpu::TextureViewDescriptor::default())
 }
 
+/// `n` storage buffers of 4 bytes for the unused slots of the grouped kernels (`sgd::step_many`,
+/// `cast::scale_many`), built once per context: a slot of length 0 is never touched, and each has
+/// its own buffer since two writable bindings of one dispatch must not share one.
+pub(crate) fn spare_slots(gpu: &Gpu, n: usize) -> Vec<wgpu::Buffer> {
+    gpu.cached(("spare slots", n), || {
+        let make = || {
+            gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("unused slot"),
+                size: 4,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        (0..n).map(|_| make()).collect()
+    })
+}
+
 /// All tensors hold the same number of elements.
 pub(crate) fn same_len(what: &str, ts: &[&Tensor]) -> Result<()> {
     let n = ts[0].len();

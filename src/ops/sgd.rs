@@ -2,7 +2,7 @@
 //! `reference::sgd`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader, groups_for};
 use crate::ops::split;
 use crate::tensor::Tensor;
 
@@ -64,8 +64,8 @@ pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum:
     for group in together.chunks(GROUP) {
         let mut words = vec![0, lr.to_bits(), momentum.to_bits(), weight_decay.to_bits()];
         let mut binds: Vec<(u32, &wgpu::Buffer)> = Vec::with_capacity(3 * GROUP);
-        let unused = unused_slots(gpu);
-        for (j, spare) in unused.iter().enumerate() {
+        let unused = super::spare_slots(gpu, 3 * GROUP);
+        for (j, spare) in unused.chunks(3).enumerate() {
             let slot = 4 + 3 * j as u32;
             let ([w, g, m], len) = match group.get(j) {
                 Some([w, g, m]) => ([&w.buffer, &g.buffer, &m.buffer], len_u32(w)?),
@@ -78,22 +78,6 @@ pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum:
         rec.dispatch(Shader::Sgd, "step8", &words, &binds, groups_for(most));
     }
     Ok(())
-}
-
-/// Buffers for the unused slots of a `step8` dispatch (of 0 elements there, never read): one
-/// each, since two writable bindings of one dispatch must not share a buffer.
-fn unused_slots(gpu: &Gpu) -> Vec<[wgpu::Buffer; 3]> {
-    gpu.cached("sgd.unused", || {
-        let make = || {
-            gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("sgd unused slot"),
-                size: 4,
-                usage: wgpu::BufferUsages::STORAGE,
-                mapped_at_creation: false,
-            })
-        };
-        (0..GROUP).map(|_| [make(), make(), make()]).collect()
-    })
 }
 
 fn check(w: &Tensor, g: &Tensor, m: &Tensor) -> Result<()> {

@@ -93,6 +93,9 @@ struct Types {
 
 impl Types {
     const F32: Types = Types { act_half: false, w_half: false };
+    /// The f16 units' backward_weight, and what the tuner times the f16 path on: half
+    /// activations, f32 weights (or dw).
+    const HALF: Types = Types { act_half: true, w_half: false };
 }
 
 /// The shader's `Params`, padded to 64 bytes.
@@ -264,8 +267,7 @@ pub(super) fn record_half_weight(
     dw: &Tensor,
     acc: bool,
 ) {
-    let t = Types { act_half: true, w_half: false };
-    record(rec, Op::BackwardWeight, g, config, t, &x.buffer, pre, &dy.buffer, &dw.buffer, acc, None)
+    record(rec, Op::BackwardWeight, g, config, Types::HALF, &x.buffer, pre, &dy.buffer, &dw.buffer, acc, None)
 }
 
 /// Buffers for the transformed operands of `op` on `g` (U, V, M), of the caller's: the
@@ -364,19 +366,30 @@ pub(super) enum Choice {
     Config(usize),
 }
 
+/// The context's [`Choice`], first read from `RESNET_WGPU_CONV_WINOGRAD`.
 fn choice_cell(gpu: &Gpu) -> Arc<Mutex<Choice>> {
     gpu.cached("conv.winograd.choice", || {
-        let choice = match std::env::var("RESNET_WGPU_CONV_WINOGRAD").as_deref() {
-            Ok("off") => Choice::Off,
-            Ok(n) => index_of(n).map_or(Choice::Auto, Choice::Config),
-            Err(_) => Choice::Auto,
-        };
+        let from_env = std::env::var("RESNET_WGPU_CONV_WINOGRAD").ok().filter(|s| !s.is_empty());
+        let choice = from_env.map_or(Choice::Auto, |name| {
+            parse(&name).unwrap_or_else(|e| {
+                eprintln!("RESNET_WGPU_CONV_WINOGRAD ignored: {e}");
+                Choice::Auto
+            })
+        });
         Arc::new(Mutex::new(choice))
     })
 }
 
-fn index_of(name: &str) -> Option<usize> {
-    CONFIGS.iter().position(|c| c.name == name || c.name.strip_prefix("wino ") == Some(name))
+/// `"off"`, or a configuration's name with or without its `wino ` prefix.
+fn parse(name: &str) -> Result<Choice> {
+    if name == "off" {
+        return Ok(Choice::Off);
+    }
+    let index = CONFIGS.iter().position(|c| c.name == name || c.name.strip_prefix("wino ") == Some(name));
+    index.map(Choice::Config).ok_or_else(|| {
+        let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
+        Error::Invalid(format!("unknown Winograd configuration {name:?}; known: {known:?} or \"off\""))
+    })
 }
 
 /// This context's [`Choice`].
@@ -388,14 +401,7 @@ pub(super) fn choice(gpu: &Gpu) -> Choice {
 /// or (`"off"`) the other kernels everywhere; `None` goes back to the automatic choice. Errors
 /// for an unknown name.
 pub(super) fn force(gpu: &Gpu, name: Option<&str>) -> Result<()> {
-    let choice = match name {
-        None => Choice::Auto,
-        Some("off") => Choice::Off,
-        Some(n) => Choice::Config(index_of(n).ok_or_else(|| {
-            let known: Vec<&str> = CONFIGS.iter().map(|c| c.name).collect();
-            Error::Invalid(format!("unknown Winograd configuration {n:?}; known: {known:?} or \"off\""))
-        })?),
-    };
+    let choice = name.map(parse).transpose()?.unwrap_or(Choice::Auto);
     *choice_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = choice;
     Ok(())
 }
@@ -472,7 +478,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     let ws = workspace(gpu, op, g);
     let run = |k: usize| {
         let mut rec = gpu.recorder("conv tune winograd");
-        let (t32, t16) = (Types::F32, Types { act_half: true, w_half: false });
+        let (t32, t16) = (Types::F32, Types::HALF);
         let ws = Some(&ws);
         match (half, op == Op::BackwardWeight, k) {
             (false, _, 0) => tiled::record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
