@@ -43,6 +43,7 @@ struct Params {
     prev: u32,       // *_merge: images in the chunks before this one
     last: u32,       // *_merge: 1 on the last chunk
     total: u32,      // backward_apply: elements per channel of the whole batch (0: n * hw)
+    affine: u32,     // stats_final, stats_merge: 1 also writes aff (the convolutions' prologue values)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -62,7 +63,8 @@ struct Params {
 @group(0) @binding(11) var<storage, read_write> scratch: array<f32>; // [2C]: sum dz, sum dz*xhat
 @group(0) @binding(12) var<storage, read_write> dgamma: array<f32>;
 @group(0) @binding(13) var<storage, read_write> dbeta: array<f32>;
-@group(0) @binding(21) var<storage, read_write> aff: array<vec4f>; // affine_*: [C] (mean, scale, beta, invstd)
+// affine_*, and the statistics kernels where p.affine: [C] (mean, scale, beta, invstd).
+@group(0) @binding(21) var<storage, read_write> aff: array<vec4f>;
 // [2 * C * N * parts]: per-run partials, channel-major: run r of channel c at 2 * (c * N * parts + r).
 @group(0) @binding(14) var<storage, read_write> part: array<f32>;
 
@@ -198,14 +200,20 @@ fn stats_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) 
         q += part[base + 2u * r + 1u] + nr * d * d;
     }
     let m2 = sum2(t, vec2f(q, 0.0)).x;
-    if t == 0u {
-        let var_b = m2 / m;
-        let mo = bitcast<f32>(p.momentum);
-        save_mean[c] = mean;
-        save_invstd[c] = 1.0 / sqrt(var_b + bitcast<f32>(p.eps));
-        running_mean[c] = (1.0 - mo) * running_mean[c] + mo * mean;
-        running_var[c] = (1.0 - mo) * running_var[c] + mo * (var_b * bitcast<f32>(p.unbias));
-    }
+    if t == 0u { save_stats(c, mean, m2 / m); }
+}
+
+// The end of a statistics pass for channel c, from the batch's mean and biased variance: the
+// saved statistics, the running ones moved, and where p.affine the prologue values (as
+// affine_saved computes them from the saved ones: the same bits).
+fn save_stats(c: u32, mean: f32, var_b: f32) {
+    let invstd = 1.0 / sqrt(var_b + bitcast<f32>(p.eps));
+    let mo = bitcast<f32>(p.momentum);
+    save_mean[c] = mean;
+    save_invstd[c] = invstd;
+    running_mean[c] = (1.0 - mo) * running_mean[c] + mo * mean;
+    running_var[c] = (1.0 - mo) * running_var[c] + mo * (var_b * bitcast<f32>(p.unbias));
+    if p.affine == 1u { aff[c] = vec4f(mean, gamma[c] * invstd, beta[c], invstd); }
 }
 
 // Training-mode normalisation with the saved batch statistics, one run per invocation. z is
@@ -404,13 +412,7 @@ fn stats_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) 
         }
         save_mean[c] = mean;
         save_invstd[c] = m2;
-        if p.last == 1u {
-            let var_b = m2 / f32((p.prev + p.n) * p.hw);
-            let mo = bitcast<f32>(p.momentum);
-            save_invstd[c] = 1.0 / sqrt(var_b + bitcast<f32>(p.eps));
-            running_mean[c] = (1.0 - mo) * running_mean[c] + mo * mean;
-            running_var[c] = (1.0 - mo) * running_var[c] + mo * (var_b * bitcast<f32>(p.unbias));
-        }
+        if p.last == 1u { save_stats(c, mean, m2 / f32((p.prev + p.n) * p.hw)); }
     }
 }
 

@@ -783,7 +783,9 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                 let mut rec = gpu.recorder("bench bn");
                 match item {
                     Item::BnForward => bn.forward(&mut rec, Mode::Train, &x, &y, Epilogue::default())?,
-                    Item::BnStatistics => bn.prologue(&mut rec, Mode::Train, &x)?,
+                    Item::BnStatistics => {
+                        bn.prologue(&mut rec, Mode::Train, &x)?;
+                    }
                     _ => bn.backward(&mut rec, &x, &dy, false, &y, false)?,
                 }
                 Ok(vec![rec.finish()])

@@ -100,8 +100,12 @@ pub struct Bn {
     save_mean: Tensor,
     save_invstd: Tensor,
     scratch: Tensor,
-    /// The convolutions' BN + ReLU prologue values, `[C, 4]` (see [`Bn::prologue`]).
+    /// The convolutions' BN + ReLU prologue values, `[C, 4]`, of the last training statistics:
+    /// every training forward's statistics write them ([`BnTensors::affine`]), and only those,
+    /// so that a backward reads the values its forward used.
     pub affine: Tensor,
+    /// The same values from the running statistics, for inference ([`Bn::prologue`]).
+    eval_affine: Tensor,
 }
 
 impl Bn {
@@ -117,6 +121,7 @@ impl Bn {
             save_invstd: Tensor::zeros(gpu, &[c])?,
             scratch: Tensor::zeros(gpu, &[2 * c])?,
             affine: Tensor::zeros(gpu, &[c, 4])?,
+            eval_affine: Tensor::zeros(gpu, &[c, 4])?,
         })
     }
 
@@ -132,6 +137,7 @@ impl Bn {
             beta: &self.beta.value,
             running_mean: &self.running_mean,
             running_var: &self.running_var,
+            affine: Some(&self.affine),
         }
     }
 
@@ -147,14 +153,18 @@ impl Bn {
 
     /// The forward of `ReLU(BN(x))` for a convolution that applies it itself as it loads `x`
     /// ([`conv::forward_bn_relu`]): in training the batch statistics (saved, running ones
-    /// moved), then [`Bn::affine`] from them; in inference from the running statistics.
-    pub fn prologue(&self, rec: &mut Recorder, mode: Mode, x: &Tensor) -> Result<()> {
+    /// moved, and [`Bn::affine`] from them); in inference the values from the running
+    /// statistics. Returns the values the convolution reads.
+    pub fn prologue(&self, rec: &mut Recorder, mode: Mode, x: &Tensor) -> Result<&Tensor> {
         match mode {
             Mode::Train => {
                 batch_norm::stats_train(rec, x, &self.tensors(), &self.save_mean, &self.save_invstd)?;
-                self.prologue_saved(rec)
+                Ok(&self.affine)
             }
-            Mode::Eval => batch_norm::affine_eval(rec, &self.tensors(), &self.affine),
+            Mode::Eval => {
+                batch_norm::affine_eval(rec, &self.tensors(), &self.eval_affine)?;
+                Ok(&self.eval_affine)
+            }
         }
     }
 
@@ -178,9 +188,8 @@ impl Bn {
     /// The backward through the convolution that reads this BN's `ReLU(BN(x))`
     /// ([`conv::backward_data_bn`]): `da (+)=` the convolution's input gradient from `dy` and `w`,
     /// then this BN's backward with the ReLU mask into `dx` (+=, with `accumulate_dx`) and its
-    /// parameter gradients, [`Bn::affine`] holding the saved statistics' values
-    /// ([`Bn::prologue_saved`]). On the tiled kernels the convolution's epilogue makes the BN's
-    /// sums.
+    /// parameter gradients, from [`Bn::affine`] (the last training statistics' values). On the
+    /// tiled kernels the convolution's epilogue makes the BN's sums.
     #[allow(clippy::too_many_arguments)]
     pub fn conv_backward(
         &self,
@@ -208,13 +217,6 @@ impl Bn {
             dbeta: &self.beta.grad,
             scratch: &self.scratch,
         }
-    }
-
-    /// [`Bn::affine`] from the statistics the last training forward saved (for the backward:
-    /// the values are rebuilt rather than trusted to be the last forward's).
-    pub fn prologue_saved(&self, rec: &mut Recorder) -> Result<()> {
-        let (g, b) = (&self.gamma.value, &self.beta.value);
-        batch_norm::affine(rec, g, b, &self.save_mean, &self.save_invstd, &self.affine)
     }
 
     /// Recomputes `ReLU(BN(x))` with the statistics the last training forward saved.
@@ -613,7 +615,6 @@ impl Unit {
             UnitKind::PreAct => {
                 let input = &kept.tensors[k - 2]; // in_k, the last layer's input
                 let (bn, conv) = (&self.bns[k - 1], &self.convs[k - 1]);
-                bn.prologue_saved(rec)?;
                 conv::forward_bn_relu(rec, input, &bn.affine, &conv.w.value, out, conv.stride, false)
             }
             _ => self.bns[k - 1].recompute(rec, &kept.tensors[k - 1], out, Epilogue::default()),
@@ -653,18 +654,18 @@ impl Unit {
             // conv_i(ReLU(BN_i(in_i))): the BN's normalisation and the ReLU as the convolution
             // loads in_i. In training BN_i's statistics come from conv_{i-1}'s epilogue (below),
             // BN_0's from x, or from the epilogue of the convolution that wrote x (`chain`).
+            // (The statistics write BN_i's prologue values as well.)
             let bn = &self.bns[i];
-            if (i == 0 && !chain.input_stats) || !train {
-                bn.prologue(rec, mode, input)?;
-            } else {
-                bn.prologue_saved(rec)?;
-            }
+            let aff = match (i == 0 && !chain.input_stats) || !train {
+                true => bn.prologue(rec, mode, input)?,
+                false => &bn.affine,
+            };
             if i == 0 {
                 match self.spec.shortcut {
                     // The projection takes the pre-activated input.
                     Shortcut::Projection => {
                         let p = &self.proj()?.w.value;
-                        conv::forward_bn_relu(rec, x, &bn.affine, p, y, self.spec.stride, false)?
+                        conv::forward_bn_relu(rec, x, aff, p, y, self.spec.stride, false)?
                     }
                     _ => self.shortcut_free(rec, x, y)?,
                 }
@@ -674,16 +675,16 @@ impl Unit {
                 // The last convolution adds F into the stream in place: x_{l+1} = h(x_l) + F(x_l)
                 // (and takes the next BN's statistics of x_{l+1}, `chain`).
                 match chain.next_bn {
-                    Some(next) => next.conv_stats(rec, input, Some(&bn.affine), w, y, stride, true)?,
-                    None => conv::forward_bn_relu(rec, input, &bn.affine, w, y, stride, true)?,
+                    Some(next) => next.conv_stats(rec, input, Some(aff), w, y, stride, true)?,
+                    None => conv::forward_bn_relu(rec, input, aff, w, y, stride, true)?,
                 }
                 break;
             }
             let out = &kept.tensors[i];
             if train {
-                self.bns[i + 1].conv_stats(rec, input, Some(&bn.affine), w, out, stride, false)?;
+                self.bns[i + 1].conv_stats(rec, input, Some(aff), w, out, stride, false)?;
             } else {
-                conv::forward_bn_relu(rec, input, &bn.affine, w, out, stride, false)?;
+                conv::forward_bn_relu(rec, input, aff, w, out, stride, false)?;
             }
             input = out;
         }
@@ -707,7 +708,6 @@ impl Unit {
             let da = ws.get(&di, Slot::DAct)?;
             let (conv, bn) = (&self.convs[i], &self.bns[i]);
             // The weight gradient reads ReLU(BN_i(in_i)) through the prologue: nothing recomputed.
-            bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu(rec, input, &bn.affine, d_out, &conv.w.grad, conv.stride, false)?;
             // da = dE/d ReLU(BN_i(in_i)), then BN_i's backward (its sums in the convolution's
             // epilogue on the tiled kernels).
@@ -750,13 +750,9 @@ impl Unit {
             let (input, pre) = if i == 0 {
                 (x, None)
             } else {
+                // (In training BN_{i-1}'s statistics wrote its prologue values.)
                 let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
-                if train {
-                    bn.prologue_saved(rec)?
-                } else {
-                    bn.prologue(rec, mode, hp)?
-                }
-                (hp, Some(&bn.affine))
+                (hp, Some(if train { &bn.affine } else { bn.prologue(rec, mode, hp)? }))
             };
             match (train, pre) {
                 (true, _) => self.bns[i].conv_stats(rec, input, pre, &conv.w.value, h, conv.stride, false)?,
@@ -832,7 +828,6 @@ impl Unit {
             // BN's sums in the convolution's epilogue on the tiled kernels).
             let (hp, bn) = (&kept.tensors[i - 1], &self.bns[i - 1]);
             let (da, dhp) = (ws.get(&dims_of(hp)?, Slot::DAct)?, ws.get(&dims_of(hp)?, Slot::Grad((i - 1) % 2))?);
-            bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
             bn.conv_backward(rec, dh, &conv.w.value, conv.stride, da, false, hp, dhp, false)?;
             dh = dhp;
@@ -1210,7 +1205,6 @@ impl Unit {
             // conv_i(ReLU(BN_i(in_i))), BN_i applied as the convolution loads in_i; BN_{i+1}'s
             // statistics in its epilogue.
             let (bn, conv) = (&self.bns[i], &self.convs[i]);
-            bn.prologue_saved(rec)?;
             if i == 0 {
                 match self.spec.shortcut {
                     // y = h(x): the projection reads the pre-activated x; the identity copies it.
@@ -1248,7 +1242,6 @@ impl Unit {
             let input = if i == 0 { x } else { &kept.tensors[i - 1] };
             let (conv, bn) = (&self.convs[i], &self.bns[i]);
             let (w, stride, da) = (&conv.w.value, conv.stride, &kept.da[i]);
-            bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu_f16(rec, input, &bn.affine, d_out, &conv.w.grad, stride, false)?;
             if i > 0 {
                 // da, then BN_i's backward into the gradient at in_i.
@@ -1315,10 +1308,7 @@ impl Unit {
             let (h, conv, bn) = (&kept.tensors[i], &self.convs[i], &self.bns[i]);
             let (input, pre) = match i {
                 0 => (x, None),
-                _ => {
-                    self.bns[i - 1].prologue_saved(rec)?;
-                    (&kept.tensors[i - 1], Some(&self.bns[i - 1].affine))
-                }
+                _ => (&kept.tensors[i - 1], Some(&self.bns[i - 1].affine)),
             };
             let (stats, mean, invstd) = (bn.tensors(), &bn.save_mean, &bn.save_invstd);
             conv::forward_stats_f16(rec, input, pre, &conv.w.value, h, conv.stride, false, &stats, mean, invstd)?;
@@ -1371,7 +1361,6 @@ impl Unit {
             // conv_i reads ReLU(BN_{i-1}(h_{i-1})): its weight gradient through the prologue,
             // then da and BN_{i-1}'s backward with the ReLU mask into dh_{i-1}.
             let (hp, bn, da, dhp) = (&kept.tensors[i - 1], &self.bns[i - 1], &kept.da[i - 1], &kept.grads[i - 1]);
-            bn.prologue_saved(rec)?;
             conv::backward_weight_bn_relu_f16(rec, hp, &bn.affine, dh, &conv.w.grad, conv.stride, false)?;
             let w = &conv.w.value;
             conv::backward_data_bn_f16(rec, dh, w, da, conv.stride, false, hp, &bn.affine, &bn.grads(), dhp, false)?;

@@ -56,7 +56,7 @@ impl Dev {
     }
 
     fn tensors(&self) -> BnTensors<'_> {
-        BnTensors { gamma: &self.gamma, beta: &self.beta, running_mean: &self.rm, running_var: &self.rv }
+        BnTensors { gamma: &self.gamma, beta: &self.beta, running_mean: &self.rm, running_var: &self.rv, affine: None }
     }
 }
 
@@ -97,7 +97,8 @@ fn forward_train_every_epilogue() {
 }
 
 /// stats_train (the statistics without the output) and the prologue values from them
-/// (`affine`), and from the running statistics (`affine_eval`), against the reference; and the
+/// (`affine`; and written by stats_train itself, `BnTensors::affine`, the same bits), and from
+/// the running statistics (`affine_eval`), against the reference; and the
 /// prologue as a pass of its own (`affine_relu`) from the values computed, against the
 /// reference's prologue from the same values.
 #[test]
@@ -110,11 +111,12 @@ fn statistics_and_prologue_values() {
         let d = Dev::new(&h);
         let tx = upload(&dims, &x);
         let (tmean, tinv, taff, teval) = (poisoned(&[c]), poisoned(&[c]), poisoned(&[c, 4]), poisoned(&[c, 4]));
-        let ta = poisoned(&dims);
+        let (ta, tstats_aff) = (poisoned(&dims), poisoned(&[c, 4]));
         let mut rec = g.recorder("bn prologue");
         // The eval values first, from the running statistics before this step moves them.
         bn::affine_eval(&mut rec, &d.tensors(), &teval).unwrap();
-        bn::stats_train(&mut rec, &tx, &d.tensors(), &tmean, &tinv).unwrap();
+        let p = BnTensors { affine: Some(&tstats_aff), ..d.tensors() };
+        bn::stats_train(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
         bn::affine(&mut rec, &d.gamma, &d.beta, &tmean, &tinv, &taff).unwrap();
         bn::affine_relu(&mut rec, &tx, &taff, &ta).unwrap();
         rec.run().unwrap();
@@ -128,6 +130,8 @@ fn statistics_and_prologue_values() {
         check(&format!("bn stats running var {tag}"), &read(&d.rv), &want.running_var, F32_TOL);
         let aff = rbn::affine(&want.mean, &want.invstd, &gamma, &beta);
         check(&format!("bn affine {tag}"), &read(&taff), &aff, F32_TOL);
+        check(&format!("bn stats_train affine {tag}"), &read(&tstats_aff), &aff, F32_TOL);
+        assert_eq!(bits(&read(&tstats_aff)), bits(&read(&taff)), "{tag}: stats_train's affine against affine's");
         let a = rbn::prologue(&to_f64(&x), dims, &to_f64(&read(&taff)));
         check(&format!("bn affine_relu {tag}"), &read(&ta), &a, F32_TOL);
         if g.report.features.contains(wgpu::Features::SHADER_F16) {
@@ -262,7 +266,7 @@ fn variant_matches_reference(k: bn::Kernels) {
         for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
             let (x, y_old, dy, h) = (rng.data(n), rng.data(n), rng.data(n), Host::new(&mut rng, c));
             let (tg, tb, trm, trv) = (up(&[c], &h.gamma), up(&[c], &h.beta), up(&[c], &h.rm), up(&[c], &h.rv));
-            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
             let (tx, tdy) = (up(&dims, &x), up(&dims, &dy));
             let ty = if ep.add { up(&dims, &y_old) } else { nan(&dims) };
             let (tmean, tinv, scratch) = (nan(&[c]), nan(&[c]), nan(&[2 * c]));
@@ -449,6 +453,9 @@ fn bad_shapes_are_errors() {
     for bad in [&four, &row, &poisoned(&[3, 3]), &poisoned(&[12])] {
         shape(bn::affine(&mut rec, &d.gamma, &d.beta, &m, &s, bad));
         shape(bn::affine_eval(&mut rec, &d.tensors(), bad));
+        // ... and where the statistics write them.
+        shape(bn::stats_train(&mut rec, &x, &BnTensors { affine: Some(bad), ..d.tensors() }, &m, &s));
+        shape(bn::forward_train(&mut rec, &x, &y, &BnTensors { affine: Some(bad), ..d.tensors() }, &m, &s, ep));
     }
     shape(bn::affine(&mut rec, &d.gamma, &four, &m, &s, &aff));
     invalid(bn::affine(&mut rec, &d.gamma, &d.beta, &m, &m, &aff));

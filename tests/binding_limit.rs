@@ -165,7 +165,7 @@ fn batch_norm_splits_with_batch_statistics() {
             let (tm, ti) = (nan(g, &[c]), nan(g, &[c]));
             let prior = rng.data(len(&d));
             let ty = if ep.add { up(g, &d, &prior) } else { nan(g, &d) };
-            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
             run(g, |rec| bn::forward_train(rec, big(&tx), &ty, &p, &tm, &ti, ep));
             let rp = to_f64(&prior);
             let want = r::batch_norm::forward_train(
@@ -186,10 +186,12 @@ fn batch_norm_splits_with_batch_statistics() {
 
             // the statistics alone (stats_train), from the same running statistics
             let (trm2, trv2) = (up(g, &[c], &rmean), up(g, &[c], &rvar));
-            let (tm2, ti2) = (nan(g, &[c]), nan(g, &[c]));
-            let p2 = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm2, running_var: &trv2 };
+            let (tm2, ti2, ta2) = (nan(g, &[c]), nan(g, &[c]), nan(g, &[c, 4]));
+            let p2 = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm2, running_var: &trv2, affine: Some(&ta2) };
             run(g, |rec| bn::stats_train(rec, big(&tx), &p2, &tm2, &ti2));
             check(&format!("{tag} stats_train mean"), &fetch(g, &tm2), &want.mean, F32_TOL);
+            let want_aff = r::batch_norm::affine(&want.mean, &want.invstd, &rg, &rb);
+            check(&format!("{tag} stats_train affine"), &fetch(g, &ta2), &want_aff, F32_TOL);
             check(&format!("{tag} stats_train invstd"), &fetch(g, &ti2), &want.invstd, F32_TOL);
             check(&format!("{tag} stats_train running_var"), &fetch(g, &trv2), &want.running_var, F32_TOL);
 
@@ -533,7 +535,7 @@ fn the_f16_path_past_the_limit_is_a_typed_error() {
     let c = 16;
     let (ones, zeros) = (Tensor::filled(g, &[c], 1.0).unwrap(), Tensor::zeros(g, &[c]).unwrap());
     let (mean, invstd, rm, rv) = (zeros_of(g, c), zeros_of(g, c), zeros_of(g, c), zeros_of(g, c));
-    let p = BnTensors { gamma: &ones, beta: &zeros, running_mean: &rm, running_var: &rv };
+    let p = BnTensors { gamma: &ones, beta: &zeros, running_mean: &rm, running_var: &rv, affine: None };
     assert!(matches!(bn::stats_train_f16(&mut rec, &x, &p, &mean, &invstd), Err(Error::TooLarge { bytes: 4096, .. })));
     // A unit whose input does not fit.
     let cfg = NetConfig { widths: [16, 16, 16], units_per_stage: 2, ..tiny(UnitKind::PreAct, ShortcutOption::B) };

@@ -289,8 +289,9 @@ fn bn_relu_separate_prologue() {
 }
 
 /// forward_stats against the reference convolution and the reference batch norm's training
-/// statistics of its output: without a prologue overwriting y, and with one accumulating into y
-/// (the statistics are those of the values written). On the tiled kernels the epilogue sums the
+/// statistics of its output (and the prologue values from them, `BnTensors::affine`): without a
+/// prologue overwriting y, and with one accumulating into y (the statistics are those of the
+/// values written). On the tiled kernels the epilogue sums the
 /// tiles; elsewhere the batch norm reads y. Cases with one value per channel are left out (no
 /// training statistics).
 fn check_stats_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
@@ -312,12 +313,13 @@ fn check_stats_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, variants: &[(
             let (x, aff, w, prior) =
                 (rng.data(len(c.xd)), affine_values(&mut rng, c.xd[1]), rng.data(len(wd)), rng.data(len(yd)));
             let (rm, rv): (Vec<f32>, Vec<f32>) = (rng.data(k), rng.data(k).iter().map(|v| 0.5 + v.abs()).collect());
-            let ones = vec![1.0; k];
             let (tx, taff, tw) = (up(g, &c.xd, &x), up(g, &[c.xd[1], 4], &aff), up(g, &wd, &w));
             let ty = if acc { up(g, &yd, &prior) } else { nan(g, &yd) };
-            let (tg, tb, trm, trv) = (up(g, &[k], &ones), up(g, &[k], &ones), up(g, &[k], &rm), up(g, &[k], &rv));
-            let (tmean, tinv) = (nan(g, &[k]), nan(g, &[k]));
-            let bn = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let (gamma, beta) = (rng.data(k), rng.data(k));
+            let (tg, tb, trm, trv) = (up(g, &[k], &gamma), up(g, &[k], &beta), up(g, &[k], &rm), up(g, &[k], &rv));
+            let (tmean, tinv, tstats_aff) = (nan(g, &[k]), nan(g, &[k]), nan(g, &[k, 4]));
+            let bn =
+                BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: Some(&tstats_aff) };
             let pre = with_pre.then_some(&taff);
             let mut rec = g.recorder("conv forward_stats");
             conv::forward_stats(&mut rec, &tx, pre, &tw, &ty, c.stride, acc, &bn, &tmean, &tinv).unwrap();
@@ -335,6 +337,8 @@ fn check_stats_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, variants: &[(
             check(&format!("{tag} invstd"), &fetch(g, &tinv), &st.invstd, F32_TOL);
             check(&format!("{tag} running mean"), &fetch(g, &trm), &st.running_mean, F32_TOL);
             check(&format!("{tag} running var"), &fetch(g, &trv), &st.running_var, F32_TOL);
+            let want_aff = r::batch_norm::affine(&st.mean, &st.invstd, &to_f64(&gamma), &to_f64(&beta));
+            check(&format!("{tag} affine"), &fetch(g, &tstats_aff), &want_aff, F32_TOL);
         }
     }
 }
@@ -384,7 +388,7 @@ fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &
             let (tdg, tdb, scratch) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[2 * ch]));
             let (tda, tdx) =
                 if acc { (up(g, &c.xd, &prior_da), up(g, &c.xd, &prior_dx)) } else { (nan(g, &c.xd), nan(g, &c.xd)) };
-            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv };
+            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
             let grads = BnGrads {
                 gamma: &tg,
                 beta: &tb,
@@ -529,7 +533,7 @@ fn every_tile_configuration_gives_the_same_bits() {
             conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
             conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
             rec.run().unwrap();
-            let bits = [&ty, &tdx, &tdw].map(|t| fetch(&g, t).iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
+            let bits = [&ty, &tdx, &tdw].map(|t| bits(&fetch(&g, t)));
             match &first {
                 None => first = Some(bits),
                 Some(f) => {
@@ -595,7 +599,7 @@ fn winograd_every_configuration() {
         if g.has_timestamps() {
             assert_eq!(spans.iter().filter(|s| &s.label == name).count(), 2, "{ctx}: dispatches {spans:?}");
         }
-        let bits = [&ty, &tdw].map(|t| fetch(&g, t).iter().map(|v| v.to_bits()).collect::<Vec<u32>>());
+        let bits = [&ty, &tdw].map(|t| bits(&fetch(&g, t)));
         match &first {
             None => first = Some(bits),
             Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),
@@ -720,7 +724,7 @@ fn backward_weight_is_deterministic() {
                     let mut rec = g.recorder("conv backward_weight");
                     conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
                     rec.run().unwrap();
-                    fetch(g, &tdw).iter().map(|v| v.to_bits()).collect()
+                    bits(&fetch(g, &tdw))
                 })
                 .collect();
             assert!(runs[0] == runs[1], "{ctx} conv bwd weight {}: two runs differ", c.name());

@@ -113,7 +113,7 @@ proptest! {
         let (gamma, beta) = (read(&per[0]), read(&per[1]));
         let var: Vec<f32> = (0..c).map(|_| rng.range(0.5, 2.0) as f32).collect();
         per[3].write(gpu(), &var).ok();
-        let p = BnTensors { gamma: &per[0], beta: &per[1], running_mean: &per[2], running_var: &per[3] };
+        let p = BnTensors { gamma: &per[0], beta: &per[1], running_mean: &per[2], running_var: &per[3], affine: None };
         let ep = Epilogue { add: false, relu: relu_ep };
         let valid = pc == 0 && y_bad == 0 && n * h * w > 1;
         let mut rec = gpu().recorder("prop bn");

@@ -67,6 +67,52 @@ fn every_unit_variant_on_winograd() {
     }
 }
 
+/// An inference forward between a training forward and its backward (a validation batch, say)
+/// leaves the backward as it was: the prologue values that the backward reads are the training
+/// statistics', kept apart from inference's. The inference output is checked too, against the
+/// reference with the running statistics the training forward moved.
+#[test]
+fn an_inference_forward_between_leaves_the_backward_alone() {
+    let g = gpu();
+    let mut rng = Rng::new(29);
+    for (i, (cfg, spec)) in variants().into_iter().enumerate() {
+        let xd = [2, spec.c_in, 5, 7];
+        let state = random_state(&cfg, 100 + i as u64);
+        let params = to_ref(&state);
+        let unit = Unit::from_state(g, &spec, &state).unwrap();
+        let (mut ws, mut ws_eval) = (Workspace::default(), Workspace::default());
+        let kept = unit.allocate(g, xd, &mut ws).unwrap();
+        let kept_eval = unit.allocate(g, xd, &mut ws_eval).unwrap();
+        let yd = unit.out_dims(xd);
+        let (n_in, n_out) = (xd.iter().product(), yd.iter().product());
+        let (x, x_eval, dy) = (rng.data(n_in), rng.data(n_in), rng.data(n_out));
+        let (tx, tx_eval, tg_out) = (upload(&xd, &x), upload(&xd, &x_eval), upload(&yd, &dy));
+        let (ty, ty_eval, tg_in_own) = (poisoned(&yd), poisoned(&yd), poisoned(&xd));
+        let tg_in = if spec.shortcut == Shortcut::Identity { &tg_out } else { &tg_in_own };
+        for (_, p) in unit_params(&unit) {
+            p.grad.fill(g, f32::NAN);
+        }
+        let mut rec = g.recorder("train, eval, backward");
+        unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();
+        unit.forward(&mut rec, Mode::Eval, &tx_eval, &ty_eval, &kept_eval, &ws_eval).unwrap();
+        unit.backward(&mut rec, &tx, &ty, &tg_out, tg_in, &kept, &ws).unwrap();
+        rec.run().unwrap();
+
+        let want = rnet::unit_forward(&spec, &params, &to_f64(&x), xd, true);
+        let (want_dx, want_grads) = rnet::unit_backward(&spec, &params, &want.saved, &to_f64(&dy));
+        let mut moved = params.clone();
+        moved.extend(want.buffers.clone());
+        let want_eval = rnet::unit_forward(&spec, &moved, &to_f64(&x_eval), xd, false);
+        let tag = format!("{:?} {} {:?}", spec.kind, spec.name, spec.shortcut);
+        check(&format!("{tag} x_l+1"), &read(&ty), &want.out, F32_TOL);
+        check(&format!("{tag} eval x_l+1"), &read(&ty_eval), &want_eval.out, F32_TOL);
+        check(&format!("{tag} dE/dx_l"), &read(tg_in), &want_dx, F32_TOL);
+        for (name, p) in unit_params(&unit) {
+            check(&format!("{tag} grad {name}"), &read(&p.grad), &want_grads[&name], F32_TOL);
+        }
+    }
+}
+
 #[test]
 fn stack_of_20_preact_units_keeps_the_stream_additive() {
     let g = gpu();

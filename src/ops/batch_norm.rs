@@ -12,7 +12,8 @@
 //! per-channel values are loaded once per run: on CPU adapters each storage access is costly).
 //! Kernels: `stats_partial` (per run of `REDUCE_CHUNK` elements: sum and squared deviations
 //! into a per-context partials buffer) then `stats_final` (a workgroup per channel, combining its runs in a
-//! fixed order: mean, invstd, running statistics); `normalize` / `normalize_eval` (runs of
+//! fixed order: mean, invstd, running statistics, and the convolutions' prologue values where
+//! [`BnTensors::affine`] is given); `normalize` / `normalize_eval` (runs of
 //! `APPLY_CHUNK` elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
 //! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and `backward_apply`
 //! (runs of `dx`). No atomics: results are deterministic. The run kernels come in variants
@@ -30,6 +31,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{operand_texture, texture_fits};
 use crate::gpu::{Gpu, Recorder, Shader, WG, groups_for};
+use crate::ops::conv::affine_binding;
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -56,12 +58,16 @@ pub struct Epilogue {
     pub relu: bool,
 }
 
-/// Per-channel parameters and buffers of one BN layer, all 1-D `[C]` tensors.
+/// Per-channel parameters and buffers of one BN layer, all 1-D `[C]` tensors but `affine`.
 pub struct BnTensors<'a> {
     pub gamma: &'a Tensor,
     pub beta: &'a Tensor,
     pub running_mean: &'a Tensor,
     pub running_var: &'a Tensor,
+    /// Where given, `[C, 4]`: a training forward's statistics also write into it the values of
+    /// the convolutions' BN + ReLU prologue, as [`affine`] computes them from the saved
+    /// statistics (the same bits), in the same dispatch.
+    pub affine: Option<&'a Tensor>,
 }
 
 /// The `[n, c, h, w]` of `x`, checking that every other activation has the same shape.
@@ -129,6 +135,15 @@ fn chunked(prm: [u32; 11], prev: usize, last: bool, total: u32) -> [u32; 14] {
     let mut v = [0; 14];
     v[..11].copy_from_slice(&prm);
     v[11..].copy_from_slice(&[prev as u32, last as u32, total]);
+    v
+}
+
+/// `prm` (of [`params`] or [`chunked`]) for the statistics' final kernels: `Params.affine` set
+/// where they also write `p.affine`.
+fn stats_words(prm: &[u32], p: &BnTensors) -> [u32; 15] {
+    let mut v = [0; 15];
+    v[..prm.len()].copy_from_slice(prm);
+    v[14] = p.affine.is_some() as u32;
     v
 }
 
@@ -390,7 +405,7 @@ pub(crate) fn check_train(
     let mut all = vec![("x", x)];
     all.extend(y.map(|y| ("y", y)));
     all.extend(named);
-    distinct(what, &all)?;
+    check_stats_affine(what, d[1], p, all)?;
     let m = d[0] * d[2] * d[3];
     if m == 1 {
         return Err(Error::Invalid(format!(
@@ -398,6 +413,15 @@ pub(crate) fn check_train(
         )));
     }
     Ok((m as f64 / (m - 1) as f64) as f32)
+}
+
+/// `p.affine`, where given, is `[c, 4]`; it and the others (`all`) are distinct tensors.
+fn check_stats_affine<'a>(what: &str, c: usize, p: &BnTensors<'a>, mut all: Vec<(&str, &'a Tensor)>) -> Result<()> {
+    if let Some(a) = p.affine {
+        check_affine_out(what, "affine", c, a)?;
+        all.push(("affine", a));
+    }
+    distinct(what, &all)
 }
 
 /// A training forward's per-channel tensors, named for errors.
@@ -457,13 +481,7 @@ fn record_stats(
     let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
     let xa = Acts { x: Some(x), ..Acts::default() };
     run_dispatch(rec, d, v, "stats_partial", &prm, v.reduce_chunk(), xa, views, &[(14, &part)]);
-    rec.dispatch(
-        Shader::BatchNorm,
-        "stats_final",
-        &prm,
-        &final_binds(p, save_mean, save_invstd, &part),
-        [d[1] as u32, 1, 1],
-    );
+    record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, &part);
 }
 
 /// [`stats_train`] of `x` from per-channel partials a convolution's epilogue wrote as it
@@ -502,30 +520,32 @@ fn record_moments_final(
 ) {
     let plane = [1, d[1], d[0] * d[2] * d[3], 1];
     let prm = params(plane, run, false, false, false, unbias);
-    rec.dispatch(
-        Shader::BatchNorm,
-        "stats_final",
-        &prm,
-        &final_binds(p, save_mean, save_invstd, part),
-        [d[1] as u32, 1, 1],
-    );
+    record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, part);
 }
 
-/// The bindings of `stats_final` and `stats_merge`: the running and saved statistics and the
-/// partials.
-fn final_binds<'a>(
-    p: &BnTensors<'a>,
-    save_mean: &'a Tensor,
-    save_invstd: &'a Tensor,
-    part: &'a wgpu::Buffer,
-) -> [(u32, &'a wgpu::Buffer); 5] {
-    [
+/// `stats_final` or `stats_merge` (`entry`, with `prm`'s words) over the partials `part`, a
+/// workgroup per channel: the saved and running statistics, and `p.affine` where given.
+fn record_final(
+    rec: &mut Recorder,
+    entry: &'static str,
+    prm: &[u32],
+    p: &BnTensors,
+    save_mean: &Tensor,
+    save_invstd: &Tensor,
+    part: &wgpu::Buffer,
+) {
+    let aff = affine_binding(rec.gpu, p.affine);
+    let bufs = [
+        (3, &p.gamma.buffer),
+        (4, &p.beta.buffer),
         (5, &p.running_mean.buffer),
         (6, &p.running_var.buffer),
         (7, &save_mean.buffer),
         (8, &save_invstd.buffer),
         (14, part),
-    ]
+        (21, &aff),
+    ];
+    rec.dispatch(Shader::BatchNorm, entry, &stats_words(prm, p), &bufs, [p.gamma.len() as u32, 1, 1]);
 }
 
 /// [`stats_train`] by chunks of `per` images: each chunk's statistics merged into the batch's
@@ -554,13 +574,8 @@ fn stats_chunked(
             &[(1, &xt.buffer), (14, &part)],
             run_groups(dc, REDUCE_CHUNK),
         );
-        rec.dispatch(
-            Shader::BatchNorm,
-            "stats_merge",
-            &chunked(prm, r.start, r.end == d[0], 0),
-            &final_binds(p, save_mean, save_invstd, &part),
-            [d[1] as u32, 1, 1],
-        );
+        let words = chunked(prm, r.start, r.end == d[0], 0);
+        record_final(rec, "stats_merge", &words, p, save_mean, save_invstd, &part);
     }
     Ok(())
 }
@@ -1016,13 +1031,7 @@ pub fn stats_train_f16(
     let part = partials(rec.gpu, d);
     let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
     half_dispatch(rec, d, v, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)]);
-    rec.dispatch(
-        Shader::BatchNorm,
-        "stats_final",
-        &prm,
-        &final_binds(p, save_mean, save_invstd, &part),
-        [d[1] as u32, 1, 1],
-    );
+    record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, &part);
     Ok(())
 }
 
@@ -1039,7 +1048,7 @@ pub(crate) fn check_train_f16(
     let d = half_activations(gpu, what, x, &[])?;
     let named = train_tensors(p, save_mean, save_invstd);
     per_channel(what, d[1], &named)?;
-    distinct(what, &named)?;
+    check_stats_affine(what, d[1], p, named.to_vec())?;
     let m = d[0] * d[2] * d[3];
     Ok((d, (m as f64 / (m - 1) as f64) as f32))
 }

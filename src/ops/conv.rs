@@ -645,9 +645,10 @@ fn check_affine(what: &str, affine: Option<&Tensor>, c: usize, out: &wgpu::Buffe
     Ok(())
 }
 
-/// The buffer bound as the kernels' prologue values (binding 5): `pre`'s, or where there is no
-/// prologue a small context buffer (the kernels declare the binding either way).
-pub(super) fn affine_binding(gpu: &Gpu, pre: Option<&Tensor>) -> wgpu::Buffer {
+/// The buffer bound as a kernel's prologue values (the convolutions' binding 5, the batch-norm
+/// statistics' 21): `pre`'s, or where there is none a small context buffer (the kernels declare
+/// the binding either way).
+pub(crate) fn affine_binding(gpu: &Gpu, pre: Option<&Tensor>) -> wgpu::Buffer {
     match pre {
         Some(t) => t.buffer.clone(),
         None => scratch(gpu, "affine-none", 16, wgpu::BufferUsages::STORAGE),

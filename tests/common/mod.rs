@@ -26,6 +26,11 @@ pub fn gpu() -> &'static Gpu {
     })
 }
 
+/// The bit patterns of `v`, for comparisons that claim the same bits.
+pub fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
 /// A NaN-poisoned output tensor: an element the kernel forgets to write fails the comparison.
 pub fn poisoned(dims: &[usize]) -> Tensor {
     Tensor::filled(gpu(), dims, f32::NAN).expect("poisoned tensor")
