@@ -5,6 +5,9 @@
 #   1. the adapter;
 #   2. the cooperative-matrix test (tests/coop.rs): where it fails, the benchmark runs with
 #      RESNET_WGPU_COOP=0, so that a broken tensor-core kernel cannot cost the peers' figures;
+#   2b. the rows the unit target is still open on, first, in case a later step runs out of time:
+#      the units at 28x28, 14x14 and 7x7 (where Winograd is the tuner's new candidate) against
+#      PyTorch, with the tuner's log (critical.txt);
 #   3. the full benchmark with the autotuner's log, each row's dispatches timed (--profile), and the
 #      burn and PyTorch peers, without the network rows;
 #   4. the ResNet-20 training-step rows (their `networks:` table times each step streamed, as
@@ -22,7 +25,8 @@
 # Throughout, nvidia-smi logs the GPU's clocks, power and clock-event reasons every 200 ms into
 # clocks.csv: the bench's progress lines carry the time of day, to tell whether the slow stretches
 # of the cfa22d4 call (BENCHMARKS.md, item 4) were the clocks.
-# Outputs go under $OUT (the device tool brings them back; at most 8 files: this writes 8).
+# Outputs go under $OUT (the device tool brings them back; at most 8 files: this writes 8, the
+# coop test's log into tests.log).
 set -u
 start=$(date +%s)
 LIMIT=${LIMIT:-540}
@@ -44,10 +48,19 @@ fi
 summary() { grep -E "^test result|panicked|relative L2 error|skipped" "$1" | head -6; }
 
 echo "=== coop test ($(left) s left)"
-timeout 60 /tmp/t_coop --test-threads 2 --nocapture > "$OUT/t_coop.log" 2>&1
+timeout 60 /tmp/t_coop --test-threads 2 --nocapture > /tmp/t_coop.log 2>&1
 coop_rc=$?
-echo "test coop exit $coop_rc"; summary "$OUT/t_coop.log"
+echo "test coop exit $coop_rc"; summary /tmp/t_coop.log
+{ echo "##### coop"; cat /tmp/t_coop.log; } >> "$OUT/tests.log"
 [ $coop_rc -ne 0 ] && export RESNET_WGPU_COOP=0 && echo "cooperative matrices off for the benchmark"
+
+echo "=== critical ($(left) s left)"
+torch=()
+[ -f .device/torch_unit.py ] && torch=(--torch .device/torch_unit.py)
+RESNET_WGPU_CONV_TUNE_LOG=1 timeout 100 /tmp/resnet-wgpu bench --full --only unit \
+    --shapes 32,128,28,28 32,256,14,14 32,512,7,7 "${torch[@]}" --json /tmp/critical.json > "$OUT/critical.txt" 2>&1
+echo "critical exit $? ($(left) s left)"
+grep -E "^unit|conv tune winograd" "$OUT/critical.txt" | cut -c1-200 | head -60
 
 echo "=== bench ($(left) s left)"
 peers=()
