@@ -656,10 +656,8 @@ impl Unit {
             // BN_0's from x, or from the epilogue of the convolution that wrote x (`chain`).
             // (The statistics write BN_i's prologue values as well.)
             let bn = &self.bns[i];
-            let aff = match (i == 0 && !chain.input_stats) || !train {
-                true => bn.prologue(rec, mode, input)?,
-                false => &bn.affine,
-            };
+            let own_stats = (i == 0 && !chain.input_stats) || !train;
+            let aff = if own_stats { bn.prologue(rec, mode, input)? } else { &bn.affine };
             if i == 0 {
                 match self.spec.shortcut {
                     // The projection takes the pre-activated input.
