@@ -915,3 +915,15 @@ fn f16_path_within_bound() {
     assert!(is_shape_error(conv::backward_data_f16(&mut rec, &sq, &z(&[2, 2, 3, 3]), &sq, 1, false)));
     rec.run().unwrap();
 }
+
+/// Winograd at the depths the GPU tuner may give it (hundreds of input channels in each sum):
+/// the three ops within the f32 bound, as at the shallow shapes above.
+#[test]
+fn winograd_at_deep_layers_within_the_f32_bound() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    conv::force_winograd(&g, Some("64x64t8x8")).unwrap();
+    let cases = [case([1, 384, 7, 5], 320, 3, 1), case([2, 256, 6, 6], 256, 3, 1)];
+    check_forward_on("winograd deep", &g, &cases, 61);
+    check_backward_data_on("winograd deep", &g, &cases, 62);
+    check_backward_weight_on("winograd deep", &g, &cases, 63);
+}
