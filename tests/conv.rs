@@ -916,14 +916,19 @@ fn f16_path_within_bound() {
     rec.run().unwrap();
 }
 
-/// Winograd at the depths the GPU tuner may give it (hundreds of input channels in each sum):
-/// the three ops within the f32 bound, as at the shallow shapes above.
+/// Winograd and the tiled kernels at the depths of the ImageNet-like layers (hundreds of input
+/// channels in each sum; the cases above stop at 132): the three ops within the f32 bound.
 #[test]
-fn winograd_at_deep_layers_within_the_f32_bound() {
+fn deep_layers_within_the_f32_bound() {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
-    conv::force_winograd(&g, Some("64x64t8x8")).unwrap();
     let cases = [case([1, 384, 7, 5], 320, 3, 1), case([2, 256, 6, 6], 256, 3, 1)];
+    conv::force_winograd(&g, Some("64x64t8x8")).unwrap();
     check_forward_on("winograd deep", &g, &cases, 61);
     check_backward_data_on("winograd deep", &g, &cases, 62);
     check_backward_weight_on("winograd deep", &g, &cases, 63);
+    conv::force_winograd(&g, Some("off")).unwrap();
+    conv::set_kernels(&g, conv::Kernels::Tiled);
+    check_forward_on("tiled deep", &g, &cases, 61);
+    check_backward_data_on("tiled deep", &g, &cases, 62);
+    check_backward_weight_on("tiled deep", &g, &cases, 63);
 }
