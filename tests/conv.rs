@@ -917,7 +917,8 @@ fn f16_path_within_bound() {
 }
 
 /// Winograd and the tiled kernels at the depths of the ImageNet-like layers (hundreds of input
-/// channels in each sum; the cases above stop at 132): the three ops within the f32 bound.
+/// channels in each sum; the cases above stop at 132): the three ops within the f32 bound, and
+/// on the f16 path within its bounds.
 #[test]
 fn deep_layers_within_the_f32_bound() {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
@@ -926,9 +927,17 @@ fn deep_layers_within_the_f32_bound() {
     check_forward_on("winograd deep", &g, &cases, 61);
     check_backward_data_on("winograd deep", &g, &cases, 62);
     check_backward_weight_on("winograd deep", &g, &cases, 63);
+    let f16 = g.report.features.contains(wgpu::Features::SHADER_F16);
+    let mut rng = Rng::new(64);
+    if f16 {
+        check_f16_ops(&g, &cases[0], &mut rng, "f16 winograd deep", true);
+    }
     conv::force_winograd(&g, Some("off")).unwrap();
     conv::set_kernels(&g, conv::Kernels::Tiled);
     check_forward_on("tiled deep", &g, &cases, 61);
     check_backward_data_on("tiled deep", &g, &cases, 62);
     check_backward_weight_on("tiled deep", &g, &cases, 63);
+    if f16 {
+        check_f16_ops(&g, &cases[0], &mut rng, "f16 tiled deep", true);
+    }
 }
