@@ -67,6 +67,44 @@ fn every_unit_variant_on_winograd() {
     }
 }
 
+/// A pre-activation and an original unit of 96 channels (the variants above have at most 6),
+/// with their shape-changing successors, on Winograd and on the tiled kernels: each unit's
+/// convolutions then sum hundreds of products per output, and their fused BN statistics and sums
+/// run over as many channels.
+#[test]
+fn deep_units_on_winograd_and_the_tiled_kernels() {
+    use resnet_wgpu::ops::conv;
+    let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    let mut rng = Rng::new(31);
+    for (family, winograd) in [("winograd", "64x64t8x8"), ("tiled", "off")] {
+        conv::force_winograd(&g, Some(winograd)).unwrap();
+        conv::set_kernels(&g, conv::Kernels::Tiled);
+        for kind in [UnitKind::PreAct, UnitKind::Original] {
+            let cfg = NetConfig {
+                kind,
+                combine: Combine::Add,
+                units_per_stage: 2,
+                bottleneck: false,
+                shortcut: ShortcutOption::B,
+                widths: [96, 112, 128],
+                in_channels: 3,
+                classes: 3,
+            };
+            for spec in cfg.units().into_iter().filter(|s| ["layer1.1", "layer2.0"].contains(&s.name.as_str())) {
+                resnet_wgpu::profile::set(&g, true);
+                check_unit_on(&g, &cfg, &spec, [2, spec.c_in, 7, 5], 7, &mut rng);
+                resnet_wgpu::profile::set(&g, false);
+                // The family named ran (where the adapter can time dispatches).
+                let spans = resnet_wgpu::profile::take(&g).unwrap();
+                let wino = spans.iter().filter(|s| s.label.starts_with("wino")).count();
+                if g.has_timestamps() {
+                    assert_eq!(wino > 0, winograd != "off", "{family} {}: {wino} Winograd dispatches", spec.name);
+                }
+            }
+        }
+    }
+}
+
 /// An inference forward between a training forward and its backward (a validation batch, say)
 /// leaves the backward as it was: the prologue values that the backward reads are the training
 /// statistics', kept apart from inference's. The inference output is checked too, against the
