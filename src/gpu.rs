@@ -165,20 +165,23 @@ impl Shader {
 /// the device's subgroups have one size, a power of two from 4 to the workgroup's 64, else the
 /// workgroup-memory tree.
 fn batch_norm_source(text: &str, subgroups: Option<u32>) -> String {
-    let block = |name: &str| {
-        let (begin, end) = (format!("// @{name}-begin"), format!("// @{name}-end"));
-        match (text.find(&begin), text.find(&end)) {
-            (Some(b), Some(e)) => b..e + end.len(),
-            _ => unreachable!("batch_norm.wgsl marks its {name} block"),
-        }
-    };
     let (left_out, head) = match subgroups.filter(|s| s.is_power_of_two() && (4..=64).contains(s)) {
         Some(sg) => ("tree", format!("const SG: u32 = {sg}u;\n")),
         None => ("subgroups", String::new()),
     };
+    head + &without_block(text, left_out)
+}
+
+/// `text` without its block `name`: the lines from `// @{name}-begin` to `// @{name}-end` (a
+/// shader's alternative definitions, of which the host keeps one).
+pub(crate) fn without_block(text: &str, name: &str) -> String {
+    let (begin, end) = (format!("// @{name}-begin"), format!("// @{name}-end"));
     let mut s = text.to_string();
-    s.replace_range(block(left_out), "");
-    head + &s
+    match (text.find(&begin), text.find(&end)) {
+        (Some(b), Some(e)) => s.replace_range(b..e + end.len(), ""),
+        _ => unreachable!("the shader marks its {name} block"),
+    }
+    s
 }
 
 /// A pipeline's key: shader, entry point and the override constants' values (`None`: none, the

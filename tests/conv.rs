@@ -564,23 +564,24 @@ const WINOGRAD_CASES: &[Case] = &[
     case([1, 16, 5, 9], 1, 1, 1),
 ];
 
-/// Winograd F(2x2, 3x3) in each GEMM configuration (the autotuner may pick any of them on a
-/// GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs: forward,
-/// backward_data, backward_weight and the BN + ReLU prologue (overwriting poisoned outputs and
-/// accumulating) against the reference. Each configuration sums in the same order, so all give
-/// the same bits. Where the adapter has timestamps, the profile shows that Winograd ran.
+/// Winograd F(2x2, 3x3) and F(4x4, 3x3) in each GEMM configuration (the autotuner may pick any
+/// of them on a GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs:
+/// forward, backward_data, backward_weight and the BN + ReLU prologue (overwriting poisoned
+/// outputs and accumulating) against the reference. The configurations of one block size
+/// (F(2x2), or F(4x4): `f4`) sum in the same order, so they give the same bits. Where the adapter
+/// has timestamps, the profile shows that Winograd ran.
 #[test]
 fn winograd_every_configuration() {
     let opts = resnet_wgpu::GpuOptions { tiled_bounds_checks: Some(false), ..resnet_wgpu::GpuOptions::from_env() };
     let g = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
     let names = conv::winograd_names();
-    assert!(names.len() >= 2, "{names:?}");
+    assert!(names.len() >= 4 && names.iter().filter(|n| n.contains("f4")).count() >= 2, "{names:?}");
     let c = case([2, 16, 9, 7], 12, 3, 1);
     let (wd, yd) = (c.wd(), c.yd());
     let mut rng = Rng::new(48);
     let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
     let (tx, tw, tdy) = (up(&g, &c.xd, &x), up(&g, &wd, &w), up(&g, &yd, &dy));
-    let mut first: Option<[Vec<u32>; 2]> = None;
+    let mut first: std::collections::HashMap<bool, [Vec<u32>; 2]> = Default::default();
     for name in &names {
         conv::force_winograd(&g, Some(name)).unwrap();
         let ctx = format!("winograd {name}");
@@ -600,9 +601,9 @@ fn winograd_every_configuration() {
             assert_eq!(spans.iter().filter(|s| &s.label == name).count(), 2, "{ctx}: dispatches {spans:?}");
         }
         let bits = [&ty, &tdw].map(|t| bits(&fetch(&g, t)));
-        match &first {
-            None => first = Some(bits),
-            Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),
+        match first.get(&name.contains("f4")) {
+            None => _ = first.insert(name.contains("f4"), bits),
+            Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration of its block size"),
         }
     }
     assert!(conv::force_winograd(&g, Some("no-such-configuration")).is_err());
@@ -923,14 +924,17 @@ fn f16_path_within_bound() {
 fn deep_layers_within_the_f32_bound() {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let cases = [case([1, 384, 7, 5], 320, 3, 1), case([2, 256, 6, 6], 256, 3, 1)];
-    conv::force_winograd(&g, Some("64x64t8x8")).unwrap();
-    check_forward_on("winograd deep", &g, &cases, 61);
-    check_backward_data_on("winograd deep", &g, &cases, 62);
-    check_backward_weight_on("winograd deep", &g, &cases, 63);
     let f16 = g.report.features.contains(wgpu::Features::SHADER_F16);
     let mut rng = Rng::new(64);
-    if f16 {
-        check_f16_ops(&g, &cases[0], &mut rng, "f16 winograd deep", true);
+    for config in ["64x64t8x8", "f4 64x64t8x8"] {
+        conv::force_winograd(&g, Some(config)).unwrap();
+        let ctx = format!("winograd {config} deep");
+        check_forward_on(&ctx, &g, &cases, 61);
+        check_backward_data_on(&ctx, &g, &cases, 62);
+        check_backward_weight_on(&ctx, &g, &cases, 63);
+        if f16 {
+            check_f16_ops(&g, &cases[0], &mut rng, &format!("f16 {ctx}"), true);
+        }
     }
     conv::force_winograd(&g, Some("off")).unwrap();
     conv::set_kernels(&g, conv::Kernels::Tiled);

@@ -68,7 +68,7 @@ fn every_unit_variant_on_winograd() {
 }
 
 /// A pre-activation and an original unit of 96 channels (the variants above have at most 6),
-/// with their shape-changing successors, on Winograd and on the tiled kernels: each unit's
+/// with their shape-changing successors, on Winograd (F(2x2) and F(4x4)) and on the tiled kernels: each unit's
 /// convolutions then sum hundreds of products per output, and their fused BN statistics and sums
 /// run over as many channels.
 #[test]
@@ -76,7 +76,7 @@ fn deep_units_on_winograd_and_the_tiled_kernels() {
     use resnet_wgpu::ops::conv;
     let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let mut rng = Rng::new(31);
-    for (family, winograd) in [("winograd", "64x64t8x8"), ("tiled", "off")] {
+    for (family, winograd) in [("winograd", "64x64t8x8"), ("winograd f4", "f4 64x64t8x8"), ("tiled", "off")] {
         conv::force_winograd(&g, Some(winograd)).unwrap();
         conv::set_kernels(&g, conv::Kernels::Tiled);
         for kind in [UnitKind::PreAct, UnitKind::Original] {

@@ -1,8 +1,8 @@
-//! Winograd F(2x2, 3x3) for 3x3 convolutions at stride 1, forward, backward_data and
-//! backward_weight, dispatching `shaders/winograd.wgsl` (its head has the algebra and the
-//! layouts): 2.25x fewer multiplies than the implicit GEMM, for four passes over transformed
-//! operands (two transforms in, 16 GEMMs, one transform out). Reference: `reference::conv`, as
-//! for every kernel family.
+//! Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 convolutions at stride 1, forward,
+//! backward_data and backward_weight, dispatching `shaders/winograd.wgsl` (its head has the
+//! algebra and the layouts): 2.25x (4x) fewer multiplies than the implicit GEMM, for four passes
+//! over transformed operands (two transforms in, 16 (36) GEMMs, one transform out). Reference:
+//! `reference::conv`, as for every kernel family.
 //!
 //! An autotuned candidate on GPUs, f32 and f16 paths alike: where it applies, [`consider`]
 //! times it in each GEMM configuration against the tiled plan the tuner chose and keeps the
@@ -10,22 +10,23 @@
 //! path) where both channel counts are 16 or more (backward_weight: 32); [`force`] takes it
 //! wherever it applies, or nowhere (tests, benchmarks, and results independent of the
 //! autotuner). The transformed operands live in context scratch buffers, one per role and size
-//! (4x the input and the output, 16/9 the weights), for the shapes that take it (the tuner
-//! times it in buffers of its own).
+//! (F(2x2): 4x the input and the output, 16/9 the weights; F(4x4): 2.25x and 4x), for the shapes
+//! that take it (the tuner times it in buffers of its own).
 
 use std::sync::{Arc, Mutex};
 
 use super::tiled::{self, Weights};
 use super::{F16Weights, Geometry, Kernels, Op, Plan, affine_binding, scratch};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, groups_for};
+use crate::gpu::{Gpu, Recorder, groups_for, without_block};
 use crate::tensor::{HalfTensor, Tensor};
 
-/// A configuration of the GEMM: a workgroup's `bm` x `bn` output tile (co x blocks), `tm` x
-/// `tn` outputs per invocation.
+/// A configuration: the output block's edge `r` (F(2x2, 3x3) or F(4x4, 3x3)), and the GEMM's
+/// workgroup tile of `bm` x `bn` outputs (co x blocks), `tm` x `tn` per invocation.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Config {
     name: &'static str,
+    r: usize,
     bm: usize,
     bn: usize,
     tm: usize,
@@ -37,20 +38,27 @@ const BK: usize = 16;
 
 /// backward_weight's GEMM splits its reduction over the blocks until it has about this many
 /// workgroups (a large GPU's SMs several times over), in ranges of at least
-/// [`WEIGHT_MIN_CHUNK`] blocks: its output has (K / 64) x (C / 64) x 16 tiles, 16 at 64
-/// channels, with reductions of N * H * W / 4 blocks.
+/// [`WEIGHT_MIN_CHUNK`] blocks: its output has (K / 64) x (C / 64) x E tiles (E = 16 or 36
+/// GEMMs), E at 64 channels, with reductions of N * H * W / R^2 blocks.
 const WEIGHT_WORKGROUPS: usize = 512;
 const WEIGHT_MIN_CHUNK: usize = 256;
 
-/// The configurations [`consider`] times: 256 invocations of 4x4, and 64 or 128 of 8x8 (more
-/// outputs per staged load, fewer workgroups). Each fits WebGPU's default limits (256
-/// invocations, 16 KiB of workgroup memory), so every adapter runs all of them (the test below).
+/// The configurations [`consider`] times. F(2x2): 256 invocations of 4x4, and 64 or 128 of 8x8
+/// (more outputs per staged load, fewer workgroups). F(4x4) (`f4`), with 2.25x fewer blocks and
+/// so narrower GEMMs: 64 or 128 invocations of 8x8, the taller tile for the deep layers' many
+/// output channels. Each fits WebGPU's default limits (256 invocations, 16 KiB of workgroup
+/// memory), so every adapter runs all of them (the test below).
 pub(super) const CONFIGS: &[Config] = &[
-    Config { name: "wino 64x64t4x4", bm: 64, bn: 64, tm: 4, tn: 4 },
-    Config { name: "wino 64x64t8x8", bm: 64, bn: 64, tm: 8, tn: 8 },
-    Config { name: "wino 128x64t8x8", bm: 128, bn: 64, tm: 8, tn: 8 },
-    Config { name: "wino 64x128t8x8", bm: 64, bn: 128, tm: 8, tn: 8 },
+    Config { name: "wino 64x64t4x4", r: 2, bm: 64, bn: 64, tm: 4, tn: 4 },
+    Config { name: "wino 64x64t8x8", r: 2, bm: 64, bn: 64, tm: 8, tn: 8 },
+    Config { name: "wino 128x64t8x8", r: 2, bm: 128, bn: 64, tm: 8, tn: 8 },
+    Config { name: "wino 64x128t8x8", r: 2, bm: 64, bn: 128, tm: 8, tn: 8 },
+    Config { name: "wino f4 64x64t8x8", r: 4, bm: 64, bn: 64, tm: 8, tn: 8 },
+    Config { name: "wino f4 128x64t8x8", r: 4, bm: 128, bn: 64, tm: 8, tn: 8 },
 ];
+
+/// The output block edges of the configurations.
+const BLOCKS: [usize; 2] = [2, 4];
 
 impl Config {
     fn threads(&self) -> usize {
@@ -72,12 +80,16 @@ impl Config {
             ("THREADS", threads),
             ("A_PER", BK * self.bm / 4 / threads),
             ("B_PER", BK * self.bn / 4 / threads),
+            ("R", self.r),
+            ("PT", self.r + 2),
+            ("E", (self.r + 2) * (self.r + 2)),
         ];
         let ty = |half: bool| if half { "f16" } else { "f32" };
         let mut s = String::from(if t.act_half || t.w_half { "enable f16;\n" } else { "" });
         s.push_str(&format!("alias ST = {};\nalias WT = {};\n", ty(t.act_half), ty(t.w_half)));
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
-        s.push_str(TEMPLATE);
+        // The transforms of this block size (the template defines both).
+        s.push_str(&without_block(TEMPLATE, if self.r == 2 { "f4" } else { "f2" }));
         tiled::unroll(&s, &consts)
     }
 }
@@ -120,10 +132,12 @@ struct Params {
     _pad: u32,
 }
 
-/// The transformed problem of `op` on `g`: input channels (backward_weight: x's), output
-/// channels (dy's), blocks, and their rounding up to 4.
+/// The transformed problem of `op` on `g` in R x R blocks: input channels (backward_weight:
+/// x's), output channels (dy's), blocks, and their rounding up to 4.
 struct Dims {
     op: Op,
+    /// Transformed elements per tile, (R + 2)^2: the number of GEMMs.
+    e: usize,
     ci: usize,
     co: usize,
     th: usize,
@@ -138,23 +152,24 @@ struct Dims {
 }
 
 impl Dims {
-    fn of(op: Op, g: &Geometry) -> Dims {
+    fn of(op: Op, g: &Geometry, r: usize) -> Dims {
         let (ci, co) = if op == Op::BackwardData { (g.k, g.c) } else { (g.c, g.k) };
-        let (th, tw) = (g.h.div_ceil(2), g.w.div_ceil(2));
+        let e = (r + 2) * (r + 2);
+        let (th, tw) = (g.h.div_ceil(r), g.w.div_ceil(r));
         let np = g.n * th * tw;
         let (p4, co4) = (np.div_ceil(4) * 4, co.div_ceil(4) * 4);
         let (splits, chunk) = match op {
             Op::BackwardWeight => {
                 // Output tiles counted as 64x64 whatever the configuration, so that every
                 // configuration splits alike (and gives the same bits).
-                let tiles = 16 * co.div_ceil(64) * (ci.div_ceil(4) * 4).div_ceil(64);
+                let tiles = e * co.div_ceil(64) * (ci.div_ceil(4) * 4).div_ceil(64);
                 let splits = WEIGHT_WORKGROUPS.div_ceil(tiles).min(p4 / WEIGHT_MIN_CHUNK).max(1);
                 let chunk = p4.div_ceil(splits).div_ceil(BK) * BK;
                 (p4.div_ceil(chunk), chunk)
             }
             _ => (1, ci.div_ceil(BK) * BK),
         };
-        Dims { op, ci, co, th, tw, np, p4, co4, splits, chunk }
+        Dims { op, e, ci, co, th, tw, np, p4, co4, splits, chunk }
     }
 
     fn ci4(&self) -> usize {
@@ -167,7 +182,7 @@ impl Dims {
             Op::BackwardWeight => [self.p4 * self.co4, self.p4 * self.ci4(), self.splits * self.co * self.ci4()],
             _ => [self.ci * self.co4, self.ci * self.p4, self.co * self.p4],
         };
-        floats.map(|e| (16 * e * 4) as u64)
+        floats.map(|f| (self.e * f * 4) as u64)
     }
 
     /// The transforms' parameters.
@@ -200,21 +215,25 @@ impl Dims {
 const MAX_OPERAND_BYTES: u64 = 256 << 20;
 
 /// Whether Winograd runs `op` on `g`: 3x3 at stride 1, its three operands each within one
-/// binding and [`MAX_OPERAND_BYTES`], the GEMM's grid within the per-dimension limit.
+/// binding and [`MAX_OPERAND_BYTES`], the GEMM's grid within the per-dimension limit, in every
+/// block size.
 pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
     if g.ks != 3 || g.stride != 1 {
         return false;
     }
-    let d = Dims::of(op, g);
     let limit = gpu.max_binding_bytes.min(MAX_OPERAND_BYTES);
-    d.bytes().iter().all(|&b| b <= limit) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
+    BLOCKS.iter().all(|&r| {
+        let d = Dims::of(op, g, r);
+        d.bytes().iter().all(|&b| b <= limit) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
+    })
 }
 
 /// The pipeline of `entry` in configuration `config` for storage types `t`, built once per
-/// context (the GEMM is the same for every type, the transforms for every configuration: each
-/// comes from the one module that differs).
+/// context (the GEMM is the same for every type, the transforms for every configuration of one
+/// block size: each comes from the one module that differs).
 fn pipeline(gpu: &Gpu, config: usize, t: Types, entry: &'static str) -> wgpu::ComputePipeline {
-    let (config, t) = if entry == "wino_gemm" { (config, Types::F32) } else { (0, t) };
+    let first_of_size = CONFIGS.iter().position(|c| c.r == CONFIGS[config].r).unwrap_or(config);
+    let (config, t) = if entry == "wino_gemm" { (config, Types::F32) } else { (first_of_size, t) };
     gpu.cached(("conv.winograd", config, t, entry), || {
         let c = CONFIGS[config];
         let label = format!("conv.winograd.{}.{}{}.{entry}", c.name, t.act_half as u8, t.w_half as u8);
@@ -270,11 +289,12 @@ pub(super) fn record_half_weight(
     record(rec, Op::BackwardWeight, g, config, Types::HALF, &x.buffer, pre, &dy.buffer, &dw.buffer, acc, None)
 }
 
-/// Buffers for the transformed operands of `op` on `g` (U, V, M), of the caller's: the
-/// autotuner's, dropped after timing, so that only the shapes that take Winograd keep their
-/// workspace in the context.
+/// Buffers for the transformed operands of `op` on `g` (U, V, M) in any block size, of the
+/// caller's: the autotuner's, dropped after timing, so that only the shapes that take Winograd
+/// keep their workspace in the context.
 fn workspace(gpu: &Gpu, op: Op, g: &Geometry) -> [wgpu::Buffer; 3] {
-    Dims::of(op, g).bytes().map(|size| {
+    let [a, b] = BLOCKS.map(|r| Dims::of(op, g, r).bytes());
+    [0, 1, 2].map(|i| a[i].max(b[i])).map(|size| {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("winograd tuning workspace"),
             size,
@@ -303,7 +323,8 @@ fn record(
     acc: bool,
     ws: Option<&[wgpu::Buffer; 3]>,
 ) {
-    let d = Dims::of(op, g);
+    let c = CONFIGS[config];
+    let d = Dims::of(op, g, c.r);
     let params = d.params(g, acc, pre.is_some());
     let gpu = rec.gpu;
     let [ub, vb, mb] = d.bytes();
@@ -317,7 +338,6 @@ fn record(
         ],
     };
     let aff = affine_binding(gpu, pre);
-    let c = CONFIGS[config];
     let mut run = |entry: &'static str, label: &str, prm: &Params, res: &[(u32, wgpu::BindingResource)], groups| {
         rec.dispatch_pipeline(&pipeline(gpu, config, t, entry), label, bytemuck::bytes_of(prm), res, groups);
     };
@@ -335,7 +355,7 @@ fn record(
             groups_for(d.p4 * d.ci4()),
         );
         run("wino_dy_t", "wino_dy_t", &params, &[(1, dy), (3, u.as_entire_binding())], groups_for(d.p4 * d.co4));
-        let z = 16 * d.splits as u32;
+        let z = (d.e * d.splits) as u32;
         run("wino_gemm", c.name, &gp, &gemm, [d.ci4().div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, z]);
         let dw = if d.splits > 1 { "wino_dw_splits" } else { "wino_dw" };
         run(dw, dw, &params, &[(7, m.as_entire_binding()), (10, out)], groups_for(d.co * d.ci));
@@ -350,7 +370,7 @@ fn record(
         &[(1, a), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
         groups_for(d.ci * d.p4),
     );
-    run("wino_gemm", c.name, &params, &gemm, [d.p4.div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, 16]);
+    run("wino_gemm", c.name, &params, &gemm, [d.p4.div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, d.e as u32]);
     run("wino_output", "wino_output", &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.np));
 }
 
@@ -412,9 +432,13 @@ pub(super) fn names() -> Vec<String> {
 }
 
 /// The configuration CPU adapters take by rule, where both channel counts reach
-/// [`cpu_min_channels`]: on lavapipe it ran 1.4x to 7x faster than the tiled kernels' CPU rule
-/// there, and slower below (BENCHMARKS.md).
-const CPU_CONFIG: usize = 1;
+/// [`cpu_min_channels`]: F(2x2) in 64x64t8x8 ran 1.4x to 7x faster than the tiled kernels' CPU
+/// rule there on lavapipe, and slower below (BENCHMARKS.md); F(4x4) in 64x64t8x8 1.3x to 1.7x
+/// faster than that where its GEMMs are at least a tile (64 blocks) wide, and up to 2.3x slower
+/// on narrower ones (2 images of 7x7: 8 blocks).
+fn cpu_config(op: Op, g: &Geometry) -> usize {
+    if Dims::of(op, g, 4).p4 >= 64 { 4 } else { 1 }
+}
 
 /// The data ops from 16 channels, backward_weight from 32 (whose GEMM, over the blocks, has
 /// few output tiles: 1.6x slower than the tiled kernels at 16 channels, 2.3x faster at 32).
@@ -452,9 +476,10 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         return plan;
     }
     if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels != Kernels::Tuned {
-        let d = Dims::of(op, g);
+        let config = cpu_config(op, g);
+        let d = Dims::of(op, g, CONFIGS[config].r);
         return match d.ci.min(d.co) >= cpu_min_channels(op) {
-            true => Plan::Winograd { config: CPU_CONFIG, tile },
+            true => Plan::Winograd { config, tile },
             false => plan,
         };
     }
@@ -545,6 +570,20 @@ mod tests {
             assert!(c.bm % c.tm == 0 && c.bn % c.tn == 0 && c.tm % 4 == 0 && c.tn % 4 == 0, "{}", c.name);
             assert!((BK * c.bm / 4).is_multiple_of(t) && (BK * c.bn / 4).is_multiple_of(t), "{}", c.name);
             assert!(t <= 256 && BK * (c.bm + c.bn) * 4 <= 16384, "{}", c.name);
+            assert!(BLOCKS.contains(&c.r), "{}", c.name);
+        }
+    }
+
+    /// CPU adapters take F(4x4) where its GEMMs are a tile wide (64 blocks), F(2x2) below, in
+    /// the same GEMM tile.
+    #[test]
+    fn cpu_rule_takes_f4_where_its_gemms_are_a_tile_wide() {
+        let g = |n: usize, c: usize, hw: usize| Geometry { n, c, h: hw, w: hw, k: c, ks: 3, oh: hw, ow: hw, stride: 1 };
+        for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
+            // 8 images of 14x14: 8 * 16 = 128 blocks of 4x4; 2 of 7x7: 8 blocks.
+            let (wide, narrow) = (CONFIGS[cpu_config(op, &g(8, 64, 14))], CONFIGS[cpu_config(op, &g(2, 256, 7))]);
+            assert_eq!((wide.r, narrow.r), (4, 2), "{op:?}");
+            assert_eq!((wide.bm, wide.bn, wide.tm), (narrow.bm, narrow.bn, narrow.tm), "{op:?}");
         }
     }
 }
