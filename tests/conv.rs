@@ -564,31 +564,29 @@ const WINOGRAD_CASES: &[Case] = &[
     case([1, 16, 5, 9], 1, 1, 1),
 ];
 
-/// Winograd F(2x2, 3x3) and F(4x4, 3x3) in each GEMM configuration (the autotuner may pick any
-/// of them on a GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs:
-/// forward, backward_data, backward_weight and the BN + ReLU prologue (overwriting poisoned
-/// outputs and accumulating) against the reference. The configurations of one block size
-/// (F(2x2), or F(4x4): `f4`) sum in the same order, so they give the same bits. Where the adapter
-/// has timestamps, the profile shows that Winograd ran.
+/// Winograd F(2x2, 3x3) in each GEMM configuration (the autotuner may pick any of them on a
+/// GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs: forward,
+/// backward_data, backward_weight and the BN + ReLU prologue (overwriting poisoned outputs and
+/// accumulating) against the reference. The configurations sum in the same order, so they give
+/// the same bits. Where the adapter has timestamps, the profile shows that Winograd ran. An
+/// F(4x4) configuration forced on the f32 path runs as the F(2x2) one of its GEMM tile (F(4x4)
+/// serves the f16 path alone: `winograd_f16_within_bound`).
 #[test]
 fn winograd_every_configuration() {
     let opts = resnet_wgpu::GpuOptions { tiled_bounds_checks: Some(false), ..resnet_wgpu::GpuOptions::from_env() };
     let g = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
     let names = conv::winograd_names();
-    assert!(names.len() >= 4 && names.iter().filter(|n| n.contains("f4")).count() >= 2, "{names:?}");
+    let (f4, f2): (Vec<String>, Vec<String>) = names.iter().cloned().partition(|n| n.contains("f4"));
+    assert!(f2.len() >= 2 && f4.len() >= 2, "{names:?}");
     let c = case([2, 16, 9, 7], 12, 3, 1);
     let (wd, yd) = (c.wd(), c.yd());
     let mut rng = Rng::new(48);
     let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
     let (tx, tw, tdy) = (up(&g, &c.xd, &x), up(&g, &wd, &w), up(&g, &yd, &dy));
-    let mut first: std::collections::HashMap<bool, [Vec<u32>; 2]> = Default::default();
-    for name in &names {
+    // forward and backward_weight of `c` under the forced configuration: their bits, and the
+    // GEMM dispatches' labels.
+    let run = |name: &str| {
         conv::force_winograd(&g, Some(name)).unwrap();
-        let ctx = format!("winograd {name}");
-        check_forward_on(&ctx, &g, WINOGRAD_CASES, 45);
-        check_backward_data_on(&ctx, &g, WINOGRAD_CASES, 46);
-        check_backward_weight_on(&ctx, &g, WINOGRAD_CASES, 49);
-        check_bn_relu_on(&ctx, &g, WINOGRAD_CASES, 47);
         resnet_wgpu::profile::set(&g, true);
         let (ty, tdw) = (nan(&g, &yd), nan(&g, &wd));
         let mut rec = g.recorder("conv");
@@ -597,14 +595,34 @@ fn winograd_every_configuration() {
         rec.run().unwrap();
         resnet_wgpu::profile::set(&g, false);
         let spans = resnet_wgpu::profile::take(&g).unwrap();
+        let gemms: Vec<String> = spans.into_iter().map(|s| s.label).filter(|l| names.contains(l)).collect();
+        ([&ty, &tdw].map(|t| bits(&fetch(&g, t))), gemms)
+    };
+    let mut first: Option<[Vec<u32>; 2]> = None;
+    for name in &f2 {
+        let ctx = format!("winograd {name}");
+        conv::force_winograd(&g, Some(name)).unwrap();
+        check_forward_on(&ctx, &g, WINOGRAD_CASES, 45);
+        check_backward_data_on(&ctx, &g, WINOGRAD_CASES, 46);
+        check_backward_weight_on(&ctx, &g, WINOGRAD_CASES, 49);
+        check_bn_relu_on(&ctx, &g, WINOGRAD_CASES, 47);
+        let (bits, gemms) = run(name);
         if g.has_timestamps() {
-            assert_eq!(spans.iter().filter(|s| &s.label == name).count(), 2, "{ctx}: dispatches {spans:?}");
+            assert_eq!(gemms, [name.clone(), name.clone()], "{ctx}: GEMM dispatches");
         }
-        let bits = [&ty, &tdw].map(|t| bits(&fetch(&g, t)));
-        match first.get(&name.contains("f4")) {
-            None => _ = first.insert(name.contains("f4"), bits),
-            Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration of its block size"),
+        match &first {
+            None => first = Some(bits),
+            Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),
         }
+    }
+    // F(4x4) on the f32 path: its F(2x2) twin (the same name without `f4`) runs.
+    for name in &f4 {
+        let twin = name.replace("f4 ", "");
+        let (bits, gemms) = run(name);
+        if g.has_timestamps() {
+            assert_eq!(gemms, [twin.clone(), twin], "{name} on the f32 path: GEMM dispatches");
+        }
+        assert!(first.as_ref() == Some(&bits), "{name} on the f32 path differs from F(2x2)");
     }
     assert!(conv::force_winograd(&g, Some("no-such-configuration")).is_err());
     // Off, and back to the automatic choice (on a CPU adapter: the other kernels, untimed).
@@ -661,9 +679,9 @@ fn check_f16_ops(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str, f32_weights: bool)
     check(&format!("conv bwd weight accumulate {tag}"), &fetch(g, &tdwacc), &plus(&pdw, &dw), F32_TOL);
 }
 
-/// Winograd on the f16 path in each GEMM configuration: half activations loaded to f32 and
-/// stored rounded once, the weights as halves and as f32 (as the f16 units keep them), dw f32;
-/// within the f16 path's bounds.
+/// Winograd on the f16 path in each configuration, F(2x2) and F(4x4): half activations loaded to
+/// f32 and stored rounded once, the weights as halves and as f32 (as the f16 units keep them), dw
+/// f32; within the f16 path's bounds.
 #[test]
 fn winograd_f16_within_bound() {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
@@ -919,21 +937,21 @@ fn f16_path_within_bound() {
 
 /// Winograd and the tiled kernels at the depths of the ImageNet-like layers (hundreds of input
 /// channels in each sum; the cases above stop at 132): the three ops within the f32 bound, and
-/// on the f16 path within its bounds.
+/// on the f16 path (Winograd F(2x2) and F(4x4)) within its bounds.
 #[test]
 fn deep_layers_within_the_f32_bound() {
     let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     let cases = [case([1, 384, 7, 5], 320, 3, 1), case([2, 256, 6, 6], 256, 3, 1)];
     let f16 = g.report.features.contains(wgpu::Features::SHADER_F16);
     let mut rng = Rng::new(64);
+    conv::force_winograd(&g, Some("64x64t8x8")).unwrap();
+    check_forward_on("winograd deep", &g, &cases, 61);
+    check_backward_data_on("winograd deep", &g, &cases, 62);
+    check_backward_weight_on("winograd deep", &g, &cases, 63);
     for config in ["64x64t8x8", "f4 64x64t8x8"] {
         conv::force_winograd(&g, Some(config)).unwrap();
-        let ctx = format!("winograd {config} deep");
-        check_forward_on(&ctx, &g, &cases, 61);
-        check_backward_data_on(&ctx, &g, &cases, 62);
-        check_backward_weight_on(&ctx, &g, &cases, 63);
         if f16 {
-            check_f16_ops(&g, &cases[0], &mut rng, &format!("f16 {ctx}"), true);
+            check_f16_ops(&g, &cases[0], &mut rng, &format!("f16 winograd {config} deep"), true);
         }
     }
     conv::force_winograd(&g, Some("off")).unwrap();

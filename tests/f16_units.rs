@@ -160,8 +160,9 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
 /// combinations, which lavapipe takes seconds to compile; the batch norm's f16 kernels are the
 /// scalar or the wide ones), and with the BN + ReLU prologues as passes of their own (the
 /// autotuner's other choice on a GPU: the activations rounded to f16 before the convolutions),
-/// and every unit with Winograd forced for its 3x3 convolutions at stride 1 (f16 loads and
-/// stores, f32 in between; the batch norm's own kernels for the statistics and sums).
+/// and every unit with Winograd forced for its 3x3 convolutions at stride 1, F(2x2) and F(4x4)
+/// (f16 loads and stores, f32 in between; the batch norm's own kernels for the statistics and
+/// sums).
 #[test]
 fn f16_units_within_bound() {
     let g = gpu();
@@ -176,18 +177,21 @@ fn f16_units_within_bound() {
     conv::set_prologue(&separate, conv::Prologue::Separate);
     let winograd = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     conv::force_winograd(&winograd, Some("64x64t8x8")).unwrap();
+    let winograd_f4 = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    conv::force_winograd(&winograd_f4, Some("f4 64x64t8x8")).unwrap();
     let contexts = [
         ("auto", g),
         ("tile 128x64k16t8x4, wide bn", &forced),
         ("separate prologue", &separate),
         ("winograd", &winograd),
+        ("winograd f4", &winograd_f4),
     ];
     for (ctx, g) in contexts {
         let mut seed = 80;
         for kind in [UnitKind::PreAct, UnitKind::Original] {
             for bottleneck in [false, true] {
                 for (cfg, spec) in units(kind, bottleneck) {
-                    let every = ctx == "auto" || ctx == "winograd";
+                    let every = ctx == "auto" || ctx.starts_with("winograd");
                     let covered = every || (!bottleneck && spec.shortcut == Shortcut::Identity);
                     if covered {
                         check_unit(g, ctx, &cfg, &spec, 1, [7, 5], seed);

@@ -1,7 +1,8 @@
 //! Winograd F(2x2, 3x3) and F(4x4, 3x3) for 3x3 convolutions at stride 1, forward,
 //! backward_data and backward_weight, dispatching `shaders/winograd.wgsl` (its head has the
 //! algebra and the layouts): 2.25x (4x) fewer multiplies than the implicit GEMM, for four passes
-//! over transformed operands (two transforms in, 16 (36) GEMMs, one transform out). Reference:
+//! over transformed operands (two transforms in, 16 (36) GEMMs, one transform out). F(4x4)
+//! serves the f16 path alone ([`serves`]: it rounds past the f32 path's bound). Reference:
 //! `reference::conv`, as for every kernel family.
 //!
 //! An autotuned candidate on GPUs, f32 and f16 paths alike: where it applies, [`consider`]
@@ -431,13 +432,32 @@ pub(super) fn names() -> Vec<String> {
     CONFIGS.iter().map(|c| c.name.to_string()).collect()
 }
 
+/// Whether configuration `config` serves the f32 path (`half` false) or the f16 path: F(4x4)
+/// serves the f16 path alone. It rounds more than F(2x2): 3.3e-6 relative L2 on a convolution
+/// of 384 channels where F(2x2) makes 6e-7, and 1.2e-5 on a BN bias gradient of a unit (a sum
+/// that cancels), past the f32 path's bound of 1e-5; far inside the f16 path's.
+fn serves(config: usize, half: bool) -> bool {
+    half || CONFIGS[config].r == 2
+}
+
+/// `config`, or on the f32 path for an F(4x4) one the F(2x2) configuration of the same GEMM
+/// tile ([`serves`]).
+fn for_path(config: usize, half: bool) -> usize {
+    let c = CONFIGS[config];
+    let twin = CONFIGS.iter().position(|t| t.r == 2 && (t.bm, t.bn, t.tm, t.tn) == (c.bm, c.bn, c.tm, c.tn));
+    if serves(config, half) { config } else { twin.unwrap_or(CPU_F2) }
+}
+
+/// The F(2x2) configuration CPU adapters take by rule (64x64t8x8).
+const CPU_F2: usize = 1;
+
 /// The configuration CPU adapters take by rule, where both channel counts reach
 /// [`cpu_min_channels`]: F(2x2) in 64x64t8x8 ran 1.4x to 7x faster than the tiled kernels' CPU
-/// rule there on lavapipe, and slower below (BENCHMARKS.md); F(4x4) in 64x64t8x8 1.3x to 1.7x
-/// faster than that where its GEMMs are at least a tile (64 blocks) wide, and up to 2.3x slower
-/// on narrower ones (2 images of 7x7: 8 blocks).
-fn cpu_config(op: Op, g: &Geometry) -> usize {
-    if Dims::of(op, g, 4).p4 >= 64 { 4 } else { 1 }
+/// rule there on lavapipe, and slower below (BENCHMARKS.md). On the f16 path, F(4x4) in
+/// 64x64t8x8 ran 1.3x to 1.7x faster than that where its GEMMs are at least a tile (64 blocks)
+/// wide, and up to 2.3x slower on narrower ones (2 images of 7x7: 8 blocks).
+fn cpu_config(op: Op, g: &Geometry, half: bool) -> usize {
+    if half && Dims::of(op, g, 4).p4 >= 64 { 4 } else { CPU_F2 }
 }
 
 /// The data ops from 16 channels, backward_weight from 32 (whose GEMM, over the blocks, has
@@ -468,7 +488,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         _ => tiled::rule(op, g),
     };
     match choice(gpu) {
-        Choice::Config(config) => return Plan::Winograd { config, tile },
+        Choice::Config(config) => return Plan::Winograd { config: for_path(config, half), tile },
         Choice::Off => return plan,
         Choice::Auto => {}
     }
@@ -476,7 +496,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         return plan;
     }
     if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels != Kernels::Tuned {
-        let config = cpu_config(op, g);
+        let config = cpu_config(op, g, half);
         let d = Dims::of(op, g, CONFIGS[config].r);
         return match d.ci.min(d.co) >= cpu_min_channels(op) {
             true => Plan::Winograd { config, tile },
@@ -501,29 +521,32 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         return plan;
     };
     let ws = workspace(gpu, op, g);
+    // The tiled plan (k = 0), then the configurations that serve this path.
+    let candidates: Vec<usize> = (0..CONFIGS.len()).filter(|&c| serves(c, half)).collect();
     let run = |k: usize| {
+        let config = candidates.get(k.wrapping_sub(1)).copied().unwrap_or_default();
         let mut rec = gpu.recorder("conv tune winograd");
         let (t32, t16) = (Types::F32, Types::HALF);
         let ws = Some(&ws);
         match (half, op == Op::BackwardWeight, k) {
             (false, _, 0) => tiled::record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
             (false, _, _) => {
-                record(&mut rec, op, g, k - 1, t32, &t[0].buffer, None, &t[1].buffer, &t[2].buffer, false, ws)
+                record(&mut rec, op, g, config, t32, &t[0].buffer, None, &t[1].buffer, &t[2].buffer, false, ws)
             }
             (true, true, 0) => tiled::record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[0], false),
             (true, true, _) => {
-                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &h[1].buffer, &t[0].buffer, false, ws)
+                record(&mut rec, op, g, config, t16, &h[0].buffer, None, &h[1].buffer, &t[0].buffer, false, ws)
             }
             (true, false, 0) => {
                 tiled::record_half_data(&mut rec, op, g, plan, &h[0], None, Weights::F32(&t[0].buffer), &h[1], false)
             }
             (true, false, _) => {
-                record(&mut rec, op, g, k - 1, t16, &h[0].buffer, None, &t[0].buffer, &h[1].buffer, false, ws)
+                record(&mut rec, op, g, config, t16, &h[0].buffer, None, &t[0].buffer, &h[1].buffer, false, ws)
             }
         }
         Ok(rec.finish())
     };
-    let times = tiled::time_each(gpu, 1 + CONFIGS.len(), run);
+    let times = tiled::time_each(gpu, 1 + candidates.len(), run);
     // An unsplit tiled data op also takes its unit's BN statistics or BN backward sums in its
     // epilogue, which Winograd leaves to passes of their own: there it must win by a margin.
     let fused = matches!(plan, Plan::Tiled { splits: 1, .. }) && op != Op::BackwardWeight;
@@ -533,7 +556,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     for (k, ms) in times.into_iter().enumerate() {
         let (name, candidate, weight) = match k {
             0 => ("tiled", plan, 1.0),
-            _ => (CONFIGS[k - 1].name, Plan::Winograd { config: k - 1, tile }, handicap),
+            _ => (CONFIGS[candidates[k - 1]].name, Plan::Winograd { config: candidates[k - 1], tile }, handicap),
         };
         match ms {
             Some(ms) => {
@@ -574,16 +597,29 @@ mod tests {
         }
     }
 
-    /// CPU adapters take F(4x4) where its GEMMs are a tile wide (64 blocks), F(2x2) below, in
-    /// the same GEMM tile.
+    /// CPU adapters take F(4x4) on the f16 path where its GEMMs are a tile wide (64 blocks),
+    /// F(2x2) below and on the f32 path, in the same GEMM tile.
     #[test]
-    fn cpu_rule_takes_f4_where_its_gemms_are_a_tile_wide() {
+    fn cpu_rule_takes_f4_on_the_f16_path_where_its_gemms_are_a_tile_wide() {
         let g = |n: usize, c: usize, hw: usize| Geometry { n, c, h: hw, w: hw, k: c, ks: 3, oh: hw, ow: hw, stride: 1 };
         for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
             // 8 images of 14x14: 8 * 16 = 128 blocks of 4x4; 2 of 7x7: 8 blocks.
-            let (wide, narrow) = (CONFIGS[cpu_config(op, &g(8, 64, 14))], CONFIGS[cpu_config(op, &g(2, 256, 7))]);
-            assert_eq!((wide.r, narrow.r), (4, 2), "{op:?}");
+            let wide = CONFIGS[cpu_config(op, &g(8, 64, 14), true)];
+            let narrow = CONFIGS[cpu_config(op, &g(2, 256, 7), true)];
+            let f32_wide = CONFIGS[cpu_config(op, &g(8, 64, 14), false)];
+            assert_eq!((wide.r, narrow.r, f32_wide.r), (4, 2, 2), "{op:?}");
             assert_eq!((wide.bm, wide.bn, wide.tm), (narrow.bm, narrow.bn, narrow.tm), "{op:?}");
+        }
+    }
+
+    /// F(4x4) serves the f16 path alone: a forced F(4x4) configuration runs on the f32 path as
+    /// the F(2x2) one of the same GEMM tile.
+    #[test]
+    fn f4_is_for_the_f16_path() {
+        for (i, c) in CONFIGS.iter().enumerate() {
+            assert_eq!(for_path(i, true), i, "{}", c.name);
+            let f32 = CONFIGS[for_path(i, false)];
+            assert_eq!((f32.r, f32.bm, f32.bn, f32.tm, f32.tn), (2, c.bm, c.bn, c.tm, c.tn), "{}", c.name);
         }
     }
 }
