@@ -80,16 +80,8 @@ fn deep_units_on_winograd_and_the_tiled_kernels() {
         conv::force_winograd(&g, Some(winograd)).unwrap();
         conv::set_kernels(&g, conv::Kernels::Tiled);
         for kind in [UnitKind::PreAct, UnitKind::Original] {
-            let cfg = NetConfig {
-                kind,
-                combine: Combine::Add,
-                units_per_stage: 2,
-                bottleneck: false,
-                shortcut: ShortcutOption::B,
-                widths: [96, 112, 128],
-                in_channels: 3,
-                classes: 3,
-            };
+            // ResNet-14's units (2 per stage, option B), wider.
+            let cfg = NetConfig { widths: [96, 112, 128], ..NetConfig::cifar(14, kind, false, 3).unwrap() };
             for spec in cfg.units().into_iter().filter(|s| ["layer1.1", "layer2.0"].contains(&s.name.as_str())) {
                 resnet_wgpu::profile::set(&g, true);
                 check_unit_on(&g, &cfg, &spec, [2, spec.c_in, 7, 5], 7, &mut rng);
