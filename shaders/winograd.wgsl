@@ -145,7 +145,7 @@ fn output_transform(m: array<f32, E>) -> array<f32, 16> {
     }
     var o: array<f32, 16>;
     for (var a = 0u; a < 2u; a++) { // @unroll
-        let r = a * 4u;
+        const r = a * 4u;
         o[a * 2u] = s[r] + s[r + 1u] + s[r + 2u];
         o[a * 2u + 1u] = s[r + 1u] - s[r + 2u] - s[r + 3u];
     }
@@ -261,7 +261,7 @@ fn input_transform(d: array<f32, E>) -> array<f32, E> {
     }
     var v: array<f32, E>; // (B^T d) B
     for (var r = 0u; r < 6u; r++) { // @unroll
-        let o = r * 6u;
+        const o = r * 6u;
         let row = bt6(array<f32, 6>(e[o], e[o + 1u], e[o + 2u], e[o + 3u], e[o + 4u], e[o + 5u]));
         for (var c = 0u; c < 6u; c++) { // @unroll
             v[o + c] = row[c];
@@ -280,7 +280,7 @@ fn output_transform(m: array<f32, E>) -> array<f32, 16> {
     }
     var o: array<f32, 16>; // (A^T m) A
     for (var r = 0u; r < 4u; r++) { // @unroll
-        let i = r * 6u;
+        const i = r * 6u;
         let row = at6(array<f32, 6>(s[i], s[i + 1u], s[i + 2u], s[i + 3u], s[i + 4u], s[i + 5u]));
         for (var c = 0u; c < 4u; c++) { // @unroll
             o[r * 4u + c] = row[c];
@@ -299,7 +299,7 @@ fn dy_transform(d: array<f32, 16>) -> array<f32, E> {
     }
     var z: array<f32, E>; // (A dY) A^T
     for (var r = 0u; r < 6u; r++) { // @unroll
-        let i = r * 4u;
+        const i = r * 4u;
         let row = a4(array<f32, 4>(s[i], s[i + 1u], s[i + 2u], s[i + 3u]));
         for (var c = 0u; c < 6u; c++) { // @unroll
             z[r * 6u + c] = row[c];
@@ -318,7 +318,7 @@ fn dw_transform(m: array<f32, E>) -> array<f32, 9> {
     }
     var g: array<f32, 9>; // (G^T m) G
     for (var r = 0u; r < 3u; r++) { // @unroll
-        let i = r * 6u;
+        const i = r * 6u;
         let row = gt6(array<f32, 6>(q[i], q[i + 1u], q[i + 2u], q[i + 3u], q[i + 4u], q[i + 5u]));
         for (var c = 0u; c < 3u; c++) { // @unroll
             g[r * 3u + c] = row[c];

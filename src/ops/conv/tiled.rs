@@ -1132,7 +1132,7 @@ fn weight(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -1193,7 +1193,7 @@ mod tests {
     /// The indices into per-invocation arrays (function-space variables, arguments and loaded
     /// or composed array values) that are not constants in naga's IR (`Access`, where a
     /// constant index is `AccessIndex`, a literal or a constant), by function.
-    fn runtime_indices(src: &str) -> Vec<String> {
+    pub(in crate::ops::conv) fn runtime_indices(src: &str) -> Vec<String> {
         use wgpu::naga::valid::{Capabilities, ValidationFlags, Validator};
         use wgpu::naga::{AddressSpace, Expression, TypeInner};
         let m = wgpu::naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));

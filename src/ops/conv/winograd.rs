@@ -597,6 +597,20 @@ mod tests {
         }
     }
 
+    /// No module indexes a per-invocation array by a runtime value (the transforms' tiles, the
+    /// GEMM's accumulators and prefetched loads), so drivers can keep them in registers: with
+    /// the transforms' loops left in, lavapipe ran F(4x4)'s input transform 7x slower.
+    #[test]
+    fn per_invocation_arrays_are_indexed_by_constants() {
+        let types = [Types::F32, Types::HALF, Types { act_half: true, w_half: true }];
+        for c in CONFIGS {
+            for t in types {
+                let found = tiled::tests::runtime_indices(&c.source(t));
+                assert!(found.is_empty(), "{} {t:?}: runtime indices in {found:?}", c.name);
+            }
+        }
+    }
+
     /// CPU adapters take F(4x4) on the f16 path where its GEMMs are a tile wide (64 blocks),
     /// F(2x2) below and on the f32 path, in the same GEMM tile.
     #[test]
