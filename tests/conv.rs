@@ -611,7 +611,21 @@ fn winograd_every_configuration() {
             assert_eq!(gemms, [name.clone(), name.clone()], "{ctx}: GEMM dispatches");
         }
         match &first {
-            None => first = Some(bits),
+            None => {
+                // The first configuration's results against the reference; the others' bits
+                // against these.
+                let y: Vec<f32> = bits[0].iter().map(|&b| f32::from_bits(b)).collect();
+                let dw: Vec<f32> = bits[1].iter().map(|&b| f32::from_bits(b)).collect();
+                check(
+                    &format!("{ctx} fwd {}", c.name()),
+                    &y,
+                    &r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), wd, 1),
+                    F32_TOL,
+                );
+                let want_dw = r::conv::backward_weight(&to_f64(&x), c.xd, &to_f64(&dy), wd, 1);
+                check(&format!("{ctx} bwd weight {}", c.name()), &dw, &want_dw, F32_TOL);
+                first = Some(bits);
+            }
             Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),
         }
     }

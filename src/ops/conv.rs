@@ -17,11 +17,12 @@
 //!   through an rgba32f texture copy of the tensor, the weights through 64 KiB uniform-buffer
 //!   windows, and lanes share data by subgroup shuffles. It covers the shapes of CIFAR-style
 //!   ResNets (row widths 4, 8, 16, 32); other shapes take the tiled kernels;
-//! * *Winograd* F(2x2, 3x3) for 3x3 kernels at stride 1 (`conv/winograd.rs`,
-//!   `shaders/winograd.wgsl`): transforms around 16 GEMMs, 2.25x fewer multiplies, where the
-//!   autotuner finds it faster than the tiled plan (GPUs) or by rule in place of the tiled
-//!   kernels (CPU adapters), f32 and f16 paths alike. Its results round differently from the
-//!   others' ([`force_winograd`] turns it off).
+//! * *Winograd* for 3x3 kernels at stride 1 (`conv/winograd.rs`, `shaders/winograd.wgsl`):
+//!   F(2x2, 3x3), transforms around 16 GEMMs, 2.25x fewer multiplies, on the f32 and f16 paths;
+//!   F(4x4, 3x3), 36 GEMMs, 4x fewer, on the f16 path alone (it rounds past the f32 bound).
+//!   Taken where the autotuner finds it faster than the tiled plan (GPUs) or by rule in place of
+//!   the tiled kernels (CPU adapters). Its results round differently from the others'
+//!   ([`force_winograd`] turns it off).
 //!
 //! The choice and the tile sizes are made per shape and cached in the context ([`Gpu::cached`]),
 //! as are the scratch buffers (split-K partial sums, weight windows) and operand textures, one
@@ -170,20 +171,20 @@ fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
     Ok(())
 }
 
-/// Forces Winograd F(2x2, 3x3) in GEMM configuration `name` (one of [`winograd_names`]) for
-/// every convolution it applies to (3x3 at stride 1: forward, backward_data and backward_weight,
-/// f32 and f16 paths) on this context, or (`"off"`) never takes it; `None` goes back to the
-/// automatic choice (timed against the tiled kernels on GPUs). The environment variable
-/// `RESNET_WGPU_CONV_WINOGRAD` does the same for a new context. A forced tile configuration
-/// ([`force_tile`]) takes precedence. Winograd rounds differently from the GEMM kernels (within
-/// the f32 bound either way), so `"off"` keeps a GPU's results independent of what the
-/// autotuner picks.
+/// Forces Winograd in configuration `name` (one of [`winograd_names`]) for every convolution it
+/// applies to (3x3 at stride 1: forward, backward_data and backward_weight, f32 and f16 paths)
+/// on this context, or (`"off"`) never takes it; `None` goes back to the automatic choice (timed
+/// against the tiled kernels on GPUs). An F(4x4) configuration (`f4`) runs on the f32 path as the
+/// F(2x2) one of its GEMM tile. The environment variable `RESNET_WGPU_CONV_WINOGRAD` does the
+/// same for a new context. A forced tile configuration ([`force_tile`]) takes precedence.
+/// Winograd rounds differently from the GEMM kernels (within each path's bound), so `"off"` keeps
+/// a GPU's results independent of what the autotuner picks.
 #[doc(hidden)]
 pub fn force_winograd(gpu: &Gpu, name: Option<&str>) -> Result<()> {
     winograd::force(gpu, name)
 }
 
-/// The Winograd GEMM configurations' names.
+/// The Winograd configurations' names (`wino <tile>` for F(2x2), `wino f4 <tile>` for F(4x4)).
 #[doc(hidden)]
 pub fn winograd_names() -> Vec<String> {
     winograd::names()
@@ -338,9 +339,9 @@ enum Plan {
     /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
     /// `coop`: the f16 path's tile arithmetic on cooperative matrices.
     Tiled { tile: usize, splits: usize, chunk: usize, coop: bool },
-    /// Winograd F(2x2, 3x3) (3x3 kernels at stride 1, every op) with GEMM configuration
-    /// `config` (an index into `winograd::CONFIGS`); `tile` is the tiled configuration it was
-    /// chosen over (the f16 path's starting point).
+    /// Winograd (3x3 kernels at stride 1, every op) in configuration `config` (an index into
+    /// `winograd::CONFIGS`: F(2x2), or on the f16 path also F(4x4)); `tile` is the tiled
+    /// configuration it was chosen over (the f16 path's starting point).
     Winograd { config: usize, tile: usize },
 }
 

@@ -61,10 +61,10 @@ pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum:
     for [w, g, m] in alone {
         step(rec, w, g, m, lr, momentum, weight_decay)?;
     }
+    let unused = super::spare_slots(gpu, 3 * GROUP);
     for group in together.chunks(GROUP) {
         let mut words = vec![0, lr.to_bits(), momentum.to_bits(), weight_decay.to_bits()];
         let mut binds: Vec<(u32, &wgpu::Buffer)> = Vec::with_capacity(3 * GROUP);
-        let unused = super::spare_slots(gpu, 3 * GROUP);
         for (j, spare) in unused.chunks(3).enumerate() {
             let slot = 4 + 3 * j as u32;
             let ([w, g, m], len) = match group.get(j) {
