@@ -35,6 +35,11 @@ pub struct GpuOptions {
     /// without wgpu's bounds checks (`Some(false)`) or with them (`Some(true)`); `None`: without
     /// them on Vulkan GPUs only (see [`Gpu::shader_module_in_range`]). A testing aid.
     pub tiled_bounds_checks: Option<bool>,
+    /// A file where the convolutions' autotuner keeps its choices for this adapter (created
+    /// where there is none): a new context with the same file takes them instead of timing
+    /// every candidate again. `None`: choices last as long as the context. See
+    /// [`Gpu::tune_file`].
+    pub tune_file: Option<std::path::PathBuf>,
 }
 
 impl Default for GpuOptions {
@@ -48,13 +53,15 @@ impl Default for GpuOptions {
             subgroups: true,
             stream_chunk: None,
             tiled_bounds_checks: None,
+            tune_file: None,
         }
     }
 }
 
 impl GpuOptions {
     /// Defaults overridden by `WGPU_BACKEND`, `WGPU_POWER_PREF` and `WGPU_ADAPTER_NAME`, and by
-    /// `RESNET_WGPU_COOP=0`, `RESNET_WGPU_SUBGROUPS=0` and `RESNET_WGPU_STREAM_CHUNK=N`.
+    /// `RESNET_WGPU_COOP=0`, `RESNET_WGPU_SUBGROUPS=0`, `RESNET_WGPU_STREAM_CHUNK=N` and
+    /// `RESNET_WGPU_TUNE_FILE=<path>`.
     pub fn from_env() -> Self {
         let d = GpuOptions::default();
         GpuOptions {
@@ -66,6 +73,7 @@ impl GpuOptions {
             subgroups: std::env::var("RESNET_WGPU_SUBGROUPS").map_or(true, |v| v != "0"),
             stream_chunk: std::env::var("RESNET_WGPU_STREAM_CHUNK").ok().and_then(|v| v.parse().ok()),
             tiled_bounds_checks: None,
+            tune_file: std::env::var_os("RESNET_WGPU_TUNE_FILE").filter(|s| !s.is_empty()).map(Into::into),
         }
     }
 }
@@ -267,6 +275,8 @@ pub struct Gpu {
     stream_chunk: usize,
     /// Whether [`Gpu::shader_module_in_range`] keeps wgpu's bounds checks.
     tiled_bounds_checks: bool,
+    /// Where the autotuner's choices are kept across contexts ([`GpuOptions::tune_file`]).
+    tune_file: Option<crate::tune_file::TuneFile>,
 }
 
 /// What the device holds now, from wgpu's internal counters: live buffers and textures and
@@ -386,11 +396,20 @@ impl Gpu {
         };
         let cpu = report.device_type == wgpu::DeviceType::Cpu;
         let stream_chunk = opts.stream_chunk.unwrap_or(if cpu { usize::MAX } else { Stream::CHUNK });
+        let tiled_bounds_checks = opts.tiled_bounds_checks.unwrap_or_else(|| in_range_checks(&report));
+        let max_binding_bytes = opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding));
+        let tune_file = match &opts.tune_file {
+            Some(path) => {
+                let context = tune_context(&report, &info, tiled_bounds_checks, max_binding_bytes);
+                Some(crate::tune_file::TuneFile::open(path, context)?)
+            }
+            None => None,
+        };
         Ok(Gpu {
             adapter,
             device,
             queue,
-            max_binding_bytes: opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding)),
+            max_binding_bytes,
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
@@ -399,7 +418,8 @@ impl Gpu {
             requested: AtomicU64::new(0),
             uniform_align: limits.min_uniform_buffer_offset_alignment.max(4) as u64,
             stream_chunk,
-            tiled_bounds_checks: opts.tiled_bounds_checks.unwrap_or_else(|| in_range_checks(&report)),
+            tiled_bounds_checks,
+            tune_file,
             report,
         })
     }
@@ -548,6 +568,26 @@ impl Gpu {
         let map = cache.entry(id).or_insert_with(|| Box::new(HashMap::<K, T>::new()));
         let map = map.downcast_mut::<HashMap<K, T>>().expect("cache maps are keyed by their types");
         map.entry(key).or_insert(v).clone()
+    }
+
+    /// The tune file this context keeps the autotuner's choices in, if any
+    /// ([`GpuOptions::tune_file`]).
+    pub fn tune_file(&self) -> Option<&std::path::Path> {
+        self.tune_file.as_ref().map(|f| f.path())
+    }
+
+    /// The autotuner's choice for `decision` (a description of what is chosen, for which op and
+    /// shape) among the candidates `names`: the one this context's tune file recorded, where it
+    /// is one of them; else `tune()`'s (an index into `names`, `None` where nothing could be
+    /// timed), recorded in the tune file. Without a tune file, `tune()`'s.
+    pub(crate) fn tuned(&self, decision: &str, names: &[&str], tune: impl FnOnce() -> Option<usize>) -> Option<usize> {
+        let Some(file) = &self.tune_file else { return tune() };
+        if let Some(i) = file.get(decision).and_then(|name| names.iter().position(|n| *n == name)) {
+            return Some(i);
+        }
+        let chosen = tune()?;
+        file.record(decision, names[chosen]);
+        Some(chosen)
     }
 
     /// A recorder for one command buffer.
@@ -1008,6 +1048,28 @@ pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
 /// default: not on Vulkan GPUs. `RESNET_WGPU_SHADER_CHECKS` as for [`shader_checks`]: `all`
 /// keeps them everywhere, `gpu` drops them on any Vulkan adapter (CPU ones too), `none` drops
 /// them everywhere.
+/// A tune file's key for a context: what the autotuner's timings depend on besides the op and
+/// shape. The crate's version (its kernels), the adapter and driver, the features in use, how
+/// the shaders are built, and the binding limit (where tensors are split).
+fn tune_context(report: &AdapterReport, info: &wgpu::AdapterInfo, tiled_checks: bool, max_binding: u64) -> String {
+    let coop =
+        report.coop.map_or("none".to_string(), |c| format!("{}x{} in subgroups of {}", c.size, c.size, c.subgroup));
+    format!(
+        "resnet-wgpu {}; {} ({:04x}:{:04x}); {:?}; {:?}; driver {}; features {:?}; cooperative matrices {coop}; \
+         shader checks {:?}, tiled {}; bindings up to {max_binding} bytes",
+        env!("CARGO_PKG_VERSION"),
+        report.name,
+        info.vendor,
+        info.device,
+        report.backend,
+        report.device_type,
+        report.driver,
+        report.features,
+        shader_checks(report.device_type),
+        if tiled_checks { "checked" } else { "unchecked" },
+    )
+}
+
 pub fn in_range_checks(report: &AdapterReport) -> bool {
     let vulkan = report.backend == wgpu::Backend::Vulkan;
     match std::env::var("RESNET_WGPU_SHADER_CHECKS").as_deref() {

@@ -16,6 +16,7 @@ pub mod report;
 pub mod rng;
 pub mod tensor;
 pub mod train;
+mod tune_file;
 pub mod unit;
 
 pub use error::{Error, Result};

@@ -25,6 +25,9 @@
 # Throughout, nvidia-smi logs the GPU's clocks, power and clock-event reasons every 200 ms into
 # clocks.csv: the bench's progress lines carry the time of day, to tell whether the slow stretches
 # of the cfa22d4 call (BENCHMARKS.md, item 4) were the clocks.
+# The benchmark processes share one tune file (/tmp/tune.json, RESNET_WGPU_TUNE_FILE): a shape
+# tuned in step 2b is not tuned again in steps 3 and 4 (their tune logs say "from the tune
+# file"), which leaves their time to measuring. The file goes at the end of info.txt.
 # Outputs go under $OUT (the device tool brings them back; at most 8 files: this writes 8, the
 # coop test's log into tests.log).
 set -u
@@ -45,6 +48,9 @@ if ! kill -0 $clocks 2>/dev/null; then # an older nvidia-smi without the reasons
     nvidia-smi --query-gpu=$q --format=csv -lms 200 > "$OUT/clocks.csv" 2>&1 &
     clocks=$!
 fi
+# Only the benchmark processes take it (the tests open contexts of their own).
+TUNE=/tmp/tune.json
+rm -f $TUNE
 summary() { grep -E "^test result|panicked|relative L2 error|skipped" "$1" | head -6; }
 
 echo "=== coop test ($(left) s left)"
@@ -57,7 +63,7 @@ echo "test coop exit $coop_rc"; summary /tmp/t_coop.log
 echo "=== critical ($(left) s left)"
 torch=()
 [ -f .device/torch_unit.py ] && torch=(--torch .device/torch_unit.py)
-RESNET_WGPU_CONV_TUNE_LOG=1 timeout 100 /tmp/resnet-wgpu bench --full --only unit \
+RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout 100 /tmp/resnet-wgpu bench --full --only unit \
     --shapes 32,128,28,28 32,256,14,14 32,512,7,7 "${torch[@]}" --json /tmp/critical.json > "$OUT/critical.txt" 2>&1
 echo "critical exit $? ($(left) s left)"
 grep -E "^unit|conv tune winograd" "$OUT/critical.txt" | cut -c1-200 | head -60
@@ -67,7 +73,7 @@ peers=()
 [ -x /tmp/burn-unit ] && peers+=(--burn /tmp/burn-unit)
 [ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
 l=$(left); b=$(( l - 220 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
-RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
+RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
 grep -E "^(conv3x3|bn|unit|net)|fp32" "$OUT/bench.txt" | head -130
@@ -76,10 +82,11 @@ echo "=== variants ($(left) s left)"
 {
     # The network rows (left out of step 3, so that their tuning cannot cost its later rows).
     l=$(left); t=$(( l - 150 )); [ $t -gt 120 ] && t=120; [ $t -lt 60 ] && t=60
-    RESNET_WGPU_CONV_TUNE_LOG=1 timeout $t /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
+    RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout $t /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
     echo "exit $? (timeout $t s)"
     grep -E "net|networks|one submission" /tmp/v.txt | grep -v "conv tune"
-    echo "tuner lines: $(grep -c "conv tune" /tmp/v.txt)"
+    echo "tuner lines: $(grep "conv tune" /tmp/v.txt | grep -vc "from the tune file") timed," \
+        "$(grep -c "from the tune file" /tmp/v.txt) from the tune file"
     # PyTorch's step of the same network at the same batch (fp32 with TF32 off, tf32, fp16).
     if [ -f .device/torch_resnet.py ] && [ "$(left)" -ge 100 ]; then
         timeout 60 python3 .device/torch_resnet.py bench --n 128 --reps 30 > /tmp/v.txt 2>&1
@@ -89,14 +96,14 @@ echo "=== variants ($(left) s left)"
     # candidate), beside step 3's rows, where the tuner may have taken it (its `conv tune
     # winograd` lines time both per convolution).
     if [ "$(left)" -ge 170 ]; then
-        RESNET_WGPU_CONV_WINOGRAD=off timeout 70 /tmp/resnet-wgpu bench --full --only unit \
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_WINOGRAD=off timeout 70 /tmp/resnet-wgpu bench --full --only unit \
             --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^unit" /tmp/v.txt | sed "s/^/winograd=off: /"
     fi
     # The deep layers' convolutions with wgpu's bounds checks back in the tiled modules, to set
     # beside step 3's rows (built without them on Vulkan GPUs: Gpu::shader_module_in_range).
     if [ "$(left)" -ge 160 ]; then
-        RESNET_WGPU_SHADER_CHECKS=all timeout 60 /tmp/resnet-wgpu bench --full --only conv3x3 \
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_SHADER_CHECKS=all timeout 60 /tmp/resnet-wgpu bench --full --only conv3x3 \
             --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^conv3x3" /tmp/v.txt | sed "s/^/checks=all: /"
     fi
@@ -131,4 +138,5 @@ else
 fi
 
 kill $clocks 2>/dev/null
+{ echo "##### tune file"; cat $TUNE; } >> "$OUT/info.txt" 2>&1
 echo "=== done at $(( $(date +%s) - start )) s"

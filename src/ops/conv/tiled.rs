@@ -629,13 +629,55 @@ pub(super) fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce()
 const TUNE_WARM_UP: Duration = Duration::from_millis(100);
 const TUNE_WARM_ROUNDS: usize = 10;
 
-/// Times each configuration that fits on zero operands of `g`'s shape (warm-up rounds, then the
-/// median of three rounds) and returns the fastest; the rule where nothing could be timed.
+/// The fastest configuration that fits: as the tune file recorded it ([`Gpu::tuned`]), else
+/// each timed on zero operands of `g`'s shape (warm-up rounds, then the median of three rounds);
+/// the rule where nothing could be timed.
 /// `half`: the f16 path's configurations, on cooperative matrices where the context has them
 /// and plain, on f16 activations and f32 weights (as the f16 units run them); the choice says
 /// which (`true`: on cooperative matrices).
 fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
-    let fallback = (rule(op, g), false);
+    let plain = (0..TILES.len()).filter(|&i| !TILES[i].coop_only && TILES[i].fits(gpu)).map(|i| (i, false));
+    let candidates: Vec<(usize, bool)> = match half {
+        true => coop_tiles(gpu).into_iter().map(|i| (i, true)).chain(plain).collect(),
+        false => plain.collect(),
+    };
+    let name = |(i, coop): (usize, bool)| format!("{}{}", TILES[i].name(), if coop { " coop" } else { "" });
+    let names: Vec<String> = candidates.iter().map(|&c| name(c)).collect();
+    let decision = format!("tile{} {}", if half { " f16" } else { "" }, tuned_shape(op, g));
+    let chosen = tuned(gpu, &decision, &names, || time_tiles(gpu, op, g, half, &candidates, &names));
+    chosen.map_or((rule(op, g), false), |k| candidates[k])
+}
+
+/// [`Gpu::tuned`] with `names` as strings, and the choice read back from the tune file shown in
+/// the tune log.
+pub(super) fn tuned(
+    gpu: &Gpu,
+    decision: &str,
+    names: &[String],
+    time: impl FnOnce() -> Option<usize>,
+) -> Option<usize> {
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut timed = false;
+    let chosen = gpu.tuned(decision, &names, || {
+        timed = true;
+        time()
+    });
+    if let (false, Some(k), true) = (timed, chosen, tune_log()) {
+        eprintln!("conv tune {decision}: {} from the tune file", names[k]);
+    }
+    chosen
+}
+
+/// [`tune`]'s timing: the index of the fastest of `candidates` (named `names`), `None` where
+/// none could be timed.
+fn time_tiles(
+    gpu: &Gpu,
+    op: Op,
+    g: &Geometry,
+    half: bool,
+    candidates: &[(usize, bool)],
+    names: &[String],
+) -> Option<usize> {
     let x = [g.n, g.c, g.h, g.w];
     let w = [g.k, g.c, g.ks, g.ks];
     let y = [g.n, g.k, g.oh, g.ow];
@@ -645,23 +687,12 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
         Op::BackwardData => [y, w, x],
         Op::BackwardWeight => [x, y, w],
     };
-    let Ok(t) = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
-        return fallback;
-    };
+    let t = dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>().ok()?;
     // The f16 path's activations: every operand but the weights (or dw).
     let wi = if op == Op::BackwardWeight { 2 } else { 1 };
-    let halves = if half {
-        let Ok(h) = dims.iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>() else {
-            return fallback;
-        };
-        Some(h)
-    } else {
-        None
-    };
-    let plain = (0..TILES.len()).filter(|&i| !TILES[i].coop_only && TILES[i].fits(gpu)).map(|i| (i, false));
-    let candidates: Vec<(usize, bool)> = match half {
-        true => coop_tiles(gpu).into_iter().map(|i| (i, true)).chain(plain).collect(),
-        false => plain.collect(),
+    let halves = match half {
+        true => Some(dims.iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>().ok()?),
+        false => None,
     };
     let run = |k: usize| {
         let (i, coop) = candidates[k];
@@ -677,21 +708,21 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
         Ok(rec.finish())
     };
     let times = time_each(gpu, candidates.len(), run);
-    let mut best = (f64::INFINITY, fallback);
+    let mut best: (f64, Option<usize>) = (f64::INFINITY, None);
     let mut report = Vec::new();
-    let name = |(i, coop): (usize, bool)| format!("{}{}", TILES[i].name(), if coop { " coop" } else { "" });
-    for (&c, ms) in candidates.iter().zip(times) {
+    for (k, ms) in times.into_iter().enumerate() {
         let Some(ms) = ms else {
-            report.push(format!("{} failed", name(c)));
+            report.push(format!("{} failed", names[k]));
             continue;
         };
-        report.push(format!("{} {ms:.4}", name(c)));
+        report.push(format!("{} {ms:.4}", names[k]));
         if ms < best.0 {
-            best = (ms, c);
+            best = (ms, Some(k));
         }
     }
     if tune_log() {
-        eprintln!("conv tune {}: ms {}; chose {}", tuned_shape(op, g), report.join(", "), name(best.1));
+        let chose = best.1.map_or("the rule", |k| &names[k]);
+        eprintln!("conv tune {}: ms {}; chose {chose}", tuned_shape(op, g), report.join(", "));
     }
     best.1
 }
@@ -790,25 +821,36 @@ pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: b
         }
         Ok(rec.finish())
     };
-    second_faster(gpu, ("prologue", half, op, g), ["fused", "separate"], run)
+    second_faster(gpu, ("prologue", half, op, g, plan), ["fused", "separate"], run)
 }
 
-/// Whether the second of two ways to run `op` on `g` (`run(1)` against `run(0)`, timed as
-/// [`time_each`] times them) is faster; the first where either fails. With the tune log, prints
-/// both timings as `conv tune {what}`, its `names` and the choice.
+/// Whether the second of two ways to run `op` on `g` under `plan` (`run(1)` against `run(0)`,
+/// timed as [`time_each`] times them, or as the tune file recorded) is faster; the first where
+/// either fails. With the tune log, prints both timings as `conv tune {what}`, its `names` and
+/// the choice.
 fn second_faster(
     gpu: &Gpu,
-    (what, half, op, g): (&str, bool, Op, &Geometry),
+    (what, half, op, g, plan): (&str, bool, Op, &Geometry, Plan),
     names: [&str; 2],
     run: impl Fn(usize) -> Result<wgpu::CommandBuffer>,
 ) -> bool {
-    let times = time_each(gpu, 2, run);
-    let second = matches!(times[..], [Some(first), Some(other)] if other < first);
+    let f16 = if half { " f16" } else { "" };
+    let decision = format!("{what}{f16} {} under {}", tuned_shape(op, g), plan_name(plan));
+    let time = || {
+        let times = time_each(gpu, 2, run);
+        let second = matches!(times[..], [Some(first), Some(other)] if other < first);
+        log_second(what, f16, op, g, names, &times, second);
+        Some(usize::from(second))
+    };
+    tuned(gpu, &decision, &names.map(str::to_string), time) == Some(1)
+}
+
+/// [`second_faster`]'s tune-log line.
+fn log_second(what: &str, f16: &str, op: Op, g: &Geometry, names: [&str; 2], times: &[Option<f64>], second: bool) {
     if tune_log() {
         let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
         eprintln!(
-            "conv tune {what}{} {}: ms {} {}, {} {}; chose {}",
-            if half { " f16" } else { "" },
+            "conv tune {what}{f16} {}: ms {} {}, {} {}; chose {}",
             tuned_shape(op, g),
             names[0],
             ms(times[0]),
@@ -817,7 +859,18 @@ fn second_faster(
             names[usize::from(second)]
         );
     }
-    second
+}
+
+/// A tiled plan's name in the tune file's decisions: its configuration, split and whether it
+/// runs on cooperative matrices (another plan's `Debug` form).
+pub(super) fn plan_name(plan: Plan) -> String {
+    match plan {
+        Plan::Tiled { tile, splits, coop, .. } => {
+            let split = if splits > 1 { format!(" split {splits}") } else { String::new() };
+            format!("{}{split}{}", TILES[tile].name(), if coop { " coop" } else { "" })
+        }
+        p => format!("{p:?}"),
+    }
 }
 
 /// `plan`, or the same configuration without splitting the reduction, whichever runs `op` faster
@@ -853,7 +906,7 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
         Ok(rec.finish())
     };
     let split = format!("split {splits}");
-    match second_faster(gpu, ("split", half, op, g), [&split, "whole"], run) {
+    match second_faster(gpu, ("split", half, op, g, plan), [&split, "whole"], run) {
         true => whole,
         false => plan,
     }

@@ -476,7 +476,7 @@ const FUSED_MARGIN: f64 = 0.9;
 /// forced ([`force`]); or, on a CPU adapter under the automatic kernels, where the rule says
 /// so; or, on a GPU (or a CPU adapter that tunes, `Kernels::Tuned`), where timing it in each
 /// configuration (as the tiled tuner times its configurations, on zero operands of `g`'s shape)
-/// finds one faster than `plan`. Register plans and the explicit families (`Kernels::Tiled`,
+/// finds one faster than `plan` (or the tune file recorded so, [`Gpu::tuned`]). Register plans and the explicit families (`Kernels::Tiled`,
 /// `Kernels::Register`) are kept unless forced. `half`: for the f16 path (`plan` its tiled plan,
 /// both timed on f16 activations and f32 weights, as the f16 units run them).
 pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: Plan, half: bool) -> Plan {
@@ -503,6 +503,21 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
             false => plan,
         };
     }
+    // The tiled plan (k = 0), then the configurations that serve this path.
+    let candidates: Vec<usize> = (0..CONFIGS.len()).filter(|&c| serves(c, half)).collect();
+    let names: Vec<String> =
+        std::iter::once("tiled").chain(candidates.iter().map(|&c| CONFIGS[c].name)).map(str::to_string).collect();
+    let f16 = if half { " f16" } else { "" };
+    let decision = format!("winograd{f16} {} against {}", tiled::tuned_shape(op, g), tiled::plan_name(plan));
+    match tiled::tuned(gpu, &decision, &names, || time_against(gpu, op, g, plan, half, &candidates)) {
+        Some(k) if k > 0 => Plan::Winograd { config: candidates[k - 1], tile },
+        _ => plan,
+    }
+}
+
+/// [`consider`]'s timing: the tiled `plan` (0) against each of `candidates` (1 on), on zero
+/// operands of `g`'s shape; the fastest, `None` where none could be timed.
+fn time_against(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool, candidates: &[usize]) -> Option<usize> {
     let (x, wd, y) = ([g.n, g.c, g.h, g.w], [g.k, g.c, 3, 3], [g.n, g.k, g.oh, g.ow]);
     let dims = match op {
         Op::Forward => [x, wd, y],
@@ -518,11 +533,9 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     };
     let acts = (0..3).filter(|&i| half && i != wi);
     let (Ok(t), Ok(h)) = (f32s, acts.map(|i| HalfTensor::zeros(gpu, &dims[i])).collect::<Result<Vec<_>>>()) else {
-        return plan;
+        return None;
     };
     let ws = workspace(gpu, op, g);
-    // The tiled plan (k = 0), then the configurations that serve this path.
-    let candidates: Vec<usize> = (0..CONFIGS.len()).filter(|&c| serves(c, half)).collect();
     let run = |k: usize| {
         let config = candidates.get(k.wrapping_sub(1)).copied().unwrap_or_default();
         let mut rec = gpu.recorder("conv tune winograd");
@@ -551,18 +564,18 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     // epilogue, which Winograd leaves to passes of their own: there it must win by a margin.
     let fused = matches!(plan, Plan::Tiled { splits: 1, .. }) && op != Op::BackwardWeight;
     let handicap = if fused { 1.0 / FUSED_MARGIN } else { 1.0 };
-    let mut best = (f64::INFINITY, plan);
+    let mut best: (f64, Option<usize>) = (f64::INFINITY, None);
     let mut report = Vec::new();
     for (k, ms) in times.into_iter().enumerate() {
-        let (name, candidate, weight) = match k {
-            0 => ("tiled", plan, 1.0),
-            _ => (CONFIGS[candidates[k - 1]].name, Plan::Winograd { config: candidates[k - 1], tile }, handicap),
+        let (name, weight) = match k {
+            0 => ("tiled", 1.0),
+            _ => (CONFIGS[candidates[k - 1]].name, handicap),
         };
         match ms {
             Some(ms) => {
                 report.push(format!("{name} {ms:.4}"));
                 if ms * weight < best.0 {
-                    best = (ms * weight, candidate);
+                    best = (ms * weight, Some(k));
                 }
             }
             None => report.push(format!("{name} failed")),
@@ -570,8 +583,9 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     }
     if tiled::tune_log() {
         let chose = match best.1 {
-            Plan::Winograd { config, .. } => CONFIGS[config].name,
-            _ => "tiled",
+            Some(k) if k > 0 => CONFIGS[candidates[k - 1]].name,
+            Some(_) => "tiled",
+            None => "tiled (nothing timed)",
         };
         let what = if half { "winograd f16" } else { "winograd" };
         let margin = if fused { format!(" (Winograd by {FUSED_MARGIN}x)") } else { String::new() };

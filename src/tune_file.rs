@@ -1,0 +1,114 @@
+//! The autotuner's choices kept on disk, so that a new process on the same adapter takes them
+//! instead of timing every candidate again (and building every candidate's pipelines: on a
+//! GPU the tuner builds about ten per convolution shape, where a choice read back builds one).
+//!
+//! Opt-in: [`crate::GpuOptions::tune_file`] (`RESNET_WGPU_TUNE_FILE=<path>`). The file is JSON,
+//! one object per context, each mapping a decision to the name of the candidate chosen:
+//!
+//! ```json
+//! {
+//!   "resnet-wgpu 0.1.0; NVIDIA H100 ...; Vulkan; ...": {
+//!     "tile Forward x [32, 64, 56, 56] k 64 ks 3 stride 1": "64x64k16t4x4",
+//!     "split Forward x [32, 512, 7, 7] k 512 ks 3 stride 1 under 64x64k16t4x4 split 3": "whole"
+//!   }
+//! }
+//! ```
+//!
+//! A context's key names what its timings depend on: the crate's version, the adapter, its
+//! driver, the features in use and how the shaders are built. Contexts that differ in any of
+//! them (another card, `RESNET_WGPU_SHADER_CHECKS=none`) keep choices of their own in the same
+//! file. A recorded name the tuner no longer offers is timed again and replaced; other
+//! contexts' entries are kept as they are.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::error::{Error, Result};
+
+/// Every context's choices: context key -> decision -> chosen candidate's name.
+type Choices = BTreeMap<String, BTreeMap<String, String>>;
+
+/// A tune file opened for one context.
+pub(crate) struct TuneFile {
+    path: PathBuf,
+    context: String,
+    /// This context's choices: those read at opening, then those made since.
+    choices: Mutex<BTreeMap<String, String>>,
+    /// Whether a failed write has been reported (once per context).
+    warned: AtomicBool,
+}
+
+impl TuneFile {
+    /// Reads `path`'s choices for `context`, or (no file there) creates it empty, so that a path
+    /// that cannot be written is reported now rather than lost at the first choice.
+    pub(crate) fn open(path: &Path, context: String) -> Result<TuneFile> {
+        let all = match std::fs::read_to_string(path) {
+            Ok(text) => parse(path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                write(path, &Choices::new())?;
+                Choices::new()
+            }
+            Err(source) => return Err(Error::Io { path: path.display().to_string(), source }),
+        };
+        let mine = all.get(&context).cloned().unwrap_or_default();
+        Ok(TuneFile { path: path.to_path_buf(), context, choices: Mutex::new(mine), warned: AtomicBool::new(false) })
+    }
+
+    /// The path it was opened at.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The recorded choice for `decision`, if any.
+    pub(crate) fn get(&self, decision: &str) -> Option<String> {
+        self.lock().get(decision).cloned()
+    }
+
+    /// Records `choice` for `decision` and writes the file: read again and merged (another
+    /// process may have added choices since), then replaced whole through a temporary file, so
+    /// that a reader never sees half a file. A write that fails is reported on stderr once and
+    /// the choice kept in memory: the tuning itself stays valid.
+    pub(crate) fn record(&self, decision: &str, choice: &str) {
+        // Held through the write: two threads' writes would share the temporary file.
+        let mut mine = self.lock();
+        mine.insert(decision.to_string(), choice.to_string());
+        let on_disk = match std::fs::read_to_string(&self.path) {
+            Ok(text) => parse(&self.path, &text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Choices::new()),
+            Err(source) => Err(Error::Io { path: self.path.display().to_string(), source }),
+        };
+        let written = on_disk.and_then(|mut all| {
+            all.entry(self.context.clone()).or_default().extend(mine.clone());
+            write(&self.path, &all)
+        });
+        if let Err(e) = written
+            && !self.warned.swap(true, Ordering::Relaxed)
+        {
+            eprintln!("resnet-wgpu: the autotuner's choices were not saved: {e}");
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.choices.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn parse(path: &Path, text: &str) -> Result<Choices> {
+    serde_json::from_str(text).map_err(|e| Error::Format {
+        path: path.display().to_string(),
+        msg: format!("not a tune file (a JSON object of objects of strings): {e}"),
+    })
+}
+
+/// Writes `all` to `path` through a temporary file beside it, renamed over it.
+fn write(path: &Path, all: &Choices) -> Result<()> {
+    let io = |source| Error::Io { path: path.display().to_string(), source };
+    let text = serde_json::to_string_pretty(all)
+        .map_err(|e| Error::Format { path: path.display().to_string(), msg: e.to_string() })?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    std::fs::write(&tmp, text + "\n").map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}

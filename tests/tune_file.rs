@@ -1,0 +1,168 @@
+//! The autotuner's tune file (`GpuOptions::tune_file`): choices recorded, taken back by a new
+//! context without timing, timed again where the tuner no longer offers them, other contexts'
+//! entries kept, and files that cannot be used refused. The convolutions tune here on the CPU
+//! adapter too (`Kernels::Tuned`), and every result is checked against the reference.
+mod common;
+use common::*;
+use resnet_wgpu::ops::conv;
+use resnet_wgpu::reference::{self as r, to_f64};
+use resnet_wgpu::{Error, Gpu, GpuOptions, Tensor};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+type Choices = BTreeMap<String, BTreeMap<String, String>>;
+
+/// x [2, 16, 9, 7] through 16 3x3 kernels: at stride 1 the tiles and Winograd are timed; at
+/// stride 2 through the BN + ReLU prologue, the tiles and the prologue fused against separate.
+const XD: [usize; 4] = [2, 16, 9, 7];
+const WD: [usize; 4] = [16, 16, 3, 3];
+const YD: [usize; 4] = [2, 16, 9, 7];
+const YD2: [usize; 4] = [2, 16, 5, 4];
+
+fn open(path: &Path) -> Gpu {
+    let g = Gpu::with_options(&GpuOptions { tune_file: Some(path.into()), ..GpuOptions::from_env() })
+        .unwrap_or_else(|e| panic!("{e}"));
+    conv::set_kernels(&g, conv::Kernels::Tuned);
+    g
+}
+
+fn read_choices(path: &Path) -> Choices {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()))
+}
+
+fn write_choices(path: &Path, c: &Choices) {
+    std::fs::write(path, serde_json::to_string_pretty(c).unwrap()).unwrap();
+}
+
+/// Runs the forward and the forward at stride 2 through the BN + ReLU prologue on `g` with the profile on,
+/// checks both against the reference, and returns the dispatches' labels.
+fn run_and_check(g: &Gpu, ctx: &str) -> Vec<String> {
+    let mut rng = Rng::new(71);
+    let len = |d: [usize; 4]| d.iter().product::<usize>();
+    let (x, w) = (rng.data(len(XD)), rng.data(len(WD)));
+    // Per channel (mean, gamma * invstd, beta, invstd), scale away from 0 and both signs.
+    let aff: Vec<f32> = (0..XD[1])
+        .flat_map(|_| {
+            let (mean, scale, beta) = (rng.range(-0.5, 0.5), rng.range(0.5, 1.5), rng.range(-0.3, 0.3));
+            [mean as f32, scale as f32, beta as f32, scale as f32]
+        })
+        .collect();
+    let up = |d: &[usize], v: &[f32]| Tensor::new(g, d, v).unwrap();
+    let (tx, tw, taff) = (up(&XD, &x), up(&WD, &w), up(&[XD[1], 4], &aff));
+    let (ty, typ) = (Tensor::filled(g, &YD, f32::NAN).unwrap(), Tensor::filled(g, &YD2, f32::NAN).unwrap());
+    resnet_wgpu::profile::set(g, true);
+    let mut rec = g.recorder("tune file");
+    conv::forward(&mut rec, &tx, &tw, &ty, 1, false).unwrap();
+    conv::forward_bn_relu(&mut rec, &tx, &taff, &tw, &typ, 2, false).unwrap();
+    rec.run().unwrap();
+    resnet_wgpu::profile::set(g, false);
+    let labels = resnet_wgpu::profile::take(g).unwrap().into_iter().map(|s| s.label.to_string()).collect();
+    let plane = XD[2] * XD[3];
+    let pre: Vec<f64> = (0..len(XD))
+        .map(|i| {
+            let a = &aff[(i / plane % XD[1]) * 4..][..4];
+            ((x[i] as f64 - a[0] as f64) * a[1] as f64 + a[2] as f64).max(0.0)
+        })
+        .collect();
+    let want = r::conv::forward(&to_f64(&x), XD, &to_f64(&w), WD, 1);
+    check(&format!("{ctx} forward"), &ty.read(g).unwrap(), &want, F32_TOL);
+    let want = r::conv::forward(&pre, XD, &to_f64(&w), WD, 2);
+    check(&format!("{ctx} forward bn-relu"), &typ.read(g).unwrap(), &want, F32_TOL);
+    labels
+}
+
+/// The one decision of `kind` about the forward at `stride`.
+fn decision<'a>(mine: &'a BTreeMap<String, String>, kind: &str, stride: usize) -> (&'a String, &'a String) {
+    let found: Vec<_> = mine
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{kind} Forward")) && k.contains(&format!("stride {stride}")))
+        .collect();
+    assert_eq!(found.len(), 1, "decisions of kind {kind:?} in {mine:#?}");
+    found[0]
+}
+
+#[test]
+fn choices_are_recorded_and_taken_back_without_timing() {
+    let dir = TempDir::new("tune-file");
+    let path = dir.join("tune.json");
+    // Another context's choices, which must survive.
+    let other = ("resnet-wgpu 0.0.0; another adapter".to_string(), "tile Forward x [1]".to_string(), "8x8".to_string());
+    write_choices(&path, &BTreeMap::from([(other.0.clone(), BTreeMap::from([(other.1.clone(), other.2.clone())]))]));
+
+    // 1. A first context times the candidates and records its choices.
+    let g = open(&path);
+    assert_eq!(g.tune_file(), Some(path.as_path()));
+    run_and_check(&g, "first context");
+    drop(g);
+    let recorded = read_choices(&path);
+    assert_eq!(recorded.len(), 2, "this context and the other: {recorded:#?}");
+    assert_eq!(recorded[&other.0], BTreeMap::from([(other.1.clone(), other.2.clone())]), "the other context's");
+    let (context, mine) = recorded.iter().find(|(k, _)| **k != other.0).unwrap();
+    let tiles = conv::tile_names(&open(&dir.join("scratch.json")));
+    let (tile_key, tile) = decision(mine, "tile", 1);
+    assert!(tiles.contains(tile), "{tile} among {tiles:?}");
+    let (wino_key, _) = decision(mine, "winograd", 1);
+    let (_, pre_tile) = decision(mine, "tile", 2);
+    let (_, prologue) = decision(mine, "prologue", 2);
+    assert!(tiles.contains(pre_tile) && ["fused", "separate"].contains(&prologue.as_str()), "{mine:#?}");
+    assert_eq!(mine.len(), 4, "{mine:#?}");
+
+    // 2. Another tile and no Winograd written in: a new context takes them as they are (the
+    // profile shows that tile ran), and times nothing (the file is left as it was).
+    let other_tile = tiles.iter().find(|t| *t != tile).unwrap().clone();
+    let mut edited = recorded.clone();
+    let m = edited.get_mut(context).unwrap();
+    m.insert(tile_key.clone(), other_tile.clone());
+    // Winograd's decision names the tiled plan it was timed against.
+    let against = format!("{} against {other_tile}", wino_key.split(" against ").next().unwrap());
+    m.insert(against, "tiled".to_string());
+    write_choices(&path, &edited);
+    let before = std::fs::read_to_string(&path).unwrap();
+    let labels = run_and_check(&open(&path), "choices read back");
+    let want = format!("conv Forward {other_tile}");
+    assert!(labels.contains(&want), "{want:?} among {labels:?}");
+    assert!(!labels.iter().any(|l| l.starts_with("wino")), "no Winograd dispatch: {labels:?}");
+    // Timing would run every candidate.
+    let convs = labels.iter().filter(|l| l.starts_with("conv ")).count();
+    assert_eq!(convs, 2, "one dispatch per convolution, no tuning: {labels:?}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), before, "nothing timed, nothing written");
+
+    // 3. A name the tuner does not offer is timed again and replaced.
+    let mut stale = edited.clone();
+    stale.get_mut(context).unwrap().insert(tile_key.clone(), "no-such-tile".to_string());
+    write_choices(&path, &stale);
+    run_and_check(&open(&path), "a stale choice");
+    let after = read_choices(&path);
+    assert!(tiles.contains(&after[context][tile_key]), "replaced by a tile: {:?}", after[context][tile_key]);
+    assert_eq!(after[&other.0], recorded[&other.0], "the other context's, still");
+}
+
+#[test]
+fn files_that_cannot_be_used_are_refused() {
+    let dir = TempDir::new("tune-file-refused");
+    let opts = |p: &Path| GpuOptions { tune_file: Some(p.into()), ..GpuOptions::from_env() };
+    // Not a tune file: refused, and left as it was.
+    for text in ["not json", "[1, 2]", r#"{"context": {"decision": 3}}"#] {
+        let path = dir.join("bad.json");
+        std::fs::write(&path, text).unwrap();
+        match Gpu::with_options(&opts(&path)) {
+            Err(Error::Format { path: p, msg }) => {
+                assert!(p.ends_with("bad.json") && msg.contains("tune file"), "{msg}")
+            }
+            Err(e) => panic!("{text:?}: {e}"),
+            Ok(_) => panic!("{text:?} accepted as a tune file"),
+        }
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    }
+    // A directory that does not exist: the file cannot be created.
+    match Gpu::with_options(&opts(&dir.join("missing").join("tune.json"))) {
+        Err(Error::Io { path, .. }) => assert!(path.ends_with("tune.json"), "{path}"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a tune file in a missing directory accepted"),
+    }
+    // No file yet: created, empty.
+    let path = dir.join("new.json");
+    drop(Gpu::with_options(&opts(&path)).unwrap_or_else(|e| panic!("{e}")));
+    assert_eq!(read_choices(&path), Choices::new());
+}
