@@ -571,9 +571,9 @@ impl Gpu {
     }
 
     /// The tune file this context keeps the autotuner's choices in, if any
-    /// ([`GpuOptions::tune_file`]).
-    pub fn tune_file(&self) -> Option<&std::path::Path> {
-        self.tune_file.as_ref().map(|f| f.path())
+    /// ([`GpuOptions::tune_file`]), and how many choices it holds for this context.
+    pub fn tune_file(&self) -> Option<(&std::path::Path, usize)> {
+        self.tune_file.as_ref().map(|f| (f.path(), f.len()))
     }
 
     /// The autotuner's choice for `decision` (a description of what is chosen, for which op and

@@ -61,6 +61,11 @@ impl TuneFile {
         &self.path
     }
 
+    /// How many choices this context has.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
     /// The recorded choice for `decision`, if any.
     pub(crate) fn get(&self, decision: &str) -> Option<String> {
         self.lock().get(decision).cloned()

@@ -23,6 +23,28 @@ fn info_names_the_adapter() {
     assert!(text.contains("chosen:") && text.contains(&gpu().report.name), "{text}");
     // The names RESNET_WGPU_CONV_WINOGRAD takes.
     assert!(text.contains("conv winograd: 64x64t4x4 "), "{text}");
+    assert!(text.contains("tune file: none"), "{text}");
+}
+
+/// `info` names the tune file; one that is not a tune file stops the tool with its path.
+#[test]
+fn info_names_the_tune_file_and_refuses_a_bad_one() {
+    let d = dir("tune-file");
+    let path = d.join("tune.json");
+    let run = || {
+        let out = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"))
+            .arg("info")
+            .env("RESNET_WGPU_TUNE_FILE", &path)
+            .output()
+            .expect("run resnet-wgpu");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, text) = run();
+    assert!(ok && text.contains(&format!("tune file: {} (0 choices", path.display())), "{text}");
+    std::fs::write(&path, "{").unwrap();
+    let (ok, text) = run();
+    assert!(!ok && text.contains(&path.display().to_string()) && text.contains("not a tune file"), "{text}");
 }
 
 #[test]

@@ -92,7 +92,7 @@ fn choices_are_recorded_and_taken_back_without_timing() {
 
     // 1. A first context times the candidates and records its choices.
     let g = open(&path);
-    assert_eq!(g.tune_file(), Some(path.as_path()));
+    assert_eq!(g.tune_file(), Some((path.as_path(), 0)));
     run_and_check(&g, "first context");
     drop(g);
     let recorded = read_choices(&path);
@@ -119,7 +119,9 @@ fn choices_are_recorded_and_taken_back_without_timing() {
     m.insert(against, "tiled".to_string());
     write_choices(&path, &edited);
     let before = std::fs::read_to_string(&path).unwrap();
-    let labels = run_and_check(&open(&path), "choices read back");
+    let g = open(&path);
+    assert_eq!(g.tune_file(), Some((path.as_path(), 5)), "4 recorded, 1 written in");
+    let labels = run_and_check(&g, "choices read back");
     let want = format!("conv Forward {other_tile}");
     assert!(labels.contains(&want), "{want:?} among {labels:?}");
     assert!(!labels.iter().any(|l| l.starts_with("wino")), "no Winograd dispatch: {labels:?}");

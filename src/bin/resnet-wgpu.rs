@@ -433,6 +433,10 @@ fn info() -> Result<()> {
     }
     let gpu = Gpu::with_options(&opts)?;
     println!("chosen: {}", gpu.report);
+    match gpu.tune_file() {
+        Some((path, n)) => println!("tune file: {} ({n} choices for this adapter and its settings)", path.display()),
+        None => println!("tune file: none (RESNET_WGPU_TUNE_FILE keeps the autotuner's choices)"),
+    }
     // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
     println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
     // For RESNET_WGPU_CONV_WINOGRAD (3x3 convolutions at stride 1; `off` never takes it).
