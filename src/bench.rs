@@ -412,6 +412,9 @@ pub struct Report {
     pub commit: Option<String>,
     /// Seconds since the Unix epoch at the start of the run.
     pub unix_time: u64,
+    /// What the autotuner did during the run (its timings are not in the rows: each row's
+    /// warm-up comes after them).
+    pub tuning: crate::gpu::Tuning,
 }
 
 /// Our benchmarks and then the peers, into one report.
@@ -431,6 +434,7 @@ pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
         skipped,
         commit: git_commit(),
         unix_time,
+        tuning: gpu.tuning(),
     })
 }
 
@@ -943,17 +947,15 @@ fn run_burn(
                     continue;
                 }
             };
-            let line = out.lines().rev().find(|l| l.contains("\"forward_ms\""));
-            let (Some(f), Some(fb)) = (
-                line.and_then(|l| json_number(l, "forward_ms")),
-                line.and_then(|l| json_number(l, "forward_backward_ms")),
-            ) else {
+            let obj = out.lines().rev().filter_map(json_object).find(|o| o.contains_key("forward_ms"));
+            let num = |k| obj.as_ref().and_then(|o| o.get(k)?.as_f64());
+            let (Some(f), Some(fb)) = (num("forward_ms"), num("forward_backward_ms")) else {
                 skipped
                     .push(format!("{what}: no forward_ms / forward_backward_ms in its output {:?}", last_line(&out)));
                 continue;
             };
             rows.push(PeerRow {
-                peer: line.and_then(|l| json_string(l, "peer")).unwrap_or_else(|| "burn".into()),
+                peer: obj.as_ref().and_then(|o| json_str(o, "peer")).unwrap_or_else(|| "burn".into()),
                 unit: kind,
                 shape: [n, c, h, w],
                 forward_ms: f,
@@ -1002,26 +1004,24 @@ fn run_torch(
         }
     };
     for line in out.lines().filter(|l| l.contains("\"forward_ms\"")) {
-        let num = |k| json_number(line, k);
+        let obj = json_object(line).unwrap_or_default();
+        let num = |k| obj.get(k).and_then(serde_json::Value::as_f64);
         let (Some(n), Some(c), Some(h), Some(w), Some(f), Some(fb)) =
             (num("n"), num("c"), num("h"), num("w"), num("forward_ms"), num("forward_backward_ms"))
         else {
             skipped.push(format!("torch: unreadable line {line:?}"));
             continue;
         };
-        let unit = if json_string(line, "unit").as_deref() == Some("original") {
-            UnitKind::Original
-        } else {
-            UnitKind::PreAct
-        };
+        let unit =
+            if json_str(&obj, "unit").as_deref() == Some("original") { UnitKind::Original } else { UnitKind::PreAct };
         rows.push(PeerRow {
-            peer: format!("torch {}", json_string(line, "mode").unwrap_or_default()),
+            peer: format!("torch {}", json_str(&obj, "mode").unwrap_or_default()),
             unit,
             shape: [n, c, h, w].map(|v| v as usize),
             forward_ms: f,
             forward_backward_ms: fb,
             timing: Timing::Timestamps,
-            device: json_string(line, "gpu").unwrap_or_default(),
+            device: json_str(&obj, "gpu").unwrap_or_default(),
         });
     }
     if !out.contains("\"forward_ms\"") {
@@ -1070,32 +1070,14 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result
     if status.success() { Ok(stdout) } else { Err(format!("{program} failed ({status}): {}", last_line(&stderr))) }
 }
 
-/// The number after `"key":` in one flat JSON object (no nesting, keys unique).
-fn json_number(line: &str, key: &str) -> Option<f64> {
-    let rest = json_value(line, key)?;
-    let end = rest.find(|ch: char| !(ch.is_ascii_digit() || "+-.eE".contains(ch))).unwrap_or(rest.len());
-    rest[..end].parse().ok()
+/// One line of a peer's output as a JSON object, if it is one.
+fn json_object(line: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    serde_json::from_str(line.trim()).ok()
 }
 
-/// The string after `"key":` in one flat JSON object (escapes other than `\"` and `\\` kept
-/// as written).
-fn json_string(line: &str, key: &str) -> Option<String> {
-    let rest = json_value(line, key)?.strip_prefix('"')?;
-    let mut out = String::new();
-    let mut chars = rest.chars();
-    while let Some(ch) = chars.next() {
-        match ch {
-            '"' => return Some(out),
-            '\\' => out.push(chars.next()?),
-            _ => out.push(ch),
-        }
-    }
-    None
-}
-
-fn json_value<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let at = line.find(&format!("\"{key}\""))? + key.len() + 2;
-    Some(line[at..].trim_start().strip_prefix(':')?.trim_start())
+/// The string at `key` of `obj`, if it is one.
+fn json_str(obj: &serde_json::Map<String, serde_json::Value>, key: &str) -> Option<String> {
+    obj.get(key)?.as_str().map(str::to_string)
 }
 
 fn git_commit() -> Option<String> {
@@ -1140,6 +1122,12 @@ pub fn table(r: &Report) -> String {
         r.commit.as_deref().unwrap_or("?"),
         r.reps,
         r.warmup
+    );
+    let t = r.tuning;
+    let _ = writeln!(
+        s,
+        "autotuner: {} choices timed in {:.1} s (the candidates' pipeline builds included), {} read from the tune file",
+        t.timed, t.seconds, t.from_file
     );
     // The name column as wide as the longest name, so that the columns line up.
     let w = r.rows.iter().map(|row| row.name().len()).max().unwrap_or(0).max(26);
@@ -1266,65 +1254,33 @@ pub fn print_table(r: &Report) {
     print!("{}", table(r));
 }
 
-/// A JSON string literal.
-fn js(s: &str) -> String {
-    let mut out = String::from("\"");
-    for ch in s.chars() {
-        match ch {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
-/// A JSON number, `null` for none or non-finite.
-fn jn(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{v:.6}"),
-        _ => "null".into(),
-    }
-}
-
-fn jshape(d: [usize; 4]) -> String {
-    format!("[{}, {}, {}, {}]", d[0], d[1], d[2], d[3])
-}
-
-/// The report as JSON: one object with `rows`, `peers` and `skipped` arrays of flat objects.
+/// The report as JSON: one object with `rows`, `peers` and `skipped` arrays of flat objects
+/// (`null` for a figure not measured).
 pub fn to_json(r: &Report) -> String {
-    let rows: Vec<String> = r
+    use serde_json::json;
+    let rows: Vec<serde_json::Value> = r
         .rows
         .iter()
         .map(|row| {
-            let profile: Vec<String> = row
-                .profile
-                .iter()
-                .map(|p| format!("{{\"label\": {}, \"ms\": {}}}", js(&p.label), jn(Some(p.ms))))
-                .collect();
-            format!(
-                "    {{\"name\": {}, \"shape\": {}, \"ms\": {}, \"min_ms\": {}, \"wall_ms\": {}, \"record_ms\": {}, \
-                 \"timing\": {}, \"reps\": {}, \"gflops\": {}, \"gbytes_per_s\": {}, \"step_ms\": {}, \"step_one_ms\": {}, \"profile\": [{}]}}",
-                js(&row.name()),
-                jshape(row.shape),
-                jn(Some(row.ms)),
-                jn(Some(row.min_ms)),
-                jn(Some(row.wall_ms)),
-                jn(Some(row.record_ms)),
-                js(row.timing.name()),
-                row.reps,
-                jn(row.gflops()),
-                jn(row.gbytes_per_s()),
-                jn(row.step_ms),
-                jn(row.step_one_ms),
-                profile.join(", "),
-            )
+            let profile: Vec<_> = row.profile.iter().map(|p| json!({"label": p.label, "ms": p.ms})).collect();
+            json!({
+                "name": row.name(),
+                "shape": row.shape,
+                "ms": row.ms,
+                "min_ms": row.min_ms,
+                "wall_ms": row.wall_ms,
+                "record_ms": row.record_ms,
+                "timing": row.timing.name(),
+                "reps": row.reps,
+                "gflops": row.gflops(),
+                "gbytes_per_s": row.gbytes_per_s(),
+                "step_ms": row.step_ms,
+                "step_one_ms": row.step_one_ms,
+                "profile": profile,
+            })
         })
         .collect();
-    let peers: Vec<String> = r
+    let peers: Vec<serde_json::Value> = r
         .peers
         .iter()
         .map(|p| {
@@ -1335,40 +1291,37 @@ pub fn to_json(r: &Report) -> String {
                     .map(|row| comparable_ms(row, p.timing))
             };
             let (of, ofb) = (ours(Pass::Forward), ours(Pass::ForwardBackward));
-            format!(
-                "    {{\"peer\": {}, \"unit\": {}, \"shape\": {}, \"forward_ms\": {}, \"forward_backward_ms\": {}, \
-                 \"timing\": {}, \"device\": {}, \"ours_forward_ms\": {}, \"ours_forward_backward_ms\": {}, \
-                 \"ratio_forward\": {}, \"ratio_forward_backward\": {}}}",
-                js(&p.peer),
-                js(unit_name(p.unit)),
-                jshape(p.shape),
-                jn(Some(p.forward_ms)),
-                jn(Some(p.forward_backward_ms)),
-                js(p.timing.name()),
-                js(&p.device),
-                jn(of),
-                jn(ofb),
-                jn(of.map(|o| p.forward_ms / o)),
-                jn(ofb.map(|o| p.forward_backward_ms / o)),
-            )
+            json!({
+                "peer": p.peer,
+                "unit": unit_name(p.unit),
+                "shape": p.shape,
+                "forward_ms": p.forward_ms,
+                "forward_backward_ms": p.forward_backward_ms,
+                "timing": p.timing.name(),
+                "device": p.device,
+                "ours_forward_ms": of,
+                "ours_forward_backward_ms": ofb,
+                "ratio_forward": of.map(|o| p.forward_ms / o),
+                "ratio_forward_backward": ofb.map(|o| p.forward_backward_ms / o),
+            })
         })
         .collect();
-    let skipped: Vec<String> = r.skipped.iter().map(|s| format!("    {}", js(s))).collect();
-    let list = |v: &[String]| if v.is_empty() { "[]".to_string() } else { format!("[\n{}\n  ]", v.join(",\n")) };
-    format!(
-        "{{\n  \"adapter\": {},\n  \"bn_kernels\": {},\n  \"coop\": {},\n  \"commit\": {},\n  \"unix_time\": {},\n  \"warmup\": {},\n  \"reps\": {},\n  \
-         \"rows\": {},\n  \"peers\": {},\n  \"skipped\": {}\n}}\n",
-        js(&r.adapter),
-        js(&r.bn_kernels),
-        js(&r.coop),
-        r.commit.as_deref().map_or("null".into(), js),
-        r.unix_time,
-        r.warmup,
-        r.reps,
-        list(&rows),
-        list(&peers),
-        list(&skipped),
-    )
+    let t = r.tuning;
+    let report = json!({
+        "adapter": r.adapter,
+        "bn_kernels": r.bn_kernels,
+        "coop": r.coop,
+        "commit": r.commit,
+        "unix_time": r.unix_time,
+        "warmup": r.warmup,
+        "reps": r.reps,
+        "tuning": {"timed": t.timed, "seconds": t.seconds, "from_file": t.from_file},
+        "rows": rows,
+        "peers": peers,
+        "skipped": r.skipped,
+    });
+    // Serialising a `Value` cannot fail.
+    serde_json::to_string_pretty(&report).unwrap_or_default() + "\n"
 }
 
 #[cfg(test)]
@@ -1376,13 +1329,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_flat_json() {
-        let l = r#"{"peer": "burn-0.22.1-wgpu", "unit": "preact", "n": 32, "forward_ms": 309.125, "forward_backward_ms": 4.5e2}"#;
-        assert_eq!(json_number(l, "forward_ms"), Some(309.125));
-        assert_eq!(json_number(l, "forward_backward_ms"), Some(450.0));
-        assert_eq!(json_number(l, "n"), Some(32.0));
-        assert_eq!(json_string(l, "peer").as_deref(), Some("burn-0.22.1-wgpu"));
-        assert_eq!(json_number(l, "missing"), None);
+    fn reads_peer_lines() {
+        let l = r#" {"peer": "burn-0.22.1-wgpu", "unit": "preact", "n": 32, "forward_ms": 309.125, "forward_backward_ms": 4.5e2}"#;
+        let o = json_object(l).unwrap();
+        assert_eq!(o.get("forward_ms").and_then(serde_json::Value::as_f64), Some(309.125));
+        assert_eq!(o.get("forward_backward_ms").and_then(serde_json::Value::as_f64), Some(450.0));
+        assert_eq!(json_str(&o, "peer").as_deref(), Some("burn-0.22.1-wgpu"));
+        assert_eq!(json_str(&o, "n"), None);
+        assert!(json_object("forward_ms: 3").is_none());
     }
 
     #[test]

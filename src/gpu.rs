@@ -277,6 +277,17 @@ pub struct Gpu {
     tiled_bounds_checks: bool,
     /// Where the autotuner's choices are kept across contexts ([`GpuOptions::tune_file`]).
     tune_file: Option<crate::tune_file::TuneFile>,
+    /// What the autotuner did so far ([`Gpu::tuning`]).
+    tuning: Mutex<Tuning>,
+}
+
+/// What a context's autotuner did: choices it timed (and the wall time that took, the
+/// candidates' pipeline builds included) and choices it read back from the tune file.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Tuning {
+    pub timed: usize,
+    pub seconds: f64,
+    pub from_file: usize,
 }
 
 /// What the device holds now, from wgpu's internal counters: live buffers and textures and
@@ -420,6 +431,7 @@ impl Gpu {
             stream_chunk,
             tiled_bounds_checks,
             tune_file,
+            tuning: Mutex::new(Tuning::default()),
             report,
         })
     }
@@ -581,13 +593,28 @@ impl Gpu {
     /// is one of them; else `tune()`'s (an index into `names`, `None` where nothing could be
     /// timed), recorded in the tune file. Without a tune file, `tune()`'s.
     pub(crate) fn tuned(&self, decision: &str, names: &[&str], tune: impl FnOnce() -> Option<usize>) -> Option<usize> {
-        let Some(file) = &self.tune_file else { return tune() };
-        if let Some(i) = file.get(decision).and_then(|name| names.iter().position(|n| *n == name)) {
+        let count = |f: &dyn Fn(&mut Tuning)| f(&mut self.tuning.lock().unwrap_or_else(|e| e.into_inner()));
+        let recorded = self.tune_file.as_ref().and_then(|file| file.get(decision));
+        if let Some(i) = recorded.and_then(|name| names.iter().position(|n| *n == name)) {
+            count(&|t| t.from_file += 1);
             return Some(i);
         }
-        let chosen = tune()?;
-        file.record(decision, names[chosen]);
-        Some(chosen)
+        let start = std::time::Instant::now();
+        let chosen = tune();
+        let seconds = start.elapsed().as_secs_f64();
+        count(&|t| {
+            t.timed += 1;
+            t.seconds += seconds;
+        });
+        if let (Some(file), Some(k)) = (&self.tune_file, chosen) {
+            file.record(decision, names[k]);
+        }
+        chosen
+    }
+
+    /// What this context's autotuner has done so far.
+    pub fn tuning(&self) -> Tuning {
+        *self.tuning.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A recorder for one command buffer.

@@ -196,6 +196,17 @@ fn variants_train_and_analyze() {
     assert_eq!(csv.lines().count(), 1 + 3 * 4, "{csv}");
 }
 
+fn read_json(path: &std::path::Path) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", path.display()))
+}
+
+/// The bench report's row named `name`.
+fn row<'a>(j: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
+    let rows = j["rows"].as_array().unwrap_or_else(|| panic!("no rows in {j}"));
+    rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("no row {name:?} in {j}"))
+}
+
 #[test]
 fn bench_times_a_tiny_shape_and_writes_json() {
     let d = dir("bench");
@@ -207,13 +218,18 @@ fn bench_times_a_tiny_shape_and_writes_json() {
         assert!(text.contains(row), "{row} missing from {text}");
     }
     assert!(!text.contains("unit original fwd+bwd"), "--skip left the row in: {text}");
-    let j = std::fs::read_to_string(&json).unwrap();
-    assert!(j.contains("\"adapter\"") && j.contains("unit preact fwd+bwd"), "{j}");
+    let j = read_json(&json);
+    assert!(j["adapter"].as_str().is_some_and(|a| a.contains(&gpu().report.name)), "{j}");
+    // No GPU here to tune on (a CPU adapter keeps a fixed choice).
+    assert_eq!(j["tuning"]["timed"], 0, "{j}");
+    assert!(text.contains("autotuner: 0 choices timed"), "{text}");
+    let unit = row(&j, "unit preact fwd+bwd");
+    assert_eq!(unit["shape"], serde_json::json!([2, 3, 5, 5]), "{unit}");
+    assert!(unit["ms"].as_f64().is_some_and(|ms| ms > 0.0), "{unit}");
     // --profile, where the adapter has timestamps: each row's dispatches, timed one by one.
     if text.contains("GPU timestamps") {
         assert!(text.contains("x (sum of the dispatches)"), "no profile in {text}");
-        let unit = j.lines().find(|l| l.contains("\"unit preact fwd+bwd\"")).unwrap();
-        let spans = unit.matches("\"label\"").count();
+        let spans = unit["profile"].as_array().map_or(0, Vec::len);
         assert!(spans >= 8, "a pre-activation unit's forward+backward profiled as {spans} dispatches: {unit}");
     }
 }
@@ -237,21 +253,17 @@ fn bench_times_a_network_training_step() {
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         assert!(out.status.success(), "{text}");
         assert!(text.contains("net ResNet-20 preact train step") && text.contains("networks:"), "{text}");
-        let j = std::fs::read_to_string(&json).unwrap();
-        let row = j.lines().find(|l| l.contains("\"net ResNet-20 preact train step\"")).expect("the network row");
-        let raw = |name: &str| -> &str {
-            let at = row.find(&format!("\"{name}\": ")).unwrap_or_else(|| panic!("{name} in {row}")) + name.len() + 4;
-            row[at..].split([',', '}']).next().unwrap().trim()
-        };
-        let field = |name: &str| -> f64 { raw(name).parse().unwrap_or_else(|e| panic!("{name}: {e} in {row}")) };
-        assert!(row.contains("\"shape\": [2, 3, 32, 32]"), "{row}");
+        let j = read_json(&json);
+        let row = row(&j, "net ResNet-20 preact train step");
+        let field = |name: &str| -> f64 { row[name].as_f64().unwrap_or_else(|| panic!("{name} in {row}")) };
+        assert_eq!(row["shape"], serde_json::json!([2, 3, 32, 32]), "{row}");
         let (ms, step) = (field("ms"), field("step_ms"));
         assert!(ms > 0.0 && step > 0.0, "{row}");
         let want = 6.0 * 2.0 * 40_812_544.0 / (ms * 1e-3) / 1e9;
         assert!((field("gflops") - want).abs() <= 1e-3 * want, "{row}: GFLOP/s against {want}");
         // The one-submission step: timed where the context streams, absent where it does not.
         let streams = chunk.is_some() || gpu().streams();
-        assert_eq!(raw("step_one_ms") != "null", streams, "{row}");
+        assert_eq!(!row["step_one_ms"].is_null(), streams, "{row}");
         assert_eq!(text.contains("one submission ms"), streams, "{text}");
         if streams {
             assert!(field("step_one_ms") > 0.0, "{row}");

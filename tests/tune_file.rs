@@ -94,6 +94,9 @@ fn choices_are_recorded_and_taken_back_without_timing() {
     let g = open(&path);
     assert_eq!(g.tune_file(), Some((path.as_path(), 0)));
     run_and_check(&g, "first context");
+    let t = g.tuning();
+    assert_eq!((t.timed, t.from_file), (4, 0), "{t:?}");
+    assert!(t.seconds > 0.0, "{t:?}");
     drop(g);
     let recorded = read_choices(&path);
     assert_eq!(recorded.len(), 2, "this context and the other: {recorded:#?}");
@@ -122,6 +125,8 @@ fn choices_are_recorded_and_taken_back_without_timing() {
     let g = open(&path);
     assert_eq!(g.tune_file(), Some((path.as_path(), 5)), "4 recorded, 1 written in");
     let labels = run_and_check(&g, "choices read back");
+    let t = g.tuning();
+    assert_eq!((t.timed, t.seconds, t.from_file), (0, 0.0, 4), "{t:?}");
     let want = format!("conv Forward {other_tile}");
     assert!(labels.contains(&want), "{want:?} among {labels:?}");
     assert!(!labels.iter().any(|l| l.starts_with("wino")), "no Winograd dispatch: {labels:?}");
