@@ -173,3 +173,45 @@ fn files_that_cannot_be_used_are_refused() {
     drop(Gpu::with_options(&opts(&path)).unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(read_choices(&path), Choices::new());
 }
+
+/// backward_weight's split of its reduction is tuned among the rule's (8 splits for 2 images of
+/// 32x32), twice and half as many: each, written into the tune file, runs as written and
+/// matches the reference.
+#[test]
+fn every_weight_split_candidate_matches_the_reference() {
+    let dir = TempDir::new("tune-file-weight-split");
+    let path = dir.join("tune.json");
+    let (xd, wd, yd) = ([2, 16, 32, 32], [16, 16, 3, 3], [2, 16, 32, 32]);
+    let mut rng = Rng::new(72);
+    let (x, dy) = (rng.data(xd.iter().product()), rng.data(yd.iter().product()));
+    let want = r::conv::backward_weight(&to_f64(&x), xd, &to_f64(&dy), wd, 1);
+    let run = |ctx: &str| -> (Vec<String>, BTreeMap<String, String>) {
+        let g = open(&path);
+        // The tiled kernels alone: Winograd would take this shape too.
+        conv::force_winograd(&g, Some("off")).unwrap();
+        let (tx, tdy) = (Tensor::new(&g, &xd, &x).unwrap(), Tensor::new(&g, &yd, &dy).unwrap());
+        let tdw = Tensor::filled(&g, &wd, f32::NAN).unwrap();
+        resnet_wgpu::profile::set(&g, true);
+        let mut rec = g.recorder("weight split");
+        conv::backward_weight(&mut rec, &tx, &tdy, &tdw, 1, false).unwrap();
+        rec.run().unwrap();
+        let labels = resnet_wgpu::profile::take(&g).unwrap().into_iter().map(|s| s.label.to_string()).collect();
+        check(&format!("{ctx} backward_weight"), &tdw.read(&g).unwrap(), &want, F32_TOL);
+        let choices = read_choices(&path);
+        assert_eq!(choices.len(), 1, "{choices:#?}");
+        (labels, choices.into_values().next().unwrap())
+    };
+    let (_, mine) = run("tuned");
+    let found: Vec<_> = mine.iter().filter(|(k, _)| k.starts_with("weight split BackwardWeight")).collect();
+    assert_eq!(found.len(), 1, "{mine:#?}");
+    let (key, _) = found[0];
+    assert!(key.ends_with(" split 8"), "the rule's plan: {key}");
+    for name in ["split 8", "split 16", "split 4"] {
+        let mut edited = read_choices(&path);
+        edited.values_mut().next().unwrap().insert(key.clone(), name.to_string());
+        write_choices(&path, &edited);
+        let (labels, _) = run(name);
+        let convs: Vec<_> = labels.iter().filter(|l| l.starts_with("conv BackwardWeight")).collect();
+        assert!(convs.len() == 1 && convs[0].ends_with(&format!(" {name}")), "{name}: {labels:?}");
+    }
+}

@@ -548,6 +548,9 @@ pub(super) fn rule(op: Op, g: &Geometry) -> usize {
 /// Workgroups of 64x64 outputs that fill a large GPU: four per multiprocessor of a 132-SM
 /// H100 or H200. A data op whose output has fewer tiles splits its reduction (`plan_for`).
 const DATA_WORKGROUPS: usize = 528;
+
+/// The fewest reduction steps per split that backward_weight's tuner tries ([`tune_weight_split`]).
+const WEIGHT_MIN_CHUNK: usize = 128;
 /// The fewest reduction steps of a data op's split.
 const DATA_MIN_CHUNK: usize = 256;
 
@@ -593,18 +596,24 @@ pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
         _ if tiles >= DATA_WORKGROUPS => 1,
         _ => DATA_WORKGROUPS.div_ceil(tiles).min(red / DATA_MIN_CHUNK),
     };
-    let splits = splits.min(cap).max(1);
-    if splits == 1 && op != Op::BackwardWeight {
+    split_plan(op, g, tile, splits.min(cap).max(1))
+}
+
+/// Configuration `tile` for `op` on `g` with its reduction in about `splits` ranges: ranges of
+/// whole reduction steps of every configuration, so `splits` may come out smaller.
+fn split_plan(op: Op, g: &Geometry, tile: usize, splits: usize) -> Plan {
+    if splits <= 1 && op != Op::BackwardWeight {
         return Plan::Tiled { tile, splits: 1, chunk: 0, coop: false };
     }
+    let red = reduction(op, g);
     // A multiple of every configuration's reduction step (8 or 16).
     let step = TILES.iter().map(|t| t.bk).max().unwrap_or(16);
-    let chunk = red.div_ceil(splits).div_ceil(step) * step;
+    let chunk = red.div_ceil(splits.max(1)).div_ceil(step) * step;
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk, coop: false }
 }
 
 /// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned
-/// (the configuration, then whether a data op splits its reduction, [`tune_split`]).
+/// (the configuration, then how it splits its reduction, [`tune_split`]).
 pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan {
     let tile = match forced(gpu, op, g) {
         Some(i) => return plan_for(op, g, i),
@@ -821,44 +830,35 @@ pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: b
         }
         Ok(rec.finish())
     };
-    second_faster(gpu, ("prologue", half, op, g, plan), ["fused", "separate"], run)
+    let names = ["fused", "separate"].map(str::to_string);
+    fastest(gpu, ("prologue", half, op, g, plan), &names, run) == Some(1)
 }
 
-/// Whether the second of two ways to run `op` on `g` under `plan` (`run(1)` against `run(0)`,
-/// timed as [`time_each`] times them, or as the tune file recorded) is faster; the first where
-/// either fails. With the tune log, prints both timings as `conv tune {what}`, its `names` and
-/// the choice.
-fn second_faster(
+/// The fastest of several ways to run `op` on `g` under `plan` (`run(k)` records way k, named
+/// `names[k]`), timed as [`time_each`] times them (the first of equal times), or as the tune
+/// file recorded; `None` where none ran. With the tune log, prints the timings as `conv tune
+/// {what}` and the choice.
+fn fastest(
     gpu: &Gpu,
     (what, half, op, g, plan): (&str, bool, Op, &Geometry, Plan),
-    names: [&str; 2],
+    names: &[String],
     run: impl Fn(usize) -> Result<wgpu::CommandBuffer>,
-) -> bool {
+) -> Option<usize> {
     let f16 = if half { " f16" } else { "" };
     let decision = format!("{what}{f16} {} under {}", tuned_shape(op, g), plan_name(plan));
     let time = || {
-        let times = time_each(gpu, 2, run);
-        let second = matches!(times[..], [Some(first), Some(other)] if other < first);
-        log_second(what, f16, op, g, names, &times, second);
-        Some(usize::from(second))
+        let times = time_each(gpu, names.len(), run);
+        let ran = (0..names.len()).filter_map(|k| Some((k, times[k]?)));
+        let best = ran.min_by(|a, b| a.1.total_cmp(&b.1)).map(|(k, _)| k);
+        if tune_log() {
+            let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
+            let each: Vec<String> = names.iter().zip(&times).map(|(n, &t)| format!("{n} {}", ms(t))).collect();
+            let chose = best.map_or("none", |k| &names[k]);
+            eprintln!("conv tune {what}{f16} {}: ms {}; chose {chose}", tuned_shape(op, g), each.join(", "));
+        }
+        best
     };
-    tuned(gpu, &decision, &names.map(str::to_string), time) == Some(1)
-}
-
-/// [`second_faster`]'s tune-log line.
-fn log_second(what: &str, f16: &str, op: Op, g: &Geometry, names: [&str; 2], times: &[Option<f64>], second: bool) {
-    if tune_log() {
-        let ms = |t: Option<f64>| t.map_or("failed".to_string(), |ms| format!("{ms:.4}"));
-        eprintln!(
-            "conv tune {what}{f16} {}: ms {} {}, {} {}; chose {}",
-            tuned_shape(op, g),
-            names[0],
-            ms(times[0]),
-            names[1],
-            ms(times[1]),
-            names[usize::from(second)]
-        );
-    }
+    tuned(gpu, &decision, names, time)
 }
 
 /// A tiled plan's name in the tune file's decisions: its configuration, split and whether it
@@ -873,8 +873,9 @@ pub(super) fn plan_name(plan: Plan) -> String {
     }
 }
 
-/// `plan`, or the same configuration without splitting the reduction, whichever runs `op` faster
-/// on `g`, where `plan` is a data op's (forward or backward_data) that [`plan_for`]'s rule split
+/// backward_weight's `plan` as [`tune_weight_split`] chooses it. Else `plan`, or the same
+/// configuration without splitting the reduction, whichever runs `op` faster on `g`, where
+/// `plan` is a data op's (forward or backward_data) that [`plan_for`]'s rule split
 /// (its output has fewer tiles than [`DATA_WORKGROUPS`]); f32 or (`half`) f16 activations. Both
 /// are timed as [`tune`] times configurations, on zero operands of `g`'s shape, the split one with
 /// its reduction pass. On the H200 the rule split every ImageNet-like data op from 14x14 down, and
@@ -883,7 +884,10 @@ pub(super) fn plan_name(plan: Plan) -> String {
 /// leaves out. `plan` where either fails to run.
 pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) -> Plan {
     let Plan::Tiled { tile, splits, coop, .. } = plan else { return plan };
-    if splits == 1 || op == Op::BackwardWeight {
+    if op == Op::BackwardWeight {
+        return tune_weight_split(gpu, g, plan, half);
+    }
+    if splits == 1 {
         return plan;
     }
     let whole = Plan::Tiled { tile, splits: 1, chunk: 0, coop };
@@ -905,11 +909,67 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
         }
         Ok(rec.finish())
     };
-    let split = format!("split {splits}");
-    match second_faster(gpu, ("split", half, op, g, plan), [&split, "whole"], run) {
-        true => whole,
-        false => plan,
+    let names = [format!("split {splits}"), "whole".to_string()];
+    match fastest(gpu, ("split", half, op, g, plan), &names, run) {
+        Some(1) => whole,
+        _ => plan,
     }
+}
+
+/// backward_weight's plan `plan` (the rule's split of the reduction over N * H * W: about 256
+/// workgroups), or the same configuration in twice or half as many splits, whichever runs
+/// fastest on `g`, f32 or (`half`) f16 activations; timed as [`tune`] times configurations, on
+/// zero operands of `g`'s shape, with the splits' reduction pass. Twice as many at most where
+/// each split keeps [`WEIGHT_MIN_CHUNK`] steps and the partial sums stay within 16 MiB. On the
+/// H200 backward_weight ran 1.2x to 1.3x slower than the forward at 28x28 and 14x14 (cfa22d4),
+/// on 256 to 300 workgroups.
+fn tune_weight_split(gpu: &Gpu, g: &Geometry, plan: Plan, half: bool) -> Plan {
+    let op = Op::BackwardWeight;
+    let plans = weight_splits(g, plan);
+    if plans.len() == 1 {
+        return plan;
+    }
+    let dims = [[g.n, g.c, g.h, g.w], [g.n, g.k, g.oh, g.ow]];
+    let Ok(dw) = Tensor::zeros(gpu, &[g.k, g.c, g.ks, g.ks]) else { return plan };
+    let acts = match half {
+        false => dims.iter().map(|d| Tensor::zeros(gpu, d)).collect::<Result<Vec<_>>>().map(|t| (t, Vec::new())),
+        true => dims.iter().map(|d| HalfTensor::zeros(gpu, d)).collect::<Result<Vec<_>>>().map(|h| (Vec::new(), h)),
+    };
+    let Ok((t, h)) = acts else { return plan };
+    let run = |k: usize| {
+        let mut rec = gpu.recorder("conv tune weight split");
+        match half {
+            false => record(&mut rec, op, g, plans[k], &t[0], None, &t[1], &dw, false),
+            true => record_half_weight(&mut rec, g, plans[k], &h[0], None, &h[1], &dw, false),
+        }
+        Ok(rec.finish())
+    };
+    let names: Vec<String> = plans
+        .iter()
+        .map(|p| match p {
+            Plan::Tiled { splits: 1, .. } => "whole".to_string(),
+            Plan::Tiled { splits, .. } => format!("split {splits}"),
+            _ => unreachable!("tiled plans"),
+        })
+        .collect();
+    fastest(gpu, ("weight split", half, op, g, plan), &names, run).map_or(plan, |k| plans[k])
+}
+
+/// [`tune_weight_split`]'s candidates: `plan`, then the same configuration in twice and half as
+/// many splits, where those differ from it and each other.
+fn weight_splits(g: &Geometry, plan: Plan) -> Vec<Plan> {
+    let Plan::Tiled { tile, splits, coop, .. } = plan else { return vec![plan] };
+    let op = Op::BackwardWeight;
+    let len = g.k * g.c * g.ks * g.ks;
+    let most = ((4 << 20) / len.max(1)).min(reduction(op, g) / WEIGHT_MIN_CHUNK).max(1);
+    let mut plans = vec![plan];
+    for s in [splits * 2, splits / 2] {
+        let p = on_coop(split_plan(op, g, tile, s.clamp(1, most)), coop);
+        if !plans.contains(&p) {
+            plans.push(p);
+        }
+    }
+    plans
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1348,5 +1408,35 @@ pub(super) mod tests {
             let (s, chunk) = splits(op, &g);
             assert!(s > 1 && chunk.is_multiple_of(16) && (s - 1) * chunk < reduction(op, &g), "{op:?}: {s} x {chunk}");
         }
+    }
+
+    /// backward_weight's tuner tries the rule's split, twice and half as many, each split of at
+    /// least WEIGHT_MIN_CHUNK whole steps covering the reduction, the last one not empty.
+    #[test]
+    fn weight_split_candidates() {
+        let count = |g: &Geometry| -> Vec<usize> {
+            let plans = weight_splits(g, plan_for(Op::BackwardWeight, g, 0));
+            let red = reduction(Op::BackwardWeight, g);
+            plans
+                .iter()
+                .map(|p| match *p {
+                    Plan::Tiled { splits, chunk, .. } => {
+                        assert!(chunk.is_multiple_of(16) && splits * chunk >= red && (splits - 1) * chunk < red);
+                        assert!(splits == 1 || chunk >= WEIGHT_MIN_CHUNK, "{splits} x {chunk}");
+                        splits
+                    }
+                    p => panic!("{p:?}"),
+                })
+                .collect()
+        };
+        // 28x28 at batch 32, 128 channels: 36 tiles of 64x64, the rule's 8 splits of 3136 steps.
+        assert_eq!(count(&geometry(32, 128, 28, 128)), [8, 16, 4]);
+        // 56x56 at 64 channels: 9 tiles, 29 splits of 3472 steps.
+        assert_eq!(count(&geometry(32, 64, 56, 64)), [29, 58, 14]);
+        // A short reduction (1 image of 4x4): one split; two would leave 8 steps each.
+        assert_eq!(count(&geometry(1, 16, 4, 16)), [1]);
+        // 512 channels at 7x7: 16 MiB of partial sums hold one copy of dw (9.4 MB): no split,
+        // and none tried.
+        assert_eq!(count(&geometry(32, 512, 7, 512)), [1]);
     }
 }
