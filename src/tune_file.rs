@@ -30,6 +30,12 @@ use crate::error::{Error, Result};
 /// Every context's choices: context key -> decision -> chosen candidate's name.
 type Choices = BTreeMap<String, BTreeMap<String, String>>;
 
+/// One read-and-write of a tune file at a time in this process (contexts may share a file).
+fn writing() -> std::sync::MutexGuard<'static, ()> {
+    static WRITING: Mutex<()> = Mutex::new(());
+    WRITING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A tune file opened for one context.
 pub(crate) struct TuneFile {
     path: PathBuf,
@@ -44,6 +50,7 @@ impl TuneFile {
     /// Reads `path`'s choices for `context`, or (no file there) creates it empty, so that a path
     /// that cannot be written is reported now rather than lost at the first choice.
     pub(crate) fn open(path: &Path, context: String) -> Result<TuneFile> {
+        let _writing = writing();
         let all = match std::fs::read_to_string(path) {
             Ok(text) => parse(path, &text)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -76,7 +83,8 @@ impl TuneFile {
     /// that a reader never sees half a file. A write that fails is reported on stderr once and
     /// the choice kept in memory: the tuning itself stays valid.
     pub(crate) fn record(&self, decision: &str, choice: &str) {
-        // Held through the write: two threads' writes would share the temporary file.
+        // Between processes the last write wins: a choice lost so is timed again later.
+        let _writing = writing();
         let mut mine = self.lock();
         mine.insert(decision.to_string(), choice.to_string());
         let on_disk = match std::fs::read_to_string(&self.path) {

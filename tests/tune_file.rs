@@ -215,3 +215,38 @@ fn every_weight_split_candidate_matches_the_reference() {
         assert!(convs.len() == 1 && convs[0].ends_with(&format!(" {name}")), "{name}: {labels:?}");
     }
 }
+
+/// Two contexts sharing a tune file, tuning different shapes at the same time: the file keeps
+/// both contexts' choices.
+#[test]
+fn contexts_sharing_a_file_keep_each_others_choices() {
+    let dir = TempDir::new("tune-file-shared");
+    let path = dir.join("tune.json");
+    let shapes = [[1, 16, 6, 10], [2, 16, 5, 7]];
+    std::thread::scope(|s| {
+        for (i, xd) in shapes.into_iter().enumerate() {
+            let path = &path;
+            s.spawn(move || {
+                let g = open(path);
+                conv::force_winograd(&g, Some("off")).unwrap();
+                let mut rng = Rng::new(80 + i as u64);
+                let (wd, yd) = ([16, 16, 3, 3], [xd[0], 16, xd[2], xd[3]]);
+                let (x, w) = (rng.data(xd.iter().product()), rng.data(wd.iter().product()));
+                let (tx, tw) = (Tensor::new(&g, &xd, &x).unwrap(), Tensor::new(&g, &wd, &w).unwrap());
+                let ty = Tensor::filled(&g, &yd, f32::NAN).unwrap();
+                let mut rec = g.recorder("shared");
+                conv::forward(&mut rec, &tx, &tw, &ty, 1, false).unwrap();
+                rec.run().unwrap();
+                let want = r::conv::forward(&to_f64(&x), xd, &to_f64(&w), wd, 1);
+                check(&format!("context {i} forward"), &ty.read(&g).unwrap(), &want, F32_TOL);
+            });
+        }
+    });
+    let choices = read_choices(&path);
+    assert_eq!(choices.len(), 1, "one context key: {choices:#?}");
+    let mine = choices.values().next().unwrap();
+    for xd in shapes {
+        let shape = format!("tile Forward x {xd:?} ");
+        assert!(mine.keys().any(|k| k.starts_with(&shape)), "{shape} in {mine:#?}");
+    }
+}
