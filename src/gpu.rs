@@ -285,8 +285,11 @@ pub struct Gpu {
 /// candidates' pipeline builds included) and choices it read back from the tune file.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Tuning {
+    /// Choices made by timing the candidates.
     pub timed: usize,
+    /// The wall time those took, in seconds.
     pub seconds: f64,
+    /// Choices read back from the tune file.
     pub from_file: usize,
 }
 
@@ -1071,32 +1074,28 @@ pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
     checks
 }
 
-/// Whether [`Gpu::shader_module_in_range`] keeps wgpu's bounds checks on adapter `report` by
-/// default: not on Vulkan GPUs. `RESNET_WGPU_SHADER_CHECKS` as for [`shader_checks`]: `all`
-/// keeps them everywhere, `gpu` drops them on any Vulkan adapter (CPU ones too), `none` drops
-/// them everywhere.
 /// A tune file's key for a context: what the autotuner's timings depend on besides the op and
-/// shape. The crate's version (its kernels), the adapter and driver, the features in use, how
-/// the shaders are built, and the binding limit (where tensors are split).
+/// shape. The crate's version (its kernels), the adapter, its driver, features and limits (as
+/// `report` prints them), how the shaders are built, and the binding limit (where tensors are
+/// split).
 fn tune_context(report: &AdapterReport, info: &wgpu::AdapterInfo, tiled_checks: bool, max_binding: u64) -> String {
-    let coop =
-        report.coop.map_or("none".to_string(), |c| format!("{}x{} in subgroups of {}", c.size, c.size, c.subgroup));
+    let c = shader_checks(report.device_type);
+    let checks = [(c.bounds_checks, "bounds"), (c.force_loop_bounding, "loops"), (c.int_div_checks, "division")];
+    let checks: Vec<&str> = checks.iter().filter(|c| c.0).map(|c| c.1).collect();
     format!(
-        "resnet-wgpu {}; {} ({:04x}:{:04x}); {:?}; {:?}; driver {}; features {:?}; cooperative matrices {coop}; \
-         shader checks {:?}, tiled {}; bindings up to {max_binding} bytes",
+        "resnet-wgpu {}; {report}; device {:04x}:{:04x}; shader checks [{}], tiled {}; bindings up to {max_binding} bytes",
         env!("CARGO_PKG_VERSION"),
-        report.name,
         info.vendor,
         info.device,
-        report.backend,
-        report.device_type,
-        report.driver,
-        report.features,
-        shader_checks(report.device_type),
+        checks.join(", "),
         if tiled_checks { "checked" } else { "unchecked" },
     )
 }
 
+/// Whether [`Gpu::shader_module_in_range`] keeps wgpu's bounds checks on adapter `report` by
+/// default: not on Vulkan GPUs. `RESNET_WGPU_SHADER_CHECKS` as for [`shader_checks`]: `all`
+/// keeps them everywhere, `gpu` drops them on any Vulkan adapter (CPU ones too), `none` drops
+/// them everywhere.
 pub fn in_range_checks(report: &AdapterReport) -> bool {
     let vulkan = report.backend == wgpu::Backend::Vulkan;
     match std::env::var("RESNET_WGPU_SHADER_CHECKS").as_deref() {

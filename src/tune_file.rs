@@ -7,7 +7,7 @@
 //!
 //! ```json
 //! {
-//!   "resnet-wgpu 0.1.0; NVIDIA H100 ...; Vulkan; ...": {
+//!   "resnet-wgpu 0.1.0; NVIDIA H100 80GB HBM3 (Vulkan, DiscreteGpu, driver ...); features [...]; ...": {
 //!     "tile Forward x [32, 64, 56, 56] k 64 ks 3 stride 1": "64x64k16t4x4",
 //!     "split Forward x [32, 512, 7, 7] k 512 ks 3 stride 1 under 64x64k16t4x4 split 3": "whole"
 //!   }

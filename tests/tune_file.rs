@@ -102,6 +102,7 @@ fn choices_are_recorded_and_taken_back_without_timing() {
     assert_eq!(recorded.len(), 2, "this context and the other: {recorded:#?}");
     assert_eq!(recorded[&other.0], BTreeMap::from([(other.1.clone(), other.2.clone())]), "the other context's");
     let (context, mine) = recorded.iter().find(|(k, _)| **k != other.0).unwrap();
+    eprintln!("this context's key: {context}");
     let tiles = conv::tile_names(&open(&dir.join("scratch.json")));
     let (tile_key, tile) = decision(mine, "tile", 1);
     assert!(tiles.contains(tile), "{tile} among {tiles:?}");
