@@ -457,6 +457,8 @@ fn backward_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
 // vec4 variants, where hw is a multiple of 4 (then every run starts and ends on a vec4): the
 // same work with a quarter of the loads and stores, which on CPU adapters are the cost (each is
 // a loop over the SIMD lanes). Sums run over the elements in the scalar kernels' order.
+// They read x and dy through ld_x and ld_dy, from storage buffers or from textures: the host
+// keeps one of the two blocks below per module (Shader::BatchNorm, Shader::BatchNormTexture).
 // ------------------------------------------------------------------------------------------
 
 @group(0) @binding(15) var<storage, read> x4: array<vec4f>;
@@ -464,28 +466,63 @@ fn backward_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
 @group(0) @binding(17) var<storage, read> dy4: array<vec4f>;
 @group(0) @binding(18) var<storage, read_write> dx4: array<vec4f>;
 
+// @buffer-loads-begin
+fn ld_x(q: u32) -> vec4f { return x4[q]; }
+fn ld_dy(q: u32) -> vec4f { return dy4[q]; }
+// @buffer-loads-end
+
+// @texture-loads-begin: x and dy as rgba32float textures of TEXW texels a row (CPU adapters,
+// whose texture loads run faster than their storage-buffer loads).
+@group(0) @binding(19) var xt: texture_2d<f32>;
+@group(0) @binding(20) var dyt: texture_2d<f32>;
+const TEXW: u32 = 1024u;
+fn ld_x(q: u32) -> vec4f { return textureLoad(xt, vec2u(q % TEXW, q / TEXW), 0); }
+fn ld_dy(q: u32) -> vec4f { return textureLoad(dyt, vec2u(q % TEXW, q / TEXW), 0); }
+// @texture-loads-end
+
+// A full run (REDUCE_CHUNK = 16 elements) is loaded once into registers for both passes: on CPU
+// adapters the loads are the cost.
 @compute @workgroup_size(WG)
 fn stats_partial4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                   @builtin(local_invocation_id) lid: vec3u) {
     let inv = flat(wid, nwg, lid);
     let r = channel_run(inv);
     if !r.ok { return; }
+    let q0 = r.start / 4u;
     var s = 0.0;
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let v = x4[i];
-        s += v.x;
-        s += v.y;
-        s += v.z;
-        s += v.w;
-    }
-    let mu = s / f32(r.end - r.start);
     var q = 0.0;
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let d = x4[i] - vec4f(mu);
-        q += d.x * d.x;
-        q += d.y * d.y;
-        q += d.z * d.z;
-        q += d.w * d.w;
+    if r.end - r.start == 16u {
+        let v = array<vec4f, 4>(ld_x(q0), ld_x(q0 + 1u), ld_x(q0 + 2u), ld_x(q0 + 3u));
+        for (var j = 0u; j < 4u; j++) {
+            s += v[j].x;
+            s += v[j].y;
+            s += v[j].z;
+            s += v[j].w;
+        }
+        let mu = vec4f(s / 16.0);
+        for (var j = 0u; j < 4u; j++) {
+            let d = v[j] - mu;
+            q += d.x * d.x;
+            q += d.y * d.y;
+            q += d.z * d.z;
+            q += d.w * d.w;
+        }
+    } else {
+        for (var i = q0; i < r.end / 4u; i++) {
+            let v = ld_x(i);
+            s += v.x;
+            s += v.y;
+            s += v.z;
+            s += v.w;
+        }
+        let mu = vec4f(s / f32(r.end - r.start));
+        for (var i = q0; i < r.end / 4u; i++) {
+            let d = ld_x(i) - mu;
+            q += d.x * d.x;
+            q += d.y * d.y;
+            q += d.z * d.z;
+            q += d.w * d.w;
+        }
     }
     part[2u * inv] = s;
     part[2u * inv + 1u] = q;
@@ -501,7 +538,7 @@ fn normalize4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: v
     let g = gamma[r.c];
     let b = vec4f(beta[r.c]);
     for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        var v = (x4[i] - mean) * invstd * g + b;
+        var v = (ld_x(i) - mean) * invstd * g + b;
         if p.add == 1u { v = y4[i] + v; }
         if p.relu == 1u { v = max(v, vec4f(0.0)); }
         y4[i] = v;
@@ -509,7 +546,7 @@ fn normalize4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: v
 }
 
 fn dz4(i: u32, k: Chan, xh: vec4f) -> vec4f {
-    let g = dy4[i];
+    let g = ld_dy(i);
     if p.relu == 1u { return select(vec4f(0.0), g, xh * k.gamma + k.beta > vec4f(0.0)); }
     return g;
 }
@@ -524,7 +561,7 @@ fn backward_partial4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups)
     var s1 = 0.0;
     var s2 = 0.0;
     for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let xh = (x4[i] - vec4f(k.mean)) * k.invstd;
+        let xh = (ld_x(i) - vec4f(k.mean)) * k.invstd;
         let g = dz4(i, k, xh);
         let gx = g * xh;
         s1 += g.x;
@@ -551,128 +588,8 @@ fn backward_apply4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     let mb = vec4f(scratch[r.c] * inv_m);
     let mg = scratch[p.c + r.c] * inv_m;
     for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let xh = (x4[i] - vec4f(k.mean)) * k.invstd;
+        let xh = (ld_x(i) - vec4f(k.mean)) * k.invstd;
         let g = gi * (dz4(i, k, xh) - mb - xh * mg);
-        if p.accumulate == 1u { dx4[i] += g; } else { dx4[i] = g; }
-    }
-}
-
-@group(0) @binding(19) var xt: texture_2d<f32>;
-@group(0) @binding(20) var dyt: texture_2d<f32>;
-const TEXW: u32 = 1024u;
-fn tx(q: u32) -> vec4f { return textureLoad(xt, vec2u(q % TEXW, q / TEXW), 0); }
-fn tdy(q: u32) -> vec4f { return textureLoad(dyt, vec2u(q % TEXW, q / TEXW), 0); }
-
-// As stats_partial4; a full run (REDUCE_CHUNK = 16 elements) is loaded once into registers for
-// both passes: on CPU adapters the loads are the cost.
-@compute @workgroup_size(WG)
-fn stats_partial_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                   @builtin(local_invocation_id) lid: vec3u) {
-    let inv = flat(wid, nwg, lid);
-    let r = channel_run(inv);
-    if !r.ok { return; }
-    let q0 = r.start / 4u;
-    var s = 0.0;
-    var q = 0.0;
-    if r.end - r.start == 16u {
-        let v = array<vec4f, 4>(tx(q0), tx(q0 + 1u), tx(q0 + 2u), tx(q0 + 3u));
-        for (var j = 0u; j < 4u; j++) {
-            s += v[j].x;
-            s += v[j].y;
-            s += v[j].z;
-            s += v[j].w;
-        }
-        let mu = vec4f(s / 16.0);
-        for (var j = 0u; j < 4u; j++) {
-            let d = v[j] - mu;
-            q += d.x * d.x;
-            q += d.y * d.y;
-            q += d.z * d.z;
-            q += d.w * d.w;
-        }
-    } else {
-        for (var i = q0; i < r.end / 4u; i++) {
-            let v = tx(i);
-            s += v.x;
-            s += v.y;
-            s += v.z;
-            s += v.w;
-        }
-        let mu = vec4f(s / f32(r.end - r.start));
-        for (var i = q0; i < r.end / 4u; i++) {
-            let d = tx(i) - mu;
-            q += d.x * d.x;
-            q += d.y * d.y;
-            q += d.z * d.z;
-            q += d.w * d.w;
-        }
-    }
-    part[2u * inv] = s;
-    part[2u * inv + 1u] = q;
-}
-
-@compute @workgroup_size(WG)
-fn normalize_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-              @builtin(local_invocation_id) lid: vec3u) {
-    let r = plane_run(flat(wid, nwg, lid));
-    if !r.ok { return; }
-    let mean = vec4f(save_mean[r.c]);
-    let invstd = save_invstd[r.c];
-    let g = gamma[r.c];
-    let b = vec4f(beta[r.c]);
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        var v = (tx(i) - mean) * invstd * g + b;
-        if p.add == 1u { v = y4[i] + v; }
-        if p.relu == 1u { v = max(v, vec4f(0.0)); }
-        y4[i] = v;
-    }
-}
-
-fn dz_t(i: u32, k: Chan, xh: vec4f) -> vec4f {
-    let g = tdy(i);
-    if p.relu == 1u { return select(vec4f(0.0), g, xh * k.gamma + k.beta > vec4f(0.0)); }
-    return g;
-}
-
-@compute @workgroup_size(WG)
-fn backward_partial_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                     @builtin(local_invocation_id) lid: vec3u) {
-    let inv = flat(wid, nwg, lid);
-    let r = channel_run(inv);
-    if !r.ok { return; }
-    let k = chan(r.c);
-    var s1 = 0.0;
-    var s2 = 0.0;
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let xh = (tx(i) - vec4f(k.mean)) * k.invstd;
-        let g = dz_t(i, k, xh);
-        let gx = g * xh;
-        s1 += g.x;
-        s1 += g.y;
-        s1 += g.z;
-        s1 += g.w;
-        s2 += gx.x;
-        s2 += gx.y;
-        s2 += gx.z;
-        s2 += gx.w;
-    }
-    part[2u * inv] = s1;
-    part[2u * inv + 1u] = s2;
-}
-
-@compute @workgroup_size(WG)
-fn backward_apply_t(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                   @builtin(local_invocation_id) lid: vec3u) {
-    let r = plane_run(flat(wid, nwg, lid));
-    if !r.ok { return; }
-    let k = chan(r.c);
-    let inv_m = 1.0 / f32(p.n * p.hw);
-    let gi = k.gamma * k.invstd;
-    let mb = vec4f(scratch[r.c] * inv_m);
-    let mg = scratch[p.c + r.c] * inv_m;
-    for (var i = r.start / 4u; i < r.end / 4u; i++) {
-        let xh = (tx(i) - vec4f(k.mean)) * k.invstd;
-        let g = gi * (dz_t(i, k, xh) - mb - xh * mg);
         if p.accumulate == 1u { dx4[i] += g; } else { dx4[i] = g; }
     }
 }

@@ -116,6 +116,8 @@ fn coop_matrix(adapter: &wgpu::Adapter) -> Option<CoopMatrix> {
 pub enum Shader {
     Conv,
     BatchNorm,
+    /// `batch_norm.wgsl` whose vec4 kernels read x and dy from textures (CPU adapters).
+    BatchNormTexture,
     /// `batch_norm.wgsl` with f16 activations (the f16 path; adapters with `SHADER_F16` only).
     BatchNormF16,
     Relu,
@@ -138,7 +140,6 @@ impl Shader {
     /// several sizes `Some(0)`, or none: conv.wgsl leaves out what follows its `// @subgroups`
     /// line without them; batch_norm.wgsl keeps one of its two `sum2` blocks.
     fn source(self, subgroups: Option<u32>) -> std::borrow::Cow<'static, str> {
-        const BATCH_NORM: &str = include_str!("../shaders/batch_norm.wgsl");
         const RELU: &str = include_str!("../shaders/relu.wgsl");
         const RESIDUAL: &str = include_str!("../shaders/residual.wgsl");
         // The storage type ST of the files that serve both paths.
@@ -152,8 +153,9 @@ impl Shader {
                     _ => text,
                 }
             }
-            Shader::BatchNorm => return format!("{F32}{}", batch_norm_source(BATCH_NORM, subgroups)).into(),
-            Shader::BatchNormF16 => return format!("{F16}{}", batch_norm_source(BATCH_NORM, subgroups)).into(),
+            Shader::BatchNorm => return format!("{F32}{}", batch_norm_source(subgroups, "texture")).into(),
+            Shader::BatchNormTexture => return format!("{F32}{}", batch_norm_source(subgroups, "buffer")).into(),
+            Shader::BatchNormF16 => return format!("{F16}{}", batch_norm_source(subgroups, "texture")).into(),
             Shader::Relu => return format!("{F32}{RELU}").into(),
             Shader::ReluF16 => return format!("{F16}{RELU}").into(),
             Shader::Residual => return format!("{F32}{RESIDUAL}").into(),
@@ -171,13 +173,15 @@ impl Shader {
 
 /// batch_norm.wgsl with one of its two `sum2` blocks: the subgroup one (with its `SG`) where
 /// the device's subgroups have one size, a power of two from 4 to the workgroup's 64, else the
-/// workgroup-memory tree.
-fn batch_norm_source(text: &str, subgroups: Option<u32>) -> String {
+/// workgroup-memory tree; and one of its two blocks of vec4 loads, without `loads`' (`buffer` or
+/// `texture`).
+fn batch_norm_source(subgroups: Option<u32>, loads: &str) -> String {
+    let text = include_str!("../shaders/batch_norm.wgsl");
     let (left_out, head) = match subgroups.filter(|s| s.is_power_of_two() && (4..=64).contains(s)) {
         Some(sg) => ("tree", format!("const SG: u32 = {sg}u;\n")),
         None => ("subgroups", String::new()),
     };
-    head + &without_block(text, left_out)
+    head + &without_block(&without_block(text, left_out), &format!("{loads}-loads"))
 }
 
 /// `text` without its block `name`: the lines from `// @{name}-begin` to `// @{name}-end` (a
@@ -1120,6 +1124,12 @@ mod tests {
         {
             let s = Shader::BatchNorm.source(subgroups);
             assert_eq!(s.matches("fn sum2(").count(), 1, "{subgroups:?}");
+            // One set of vec4 loads: storage buffers here, textures in BatchNormTexture.
+            let t = Shader::BatchNormTexture.source(subgroups);
+            for (m, tex) in [(&s, false), (&t, true)] {
+                assert_eq!(m.matches("fn ld_x(").count(), 1, "{subgroups:?}");
+                assert_eq!(m.contains("textureLoad(xt"), tex, "{subgroups:?}");
+            }
             assert_eq!(s.contains("subgroupShuffleXor"), sg.is_some(), "{subgroups:?}");
             assert_eq!(s.contains(&format!("const SG: u32 = {}u;", sg.unwrap_or(0))), sg.is_some(), "{subgroups:?}");
             let conv = Shader::Conv.source(subgroups);

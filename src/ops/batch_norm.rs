@@ -284,12 +284,13 @@ fn run_dispatch(
     fn buf(t: &Tensor) -> wgpu::BindingResource<'_> {
         t.buffer.as_entire_binding()
     }
-    // Bindings of x, y, dy, dx in each variant (shaders/batch_norm.wgsl).
-    let (suffix, b) = match v {
-        Variant::Scalar => ("", [1, 2, 9, 10]),
-        Variant::Vec4 => ("4", [15, 16, 17, 18]),
-        Variant::Texture => ("_t", [19, 16, 20, 18]),
-        Variant::Wide => ("_w", [1, 2, 9, 10]),
+    // Bindings of x, y, dy, dx in each variant (shaders/batch_norm.wgsl); the texture variant
+    // runs the vec4 kernels of a module that reads x and dy from textures.
+    let (shader, suffix, b) = match v {
+        Variant::Scalar => (Shader::BatchNorm, "", [1, 2, 9, 10]),
+        Variant::Vec4 => (Shader::BatchNorm, "4", [15, 16, 17, 18]),
+        Variant::Texture => (Shader::BatchNormTexture, "4", [19, 16, 20, 18]),
+        Variant::Wide => (Shader::BatchNorm, "_w", [1, 2, 9, 10]),
     };
     let mut res: Vec<(u32, wgpu::BindingResource)> =
         others.iter().map(|(n, buf)| (*n, buf.as_entire_binding())).collect();
@@ -311,19 +312,15 @@ fn run_dispatch(
         ("normalize", "4") => "normalize4",
         ("backward_partial", "4") => "backward_partial4",
         ("backward_apply", "4") => "backward_apply4",
-        ("stats_partial", "_w") => "stats_partial_w",
-        ("normalize", "_w") => "normalize_w",
-        ("backward_partial", "_w") => "backward_partial_w",
-        ("backward_apply", "_w") => "backward_apply_w",
-        ("stats_partial", _) => "stats_partial_t",
-        ("normalize", _) => "normalize_t",
-        ("backward_partial", _) => "backward_partial_t",
-        _ => "backward_apply_t",
+        ("stats_partial", _) => "stats_partial_w",
+        ("normalize", _) => "normalize_w",
+        ("backward_partial", _) => "backward_partial_w",
+        _ => "backward_apply_w",
     };
     // The wide kernels take a workgroup of WG threads per run.
     let runs = d[0] * d[1] * parts(d, chunk);
     let groups = if v == Variant::Wide { groups_for(runs * WG as usize) } else { groups_for(runs) };
-    rec.dispatch_resources(Shader::BatchNorm, entry, prm, &res, groups);
+    rec.dispatch_resources(shader, entry, prm, &res, groups);
 }
 
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
