@@ -185,22 +185,25 @@ fn stats_partial(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg
 // deviations plus n_r * (mean_r - mean)^2), save_mean, save_invstd and the running statistics.
 @compute @workgroup_size(FG)
 fn stats_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
-    let c = wid.x;
-    let t = lid.x;
+    let mm = batch_moments(wid.x, lid.x);
+    if lid.x == 0u { save_stats(wid.x, mm.x, mm.y / f32(p.n * p.hw)); }
+}
+
+// Channel c's mean and squared deviations over the p.n images of its runs' partials, by the
+// FG threads t of a workgroup.
+fn batch_moments(c: u32, t: u32) -> vec2f {
     let runs = p.n * p.parts;
     let base = 2u * c * runs;
-    let m = f32(p.n * p.hw);
     var s = 0.0;
     for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
-    let mean = sum2(t, vec2f(s, 0.0)).x / m;
+    let mean = sum2(t, vec2f(s, 0.0)).x / f32(p.n * p.hw);
     var q = 0.0;
     for (var r = t; r < runs; r += FG) {
         let nr = f32(run_len(r));
         let d = part[base + 2u * r] / nr - mean;
         q += part[base + 2u * r + 1u] + nr * d * d;
     }
-    let m2 = sum2(t, vec2f(q, 0.0)).x;
-    if t == 0u { save_stats(c, mean, m2 / m); }
+    return vec2f(mean, sum2(t, vec2f(q, 0.0)).x);
 }
 
 // The end of a statistics pass for channel c, from the batch's mean and biased variance: the
@@ -328,17 +331,8 @@ fn backward_partial(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
 @compute @workgroup_size(FG)
 fn backward_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let c = wid.x;
-    let t = lid.x;
-    let runs = p.n * p.parts;
-    let base = 2u * c * runs;
-    var sb = 0.0;
-    var sg = 0.0;
-    for (var r = t; r < runs; r += FG) {
-        sb += part[base + 2u * r];
-        sg += part[base + 2u * r + 1u];
-    }
-    let sums = sum2(t, vec2f(sb, sg));
-    if t == 0u {
+    let sums = backward_sums(c, lid.x);
+    if lid.x == 0u {
         let b = sums.x;
         let g = sums.y;
         scratch[c] = b;
@@ -351,6 +345,20 @@ fn backward_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
             dgamma[c] = g;
         }
     }
+}
+
+// Channel c's sum dz and sum dz * xhat over its runs' partials, by the FG threads t of a
+// workgroup.
+fn backward_sums(c: u32, t: u32) -> vec2f {
+    let runs = p.n * p.parts;
+    let base = 2u * c * runs;
+    var sb = 0.0;
+    var sg = 0.0;
+    for (var r = t; r < runs; r += FG) {
+        sb += part[base + 2u * r];
+        sg += part[base + 2u * r + 1u];
+    }
+    return sum2(t, vec2f(sb, sg));
 }
 
 // dx (+)= gamma * invstd * (dz - sum dz / M - xhat * sum(dz * xhat) / M), one run per
@@ -387,23 +395,12 @@ fn backward_apply_run(r: Run, first: u32, step: u32) {
 @compute @workgroup_size(FG)
 fn stats_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let c = wid.x;
-    let t = lid.x;
-    let runs = p.n * p.parts;
-    let base = 2u * c * runs;
     let nb = f32(p.n * p.hw);
-    var s = 0.0;
-    for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
-    let mean_b = sum2(t, vec2f(s, 0.0)).x / nb;
-    var q = 0.0;
-    for (var r = t; r < runs; r += FG) {
-        let nr = f32(run_len(r));
-        let d = part[base + 2u * r] / nr - mean_b;
-        q += part[base + 2u * r + 1u] + nr * d * d;
-    }
-    let q_b = sum2(t, vec2f(q, 0.0)).x;
-    if t == 0u {
+    let mm = batch_moments(c, lid.x);
+    if lid.x == 0u {
+        let mean_b = mm.x;
         var mean = mean_b;
-        var m2 = q_b;
+        var m2 = mm.y;
         if p.prev > 0u {
             let na = f32(p.prev * p.hw);
             let delta = mean_b - save_mean[c];
@@ -422,17 +419,8 @@ fn stats_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) 
 @compute @workgroup_size(FG)
 fn backward_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) lid: vec3u) {
     let c = wid.x;
-    let t = lid.x;
-    let runs = p.n * p.parts;
-    let base = 2u * c * runs;
-    var sb = 0.0;
-    var sg = 0.0;
-    for (var r = t; r < runs; r += FG) {
-        sb += part[base + 2u * r];
-        sg += part[base + 2u * r + 1u];
-    }
-    let sums = sum2(t, vec2f(sb, sg));
-    if t == 0u {
+    let sums = backward_sums(c, lid.x);
+    if lid.x == 0u {
         var b = sums.x;
         var g = sums.y;
         if p.prev > 0u {
