@@ -66,7 +66,7 @@ torch=()
 RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout 100 /tmp/resnet-wgpu bench --full --only unit \
     --shapes 32,128,28,28 32,256,14,14 32,512,7,7 "${torch[@]}" --json /tmp/critical.json > "$OUT/critical.txt" 2>&1
 echo "critical exit $? ($(left) s left)"
-grep -E "^unit|conv tune winograd" "$OUT/critical.txt" | cut -c1-200 | head -60
+grep -E "^unit|^autotuner|conv tune (winograd|weight split)" "$OUT/critical.txt" | cut -c1-200 | head -70
 
 echo "=== bench ($(left) s left)"
 peers=()
@@ -76,7 +76,7 @@ l=$(left); b=$(( l - 220 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
 RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
-grep -E "^(conv3x3|bn|unit|net)|fp32" "$OUT/bench.txt" | head -130
+grep -E "^(conv3x3|bn|unit|net|autotuner)|fp32" "$OUT/bench.txt" | head -130
 
 echo "=== variants ($(left) s left)"
 {
