@@ -6,8 +6,10 @@ use resnet_wgpu::io::{self, HostTensor};
 use resnet_wgpu::reference::{net as rnet, to_f64};
 use std::process::Command;
 
+/// Runs the tool with `args`, without a tune file whatever the caller's environment names.
 fn tool(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu")).args(args).output().expect("run resnet-wgpu");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"));
+    let out = cmd.args(args).env_remove("RESNET_WGPU_TUNE_FILE").output().expect("run resnet-wgpu");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
