@@ -600,19 +600,18 @@ impl Gpu {
     /// is one of them; else `tune()`'s (an index into `names`, `None` where nothing could be
     /// timed), recorded in the tune file. Without a tune file, `tune()`'s.
     pub(crate) fn tuned(&self, decision: &str, names: &[&str], tune: impl FnOnce() -> Option<usize>) -> Option<usize> {
-        let count = |f: &dyn Fn(&mut Tuning)| f(&mut self.tuning.lock().unwrap_or_else(|e| e.into_inner()));
+        let tuning = || self.tuning.lock().unwrap_or_else(|e| e.into_inner());
         let recorded = self.tune_file.as_ref().and_then(|file| file.get(decision));
         if let Some(i) = recorded.and_then(|name| names.iter().position(|n| *n == name)) {
-            count(&|t| t.from_file += 1);
+            tuning().from_file += 1;
             return Some(i);
         }
         let start = std::time::Instant::now();
         let chosen = tune();
-        let seconds = start.elapsed().as_secs_f64();
-        count(&|t| {
-            t.timed += 1;
-            t.seconds += seconds;
-        });
+        let mut t = tuning();
+        t.timed += 1;
+        t.seconds += start.elapsed().as_secs_f64();
+        drop(t);
         if let (Some(file), Some(k)) = (&self.tune_file, chosen) {
             file.record(decision, names[k]);
         }
