@@ -33,6 +33,11 @@
 //       Variants (stride, ks, op) are entry points passing literals to one function, so that
 //       the driver folds the branches between them. The host picks this path where rows of
 //       quads tile the 8 lanes exactly (quads per row 1, 2, 4 or 8) and the windows fit.
+//       The host prepends the activations' storage type ST: f32, or f16 for the f16 path
+//       (gpu.rs `Shader::ConvF16`), whose operand textures are rgba16f copies of the half
+//       tensors (read as f32), whose weights are rounded to halves as they are read, and whose
+//       y or dx is stored rounded once, after the sum (and the old value, accumulating) in f32;
+//       dw stays f32.
 //
 // BN + ReLU prologue (both families, forward and backward_weight): with PRE (an override here, a
 // template constant in conv_tiled.wgsl) the x operand is read as a = ReLU((x - mean) * scale +
@@ -72,7 +77,7 @@ struct Params {
 @group(0) @binding(10) var at: texture_2d<f32>;                 // x (forward, backward_weight) or dy (backward_data)
 @group(0) @binding(11) var bt: texture_2d<f32>;                 // dy (backward_weight)
 @group(0) @binding(12) var<uniform> wu: array<vec4f, 4096>;     // weight window
-@group(0) @binding(13) var<storage, read_write> out4: array<vec4f>; // y or dx, by quads
+@group(0) @binding(13) var<storage, read_write> out4: array<vec4<ST>>; // y or dx, by quads
 @group(0) @binding(5) var<uniform> affu: array<vec4f, 4096>;    // PRE: per input channel (mean, scale, beta, invstd)
 
 // ------------------------------------------------------------------------------------------
@@ -117,9 +122,10 @@ fn tex_b(t: u32) -> vec4f {
     return textureLoad(bt, vec2u(t % TEXW, t / TEXW), 0);
 }
 
-// Element i of the weight window.
+// Element i of the weight window, as the activations' type holds it: the f16 path (ST = f16)
+// convolves the weights rounded to halves, as its tiled kernels do (an identity where ST = f32).
 fn wat(i: u32) -> f32 {
-    return wu[i >> 2u][i & 3u];
+    return f32(ST(wu[i >> 2u][i & 3u]));
 }
 
 // The input of the 9 taps (t = ky * 3 + kx) for a lane's quad, or of tap 0 for ks = 1.
@@ -318,9 +324,9 @@ fn put(ch: u32, chans: u32, g: Quad, row: u32, rows: u32, v: vec4f, ok: bool) {
     if ok && g.ok && ch < chans && row < rows {
         let o = ((g.n * chans + ch) * rows + row) * g.qpr + g.qx;
         if p.accumulate == 1u {
-            out4[o] = out4[o] + v;
+            out4[o] = vec4<ST>(vec4f(out4[o]) + v);
         } else {
-            out4[o] = v;
+            out4[o] = vec4<ST>(v);
         }
     }
 }

@@ -13,7 +13,9 @@
 //   A_PER, B_PER  vec4s of U and of V each invocation stages per tile
 //   ST, WT   the storage types of the activations (x, dy, y, dx) and of the weights: f32, or
 //            f16 on the f16 path (which keeps its weights f32 or f16, and dw f32); loads widen
-//            to f32, stores round once, the transformed operands and everything else are f32
+//            to f32 (weights as ST holds them: the f16 path convolves halves, as its other
+//            kernels do), stores round once, the transformed operands and everything else are
+//            f32
 //
 // A 3x3 correlation at stride 1 and padding 1 (forward: x with w; backward_data: dy with the
 // weights flipped and their channels swapped, w'[c][k][i][j] = w[k][c][2-i][2-j]) computes each
@@ -343,9 +345,9 @@ fn wino_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg:
         var g: array<f32, 9>;
         for (var t = 0u; t < 9u; t++) { // @unroll
             if p.mode == 0u {
-                g[t] = f32(wsrc[(co * p.ci + ci) * 9u + t]);
+                g[t] = f32(ST(wsrc[(co * p.ci + ci) * 9u + t]));
             } else {
-                g[t] = f32(wsrc[(ci * p.co + co) * 9u + 8u - t]);
+                g[t] = f32(ST(wsrc[(ci * p.co + co) * 9u + 8u - t]));
             }
         }
         u = weight_transform(g);

@@ -115,6 +115,9 @@ fn coop_matrix(adapter: &wgpu::Adapter) -> Option<CoopMatrix> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Shader {
     Conv,
+    /// `conv.wgsl` with f16 activations: its register path on the f16 path (CPU adapters with
+    /// `SHADER_F16`).
+    ConvF16,
     BatchNorm,
     /// `batch_norm.wgsl` whose vec4 kernels read x and dy from textures (CPU adapters).
     BatchNormTexture,
@@ -146,12 +149,14 @@ impl Shader {
         const F32: &str = "alias ST = f32;\n";
         const F16: &str = "enable f16;\nalias ST = f16;\n";
         let text = match self {
-            Shader::Conv => {
+            Shader::Conv | Shader::ConvF16 => {
                 let text = include_str!("../shaders/conv.wgsl");
-                match text.find("// @subgroups") {
+                let text = match text.find("// @subgroups") {
                     Some(end) if subgroups.is_none() => &text[..end],
                     _ => text,
-                }
+                };
+                let ty = if self == Shader::Conv { F32 } else { F16 };
+                return format!("{ty}{text}").into();
             }
             Shader::BatchNorm => return format!("{F32}{}", batch_norm_source(subgroups, "texture")).into(),
             Shader::BatchNormTexture => return format!("{F32}{}", batch_norm_source(subgroups, "buffer")).into(),
@@ -1133,6 +1138,10 @@ mod tests {
             assert_eq!(s.contains(&format!("const SG: u32 = {}u;", sg.unwrap_or(0))), sg.is_some(), "{subgroups:?}");
             let conv = Shader::Conv.source(subgroups);
             assert_eq!(conv.contains("subgroupShuffle"), subgroups.is_some(), "{subgroups:?}");
+            // The same file on f16 activations: only the storage type differs.
+            let half = Shader::ConvF16.source(subgroups);
+            assert!(conv.starts_with("alias ST = f32;\n") && half.starts_with("enable f16;\nalias ST = f16;\n"));
+            assert_eq!(conv.split_once('\n').map(|(_, r)| r), half.splitn(3, '\n').nth(2));
         }
     }
 }

@@ -949,6 +949,77 @@ fn f16_path_within_bound() {
     rec.run().unwrap();
 }
 
+/// The register path on the f16 path (CPU adapters: rgba16f operand textures, the weights
+/// rounded to halves as they are read, y and dx stored rounded once), forced on a context of its
+/// own so that a GPU runs it too: the three ops on every case and tile edge (those whose rows
+/// the lanes cannot tile take the tiled kernels), half and f32 weights in turn, within the f16
+/// path's bounds; and the profile shows that it ran, where the adapter's subgroups allow it.
+#[test]
+fn f16_register_path_within_bound() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    conv::set_kernels(&g, conv::Kernels::Register);
+    let mut rng = Rng::new(57);
+    resnet_wgpu::profile::set(&g, true);
+    for (i, c) in CASES.iter().chain(EDGES).enumerate() {
+        check_f16_ops(&g, c, &mut rng, "f16 register", i % 2 == 1);
+    }
+    resnet_wgpu::profile::set(&g, false);
+    let spans = resnet_wgpu::profile::take(&g).unwrap();
+    let ran = |entry: &str| spans.iter().filter(|s| s.label.starts_with(entry)).count();
+    let lanes = g.report.features.contains(wgpu::Features::SUBGROUP) && g.adapter.get_info().subgroup_min_size >= 8;
+    if g.has_timestamps() && lanes {
+        for entry in ["rp_forward", "rp_backward_data", "rp_backward_weight"] {
+            assert!(ran(entry) > 0, "no {entry} dispatch on the f16 path");
+        }
+    }
+}
+
+/// The f16 path convolves f32 weights rounded to halves, whichever kernels run: weights of
+/// 1 + 2^-11 (a tie, rounded to 1) on inputs of ones give small whole numbers of taps, exactly,
+/// where the unrounded weights would give a half above them (12.0078 for 12, 18.0156 for 18).
+#[test]
+fn f16_path_rounds_f32_weights_to_halves() {
+    use resnet_wgpu::tensor::HalfTensor;
+    let auto = gpu();
+    if !auto.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", auto.report.name);
+        return;
+    }
+    let forced = |winograd: Option<&str>| {
+        let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        match winograd {
+            Some(name) => conv::force_winograd(&g, Some(name)).unwrap(),
+            None => conv::set_kernels(&g, conv::Kernels::Tiled),
+        }
+        g
+    };
+    let (tiled, f2, f4) = (forced(None), forced(Some("64x64t8x8")), forced(Some("f4 64x64t8x8")));
+    let (xd, wd) = ([1, 3, 4, 8], [3, 3, 3, 3]);
+    let tie = 1.0 + f32::powi(2.0, -11);
+    let ones = vec![1.0; len(xd)];
+    let want = r::conv::forward(&to_f64(&ones), xd, &vec![1.0; len(wd)], wd, 1);
+    let want_dx = r::conv::backward_data(&to_f64(&ones), &vec![1.0; len(wd)], wd, xd, 1);
+    for (ctx, g) in [("auto", auto), ("tiled", &tiled), ("winograd", &f2), ("winograd f4", &f4)] {
+        let (x, w) = (HalfTensor::from_f32(g, &xd, &ones).unwrap(), up(g, &wd, &vec![tie; len(wd)]));
+        let (y, dx) =
+            (HalfTensor::from_f32(g, &xd, &vec![f32::NAN; len(xd)]).unwrap(), HalfTensor::zeros(g, &xd).unwrap());
+        let mut rec = g.recorder("f16 weights");
+        conv::forward_f16(&mut rec, &x, &w, &y, 1, false).unwrap();
+        conv::backward_data_f16(&mut rec, &x, &w, &dx, 1, false).unwrap();
+        rec.run().unwrap();
+        for (op, got, want) in
+            [("forward", y.read(g).unwrap(), &want), ("backward_data", dx.read(g).unwrap(), &want_dx)]
+        {
+            let exact = got.iter().zip(want.iter()).all(|(&a, &b)| a as f64 == b);
+            assert!(exact, "{ctx} {op}: {:?} against {:?}", &got[..8], &want[..8]);
+        }
+    }
+}
+
 /// Winograd and the tiled kernels at the depths of the ImageNet-like layers (hundreds of input
 /// channels in each sum; the cases above stop at 132): the three ops within the f32 bound, and
 /// on the f16 path (Winograd F(2x2) and F(4x4)) within its bounds.

@@ -162,7 +162,8 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
 /// autotuner's other choice on a GPU: the activations rounded to f16 before the convolutions),
 /// and every unit with Winograd forced for its 3x3 convolutions at stride 1, F(2x2) and F(4x4)
 /// (f16 loads and stores, f32 in between; the batch norm's own kernels for the statistics and
-/// sums).
+/// sums), and every unit on the register path (the CPU adapters' default where the lanes tile
+/// the rows: widths 8 and 16 here), forced so that a GPU runs it too.
 #[test]
 fn f16_units_within_bound() {
     let g = gpu();
@@ -179,27 +180,40 @@ fn f16_units_within_bound() {
     conv::force_winograd(&winograd, Some("64x64t8x8")).unwrap();
     let winograd_f4 = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
     conv::force_winograd(&winograd_f4, Some("f4 64x64t8x8")).unwrap();
+    let register = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    conv::set_kernels(&register, conv::Kernels::Register);
+    resnet_wgpu::profile::set(&register, true);
     let contexts = [
         ("auto", g),
         ("tile 128x64k16t8x4, wide bn", &forced),
         ("separate prologue", &separate),
         ("winograd", &winograd),
         ("winograd f4", &winograd_f4),
+        ("register", &register),
     ];
     for (ctx, g) in contexts {
         let mut seed = 80;
         for kind in [UnitKind::PreAct, UnitKind::Original] {
             for bottleneck in [false, true] {
                 for (cfg, spec) in units(kind, bottleneck) {
-                    let every = ctx == "auto" || ctx.starts_with("winograd");
+                    let every = ["auto", "winograd", "winograd f4", "register"].contains(&ctx);
                     let covered = every || (!bottleneck && spec.shortcut == Shortcut::Identity);
+                    let sizes = if ctx == "register" { [[7, 8], [4, 16]] } else { [[7, 5], [5, 9]] };
                     if covered {
-                        check_unit(g, ctx, &cfg, &spec, 1, [7, 5], seed);
-                        check_unit(g, ctx, &cfg, &spec, 2, [5, 9], seed + 1);
+                        check_unit(g, ctx, &cfg, &spec, 1, sizes[0], seed);
+                        check_unit(g, ctx, &cfg, &spec, 2, sizes[1], seed + 1);
                     }
                     seed += 2;
                 }
             }
+        }
+    }
+    // The register path ran (where the adapter's subgroups allow it and dispatches can be timed).
+    let spans = resnet_wgpu::profile::take(&register).unwrap();
+    let lanes = g.report.features.contains(wgpu::Features::SUBGROUP) && g.adapter.get_info().subgroup_min_size >= 8;
+    if g.has_timestamps() && lanes {
+        for entry in ["rp_forward", "rp_backward_data", "rp_backward_weight"] {
+            assert!(spans.iter().any(|s| s.label.starts_with(entry)), "no {entry} dispatch in the f16 units");
         }
     }
 }

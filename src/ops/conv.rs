@@ -14,9 +14,10 @@
 //! * the *tiled* implicit GEMM through workgroup memory: any adapter, any shape;
 //! * the *register* path for CPU adapters (lavapipe/llvmpipe) with subgroups of at least 8
 //!   invocations, where workgroup memory is as slow as a storage buffer: the big operand goes
-//!   through an rgba32f texture copy of the tensor, the weights through 64 KiB uniform-buffer
-//!   windows, and lanes share data by subgroup shuffles. It covers the shapes of CIFAR-style
-//!   ResNets (row widths 4, 8, 16, 32); other shapes take the tiled kernels;
+//!   through an rgba32f texture copy of the tensor (rgba16f on the f16 path), the weights through
+//!   64 KiB uniform-buffer windows, and lanes share data by subgroup shuffles. It covers the
+//!   shapes of CIFAR-style ResNets (row widths 4, 8, 16, 32); other shapes take the tiled
+//!   kernels;
 //! * *Winograd* for 3x3 kernels at stride 1 (`conv/winograd.rs`, `shaders/winograd.wgsl`):
 //!   F(2x2, 3x3), transforms around 16 GEMMs, 2.25x fewer multiplies, on the f32 and f16 paths;
 //!   F(4x4, 3x3), 36 GEMMs, 4x fewer, on the f16 path alone (it rounds past the f32 bound).
@@ -36,11 +37,11 @@ use std::num::NonZeroU64;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{operand_texture, texture_fits};
+use super::{operand_texture, operand_texture_f16, texture_fits};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
 use crate::ops::batch_norm::{self, BnGrads, BnTensors};
-use crate::ops::split;
+use crate::ops::{cast, split};
 use crate::tensor::{HalfTensor, Tensor};
 
 mod tiled;
@@ -677,7 +678,9 @@ fn forward_with(
         return Ok(());
     }
     match plan_pre(rec.gpu, Op::Forward, &g, pre.is_some()) {
-        Plan::Register { span } => register_data(rec, &g, Op::Forward, x, pre, w, y, accumulate, span),
+        Plan::Register { span } => {
+            register_data(rec, &g, Op::Forward, (Acts::F32(x), Acts::F32(y)), pre, w, accumulate, span)
+        }
         plan @ Plan::Tiled { .. } => match pre {
             Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, false) => {
                 let a = prologue_pass(rec, x, aff)?;
@@ -709,7 +712,9 @@ pub fn backward_data(
         return Ok(());
     }
     match plan(rec.gpu, Op::BackwardData, &g) {
-        Plan::Register { span } => register_data(rec, &g, Op::BackwardData, dy, None, w, dx, accumulate, span),
+        Plan::Register { span } => {
+            register_data(rec, &g, Op::BackwardData, (Acts::F32(dy), Acts::F32(dx)), None, w, accumulate, span)
+        }
         plan @ Plan::Tiled { .. } => tiled::record(rec, Op::BackwardData, &g, plan, dy, None, w, dx, accumulate),
         Plan::Winograd { config, .. } => {
             winograd::record_f32(rec, Op::BackwardData, &g, config, dy, None, w, dx, accumulate)
@@ -768,7 +773,9 @@ fn backward_weight_with(
         return Ok(());
     }
     match plan_pre(rec.gpu, Op::BackwardWeight, &g, pre.is_some()) {
-        Plan::RegisterWeight { splits, chunk } => register_weight(rec, &g, x, pre, dy, dw, accumulate, splits, chunk),
+        Plan::RegisterWeight { splits, chunk } => {
+            register_weight(rec, &g, (Acts::F32(x), Acts::F32(dy)), pre, dw, accumulate, splits, chunk)
+        }
         plan @ Plan::Tiled { .. } => match pre {
             Some(aff) if separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, false) => {
                 let a = prologue_pass(rec, x, aff)?;
@@ -827,30 +834,36 @@ fn check_f16(
     Ok(g)
 }
 
-/// The tile configuration of the f16 path for `op` on `g`: the f32 op's (forced, tuned or
-/// ruled; the rule where the f32 op takes the register path), or, on a context with
-/// cooperative matrices, its own choice, on them or plain ([`tiled::half_tile`]).
-fn half_plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
-    let f32_tile = || match plan(gpu, op, g) {
+/// The plan of the f16 path for `op` on `g` (with the BN + ReLU prologue where `pre`): the
+/// register path where the f32 op takes it (CPU adapters); else a tile configuration, the f32
+/// op's (forced, tuned or ruled) or, on a context with cooperative matrices, its own choice, on
+/// them or plain ([`tiled::half_tile`]); or Winograd where it is considered faster.
+fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
+    let f32_plan = plan_pre(gpu, op, g, pre);
+    let f32_tile = || match f32_plan {
         Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
-        _ => tiled::rule(op, g),
+        Plan::Register { .. } | Plan::RegisterWeight { .. } => tiled::rule(op, g),
     };
+    if matches!(f32_plan, Plan::Register { .. } | Plan::RegisterWeight { .. }) {
+        return f32_plan;
+    }
     let tiled = tiled::half_plan(gpu, op, g, f32_tile);
     let (k, choice) = (kernels(gpu), winograd::choice(gpu));
     gpu.cached(("conv.half-winograd", op, k, choice, *g, tiled), || winograd::consider(gpu, op, g, k, tiled, true))
 }
 
 /// `half_plan` without splits (the fused epilogues need the whole sum); Winograd as it is.
-fn half_plan_unsplit(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
-    match half_plan(gpu, op, g) {
+fn half_plan_unsplit(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
+    match half_plan(gpu, op, g, pre) {
         Plan::Tiled { tile, coop, .. } => Plan::Tiled { tile, splits: 1, chunk: 0, coop },
         p => p,
     }
 }
 
 /// The f16 path: y (+)= conv(x, w) with x, w and y stored as halves and everything in between
-/// in f32 (the tiled kernels with f16 loads and stores, f32 tiles and accumulation), on adapters
-/// with `SHADER_F16`. Shapes as [`forward`]; the tile configuration is the f32 forward's.
+/// in f32, on adapters with `SHADER_F16`: the f32 forward's kernels with f16 loads and stores
+/// (the tiled ones in its tile configuration, f32 tiles and accumulation; Winograd; on CPU
+/// adapters the register path, its operand an rgba16f texture). Shapes as [`forward`].
 /// Where the context has cooperative matrices ([`crate::gpu::CoopMatrix`]: tensor cores), the
 /// tiles are f16 and their products run on them, with f32 accumulators; the bound below holds
 /// either way (`tests/coop.rs`).
@@ -869,7 +882,11 @@ pub fn forward_f16(
 ) -> Result<()> {
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
-    match half_plan(rec.gpu, Op::Forward, &g) {
+    match half_plan(rec.gpu, Op::Forward, &g, false) {
+        Plan::Register { span } => {
+            let w = register_weights_f16(rec, w)?;
+            register_data(rec, &g, Op::Forward, (Acts::F16(x), Acts::F16(y)), None, &w, accumulate, span)
+        }
         Plan::Winograd { config, .. } => {
             winograd::record_half_data(rec, Op::Forward, &g, config, x, None, w, y, accumulate)
         }
@@ -890,7 +907,11 @@ pub fn backward_data_f16(
 ) -> Result<()> {
     let t = [(dx.dims(), &dx.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
-    match half_plan(rec.gpu, Op::BackwardData, &g) {
+    match half_plan(rec.gpu, Op::BackwardData, &g, false) {
+        Plan::Register { span } => {
+            let w = register_weights_f16(rec, w)?;
+            register_data(rec, &g, Op::BackwardData, (Acts::F16(dy), Acts::F16(dx)), None, &w, accumulate, span)
+        }
         Plan::Winograd { config, .. } => {
             winograd::record_half_data(rec, Op::BackwardData, &g, config, dy, None, w, dx, accumulate)
         }
@@ -913,7 +934,10 @@ pub fn backward_weight_f16(
 ) -> Result<()> {
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
-    match half_plan(rec.gpu, Op::BackwardWeight, &g) {
+    match half_plan(rec.gpu, Op::BackwardWeight, &g, false) {
+        Plan::RegisterWeight { splits, chunk } => {
+            register_weight(rec, &g, (Acts::F16(x), Acts::F16(dy)), None, dw, accumulate, splits, chunk)
+        }
         Plan::Winograd { config, .. } => winograd::record_half_weight(rec, &g, config, x, None, dy, dw, accumulate),
         plan => tiled::record_half_weight(rec, &g, plan, x, None, dy, dw, accumulate),
     }
@@ -921,7 +945,7 @@ pub fn backward_weight_f16(
 }
 
 /// The weights the f16 path's forward and backward_data take: halves ([`HalfTensor`]), or
-/// f32 ([`Tensor`], rounded to f16 as they are transposed into the GEMM's operand: the f16
+/// f32 ([`Tensor`], rounded to f16 as the kernels read them: the f16
 /// units keep f32 weights, and their gradients are f32 either way).
 pub trait F16Weights {
     /// The shape, `[K, C, k, k]`.
@@ -962,9 +986,10 @@ fn operand(w: &impl F16Weights) -> Weights<'_> {
 }
 
 // ---- The f16 units' convolutions: f16 activations, f32 weights (rounded to f16 as they are
-// transposed into the GEMM's operand) and weight gradients, the batch norms' values and sums
-// in f32. Always the tiled kernels: with their epilogues unsplit; forward_bn_relu_f16 split
-// as the plan says (deep layers on small images), its partial sums f32. ----
+// read, as in every f16 convolution) and weight gradients, the batch norms' values and sums
+// in f32. On the tiled kernels with their epilogues unsplit; forward_bn_relu_f16 split as the
+// plan says (deep layers on small images), its partial sums f32. On Winograd and the register
+// path (CPU adapters) the batch norm's own kernels make the statistics and sums. ----
 
 /// `y (+)= conv(ReLU(BN(x)), w)`, [`forward_bn_relu`] on the f16 path: x and y halves, `w` f32.
 pub fn forward_bn_relu_f16(
@@ -980,10 +1005,19 @@ pub fn forward_bn_relu_f16(
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
-    let plan = half_plan(rec.gpu, Op::Forward, &g);
-    if let Plan::Winograd { config, .. } = plan {
-        winograd::record_half_data(rec, Op::Forward, &g, config, x, Some(affine), w, y, accumulate);
-        return Ok(());
+    let plan = half_plan(rec.gpu, Op::Forward, &g, true);
+    match plan {
+        Plan::Register { span } => {
+            let w = register_weights_f16(rec, w)?;
+            let acts = (Acts::F16(x), Acts::F16(y));
+            register_data(rec, &g, Op::Forward, acts, Some(affine), &w, accumulate, span);
+            return Ok(());
+        }
+        Plan::Winograd { config, .. } => {
+            winograd::record_half_data(rec, Op::Forward, &g, config, x, Some(affine), w, y, accumulate);
+            return Ok(());
+        }
+        _ => {}
     }
     match separate_prologue(rec.gpu, Op::Forward, &g, plan, true) {
         true => {
@@ -1016,11 +1050,19 @@ pub fn forward_stats_f16(
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train_f16(rec.gpu, WHAT, y, bn, save_mean, save_invstd)?;
-    let plan = half_plan_unsplit(rec.gpu, Op::Forward, &g);
-    if let Plan::Winograd { config, .. } = plan {
-        // The statistics by the batch norm's own kernels, reading y.
-        winograd::record_half_data(rec, Op::Forward, &g, config, x, pre, w, y, accumulate);
-        return batch_norm::stats_train_f16(rec, y, bn, save_mean, save_invstd);
+    let plan = half_plan_unsplit(rec.gpu, Op::Forward, &g, pre.is_some());
+    // Elsewhere than the tiled kernels, the statistics by the batch norm's own kernels, reading y.
+    match plan {
+        Plan::Register { span } => {
+            let w = register_weights_f16(rec, w)?;
+            register_data(rec, &g, Op::Forward, (Acts::F16(x), Acts::F16(y)), pre, &w, accumulate, span);
+            return batch_norm::stats_train_f16(rec, y, bn, save_mean, save_invstd);
+        }
+        Plan::Winograd { config, .. } => {
+            winograd::record_half_data(rec, Op::Forward, &g, config, x, pre, w, y, accumulate);
+            return batch_norm::stats_train_f16(rec, y, bn, save_mean, save_invstd);
+        }
+        _ => {}
     }
     let (x, pre) = match pre {
         Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, true) => {
@@ -1052,10 +1094,18 @@ pub fn backward_weight_bn_relu_f16(
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "dw", "dy"], t, 1, stride)?;
     check_affine(WHAT, Some(affine), g.c, &dw.buffer)?;
-    let plan = half_plan(rec.gpu, Op::BackwardWeight, &g);
-    if let Plan::Winograd { config, .. } = plan {
-        winograd::record_half_weight(rec, &g, config, x, Some(affine), dy, dw, accumulate);
-        return Ok(());
+    let plan = half_plan(rec.gpu, Op::BackwardWeight, &g, true);
+    match plan {
+        Plan::RegisterWeight { splits, chunk } => {
+            let acts = (Acts::F16(x), Acts::F16(dy));
+            register_weight(rec, &g, acts, Some(affine), dw, accumulate, splits, chunk);
+            return Ok(());
+        }
+        Plan::Winograd { config, .. } => {
+            winograd::record_half_weight(rec, &g, config, x, Some(affine), dy, dw, accumulate);
+            return Ok(());
+        }
+        _ => {}
     }
     match separate_prologue(rec.gpu, Op::BackwardWeight, &g, plan, true) {
         true => {
@@ -1089,11 +1139,19 @@ pub fn backward_data_bn_f16(
     let g = check_f16(rec.gpu, WHAT, ["dx", "w", "dy"], t, 0, stride)?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward_f16(rec.gpu, WHAT, x, da, dx, bn)?;
-    let plan = half_plan_unsplit(rec.gpu, Op::BackwardData, &g);
-    if let Plan::Winograd { config, .. } = plan {
-        // The sums by the batch norm's own kernels, reading da.
-        winograd::record_half_data(rec, Op::BackwardData, &g, config, dy, None, w, da, accumulate);
-        return batch_norm::backward_f16(rec, x, da, bn, true, dx, accumulate_dx);
+    let plan = half_plan_unsplit(rec.gpu, Op::BackwardData, &g, false);
+    // Elsewhere than the tiled kernels, the sums by the batch norm's own kernels, reading da.
+    match plan {
+        Plan::Register { span } => {
+            let w = register_weights_f16(rec, w)?;
+            register_data(rec, &g, Op::BackwardData, (Acts::F16(dy), Acts::F16(da)), None, &w, accumulate, span);
+            return batch_norm::backward_f16(rec, x, da, bn, true, dx, accumulate_dx);
+        }
+        Plan::Winograd { config, .. } => {
+            winograd::record_half_data(rec, Op::BackwardData, &g, config, dy, None, w, da, accumulate);
+            return batch_norm::backward_f16(rec, x, da, bn, true, dx, accumulate_dx);
+        }
+        _ => {}
     }
     let (dyb, wf, dab, xb) = (&dy.buffer, operand(w), &da.buffer, &x.buffer);
     let Some((part, run)) = tiled::record_backward_data_sums(rec, &g, plan, true, dyb, wf, dab, accumulate, xb, affine)
@@ -1103,16 +1161,61 @@ pub fn backward_data_bn_f16(
     batch_norm::backward_from_sums_f16(rec, x, da, bn, dx, accumulate_dx, &part, run)
 }
 
-/// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx).
+/// The register path's activations: f32, or halves (the f16 path: `Shader::ConvF16`, its
+/// operands copied into rgba16f textures).
+#[derive(Clone, Copy)]
+enum Acts<'a> {
+    F32(&'a Tensor),
+    F16(&'a HalfTensor),
+}
+
+impl Acts<'_> {
+    fn texture(self, rec: &mut Recorder, role: &'static str) -> wgpu::TextureView {
+        match self {
+            Acts::F32(t) => operand_texture(rec, role, t),
+            Acts::F16(t) => operand_texture_f16(rec, role, t),
+        }
+    }
+
+    fn buffer(&self) -> &wgpu::Buffer {
+        match self {
+            Acts::F32(t) => &t.buffer,
+            Acts::F16(t) => &t.buffer,
+        }
+    }
+
+    fn shader(self) -> Shader {
+        match self {
+            Acts::F32(_) => Shader::Conv,
+            Acts::F16(_) => Shader::ConvF16,
+        }
+    }
+}
+
+/// The f16 path's weights as the register path's windows copy them: f32 (`w` itself, rounded to
+/// halves by the shader as it reads them), or halves widened into a context scratch tensor.
+fn register_weights_f16(rec: &mut Recorder, w: &impl F16Weights) -> Result<Tensor> {
+    let dims = w.shape();
+    if !w.is_half() {
+        return Ok(Tensor::from_buffer(dims, w.buffer().clone()));
+    }
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let wide =
+        Tensor::from_buffer(dims, scratch(rec.gpu, "weights-f32", 4 * dims.iter().product::<usize>() as u64, usage));
+    cast::to_f32(rec, &HalfTensor::from_buffer(dims, w.buffer().clone()), &wide, 1.0)?;
+    Ok(wide)
+}
+
+/// Register-path forward (a = x, out = y) or backward_data (a = dy, out = dx); `out` has `a`'s
+/// type, the weights are f32.
 #[allow(clippy::too_many_arguments)]
 fn register_data(
     rec: &mut Recorder,
     g: &Geometry,
     op: Op,
-    a: &Tensor,
+    (a, out): (Acts, Acts),
     pre: Option<&Tensor>,
     w: &Tensor,
-    out: &Tensor,
     acc: bool,
     span: usize,
 ) {
@@ -1123,7 +1226,7 @@ fn register_data(
         _ => (g.c, g.k, g.n * g.h.div_ceil(REG_ROWS) * g.w / 4),
     };
     let windows = chans.div_ceil(span);
-    let view = operand_texture(rec, "conv.a", a);
+    let view = a.texture(rec, "conv.a");
     let buf = scratch(
         rec.gpu,
         "windows",
@@ -1159,7 +1262,7 @@ fn register_data(
         }
     }
     let entry = register_entry(op, g.stride, g.ks);
-    let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
+    let pipeline = register_pipeline(rec.gpu, a.shader(), entry, pre.is_some());
     let aff = affine_window(rec, pre);
     for i in 0..windows {
         let (c0, n) = (i * span, span.min(chans - i * span));
@@ -1170,7 +1273,7 @@ fn register_data(
         let binds = [
             (10, wgpu::BindingResource::TextureView(&view)),
             (12, window(&buf, i)),
-            (13, out.buffer.as_entire_binding()),
+            (13, out.buffer().as_entire_binding()),
             (5, window(&aff, 0)),
         ];
         dispatch_pipeline(rec, &pipeline, entry, &params, &binds, fold(quads.div_ceil(LANES), n.div_ceil(REG_KB)));
@@ -1192,10 +1295,10 @@ fn affine_window(rec: &mut Recorder, pre: Option<&Tensor>) -> wgpu::Buffer {
     buf
 }
 
-/// The register path's pipeline for `entry`, with the BN + ReLU prologue on x where `pre`
-/// (the shader's `PRE` override).
-fn register_pipeline(gpu: &Gpu, entry: &'static str, pre: bool) -> wgpu::ComputePipeline {
-    gpu.pipeline_with(Shader::Conv, entry, if pre { &[("PRE", 1.0)] } else { &[] })
+/// The register path's pipeline for `entry` of `shader` (conv.wgsl on f32 or f16
+/// activations), with the BN + ReLU prologue on x where `pre` (the shader's `PRE` override).
+fn register_pipeline(gpu: &Gpu, shader: Shader, entry: &'static str, pre: bool) -> wgpu::ComputePipeline {
+    gpu.pipeline_with(shader, entry, if pre { &[("PRE", 1.0)] } else { &[] })
 }
 
 fn register_entry(op: Op, stride: usize, ks: usize) -> &'static str {
@@ -1217,16 +1320,15 @@ fn register_entry(op: Op, stride: usize, ks: usize) -> &'static str {
 fn register_weight(
     rec: &mut Recorder,
     g: &Geometry,
-    x: &Tensor,
+    (x, dy): (Acts, Acts),
     pre: Option<&Tensor>,
-    dy: &Tensor,
     dw: &Tensor,
     acc: bool,
     splits: usize,
     chunk: usize,
 ) {
-    let xv = operand_texture(rec, "conv.a", x);
-    let dv = operand_texture(rec, "conv.b", dy);
+    let xv = x.texture(rec, "conv.a");
+    let dv = dy.texture(rec, "conv.b");
     let part = partials(rec.gpu, if splits > 1 { splits } else { 0 }, dw.len());
     let ktiles = g.k.div_ceil(REG_WK);
     let ctiles = g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);
@@ -1250,7 +1352,7 @@ fn register_weight(
         (7, part.as_entire_binding()),
         (5, window(&aff, 0)),
     ];
-    let pipeline = register_pipeline(rec.gpu, entry, pre.is_some());
+    let pipeline = register_pipeline(rec.gpu, x.shader(), entry, pre.is_some());
     dispatch_pipeline(rec, &pipeline, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
     if splits > 1 {
         reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);

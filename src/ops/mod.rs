@@ -21,7 +21,7 @@ pub(crate) mod split;
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
-use crate::tensor::Tensor;
+use crate::tensor::{HalfTensor, Tensor};
 
 /// Texels per row of an operand texture (`TEXW` in the shaders): 4096 floats.
 pub(crate) const TEXW: usize = 1024;
@@ -35,27 +35,46 @@ pub(crate) fn texture_fits(gpu: &Gpu, len: usize) -> bool {
 /// elements 4i .. 4i+3) and returns a view of it. The length is a multiple of 4 (checked by
 /// the plan).
 pub(crate) fn operand_texture(rec: &mut Recorder, role: &'static str, t: &Tensor) -> wgpu::TextureView {
-    let texels = t.len() / 4;
+    texture_copy(rec, role, &t.buffer, t.len(), false)
+}
+
+/// [`operand_texture`] of half activations: an rgba16f texture (its loads return f32).
+pub(crate) fn operand_texture_f16(rec: &mut Recorder, role: &'static str, t: &HalfTensor) -> wgpu::TextureView {
+    texture_copy(rec, role, &t.buffer, t.len(), true)
+}
+
+fn texture_copy(
+    rec: &mut Recorder,
+    role: &'static str,
+    buffer: &wgpu::Buffer,
+    len: usize,
+    half: bool,
+) -> wgpu::TextureView {
+    let (format, texel_bytes) = match half {
+        false => (wgpu::TextureFormat::Rgba32Float, 16),
+        true => (wgpu::TextureFormat::Rgba16Float, 8),
+    };
+    let texels = len / 4;
     let rows = texels.div_ceil(TEXW);
     let gpu = rec.gpu;
-    let tex = gpu.cached(("texture", role, rows), || {
+    let tex = gpu.cached(("texture", role, rows, format), || {
         gpu.device.create_texture(&wgpu::TextureDescriptor {
             label: Some("conv operand"),
             size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
             mip_level_count: 1,
             sample_count: 1,
             dimension: wgpu::TextureDimension::D2,
-            format: wgpu::TextureFormat::Rgba32Float,
+            format,
             usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
             view_formats: &[],
         })
     });
-    let row_bytes = (TEXW * 16) as u32;
+    let row_bytes = (TEXW * texel_bytes) as u32;
     let (full, rest) = (texels / TEXW, texels % TEXW);
     let copy = |enc: &mut wgpu::CommandEncoder, offset: u64, y: usize, width: usize, height: usize| {
         enc.copy_buffer_to_texture(
             wgpu::TexelCopyBufferInfo {
-                buffer: &t.buffer,
+                buffer,
                 layout: wgpu::TexelCopyBufferLayout { offset, bytes_per_row: Some(row_bytes), rows_per_image: None },
             },
             wgpu::TexelCopyTextureInfo {
@@ -71,7 +90,7 @@ pub(crate) fn operand_texture(rec: &mut Recorder, role: &'static str, t: &Tensor
         copy(rec.encoder(), 0, 0, TEXW, full);
     }
     if rest > 0 {
-        copy(rec.encoder(), (full * TEXW * 16) as u64, full, rest, 1);
+        copy(rec.encoder(), (full * TEXW * texel_bytes) as u64, full, rest, 1);
     }
     tex.create_view(&wgpu::TextureViewDescriptor::default())
 }
