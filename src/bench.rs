@@ -212,9 +212,7 @@ pub enum Item {
     UnitF16(UnitKind),
     /// One training step of the CIFAR ResNet-20 of this kind (forward, backward, SGD update),
     /// f32 or (`true`) the f16 network: at the shapes of its first stage (`N,16,32,32`), on `N`
-    /// images of 32x32. The f16 network not on CPU adapters: its convolutions take the tiled
-    /// kernels, which lavapipe runs far slower than the register path of the f32 ones (a step
-    /// 35x the f32 one's).
+    /// images of 32x32.
     Net(UnitKind, bool),
 }
 
@@ -455,9 +453,6 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             }
             let half = matches!(item, Item::ConvForwardF16 | Item::UnitF16(_) | Item::Net(_, true));
             if half && !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
-                continue;
-            }
-            if matches!(item, Item::Net(_, true)) && is_cpu_adapter(gpu) {
                 continue;
             }
             let Some(shape) = item.shape_at(shape) else { continue };
