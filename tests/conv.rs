@@ -968,14 +968,7 @@ fn f16_register_path_within_bound() {
         check_f16_ops(&g, c, &mut rng, "f16 register", i % 2 == 1);
     }
     resnet_wgpu::profile::set(&g, false);
-    let spans = resnet_wgpu::profile::take(&g).unwrap();
-    let ran = |entry: &str| spans.iter().filter(|s| s.label.starts_with(entry)).count();
-    let lanes = g.report.features.contains(wgpu::Features::SUBGROUP) && g.adapter.get_info().subgroup_min_size >= 8;
-    if g.has_timestamps() && lanes {
-        for entry in ["rp_forward", "rp_backward_data", "rp_backward_weight"] {
-            assert!(ran(entry) > 0, "no {entry} dispatch on the f16 path");
-        }
-    }
+    assert_register_path_ran(&g, "the f16 convolutions");
 }
 
 /// The f16 path convolves f32 weights rounded to halves, whichever kernels run: weights of

@@ -208,14 +208,7 @@ fn f16_units_within_bound() {
             }
         }
     }
-    // The register path ran (where the adapter's subgroups allow it and dispatches can be timed).
-    let spans = resnet_wgpu::profile::take(&register).unwrap();
-    let lanes = g.report.features.contains(wgpu::Features::SUBGROUP) && g.adapter.get_info().subgroup_min_size >= 8;
-    if g.has_timestamps() && lanes {
-        for entry in ["rp_forward", "rp_backward_data", "rp_backward_weight"] {
-            assert!(spans.iter().any(|s| s.label.starts_with(entry)), "no {entry} dispatch in the f16 units");
-        }
-    }
+    assert_register_path_ran(&register, "the f16 units");
 }
 
 /// Units the f16 path does not take (the paper's other combinations: scaling, gates, dropout)

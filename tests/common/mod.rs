@@ -305,3 +305,16 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Asserts that a context forcing the register path ran its three convolution ops (its profile
+/// taken, `what` for the message), where the adapter's subgroups allow the path and dispatches
+/// can be timed.
+pub fn assert_register_path_ran(g: &Gpu, what: &str) {
+    let spans = resnet_wgpu::profile::take(g).unwrap();
+    let lanes = g.report.features.contains(wgpu::Features::SUBGROUP) && g.adapter.get_info().subgroup_min_size >= 8;
+    if g.has_timestamps() && lanes {
+        for entry in ["rp_forward", "rp_backward_data", "rp_backward_weight"] {
+            assert!(spans.iter().any(|s| s.label.starts_with(entry)), "no {entry} dispatch in {what}");
+        }
+    }
+}
