@@ -839,14 +839,17 @@ fn check_f16(
 /// op's (forced, tuned or ruled) or, on a context with cooperative matrices, its own choice, on
 /// them or plain ([`tiled::half_tile`]); or Winograd where it is considered faster.
 fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
-    let f32_plan = plan_pre(gpu, op, g, pre);
-    let f32_tile = || match f32_plan {
-        Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
-        Plan::Register { .. } | Plan::RegisterWeight { .. } => tiled::rule(op, g),
-    };
-    if matches!(f32_plan, Plan::Register { .. } | Plan::RegisterWeight { .. }) {
-        return f32_plan;
+    // The f32 plan is looked up first only where the register path can apply: elsewhere (GPUs)
+    // it may be timed, and the f16 path on cooperative matrices does not need it.
+    if register_adapter(gpu, kernels(gpu)) && register_layout(g, op) {
+        if let p @ (Plan::Register { .. } | Plan::RegisterWeight { .. }) = plan_pre(gpu, op, g, pre) {
+            return p;
+        }
     }
+    let f32_tile = || match plan(gpu, op, g) {
+        Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
+        _ => tiled::rule(op, g),
+    };
     let tiled = tiled::half_plan(gpu, op, g, f32_tile);
     let (k, choice) = (kernels(gpu), winograd::choice(gpu));
     gpu.cached(("conv.half-winograd", op, k, choice, *g, tiled), || winograd::consider(gpu, op, g, k, tiled, true))
