@@ -47,7 +47,8 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
-// ST, the storage type of the activations x, y, dy and dx (bindings 1, 2, 9, 10), is f32, or
+// ST, the storage type of the activations x, y, dy and dx (bindings 1, 2, 9, 10; the vec4
+// kernels' 15 to 18), is f32, or
 // f16 in the module of the f16 path (ops/batch_norm.rs `*_f16`; the host prepends the alias):
 // loads widen to f32, stores round once, everything between is f32.
 @group(0) @binding(1) var<storage, read> x: array<ST>;
@@ -446,21 +447,23 @@ fn backward_merge(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
 // same work with a quarter of the loads and stores, which on CPU adapters are the cost (each is
 // a loop over the SIMD lanes). Sums run over the elements in the scalar kernels' order.
 // They read x and dy through ld_x and ld_dy, from storage buffers or from textures: the host
-// keeps one of the two blocks below per module (Shader::BatchNorm, Shader::BatchNormTexture).
+// keeps one of the two blocks below per module (Shader::BatchNorm, Shader::BatchNormTexture and
+// their f16 builds).
 // ------------------------------------------------------------------------------------------
 
-@group(0) @binding(15) var<storage, read> x4: array<vec4f>;
-@group(0) @binding(16) var<storage, read_write> y4: array<vec4f>;
-@group(0) @binding(17) var<storage, read> dy4: array<vec4f>;
-@group(0) @binding(18) var<storage, read_write> dx4: array<vec4f>;
+@group(0) @binding(15) var<storage, read> x4: array<vec4<ST>>;
+@group(0) @binding(16) var<storage, read_write> y4: array<vec4<ST>>;
+@group(0) @binding(17) var<storage, read> dy4: array<vec4<ST>>;
+@group(0) @binding(18) var<storage, read_write> dx4: array<vec4<ST>>;
 
 // @buffer-loads-begin
-fn ld_x(q: u32) -> vec4f { return x4[q]; }
-fn ld_dy(q: u32) -> vec4f { return dy4[q]; }
+fn ld_x(q: u32) -> vec4f { return vec4f(x4[q]); }
+fn ld_dy(q: u32) -> vec4f { return vec4f(dy4[q]); }
 // @buffer-loads-end
 
-// @texture-loads-begin: x and dy as rgba32float textures of TEXW texels a row (CPU adapters,
-// whose texture loads run faster than their storage-buffer loads).
+// @texture-loads-begin: x and dy as rgba32float textures of TEXW texels a row (rgba16float
+// where ST is f16; CPU adapters, whose texture loads run faster than their storage-buffer
+// loads).
 @group(0) @binding(19) var xt: texture_2d<f32>;
 @group(0) @binding(20) var dyt: texture_2d<f32>;
 const TEXW: u32 = 1024u;
@@ -527,9 +530,9 @@ fn normalize4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: v
     let b = vec4f(beta[r.c]);
     for (var i = r.start / 4u; i < r.end / 4u; i++) {
         var v = (ld_x(i) - mean) * invstd * g + b;
-        if p.add == 1u { v = y4[i] + v; }
+        if p.add == 1u { v = vec4f(y4[i]) + v; }
         if p.relu == 1u { v = max(v, vec4f(0.0)); }
-        y4[i] = v;
+        y4[i] = vec4<ST>(v);
     }
 }
 
@@ -578,7 +581,7 @@ fn backward_apply4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     for (var i = r.start / 4u; i < r.end / 4u; i++) {
         let xh = (ld_x(i) - vec4f(k.mean)) * k.invstd;
         let g = gi * (dz4(i, k, xh) - mb - xh * mg);
-        if p.accumulate == 1u { dx4[i] += g; } else { dx4[i] = g; }
+        if p.accumulate == 1u { dx4[i] = vec4<ST>(vec4f(dx4[i]) + g); } else { dx4[i] = vec4<ST>(g); }
     }
 }
 

@@ -123,6 +123,8 @@ pub enum Shader {
     BatchNormTexture,
     /// `batch_norm.wgsl` with f16 activations (the f16 path; adapters with `SHADER_F16` only).
     BatchNormF16,
+    /// `BatchNormF16` whose vec4 kernels read x and dy from textures (CPU adapters).
+    BatchNormF16Texture,
     Relu,
     /// `relu.wgsl` on f16 tensors (as `BatchNormF16`).
     ReluF16,
@@ -161,6 +163,7 @@ impl Shader {
             Shader::BatchNorm => return format!("{F32}{}", batch_norm_source(subgroups, "texture")).into(),
             Shader::BatchNormTexture => return format!("{F32}{}", batch_norm_source(subgroups, "buffer")).into(),
             Shader::BatchNormF16 => return format!("{F16}{}", batch_norm_source(subgroups, "texture")).into(),
+            Shader::BatchNormF16Texture => return format!("{F16}{}", batch_norm_source(subgroups, "buffer")).into(),
             Shader::Relu => return format!("{F32}{RELU}").into(),
             Shader::ReluF16 => return format!("{F16}{RELU}").into(),
             Shader::Residual => return format!("{F32}{RESIDUAL}").into(),
@@ -1130,7 +1133,8 @@ mod tests {
             assert_eq!(s.matches("fn sum2(").count(), 1, "{subgroups:?}");
             // One set of vec4 loads: storage buffers here, textures in BatchNormTexture.
             let t = Shader::BatchNormTexture.source(subgroups);
-            for (m, tex) in [(&s, false), (&t, true)] {
+            let (h, ht) = (Shader::BatchNormF16.source(subgroups), Shader::BatchNormF16Texture.source(subgroups));
+            for (m, tex) in [(&s, false), (&t, true), (&h, false), (&ht, true)] {
                 assert_eq!(m.matches("fn ld_x(").count(), 1, "{subgroups:?}");
                 assert_eq!(m.contains("textureLoad(xt"), tex, "{subgroups:?}");
             }

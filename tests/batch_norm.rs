@@ -304,6 +304,70 @@ fn variant_matches_reference(k: bn::Kernels) {
     }
 }
 
+/// The f16 path's batch norm in each variant (the f32 path's on the same shape: scalar, vec4,
+/// texture loads, wide; shapes a variant cannot take run the scalar kernels): the training
+/// statistics, the normalisation with each epilogue, and the backward with and without the
+/// ReLU, accumulating and not, on half inputs against the f64 reference on the same halves.
+/// Half outputs within the f16 bound (1e-3: one rounding), the f32 ones (running variance,
+/// dgamma, dbeta) within f32's; outputs poisoned first.
+#[test]
+fn f16_every_variant_matches_reference() {
+    if !gpu().report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", gpu().report.name);
+        return;
+    }
+    for k in [bn::Kernels::Scalar, bn::Kernels::Vec4, bn::Kernels::Texture, bn::Kernels::Wide] {
+        let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        bn::set_kernels(&g, k);
+        let up = |dims: &[usize], v: &[f32]| resnet_wgpu::Tensor::new(&g, dims, v).unwrap();
+        let nan = |dims: &[usize]| resnet_wgpu::Tensor::filled(&g, dims, f32::NAN).unwrap();
+        let half = |dims: &[usize], v: &[f32]| HalfTensor::from_f32(&g, dims, v).unwrap();
+        let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
+        let mut rng = Rng::new(15);
+        for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3], [2, 3, 5, 7]] {
+            let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+            for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
+                let (x, y_old, dy, prior) =
+                    (round(rng.data(n)), round(rng.data(n)), round(rng.data(n)), round(rng.data(n)));
+                let h = Host::new(&mut rng, c);
+                let (tg, tb, trm, trv) = (up(&[c], &h.gamma), up(&[c], &h.beta), up(&[c], &h.rm), up(&[c], &h.rv));
+                let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
+                let (tx, tdy) = (half(&dims, &x), half(&dims, &dy));
+                let ty = half(&dims, &if ep.add { y_old.clone() } else { vec![f32::NAN; n] });
+                let tdx = half(&dims, &if acc { prior.clone() } else { vec![f32::NAN; n] });
+                let (tmean, tinv, scratch, tdg, tdb) = (nan(&[c]), nan(&[c]), nan(&[2 * c]), nan(&[c]), nan(&[c]));
+                let relu = ep.relu && !ep.add;
+                let grads = bn::BnGrads {
+                    gamma: &tg,
+                    beta: &tb,
+                    save_mean: &tmean,
+                    save_invstd: &tinv,
+                    dgamma: &tdg,
+                    dbeta: &tdb,
+                    scratch: &scratch,
+                };
+                let mut rec = g.recorder("bn f16 variant");
+                bn::stats_train_f16(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
+                bn::apply_saved_f16(&mut rec, &tx, &ty, &tg, &tb, &tmean, &tinv, ep).unwrap();
+                bn::backward_f16(&mut rec, &tx, &tdy, &grads, relu, &tdx, acc).unwrap();
+                rec.run().unwrap();
+                let (x64, gamma, beta, old) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta), to_f64(&y_old));
+                let (rm, rv) = (to_f64(&h.rm), to_f64(&h.rv));
+                let want = rbn::forward_train(&x64, dims, &gamma, &beta, &rm, &rv, ep.add.then_some(&old[..]), ep.relu);
+                let (dx, dgamma, dbeta) = rbn::backward(&x64, dims, &to_f64(&dy), &gamma, &beta, relu);
+                let dx: Vec<f64> = if acc { prior.iter().zip(&dx).map(|(&p, &q)| p as f64 + q).collect() } else { dx };
+                let tag = format!("f16 {k:?} {dims:?} {ep:?}");
+                let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
+                check(&format!("bn train y {tag}"), &ty.read(&g).unwrap(), &want.y, 1e-3);
+                check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
+                check(&format!("bn bwd dx {tag}"), &tdx.read(&g).unwrap(), &dx, 1e-3);
+                check(&format!("bn bwd dgamma {tag}"), &rd(&tdg), &dgamma, F32_TOL);
+                check(&format!("bn bwd dbeta {tag}"), &rd(&tdb), &dbeta, F32_TOL);
+            }
+        }
+    }
+}
+
 /// Three training steps on different batches through one layer: the running statistics (and the
 /// last step's outputs) follow the reference.
 #[test]

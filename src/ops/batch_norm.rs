@@ -955,8 +955,9 @@ pub fn apply_saved(
 
 // ---------------------------------------------------------------------------------------------
 // The f16 path: f16 activations (`HalfTensor`), f32 per-channel tensors and arithmetic; the
-// scalar or wide kernels of batch_norm.wgsl built with ST = f16 (`Shader::BatchNormF16`). A
-// batch runs whole (no chunks): every activation fits one storage binding.
+// kernels of batch_norm.wgsl built with ST = f16 (`Shader::BatchNormF16`, and
+// `Shader::BatchNormF16Texture` for the texture variant), in the f32 path's variant for the
+// shape. A batch runs whole (no chunks): every activation fits one storage binding.
 
 /// The f16 path's checks: the adapter has shader-f16; `x` and `others` share one 4-D shape,
 /// fit one storage binding each and are distinct buffers; returns the shape.
@@ -984,13 +985,14 @@ fn half_activations(gpu: &Gpu, what: &str, x: &HalfTensor, others: &[(&str, &Hal
     Ok(d)
 }
 
-/// The f16 path's run kernels: wide where the context runs the wide kernels, else scalar.
+/// The f16 path's run kernels: those of the f32 path on the same shape.
 fn half_variant(gpu: &Gpu, d: [usize; 4]) -> Variant {
-    if variant(gpu, d) == Variant::Wide { Variant::Wide } else { Variant::Scalar }
+    variant(gpu, d)
 }
 
-/// Records run kernel `entry` of the f16 module in variant `v` (scalar or wide) over `d`, with
-/// `binds`.
+/// Records run kernel `entry` of the f16 module in variant `v` over `d`, with `binds`, whose
+/// activations x, y, dy and dx are given at the scalar kernels' bindings 1, 2, 9 and 10 (moved
+/// to the vec4 kernels' bindings, x and dy copied into rgba16f textures in the texture variant).
 fn half_dispatch(
     rec: &mut Recorder,
     d: [usize; 4],
@@ -999,7 +1001,10 @@ fn half_dispatch(
     prm: &[u32],
     binds: &[(u32, &wgpu::Buffer)],
 ) {
-    let (entry, groups) = match v {
+    let chunk = if entry.ends_with("_partial") { v.reduce_chunk() } else { v.apply_chunk() };
+    let runs = d[0] * d[1] * parts(d, chunk);
+    let (shader, entry, groups) = match v {
+        Variant::Scalar => (Shader::BatchNormF16, entry, groups_for(runs)),
         Variant::Wide => {
             let wide = match entry {
                 "stats_partial" => "stats_partial_w",
@@ -1007,11 +1012,43 @@ fn half_dispatch(
                 "backward_partial" => "backward_partial_w",
                 _ => "backward_apply_w",
             };
-            (wide, groups_for(d[0] * d[1] * parts(d, WIDE_CHUNK) * WG as usize))
+            (Shader::BatchNormF16, wide, groups_for(runs * WG as usize))
         }
-        _ => (entry, run_groups(d, if entry.ends_with("_partial") { REDUCE_CHUNK } else { APPLY_CHUNK })),
+        Variant::Vec4 | Variant::Texture => {
+            let vec4 = match entry {
+                "stats_partial" => "stats_partial4",
+                "normalize" => "normalize4",
+                "backward_partial" => "backward_partial4",
+                _ => "backward_apply4",
+            };
+            let shader = if v == Variant::Texture { Shader::BatchNormF16Texture } else { Shader::BatchNormF16 };
+            (shader, vec4, groups_for(runs))
+        }
     };
-    rec.dispatch(Shader::BatchNormF16, entry, prm, binds, groups);
+    if !matches!(v, Variant::Vec4 | Variant::Texture) {
+        return rec.dispatch(shader, entry, prm, binds, groups);
+    }
+    // The texture variant's copies of x (binding 1) and dy (9), then every binding where the
+    // vec4 kernels take it.
+    let texture = |rec: &mut Recorder, n: u32, role: &'static str| {
+        let b = binds.iter().find(|(m, _)| *m == n).map(|(_, b)| (*b).clone());
+        b.filter(|_| v == Variant::Texture)
+            .map(|b| super::operand_texture_f16(rec, role, &HalfTensor::from_buffer(&d, b)))
+    };
+    let (xt, dyt) = (texture(rec, 1, "bn.x"), texture(rec, 9, "bn.dy"));
+    let res: Vec<(u32, wgpu::BindingResource)> = binds
+        .iter()
+        .map(|&(n, b)| match (n, &xt, &dyt) {
+            (1, Some(t), _) => (19, wgpu::BindingResource::TextureView(t)),
+            (9, _, Some(t)) => (20, wgpu::BindingResource::TextureView(t)),
+            (1, ..) => (15, b.as_entire_binding()),
+            (2, ..) => (16, b.as_entire_binding()),
+            (9, ..) => (17, b.as_entire_binding()),
+            (10, ..) => (18, b.as_entire_binding()),
+            _ => (n, b.as_entire_binding()),
+        })
+        .collect();
+    rec.dispatch_resources(shader, entry, prm, &res, groups);
 }
 
 /// [`stats_train`] of an f16 `x`: the batch statistics (saved, running ones moved), in f32.
