@@ -29,7 +29,7 @@
 use crate::error::{Error, Result};
 use std::sync::{Arc, Mutex};
 
-use super::{operand_texture, texture_fits};
+use super::{operand_texture, operand_texture_f16, texture_fits};
 use crate::gpu::{Gpu, Recorder, Shader, WG, groups_for};
 use crate::ops::conv::affine_binding;
 use crate::ops::split;
@@ -254,6 +254,14 @@ impl Views {
     fn new(rec: &mut Recorder, v: Variant, x: Option<&Tensor>, dy: Option<&Tensor>) -> Views {
         let mut tex =
             |role, t: Option<&Tensor>| t.filter(|_| v == Variant::Texture).map(|t| operand_texture(rec, role, t));
+        Views { x: tex("bn.x", x), dy: tex("bn.dy", dy) }
+    }
+
+    /// [`Views::new`] of half activations (rgba16f textures).
+    fn new_f16(rec: &mut Recorder, v: Variant, x: Option<&HalfTensor>, dy: Option<&HalfTensor>) -> Views {
+        let mut tex = |role, t: Option<&HalfTensor>| {
+            t.filter(|_| v == Variant::Texture).map(|t| operand_texture_f16(rec, role, t))
+        };
         Views { x: tex("bn.x", x), dy: tex("bn.dy", dy) }
     }
 }
@@ -985,14 +993,9 @@ fn half_activations(gpu: &Gpu, what: &str, x: &HalfTensor, others: &[(&str, &Hal
     Ok(d)
 }
 
-/// The f16 path's run kernels: those of the f32 path on the same shape.
-fn half_variant(gpu: &Gpu, d: [usize; 4]) -> Variant {
-    variant(gpu, d)
-}
-
 /// Records run kernel `entry` of the f16 module in variant `v` over `d`, with `binds`, whose
 /// activations x, y, dy and dx are given at the scalar kernels' bindings 1, 2, 9 and 10 (moved
-/// to the vec4 kernels' bindings, x and dy copied into rgba16f textures in the texture variant).
+/// to the vec4 kernels' bindings; x and dy read from `views` in the texture variant).
 fn half_dispatch(
     rec: &mut Recorder,
     d: [usize; 4],
@@ -1000,6 +1003,7 @@ fn half_dispatch(
     entry: &'static str,
     prm: &[u32],
     binds: &[(u32, &wgpu::Buffer)],
+    views: &Views,
 ) {
     let chunk = if entry.ends_with("_partial") { v.reduce_chunk() } else { v.apply_chunk() };
     let runs = d[0] * d[1] * parts(d, chunk);
@@ -1028,17 +1032,10 @@ fn half_dispatch(
     if !matches!(v, Variant::Vec4 | Variant::Texture) {
         return rec.dispatch(shader, entry, prm, binds, groups);
     }
-    // The texture variant's copies of x (binding 1) and dy (9), then every binding where the
-    // vec4 kernels take it.
-    let texture = |rec: &mut Recorder, n: u32, role: &'static str| {
-        let b = binds.iter().find(|(m, _)| *m == n).map(|(_, b)| (*b).clone());
-        b.filter(|_| v == Variant::Texture)
-            .map(|b| super::operand_texture_f16(rec, role, &HalfTensor::from_buffer(&d, b)))
-    };
-    let (xt, dyt) = (texture(rec, 1, "bn.x"), texture(rec, 9, "bn.dy"));
+    // Every binding where the vec4 kernels take it (x and dy as textures where there are views).
     let res: Vec<(u32, wgpu::BindingResource)> = binds
         .iter()
-        .map(|&(n, b)| match (n, &xt, &dyt) {
+        .map(|&(n, b)| match (n, &views.x, &views.dy) {
             (1, Some(t), _) => (19, wgpu::BindingResource::TextureView(t)),
             (9, _, Some(t)) => (20, wgpu::BindingResource::TextureView(t)),
             (1, ..) => (15, b.as_entire_binding()),
@@ -1061,10 +1058,11 @@ pub fn stats_train_f16(
 ) -> Result<()> {
     const WHAT: &str = "batch norm stats_train_f16";
     let (d, unbias) = check_train_f16(rec.gpu, WHAT, x, p, save_mean, save_invstd)?;
-    let v = half_variant(rec.gpu, d);
+    let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);
     let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
-    half_dispatch(rec, d, v, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)]);
+    let views = Views::new_f16(rec, v, Some(x), None);
+    half_dispatch(rec, d, v, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)], &views);
     record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, &part);
     Ok(())
 }
@@ -1146,7 +1144,7 @@ pub(crate) fn backward_from_sums_f16(
 ) -> Result<()> {
     let d = check_backward_f16(rec.gpu, "batch norm backward_f16", x, dy, dx, b)?;
     record_sums_final(rec, d, b, part, run);
-    let v = half_variant(rec.gpu, d);
+    let v = variant(rec.gpu, d);
     let binds = [
         (1, &x.buffer),
         (9, &dy.buffer),
@@ -1158,7 +1156,8 @@ pub(crate) fn backward_from_sums_f16(
         (11, &b.scratch.buffer),
     ];
     let prm = params(d, v.apply_chunk(), true, false, accumulate_dx, 1.0);
-    half_dispatch(rec, d, v, "backward_apply", &prm, &binds);
+    let views = Views::new_f16(rec, v, Some(x), Some(dy));
+    half_dispatch(rec, d, v, "backward_apply", &prm, &binds, &views);
     Ok(())
 }
 
@@ -1180,11 +1179,12 @@ pub fn apply_saved_f16(
     let named = [("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)];
     per_channel(WHAT, d[1], &named)?;
     distinct(WHAT, &named)?;
-    let v = half_variant(rec.gpu, d);
+    let v = variant(rec.gpu, d);
     let prm = params(d, v.apply_chunk(), ep.relu, ep.add, false, 1.0);
     let binds =
         [(1, &x.buffer), (2, &y.buffer), (3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)];
-    half_dispatch(rec, d, v, "normalize", &prm, &binds);
+    let views = Views::new_f16(rec, v, Some(x), None);
+    half_dispatch(rec, d, v, "normalize", &prm, &binds, &views);
     Ok(())
 }
 
@@ -1222,21 +1222,25 @@ pub fn backward_f16(
     accumulate_dx: bool,
 ) -> Result<()> {
     let d = check_backward_f16(rec.gpu, "batch norm backward_f16", x, dy, dx, b)?;
-    let v = half_variant(rec.gpu, d);
+    let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);
     let stat = [(3, &b.gamma.buffer), (4, &b.beta.buffer), (7, &b.save_mean.buffer), (8, &b.save_invstd.buffer)];
     let mut binds = vec![(1, &x.buffer), (9, &dy.buffer), (14, &part)];
     binds.extend(stat);
-    half_dispatch(rec, d, v, "backward_partial", &params(d, v.reduce_chunk(), relu, false, false, 1.0), &binds);
+    // One texture copy of x and dy (CPU adapters) serves both passes.
+    let views = Views::new_f16(rec, v, Some(x), Some(dy));
+    let prm = params(d, v.reduce_chunk(), relu, false, false, 1.0);
+    half_dispatch(rec, d, v, "backward_partial", &prm, &binds, &views);
     rec.dispatch(
         Shader::BatchNorm,
         "backward_final",
-        &params(d, v.reduce_chunk(), relu, false, false, 1.0),
+        &prm,
         &[(11, &b.scratch.buffer), (12, &b.dgamma.buffer), (13, &b.dbeta.buffer), (14, &part)],
         [d[1] as u32, 1, 1],
     );
     let mut binds = vec![(1, &x.buffer), (9, &dy.buffer), (10, &dx.buffer), (11, &b.scratch.buffer)];
     binds.extend(stat);
-    half_dispatch(rec, d, v, "backward_apply", &params(d, v.apply_chunk(), relu, false, accumulate_dx, 1.0), &binds);
+    let prm = params(d, v.apply_chunk(), relu, false, accumulate_dx, 1.0);
+    half_dispatch(rec, d, v, "backward_apply", &prm, &binds, &views);
     Ok(())
 }
