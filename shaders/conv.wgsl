@@ -125,7 +125,7 @@ fn tex_b(t: u32) -> vec4f {
 // Element i of the weight window, as the activations' type holds it: the f16 path (ST = f16)
 // convolves the weights rounded to halves, as its tiled kernels do (an identity where ST = f32).
 fn wat(i: u32) -> f32 {
-    return f32(ST(wu[i >> 2u][i & 3u]));
+    return as_st(wu[i >> 2u][i & 3u]);
 }
 
 // The input of the 9 taps (t = ky * 3 + kx) for a lane's quad, or of tap 0 for ks = 1.

@@ -348,9 +348,8 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                     if p.accumulate == 1u {
                         v4[j] = f32(dst[o]) + v4[j];
                     }
-                    let stored = ST(v4[j]);
-                    dst[o] = stored;
-                    v4[j] = f32(stored); // as stored (rounded where ST is f16), for STATS and BSUMS
+                    v4[j] = as_st(v4[j]); // as stored (rounded where ST is f16), for STATS and BSUMS
+                    dst[o] = ST(v4[j]);
                     if BSUMS {
                         // dz = da * [ReLU input > 0] with the forward prologue's own expression,
                         // xhat = (x_bn - mean) * invstd; x_bn (bound as dys) is at da's index.

@@ -345,9 +345,9 @@ fn wino_weights(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg:
         var g: array<f32, 9>;
         for (var t = 0u; t < 9u; t++) { // @unroll
             if p.mode == 0u {
-                g[t] = f32(ST(wsrc[(co * p.ci + ci) * 9u + t]));
+                g[t] = as_st(f32(wsrc[(co * p.ci + ci) * 9u + t]));
             } else {
-                g[t] = f32(ST(wsrc[(ci * p.co + co) * 9u + 8u - t]));
+                g[t] = as_st(f32(wsrc[(ci * p.co + co) * 9u + 8u - t]));
             }
         }
         u = weight_transform(g);

@@ -147,9 +147,7 @@ impl Shader {
     fn source(self, subgroups: Option<u32>) -> std::borrow::Cow<'static, str> {
         const RELU: &str = include_str!("../shaders/relu.wgsl");
         const RESIDUAL: &str = include_str!("../shaders/residual.wgsl");
-        // The storage type ST of the files that serve both paths.
-        const F32: &str = "alias ST = f32;\n";
-        const F16: &str = "enable f16;\nalias ST = f16;\n";
+        let (f32s, f16s) = (storage_type(false), storage_type(true));
         let text = match self {
             Shader::Conv | Shader::ConvF16 => {
                 let text = include_str!("../shaders/conv.wgsl");
@@ -157,17 +155,17 @@ impl Shader {
                     Some(end) if subgroups.is_none() => &text[..end],
                     _ => text,
                 };
-                let ty = if self == Shader::Conv { F32 } else { F16 };
+                let ty = if self == Shader::Conv { f32s } else { f16s };
                 return format!("{ty}{text}").into();
             }
-            Shader::BatchNorm => return format!("{F32}{}", batch_norm_source(subgroups, "texture")).into(),
-            Shader::BatchNormTexture => return format!("{F32}{}", batch_norm_source(subgroups, "buffer")).into(),
-            Shader::BatchNormF16 => return format!("{F16}{}", batch_norm_source(subgroups, "texture")).into(),
-            Shader::BatchNormF16Texture => return format!("{F16}{}", batch_norm_source(subgroups, "buffer")).into(),
-            Shader::Relu => return format!("{F32}{RELU}").into(),
-            Shader::ReluF16 => return format!("{F16}{RELU}").into(),
-            Shader::Residual => return format!("{F32}{RESIDUAL}").into(),
-            Shader::ResidualF16 => return format!("{F16}{RESIDUAL}").into(),
+            Shader::BatchNorm => return format!("{f32s}{}", batch_norm_source(subgroups, "texture")).into(),
+            Shader::BatchNormTexture => return format!("{f32s}{}", batch_norm_source(subgroups, "buffer")).into(),
+            Shader::BatchNormF16 => return format!("{f16s}{}", batch_norm_source(subgroups, "texture")).into(),
+            Shader::BatchNormF16Texture => return format!("{f16s}{}", batch_norm_source(subgroups, "buffer")).into(),
+            Shader::Relu => return format!("{f32s}{RELU}").into(),
+            Shader::ReluF16 => return format!("{f16s}{RELU}").into(),
+            Shader::Residual => return format!("{f32s}{RESIDUAL}").into(),
+            Shader::ResidualF16 => return format!("{f16s}{RESIDUAL}").into(),
             Shader::Cast => include_str!("../shaders/cast.wgsl"),
             Shader::PoolFcLoss => include_str!("../shaders/pool_fc_loss.wgsl"),
             Shader::Sgd => include_str!("../shaders/sgd.wgsl"),
@@ -176,6 +174,15 @@ impl Shader {
             Shader::Gate => include_str!("../shaders/gate.wgsl"),
         };
         text.into()
+    }
+}
+
+/// The head of a module whose storage type `ST` serves both paths: `ST` itself and `as_st(v)`,
+/// `v` as an `ST` tensor would hold it (`shaders/f16_round.wgsl` for f16, else the identity).
+pub(crate) fn storage_type(half: bool) -> String {
+    match half {
+        true => format!("enable f16;\nalias ST = f16;\n{}", include_str!("../shaders/f16_round.wgsl")),
+        false => "alias ST = f32;\nfn as_st(v: f32) -> f32 { return v; }\n".to_string(),
     }
 }
 
@@ -1144,8 +1151,10 @@ mod tests {
             assert_eq!(conv.contains("subgroupShuffle"), subgroups.is_some(), "{subgroups:?}");
             // The same file on f16 activations: only the storage type differs.
             let half = Shader::ConvF16.source(subgroups);
-            assert!(conv.starts_with("alias ST = f32;\n") && half.starts_with("enable f16;\nalias ST = f16;\n"));
-            assert_eq!(conv.split_once('\n').map(|(_, r)| r), half.splitn(3, '\n').nth(2));
+            let (f32s, f16s) = (storage_type(false), storage_type(true));
+            assert!(f16s.starts_with("enable f16;\nalias ST = f16;\n") && f16s.contains("fn as_st("));
+            assert_eq!(conv.strip_prefix(&f32s), half.strip_prefix(&f16s));
+            assert!(conv.strip_prefix(&f32s).is_some());
         }
     }
 }

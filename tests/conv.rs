@@ -1013,6 +1013,119 @@ fn f16_path_rounds_f32_weights_to_halves() {
     }
 }
 
+/// `as_st` (shaders/f16_round.wgsl), the f16 path's rounding of f32 values to halves inside
+/// its kernels, rounds as `half::f16::from_f32` does, bit for bit: ties to even at every
+/// exponent, subnormal halves, the half range's end (65504, 65520 and above to infinity), f32
+/// subnormals, signed zeros, infinities and NaN, and random bit patterns. Its own kernel here,
+/// as the convolutions' compiled sums would hide most single roundings. (Written in integer
+/// arithmetic since Mesa 26's lavapipe folded `f32(f16(v))` to `v`: with that form, this test
+/// fails there.)
+#[test]
+fn as_st_rounds_as_half_does() {
+    let g = gpu();
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    let p = |e: i32| f32::powi(2.0, e);
+    let mut v: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        -1.0,
+        1.0 + p(-11),
+        1.0 + 3.0 * p(-11),
+        -(1.0 + p(-11)),
+        1.0 + p(-11) + p(-20),
+        1.0 - p(-12),
+        1.0 - p(-13),
+        2047.5,
+        2048.5,
+        4095.0,
+        65504.0,
+        65519.0,
+        65519.996,
+        65520.0,
+        65536.0,
+        -65520.0,
+        1e6,
+        f32::MAX,
+        p(-14),
+        p(-14) - p(-26),
+        p(-15) + p(-25),
+        p(-24),
+        p(-25),
+        p(-25) * 1.0001,
+        3.0 * p(-25),
+        -3.0 * p(-25),
+        p(-26),
+        1e-8,
+        1e-40,
+        -1e-45,
+        f32::MIN_POSITIVE,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        -f32::NAN,
+    ];
+    // Random bit patterns, half of them with exponents around the half range.
+    let mut rng = Rng::new(71);
+    while v.len() < 64 * 1024 {
+        let b = rng.next_u64() as u32;
+        let b = if v.len().is_multiple_of(2) { (b & 0x807f_ffff) | ((95 + (b >> 8) % 52) << 23) } else { b };
+        v.push(f32::from_bits(b));
+    }
+    let (x, y) = (upload(&[v.len()], &v), poisoned(&[v.len()]));
+    let source = format!(
+        "enable f16;\n{}\n{}",
+        include_str!("../shaders/f16_round.wgsl"),
+        "@group(0) @binding(0) var<storage, read> x: array<f32>;
+         @group(0) @binding(1) var<storage, read_write> y: array<f32>;
+         @compute @workgroup_size(64)
+         fn main(@builtin(global_invocation_id) i: vec3u) { y[i.x] = as_st(x[i.x]); }"
+    );
+    let module = g.device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("as_st test"),
+        source: wgpu::ShaderSource::Wgsl(source.into()),
+    });
+    let pipeline = g.device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("as_st test"),
+        layout: None,
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: Default::default(),
+        cache: None,
+    });
+    let bind = g.device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: None,
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry { binding: 0, resource: x.buffer.as_entire_binding() },
+            wgpu::BindGroupEntry { binding: 1, resource: y.buffer.as_entire_binding() },
+        ],
+    });
+    let mut encoder = g.device.create_command_encoder(&Default::default());
+    {
+        let mut pass = encoder.begin_compute_pass(&Default::default());
+        pass.set_pipeline(&pipeline);
+        pass.set_bind_group(0, &bind, &[]);
+        pass.dispatch_workgroups(v.len() as u32 / 64, 1, 1);
+    }
+    g.queue.submit([encoder.finish()]);
+    let got = read(&y);
+    let mut wrong = 0;
+    for (&a, &b) in v.iter().zip(&got) {
+        let want = half::f16::from_f32(a).to_f32();
+        // NaN stays NaN (an unwritten NaN-poisoned element passes here: 2 of 65536).
+        let ok = if a.is_nan() { b.is_nan() } else { b.to_bits() == want.to_bits() };
+        if !ok && wrong < 8 {
+            eprintln!("as_st({a:e} = {:#010x}) = {b:e}, half rounds to {want:e}", a.to_bits());
+        }
+        wrong += usize::from(!ok);
+    }
+    assert_eq!(wrong, 0, "{wrong} of {} values rounded unlike half::f16", v.len());
+}
+
 /// Winograd and the tiled kernels at the depths of the ImageNet-like layers (hundreds of input
 /// channels in each sum; the cases above stop at 132): the three ops within the f32 bound, and
 /// on the f16 path (Winograd F(2x2) and F(4x4)) within its bounds.

@@ -196,7 +196,7 @@ impl Tile {
             ("BSTEP", t / (self.bn / 4)),
             ("RSTEP", step.max(1)),
         ];
-        let mut s = String::from(if half { "enable f16;\nalias ST = f16;\n" } else { "alias ST = f32;\n" });
+        let mut s = crate::gpu::storage_type(half);
         s.push_str(&format!("const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\n"));
         let mut template = TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})"));
         let mut consts = consts.to_vec();

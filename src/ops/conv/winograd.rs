@@ -85,9 +85,11 @@ impl Config {
             ("PT", self.r + 2),
             ("E", (self.r + 2) * (self.r + 2)),
         ];
-        let ty = |half: bool| if half { "f16" } else { "f32" };
-        let mut s = String::from(if t.act_half || t.w_half { "enable f16;\n" } else { "" });
-        s.push_str(&format!("alias ST = {};\nalias WT = {};\n", ty(t.act_half), ty(t.w_half)));
+        let mut s = crate::gpu::storage_type(t.act_half);
+        if t.w_half && !t.act_half {
+            s.insert_str(0, "enable f16;\n");
+        }
+        s.push_str(&format!("alias WT = {};\n", if t.w_half { "f16" } else { "f32" }));
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         // The transforms of this block size (the template defines both).
         s.push_str(&without_block(TEMPLATE, if self.r == 2 { "f4" } else { "f2" }));
