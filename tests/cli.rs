@@ -300,3 +300,21 @@ fn bad_arguments_get_clear_messages() {
         assert!(text.contains(want), "{args:?}: expected {want:?} in {text}");
     }
 }
+
+/// A bad configuration is named before any adapter is opened: also where none opens.
+#[test]
+fn configuration_errors_come_before_the_adapter() {
+    for (args, want) in [
+        (vec!["train", "--depth", "21"], "depth 21 is not 6n+2"),
+        (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
+        (vec!["analyze", "--depths", "21"], "depth 21 is not 6n+2"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"))
+            .args(&args)
+            .env("WGPU_ADAPTER_NAME", "no adapter has this name")
+            .output()
+            .expect("run resnet-wgpu");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && text.contains(want), "{args:?}: expected {want:?} in {text}");
+    }
+}

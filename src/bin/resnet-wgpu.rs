@@ -291,9 +291,10 @@ fn main() -> ExitCode {
 }
 
 fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Option<&std::path::Path>) -> Result<()> {
+    // The arguments first: a bad configuration is named even where no adapter opens.
+    let config = args.config()?;
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
-    let config = args.config()?;
     let (train_set, test_set) = data.load(opts.seed)?;
     println!(
         "data: {} ({} train, {} test, {} classes); network: {} ResNet-{} ({} classes)",
@@ -357,9 +358,9 @@ fn analyze_cmd(
     if batch < 2 {
         return Err(Error::Invalid("--batch must be at least 2 (batch norm needs statistics)".into()));
     }
+    let networks = analysis_networks(depths, variants, classes)?;
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
-    let networks = analysis_networks(depths, variants, classes)?;
     let (set, _) = data::synthetic(batch, 1, seed);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     set.gather(&(0..batch).collect::<Vec<_>>(), &mut images, &mut labels);
