@@ -33,6 +33,8 @@ EOF
     "${apt[@]}" update
     "${apt[@]}" -y --no-install-recommends --download-only -t trixie-backports install mesa-vulkan-drivers libvulkan1
     for f in "$dir"/cache/archives/*.deb; do dpkg -x "$f" "$dir/root"; done
+    # Only lavapipe of the package's drivers (the others are 130 MB).
+    find "$lib" -name 'libvulkan_*.so' ! -name libvulkan_lvp.so -delete
     sed "s#\"library_path\": \"[^\"]*\"#\"library_path\": \"$lib/libvulkan_lvp.so\"#" \
         "$dir/root/usr/share/vulkan/icd.d/lvp_icd.json" > "$dir/icd.json"
     rm -rf "$dir/cache/archives" "$dir/lists"
