@@ -949,6 +949,36 @@ fn f16_path_within_bound() {
     rec.run().unwrap();
 }
 
+/// The f16 path where the context times its choices, as on a GPU (forced here,
+/// `Kernels::Tuned`): its tile among the cooperative-matrix and plain configurations where the
+/// adapter has cooperative matrices (the f32 plan's tile without them), whether a data op
+/// splits, and Winograd on f16 operands; the three ops within the f16 bounds, with half and f32
+/// weights, and the choices recorded in a tune file as f16 decisions.
+#[test]
+fn f16_tuned_path_within_bound() {
+    let dir = TempDir::new("conv-f16-tuned");
+    let path = dir.join("tune.json");
+    let opts = resnet_wgpu::GpuOptions { tune_file: Some(path.clone()), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    conv::set_kernels(&g, conv::Kernels::Tuned);
+    let mut rng = Rng::new(59);
+    // 3x3 at stride 1 (Winograd's candidate), and at stride 2 with f32 weights.
+    for (i, c) in EDGES[..2].iter().enumerate() {
+        check_f16_ops(&g, c, &mut rng, "f16 tuned", i == 1);
+    }
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let decisions = |kind: &str| text.matches(&format!("\"{kind} ")).count();
+    // Three ops on two shapes; without cooperative matrices the f16 path takes the f32 plan's
+    // tile, which is tuned as such.
+    let tiles = if g.report.coop.is_some() { decisions("tile f16") } else { decisions("tile") };
+    assert_eq!(tiles, 6, "tile decisions in {text}");
+    assert!(decisions("winograd f16") >= 3, "Winograd decisions in {text}");
+}
+
 /// The register path on the f16 path (CPU adapters: rgba16f operand textures, the weights
 /// rounded to halves as they are read, y and dx stored rounded once), forced on a context of its
 /// own so that a GPU runs it too: the three ops on every case and tile edge (those whose rows

@@ -202,8 +202,9 @@ pub enum Kernels {
     Register,
     /// Always the tiled kernels.
     Tiled,
-    /// Always the tiled kernels, their configuration timed per shape even on a CPU adapter
-    /// (which otherwise takes a fixed rule): tests the autotuner where there is no GPU.
+    /// The tiled kernels and Winograd, every choice timed as on a GPU (tiles, splits, prologue,
+    /// Winograd, the f16 path's tiles on cooperative matrices and plain) even on a CPU adapter,
+    /// which otherwise keeps rules: tests the autotuner where there is no GPU.
     Tuned,
 }
 
@@ -247,6 +248,13 @@ fn kernels(gpu: &Gpu) -> Kernels {
         3 => Kernels::Tuned,
         _ => Kernels::Auto,
     }
+}
+
+/// Whether this context times its choices (tiles, splits, prologue, Winograd, the f16 path's
+/// tiles): on GPUs, and on a CPU adapter told to ([`Kernels::Tuned`]), so that tests run the
+/// GPU's choosing there; other CPU adapters keep rules, as timing would cost more than it wins.
+fn tunes(gpu: &Gpu) -> bool {
+    gpu.report.device_type != wgpu::DeviceType::Cpu || kernels(gpu) == Kernels::Tuned
 }
 
 /// Where the tiled convolutions apply a BN + ReLU prologue ([`forward_bn_relu`],
@@ -297,7 +305,7 @@ fn separate_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) ->
     match mode {
         Prologue::Fused => false,
         Prologue::Separate => true,
-        Prologue::Auto if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels(gpu) != Kernels::Tuned => false,
+        Prologue::Auto if !tunes(gpu) => false,
         Prologue::Auto => {
             gpu.cached(("conv.prologue", op, half, *g, plan), || tiled::tune_prologue(gpu, op, g, plan, half))
         }
@@ -420,7 +428,7 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
             }
         }
     }
-    tiled::choose(gpu, op, g, kernels == Kernels::Tuned)
+    tiled::choose(gpu, op, g)
 }
 
 fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {

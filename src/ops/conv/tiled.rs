@@ -21,7 +21,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::{Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch};
+use super::{
+    Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch, tunes,
+};
 use crate::bench::{Run, Timer};
 use crate::error::{Error, Result};
 use crate::gpu::{CoopMatrix, Gpu, Recorder};
@@ -381,10 +383,10 @@ fn coop_layout(gpu: &Gpu, tile: usize) -> Option<CoopLayout> {
 
 /// The configuration of the f16 path for `op` on `g`, and whether it runs on cooperative
 /// matrices; `f32_tile()` is the f32 plan's configuration. Without cooperative matrices, that
-/// one. With them: the forced configuration, or on a CPU adapter the f32 plan's, on them where
-/// it runs on them (else 64x64 with 16 steps, on them); on a GPU the fastest of the
-/// configurations, on cooperative matrices and plain, timed on f16 operands of that shape on
-/// first use (cached). The plain ones win where the output has few channels: a 16-channel
+/// one. With them: the forced configuration; where the context tunes (GPUs, `Kernels::Tuned`),
+/// the fastest of the configurations, on cooperative matrices and plain, timed on f16 operands
+/// of that shape on first use (cached); else (CPU adapters) the f32 plan's, on them where it
+/// runs on them (else 64x64 with 16 steps, on them). The plain ones win where the output has few channels: a 16-channel
 /// output fills a quarter of a tile of 64 columns on tensor cores.
 pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> (usize, bool) {
     if gpu.report.coop.is_none() {
@@ -397,7 +399,7 @@ pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce()
     };
     match forced_any(gpu) {
         Some(t) => on_coop(t),
-        None if gpu.report.device_type == wgpu::DeviceType::Cpu => on_coop(f32_tile()),
+        None if !tunes(gpu) => on_coop(f32_tile()),
         None => gpu.cached(("conv.half-tile", op, *g), || tune(gpu, op, g, true)),
     }
 }
@@ -612,12 +614,12 @@ fn split_plan(op: Op, g: &Geometry, tile: usize, splits: usize) -> Plan {
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk, coop: false }
 }
 
-/// The tiled plan for `op` on `g`: forced, ruled (CPU adapters unless `always_tune`) or tuned
-/// (the configuration, then how it splits its reduction, [`tune_split`]).
-pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan {
+/// The tiled plan for `op` on `g`: forced, ruled (where the context does not tune, [`tunes`]) or
+/// tuned (the configuration, then how it splits its reduction, [`tune_split`]).
+pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let tile = match forced(gpu, op, g) {
         Some(i) => return plan_for(op, g, i),
-        None if gpu.report.device_type == wgpu::DeviceType::Cpu && !always_tune => return plan_for(op, g, rule(op, g)),
+        None if !tunes(gpu) => return plan_for(op, g, rule(op, g)),
         None => tune(gpu, op, g, false).0,
     };
     tune_split(gpu, op, g, plan_for(op, g, tile), false)
@@ -628,7 +630,7 @@ pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry, always_tune: bool) -> Plan
 pub(super) fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> Plan {
     let (tile, coop) = half_tile(gpu, op, g, f32_tile);
     let plan = on_coop(plan_for(op, g, tile), coop);
-    if forced_any(gpu).is_some() || gpu.report.device_type == wgpu::DeviceType::Cpu {
+    if forced_any(gpu).is_some() || !tunes(gpu) {
         return plan;
     }
     gpu.cached(("conv.half-split", op, *g, plan), || tune_split(gpu, op, g, plan, true))

@@ -17,7 +17,7 @@
 use std::sync::{Arc, Mutex};
 
 use super::tiled::{self, Weights};
-use super::{F16Weights, Geometry, Kernels, Op, Plan, affine_binding, scratch};
+use super::{F16Weights, Geometry, Kernels, Op, Plan, affine_binding, scratch, tunes};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, groups_for, without_block};
 use crate::tensor::{HalfTensor, Tensor};
@@ -497,7 +497,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     if !matches!(plan, Plan::Tiled { .. }) || matches!(kernels, Kernels::Tiled | Kernels::Register) {
         return plan;
     }
-    if gpu.report.device_type == wgpu::DeviceType::Cpu && kernels != Kernels::Tuned {
+    if !tunes(gpu) {
         let config = cpu_config(op, g, half);
         let d = Dims::of(op, g, CONFIGS[config].r);
         return match d.ci.min(d.co) >= cpu_min_channels(op) {
