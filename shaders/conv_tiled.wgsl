@@ -348,7 +348,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                     if p.accumulate == 1u {
                         v4[j] = f32(dst[o]) + v4[j];
                     }
-                    v4[j] = as_st(v4[j]); // as stored (rounded where ST is f16), for STATS and BSUMS
+                    if STATS || BSUMS {
+                        v4[j] = as_st(v4[j]); // as stored (rounded where ST is f16), for their sums
+                    }
                     dst[o] = ST(v4[j]);
                     if BSUMS {
                         // dz = da * [ReLU input > 0] with the forward prologue's own expression,
