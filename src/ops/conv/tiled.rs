@@ -386,8 +386,8 @@ fn coop_layout(gpu: &Gpu, tile: usize) -> Option<CoopLayout> {
 /// one. With them: the forced configuration; where the context tunes (GPUs, `Kernels::Tuned`),
 /// the fastest of the configurations, on cooperative matrices and plain, timed on f16 operands
 /// of that shape on first use (cached); else (CPU adapters) the f32 plan's, on them where it
-/// runs on them (else 64x64 with 16 steps, on them). The plain ones win where the output has few channels: a 16-channel
-/// output fills a quarter of a tile of 64 columns on tensor cores.
+/// runs on them (else 64x64 with 16 steps, on them). The plain ones win where the output has
+/// few channels: a 16-channel output fills a quarter of a tile of 64 columns on tensor cores.
 pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> (usize, bool) {
     if gpu.report.coop.is_none() {
         return (f32_tile(), false);
