@@ -5,9 +5,12 @@
 //! batch 128 and ImageNet-like stages at batch 32) on a GPU, unless told otherwise:
 //!
 //!     cargo bench --bench units -- [--quick|--full] [--reps R] [--warmup W]
-//!         [--shape N,C,H,W]... [--only SUBSTRING] [--skip SUBSTRING] [--wall]
+//!         [--shapes N,C,H,W ...] [--only SUBSTRING] [--skip SUBSTRING] [--profile] [--wall]
 //!         [--peers] [--burn PATH] [--burn-adapter cpu|gpu] [--torch PATH] [--python PY]
 //!         [--json PATH]
+//!
+//! (`--shapes`, `--only`, `--skip`, `--profile`, `--burn`, `--torch` and `--json` as in
+//! `resnet-wgpu bench`; `--shape N,C,H,W` takes one shape and may be repeated.)
 //!
 //! `--peers` runs both peers from their default places (`~/burn-unit/target/release/burn-unit`,
 //! `../shared/peers/torch_unit.py`). The same settings as environment variables: `BENCH_QUICK=1`,
@@ -58,12 +61,13 @@ fn run() -> Result<()> {
     let mut burn_adapter = None;
     let mut python = None;
     let mut wall = false;
+    let mut profile = false;
     let default_json = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from)
         .join("bench.json");
     let mut json = env("BENCH_JSON").map_or(default_json, PathBuf::from);
 
-    let mut it = args.into_iter();
+    let mut it = args.into_iter().peekable();
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = Some(true),
@@ -71,6 +75,15 @@ fn run() -> Result<()> {
             "--reps" => reps = Some(number("--reps", it.next())?),
             "--warmup" => warmup = Some(number("--warmup", it.next())?),
             "--shape" => shapes.push(bench::parse_shape(&it.next().unwrap_or_default())?),
+            "--shapes" => {
+                // The shapes up to the next flag, at least one.
+                let first = it.next().unwrap_or_default();
+                shapes.push(bench::parse_shape(&first)?);
+                while let Some(s) = it.next_if(|s| !s.starts_with("--")) {
+                    shapes.push(bench::parse_shape(&s)?);
+                }
+            }
+            "--profile" => profile = true,
             "--only" => only = it.next(),
             "--skip" => skip = it.next(),
             "--wall" => wall = true,
@@ -101,6 +114,7 @@ fn run() -> Result<()> {
     opts.only = only;
     opts.skip = skip;
     opts.timestamps = !wall;
+    opts.profile = profile;
     opts.burn = burn;
     opts.burn_adapter = burn_adapter;
     opts.torch = torch;
