@@ -118,3 +118,35 @@ fn coop_can_be_turned_off() {
     assert_eq!(g.report.coop, None);
     assert!(conv::coop_tile_names(&g).is_empty());
 }
+
+/// A CPU adapter emulates its cooperative matrices, so its f16 path keeps plain arithmetic on
+/// the tiled kernels unless a configuration is forced (on Mesa 26's lavapipe the f16 units ran
+/// 1.4x to 1.5x slower on them): the profile's dispatches say which ran.
+#[test]
+fn cpu_adapters_keep_plain_arithmetic_unless_forced() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if g.report.coop.is_none() || g.report.device_type != wgpu::DeviceType::Cpu {
+        eprintln!("skipped: not a CPU adapter with cooperative matrices ({})", g.report.name);
+        return;
+    }
+    // Stride 2 on 9x9: the register path's lanes cannot tile its rows, Winograd takes stride 1.
+    let (xd, wd, yd) = ([1, 16, 9, 9], [16, 16, 3, 3], [1, 16, 5, 5]);
+    let mut rng = Rng::new(91);
+    let x = HalfTensor::from_f32(&g, &xd, &rng.data(xd.iter().product())).unwrap();
+    let w = Tensor::new(&g, &wd, &rng.data(wd.iter().product())).unwrap();
+    let y = HalfTensor::from_f32(&g, &yd, &vec![f32::NAN; yd.iter().product()]).unwrap();
+    let labels = |g: &Gpu| -> Vec<String> {
+        resnet_wgpu::profile::set(g, true);
+        let mut rec = g.recorder("coop rule");
+        conv::forward_f16(&mut rec, &x, &w, &y, 2, false).unwrap();
+        rec.run().unwrap();
+        resnet_wgpu::profile::set(g, false);
+        let spans = resnet_wgpu::profile::take(g).unwrap();
+        spans.into_iter().map(|s| s.label.to_string()).filter(|l| l.starts_with("conv ")).collect()
+    };
+    let plain = labels(&g);
+    assert!(!plain.is_empty() && plain.iter().all(|l| !l.contains("coop")), "{plain:?}");
+    conv::force_tile(&g, Some(&conv::coop_tile_names(&g)[0])).unwrap();
+    let forced = labels(&g);
+    assert!(forced.iter().any(|l| l.contains("coop")), "{forced:?}");
+}

@@ -383,11 +383,13 @@ fn coop_layout(gpu: &Gpu, tile: usize) -> Option<CoopLayout> {
 
 /// The configuration of the f16 path for `op` on `g`, and whether it runs on cooperative
 /// matrices; `f32_tile()` is the f32 plan's configuration. Without cooperative matrices, that
-/// one. With them: the forced configuration; where the context tunes (GPUs, `Kernels::Tuned`),
-/// the fastest of the configurations, on cooperative matrices and plain, timed on f16 operands
-/// of that shape on first use (cached); else (CPU adapters) the f32 plan's, on them where it
-/// runs on them (else 64x64 with 16 steps, on them). The plain ones win where the output has
-/// few channels: a 16-channel output fills a quarter of a tile of 64 columns on tensor cores.
+/// one. With them: the forced configuration, on them where it runs on them (else 64x64 with 16
+/// steps, on them); where the context tunes (GPUs, `Kernels::Tuned`), the fastest of the
+/// configurations, on cooperative matrices and plain, timed on f16 operands of that shape on
+/// first use (cached); else (CPU adapters) the f32 plan's, plain: a CPU adapter's cooperative
+/// matrices are emulated (on Mesa 26's lavapipe the f16 units ran 1.4x to 1.5x slower on them).
+/// On GPUs the plain ones win where the output has few channels: a 16-channel output fills a
+/// quarter of a tile of 64 columns on tensor cores.
 pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> (usize, bool) {
     if gpu.report.coop.is_none() {
         return (f32_tile(), false);
@@ -399,7 +401,7 @@ pub(super) fn half_tile(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce()
     };
     match forced_any(gpu) {
         Some(t) => on_coop(t),
-        None if !tunes(gpu) => on_coop(f32_tile()),
+        None if !tunes(gpu) => (f32_tile(), false),
         None => gpu.cached(("conv.half-tile", op, *g), || tune(gpu, op, g, true)),
     }
 }
