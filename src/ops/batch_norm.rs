@@ -292,14 +292,7 @@ fn run_dispatch(
     fn buf(t: &Tensor) -> wgpu::BindingResource<'_> {
         t.buffer.as_entire_binding()
     }
-    // Bindings of x, y, dy, dx in each variant (shaders/batch_norm.wgsl); the texture variant
-    // runs the vec4 kernels of a module that reads x and dy from textures.
-    let (shader, suffix, b) = match v {
-        Variant::Scalar => (Shader::BatchNorm, "", [1, 2, 9, 10]),
-        Variant::Vec4 => (Shader::BatchNorm, "4", [15, 16, 17, 18]),
-        Variant::Texture => (Shader::BatchNormTexture, "4", [19, 16, 20, 18]),
-        Variant::Wide => (Shader::BatchNorm, "_w", [1, 2, 9, 10]),
-    };
+    let (shader, entry, b) = run_kernel(v, false, entry);
     let mut res: Vec<(u32, wgpu::BindingResource)> =
         others.iter().map(|(n, buf)| (*n, buf.as_entire_binding())).collect();
     if let Some(x) = acts.x {
@@ -314,21 +307,44 @@ fn run_dispatch(
     if let Some(dx) = acts.dx {
         res.push((b[3], buf(dx)));
     }
-    let entry = match (entry, suffix) {
-        (e, "") => e,
-        ("stats_partial", "4") => "stats_partial4",
-        ("normalize", "4") => "normalize4",
-        ("backward_partial", "4") => "backward_partial4",
-        ("backward_apply", "4") => "backward_apply4",
-        ("stats_partial", _) => "stats_partial_w",
-        ("normalize", _) => "normalize_w",
-        ("backward_partial", _) => "backward_partial_w",
-        _ => "backward_apply_w",
+    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, chunk));
+}
+
+/// Run kernel `entry` (`stats_partial`, `normalize`, `backward_partial`, `backward_apply`) in
+/// variant `v` of the f32 or (`half`) f16 module: the module, the variant's entry point, and
+/// its bindings of x, y, dy and dx (shaders/batch_norm.wgsl). The texture variant runs the vec4
+/// kernels of a module that reads x and dy from textures.
+fn run_kernel(v: Variant, half: bool, entry: &'static str) -> (Shader, &'static str, [u32; 4]) {
+    let shader = match (half, v == Variant::Texture) {
+        (false, false) => Shader::BatchNorm,
+        (false, true) => Shader::BatchNormTexture,
+        (true, false) => Shader::BatchNormF16,
+        (true, true) => Shader::BatchNormF16Texture,
     };
-    // The wide kernels take a workgroup of WG threads per run.
+    let named = match (v, entry) {
+        (Variant::Scalar, e) => e,
+        (Variant::Wide, "stats_partial") => "stats_partial_w",
+        (Variant::Wide, "normalize") => "normalize_w",
+        (Variant::Wide, "backward_partial") => "backward_partial_w",
+        (Variant::Wide, _) => "backward_apply_w",
+        (_, "stats_partial") => "stats_partial4",
+        (_, "normalize") => "normalize4",
+        (_, "backward_partial") => "backward_partial4",
+        _ => "backward_apply4",
+    };
+    let binds = match v {
+        Variant::Scalar | Variant::Wide => [1, 2, 9, 10],
+        Variant::Vec4 => [15, 16, 17, 18],
+        Variant::Texture => [19, 16, 20, 18],
+    };
+    (shader, named, binds)
+}
+
+/// Workgroups of variant `v` over runs of `chunk` elements of `d`: one invocation per run, or
+/// (the wide kernels) a workgroup of WG threads per run.
+fn variant_groups(v: Variant, d: [usize; 4], chunk: usize) -> [u32; 3] {
     let runs = d[0] * d[1] * parts(d, chunk);
-    let groups = if v == Variant::Wide { groups_for(runs * WG as usize) } else { groups_for(runs) };
-    rec.dispatch_resources(shader, entry, prm, &res, groups);
+    groups_for(if v == Variant::Wide { runs * WG as usize } else { runs })
 }
 
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
@@ -995,7 +1011,7 @@ fn half_activations(gpu: &Gpu, what: &str, x: &HalfTensor, others: &[(&str, &Hal
 
 /// Records run kernel `entry` of the f16 module in variant `v` over `d`, with `binds`, whose
 /// activations x, y, dy and dx are given at the scalar kernels' bindings 1, 2, 9 and 10 (moved
-/// to the vec4 kernels' bindings; x and dy read from `views` in the texture variant).
+/// to the variant's; x and dy read from `views` in the texture variant).
 fn half_dispatch(
     rec: &mut Recorder,
     d: [usize; 4],
@@ -1006,46 +1022,21 @@ fn half_dispatch(
     views: &Views,
 ) {
     let chunk = if entry.ends_with("_partial") { v.reduce_chunk() } else { v.apply_chunk() };
-    let runs = d[0] * d[1] * parts(d, chunk);
-    let (shader, entry, groups) = match v {
-        Variant::Scalar => (Shader::BatchNormF16, entry, groups_for(runs)),
-        Variant::Wide => {
-            let wide = match entry {
-                "stats_partial" => "stats_partial_w",
-                "normalize" => "normalize_w",
-                "backward_partial" => "backward_partial_w",
-                _ => "backward_apply_w",
-            };
-            (Shader::BatchNormF16, wide, groups_for(runs * WG as usize))
-        }
-        Variant::Vec4 | Variant::Texture => {
-            let vec4 = match entry {
-                "stats_partial" => "stats_partial4",
-                "normalize" => "normalize4",
-                "backward_partial" => "backward_partial4",
-                _ => "backward_apply4",
-            };
-            let shader = if v == Variant::Texture { Shader::BatchNormF16Texture } else { Shader::BatchNormF16 };
-            (shader, vec4, groups_for(runs))
-        }
-    };
-    if !matches!(v, Variant::Vec4 | Variant::Texture) {
-        return rec.dispatch(shader, entry, prm, binds, groups);
+    let (shader, entry, b) = run_kernel(v, true, entry);
+    fn or_view<'a>(view: &'a Option<wgpu::TextureView>, buf: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
+        view.as_ref().map_or_else(|| buf.as_entire_binding(), wgpu::BindingResource::TextureView)
     }
-    // Every binding where the vec4 kernels take it (x and dy as textures where there are views).
     let res: Vec<(u32, wgpu::BindingResource)> = binds
         .iter()
-        .map(|&(n, b)| match (n, &views.x, &views.dy) {
-            (1, Some(t), _) => (19, wgpu::BindingResource::TextureView(t)),
-            (9, _, Some(t)) => (20, wgpu::BindingResource::TextureView(t)),
-            (1, ..) => (15, b.as_entire_binding()),
-            (2, ..) => (16, b.as_entire_binding()),
-            (9, ..) => (17, b.as_entire_binding()),
-            (10, ..) => (18, b.as_entire_binding()),
-            _ => (n, b.as_entire_binding()),
+        .map(|&(n, buf)| match n {
+            1 => (b[0], or_view(&views.x, buf)),
+            2 => (b[1], buf.as_entire_binding()),
+            9 => (b[2], or_view(&views.dy, buf)),
+            10 => (b[3], buf.as_entire_binding()),
+            _ => (n, buf.as_entire_binding()),
         })
         .collect();
-    rec.dispatch_resources(shader, entry, prm, &res, groups);
+    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, chunk));
 }
 
 /// [`stats_train`] of an f16 `x`: the batch statistics (saved, running ones moved), in f32.
