@@ -153,17 +153,17 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
     }
 }
 
-/// Pre-activation and original, basic and bottleneck, every shortcut; batch
-/// 1 and 2, odd sizes, channels not a multiple of 4, with the context's own kernels. Then the
-/// basic identity units again with a large tile and the wide batch-norm kernels forced (each
-/// tile configuration is a module of its own for each of the f16 path's prologue and epilogue
+/// Pre-activation and original, basic and bottleneck, every shortcut; batch 1 and 2, odd
+/// sizes, channels not a multiple of 4, with the context's own kernels. Then the basic identity
+/// units again with a large tile and the wide batch-norm kernels forced (each tile
+/// configuration is a module of its own for each of the f16 path's prologue and epilogue
 /// combinations, which lavapipe takes seconds to compile; tests/batch_norm.rs checks the batch
-/// norm's f16 kernels in every variant), and with the BN + ReLU prologues as passes of their own (the
-/// autotuner's other choice on a GPU: the activations rounded to f16 before the convolutions),
-/// and every unit with Winograd forced for its 3x3 convolutions at stride 1, F(2x2) and F(4x4)
-/// (f16 loads and stores, f32 in between; the batch norm's own kernels for the statistics and
-/// sums), and every unit on the register path (the CPU adapters' default where the lanes tile
-/// the rows: widths 8 and 16 here), forced so that a GPU runs it too.
+/// norm's f16 kernels in every variant), and with the BN + ReLU prologues as passes of their
+/// own (the autotuner's other choice on a GPU: the activations rounded to f16 before the
+/// convolutions), and every unit with Winograd forced for its 3x3 convolutions at stride 1,
+/// F(2x2) and F(4x4) (f16 loads and stores, f32 in between; the batch norm's own kernels for
+/// the statistics and sums), and every unit on the register path (the CPU adapters' default
+/// where the lanes tile the rows: widths 8 and 16 here), forced so that a GPU runs it too.
 #[test]
 fn f16_units_within_bound() {
     let g = gpu();

@@ -752,11 +752,11 @@ pub(super) fn tune_log() -> bool {
 
 /// The median ms of each of `n` candidates (`run(k)` records candidate k), `None` for one that
 /// failed. Each runs once on its own first ([`first_runs`]: its pipelines built, in parallel;
-/// one the device rejects drops out), then rounds of all of them round-robin, queued back to back: warm-up rounds on a GPU (whose
-/// clocks are down after idling while the CPU built pipelines) for TUNE_WARM_UP of wall time or
-/// TUNE_WARM_ROUNDS rounds, whichever comes first (small shapes, whose choice matters little,
-/// tune fast), then three timed rounds (GPU timestamps where the device has them, else the wall
-/// clock, each run on its own).
+/// one the device rejects drops out), then rounds of all of them round-robin, queued back to
+/// back: warm-up rounds on a GPU (whose clocks are down after idling while the CPU built
+/// pipelines) for TUNE_WARM_UP of wall time or TUNE_WARM_ROUNDS rounds, whichever comes first
+/// (small shapes, whose choice matters little, tune fast), then three timed rounds (GPU
+/// timestamps where the device has them, else the wall clock, each run on its own).
 pub(super) fn time_each(
     gpu: &Gpu,
     n: usize,
