@@ -14,6 +14,9 @@
 //   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
 //   PRE      true: x is read through the BN + ReLU prologue (conv.wgsl's head), forward and
 //            backward_weight only
+//   TAPS     (data ops) true: the reduction is tap-major, row r = tap * RC + channel (RC, the
+//            reduction's channels: C forward, K backward_data), where RC is a multiple of every
+//            configuration's BK (tiled.rs `taps`); false: channel-major, r = channel * KK + tap
 //   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
 //            the batch norm that follows (tile_moments, of the values as stored)
 //   BSUMS    true: backward_data's epilogue also writes the per-channel sums of the backward of
@@ -38,9 +41,10 @@
 //   split (chunk = the whole reduction) the kernel writes the output itself.
 //
 // Design, for GPUs: the weights of the data ops come pre-transposed to [reduction][cols padded
-// to 4] (transpose_main, below), so their tile loads are coalesced vec4 loads; the
-// im2col operand is gathered as scalars, consecutive invocations on consecutive pixels
-// (coalesced where the stride is 1). Tiles live in two workgroup buffers: while the
+// to 4] (transpose_main, below), so their tile loads are coalesced vec4 loads; the im2col
+// operand is gathered as scalars, consecutive invocations on consecutive pixels (coalesced
+// where the stride is 1), its position and bounds worked out once a tile where the reduction
+// is tap-major (TAPS), else per element. Tiles live in two workgroup buffers: while the
 // invocations multiply out one, the next tile's global loads are already in flight into
 // registers and are stored to the other buffer, so a tile costs one barrier. Rows of the
 // workgroup tiles are padded by one vec4 so that invocations storing down a column (the
@@ -50,9 +54,11 @@
 //
 // Every index is in range by construction, so that on Vulkan GPUs these modules are built
 // without wgpu's bounds checks (gpu.rs `shader_module_in_range`; keep it so when editing):
-// - storage: every load and store is guarded by the shape it reads or writes (a_data, b_weight,
-//   `b_ok && r < r_end`, `k < p.k`, the epilogues' `live` and `col < cols`) or clamped (pro),
-//   and the splits' partials and the moments are sized by the host for what the grid writes;
+// - storage: every load and store is guarded by the shape it reads or writes (tap_load's
+//   `inside` with a channel below the reduction's: a_row's `r < r_end`, or where TAPS a tile
+//   of BK channels from a multiple of BK below them; b_weight, `b_ok && r < r_end`, `k < p.k`,
+//   the epilogues' `live` and `col < cols`) or clamped (pro), and the splits' partials and the
+//   moments are sized by the host for what the grid writes;
 // - workgroup tiles: put_a / put_b take buf < 2, a reduction row below BK (arl + j * ASTEP <
 //   ASTEP * A_PER = BK, and so on: Tile::valid's divisibility) and a row or column below BM or
 //   BN; mac_step reads below BM / 4 (BN / 4) of a padded row; the epilogues' column sums use
@@ -192,36 +198,84 @@ fn x_value(e: Raw, k: vec3f) -> f32 {
     return v;
 }
 
-// A[m][r] of the data ops for pixel (n, py, px) of the GEMM rows, as loaded: im2col of x
-// (forward), or the dy term that reaches input pixel (py, px) (backward_data). Zero outside.
-fn a_data(n: u32, py: u32, px: u32, ok: bool, r: u32, red: u32) -> Raw {
-    if !ok || r >= red {
-        return OUTSIDE;
-    }
-    let c = r / KK; // input channel (forward) or output channel (backward_data)
-    let t = r - c * KK;
+// Where A[m][r] of the data ops lies for pixel (n, py, px) of the GEMM rows and tap t (< KK):
+// im2col of x (forward), or the dy term that reaches input pixel (py, px) (backward_data).
+// Channel c's element is src[base + c * plane] where `inside` (else zero: padding, a dy pixel
+// the stride skips, or a GEMM row past the end, `ok` false).
+struct Tap {
+    base: u32,
+    plane: u32,
+    inside: bool,
+}
+
+fn tap_at(n: u32, py: u32, px: u32, ok: bool, t: u32) -> Tap {
     let ky = t / KS;
     let kx = t - ky * KS;
     if MODE == 0u {
         let iy = i32(py * STRIDE + ky) - i32(PAD);
         let ix = i32(px * STRIDE + kx) - i32(PAD);
-        if iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
-            return OUTSIDE;
-        }
-        return Raw(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)], true);
+        let inside = ok && iy >= 0 && ix >= 0 && iy < i32(p.h) && ix < i32(p.w);
+        return Tap((n * p.c * p.h + u32(iy)) * p.w + u32(ix), p.h * p.w, inside);
     }
     // iy = oy * stride - pad + ky  =>  oy = (iy + pad - ky) / stride, when exact.
     let ty = i32(py + PAD) - i32(ky);
     let tx = i32(px + PAD) - i32(kx);
-    if ty < 0 || tx < 0 || ty % i32(STRIDE) != 0 || tx % i32(STRIDE) != 0 {
-        return OUTSIDE;
-    }
     let oy = u32(ty) / STRIDE;
     let ox = u32(tx) / STRIDE;
-    if oy >= p.oh || ox >= p.ow {
+    let exact = ty >= 0 && tx >= 0 && ty % i32(STRIDE) == 0 && tx % i32(STRIDE) == 0;
+    let inside = ok && exact && oy < p.oh && ox < p.ow;
+    return Tap((n * p.k * p.oh + oy) * p.ow + ox, p.oh * p.ow, inside);
+}
+
+fn tap_load(a: Tap, c: u32) -> Raw {
+    if !a.inside {
         return OUTSIDE;
     }
-    return Raw(src[((n * p.k + c) * p.oh + oy) * p.ow + ox], true);
+    return Raw(src[a.base + c * a.plane], true);
+}
+
+// The A rows [rt, rt + BK) of a tile for one GEMM row (n, py, px), as its invocation gathers
+// them. TAPS: every row of the tile has the same tap (RC and rt are multiples of BK), so its
+// position and bounds are worked out once a tile (`tap`), and row rt + rl is channel cb + rl.
+// Else row r is channel r / KK, tap r % KK, worked out per element.
+struct Rows {
+    n: u32,
+    py: u32,
+    px: u32,
+    ok: bool,
+    rt: u32,
+    r_end: u32,
+    cb: u32,
+    tap: Tap,
+}
+
+fn rows_at(n: u32, py: u32, px: u32, ok: bool, rt: u32, r_end: u32, rc: u32) -> Rows {
+    if !TAPS {
+        return Rows(n, py, px, ok, rt, r_end, 0u, Tap(0u, 0u, false));
+    }
+    let t = rt / rc;
+    return Rows(n, py, px, ok, rt, r_end, rt - t * rc, tap_at(n, py, px, ok, t));
+}
+
+// Row rt + rl of the tile as loaded (zero past the reduction's end).
+fn a_row(a: Rows, rl: u32) -> Raw {
+    if TAPS {
+        return tap_load(a.tap, a.cb + rl);
+    }
+    let r = a.rt + rl;
+    if r >= a.r_end {
+        return OUTSIDE;
+    }
+    let c = r / KK;
+    return tap_load(tap_at(a.n, a.py, a.px, a.ok, r - c * KK), c);
+}
+
+// The channel of row rt + rl (the forward's prologue reads its values).
+fn a_channel(a: Rows, rl: u32) -> u32 {
+    if TAPS {
+        return a.cb + rl;
+    }
+    return (a.rt + rl) / KK;
 }
 
 @compute @workgroup_size(THREADS)
@@ -242,6 +296,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         sy = p.h;
         sx = p.w;
     }
+    let rc = red / KK; // the reduction's channels
     let cv = (cols + 3u) / 4u; // vec4s per row of the transposed weights
     let m0 = (wid.z * nwg.x + wid.x) * BM;
     let cb = (cols + BN - 1u) / BN; // column blocks
@@ -276,9 +331,10 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     let nt = (r_end - r0 + BK - 1u) / BK;
 
     // Tile 0 into buffer 0.
+    let a0 = rows_at(an, ay, ax, a_ok, r0, r_end, rc);
     for (var j = 0u; j < A_PER; j++) {
         let rl = arl + j * ASTEP;
-        put_a(0u, rl, ml, x_value(a_data(an, ay, ax, a_ok, r0 + rl, r_end), pro((r0 + rl) / KK)));
+        put_a(0u, rl, ml, x_value(a_row(a0, rl), pro(a_channel(a0, rl))));
     }
     for (var j = 0u; j < B_PER; j++) {
         let rl = brl + j * BSTEP;
@@ -296,9 +352,10 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         let r1 = r0 + (t + 1u) * BK;
         // The next tile's loads, into registers, before this tile's arithmetic.
         if more {
+            let a1 = rows_at(an, ay, ax, a_ok, r1, r_end, rc);
             for (var j = 0u; j < A_PER; j++) { // @unroll
-                ra[j] = a_data(an, ay, ax, a_ok, r1 + arl + j * ASTEP, r_end);
-                rk[j] = pro((r1 + arl + j * ASTEP) / KK);
+                ra[j] = a_row(a1, arl + j * ASTEP);
+                rk[j] = pro(a_channel(a1, arl + j * ASTEP));
             }
             for (var j = 0u; j < B_PER; j++) { // @unroll
                 let r = r1 + brl + j * BSTEP;
@@ -601,10 +658,11 @@ fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
 
 // The weights as the data ops' B operand: [reduction][cols rounded up to 4], zeros in the
 // padding; MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] =
-// w[k][c][t]. Both are transposes of `batch` row-major matrices [cols][rows] that lie one after
-// the other in w: forward one [K][C*KK], backward_data K of [C][KK] (block b of B's rows is the
-// transpose of matrix b). transpose_main reads ST weights, transpose_main32 f32 ones (the f16
-// units' f32 weights); an f32 build serves the f32 path.
+// w[k][c][t], rows (c, t) at c * KK + t, or t * C + c where TAPS (b_row). Both are transposes
+// of `batch` row-major matrices [cols][rows] that lie one after the other in w: forward one
+// [K][C*KK], backward_data K of [C][KK] (block b of B's rows is the transpose of matrix b,
+// before TAPS reorders the rows). transpose_main reads ST weights, transpose_main32 f32 ones
+// (the f16 units' f32 weights); an f32 build serves the f32 path.
 //
 // A workgroup moves one tile of TT_S rows x TT_R columns of B through workgroup memory (as f32:
 // exact for f16 values), so that its reads run along the weights' rows (TT_S consecutive
@@ -666,13 +724,25 @@ fn tile_slot(e: u32) -> u32 {
     return e % TT_S * TT_P + e / TT_S;
 }
 
+// B's row of row s of transposed matrix t.b: channel-major, matrix after matrix; where TAPS,
+// tap-major (forward: s = c * KK + tap; backward_data: s = tap of matrix k).
+fn b_row(t: TTile, s: u32) -> u32 {
+    if !TAPS {
+        return t.b * t.rows + s;
+    }
+    if MODE == 0u {
+        return s % KK * p.c + s / KK;
+    }
+    return s * p.k + t.b;
+}
+
 // After the barrier: invocation lid writes the tile's vec4 at row lid / 16, vec4 lid % 16.
 fn tile_store(t: TTile, lid: u32) {
     let s = lid / 16u;
     let q = lid % 16u;
     if t.s0 + s < t.rows && t.r0 / 4u + q < t.quads {
         let o = s * TT_P + q * 4u;
-        wtt_out[(t.b * t.rows + t.s0 + s) * t.quads + t.r0 / 4u + q] =
+        wtt_out[b_row(t, t.s0 + s) * t.quads + t.r0 / 4u + q] =
             vec4<ST>(ST(tt[o]), ST(tt[o + 1u]), ST(tt[o + 2u]), ST(tt[o + 3u]));
     }
 }

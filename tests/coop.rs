@@ -20,13 +20,15 @@ const F16_TOL: f64 = 1e-3;
 /// x [N, C, H, W], K output channels, kernel size, stride: batch 1, odd sizes, channels that are
 /// not multiples of 4 or of a fragment, stride 2 on odd sizes, a 1x1 kernel, a reduction of many
 /// tiles, and one long enough (576 steps over a single output tile) that forward and
-/// backward_data split it (f32 partial sums, rounded to f16 once).
+/// backward_data split it (f32 partial sums, rounded to f16 once). The last two reduce over 64
+/// and 32 channels, which the data ops run tap-major (the others channel-major).
 const CASES: &[([usize; 4], usize, usize, usize)] = &[
     ([1, 5, 7, 9], 6, 3, 1),
     ([2, 12, 7, 5], 20, 3, 2),
     ([1, 10, 9, 7], 12, 1, 2),
     ([2, 40, 6, 5], 36, 3, 1),
     ([1, 64, 5, 3], 64, 3, 1),
+    ([2, 32, 7, 5], 32, 3, 2),
 ];
 
 fn len(d: [usize; 4]) -> usize {

@@ -165,7 +165,7 @@ impl Tile {
     /// The template with this configuration's constants and the geometry family's literals
     /// (and, for a COOP build, the cooperative-matrix block in place of the plain one).
     fn source(&self, op: Op, ks: usize, stride: usize, b: Build, coop: Option<CoopLayout>) -> String {
-        let Build { half, pre, stats, bsums, .. } = b;
+        let Build { half, pre, stats, bsums, taps, .. } = b;
         let t = self.threads();
         let (a_per, b_per, step) = match op {
             // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
@@ -199,7 +199,9 @@ impl Tile {
             ("RSTEP", step.max(1)),
         ];
         let mut s = crate::gpu::storage_type(half);
-        s.push_str(&format!("const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\n"));
+        s.push_str(&format!(
+            "const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\nconst TAPS: bool = {taps};\n"
+        ));
         let mut template = TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})"));
         let mut consts = consts.to_vec();
         if let Some(l) = coop {
@@ -331,7 +333,8 @@ impl CoopLayout {
 /// Which module of the template: the op, kernel size and stride, f16 storage (`half`), the
 /// BN + ReLU prologue on x (`pre`), the forward's per-channel sums of y (`stats`) and
 /// backward_data's sums for the backward of the BN + ReLU before the convolution (`bsums`),
-/// and (f16 only) the tile arithmetic on cooperative matrices (`coop`).
+/// (f16 only) the tile arithmetic on cooperative matrices (`coop`), and (data ops) a tap-major
+/// reduction ([`taps`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Build {
     op: Op,
@@ -342,11 +345,13 @@ struct Build {
     stats: bool,
     bsums: bool,
     coop: bool,
+    taps: bool,
 }
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false }
+        let taps = taps(op, g);
+        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false, taps }
     }
 
     /// A dispatch label: the op, configuration `tile`, this build's variant and the splits;
@@ -429,15 +434,16 @@ fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::Comp
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
     gpu.cached(("conv.tiled", tile, b, entry), || {
-        let Build { op, ks, stride, half, pre, stats, bsums, coop } = b;
+        let Build { op, ks, stride, half, pre, stats, bsums, coop, taps } = b;
         let key = format!(
-            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}.{entry}",
+            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}{}.{entry}",
             t.name(),
             if half { "f16" } else { "f32" },
             if pre { ".pre" } else { "" },
             if stats { ".stats" } else { "" },
             if bsums { ".bsums" } else { "" },
-            if coop { ".coop" } else { "" }
+            if coop { ".coop" } else { "" },
+            if taps { ".taps" } else { "" }
         );
         let layout = if coop { coop_layout(gpu, tile) } else { None };
         in_range_pipeline(gpu, &key, &t.source(op, ks, stride, b, layout), entry)
@@ -558,6 +564,26 @@ const WEIGHT_MIN_CHUNK: usize = 128;
 /// The fewest reduction steps of a data op's split.
 const DATA_MIN_CHUNK: usize = 256;
 
+/// Whether data op `op` on `g` runs its reduction tap-major (the template's TAPS): row
+/// `tap * channels + channel`, where the reduction's channels (C forward, K backward_data) are
+/// a multiple of every configuration's reduction step, so that all the rows of a staged tile
+/// share one tap and its gather works out the tap's position and bounds once a tile instead of
+/// per element. A property of the shape alone, as the splits are: whichever configuration runs,
+/// the terms of a sum come in the same order.
+fn taps(op: Op, g: &Geometry) -> bool {
+    let chans = match op {
+        Op::Forward => g.c,
+        Op::BackwardData => g.k,
+        Op::BackwardWeight => return false,
+    };
+    chans.is_multiple_of(max_bk())
+}
+
+/// The largest reduction step of the configurations: split ranges are multiples of it.
+fn max_bk() -> usize {
+    TILES.iter().map(|t| t.bk).max().unwrap_or(16)
+}
+
 /// GEMM reduction length of `op`.
 fn reduction(op: Op, g: &Geometry) -> usize {
     let kk = g.ks * g.ks;
@@ -610,8 +636,8 @@ fn split_plan(op: Op, g: &Geometry, tile: usize, splits: usize) -> Plan {
         return Plan::Tiled { tile, splits: 1, chunk: 0, coop: false };
     }
     let red = reduction(op, g);
-    // A multiple of every configuration's reduction step (8 or 16).
-    let step = TILES.iter().map(|t| t.bk).max().unwrap_or(16);
+    // A multiple of every configuration's reduction step.
+    let step = max_bk();
     let chunk = red.div_ceil(splits.max(1)).div_ceil(step) * step;
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk, coop: false }
 }
@@ -1194,7 +1220,8 @@ fn data(
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
     match &split_part {
         Some(sp) if build.half => {
-            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
+            let canonical =
+                Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, taps: false, ..build };
             let reduce = pipeline(gpu, 0, canonical, "reduce_main");
             let binds = [(7, sp.as_entire_binding()), (3, out.as_entire_binding())];
             dispatch_pipeline(rec, &reduce, "reduce_main", &params, &binds, crate::gpu::groups_for(len));
@@ -1348,8 +1375,20 @@ pub(super) mod tests {
         let coop = CoopMatrix { size: 16, subgroup: 32 };
         let count = |src: &str, line: &str| src.lines().filter(|l| l.trim() == line).count();
         for t in TILES {
-            for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
-                let b = Build { op, ks: 3, stride: 1, half: true, pre: false, stats: false, bsums: false, coop: false };
+            for (op, taps) in
+                [(Op::Forward, false), (Op::Forward, true), (Op::BackwardData, true), (Op::BackwardWeight, false)]
+            {
+                let b = Build {
+                    op,
+                    ks: 3,
+                    stride: 1,
+                    half: true,
+                    pre: false,
+                    stats: false,
+                    bsums: false,
+                    coop: false,
+                    taps,
+                };
                 let plain = t.source(op, 3, 1, b, None);
                 assert!(!plain.contains(UNROLL), "{}", t.name());
                 let fma = "(*acc)[j] = fma(s, bv[h], (*acc)[j]);";
@@ -1415,10 +1454,13 @@ pub(super) mod tests {
                 for (half, pre, fused) in [(false, false, false), (false, true, true), (true, true, true)] {
                     let (stats, bsums) = epilogue(fused);
                     let pre = pre && op != Op::BackwardData;
-                    let b = Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false };
+                    let b = Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false, taps: false };
                     let mut builds = vec![(b, None)];
+                    if op != Op::BackwardWeight {
+                        builds.push((Build { taps: true, ..b }, None)); // the data ops' two reduction orders
+                    }
                     if let (true, Some(l)) = (half, t.coop_shape(coop)) {
-                        builds.push((Build { coop: true, ..b }, Some(l)));
+                        builds.push((Build { coop: true, taps: op != Op::BackwardWeight, ..b }, Some(l)));
                     }
                     for (b, l) in builds {
                         let found = runtime_indices(&t.source(op, 3, 2, b, l));
@@ -1468,6 +1510,21 @@ pub(super) mod tests {
             let g = geometry(1, 130, 3, 132);
             let (s, chunk) = splits(op, &g);
             assert!(s > 1 && chunk.is_multiple_of(16) && (s - 1) * chunk < reduction(op, &g), "{op:?}: {s} x {chunk}");
+        }
+    }
+
+    /// The data ops run tap-major where the reduction's channels are whole steps of every
+    /// configuration (32), at the CIFAR and ImageNet-like stages past the first; never
+    /// backward_weight, whose reduction is over pixels.
+    #[test]
+    fn tap_major_where_the_channels_allow() {
+        assert_eq!(max_bk(), 32);
+        for (c, k, fwd, bwd) in
+            [(64, 64, true, true), (512, 512, true, true), (16, 16, false, false), (3, 64, false, true)]
+        {
+            let g = geometry(32, c, 8, k);
+            assert_eq!((taps(Op::Forward, &g), taps(Op::BackwardData, &g)), (fwd, bwd), "{c} -> {k}");
+            assert!(!taps(Op::BackwardWeight, &g));
         }
     }
 
