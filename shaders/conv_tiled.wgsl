@@ -522,14 +522,17 @@ fn tile_moments(lid: u32, m0: u32, n0: u32, cols: u32, tm: u32, tn: u32, rb: u32
 // (consecutive pixels): staging row rl = lid % BK is fixed per invocation (THREADS is a
 // multiple of BK), its GEMM rows (columns) are lid / BK + j * RSTEP.
 
-// im2col(x) at output pixel (n, oy, ox) for column (c, ky, kx), as loaded; zero in the padding.
-fn b_weight(n: u32, oy: u32, ox: u32, ok: bool, c: u32, ky: u32, kx: u32) -> Raw {
-    let iy = i32(oy * STRIDE + ky) - i32(PAD);
-    let ix = i32(ox * STRIDE + kx) - i32(PAD);
-    if !ok || iy < 0 || ix < 0 || iy >= i32(p.h) || ix >= i32(p.w) {
+// im2col(x) for a column (c, ky, kx) at output pixel (n, oy, ox), as loaded (zero in the
+// padding): the pixel's window corner (iy0, ix0) = (oy, ox) * STRIDE - PAD and index
+// ((n * C) * H + iy0) * W + ix0 are the tile's, the column's offset c * H * W + ky * W + kx
+// the invocation's.
+fn b_weight(corner: vec2i, base: i32, ok: bool, ky: u32, kx: u32, off: u32) -> Raw {
+    let iy = corner.x + i32(ky);
+    let ix = corner.y + i32(kx);
+    if !ok || u32(iy) >= p.h || u32(ix) >= p.w {
         return OUTSIDE;
     }
-    return Raw(src[((n * p.c + c) * p.h + u32(iy)) * p.w + u32(ix)], true);
+    return Raw(src[u32(base + i32(off))], true);
 }
 
 @compute @workgroup_size(THREADS)
@@ -547,9 +550,9 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     let tm = lid % (BM / TM);
     let tn = lid / (BM / TM);
 
-    // This invocation's staged columns are fixed: their (c, ky, kx) and (PRE) their channel's
-    // prologue values once.
-    var bc: array<u32, B_PER>;
+    // This invocation's staged columns are fixed: their taps (ky, kx), offsets in x and (PRE)
+    // their channel's prologue values, once.
+    var boff: array<u32, B_PER>;
     var bky: array<u32, B_PER>;
     var bkx: array<u32, B_PER>;
     var bok: array<bool, B_PER>;
@@ -559,10 +562,10 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         bok[j] = col < cols;
         let c = col / KK;
         let t = col - c * KK;
-        bc[j] = c;
         bk[j] = pro(c);
         bky[j] = t / KS;
         bkx[j] = t - bky[j] * KS;
+        boff[j] = (c * p.h + bky[j]) * p.w + bkx[j];
     }
 
     var acc: array<vec4f, ACC_LEN>;
@@ -570,16 +573,24 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     var ra: array<ST, A_PER>;
     var rb: array<Raw, B_PER>;
 
+    // The output pixel (n, oy, ox) of this invocation's reduction step r, divided out once and
+    // then stepped BK pixels a tile (a division by a runtime value costs tens of instructions).
+    // Past the end (r >= r_end) it goes on but loads nothing.
+    var r = r_begin + rl;
+    let rc = min(r, red - 1u);
+    var n = rc / ohw;
+    var oy = (rc - n * ohw) / p.ow;
+    var ox = rc - n * ohw - oy * p.ow;
+    let step_y = BK / p.ow;
+    let step_x = BK - step_y * p.ow;
+
     for (var t = 0u; t <= nt; t++) {
         // Loads of tile t (where there is one) into registers...
         if t < nt {
-            let r = r_begin + t * BK + rl;
             let r_ok = r < r_end;
-            let rc = min(r, red - 1u);
-            let n = rc / ohw;
-            let pix = rc - n * ohw;
-            let oy = pix / p.ow;
-            let ox = pix - oy * p.ow;
+            let pix = oy * p.ow + ox;
+            let corner = vec2i(vec2u(oy, ox) * STRIDE) - i32(PAD);
+            let base = i32(n * p.c * p.h * p.w) + corner.x * i32(p.w) + corner.y;
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 let k = m0 + row0 + j * RSTEP;
                 var v = ST(0.0);
@@ -589,7 +600,18 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
                 ra[j] = v;
             }
             for (var j = 0u; j < B_PER; j++) { // @unroll
-                rb[j] = b_weight(n, oy, ox, r_ok && bok[j], bc[j], bky[j], bkx[j]);
+                rb[j] = b_weight(corner, base, r_ok && bok[j], bky[j], bkx[j], boff[j]);
+            }
+            r += BK;
+            ox += step_x;
+            oy += step_y;
+            if ox >= p.ow {
+                ox -= p.ow;
+                oy += 1u;
+            }
+            while oy >= p.oh {
+                oy -= p.oh;
+                n += 1u;
             }
         }
         // ... the arithmetic of tile t - 1 meanwhile ...
