@@ -445,8 +445,8 @@ fn backward_data_bn_every_tile_configuration() {
 /// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
 /// channels past 128 (two tiles of the largest configurations).
 /// The tiled kernels' cases: the edges, two 32x32 ones, a long reduction, and reductions over 32
-/// channels at stride 2 (3x3 and 1x1), which the data ops run tap-major (as they do 64 channels
-/// in EDGES; 40 and 33 channel-major).
+/// channels at stride 2 (3x3 and 1x1), which the data ops run tap-major (as they do 16 and 64
+/// channels; 40 and 33 channel-major).
 fn tile_cases() -> Vec<Case> {
     let mut v: Vec<Case> = EDGES.iter().map(|c| case(c.xd, c.k, c.ks, c.stride)).collect();
     v.extend([case([2, 16, 32, 32], 16, 3, 1), case([1, 16, 32, 32], 16, 3, 2), case([1, 130, 3, 5], 132, 3, 2)]);
@@ -486,8 +486,8 @@ fn every_tile_on(check: fn(&str, &Gpu, &[Case], u64), seed: u64, cases: &[Case])
 /// multiple of 4, stride 2's output sizes), in 3x3 kernels only (each kernel size and stride is a
 /// module of its own per configuration). Two have columns past 128 for one op each (forward's
 /// K, backward_data's C) and a long reduction for the other, which splits it and takes the
-/// unfused form. The last reduces over 32 and 64 channels, tap-major (the others
-/// channel-major).
+/// unfused form. The last reduces over 32 and 64 channels, tap-major (as the third, over 16;
+/// the others channel-major).
 const EPILOGUE_CASES: &[Case] = &[
     case([3, 5, 7, 8], 33, 3, 1),
     case([2, 33, 5, 16], 9, 3, 2),

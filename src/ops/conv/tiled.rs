@@ -350,8 +350,7 @@ struct Build {
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        let taps = taps(op, g);
-        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false, taps }
+        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false, taps: false }
     }
 
     /// A dispatch label: the op, configuration `tile`, this build's variant and the splits;
@@ -566,22 +565,25 @@ const DATA_MIN_CHUNK: usize = 256;
 
 /// Whether data op `op` on `g` runs its reduction tap-major (the template's TAPS): row
 /// `tap * channels + channel`, where the reduction's channels (C forward, K backward_data) are
-/// a multiple of every configuration's reduction step, so that all the rows of a staged tile
-/// share one tap and its gather works out the tap's position and bounds once a tile instead of
-/// per element. A property of the shape alone, as the splits are: whichever configuration runs,
-/// the terms of a sum come in the same order.
-fn taps(op: Op, g: &Geometry) -> bool {
+/// a multiple of the reduction step of every configuration that may run it (plain arithmetic,
+/// or `coop`, cooperative matrices), so that all the rows of a staged tile share one tap and
+/// its gather works out the tap's position and bounds once a tile instead of per element. The
+/// same for every plain configuration, as the splits are: whichever of them the autotuner
+/// picks, the terms of a sum come in the same order (on cooperative matrices the f16 rounding
+/// of the operands differs anyway).
+fn taps(op: Op, g: &Geometry, coop: bool) -> bool {
     let chans = match op {
         Op::Forward => g.c,
         Op::BackwardData => g.k,
         Op::BackwardWeight => return false,
     };
-    chans.is_multiple_of(max_bk())
+    chans.is_multiple_of(max_bk(coop))
 }
 
-/// The largest reduction step of the configurations: split ranges are multiples of it.
-fn max_bk() -> usize {
-    TILES.iter().map(|t| t.bk).max().unwrap_or(16)
+/// The largest reduction step of the configurations, with those for cooperative matrices only
+/// (`coop`) or without: split ranges are multiples of the first.
+fn max_bk(coop: bool) -> usize {
+    TILES.iter().filter(|t| coop || !t.coop_only).map(|t| t.bk).max().unwrap_or(16)
 }
 
 /// GEMM reduction length of `op`.
@@ -637,7 +639,7 @@ fn split_plan(op: Op, g: &Geometry, tile: usize, splits: usize) -> Plan {
     }
     let red = reduction(op, g);
     // A multiple of every configuration's reduction step.
-    let step = max_bk();
+    let step = max_bk(true);
     let chunk = red.div_ceil(splits.max(1)).div_ceil(step) * step;
     Plan::Tiled { tile, splits: red.div_ceil(chunk), chunk, coop: false }
 }
@@ -1183,6 +1185,8 @@ fn data(
     let cp = cols.div_ceil(4) * 4;
     let gpu = rec.gpu;
     let params = data_params(g, op, acc, splits, chunk);
+    let build = build.with_coop(gpu, tile, coop);
+    let build = Build { taps: taps(op, g, build.coop), ..build };
     // The transposition (the template's, from the weights' own type to the activations').
     let (entry, source) = match (build.half, w) {
         (true, Weights::F16(w)) | (false, Weights::F32(w)) => ("transpose_main", (8, w)),
@@ -1214,7 +1218,6 @@ fn data(
         (_, Some(_)) => unreachable!("the epilogues' callers take unsplit plans"),
     };
     binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
-    let build = build.with_coop(gpu, tile, coop);
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
@@ -1514,17 +1517,24 @@ pub(super) mod tests {
     }
 
     /// The data ops run tap-major where the reduction's channels are whole steps of every
-    /// configuration (32), at the CIFAR and ImageNet-like stages past the first; never
-    /// backward_weight, whose reduction is over pixels.
+    /// configuration: 16 for plain arithmetic, 32 on cooperative matrices (the CIFAR and
+    /// ImageNet-like stages; 16 channels plain only); never backward_weight, whose reduction is
+    /// over pixels.
     #[test]
     fn tap_major_where_the_channels_allow() {
-        assert_eq!(max_bk(), 32);
-        for (c, k, fwd, bwd) in
-            [(64, 64, true, true), (512, 512, true, true), (16, 16, false, false), (3, 64, false, true)]
-        {
+        assert_eq!((max_bk(false), max_bk(true)), (16, 32));
+        for (c, k, coop, fwd, bwd) in [
+            (64, 64, true, true, true),
+            (512, 512, false, true, true),
+            (16, 16, false, true, true),
+            (16, 16, true, false, false),
+            (3, 32, true, false, true),
+            (8, 24, false, false, false),
+        ] {
             let g = geometry(32, c, 8, k);
-            assert_eq!((taps(Op::Forward, &g), taps(Op::BackwardData, &g)), (fwd, bwd), "{c} -> {k}");
-            assert!(!taps(Op::BackwardWeight, &g));
+            let both = (taps(Op::Forward, &g, coop), taps(Op::BackwardData, &g, coop));
+            assert_eq!(both, (fwd, bwd), "{c} -> {k}, coop {coop}");
+            assert!(!taps(Op::BackwardWeight, &g, coop));
         }
     }
 
