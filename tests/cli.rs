@@ -6,10 +6,23 @@ use resnet_wgpu::io::{self, HostTensor};
 use resnet_wgpu::reference::{net as rnet, to_f64};
 use std::process::Command;
 
+/// The tool as a command, through cargo's test runner where one is set for this target (as
+/// CI's Mesa 26 step sets `tools/lavapipe_coop.sh`, whose libraries the tool needs too).
+fn command() -> Command {
+    let exe = env!("CARGO_BIN_EXE_resnet-wgpu");
+    match std::env::var("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER") {
+        Ok(runner) if cfg!(all(target_arch = "x86_64", target_os = "linux")) && !runner.is_empty() => {
+            let mut cmd = Command::new(runner);
+            cmd.arg(exe);
+            cmd
+        }
+        _ => Command::new(exe),
+    }
+}
+
 /// Runs the tool with `args`, without a tune file whatever the caller's environment names.
 fn tool(args: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"));
-    let out = cmd.args(args).env_remove("RESNET_WGPU_TUNE_FILE").output().expect("run resnet-wgpu");
+    let out = command().args(args).env_remove("RESNET_WGPU_TUNE_FILE").output().expect("run resnet-wgpu");
     let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.success(), text)
 }
@@ -34,11 +47,7 @@ fn info_names_the_tune_file_and_refuses_a_bad_one() {
     let d = dir("tune-file");
     let path = d.join("tune.json");
     let run = || {
-        let out = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"))
-            .arg("info")
-            .env("RESNET_WGPU_TUNE_FILE", &path)
-            .output()
-            .expect("run resnet-wgpu");
+        let out = command().arg("info").env("RESNET_WGPU_TUNE_FILE", &path).output().expect("run resnet-wgpu");
         let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
         (out.status.success(), text)
     };
@@ -246,7 +255,7 @@ fn bench_times_a_network_training_step() {
         let d = dir("bench-net");
         let json = d.join("bench.json");
         let args = ["bench", "--quick", "--shapes", "2,16,32,32", "--only", "preact train step", "--json"];
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"));
+        let mut cmd = command();
         cmd.args(args).arg(&json);
         if let Some(c) = chunk {
             cmd.env("RESNET_WGPU_STREAM_CHUNK", c);
@@ -309,7 +318,7 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
         (vec!["analyze", "--depths", "21"], "depth 21 is not 6n+2"),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_resnet-wgpu"))
+        let out = command()
             .args(&args)
             .env("WGPU_ADAPTER_NAME", "no adapter has this name")
             .output()

@@ -11,7 +11,8 @@
 # glibc, LLVM and Vulkan loader among them, about 63 MB) into $LAVAPIPE_COOP_DIR (default
 # ~/.cache/lavapipe-coop) once, unpacks it there, and runs the command under Debian 13's dynamic
 # loader with those libraries first, so nothing is installed on the system. Programs the
-# command starts in turn (tests/cli.rs runs the CLI) run on the system's libraries instead.
+# command starts in turn run on the system's libraries instead, unless started through this
+# script too (tests/cli.rs starts the CLI through cargo's test runner where one is set).
 set -euo pipefail
 dir=${LAVAPIPE_COOP_DIR:-$HOME/.cache/lavapipe-coop}
 lib=$dir/root/usr/lib/x86_64-linux-gnu
