@@ -382,13 +382,22 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     // BSUMS: per column, sum dz and sum dz * xhat of this invocation's outputs.
     var s1: array<vec4f, TNV>;
     var s2: array<vec4f, TNV>;
+    let plane = sx * sy;
     for (var g = 0u; g < TMV; g++) {
+        // Row m's image n and pixel in it, divided out for the group's first row and stepped.
+        let m4 = m0 + (g * (BM / TM) + tm) * 4u;
+        var n = m4 / plane;
+        var pix = m4 - n * plane;
         for (var i = 0u; i < 4u; i++) {
-            let m = m0 + (g * (BM / TM) + tm) * 4u + i;
+            let m = m4 + i;
             let live = m < p.m;
-            let ox = m % sx;
-            let oy = (m / sx) % sy;
-            let n = m / (sx * sy);
+            if i > 0u {
+                pix += 1u;
+                if pix == plane {
+                    pix = 0u;
+                    n += 1u;
+                }
+            }
             for (var h = 0u; h < TNV; h++) { // @unroll
                 var v4 = acc[0]; // acc[(g * 4 + i) * TNV + h], through rotate
                 for (var j = 0u; j < 4u && live; j++) {
@@ -396,7 +405,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                     if col >= cols {
                         continue;
                     }
-                    let o = ((n * cols + col) * sy + oy) * sx + ox;
+                    let o = (n * cols + col) * plane + pix;
                     if p.splits > 1u {
                         // A split's partial sum (never with STATS or BSUMS: the host checks).
                         part[split * p.len + o] = v4[j];
