@@ -15,8 +15,9 @@
 //   PRE      true: x is read through the BN + ReLU prologue (conv.wgsl's head), forward and
 //            backward_weight only
 //   TAPS     (data ops) true: the reduction is tap-major, row r = tap * RC + channel (RC, the
-//            reduction's channels: C forward, K backward_data), where RC is a multiple of every
-//            configuration's BK (tiled.rs `taps`); false: channel-major, r = channel * KK + tap
+//            reduction's channels: C forward, K backward_data), where RC is a multiple of the
+//            BK of every configuration of the build's kind, plain or on cooperative matrices
+//            (tiled.rs `taps`); false: channel-major, r = channel * KK + tap
 //   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
 //            the batch norm that follows (tile_moments, of the values as stored)
 //   BSUMS    true: backward_data's epilogue also writes the per-channel sums of the backward of
