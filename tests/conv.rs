@@ -918,9 +918,9 @@ fn bad_shapes_are_errors() {
 const F16_TOL: f64 = 1e-3;
 
 /// The f16 path (where the adapter has shader-f16) on the tile-edge shapes, overwriting and
-/// accumulating, with the automatic tile; each configuration forced on the first two (3x3 at
-/// strides 1 and 2: the index arithmetic of every configuration is checked in f32 above, this
-/// checks its f16 loads and stores).
+/// accumulating, with the automatic tile; each configuration forced on the first three (3x3 at
+/// strides 1 and 2, the third over 64 channels, tap-major: the index arithmetic of every
+/// configuration is checked in f32 above, this checks its f16 loads and stores).
 #[test]
 fn f16_path_within_bound() {
     use resnet_wgpu::tensor::HalfTensor;
@@ -935,7 +935,7 @@ fn f16_path_within_bound() {
         conv::force_tile(&g, tile.as_deref()).unwrap();
         let mut rng = Rng::new(51);
         let cases = tile_cases();
-        for c in &cases[..if tile.is_some() { 2 } else { cases.len() }] {
+        for c in &cases[..if tile.is_some() { 3 } else { cases.len() }] {
             check_f16_ops(&g, c, &mut rng, &format!("f16 tile {}", tile.as_deref().unwrap_or("auto")), false);
         }
     }
