@@ -755,14 +755,26 @@ fn rp_wgt(wid: vec3u, lane: u32, s: u32, ks: u32) {
     let begin = wid.x * p.chunk;
     let end = min(begin + p.chunk, p.m);
     var b: Blk;
+    // The lane's quad, divided out for the first step and stepped: a step moves the 8 lanes
+    // over LANES / qpr whole rows (quads per row divide 8), so the lane's column stays and its
+    // row and image advance. Past the quads (ok false) the image is clamped, as quad() does.
+    var g = quad(begin + lane, p.m, p.oh, p.ow);
+    let rows_step = LANES / g.qpr;
+    var n = g.n;
     for (var q0 = begin; q0 < end; q0 += LANES) {
-        let g = quad(q0 + lane, p.m, p.oh, p.ow);
+        g.ok = q0 + lane < p.m;
+        g.n = min(n, p.n - 1u);
         let d = D8(dquad(g, kt0), dquad(g, kt0 + 1u), dquad(g, kt0 + 2u), dquad(g, kt0 + 3u),
                    dquad(g, kt0 + 4u), dquad(g, kt0 + 5u), dquad(g, kt0 + 6u), dquad(g, kt0 + 7u));
         col0(&b, d, wtaps(g, ct0, s, ks), nt);
         col1(&b, d, wtaps(g, ct0 + per_col, s, ks), nt);
         col2(&b, d, wtaps(g, ct0 + 2u * per_col, s, ks), nt);
         col3(&b, d, wtaps(g, ct0 + 3u * per_col, s, ks), nt);
+        g.row += rows_step;
+        while g.row >= p.oh {
+            g.row -= p.oh;
+            n += 1u;
+        }
     }
     // Every lane gets the tile's sums; lane i writes row i (k = kt0 + i), in a loop (one
     // store site: the code of a store is long on a CPU adapter).

@@ -51,9 +51,11 @@ const CASES: &[Case] = &[
 /// Tile edges, checked through the tiled kernels too on a CPU adapter: row widths 4, 8, 16, 32
 /// (the register path's quads) with odd heights and batches; K and C not multiples of 8 or of the
 /// tiles (1, 5, 9, 12, 33, 40); 33 and 64 channels at small sizes; several weight windows (C = 64
-/// with K = 40: windows of 16, 16, 8 channels); N*OH*OW not a multiple of any tile.
+/// with K = 40: windows of 16, 16, 8 channels); N*OH*OW not a multiple of any tile; rows of one
+/// quad 3 high, so that a step of the register path's 8 lanes spans images.
 const EDGES: &[Case] = &[
     case([3, 5, 7, 8], 33, 3, 1),
+    case([3, 8, 3, 4], 12, 3, 1),
     case([2, 33, 5, 16], 9, 3, 2),
     case([1, 64, 4, 4], 64, 3, 1),
     case([2, 3, 6, 32], 16, 1, 2),
