@@ -555,6 +555,38 @@ fn every_tile_configuration_gives_the_same_bits() {
     }
 }
 
+/// `set_tap_major(false)` keeps the data ops channel-major where they would run tap-major: both
+/// orders match the reference, and the switch changes the order of the sums (the bits differ).
+/// On a forced 64x64 tile, at 64 channels (3x3, stride 1 and 2).
+#[test]
+fn tap_major_can_be_turned_off() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    conv::force_tile(&g, Some("64x64k16t4x4")).unwrap();
+    let mut rng = Rng::new(45);
+    for c in [case([2, 64, 6, 5], 64, 3, 1), case([1, 64, 7, 9], 64, 3, 2)] {
+        let (wd, yd) = (c.wd(), c.yd());
+        let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
+        let (tx, tw, tdy) = (up(&g, &c.xd, &x), up(&g, &wd, &w), up(&g, &yd, &dy));
+        let want_y = r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), wd, c.stride);
+        let want_dx = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
+        let mut runs = Vec::new();
+        for on in [true, false] {
+            conv::set_tap_major(&g, on);
+            let (ty, tdx) = (nan(&g, &yd), nan(&g, &c.xd));
+            let mut rec = g.recorder("conv tap order");
+            conv::forward(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+            conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+            rec.run().unwrap();
+            let (y, dx) = (fetch(&g, &ty), fetch(&g, &tdx));
+            check(&format!("tap-major {on} conv fwd {}", c.name()), &y, &want_y, F32_TOL);
+            check(&format!("tap-major {on} conv bwd data {}", c.name()), &dx, &want_dx, F32_TOL);
+            runs.push((bits(&y), bits(&dx)));
+        }
+        assert!(runs[0].0 != runs[1].0 && runs[0].1 != runs[1].1, "{}: the same bits in both orders", c.name());
+    }
+    conv::set_tap_major(&g, true);
+}
+
 /// Winograd's cases: 3x3 at stride 1 with a partial last block (odd H or W, H or W of 1), a
 /// block count that is not a multiple of 4, channels not multiples of 4, output channels past
 /// one GEMM tile (132) and input channels past several staged steps (132); one stride-2 and one

@@ -14,9 +14,11 @@
 #      train_step takes it, and in one submission, in turn), and PyTorch's step of the same
 #      network (tools/torch_resnet.py bench); the bench's progress lines with them, in case the
 #      row's time runs out (in the call of cfa22d4 the first network run did, before any row);
-#      then the deep layers' unit rows without Winograd (RESNET_WGPU_CONV_WINOGRAD=off)
-#      and their conv rows with wgpu's bounds checks back in the tiled modules
-#      (RESNET_WGPU_SHADER_CHECKS=all), beside step 3's, where time is left;
+#      then the deep layers' unit rows without Winograd (RESNET_WGPU_CONV_WINOGRAD=off),
+#      the data ops' convolutions on the tiled kernels tap-major and channel-major in turn
+#      (RESNET_WGPU_CONV_TAPS=on/off: the order since and before 0af70fe), and their conv rows
+#      with wgpu's bounds checks back in the tiled modules (RESNET_WGPU_SHADER_CHECKS=all),
+#      beside step 3's, where time is left;
 #   5. the test binaries on the GPU, while time is left: the f16 network's first (it ran out of
 #      time in the cfa22d4 call), then the convolutions' (their every-tile tests build the
 #      tiled modules without bounds checks, as the default now does on Vulkan GPUs);
@@ -100,6 +102,16 @@ echo "=== variants ($(left) s left)"
             --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^unit" /tmp/v.txt | sed "s/^/winograd=off: /"
     fi
+    # The tiled data ops tap-major (the default since 0af70fe) and channel-major (the order
+    # before it), in turn, on the same tuned tiles (the tune file), Winograd off: the tap-major
+    # gather is not measured on a GPU (it does less arithmetic per element, but an element's
+    # reuse by the next tap comes a channel loop later, perhaps from L2 rather than L1).
+    for taps in on off; do
+        [ "$(left)" -ge 190 ] || break
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TAPS=$taps RESNET_WGPU_CONV_WINOGRAD=off timeout 45 \
+            /tmp/resnet-wgpu bench --full --only conv3x3 --shapes 32,128,28,28 32,256,14,14 > /tmp/v.txt 2>&1
+        echo "exit $?"; grep -E "^conv3x3 (forward|backward_data)" /tmp/v.txt | sed "s/^/taps=$taps: /"
+    done
     # The deep layers' convolutions with wgpu's bounds checks back in the tiled modules, to set
     # beside step 3's rows (built without them on Vulkan GPUs: Gpu::shader_module_in_range).
     if [ "$(left)" -ge 160 ]; then

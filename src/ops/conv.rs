@@ -289,6 +289,15 @@ fn prologue_cell(gpu: &Gpu) -> Arc<Mutex<Prologue>> {
     })
 }
 
+/// Lets this context's tiled data ops (forward, backward_data) run their reduction tap-major
+/// where the channels allow (`on`, the default), or keeps them channel-major (testing and
+/// benchmarking aid; `RESNET_WGPU_CONV_TAPS=off` does the same for a new context). The order
+/// of the sums changes the results' last bits.
+#[doc(hidden)]
+pub fn set_tap_major(gpu: &Gpu, on: bool) {
+    tiled::set_tap_major(gpu, on);
+}
+
 /// Sets where this context's tiled convolutions apply a BN + ReLU prologue (testing and
 /// benchmarking aid).
 #[doc(hidden)]

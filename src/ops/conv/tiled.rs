@@ -580,6 +580,31 @@ fn taps(op: Op, g: &Geometry, coop: bool) -> bool {
     chans.is_multiple_of(max_bk(coop))
 }
 
+/// Whether this context may run data ops tap-major ([`taps`]): yes unless turned off by
+/// [`set_tap_major`] or, for a new context, `RESNET_WGPU_CONV_TAPS=off` (channel-major
+/// everywhere, as before 0af70fe: a benchmarking aid, to time one order against the other).
+fn tap_major_cell(gpu: &Gpu) -> Arc<Mutex<bool>> {
+    gpu.cached("conv.tap-major", || {
+        let on = match std::env::var("RESNET_WGPU_CONV_TAPS").as_deref() {
+            Ok("off") => false,
+            Ok("" | "on") | Err(_) => true,
+            Ok(other) => {
+                eprintln!("RESNET_WGPU_CONV_TAPS={other:?} ignored (on or off)");
+                true
+            }
+        };
+        Arc::new(Mutex::new(on))
+    })
+}
+
+pub(super) fn set_tap_major(gpu: &Gpu, on: bool) {
+    *tap_major_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = on;
+}
+
+fn tap_major(gpu: &Gpu) -> bool {
+    *tap_major_cell(gpu).lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The largest reduction step of the configurations, with those for cooperative matrices only
 /// (`coop`) or without: split ranges are multiples of the first.
 fn max_bk(coop: bool) -> usize {
@@ -1186,7 +1211,7 @@ fn data(
     let gpu = rec.gpu;
     let params = data_params(g, op, acc, splits, chunk);
     let build = build.with_coop(gpu, tile, coop);
-    let build = Build { taps: taps(op, g, build.coop), ..build };
+    let build = Build { taps: tap_major(gpu) && taps(op, g, build.coop), ..build };
     // The transposition (the template's, from the weights' own type to the activations').
     let (entry, source) = match (build.half, w) {
         (true, Weights::F16(w)) | (false, Weights::F32(w)) => ("transpose_main", (8, w)),
