@@ -14,9 +14,10 @@
 //   TA_LEN, TB_LEN  2 * BK * AS and 2 * BK * BS (two buffers each)
 //   PRE      true: x is read through the BN + ReLU prologue (conv.wgsl's head), forward and
 //            backward_weight only
-//   TAPS     (data ops) true: the reduction is tap-major, row r = tap * RC + channel (RC, the
-//            reduction's channels: C forward, K backward_data), where RC is a multiple of the
-//            BK of every configuration of the build's kind, plain or on cooperative matrices
+//   TAPS, CB (data ops) TAPS true: the reduction runs by blocks of CB channels, tap-major
+//            within a block: row r = (block * KK + tap) * CB + channel % CB, where the
+//            reduction's channels (C forward, K backward_data) are a multiple of CB, the BK of
+//            every configuration of the build's kind, plain or on cooperative matrices
 //            (tiled.rs `taps`); false: channel-major, r = channel * KK + tap
 //   STATS    true: the forward's epilogue also writes per-channel sums of its output tile for
 //            the batch norm that follows (tile_moments, of the values as stored)
@@ -45,7 +46,8 @@
 // to 4] (transpose_main, below), so their tile loads are coalesced vec4 loads; the im2col
 // operand is gathered as scalars, consecutive invocations on consecutive pixels (coalesced
 // where the stride is 1), its position and bounds worked out once a tile where the reduction
-// is tap-major (TAPS), else per element. Tiles live in two workgroup buffers: while the
+// runs tap by tap (TAPS: a block's taps in consecutive tiles, so an element's reuse by the next
+// tap comes a tile later), else per element. Tiles live in two workgroup buffers: while the
 // invocations multiply out one, the next tile's global loads are already in flight into
 // registers and are stored to the other buffer, so a tile costs one barrier. Rows of the
 // workgroup tiles are padded by one vec4 so that invocations storing down a column (the
@@ -57,7 +59,7 @@
 // without wgpu's bounds checks (gpu.rs `shader_module_in_range`; keep it so when editing):
 // - storage: every load and store is guarded by the shape it reads or writes (tap_load's
 //   `inside` with a channel below the reduction's: a_row's `r < r_end`, or where TAPS a tile
-//   of BK channels from a multiple of BK below them; b_weight, `b_ok && r < r_end`, `k < p.k`,
+//   of BK channels of a block of CB, both multiples of BK, below them; b_weight, `b_ok && r < r_end`, `k < p.k`,
 //   the epilogues' `live` and `col < cols`) or clamped (pro), and the splits' partials and the
 //   moments are sized by the host for what the grid writes;
 // - workgroup tiles: put_a / put_b take buf < 2, a reduction row below BK (arl + j * ASTEP <
@@ -236,7 +238,7 @@ fn tap_load(a: Tap, c: u32) -> Raw {
 }
 
 // The A rows [rt, rt + BK) of a tile for one GEMM row (n, py, px), as its invocation gathers
-// them. TAPS: every row of the tile has the same tap (RC and rt are multiples of BK), so its
+// them. TAPS: every row of the tile has the same tap (CB and rt are multiples of BK), so its
 // position and bounds are worked out once a tile (`tap`), and row rt + rl is channel cb + rl.
 // Else row r is channel r / KK, tap r % KK, worked out per element.
 struct Rows {
@@ -250,12 +252,14 @@ struct Rows {
     tap: Tap,
 }
 
-fn rows_at(n: u32, py: u32, px: u32, ok: bool, rt: u32, r_end: u32, rc: u32) -> Rows {
+fn rows_at(n: u32, py: u32, px: u32, ok: bool, rt: u32, r_end: u32) -> Rows {
     if !TAPS {
         return Rows(n, py, px, ok, rt, r_end, 0u, Tap(0u, 0u, false));
     }
-    let t = rt / rc;
-    return Rows(n, py, px, ok, rt, r_end, rt - t * rc, tap_at(n, py, px, ok, t));
+    let q = rt / CB; // (block, tap)
+    let block = q / KK;
+    let t = q - block * KK;
+    return Rows(n, py, px, ok, rt, r_end, block * CB + rt - q * CB, tap_at(n, py, px, ok, t));
 }
 
 // Row rt + rl of the tile as loaded (zero past the reduction's end).
@@ -297,7 +301,6 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         sy = p.h;
         sx = p.w;
     }
-    let rc = red / KK; // the reduction's channels
     let cv = (cols + 3u) / 4u; // vec4s per row of the transposed weights
     let m0 = (wid.z * nwg.x + wid.x) * BM;
     let cb = (cols + BN - 1u) / BN; // column blocks
@@ -332,7 +335,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     let nt = (r_end - r0 + BK - 1u) / BK;
 
     // Tile 0 into buffer 0.
-    let a0 = rows_at(an, ay, ax, a_ok, r0, r_end, rc);
+    let a0 = rows_at(an, ay, ax, a_ok, r0, r_end);
     for (var j = 0u; j < A_PER; j++) {
         let rl = arl + j * ASTEP;
         put_a(0u, rl, ml, x_value(a_row(a0, rl), pro(a_channel(a0, rl))));
@@ -353,7 +356,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         let r1 = r0 + (t + 1u) * BK;
         // The next tile's loads, into registers, before this tile's arithmetic.
         if more {
-            let a1 = rows_at(an, ay, ax, a_ok, r1, r_end, rc);
+            let a1 = rows_at(an, ay, ax, a_ok, r1, r_end);
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 ra[j] = a_row(a1, arl + j * ASTEP);
                 rk[j] = pro(a_channel(a1, arl + j * ASTEP));
@@ -690,7 +693,7 @@ fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
 
 // The weights as the data ops' B operand: [reduction][cols rounded up to 4], zeros in the
 // padding; MODE 0 forward B[(c, t)][k] = w[k][c][t], MODE 1 backward_data B[(k, t)][c] =
-// w[k][c][t], rows (c, t) at c * KK + t, or t * C + c where TAPS (b_row). Both are transposes
+// w[k][c][t], rows (c, t) at c * KK + t, or by blocks where TAPS (b_row). Both are transposes
 // of `batch` row-major matrices [cols][rows] that lie one after the other in w: forward one
 // [K][C*KK], backward_data K of [C][KK] (block b of B's rows is the transpose of matrix b,
 // before TAPS reorders the rows). transpose_main reads ST weights, transpose_main32 f32 ones
@@ -757,15 +760,19 @@ fn tile_slot(e: u32) -> u32 {
 }
 
 // B's row of row s of transposed matrix t.b: channel-major, matrix after matrix; where TAPS,
-// tap-major (forward: s = c * KK + tap; backward_data: s = tap of matrix k).
+// the A operand's order (block, tap, channel in the block) for channel c and tap t (forward:
+// s = c * KK + t; backward_data: c = k, the matrix, and t = s).
 fn b_row(t: TTile, s: u32) -> u32 {
     if !TAPS {
         return t.b * t.rows + s;
     }
+    var c = t.b;
+    var tap = s;
     if MODE == 0u {
-        return s % KK * p.c + s / KK;
+        c = s / KK;
+        tap = s - c * KK;
     }
-    return s * p.k + t.b;
+    return (c / CB * KK + tap) * CB + c % CB;
 }
 
 // After the barrier: invocation lid writes the tile's vec4 at row lid / 16, vec4 lid % 16.

@@ -197,10 +197,12 @@ impl Tile {
             ("ASTEP", t / self.bm),
             ("BSTEP", t / (self.bn / 4)),
             ("RSTEP", step.max(1)),
+            ("CB", taps.max(1)),
         ];
         let mut s = crate::gpu::storage_type(half);
         s.push_str(&format!(
-            "const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\nconst TAPS: bool = {taps};\n"
+            "const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\nconst TAPS: bool = {};\n",
+            taps > 0
         ));
         let mut template = TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})"));
         let mut consts = consts.to_vec();
@@ -333,8 +335,8 @@ impl CoopLayout {
 /// Which module of the template: the op, kernel size and stride, f16 storage (`half`), the
 /// BN + ReLU prologue on x (`pre`), the forward's per-channel sums of y (`stats`) and
 /// backward_data's sums for the backward of the BN + ReLU before the convolution (`bsums`),
-/// (f16 only) the tile arithmetic on cooperative matrices (`coop`), and (data ops) a tap-major
-/// reduction ([`taps`]).
+/// (f16 only) the tile arithmetic on cooperative matrices (`coop`), and (data ops) the block of
+/// channels of a tap-major reduction, 0 for channel-major ([`taps`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Build {
     op: Op,
@@ -345,12 +347,12 @@ struct Build {
     stats: bool,
     bsums: bool,
     coop: bool,
-    taps: bool,
+    taps: usize,
 }
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false, taps: false }
+        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false, taps: 0 }
     }
 
     /// A dispatch label: the op, configuration `tile`, this build's variant and the splits;
@@ -442,7 +444,7 @@ fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::Comp
             if stats { ".stats" } else { "" },
             if bsums { ".bsums" } else { "" },
             if coop { ".coop" } else { "" },
-            if taps { ".taps" } else { "" }
+            if taps > 0 { format!(".taps{taps}") } else { String::new() }
         );
         let layout = if coop { coop_layout(gpu, tile) } else { None };
         in_range_pipeline(gpu, &key, &t.source(op, ks, stride, b, layout), entry)
@@ -563,21 +565,24 @@ const WEIGHT_MIN_CHUNK: usize = 128;
 /// The fewest reduction steps of a data op's split.
 const DATA_MIN_CHUNK: usize = 256;
 
-/// Whether data op `op` on `g` runs its reduction tap-major (the template's TAPS): row
-/// `tap * channels + channel`, where the reduction's channels (C forward, K backward_data) are
-/// a multiple of the reduction step of every configuration that may run it (plain arithmetic,
-/// or `coop`, cooperative matrices), so that all the rows of a staged tile share one tap and
-/// its gather works out the tap's position and bounds once a tile instead of per element. The
+/// The block of channels by which data op `op` on `g` runs its reduction tap-major (the
+/// template's TAPS and CB), or 0 for channel-major: row `(block * KK + tap) * CB + channel %
+/// CB`, where the block, CB, is the reduction step of every configuration that may run it
+/// (plain arithmetic, or `coop`, cooperative matrices) and divides the reduction's channels (C
+/// forward, K backward_data). All the rows of a staged tile then share one tap, so its gather
+/// works out the tap's position and bounds once a tile instead of per element, and a block's
+/// taps come in consecutive tiles, so an element is reused by the next tap a tile later. The
 /// same for every plain configuration, as the splits are: whichever of them the autotuner
 /// picks, the terms of a sum come in the same order (on cooperative matrices the f16 rounding
 /// of the operands differs anyway).
-fn taps(op: Op, g: &Geometry, coop: bool) -> bool {
+fn taps(op: Op, g: &Geometry, coop: bool) -> usize {
     let chans = match op {
         Op::Forward => g.c,
         Op::BackwardData => g.k,
-        Op::BackwardWeight => return false,
+        Op::BackwardWeight => return 0,
     };
-    chans.is_multiple_of(max_bk(coop))
+    let block = max_bk(coop);
+    if chans.is_multiple_of(block) { block } else { 0 }
 }
 
 /// Whether this context may run data ops tap-major ([`taps`]): yes unless turned off by
@@ -1211,7 +1216,7 @@ fn data(
     let gpu = rec.gpu;
     let params = data_params(g, op, acc, splits, chunk);
     let build = build.with_coop(gpu, tile, coop);
-    let build = Build { taps: tap_major(gpu) && taps(op, g, build.coop), ..build };
+    let build = Build { taps: if tap_major(gpu) { taps(op, g, build.coop) } else { 0 }, ..build };
     // The transposition (the template's, from the weights' own type to the activations').
     let (entry, source) = match (build.half, w) {
         (true, Weights::F16(w)) | (false, Weights::F32(w)) => ("transpose_main", (8, w)),
@@ -1248,8 +1253,7 @@ fn data(
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
     match &split_part {
         Some(sp) if build.half => {
-            let canonical =
-                Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, taps: false, ..build };
+            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, taps: 0, ..build };
             let reduce = pipeline(gpu, 0, canonical, "reduce_main");
             let binds = [(7, sp.as_entire_binding()), (3, out.as_entire_binding())];
             dispatch_pipeline(rec, &reduce, "reduce_main", &params, &binds, crate::gpu::groups_for(len));
@@ -1403,9 +1407,7 @@ pub(super) mod tests {
         let coop = CoopMatrix { size: 16, subgroup: 32 };
         let count = |src: &str, line: &str| src.lines().filter(|l| l.trim() == line).count();
         for t in TILES {
-            for (op, taps) in
-                [(Op::Forward, false), (Op::Forward, true), (Op::BackwardData, true), (Op::BackwardWeight, false)]
-            {
+            for (op, taps) in [(Op::Forward, 0), (Op::Forward, 16), (Op::BackwardData, 16), (Op::BackwardWeight, 0)] {
                 let b = Build {
                     op,
                     ks: 3,
@@ -1482,13 +1484,14 @@ pub(super) mod tests {
                 for (half, pre, fused) in [(false, false, false), (false, true, true), (true, true, true)] {
                     let (stats, bsums) = epilogue(fused);
                     let pre = pre && op != Op::BackwardData;
-                    let b = Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false, taps: false };
+                    let b = Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false, taps: 0 };
                     let mut builds = vec![(b, None)];
                     if op != Op::BackwardWeight {
-                        builds.push((Build { taps: true, ..b }, None)); // the data ops' two reduction orders
+                        builds.push((Build { taps: 16, ..b }, None)); // the data ops' two reduction orders
                     }
                     if let (true, Some(l)) = (half, t.coop_shape(coop)) {
-                        builds.push((Build { coop: true, taps: op != Op::BackwardWeight, ..b }, Some(l)));
+                        let taps = if op == Op::BackwardWeight { 0 } else { 32 };
+                        builds.push((Build { coop: true, taps, ..b }, Some(l)));
                     }
                     for (b, l) in builds {
                         let found = runtime_indices(&t.source(op, 3, 2, b, l));
@@ -1541,25 +1544,25 @@ pub(super) mod tests {
         }
     }
 
-    /// The data ops run tap-major where the reduction's channels are whole steps of every
-    /// configuration: 16 for plain arithmetic, 32 on cooperative matrices (the CIFAR and
-    /// ImageNet-like stages; 16 channels plain only); never backward_weight, whose reduction is
-    /// over pixels.
+    /// The data ops run tap-major, by blocks of every configuration's steps (16 for plain
+    /// arithmetic, 32 on cooperative matrices), where those blocks divide the reduction's
+    /// channels (the CIFAR and ImageNet-like stages; 16 channels plain only); never
+    /// backward_weight, whose reduction is over pixels.
     #[test]
     fn tap_major_where_the_channels_allow() {
         assert_eq!((max_bk(false), max_bk(true)), (16, 32));
         for (c, k, coop, fwd, bwd) in [
-            (64, 64, true, true, true),
-            (512, 512, false, true, true),
-            (16, 16, false, true, true),
-            (16, 16, true, false, false),
-            (3, 32, true, false, true),
-            (8, 24, false, false, false),
+            (64, 64, true, 32, 32),
+            (512, 512, false, 16, 16),
+            (16, 16, false, 16, 16),
+            (16, 16, true, 0, 0),
+            (3, 32, true, 0, 32),
+            (8, 24, false, 0, 0),
         ] {
             let g = geometry(32, c, 8, k);
             let both = (taps(Op::Forward, &g, coop), taps(Op::BackwardData, &g, coop));
             assert_eq!(both, (fwd, bwd), "{c} -> {k}, coop {coop}");
-            assert!(!taps(Op::BackwardWeight, &g, coop));
+            assert_eq!(taps(Op::BackwardWeight, &g, coop), 0);
         }
     }
 
