@@ -105,7 +105,8 @@ echo "=== variants ($(left) s left)"
     # The tiled data ops tap-major (the default since 0af70fe) and channel-major (the order
     # before it), in turn, on the same tuned tiles (the tune file), Winograd off: the tap-major
     # gather is not measured on a GPU (it does less arithmetic per element, but an element's
-    # reuse by the next tap comes a channel loop later, perhaps from L2 rather than L1).
+    # reuse by the next tap comes a tile later, within its block of channels, not in the same
+    # tile).
     for taps in on off; do
         [ "$(left)" -ge 190 ] || break
         RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TAPS=$taps RESNET_WGPU_CONV_WINOGRAD=off timeout 45 \
