@@ -141,6 +141,26 @@ pub enum Shader {
 }
 
 impl Shader {
+    /// Every family, for [`module_sources`].
+    const ALL: [Shader; 16] = [
+        Shader::Conv,
+        Shader::ConvF16,
+        Shader::BatchNorm,
+        Shader::BatchNormTexture,
+        Shader::BatchNormF16,
+        Shader::BatchNormF16Texture,
+        Shader::Relu,
+        Shader::ReluF16,
+        Shader::Residual,
+        Shader::ResidualF16,
+        Shader::Cast,
+        Shader::PoolFcLoss,
+        Shader::Sgd,
+        Shader::Probe,
+        Shader::Mix,
+        Shader::Gate,
+    ];
+
     /// The module's WGSL for a device with subgroup operations of one size `Some(size)`, of
     /// several sizes `Some(0)`, or none: conv.wgsl leaves out what follows its `// @subgroups`
     /// line without them; batch_norm.wgsl keeps one of its two `sum2` blocks.
@@ -175,6 +195,26 @@ impl Shader {
         };
         text.into()
     }
+}
+
+/// The WGSL of every kind of module this crate builds, labelled, without a device: each
+/// [`Shader`] family for adapters without subgroups, with subgroups of several sizes and of 32,
+/// and an instance of each configuration and variant of the convolution templates (tiled, on
+/// plain arithmetic and on cooperative matrices of 16x16 and 8x8 fragments, and Winograd).
+/// `tests/portability.rs` translates each for Metal and DX12, which no test adapter here runs.
+#[doc(hidden)]
+pub fn module_sources() -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    for shader in Shader::ALL {
+        for subgroups in [None, Some(0), Some(32)] {
+            let wgsl = shader.source(subgroups).into_owned();
+            if !out.iter().any(|(_, w)| *w == wgsl) {
+                out.push((format!("{shader:?} subgroups {subgroups:?}"), wgsl));
+            }
+        }
+    }
+    out.extend(crate::ops::conv::module_sources());
+    out
 }
 
 /// The head of a module whose storage type `ST` serves both paths: `ST` itself and `as_st(v)`,

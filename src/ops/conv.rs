@@ -298,6 +298,14 @@ pub fn set_tap_major(gpu: &Gpu, on: bool) {
     tiled::set_tap_major(gpu, on);
 }
 
+/// An instance of every configuration and variant of the tiled and Winograd templates
+/// ([`crate::gpu::module_sources`]).
+pub(crate) fn module_sources() -> Vec<(String, String)> {
+    let mut out = tiled::module_sources();
+    out.extend(winograd::module_sources());
+    out
+}
+
 /// Sets where this context's tiled convolutions apply a BN + ReLU prologue (testing and
 /// benchmarking aid).
 #[doc(hidden)]

@@ -361,6 +361,21 @@ impl Build {
         gpu.cached(("conv.label", *self, tile, splits), || Arc::from(self.label(tile, splits)))
     }
 
+    /// The label of this build's module of configuration `tile`.
+    fn module_label(&self, tile: usize) -> String {
+        let Build { op, ks, stride, half, pre, stats, bsums, coop, taps } = *self;
+        format!(
+            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}{}",
+            TILES[tile].name(),
+            if half { "f16" } else { "f32" },
+            if pre { ".pre" } else { "" },
+            if stats { ".stats" } else { "" },
+            if bsums { ".bsums" } else { "" },
+            if coop { ".coop" } else { "" },
+            if taps > 0 { format!(".taps{taps}") } else { String::new() }
+        )
+    }
+
     fn label(&self, tile: usize, splits: usize) -> String {
         let flags = [
             (self.half, " f16"),
@@ -435,20 +450,48 @@ fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::Comp
     let t = TILES[tile];
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
     gpu.cached(("conv.tiled", tile, b, entry), || {
-        let Build { op, ks, stride, half, pre, stats, bsums, coop, taps } = b;
-        let key = format!(
-            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}{}.{entry}",
-            t.name(),
-            if half { "f16" } else { "f32" },
-            if pre { ".pre" } else { "" },
-            if stats { ".stats" } else { "" },
-            if bsums { ".bsums" } else { "" },
-            if coop { ".coop" } else { "" },
-            if taps > 0 { format!(".taps{taps}") } else { String::new() }
-        );
-        let layout = if coop { coop_layout(gpu, tile) } else { None };
-        in_range_pipeline(gpu, &key, &t.source(op, ks, stride, b, layout), entry)
+        let layout = if b.coop { coop_layout(gpu, tile) } else { None };
+        let source = t.source(b.op, b.ks, b.stride, b, layout);
+        in_range_pipeline(gpu, &format!("{}.{entry}", b.module_label(tile)), &source, entry)
     })
+}
+
+/// An instance of each configuration for each op ([`super::module_sources`]): f32 and f16 on
+/// plain arithmetic, and f16 on cooperative matrices of 16x16 fragments in subgroups of 32 (as
+/// NVIDIA's Vulkan drivers offer) and of 8x8 (as Metal's simdgroup matrices), where the
+/// configuration divides into them; each with the variants' code in it (a forward with the
+/// prologue and the statistics, a backward_data with the BN sums, tap-major where it can be).
+pub(super) fn module_sources() -> Vec<(String, String)> {
+    let coops = [CoopMatrix { size: 16, subgroup: 32 }, CoopMatrix { size: 8, subgroup: 32 }];
+    let mut out = Vec::new();
+    for (i, t) in TILES.iter().enumerate() {
+        for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
+            let b = Build {
+                op,
+                ks: 3,
+                stride: 1,
+                half: false,
+                pre: op != Op::BackwardData,
+                stats: op == Op::Forward,
+                bsums: op == Op::BackwardData,
+                coop: false,
+                taps: if op == Op::BackwardWeight { 0 } else { max_bk(false) },
+            };
+            let mut add = |b: Build, layout: Option<CoopLayout>| {
+                let fragments = layout.map(|l| format!(" fragments {0}x{0}", l.f)).unwrap_or_default();
+                out.push((b.module_label(i) + &fragments, t.source(op, b.ks, b.stride, b, layout)));
+            };
+            if !t.coop_only {
+                add(b, None);
+                add(Build { half: true, ..b }, None);
+            }
+            for l in coops.iter().filter_map(|&c| t.coop_shape(c)) {
+                let taps = if b.taps > 0 { max_bk(true) } else { 0 };
+                add(Build { half: true, coop: true, taps, ..b }, Some(l));
+            }
+        }
+    }
+    out
 }
 
 /// The pipeline of `entry` in `source`, a template instance whose every index is in range by

@@ -231,6 +231,13 @@ pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
     })
 }
 
+/// Each configuration's module for each pair of storage types ([`super::module_sources`]).
+pub(super) fn module_sources() -> Vec<(String, String)> {
+    let types = [Types::F32, Types::HALF, Types { act_half: true, w_half: true }];
+    let label = |c: &Config, t: Types| format!("conv.winograd.{}.{}{}", c.name, t.act_half as u8, t.w_half as u8);
+    CONFIGS.iter().flat_map(|c| types.map(|t| (label(c, t), c.source(t)))).collect()
+}
+
 /// The pipeline of `entry` in configuration `config` for storage types `t`, built once per
 /// context (the GEMM is the same for every type, the transforms for every configuration of one
 /// block size: each comes from the one module that differs).
