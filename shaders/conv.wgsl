@@ -84,19 +84,30 @@ struct Params {
 // Helper of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)
 // ------------------------------------------------------------------------------------------
 
-// dw (=|+=) the sum of the `splits` partial results, added in split order.
+// dw (=|+=) the sum of the `splits` partial results, added in split order. An invocation sums
+// 4 elements 64 apart (a workgroup 256 consecutive ones, each load coalesced), so that it has 4
+// independent loads in flight per split: with one, the H200 ran this at 1 TB/s of its 4.8
+// (BENCHMARKS.md, cfa22d4). Indices past the end read the last element, and are not stored.
 @compute @workgroup_size(64)
 fn reduce_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                  @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    if i >= p.len {
-        return;
-    }
-    var s = part_in[i];
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid + vec4u(0u, 64u, 128u, 192u);
+    let r = min(i, vec4u(p.len - 1u));
+    var s = vec4f(part_in[r.x], part_in[r.y], part_in[r.z], part_in[r.w]);
     for (var j = 1u; j < p.splits; j++) {
-        s += part_in[j * p.len + i];
+        let o = j * p.len;
+        s += vec4f(part_in[o + r.x], part_in[o + r.y], part_in[o + r.z], part_in[o + r.w]);
     }
-    if p.accumulate == 1u { dw[i] += s; } else { dw[i] = s; }
+    reduce_store(i.x, s.x);
+    reduce_store(i.y, s.y);
+    reduce_store(i.z, s.z);
+    reduce_store(i.w, s.w);
+}
+
+fn reduce_store(i: u32, s: f32) {
+    if i < p.len {
+        if p.accumulate == 1u { dw[i] += s; } else { dw[i] = s; }
+    }
 }
 
 // @subgroups: the rest of this file uses subgroup operations. On an adapter without them the

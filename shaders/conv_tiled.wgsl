@@ -672,23 +672,33 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     }
 }
 
-// The f16 data ops' split reduction (conv.wgsl's reduce_splits for an ST output): dst (=|+=)
-// the sum of the `splits` f32 partial results in part, added in split order, rounded once.
+// The f16 data ops' split reduction (conv.wgsl's reduce_splits for an ST output, 4 elements
+// per invocation as there): dst (=|+=) the sum of the `splits` f32 partial results in part,
+// added in split order, rounded once.
 @compute @workgroup_size(64)
 fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 64u + lid;
-    if i >= p.len {
-        return;
-    }
-    var s = part[i];
+    let i = (wid.y * nwg.x + wid.x) * 256u + lid + vec4u(0u, 64u, 128u, 192u);
+    let r = min(i, vec4u(p.len - 1u));
+    var s = vec4f(part[r.x], part[r.y], part[r.z], part[r.w]);
     for (var j = 1u; j < p.splits; j++) {
-        s += part[j * p.len + i];
+        let o = j * p.len;
+        s += vec4f(part[o + r.x], part[o + r.y], part[o + r.z], part[o + r.w]);
     }
-    if p.accumulate == 1u {
-        s = f32(dst[i]) + s;
+    reduce_store(i.x, s.x);
+    reduce_store(i.y, s.y);
+    reduce_store(i.z, s.z);
+    reduce_store(i.w, s.w);
+}
+
+fn reduce_store(i: u32, s: f32) {
+    if i < p.len {
+        var v = s;
+        if p.accumulate == 1u {
+            v = f32(dst[i]) + v;
+        }
+        dst[i] = ST(v);
     }
-    dst[i] = ST(s);
 }
 
 // The weights as the data ops' B operand: [reduction][cols rounded up to 4], zeros in the

@@ -819,7 +819,8 @@ fn backward_weight_with(
 /// dw (=|+=) the partial sums in `part` (`[splits][len]`), added in split order.
 fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &wgpu::Buffer, len: usize, splits: usize, acc: bool) {
     let params = Params { accumulate: acc as u32, splits: splits as u32, len: len as u32, ..Params::default() };
-    let groups = crate::gpu::groups_for(len);
+    // 4 elements per invocation (conv.wgsl).
+    let groups = crate::gpu::groups_for(len.div_ceil(4));
     dispatch(rec, "reduce_splits", &params, &[(8, part.as_entire_binding()), (6, dw.as_entire_binding())], groups);
 }
 

@@ -1299,7 +1299,9 @@ fn data(
             let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, taps: 0, ..build };
             let reduce = pipeline(gpu, 0, canonical, "reduce_main");
             let binds = [(7, sp.as_entire_binding()), (3, out.as_entire_binding())];
-            dispatch_pipeline(rec, &reduce, "reduce_main", &params, &binds, crate::gpu::groups_for(len));
+            // 4 elements per invocation (the template's reduce_main).
+            let groups = crate::gpu::groups_for(len.div_ceil(4));
+            dispatch_pipeline(rec, &reduce, "reduce_main", &params, &binds, groups);
         }
         Some(sp) => reduce_splits(rec, sp, out, len, splits, acc),
         None => {}
