@@ -275,16 +275,29 @@ fn affine_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
 }
 
 // The prologue as a pass of its own: y = ReLU((x - mean) * scale + beta) from those values, the
-// expression of conv_tiled.wgsl's x_value (the same bits), one element per invocation (loads
-// coalesced on GPUs). The convolutions take it and then no prologue where the autotuner finds
-// that faster than their fused prologue (ops/conv.rs `separate_prologue`).
+// expression of conv_tiled.wgsl's x_value (the same bits). An invocation takes 4 elements WG
+// apart (a workgroup 4 * WG consecutive ones, loads coalesced on GPUs) and loads all four before
+// it stores one: four loads in flight, as in conv.wgsl's reduce_splits. Indices past the end
+// read the last element and are not stored. The convolutions take it and then no prologue where
+// the autotuner finds that faster than their fused prologue (ops/conv.rs `separate_prologue`).
 @compute @workgroup_size(WG)
 fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                @builtin(local_invocation_id) lid: vec3u) {
-    let i = flat(wid, nwg, lid);
-    if i >= p.n * p.c * p.hw { return; }
-    let k = aff[(i / p.hw) % p.c];
-    y[i] = ST(max(fma(f32(x[i]) - k.x, k.y, k.z), 0.0));
+    let len = p.n * p.c * p.hw;
+    let i = (wid.y * nwg.x + wid.x) * 4u * WG + lid.x + vec4u(0u, WG, 2u * WG, 3u * WG);
+    let r = min(i, vec4u(len - 1u));
+    let v = vec4f(f32(x[r.x]), f32(x[r.y]), f32(x[r.z]), f32(x[r.w]));
+    let c = (r / p.hw) % p.c;
+    affine_relu_store(i.x, len, v.x, aff[c.x]);
+    affine_relu_store(i.y, len, v.y, aff[c.y]);
+    affine_relu_store(i.z, len, v.z, aff[c.z]);
+    affine_relu_store(i.w, len, v.w, aff[c.w]);
+}
+
+fn affine_relu_store(i: u32, len: u32, v: f32, k: vec4f) {
+    if i < len {
+        y[i] = ST(max(fma(v - k.x, k.y, k.z), 0.0));
+    }
 }
 
 // Per-channel values of the backward, loaded once per run.

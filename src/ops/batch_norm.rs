@@ -661,7 +661,7 @@ pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) 
     }
     let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
     let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, groups_for(x.len()));
+    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, groups_for(x.len().div_ceil(4))); // 4 per invocation
     Ok(())
 }
 
@@ -1196,7 +1196,7 @@ pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &
     check_affine_out(WHAT, "affine", d[1], affine)?;
     let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
     let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, groups_for(x.len()));
+    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, groups_for(x.len().div_ceil(4))); // 4 per invocation
     Ok(())
 }
 
