@@ -44,6 +44,7 @@ struct Params {
     last: u32,       // *_merge: 1 on the last chunk
     total: u32,      // backward_apply: elements per channel of the whole batch (0: n * hw)
     affine: u32,     // stats_final, stats_merge: 1 also writes aff (the convolutions' prologue values)
+    planes: u32,     // the wide kernels and their *_final: planes of one channel per run (0: 1)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -116,12 +117,25 @@ fn sum2(t: u32, v: vec2f) -> vec2f {
 }
 // @subgroups-end
 
-// One run of elements [start, end) (flat indices) of a plane of channel c; ok: it exists.
+// One run of elements [start, end) (flat indices) of a plane of channel c, and of the same
+// span of the `planes` - 1 planes of c after it (the wide kernels; 1 elsewhere); ok: it exists.
 struct Run {
     c: u32,
     start: u32,
     end: u32,
+    planes: u32,
     ok: bool,
+}
+
+// Planes per run: p.planes where the host sets it (the wide kernels on planes shorter than their
+// runs), else 1.
+fn group() -> u32 {
+    return max(p.planes, 1u);
+}
+
+// Runs per channel: parts per plane, for each group of planes.
+fn runs_per_channel() -> u32 {
+    return (p.n + group() - 1u) / group() * p.parts;
 }
 
 // Run `inv` in plane-major order (n, c, part): the element-wise kernels' order.
@@ -129,25 +143,28 @@ fn plane_run(inv: u32) -> Run {
     let plane = inv / p.parts;
     let k = inv - plane * p.parts;
     let s = plane * p.hw + k * p.chunk;
-    return Run(plane % p.c, s, plane * p.hw + min(p.hw, (k + 1u) * p.chunk), plane < p.n * p.c);
+    return Run(plane % p.c, s, plane * p.hw + min(p.hw, (k + 1u) * p.chunk), 1u, plane < p.n * p.c);
 }
 
-// Run `inv` in channel-major order (c, n, part): the partial kernels' order, so that a
-// channel's partials are contiguous (run inv's partials go to part[2 * inv], part[2 * inv + 1]).
+// Run `inv` in channel-major order (c, group of planes, part): the partial kernels' order, so
+// that a channel's partials are contiguous (run inv's partials go to part[2 * inv],
+// part[2 * inv + 1]).
 fn channel_run(inv: u32) -> Run {
-    let per_c = p.n * p.parts;
+    let per_c = runs_per_channel();
     let c = inv / per_c;
     let r = inv - c * per_c;
-    let n = r / p.parts;
-    let k = r - n * p.parts;
+    let g = r / p.parts;
+    let k = r - g * p.parts;
+    let n = g * group();
     let base = (n * p.c + c) * p.hw;
-    return Run(c, base + k * p.chunk, base + min(p.hw, (k + 1u) * p.chunk), c < p.c);
+    return Run(c, base + k * p.chunk, base + min(p.hw, (k + 1u) * p.chunk), min(group(), p.n - n), c < p.c);
 }
 
-// Elements in run r (0 <= r < N * parts) of a channel.
+// Elements in run r (0 <= r < runs_per_channel()) of a channel.
 fn run_len(r: u32) -> u32 {
-    let k = r % p.parts;
-    return min(p.hw, (k + 1u) * p.chunk) - k * p.chunk;
+    let g = r / p.parts;
+    let k = r - g * p.parts;
+    return min(group(), p.n - g * group()) * (min(p.hw, (k + 1u) * p.chunk) - k * p.chunk);
 }
 
 fn flat(wid: vec3u, nwg: vec3u, lid: vec3u) -> u32 {
@@ -193,7 +210,7 @@ fn stats_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_id) 
 // Channel c's mean and squared deviations over the p.n images of its runs' partials, by the
 // FG threads t of a workgroup.
 fn batch_moments(c: u32, t: u32) -> vec2f {
-    let runs = p.n * p.parts;
+    let runs = runs_per_channel();
     let base = 2u * c * runs;
     var s = 0.0;
     for (var r = t; r < runs; r += FG) { s += part[base + 2u * r]; }
@@ -227,17 +244,11 @@ fn normalize(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: ve
              @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(flat(wid, nwg, lid));
     if !r.ok { return; }
-    normalize_run(r, r.start, 1u);
-}
-
-// normalize's work on elements first, first + step, ... of run r (the wide kernel strides by
-// its workgroup).
-fn normalize_run(r: Run, first: u32, step: u32) {
     let mean = save_mean[r.c];
     let invstd = save_invstd[r.c];
     let g = gamma[r.c];
     let b = beta[r.c];
-    for (var i = first; i < r.end; i += step) { epilogue(i, (f32(x[i]) - mean) * invstd * g + b); }
+    for (var i = r.start; i < r.end; i++) { epilogue(i, (f32(x[i]) - mean) * invstd * g + b); }
 }
 
 // Inference-mode normalisation with the running statistics, one run per invocation.
@@ -315,7 +326,11 @@ fn chan(c: u32) -> Chan {
 // dz for element i with normalised input xh (the mask is z = gamma * xhat + beta > 0, as the
 // forward computes z up to rounding).
 fn dz(i: u32, k: Chan, xh: f32) -> f32 {
-    let g = f32(dy[i]);
+    return dz_of(f32(dy[i]), k, xh);
+}
+
+// dz from a loaded dy value g.
+fn dz_of(g: f32, k: Chan, xh: f32) -> f32 {
     if p.relu == 1u { return select(0.0, g, xh * k.gamma + k.beta > 0.0); }
     return g;
 }
@@ -364,7 +379,7 @@ fn backward_final(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_i
 // Channel c's sum dz and sum dz * xhat over its runs' partials, by the FG threads t of a
 // workgroup.
 fn backward_sums(c: u32, t: u32) -> vec2f {
-    let runs = p.n * p.parts;
+    let runs = runs_per_channel();
     let base = 2u * c * runs;
     var sb = 0.0;
     var sg = 0.0;
@@ -382,21 +397,29 @@ fn backward_apply(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
                   @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(flat(wid, nwg, lid));
     if !r.ok { return; }
-    backward_apply_run(r, r.start, 1u);
+    let a = apply_values(r.c);
+    for (var i = r.start; i < r.end; i++) { apply_one(i, a, f32(x[i]), f32(dy[i])); }
 }
 
-// backward_apply's work on elements first, first + step, ... of run r (as normalize_run).
-fn backward_apply_run(r: Run, first: u32, step: u32) {
-    let k = chan(r.c);
+// Channel c's values of backward_apply: its Chan, gamma * invstd, sum dz / M, sum dz*xhat / M.
+struct Apply {
+    k: Chan,
+    gi: f32,
+    mb: f32,
+    mg: f32,
+}
+
+fn apply_values(c: u32) -> Apply {
+    let k = chan(c);
     let inv_m = 1.0 / f32(select(p.n * p.hw, p.total, p.total != 0u));
-    let gi = k.gamma * k.invstd;
-    let mb = scratch[r.c] * inv_m;
-    let mg = scratch[p.c + r.c] * inv_m;
-    for (var i = first; i < r.end; i += step) {
-        let xh = (f32(x[i]) - k.mean) * k.invstd;
-        let g = gi * (dz(i, k, xh) - mb - xh * mg);
-        if p.accumulate == 1u { dx[i] = ST(f32(dx[i]) + g); } else { dx[i] = ST(g); }
-    }
+    return Apply(k, k.gamma * k.invstd, scratch[c] * inv_m, scratch[p.c + c] * inv_m);
+}
+
+// dx[i] (+)= backward_apply's value from x[i] = xv and dy[i] = dyv.
+fn apply_one(i: u32, a: Apply, xv: f32, dyv: f32) {
+    let xh = (xv - a.k.mean) * a.k.invstd;
+    let g = a.gi * (dz_of(dyv, a.k, xh) - a.mb - xh * a.mg);
+    if p.accumulate == 1u { dx[i] = ST(f32(dx[i]) + g); } else { dx[i] = ST(g); }
 }
 
 // ---- a batch in chunks (ops/split.rs): each chunk's runs are reduced as above, then merged in
@@ -599,18 +622,33 @@ fn backward_apply4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
 }
 
 // ------------------------------------------------------------------------------------------
-// Wide variants (for GPUs): one workgroup of FG threads per run of p.chunk = FG * WIDE
-// elements, thread t taking elements start + t + j * FG, so a warp's loads are consecutive
-// (coalesced) where the kernels above give each thread its own run. The reductions sum each
-// thread's WIDE elements in order, then the threads by sum2, into the same
-// per-run partials as stats_partial / backward_partial for the same *_final kernels.
+// Wide variants (for GPUs): one workgroup of FG threads per run of at most FG * WIDE elements,
+// thread t taking the run's elements t + j * FG, so a warp's loads are consecutive (coalesced)
+// where the kernels above give each thread its own run. Where a plane is shorter than that
+// (14x14 holds 196 elements, 7x7 49), a run takes the same plane of p.planes consecutive images
+// of its channel, so that the workgroup's threads are not idle (with a run per plane, 80% to
+// 95% of them were). Each thread loads all its elements before it stores any. The reductions
+// sum each thread's WIDE elements in order, then the threads by sum2, into per-run partials
+// for the same *_final kernels (which read p.planes too).
 // ------------------------------------------------------------------------------------------
 
-const WIDE: u32 = 16u; // elements per thread of a wide run: runs of FG * WIDE = 1024 (ops/batch_norm.rs)
+const WIDE: u32 = 16u; // elements per thread of a wide run: runs of at most FG * WIDE = 1024 (ops/batch_norm.rs)
 
 // The run of workgroup `wid` (the workgroup grid folded as `flat`'s).
 fn wide_run(wid: vec3u, nwg: vec3u) -> u32 {
     return wid.y * nwg.x + wid.x;
+}
+
+// Elements in wide run r.
+fn wide_len(r: Run) -> u32 {
+    return r.planes * (r.end - r.start);
+}
+
+// The flat index of element e < wide_len(r) of wide run r: its planes lie p.c planes apart.
+fn wide_at(r: Run, e: u32) -> u32 {
+    let span = r.end - r.start;
+    let q = e / span;
+    return r.start + q * p.c * p.hw + (e - q * span);
 }
 
 @compute @workgroup_size(FG)
@@ -619,22 +657,22 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     let inv = wide_run(wid, nwg);
     let r = channel_run(inv);
     let t = lid.x;
+    let len = select(0u, wide_len(r), r.ok);
     // Every thread reaches the barriers; a run that does not exist sums nothing.
     var v: array<f32, WIDE>;
     var s = 0.0;
     for (var j = 0u; j < WIDE; j++) {
-        let i = r.start + t + j * FG;
-        if r.ok && i < r.end {
-            v[j] = f32(x[i]);
+        let e = t + j * FG;
+        if e < len {
+            v[j] = f32(x[wide_at(r, e)]);
             s += v[j];
         }
     }
     let sum = sum2(t, vec2f(s, 0.0)).x;
-    let mu = sum / f32(max(r.end - r.start, 1u));
+    let mu = sum / f32(max(len, 1u));
     var q = 0.0;
     for (var j = 0u; j < WIDE; j++) {
-        let i = r.start + t + j * FG;
-        if r.ok && i < r.end {
+        if t + j * FG < len {
             let d = v[j] - mu;
             q += d * d;
         }
@@ -649,9 +687,23 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
 @compute @workgroup_size(FG)
 fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                @builtin(local_invocation_id) lid: vec3u) {
-    let r = plane_run(wide_run(wid, nwg));
+    let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
-    normalize_run(r, r.start + lid.x, FG);
+    let len = wide_len(r);
+    var v: array<f32, WIDE>;
+    for (var j = 0u; j < WIDE; j++) {
+        let e = lid.x + j * FG;
+        if e < len { v[j] = f32(x[wide_at(r, e)]); }
+    }
+    // normalize's expression.
+    let mean = save_mean[r.c];
+    let invstd = save_invstd[r.c];
+    let g = gamma[r.c];
+    let b = beta[r.c];
+    for (var j = 0u; j < WIDE; j++) {
+        let e = lid.x + j * FG;
+        if e < len { epilogue(wide_at(r, e), (v[j] - mean) * invstd * g + b); }
+    }
 }
 
 @compute @workgroup_size(FG)
@@ -660,12 +712,14 @@ fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
     let inv = wide_run(wid, nwg);
     let r = channel_run(inv);
     let t = lid.x;
+    let len = select(0u, wide_len(r), r.ok);
     let k = chan(min(r.c, p.c - 1u));
     var s1 = 0.0;
     var s2 = 0.0;
     for (var j = 0u; j < WIDE; j++) {
-        let i = r.start + t + j * FG;
-        if r.ok && i < r.end {
+        let e = t + j * FG;
+        if e < len {
+            let i = wide_at(r, e);
             let xh = (f32(x[i]) - k.mean) * k.invstd;
             let g = dz(i, k, xh);
             s1 += g;
@@ -682,7 +736,22 @@ fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
 @compute @workgroup_size(FG)
 fn backward_apply_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                     @builtin(local_invocation_id) lid: vec3u) {
-    let r = plane_run(wide_run(wid, nwg));
+    let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
-    backward_apply_run(r, r.start + lid.x, FG);
+    let len = wide_len(r);
+    var xv: array<f32, WIDE>;
+    var dyv: array<f32, WIDE>;
+    for (var j = 0u; j < WIDE; j++) {
+        let e = lid.x + j * FG;
+        if e < len {
+            let i = wide_at(r, e);
+            xv[j] = f32(x[i]);
+            dyv[j] = f32(dy[i]);
+        }
+    }
+    let a = apply_values(r.c);
+    for (var j = 0u; j < WIDE; j++) {
+        let e = lid.x + j * FG;
+        if e < len { apply_one(wide_at(r, e), a, xv[j], dyv[j]); }
+    }
 }

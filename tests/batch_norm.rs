@@ -257,7 +257,9 @@ fn variant_matches_reference(k: bn::Kernels) {
     let nan = |dims: &[usize]| resnet_wgpu::Tensor::filled(&g, dims, f32::NAN).unwrap();
     let mut rng = Rng::new(14);
     let shapes: &[[usize; 4]] = if k == bn::Kernels::Wide {
-        &[[1, 3, 5, 7], [2, 3, 33, 40], [3, 5, 4, 3], [1, 2, 32, 32]]
+        // Runs of a plane's part, of whole planes, and of several planes of a channel (20 of
+        // 7x7 with a group of 3 after them; 3 of 15x20 with 1).
+        &[[1, 3, 5, 7], [2, 3, 33, 40], [3, 5, 4, 3], [1, 2, 32, 32], [23, 3, 7, 7], [4, 2, 15, 20]]
     } else {
         &[[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3]]
     };
@@ -324,7 +326,7 @@ fn f16_every_variant_matches_reference() {
         let half = |dims: &[usize], v: &[f32]| HalfTensor::from_f32(&g, dims, v).unwrap();
         let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
         let mut rng = Rng::new(15);
-        for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3], [2, 3, 5, 7]] {
+        for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3], [2, 3, 5, 7], [4, 2, 15, 20]] {
             let (n, c) = (dims.iter().product::<usize>(), dims[1]);
             for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
                 let (x, y_old, dy, prior) =

@@ -112,9 +112,42 @@ fn parts(d: [usize; 4], chunk: usize) -> usize {
     (d[2] * d[3]).div_ceil(chunk)
 }
 
-/// Params for a kernel over runs of `chunk` elements.
-fn params(d: [usize; 4], chunk: usize, relu: bool, add: bool, accumulate: bool, unbias: f32) -> [u32; 11] {
-    [
+/// How a kernel's runs cut the activations: `chunk` elements of a plane per run, over the same
+/// span of `planes` consecutive images' planes of its channel (the wide kernels, where a plane
+/// is shorter than their runs; 1 elsewhere).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Runs {
+    chunk: usize,
+    planes: usize,
+}
+
+impl Runs {
+    fn per_plane(chunk: usize) -> Runs {
+        Runs { chunk, planes: 1 }
+    }
+
+    /// The wide kernels' runs: [`WIDE_CHUNK`] elements of a plane, or where a plane is shorter,
+    /// as many whole planes of a channel as fit in that many (a workgroup per plane of a 7x7
+    /// image left 95% of its threads idle).
+    fn wide(d: [usize; 4]) -> Runs {
+        let hw = d[2] * d[3];
+        if hw >= WIDE_CHUNK {
+            Runs::per_plane(WIDE_CHUNK)
+        } else {
+            Runs { chunk: hw, planes: (WIDE_CHUNK / hw).min(d[0]) }
+        }
+    }
+
+    /// Runs over all of `d`.
+    fn count(&self, d: [usize; 4]) -> usize {
+        d[1] * d[0].div_ceil(self.planes) * parts(d, self.chunk)
+    }
+}
+
+/// Params for a kernel over `runs`.
+fn params(d: [usize; 4], runs: Runs, relu: bool, add: bool, accumulate: bool, unbias: f32) -> [u32; 16] {
+    let mut v = [0; 16];
+    v[..11].copy_from_slice(&[
         d[0] as u32,
         d[1] as u32,
         (d[2] * d[3]) as u32,
@@ -124,25 +157,25 @@ fn params(d: [usize; 4], chunk: usize, relu: bool, add: bool, accumulate: bool, 
         EPS.to_bits(),
         MOMENTUM.to_bits(),
         unbias.to_bits(),
-        chunk as u32,
-        parts(d, chunk) as u32,
-    ]
+        runs.chunk as u32,
+        parts(d, runs.chunk) as u32,
+    ]);
+    v[15] = runs.planes as u32;
+    v
 }
 
 /// `prm` with the words of a batch run in chunks (`split.rs`): `prev` images before this chunk,
 /// whether it is the `last`, and the elements per channel of the whole batch (`total`).
-fn chunked(prm: [u32; 11], prev: usize, last: bool, total: u32) -> [u32; 14] {
-    let mut v = [0; 14];
-    v[..11].copy_from_slice(&prm);
-    v[11..].copy_from_slice(&[prev as u32, last as u32, total]);
+fn chunked(prm: [u32; 16], prev: usize, last: bool, total: u32) -> [u32; 16] {
+    let mut v = prm;
+    v[11..14].copy_from_slice(&[prev as u32, last as u32, total]);
     v
 }
 
 /// `prm` (of [`params`] or [`chunked`]) for the statistics' final kernels: `Params.affine` set
 /// where they also write `p.affine`.
-fn stats_words(prm: &[u32], p: &BnTensors) -> [u32; 15] {
-    let mut v = [0; 15];
-    v[..prm.len()].copy_from_slice(prm);
+fn stats_words(prm: &[u32; 16], p: &BnTensors) -> [u32; 16] {
+    let mut v = *prm;
     v[14] = p.affine.is_some() as u32;
     v
 }
@@ -173,14 +206,14 @@ enum Variant {
 const WIDE_CHUNK: usize = 1024;
 
 impl Variant {
-    /// Elements per run of the reductions' first pass.
-    fn reduce_chunk(self) -> usize {
-        if self == Variant::Wide { WIDE_CHUNK } else { REDUCE_CHUNK }
+    /// The runs of the reductions' first pass over `d`.
+    fn reduce_runs(self, d: [usize; 4]) -> Runs {
+        if self == Variant::Wide { Runs::wide(d) } else { Runs::per_plane(REDUCE_CHUNK) }
     }
 
-    /// Elements per run of the element-wise kernels.
-    fn apply_chunk(self) -> usize {
-        if self == Variant::Wide { WIDE_CHUNK } else { APPLY_CHUNK }
+    /// The runs of the element-wise kernels over `d`.
+    fn apply_runs(self, d: [usize; 4]) -> Runs {
+        if self == Variant::Wide { Runs::wide(d) } else { Runs::per_plane(APPLY_CHUNK) }
     }
 }
 
@@ -275,7 +308,7 @@ struct Acts<'a> {
     dx: Option<&'a Tensor>,
 }
 
-/// Records run kernel `entry` in variant `v` over runs of `chunk`, with the activations `acts`
+/// Records run kernel `entry` in variant `v` over `runs`, with the activations `acts`
 /// (x and dy from `views` in the texture variant) and the per-channel buffers `others`.
 #[allow(clippy::too_many_arguments)]
 fn run_dispatch(
@@ -284,7 +317,7 @@ fn run_dispatch(
     v: Variant,
     entry: &'static str,
     prm: &[u32],
-    chunk: usize,
+    runs: Runs,
     acts: Acts,
     views: &Views,
     others: &[(u32, &wgpu::Buffer)],
@@ -307,7 +340,7 @@ fn run_dispatch(
     if let Some(dx) = acts.dx {
         res.push((b[3], buf(dx)));
     }
-    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, chunk));
+    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, runs));
 }
 
 /// Run kernel `entry` (`stats_partial`, `normalize`, `backward_partial`, `backward_apply`) in
@@ -340,11 +373,11 @@ fn run_kernel(v: Variant, half: bool, entry: &'static str) -> (Shader, &'static 
     (shader, named, binds)
 }
 
-/// Workgroups of variant `v` over runs of `chunk` elements of `d`: one invocation per run, or
-/// (the wide kernels) a workgroup of WG threads per run.
-fn variant_groups(v: Variant, d: [usize; 4], chunk: usize) -> [u32; 3] {
-    let runs = d[0] * d[1] * parts(d, chunk);
-    groups_for(if v == Variant::Wide { runs * WG as usize } else { runs })
+/// Workgroups of variant `v` over `runs` of `d`: one invocation per run, or (the wide kernels)
+/// a workgroup of WG threads per run.
+fn variant_groups(v: Variant, d: [usize; 4], runs: Runs) -> [u32; 3] {
+    let n = runs.count(d);
+    groups_for(if v == Variant::Wide { n * WG as usize } else { n })
 }
 
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
@@ -401,8 +434,8 @@ pub fn forward_train(
         d,
         v,
         "normalize",
-        &params(d, v.apply_chunk(), ep.relu, ep.add, false, unbias),
-        v.apply_chunk(),
+        &params(d, v.apply_runs(d), ep.relu, ep.add, false, unbias),
+        v.apply_runs(d),
         Acts { x: Some(x), y: Some(y), ..Acts::default() },
         &views,
         &[(3, &p.gamma.buffer), (4, &p.beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer)],
@@ -499,9 +532,9 @@ fn record_stats(
     unbias: f32,
 ) {
     let part = partials(rec.gpu, d);
-    let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
+    let prm = params(d, v.reduce_runs(d), false, false, false, unbias);
     let xa = Acts { x: Some(x), ..Acts::default() };
-    run_dispatch(rec, d, v, "stats_partial", &prm, v.reduce_chunk(), xa, views, &[(14, &part)]);
+    run_dispatch(rec, d, v, "stats_partial", &prm, v.reduce_runs(d), xa, views, &[(14, &part)]);
     record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, &part);
 }
 
@@ -540,7 +573,7 @@ fn record_moments_final(
     unbias: f32,
 ) {
     let plane = [1, d[1], d[0] * d[2] * d[3], 1];
-    let prm = params(plane, run, false, false, false, unbias);
+    let prm = params(plane, Runs::per_plane(run), false, false, false, unbias);
     record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, part);
 }
 
@@ -549,7 +582,7 @@ fn record_moments_final(
 fn record_final(
     rec: &mut Recorder,
     entry: &'static str,
-    prm: &[u32],
+    prm: &[u32; 16],
     p: &BnTensors,
     save_mean: &Tensor,
     save_invstd: &Tensor,
@@ -587,7 +620,7 @@ fn stats_chunked(
         let dc = [r.len(), d[1], d[2], d[3]];
         let xt = split::images(rec, "in0", x, &r, true);
         let part = partials(rec.gpu, dc);
-        let prm = params(dc, REDUCE_CHUNK, false, false, false, unbias);
+        let prm = params(dc, Runs::per_plane(REDUCE_CHUNK), false, false, false, unbias);
         rec.dispatch(
             Shader::BatchNorm,
             "stats_partial",
@@ -704,7 +737,7 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
     rec.dispatch(
         Shader::BatchNorm,
         "normalize_eval",
-        &params(d, APPLY_CHUNK, ep.relu, ep.add, false, 1.0),
+        &params(d, Runs::per_plane(APPLY_CHUNK), ep.relu, ep.add, false, 1.0),
         &[
             (1, &x.buffer),
             (2, &y.buffer),
@@ -819,7 +852,7 @@ pub fn backward(
             let part = partials(rec.gpu, dc);
             let mut binds = vec![(1, &xt.buffer), (9, &dyt.buffer), (14, &part)];
             binds.extend(stat.iter().map(|(b, t)| (*b, &t.buffer)));
-            let prm = params(dc, REDUCE_CHUNK, relu, false, accumulate_params, 1.0);
+            let prm = params(dc, Runs::per_plane(REDUCE_CHUNK), relu, false, accumulate_params, 1.0);
             rec.dispatch(Shader::BatchNorm, "backward_partial", &prm, &binds, run_groups(dc, REDUCE_CHUNK));
             rec.dispatch(
                 Shader::BatchNorm,
@@ -835,7 +868,8 @@ pub fn backward(
             let dxt = split::images(rec, "out0", dx, &r, accumulate_dx);
             let mut binds = vec![(1, &xt.buffer), (9, &dyt.buffer), (10, &dxt.buffer), (11, &scratch.buffer)];
             binds.extend(stat.iter().map(|(b, t)| (*b, &t.buffer)));
-            let prm = chunked(params(dc, APPLY_CHUNK, relu, false, accumulate_dx, 1.0), 0, false, total);
+            let prm =
+                chunked(params(dc, Runs::per_plane(APPLY_CHUNK), relu, false, accumulate_dx, 1.0), 0, false, total);
             rec.dispatch(Shader::BatchNorm, "backward_apply", &prm, &binds, run_groups(dc, APPLY_CHUNK));
             split::store_images(rec, &dxt, dx, &r);
         }
@@ -850,8 +884,8 @@ pub fn backward(
         d,
         v,
         "backward_partial",
-        &params(d, v.reduce_chunk(), relu, false, false, 1.0),
-        v.reduce_chunk(),
+        &params(d, v.reduce_runs(d), relu, false, false, 1.0),
+        v.reduce_runs(d),
         Acts { x: xs, dy: dys, ..Acts::default() },
         &views,
         &[(3, &gamma.buffer), (4, &beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer), (14, &part)],
@@ -859,7 +893,7 @@ pub fn backward(
     rec.dispatch(
         Shader::BatchNorm,
         "backward_final",
-        &params(d, v.reduce_chunk(), relu, false, accumulate_params, 1.0),
+        &params(d, v.reduce_runs(d), relu, false, accumulate_params, 1.0),
         &[(11, &scratch.buffer), (12, &dgamma.buffer), (13, &dbeta.buffer), (14, &part)],
         [c as u32, 1, 1],
     );
@@ -868,8 +902,8 @@ pub fn backward(
         d,
         v,
         "backward_apply",
-        &params(d, v.apply_chunk(), relu, false, accumulate_dx, 1.0),
-        v.apply_chunk(),
+        &params(d, v.apply_runs(d), relu, false, accumulate_dx, 1.0),
+        v.apply_runs(d),
         Acts { x: xs, dy: dys, dx: Some(dx), ..Acts::default() },
         &views,
         &[
@@ -909,8 +943,8 @@ pub(crate) fn backward_from_sums(
         d,
         v,
         "backward_apply",
-        &params(d, v.apply_chunk(), true, false, accumulate_dx, 1.0),
-        v.apply_chunk(),
+        &params(d, v.apply_runs(d), true, false, accumulate_dx, 1.0),
+        v.apply_runs(d),
         Acts { x: Some(x), dy: Some(dy), dx: Some(dx), ..Acts::default() },
         &views,
         &[
@@ -931,7 +965,7 @@ fn record_sums_final(rec: &mut Recorder, d: [usize; 4], b: &BnGrads, part: &wgpu
     rec.dispatch(
         Shader::BatchNorm,
         "backward_final",
-        &params(plane, run, true, false, false, 1.0),
+        &params(plane, Runs::per_plane(run), true, false, false, 1.0),
         &[(11, &b.scratch.buffer), (12, &b.dgamma.buffer), (13, &b.dbeta.buffer), (14, part)],
         [d[1] as u32, 1, 1],
     );
@@ -961,7 +995,7 @@ pub fn apply_saved(
         return Ok(());
     }
     let v = variant(rec.gpu, d);
-    let prm = params(d, v.apply_chunk(), ep.relu, ep.add, false, 1.0);
+    let prm = params(d, v.apply_runs(d), ep.relu, ep.add, false, 1.0);
     let views = Views::new(rec, v, Some(x), None);
     run_dispatch(
         rec,
@@ -969,7 +1003,7 @@ pub fn apply_saved(
         v,
         "normalize",
         &prm,
-        v.apply_chunk(),
+        v.apply_runs(d),
         Acts { x: Some(x), y: Some(y), ..Acts::default() },
         &views,
         &[(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)],
@@ -1021,7 +1055,7 @@ fn half_dispatch(
     binds: &[(u32, &wgpu::Buffer)],
     views: &Views,
 ) {
-    let chunk = if entry.ends_with("_partial") { v.reduce_chunk() } else { v.apply_chunk() };
+    let runs = if entry.ends_with("_partial") { v.reduce_runs(d) } else { v.apply_runs(d) };
     let (shader, entry, b) = run_kernel(v, true, entry);
     fn or_view<'a>(view: &'a Option<wgpu::TextureView>, buf: &'a wgpu::Buffer) -> wgpu::BindingResource<'a> {
         view.as_ref().map_or_else(|| buf.as_entire_binding(), wgpu::BindingResource::TextureView)
@@ -1036,7 +1070,7 @@ fn half_dispatch(
             _ => (n, buf.as_entire_binding()),
         })
         .collect();
-    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, chunk));
+    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, runs));
 }
 
 /// [`stats_train`] of an f16 `x`: the batch statistics (saved, running ones moved), in f32.
@@ -1051,7 +1085,7 @@ pub fn stats_train_f16(
     let (d, unbias) = check_train_f16(rec.gpu, WHAT, x, p, save_mean, save_invstd)?;
     let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);
-    let prm = params(d, v.reduce_chunk(), false, false, false, unbias);
+    let prm = params(d, v.reduce_runs(d), false, false, false, unbias);
     let views = Views::new_f16(rec, v, Some(x), None);
     half_dispatch(rec, d, v, "stats_partial", &prm, &[(1, &x.buffer), (14, &part)], &views);
     record_final(rec, "stats_final", &prm, p, save_mean, save_invstd, &part);
@@ -1146,7 +1180,7 @@ pub(crate) fn backward_from_sums_f16(
         (8, &b.save_invstd.buffer),
         (11, &b.scratch.buffer),
     ];
-    let prm = params(d, v.apply_chunk(), true, false, accumulate_dx, 1.0);
+    let prm = params(d, v.apply_runs(d), true, false, accumulate_dx, 1.0);
     let views = Views::new_f16(rec, v, Some(x), Some(dy));
     half_dispatch(rec, d, v, "backward_apply", &prm, &binds, &views);
     Ok(())
@@ -1171,7 +1205,7 @@ pub fn apply_saved_f16(
     per_channel(WHAT, d[1], &named)?;
     distinct(WHAT, &named)?;
     let v = variant(rec.gpu, d);
-    let prm = params(d, v.apply_chunk(), ep.relu, ep.add, false, 1.0);
+    let prm = params(d, v.apply_runs(d), ep.relu, ep.add, false, 1.0);
     let binds =
         [(1, &x.buffer), (2, &y.buffer), (3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)];
     let views = Views::new_f16(rec, v, Some(x), None);
@@ -1220,7 +1254,7 @@ pub fn backward_f16(
     binds.extend(stat);
     // One texture copy of x and dy (CPU adapters) serves both passes.
     let views = Views::new_f16(rec, v, Some(x), Some(dy));
-    let prm = params(d, v.reduce_chunk(), relu, false, false, 1.0);
+    let prm = params(d, v.reduce_runs(d), relu, false, false, 1.0);
     half_dispatch(rec, d, v, "backward_partial", &prm, &binds, &views);
     rec.dispatch(
         Shader::BatchNorm,
@@ -1231,7 +1265,7 @@ pub fn backward_f16(
     );
     let mut binds = vec![(1, &x.buffer), (9, &dy.buffer), (10, &dx.buffer), (11, &b.scratch.buffer)];
     binds.extend(stat);
-    let prm = params(d, v.apply_chunk(), relu, false, accumulate_dx, 1.0);
+    let prm = params(d, v.apply_runs(d), relu, false, accumulate_dx, 1.0);
     half_dispatch(rec, d, v, "backward_apply", &prm, &binds, &views);
     Ok(())
 }
