@@ -13,7 +13,8 @@
 // tl_*  Tiled implicit GEMM through workgroup memory, for any adapter and any shape: a template
 //       of its own (conv_tiled.wgsl), built per tile configuration by ops/conv/tiled.rs, which
 //       also picks the configuration (timed on the device on first use). This file keeps its
-//       helper `reduce_splits` (the f32 split-K partial sums, added in split order).
+//       helper `reduce_splits` (the f32 split-K partial sums, added in split order, into an f32
+//       output, or an f16 one in the f16 build).
 //
 // rp_*  Register path for CPU adapters (lavapipe/llvmpipe with subgroups of 8 or more). There a
 //       workgroup runs on one core as SIMD lanes, a load from a storage buffer or from workgroup
@@ -63,7 +64,7 @@ struct Params {
     span: u32,       // rp: channels in this weight window
     chunk: u32,      // backward_weight: reduction length (tl) or quads (rp) per split
     splits: u32,     // backward_weight: number of splits
-    len: u32,        // reduce_splits: elements of dw
+    len: u32,        // reduce_splits: elements of the output
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
@@ -72,6 +73,7 @@ struct Params {
 @group(0) @binding(6) var<storage, read_write> dw: array<f32>;
 @group(0) @binding(7) var<storage, read_write> part: array<f32>;
 @group(0) @binding(8) var<storage, read> part_in: array<f32>;
+@group(0) @binding(9) var<storage, read_write> out: array<ST>; // reduce_splits' sums
 
 // Register path operands.
 @group(0) @binding(10) var at: texture_2d<f32>;                 // x (forward, backward_weight) or dy (backward_data)
@@ -84,10 +86,12 @@ struct Params {
 // Helper of the tiled kernels (conv_tiled.wgsl, a template built per tile configuration)
 // ------------------------------------------------------------------------------------------
 
-// dw (=|+=) the sum of the `splits` partial results, added in split order. An invocation sums
-// 4 elements 64 apart (a workgroup 256 consecutive ones, each load coalesced), so that it has 4
-// independent loads in flight per split: with one, the H200 ran this at 1 TB/s of its 4.8
-// (BENCHMARKS.md, cfa22d4). Indices past the end read the last element, and are not stored.
+// out (=|+=) the sum of the `splits` partial results, added in split order, rounded once to
+// ST: a split backward_weight's dw (f32, Shader::Conv) or a split data op's output (f32, or f16
+// in Shader::ConvF16). An invocation sums 4 elements 64 apart (a workgroup 256 consecutive
+// ones, each load coalesced), so that it has 4 independent loads in flight per split: with one,
+// the H200 ran this at 1 TB/s of its 4.8 (BENCHMARKS.md, cfa22d4). Indices past the end read the
+// last element, and are not stored.
 @compute @workgroup_size(64)
 fn reduce_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                  @builtin(local_invocation_index) lid: u32) {
@@ -106,7 +110,11 @@ fn reduce_splits(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg
 
 fn reduce_store(i: u32, s: f32) {
     if i < p.len {
-        if p.accumulate == 1u { dw[i] += s; } else { dw[i] = s; }
+        var v = s;
+        if p.accumulate == 1u {
+            v = f32(out[i]) + v;
+        }
+        out[i] = ST(v);
     }
 }
 

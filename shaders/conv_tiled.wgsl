@@ -39,8 +39,9 @@
 //                    `chunk` steps whose partial sums reduce_splits (conv.wgsl) adds in order.
 //   The data ops split their reduction the same way where their output has few tiles (deep
 //   layers on small images): split s of `splits` (the grid's y is column block + s * column
-//   blocks) sums steps [s * chunk, (s + 1) * chunk) into part[s * len + o] (f32); with one
-//   split (chunk = the whole reduction) the kernel writes the output itself.
+//   blocks) sums steps [s * chunk, (s + 1) * chunk) into part[s * len + o] (f32), which
+//   reduce_splits (conv.wgsl) adds in order into the output, rounded once; with one split
+//   (chunk = the whole reduction) the kernel writes the output itself.
 //
 // Design, for GPUs: the weights of the data ops come pre-transposed to [reduction][cols padded
 // to 4] (transpose_main, below), so their tile loads are coalesced vec4 loads; the im2col
@@ -669,35 +670,6 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
                 }
             }
         }
-    }
-}
-
-// The f16 data ops' split reduction (conv.wgsl's reduce_splits for an ST output, 4 elements
-// per invocation as there): dst (=|+=) the sum of the `splits` f32 partial results in part,
-// added in split order, rounded once.
-@compute @workgroup_size(64)
-fn reduce_main(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-               @builtin(local_invocation_index) lid: u32) {
-    let i = (wid.y * nwg.x + wid.x) * 256u + lid + vec4u(0u, 64u, 128u, 192u);
-    let r = min(i, vec4u(p.len - 1u));
-    var s = vec4f(part[r.x], part[r.y], part[r.z], part[r.w]);
-    for (var j = 1u; j < p.splits; j++) {
-        let o = j * p.len;
-        s += vec4f(part[o + r.x], part[o + r.y], part[o + r.z], part[o + r.w]);
-    }
-    reduce_store(i.x, s.x);
-    reduce_store(i.y, s.y);
-    reduce_store(i.z, s.z);
-    reduce_store(i.w, s.w);
-}
-
-fn reduce_store(i: u32, s: f32) {
-    if i < p.len {
-        var v = s;
-        if p.accumulate == 1u {
-            v = f32(dst[i]) + v;
-        }
-        dst[i] = ST(v);
     }
 }
 

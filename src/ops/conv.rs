@@ -470,19 +470,6 @@ fn plan_pre(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     }
 }
 
-/// Records one dispatch of `entry` with `params` and the given bindings (binding 0 is the
-/// parameter buffer).
-fn dispatch(
-    rec: &mut Recorder,
-    entry: &'static str,
-    params: &Params,
-    res: &[(u32, wgpu::BindingResource)],
-    groups: [u32; 3],
-) {
-    let pipeline = rec.gpu.pipeline(Shader::Conv, entry);
-    dispatch_pipeline(rec, &pipeline, entry, params, res, groups);
-}
-
 /// Records one dispatch of `pipeline` (`label` names it in debuggers).
 fn dispatch_pipeline(
     rec: &mut Recorder,
@@ -816,12 +803,24 @@ fn backward_weight_with(
     Ok(())
 }
 
-/// dw (=|+=) the partial sums in `part` (`[splits][len]`), added in split order.
-fn reduce_splits(rec: &mut Recorder, part: &wgpu::Buffer, dw: &wgpu::Buffer, len: usize, splits: usize, acc: bool) {
+/// out (=|+=) the f32 partial sums in `part` (`[splits][len]`), added in split order: f32, or
+/// (`half`) rounded once to f16.
+#[allow(clippy::too_many_arguments)]
+fn reduce_splits(
+    rec: &mut Recorder,
+    part: &wgpu::Buffer,
+    out: &wgpu::Buffer,
+    len: usize,
+    splits: usize,
+    acc: bool,
+    half: bool,
+) {
     let params = Params { accumulate: acc as u32, splits: splits as u32, len: len as u32, ..Params::default() };
+    let pipeline = rec.gpu.pipeline(if half { Shader::ConvF16 } else { Shader::Conv }, "reduce_splits");
     // 4 elements per invocation (conv.wgsl).
     let groups = crate::gpu::groups_for(len.div_ceil(4));
-    dispatch(rec, "reduce_splits", &params, &[(8, part.as_entire_binding()), (6, dw.as_entire_binding())], groups);
+    let binds = [(8, part.as_entire_binding()), (9, out.as_entire_binding())];
+    dispatch_pipeline(rec, &pipeline, "reduce_splits", &params, &binds, groups);
 }
 
 /// Scratch for `splits` partial copies of a `len`-element result (split-K backward_weight).
@@ -1384,6 +1383,6 @@ fn register_weight(
     let pipeline = register_pipeline(rec.gpu, x.shader(), entry, pre.is_some());
     dispatch_pipeline(rec, &pipeline, entry, &params, &binds, [splits as u32, (ktiles * ctiles) as u32, 1]);
     if splits > 1 {
-        reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);
+        reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc, false);
     }
 }

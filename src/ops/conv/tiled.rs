@@ -1216,7 +1216,7 @@ pub(super) fn record_backward_data_sums(
 
 /// The f16 forward (a = x, out = y; x through the BN + ReLU prologue with `pre`'s values where
 /// given) or backward_data (a = dy, out = dx) under a tiled `plan` (its splits' partial sums
-/// f32, rounded to f16 once, by the template's reduce_main).
+/// f32, rounded to f16 once by [`reduce_splits`]).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn record_half_data(
     rec: &mut Recorder,
@@ -1237,7 +1237,7 @@ pub(super) fn record_half_data(
 /// weights transposed to the GEMM's B operand (a context scratch buffer of their size; f16
 /// where the activations are), then the tiled GEMM (with what `epi` says its epilogue writes
 /// besides; `build` says the same), its splits summed where the plan has several (never with an
-/// epilogue): by [`reduce_splits`] into f32, by the template's reduce_main into f16.
+/// epilogue) by [`reduce_splits`], into f32 or f16.
 #[allow(clippy::too_many_arguments)]
 fn data(
     rec: &mut Recorder,
@@ -1294,17 +1294,8 @@ fn data(
     let p = pipeline(gpu, tile, build, "data_main");
     let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
-    match &split_part {
-        Some(sp) if build.half => {
-            let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, taps: 0, ..build };
-            let reduce = pipeline(gpu, 0, canonical, "reduce_main");
-            let binds = [(7, sp.as_entire_binding()), (3, out.as_entire_binding())];
-            // 4 elements per invocation (the template's reduce_main).
-            let groups = crate::gpu::groups_for(len.div_ceil(4));
-            dispatch_pipeline(rec, &reduce, "reduce_main", &params, &binds, groups);
-        }
-        Some(sp) => reduce_splits(rec, sp, out, len, splits, acc),
-        None => {}
+    if let Some(sp) = &split_part {
+        reduce_splits(rec, sp, out, len, splits, acc, build.half);
     }
 }
 
@@ -1387,7 +1378,7 @@ fn weight(
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
     if splits > 1 {
-        reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc);
+        reduce_splits(rec, &part, &dw.buffer, dw.len(), splits, acc, false);
     }
 }
 
