@@ -386,8 +386,9 @@ fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
 }
 
 /// This context's buffer for the reductions' per-run partials (2 floats per run of
-/// `REDUCE_CHUNK`), one per size. Calls recorded one after another may share it: each
-/// reduction's final pass reads it before the next one's first pass writes it.
+/// `REDUCE_CHUNK`; the wide kernels' longer runs need fewer), one per size. Calls recorded one
+/// after another may share it: each reduction's final pass reads it before the next one's
+/// first pass writes it.
 fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
     let bytes = (2 * d[0] * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64;
     gpu.cached(("batch_norm.partials", bytes), || {
