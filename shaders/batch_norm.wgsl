@@ -67,7 +67,8 @@ struct Params {
 @group(0) @binding(13) var<storage, read_write> dbeta: array<f32>;
 // affine_*, and the statistics kernels where p.affine: [C] (mean, scale, beta, invstd).
 @group(0) @binding(21) var<storage, read_write> aff: array<vec4f>;
-// [2 * C * N * parts]: per-run partials, channel-major: run r of channel c at 2 * (c * N * parts + r).
+// Per-run partials, channel-major: run r of channel c at 2 * (c * runs_per_channel() + r)
+// (N * parts runs per channel; fewer for the wide kernels over several planes).
 @group(0) @binding(14) var<storage, read_write> part: array<f32>;
 
 const WG: u32 = 64u; // runs per workgroup of the run kernels
