@@ -69,7 +69,7 @@ fn every_module_translates_for_vulkan_metal_and_dx12() {
         count("conv.tiled"),
         count("conv.winograd")
     );
-    assert!(count("conv.tiled") >= 60 && coop >= 10 && count("conv.winograd") == 18, "too few modules listed");
+    assert!(count("conv.tiled") >= 60 && coop >= 10 && count("conv.winograd") >= 18, "too few modules listed");
     // Every file in shaders/ is in some module (its head, up to the first blank line).
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("shaders");
     for entry in std::fs::read_dir(&dir).expect("shaders/") {
