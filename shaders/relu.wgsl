@@ -37,10 +37,27 @@ fn backward(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec
 @group(0) @binding(5) var<storage, read> y_kept: array<ST>;
 @group(0) @binding(6) var<storage, read_write> g: array<ST>;
 
+// An invocation takes 4 elements WG apart (a workgroup 4 * WG consecutive ones) and, where all
+// four exist, loads them before it stores any: four loads in flight, as in conv.wgsl's
+// reduce_splits (one element per invocation ran at 1 TB/s on the H200, BENCHMARKS.md cfa22d4).
 @compute @workgroup_size(WG)
 fn mask_in_place(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                  @builtin(local_invocation_id) lid: vec3u) {
-    let i = (wid.y * nwg.x + wid.x) * WG + lid.x;
-    if i >= p.len { return; }
-    g[i] = select(ST(0.0), g[i], y_kept[i] > ST(0.0));
+    let i = (wid.y * nwg.x + wid.x) * 4u * WG + lid.x + vec4u(0u, WG, 2u * WG, 3u * WG);
+    if i.w < p.len {
+        let keep = vec4<ST>(y_kept[i.x], y_kept[i.y], y_kept[i.z], y_kept[i.w]) > vec4<ST>(0.0);
+        let m = select(vec4<ST>(0.0), vec4<ST>(g[i.x], g[i.y], g[i.z], g[i.w]), keep);
+        g[i.x] = m.x;
+        g[i.y] = m.y;
+        g[i.z] = m.z;
+        g[i.w] = m.w;
+    } else {
+        mask_one(i.x);
+        mask_one(i.y);
+        mask_one(i.z);
+    }
+}
+
+fn mask_one(i: u32) {
+    if i < p.len { g[i] = select(ST(0.0), g[i], y_kept[i] > ST(0.0)); }
 }

@@ -41,7 +41,9 @@ pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
         return Ok(());
     }
     let n = y.len();
-    rec.dispatch(Shader::Relu, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
+    // 4 elements per invocation (relu.wgsl).
+    let groups = groups_for(n.div_ceil(4));
+    rec.dispatch(Shader::Relu, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups);
     Ok(())
 }
 
@@ -57,6 +59,8 @@ pub fn mask_in_place_f16(rec: &mut Recorder, y: &HalfTensor, g: &HalfTensor) -> 
     }
     split::whole_fits_f16(rec.gpu, WHAT, y.dims(), y.buffer.size())?;
     let n = y.len();
-    rec.dispatch(Shader::ReluF16, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups_for(n));
+    // 4 elements per invocation (relu.wgsl).
+    let groups = groups_for(n.div_ceil(4));
+    rec.dispatch(Shader::ReluF16, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups);
     Ok(())
 }
