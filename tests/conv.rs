@@ -444,11 +444,10 @@ fn backward_data_bn_every_tile_configuration() {
     every_tile_on(check_bn_backward_acc, 52, EPILOGUE_CASES);
 }
 
-/// The tile edges, the two 32x32 cases (several reduction tiles, split-K backward_weight) and
-/// channels past 128 (two tiles of the largest configurations).
-/// The tiled kernels' cases: the edges, two 32x32 ones, a long reduction, and reductions over 32
-/// channels at stride 2 (3x3 and 1x1), which the data ops run tap-major (as they do 16 and 64
-/// channels; 40 and 33 channel-major).
+/// The tiled kernels' cases: the tile edges, two 32x32 ones (several reduction tiles, split-K
+/// backward_weight), channels past 128 (two tiles of the largest configurations), and
+/// reductions over 32 channels at stride 2 (3x3 and 1x1), which the data ops run tap-major (as
+/// they do 16 and 64 channels; 40 and 33 channel-major).
 fn tile_cases() -> Vec<Case> {
     let mut v: Vec<Case> = EDGES.iter().map(|c| case(c.xd, c.k, c.ks, c.stride)).collect();
     v.extend([case([2, 16, 32, 32], 16, 3, 1), case([1, 16, 32, 32], 16, 3, 2), case([1, 130, 3, 5], 132, 3, 2)]);

@@ -162,10 +162,11 @@ impl Tile {
         Some(CoopLayout { f, sg, nwr, wr, wc, tcr, tcs })
     }
 
-    /// The template with this configuration's constants and the geometry family's literals
-    /// (and, for a COOP build, the cooperative-matrix block in place of the plain one).
-    fn source(&self, op: Op, ks: usize, stride: usize, b: Build, coop: Option<CoopLayout>) -> String {
-        let Build { half, pre, stats, bsums, taps, .. } = b;
+    /// The template with this configuration's constants and build `b`'s (op, kernel size,
+    /// stride, variant) (and, for a COOP build, the cooperative-matrix block in place of the
+    /// plain one).
+    fn source(&self, b: Build, coop: Option<CoopLayout>) -> String {
+        let Build { op, ks, stride, half, pre, stats, bsums, taps, .. } = b;
         let t = self.threads();
         let (a_per, b_per, step) = match op {
             // Data: A scalars and B vec4s per invocation, one fixed row / vec4 column each.
@@ -451,8 +452,7 @@ fn pipeline(gpu: &Gpu, tile: usize, b: Build, entry: &'static str) -> wgpu::Comp
     debug_assert!(t.valid(), "{} breaks the template's staging assumptions", t.name());
     gpu.cached(("conv.tiled", tile, b, entry), || {
         let layout = if b.coop { coop_layout(gpu, tile) } else { None };
-        let source = t.source(b.op, b.ks, b.stride, b, layout);
-        in_range_pipeline(gpu, &format!("{}.{entry}", b.module_label(tile)), &source, entry)
+        in_range_pipeline(gpu, &format!("{}.{entry}", b.module_label(tile)), &t.source(b, layout), entry)
     })
 }
 
@@ -479,7 +479,7 @@ pub(super) fn module_sources() -> Vec<(String, String)> {
             };
             let mut add = |b: Build, layout: Option<CoopLayout>| {
                 let fragments = layout.map(|l| format!(" fragments {0}x{0}", l.f)).unwrap_or_default();
-                out.push((b.module_label(i) + &fragments, t.source(op, b.ks, b.stride, b, layout)));
+                out.push((b.module_label(i) + &fragments, t.source(b, layout)));
             };
             if !t.coop_only {
                 add(b, None);
@@ -1455,12 +1455,12 @@ pub(super) mod tests {
                     coop: false,
                     taps,
                 };
-                let plain = t.source(op, 3, 1, b, None);
+                let plain = t.source(b, None);
                 assert!(!plain.contains(UNROLL), "{}", t.name());
                 let fma = "(*acc)[j] = fma(s, bv[h], (*acc)[j]);";
                 assert_eq!(count(&plain, fma), t.tm * t.tn / 4, "{}", t.name());
                 if let Some(l) = t.coop_shape(coop) {
-                    let src = t.source(op, 3, 1, Build { coop: true, ..b }, Some(l));
+                    let src = t.source(Build { coop: true, ..b }, Some(l));
                     assert!(!src.contains(UNROLL), "{}", t.name());
                     let mma = "(*frags)[i * WC + j] = coopMultiplyAdd(a[i], b, (*frags)[i * WC + j]);";
                     assert_eq!(count(&src, mma), l.wr * l.wc, "{}", t.name());
@@ -1530,7 +1530,7 @@ pub(super) mod tests {
                         builds.push((Build { coop: true, taps, ..b }, Some(l)));
                     }
                     for (b, l) in builds {
-                        let found = runtime_indices(&t.source(op, 3, 2, b, l));
+                        let found = runtime_indices(&t.source(b, l));
                         assert!(
                             found.is_empty(),
                             "{} {op:?} {}: runtime indices in {found:?}",
