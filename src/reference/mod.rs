@@ -1,6 +1,8 @@
 //! The CPU oracle: plain loops in f64, mirroring `ops/` file for file. Obviously correct beats
-//! fast. Each backward here is itself checked against central finite differences in
-//! `tests/gradcheck.rs`.
+//! fast. Each backward here is itself checked against central finite differences: the
+//! convolutions' in `tests/conv.rs`, batch norm's in `tests/batch_norm.rs`, the head's in
+//! `tests/head.rs`, and every unit's and network's (ReLU, the residual add, the shortcut
+//! combinations and gates inside them) in `tests/gradcheck_net.rs`.
 
 pub mod batch_norm;
 pub mod cast;
