@@ -49,9 +49,8 @@ struct Params {
 
 @group(0) @binding(0) var<uniform> p: Params;
 // ST, the storage type of the activations x, y, dy and dx (bindings 1, 2, 9, 10; the vec4
-// kernels' 15 to 18), is f32, or
-// f16 in the module of the f16 path (ops/batch_norm.rs `*_f16`; the host prepends the alias):
-// loads widen to f32, stores round once, everything between is f32.
+// kernels' 15 to 18), is f32, or f16 in the module of the f16 path (ops/batch_norm.rs `*_f16`;
+// the host prepends the alias): loads widen to f32, stores round once, everything between is f32.
 @group(0) @binding(1) var<storage, read> x: array<ST>;
 @group(0) @binding(2) var<storage, read_write> y: array<ST>;
 @group(0) @binding(3) var<storage, read> gamma: array<f32>;

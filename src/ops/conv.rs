@@ -28,8 +28,8 @@
 //! The choice and the tile sizes are made per shape and cached in the context ([`Gpu::cached`]),
 //! as are the scratch buffers (split-K partial sums, weight windows) and operand textures, one
 //! per role and size: nothing is allocated per call once a shape has been seen, except each
-//! dispatch's bind group and its slot in the recorder's parameter buffers (as in
-//! [`Recorder::dispatch`]). Reusing them
+//! dispatch's bind group (which a network keeps from step to step: [`crate::gpu::BindCache`])
+//! and its slot in the recorder's parameter buffers (as in [`Recorder::dispatch`]). Reusing them
 //! across calls is safe because every call fills and consumes them within its own commands, and
 //! the queue runs commands in order.
 
