@@ -211,8 +211,8 @@ impl Dataset {
         }
     }
 
-    /// [`Dataset::gather`] through the training augmentation, [`augment`], one draw from `rng`
-    /// per image: the same `rng` state gives the same batch.
+    /// [`Dataset::gather`] through the training augmentation, [`augment`] (three draws from
+    /// `rng` per image): the same `rng` state gives the same batch.
     pub fn gather_augmented(&self, idx: &[usize], rng: &mut Rng, images: &mut Vec<f32>, labels: &mut Vec<u32>) {
         images.clear();
         labels.clear();
@@ -484,9 +484,10 @@ fn push_normalised(lut: &[[f32; 256]; 3], image: &[u8], out: &mut Vec<f32>) {
 ///
 /// Labels are balanced: `i % 10`, shuffled within each block of 10 images, so any prefix of a
 /// multiple of 10 images holds every class equally often. Train and test images come from
-/// disjoint streams; image `i` of a split depends only on `(seed, split, i)`, so a split's first
-/// `n` images are the same whatever its size. Generation runs on all cores and is deterministic
-/// regardless of their number.
+/// disjoint streams; image `i` of a split in a whole block of 10 depends only on
+/// `(seed, split, i)` (a last, partial block is shuffled at its own length), so a split's first
+/// `10 k` images are the same whatever its size. Generation runs on all cores and is
+/// deterministic regardless of their number.
 pub fn synthetic(train: usize, test: usize, seed: u64) -> (Dataset, Dataset) {
     (shapes_split(train, seed, 0), shapes_split(test, seed, 1))
 }

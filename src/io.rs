@@ -3,7 +3,7 @@
 //!
 //! Files written here: every tensor f32 except `*.num_batches_tracked`, an i64 scalar as in
 //! PyTorch. Checkpoints add `momentum.<name>` for each learned parameter (SGD's buffer) and
-//! whatever else the caller adds. Files read here may hold f32, f64, f16, bf16 or integer
+//! whatever else the caller adds. Files read here may hold f32, f64, f16, bf16, i64, i32 or u8
 //! tensors; values are converted to f32. Writes go to a temporary file that is then renamed, so
 //! an interrupted save never leaves a corrupt file.
 

@@ -1,9 +1,10 @@
 //! A whole ResNet on the GPU: stem, stages of residual units, head and loss; trained with SGD.
 //!
 //! One training step records the stem's, every unit's and the head's forward into command
-//! buffers of their own, then the backward in reverse, then the optimizer, and submits them all
-//! at once: nothing returns to the host between units, and the stream `x_l` and its gradient
-//! stay on the GPU (see [`crate::unit`]).
+//! buffers of their own, then the backward in reverse, then the optimizer, and hands them to the
+//! device as they are recorded (on GPUs a few at a time; on CPU adapters all at once at the
+//! end): nothing returns to the host between units, and the stream `x_l` and its gradient stay
+//! on the GPU (see [`crate::unit`]).
 
 use crate::arch::{Layer, NetConfig, Role, Shortcut, UnitKind};
 use crate::error::{Error, Result};
@@ -50,9 +51,11 @@ struct Acts {
     /// identity-shortcut unit shares its output's buffer; any other unit gets another one.
     grads: Vec<Tensor>,
     grad_of: Vec<usize>,
-    /// Original networks: the stem convolution's output (its BN's input).
+    /// Networks with a stem BN (every placement but pre-activation): the stem convolution's
+    /// output (its BN's input).
     stem_h: Option<Tensor>,
-    /// Pre-activation networks: `ReLU(BN(x_L))` and its gradient.
+    /// Pre-activation networks: `ReLU(BN(x_L))` (ReLU-only pre-activation: `ReLU(x_L)`) and its
+    /// gradient.
     z: Option<(Tensor, Tensor)>,
     pooled: Tensor,
     dpooled: Tensor,
@@ -77,7 +80,7 @@ struct HalfActs {
     g0: Tensor,
     xl: Tensor,
     gl: Tensor,
-    /// Original networks: the gradient at the stem's BN input.
+    /// Networks with a stem BN: the gradient at its input.
     stem_dh: Option<Tensor>,
     streams: Vec<HalfTensor>,
     kept: Vec<HalfKept>,
@@ -527,7 +530,8 @@ impl ResNet {
         Ok(())
     }
 
-    /// The stem: `x_0` from the images (through the stem BN and ReLU of original networks);
+    /// The stem: `x_0` from the images (through the stem BN and ReLU where there is one: every
+    /// placement but pre-activation);
     /// with `first_bn`, that BN's training statistics of `x_0` from the convolution's epilogue.
     fn stem_forward(
         &self,
@@ -697,7 +701,7 @@ impl ResNet {
         }
     }
 
-    /// The stem's backward from `g0 = dE/dx_0` (through the stem BN of original networks, its
+    /// The stem's backward from `g0 = dE/dx_0` (through the stem BN where there is one, its
     /// input gradient into `dh`), and with `image_grad` the gradient to the images.
     fn stem_backward(
         &self,
@@ -788,7 +792,8 @@ impl ResNet {
     }
 
     /// One SGD step on a batch: forward, backward and update, handed to the device as they are
-    /// recorded, then one wait for the loss. Returns the loss before the update.
+    /// recorded, then a wait for them and the loss read back. Returns the loss before the
+    /// update.
     pub fn train_step(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
         let mut out = gpu.stream();
         self.record_train_step(gpu, &mut out, images, labels, opt)?;
@@ -852,9 +857,9 @@ impl ResNet {
     }
 
     /// One training-mode forward and backward with probes (no update), for the analysis:
-    /// per unit `l` the squared norms of `x_l`, `F(x_l)` and `dE/dx_l`, and per stage the
-    /// identity check `x_end = x_start + sum F` over its identity-shortcut units, all computed
-    /// on the GPU from its own buffers.
+    /// per stream index `l = 0..=L` the norms of `x_l`, `F(x_l)` (0 at `L`) and `dE/dx_l`, and
+    /// per stage the identity check `x_end = x_start + sum F` over its identity-shortcut units,
+    /// all computed on the GPU from its own buffers.
     pub fn probe(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels) -> Result<Probes> {
         self.f32_only("probe")?;
         self.prepare(gpu, images, Some(labels), None)?;

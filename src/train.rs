@@ -319,10 +319,10 @@ pub struct SoakPoint {
 }
 
 /// A long run for leak checks: `steps` SGD steps of `config` (He-initialised from `seed`) on
-/// batches of `batch` random images of 3 x `size` x `size`, new data and labels written into
-/// the same tensors each step as training does. The device's live buffers and textures are read
-/// (after waiting for the device) after steps 1 and 10, then every `every` steps and after the
-/// last: once every pipeline and scratch buffer exists, they must stay flat.
+/// batches of `batch` random images of `config.in_channels` x `size` x `size`, new data and
+/// labels written into the same tensors each step as training does. The device's live buffers
+/// and textures are read (after waiting for the device) after steps 1 and 10, then every `every`
+/// steps and after the last: once every pipeline and scratch buffer exists, they must stay flat.
 pub fn soak(
     gpu: &Gpu,
     config: &crate::arch::NetConfig,

@@ -301,7 +301,8 @@ pub struct Workspace {
 }
 
 /// The roles of the f16 path's temporaries: per layer `i`, the gradient at its convolution's
-/// input activation, and the gradient at its input (see [`HalfKept`]).
+/// input activation, and the gradient at its input (pre-activation) or at its convolution's
+/// output `h_i` (original; `Grad(k)` the projection's output), as [`HalfKept`]'s fields.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum HalfSlot {
     Da(usize),
@@ -309,8 +310,8 @@ enum HalfSlot {
 }
 
 /// The roles of workspace tensors: a recomputed activation (the general path), an activation's
-/// gradient, and two alternating gradients at layer inputs (so that one layer's output gradient and input gradient never
-/// share a buffer).
+/// gradient, and two alternating gradients at layer inputs (so that one layer's output gradient
+/// and input gradient never share a buffer).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Slot {
     Act,
