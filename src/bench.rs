@@ -10,12 +10,12 @@
 //!   gradient and the input gradient).
 //!
 //! How: each measured run records fresh command buffers (untimed; the recording time is
-//! reported apart as `record_ms`), then submits them in one submission and waits. Where the
-//! device has `TIMESTAMP_QUERY`, an empty compute pass writes a timestamp before the first
-//! buffer and another after the last (Vulkan writes both at the bottom of the pipe, i.e. once
-//! all earlier work has finished), and the row's `ms` is the difference. Otherwise `ms` is the
-//! wall time of submit + wait (always reported as `wall_ms`). Warm-up runs first, then the
-//! median (and the minimum) of the measured runs.
+//! reported apart as `record_ms`). Where the device has `TIMESTAMP_QUERY`, an empty compute pass
+//! writes a timestamp before a run's first buffer and another after its last (Vulkan writes both
+//! at the bottom of the pipe, i.e. once all earlier work has finished), the runs are queued back
+//! to back and waited for once, and the row's `ms` is each run's difference. `wall_ms` (always
+//! reported, and `ms` where there are no timestamps) is the wall time of submit + wait of each
+//! run on its own. Warm-up runs first, then the median (and the minimum) of the measured runs.
 //!
 //! Rates: GFLOP/s count `2 * MACs` of the convolutions only (forward + backward of a unit is
 //! three times its forward convolutions); GB/s for batch norm count the activation-sized
@@ -61,7 +61,7 @@ pub const CIFAR_32: [[usize; 4]; 3] = [[32, 16, 32, 32], [32, 32, 16, 16], [32, 
 pub const BN_FORWARD_PASSES: u64 = 4;
 /// The statistics alone (`stats_train`, what the fused units run): `x` read twice.
 pub const BN_STATS_PASSES: u64 = 2;
-/// Likewise for the BN backward: `backward_reduce` reads `x` and `dy`, `backward_apply` reads
+/// Likewise for the BN backward: `backward_partial` reads `x` and `dy`, `backward_apply` reads
 /// `x` and `dy` and writes `dx`.
 pub const BN_BACKWARD_PASSES: u64 = 5;
 
@@ -530,7 +530,7 @@ impl Timer {
     }
 
     /// Milliseconds between timestamps 2i and 2i + 1 of `set`, for each of `runs` runs (`None`
-    /// for a clock that went backwards, which it should not).
+    /// where the end is not after the start, which it should be).
     fn read(&self, gpu: &Gpu, set: &wgpu::QuerySet, runs: usize) -> Result<Vec<Option<f64>>> {
         let bytes = 2 * runs as u64 * wgpu::QUERY_SIZE as u64;
         let resolve = gpu.device.create_buffer(&wgpu::BufferDescriptor {

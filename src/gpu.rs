@@ -1016,8 +1016,9 @@ pub fn groups_for(threads: usize) -> [u32; 3] {
 }
 
 impl Recorder<'_> {
-    /// One compute pass running `entry` of `shader`: `params` (u32 words; f32 as bits) is bound at
-    /// binding 0 as a uniform, each `(binding, buffer)` as storage.
+    /// One dispatch of `entry` of `shader`, in the recorder's open compute pass (a new one after
+    /// a copy; with profiling on, a pass of its own): `params` (u32 words; f32 as bits) is bound
+    /// at binding 0 as a uniform, each `(binding, buffer)` as storage.
     pub fn dispatch(
         &mut self,
         shader: Shader,

@@ -3,8 +3,9 @@
 //! With profiling on ([`set`]) and timestamp queries on the adapter, each dispatch a
 //! [`Recorder`](crate::gpu::Recorder) records gets a compute pass of its own, with timestamps
 //! at its start and end; [`take`] returns each dispatch's label and GPU milliseconds once the
-//! recorded work has run. Passes of one dispatch each add barriers the normal path (one pass
-//! per command buffer) does not have, so the spans add up to a little more than a run takes.
+//! recorded work has run. Passes of one dispatch each add barriers the normal path (consecutive
+//! dispatches in one shared pass) does not have, so the spans add up to a little more than a
+//! run takes.
 
 use std::sync::{Arc, Mutex};
 

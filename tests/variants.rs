@@ -130,7 +130,18 @@ fn kernels_refuse_bad_operands() {
     assert!(mix::forward(&mut rec, Combine::Dropout { rate: 1.0 }, true, 0, &a, &b, None, &c, false).is_err());
     // A bias of the wrong length.
     assert!(gate::bias_sigmoid(&mut rec, &poisoned(&[3]), &a).is_err());
+    // The gate's composites check every shape before they record a step: a wrong bias leaves
+    // the forward's output unwritten (no convolution recorded) and the backward's dg as it was
+    // (no in-place sigmoid backward recorded).
+    let (x, w) = (upload(&d, &[1.0; 18]), upload(&[3, 2, 1, 1], &[0.5; 6]));
+    let (gt, dg, bad_bias) = (poisoned(&[1, 3, 3, 3]), upload(&[1, 3, 3, 3], &[1.0; 27]), poisoned(&[2]));
+    let (dw, db, dx) = (poisoned(&[3, 2, 1, 1]), poisoned(&[3]), poisoned(&d));
+    assert!(gate::forward(&mut rec, &x, &w, &bad_bias, &gt, 1).is_err());
+    assert!(gate::backward(&mut rec, &x, &w, &gt, &dg, &dw, &bad_bias, &dx, 1, false).is_err());
+    assert!(gate::backward(&mut rec, &x, &w, &gt, &dg, &dw, &db, &c, 1, false).is_err());
     rec.run().unwrap();
+    assert!(read(&gt).iter().all(|v| v.is_nan()), "gate forward recorded a step before refusing");
+    assert!(read(&dg).iter().all(|&v| v == 1.0), "gate backward recorded a step before refusing");
 }
 
 /// Every unit of a small network of `cfg` (identity and stride-2 units), forward and backward

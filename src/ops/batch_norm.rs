@@ -218,14 +218,16 @@ impl Variant {
 }
 
 /// Which batch-norm kernels a context runs (shapes a forced variant cannot take run the scalar
-/// kernels). `Auto`: texture loads on CPU adapters (vec4 where the texture would be too large),
+/// kernels; a forced texture variant whose texture would be too large runs vec4). `Auto`: texture loads on CPU adapters (vec4 where the texture would be too large),
 /// the wide kernels on GPUs; `RESNET_WGPU_BN=scalar|vec4|texture|wide` changes that default (a
 /// benchmarking aid). Every variant matches the reference; they differ in speed and in the
 /// order of their sums.
 ///
-/// On an H200 (BENCHMARKS.md, commit cef0a1d) the wide kernels read 1.7 to 2.3 TB/s at the
-/// ImageNet-like shapes where the scalar ones read 0.5 to 0.9 (runs of 16 elements per
-/// thread, loads not coalesced), and they were up to 9x faster at 128x16x32x32.
+/// On an H200 (BENCHMARKS.md, commits cef0a1d and e3382e3) the wide kernels' training forward
+/// moved 2.1 and 1.7 TB/s at 32x64x56x56 and 32x128x28x28 where the scalar ones moved 0.75 and
+/// 0.7 (runs of 16 elements per thread, loads not coalesced), and was 9x faster at
+/// 128x16x32x32; with a run per plane they fell to 0.73 and 0.27 TB/s at 14x14 and 7x7 (scalar:
+/// 0.54 and 0.36), where since e3c2917 a run takes several planes (not measured on a GPU).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kernels {
     Auto,

@@ -164,6 +164,13 @@ struct Params {
     _pad: [u32; 15],
 }
 
+/// Checks the shapes of input `x`, weights `w` and output `y` as [`forward`] takes them (the
+/// backwards take the same: `dy` as `y`, `dx` as `x`, `dw` as `w`), for composite ops that check
+/// before they record their first step.
+pub(crate) fn check_shapes(what: &str, x: &Tensor, w: &Tensor, y: &Tensor, stride: usize) -> Result<()> {
+    Geometry::check(what, ["x", "w", "y"], x, w, y, stride).map(|_| ())
+}
+
 /// An output that is also an input would be a read-write and read-only binding of one buffer.
 fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
     if ins.iter().any(|t| t.buffer == out.buffer) {

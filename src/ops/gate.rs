@@ -63,6 +63,8 @@ fn bias_grad_at(rec: &mut Recorder, dz: &Tensor, db: &Tensor, accumulate: bool) 
 
 /// `g = sigmoid(conv1x1(x, w, stride) + b)`.
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor, stride: usize) -> Result<()> {
+    conv::check_shapes("gate forward", x, w, g, stride)?;
+    check_bias("gate forward", g, b)?;
     conv::forward(rec, x, w, g, stride, false)?;
     bias_sigmoid(rec, b, g)
 }
@@ -82,6 +84,11 @@ pub fn backward(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    const WHAT: &str = "gate backward";
+    conv::check_shapes(WHAT, x, w, g, stride)?;
+    conv::check_shapes(WHAT, dx, dw, dg, stride)?;
+    same_len(WHAT, &[g, dg])?;
+    check_bias(WHAT, dg, db)?;
     sigmoid_backward(rec, g, dg)?;
     bias_grad(rec, dg, db)?;
     conv::backward_weight(rec, x, dg, dw, stride, false)?;

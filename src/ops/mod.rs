@@ -1,9 +1,15 @@
 //! GPU ops: one file per shader file, each recording its kernels into a [`Recorder`].
 //!
 //! Conventions: every function validates shapes and returns a typed error before recording
-//! anything. Backward functions take `accumulate`: `true` adds into the gradient buffer (the
-//! residual stream's gradient, or a gradient shared by several uses), `false` overwrites it.
-//! Tensors larger than one storage binding are run in chunks that fit (see `split.rs`).
+//! anything. A composite (`gate`'s forward and backward: a convolution and the gate's own
+//! kernels) checks every shape first, but an error from a later step (an aliased output, a
+//! tensor that cannot be split) can come after earlier steps were recorded: drop the recorder
+//! on an error, as the unit and network code do. Most backward functions take `accumulate`:
+//! `true` adds into the gradient buffer (the residual stream's gradient, or a gradient shared by
+//! several uses), `false` overwrites it; `batch_norm::backward` and `pool_fc_loss::fc_backward`
+//! take a flag per output, and `mix::backward` overwrites. Tensors larger than one storage
+//! binding are run in chunks that fit (see `split.rs`); the f16 path binds whole tensors and
+//! returns `Error::TooLarge` instead.
 //!
 //! [`Recorder`]: crate::gpu::Recorder
 
