@@ -59,8 +59,10 @@ struct Params {
     ks: u32,
     pad: u32,
     accumulate: u32, // 1 adds into the output, 0 overwrites it
-    m: u32,          // tl: GEMM rows; rp: quads of the output (4 pixels each)
-    base: u32,       // rp: first channel of this weight window
+    m: u32,          // tl: GEMM rows; rp data ops: output units of 2 rows x 4 columns (REG_ROWS
+                     // in ops/conv.rs); rp backward_weight: quads of dy (4 pixels each)
+    base: u32,       // rp data ops: first channel of this weight window; rp backward_weight:
+                     // tiles of output channels
     span: u32,       // rp: channels in this weight window
     chunk: u32,      // backward_weight: reduction length (tl) or quads (rp) per split
     splits: u32,     // backward_weight: number of splits

@@ -5,7 +5,7 @@
 //
 //   R, PT, E output block edge (2 or 4), input patch edge (R + 2) and elements of a
 //            transformed tile (PT * PT: 16 or 36, the number of GEMMs)
-//   BM, BN   output tile of a GEMM workgroup (co x tiles p)
+//   BM, BN   output tile of a GEMM workgroup (co x blocks t)
 //   BK       reduction steps (input channels) staged per tile
 //   TM, TN   outputs per invocation (multiples of 4), held in registers as vec4s; TMV, TNV
 //            = TM / 4, TN / 4
@@ -66,21 +66,21 @@ struct Params {
     p4: u32,         // np rounded up to 4 (the rows of V and M)
     co4: u32,        // co rounded up to 4 (the rows of U)
     mode: u32,       // wino_weights: 0 forward (g = w[co][ci]), 1 backward_data (g = w[ci][co] flipped)
-    accumulate: u32, // wino_output: 1 adds into the output, 0 overwrites it
-    pre: u32,        // wino_input: 1 reads the input through the BN + ReLU prologue
-    chunk: u32,      // wino_gemm: reduction steps per split (a multiple of BK)
-    splits: u32,     // wino_gemm, wino_dw: splits of the reduction (1 but for backward_weight)
+    accumulate: u32, // wino_output, wino_dw*: 1 adds into the output, 0 overwrites it
+    pre: u32,        // wino_input, wino_input_t: 1 reads the input through the BN + ReLU prologue
+    chunk: u32,      // wino_gemm: reduction steps per split (a multiple of BK; the split from wid.z)
+    splits: u32,     // wino_dw_splits: partial sums to add (1 but for backward_weight)
 }
 
 @group(0) @binding(0) var<uniform> p: Params;
 @group(0) @binding(1) var<storage, read> src: array<ST>;             // the transforms in: x or dy
 @group(0) @binding(9) var<storage, read> wsrc: array<WT>;            // wino_weights: w
-@group(0) @binding(2) var<storage, read> aff: array<vec4f>;          // input, pre: per ci (mean, scale, beta, invstd)
-@group(0) @binding(3) var<storage, read_write> tout: array<f32>;     // weights: U; input: V
+@group(0) @binding(2) var<storage, read> aff: array<vec4f>;          // input*, pre: per ci (mean, scale, beta, invstd)
+@group(0) @binding(3) var<storage, read_write> tout: array<f32>;     // weights: U; input: V; input_t: X; dy_t: DY
 @group(0) @binding(4) var<storage, read> u4: array<vec4f>;           // gemm: U
 @group(0) @binding(5) var<storage, read> v4: array<vec4f>;           // gemm: V
 @group(0) @binding(6) var<storage, read_write> m4: array<vec4f>;     // gemm: M
-@group(0) @binding(7) var<storage, read> mres: array<f32>;           // output: M
+@group(0) @binding(7) var<storage, read> mres: array<f32>;           // output, wino_dw*: M
 @group(0) @binding(8) var<storage, read_write> dst: array<ST>;       // wino_output: y or dx
 @group(0) @binding(10) var<storage, read_write> dwo: array<f32>;     // wino_dw*: dw
 
@@ -581,7 +581,8 @@ fn load_v(e: u32, k: u32, end: u32, v: u32) -> vec4f {
 
 // GEMM e = wid.z % E: M[e][co][t] for the tile of co from wid.y * BM and t from wid.x * BN,
 // over split s = wid.z / E of the reduction (steps [s * chunk, (s + 1) * chunk)), into
-// M[s][e][co][t]: the splits' partial sums, which wino_dw adds in split order.
+// M[s][e][co][t]: the splits' partial sums, which wino_dw_splits adds in split order (wino_dw
+// takes the one split).
 @compute @workgroup_size(THREADS)
 fn wino_gemm(@builtin(workgroup_id) wid: vec3u, @builtin(local_invocation_index) lid: u32) {
     let e = wid.z % E;

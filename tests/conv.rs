@@ -988,6 +988,42 @@ fn f16_path_within_bound() {
     rec.run().unwrap();
 }
 
+/// A forced tile configuration takes the tiled kernels on the f32 and f16 paths alike, also
+/// where Winograd would apply (3x3 at stride 1, 64 channels: a CPU adapter's rule takes it
+/// there, a GPU's tuner may): the forced-tile tests above then test that configuration.
+#[test]
+fn forced_tile_takes_the_tiled_kernels() {
+    use resnet_wgpu::tensor::HalfTensor;
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.has_timestamps() {
+        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
+        return;
+    }
+    let tile = "64x64k16t4x4";
+    conv::force_tile(&g, Some(tile)).unwrap();
+    let (xd, wd) = ([2, 64, 8, 8], [64, 64, 3, 3]);
+    let mut rng = Rng::new(53);
+    let (x, w) = (rng.data(len(xd)), rng.data(len(wd)));
+    let labels = |record: &dyn Fn(&mut resnet_wgpu::Recorder)| {
+        resnet_wgpu::profile::set(&g, true);
+        let mut rec = g.recorder("forced tile");
+        record(&mut rec);
+        rec.run().unwrap();
+        resnet_wgpu::profile::set(&g, false);
+        resnet_wgpu::profile::take(&g).unwrap().into_iter().map(|s| s.label).collect::<Vec<_>>()
+    };
+    let (tx, tw, ty) = (up(&g, &xd, &x), up(&g, &wd, &w), nan(&g, &xd));
+    let mut runs = vec![("f32", labels(&|rec| conv::forward(rec, &tx, &tw, &ty, 1, false).unwrap()))];
+    if g.report.features.contains(wgpu::Features::SHADER_F16) {
+        let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(&g, d, v).unwrap();
+        let (hx, hy) = (h(&xd, &x), h(&xd, &vec![f32::NAN; len(xd)]));
+        runs.push(("f16", labels(&|rec| conv::forward_f16(rec, &hx, &tw, &hy, 1, false).unwrap())));
+    }
+    for (path, l) in runs {
+        assert!(l.iter().any(|s| s.contains(tile)) && !l.iter().any(|s| s.contains("wino")), "{path}: {l:?}");
+    }
+}
+
 /// The f16 path where the context times its choices, as on a GPU (forced here,
 /// `Kernels::Tuned`): its tile among the cooperative-matrix and plain configurations where the
 /// adapter has cooperative matrices (the f32 plan's tile without them), whether a data op

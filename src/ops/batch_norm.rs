@@ -193,7 +193,8 @@ enum Variant {
     Scalar,
     /// vec4 loads and stores (planes of a multiple of 4 elements, so every run is whole vec4s).
     Vec4,
-    /// As `Vec4`, but x and dy read from rgba32f texture copies: CPU adapters, where a texture
+    /// As `Vec4`, but x and dy read from rgba32f texture copies (rgba16f on the f16 path): CPU
+    /// adapters, where a texture
     /// fetch is one vector gather and a storage load a loop over the SIMD lanes (2x to 4x
     /// faster on lavapipe).
     Texture,

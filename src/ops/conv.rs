@@ -207,7 +207,7 @@ pub enum Kernels {
     /// The register path wherever the adapter's subgroups and the shape allow it, on any
     /// adapter; else tiled.
     Register,
-    /// Always the tiled kernels.
+    /// The tiled kernels (or Winograd where it is forced: [`force_winograd`]).
     Tiled,
     /// The tiled kernels and Winograd, every choice timed as on a GPU (tiles, splits, prologue,
     /// Winograd, the f16 path's tiles on cooperative matrices and plain) even on a CPU adapter,
@@ -368,8 +368,9 @@ enum Plan {
     Register { span: usize },
     /// Register path, backward_weight: `splits` ranges of `chunk` quads each.
     RegisterWeight { splits: usize, chunk: usize },
-    /// Tiled GEMM with configuration `tile` (an index into `tiled::TILES`); backward_weight
-    /// splits its reduction into `splits` ranges of `chunk` (a multiple of the tile's steps).
+    /// Tiled GEMM with configuration `tile` (an index into `tiled::TILES`), its reduction in
+    /// `splits` ranges of `chunk` steps (a multiple of every tile's steps; a data op unsplit:
+    /// `splits` 1, `chunk` 0).
     /// `coop`: the f16 path's tile arithmetic on cooperative matrices.
     Tiled { tile: usize, splits: usize, chunk: usize, coop: bool },
     /// Winograd (3x3 kernels at stride 1, every op) in configuration `config` (an index into
@@ -544,11 +545,11 @@ pub fn forward_bn_relu(
 /// [`forward`] (or [`forward_bn_relu`], with `pre`) for a convolution whose output a training
 /// batch norm normalises next, and that batch norm's statistics of `y` (as
 /// [`batch_norm::stats_train`] computes them: `save_mean`, `save_invstd`, the running
-/// statistics moved). Where the convolution runs on the tiled kernels (GPUs), its epilogue
-/// sums each output tile per channel as it stores it (sum and squared deviations from the
-/// tile's mean, of the values written, after `accumulate`) and one small kernel combines them:
-/// `y` is not read again. Elsewhere (the register path, a batch in chunks) `stats_train` reads
-/// `y` after the convolution. The two sum in different orders: results agree to f32 rounding.
+/// statistics moved). Where the convolution runs on the tiled kernels with its reduction whole
+/// (GPUs, mostly), its epilogue sums each output tile per channel as it stores it (sum and
+/// squared deviations from the tile's mean, of the values written, after `accumulate`) and one
+/// small kernel combines them: `y` is not read again. Elsewhere (the register path, Winograd, a
+/// split reduction, a batch in chunks) `stats_train` reads `y` after the convolution. The two sum in different orders: results agree to f32 rounding.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_stats(
     rec: &mut Recorder,
@@ -598,11 +599,12 @@ pub fn forward_stats(
 /// is `x` (a pre-activation convolution's input: `affine` as [`forward_bn_relu`] read it, from
 /// the saved statistics), then that BN's backward with the ReLU mask
 /// ([`batch_norm::backward`] with `relu`): `dx (+)=` the gradient at `x`, `dgamma` and `dbeta`
-/// overwritten. On the tiled kernels the convolution's epilogue sums `dz` and `dz * xhat` per
+/// overwritten. On the tiled kernels, unsplit, the convolution's epilogue sums `dz` and `dz * xhat` per
 /// channel as it stores `da`, so the BN's backward reads `da` and `x` once (for `dx`) instead of
 /// twice. With `accumulate` the convolution adds into `da` (a second path into the same
 /// activation, such as a projection shortcut) and the sums are those of the final `da`.
-/// Elsewhere (the register path, a batch in chunks) the BN's backward makes its own sums.
+/// Elsewhere (the register path, Winograd, a split reduction, a batch in chunks) the BN's
+/// backward makes its own sums.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_data_bn(
     rec: &mut Recorder,
@@ -830,7 +832,7 @@ fn reduce_splits(
     dispatch_pipeline(rec, &pipeline, "reduce_splits", &params, &binds, groups);
 }
 
-/// Scratch for `splits` partial copies of a `len`-element result (split-K backward_weight).
+/// Scratch for `splits` partial copies of a `len`-element result (split-K partial sums).
 ///
 /// One buffer per size for the life of the context, never one per call: a call's partial sums
 /// are written and reduced by that call's own commands, and commands on the one queue run in
@@ -883,6 +885,10 @@ fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
         _ => tiled::rule(op, g),
     };
     let tiled = tiled::half_plan(gpu, op, g, f32_tile);
+    // A forced tile configuration takes the tiled kernels, as in `plan`.
+    if tiled::forced(gpu, op, g).is_some() {
+        return tiled;
+    }
     let (k, choice) = (kernels(gpu), winograd::choice(gpu));
     gpu.cached(("conv.half-winograd", op, k, choice, *g, tiled), || winograd::consider(gpu, op, g, k, tiled, true))
 }
@@ -899,9 +905,10 @@ fn half_plan_unsplit(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
 /// in f32, on adapters with `SHADER_F16`: the f32 forward's kernels with f16 loads and stores
 /// (the tiled ones in its tile configuration, f32 tiles and accumulation; Winograd; on CPU
 /// adapters the register path, its operand an rgba16f texture). Shapes as [`forward`].
-/// Where the context has cooperative matrices ([`crate::gpu::CoopMatrix`]: tensor cores), the
-/// tiles are f16 and their products run on them, with f32 accumulators; the bound below holds
-/// either way (`tests/coop.rs`).
+/// Where the context has cooperative matrices ([`crate::gpu::CoopMatrix`]: tensor cores) and the
+/// tile configuration runs on them (forced, or the tuner's choice), the tiles are f16 and their
+/// products run on them, with f32 accumulators; the bound below holds either way
+/// (`tests/coop.rs`).
 ///
 /// Error: the exact convolution of the stored halves, accumulated in f32, rounded once to f16
 /// (with `accumulate`, after adding the old value in f32): relative L2 error about the f16 unit
@@ -1026,7 +1033,8 @@ fn operand(w: &impl F16Weights) -> Weights<'_> {
 // plan says (deep layers on small images), its partial sums f32. On Winograd and the register
 // path (CPU adapters) the batch norm's own kernels make the statistics and sums. ----
 
-/// `y (+)= conv(ReLU(BN(x)), w)`, [`forward_bn_relu`] on the f16 path: x and y halves, `w` f32.
+/// `y (+)= conv(ReLU(BN(x)), w)`, [`forward_bn_relu`] on the f16 path: x and y halves, `w` f32
+/// or halves ([`F16Weights`]).
 pub fn forward_bn_relu_f16(
     rec: &mut Recorder,
     x: &HalfTensor,
@@ -1065,7 +1073,7 @@ pub fn forward_bn_relu_f16(
 }
 
 /// [`forward_stats`] on the f16 path: `y (+)= conv(x, w)` (x through the BN + ReLU prologue
-/// `pre` where given), x and y halves, `w` f32, and the following batch norm's training
+/// `pre` where given), x and y halves, `w` f32 or halves, and the following batch norm's training
 /// statistics of `y` as stored (f16), summed in the convolution's epilogue.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_stats_f16(
@@ -1152,8 +1160,8 @@ pub fn backward_weight_bn_relu_f16(
     Ok(())
 }
 
-/// [`backward_data_bn`] on the f16 path: `da (+)=` the input gradient from half `dy` and f32
-/// `w`, then the backward of the BN + ReLU whose input is `x` (its sums in the convolution's
+/// [`backward_data_bn`] on the f16 path: `da (+)=` the input gradient from half `dy` and `w`
+/// (f32 or halves), then the backward of the BN + ReLU whose input is `x` (its sums in the convolution's
 /// epilogue, of `da` as stored): `dx (+)=` (half), dgamma and dbeta overwritten (f32).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_data_bn_f16(

@@ -15,8 +15,9 @@
 //!
 //! The f16 path, on a context with cooperative matrices (tensor cores; [`CoopMatrix`]), builds
 //! its modules with `shaders/conv_tiled_coop.wgsl` in place of the template's plain tile
-//! arithmetic, wherever the configuration divides into whole fragments and subgroups
-//! ([`Tile::coop_layout`]); where the chosen one does not, it runs 64x64 with 16 steps.
+//! arithmetic for the configurations that divide into whole fragments and subgroups
+//! ([`Tile::coop_layout`]): the tuner times those beside the plain ones; a forced configuration
+//! that does not divide runs 64x64 with 16 steps on them.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -610,7 +611,8 @@ const DATA_MIN_CHUNK: usize = 256;
 
 /// The block of channels by which data op `op` on `g` runs its reduction tap-major (the
 /// template's TAPS and CB), or 0 for channel-major: row `(block * KK + tap) * CB + channel %
-/// CB`, where the block, CB, is the reduction step of every configuration that may run it
+/// CB`, where the block, CB, is the largest reduction step (a multiple of every other) of the
+/// configurations that may run it
 /// (plain arithmetic, or `coop`, cooperative matrices) and divides the reduction's channels (C
 /// forward, K backward_data). All the rows of a staged tile then share one tap, so its gather
 /// works out the tap's position and bounds once a tile instead of per element, and a block's
@@ -680,8 +682,8 @@ fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
 
 /// The plan of configuration `tile` for `op` on `g`: split-K where the output alone has too
 /// few tiles to fill a GPU, with at most 16 MiB of partial sums.
-/// - backward_weight: about 256 workgroups of 64x64 outputs, each with at least 256 reduction
-///   steps.
+/// - backward_weight: about 256 workgroups of 64x64 outputs, in at most one split per 256
+///   reduction steps.
 /// - forward and backward_data, only where the output has fewer than [`DATA_WORKGROUPS`] tiles
 ///   of 64x64 (deep layers on small images: 512 channels at 7x7 make 200 at batch 32), each
 ///   split with at least [`DATA_MIN_CHUNK`] steps. Their fused epilogues need the whole sum, so
@@ -940,7 +942,7 @@ fn first_runs(gpu: &Gpu, n: usize, run: &(impl Fn(usize) -> Result<wgpu::Command
 /// BN + ReLU prologue as a pass of its own ([`batch_norm::affine_relu`] into a temporary, then
 /// the convolution without a prologue) than fused into the convolution's loads, on f32 or
 /// (`half`) f16 activations: both timed as [`tune`] times configurations, on zero operands of
-/// `g`'s shape. Fused where either fails.
+/// `g`'s shape. Fused where only the fused one runs or neither does.
 pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) -> bool {
     let x = [g.n, g.c, g.h, g.w];
     let (b, out) = match op {
@@ -1025,7 +1027,7 @@ pub(super) fn plan_name(plan: Plan) -> String {
 /// its reduction pass. On the H200 the rule split every ImageNet-like data op from 14x14 down, and
 /// the split's reductions took 0.05 to 0.11 ms of a unit's 2.5 (BENCHMARKS.md, cfa22d4); unsplit,
 /// a unit's fused epilogues (BN statistics, BN backward sums) apply as well, which this timing
-/// leaves out. `plan` where either fails to run.
+/// leaves out. `plan` where only it runs or neither does.
 pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) -> Plan {
     let Plan::Tiled { tile, splits, coop, .. } = plan else { return plan };
     if op == Op::BackwardWeight {
@@ -1060,7 +1062,7 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
     }
 }
 
-/// backward_weight's plan `plan` (the rule's split of the reduction over N * H * W: about 256
+/// backward_weight's plan `plan` (the rule's split of the reduction over N * OH * OW: about 256
 /// workgroups), or the same configuration in twice or half as many splits, whichever runs
 /// fastest on `g`, f32 or (`half`) f16 activations; timed as [`tune`] times configurations, on
 /// zero operands of `g`'s shape, with the splits' reduction pass. Twice as many at most where
@@ -1268,8 +1270,8 @@ fn data(
     };
     let elem = if build.half { 2 } else { 4 };
     let wtt = scratch(gpu, "wtt", (red * cp * elem).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
-    // The transposition depends on the op, kernel size and type alone: one pipeline for every
-    // tile configuration, stride and epilogue (fewer shader compiles).
+    // The transposition depends on the op, kernel size, type and tap-major block alone: one
+    // pipeline for every tile configuration, stride and epilogue (fewer shader compiles).
     let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
     let transpose = pipeline(gpu, 0, canonical, entry);
     let binds = [(source.0, source.1.as_entire_binding()), (9, wtt.as_entire_binding())];
@@ -1347,7 +1349,7 @@ pub(super) fn record_half_weight(
 }
 
 /// backward_weight: `dw (+)= ` the GEMM of `x` and `dy` (`[x, dy, prologue]`, f16 where
-/// `build.half`) over N*H*W, in `splits` of `chunk` steps summed by [`reduce_splits`].
+/// `build.half`) over N*OH*OW, in `splits` of `chunk` steps summed by [`reduce_splits`].
 #[allow(clippy::too_many_arguments)]
 fn weight(
     rec: &mut Recorder,
@@ -1623,7 +1625,7 @@ pub(super) mod tests {
         };
         // 28x28 at batch 32, 128 channels: 36 tiles of 64x64, the rule's 8 splits of 3136 steps.
         assert_eq!(count(&geometry(32, 128, 28, 128)), [8, 16, 4]);
-        // 56x56 at 64 channels: 9 tiles, 29 splits of 3472 steps.
+        // 56x56 at 64 channels: 9 tiles, 29 splits of 3488 steps.
         assert_eq!(count(&geometry(32, 64, 56, 64)), [29, 58, 14]);
         // A short reduction (1 image of 4x4): one split; two would leave 8 steps each.
         assert_eq!(count(&geometry(1, 16, 4, 16)), [1]);

@@ -45,8 +45,8 @@ const WEIGHT_WORKGROUPS: usize = 512;
 const WEIGHT_MIN_CHUNK: usize = 256;
 
 /// The configurations [`consider`] times. F(2x2): 256 invocations of 4x4, and 64 or 128 of 8x8
-/// (more outputs per staged load, fewer workgroups). F(4x4) (`f4`), with 2.25x fewer blocks and
-/// so narrower GEMMs: 64 or 128 invocations of 8x8, the taller tile for the deep layers' many
+/// (more outputs per staged load, fewer workgroups). F(4x4) (`f4`), with 4x fewer blocks (fewer
+/// where the image does not divide by 4) and so narrower GEMMs: 64 or 128 invocations of 8x8, the taller tile for the deep layers' many
 /// output channels. Each fits WebGPU's default limits (256 invocations, 16 KiB of workgroup
 /// memory), so every adapter runs all of them (the test below).
 pub(super) const CONFIGS: &[Config] = &[
@@ -239,8 +239,9 @@ pub(super) fn module_sources() -> Vec<(String, String)> {
 }
 
 /// The pipeline of `entry` in configuration `config` for storage types `t`, built once per
-/// context (the GEMM is the same for every type, the transforms for every configuration of one
-/// block size: each comes from the one module that differs).
+/// context: the GEMM from the configuration's f32 module (it is the same for every type), the
+/// transforms from the first configuration of that block size in types `t` (they are the same
+/// for every configuration of one block size).
 fn pipeline(gpu: &Gpu, config: usize, t: Types, entry: &'static str) -> wgpu::ComputePipeline {
     let first_of_size = CONFIGS.iter().position(|c| c.r == CONFIGS[config].r).unwrap_or(config);
     let (config, t) = if entry == "wino_gemm" { (config, Types::F32) } else { (first_of_size, t) };
