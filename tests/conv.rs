@@ -8,6 +8,7 @@ use resnet_wgpu::{Error, Gpu, Tensor};
 use std::sync::OnceLock;
 
 /// One convolution: x [N,C,H,W], K output channels, kernel size, stride.
+#[derive(Clone, Copy)]
 struct Case {
     xd: [usize; 4],
     k: usize,
@@ -951,9 +952,9 @@ fn bad_shapes_are_errors() {
 const F16_TOL: f64 = 1e-3;
 
 /// The f16 path (where the adapter has shader-f16) on the tile-edge shapes, overwriting and
-/// accumulating, with the automatic tile; each configuration forced on the first three (3x3 at
-/// strides 1 and 2, the third over 64 channels, tap-major: the index arithmetic of every
-/// configuration is checked in f32 above, this checks its f16 loads and stores).
+/// accumulating, with the automatic tile; each configuration forced on three of them (3x3 at
+/// stride 1 and 2, channel-major, and over 64 channels, tap-major: the index arithmetic of
+/// every configuration is checked in f32 above, this checks its f16 loads and stores).
 #[test]
 fn f16_path_within_bound() {
     use resnet_wgpu::tensor::HalfTensor;
@@ -967,8 +968,11 @@ fn f16_path_within_bound() {
     for tile in tiles {
         conv::force_tile(&g, tile.as_deref()).unwrap();
         let mut rng = Rng::new(51);
-        let cases = tile_cases();
-        for c in &cases[..if tile.is_some() { 3 } else { cases.len() }] {
+        let cases = match tile {
+            Some(_) => vec![EDGES[0], EDGES[2], EDGES[3]],
+            None => tile_cases(),
+        };
+        for c in &cases {
             check_f16_ops(&g, c, &mut rng, &format!("f16 tile {}", tile.as_deref().unwrap_or("auto")), false);
         }
     }
@@ -1027,8 +1031,9 @@ fn forced_tile_takes_the_tiled_kernels() {
 /// The f16 path where the context times its choices, as on a GPU (forced here,
 /// `Kernels::Tuned`): its tile among the cooperative-matrix and plain configurations where the
 /// adapter has cooperative matrices (the f32 plan's tile without them), whether a data op
-/// splits, and Winograd on f16 operands; the three ops within the f16 bounds, with half and f32
-/// weights, and the choices recorded in a tune file as f16 decisions.
+/// splits (the forward of the third shape would), and Winograd on f16 operands; the three ops
+/// within the f16 bounds, with half and f32 weights, and the choices recorded in a tune file as
+/// f16 decisions.
 #[test]
 fn f16_tuned_path_within_bound() {
     let dir = TempDir::new("conv-f16-tuned");
@@ -1041,17 +1046,19 @@ fn f16_tuned_path_within_bound() {
     }
     conv::set_kernels(&g, conv::Kernels::Tuned);
     let mut rng = Rng::new(59);
-    // 3x3 at stride 1 (Winograd's candidate), and at stride 2 with f32 weights.
-    for (i, c) in EDGES[..2].iter().enumerate() {
+    // 3x3 at stride 1 (Winograd's candidate), the second with f32 weights, the third with a
+    // long reduction over a one-tile output (the rule splits its forward 4 ways).
+    for (i, c) in [EDGES[0], EDGES[1], EPILOGUE_CASES[4]].iter().enumerate() {
         check_f16_ops(&g, c, &mut rng, "f16 tuned", i == 1);
     }
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let decisions = |kind: &str| text.matches(&format!("\"{kind} ")).count();
-    // Three ops on two shapes; without cooperative matrices the f16 path takes the f32 plan's
+    // Three ops on three shapes; without cooperative matrices the f16 path takes the f32 plan's
     // tile, which is tuned as such.
     let tiles = if g.report.coop.is_some() { decisions("tile f16") } else { decisions("tile") };
-    assert_eq!(tiles, 6, "tile decisions in {text}");
+    assert_eq!(tiles, 9, "tile decisions in {text}");
     assert!(decisions("winograd f16") >= 3, "Winograd decisions in {text}");
+    assert!(decisions("split f16") >= 1, "split decisions in {text}");
 }
 
 /// The register path on the f16 path (CPU adapters: rgba16f operand textures, the weights

@@ -15,8 +15,11 @@ fn units_match_the_reference_without_subgroups() {
     assert!(!g.report.features.contains(wgpu::Features::SUBGROUP), "{}", g.report);
     let mut rng = Rng::new(5);
     // Batch norm's texture kernels (this adapter's default) and the wide ones (GPUs'): their
-    // partial and final reductions both go through the tree here.
-    let cases = [(UnitKind::PreAct, Kernels::Texture), (UnitKind::Original, Kernels::Wide)];
+    // partial and final reductions both go through the tree here. The wide ones under both
+    // units: the original unit's statistics come from its convolutions' epilogues (only its BN
+    // backward runs the wide kernels), the pre-activation unit's first from stats_partial_w.
+    let cases =
+        [(UnitKind::PreAct, Kernels::Texture), (UnitKind::Original, Kernels::Wide), (UnitKind::PreAct, Kernels::Wide)];
     for (seed, (kind, kernels)) in cases.into_iter().enumerate() {
         set_kernels(g, kernels);
         let cfg = NetConfig {
