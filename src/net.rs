@@ -116,6 +116,16 @@ fn grad_buffers<T>(
     Ok((grads, grad_of))
 }
 
+/// The f16 network's loss scale `s` ([`ResNet::set_f16`]): a positive power of two, so that
+/// scaling and unscaling are exact.
+pub fn check_loss_scale(s: f32) -> Result<()> {
+    // A normal float with no mantissa bits.
+    if !(s.is_normal() && s > 0.0 && s.to_bits() & 0x007f_ffff == 0) {
+        return Err(Error::Invalid(format!("the f16 network: loss scale {s} must be a positive power of two")));
+    }
+    Ok(())
+}
+
 /// What [`ResNet::probe`] measured.
 #[derive(Clone, Debug)]
 pub struct Probes {
@@ -346,10 +356,7 @@ impl ResNet {
                     u.spec.name, u.spec.kind, u.spec.combine
                 )));
             }
-            // A normal float with no mantissa bits.
-            if !(s.is_normal() && s > 0.0 && s.to_bits() & 0x007f_ffff == 0) {
-                return Err(Error::Invalid(format!("the f16 network: loss scale {s} must be a positive power of two")));
-            }
+            check_loss_scale(s)?;
         }
         if loss_scale != self.loss_scale {
             self.acts = None;

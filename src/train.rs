@@ -1,6 +1,7 @@
 //! Training on the GPU with the paper's recipe: SGD with momentum 0.9 and weight decay 1e-4,
 //! learning rate 0.1 divided by 10 at 50% and 75% of the run, pad-and-crop and flip
-//! augmentation; evaluation on the test split each epoch; checkpoints that resume exactly.
+//! augmentation; evaluation on the test split each epoch; checkpoints that resume exactly (with
+//! the same seed: [`checkpoint_seed`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -126,6 +127,14 @@ pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, p
     t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
     io::write(path, &t)
+}
+
+/// The options' seed a checkpoint written by [`save_checkpoint`] was trained with (`None` in a
+/// file without one): the data order and augmentation follow it, so a run resumes exactly only
+/// with the same seed.
+pub fn checkpoint_seed(path: &Path) -> Result<Option<u64>> {
+    let file = io::read(path)?;
+    Ok(file.get("meta.seed").and_then(|t| t.to_i64()).and_then(|v| v.first().copied()).map(|s| s as u64))
 }
 
 /// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done.

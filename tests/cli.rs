@@ -159,6 +159,17 @@ fn train_and_analyze_run_on_tiny_settings() {
     ]);
     assert!(ok && text.contains("resuming after epoch 1") && text.contains("epoch   2/2"), "{text}");
     assert!(text.contains("f16 path, loss scale 1024"), "{text}");
+    // Resumed with another seed (the data order would differ): refused, naming the seed; with
+    // every epoch done: nothing trained, nothing claimed written.
+    let resume = |epochs: &str, seed: &str| {
+        let ck = ckpt.to_str().unwrap();
+        let a = ["train", "--depth", "8", "--train-size", "64", "--test-size", "20", "--batch", "32", "--out", out];
+        tool(&[&a[..], &["--epochs", epochs, "--seed", seed, "--resume", ck]].concat())
+    };
+    let (ok, text) = resume("2", "3");
+    assert!(!ok && text.contains("was trained with --seed 0"), "{text}");
+    let (ok, text) = resume("2", "0");
+    assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
 
     let a = dir("analyze");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);
@@ -299,8 +310,9 @@ fn bad_arguments_get_clear_messages() {
         (vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "1000"], "power of two"),
         (
             vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "--check-finite"],
-            "not with f16",
+            "cannot be used with '--check-finite'",
         ),
+        (vec!["train", "--depth", "8", "--batch", "0"], "--batch must be positive"),
         (vec!["analyze", "--variants", "scale:2"], "scale takes two numbers"),
         (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
     ] {
@@ -317,6 +329,9 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["train", "--depth", "21"], "depth 21 is not 6n+2"),
         (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
         (vec!["analyze", "--depths", "21"], "depth 21 is not 6n+2"),
+        (vec!["analyze", "--depths", "32", "--bottleneck"], "depth 32 is not 9n+2"),
+        (vec!["train", "--depth", "8", "--f16", "3"], "--f16 3: not a power of two"),
+        (vec!["train", "--depth", "8", "--train-size", "0"], "--train-size and --test-size must be positive"),
     ] {
         let out = command()
             .args(&args)

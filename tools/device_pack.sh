@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Packs what one GPU-device call needs into .device/ (git-ignored; under the 64 MiB carry limit):
-# the release CLI, examples/torch_check and relu_ties, the GPU-relevant test binaries, the burn peer if built,
-# and the PyTorch scripts. Then run tools/device_run.sh there in one call:
+# the release CLI, examples/torch_check and relu_ties, the GPU-relevant test binaries, the burn peer
+# binary given as the first argument, and the PyTorch scripts. Then run tools/device_run.sh there in one call:
 #
 #   tools/device_pack.sh [BURN_BINARY]
 #   device run: bash tools/device_run.sh   (carry .gl and .device; see ../shared/gpu/README.md)

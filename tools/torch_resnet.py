@@ -24,6 +24,7 @@ stages of basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1, expansion 4) units, pre
 import argparse
 import copy
 import json
+import math
 import sys
 import time
 
@@ -196,10 +197,12 @@ def compare(a):
             continue
         w, g = want[k].double().flatten(), got[k].double().flatten()
         rel = ((g - w).norm() / w.norm().clamp_min(1e-30)).item()
-        worst = max(worst, rel)
+        # A NaN stays the worst (max(worst, nan) would drop it) and fails the comparison.
+        if math.isnan(rel) or rel > worst:
+            worst = rel
         print(f"{k:50s} rel L2 {rel:.2e}  max abs {(g - w).abs().max().item():.2e}")
     print(f"{len(want) - len(missing)} tensors compared, worst rel L2 {worst:.2e}; missing: {missing}")
-    sys.exit(0 if worst <= a.tol and not missing else 1)
+    sys.exit(0 if worst <= a.tol and not missing else 1)  # NaN <= tol is false
 
 
 def median_ms(step, reps):

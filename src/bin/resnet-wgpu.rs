@@ -14,7 +14,13 @@ use resnet_wgpu::{Error, Gpu, Result, Tensor};
 use resnet_wgpu::{bench, data};
 
 #[derive(Parser)]
-#[command(name = "resnet-wgpu", version, about = "Residual networks, forward and backward, as WGSL compute shaders")]
+#[command(
+    name = "resnet-wgpu",
+    version,
+    about = "Residual networks, forward and backward, as WGSL compute shaders",
+    after_help = "Without a command: the demo, a short training run on the embedded data (into runs/demo-train) \
+                  and the analysis of ResNet-110 (into runs/demo-analyze)."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -65,7 +71,7 @@ struct NetArgs {
     /// Bottleneck units (1x1, 3x3, 1x1, expansion 4).
     #[arg(long)]
     bottleneck: bool,
-    /// Shortcut of the units that change shape.
+    /// Shortcut of the units that change shape (`--unit conv` sets c).
     #[arg(long, value_enum, default_value_t = ShortcutArg::B)]
     shortcut: ShortcutArg,
     /// Number of classes.
@@ -92,8 +98,8 @@ impl NetArgs {
 /// Where the training data comes from.
 #[derive(clap::Args, Clone, Debug)]
 struct DataArgs {
-    /// A folder with CIFAR-10 or CIFAR-100 in the official binary format. Without it, the
-    /// embedded generated dataset (10 classes of shapes, 3x32x32).
+    /// A folder with CIFAR-10 or CIFAR-100 (with --classes 100) in the official binary format.
+    /// Without it, the embedded generated dataset (10 classes of shapes, 3x32x32).
     #[arg(long)]
     data: Option<PathBuf>,
     /// Training images generated for the embedded dataset.
@@ -126,7 +132,8 @@ struct BenchArgs {
     /// Many repetitions (the default on a GPU).
     #[arg(long)]
     full: bool,
-    /// Shapes N,C,H,W (repeatable); default: the CIFAR stages (and ImageNet-like ones on a GPU).
+    /// Shapes N,C,H,W (repeatable); default: the CIFAR stages at batch 32 with --quick on a CPU
+    /// adapter (its default), else the CIFAR stages at batch 128 and ImageNet-like ones at 32.
     #[arg(long = "shapes", value_delimiter = ' ', num_args = 1..)]
     shapes: Vec<String>,
     /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`).
@@ -136,10 +143,12 @@ struct BenchArgs {
     #[arg(long)]
     skip: Option<String>,
     /// After each benchmark, one more run with every dispatch timed on its own (its own
-    /// compute pass between timestamps): where the time goes, kernel by kernel.
+    /// compute pass between timestamps): where the time goes, kernel by kernel. Needs the
+    /// adapter's timestamp queries (without them, no profile is printed).
     #[arg(long)]
     profile: bool,
-    /// The burn peer binary (../shared/peers/burn-unit, built with cargo build --release).
+    /// The burn peer binary (../shared/peers/burn-unit built with cargo build --release:
+    /// its target/release/burn-unit).
     #[arg(long)]
     burn: Option<PathBuf>,
     /// The PyTorch peer script (../shared/peers/torch_unit.py; needs CUDA).
@@ -175,7 +184,7 @@ enum Command {
         #[arg(long)]
         no_augment: bool,
         /// Check every step for NaN/infinity and stop naming the first unit and tensor.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "f16")]
         check_finite: bool,
         /// Train every unit on the f16 path (half activations, f32 weights and arithmetic),
         /// with this loss scale (a power of two; 1024 when given without a value).
@@ -193,9 +202,13 @@ enum Command {
     /// The identity-mapping analysis on the GPU: per-unit norms of x_l, F(x_l) and dE/dx_l at
     /// initialisation, for each depth and unit variant; a table, CSV and SVG.
     Analyze {
-        /// Depths: basic units for 6n+2, bottleneck units for 9n+2 that are not 6n+2 (164, 1001).
+        /// Depths: basic units for 6n+2 (20 to 110, 1202), bottleneck units for 9n+2 that are not
+        /// 6n+2 (1001); with --bottleneck, bottleneck units for every depth (9n+2: 164, 1001).
         #[arg(long, value_delimiter = ',', default_value = "110,1001")]
         depths: Vec<usize>,
+        /// Bottleneck units for every depth (the paper's ResNet-164 is 9n+2 and 6n+2 both).
+        #[arg(long)]
+        bottleneck: bool,
         /// Unit kinds to compare.
         #[arg(long, value_delimiter = ',', default_value = "preact,original")]
         kinds: Vec<Kind>,
@@ -271,12 +284,13 @@ fn main() -> ExitCode {
             };
             train_cmd(&net, &data, &opts, resume.as_deref())
         }
-        Some(Command::Analyze { depths, kinds, variants, batch, classes, seed, rows, out }) => {
+        Some(Command::Analyze { depths, kinds, variants, bottleneck, batch, classes, seed, rows, out }) => {
             let variants = match variants.is_empty() {
                 true => kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect(),
                 false => variants,
             };
-            analyze_cmd(&depths, &variants, batch, classes, seed, rows, &out)
+            analysis_networks(&depths, &variants, classes, bottleneck)
+                .and_then(|networks| analyze_cmd(&networks, batch, seed, rows, &out))
         }
         Some(Command::Bench(args)) => bench_cmd(args),
         None => demo(),
@@ -293,9 +307,26 @@ fn main() -> ExitCode {
 fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Option<&std::path::Path>) -> Result<()> {
     // The arguments first: a bad configuration is named even where no adapter opens.
     let config = args.config()?;
+    if opts.batch == 0 {
+        return Err(Error::Invalid("--batch must be positive".into()));
+    }
+    if let Some(s) = opts.f16 {
+        resnet_wgpu::net::check_loss_scale(s).map_err(|_| Error::Invalid(format!("--f16 {s}: not a power of two")))?;
+    }
+    if let Some(path) = resume {
+        match train::checkpoint_seed(path)? {
+            Some(s) if s != opts.seed => {
+                return Err(Error::Invalid(format!(
+                    "{} was trained with --seed {s}: resume with it (the data order and augmentation follow the seed)",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    let (train_set, test_set) = data.load(opts.seed)?;
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
-    let (train_set, test_set) = data.load(opts.seed)?;
     println!(
         "data: {} ({} train, {} test, {} classes); network: {} ResNet-{} ({} classes)",
         train_set.name(),
@@ -317,7 +348,12 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     if let Some(s) = opts.f16 {
         println!("training on the f16 path, loss scale {s}");
     }
+    let before = history.len();
     let h = train::train(&gpu, &mut net, &train_set, &test_set, opts, start, history)?;
+    if h.len() == before {
+        println!("nothing to train: {start} of {} epochs done", opts.epochs);
+        return Ok(());
+    }
     if let Some(last) = h.last() {
         println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
     }
@@ -330,12 +366,12 @@ fn placeholder() -> NetConfig {
     NetConfig::cifar(20, UnitKind::PreAct, false, 10).expect("ResNet-20 is a valid configuration")
 }
 
-/// The analysis' networks: each depth with each variant (bottleneck units for 9n+2 depths that
-/// are not 6n+2).
-fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize) -> Result<Vec<Network>> {
+/// The analysis' networks: each depth with each variant (bottleneck units for every depth with
+/// `bottleneck`, else for the 9n+2 depths that are not 6n+2).
+fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize, bottleneck: bool) -> Result<Vec<Network>> {
     let mut v = Vec::new();
     for &d in depths {
-        let bottleneck = (d >= 2 && (d - 2) % 6 != 0) && (d >= 11 && (d - 2) % 9 == 0);
+        let bottleneck = bottleneck || ((d >= 2 && (d - 2) % 6 != 0) && (d >= 11 && (d - 2) % 9 == 0));
         for &variant in variants {
             let mut config = NetConfig::cifar(d, UnitKind::PreAct, bottleneck, classes)?;
             variant.apply(&mut config);
@@ -346,19 +382,13 @@ fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize) -> 
     Ok(v)
 }
 
-fn analyze_cmd(
-    depths: &[usize],
-    variants: &[Variant],
-    batch: usize,
-    classes: usize,
-    seed: u64,
-    rows: usize,
-    out: &std::path::Path,
-) -> Result<()> {
+fn analyze_cmd(networks: &[Network], batch: usize, seed: u64, rows: usize, out: &std::path::Path) -> Result<()> {
     if batch < 2 {
         return Err(Error::Invalid("--batch must be at least 2 (batch norm needs statistics)".into()));
     }
-    let networks = analysis_networks(depths, variants, classes)?;
+    let Some(classes) = networks.first().map(|n| n.config.classes) else {
+        return Err(Error::Invalid("analyze: no networks (give --depths)".into()));
+    };
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
     let (set, _) = data::synthetic(batch, 1, seed);
@@ -367,7 +397,7 @@ fn analyze_cmd(
     let images = Tensor::new(&gpu, &[batch, 3, 32, 32], &images)?;
     let labels = upload_labels(&gpu, &labels.iter().map(|&l| l % classes as u32).collect::<Vec<_>>(), classes)?;
     let mut measured = Vec::new();
-    for v in &networks {
+    for v in networks {
         let t = std::time::Instant::now();
         let m = analysis::measure(&gpu, std::slice::from_ref(v), &images, &labels, seed)?;
         println!("\n{}({:.1} s)", analysis::table(&m[0], rows), t.elapsed().as_secs_f64());
@@ -393,7 +423,8 @@ fn demo() -> Result<()> {
     train_cmd(&net, &data, &opts, None)?;
     println!();
     let variants = [UnitKind::PreAct, UnitKind::Original].map(|kind| Variant::of(&NetConfig { kind, ..placeholder() }));
-    analyze_cmd(&[110], &variants, 4, 10, 0, 8, std::path::Path::new("runs/demo-analyze"))
+    let networks = analysis_networks(&[110], &variants, 10, false)?;
+    analyze_cmd(&networks, 4, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
@@ -412,6 +443,9 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     o.only = a.only;
     o.skip = a.skip;
     o.profile = a.profile;
+    if a.profile && !gpu.has_timestamps() {
+        eprintln!("note: {} has no timestamp queries: --profile prints nothing", gpu.report.name);
+    }
     o.burn = a.burn;
     o.torch = a.torch;
     let json = &a.json;
@@ -500,4 +534,26 @@ fn grad(
     io::write(out, &tensors)?;
     println!("loss {loss:.6}; wrote {} tensors to {}", tensors.len(), out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 164 is 6n+2 and 9n+2 both: basic units by the depth's rule, the paper's bottleneck
+    /// ResNet-164 with --bottleneck; 1001 is 9n+2 alone: bottleneck either way.
+    #[test]
+    fn analysis_depths_take_bottleneck_units_where_asked() {
+        let v = [Variant::of(&placeholder())];
+        let shape = |d: usize, b: bool| {
+            let n = analysis_networks(&[d], &v, 10, b).unwrap_or_else(|e| panic!("{e}"));
+            (n[0].config.bottleneck, n[0].config.units_per_stage)
+        };
+        assert_eq!(shape(164, false), (false, 27));
+        assert_eq!(shape(164, true), (true, 18));
+        assert_eq!(shape(1001, false), (true, 111));
+        assert_eq!(shape(110, false), (false, 18));
+        // 32 is 6n+2 alone: no bottleneck network of that depth.
+        assert!(analysis_networks(&[32], &v, 10, true).is_err());
+    }
 }
