@@ -146,10 +146,11 @@ fn compare_f16_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64) {
     let tag = format!("f16 {:?} bottleneck={} {:?} {dims:?}", cfg.kind, cfg.bottleneck, cfg.shortcut);
     check(&format!("{tag} loss"), &[loss], &[want.loss], F16_NET_FORWARD_TOL);
     check(&format!("{tag} logits"), &net.logits(g).unwrap(), &want.logits, F16_NET_FORWARD_TOL);
-    for (name, v) in net.state(g).unwrap() {
-        if let Some(w) = want.buffers.get(&name) {
-            check(&format!("{tag} {name}"), &v, w, F16_NET_FORWARD_TOL);
-        }
+    // Every running statistic of the reference, found in the network's state by name.
+    let state: std::collections::HashMap<String, Vec<f32>> = net.state(g).unwrap().into_iter().collect();
+    for (name, w) in &want.buffers {
+        let v = state.get(name).unwrap_or_else(|| panic!("{tag}: {name} not in the network's state"));
+        check(&format!("{tag} {name}"), v, w, F16_NET_FORWARD_TOL);
     }
     let mut grads = vec![("images".to_string(), net.grad_images(g).unwrap(), &want.grad_images)];
     grads.extend(net.grads(g).unwrap().into_iter().map(|(n, v)| (n.clone(), v, &want.grads[&n])));
