@@ -589,8 +589,10 @@ fn tap_major_can_be_turned_off() {
 
 /// Winograd's cases: 3x3 at stride 1 with a partial last block (odd H or W, H or W of 1), a
 /// block count that is not a multiple of 4, channels not multiples of 4, output channels past
-/// one GEMM tile (132) and input channels past several staged steps (132); one stride-2 and one
-/// 1x1 case, which keep the other kernels.
+/// one GEMM tile (132) and input channels past several staged steps (132); enough blocks that
+/// backward_weight splits its reduction (2x3x70x66: F(2x2) 2310 blocks in 9 ranges, F(4x4) 612
+/// in 2, each with a partial last range); one stride-2 and one 1x1 case, which keep the other
+/// kernels.
 const WINOGRAD_CASES: &[Case] = &[
     case([1, 1, 1, 1], 1, 3, 1),
     case([1, 3, 5, 5], 5, 3, 1),
@@ -600,6 +602,7 @@ const WINOGRAD_CASES: &[Case] = &[
     case([1, 40, 3, 5], 132, 3, 1),
     case([1, 132, 3, 5], 40, 3, 1),
     case([2, 16, 32, 32], 16, 3, 1),
+    case([2, 3, 70, 66], 5, 3, 1),
     case([1, 3, 7, 5], 16, 3, 2),
     case([1, 16, 5, 9], 1, 1, 1),
 ];
