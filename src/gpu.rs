@@ -40,6 +40,11 @@ pub struct GpuOptions {
     /// every candidate again. `None`: choices last as long as the context. See
     /// [`Gpu::tune_file`].
     pub tune_file: Option<std::path::PathBuf>,
+    /// Fold a dispatch's workgroups into a second dimension past this many per dimension,
+    /// instead of past the device's limit (65535 on most): a testing aid, so that the kernels'
+    /// folded indices, which only large tensors reach otherwise, run on small ones
+    /// (`RESNET_WGPU_MAX_WORKGROUPS`; see [`Gpu::groups_for`]).
+    pub max_workgroups: Option<u32>,
 }
 
 impl Default for GpuOptions {
@@ -54,6 +59,7 @@ impl Default for GpuOptions {
             stream_chunk: None,
             tiled_bounds_checks: None,
             tune_file: None,
+            max_workgroups: None,
         }
     }
 }
@@ -74,6 +80,7 @@ impl GpuOptions {
             stream_chunk: std::env::var("RESNET_WGPU_STREAM_CHUNK").ok().and_then(|v| v.parse().ok()),
             tiled_bounds_checks: None,
             tune_file: std::env::var_os("RESNET_WGPU_TUNE_FILE").filter(|s| !s.is_empty()).map(Into::into),
+            max_workgroups: std::env::var("RESNET_WGPU_MAX_WORKGROUPS").ok().and_then(|v| v.parse().ok()),
         }
     }
 }
@@ -320,6 +327,10 @@ pub struct Gpu {
     /// The largest buffer this context will bind to one shader. Tensors may be larger (up to
     /// the adapter's largest buffer): the ops run them in chunks that fit.
     pub max_binding_bytes: u64,
+    /// The device's limit on workgroups per dimension of one dispatch.
+    max_groups: u32,
+    /// Where [`Gpu::groups_for`] folds: `max_groups`, or [`GpuOptions::max_workgroups`] below it.
+    fold_at: u32,
     pipelines: Mutex<HashMap<PipelineKey, wgpu::ComputePipeline>>,
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     /// [`Gpu::cached`]'s values: per (key type, value type), a map from key to value.
@@ -471,6 +482,8 @@ impl Gpu {
         let stream_chunk = opts.stream_chunk.unwrap_or(if cpu { usize::MAX } else { Stream::CHUNK });
         let tiled_bounds_checks = opts.tiled_bounds_checks.unwrap_or_else(|| in_range_checks(&report));
         let max_binding_bytes = opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding));
+        let max_groups = limits.max_compute_workgroups_per_dimension.max(1);
+        let fold_at = opts.max_workgroups.map_or(max_groups, |m| m.clamp(1, max_groups));
         let tune_file = match &opts.tune_file {
             Some(path) => {
                 let context = tune_context(&report, &info, tiled_bounds_checks, max_binding_bytes);
@@ -483,6 +496,8 @@ impl Gpu {
             device,
             queue,
             max_binding_bytes,
+            max_groups,
+            fold_at,
             pipelines: Mutex::new(HashMap::new()),
             modules: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
@@ -1005,14 +1020,30 @@ impl Arena {
 
 /// Threads per workgroup of the element-wise kernels (`WG` in the shaders).
 pub const WG: u32 = 64;
-const MAX_GROUPS: u32 = 65535;
 
-/// Workgroup counts covering `threads` invocations of `WG` threads, folded into two dimensions
-/// when they exceed the per-dimension limit. Shaders recover the flat index as
-/// `(wid.y * nwg.x + wid.x) * WG + lid.x`.
-pub fn groups_for(threads: usize) -> [u32; 3] {
-    let g = threads.div_ceil(WG as usize).max(1) as u32;
-    if g <= MAX_GROUPS { [g, 1, 1] } else { [MAX_GROUPS, g.div_ceil(MAX_GROUPS), 1] }
+impl Gpu {
+    /// Workgroup counts covering `threads` invocations of [`WG`] threads: `[g, 1, 1]`, or where
+    /// `g` exceeds the per-dimension limit, folded into two dimensions as evenly as they go
+    /// (`[x, y, 1]`, `x * y >= g`, fewer than `y` workgroups past the end). Shaders recover
+    /// the flat index as `(wid.y * nwg.x + wid.x) * WG + lid.x` and skip those past the end.
+    pub fn groups_for(&self, threads: usize) -> [u32; 3] {
+        let [x, y] = self.fold(threads.div_ceil(WG as usize));
+        [x, y, 1]
+    }
+
+    /// `count` workgroups (at least one) as `[x, y]`, `x * y >= count`, each within the
+    /// context's per-dimension limit: `[count, 1]` where it fits, else folded evenly (the last
+    /// `x * y - count < y` run past the end; the kernels skip them).
+    pub fn fold(&self, count: usize) -> [u32; 2] {
+        let count = count.max(1);
+        let at = self.fold_at as usize;
+        if count <= at {
+            return [count as u32, 1];
+        }
+        // Never past the device's own limit in y, whatever `fold_at` says.
+        let y = count.div_ceil(at).min(self.max_groups as usize);
+        [count.div_ceil(y) as u32, y as u32]
+    }
 }
 
 impl Recorder<'_> {

@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use std::sync::{Arc, Mutex};
 
 use super::{operand_texture, operand_texture_f16, texture_fits};
-use crate::gpu::{Gpu, Recorder, Shader, WG, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader, WG};
 use crate::ops::conv::affine_binding;
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
@@ -343,7 +343,7 @@ fn run_dispatch(
     if let Some(dx) = acts.dx {
         res.push((b[3], buf(dx)));
     }
-    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, runs));
+    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(rec.gpu, v, d, runs));
 }
 
 /// Run kernel `entry` (`stats_partial`, `normalize`, `backward_partial`, `backward_apply`) in
@@ -378,14 +378,14 @@ fn run_kernel(v: Variant, half: bool, entry: &'static str) -> (Shader, &'static 
 
 /// Workgroups of variant `v` over `runs` of `d`: one invocation per run, or (the wide kernels)
 /// a workgroup of WG threads per run.
-fn variant_groups(v: Variant, d: [usize; 4], runs: Runs) -> [u32; 3] {
+fn variant_groups(gpu: &Gpu, v: Variant, d: [usize; 4], runs: Runs) -> [u32; 3] {
     let n = runs.count(d);
-    groups_for(if v == Variant::Wide { n * WG as usize } else { n })
+    gpu.groups_for(if v == Variant::Wide { n * WG as usize } else { n })
 }
 
 /// Workgroups for one invocation per run of `chunk` elements over all of `d`.
-fn run_groups(d: [usize; 4], chunk: usize) -> [u32; 3] {
-    groups_for(d[0] * d[1] * parts(d, chunk))
+fn run_groups(gpu: &Gpu, d: [usize; 4], chunk: usize) -> [u32; 3] {
+    gpu.groups_for(d[0] * d[1] * parts(d, chunk))
 }
 
 /// This context's buffer for the reductions' per-run partials (2 floats per run of
@@ -630,7 +630,7 @@ fn stats_chunked(
             "stats_partial",
             &prm,
             &[(1, &xt.buffer), (14, &part)],
-            run_groups(dc, REDUCE_CHUNK),
+            run_groups(rec.gpu, dc, REDUCE_CHUNK),
         );
         let words = chunked(prm, r.start, r.end == d[0], 0);
         record_final(rec, "stats_merge", &words, p, save_mean, save_invstd, &part);
@@ -656,7 +656,7 @@ pub fn affine(
     distinct(WHAT, &[("out", out), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
     let prm = [1, c as u32, 1, 0, 0, 0, EPS.to_bits()];
     let bufs = [(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer), (21, &out.buffer)];
-    rec.dispatch(Shader::BatchNorm, "affine_saved", &prm, &bufs, groups_for(c));
+    rec.dispatch(Shader::BatchNorm, "affine_saved", &prm, &bufs, rec.gpu.groups_for(c));
     Ok(())
 }
 
@@ -679,7 +679,7 @@ pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()
         (6, &p.running_var.buffer),
         (21, &out.buffer),
     ];
-    rec.dispatch(Shader::BatchNorm, "affine_eval", &prm, &bufs, groups_for(c));
+    rec.dispatch(Shader::BatchNorm, "affine_eval", &prm, &bufs, rec.gpu.groups_for(c));
     Ok(())
 }
 
@@ -698,7 +698,7 @@ pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) 
     }
     let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
     let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, groups_for(x.len().div_ceil(4))); // 4 per invocation
+    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, rec.gpu.groups_for(x.len().div_ceil(4))); // 4 per invocation
     Ok(())
 }
 
@@ -750,7 +750,7 @@ pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, e
             (5, &p.running_mean.buffer),
             (6, &p.running_var.buffer),
         ],
-        run_groups(d, APPLY_CHUNK),
+        run_groups(rec.gpu, d, APPLY_CHUNK),
     );
     Ok(())
 }
@@ -857,7 +857,7 @@ pub fn backward(
             let mut binds = vec![(1, &xt.buffer), (9, &dyt.buffer), (14, &part)];
             binds.extend(stat.iter().map(|(b, t)| (*b, &t.buffer)));
             let prm = params(dc, Runs::per_plane(REDUCE_CHUNK), relu, false, accumulate_params, 1.0);
-            rec.dispatch(Shader::BatchNorm, "backward_partial", &prm, &binds, run_groups(dc, REDUCE_CHUNK));
+            rec.dispatch(Shader::BatchNorm, "backward_partial", &prm, &binds, run_groups(rec.gpu, dc, REDUCE_CHUNK));
             rec.dispatch(
                 Shader::BatchNorm,
                 "backward_merge",
@@ -874,7 +874,7 @@ pub fn backward(
             binds.extend(stat.iter().map(|(b, t)| (*b, &t.buffer)));
             let prm =
                 chunked(params(dc, Runs::per_plane(APPLY_CHUNK), relu, false, accumulate_dx, 1.0), 0, false, total);
-            rec.dispatch(Shader::BatchNorm, "backward_apply", &prm, &binds, run_groups(dc, APPLY_CHUNK));
+            rec.dispatch(Shader::BatchNorm, "backward_apply", &prm, &binds, run_groups(rec.gpu, dc, APPLY_CHUNK));
             split::store_images(rec, &dxt, dx, &r);
         }
         return Ok(());
@@ -1074,7 +1074,7 @@ fn half_dispatch(
             _ => (n, buf.as_entire_binding()),
         })
         .collect();
-    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(v, d, runs));
+    rec.dispatch_resources(shader, entry, prm, &res, variant_groups(rec.gpu, v, d, runs));
 }
 
 /// [`stats_train`] of an f16 `x`: the batch statistics (saved, running ones moved), in f32.
@@ -1234,7 +1234,7 @@ pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &
     check_affine_out(WHAT, "affine", d[1], affine)?;
     let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
     let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, groups_for(x.len().div_ceil(4))); // 4 per invocation
+    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, rec.gpu.groups_for(x.len().div_ceil(4))); // 4 per invocation
     Ok(())
 }
 

@@ -3,7 +3,7 @@
 //! Reference: `reference::cast`. Adapters with shader-f16 only; each tensor is bound whole.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use crate::ops::split;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -40,7 +40,7 @@ fn params(len: usize, s: f32) -> [u32; 12] {
 pub fn to_half(rec: &mut Recorder, x: &Tensor, y: &HalfTensor, s: f32) -> Result<()> {
     check(rec, "cast to_half", x, y, s)?;
     let n = x.len();
-    rec.dispatch(Shader::Cast, "to_half", &params(n, s), &[(1, &x.buffer), (2, &y.buffer)], groups_for(n));
+    rec.dispatch(Shader::Cast, "to_half", &params(n, s), &[(1, &x.buffer), (2, &y.buffer)], rec.gpu.groups_for(n));
     Ok(())
 }
 
@@ -48,7 +48,7 @@ pub fn to_half(rec: &mut Recorder, x: &Tensor, y: &HalfTensor, s: f32) -> Result
 pub fn to_f32(rec: &mut Recorder, x: &HalfTensor, y: &Tensor, s: f32) -> Result<()> {
     check(rec, "cast to_f32", y, x, s)?;
     let n = y.len();
-    rec.dispatch(Shader::Cast, "to_f32", &params(n, s), &[(3, &x.buffer), (4, &y.buffer)], groups_for(n));
+    rec.dispatch(Shader::Cast, "to_f32", &params(n, s), &[(3, &x.buffer), (4, &y.buffer)], rec.gpu.groups_for(n));
     Ok(())
 }
 
@@ -58,7 +58,7 @@ pub fn scale(rec: &mut Recorder, t: &Tensor, s: f32) -> Result<()> {
     check_scale(WHAT, s)?;
     split::whole_fits_f16(rec.gpu, WHAT, t.dims(), t.bytes())?;
     let n = t.len();
-    rec.dispatch(Shader::Cast, "scale", &params(n, s), &[(4, &t.buffer)], groups_for(n));
+    rec.dispatch(Shader::Cast, "scale", &params(n, s), &[(4, &t.buffer)], rec.gpu.groups_for(n));
     Ok(())
 }
 
@@ -89,7 +89,7 @@ pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
             binds.push((5 + j as u32, buf));
         }
         let most = group.iter().map(|t| t.len()).max().unwrap_or(0);
-        rec.dispatch(Shader::Cast, "scale8", &words, &binds, groups_for(most));
+        rec.dispatch(Shader::Cast, "scale8", &words, &binds, rec.gpu.groups_for(most));
     }
     Ok(())
 }

@@ -491,11 +491,10 @@ fn dispatch_pipeline(
 }
 
 /// `count` workgroups along x, folded into x and z where they exceed the per-dimension limit
-/// (the shaders take `wid.z * nwg.x + wid.x`).
-fn fold(count: usize, y: usize) -> [u32; 3] {
-    const MAX: usize = 65535;
-    let count = count.max(1);
-    if count <= MAX { [count as u32, y as u32, 1] } else { [MAX as u32, y as u32, count.div_ceil(MAX) as u32] }
+/// ([`Gpu::fold`]; the shaders take `wid.z * nwg.x + wid.x`), `y` along y.
+fn fold(gpu: &Gpu, count: usize, y: usize) -> [u32; 3] {
+    let [x, z] = gpu.fold(count);
+    [x, y as u32, z]
 }
 
 /// A context-lifetime scratch buffer of exactly `bytes` bytes, one per (`role`, size).
@@ -827,7 +826,7 @@ fn reduce_splits(
     let params = Params { accumulate: acc as u32, splits: splits as u32, len: len as u32, ..Params::default() };
     let pipeline = rec.gpu.pipeline(if half { Shader::ConvF16 } else { Shader::Conv }, "reduce_splits");
     // 4 elements per invocation (conv.wgsl).
-    let groups = crate::gpu::groups_for(len.div_ceil(4));
+    let groups = rec.gpu.groups_for(len.div_ceil(4));
     let binds = [(8, part.as_entire_binding()), (9, out.as_entire_binding())];
     dispatch_pipeline(rec, &pipeline, "reduce_splits", &params, &binds, groups);
 }
@@ -1319,7 +1318,14 @@ fn register_data(
             (13, out.buffer().as_entire_binding()),
             (5, window(&aff, 0)),
         ];
-        dispatch_pipeline(rec, &pipeline, entry, &params, &binds, fold(quads.div_ceil(LANES), n.div_ceil(REG_KB)));
+        dispatch_pipeline(
+            rec,
+            &pipeline,
+            entry,
+            &params,
+            &binds,
+            fold(rec.gpu, quads.div_ceil(LANES), n.div_ceil(REG_KB)),
+        );
     }
 }
 

@@ -3,7 +3,7 @@
 //! convolution. Reference: `reference::gate` (and `reference::conv`).
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use std::ops::Range;
 
 use crate::ops::{conv, same_len, split};
@@ -25,7 +25,7 @@ pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
         return Ok(());
     }
     let p = [z.len(), c, h * w, n].map(|v| v as u32);
-    rec.dispatch(Shader::Gate, "bias_sigmoid", &p, &[(1, &b.buffer), (2, &z.buffer)], groups_for(z.len()));
+    rec.dispatch(Shader::Gate, "bias_sigmoid", &p, &[(1, &b.buffer), (2, &z.buffer)], rec.gpu.groups_for(z.len()));
     Ok(())
 }
 
@@ -38,7 +38,7 @@ pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()
         return Ok(());
     }
     let p = [g.len() as u32];
-    rec.dispatch(Shader::Gate, "sigmoid_backward", &p, &[(3, &g.buffer), (4, &d.buffer)], groups_for(g.len()));
+    rec.dispatch(Shader::Gate, "sigmoid_backward", &p, &[(3, &g.buffer), (4, &d.buffer)], rec.gpu.groups_for(g.len()));
     Ok(())
 }
 

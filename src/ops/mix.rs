@@ -3,7 +3,7 @@
 
 use crate::arch::Combine;
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use crate::ops::{same_len, split};
 use crate::rng::dropout_threshold;
 use crate::tensor::Tensor;
@@ -80,7 +80,7 @@ pub fn forward(
 fn forward_at(rec: &mut Recorder, c: Combine, train: bool, seed: u32, t: [&Tensor; 4], relu: bool, base: usize) {
     let n = t[3].len();
     let bind = [(1, &t[0].buffer), (2, &t[1].buffer), (3, &t[2].buffer), (4, &t[3].buffer)];
-    rec.dispatch(Shader::Mix, "forward", &params(c, train, seed, n, relu, base), &bind, groups_for(n));
+    rec.dispatch(Shader::Mix, "forward", &params(c, train, seed, n, relu, base), &bind, rec.gpu.groups_for(n));
 }
 
 /// The backward of a training [`forward`] (before its ReLU) given `dy`: overwrites
@@ -138,9 +138,9 @@ fn backward_at(rec: &mut Recorder, combine: Combine, seed: u32, ins: [&Tensor; 4
     let mut bind = vec![(3, &ins[2].buffer), (5, &ins[3].buffer), (6, &outs[0].buffer), (7, &outs[1].buffer)];
     if let Some(dg) = outs.get(2) {
         bind.extend([(1, &ins[0].buffer), (2, &ins[1].buffer), (8, &dg.buffer)]);
-        rec.dispatch(Shader::Mix, "backward_gate", &p, &bind, groups_for(n));
+        rec.dispatch(Shader::Mix, "backward_gate", &p, &bind, rec.gpu.groups_for(n));
     } else {
         // Only the coefficients are read: `h` stands in for the gate the shader declares.
-        rec.dispatch(Shader::Mix, "backward", &p, &bind, groups_for(n));
+        rec.dispatch(Shader::Mix, "backward", &p, &bind, rec.gpu.groups_for(n));
     }
 }

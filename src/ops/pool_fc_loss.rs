@@ -7,7 +7,7 @@
 use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, Shader, groups_for};
+use crate::gpu::{Gpu, Recorder, Shader};
 use crate::ops::{residual, split};
 use crate::tensor::Tensor;
 
@@ -142,7 +142,7 @@ pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
         "pool_forward",
         &params.words(),
         &[(1, &x.buffer), (2, &p.buffer)],
-        groups_for(len as usize),
+        rec.gpu.groups_for(len as usize),
     );
     Ok(())
 }
@@ -164,7 +164,7 @@ pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: b
         "pool_backward",
         &params.words(),
         &[(3, &dp.buffer), (4, &dx.buffer)],
-        groups_for(len as usize),
+        rec.gpu.groups_for(len as usize),
     );
     Ok(())
 }
@@ -190,7 +190,7 @@ pub fn fc_forward(rec: &mut Recorder, p: &Tensor, w: &Tensor, b: &Tensor, logits
         "fc_forward",
         &params.words(),
         &[(5, &p.buffer), (6, &w.buffer), (7, &b.buffer), (8, &logits.buffer)],
-        groups_for(len as usize),
+        rec.gpu.groups_for(len as usize),
     );
     Ok(())
 }
@@ -237,7 +237,7 @@ pub fn fc_backward(
         "fc_backward_data",
         &params.words(),
         &[(6, &w.buffer), (9, &dlogits.buffer), (10, &dp.buffer)],
-        groups_for(len_data as usize),
+        rec.gpu.groups_for(len_data as usize),
     );
     let params = Params { n, c, hw: 0, k, len: len_params, accumulate: accumulate_params, inv: 0.0 };
     rec.dispatch(
@@ -245,7 +245,7 @@ pub fn fc_backward(
         "fc_backward_params",
         &params.words(),
         &[(5, &p.buffer), (9, &dlogits.buffer), (11, &dw.buffer), (12, &db.buffer)],
-        groups_for(len_params as usize),
+        rec.gpu.groups_for(len_params as usize),
     );
     Ok(())
 }

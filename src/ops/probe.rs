@@ -1,7 +1,7 @@
 //! Probes for the analysis, dispatching `shaders/probe.wgsl`. Reference: `reference::probe`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use crate::ops::{residual, same_len, split};
 use crate::tensor::Tensor;
 
@@ -49,7 +49,7 @@ pub fn subtract_from(rec: &mut Recorder, a: &Tensor, b: &Tensor) -> Result<()> {
         "subtract_from",
         &[a.len() as u32],
         &[(3, &a.buffer), (4, &b.buffer)],
-        groups_for(a.len()),
+        rec.gpu.groups_for(a.len()),
     );
     Ok(())
 }

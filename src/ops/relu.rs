@@ -1,7 +1,7 @@
 //! ReLU, dispatching `shaders/relu.wgsl`. Reference: `reference::relu`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use crate::ops::{same_len, split};
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -12,7 +12,7 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
         return Ok(());
     }
     let n = x.len();
-    rec.dispatch(Shader::Relu, "forward", &[n as u32], &[(1, &x.buffer), (2, &y.buffer)], groups_for(n));
+    rec.dispatch(Shader::Relu, "forward", &[n as u32], &[(1, &x.buffer), (2, &y.buffer)], rec.gpu.groups_for(n));
     Ok(())
 }
 
@@ -29,7 +29,7 @@ pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumu
         "backward",
         &[n as u32, accumulate as u32],
         &[(1, &x.buffer), (3, &dy.buffer), (4, &dx.buffer)],
-        groups_for(n),
+        rec.gpu.groups_for(n),
     );
     Ok(())
 }
@@ -42,7 +42,7 @@ pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
     }
     let n = y.len();
     // 4 elements per invocation (relu.wgsl).
-    let groups = groups_for(n.div_ceil(4));
+    let groups = rec.gpu.groups_for(n.div_ceil(4));
     rec.dispatch(Shader::Relu, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups);
     Ok(())
 }
@@ -60,7 +60,7 @@ pub fn mask_in_place_f16(rec: &mut Recorder, y: &HalfTensor, g: &HalfTensor) -> 
     split::whole_fits_f16(rec.gpu, WHAT, y.dims(), y.buffer.size())?;
     let n = y.len();
     // 4 elements per invocation (relu.wgsl).
-    let groups = groups_for(n.div_ceil(4));
+    let groups = rec.gpu.groups_for(n.div_ceil(4));
     rec.dispatch(Shader::ReluF16, "mask_in_place", &[n as u32], &[(5, &y.buffer), (6, &g.buffer)], groups);
     Ok(())
 }

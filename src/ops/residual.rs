@@ -5,7 +5,7 @@
 //! epilogue instead; [`add`] serves branches that end in another op.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use crate::ops::{same_len, split};
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -16,7 +16,8 @@ pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
         return Ok(());
     }
     let n = stream.len();
-    rec.dispatch(Shader::Residual, "add", &[n as u32], &[(1, &branch.buffer), (2, &stream.buffer)], groups_for(n));
+    let groups = rec.gpu.groups_for(n);
+    rec.dispatch(Shader::Residual, "add", &[n as u32], &[(1, &branch.buffer), (2, &stream.buffer)], groups);
     Ok(())
 }
 
@@ -54,7 +55,7 @@ pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usi
         "subsample_forward",
         &params,
         &[(3, &x.buffer), (4, &y.buffer)],
-        groups_for(y.len()),
+        rec.gpu.groups_for(y.len()),
     );
     Ok(())
 }
@@ -73,7 +74,7 @@ pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: 
         "subsample_backward",
         &params,
         &[(3, &dy.buffer), (4, &dx.buffer)],
-        groups_for(dx.len()),
+        rec.gpu.groups_for(dx.len()),
     );
     Ok(())
 }
@@ -104,7 +105,7 @@ pub fn subsample_forward_f16(rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor,
     check_f16(rec, WHAT, x, y)?;
     let params = subsample_dims(x.dims(), y.dims(), stride, false, y.len())?;
     let binds = [(3, &x.buffer), (4, &y.buffer)];
-    rec.dispatch(Shader::ResidualF16, "subsample_forward", &params, &binds, groups_for(y.len()));
+    rec.dispatch(Shader::ResidualF16, "subsample_forward", &params, &binds, rec.gpu.groups_for(y.len()));
     Ok(())
 }
 
@@ -120,6 +121,6 @@ pub fn subsample_backward_f16(
     check_f16(rec, WHAT, dy, dx)?;
     let params = subsample_dims(dx.dims(), dy.dims(), stride, accumulate, dx.len())?;
     let binds = [(3, &dy.buffer), (4, &dx.buffer)];
-    rec.dispatch(Shader::ResidualF16, "subsample_backward", &params, &binds, groups_for(dx.len()));
+    rec.dispatch(Shader::ResidualF16, "subsample_backward", &params, &binds, rec.gpu.groups_for(dx.len()));
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! `reference::sgd`.
 
 use crate::error::{Error, Result};
-use crate::gpu::{Recorder, Shader, groups_for};
+use crate::gpu::{Recorder, Shader};
 use crate::ops::split;
 use crate::tensor::Tensor;
 
@@ -33,7 +33,7 @@ pub fn step(
         "step",
         &[n, lr.to_bits(), momentum.to_bits(), weight_decay.to_bits()],
         &[(1, &w.buffer), (2, &g.buffer), (3, &m.buffer)],
-        groups_for(n as usize),
+        rec.gpu.groups_for(n as usize),
     );
     Ok(())
 }
@@ -75,7 +75,7 @@ pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum:
             binds.extend([(slot, w), (slot + 1, g), (slot + 2, m)]);
         }
         let most = group.iter().map(|[w, ..]| w.len()).max().unwrap_or(0);
-        rec.dispatch(Shader::Sgd, "step8", &words, &binds, groups_for(most));
+        rec.dispatch(Shader::Sgd, "step8", &words, &binds, rec.gpu.groups_for(most));
     }
     Ok(())
 }

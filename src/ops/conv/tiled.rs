@@ -1275,7 +1275,7 @@ fn data(
     let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
     let transpose = pipeline(gpu, 0, canonical, entry);
     let binds = [(source.0, source.1.as_entire_binding()), (9, wtt.as_entire_binding())];
-    dispatch_pipeline(rec, &transpose, entry, &params, &binds, fold(transpose_tiles(op, g), 1));
+    dispatch_pipeline(rec, &transpose, entry, &params, &binds, fold(gpu, transpose_tiles(op, g), 1));
     let mut binds = vec![
         (1, a.as_entire_binding()),
         (2, wtt.as_entire_binding()),
@@ -1294,7 +1294,7 @@ fn data(
     };
     binds.extend([(7, part.as_entire_binding()), (4, x.as_entire_binding())]);
     let p = pipeline(gpu, tile, build, "data_main");
-    let groups = fold(m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
+    let groups = fold(gpu, m.div_ceil(t.bm), cols.div_ceil(t.bn) * splits);
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
     if let Some(sp) = &split_part {
         reduce_splits(rec, sp, out, len, splits, acc, build.half);

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use super::tiled::{self, Weights};
 use super::{F16Weights, Geometry, Kernels, Op, Plan, affine_binding, scratch, tunes};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, groups_for, without_block};
+use crate::gpu::{Gpu, Recorder, without_block};
 use crate::tensor::{HalfTensor, Tensor};
 
 /// A configuration: the output block's edge `r` (F(2x2, 3x3) or F(4x4, 3x3)), and the GEMM's
@@ -363,26 +363,26 @@ fn record(
             "wino_input_t",
             &params,
             &[(1, x), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
-            groups_for(d.p4 * d.ci4()),
+            gpu.groups_for(d.p4 * d.ci4()),
         );
-        run("wino_dy_t", "wino_dy_t", &params, &[(1, dy), (3, u.as_entire_binding())], groups_for(d.p4 * d.co4));
+        run("wino_dy_t", "wino_dy_t", &params, &[(1, dy), (3, u.as_entire_binding())], gpu.groups_for(d.p4 * d.co4));
         let z = (d.e * d.splits) as u32;
         run("wino_gemm", c.name, &gp, &gemm, [d.ci4().div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, z]);
         let dw = if d.splits > 1 { "wino_dw_splits" } else { "wino_dw" };
-        run(dw, dw, &params, &[(7, m.as_entire_binding()), (10, out)], groups_for(d.co * d.ci));
+        run(dw, dw, &params, &[(7, m.as_entire_binding()), (10, out)], gpu.groups_for(d.co * d.ci));
         return;
     }
     let w = b;
-    run("wino_weights", "wino_weights", &params, &[(9, w), (3, u.as_entire_binding())], groups_for(d.ci * d.co4));
+    run("wino_weights", "wino_weights", &params, &[(9, w), (3, u.as_entire_binding())], gpu.groups_for(d.ci * d.co4));
     run(
         "wino_input",
         "wino_input",
         &params,
         &[(1, a), (2, aff.as_entire_binding()), (3, v.as_entire_binding())],
-        groups_for(d.ci * d.p4),
+        gpu.groups_for(d.ci * d.p4),
     );
     run("wino_gemm", c.name, &params, &gemm, [d.p4.div_ceil(c.bn) as u32, d.co.div_ceil(c.bm) as u32, d.e as u32]);
-    run("wino_output", "wino_output", &params, &[(7, m.as_entire_binding()), (8, out)], groups_for(d.co * d.np));
+    run("wino_output", "wino_output", &params, &[(7, m.as_entire_binding()), (8, out)], gpu.groups_for(d.co * d.np));
 }
 
 // ---------------------------------------------------------------------------------------------
