@@ -14,7 +14,7 @@ pack() { strip -o "/tmp/pack-$2" "$1" && gzip -c "/tmp/pack-$2" > ".device/$2.gz
 pack target/release/resnet-wgpu resnet-wgpu
 pack target/release/examples/torch_check torch_check
 pack target/release/examples/relu_ties relu_ties
-for t in conv batch_norm variants network units f16_units f16_network coop binding_limit no_subgroups; do
+for t in conv batch_norm variants network units f16_units f16_network coop binding_limit no_subgroups folded_dispatch; do
     exe=$(cargo test --no-run --test "$t" 2>&1 | sed -n "s/.*Executable tests\/$t.rs (\(.*\))/\1/p")
     pack "$exe" "t_$t"
 done

@@ -126,7 +126,7 @@ cat "$OUT/variants.txt"
 echo "=== tests ($(left) s left)"
 # Since the tiled convolutions build without wgpu's bounds checks on Vulkan GPUs (c.f.
 # Gpu::shader_module_in_range), conv, coop and the unit and network tests run them so.
-for t in f16_network conv units f16_units network variants batch_norm no_subgroups binding_limit; do
+for t in f16_network conv units f16_units network variants batch_norm no_subgroups binding_limit folded_dispatch; do
     l=$(left); [ "$l" -lt 30 ] && { echo "skip test $t: time"; continue; }
     to=$(( l - 10 < 60 ? l - 10 : 60 ))
     checks=${RESNET_WGPU_SHADER_CHECKS:-}
