@@ -177,41 +177,55 @@ fn steps(g: &Gpu, cfg: &NetConfig, f16: bool, seed: u64) -> Vec<(String, Vec<u32
 /// shortcut variants' gate and mix kernels, with every workgroup count past 2 folded.
 #[test]
 fn folded_networks_match_the_unfolded_context_bit_for_bit() {
-    // This binary's shared context is the unfolded one: only this test sets its kernels.
-    let (g, plain) = (&folded(), gpu());
-    let f16 = g.report.features.contains(wgpu::Features::SHADER_F16);
-    let compare = |tag: &str, cfg: &NetConfig, half: bool, seed: u64| {
-        let (a, b) = (steps(g, cfg, half, seed), steps(plain, cfg, half, seed));
+    // Each case's steps on a context: every case on the unfolded one first, then on the folded
+    // one. On a GPU the autotuner times its choices, and a split reduction's changes the bits:
+    // the folded context opens after the unfolded one has made them and takes them from their
+    // tune file (its key does not name the fold).
+    let dir = TempDir::new("folded");
+    let tune = Some(dir.join("tune.json"));
+    let run_all = |g: &Gpu| {
+        let mut out = vec![];
+        let f16 = g.report.features.contains(wgpu::Features::SHADER_F16);
+        let families = [
+            (conv::Kernels::Auto, false, bn::Kernels::Auto),
+            (conv::Kernels::Tiled, false, bn::Kernels::Wide),
+            (conv::Kernels::Tiled, true, bn::Kernels::Auto),
+        ];
+        for (i, (convs, winograd, bns)) in families.into_iter().enumerate() {
+            set(&[g], convs, winograd, bns);
+            for (j, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+                let shortcut = [ShortcutOption::A, ShortcutOption::B][j];
+                let cfg = one_unit_per_stage(kind, false, shortcut, [4, 6, 8], 5);
+                for half in [false, true].into_iter().filter(|&h| !h || f16) {
+                    let tag = format!("{convs:?} winograd={winograd} {bns:?} {kind:?} f16={half}");
+                    out.push((tag, steps(g, &cfg, half, 40 + 2 * i as u64 + j as u64)));
+                }
+            }
+        }
+        if !f16 {
+            eprintln!("f16 networks skipped: no shader-f16 on {}", g.report.name);
+        }
+        set(&[g], conv::Kernels::Auto, false, bn::Kernels::Auto);
+        let combines =
+            [Combine::ExclusiveGate { bias: -1.0 }, Combine::Dropout { rate: 0.3 }, Combine::Scale { h: 0.5, f: 1.0 }];
+        for (i, combine) in combines.into_iter().enumerate() {
+            let cfg =
+                NetConfig { combine, ..one_unit_per_stage(UnitKind::PreAct, false, ShortcutOption::B, [4, 6, 8], 5) };
+            out.push((format!("{combine:?}"), steps(g, &cfg, false, 50 + i as u64)));
+        }
+        out
+    };
+    let plain = Gpu::with_options(&GpuOptions { tune_file: tune.clone(), ..GpuOptions::from_env() }).unwrap();
+    let want = run_all(&plain);
+    drop(plain);
+    let opts = GpuOptions { max_workgroups: Some(FOLD_AT), tune_file: tune, ..GpuOptions::from_env() };
+    let got = run_all(&Gpu::with_options(&opts).unwrap());
+    assert_eq!(got.len(), want.len());
+    for ((tag, a), (_, b)) in got.iter().zip(&want) {
         assert_eq!(a.len(), b.len(), "{tag}");
-        for ((name, got), (_, want)) in a.iter().zip(&b) {
+        for ((name, got), (_, want)) in a.iter().zip(b) {
             assert!(got.iter().all(|&v| f32::from_bits(v).is_finite()), "{tag} {name}: not finite");
             assert!(got == want, "{tag} {name}: folded differs from unfolded");
         }
-    };
-    let families = [
-        (conv::Kernels::Auto, false, bn::Kernels::Auto),
-        (conv::Kernels::Tiled, false, bn::Kernels::Wide),
-        (conv::Kernels::Tiled, true, bn::Kernels::Auto),
-    ];
-    for (i, (convs, winograd, bns)) in families.into_iter().enumerate() {
-        set(&[g, plain], convs, winograd, bns);
-        for (j, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
-            let shortcut = [ShortcutOption::A, ShortcutOption::B][j];
-            let cfg = one_unit_per_stage(kind, false, shortcut, [4, 6, 8], 5);
-            for half in [false, true].into_iter().filter(|&h| !h || f16) {
-                let tag = format!("{convs:?} winograd={winograd} {bns:?} {kind:?} f16={half}");
-                compare(&tag, &cfg, half, 40 + 2 * i as u64 + j as u64);
-            }
-        }
-    }
-    if !f16 {
-        eprintln!("f16 networks skipped: no shader-f16 on {}", g.report.name);
-    }
-    set(&[g, plain], conv::Kernels::Auto, false, bn::Kernels::Auto);
-    let combines =
-        [Combine::ExclusiveGate { bias: -1.0 }, Combine::Dropout { rate: 0.3 }, Combine::Scale { h: 0.5, f: 1.0 }];
-    for (i, combine) in combines.into_iter().enumerate() {
-        let cfg = NetConfig { combine, ..one_unit_per_stage(UnitKind::PreAct, false, ShortcutOption::B, [4, 6, 8], 5) };
-        compare(&format!("{combine:?}"), &cfg, false, 50 + i as u64);
     }
 }
