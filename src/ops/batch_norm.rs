@@ -194,9 +194,8 @@ enum Variant {
     /// vec4 loads and stores (planes of a multiple of 4 elements, so every run is whole vec4s).
     Vec4,
     /// As `Vec4`, but x and dy read from rgba32f texture copies (rgba16f on the f16 path): CPU
-    /// adapters, where a texture
-    /// fetch is one vector gather and a storage load a loop over the SIMD lanes (2x to 4x
-    /// faster on lavapipe).
+    /// adapters, where a texture fetch is one vector gather and a storage load a loop over the
+    /// SIMD lanes (2x to 4x faster on lavapipe).
     Texture,
     /// A workgroup per run of [`WIDE_CHUNK`] elements, its threads reading consecutive
     /// elements (coalesced loads on GPUs): any plane size.
@@ -219,10 +218,11 @@ impl Variant {
 }
 
 /// Which batch-norm kernels a context runs (shapes a forced variant cannot take run the scalar
-/// kernels; a forced texture variant whose texture would be too large runs vec4). `Auto`: texture loads on CPU adapters (vec4 where the texture would be too large),
-/// the wide kernels on GPUs; `RESNET_WGPU_BN=scalar|vec4|texture|wide` changes that default (a
-/// benchmarking aid). Every variant matches the reference; they differ in speed and in the
-/// order of their sums.
+/// kernels; a forced texture variant whose texture would be too large runs vec4). `Auto`:
+/// texture loads on CPU adapters (vec4 where the texture would be too large), the wide kernels
+/// on GPUs; `RESNET_WGPU_BN=scalar|vec4|texture|wide` changes that default (a benchmarking
+/// aid). Every variant matches the reference; they differ in speed and in the order of their
+/// sums.
 ///
 /// On an H200 (BENCHMARKS.md, commits cef0a1d and e3382e3) the wide kernels' training forward
 /// moved 2.1 and 1.7 TB/s at 32x64x56x56 and 32x128x28x28 where the scalar ones moved 0.75 and
@@ -698,7 +698,8 @@ pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) 
     }
     let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
     let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, rec.gpu.groups_for(x.len().div_ceil(4))); // 4 per invocation
+    let groups = rec.gpu.groups_for(x.len().div_ceil(4)); // 4 elements per invocation
+    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, groups);
     Ok(())
 }
 
@@ -1234,7 +1235,8 @@ pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &
     check_affine_out(WHAT, "affine", d[1], affine)?;
     let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
     let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, rec.gpu.groups_for(x.len().div_ceil(4))); // 4 per invocation
+    let groups = rec.gpu.groups_for(x.len().div_ceil(4)); // 4 elements per invocation
+    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, groups);
     Ok(())
 }
 

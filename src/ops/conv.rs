@@ -548,7 +548,8 @@ pub fn forward_bn_relu(
 /// (GPUs, mostly), its epilogue sums each output tile per channel as it stores it (sum and
 /// squared deviations from the tile's mean, of the values written, after `accumulate`) and one
 /// small kernel combines them: `y` is not read again. Elsewhere (the register path, Winograd, a
-/// split reduction, a batch in chunks) `stats_train` reads `y` after the convolution. The two sum in different orders: results agree to f32 rounding.
+/// split reduction, a batch in chunks) `stats_train` reads `y` after the convolution. The two
+/// sum in different orders: results agree to f32 rounding.
 #[allow(clippy::too_many_arguments)]
 pub fn forward_stats(
     rec: &mut Recorder,
@@ -598,11 +599,11 @@ pub fn forward_stats(
 /// is `x` (a pre-activation convolution's input: `affine` as [`forward_bn_relu`] read it, from
 /// the saved statistics), then that BN's backward with the ReLU mask
 /// ([`batch_norm::backward`] with `relu`): `dx (+)=` the gradient at `x`, `dgamma` and `dbeta`
-/// overwritten. On the tiled kernels, unsplit, the convolution's epilogue sums `dz` and `dz * xhat` per
-/// channel as it stores `da`, so the BN's backward reads `da` and `x` once (for `dx`) instead of
-/// twice. With `accumulate` the convolution adds into `da` (a second path into the same
-/// activation, such as a projection shortcut) and the sums are those of the final `da`.
-/// Elsewhere (the register path, Winograd, a split reduction, a batch in chunks) the BN's
+/// overwritten. On the tiled kernels, unsplit, the convolution's epilogue sums `dz` and
+/// `dz * xhat` per channel as it stores `da`, so the BN's backward reads `da` and `x` once (for
+/// `dx`) instead of twice. With `accumulate` the convolution adds into `da` (a second path into
+/// the same activation, such as a projection shortcut) and the sums are those of the final
+/// `da`. Elsewhere (the register path, Winograd, a split reduction, a batch in chunks) the BN's
 /// backward makes its own sums.
 #[allow(clippy::too_many_arguments)]
 pub fn backward_data_bn(
@@ -1160,8 +1161,9 @@ pub fn backward_weight_bn_relu_f16(
 }
 
 /// [`backward_data_bn`] on the f16 path: `da (+)=` the input gradient from half `dy` and `w`
-/// (f32 or halves), then the backward of the BN + ReLU whose input is `x` (its sums in the convolution's
-/// epilogue, of `da` as stored): `dx (+)=` (half), dgamma and dbeta overwritten (f32).
+/// (f32 or halves), then the backward of the BN + ReLU whose input is `x` (its sums in the
+/// convolution's epilogue, of `da` as stored): `dx (+)=` (half), dgamma and dbeta overwritten
+/// (f32).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_data_bn_f16(
     rec: &mut Recorder,

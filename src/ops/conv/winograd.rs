@@ -46,9 +46,10 @@ const WEIGHT_MIN_CHUNK: usize = 256;
 
 /// The configurations [`consider`] times. F(2x2): 256 invocations of 4x4, and 64 or 128 of 8x8
 /// (more outputs per staged load, fewer workgroups). F(4x4) (`f4`), with 4x fewer blocks (fewer
-/// where the image does not divide by 4) and so narrower GEMMs: 64 or 128 invocations of 8x8, the taller tile for the deep layers' many
-/// output channels. Each fits WebGPU's default limits (256 invocations, 16 KiB of workgroup
-/// memory), so every adapter runs all of them (the test below).
+/// where the image does not divide by 4) and so narrower GEMMs: 64 or 128 invocations of 8x8,
+/// the taller tile for the deep layers' many output channels. Each fits WebGPU's default limits
+/// (256 invocations, 16 KiB of workgroup memory), so every adapter runs all of them (the test
+/// below).
 pub(super) const CONFIGS: &[Config] = &[
     Config { name: "wino 64x64t4x4", r: 2, bm: 64, bn: 64, tm: 4, tn: 4 },
     Config { name: "wino 64x64t8x8", r: 2, bm: 64, bn: 64, tm: 8, tn: 8 },
