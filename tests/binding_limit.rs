@@ -79,7 +79,7 @@ fn big(t: &Tensor) -> &Tensor {
 }
 
 /// The register path and the tiled kernels, each op run by chunks of images. (Winograd binds its
-/// transformed operands whole, so under this limit it never applies: `winograd::applies`.)
+/// transformed operands whole, so under this limit it never applies: `winograd::fitting`.)
 #[test]
 fn convolutions_split_by_images() {
     // (x dims, K, kernel, stride): row widths 8 (the register path's quads) and odd sizes (the

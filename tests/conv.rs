@@ -755,6 +755,36 @@ fn winograd_f16_within_bound() {
     }
 }
 
+/// Each Winograd operand may take one storage binding: where F(2x2)'s are too large the f16
+/// path still takes F(4x4), whose are 2.25x the input where F(2x2)'s are 4x. At 2x4x16x16 under
+/// a 24 KiB binding F(2x2)'s transformed input takes 32 KiB (16 x 4 channels x 128 blocks x 4
+/// bytes), F(4x4)'s 18 KiB (36 x 4 x 32 x 4): forced F(4x4) runs its GEMMs, forced F(2x2) the
+/// other kernels (the register path on a CPU adapter), and both match the reference.
+#[test]
+fn winograd_f4_where_f2_is_too_large() {
+    let opts = resnet_wgpu::GpuOptions { max_binding_bytes: Some(24 << 10), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+    if !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: no shader-f16 on {}", g.report.name);
+        return;
+    }
+    let names = conv::winograd_names();
+    let c = case([2, 4, 16, 16], 4, 3, 1);
+    for (name, gemm) in [("f4 64x64t8x8", Some("wino f4 64x64t8x8")), ("64x64t8x8", None)] {
+        conv::force_winograd(&g, Some(name)).unwrap();
+        resnet_wgpu::profile::set(&g, true);
+        check_f16_ops(&g, &c, &mut Rng::new(53), &format!("f16 winograd {name} at 24 KiB"), true);
+        resnet_wgpu::profile::set(&g, false);
+        let spans = resnet_wgpu::profile::take(&g).unwrap();
+        let gemms: Vec<String> = spans.into_iter().map(|s| s.label).filter(|l| names.contains(l)).collect();
+        if g.has_timestamps() {
+            // Two runs of each of the three ops.
+            let want: Vec<String> = gemm.iter().flat_map(|n| vec![n.to_string(); 6]).collect();
+            assert_eq!(gemms, want, "forced {name} at 24 KiB: GEMM dispatches");
+        }
+    }
+}
+
 #[test]
 fn forward_matches_reference() {
     check_forward(CASES, 11, false);

@@ -874,8 +874,11 @@ fn check_f16(
 /// them or plain ([`tiled::half_tile`]); or Winograd where it is considered faster.
 fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     // The f32 plan is looked up first only where the register path can apply: elsewhere (GPUs)
-    // it may be timed, and the f16 path on cooperative matrices does not need it.
-    if register_adapter(gpu, kernels(gpu)) && register_layout(g, op) {
+    // it may be timed, and the f16 path on cooperative matrices does not need it. A forced
+    // Winograd configuration that fits goes first (F(4x4) may fit where the f32 path's F(2x2)
+    // does not).
+    let forced = winograd::forced(gpu, op, g, true).is_some();
+    if register_adapter(gpu, kernels(gpu)) && register_layout(g, op) && !forced {
         if let p @ (Plan::Register { .. } | Plan::RegisterWeight { .. }) = plan_pre(gpu, op, g, pre) {
             return p;
         }

@@ -5,11 +5,11 @@
 //! serves the f16 path alone ([`serves`]: it rounds past the f32 path's bound). Reference:
 //! `reference::conv`, as for every kernel family.
 //!
-//! An autotuned candidate on GPUs, f32 and f16 paths alike: where it applies, [`consider`]
-//! times it in each GEMM configuration against the tiled plan the tuner chose and keeps the
-//! fastest. CPU adapters take it by rule in place of the tiled kernels (not of the register
-//! path) where both channel counts are 16 or more (backward_weight: 32); [`force`] takes it
-//! wherever it applies, or nowhere (tests, benchmarks, and results independent of the
+//! An autotuned candidate on GPUs, f32 and f16 paths alike: where it fits ([`fitting`]),
+//! [`consider`] times it in each GEMM configuration against the tiled plan the tuner chose and
+//! keeps the fastest. CPU adapters take it by rule in place of the tiled kernels (not of the
+//! register path) where both channel counts are 16 or more (backward_weight: 32); [`force`]
+//! takes it wherever it fits, or nowhere (tests, benchmarks, and results independent of the
 //! autotuner). The transformed operands live in context scratch buffers, one per role and size
 //! (F(2x2): 4x the input and the output, 16/9 the weights; F(4x4): 2.25x and 4x), for the shapes
 //! that take it (the tuner times it in buffers of its own).
@@ -58,9 +58,6 @@ pub(super) const CONFIGS: &[Config] = &[
     Config { name: "wino f4 64x64t8x8", r: 4, bm: 64, bn: 64, tm: 8, tn: 8 },
     Config { name: "wino f4 128x64t8x8", r: 4, bm: 128, bn: 64, tm: 8, tn: 8 },
 ];
-
-/// The output block edges of the configurations.
-const BLOCKS: [usize; 2] = [2, 4];
 
 impl Config {
     fn threads(&self) -> usize {
@@ -218,18 +215,26 @@ impl Dims {
 /// batch 32 the ImageNet-like stages need 98 MiB at most).
 const MAX_OPERAND_BYTES: u64 = 256 << 20;
 
-/// Whether Winograd runs `op` on `g`: 3x3 at stride 1, its three operands each within one
-/// binding and [`MAX_OPERAND_BYTES`], the GEMM's grid within the per-dimension limit, in every
-/// block size.
-pub(super) fn applies(gpu: &Gpu, op: Op, g: &Geometry) -> bool {
-    if g.ks != 3 || g.stride != 1 {
-        return false;
-    }
-    let limit = gpu.max_binding_bytes.min(MAX_OPERAND_BYTES);
-    BLOCKS.iter().all(|&r| {
-        let d = Dims::of(op, g, r);
-        d.bytes().iter().all(|&b| b <= limit) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
-    })
+/// Whether block size `r` runs `op` on `g` within `limit` bytes per operand: 3x3 at stride 1,
+/// each of its three transformed operands within `limit`, the GEMM's grid within the
+/// per-dimension limit.
+fn fits(limit: u64, op: Op, g: &Geometry, r: usize) -> bool {
+    let d = Dims::of(op, g, r);
+    g.ks == 3 && g.stride == 1 && d.bytes().iter().all(|&b| b <= limit) && d.p4.max(d.ci4()).div_ceil(64) <= 65535
+}
+
+/// The configurations that may run `op` on `g` for the f32 path (`half` false) or the f16 path:
+/// those that serve the path ([`serves`]) in a block size that [`fits`] within `limit` bytes.
+/// F(2x2)'s operands are the larger (4x the input against 2.25x), so on the f16 path a problem
+/// too large for F(2x2) may still take F(4x4).
+fn fitting(limit: u64, op: Op, g: &Geometry, half: bool) -> Vec<usize> {
+    (0..CONFIGS.len()).filter(|&c| serves(c, half) && fits(limit, op, g, CONFIGS[c].r)).collect()
+}
+
+/// The most bytes one transformed operand may take on `gpu`: [`MAX_OPERAND_BYTES`], or less
+/// where a storage binding is smaller.
+fn operand_limit(gpu: &Gpu) -> u64 {
+    gpu.max_binding_bytes.min(MAX_OPERAND_BYTES)
 }
 
 /// Each configuration's module for each pair of storage types ([`super::module_sources`]).
@@ -301,12 +306,13 @@ pub(super) fn record_half_weight(
     record(rec, Op::BackwardWeight, g, config, Types::HALF, &x.buffer, pre, &dy.buffer, &dw.buffer, acc, None)
 }
 
-/// Buffers for the transformed operands of `op` on `g` (U, V, M) in any block size, of the
-/// caller's: the autotuner's, dropped after timing, so that only the shapes that take Winograd
-/// keep their workspace in the context.
-fn workspace(gpu: &Gpu, op: Op, g: &Geometry) -> [wgpu::Buffer; 3] {
-    let [a, b] = BLOCKS.map(|r| Dims::of(op, g, r).bytes());
-    [0, 1, 2].map(|i| a[i].max(b[i])).map(|size| {
+/// Buffers for the transformed operands of `op` on `g` (U, V, M) in any of `configs`' block
+/// sizes, of the caller's: the autotuner's, dropped after timing, so that only the shapes that
+/// take Winograd keep their workspace in the context.
+fn workspace(gpu: &Gpu, op: Op, g: &Geometry, configs: &[usize]) -> [wgpu::Buffer; 3] {
+    let sizes = configs.iter().map(|&c| Dims::of(op, g, CONFIGS[c].r).bytes());
+    let max = sizes.fold([0; 3], |m, b| [0, 1, 2].map(|i| m[i].max(b[i])));
+    max.map(|size| {
         gpu.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("winograd tuning workspace"),
             size,
@@ -389,8 +395,8 @@ fn record(
 // ---------------------------------------------------------------------------------------------
 // Choosing it
 
-/// What a context does about Winograd: time it where it applies (GPUs), never, or always in
-/// one configuration.
+/// What a context does about Winograd: time it where it fits (GPUs), never, or always in one
+/// configuration.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Choice {
     Auto,
@@ -429,13 +435,22 @@ pub(super) fn choice(gpu: &Gpu) -> Choice {
     *choice_cell(gpu).lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Forces configuration `name` (with or without its `wino ` prefix) wherever Winograd applies,
-/// or (`"off"`) the other kernels everywhere; `None` goes back to the automatic choice. Errors
-/// for an unknown name.
+/// Forces configuration `name` (with or without its `wino ` prefix) wherever it fits (on the
+/// f32 path, its F(2x2) twin: [`for_path`]), or (`"off"`) the other kernels everywhere; `None`
+/// goes back to the automatic choice. Errors for an unknown name.
 pub(super) fn force(gpu: &Gpu, name: Option<&str>) -> Result<()> {
     let choice = name.map(parse).transpose()?.unwrap_or(Choice::Auto);
     *choice_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = choice;
     Ok(())
+}
+
+/// The configuration forced on this context ([`force`]) for `op` on `g`, on the f32 path
+/// (`half` false: an F(4x4) one's F(2x2) twin, [`for_path`]) or the f16 path, where it fits;
+/// `None` where none is forced or it does not fit.
+pub(super) fn forced(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> Option<usize> {
+    let Choice::Config(config) = choice(gpu) else { return None };
+    let config = for_path(config, half);
+    fitting(operand_limit(gpu), op, g, half).contains(&config).then_some(config)
 }
 
 /// The configurations' names.
@@ -483,15 +498,18 @@ fn cpu_min_channels(op: Op) -> usize {
 /// us against 0.35 to 0.45 ms at batch 32).
 const FUSED_MARGIN: f64 = 0.9;
 
-/// `plan` (the choice for `op` on `g` without Winograd), or Winograd where it applies and: is
-/// forced ([`force`]); or, on a CPU adapter under the automatic kernels, where the rule says
-/// so; or, on a GPU (or a CPU adapter that tunes, `Kernels::Tuned`), where timing it in each
-/// configuration (as the tiled tuner times its configurations, on zero operands of `g`'s shape)
-/// finds one faster than `plan` (or the tune file recorded so, [`Gpu::tuned`]). Register plans and the explicit families (`Kernels::Tiled`,
-/// `Kernels::Register`) are kept unless forced. `half`: for the f16 path (`plan` its tiled plan,
-/// both timed on f16 activations and f32 weights, as the f16 units run them).
+/// `plan` (the choice for `op` on `g` without Winograd), or Winograd in a configuration that
+/// serves the path and fits ([`fitting`]) where: it is forced ([`force`]); or, on a CPU adapter
+/// under the automatic kernels, the rule says so; or, on a GPU (or a CPU adapter that tunes,
+/// `Kernels::Tuned`), timing each such configuration (as the tiled tuner times its
+/// configurations, on zero operands of `g`'s shape) finds one faster than `plan` (or the tune
+/// file recorded so, [`Gpu::tuned`]). Register plans and the explicit families
+/// (`Kernels::Tiled`, `Kernels::Register`) are kept unless forced. `half`: for the f16 path
+/// (`plan` its tiled plan, both timed on f16 activations and f32 weights, as the f16 units run
+/// them).
 pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: Plan, half: bool) -> Plan {
-    if !applies(gpu, op, g) {
+    let fit = fitting(operand_limit(gpu), op, g, half);
+    if fit.is_empty() {
         return plan;
     }
     let tile = match plan {
@@ -499,7 +517,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         _ => tiled::rule(op, g),
     };
     match choice(gpu) {
-        Choice::Config(config) => return Plan::Winograd { config: for_path(config, half), tile },
+        Choice::Config(_) => return forced(gpu, op, g, half).map_or(plan, |config| Plan::Winograd { config, tile }),
         Choice::Off => return plan,
         Choice::Auto => {}
     }
@@ -509,13 +527,13 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     if !tunes(gpu) {
         let config = cpu_config(op, g, half);
         let d = Dims::of(op, g, CONFIGS[config].r);
-        return match d.ci.min(d.co) >= cpu_min_channels(op) {
+        return match d.ci.min(d.co) >= cpu_min_channels(op) && fit.contains(&config) {
             true => Plan::Winograd { config, tile },
             false => plan,
         };
     }
-    // The tiled plan (k = 0), then the configurations that serve this path.
-    let candidates: Vec<usize> = (0..CONFIGS.len()).filter(|&c| serves(c, half)).collect();
+    // The tiled plan (k = 0), then the configurations that serve this path and fit.
+    let candidates = fit;
     let names: Vec<String> =
         std::iter::once("tiled").chain(candidates.iter().map(|&c| CONFIGS[c].name)).map(str::to_string).collect();
     let f16 = if half { " f16" } else { "" };
@@ -546,7 +564,7 @@ fn time_against(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool, candida
     let (Ok(t), Ok(h)) = (f32s, acts.map(|i| HalfTensor::zeros(gpu, &dims[i])).collect::<Result<Vec<_>>>()) else {
         return None;
     };
-    let ws = workspace(gpu, op, g);
+    let ws = workspace(gpu, op, g, candidates);
     let run = |k: usize| {
         let config = candidates.get(k.wrapping_sub(1)).copied().unwrap_or_default();
         let mut rec = gpu.recorder("conv tune winograd");
@@ -610,7 +628,7 @@ mod tests {
     use super::*;
 
     /// Every configuration's tiles are staged whole (each vec4 has one loader) and fit WebGPU's
-    /// default limits.
+    /// default limits, in a block size the template has.
     #[test]
     fn configurations_fit_the_template_and_the_default_limits() {
         for c in CONFIGS {
@@ -618,7 +636,8 @@ mod tests {
             assert!(c.bm % c.tm == 0 && c.bn % c.tn == 0 && c.tm % 4 == 0 && c.tn % 4 == 0, "{}", c.name);
             assert!((BK * c.bm / 4).is_multiple_of(t) && (BK * c.bn / 4).is_multiple_of(t), "{}", c.name);
             assert!(t <= 256 && BK * (c.bm + c.bn) * 4 <= 16384, "{}", c.name);
-            assert!(BLOCKS.contains(&c.r), "{}", c.name);
+            // The template has the transforms of these two block sizes.
+            assert!(matches!(c.r, 2 | 4), "{}", c.name);
         }
     }
 
@@ -648,6 +667,28 @@ mod tests {
             let f32_wide = CONFIGS[cpu_config(op, &g(8, 64, 14), false)];
             assert_eq!((wide.r, narrow.r, f32_wide.r), (4, 2, 2), "{op:?}");
             assert_eq!((wide.bm, wide.bn, wide.tm), (narrow.bm, narrow.bn, narrow.tm), "{op:?}");
+        }
+    }
+
+    /// The configurations that fit: all that serve the path at batch 32 of 64x56x56; at batch
+    /// 128, whose F(2x2) input takes 392 MiB (16 x 64 channels x 128 x 28 x 28 blocks x 4 bytes)
+    /// and F(4x4)'s 220 MiB, only F(4x4), so only on the f16 path; none past 3x3 at stride 1.
+    #[test]
+    fn f4_runs_the_f16_path_where_only_f2_is_too_large() {
+        let g = |n: usize, stride: usize, ks: usize| {
+            let o = (56 + 2 * (ks / 2) - ks) / stride + 1;
+            Geometry { n, c: 64, h: 56, w: 56, k: 64, ks, oh: o, ow: o, stride }
+        };
+        let serving = |half: bool| (0..CONFIGS.len()).filter(|&c| serves(c, half)).collect::<Vec<_>>();
+        let f4: Vec<usize> = (0..CONFIGS.len()).filter(|&c| CONFIGS[c].r == 4).collect();
+        for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
+            for half in [false, true] {
+                assert_eq!(fitting(MAX_OPERAND_BYTES, op, &g(32, 1, 3), half), serving(half), "{op:?}");
+                assert_eq!(fitting(MAX_OPERAND_BYTES, op, &g(32, 2, 3), half), Vec::<usize>::new(), "{op:?}");
+                assert_eq!(fitting(MAX_OPERAND_BYTES, op, &g(32, 1, 1), half), Vec::<usize>::new(), "{op:?}");
+            }
+            assert_eq!(fitting(MAX_OPERAND_BYTES, op, &g(128, 1, 3), true), f4, "{op:?}");
+            assert_eq!(fitting(MAX_OPERAND_BYTES, op, &g(128, 1, 3), false), Vec::<usize>::new(), "{op:?}");
         }
     }
 
