@@ -182,10 +182,19 @@ pub fn state_for(
 
 /// Loads a network from a weights file (a state dict saved here or from PyTorch).
 pub fn load_net(gpu: &Gpu, config: &NetConfig, path: &Path) -> Result<ResNet> {
-    let file = read(path)?;
-    let state = state_for(config, &file, path)?;
+    net_from(gpu, config, &read(path)?, path)
+}
+
+/// [`load_net`] on the tensors of `path` as [`read`] returned them.
+pub(crate) fn net_from(
+    gpu: &Gpu,
+    config: &NetConfig,
+    file: &HashMap<String, HostTensor>,
+    path: &Path,
+) -> Result<ResNet> {
+    let state = state_for(config, file, path)?;
     let mut net = ResNet::from_state(gpu, config, &state)?;
-    load_momentum(gpu, &mut net, &file, path)?;
+    load_momentum(gpu, &mut net, file, path)?;
     Ok(net)
 }
 

@@ -139,14 +139,13 @@ pub fn checkpoint_seed(path: &Path) -> Result<Option<u64>> {
 
 /// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done.
 pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) -> Result<(ResNet, usize)> {
-    let net = io::load_net(gpu, config, path)?;
     let file = io::read(path)?;
     let done = file.get("meta.epochs_done").and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
     let done = done.ok_or_else(|| Error::Format {
         path: path.display().to_string(),
         msg: "not a checkpoint: no meta.epochs_done".into(),
     })?;
-    Ok((net, done.max(0) as usize))
+    Ok((io::net_from(gpu, config, &file, path)?, done.max(0) as usize))
 }
 
 /// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,

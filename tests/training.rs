@@ -73,6 +73,23 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
 }
 
+/// A weights file without the checkpoint's `meta.epochs_done` loads as weights, not as a
+/// checkpoint: a format error that says so.
+#[test]
+fn a_weights_file_is_not_a_checkpoint() {
+    let g = gpu();
+    let dir = out_dir("weights");
+    let path = dir.join("weights.safetensors");
+    let net = ResNet::new(g, &tiny(), 6).unwrap();
+    resnet_wgpu::io::save_weights(&net, g, &path).unwrap();
+    let loaded = resnet_wgpu::io::load_net(g, &tiny(), &path).unwrap();
+    assert_eq!(loaded.state(g).unwrap(), net.state(g).unwrap());
+    match train::load_checkpoint(g, &tiny(), &path) {
+        Err(resnet_wgpu::Error::Format { msg, .. }) => assert!(msg.contains("not a checkpoint"), "{msg}"),
+        other => panic!("a weights file loaded as a checkpoint: {:?}", other.map(|(_, done)| done)),
+    }
+}
+
 #[test]
 fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
     let g = gpu();
