@@ -518,8 +518,9 @@ fn window(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
     })
 }
 
-/// y (+)= conv(x, w). x `[N,C,H,W]`, w `[K,C,k,k]` (PyTorch OIHW, k in {1,3}, pad k/2, no bias), y `[N,K,OH,OW]`, stride 1 or 2.
-/// accumulate = true adds into y: the fused residual add (x_{l+1} = x_l + F).
+/// y (+)= conv(x, w). x `[N,C,H,W]`, w `[K,C,k,k]` (PyTorch OIHW, k in {1,3}, pad k/2, no
+/// bias), y `[N,K,OH,OW]`, stride 1 or 2. accumulate = true adds into y: the fused residual add
+/// (x_{l+1} = x_l + F).
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
     forward_with(rec, x, None, w, y, stride, accumulate)
 }
@@ -877,8 +878,7 @@ fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     // it may be timed, and the f16 path on cooperative matrices does not need it. A forced
     // Winograd configuration that fits goes first (F(4x4) may fit where the f32 path's F(2x2)
     // does not).
-    let forced = winograd::forced(gpu, op, g, true).is_some();
-    if register_adapter(gpu, kernels(gpu)) && register_layout(g, op) && !forced {
+    if register_adapter(gpu, kernels(gpu)) && register_layout(g, op) && winograd::forced(gpu, op, g, true).is_none() {
         if let p @ (Plan::Register { .. } | Plan::RegisterWeight { .. }) = plan_pre(gpu, op, g, pre) {
             return p;
         }
