@@ -14,8 +14,8 @@
 //!
 //! `--peers` runs both peers from their default places (`~/burn-unit/target/release/burn-unit`,
 //! `../shared/peers/torch_unit.py`). The same settings as environment variables: `BENCH_QUICK=1`,
-//! `BENCH_FULL=1`, `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`, `BENCH_SKIP`,
-//! `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
+//! `BENCH_FULL=1`, `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`,
+//! `BENCH_SKIP`, `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -200,7 +200,8 @@ pub enum Item {
     /// (`conv::forward_stats`: in the epilogue on the tiled kernels).
     ConvForwardStats,
     /// backward_data into a BN + ReLU's output gradient, then that BN's backward
-    /// (`conv::backward_data_bn`: the BN's sums in the convolution's epilogue on the tiled kernels).
+    /// (`conv::backward_data_bn`: the BN's sums in the convolution's epilogue on the tiled
+    /// kernels).
     ConvBackwardDataBn,
     BnForward,
     /// The training statistics alone (the fused units' BN forward).

@@ -83,7 +83,8 @@ fn big(t: &Tensor) -> &Tensor {
 #[test]
 fn convolutions_split_by_images() {
     // (x dims, K, kernel, stride): row widths 8 (the register path's quads) and odd sizes (the
-    // tiled kernels); 1 or 2 images per chunk, the last chunk shorter; one image exactly at the limit.
+    // tiled kernels); 1 or 2 images per chunk, the last chunk shorter; one image exactly at the
+    // limit.
     let cases = [
         ([3, 4, 8, 8], 4, 3, 1),
         ([3, 4, 8, 8], 8, 3, 2),

@@ -916,7 +916,8 @@ fn is_shape_error(r: resnet_wgpu::Result<()>) -> bool {
 fn bad_shapes_are_errors() {
     let g = gpu();
     let t = |dims: &[usize]| upload(dims, &vec![1.0; dims.iter().product()]);
-    // Roles: forward(x, w, y), backward_data(dy = y, w, dx = x), backward_weight(x, dy = y, dw = w).
+    // Roles: forward(x, w, y), backward_data(dy = y, w, dx = x),
+    // backward_weight(x, dy = y, dw = w).
     let all_three = |x: &Tensor, w: &Tensor, y: &Tensor, stride: usize| {
         let mut rec = g.recorder("bad");
         for acc in [false, true] {

@@ -35,8 +35,8 @@ fn write_choices(path: &Path, c: &Choices) {
     std::fs::write(path, serde_json::to_string_pretty(c).unwrap()).unwrap();
 }
 
-/// Runs the forward and the forward at stride 2 through the BN + ReLU prologue on `g` with the profile on,
-/// checks both against the reference, and returns the dispatches' labels.
+/// Runs the forward and the forward at stride 2 through the BN + ReLU prologue on `g` with the
+/// profile on, checks both against the reference, and returns the dispatches' labels.
 fn run_and_check(g: &Gpu, ctx: &str) -> Vec<String> {
     let mut rng = Rng::new(71);
     let len = |d: [usize; 4]| d.iter().product::<usize>();

@@ -11,17 +11,17 @@
 //! Every kernel gives each invocation a run of consecutive elements of one `(n, c)` plane (so
 //! per-channel values are loaded once per run: on CPU adapters each storage access is costly).
 //! Kernels: `stats_partial` (per run of `REDUCE_CHUNK` elements: sum and squared deviations
-//! into a per-context partials buffer) then `stats_final` (a workgroup per channel, combining its runs in a
-//! fixed order: mean, invstd, running statistics, and the convolutions' prologue values where
-//! [`BnTensors::affine`] is given); `normalize` / `normalize_eval` (runs of
+//! into a per-context partials buffer) then `stats_final` (a workgroup per channel, combining its
+//! runs in a fixed order: mean, invstd, running statistics, and the convolutions' prologue
+//! values where [`BnTensors::affine`] is given); `normalize` / `normalize_eval` (runs of
 //! `APPLY_CHUNK` elements); `backward_partial` (per run: `sum dz`, `sum dz*xhat`) then
-//! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and `backward_apply`
-//! (runs of `dx`). No atomics: results are deterministic. The run kernels come in variants
-//! ([`Kernels`]): scalar, vec4, texture loads (CPU adapters) and wide (a workgroup per run of
-//! 1024, for coalesced loads on GPUs). A batch past the storage-binding limit
-//! runs by chunks of images (`split.rs`): `stats_merge` / `backward_merge` fold each chunk's
-//! partials into the batch's statistics and sums in chunk order, then the element-wise kernels
-//! run chunk by chunk.
+//! `backward_final` (a workgroup per channel: into `scratch`, `dbeta`, `dgamma`) and
+//! `backward_apply` (runs of `dx`). No atomics: results are deterministic. The run kernels come
+//! in variants ([`Kernels`]): scalar, vec4, texture loads (CPU adapters) and wide (a workgroup
+//! per run of 1024, for coalesced loads on GPUs). A batch past the storage-binding limit runs by
+//! chunks of images (`split.rs`): `stats_merge` / `backward_merge` fold each chunk's partials
+//! into the batch's statistics and sums in chunk order, then the element-wise kernels run chunk
+//! by chunk.
 //!
 //! Every tensor passed to one call must be a distinct tensor (a buffer cannot be bound twice
 //! when one binding is written); at most 65535 channels.
@@ -49,7 +49,8 @@ const REDUCE_CHUNK: usize = 16;
 /// Elements per invocation of the element-wise kernels.
 const APPLY_CHUNK: usize = 16;
 
-/// What the forward does after normalising: an optional add into y (y = y_old + bn(x)) then an optional ReLU.
+/// What the forward does after normalising: an optional add into y (y = y_old + bn(x)) then an
+/// optional ReLU.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Epilogue {
     /// Add into `y` (`y = y_old + bn(x)`) instead of overwriting it.
@@ -404,7 +405,8 @@ fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
     })
 }
 
-/// Training mode: batch statistics saved into save_mean/save_invstd (`[C]`), running stats updated (momentum 0.1, unbiased var), y written per `ep`.
+/// Training mode: batch statistics saved into save_mean/save_invstd (`[C]`), running stats
+/// updated (momentum 0.1, unbiased var), y written per `ep`.
 ///
 /// With `ep.add`, `y` holds `y_old` on entry and `y = y_old + bn(x)` (then the ReLU, if set) on
 /// exit. `N*H*W == 1` is [`Error::Invalid`] (no unbiased variance), as in PyTorch.
@@ -815,8 +817,9 @@ pub(crate) fn check_backward(what: &str, x: &Tensor, dy: &Tensor, dx: &Tensor, b
     Ok(d)
 }
 
-/// Backward of forward_train: dx (+)= ..., dgamma (+)= ..., dbeta (+)= ... . If `relu`, dy is first multiplied by the recomputed mask `[gamma*xhat+beta > 0]`.
-/// `scratch` is a `[2*C]` tensor for the per-channel sums (caller-owned so nothing is allocated per call).
+/// Backward of forward_train: dx (+)= ..., dgamma (+)= ..., dbeta (+)= ... . If `relu`, dy is
+/// first multiplied by the recomputed mask `[gamma*xhat+beta > 0]`. `scratch` is a `[2*C]` tensor
+/// for the per-channel sums (caller-owned so nothing is allocated per call).
 ///
 /// `relu` is for a forward run with `Epilogue { add: false, relu: true }` only: the mask is
 /// recomputed from `x`, the saved statistics, `gamma` and `beta`, so the forward's output need

@@ -77,8 +77,8 @@ struct Geometry {
 }
 
 impl Geometry {
-    /// Checks `x` `[N,C,H,W]`, `w` `[K,C,ks,ks]` and `y` `[N,K,OH,OW]` against each other; `what` and
-    /// the names say which call and which tensors, in the error.
+    /// Checks `x` `[N,C,H,W]`, `w` `[K,C,ks,ks]` and `y` `[N,K,OH,OW]` against each other;
+    /// `what` and the names say which call and which tensors, in the error.
     fn check(what: &str, names: [&str; 3], x: &Tensor, w: &Tensor, y: &Tensor, stride: usize) -> Result<Geometry> {
         let xd = x.nchw(format_args!("{what}: {}", names[0]))?;
         let wd = w.nchw(format_args!("{what}: {} (OIHW)", names[1]))?;
@@ -1368,8 +1368,9 @@ fn register_entry(op: Op, stride: usize, ks: usize) -> &'static str {
     }
 }
 
-/// Register-path backward_weight: 8 x 4 (k, c) tiles (1x1: 8 x 16), each split over `splits` ranges of
-/// `chunk` quads; partial sums go to scratch and `reduce_splits` when there is more than one.
+/// Register-path backward_weight: 8 x 4 (k, c) tiles (1x1: 8 x 16), each split over `splits`
+/// ranges of `chunk` quads; partial sums go to scratch and `reduce_splits` when there is more than
+/// one.
 #[allow(clippy::too_many_arguments)]
 fn register_weight(
     rec: &mut Recorder,

@@ -1,8 +1,8 @@
 //! The network head (global average pooling, the fully connected layer, softmax
 //! cross-entropy), dispatching `shaders/pool_fc_loss.wgsl`. Reference: `reference::pool_fc_loss`.
 //!
-//! Shapes: `x` `[N,C,H,W]`, pooled `p` `[N,C]`, weight `w` `[K,C]` (PyTorch `Linear` layout), bias `b`
-//! `[K]`, `logits` `[N,K]`, labels N values below K, `loss` `[1]`.
+//! Shapes: `x` `[N,C,H,W]`, pooled `p` `[N,C]`, weight `w` `[K,C]` (PyTorch `Linear` layout),
+//! bias `b` `[K]`, `logits` `[N,K]`, labels N values below K, `loss` `[1]`.
 
 use wgpu::util::DeviceExt;
 

@@ -425,7 +425,8 @@ pub struct Pass {
     pub loss: f64,
     /// [N, classes].
     pub logits: Vec<f64>,
-    /// `dE/dθ` for every learned tensor ([`crate::arch::Role::learned`]), by name, in PyTorch's layout.
+    /// `dE/dθ` for every learned tensor ([`crate::arch::Role::learned`]), by name, in PyTorch's
+    /// layout.
     pub grads: Tensors,
     /// `dE/d images`.
     pub grad_images: Vec<f64>,

@@ -26,7 +26,8 @@ pub fn pool_backward(dp: &[f64], hw: usize) -> Vec<f64> {
     dx
 }
 
-/// `logits[n,k] = b[k] + sum_c p[n,c] w[k,c]`; `p` `[N,C]`, `w` `[K,C]`, `b` `[K]`; returns `[N,K]`.
+/// `logits[n,k] = b[k] + sum_c p[n,c] w[k,c]`; `p` `[N,C]`, `w` `[K,C]`, `b` `[K]`; returns
+/// `[N,K]`.
 pub fn fc_forward(p: &[f64], w: &[f64], b: &[f64], n: usize, c: usize, k: usize) -> Vec<f64> {
     assert_eq!((p.len(), w.len(), b.len()), (n * c, k * c, k));
     let mut z = vec![0.0; n * k];

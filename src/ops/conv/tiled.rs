@@ -60,8 +60,9 @@ const fn coop_tile(bm: usize, bn: usize, bk: usize, tm: usize, tn: usize) -> Til
 /// workgroups on the deep layers' small grids (on the H200, 128x128 came within 5% of the best
 /// there with fewer workgroups than multiprocessors). 128x64 and 64x128 with 8x8 take 8 steps:
 /// 128x128 with 8 steps took a quarter less time than with 16 at 28x28 and 14x14 on the H200
-/// (half the workgroup memory, more workgroups resident per multiprocessor). The last two, with 32 steps (two
-/// products of 16x16 fragments per barrier), are the f16 path's on cooperative matrices only.
+/// (half the workgroup memory, more workgroups resident per multiprocessor). The last two, with
+/// 32 steps (two products of 16x16 fragments per barrier), are the f16 path's on cooperative
+/// matrices only.
 pub(super) const TILES: &[Tile] = &[
     tile(64, 16, 16, 4, 4),
     tile(16, 64, 16, 4, 4),
