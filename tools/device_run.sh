@@ -63,9 +63,11 @@ echo "test coop exit $coop_rc"; summary /tmp/t_coop.log
 [ $coop_rc -ne 0 ] && export RESNET_WGPU_COOP=0 && echo "cooperative matrices off for the benchmark"
 
 echo "=== critical ($(left) s left)"
+# Up to 130 s: the first use of each shape builds and times every candidate (13 tile
+# configurations, and the cooperative and Winograd ones); later steps read the choices from $TUNE.
 torch=()
 [ -f .device/torch_unit.py ] && torch=(--torch .device/torch_unit.py)
-RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout 100 /tmp/resnet-wgpu bench --full --only unit \
+RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout 130 /tmp/resnet-wgpu bench --full --only unit \
     --shapes 32,128,28,28 32,256,14,14 32,512,7,7 "${torch[@]}" --json /tmp/critical.json > "$OUT/critical.txt" 2>&1
 echo "critical exit $? ($(left) s left)"
 grep -E "^unit|^autotuner|conv tune (winograd|weight split)" "$OUT/critical.txt" | cut -c1-200 | head -70
