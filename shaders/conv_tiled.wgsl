@@ -30,6 +30,12 @@
 //   COOP     (f16 builds, adapters with cooperative matrices) the block between @plain-begin and
 //            @plain-end is replaced by conv_tiled_coop.wgsl: f16 tiles multiplied on cooperative
 //            matrices (tensor cores), with constants of its own
+//   LEAVE_OUT  0; else a benchmarking aid that times the kernel with one stage of its main
+//            loop left out, its results wrong (ops/conv.rs `Stage`): 1 the global loads of the
+//            tiles after the first (their registers take stand-in values, `stand_in`), 2 the
+//            products (each staged tile read once instead, `staged_probe`, so that its staging
+//            stays), 3 the loads and staging of the tiles after the first (every tile's products
+//            read the first)
 //
 // GEMMs:
 //   forward:         M = N*OH*OW output pixels, cols = K, reduction C*KK (im2col of x)
@@ -65,7 +71,8 @@
 //   moments are sized by the host for what the grid writes;
 // - workgroup tiles: put_a / put_b take buf < 2, a reduction row below BK (arl + j * ASTEP <
 //   ASTEP * A_PER = BK, and so on: Tile::valid's divisibility) and a row or column below BM or
-//   BN; mac_step reads below BM / 4 (BN / 4) of a padded row; the epilogues' column sums use
+//   BN; mac_step reads below BM / 4 (BN / 4) of a padded row, and so does staged_probe, in a
+//   row below BK of a buffer below 2; the epilogues' column sums use
 //   (BM / TM) * (BN / 4) vec4s of ta (Tile::stats_fit, the host's condition for STATS and
 //   BSUMS) and BN / 4 of tb; the cooperative-matrix block's fragments lie inside their tiles
 //   (conv_tiled_coop.wgsl);
@@ -119,6 +126,13 @@ alias Frags = u32;
 fn put_a(buf: u32, r: u32, m: u32, v: f32) { ta[(buf * BK + r) * AS + m / 4u][m % 4u] = v; }
 fn put_b(buf: u32, r: u32, n: u32, v: f32) { tb[(buf * BK + r) * BS + n / 4u][n % 4u] = v; }
 fn put_b4(buf: u32, r: u32, nv: u32, v: vec4f) { tb[(buf * BK + r) * BS + nv] = v; }
+
+// LEAVE_OUT 2: one element of buffer buf's A tile and one of its B tile, at indices that vary
+// over the invocations, standing in for the tile's products (so that its staging is not dead).
+fn staged_probe(buf: u32, lid: u32) -> f32 {
+    let r = buf * BK + lid % BK;
+    return ta[r * AS + lid % (BM / 4u)].x + tb[r * BS + lid % (BN / 4u)].x;
+}
 
 // The BK reduction steps of buffer buf into this invocation's accumulators.
 fn tile_product(acc: ptr<function, array<vec4f, ACC_LEN>>, frags: ptr<function, Frags>, buf: u32,
@@ -180,6 +194,12 @@ struct Raw {
 }
 
 const OUTSIDE: Raw = Raw(ST(0.0), false);
+
+// LEAVE_OUT 1: the value a register takes instead of a load, in the loop over tiles t (0 or 1,
+// so that the sums stay small on the f16 path).
+fn stand_in(t: u32) -> ST {
+    return ST(f32(t & 1u));
+}
 
 // The prologue's values (mean, scale, beta) of input channel c where PRE (clamped: a column
 // or reduction row past the end loads nothing). They are loaded with the elements they apply
@@ -334,6 +354,7 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
     var rk: array<vec3f, A_PER>; // PRE: the prologue's values for ra's channels
     var rb: array<vec4<ST>, B_PER>;
     let nt = (r_end - r0 + BK - 1u) / BK;
+    var kept = 0.0; // LEAVE_OUT 2: the staged tiles' probes
 
     // Tile 0 into buffer 0.
     let a0 = rows_at(an, ay, ax, a_ok, r0, r_end);
@@ -353,10 +374,18 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
 
     for (var t = 0u; t < nt; t++) {
         let cur = t & 1u;
-        let more = t + 1u < nt;
+        let more = t + 1u < nt && LEAVE_OUT != 3u;
         let r1 = r0 + (t + 1u) * BK;
         // The next tile's loads, into registers, before this tile's arithmetic.
-        if more {
+        if more && LEAVE_OUT == 1u {
+            for (var j = 0u; j < A_PER; j++) { // @unroll
+                ra[j] = Raw(stand_in(t), true);
+                rk[j] = vec3f(0.0, 1.0, 0.0);
+            }
+            for (var j = 0u; j < B_PER; j++) { // @unroll
+                rb[j] = vec4<ST>(stand_in(t));
+            }
+        } else if more {
             let a1 = rows_at(an, ay, ax, a_ok, r1, r_end);
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 ra[j] = a_row(a1, arl + j * ASTEP);
@@ -371,7 +400,11 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
                 rb[j] = v;
             }
         }
-        tile_product(&acc, &frags, cur, lid, tm, tn);
+        if LEAVE_OUT == 2u {
+            kept += staged_probe(cur, lid);
+        } else {
+            tile_product(&acc, &frags, select(cur, 0u, LEAVE_OUT == 3u), lid, tm, tn);
+        }
         if more {
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 put_a(cur ^ 1u, arl + j * ASTEP, ml, x_value(ra[j], rk[j]));
@@ -383,6 +416,9 @@ fn data_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id) w
         workgroupBarrier();
     }
     drain(&acc, &frags, lid, tm, tn);
+    if LEAVE_OUT == 2u {
+        acc[0].x += kept;
+    }
 
     // BSUMS: per column, sum dz and sum dz * xhat of this invocation's outputs.
     var s1: array<vec4f, TNV>;
@@ -597,10 +633,20 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
     var ox = rc - n * ohw - oy * p.ow;
     let step_y = BK / p.ow;
     let step_x = BK - step_y * p.ow;
+    var kept = 0.0; // LEAVE_OUT 2: the staged tiles' probes
 
     for (var t = 0u; t <= nt; t++) {
+        // Tile t's loads and staging (LEAVE_OUT 3: the first tile's only).
+        let stage = t < nt && (t == 0u || LEAVE_OUT != 3u);
         // Loads of tile t (where there is one) into registers...
-        if t < nt {
+        if stage && t > 0u && LEAVE_OUT == 1u {
+            for (var j = 0u; j < A_PER; j++) { // @unroll
+                ra[j] = stand_in(t);
+            }
+            for (var j = 0u; j < B_PER; j++) { // @unroll
+                rb[j] = Raw(stand_in(t), true);
+            }
+        } else if stage {
             let r_ok = r < r_end;
             let pix = oy * p.ow + ox;
             let corner = vec2i(vec2u(oy, ox) * STRIDE) - i32(PAD);
@@ -629,11 +675,13 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
             }
         }
         // ... the arithmetic of tile t - 1 meanwhile ...
-        if t > 0u {
-            tile_product(&acc, &frags, (t - 1u) & 1u, lid, tm, tn);
+        if t > 0u && LEAVE_OUT == 2u {
+            kept += staged_probe((t - 1u) & 1u, lid);
+        } else if t > 0u {
+            tile_product(&acc, &frags, select((t - 1u) & 1u, 0u, LEAVE_OUT == 3u), lid, tm, tn);
         }
         // ... then tile t into the other buffer.
-        if t < nt {
+        if stage {
             let nxt = t & 1u;
             for (var j = 0u; j < A_PER; j++) { // @unroll
                 put_a(nxt, rl, row0 + j * RSTEP, f32(ra[j]));
@@ -645,6 +693,9 @@ fn weight_main(@builtin(local_invocation_index) lid: u32, @builtin(workgroup_id)
         workgroupBarrier();
     }
     drain(&acc, &frags, lid, tm, tn);
+    if LEAVE_OUT == 2u {
+        acc[0].x += kept;
+    }
 
     let len = p.k * cols;
     for (var g = 0u; g < TMV; g++) {

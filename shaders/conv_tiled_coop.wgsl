@@ -36,6 +36,13 @@ fn put_b4(buf: u32, r: u32, nv: u32, v: vec4f) {
     tbh[i + 3u] = f16(v.w);
 }
 
+// LEAVE_OUT 2 (conv_tiled.wgsl): one element of each of buffer buf's tiles, standing in for
+// its products.
+fn staged_probe(buf: u32, lid: u32) -> f32 {
+    let r = buf * BK + lid % BK;
+    return f32(tah[r * AHS + lid % BM]) + f32(tbh[r * BHS + lid % BN]);
+}
+
 // This invocation's subgroup's first fragment row and column.
 fn warp_origin(lid: u32) -> vec2u {
     let warp = lid / SG;

@@ -587,6 +587,112 @@ fn tap_major_can_be_turned_off() {
     conv::set_tap_major(&g, true);
 }
 
+/// Runs forward, backward_data and backward_weight of `c` on `g` (f32, or the f16 path's
+/// halves with `half`, dw f32) into poisoned outputs; returns the three outputs and the labels
+/// of the dispatches that ran (where the adapter has timestamps).
+fn three_ops(g: &Gpu, c: &Case, [x, w, dy]: [&[f32]; 3], half: bool) -> ([Vec<f32>; 3], Vec<String>) {
+    use resnet_wgpu::tensor::HalfTensor;
+    let (wd, yd) = (c.wd(), c.yd());
+    let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(g, d, v).unwrap();
+    let hnan = |d: &[usize]| HalfTensor::from_f32(g, d, &vec![f32::NAN; d.iter().product()]).unwrap();
+    resnet_wgpu::profile::set(g, true);
+    let mut rec = g.recorder("conv stages");
+    let tdw = nan(g, &wd);
+    let out = if half {
+        let (tx, tw, tdy, ty, tdx) = (h(&c.xd, x), h(&wd, w), h(&yd, dy), hnan(&yd), hnan(&c.xd));
+        conv::forward_f16(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+        conv::backward_data_f16(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+        conv::backward_weight_f16(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+        rec.run().unwrap();
+        [ty.read(g).unwrap(), tdx.read(g).unwrap(), fetch(g, &tdw)]
+    } else {
+        let (tx, tw, tdy, ty, tdx) = (up(g, &c.xd, x), up(g, &wd, w), up(g, &yd, dy), nan(g, &yd), nan(g, &c.xd));
+        conv::forward(&mut rec, &tx, &tw, &ty, c.stride, false).unwrap();
+        conv::backward_data(&mut rec, &tdy, &tw, &tdx, c.stride, false).unwrap();
+        conv::backward_weight(&mut rec, &tx, &tdy, &tdw, c.stride, false).unwrap();
+        rec.run().unwrap();
+        [fetch(g, &ty), fetch(g, &tdx), fetch(g, &tdw)]
+    };
+    resnet_wgpu::profile::set(g, false);
+    let labels = resnet_wgpu::profile::take(g).unwrap().into_iter().map(|s| s.label).collect();
+    (out, labels)
+}
+
+/// Each stage of the tiled kernels' main loop left out in turn (`conv::leave_out`, a
+/// benchmarking aid whose results are wrong), f32 or (`half`) the f16 path (on cooperative
+/// matrices where the adapter has them), on a forced 64x64 tile with 16 steps: 576 reduction
+/// steps for the data ops and 60 for backward_weight, so several staged tiles. Every stage
+/// changes every op's results, and the dispatches say which stage they leave out; with the
+/// products left out, nearly every output is exactly zero (an invocation's first output holds
+/// its probes' sum). Put back, the ops match the reference again: the kernels are kept per
+/// stage, not mixed up.
+fn check_stages_left_out(half: bool) {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if half && !g.report.features.contains(wgpu::Features::SHADER_F16) {
+        eprintln!("skipped: the adapter has no shader-f16");
+        return;
+    }
+    conv::force_tile(&g, Some("64x64k16t4x4")).unwrap();
+    let c = case([2, 64, 6, 5], 64, 3, 1);
+    let (wd, yd) = (c.wd(), c.yd());
+    let mut rng = Rng::new(52);
+    let round = |v: Vec<f32>| -> Vec<f32> {
+        if half { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() } else { v }
+    };
+    let (x, w, dy) = (round(rng.data(len(c.xd))), round(rng.data(len(wd))), round(rng.data(len(yd))));
+    let (x64, w64, dy64) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+    let want = [
+        r::conv::forward(&x64, c.xd, &w64, wd, 1),
+        r::conv::backward_data(&dy64, &w64, wd, c.xd, 1),
+        r::conv::backward_weight(&x64, c.xd, &dy64, wd, 1),
+    ];
+    let ops = ["forward", "backward_data", "backward_weight"];
+    let tol = if half { [F16_TOL, F16_TOL, F32_TOL] } else { [F32_TOL; 3] };
+    let tag = if half { "f16" } else { "f32" };
+    let check_whole = |when: &str| {
+        let (got, labels) = three_ops(&g, &c, [&x, &w, &dy], half);
+        for k in 0..3 {
+            check(&format!("{tag} {} {when}", ops[k]), &got[k], &want[k], tol[k]);
+        }
+        assert!(labels.iter().all(|l| !l.contains(" -")), "{tag} {when}: {labels:?}");
+        got
+    };
+    let whole = check_whole("before");
+    for stage in conv::Stage::ALL {
+        conv::leave_out(&g, Some(stage));
+        let (got, labels) = three_ops(&g, &c, [&x, &w, &dy], half);
+        for k in 0..3 {
+            assert!(bits(&got[k]) != bits(&whole[k]), "{tag} {} without {}: the whole op's bits", ops[k], stage.name());
+            if stage == conv::Stage::Products {
+                let zeros = got[k].iter().filter(|&&v| v == 0.0).count();
+                assert!(zeros * 4 >= got[k].len() * 3, "{tag} {} without products: {zeros} zeros", ops[k]);
+            }
+        }
+        if g.has_timestamps() {
+            let mark = format!(" -{}", stage.name());
+            let convs: Vec<&String> = labels.iter().filter(|l| l.starts_with("conv ")).collect();
+            assert_eq!(convs.len(), 3, "{tag} without {}: {labels:?}", stage.name());
+            assert!(convs.iter().all(|l| l.ends_with(&mark)), "{tag} without {}: {labels:?}", stage.name());
+            if half && !conv::coop_tile_names(&g).is_empty() {
+                assert!(convs.iter().all(|l| l.contains(" coop")), "{tag} without {}: {labels:?}", stage.name());
+            }
+        }
+    }
+    conv::leave_out(&g, None);
+    check_whole("after");
+}
+
+#[test]
+fn stages_left_out_change_the_results_until_put_back() {
+    check_stages_left_out(false);
+}
+
+/// As above on the f16 path (CI runs it on cooperative matrices too: `.ci/run`).
+#[test]
+fn stages_left_out_f16() {
+    check_stages_left_out(true);
+}
+
 /// Winograd's cases: 3x3 at stride 1 with a partial last block (odd H or W, H or W of 1), a
 /// block count that is not a multiple of 4, channels not multiples of 4, output channels past
 /// one GEMM tile (132) and input channels past several staged steps (132); enough blocks that

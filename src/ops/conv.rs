@@ -305,6 +305,64 @@ pub fn set_tap_major(gpu: &Gpu, on: bool) {
     tiled::set_tap_major(gpu, on);
 }
 
+/// A stage of the tiled kernels' main loop, which [`leave_out`] takes out of them to time what
+/// is left (a benchmarking aid: "time variants that leave one stage out, and take
+/// differences").
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// The global loads of the staged tiles after the first (and their address arithmetic):
+    /// their registers take stand-in values; the staging and the products stay.
+    Loads,
+    /// The products of the staged tiles: one read of each tile stands in for them, so that its
+    /// loads and staging stay.
+    Products,
+    /// The loads and staging of the tiles after the first: every tile's products read the first.
+    Staging,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 3] = [Stage::Loads, Stage::Products, Stage::Staging];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Loads => "loads",
+            Stage::Products => "products",
+            Stage::Staging => "staging",
+        }
+    }
+}
+
+/// The stage a context's tiled kernels leave out ([`leave_out`]), and whether a kernel recorded
+/// since has left it out ([`stage_left_out`]).
+#[derive(Default)]
+pub(super) struct LeftOut {
+    pub stage: Option<Stage>,
+    pub taken: bool,
+}
+
+pub(super) fn leave_out_cell(gpu: &Gpu) -> Arc<Mutex<LeftOut>> {
+    gpu.cached("conv.leave-out", || Arc::new(Mutex::new(LeftOut::default())))
+}
+
+/// Leaves `stage` out of this context's tiled convolution kernels from now on (`None` puts
+/// everything back): **their results are wrong** while a stage is left out. A benchmarking aid
+/// (`resnet-wgpu bench --leave-out`): the time of an op with each stage left out in turn, set
+/// beside its whole time, says where the time goes. Ops that run the register path or Winograd
+/// are unaffected, and so is the autotuner, which times whole kernels whatever is left out. The
+/// dispatches' labels (profiles) end in `-{stage}`.
+#[doc(hidden)]
+pub fn leave_out(gpu: &Gpu, stage: Option<Stage>) {
+    *leave_out_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = LeftOut { stage, taken: false };
+}
+
+/// Whether a tiled kernel recorded since the last [`leave_out`] has left its stage out (an op
+/// on the register path or Winograd leaves nothing out).
+#[doc(hidden)]
+pub fn stage_left_out(gpu: &Gpu) -> bool {
+    leave_out_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()).taken
+}
+
 /// An instance of every configuration and variant of the tiled and Winograd templates
 /// ([`crate::gpu::module_sources`]).
 pub(crate) fn module_sources() -> Vec<(String, String)> {

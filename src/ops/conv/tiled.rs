@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{
-    Geometry, Op, Params, Plan, affine_binding, dispatch_pipeline, fold, partials, reduce_splits, scratch, tunes,
+    Geometry, Op, Params, Plan, Stage, affine_binding, dispatch_pipeline, fold, leave_out_cell, partials,
+    reduce_splits, scratch, tunes,
 };
 use crate::bench::{Run, Timer};
 use crate::error::{Error, Result};
@@ -209,6 +210,13 @@ impl Tile {
             "const PRE: bool = {pre};\nconst STATS: bool = {stats};\nconst BSUMS: bool = {bsums};\nconst TAPS: bool = {};\n",
             taps > 0
         ));
+        let leave_out = match b.leave_out {
+            None => 0,
+            Some(Stage::Loads) => 1,
+            Some(Stage::Products) => 2,
+            Some(Stage::Staging) => 3,
+        };
+        s.push_str(&format!("const LEAVE_OUT: u32 = {leave_out}u;\n"));
         let mut template = TEMPLATE.replace("@workgroup_size(THREADS)", &format!("@workgroup_size({t})"));
         let mut consts = consts.to_vec();
         if let Some(l) = coop {
@@ -353,11 +361,32 @@ struct Build {
     bsums: bool,
     coop: bool,
     taps: usize,
+    /// A stage of the main loop left out ([`super::leave_out`]; the template's LEAVE_OUT).
+    leave_out: Option<Stage>,
 }
 
 impl Build {
     fn of(op: Op, g: &Geometry, half: bool, pre: bool) -> Build {
-        Build { op, ks: g.ks, stride: g.stride, half, pre, stats: false, bsums: false, coop: false, taps: 0 }
+        Build {
+            op,
+            ks: g.ks,
+            stride: g.stride,
+            half,
+            pre,
+            stats: false,
+            bsums: false,
+            coop: false,
+            taps: 0,
+            leave_out: None,
+        }
+    }
+
+    /// This build with the stage the context leaves out, if any (noted as taken).
+    fn leaving_out(self, gpu: &Gpu) -> Build {
+        let cell = leave_out_cell(gpu);
+        let mut left = cell.lock().unwrap_or_else(|e| e.into_inner());
+        left.taken |= left.stage.is_some();
+        Build { leave_out: left.stage, ..self }
     }
 
     /// A dispatch label: the op, configuration `tile`, this build's variant and the splits;
@@ -368,16 +397,17 @@ impl Build {
 
     /// The label of this build's module of configuration `tile`.
     fn module_label(&self, tile: usize) -> String {
-        let Build { op, ks, stride, half, pre, stats, bsums, coop, taps } = *self;
+        let Build { op, ks, stride, half, pre, stats, bsums, coop, taps, leave_out } = *self;
         format!(
-            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}{}",
+            "conv.tiled.{}.{op:?}.k{ks}.s{stride}.{}{}{}{}{}{}{}",
             TILES[tile].name(),
             if half { "f16" } else { "f32" },
             if pre { ".pre" } else { "" },
             if stats { ".stats" } else { "" },
             if bsums { ".bsums" } else { "" },
             if coop { ".coop" } else { "" },
-            if taps > 0 { format!(".taps{taps}") } else { String::new() }
+            if taps > 0 { format!(".taps{taps}") } else { String::new() },
+            leave_out.map_or(String::new(), |s| format!(".no-{}", s.name()))
         )
     }
 
@@ -391,7 +421,8 @@ impl Build {
         ];
         let flags: String = flags.iter().filter(|f| f.0).map(|f| f.1).collect();
         let splits = if splits > 1 { format!(" split {splits}") } else { String::new() };
-        format!("conv {:?} {}{flags}{splits}", self.op, TILES[tile].name())
+        let left_out = self.leave_out.map_or(String::new(), |s| format!(" -{}", s.name()));
+        format!("conv {:?} {}{flags}{splits}{left_out}", self.op, TILES[tile].name())
     }
 
     /// This build on cooperative matrices where the plan asks for them (`coop`), the build is
@@ -480,6 +511,7 @@ pub(super) fn module_sources() -> Vec<(String, String)> {
                 bsums: op == Op::BackwardData,
                 coop: false,
                 taps: if op == Op::BackwardWeight { 0 } else { max_bk(false) },
+                leave_out: None,
             };
             let mut add = |b: Build, layout: Option<CoopLayout>| {
                 let fragments = layout.map(|l| format!(" fragments {0}x{0}", l.f)).unwrap_or_default();
@@ -868,6 +900,15 @@ pub(super) fn time_each(
     n: usize,
     run: impl Fn(usize) -> Result<wgpu::CommandBuffer> + Sync,
 ) -> Vec<Option<f64>> {
+    // Whole kernels, whatever stage a benchmark leaves out of the context's (super::leave_out).
+    let cell = leave_out_cell(gpu);
+    let left_out = std::mem::take(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()));
+    let times = time_whole(gpu, n, run);
+    *cell.lock().unwrap_or_else(|e| e.into_inner()) = left_out;
+    times
+}
+
+fn time_whole(gpu: &Gpu, n: usize, run: impl Fn(usize) -> Result<wgpu::CommandBuffer> + Sync) -> Vec<Option<f64>> {
     let ok = first_runs(gpu, n, &run);
     let mut out = vec![None; n];
     if ok.is_empty() {
@@ -1264,7 +1305,7 @@ fn data(
     let gpu = rec.gpu;
     let params = data_params(g, op, acc, splits, chunk);
     let build = build.with_coop(gpu, tile, coop);
-    let build = Build { taps: if tap_major(gpu) { taps(op, g, build.coop) } else { 0 }, ..build };
+    let build = Build { taps: if tap_major(gpu) { taps(op, g, build.coop) } else { 0 }, ..build }.leaving_out(gpu);
     // The transposition (the template's, from the weights' own type to the activations').
     let (entry, source) = match (build.half, w) {
         (true, Weights::F16(w)) | (false, Weights::F32(w)) => ("transpose_main", (8, w)),
@@ -1275,7 +1316,7 @@ fn data(
     let wtt = scratch(gpu, "wtt", (red * cp * elem).div_ceil(4) as u64 * 4, wgpu::BufferUsages::STORAGE);
     // The transposition depends on the op, kernel size, type and tap-major block alone: one
     // pipeline for every tile configuration, stride and epilogue (fewer shader compiles).
-    let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, ..build };
+    let canonical = Build { stride: 1, pre: false, stats: false, bsums: false, coop: false, leave_out: None, ..build };
     let transpose = pipeline(gpu, 0, canonical, entry);
     let binds = [(source.0, source.1.as_entire_binding()), (9, wtt.as_entire_binding())];
     dispatch_pipeline(rec, &transpose, entry, &params, &binds, fold(gpu, transpose_tiles(op, g), 1));
@@ -1379,6 +1420,7 @@ fn weight(
         (7, part.as_entire_binding()),
         (5, aff.as_entire_binding()),
     ];
+    let build = build.leaving_out(rec.gpu);
     let p = pipeline(rec.gpu, tile, build, "weight_main");
     let groups = [rows.div_ceil(t.bm) as u32, cols.div_ceil(t.bn) as u32, splits as u32];
     dispatch_pipeline(rec, &p, &build.dispatch_label(rec.gpu, tile, splits), &params, &binds, groups);
@@ -1459,6 +1501,7 @@ pub(super) mod tests {
                     bsums: false,
                     coop: false,
                     taps,
+                    leave_out: None,
                 };
                 let plain = t.source(b, None);
                 assert!(!plain.contains(UNROLL), "{}", t.name());
@@ -1525,7 +1568,8 @@ pub(super) mod tests {
                 for (half, pre, fused) in [(false, false, false), (false, true, true), (true, true, true)] {
                     let (stats, bsums) = epilogue(fused);
                     let pre = pre && op != Op::BackwardData;
-                    let b = Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false, taps: 0 };
+                    let b =
+                        Build { op, ks: 3, stride: 2, half, pre, stats, bsums, coop: false, taps: 0, leave_out: None };
                     let mut builds = vec![(b, None)];
                     if op != Op::BackwardWeight {
                         builds.push((Build { taps: 16, ..b }, None)); // the data ops' two reduction orders
