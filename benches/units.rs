@@ -5,12 +5,12 @@
 //! batch 128 and ImageNet-like stages at batch 32) on a GPU, unless told otherwise:
 //!
 //!     cargo bench --bench units -- [--quick|--full] [--reps R] [--warmup W]
-//!         [--shapes N,C,H,W ...] [--only SUBSTRING] [--skip SUBSTRING] [--profile] [--wall]
-//!         [--peers] [--burn PATH] [--burn-adapter cpu|gpu] [--torch PATH] [--python PY]
-//!         [--json PATH]
+//!         [--shapes N,C,H,W ...] [--only SUBSTRING] [--skip SUBSTRING] [--profile]
+//!         [--leave-out] [--wall] [--peers] [--burn PATH] [--burn-adapter cpu|gpu]
+//!         [--torch PATH] [--python PY] [--json PATH]
 //!
-//! (`--shapes`, `--only`, `--skip`, `--profile`, `--burn`, `--torch` and `--json` as in
-//! `resnet-wgpu bench`; `--shape N,C,H,W` takes one shape and may be repeated.)
+//! (`--shapes`, `--only`, `--skip`, `--profile`, `--leave-out`, `--burn`, `--torch` and `--json`
+//! as in `resnet-wgpu bench`; `--shape N,C,H,W` takes one shape and may be repeated.)
 //!
 //! `--peers` runs both peers from their default places (`~/burn-unit/target/release/burn-unit`,
 //! `../shared/peers/torch_unit.py`). The same settings as environment variables: `BENCH_QUICK=1`,
@@ -62,6 +62,7 @@ fn run() -> Result<()> {
     let mut python = None;
     let mut wall = false;
     let mut profile = false;
+    let mut leave_out = false;
     let default_json = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from)
         .join("bench.json");
@@ -84,6 +85,7 @@ fn run() -> Result<()> {
                 }
             }
             "--profile" => profile = true,
+            "--leave-out" => leave_out = true,
             "--only" => only = it.next(),
             "--skip" => skip = it.next(),
             "--wall" => wall = true,
@@ -115,6 +117,7 @@ fn run() -> Result<()> {
     opts.skip = skip;
     opts.timestamps = !wall;
     opts.profile = profile;
+    opts.leave_out = leave_out;
     opts.burn = burn;
     opts.burn_adapter = burn_adapter;
     opts.torch = torch;

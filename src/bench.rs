@@ -86,6 +86,10 @@ pub struct BenchOptions {
     /// After each benchmark, one more run with each dispatch timed on its own
     /// ([`crate::profile`]; needs timestamp queries): [`BenchRow::profile`].
     pub profile: bool,
+    /// After each plain convolution row (forward, backward_data, backward_weight, forward f16),
+    /// the same op timed again with each stage of the tiled kernels' main loop left out in turn
+    /// ([`conv::leave_out`]; results wrong, times only): [`BenchRow::left_out`].
+    pub leave_out: bool,
     /// The burn peer binary (`burn-unit N C H W REPS preact|original cpu|gpu`); `None`: skip.
     pub burn: Option<PathBuf>,
     /// `cpu` or `gpu` for the burn peer; `None`: `cpu` where our adapter is a CPU, else `gpu`.
@@ -112,6 +116,7 @@ impl BenchOptions {
             skip: None,
             timestamps: true,
             profile: false,
+            leave_out: false,
             burn: None,
             burn_adapter: None,
             torch: None,
@@ -360,6 +365,22 @@ pub struct BenchRow {
     /// step with all its passes in one submission, timed interleaved with `step_ms`'s runs (what
     /// streaming saves). `None` where the context submits a step at once anyway.
     pub step_one_ms: Option<f64>,
+    /// With [`BenchOptions::leave_out`], on convolution rows: the op with each stage of the
+    /// tiled kernels left out in turn (none where it runs the register path or Winograd).
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A convolution row's op timed with one stage of the tiled kernels' main loop left out
+/// ([`BenchOptions::leave_out`]). Set beside the row's `ms`, what is left says what the stage
+/// costs (roughly: the stages overlap). Only tiled plans leave anything out: the profile's
+/// labels say which kernels did (`-loads`, ...).
+#[derive(Clone, Debug)]
+pub struct LeftOut {
+    pub stage: conv::Stage,
+    /// Median ms, timed as the row's.
+    pub ms: f64,
+    /// With [`BenchOptions::profile`]: one more run's dispatches, each timed on its own.
+    pub profile: Vec<crate::profile::Span>,
 }
 
 impl BenchRow {
@@ -468,6 +489,16 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             );
             for (label, count, ms) in profile_summary(&row.profile) {
                 eprintln!("      {ms:>8.3} ms  {count:>3} x {label}");
+            }
+            if opts.leave_out && bare_conv(item) && row.left_out.is_empty() {
+                eprintln!("    (no stage left out: no tiled kernel in this row)");
+            }
+            for l in &row.left_out {
+                let share = 100.0 * l.ms / row.ms;
+                eprintln!("    without {:<9} {:>10.3} ms  ({share:.0}% of the whole)", l.stage.name(), l.ms);
+                for (label, count, ms) in profile_summary(&l.profile) {
+                    eprintln!("      {ms:>8.3} ms  {count:>3} x {label}");
+                }
             }
             rows.push(row);
         }
@@ -674,6 +705,7 @@ fn measure(
         profile,
         step_ms: None,
         step_one_ms: None,
+        left_out: Vec::new(),
     })
 }
 
@@ -740,7 +772,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let mut rec = gpu.recorder("bench conv setup");
             bn.prologue(&mut rec, Mode::Train, &x)?;
             rec.run()?;
-            measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
+            with_stages_left_out(gpu, timer, opts, item, d, &mut || {
                 let mut rec = gpu.recorder("bench conv");
                 match item {
                     Item::ConvForwardStats => bn.conv_stats(&mut rec, &x, None, &w, &out, 1, false)?,
@@ -762,7 +794,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             let w = HalfTensor::from_f32(gpu, &[c, c, 3, 3], &rng.data(c * c * 9))?;
             let out = HalfTensor::from_f32(gpu, &d, &vec![0.0; d.iter().product()])?;
             flush(gpu)?;
-            measure(gpu, timer, opts, item, d, &mut no_prep, &mut || {
+            with_stages_left_out(gpu, timer, opts, item, d, &mut || {
                 let mut rec = gpu.recorder("bench conv f16");
                 conv::forward_f16(&mut rec, &x, &w, &out, 1, false)?;
                 Ok(vec![rec.finish()])
@@ -876,6 +908,44 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
             Ok(row)
         }
     }
+}
+
+/// The convolution rows that time a plain op (no BN prologue or epilogue), which
+/// [`BenchOptions::leave_out`] times again with stages left out.
+fn bare_conv(item: Item) -> bool {
+    matches!(item, Item::ConvForward | Item::ConvBackwardData | Item::ConvBackwardWeight | Item::ConvForwardF16)
+}
+
+/// [`measure`] of a convolution `record`, then, with [`BenchOptions::leave_out`] on a
+/// [`bare_conv`] row, the same with each stage of the tiled kernels left out in turn:
+/// [`BenchRow::left_out`], empty where the op runs no tiled kernel. The stages are put back
+/// whatever happens.
+fn with_stages_left_out(
+    gpu: &Gpu,
+    timer: &Timer,
+    opts: &BenchOptions,
+    item: Item,
+    d: [usize; 4],
+    record: &mut dyn FnMut() -> Result<Vec<wgpu::CommandBuffer>>,
+) -> Result<BenchRow> {
+    let mut no_prep = || Ok(Vec::new());
+    let mut row = measure(gpu, timer, opts, item, d, &mut no_prep, record)?;
+    if !(opts.leave_out && bare_conv(item)) {
+        return Ok(row);
+    }
+    for stage in conv::Stage::ALL {
+        conv::leave_out(gpu, Some(stage));
+        let r = measure(gpu, timer, opts, item, d, &mut no_prep, record);
+        let taken = conv::stage_left_out(gpu);
+        conv::leave_out(gpu, None);
+        let r = r?;
+        if !taken {
+            // The register path or Winograd: nothing was left out.
+            break;
+        }
+        row.left_out.push(LeftOut { stage, ms: r.ms, profile: r.profile });
+    }
+    Ok(row)
 }
 
 /// `layer1.1` of a basic network with widths `[c, c, c]`: an identity-shortcut unit `c -> c`,
@@ -1259,6 +1329,14 @@ pub fn to_json(r: &Report) -> String {
         .iter()
         .map(|row| {
             let profile: Vec<_> = row.profile.iter().map(|p| json!({"label": p.label, "ms": p.ms})).collect();
+            let left_out: Vec<_> = row
+                .left_out
+                .iter()
+                .map(|l| {
+                    let profile: Vec<_> = l.profile.iter().map(|p| json!({"label": p.label, "ms": p.ms})).collect();
+                    json!({"stage": l.stage.name(), "ms": l.ms, "profile": profile})
+                })
+                .collect();
             json!({
                 "name": row.name(),
                 "shape": row.shape,
@@ -1273,6 +1351,7 @@ pub fn to_json(r: &Report) -> String {
                 "step_ms": row.step_ms,
                 "step_one_ms": row.step_one_ms,
                 "profile": profile,
+                "left_out": left_out,
             })
         })
         .collect();

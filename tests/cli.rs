@@ -256,6 +256,46 @@ fn bench_times_a_tiny_shape_and_writes_json() {
     }
 }
 
+/// `bench --leave-out`: the plain convolution rows timed again with each stage of the tiled
+/// kernels left out, on the tiled kernels (a forced configuration); the rows with a BN prologue
+/// or epilogue are not. Where a plain row runs no tiled kernel (on a CPU adapter, the register
+/// path), it says so and lists nothing.
+#[test]
+fn bench_leaves_stages_out_of_the_tiled_convolutions() {
+    for tile in [Some("64x64k16t4x4"), None] {
+        let d = dir("bench-leave-out");
+        let json = d.join("bench.json");
+        let mut cmd = command();
+        cmd.args(["bench", "--quick", "--shapes", "2,8,8,8", "--only", "conv3x3 forward", "--leave-out", "--json"]);
+        cmd.arg(&json);
+        if let Some(t) = tile {
+            cmd.env("RESNET_WGPU_CONV_TILE", t);
+        }
+        let out = cmd.output().expect("run resnet-wgpu");
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{text}");
+        let j = read_json(&json);
+        let stages = |name: &str| -> Vec<String> {
+            let r = row(&j, name);
+            let left = r["left_out"].as_array().unwrap_or_else(|| panic!("{r}"));
+            assert!(left.iter().all(|l| l["ms"].as_f64().is_some_and(|ms| ms > 0.0)), "{r}");
+            left.iter().map(|l| l["stage"].as_str().unwrap_or_default().to_string()).collect()
+        };
+        assert_eq!(stages("conv3x3 forward bn-relu"), Vec::<String>::new());
+        let half = gpu().report.features.contains(wgpu::Features::SHADER_F16);
+        let plain: &[&str] = if half { &["conv3x3 forward", "conv3x3 forward f16"] } else { &["conv3x3 forward"] };
+        if tile.is_some() {
+            for name in plain {
+                assert_eq!(stages(name), ["loads", "products", "staging"], "{name}");
+            }
+            assert!(text.contains("without products"), "{text}");
+        } else if gpu().report.device_type == wgpu::DeviceType::Cpu {
+            assert_eq!(stages("conv3x3 forward"), Vec::<String>::new());
+            assert!(text.contains("no stage left out: no tiled kernel"), "{text}");
+        }
+    }
+}
+
 /// The network rows: one ResNet-20 training step timed queued and as `train_step` takes it,
 /// at the first stage's shape; GFLOP/s from the network's convolutions (40.8 M multiply-adds an
 /// image, forward and backward). Where the context streams (here forced by

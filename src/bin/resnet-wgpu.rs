@@ -147,6 +147,11 @@ struct BenchArgs {
     /// adapter's timestamp queries (without them, no profile is printed).
     #[arg(long)]
     profile: bool,
+    /// After each plain convolution row, the same op with each stage of the tiled kernels'
+    /// main loop left out in turn (loads, products, staging; the results are wrong, the times
+    /// say where the time goes): lines `without <stage>` under the row.
+    #[arg(long)]
+    leave_out: bool,
     /// The burn peer binary (../shared/peers/burn-unit built with cargo build --release:
     /// its target/release/burn-unit).
     #[arg(long)]
@@ -443,6 +448,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     o.only = a.only;
     o.skip = a.skip;
     o.profile = a.profile;
+    o.leave_out = a.leave_out;
     if a.profile && !gpu.has_timestamps() {
         eprintln!("note: {} has no timestamp queries: --profile prints nothing", gpu.report.name);
     }
