@@ -10,7 +10,9 @@
 #      PyTorch, with the tuner's log (critical.txt);
 #   3. the full benchmark with the autotuner's log, each row's dispatches timed (--profile), and the
 #      burn and PyTorch peers, without the network rows;
-#   4. the ResNet-20 training-step rows (their `networks:` table times each step streamed, as
+#   4. the plain convolutions at 28x28 and 7x7 with each stage of the tiled kernels' main
+#      loop left out in turn (bench --leave-out: where their time goes); the ResNet-20
+#      training-step rows (their `networks:` table times each step streamed, as
 #      train_step takes it, and in one submission, in turn), and PyTorch's step of the same
 #      network (tools/torch_resnet.py bench); the bench's progress lines with them, in case the
 #      row's time runs out (in the call of cfa22d4 the first network run did, before any row);
@@ -84,6 +86,17 @@ grep -E "^(conv3x3|bn|unit|net|autotuner)|fp32" "$OUT/bench.txt" | head -130
 
 echo "=== variants ($(left) s left)"
 {
+    # Where a tiled convolution's time goes: each plain op (f32 forward, backward_data,
+    # backward_weight; f16 forward) timed again with the loads, the products, then the loads and
+    # staging of its main loop left out (bench --leave-out), on the tuned tiles, Winograd off.
+    # The f16 path on tensor cores reached only a few percent of their peak (cfa22d4): is its
+    # time the staging? And the f32 tiles', at 24% to 33% of the FP32 peak?
+    if [ "$(left)" -ge 200 ]; then
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_WINOGRAD=off timeout 40 /tmp/resnet-wgpu bench --full \
+            --only conv3x3 --shapes 32,128,28,28 32,512,7,7 --leave-out > /tmp/v.txt 2>&1
+        echo "exit $?"
+        grep -E "^  conv3x3 (forward|backward_data|backward_weight) |without|no stage" /tmp/v.txt | sed "s/^/stages: /"
+    fi
     # The network rows (left out of step 3, so that their tuning cannot cost its later rows).
     l=$(left); t=$(( l - 150 )); [ $t -gt 120 ] && t=120; [ $t -lt 60 ] && t=60
     RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout $t /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
