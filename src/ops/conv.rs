@@ -336,13 +336,13 @@ impl Stage {
 /// The stage a context's tiled kernels leave out ([`leave_out`]), and whether a kernel recorded
 /// since has left it out ([`stage_left_out`]).
 #[derive(Default)]
-pub(super) struct LeftOut {
+pub(super) struct LeaveOut {
     pub stage: Option<Stage>,
     pub taken: bool,
 }
 
-pub(super) fn leave_out_cell(gpu: &Gpu) -> Arc<Mutex<LeftOut>> {
-    gpu.cached("conv.leave-out", || Arc::new(Mutex::new(LeftOut::default())))
+pub(super) fn leave_out_cell(gpu: &Gpu) -> Arc<Mutex<LeaveOut>> {
+    gpu.cached("conv.leave-out", || Arc::new(Mutex::new(LeaveOut::default())))
 }
 
 /// Leaves `stage` out of this context's tiled convolution kernels from now on (`None` puts
@@ -353,7 +353,7 @@ pub(super) fn leave_out_cell(gpu: &Gpu) -> Arc<Mutex<LeftOut>> {
 /// dispatches' labels (profiles) end in `-{stage}`.
 #[doc(hidden)]
 pub fn leave_out(gpu: &Gpu, stage: Option<Stage>) {
-    *leave_out_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = LeftOut { stage, taken: false };
+    *leave_out_cell(gpu).lock().unwrap_or_else(|e| e.into_inner()) = LeaveOut { stage, taken: false };
 }
 
 /// Whether a tiled kernel recorded since the last [`leave_out`] has left its stage out (an op
