@@ -285,32 +285,6 @@ fn affine_eval(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     aff[c] = vec4f(running_mean[c], gamma[c] * invstd, beta[c], invstd);
 }
 
-// The prologue as a pass of its own: y = ReLU((x - mean) * scale + beta) from those values, the
-// expression of conv_tiled.wgsl's x_value (the same bits). An invocation takes 4 elements WG
-// apart (a workgroup 4 * WG consecutive ones, loads coalesced on GPUs) and loads all four before
-// it stores one: four loads in flight, as in conv.wgsl's reduce_splits. Indices past the end
-// read the last element and are not stored. The convolutions take it and then no prologue where
-// the autotuner finds that faster than their fused prologue (ops/conv.rs `separate_prologue`).
-@compute @workgroup_size(WG)
-fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-               @builtin(local_invocation_id) lid: vec3u) {
-    let len = p.n * p.c * p.hw;
-    let i = (wid.y * nwg.x + wid.x) * 4u * WG + lid.x + vec4u(0u, WG, 2u * WG, 3u * WG);
-    let r = min(i, vec4u(len - 1u));
-    let v = vec4f(f32(x[r.x]), f32(x[r.y]), f32(x[r.z]), f32(x[r.w]));
-    let c = (r / p.hw) % p.c;
-    affine_relu_store(i.x, len, v.x, aff[c.x]);
-    affine_relu_store(i.y, len, v.y, aff[c.y]);
-    affine_relu_store(i.z, len, v.z, aff[c.z]);
-    affine_relu_store(i.w, len, v.w, aff[c.w]);
-}
-
-fn affine_relu_store(i: u32, len: u32, v: f32, k: vec4f) {
-    if i < len {
-        y[i] = ST(max(fma(v - k.x, k.y, k.z), 0.0));
-    }
-}
-
 // Per-channel values of the backward, loaded once per run.
 struct Chan {
     mean: f32,
@@ -644,11 +618,41 @@ fn wide_len(r: Run) -> u32 {
     return r.planes * (r.end - r.start);
 }
 
-// The flat index of element e < wide_len(r) of wide run r: its planes lie p.c planes apart.
-fn wide_at(r: Run, e: u32) -> u32 {
-    let span = r.end - r.start;
-    let q = e / span;
-    return r.start + q * p.c * p.hw + (e - q * span);
+// Thread t's walk over its elements t + j * FG (j = 0, 1, ...) of wide run r (the planes of a
+// run lie p.c planes apart): the flat index of the next one (`at`) and its offset in the run's
+// span of a plane (`o`). Element e lies at offset e % span of plane e / span; the two are divided
+// out once and then stepped FG elements at a time, as a division by a runtime value costs tens
+// of instructions (it was two per element).
+struct Walk {
+    at: u32,
+    o: u32,
+    span: u32,
+    next: u32, // from a plane to the same channel's plane of the next image
+    dr: u32,   // a step of FG elements: FG / span whole planes and dr elements more
+    jump: u32, // the step's distance in the flat index before o wraps
+}
+
+fn wide_walk(r: Run, t: u32) -> Walk {
+    let span = max(r.end - r.start, 1u);
+    let next = p.c * p.hw;
+    let dq = FG / span;
+    let dr = FG - dq * span;
+    let q = t / span;
+    let o = t - q * span;
+    return Walk(r.start + q * next + o, o, span, next, dr, dq * next + dr);
+}
+
+// The flat index of the walk's element; the walk moves on to the next (past the run's end the
+// indices are out of range and not to be used).
+fn wide_step(w: ptr<function, Walk>) -> u32 {
+    let i = (*w).at;
+    (*w).at += (*w).jump;
+    (*w).o += (*w).dr;
+    if (*w).o >= (*w).span {
+        (*w).o -= (*w).span;
+        (*w).at += (*w).next - (*w).span;
+    }
+    return i;
 }
 
 @compute @workgroup_size(FG)
@@ -659,12 +663,13 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     let t = lid.x;
     let len = select(0u, wide_len(r), r.ok);
     // Every thread reaches the barriers; a run that does not exist sums nothing.
+    var w = wide_walk(r, t);
     var v: array<f32, WIDE>;
     var s = 0.0;
     for (var j = 0u; j < WIDE; j++) {
-        let e = t + j * FG;
-        if e < len {
-            v[j] = f32(x[wide_at(r, e)]);
+        let i = wide_step(&w);
+        if t + j * FG < len {
+            v[j] = f32(x[i]);
             s += v[j];
         }
     }
@@ -690,19 +695,49 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
     let len = wide_len(r);
+    let start = wide_walk(r, lid.x);
+    var w = start;
     var v: array<f32, WIDE>;
     for (var j = 0u; j < WIDE; j++) {
-        let e = lid.x + j * FG;
-        if e < len { v[j] = f32(x[wide_at(r, e)]); }
+        let i = wide_step(&w);
+        if lid.x + j * FG < len { v[j] = f32(x[i]); }
     }
     // normalize's expression.
     let mean = save_mean[r.c];
     let invstd = save_invstd[r.c];
     let g = gamma[r.c];
     let b = beta[r.c];
+    w = start;
     for (var j = 0u; j < WIDE; j++) {
-        let e = lid.x + j * FG;
-        if e < len { epilogue(wide_at(r, e), (v[j] - mean) * invstd * g + b); }
+        let i = wide_step(&w);
+        if lid.x + j * FG < len { epilogue(i, (v[j] - mean) * invstd * g + b); }
+    }
+}
+
+// The prologue as a pass of its own: y = ReLU((x - mean) * scale + beta) from those values (aff),
+// the expression of conv_tiled.wgsl's x_value (the same bits), over wide runs on every adapter:
+// the channel's values loaded once a run. (Four elements per invocation with each one's
+// channel divided out ran 1.9x slower on lavapipe, BENCHMARKS.md.) The convolutions take it and
+// then no prologue where the autotuner finds that faster than their fused prologue (ops/conv.rs
+// `separate_prologue`).
+@compute @workgroup_size(FG)
+fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
+                 @builtin(local_invocation_id) lid: vec3u) {
+    let r = channel_run(wide_run(wid, nwg));
+    if !r.ok { return; }
+    let len = wide_len(r);
+    let start = wide_walk(r, lid.x);
+    var w = start;
+    var v: array<f32, WIDE>;
+    for (var j = 0u; j < WIDE; j++) {
+        let i = wide_step(&w);
+        if lid.x + j * FG < len { v[j] = f32(x[i]); }
+    }
+    let k = aff[r.c];
+    w = start;
+    for (var j = 0u; j < WIDE; j++) {
+        let i = wide_step(&w);
+        if lid.x + j * FG < len { y[i] = ST(max(fma(v[j] - k.x, k.y, k.z), 0.0)); }
     }
 }
 
@@ -714,12 +749,12 @@ fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
     let t = lid.x;
     let len = select(0u, wide_len(r), r.ok);
     let k = chan(min(r.c, p.c - 1u));
+    var w = wide_walk(r, t);
     var s1 = 0.0;
     var s2 = 0.0;
     for (var j = 0u; j < WIDE; j++) {
-        let e = t + j * FG;
-        if e < len {
-            let i = wide_at(r, e);
+        let i = wide_step(&w);
+        if t + j * FG < len {
             let xh = (f32(x[i]) - k.mean) * k.invstd;
             let g = dz(i, k, xh);
             s1 += g;
@@ -739,19 +774,21 @@ fn backward_apply_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
     let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
     let len = wide_len(r);
+    let start = wide_walk(r, lid.x);
+    var w = start;
     var xv: array<f32, WIDE>;
     var dyv: array<f32, WIDE>;
     for (var j = 0u; j < WIDE; j++) {
-        let e = lid.x + j * FG;
-        if e < len {
-            let i = wide_at(r, e);
+        let i = wide_step(&w);
+        if lid.x + j * FG < len {
             xv[j] = f32(x[i]);
             dyv[j] = f32(dy[i]);
         }
     }
     let a = apply_values(r.c);
+    w = start;
     for (var j = 0u; j < WIDE; j++) {
-        let e = lid.x + j * FG;
-        if e < len { apply_one(wide_at(r, e), a, xv[j], dyv[j]); }
+        let i = wide_step(&w);
+        if lid.x + j * FG < len { apply_one(i, a, xv[j], dyv[j]); }
     }
 }

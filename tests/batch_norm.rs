@@ -239,10 +239,12 @@ fn backward_relu_and_accumulate() {
 }
 
 /// Each variant of the run kernels forced on a context of its own (the adapter's default runs
-/// in the other tests): the training forward with each epilogue, then the backward with and
-/// without the ReLU mask, accumulating and not. Planes of a multiple of 4 elements take the
-/// vec4 and texture variants; the wide one (a workgroup per run of 1024) takes any plane, here
-/// planes shorter than a run, of exactly one run, and of two runs with a short last one.
+/// in the other tests): the training forward with each epilogue, the prologue as a pass of its
+/// own (`affine_relu`, from the step's values; one kernel over wide runs in every variant), then
+/// the backward with and without the ReLU mask, accumulating and not. Planes of a multiple of 4
+/// elements take the vec4 and texture variants; the wide one (a workgroup per run of 1024) takes
+/// any plane, here planes shorter than a run, of exactly one run, and of two runs with a short
+/// last one.
 #[test]
 fn every_variant_matches_reference() {
     for k in [bn::Kernels::Scalar, bn::Kernels::Vec4, bn::Kernels::Texture, bn::Kernels::Wide] {
@@ -276,8 +278,12 @@ fn variant_matches_reference(k: bn::Kernels) {
             let tdx = if acc { up(&dims, &prior) } else { nan(&dims) };
             let (tdg, tdb) = (nan(&[c]), nan(&[c]));
             let relu = ep.relu && !ep.add;
+            let (taff, ta) = (nan(&[c, 4]), nan(&dims));
             let mut rec = g.recorder("bn variant");
             bn::forward_train(&mut rec, &tx, &ty, &p, &tmean, &tinv, ep).unwrap();
+            // The prologue as a pass of its own, from this step's values.
+            bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
+            bn::affine_relu(&mut rec, &tx, &taff, &ta).unwrap();
             bn::backward(&mut rec, &tx, &tdy, &tg, &tb, &tmean, &tinv, relu, &tdx, &tdg, &tdb, &scratch, acc, false)
                 .unwrap();
             rec.run().unwrap();
@@ -299,6 +305,7 @@ fn variant_matches_reference(k: bn::Kernels) {
             let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
             check(&format!("bn train y {tag}"), &rd(&ty), &want.y, F32_TOL);
             check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
+            check(&format!("bn affine_relu {tag}"), &rd(&ta), &rbn::prologue(&x64, dims, &to_f64(&rd(&taff))), F32_TOL);
             check(&format!("bn bwd dx {tag}"), &rd(&tdx), &dx, F32_TOL);
             check(&format!("bn bwd dgamma {tag}"), &rd(&tdg), &dgamma, F32_TOL);
             check(&format!("bn bwd dbeta {tag}"), &rd(&tdb), &dbeta, F32_TOL);
@@ -308,8 +315,8 @@ fn variant_matches_reference(k: bn::Kernels) {
 
 /// The f16 path's batch norm in each variant (the f32 path's on the same shape: scalar, vec4,
 /// texture loads, wide; shapes a variant cannot take run the scalar kernels): the training
-/// statistics, the normalisation with each epilogue, and the backward with and without the
-/// ReLU, accumulating and not, on half inputs against the f64 reference on the same halves.
+/// statistics, the normalisation with each epilogue, the prologue pass (`affine_relu_f16`), and
+/// the backward with and without the ReLU, accumulating and not, on half inputs against the f64 reference on the same halves.
 /// Half outputs within the f16 bound (1e-3: one rounding), the f32 ones (running variance,
 /// dgamma, dbeta) within f32's; outputs poisoned first.
 #[test]
@@ -326,7 +333,7 @@ fn f16_every_variant_matches_reference() {
         let half = |dims: &[usize], v: &[f32]| HalfTensor::from_f32(&g, dims, v).unwrap();
         let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
         let mut rng = Rng::new(15);
-        for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3], [2, 3, 5, 7], [4, 2, 15, 20]] {
+        for dims in [[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3], [2, 3, 5, 7], [4, 2, 15, 20], [1, 2, 32, 32]] {
             let (n, c) = (dims.iter().product::<usize>(), dims[1]);
             for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
                 let (x, y_old, dy, prior) =
@@ -348,9 +355,12 @@ fn f16_every_variant_matches_reference() {
                     dbeta: &tdb,
                     scratch: &scratch,
                 };
+                let (taff, ta) = (nan(&[c, 4]), half(&dims, &vec![f32::NAN; n]));
                 let mut rec = g.recorder("bn f16 variant");
                 bn::stats_train_f16(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
                 bn::apply_saved_f16(&mut rec, &tx, &ty, &tg, &tb, &tmean, &tinv, ep).unwrap();
+                bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
+                bn::affine_relu_f16(&mut rec, &tx, &taff, &ta).unwrap();
                 bn::backward_f16(&mut rec, &tx, &tdy, &grads, relu, &tdx, acc).unwrap();
                 rec.run().unwrap();
                 let (x64, gamma, beta, old) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta), to_f64(&y_old));
@@ -362,6 +372,8 @@ fn f16_every_variant_matches_reference() {
                 let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
                 check(&format!("bn train y {tag}"), &ty.read(&g).unwrap(), &want.y, 1e-3);
                 check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
+                let prologue = rbn::prologue(&x64, dims, &to_f64(&rd(&taff)));
+                check(&format!("bn affine_relu {tag}"), &ta.read(&g).unwrap(), &prologue, 1e-3);
                 check(&format!("bn bwd dx {tag}"), &tdx.read(&g).unwrap(), &dx, 1e-3);
                 check(&format!("bn bwd dgamma {tag}"), &rd(&tdg), &dgamma, F32_TOL);
                 check(&format!("bn bwd dbeta {tag}"), &rd(&tdb), &dbeta, F32_TOL);

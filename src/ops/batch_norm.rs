@@ -688,7 +688,8 @@ pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()
 /// `y = ReLU((x - mean) * scale + beta)` per channel from `affine` ([`affine`]'s `[C, 4]`
 /// values): the convolutions' BN + ReLU prologue ([`crate::ops::conv::forward_bn_relu`]) as a
 /// pass of its own, with the prologue's expression and so the same bits. The convolutions run
-/// it and then no prologue where that is faster on the adapter.
+/// it and then no prologue where that is faster on the adapter. One kernel on every adapter,
+/// whatever [`Kernels`] says: a workgroup per wide run of a channel.
 pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) -> Result<()> {
     const WHAT: &str = "batch norm affine_relu";
     let d = activations(WHAT, x, &[("y", y)])?;
@@ -698,11 +699,17 @@ pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) 
     if split::batch_op(rec, WHAT, &[x], &[(y, false)], &[affine], chunk)? {
         return Ok(());
     }
-    let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
-    let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    let groups = rec.gpu.groups_for(x.len().div_ceil(4)); // 4 elements per invocation
-    rec.dispatch(Shader::BatchNorm, "affine_relu", &prm, &bufs, groups);
+    record_affine_relu(rec, Shader::BatchNorm, d, [&x.buffer, &y.buffer, &affine.buffer]);
     Ok(())
+}
+
+/// Records [`affine_relu`] (of module `shader`, f32 or f16) over `d` with buffers x, y and
+/// affine: a workgroup per wide run of a channel on every adapter, its values loaded once a run.
+fn record_affine_relu(rec: &mut Recorder, shader: Shader, d: [usize; 4], [x, y, affine]: [&wgpu::Buffer; 3]) {
+    let runs = Runs::wide(d);
+    let prm = params(d, runs, false, false, false, 1.0);
+    let groups = variant_groups(rec.gpu, Variant::Wide, d, runs);
+    rec.dispatch(shader, "affine_relu", &prm, &[(1, x), (2, y), (21, affine)], groups);
 }
 
 /// `t` (named `name`) holds the `[c, 4]` prologue values.
@@ -1236,10 +1243,7 @@ pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &
         split::whole_fits_f16(rec.gpu, &format!("{WHAT}: {name}"), t.dims(), t.buffer.size())?;
     }
     check_affine_out(WHAT, "affine", d[1], affine)?;
-    let prm = [d[0] as u32, d[1] as u32, (d[2] * d[3]) as u32];
-    let bufs = [(1, &x.buffer), (2, &y.buffer), (21, &affine.buffer)];
-    let groups = rec.gpu.groups_for(x.len().div_ceil(4)); // 4 elements per invocation
-    rec.dispatch(Shader::BatchNormF16, "affine_relu", &prm, &bufs, groups);
+    record_affine_relu(rec, Shader::BatchNormF16, d, [&x.buffer, &y.buffer, &affine.buffer]);
     Ok(())
 }
 
