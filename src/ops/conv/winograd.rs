@@ -517,7 +517,11 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
         _ => tiled::rule(op, g),
     };
     match choice(gpu) {
-        Choice::Config(_) => return forced(gpu, op, g, half).map_or(plan, |config| Plan::Winograd { config, tile }),
+        // forced()'s choice, from the configurations that fit, worked out above.
+        Choice::Config(c) => {
+            let config = for_path(c, half);
+            return if fit.contains(&config) { Plan::Winograd { config, tile } } else { plan };
+        }
         Choice::Off => return plan,
         Choice::Auto => {}
     }
