@@ -720,9 +720,11 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
 // channel divided out ran 1.9x slower on lavapipe, BENCHMARKS.md.) The convolutions take it and
 // then no prologue where the autotuner finds that faster than their fused prologue (ops/conv.rs
 // `separate_prologue`).
+// (Its load loop is normalize_w's. A shared function returning the loaded array made
+// normalize_w 2x slower on lavapipe: the array is copied through memory there.)
 @compute @workgroup_size(FG)
 fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
-                 @builtin(local_invocation_id) lid: vec3u) {
+               @builtin(local_invocation_id) lid: vec3u) {
     let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
     let len = wide_len(r);
