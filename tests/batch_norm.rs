@@ -260,8 +260,18 @@ fn variant_matches_reference(k: bn::Kernels) {
     let mut rng = Rng::new(14);
     let shapes: &[[usize; 4]] = if k == bn::Kernels::Wide {
         // Runs of a plane's part, of whole planes, and of several planes of a channel (20 of
-        // 7x7 with a group of 3 after them; 3 of 15x20 with 1).
-        &[[1, 3, 5, 7], [2, 3, 33, 40], [3, 5, 4, 3], [1, 2, 32, 32], [23, 3, 7, 7], [4, 2, 15, 20]]
+        // 7x7 with a group of 3 after them; 3 of 15x20 with 1), and of planes shorter than a
+        // thread's step through a run (1x1 and 1x7: a step crosses several planes).
+        &[
+            [1, 3, 5, 7],
+            [2, 3, 33, 40],
+            [3, 5, 4, 3],
+            [1, 2, 32, 32],
+            [23, 3, 7, 7],
+            [4, 2, 15, 20],
+            [5, 3, 1, 1],
+            [9, 2, 1, 7],
+        ]
     } else {
         &[[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3]]
     };
