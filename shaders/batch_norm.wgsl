@@ -494,14 +494,14 @@ fn stats_partial4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nw
     var q = 0.0;
     if r.end - r.start == 16u {
         let v = array<vec4f, 4>(ld_x(q0), ld_x(q0 + 1u), ld_x(q0 + 2u), ld_x(q0 + 3u));
-        for (var j = 0u; j < 4u; j++) {
+        for (var j = 0u; j < 4u; j++) { // @unroll
             s += v[j].x;
             s += v[j].y;
             s += v[j].z;
             s += v[j].w;
         }
         let mu = vec4f(s / 16.0);
-        for (var j = 0u; j < 4u; j++) {
+        for (var j = 0u; j < 4u; j++) { // @unroll
             let d = v[j] - mu;
             q += d.x * d.x;
             q += d.y * d.y;
@@ -603,7 +603,9 @@ fn backward_apply4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
 // of its channel, so that the workgroup's threads are not idle (with a run per plane, 80% to
 // 95% of them were). Each thread loads all its elements before it stores any. The reductions
 // sum each thread's WIDE elements in order, then the threads by sum2, into per-run partials
-// for the same *_final kernels (which read p.planes too).
+// for the same *_final kernels (which read p.planes too). The host writes out the loops over a
+// thread's elements (marked `// @unroll`, as in conv_tiled.wgsl: gpu.rs `unroll`), so that the
+// arrays of its loaded values are indexed by constants and can stay in registers.
 // ------------------------------------------------------------------------------------------
 
 const WIDE: u32 = 16u; // elements per thread of a wide run: runs of at most FG * WIDE = 1024 (ops/batch_norm.rs)
@@ -666,7 +668,7 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     var w = wide_walk(r, t);
     var v: array<f32, WIDE>;
     var s = 0.0;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if t + j * FG < len {
             v[j] = f32(x[i]);
@@ -676,7 +678,7 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     let sum = sum2(t, vec2f(s, 0.0)).x;
     let mu = sum / f32(max(len, 1u));
     var q = 0.0;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         if t + j * FG < len {
             let d = v[j] - mu;
             q += d * d;
@@ -698,7 +700,7 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     let start = wide_walk(r, lid.x);
     var w = start;
     var v: array<f32, WIDE>;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { v[j] = f32(x[i]); }
     }
@@ -708,7 +710,7 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     let g = gamma[r.c];
     let b = beta[r.c];
     w = start;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { epilogue(i, (v[j] - mean) * invstd * g + b); }
     }
@@ -731,13 +733,13 @@ fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     let start = wide_walk(r, lid.x);
     var w = start;
     var v: array<f32, WIDE>;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { v[j] = f32(x[i]); }
     }
     let k = aff[r.c];
     w = start;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { y[i] = ST(max(fma(v[j] - k.x, k.y, k.z), 0.0)); }
     }
@@ -754,7 +756,7 @@ fn backward_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups
     var w = wide_walk(r, t);
     var s1 = 0.0;
     var s2 = 0.0;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if t + j * FG < len {
             let xh = (f32(x[i]) - k.mean) * k.invstd;
@@ -780,7 +782,7 @@ fn backward_apply_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
     var w = start;
     var xv: array<f32, WIDE>;
     var dyv: array<f32, WIDE>;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len {
             xv[j] = f32(x[i]);
@@ -789,7 +791,7 @@ fn backward_apply_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) 
     }
     let a = apply_values(r.c);
     w = start;
-    for (var j = 0u; j < WIDE; j++) {
+    for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { apply_one(i, a, xv[j], dyv[j]); }
     }

@@ -236,15 +236,20 @@ pub(crate) fn storage_type(half: bool) -> String {
 /// batch_norm.wgsl with one of its two `sum2` blocks: the subgroup one (with its `SG`) where
 /// the device's subgroups have one size, a power of two from 4 to the workgroup's 64, else the
 /// workgroup-memory tree; and one of its two blocks of vec4 loads, without `loads`' (`buffer` or
-/// `texture`).
+/// `texture`); its loops marked `// @unroll` written out ([`unroll`]: the wide kernels' over a
+/// thread's `WIDE` elements, `stats_partial4`'s over its four vec4s).
 fn batch_norm_source(subgroups: Option<u32>, loads: &str) -> String {
-    let text = include_str!("../shaders/batch_norm.wgsl");
+    const TEXT: &str = include_str!("../shaders/batch_norm.wgsl");
     let (left_out, head) = match subgroups.filter(|s| s.is_power_of_two() && (4..=64).contains(s)) {
         Some(sg) => ("tree", format!("const SG: u32 = {sg}u;\n")),
         None => ("subgroups", String::new()),
     };
-    head + &without_block(&without_block(text, left_out), &format!("{loads}-loads"))
+    let text = without_block(&without_block(TEXT, left_out), &format!("{loads}-loads"));
+    head + &unroll(&text, &[("WIDE", BN_WIDE)])
 }
+
+/// batch_norm.wgsl's `WIDE`, elements per thread of the wide kernels (a test checks the two agree).
+const BN_WIDE: usize = 16;
 
 /// `text` without its block `name`: the lines from `// @{name}-begin` to `// @{name}-end` (a
 /// shader's alternative definitions, of which the host keeps one).
@@ -254,6 +259,70 @@ pub(crate) fn without_block(text: &str, name: &str) -> String {
     match (text.find(&begin), text.find(&end)) {
         (Some(b), Some(e)) => s.replace_range(b..e + end.len(), ""),
         _ => unreachable!("the shader marks its {name} block"),
+    }
+    s
+}
+
+/// The marker of a loop to unroll, at the end of its header line.
+pub(crate) const UNROLL: &str = " // @unroll\n";
+
+/// `src` with every loop whose header line ends in `// @unroll` written out: `for (var v = a;
+/// v < b; v++) {` (or `v += step`), the bounds literals or names in `consts`, becomes one block
+/// `{ const v = <value>u; <body> }` per value, so that whatever the body indexes by `v` it
+/// indexes by a constant (`shaders/conv_tiled.wgsl`'s comment says why). Nested marked loops
+/// unroll too.
+pub(crate) fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
+    let value = |t: &str| -> usize {
+        let t = t.trim();
+        match t.trim_end_matches('u').parse() {
+            Ok(v) => v,
+            Err(_) => match consts.iter().find(|(k, _)| *k == t) {
+                Some((_, v)) => *v,
+                None => unreachable!("an unrolled loop's bound {t:?} is a literal or a template constant"),
+            },
+        }
+    };
+    let mut s = src.to_string();
+    while let Some(mark) = s.find(UNROLL) {
+        let start = s[..mark].rfind('\n').map_or(0, |i| i + 1);
+        let header = s[start..mark].trim();
+        // for (var v = a; v < b; v++) {   or   for (var v = a; v < b; v += step) {
+        let inner = header.strip_prefix("for (var ").and_then(|h| h.strip_suffix(") {"));
+        let parts: Option<[&str; 3]> = inner.and_then(|h| h.split(';').collect::<Vec<_>>().try_into().ok());
+        let Some([init, cond, next]) = parts else { unreachable!("an unrolled loop's header: {header}") };
+        let (var, a) = init.split_once('=').map(|(v, a)| (v.trim(), value(a))).unwrap_or_default();
+        let b = cond.split_once('<').map(|(_, b)| value(b));
+        let next = next.trim();
+        let step = if next == format!("{var}++") { Some(1) } else { next.split_once("+=").map(|(_, s)| value(s)) };
+        let (Some(b), Some(step)) = (b, step.filter(|&s| s > 0 && !var.is_empty())) else {
+            unreachable!("an unrolled loop's header: {header}")
+        };
+        // The body runs to the brace that closes the header's.
+        let body_start = mark + UNROLL.len();
+        let mut depth = 1;
+        let mut end = body_start;
+        for (i, c) in s[body_start..].char_indices() {
+            depth += match c {
+                '{' => 1,
+                '}' => -1,
+                _ => 0,
+            };
+            if depth == 0 {
+                end = body_start + i;
+                break;
+            }
+        }
+        assert_eq!(depth, 0, "an unrolled loop without its closing brace: {header}");
+        // Up to the closing brace's line (the body ends in a newline).
+        let body = &s[body_start..s[..end].rfind('\n').map_or(end, |i| i + 1).max(body_start)];
+        let indent = &s[start..start + s[start..].len() - s[start..].trim_start().len()];
+        let mut out = String::new();
+        for v in (a..b).step_by(step) {
+            out.push_str(&format!("{indent}{{\n{indent}    const {var} = {v}u;\n{body}{indent}}}\n"));
+        }
+        // Past the closing brace and its line's end.
+        let after = s[end..].find('\n').map_or(s.len(), |i| end + i + 1);
+        s.replace_range(start..after, &out);
     }
     s
 }
@@ -1197,8 +1266,65 @@ pub fn in_range_checks(report: &AdapterReport) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The indices into per-invocation arrays (function-space variables, arguments and loaded
+    /// or composed array values) that are not constants in naga's IR (`Access`, where a
+    /// constant index is `AccessIndex`, a literal or a constant), by function.
+    pub(crate) fn runtime_indices(src: &str) -> Vec<String> {
+        use wgpu::naga::valid::{Capabilities, ValidationFlags, Validator};
+        use wgpu::naga::{AddressSpace, Expression, TypeInner};
+        let m = wgpu::naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+        let info = Validator::new(ValidationFlags::all(), Capabilities::all())
+            .validate(&m)
+            .unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
+        let functions = m.functions.iter().map(|(h, f)| (f, &info[h]));
+        let entries = m.entry_points.iter().enumerate().map(|(i, e)| (&e.function, info.get_entry_point(i)));
+        let mut found = Vec::new();
+        for (f, fi) in functions.chain(entries) {
+            for (_, e) in f.expressions.iter() {
+                let Expression::Access { base, index } = *e else { continue };
+                if matches!(f.expressions[index], Expression::Literal(_) | Expression::Constant(_)) {
+                    continue;
+                }
+                let local_array = match *fi[base].ty.inner_with(&m.types) {
+                    TypeInner::Pointer { base, space: AddressSpace::Function } => {
+                        matches!(m.types[base].inner, TypeInner::Array { .. })
+                    }
+                    TypeInner::Array { .. } => true,
+                    _ => false,
+                };
+                if local_array {
+                    found.push(format!("{}: {:?}", f.name.clone().unwrap_or_default(), f.expressions[index]));
+                }
+            }
+        }
+        found
+    }
+
+    /// The batch-norm modules' wide kernels index their per-thread arrays by constants only
+    /// (their loops written out with the shader's own `WIDE`), in every build of the module.
+    #[test]
+    fn batch_norm_arrays_are_indexed_by_constants() {
+        let text = include_str!("../shaders/batch_norm.wgsl");
+        assert!(text.contains(&format!("const WIDE: u32 = {BN_WIDE}u;")), "BN_WIDE is the shader's WIDE");
+        for shader in [Shader::BatchNorm, Shader::BatchNormTexture, Shader::BatchNormF16, Shader::BatchNormF16Texture] {
+            for subgroups in [None, Some(32)] {
+                let src = shader.source(subgroups);
+                assert!(!src.contains(UNROLL), "{shader:?}: a marked loop left");
+                let found = runtime_indices(&src);
+                assert!(found.is_empty(), "{shader:?} {subgroups:?}: runtime indices in {found:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn unroll_writes_out_marked_loops() {
+        let src = "fn f() {\n    for (var g = 0u; g < TWO; g++) { // @unroll\n        for (var i = 1u; i < 6u; i += 2u) { // @unroll\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
+        let want = "fn f() {\n    {\n        const g = 0u;\n        {\n            const i = 1u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 3u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 5u;\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    {\n        const g = 1u;\n        {\n            const i = 1u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 3u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 5u;\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
+        assert_eq!(unroll(src, &[("TWO", 2)]), want);
+    }
 
     /// One `sum2` per batch-norm module: the subgroup one where the subgroups have one size
     /// that divides the workgroup, else the tree; conv.wgsl without subgroup operations

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::bench::{Run, Timer};
 use crate::error::{Error, Result};
-use crate::gpu::{CoopMatrix, Gpu, Recorder};
+use crate::gpu::{CoopMatrix, Gpu, Recorder, unroll};
 use crate::ops::batch_norm;
 use crate::tensor::{HalfTensor, Tensor};
 
@@ -254,69 +254,6 @@ impl Tile {
 
 const TEMPLATE: &str = include_str!("../../../shaders/conv_tiled.wgsl");
 const COOP_BLOCK: &str = include_str!("../../../shaders/conv_tiled_coop.wgsl");
-
-/// The marker of a loop to unroll, at the end of its header line.
-const UNROLL: &str = " // @unroll\n";
-
-/// `src` with every loop whose header line ends in `// @unroll` written out: `for (var v = a;
-/// v < b; v++) {` (or `v += step`), the bounds literals or names in `consts`, becomes one block
-/// `{ const v = <value>u; <body> }` per value, so that whatever the body indexes by `v` it
-/// indexes by a constant (the template's comment says why). Nested marked loops unroll too.
-pub(super) fn unroll(src: &str, consts: &[(&str, usize)]) -> String {
-    let value = |t: &str| -> usize {
-        let t = t.trim();
-        match t.trim_end_matches('u').parse() {
-            Ok(v) => v,
-            Err(_) => match consts.iter().find(|(k, _)| *k == t) {
-                Some((_, v)) => *v,
-                None => unreachable!("an unrolled loop's bound {t:?} is a literal or a template constant"),
-            },
-        }
-    };
-    let mut s = src.to_string();
-    while let Some(mark) = s.find(UNROLL) {
-        let start = s[..mark].rfind('\n').map_or(0, |i| i + 1);
-        let header = s[start..mark].trim();
-        // for (var v = a; v < b; v++) {   or   for (var v = a; v < b; v += step) {
-        let inner = header.strip_prefix("for (var ").and_then(|h| h.strip_suffix(") {"));
-        let parts: Option<[&str; 3]> = inner.and_then(|h| h.split(';').collect::<Vec<_>>().try_into().ok());
-        let Some([init, cond, next]) = parts else { unreachable!("an unrolled loop's header: {header}") };
-        let (var, a) = init.split_once('=').map(|(v, a)| (v.trim(), value(a))).unwrap_or_default();
-        let b = cond.split_once('<').map(|(_, b)| value(b));
-        let next = next.trim();
-        let step = if next == format!("{var}++") { Some(1) } else { next.split_once("+=").map(|(_, s)| value(s)) };
-        let (Some(b), Some(step)) = (b, step.filter(|&s| s > 0 && !var.is_empty())) else {
-            unreachable!("an unrolled loop's header: {header}")
-        };
-        // The body runs to the brace that closes the header's.
-        let body_start = mark + UNROLL.len();
-        let mut depth = 1;
-        let mut end = body_start;
-        for (i, c) in s[body_start..].char_indices() {
-            depth += match c {
-                '{' => 1,
-                '}' => -1,
-                _ => 0,
-            };
-            if depth == 0 {
-                end = body_start + i;
-                break;
-            }
-        }
-        assert_eq!(depth, 0, "an unrolled loop without its closing brace: {header}");
-        // Up to the closing brace's line (the body ends in a newline).
-        let body = &s[body_start..s[..end].rfind('\n').map_or(end, |i| i + 1).max(body_start)];
-        let indent = &s[start..start + s[start..].len() - s[start..].trim_start().len()];
-        let mut out = String::new();
-        for v in (a..b).step_by(step) {
-            out.push_str(&format!("{indent}{{\n{indent}    const {var} = {v}u;\n{body}{indent}}}\n"));
-        }
-        // Past the closing brace and its line's end.
-        let after = s[end..].find('\n').map_or(s.len(), |i| end + i + 1);
-        s.replace_range(start..after, &out);
-    }
-    s
-}
 
 /// A tile configuration on cooperative matrices ([`Tile::coop_layout`]): `f` x `f` fragments,
 /// subgroups of `sg`, `nwr` subgroups per column of the fragment grid, each owning `wr` x `wc`
@@ -1504,51 +1441,17 @@ pub(super) mod tests {
                     leave_out: None,
                 };
                 let plain = t.source(b, None);
-                assert!(!plain.contains(UNROLL), "{}", t.name());
+                assert!(!plain.contains(crate::gpu::UNROLL), "{}", t.name());
                 let fma = "(*acc)[j] = fma(s, bv[h], (*acc)[j]);";
                 assert_eq!(count(&plain, fma), t.tm * t.tn / 4, "{}", t.name());
                 if let Some(l) = t.coop_shape(coop) {
                     let src = t.source(Build { coop: true, ..b }, Some(l));
-                    assert!(!src.contains(UNROLL), "{}", t.name());
+                    assert!(!src.contains(crate::gpu::UNROLL), "{}", t.name());
                     let mma = "(*frags)[i * WC + j] = coopMultiplyAdd(a[i], b, (*frags)[i * WC + j]);";
                     assert_eq!(count(&src, mma), l.wr * l.wc, "{}", t.name());
                 }
             }
         }
-    }
-
-    /// The indices into per-invocation arrays (function-space variables, arguments and loaded
-    /// or composed array values) that are not constants in naga's IR (`Access`, where a
-    /// constant index is `AccessIndex`, a literal or a constant), by function.
-    pub(in crate::ops::conv) fn runtime_indices(src: &str) -> Vec<String> {
-        use wgpu::naga::valid::{Capabilities, ValidationFlags, Validator};
-        use wgpu::naga::{AddressSpace, Expression, TypeInner};
-        let m = wgpu::naga::front::wgsl::parse_str(src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
-        let info = Validator::new(ValidationFlags::all(), Capabilities::all())
-            .validate(&m)
-            .unwrap_or_else(|e| panic!("{}", e.emit_to_string(src)));
-        let functions = m.functions.iter().map(|(h, f)| (f, &info[h]));
-        let entries = m.entry_points.iter().enumerate().map(|(i, e)| (&e.function, info.get_entry_point(i)));
-        let mut found = Vec::new();
-        for (f, fi) in functions.chain(entries) {
-            for (_, e) in f.expressions.iter() {
-                let Expression::Access { base, index } = *e else { continue };
-                if matches!(f.expressions[index], Expression::Literal(_) | Expression::Constant(_)) {
-                    continue;
-                }
-                let local_array = match *fi[base].ty.inner_with(&m.types) {
-                    TypeInner::Pointer { base, space: AddressSpace::Function } => {
-                        matches!(m.types[base].inner, TypeInner::Array { .. })
-                    }
-                    TypeInner::Array { .. } => true,
-                    _ => false,
-                };
-                if local_array {
-                    found.push(format!("{}: {:?}", f.name.clone().unwrap_or_default(), f.expressions[index]));
-                }
-            }
-        }
-        found
     }
 
     /// No build of any configuration indexes a per-invocation array (accumulators, prefetched
@@ -1579,7 +1482,7 @@ pub(super) mod tests {
                         builds.push((Build { coop: true, taps, ..b }, Some(l)));
                     }
                     for (b, l) in builds {
-                        let found = runtime_indices(&t.source(b, l));
+                        let found = crate::gpu::tests::runtime_indices(&t.source(b, l));
                         assert!(
                             found.is_empty(),
                             "{} {op:?} {}: runtime indices in {found:?}",
@@ -1590,13 +1493,6 @@ pub(super) mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn unroll_writes_out_marked_loops() {
-        let src = "fn f() {\n    for (var g = 0u; g < TWO; g++) { // @unroll\n        for (var i = 1u; i < 6u; i += 2u) { // @unroll\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
-        let want = "fn f() {\n    {\n        const g = 0u;\n        {\n            const i = 1u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 3u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 5u;\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    {\n        const g = 1u;\n        {\n            const i = 1u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 3u;\n            x[g * 4u + i] = 1.0;\n        }\n        {\n            const i = 5u;\n            x[g * 4u + i] = 1.0;\n        }\n    }\n    for (var k = 0u; k < 3u; k++) {\n    }\n}\n";
-        assert_eq!(unroll(src, &[("TWO", 2)]), want);
     }
 
     fn geometry(n: usize, c: usize, hw: usize, k: usize) -> Geometry {

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use super::tiled::{self, Weights};
 use super::{F16Weights, Geometry, Kernels, Op, Plan, affine_binding, scratch, tunes};
 use crate::error::{Error, Result};
-use crate::gpu::{Gpu, Recorder, without_block};
+use crate::gpu::{Gpu, Recorder, unroll, without_block};
 use crate::tensor::{HalfTensor, Tensor};
 
 /// A configuration: the output block's edge `r` (F(2x2, 3x3) or F(4x4, 3x3)), and the GEMM's
@@ -91,7 +91,7 @@ impl Config {
         s.extend(consts.iter().map(|(k, v)| format!("const {k}: u32 = {v}u;\n")));
         // The transforms of this block size (the template defines both).
         s.push_str(&without_block(TEMPLATE, if self.r == 2 { "f4" } else { "f2" }));
-        tiled::unroll(&s, &consts)
+        unroll(&s, &consts)
     }
 }
 
@@ -653,7 +653,7 @@ mod tests {
         let types = [Types::F32, Types::HALF, Types { act_half: true, w_half: true }];
         for c in CONFIGS {
             for t in types {
-                let found = tiled::tests::runtime_indices(&c.source(t));
+                let found = crate::gpu::tests::runtime_indices(&c.source(t));
                 assert!(found.is_empty(), "{} {t:?}: runtime indices in {found:?}", c.name);
             }
         }
