@@ -149,9 +149,18 @@ fn convolutions_split_by_images() {
     }
 }
 
+/// On the limited context with the adapter's batch-norm kernels, and on one with the wide
+/// kernels (the GPUs' default) forced.
 #[test]
 fn batch_norm_splits_with_batch_statistics() {
-    let g = small();
+    let wide = limited(conv::Kernels::Auto);
+    bn::set_kernels(&wide, bn::Kernels::Wide);
+    for (label, g) in [("", small()), ("wide ", &wide)] {
+        batch_norm_splits(g, label);
+    }
+}
+
+fn batch_norm_splits(g: &Gpu, label: &str) {
     let mut rng = Rng::new(2);
     // 720 and 140 bytes an image: chunks of 2 of 3 images, and 14 of 15 (one image of 1 x 5 x 7).
     for (case, d) in [[3usize, 5, 6, 6], [15, 5, 1, 7]].into_iter().enumerate() {
@@ -163,7 +172,7 @@ fn batch_norm_splits_with_batch_statistics() {
         let tx = up(g, &d, &x);
         let (tg, tb) = (up(g, &[c], &gamma), up(g, &[c], &beta));
         for ep in [Epilogue { add: false, relu: true }, Epilogue { add: true, relu: true }] {
-            let tag = format!("bn {d:?} {ep:?}");
+            let tag = format!("{label}bn {d:?} {ep:?}");
             let (trm, trv) = (up(g, &[c], &rmean), up(g, &[c], &rvar));
             let (tm, ti) = (nan(g, &[c]), nan(g, &[c]));
             let prior = rng.data(len(&d));
@@ -197,6 +206,12 @@ fn batch_norm_splits_with_batch_statistics() {
             check(&format!("{tag} stats_train affine"), &fetch(g, &ta2), &want_aff, F32_TOL);
             check(&format!("{tag} stats_train invstd"), &fetch(g, &ti2), &want.invstd, F32_TOL);
             check(&format!("{tag} stats_train running_var"), &fetch(g, &trv2), &want.running_var, F32_TOL);
+
+            // the prologue as a pass of its own, from those values
+            let ta = nan(g, &d);
+            run(g, |rec| bn::affine_relu(rec, big(&tx), &ta2, &ta));
+            let want_a = r::batch_norm::prologue(&rx, d, &to_f64(&fetch(g, &ta2)));
+            check(&format!("{tag} affine_relu"), &fetch(g, &ta), &want_a, F32_TOL);
 
             // apply_saved with the saved statistics: the training y again
             let ty2 = if ep.add { up(g, &d, &prior) } else { nan(g, &d) };
