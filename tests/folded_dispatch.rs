@@ -55,19 +55,24 @@ fn counts_fold_evenly_within_the_limit() {
 
 /// Units of both kinds (an identity unit at 16x16, where a CPU adapter takes the register path,
 /// and the stride-2 projection unit on odd sizes) under each convolution and batch-norm kernel
-/// family, folded, against the reference.
+/// family, folded, against the reference; on the tiled kernels with the wide batch norm (a GPU's
+/// defaults) both with the BN + ReLU prologue in the convolutions' loads and as a pass of its
+/// own (which the tuner may choose on a GPU).
 #[test]
 fn folded_units_match_the_reference() {
     let g = &folded();
     let mut rng = Rng::new(7);
+    let (fused, separate) = (conv::Prologue::Fused, conv::Prologue::Separate);
     let families = [
-        (conv::Kernels::Auto, false, bn::Kernels::Texture),
-        (conv::Kernels::Tiled, false, bn::Kernels::Wide),
-        (conv::Kernels::Tiled, true, bn::Kernels::Vec4),
-        (conv::Kernels::Auto, false, bn::Kernels::Scalar),
+        (conv::Kernels::Auto, false, bn::Kernels::Texture, fused),
+        (conv::Kernels::Tiled, false, bn::Kernels::Wide, fused),
+        (conv::Kernels::Tiled, false, bn::Kernels::Wide, separate),
+        (conv::Kernels::Tiled, true, bn::Kernels::Vec4, fused),
+        (conv::Kernels::Auto, false, bn::Kernels::Scalar, fused),
     ];
-    for (i, (convs, winograd, bns)) in families.into_iter().enumerate() {
+    for (i, (convs, winograd, bns, prologue)) in families.into_iter().enumerate() {
         set(&[g], convs, winograd, bns);
+        conv::set_prologue(g, prologue);
         for kind in [UnitKind::PreAct, UnitKind::Original] {
             let cfg = one_unit_per_stage(kind, false, ShortcutOption::B, [4, 6, 8], 3);
             let units = cfg.units();
