@@ -97,6 +97,26 @@ fn tiled_conv_kernels_in_whole_networks_match_the_reference() {
     }
 }
 
+/// Whole networks on the kernels a GPU runs by default where CPU adapters take others: the
+/// tiled convolutions with the wide batch-norm kernels, the BN + ReLU prologue as a pass of its
+/// own (the tuner's choice for some shapes on a GPU; the other test has it fused), and the
+/// passes submitted 4 command buffers at a time.
+#[test]
+fn gpu_defaults_in_whole_networks_match_the_reference() {
+    use resnet_wgpu::ops::{batch_norm, conv};
+    let opts = resnet_wgpu::GpuOptions { stream_chunk: Some(4), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = resnet_wgpu::Gpu::with_options(&opts).unwrap();
+    conv::set_kernels(&g, conv::Kernels::Tiled);
+    conv::set_prologue(&g, conv::Prologue::Separate);
+    batch_norm::set_kernels(&g, batch_norm::Kernels::Wide);
+    for (i, kind) in [UnitKind::PreAct, UnitKind::Original].into_iter().enumerate() {
+        // Planes of 60 and 63 elements (and smaller ones deeper), several images a run: a
+        // thread's step through a run crosses planes.
+        compare_pass_on(&g, &tiny(kind, false, ShortcutOption::A), [3, 3, 6, 10], 92 + i as u64, F32_TOL);
+        compare_pass_on(&g, &tiny(kind, true, ShortcutOption::B), [2, 3, 9, 7], 94 + i as u64, F32_TOL);
+    }
+}
+
 /// Whole networks (forward and backward, every parameter gradient) with Winograd forced for
 /// their 3x3 convolutions at stride 1, submitted a command buffer at a time as GPUs stream
 /// them.
