@@ -657,6 +657,18 @@ fn wide_step(w: ptr<function, Walk>) -> u32 {
     return i;
 }
 
+// Thread t's elements of x in wide run r, those below len (wide_len(r), or 0 for a run that
+// does not exist; zeros after them), all loaded before the caller stores any.
+fn wide_x(r: Run, t: u32, len: u32) -> array<f32, WIDE> {
+    var w = wide_walk(r, t);
+    var v: array<f32, WIDE>;
+    for (var j = 0u; j < WIDE; j++) { // @unroll
+        let i = wide_step(&w);
+        if t + j * FG < len { v[j] = f32(x[i]); }
+    }
+    return v;
+}
+
 @compute @workgroup_size(FG)
 fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                    @builtin(local_invocation_id) lid: vec3u) {
@@ -665,15 +677,10 @@ fn stats_partial_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
     let t = lid.x;
     let len = select(0u, wide_len(r), r.ok);
     // Every thread reaches the barriers; a run that does not exist sums nothing.
-    var w = wide_walk(r, t);
-    var v: array<f32, WIDE>;
+    let v = wide_x(r, t, len);
     var s = 0.0;
     for (var j = 0u; j < WIDE; j++) { // @unroll
-        let i = wide_step(&w);
-        if t + j * FG < len {
-            v[j] = f32(x[i]);
-            s += v[j];
-        }
+        if t + j * FG < len { s += v[j]; }
     }
     let sum = sum2(t, vec2f(s, 0.0)).x;
     let mu = sum / f32(max(len, 1u));
@@ -697,19 +704,13 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
     let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
     let len = wide_len(r);
-    let start = wide_walk(r, lid.x);
-    var w = start;
-    var v: array<f32, WIDE>;
-    for (var j = 0u; j < WIDE; j++) { // @unroll
-        let i = wide_step(&w);
-        if lid.x + j * FG < len { v[j] = f32(x[i]); }
-    }
+    let v = wide_x(r, lid.x, len);
     // normalize's expression.
     let mean = save_mean[r.c];
     let invstd = save_invstd[r.c];
     let g = gamma[r.c];
     let b = beta[r.c];
-    w = start;
+    var w = wide_walk(r, lid.x);
     for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { epilogue(i, (v[j] - mean) * invstd * g + b); }
@@ -722,23 +723,15 @@ fn normalize_w(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: 
 // channel divided out ran 1.9x slower on lavapipe, BENCHMARKS.md.) The convolutions take it and
 // then no prologue where the autotuner finds that faster than their fused prologue (ops/conv.rs
 // `separate_prologue`).
-// (Its load loop is normalize_w's. A shared function returning the loaded array made
-// normalize_w 2x slower on lavapipe: the array is copied through memory there.)
 @compute @workgroup_size(FG)
 fn affine_relu(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) nwg: vec3u,
                @builtin(local_invocation_id) lid: vec3u) {
     let r = channel_run(wide_run(wid, nwg));
     if !r.ok { return; }
     let len = wide_len(r);
-    let start = wide_walk(r, lid.x);
-    var w = start;
-    var v: array<f32, WIDE>;
-    for (var j = 0u; j < WIDE; j++) { // @unroll
-        let i = wide_step(&w);
-        if lid.x + j * FG < len { v[j] = f32(x[i]); }
-    }
+    let v = wide_x(r, lid.x, len);
     let k = aff[r.c];
-    w = start;
+    var w = wide_walk(r, lid.x);
     for (var j = 0u; j < WIDE; j++) { // @unroll
         let i = wide_step(&w);
         if lid.x + j * FG < len { y[i] = ST(max(fma(v[j] - k.x, k.y, k.z), 0.0)); }
