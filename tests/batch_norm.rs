@@ -326,9 +326,9 @@ fn variant_matches_reference(k: bn::Kernels) {
 /// The f16 path's batch norm in each variant (the f32 path's on the same shape: scalar, vec4,
 /// texture loads, wide; shapes a variant cannot take run the scalar kernels): the training
 /// statistics, the normalisation with each epilogue, the prologue pass (`affine_relu_f16`), and
-/// the backward with and without the ReLU, accumulating and not, on half inputs against the f64 reference on the same halves.
-/// Half outputs within the f16 bound (1e-3: one rounding), the f32 ones (running variance,
-/// dgamma, dbeta) within f32's; outputs poisoned first.
+/// the backward with and without the ReLU, accumulating and not, on half inputs against the f64
+/// reference on the same halves. Half outputs within the f16 bound (1e-3: one rounding), the
+/// f32 ones (running variance, dgamma, dbeta) within f32's; outputs poisoned first.
 #[test]
 fn f16_every_variant_matches_reference() {
     if !gpu().report.features.contains(wgpu::Features::SHADER_F16) {
