@@ -245,11 +245,8 @@ fn batch_norm_source(subgroups: Option<u32>, loads: &str) -> String {
         None => ("subgroups", String::new()),
     };
     let text = without_block(&without_block(TEXT, left_out), &format!("{loads}-loads"));
-    head + &unroll(&text, &[("WIDE", BN_WIDE)])
+    head + &unroll(&text, &[("WIDE", crate::ops::batch_norm::WIDE)])
 }
-
-/// batch_norm.wgsl's `WIDE`, elements per thread of the wide kernels (a test checks the two agree).
-const BN_WIDE: usize = 16;
 
 /// `text` without its block `name`: the lines from `// @{name}-begin` to `// @{name}-end` (a
 /// shader's alternative definitions, of which the host keeps one).
@@ -1305,11 +1302,14 @@ pub(crate) mod tests {
 
     /// No module this crate builds (every family, and an instance of each configuration and
     /// variant of the convolution templates) indexes a per-invocation array by a runtime value,
-    /// and none keeps a loop marked for unrolling; batch_norm.wgsl's `WIDE` is [`BN_WIDE`].
+    /// and none keeps a loop marked for unrolling; batch_norm.wgsl's `WIDE` and `FG` are the
+    /// host's (`ops::batch_norm`'s runs and unrolling count on them).
     #[test]
     fn per_invocation_arrays_are_indexed_by_constants_everywhere() {
+        use crate::ops::batch_norm::{WIDE, WIDE_THREADS};
         let text = include_str!("../shaders/batch_norm.wgsl");
-        assert!(text.contains(&format!("const WIDE: u32 = {BN_WIDE}u;")), "BN_WIDE is the shader's WIDE");
+        assert!(text.contains(&format!("const WIDE: u32 = {WIDE}u;")), "the shader's WIDE is {WIDE}");
+        assert!(text.contains(&format!("const FG: u32 = {WIDE_THREADS}u;")), "the shader's FG is {WIDE_THREADS}");
         for (label, src) in module_sources() {
             assert!(!src.contains(UNROLL), "{label}: a marked loop left");
             let found = runtime_indices(&src);

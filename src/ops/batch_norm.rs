@@ -203,8 +203,14 @@ enum Variant {
     Wide,
 }
 
-/// Elements per run of the wide variant (`FG * WIDE` in the shader).
-const WIDE_CHUNK: usize = 1024;
+/// The wide variant's threads per workgroup and elements per thread (`FG` and `WIDE` in the
+/// shader; a test in gpu.rs checks that they agree, and the host unrolls the shader's loops
+/// over `WIDE`).
+pub(crate) const WIDE_THREADS: usize = 64;
+pub(crate) const WIDE: usize = 16;
+
+/// Elements per run of the wide variant.
+const WIDE_CHUNK: usize = WIDE_THREADS * WIDE;
 
 impl Variant {
     /// The runs of the reductions' first pass over `d`.
