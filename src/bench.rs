@@ -1324,18 +1324,17 @@ pub fn print_table(r: &Report) {
 /// (`null` for a figure not measured).
 pub fn to_json(r: &Report) -> String {
     use serde_json::json;
+    let spans =
+        |ps: &[crate::profile::Span]| -> Vec<_> { ps.iter().map(|p| json!({"label": p.label, "ms": p.ms})).collect() };
     let rows: Vec<serde_json::Value> = r
         .rows
         .iter()
         .map(|row| {
-            let profile: Vec<_> = row.profile.iter().map(|p| json!({"label": p.label, "ms": p.ms})).collect();
+            let profile = spans(&row.profile);
             let left_out: Vec<_> = row
                 .left_out
                 .iter()
-                .map(|l| {
-                    let profile: Vec<_> = l.profile.iter().map(|p| json!({"label": p.label, "ms": p.ms})).collect();
-                    json!({"stage": l.stage.name(), "ms": l.ms, "profile": profile})
-                })
+                .map(|l| json!({"stage": l.stage.name(), "ms": l.ms, "profile": spans(&l.profile)}))
                 .collect();
             json!({
                 "name": row.name(),
