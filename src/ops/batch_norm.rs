@@ -441,18 +441,34 @@ pub fn forward_train(
     let v = variant(rec.gpu, d);
     let views = Views::new(rec, v, Some(x), None);
     record_stats(rec, d, v, &views, x, p, save_mean, save_invstd, unbias);
+    record_normalize(rec, d, v, &views, [x, y], [p.gamma, p.beta, save_mean, save_invstd], ep);
+    Ok(())
+}
+
+/// Records `normalize` in variant `v` over `d` (x read from `views` in the texture variant):
+/// `y = ep((x - mean) * invstd * gamma + beta)` with the statistics `[gamma, beta, mean,
+/// invstd]`, the training forward's second pass and [`apply_saved`].
+fn record_normalize(
+    rec: &mut Recorder,
+    d: [usize; 4],
+    v: Variant,
+    views: &Views,
+    [x, y]: [&Tensor; 2],
+    [gamma, beta, mean, invstd]: [&Tensor; 4],
+    ep: Epilogue,
+) {
+    let runs = v.apply_runs(d);
     run_dispatch(
         rec,
         d,
         v,
         "normalize",
-        &params(d, v.apply_runs(d), ep.relu, ep.add, false, unbias),
-        v.apply_runs(d),
+        &params(d, runs, ep.relu, ep.add, false, 1.0),
+        runs,
         Acts { x: Some(x), y: Some(y), ..Acts::default() },
-        &views,
-        &[(3, &p.gamma.buffer), (4, &p.beta.buffer), (7, &save_mean.buffer), (8, &save_invstd.buffer)],
+        views,
+        &[(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)],
     );
-    Ok(())
 }
 
 /// The checks of a training forward on `x` (and its output `y`) and the per-channel tensors;
@@ -1016,19 +1032,8 @@ pub fn apply_saved(
         return Ok(());
     }
     let v = variant(rec.gpu, d);
-    let prm = params(d, v.apply_runs(d), ep.relu, ep.add, false, 1.0);
     let views = Views::new(rec, v, Some(x), None);
-    run_dispatch(
-        rec,
-        d,
-        v,
-        "normalize",
-        &prm,
-        v.apply_runs(d),
-        Acts { x: Some(x), y: Some(y), ..Acts::default() },
-        &views,
-        &[(3, &gamma.buffer), (4, &beta.buffer), (7, &mean.buffer), (8, &invstd.buffer)],
-    );
+    record_normalize(rec, d, v, &views, [x, y], [gamma, beta, mean, invstd], ep);
     Ok(())
 }
 
