@@ -3,6 +3,10 @@
 //! convolutions' in `tests/conv.rs`, batch norm's in `tests/batch_norm.rs`, the head's in
 //! `tests/head.rs`, and every unit's and network's (ReLU, the residual add, the shortcut
 //! combinations and gates inside them) in `tests/gradcheck_net.rs`.
+//!
+//! An oracle for tests, not an API that checks its input: its functions assert their slices'
+//! sizes (and a gated combination's gate) and panic where they disagree, where `ops/` returns
+//! [`crate::Error`].
 
 pub mod batch_norm;
 pub mod cast;
