@@ -151,6 +151,8 @@ pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) 
 /// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,
 /// writing `curves.csv`, `curves.svg` and `checkpoint.safetensors` into `opts.out` after every
 /// epoch. `history` holds the epochs already done (from a resumed run's CSV, or empty).
+/// Bad options (a learning rate, momentum or weight decay that is negative or not finite, a
+/// batch larger than the data) are refused before anything is written.
 pub fn train(
     gpu: &Gpu,
     net: &mut ResNet,
@@ -160,6 +162,8 @@ pub fn train(
     start_epoch: usize,
     mut history: Vec<EpochStats>,
 ) -> Result<Vec<EpochStats>> {
+    // Before anything is written: a bad learning rate would otherwise fail at the first step.
+    crate::ops::sgd::check_hyperparameters(opts.lr, opts.momentum, opts.weight_decay)?;
     if opts.batch == 0 || opts.batch > train.len() {
         return Err(Error::Invalid(format!("batch {} for {} training images", opts.batch, train.len())));
     }

@@ -372,6 +372,9 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["analyze", "--depths", "32", "--bottleneck"], "depth 32 is not 9n+2"),
         (vec!["train", "--depth", "8", "--f16", "3"], "--f16 3: not a power of two"),
         (vec!["train", "--depth", "8", "--train-size", "0"], "--train-size and --test-size must be positive"),
+        (vec!["train", "--depth", "8", "--lr", "nan"], "lr = NaN must be finite and not negative"),
+        (vec!["train", "--depth", "8", "--lr=-0.1"], "lr = -0.1 must be finite and not negative"),
+        (vec!["train", "--depth", "8", "--weight-decay", "inf"], "weight_decay = inf must be finite"),
     ] {
         let out = command()
             .args(&args)

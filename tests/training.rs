@@ -126,6 +126,39 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
 }
 
 #[test]
+fn bad_hyperparameters_are_refused_before_anything_is_written() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(64, 20, 7);
+    let dir = out_dir("hyper");
+    let out = dir.join("run");
+    for (lr, momentum, weight_decay, name) in [
+        (f32::NAN, 0.9, 1e-4, "lr"),
+        (-0.1, 0.9, 1e-4, "lr"),
+        (0.1, f32::INFINITY, 1e-4, "momentum"),
+        (0.1, 0.9, -1e-4, "weight_decay"),
+    ] {
+        let mut net = ResNet::new(g, &tiny(), 7).unwrap();
+        let before = net.state(g).unwrap();
+        let opts = TrainOptions {
+            epochs: 1,
+            batch: 32,
+            lr,
+            momentum,
+            weight_decay,
+            progress: false,
+            out: out.clone(),
+            ..TrainOptions::default()
+        };
+        match train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()) {
+            Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains(&format!("{name} = ")), "{m}"),
+            other => panic!("{name}: expected an invalid-argument error, got {:?}", other.map(|h| h.len())),
+        }
+        assert!(!out.exists(), "{name}: the output folder was made");
+        assert_eq!(net.state(g).unwrap(), before, "{name}: the weights changed");
+    }
+}
+
+#[test]
 fn the_same_seed_gives_bit_identical_losses_and_weights() {
     let g = gpu();
     let (train_set, test_set) = data::synthetic(96, 20, 6);

@@ -315,6 +315,7 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     if opts.batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
+    resnet_wgpu::ops::sgd::check_hyperparameters(opts.lr, opts.momentum, opts.weight_decay)?;
     if let Some(s) = opts.f16 {
         resnet_wgpu::net::check_loss_scale(s).map_err(|_| Error::Invalid(format!("--f16 {s}: not a power of two")))?;
     }

@@ -21,7 +21,7 @@ pub fn step(
     weight_decay: f32,
 ) -> Result<()> {
     check(w, g, m)?;
-    check_hyper(lr, momentum, weight_decay)?;
+    check_hyperparameters(lr, momentum, weight_decay)?;
     let chunk =
         |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| step(rec, &o[0], &i[0], &o[1], lr, momentum, weight_decay);
     if split::flat_op(rec, "sgd step", &[g], &[(w, true), (m, true)], chunk)? {
@@ -46,7 +46,7 @@ const GROUP: usize = 8;
 /// one binding (else one [`step`] each). Errors as [`step`], and where a tensor appears in two
 /// of the triples.
 pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
-    check_hyper(lr, momentum, weight_decay)?;
+    check_hyperparameters(lr, momentum, weight_decay)?;
     for (i, [w, g, m]) in params.iter().enumerate() {
         check(w, g, m)?;
         let later = params[i + 1..].iter().flatten();
@@ -95,7 +95,9 @@ fn check(w: &Tensor, g: &Tensor, m: &Tensor) -> Result<()> {
     Ok(())
 }
 
-fn check_hyper(lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
+/// The hyperparameters' check that [`step`] and [`step_many`] make: each finite and not
+/// negative. Callers that take them from a user (`train::train`, the tool) make it first.
+pub fn check_hyperparameters(lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
     for (name, v) in [("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)] {
         if !v.is_finite() || v < 0.0 {
             return Err(Error::Invalid(format!("sgd step: {name} = {v} must be finite and not negative")));
