@@ -77,9 +77,11 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Measured runs (the median is reported).
     pub reps: usize,
-    /// Only the benchmarks whose name contains this (e.g. `"unit"`, `"conv"`).
+    /// Only the benchmarks whose name contains this (e.g. `"unit"`, `"conv"`; [`ITEMS`] has
+    /// the names). One that no name contains is an error.
     pub only: Option<String>,
-    /// Leave out the benchmarks whose name contains this (e.g. `"train step"`).
+    /// Leave out the benchmarks whose name contains this (e.g. `"train step"`). One that no
+    /// name contains is an error.
     pub skip: Option<String>,
     /// Use timestamp queries where the device has them (else always wall time).
     pub timestamps: bool,
@@ -462,6 +464,16 @@ pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
 pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
     if opts.reps == 0 {
         return Err(Error::Invalid("bench: at least one measured run".into()));
+    }
+    // A filter that matches no benchmark's name is a typo, not a request for an empty report.
+    for (flag, filter) in [("only", &opts.only), ("skip", &opts.skip)] {
+        if let Some(f) = filter.as_deref().filter(|f| !ITEMS.iter().any(|i| i.name().contains(f))) {
+            let names: Vec<String> = ITEMS.iter().map(|i| i.name()).collect();
+            return Err(Error::Invalid(format!(
+                "bench --{flag} {f:?}: no benchmark's name contains it ({})",
+                names.join(", ")
+            )));
+        }
     }
     let timer = Timer::new(gpu, opts.timestamps);
     let mut rows = Vec::new();

@@ -346,6 +346,11 @@ fn bad_arguments_get_clear_messages() {
         (vec!["analyze", "--batch", "1"], "at least 2"),
         (vec!["train", "--depth", "8", "--train-size", "10", "--batch", "32"], "batch 32 for 10"),
         (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
+        (
+            vec!["bench", "--shapes", "2,3,5,5", "--only", "unti"],
+            "bench --only \"unti\": no benchmark's name contains it",
+        ),
+        (vec!["bench", "--shapes", "2,3,5,5", "--skip", "trian step"], "bench --skip \"trian step\": no benchmark"),
         (vec!["train", "--unit", "sideways"], "unknown combination"),
         (vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "1000"], "power of two"),
         (
