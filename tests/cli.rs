@@ -367,6 +367,26 @@ fn bad_arguments_get_clear_messages() {
     }
 }
 
+/// An output folder that cannot be made is named before the work, not after it.
+#[test]
+fn an_unusable_out_folder_fails_before_the_work() {
+    let d = dir("out-file");
+    let file = d.join("a-file");
+    std::fs::write(&file, b"not a folder").unwrap();
+    let out = file.to_str().unwrap();
+    for (args, work) in [
+        (vec!["analyze", "--depths", "8", "--batch", "2", "--out", out], "stage 1:"),
+        (
+            vec!["train", "--depth", "8", "--train-size", "64", "--test-size", "20", "--batch", "32", "--out", out],
+            "epoch",
+        ),
+    ] {
+        let (ok, text) = tool(&args);
+        assert!(!ok && text.contains(out), "{args:?}: expected an error naming {out} in {text}");
+        assert!(!text.contains(work), "{args:?}: the work ran before the error: {text}");
+    }
+}
+
 /// A bad configuration is named before any adapter is opened: also where none opens.
 #[test]
 fn configuration_errors_come_before_the_adapter() {

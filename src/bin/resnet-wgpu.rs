@@ -397,6 +397,8 @@ fn analyze_cmd(networks: &[Network], batch: usize, seed: u64, rows: usize, out: 
     };
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
+    // The folder before the passes: a deep analysis is not to be lost to an unwritable --out.
+    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
     let (set, _) = data::synthetic(batch, 1, seed);
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     set.gather(&(0..batch).collect::<Vec<_>>(), &mut images, &mut labels);
@@ -409,7 +411,6 @@ fn analyze_cmd(networks: &[Network], batch: usize, seed: u64, rows: usize, out: 
         println!("\n{}({:.1} s)", analysis::table(&m[0], rows), t.elapsed().as_secs_f64());
         measured.extend(m);
     }
-    std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
     analysis::write_csv(&out.join("analysis.csv"), &measured)?;
     analysis::plot(&out.join("analysis.svg"), &measured)?;
     println!("wrote {0}/analysis.csv and {0}/analysis.svg", out.display());
