@@ -367,22 +367,30 @@ fn bad_arguments_get_clear_messages() {
     }
 }
 
-/// An output folder that cannot be made is named before the work, not after it.
+/// An output folder (or bench report) that cannot be written is named before the work, not after it.
 #[test]
 fn an_unusable_out_folder_fails_before_the_work() {
     let d = dir("out-file");
     let file = d.join("a-file");
     std::fs::write(&file, b"not a folder").unwrap();
     let out = file.to_str().unwrap();
+    let json = format!("{out}/bench.json");
     for (args, work) in [
         (vec!["analyze", "--depths", "8", "--batch", "2", "--out", out], "stage 1:"),
         (
             vec!["train", "--depth", "8", "--train-size", "64", "--test-size", "20", "--batch", "32", "--out", out],
             "epoch",
         ),
+        (vec!["bench", "--quick", "--shapes", "2,3,5,5", "--only", "bn", "--json", &json], "bn forward"),
+        (vec!["bench", "--quick", "--shapes", "2,3,5,5", "--only", "bn", "--json", d.to_str().unwrap()], "bn forward"),
     ] {
         let (ok, text) = tool(&args);
-        assert!(!ok && text.contains(out), "{args:?}: expected an error naming {out} in {text}");
+        // The error names the argument, or the file in its way.
+        let path = args.last().unwrap();
+        assert!(
+            !ok && (text.contains(path) || text.contains(out)),
+            "{args:?}: expected an error naming {path} in {text}"
+        );
         assert!(!text.contains(work), "{args:?}: the work ran before the error: {text}");
     }
 }

@@ -456,12 +456,17 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     }
     o.burn = a.burn;
     o.torch = a.torch;
+    // The report's folder before the runs (with peers they take minutes): a bad --json fails
+    // at once rather than after them.
     let json = &a.json;
-    let report = bench::run_all(&gpu, &o)?;
-    bench::print_table(&report);
     if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
     }
+    if json.is_dir() {
+        return Err(Error::Invalid(format!("--json {}: a folder, not a file", json.display())));
+    }
+    let report = bench::run_all(&gpu, &o)?;
+    bench::print_table(&report);
     std::fs::write(json, bench::to_json(&report))
         .map_err(|e| Error::Io { path: json.display().to_string(), source: e })?;
     println!("wrote {}", json.display());
