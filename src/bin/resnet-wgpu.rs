@@ -136,10 +136,11 @@ struct BenchArgs {
     /// adapter (its default), else the CIFAR stages at batch 128 and ImageNet-like ones at 32.
     #[arg(long = "shapes", value_delimiter = ' ', num_args = 1..)]
     shapes: Vec<String>,
-    /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`).
+    /// Only the benchmarks whose name contains this (e.g. `unit`, `conv`; text that no
+    /// benchmark's name contains is an error that lists the names).
     #[arg(long)]
     only: Option<String>,
-    /// Leave out the benchmarks whose name contains this (e.g. `train step`).
+    /// Leave out the benchmarks whose name contains this (e.g. `train step`; likewise).
     #[arg(long)]
     skip: Option<String>,
     /// After each benchmark, one more run with every dispatch timed on its own (its own
