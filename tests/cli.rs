@@ -113,6 +113,27 @@ fn grad_writes_what_the_reference_computes() {
     }
 }
 
+/// A NaN or infinite pixel is refused: a GPU may drop a NaN in ReLU's max and report a finite
+/// loss beside NaN gradients.
+#[test]
+fn grad_refuses_a_batch_with_a_non_finite_pixel() {
+    let d = dir("grad-nan");
+    let dims = [2, 3, 5, 7];
+    for (at, bad) in [(0, f32::NAN), (200, f32::INFINITY)] {
+        let mut images = Rng::new(11).data(dims.iter().product());
+        images[at] = bad;
+        let batch = d.join("b.safetensors");
+        let labels = HostTensor::i64(&[2], vec![1, 2]);
+        io::write(&batch, &[("images".into(), HostTensor::f32(&dims, images)), ("labels".into(), labels)]).unwrap();
+        let out = d.join("o.safetensors");
+        let (ok, text) =
+            tool(&["grad", "--depth", "8", "--batch", batch.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let want = format!("`images` has a non-finite value ({bad}) at flat index {at}");
+        assert!(!ok && text.contains(&want), "expected {want:?} in {text}");
+        assert!(!out.exists(), "an output was written");
+    }
+}
+
 #[test]
 fn train_and_analyze_run_on_tiny_settings() {
     let d = dir("train");

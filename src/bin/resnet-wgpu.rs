@@ -529,7 +529,13 @@ fn grad(
     if labels.iter().any(|&l| l < 0) {
         return Err(bad("`labels` must be non-negative".into()));
     }
-    let images_t = Tensor::new(&gpu, &images.dims, &images.to_f32())?;
+    // GPUs may drop a NaN (WGSL lets max(NaN, 0) be 0): the loss would come out finite
+    // beside NaN gradients, where PyTorch gives NaN throughout. Refuse such a batch instead.
+    let pixels = images.to_f32();
+    if let Some(i) = pixels.iter().position(|v| !v.is_finite()) {
+        return Err(bad(format!("`images` has a non-finite value ({}) at flat index {i}", pixels[i])));
+    }
+    let images_t = Tensor::new(&gpu, &images.dims, &pixels)?;
     let labels_u: Vec<u32> = labels.iter().map(|&l| l.min(u32::MAX as i64) as u32).collect();
     let labels_t = upload_labels(&gpu, &labels_u, config.classes)?;
     let loss = net.forward_backward(&gpu, &images_t, &labels_t, true)?;
