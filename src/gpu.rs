@@ -463,6 +463,16 @@ impl Gpu {
     }
 
     async fn open(opts: &GpuOptions) -> Result<Gpu> {
+        // wgpu reads a misspelt WGPU_BACKEND as no backends at all: say so, rather than send
+        // the user to install a driver they have.
+        if opts.backends.is_empty() {
+            let env = std::env::var("WGPU_BACKEND").map(|v| format!(" (WGPU_BACKEND={v:?} names none)"));
+            return Err(Error::Invalid(format!(
+                "no backends to look for adapters in{}: WGPU_BACKEND takes a comma-separated list of \
+                 vulkan, metal, dx12, gl",
+                env.unwrap_or_default()
+            )));
+        }
         let instance = make_instance(opts.backends);
         let adapters = instance.enumerate_adapters(opts.backends).await;
         let seen = adapters

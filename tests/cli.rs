@@ -416,6 +416,18 @@ fn an_unusable_out_folder_fails_before_the_work() {
     }
 }
 
+/// A misspelt backend is named as such, not answered with "install a GPU driver".
+#[test]
+fn a_misspelt_backend_is_named() {
+    let out = command().arg("info").env("WGPU_BACKEND", "vulkna").output().expect("run resnet-wgpu");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let want = "WGPU_BACKEND=\"vulkna\" names none";
+    assert!(
+        !out.status.success() && text.contains(want) && !text.contains("GPU driver"),
+        "expected {want:?} in {text}"
+    );
+}
+
 /// A bad configuration is named before any adapter is opened: also where none opens.
 #[test]
 fn configuration_errors_come_before_the_adapter() {

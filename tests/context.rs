@@ -37,6 +37,17 @@ fn missing_adapter_is_a_typed_helpful_error() {
     }
 }
 
+/// No backends at all (what wgpu makes of a misspelt `WGPU_BACKEND`) is an argument error,
+/// not a missing driver.
+#[test]
+fn no_backends_is_an_invalid_argument() {
+    match Gpu::with_options(&GpuOptions { backends: wgpu::Backends::empty(), ..GpuOptions::default() }) {
+        Err(Error::Invalid(msg)) => assert!(msg.contains("WGPU_BACKEND takes"), "{msg}"),
+        Err(e) => panic!("expected an invalid-argument error, got {e}"),
+        Ok(g) => panic!("expected no adapter, got {}", g.report.name),
+    }
+}
+
 #[test]
 fn tensors_round_trip_and_validate() {
     let g = gpu();
