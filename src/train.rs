@@ -88,15 +88,20 @@ pub struct EpochStats {
     pub images_per_sec: f64,
 }
 
-/// Loss (mean cross-entropy) and accuracy of `net` in inference mode over `data`.
+/// Loss (mean cross-entropy) and accuracy of `net` in inference mode over `data`, `batch`
+/// images at a time. `data` must have the network's number of classes.
 pub fn evaluate(gpu: &Gpu, net: &mut ResNet, data: &Dataset, batch: usize) -> Result<(f64, f64)> {
     if data.is_empty() {
         return Err(Error::Invalid(format!("{}: nothing to evaluate", data.name())));
     }
+    if batch == 0 {
+        return Err(Error::Invalid("evaluate: batch must be positive".into()));
+    }
+    check_classes(data, net)?;
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     let (mut loss, mut correct) = (0.0f64, 0usize);
     let idx: Vec<usize> = (0..data.len()).collect();
-    for chunk in idx.chunks(batch.max(1)) {
+    for chunk in idx.chunks(batch) {
         data.gather(chunk, &mut images, &mut labels);
         let t = Tensor::new(gpu, &[chunk.len(), 3, 32, 32], &images)?;
         let logits = net.predict(gpu, &t)?;
@@ -105,6 +110,20 @@ pub fn evaluate(gpu: &Gpu, net: &mut ResNet, data: &Dataset, batch: usize) -> Re
         correct += c;
     }
     Ok((loss / data.len() as f64, correct as f64 / data.len() as f64))
+}
+
+/// A dataset whose labels the network's logits can score (a label past them would index out of
+/// the row).
+fn check_classes(data: &Dataset, net: &ResNet) -> Result<()> {
+    if data.classes() != net.config.classes {
+        return Err(Error::Invalid(format!(
+            "{} has {} classes, the network {}",
+            data.name(),
+            data.classes(),
+            net.config.classes
+        )));
+    }
+    Ok(())
 }
 
 /// Summed cross-entropy and the number of correct predictions of row-major logits.
@@ -167,14 +186,8 @@ pub fn train(
     if opts.batch == 0 || opts.batch > train.len() {
         return Err(Error::Invalid(format!("batch {} for {} training images", opts.batch, train.len())));
     }
-    if train.classes() != net.config.classes {
-        return Err(Error::Invalid(format!(
-            "{} has {} classes, the network {}",
-            train.name(),
-            train.classes(),
-            net.config.classes
-        )));
-    }
+    check_classes(train, net)?;
+    check_classes(test, net)?;
     if opts.f16.is_some() && opts.check_finite {
         return Err(Error::Invalid("checking every step runs the f32 network: not with f16".into()));
     }

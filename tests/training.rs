@@ -158,6 +158,46 @@ fn bad_hyperparameters_are_refused_before_anything_is_written() {
     }
 }
 
+/// A dataset of more classes than the network's logits is refused (its labels would index past
+/// a row), as the test set of a run and by `evaluate`; so is an evaluation batch of 0.
+#[test]
+fn datasets_of_other_classes_are_refused() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(64, 20, 8);
+    let hundred = |d: &data::Dataset| {
+        data::Dataset::new(
+            "hundred",
+            d.images().to_vec(),
+            d.labels().iter().map(|l| l + 90).collect(),
+            100,
+            d.mean(),
+            d.std(),
+        )
+        .unwrap()
+    };
+    let mut net = ResNet::new(g, &tiny(), 8).unwrap();
+    let dir = out_dir("classes");
+    let opts = TrainOptions { epochs: 1, batch: 32, progress: false, out: dir.join("run"), ..TrainOptions::default() };
+    for (result, want) in [
+        (train::evaluate(g, &mut net, &hundred(&test_set), 10).map(|_| ()), "hundred has 100 classes, the network 10"),
+        (train::evaluate(g, &mut net, &test_set, 0).map(|_| ()), "batch must be positive"),
+        (
+            train::train(g, &mut net, &train_set, &hundred(&test_set), &opts, 0, Vec::new()).map(|_| ()),
+            "hundred has 100 classes, the network 10",
+        ),
+        (
+            train::train(g, &mut net, &hundred(&train_set), &test_set, &opts, 0, Vec::new()).map(|_| ()),
+            "hundred has 100 classes, the network 10",
+        ),
+    ] {
+        match result {
+            Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains(want), "{m}"),
+            other => panic!("expected an invalid-argument error containing {want:?}, got {other:?}"),
+        }
+    }
+    assert!(!opts.out.exists(), "the output folder was made");
+}
+
 #[test]
 fn the_same_seed_gives_bit_identical_losses_and_weights() {
     let g = gpu();
