@@ -54,7 +54,7 @@ pub const SYNTHETIC_CLASSES: [&str; 10] =
 /// Images, labels and the normalisation they were made with.
 ///
 /// Invariants (checked by [`Dataset::new`]): `images.len() == labels.len() * IMAGE_LEN`, every
-/// label is below `classes`.
+/// label is below `classes`, every value of every image is finite.
 #[derive(Clone)]
 pub struct Dataset {
     name: String,
@@ -79,6 +79,8 @@ impl fmt::Debug for Dataset {
 
 impl Dataset {
     /// A dataset from images already normalised with `mean` / `std` (recorded, not applied).
+    /// Errors where the lengths disagree, a label is not below `classes`, the normalisation is
+    /// not finite and positive, or an image has a NaN or infinite value.
     pub fn new(
         name: impl Into<String>,
         images: Vec<f32>,
@@ -103,6 +105,11 @@ impl Dataset {
         }
         if std.iter().any(|&s| !(s.is_finite() && s > 0.0)) || mean.iter().any(|m| !m.is_finite()) {
             return Err(Error::Invalid(format!("{name}: normalisation mean {mean:?} std {std:?}")));
+        }
+        // A GPU may drop a NaN (ReLU's max) and train on silently: refuse one here.
+        if let Some(i) = images.iter().position(|v| !v.is_finite()) {
+            let v = images[i];
+            return Err(Error::Invalid(format!("{name}: image {} has a non-finite value ({v})", i / IMAGE_LEN)));
         }
         Ok(Dataset { name, images, labels, classes, mean, std })
     }

@@ -169,6 +169,30 @@ fn bad_cifar_files_are_typed_errors() {
 }
 
 #[test]
+fn dataset_new_refuses_what_breaks_its_invariants() {
+    let images = |n: usize| (0..n * IMAGE_LEN).map(|i| (i % 7) as f32 - 3.0).collect::<Vec<f32>>();
+    let (m, sd) = (CIFAR10_MEAN, CIFAR10_STD);
+    assert!(Dataset::new("ok", images(2), vec![0, 9], 10, m, sd).is_ok());
+    let mut nan = images(3);
+    nan[IMAGE_LEN + 5] = f32::NAN;
+    let mut inf = images(2);
+    inf[2 * IMAGE_LEN - 1] = f32::NEG_INFINITY;
+    for (set, want) in [
+        (Dataset::new("len", images(2), vec![0], 10, m, sd), "images for 1 labels"),
+        (Dataset::new("label", images(2), vec![0, 10], 10, m, sd), "label 10 of image 1 is not below 10"),
+        (Dataset::new("none", images(1), vec![0], 0, m, sd), "0 classes"),
+        (Dataset::new("std", images(1), vec![0], 10, m, [0.2, 0.0, 0.2]), "normalisation"),
+        (Dataset::new("nan", nan, vec![0, 1, 2], 10, m, sd), "nan: image 1 has a non-finite value (NaN)"),
+        (Dataset::new("inf", inf, vec![0, 1], 10, m, sd), "inf: image 1 has a non-finite value (-inf)"),
+    ] {
+        match set {
+            Err(e @ (Error::Invalid(_) | Error::Length { .. })) => assert!(e.to_string().contains(want), "{e}"),
+            other => panic!("expected an error containing {want:?}, got {other:?}"),
+        }
+    }
+}
+
+#[test]
 fn gather_and_shuffle() {
     let (train, _) = synthetic(30, 0, 5);
     let mut images = vec![f32::NAN; 7];
