@@ -910,8 +910,7 @@ fn bench_item(gpu: &Gpu, timer: &Timer, opts: &BenchOptions, item: Item, d: [usi
                     let t = Instant::now();
                     let mut out = Stream::new(gpu, usize::MAX);
                     net.record_train_step(gpu, &mut out, &images, &labels, opt)?;
-                    out.finish()?;
-                    net.loss(gpu)?;
+                    net.finish_train_step(gpu, out)?;
                     step_one.push(t.elapsed().as_secs_f64() * 1e3);
                 }
             }

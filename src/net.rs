@@ -183,6 +183,21 @@ pub struct ResNet {
     /// The f16 network's loss scale, where its training passes run on the f16 path.
     loss_scale: Option<f32>,
     acts: Option<Acts>,
+    /// What the last pass left to read back.
+    done: Done,
+}
+
+/// What the last pass computed, for [`ResNet::loss`], [`ResNet::logits`],
+/// [`ResNet::grad_images`] and [`ResNet::grads`]. Each pass clears it as it begins and sets
+/// what it computed once it has run, so that a failed pass, or one that computes less (a
+/// `predict` after a training step, on new buffers where the batch changed), leaves nothing to
+/// read as a result that it is not.
+#[derive(Clone, Copy, Debug, Default)]
+struct Done {
+    loss: bool,
+    logits: bool,
+    grad_images: bool,
+    grads: bool,
 }
 
 impl ResNet {
@@ -239,6 +254,7 @@ impl ResNet {
             batches_tracked,
             loss_scale: None,
             acts: None,
+            done: Done::default(),
         })
     }
 
@@ -308,8 +324,10 @@ impl ResNet {
             .collect()
     }
 
-    /// Reads every parameter gradient of the last backward.
+    /// Reads every parameter gradient of the last training pass, where it ran to the end and
+    /// no training pass has begun since; else [`Error::Invalid`].
     pub fn grads(&self, gpu: &Gpu) -> Result<Vec<(String, Vec<f32>)>> {
+        self.computed(self.done.grads, "parameter gradients", "a training pass")?;
         self.params().into_iter().map(|(n, p)| Ok((n, p.grad.read(gpu)?))).collect()
     }
 
@@ -763,6 +781,9 @@ impl ResNet {
                 )));
             }
         }
+        // The arguments are good: from here the pass writes. An inference pass (no labels)
+        // leaves the parameters' gradients as they were.
+        self.done = Done { grads: self.done.grads && labels.is_none(), ..Done::default() };
         // Dropout masks: a fresh one per training step and unit, the same in its backward.
         for (l, u) in self.units.iter_mut().enumerate() {
             u.seed = dropout_seed(self.batches_tracked as u64, l);
@@ -795,6 +816,7 @@ impl ResNet {
         self.record_backward(gpu, &mut out, images, image_grad, None)?;
         out.finish()?;
         self.batches_tracked += 1;
+        self.done = Done { loss: true, logits: true, grad_images: image_grad, grads: true };
         self.loss(gpu)
     }
 
@@ -804,8 +826,14 @@ impl ResNet {
     pub fn train_step(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
         let mut out = gpu.stream();
         self.record_train_step(gpu, &mut out, images, labels, opt)?;
+        self.finish_train_step(gpu, out)
+    }
+
+    /// Submits what [`ResNet::record_train_step`] recorded, waits, and reads the loss back.
+    pub(crate) fn finish_train_step(&mut self, gpu: &Gpu, out: Stream) -> Result<f32> {
         out.finish()?;
         self.batches_tracked += 1;
+        self.done = Done { loss: true, logits: true, grad_images: false, grads: true };
         self.loss(gpu)
     }
 
@@ -845,22 +873,36 @@ impl ResNet {
         let mut out = gpu.stream();
         self.record_forward(gpu, &mut out, images, None, Mode::Eval)?;
         out.finish()?;
+        self.done.logits = true;
         self.logits(gpu)
     }
 
-    /// The loss of the last training forward.
+    /// The loss of the last pass, where it was a training pass that ran to the end; else
+    /// [`Error::Invalid`].
     pub fn loss(&self, gpu: &Gpu) -> Result<f32> {
+        self.computed(self.done.loss, "a loss", "a training pass")?;
         Ok(self.acts()?.loss.read(gpu)?[0])
     }
 
-    /// The logits of the last forward.
+    /// The logits of the last pass, where it ran to the end; else [`Error::Invalid`].
     pub fn logits(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.computed(self.done.logits, "logits", "a pass")?;
         self.acts()?.logits.read(gpu)
     }
 
-    /// The gradient to the images of the last `forward_backward` with `image_grad`.
+    /// The gradient to the images of the last pass, where it was a `forward_backward` with
+    /// `image_grad` that ran to the end; else [`Error::Invalid`].
     pub fn grad_images(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        self.computed(self.done.grad_images, "an image gradient", "a forward_backward with image_grad")?;
         self.acts()?.grad_images.read(gpu)
+    }
+
+    /// `Ok` where the last pass computed what is asked for.
+    fn computed(&self, done: bool, what: &str, pass: &str) -> Result<()> {
+        if done {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!("no {what} to read: the last pass was not {pass} that ran to the end")))
     }
 
     /// One training-mode forward and backward with probes (no update), for the analysis:
@@ -909,6 +951,7 @@ impl ResNet {
         self.record_backward(gpu, &mut out, images, false, Some(&norms))?;
         out.finish()?;
         self.batches_tracked += 1;
+        self.done = Done { loss: true, logits: true, grad_images: false, grads: true };
         let v = norms.read(gpu)?;
         let per_unit = (0..=l_count).map(|l| [v[3 * l].sqrt(), v[3 * l + 1].sqrt(), v[3 * l + 2].sqrt()]).collect();
         let stages = (0..3)
