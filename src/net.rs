@@ -966,6 +966,8 @@ impl ResNet {
     /// The stream `x_l` of the last forward, `l = 0..=L` (GPU buffers, borrowed).
     pub fn streams(&self) -> Result<&[Tensor]> {
         self.f32_only("streams")?;
+        // Every forward that ran to the end has its logits, and wrote every stream before them.
+        self.computed(self.done.logits, "streams", "a pass")?;
         Ok(&self.acts()?.streams)
     }
 

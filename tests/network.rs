@@ -254,7 +254,7 @@ fn bad_inputs_are_errors() {
     assert!(ResNet::from_state(g, &cfg, &missing).is_err());
 }
 
-/// `loss`, `logits`, `grad_images` and `grads` read only what the last pass computed: nothing
+/// `loss`, `logits`, `grad_images`, `grads` and `streams` read only what the last pass computed: nothing
 /// before a pass, nothing a failed pass half wrote, no loss or image gradient after a
 /// `predict` on a new batch size (whose buffers are new), no image gradient without
 /// `image_grad`. A pass refused for its arguments writes nothing, and leaves them readable.
@@ -266,7 +266,7 @@ fn results_are_read_only_where_the_last_pass_computed_them() {
     let mut rng = Rng::new(12);
     let images = upload(&[2, 3, 5, 5], &rng.data(150));
     let labels = upload_labels(g, &[0, 3], cfg.classes).unwrap();
-    // [loss, logits, grad_images, grads] readable?
+    // [loss, logits, grad_images, grads, streams] readable?
     let readable = |net: &ResNet| {
         let invalid = |r: Result<(), resnet_wgpu::Error>| match r {
             Ok(()) => true,
@@ -281,30 +281,31 @@ fn results_are_read_only_where_the_last_pass_computed_them() {
             invalid(net.logits(g).map(drop)),
             invalid(net.grad_images(g).map(drop)),
             invalid(net.grads(g).map(drop)),
+            invalid(net.streams().map(drop)),
         ]
     };
-    assert_eq!(readable(&net), [false; 4], "before any pass");
+    assert_eq!(readable(&net), [false; 5], "before any pass");
     let loss = net.forward_backward(g, &images, &labels, false).unwrap();
-    assert_eq!(readable(&net), [true, true, false, true], "after forward_backward without image_grad");
+    assert_eq!(readable(&net), [true, true, false, true, true], "after forward_backward without image_grad");
     assert_eq!(net.loss(g).unwrap(), loss);
     net.forward_backward(g, &images, &labels, true).unwrap();
-    assert_eq!(readable(&net), [true; 4], "after forward_backward with image_grad");
+    assert_eq!(readable(&net), [true; 5], "after forward_backward with image_grad");
     // Refused for its arguments (3 images, 2 labels) before anything is written.
     let three = upload(&[3, 3, 5, 5], &rng.data(225));
     assert!(net.train_step(g, &three, &labels, Sgd::default()).is_err());
-    assert_eq!(readable(&net), [true; 4], "after a refused step");
+    assert_eq!(readable(&net), [true; 5], "after a refused step");
     let grads = net.grads(g).unwrap();
     let logits = net.predict(g, &three).unwrap();
     assert_eq!(logits.len(), 3 * cfg.classes);
-    assert_eq!(readable(&net), [false, true, false, true], "after predict on a new batch size");
+    assert_eq!(readable(&net), [false, true, false, true, true], "after predict on a new batch size");
     assert_eq!(net.grads(g).unwrap(), grads, "predict changed the parameters' gradients");
     net.train_step(g, &images, &labels, Sgd::default()).unwrap();
-    assert_eq!(readable(&net), [true, true, false, true], "after train_step");
+    assert_eq!(readable(&net), [true, true, false, true, true], "after train_step");
     // Fails part-way, in its recording (batch norm over one value per channel).
     let one_pixel = upload(&[1, 3, 1, 1], &[0.5, -0.25, 1.0]);
     let one = upload_labels(g, &[0], cfg.classes).unwrap();
     assert!(net.train_step(g, &one_pixel, &one, Sgd::default()).is_err());
-    assert_eq!(readable(&net), [false; 4], "after a step that failed part-way");
+    assert_eq!(readable(&net), [false; 5], "after a step that failed part-way");
 }
 
 #[test]
