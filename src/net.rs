@@ -378,6 +378,7 @@ impl ResNet {
         }
         if loss_scale != self.loss_scale {
             self.acts = None;
+            self.done = Done { grads: self.done.grads, ..Done::default() };
             self.loss_scale = loss_scale;
         }
         Ok(())
