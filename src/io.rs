@@ -154,16 +154,19 @@ pub fn save_weights(net: &ResNet, gpu: &Gpu, path: &Path) -> Result<()> {
     write(path, &state_tensors(net, gpu, false)?)
 }
 
-/// Checks a file's tensors against a configuration and returns the values by name. Extra
-/// tensors (e.g. `momentum.*`) are ignored; the first missing name or wrong shape is an error
-/// naming it.
+/// Checks a file's tensors against a configuration and returns the values by name. The first
+/// missing name or wrong shape is an error naming it; so is a tensor the configuration does not
+/// have (as PyTorch's strict `load_state_dict` refuses one: a deeper network's weights would
+/// otherwise load into a shallower one). Besides the configuration's, a file may hold a
+/// checkpoint's `momentum.<parameter>` and `meta.*` tensors.
 pub fn state_for(
     config: &NetConfig,
     file: &HashMap<String, HostTensor>,
     path: &Path,
 ) -> Result<HashMap<String, Vec<f32>>> {
+    let specs = config.tensors();
     let mut out = HashMap::new();
-    for spec in config.tensors() {
+    for spec in &specs {
         let t = file.get(&spec.name).ok_or_else(|| {
             fmt_err(path, format!("missing tensor {} {:?} (the configuration is {:?})", spec.name, spec.dims, config))
         })?;
@@ -176,6 +179,23 @@ pub fn state_for(
             ));
         }
         out.insert(spec.name.clone(), t.to_f32());
+    }
+    let known = |name: &str| {
+        let param = |n: &str| specs.iter().any(|t| t.name == n && t.role.learned());
+        specs.iter().any(|t| t.name == name)
+            || name.starts_with("meta.")
+            || name.strip_prefix("momentum.").is_some_and(param)
+    };
+    let mut unexpected: Vec<&String> = file.keys().filter(|n| !known(n)).collect();
+    unexpected.sort();
+    if let Some(first) = unexpected.first() {
+        return Err(fmt_err(
+            path,
+            format!(
+                "unexpected tensor {first} ({} in all): the configuration has no such tensor (another depth, width or unit kind?)",
+                unexpected.len()
+            ),
+        ));
     }
     Ok(out)
 }

@@ -81,6 +81,13 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     let e = io::load_net(g, &cfg100, &path).err().expect("100 classes must not load");
     assert!(e.to_string().contains("fc.weight") && e.to_string().contains("[10, 64]"), "{e}");
 
+    // A shallower configuration's tensors are all in the deeper file, with their shapes: the
+    // rest must not be dropped silently.
+    let cfg8 = NetConfig::cifar(8, UnitKind::PreAct, false, 10).unwrap();
+    let e = io::load_net(g, &cfg8, &path).err().expect("ResNet-20 weights must not load into ResNet-8");
+    assert!(matches!(e, Error::Format { .. }), "{e}");
+    assert!(e.to_string().contains("unexpected tensor layer1.1.bn1.bias (72 in all)"), "{e}");
+
     let orig = NetConfig::cifar(20, UnitKind::Original, false, 10).unwrap();
     let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
     assert!(e.to_string().contains("bn1.weight"), "{e}");
