@@ -188,7 +188,8 @@ pub struct ResNet {
 }
 
 /// What the last pass computed, for [`ResNet::loss`], [`ResNet::logits`],
-/// [`ResNet::grad_images`] and [`ResNet::grads`]. Each pass clears it as it begins and sets
+/// [`ResNet::grad_images`], [`ResNet::grads`] and [`ResNet::streams`] (which a pass that has
+/// its logits wrote). Each pass clears it as it begins and sets
 /// what it computed once it has run, so that a failed pass, or one that computes less (a
 /// `predict` after a training step, on new buffers where the batch changed), leaves nothing to
 /// read as a result that it is not.
