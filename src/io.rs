@@ -7,7 +7,7 @@
 //! tensors; values are converted to f32. Writes go to a temporary file that is then renamed, so
 //! an interrupted save never leaves a corrupt file.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors};
@@ -180,11 +180,13 @@ pub fn state_for(
         }
         out.insert(spec.name.clone(), t.to_f32());
     }
+    // Sets, not scans: a ResNet-1001 checkpoint holds thousands of tensors.
+    let names: HashSet<&str> = specs.iter().map(|t| t.name.as_str()).collect();
+    let learned: HashSet<&str> = specs.iter().filter(|t| t.role.learned()).map(|t| t.name.as_str()).collect();
     let known = |name: &str| {
-        let param = |n: &str| specs.iter().any(|t| t.name == n && t.role.learned());
-        specs.iter().any(|t| t.name == name)
+        names.contains(name)
             || name.starts_with("meta.")
-            || name.strip_prefix("momentum.").is_some_and(param)
+            || name.strip_prefix("momentum.").is_some_and(|n| learned.contains(n))
     };
     let mut unexpected: Vec<&String> = file.keys().filter(|n| !known(n)).collect();
     unexpected.sort();
