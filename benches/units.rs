@@ -13,9 +13,10 @@
 //! as in `resnet-wgpu bench`; `--shape N,C,H,W` takes one shape and may be repeated.)
 //!
 //! `--peers` runs both peers from their default places (`~/burn-unit/target/release/burn-unit`,
-//! `../shared/peers/torch_unit.py`). The same settings as environment variables: `BENCH_QUICK=1`,
-//! `BENCH_FULL=1`, `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`,
-//! `BENCH_SKIP`, `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
+//! `../shared/peers/torch_unit.py`), those that are there; `--burn` or `--torch` naming no file
+//! is an error. The same settings as environment variables: `BENCH_QUICK=1`, `BENCH_FULL=1`,
+//! `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`, `BENCH_SKIP`,
+//! `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -90,8 +91,17 @@ fn run() -> Result<()> {
             "--skip" => skip = it.next(),
             "--wall" => wall = true,
             "--peers" => {
-                burn = Some(bench::default_burn_path());
-                torch = Some(bench::default_torch_path());
+                // Those found: a path given by hand that names no file is an error, a default
+                // place that holds nothing is not.
+                let found = |path: PathBuf| match path.is_file() {
+                    true => Some(path),
+                    false => {
+                        eprintln!("note: no peer at {}: skipped", path.display());
+                        None
+                    }
+                };
+                burn = found(bench::default_burn_path());
+                torch = found(bench::default_torch_path());
             }
             "--burn" => burn = it.next().map(PathBuf::from),
             "--burn-adapter" => burn_adapter = it.next(),

@@ -441,6 +441,7 @@ pub struct Report {
 
 /// Our benchmarks and then the peers, into one report.
 pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
+    check_peer_paths(opts.burn.as_deref(), opts.torch.as_deref())?;
     let unix_time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let rows = run(gpu, opts)?;
     let (peers, skipped) = run_peers(gpu, opts);
@@ -979,6 +980,17 @@ fn identity_unit(gpu: &Gpu, kind: UnitKind, c: usize) -> Result<Unit> {
 
 // ---------------------------------------------------------------------------------------------
 // Peers
+
+/// A peer path that names no file is a typo: refused before the runs (with peers they take
+/// minutes) rather than reported after them.
+pub fn check_peer_paths(burn: Option<&Path>, torch: Option<&Path>) -> Result<()> {
+    for (flag, path) in [("burn", burn), ("torch", torch)] {
+        if let Some(p) = path.filter(|p| !p.is_file()) {
+            return Err(Error::Invalid(format!("bench --{flag} {}: no such file", p.display())));
+        }
+    }
+    Ok(())
+}
 
 /// Runs the peers that `opts` names, over the same shapes; returns their rows and, for each peer
 /// skipped or failed, a line saying why. Never fails.

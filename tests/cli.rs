@@ -441,6 +441,11 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["train", "--depth", "8", "--lr", "nan"], "lr = NaN must be finite and not negative"),
         (vec!["train", "--depth", "8", "--lr=-0.1"], "lr = -0.1 must be finite and not negative"),
         (vec!["train", "--depth", "8", "--weight-decay", "inf"], "weight_decay = inf must be finite"),
+        (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
+        (vec!["bench", "--burn", "/nonexistent/burn-unit"], "bench --burn /nonexistent/burn-unit: no such file"),
+        (vec!["bench", "--torch", "/nonexistent/torch_unit.py"], "bench --torch /nonexistent/torch_unit.py: no such"),
+        (vec!["analyze", "--depths", "8,14,8"], "ResNet-8 preact is asked for twice"),
+        (vec!["analyze", "--depths", "8", "--kinds", "original,original"], "ResNet-8 original is asked for twice"),
     ] {
         let out = command()
             .args(&args)

@@ -383,7 +383,12 @@ fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize, bot
             let mut config = NetConfig::cifar(d, UnitKind::PreAct, bottleneck, classes)?;
             variant.apply(&mut config);
             config.validate()?;
-            v.push(Network { label: format!("ResNet-{d} {variant}"), config });
+            let label = format!("ResNet-{d} {variant}");
+            // Two networks of one name would be two runs of the same rows in one CSV.
+            if v.iter().any(|n: &Network| n.label == label) {
+                return Err(Error::Invalid(format!("analyze: {label} is asked for twice")));
+            }
+            v.push(Network { label, config });
         }
     }
     Ok(v)
@@ -436,6 +441,8 @@ fn demo() -> Result<()> {
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let shapes = a.shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>>>()?;
+    bench::check_peer_paths(a.burn.as_deref(), a.torch.as_deref())?;
     let gpu = Gpu::new()?;
     let mode = if a.quick {
         Some(true)
@@ -445,8 +452,8 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         None
     };
     let mut o = bench::BenchOptions::for_adapter(&gpu, mode);
-    if !a.shapes.is_empty() {
-        o.shapes = Some(a.shapes.iter().map(|s| bench::parse_shape(s)).collect::<Result<Vec<_>>>()?);
+    if !shapes.is_empty() {
+        o.shapes = Some(shapes);
     }
     o.only = a.only;
     o.skip = a.skip;
