@@ -66,23 +66,57 @@ impl Default for GpuOptions {
 
 impl GpuOptions {
     /// Defaults overridden by `WGPU_BACKEND`, `WGPU_POWER_PREF` and `WGPU_ADAPTER_NAME`, and by
-    /// `RESNET_WGPU_COOP=0`, `RESNET_WGPU_SUBGROUPS=0`, `RESNET_WGPU_STREAM_CHUNK=N` and
-    /// `RESNET_WGPU_TUNE_FILE=<path>`.
+    /// `RESNET_WGPU_COOP=0`, `RESNET_WGPU_SUBGROUPS=0` (or `off`), `RESNET_WGPU_STREAM_CHUNK=N`,
+    /// `RESNET_WGPU_MAX_WORKGROUPS=N` and `RESNET_WGPU_TUNE_FILE=<path>`. A value that names
+    /// nothing these take is said on stderr and ignored (an unknown `WGPU_BACKEND` is an error
+    /// when the context opens: wgpu reads it as no backends).
     pub fn from_env() -> Self {
         let d = GpuOptions::default();
         GpuOptions {
             backends: wgpu::Backends::from_env().unwrap_or(d.backends),
-            power: wgpu::PowerPreference::from_env().unwrap_or(d.power),
+            power: env_choice("WGPU_POWER_PREF", "high, low or none", |v| match v.to_lowercase().as_str() {
+                "high" => Some(wgpu::PowerPreference::HighPerformance),
+                "low" => Some(wgpu::PowerPreference::LowPower),
+                "none" => Some(wgpu::PowerPreference::None),
+                _ => None,
+            })
+            .unwrap_or(d.power),
             adapter_name: std::env::var("WGPU_ADAPTER_NAME").ok().filter(|s| !s.is_empty()),
             max_binding_bytes: None,
-            cooperative_matrix: std::env::var("RESNET_WGPU_COOP").map_or(true, |v| v != "0"),
-            subgroups: std::env::var("RESNET_WGPU_SUBGROUPS").map_or(true, |v| v != "0"),
-            stream_chunk: std::env::var("RESNET_WGPU_STREAM_CHUNK").ok().and_then(|v| v.parse().ok()),
+            cooperative_matrix: env_switch("RESNET_WGPU_COOP").unwrap_or(d.cooperative_matrix),
+            subgroups: env_switch("RESNET_WGPU_SUBGROUPS").unwrap_or(d.subgroups),
+            stream_chunk: env_number("RESNET_WGPU_STREAM_CHUNK"),
             tiled_bounds_checks: None,
             tune_file: std::env::var_os("RESNET_WGPU_TUNE_FILE").filter(|s| !s.is_empty()).map(Into::into),
-            max_workgroups: std::env::var("RESNET_WGPU_MAX_WORKGROUPS").ok().and_then(|v| v.parse().ok()),
+            max_workgroups: env_number("RESNET_WGPU_MAX_WORKGROUPS"),
         }
     }
+}
+
+/// The value of environment variable `name` that `parse` makes of it, where it is set and not
+/// empty; a value it cannot use (`None`) is reported on stderr, naming what it takes (`takes`),
+/// and ignored. A typo in a variable must not pass for the default unseen.
+pub(crate) fn env_choice<T>(name: &str, takes: &str, parse: impl FnOnce(&str) -> Option<T>) -> Option<T> {
+    let v = std::env::var(name).ok().filter(|v| !v.is_empty())?;
+    let parsed = parse(&v);
+    if parsed.is_none() {
+        eprintln!("{name}={v:?} ignored ({takes})");
+    }
+    parsed
+}
+
+/// An on/off environment variable: `1`, `on`, `true` or `0`, `off`, `false`.
+pub(crate) fn env_switch(name: &str) -> Option<bool> {
+    env_choice(name, "on or off, 1 or 0", |v| match v.to_lowercase().as_str() {
+        "1" | "on" | "true" => Some(true),
+        "0" | "off" | "false" => Some(false),
+        _ => None,
+    })
+}
+
+/// A whole-number environment variable.
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    env_choice(name, "a whole number", |v| v.parse().ok())
 }
 
 /// The cooperative matrices a context uses: square `size` x `size` fragments (8 or 16) of f16
@@ -1227,10 +1261,10 @@ impl Recorder<'_> {
 /// (benchmarking aids).
 pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
     let mut checks = wgpu::ShaderRuntimeChecks::checked();
-    let relaxed = match std::env::var("RESNET_WGPU_SHADER_CHECKS").as_deref() {
-        Ok("all") => false,
-        Ok("none") => return wgpu::ShaderRuntimeChecks::unchecked(),
-        Ok("gpu") => true,
+    let relaxed = match shader_checks_env() {
+        Some("all") => false,
+        Some("none") => return wgpu::ShaderRuntimeChecks::unchecked(),
+        Some("gpu") => true,
         _ => device != wgpu::DeviceType::Cpu,
     };
     if relaxed {
@@ -1264,12 +1298,22 @@ fn tune_context(report: &AdapterReport, info: &wgpu::AdapterInfo, tiled_checks: 
 /// them everywhere.
 pub fn in_range_checks(report: &AdapterReport) -> bool {
     let vulkan = report.backend == wgpu::Backend::Vulkan;
-    match std::env::var("RESNET_WGPU_SHADER_CHECKS").as_deref() {
-        Ok("all") => true,
-        Ok("none") => false,
-        Ok("gpu") => !vulkan,
+    match shader_checks_env() {
+        Some("all") => true,
+        Some("none") => false,
+        Some("gpu") => !vulkan,
         _ => !(vulkan && report.device_type != wgpu::DeviceType::Cpu),
     }
+}
+
+/// `RESNET_WGPU_SHADER_CHECKS` where it names a choice, read once per process.
+fn shader_checks_env() -> Option<&'static str> {
+    static CHOICE: std::sync::OnceLock<Option<&'static str>> = std::sync::OnceLock::new();
+    *CHOICE.get_or_init(|| {
+        env_choice("RESNET_WGPU_SHADER_CHECKS", "all, gpu or none", |v| {
+            ["all", "gpu", "none"].into_iter().find(|c| *c == v)
+        })
+    })
 }
 
 #[cfg(test)]

@@ -456,3 +456,47 @@ fn configuration_errors_come_before_the_adapter() {
         assert!(!out.status.success() && text.contains(want), "{args:?}: expected {want:?} in {text}");
     }
 }
+
+/// A variable the crate reads, set to a value it cannot use, is named on stderr rather than
+/// taken silently for the default; a switch takes `off` as well as `0`.
+#[test]
+fn unusable_environment_values_are_named() {
+    let d = dir("env-values");
+    let bad = [
+        ("WGPU_POWER_PREF", "hihg"),
+        ("RESNET_WGPU_COOP", "of"),
+        ("RESNET_WGPU_STREAM_CHUNK", "4k"),
+        ("RESNET_WGPU_MAX_WORKGROUPS", "-1"),
+        ("RESNET_WGPU_BN", "wide4"),
+        ("RESNET_WGPU_SHADER_CHECKS", "some"),
+        ("RESNET_WGPU_PROLOGUE", "fuse"),
+        ("RESNET_WGPU_CONV_TAPS", "of"),
+    ];
+    let out = command()
+        .args(["analyze", "--depths", "8", "--batch", "2", "--kinds", "preact", "--out", d.to_str().unwrap()])
+        .envs(bad)
+        // The tiled kernels, which read the last two.
+        .env("RESNET_WGPU_CONV_TILE", "64x64k16t4x4")
+        .output()
+        .expect("run resnet-wgpu");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    for (var, value) in bad {
+        assert!(text.contains(&format!("{var}={value:?} ignored (")), "{var}={value}: not named in {text}");
+    }
+
+    // `RESNET_WGPU_SUBGROUPS=off` turns subgroups off as `0` does (it used to leave them on).
+    let features = |value: &str| {
+        let out = command().arg("info").env("RESNET_WGPU_SUBGROUPS", value).output().expect("run resnet-wgpu");
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        text.lines()
+            .find(|l| l.starts_with("chosen:"))
+            .unwrap_or_else(|| panic!("no chosen line in {text}"))
+            .to_string()
+    };
+    if features("on").contains("subgroup") {
+        for off in ["0", "off", "false"] {
+            assert!(!features(off).contains("subgroup"), "RESNET_WGPU_SUBGROUPS={off} left subgroups on");
+        }
+    }
+}

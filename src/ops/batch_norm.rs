@@ -259,12 +259,14 @@ pub fn set_kernels(gpu: &Gpu, k: Kernels) {
 pub fn kernels(gpu: &Gpu) -> Kernels {
     // RESNET_WGPU_BN, read once per process (this runs for every batch-norm call).
     static FROM_ENV: std::sync::OnceLock<Option<Kernels>> = std::sync::OnceLock::new();
-    let from_env = FROM_ENV.get_or_init(|| match std::env::var("RESNET_WGPU_BN").as_deref() {
-        Ok("scalar") => Some(Kernels::Scalar),
-        Ok("vec4") => Some(Kernels::Vec4),
-        Ok("texture") => Some(Kernels::Texture),
-        Ok("wide") => Some(Kernels::Wide),
-        _ => None,
+    let from_env = FROM_ENV.get_or_init(|| {
+        crate::gpu::env_choice("RESNET_WGPU_BN", "scalar, vec4, texture or wide", |v| match v {
+            "scalar" => Some(Kernels::Scalar),
+            "vec4" => Some(Kernels::Vec4),
+            "texture" => Some(Kernels::Texture),
+            "wide" => Some(Kernels::Wide),
+            _ => None,
+        })
     });
     match *kernels_cell(gpu).lock().unwrap_or_else(|p| p.into_inner()) {
         Kernels::Auto => match from_env {

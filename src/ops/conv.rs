@@ -283,16 +283,13 @@ pub enum Prologue {
 
 fn prologue_cell(gpu: &Gpu) -> Arc<Mutex<Prologue>> {
     gpu.cached("conv.prologue", || {
-        let p = match std::env::var("RESNET_WGPU_PROLOGUE").as_deref() {
-            Ok("fused") => Prologue::Fused,
-            Ok("separate") => Prologue::Separate,
-            Ok("" | "auto") | Err(_) => Prologue::Auto,
-            Ok(other) => {
-                eprintln!("RESNET_WGPU_PROLOGUE={other:?} ignored (fused, separate or auto)");
-                Prologue::Auto
-            }
-        };
-        Arc::new(Mutex::new(p))
+        let p = crate::gpu::env_choice("RESNET_WGPU_PROLOGUE", "fused, separate or auto", |v| match v {
+            "fused" => Some(Prologue::Fused),
+            "separate" => Some(Prologue::Separate),
+            "auto" => Some(Prologue::Auto),
+            _ => None,
+        });
+        Arc::new(Mutex::new(p.unwrap_or(Prologue::Auto)))
     })
 }
 

@@ -607,15 +607,7 @@ fn taps(op: Op, g: &Geometry, coop: bool) -> usize {
 /// everywhere, as before 0af70fe: a benchmarking aid, to time one order against the other).
 fn tap_major_cell(gpu: &Gpu) -> Arc<Mutex<bool>> {
     gpu.cached("conv.tap-major", || {
-        let on = match std::env::var("RESNET_WGPU_CONV_TAPS").as_deref() {
-            Ok("off") => false,
-            Ok("" | "on") | Err(_) => true,
-            Ok(other) => {
-                eprintln!("RESNET_WGPU_CONV_TAPS={other:?} ignored (on or off)");
-                true
-            }
-        };
-        Arc::new(Mutex::new(on))
+        Arc::new(Mutex::new(crate::gpu::env_switch("RESNET_WGPU_CONV_TAPS").unwrap_or(true)))
     })
 }
 
