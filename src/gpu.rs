@@ -427,6 +427,8 @@ pub struct Gpu {
     /// The largest buffer this context will bind to one shader. Tensors may be larger (up to
     /// the adapter's largest buffer): the ops run them in chunks that fit.
     pub max_binding_bytes: u64,
+    /// This context's number, unique in the process (see [`Gpu::context`]).
+    context: u64,
     /// The device's limit on workgroups per dimension of one dispatch.
     max_groups: u32,
     /// Where [`Gpu::groups_for`] folds: `max_groups`, or [`GpuOptions::max_workgroups`] below it.
@@ -479,10 +481,20 @@ pub fn list_adapters(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
     pollster::block_on(instance.enumerate_adapters(backends)).iter().map(|a| a.get_info()).collect()
 }
 
+/// The process's one wgpu instance for `backends`. Contexts share it so that a tensor of one
+/// context passed to another is an error wgpu reports (its device checks), not a lookup of the
+/// other context's resource of the same id: every instance numbers its buffers from the start.
 fn make_instance(backends: wgpu::Backends) -> wgpu::Instance {
+    static INSTANCES: Mutex<Vec<(wgpu::Backends, wgpu::Instance)>> = Mutex::new(Vec::new());
+    let mut instances = INSTANCES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, i)) = instances.iter().find(|(b, _)| *b == backends) {
+        return i.clone();
+    }
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backends;
-    wgpu::Instance::new(desc)
+    let instance = wgpu::Instance::new(desc);
+    instances.push((backends, instance.clone()));
+    instance
 }
 
 impl Gpu {
@@ -494,6 +506,26 @@ impl Gpu {
     /// Opens an adapter by explicit options.
     pub fn with_options(opts: &GpuOptions) -> Result<Gpu> {
         pollster::block_on(Gpu::open(opts))
+    }
+
+    /// This context's number, unique in the process. Tensors, labels and networks keep the
+    /// number of the context that made them, and work only with that one: given another, their
+    /// methods return [`Error::Invalid`] (see [`Gpu::check_owns`]).
+    pub fn context(&self) -> u64 {
+        self.context
+    }
+
+    /// `Ok` where `what`, made on context `owner`, is this context's; else an error naming both.
+    /// A context's buffers and pipelines mean nothing to another's device.
+    pub fn check_owns(&self, what: &str, owner: u64) -> Result<()> {
+        if owner == self.context {
+            return Ok(());
+        }
+        Err(Error::Invalid(format!(
+            "{what}: made on GPU context {owner}, given with context {}; tensors, labels and networks \
+             work only with the Gpu that made them",
+            self.context
+        )))
     }
 
     async fn open(opts: &GpuOptions) -> Result<Gpu> {
@@ -552,11 +584,13 @@ impl Gpu {
             // `GpuOptions::cooperative_matrix`) leaves the feature off.
             experimental = unsafe { wgpu::ExperimentalFeatures::enabled() };
         }
+        static CONTEXTS: AtomicU64 = AtomicU64::new(1);
+        let context = CONTEXTS.fetch_add(1, Ordering::Relaxed);
         // The adapter's own limits, not wgpu's conservative defaults.
         let limits = adapter.limits();
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
-                label: Some("resnet-wgpu"),
+                label: Some(&format!("resnet-wgpu context {context}")),
                 required_features: features,
                 required_limits: limits.clone(),
                 experimental_features: experimental,
@@ -602,6 +636,7 @@ impl Gpu {
             None => None,
         };
         Ok(Gpu {
+            context,
             adapter,
             device,
             queue,

@@ -169,7 +169,8 @@ fn first_non_finite(p: &Probes, units: &[Unit]) -> Option<String> {
     None
 }
 
-/// A ResNet on the GPU.
+/// A ResNet on the GPU, on the context that made it: its methods refuse another [`Gpu`], and
+/// images and labels made on another ([`Gpu::check_owns`]).
 pub struct ResNet {
     pub config: NetConfig,
     stem: Conv,
@@ -185,6 +186,8 @@ pub struct ResNet {
     acts: Option<Acts>,
     /// What the last pass left to read back.
     done: Done,
+    /// The context that made it ([`Gpu::context`]): its every method takes that one only.
+    context: u64,
 }
 
 /// What the last pass computed, for [`ResNet::loss`], [`ResNet::logits`],
@@ -256,6 +259,7 @@ impl ResNet {
             loss_scale: None,
             acts: None,
             done: Done::default(),
+            context: gpu.context(),
         })
     }
 
@@ -365,6 +369,7 @@ impl ResNet {
     /// pre-activation and original units with the plain sum), or a loss scale that is not a
     /// finite positive power of two.
     pub fn set_f16(&mut self, gpu: &Gpu, loss_scale: Option<f32>) -> Result<()> {
+        gpu.check_owns("the network", self.context)?;
         if let Some(s) = loss_scale {
             if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
                 return Err(Error::Invalid(format!("the f16 network: {} has no shader-f16", gpu.report.name)));
@@ -774,6 +779,12 @@ impl ResNet {
     /// Checks the batch and makes the activations for it: the f16 network's with
     /// `Some(loss_scale)`.
     fn prepare(&mut self, gpu: &Gpu, images: &Tensor, labels: Option<&Labels>, half: Option<f32>) -> Result<()> {
+        // Before anything is allocated: activations made on another context would stay.
+        gpu.check_owns("the network", self.context)?;
+        gpu.check_owns("the images", images.context())?;
+        if let Some(l) = labels {
+            gpu.check_owns("the labels", l.context())?;
+        }
         let d = self.check_images(images)?;
         if let Some(l) = labels {
             if l.len != d[0] || l.classes != self.config.classes {

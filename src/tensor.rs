@@ -9,6 +9,8 @@ use crate::gpu::Gpu;
 pub struct Tensor {
     dims: Vec<usize>,
     pub buffer: wgpu::Buffer,
+    /// The context that made it ([`Gpu::context`]).
+    context: u64,
 }
 
 fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize> {
@@ -57,12 +59,18 @@ impl Tensor {
     fn uninit(gpu: &Gpu, dims: &[usize], len: usize) -> Tensor {
         let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
         let buffer = gpu.create_buffer("tensor", (len as u64 * 4).max(4), usage);
-        Tensor { dims: dims.to_vec(), buffer }
+        Tensor { dims: dims.to_vec(), buffer, context: gpu.context() }
     }
 
-    /// A tensor of `dims` over an existing buffer of at least that size (the ops' temporaries).
-    pub(crate) fn from_buffer(dims: &[usize], buffer: wgpu::Buffer) -> Tensor {
-        Tensor { dims: dims.to_vec(), buffer }
+    /// A tensor of `dims` over an existing buffer of `gpu`'s, of at least that size (the ops'
+    /// temporaries).
+    pub(crate) fn from_buffer(gpu: &Gpu, dims: &[usize], buffer: wgpu::Buffer) -> Tensor {
+        Tensor { dims: dims.to_vec(), buffer, context: gpu.context() }
+    }
+
+    /// The number of the context that made it ([`Gpu::context`]).
+    pub fn context(&self) -> u64 {
+        self.context
     }
 
     /// The shape.
@@ -95,6 +103,7 @@ impl Tensor {
 
     /// Overwrites the contents from the host.
     pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        gpu.check_owns("tensor", self.context)?;
         if data.len() != self.len() {
             return Err(Error::Length {
                 what: format!("tensor {:?}", self.dims),
@@ -107,12 +116,15 @@ impl Tensor {
     }
 
     /// Sets every element to `value`.
-    pub fn fill(&self, gpu: &Gpu, value: f32) {
+    pub fn fill(&self, gpu: &Gpu, value: f32) -> Result<()> {
+        gpu.check_owns("tensor", self.context)?;
         gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(&vec![value; self.len()]));
+        Ok(())
     }
 
     /// Copies the contents back to the host (waits for all work queued before it).
     pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.check_owns("tensor", self.context)?;
         read_buffer(gpu, &self.buffer, self.bytes()).map(|b| bytemuck::pod_collect_to_vec(&b))
     }
 }
@@ -149,6 +161,8 @@ pub fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u
 pub struct HalfTensor {
     dims: Vec<usize>,
     pub buffer: wgpu::Buffer,
+    /// The context that made it ([`Gpu::context`]).
+    context: u64,
 }
 
 impl HalfTensor {
@@ -164,7 +178,7 @@ impl HalfTensor {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
         });
-        let t = HalfTensor { dims: dims.to_vec(), buffer };
+        let t = HalfTensor { dims: dims.to_vec(), buffer, context: gpu.context() };
         t.upload(gpu, data);
         Ok(t)
     }
@@ -172,6 +186,7 @@ impl HalfTensor {
     /// Overwrites the contents with `data` rounded to the nearest half (queued: it lands
     /// before the next submission's work).
     pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        gpu.check_owns("half tensor", self.context)?;
         if data.len() != self.len() {
             return Err(Error::Length {
                 what: format!("half tensor {:?}", self.dims),
@@ -191,10 +206,15 @@ impl HalfTensor {
         gpu.queue.write_buffer(&self.buffer, 0, &bytes);
     }
 
-    /// A half tensor of shape `dims` over `buffer` (at least `dims`' halves, padded to whole 4
-    /// bytes).
-    pub(crate) fn from_buffer(dims: &[usize], buffer: wgpu::Buffer) -> HalfTensor {
-        HalfTensor { dims: dims.to_vec(), buffer }
+    /// A half tensor of shape `dims` over `gpu`'s `buffer` (at least `dims`' halves, padded to
+    /// whole 4 bytes).
+    pub(crate) fn from_buffer(gpu: &Gpu, dims: &[usize], buffer: wgpu::Buffer) -> HalfTensor {
+        HalfTensor { dims: dims.to_vec(), buffer, context: gpu.context() }
+    }
+
+    /// The number of the context that made it ([`Gpu::context`]).
+    pub fn context(&self) -> u64 {
+        self.context
     }
 
     /// A half tensor of zeros.
@@ -234,6 +254,7 @@ impl HalfTensor {
 
     /// Copies the contents back to the host, widened to f32 (waits for all work queued before it).
     pub fn read(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.check_owns("half tensor", self.context)?;
         let bytes = read_buffer(gpu, &self.buffer, (self.len() as u64 * 2).div_ceil(4) * 4)?;
         let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes[..self.len() * 2]);
         Ok(h.iter().map(|v| v.to_f32()).collect())

@@ -360,7 +360,7 @@ impl Workspace {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(HalfTensor::zeros(gpu, dims)?),
         };
-        Ok(HalfTensor::from_buffer(dims, t.buffer.clone()))
+        Ok(HalfTensor::from_buffer(gpu, dims, t.buffer.clone()))
     }
 
     /// Bytes held.

@@ -457,7 +457,7 @@ fn networks_split_match_the_reference_and_the_unlimited_context() {
             // A training pass against the reference.
             let mut net = ResNet::from_state(g, &cfg, &state).unwrap();
             for (_, p) in net.params() {
-                p.grad.fill(g, f32::NAN);
+                p.grad.fill(g, f32::NAN).unwrap();
             }
             let tl = upload_labels(g, &labels, cfg.classes).unwrap();
             let images = up(g, &dims, &x);
@@ -649,7 +649,7 @@ fn variant_kernels_and_networks_split_match_the_reference() {
         let mut net = ResNet::from_state(g, &cfg, &state).unwrap();
         // Poisoned, so that a gradient the split path never writes fails.
         for (_, p) in net.params() {
-            p.grad.fill(g, f32::NAN);
+            p.grad.fill(g, f32::NAN).unwrap();
         }
         let tl = upload_labels(g, &labels, cfg.classes).unwrap();
         let loss = net.forward_backward(g, &up(g, &dims, &x), &tl, true).unwrap();

@@ -133,7 +133,7 @@ fn compare_f16_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64) {
     let mut net = ResNet::from_state(g, cfg, &state).unwrap();
     net.set_f16(g, Some(1024.0)).unwrap();
     for (_, p) in net.params() {
-        p.grad.fill(g, f32::NAN);
+        p.grad.fill(g, f32::NAN).unwrap();
     }
     let x = rng.data(dims.iter().product());
     let labels: Vec<u32> = (0..dims[0]).map(|_| rng.below(cfg.classes) as u32).collect();

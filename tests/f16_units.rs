@@ -125,7 +125,7 @@ fn check_unit(g: &Gpu, ctx: &str, cfg: &NetConfig, spec: &UnitSpec, n: usize, hw
     let tg_in_own = h(&xd, &vec![f32::NAN; x.len()]);
     let tg_in = if identity { &tg_out } else { &tg_in_own };
     for (_, p) in unit_params(&unit) {
-        p.grad.fill(g, f32::NAN);
+        p.grad.fill(g, f32::NAN).unwrap();
     }
     let mut rec = g.recorder("f16 unit");
     unit.forward_f16(&mut rec, &tx, &ty, &kept).unwrap();

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 use resnet_wgpu::Error;
-use resnet_wgpu::ops::pool_fc_loss::{self as head, Labels, upload_labels};
+use resnet_wgpu::ops::pool_fc_loss::{self as head, upload_labels};
 use resnet_wgpu::ops::sgd;
 use resnet_wgpu::reference::{self as r, to_f64};
 use resnet_wgpu::tensor::Tensor;
@@ -347,7 +347,8 @@ fn bad_labels_and_shapes_are_errors() {
     assert!(matches!(head::softmax_xent(&mut rec, &z, &l5, &t(&[2]), &dz), Err(Error::Shape(_))));
     assert!(matches!(head::softmax_xent(&mut rec, &z, &l5, &loss, &t(&[5, 2])), Err(Error::Shape(_))));
     assert!(matches!(head::softmax_xent(&mut rec, &z, &l5, &loss, &z), Err(Error::Invalid(_))));
-    let short = Labels { buffer: upload_labels(g, &[1], 5).unwrap().buffer, len: 2, classes: 5 };
+    let mut short = upload_labels(g, &[1], 5).unwrap();
+    short.len = 2;
     assert!(matches!(head::softmax_xent(&mut rec, &z, &short, &loss, &dz), Err(Error::Length { .. })));
     // SGD.
     let (w, m) = (t(&[5, 3]), t(&[5, 3]));

@@ -28,7 +28,7 @@ fn compare_pass_on(g: &resnet_wgpu::Gpu, cfg: &NetConfig, dims: [usize; 4], seed
     let params = to_ref(&state);
     let mut net = ResNet::from_state(g, cfg, &state).unwrap();
     for (_, p) in net.params() {
-        p.grad.fill(g, f32::NAN);
+        p.grad.fill(g, f32::NAN).unwrap();
     }
     let x = rng.data(dims.iter().product());
     let labels: Vec<u32> = (0..dims[0]).map(|_| rng.below(cfg.classes) as u32).collect();
@@ -317,5 +317,62 @@ fn stride_2_units_on_1x1_maps_keep_their_own_gradient_buffer() {
             let cfg = NetConfig { widths: [3, 3, 3], ..tiny(kind, false, shortcut) };
             compare_pass(&cfg, [8, 3, 2, 2], 90 + i as u64, F32_TOL);
         }
+    }
+}
+
+/// A network, tensor or labels given with a context other than the one that made them is
+/// refused by name before anything is written or allocated, and the network still trains on
+/// its own context afterwards. (Each wgpu instance numbers its resources from the start, so a
+/// buffer handed to another context's device used to be taken for one of that device's own
+/// buffers, or to panic inside wgpu.) Below the network, an op recorded on another context's
+/// recorder is an error too: the contexts share one wgpu instance, whose device checks catch it.
+#[test]
+fn another_contexts_network_tensors_and_labels_are_refused() {
+    use resnet_wgpu::ops::relu;
+    use resnet_wgpu::{Error, Gpu, Tensor};
+    let g = gpu();
+    let other = Gpu::new().unwrap();
+    assert_ne!(g.context(), other.context());
+    let cfg = NetConfig::cifar(8, UnitKind::PreAct, false, 5).unwrap();
+    let mut net = ResNet::new(g, &cfg, 3).unwrap();
+    let mut rng = Rng::new(4);
+    let dims = [2, 3, 9, 7];
+    let x = rng.data(dims.iter().product());
+    let (images, labels) = (Tensor::new(g, &dims, &x).unwrap(), upload_labels(g, &[1, 4], 5).unwrap());
+    let (images2, labels2) = (Tensor::new(&other, &dims, &x).unwrap(), upload_labels(&other, &[1, 4], 5).unwrap());
+    let before = net.state(g).unwrap();
+
+    let refused = |r: resnet_wgpu::Result<()>, what: &str| match r {
+        Err(Error::Invalid(m)) => assert!(m.starts_with(what) && m.contains("GPU context"), "{what}: {m}"),
+        other => panic!("{what}: expected Error::Invalid, got {other:?}"),
+    };
+    let sgd = Sgd::default();
+    refused(net.train_step(&other, &images, &labels, sgd).map(drop), "the network");
+    refused(net.forward_backward(&other, &images, &labels, true).map(drop), "the network");
+    refused(net.predict(&other, &images).map(drop), "the network");
+    refused(net.set_f16(&other, None), "the network");
+    refused(net.state(&other).map(drop), "tensor");
+    refused(net.train_step(g, &images2, &labels, sgd).map(drop), "the images");
+    refused(net.train_step(g, &images, &labels2, sgd).map(drop), "the labels");
+    refused(net.predict(g, &images2).map(drop), "the images");
+    refused(images.read(&other).map(drop), "tensor");
+    refused(images.write(&other, &x), "tensor");
+    refused(images.fill(&other, 0.0), "tensor");
+    refused(labels.write(&other, &[0, 0]), "labels");
+
+    // Nothing reached either device; the weights are as they were, and the network trains.
+    other.take_error().unwrap();
+    g.take_error().unwrap();
+    assert_eq!(net.state(g).unwrap(), before);
+    assert!(net.train_step(g, &images, &labels, sgd).unwrap().is_finite());
+    assert_eq!(images.read(g).unwrap(), x);
+
+    // An op below the network: wgpu's device check, an error rather than another buffer.
+    let y = Tensor::zeros(&other, &dims).unwrap();
+    let mut rec = other.recorder("relu of another context's tensor");
+    relu::forward(&mut rec, &images, &y).unwrap();
+    match rec.run() {
+        Err(Error::Device(m)) => assert!(m.contains("match"), "{m}"),
+        r => panic!("expected a device error, got {r:?}"),
     }
 }

@@ -120,7 +120,7 @@ fn an_inference_forward_between_leaves_the_backward_alone() {
         let (ty, ty_eval, tg_in_own) = (poisoned(&yd), poisoned(&yd), poisoned(&xd));
         let tg_in = if spec.shortcut == Shortcut::Identity { &tg_out } else { &tg_in_own };
         for (_, p) in unit_params(&unit) {
-            p.grad.fill(g, f32::NAN);
+            p.grad.fill(g, f32::NAN).unwrap();
         }
         let mut rec = g.recorder("train, eval, backward");
         unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();

@@ -164,7 +164,7 @@ fn check_units(cfg: &NetConfig, seed: u64) {
         let identity = spec.shortcut == Shortcut::Identity;
         let tg_in = if identity { &tg_out } else { &tg_in_own };
         for (_, p) in unit_params(&unit) {
-            p.grad.fill(g, f32::NAN);
+            p.grad.fill(g, f32::NAN).unwrap();
         }
         let mut rec = g.recorder("unit");
         unit.forward(&mut rec, Mode::Train, &tx, &ty, &kept, &ws).unwrap();
@@ -280,7 +280,7 @@ fn variant_networks_match_the_reference() {
         // Two steps, so that the second step's dropout mask differs from the first's.
         for step in 0..2 {
             for (_, p) in net.params() {
-                p.grad.fill(g, f32::NAN);
+                p.grad.fill(g, f32::NAN).unwrap();
             }
             let x = rng.data(dims.iter().product());
             let labels: Vec<u32> = (0..dims[0]).map(|_| rng.below(cfg.classes) as u32).collect();

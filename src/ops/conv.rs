@@ -395,7 +395,8 @@ fn separate_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool) ->
 /// by every call: each use is recorded before the next call overwrites it, and commands run in
 /// order).
 fn prologue_pass(rec: &mut Recorder, x: &Tensor, affine: &Tensor) -> Result<Tensor> {
-    let a = Tensor::from_buffer(x.dims(), scratch(rec.gpu, "prologue", x.bytes(), wgpu::BufferUsages::STORAGE));
+    let a =
+        Tensor::from_buffer(rec.gpu, x.dims(), scratch(rec.gpu, "prologue", x.bytes(), wgpu::BufferUsages::STORAGE));
     batch_norm::affine_relu(rec, x, affine, &a)?;
     Ok(a)
 }
@@ -403,7 +404,7 @@ fn prologue_pass(rec: &mut Recorder, x: &Tensor, affine: &Tensor) -> Result<Tens
 /// [`prologue_pass`] on the f16 path: `ReLU(BN(x))` rounded once to halves.
 fn prologue_pass_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor) -> Result<HalfTensor> {
     let buf = scratch(rec.gpu, "prologue-f16", x.buffer.size(), wgpu::BufferUsages::STORAGE);
-    let a = HalfTensor::from_buffer(x.dims(), buf);
+    let a = HalfTensor::from_buffer(rec.gpu, x.dims(), buf);
     batch_norm::affine_relu_f16(rec, x, affine, &a)?;
     Ok(a)
 }
@@ -1299,12 +1300,15 @@ impl Acts<'_> {
 fn register_weights_f16(rec: &mut Recorder, w: &impl F16Weights) -> Result<Tensor> {
     let dims = w.shape();
     if !w.is_half() {
-        return Ok(Tensor::from_buffer(dims, w.buffer().clone()));
+        return Ok(Tensor::from_buffer(rec.gpu, dims, w.buffer().clone()));
     }
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-    let wide =
-        Tensor::from_buffer(dims, scratch(rec.gpu, "weights-f32", 4 * dims.iter().product::<usize>() as u64, usage));
-    cast::to_f32(rec, &HalfTensor::from_buffer(dims, w.buffer().clone()), &wide, 1.0)?;
+    let wide = Tensor::from_buffer(
+        rec.gpu,
+        dims,
+        scratch(rec.gpu, "weights-f32", 4 * dims.iter().product::<usize>() as u64, usage),
+    );
+    cast::to_f32(rec, &HalfTensor::from_buffer(rec.gpu, dims, w.buffer().clone()), &wide, 1.0)?;
     Ok(wide)
 }
 

@@ -19,6 +19,8 @@ pub struct Labels {
     pub len: usize,
     /// Number of classes K; every label is below it.
     pub classes: usize,
+    /// The context that made them ([`Gpu::context`]).
+    context: u64,
 }
 
 fn check_labels(labels: &[u32], classes: usize) -> Result<()> {
@@ -51,12 +53,18 @@ pub fn upload_labels(gpu: &Gpu, labels: &[u32], classes: usize) -> Result<Labels
         contents: bytemuck::cast_slice(labels),
         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
     });
-    Ok(Labels { buffer, len: labels.len(), classes })
+    Ok(Labels { buffer, len: labels.len(), classes, context: gpu.context() })
 }
 
 impl Labels {
+    /// The number of the context that made them ([`Gpu::context`]).
+    pub fn context(&self) -> u64 {
+        self.context
+    }
+
     /// Overwrites the labels in place (the next batch); same count, each below `classes`.
     pub fn write(&self, gpu: &Gpu, labels: &[u32]) -> Result<()> {
+        gpu.check_owns("labels", self.context)?;
         if labels.len() != self.len {
             return Err(Error::Length { what: "labels".into(), expected: self.len, got: labels.len() });
         }

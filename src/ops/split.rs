@@ -129,7 +129,7 @@ pub(crate) fn temp(gpu: &Gpu, role: &'static str, dims: &[usize]) -> Tensor {
             mapped_at_creation: false,
         })
     });
-    Tensor::from_buffer(dims, buffer)
+    Tensor::from_buffer(gpu, dims, buffer)
 }
 
 /// The dims of images `r` of `t`.

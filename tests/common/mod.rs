@@ -219,7 +219,7 @@ pub fn check_unit_on(
     let tg_in_own = poisoned(&xd);
     let tg_in = if identity { &tg_out } else { &tg_in_own };
     for (_, p) in unit_params(&unit) {
-        p.grad.fill(g, f32::NAN);
+        p.grad.fill(g, f32::NAN).unwrap();
     }
 
     let mut rec = g.recorder("unit forward");
