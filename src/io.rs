@@ -104,8 +104,25 @@ pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(out)
 }
 
+/// The file's string metadata (safetensors' `__metadata__`; empty where it has none).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| fmt_err(path, format!("not a safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Writes tensors atomically (temporary file in the same folder, then rename).
 pub fn write(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    write_with_metadata(path, tensors, HashMap::new())
+}
+
+/// [`write`] with string metadata (safetensors' `__metadata__`, which PyTorch's loaders skip).
+pub fn write_with_metadata(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    metadata: HashMap<String, String>,
+) -> Result<()> {
     let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -119,7 +136,8 @@ pub fn write(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
             .map_err(|e| fmt_err(path, format!("{n}: {e}")))?;
         views.push((n.clone(), v));
     }
-    let bytes = safetensors::serialize(views, None).map_err(|e| fmt_err(path, e.to_string()))?;
+    let metadata = (!metadata.is_empty()).then_some(metadata);
+    let bytes = safetensors::serialize(views, metadata).map_err(|e| fmt_err(path, e.to_string()))?;
     let file = path.file_name().ok_or_else(|| fmt_err(path, "not a file path"))?;
     let tmp = path.with_file_name(format!(".{}.tmp", file.to_string_lossy()));
     std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;

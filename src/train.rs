@@ -140,12 +140,15 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
     (loss, correct)
 }
 
-/// Saves a checkpoint: weights, BN buffers, momentum, the options' seed and the epochs done.
+/// Saves a checkpoint: weights, BN buffers, momentum, the options' seed and the epochs done,
+/// and in the file's metadata the unit variant (`variant`: many variants have the same tensors,
+/// so the names alone cannot tell one from another).
 pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
     let mut t = io::state_tensors(net, gpu, true)?;
     t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
-    io::write(path, &t)
+    let variant = crate::arch::Variant::of(&net.config).to_string();
+    io::write_with_metadata(path, &t, [("variant".to_string(), variant)].into())
 }
 
 /// The options' seed a checkpoint written by [`save_checkpoint`] was trained with (`None` in a
@@ -156,8 +159,23 @@ pub fn checkpoint_seed(path: &Path) -> Result<Option<u64>> {
     Ok(file.get("meta.seed").and_then(|t| t.to_i64()).and_then(|v| v.first().copied()).map(|s| s as u64))
 }
 
-/// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done.
+/// `Ok` unless the checkpoint at `path` names a unit variant other than `config`'s (one
+/// written before checkpoints named theirs passes).
+pub fn check_checkpoint_variant(config: &crate::arch::NetConfig, path: &Path) -> Result<()> {
+    let want = crate::arch::Variant::of(config).to_string();
+    match io::read_metadata(path)?.get("variant") {
+        Some(v) if *v != want => Err(Error::Invalid(format!(
+            "{} is a checkpoint of {v} units, not {want}: resume with --unit {v}",
+            path.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done. A
+/// checkpoint of another unit variant than `config`'s is refused ([`check_checkpoint_variant`]).
 pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) -> Result<(ResNet, usize)> {
+    check_checkpoint_variant(config, path)?;
     let file = io::read(path)?;
     let done = file.get("meta.epochs_done").and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
     let done = done.ok_or_else(|| Error::Format {

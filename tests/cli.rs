@@ -189,6 +189,10 @@ fn train_and_analyze_run_on_tiny_settings() {
     };
     let (ok, text) = resume("2", "3");
     assert!(!ok && text.contains("was trained with --seed 0"), "{text}");
+    // Resumed as another variant with the same tensors: refused, naming the checkpoint's.
+    let (ok, text) =
+        tool(&["train", "--depth", "8", "--unit", "preact+scale:0.5:1", "--resume", ckpt.to_str().unwrap()]);
+    assert!(!ok && text.contains("checkpoint of preact units") && text.contains("--unit preact"), "{text}");
     let (ok, text) = resume("2", "0");
     assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
 

@@ -73,6 +73,28 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
 }
 
+/// A checkpoint names its unit variant, and loads only into that variant: a scaled shortcut
+/// has the same tensors as the plain sum, and used to resume silently as the other network.
+#[test]
+fn a_checkpoint_loads_only_into_its_own_variant() {
+    let g = gpu();
+    let dir = out_dir("variant");
+    let path = dir.join("checkpoint.safetensors");
+    let net = ResNet::new(g, &tiny(), 7).unwrap();
+    train::save_checkpoint(g, &net, 1, 0, &path).unwrap();
+    assert_eq!(resnet_wgpu::io::read_metadata(&path).unwrap().get("variant").map(String::as_str), Some("preact"));
+    let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 1.0 }, ..tiny() };
+    assert_eq!(scaled.tensors(), tiny().tensors(), "the same tensors: only the variant tells them apart");
+    match train::load_checkpoint(g, &scaled, &path) {
+        Err(resnet_wgpu::Error::Invalid(m)) => {
+            assert!(m.contains("checkpoint of preact units, not preact+scale:0.5:1"), "{m}")
+        }
+        other => panic!("loaded into another variant: {:?}", other.map(|(_, done)| done)),
+    }
+    let (loaded, done) = train::load_checkpoint(g, &tiny(), &path).unwrap();
+    assert_eq!((done, loaded.state(g).unwrap()), (1, net.state(g).unwrap()));
+}
+
 /// A weights file without the checkpoint's `meta.epochs_done` loads as weights, not as a
 /// checkpoint: a format error that says so.
 #[test]

@@ -321,6 +321,7 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         resnet_wgpu::net::check_loss_scale(s).map_err(|_| Error::Invalid(format!("--f16 {s}: not a power of two")))?;
     }
     if let Some(path) = resume {
+        train::check_checkpoint_variant(&config, path)?;
         match train::checkpoint_seed(path)? {
             Some(s) if s != opts.seed => {
                 return Err(Error::Invalid(format!(
