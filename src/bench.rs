@@ -476,9 +476,13 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             )));
         }
     }
+    let shapes = opts.shapes(gpu);
+    for &shape in &shapes {
+        check_shape(gpu, shape)?;
+    }
     let timer = Timer::new(gpu, opts.timestamps);
     let mut rows = Vec::new();
-    for shape in opts.shapes(gpu) {
+    for shape in shapes {
         for item in ITEMS {
             let name = item.name();
             if opts.only.as_ref().is_some_and(|o| !name.contains(o.as_str()))
@@ -517,6 +521,31 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
         }
     }
     Ok(rows)
+}
+
+/// A benchmark shape every row can run at, checked before any row runs (rather than after
+/// the rows before it): its activations and its 3x3 weights within the adapter's largest
+/// buffer (their host data is drawn before the tensors are made), and more than one value per
+/// channel for batch norm's training statistics (which the convolution rows' set-up computes
+/// too).
+fn check_shape(gpu: &Gpu, d: [usize; 4]) -> Result<()> {
+    let [n, c, h, w] = d;
+    let shape = shape_str(d);
+    for (what, dims) in [("activations", vec![n, c, h, w]), ("3x3 weights", vec![c, c, 3, 3])] {
+        let what = format!("bench shape {shape}: {what} {dims:?}");
+        let bytes = dims.iter().try_fold(4u64, |a, &x| a.checked_mul(x as u64));
+        let bytes = bytes.ok_or_else(|| Error::Invalid(format!("{what}: the size overflows")))?;
+        if bytes > gpu.report.max_buffer {
+            return Err(Error::TooLarge { what, bytes, limit: gpu.report.max_buffer, of: "largest buffer" });
+        }
+    }
+    if n * h * w < 2 {
+        return Err(Error::Invalid(format!(
+            "bench shape {shape}: N*H*W must be at least 2 (batch norm's training statistics need more \
+             than one value per channel)"
+        )));
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -420,6 +420,18 @@ fn an_unusable_out_folder_fails_before_the_work() {
     }
 }
 
+/// A bench shape that a row cannot run at is refused before any row runs, not after the
+/// rows of the shapes before it: batch norm over one value per channel, a tensor past the
+/// adapter's largest buffer (whose host data used to abort the tool, out of memory).
+#[test]
+fn bench_refuses_a_shape_before_any_row_runs() {
+    for (bad, want) in [("1,1,1,1", "N*H*W must be at least 2"), ("4096,512,56,56", "largest buffer")] {
+        let (ok, text) = tool(&["bench", "--quick", "--shapes", "2,3,5,5", bad, "--only", "conv3x3 forward"]);
+        assert!(!ok && text.contains(&format!("bench shape {bad}")) && text.contains(want), "{bad}: {text}");
+        assert!(!text.contains(" ms "), "{bad}: rows ran before the error: {text}");
+    }
+}
+
 /// A misspelt backend is named as such, not answered with "install a GPU driver".
 #[test]
 fn a_misspelt_backend_is_named() {
