@@ -495,11 +495,20 @@ fn push_normalised(lut: &[[f32; 256]; 3], image: &[u8], out: &mut Vec<f32>) {
 /// `(seed, split, i)` (a last, partial block is shuffled at its own length), so a split's first
 /// `10 k` images are the same whatever its size. Generation runs on all cores and is
 /// deterministic regardless of their number.
-pub fn synthetic(train: usize, test: usize, seed: u64) -> (Dataset, Dataset) {
-    (shapes_split(train, seed, 0), shapes_split(test, seed, 1))
+///
+/// Errors: [`Error::Invalid`] where a split's images need more host memory than can be
+/// allocated (an extra zero or three in a size).
+pub fn synthetic(train: usize, test: usize, seed: u64) -> Result<(Dataset, Dataset)> {
+    Ok((shapes_split(train, seed, 0)?, shapes_split(test, seed, 1)?))
 }
 
-fn shapes_split(n: usize, seed: u64, split: u64) -> Dataset {
+fn shapes_split(n: usize, seed: u64, split: u64) -> Result<Dataset> {
+    // Reserved first: a size past the host's memory is an error, not an abort.
+    let too_large = || Error::Invalid(format!("{n} generated images: more host memory than can be allocated"));
+    let len = n.checked_mul(IMAGE_LEN).ok_or_else(too_large)?;
+    let mut images: Vec<f32> = Vec::new();
+    images.try_reserve_exact(len).map_err(|_| too_large())?;
+    images.resize(len, 0.0);
     let stream = Rng::new(seed).next_u64() ^ split.wrapping_mul(0xA076_1D64_78BD_642F);
     let mut labels: Vec<u32> = (0..n).map(|i| (i % 10) as u32).collect();
     // Shuffle within consecutive blocks of 10 so that the labels of image i depend only on its
@@ -508,7 +517,6 @@ fn shapes_split(n: usize, seed: u64, split: u64) -> Dataset {
         let mut r = Rng::new(stream ^ (b as u64).wrapping_mul(0xE703_7ED1_A0B4_28DB) ^ 0x5851_F42D_4C95_7F2D);
         shuffle(block, &mut r);
     }
-    let mut images = vec![0.0f32; n * IMAGE_LEN];
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(n.div_ceil(256)).max(1);
     let per = n.div_ceil(threads).max(1);
     let labels_ref = &labels;
@@ -525,7 +533,6 @@ fn shapes_split(n: usize, seed: u64, split: u64) -> Dataset {
         }
     });
     Dataset::new(SYNTHETIC_NAME, images, labels, 10, SHAPES10_MEAN, SHAPES10_STD)
-        .expect("synthetic data satisfies the dataset's invariants")
 }
 
 fn normalise_in_place(img: &mut [f32], mean: [f32; 3], std: [f32; 3]) {

@@ -369,6 +369,8 @@ fn bad_arguments_get_clear_messages() {
         ),
         (vec!["train", "--data", "/nonexistent-cifar"], "/nonexistent-cifar"),
         (vec!["analyze", "--batch", "1"], "at least 2"),
+        // Refused before 1.2 TB of images are drawn on the host.
+        (vec!["analyze", "--depths", "8", "--batch", "100000000"], "largest buffer"),
         (vec!["train", "--depth", "8", "--train-size", "10", "--batch", "32"], "batch 32 for 10"),
         (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
         (
@@ -458,6 +460,8 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["train", "--depth", "8", "--lr=-0.1"], "lr = -0.1 must be finite and not negative"),
         (vec!["train", "--depth", "8", "--weight-decay", "inf"], "weight_decay = inf must be finite"),
         (vec!["bench", "--shapes", "2,3,5"], "N,C,H,W"),
+        // Past the host's memory: an error, where the allocation used to abort the tool.
+        (vec!["train", "--depth", "8", "--train-size", "100000000000000"], "generated images: more host memory"),
         (vec!["bench", "--burn", "/nonexistent/burn-unit"], "bench --burn /nonexistent/burn-unit: no such file"),
         (vec!["bench", "--torch", "/nonexistent/torch_unit.py"], "bench --torch /nonexistent/torch_unit.py: no such"),
         (vec!["analyze", "--depths", "8,14,8"], "ResNet-8 preact is asked for twice"),

@@ -194,7 +194,7 @@ fn dataset_new_refuses_what_breaks_its_invariants() {
 
 #[test]
 fn gather_and_shuffle() {
-    let (train, _) = synthetic(30, 0, 5);
+    let (train, _) = synthetic(30, 0, 5).unwrap();
     let mut images = vec![f32::NAN; 7];
     let mut labels = vec![99];
     train.gather(&[4, 0, 4, 29], &mut images, &mut labels);
@@ -267,7 +267,7 @@ fn augmentation_crop_flip() {
 
     // Random augmentation: deterministic given the seed, shapes kept, every value either padding
     // or from the source, and both flips and several offsets seen.
-    let (train, _) = synthetic(20, 0, 3);
+    let (train, _) = synthetic(20, 0, 3).unwrap();
     let idx: Vec<usize> = (0..20).collect();
     let (mut a, mut la, mut b, mut lb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     train.gather_augmented(&idx, &mut Rng::new(11), &mut a, &mut la);
@@ -299,21 +299,21 @@ fn augmentation_crop_flip() {
 
 #[test]
 fn synthetic_is_deterministic_balanced_and_finite() {
-    let (train, test) = synthetic(200, 50, 42);
-    let (train2, test2) = synthetic(200, 50, 42);
+    let (train, test) = synthetic(200, 50, 42).unwrap();
+    let (train2, test2) = synthetic(200, 50, 42).unwrap();
     assert_eq!(train.images(), train2.images());
     assert_eq!(train.labels(), train2.labels());
     assert_eq!(test.images(), test2.images());
     assert_eq!((train.len(), test.len(), train.classes()), (200, 50, 10));
     assert_eq!(train.name(), data::SYNTHETIC_NAME);
 
-    let (other, _) = synthetic(200, 0, 43);
+    let (other, _) = synthetic(200, 0, 43).unwrap();
     assert_ne!(train.images(), other.images());
     assert_ne!(train.labels(), other.labels());
     // Train and test are different images.
     assert_ne!(&train.images()[..50 * IMAGE_LEN], test.images());
     // A prefix is the same whatever the size.
-    let (small, _) = synthetic(30, 0, 42);
+    let (small, _) = synthetic(30, 0, 42).unwrap();
     assert_eq!(small.images(), &train.images()[..30 * IMAGE_LEN]);
     assert_eq!(small.labels(), &train.labels()[..30]);
 
@@ -373,7 +373,7 @@ fn synthetic_classes_are_not_trivial_but_structured() {
     // 0.103 (colour), 0.126 (raw pixels), 0.225 (contrast map) when written. For comparison, off
     // this test: softmax regression on raw pixels reached about 0.15 on held-out images, a
     // two-layer convnet trained on 3000 images for 5 epochs about 0.67 and still rising.
-    let (train, test) = synthetic(2000, 1000, 1);
+    let (train, test) = synthetic(2000, 1000, 1).unwrap();
     let by_colour = nearest_class_mean(&train, &test, channel_means);
     let by_pixels = nearest_class_mean(&train, &test, |im| im.to_vec());
     let by_contrast = nearest_class_mean(&train, &test, contrast_map);

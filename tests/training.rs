@@ -27,7 +27,7 @@ fn out_dir(name: &str) -> TempDir {
 #[test]
 fn a_tiny_run_on_shapes10_beats_chance() {
     let g = gpu();
-    let (train_set, test_set) = data::synthetic(1200, 300, 3);
+    let (train_set, test_set) = data::synthetic(1200, 300, 3).unwrap();
     let mut net = ResNet::new(g, &tiny(), 3).unwrap();
     let dir = out_dir("chance");
     let opts = TrainOptions {
@@ -54,7 +54,7 @@ fn a_tiny_run_on_shapes10_beats_chance() {
 #[test]
 fn resuming_from_a_checkpoint_is_bit_identical() {
     let g = gpu();
-    let (train_set, test_set) = data::synthetic(160, 40, 4);
+    let (train_set, test_set) = data::synthetic(160, 40, 4).unwrap();
     let dirs = [out_dir("full"), out_dir("half"), out_dir("rest")];
     let opts =
         TrainOptions { epochs: 2, batch: 32, progress: false, out: dirs[0].to_path_buf(), ..TrainOptions::default() };
@@ -115,7 +115,7 @@ fn a_weights_file_is_not_a_checkpoint() {
 #[test]
 fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
     let g = gpu();
-    let (train_set, test_set) = data::synthetic(64, 20, 5);
+    let (train_set, test_set) = data::synthetic(64, 20, 5).unwrap();
     let cfg = tiny();
     let mut state: std::collections::HashMap<String, Vec<f32>> =
         cfg.tensors().into_iter().map(|t| t.name).zip(cfg.initial_values(5)).collect();
@@ -150,7 +150,7 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
 #[test]
 fn bad_hyperparameters_are_refused_before_anything_is_written() {
     let g = gpu();
-    let (train_set, test_set) = data::synthetic(64, 20, 7);
+    let (train_set, test_set) = data::synthetic(64, 20, 7).unwrap();
     let dir = out_dir("hyper");
     let out = dir.join("run");
     for (lr, momentum, weight_decay, name) in [
@@ -185,7 +185,7 @@ fn bad_hyperparameters_are_refused_before_anything_is_written() {
 #[test]
 fn datasets_of_other_classes_are_refused() {
     let g = gpu();
-    let (train_set, test_set) = data::synthetic(64, 20, 8);
+    let (train_set, test_set) = data::synthetic(64, 20, 8).unwrap();
     let hundred = |d: &data::Dataset| {
         data::Dataset::new(
             "hundred",
@@ -223,7 +223,7 @@ fn datasets_of_other_classes_are_refused() {
 #[test]
 fn the_same_seed_gives_bit_identical_losses_and_weights() {
     let g = gpu();
-    let (train_set, test_set) = data::synthetic(96, 20, 6);
+    let (train_set, test_set) = data::synthetic(96, 20, 6).unwrap();
     let run = |name: &str| {
         let mut net = ResNet::new(g, &tiny(), 6).unwrap();
         let dir = out_dir(name);

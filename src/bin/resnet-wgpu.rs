@@ -118,7 +118,7 @@ impl DataArgs {
                 if self.train_size == 0 || self.test_size == 0 {
                     return Err(Error::Invalid("--train-size and --test-size must be positive".into()));
                 }
-                Ok(data::synthetic(self.train_size, self.test_size, seed))
+                data::synthetic(self.train_size, self.test_size, seed)
             }
         }
     }
@@ -406,10 +406,13 @@ fn analyze_cmd(networks: &[Network], batch: usize, seed: u64, rows: usize, out: 
     println!("adapter: {}", gpu.report);
     // The folder before the passes: a deep analysis is not to be lost to an unwritable --out.
     std::fs::create_dir_all(out).map_err(|e| Error::Io { path: out.display().to_string(), source: e })?;
-    let (set, _) = data::synthetic(batch, 1, seed);
-    let (mut images, mut labels) = (Vec::new(), Vec::new());
-    set.gather(&(0..batch).collect::<Vec<_>>(), &mut images, &mut labels);
-    let images = Tensor::new(&gpu, &[batch, 3, 32, 32], &images)?;
+    // The tensor first: a batch past the adapter's largest buffer is refused before its
+    // images are drawn.
+    let images = Tensor::zeros(&gpu, &[batch, 3, 32, 32])?;
+    let (set, _) = data::synthetic(batch, 1, seed)?;
+    let (mut host, mut labels) = (Vec::new(), Vec::new());
+    set.gather(&(0..batch).collect::<Vec<_>>(), &mut host, &mut labels);
+    images.write(&gpu, &host)?;
     let labels = upload_labels(&gpu, &labels.iter().map(|&l| l % classes as u32).collect::<Vec<_>>(), classes)?;
     let mut measured = Vec::new();
     for v in networks {
