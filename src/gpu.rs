@@ -552,7 +552,15 @@ impl Gpu {
         let adapter = match &opts.adapter_name {
             Some(name) => {
                 let want = name.to_lowercase();
-                adapters.into_iter().find(|a| a.get_info().name.to_lowercase().contains(&want))
+                let found = adapters.iter().find(|a| a.get_info().name.to_lowercase().contains(&want)).cloned();
+                // Adapters there, none of that name: a name to fix, not a driver to install.
+                if found.is_none() && !adapters.is_empty() {
+                    return Err(Error::Invalid(format!(
+                        "no adapter's name contains {name:?} (WGPU_ADAPTER_NAME, or GpuOptions::adapter_name); \
+                         adapters seen: [{seen}]"
+                    )));
+                }
+                found
             }
             None => instance
                 .request_adapter(&wgpu::RequestAdapterOptions { power_preference: opts.power, ..Default::default() })
