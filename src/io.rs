@@ -138,10 +138,14 @@ pub fn write_with_metadata(
     }
     let metadata = (!metadata.is_empty()).then_some(metadata);
     let bytes = safetensors::serialize(views, metadata).map_err(|e| fmt_err(path, e.to_string()))?;
-    let file = path.file_name().ok_or_else(|| fmt_err(path, "not a file path"))?;
+    let file = path.file_name().filter(|_| !path.is_dir()).ok_or_else(|| fmt_err(path, "not a file path"))?;
     let tmp = path.with_file_name(format!(".{}.tmp", file.to_string_lossy()));
-    std::fs::write(&tmp, &bytes).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+    // Errors name the file asked for, not the temporary beside it.
+    std::fs::write(&tmp, &bytes).map_err(|e| io_err(path, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        io_err(path, e)
+    })
 }
 
 /// The network's state under PyTorch's names: parameters and BN buffers, plus with

@@ -410,6 +410,7 @@ fn an_unusable_out_folder_fails_before_the_work() {
         ),
         (vec!["bench", "--quick", "--shapes", "2,3,5,5", "--only", "bn", "--json", &json], "bn forward"),
         (vec!["bench", "--quick", "--shapes", "2,3,5,5", "--only", "bn", "--json", d.to_str().unwrap()], "bn forward"),
+        (vec!["grad", "--depth", "8", "--batch", "/nonexistent/b.safetensors", "--out", d.to_str().unwrap()], "loss"),
     ] {
         let (ok, text) = tool(&args);
         // The error names the argument, or the file in its way.

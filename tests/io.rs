@@ -119,3 +119,21 @@ fn other_dtypes_are_converted() {
     assert_eq!(f["d"].to_f32(), vec![0.25, 3.0]);
     assert_eq!(f["n"].to_i64(), Some(vec![3]));
 }
+
+/// A file that cannot be written is an error naming that file, not the temporary beside it;
+/// a folder is not a file; and no temporary is left behind.
+#[test]
+fn an_unwritable_file_is_named() {
+    let d = temp("unwritable");
+    let t = vec![("x".to_string(), io::HostTensor::f32(&[2], vec![1.0, 2.0]))];
+    let missing = d.join("no-such-folder").join("w.safetensors");
+    match io::write(&missing, &t) {
+        Err(Error::Io { path, .. }) => assert_eq!(path, missing.display().to_string()),
+        other => panic!("expected an Io error naming {}, got {other:?}", missing.display()),
+    }
+    assert!(matches!(io::write(&d, &t), Err(Error::Format { .. })), "a folder written as a file");
+    io::write(&d.join("w.safetensors"), &t).unwrap();
+    let names: Vec<String> =
+        std::fs::read_dir(&*d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert_eq!(names, ["w.safetensors"]);
+}

@@ -471,12 +471,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     // The report's folder before the runs (with peers they take minutes): a bad --json fails
     // at once rather than after them.
     let json = &a.json;
-    if let Some(dir) = json.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
-    }
-    if json.is_dir() {
-        return Err(Error::Invalid(format!("--json {}: a folder, not a file", json.display())));
-    }
+    output_file("--json", json)?;
     let report = bench::run_all(&gpu, &o)?;
     bench::print_table(&report);
     std::fs::write(json, bench::to_json(&report))
@@ -519,6 +514,18 @@ fn info() -> Result<()> {
     Ok(())
 }
 
+/// Makes ready to write the file `path` that option `flag` names, before the work whose result
+/// it will hold: its folder made, and a path that is a folder refused.
+fn output_file(flag: &str, path: &std::path::Path) -> Result<()> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::Io { path: dir.display().to_string(), source: e })?;
+    }
+    if path.is_dir() || path.as_os_str().to_string_lossy().ends_with('/') {
+        return Err(Error::Invalid(format!("{flag} {}: a folder, not a file", path.display())));
+    }
+    Ok(())
+}
+
 fn grad(
     args: &NetArgs,
     weights: Option<&std::path::Path>,
@@ -527,6 +534,7 @@ fn grad(
     seed: u64,
 ) -> Result<()> {
     let config = args.config()?;
+    output_file("--out", out)?;
     let gpu = Gpu::new()?;
     let mut net = match weights {
         Some(w) => io::load_net(&gpu, &config, w)?,
