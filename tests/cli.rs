@@ -195,6 +195,27 @@ fn train_and_analyze_run_on_tiny_settings() {
     assert!(!ok && text.contains("checkpoint of preact units") && text.contains("--unit preact"), "{text}");
     let (ok, text) = resume("2", "0");
     assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
+    assert!(!text.contains("curves.csv holds"), "{text}");
+    // Into another folder, whose curves lack the epochs done: said.
+    let elsewhere = dir("resume-elsewhere");
+    let (ok, text) = tool(&[
+        "train",
+        "--depth",
+        "8",
+        "--train-size",
+        "64",
+        "--test-size",
+        "20",
+        "--batch",
+        "32",
+        "--epochs",
+        "2",
+        "--resume",
+        ckpt.to_str().unwrap(),
+        "--out",
+        elsewhere.to_str().unwrap(),
+    ]);
+    assert!(ok && text.contains("curves.csv holds 0 of the 2 epochs done"), "{text}");
 
     let a = dir("analyze");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);

@@ -349,7 +349,16 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         Some(path) => {
             let (net, done) = train::load_checkpoint(&gpu, &config, path)?;
             println!("resuming after epoch {done} from {}", path.display());
-            (net, done, train::read_curves(&opts.out, done))
+            let history = train::read_curves(&opts.out, done);
+            if history.len() != done {
+                eprintln!(
+                    "note: {}/curves.csv holds {} of the {done} epochs done: the curves written will lack the others \
+                     (resume with the run's own --out to continue them)",
+                    opts.out.display(),
+                    history.len()
+                );
+            }
+            (net, done, history)
         }
         None => (ResNet::new(&gpu, &config, opts.seed)?, 0, Vec::new()),
     };
