@@ -117,7 +117,7 @@ pub fn write(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
     write_with_metadata(path, tensors, HashMap::new())
 }
 
-/// [`write`] with string metadata (safetensors' `__metadata__`, which PyTorch's loaders skip).
+/// [`write()`] with string metadata (safetensors' `__metadata__`, which PyTorch's loaders skip).
 pub fn write_with_metadata(
     path: &Path,
     tensors: &[(String, HostTensor)],
