@@ -182,39 +182,23 @@ fn train_and_analyze_run_on_tiny_settings() {
     assert!(text.contains("f16 path, loss scale 1024"), "{text}");
     // Resumed with another seed (the data order would differ): refused, naming the seed; with
     // every epoch done: nothing trained, nothing claimed written.
-    let resume = |epochs: &str, seed: &str| {
+    let resume = |out: &str, epochs: &str, seed: &str| {
         let ck = ckpt.to_str().unwrap();
         let a = ["train", "--depth", "8", "--train-size", "64", "--test-size", "20", "--batch", "32", "--out", out];
         tool(&[&a[..], &["--epochs", epochs, "--seed", seed, "--resume", ck]].concat())
     };
-    let (ok, text) = resume("2", "3");
+    let (ok, text) = resume(out, "2", "3");
     assert!(!ok && text.contains("was trained with --seed 0"), "{text}");
     // Resumed as another variant with the same tensors: refused, naming the checkpoint's.
     let (ok, text) =
         tool(&["train", "--depth", "8", "--unit", "preact+scale:0.5:1", "--resume", ckpt.to_str().unwrap()]);
     assert!(!ok && text.contains("checkpoint of preact units") && text.contains("--unit preact"), "{text}");
-    let (ok, text) = resume("2", "0");
+    let (ok, text) = resume(out, "2", "0");
     assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
     assert!(!text.contains("curves.csv holds"), "{text}");
     // Into another folder, whose curves lack the epochs done: said.
     let elsewhere = dir("resume-elsewhere");
-    let (ok, text) = tool(&[
-        "train",
-        "--depth",
-        "8",
-        "--train-size",
-        "64",
-        "--test-size",
-        "20",
-        "--batch",
-        "32",
-        "--epochs",
-        "2",
-        "--resume",
-        ckpt.to_str().unwrap(),
-        "--out",
-        elsewhere.to_str().unwrap(),
-    ]);
+    let (ok, text) = resume(elsewhere.to_str().unwrap(), "2", "0");
     assert!(ok && text.contains("curves.csv holds 0 of the 2 epochs done"), "{text}");
 
     let a = dir("analyze");
