@@ -74,8 +74,16 @@ fn fmt_err(path: &Path, msg: impl Into<String>) -> Error {
 
 /// Reads every tensor of a safetensors file.
 pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
+    Ok(read_with_metadata(path)?.0)
+}
+
+/// Every tensor of a safetensors file, and its string metadata (`__metadata__`; empty where it
+/// has none), from one read of the file.
+pub fn read_with_metadata(path: &Path) -> Result<(HashMap<String, HostTensor>, HashMap<String, String>)> {
     let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| fmt_err(path, format!("not a safetensors file: {e}")))?;
+    let not_safetensors = |e: safetensors::SafeTensorError| fmt_err(path, format!("not a safetensors file: {e}"));
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(not_safetensors)?;
+    let st = SafeTensors::deserialize(&bytes).map_err(not_safetensors)?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let d = view.data();
@@ -101,15 +109,7 @@ pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
         };
         out.insert(name, HostTensor { dims: view.shape().to_vec(), data });
     }
-    Ok(out)
-}
-
-/// The file's string metadata (safetensors' `__metadata__`; empty where it has none).
-pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| fmt_err(path, format!("not a safetensors file: {e}")))?;
-    Ok(meta.metadata().clone().unwrap_or_default())
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
 }
 
 /// Writes tensors atomically (temporary file in the same folder, then rename).

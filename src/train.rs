@@ -1,7 +1,7 @@
 //! Training on the GPU with the paper's recipe: SGD with momentum 0.9 and weight decay 1e-4,
 //! learning rate 0.1 divided by 10 at 50% and 75% of the run, pad-and-crop and flip
 //! augmentation; evaluation on the test split each epoch; checkpoints that resume exactly (with
-//! the same seed: [`checkpoint_seed`]).
+//! the same seed and unit variant: [`Checkpoint`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -151,38 +151,71 @@ pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, p
     io::write_with_metadata(path, &t, [("variant".to_string(), variant)].into())
 }
 
-/// The options' seed a checkpoint written by [`save_checkpoint`] was trained with (`None` in a
-/// file without one): the data order and augmentation follow it, so a run resumes exactly only
-/// with the same seed.
-pub fn checkpoint_seed(path: &Path) -> Result<Option<u64>> {
-    let file = io::read(path)?;
-    Ok(file.get("meta.seed").and_then(|t| t.to_i64()).and_then(|v| v.first().copied()).map(|s| s as u64))
+/// A checkpoint written by [`save_checkpoint`], read once: what a resumed run must match (its
+/// seed and unit variant), checked before anything else is done, and the tensors its network is
+/// made from.
+pub struct Checkpoint {
+    path: PathBuf,
+    file: std::collections::HashMap<String, HostTensor>,
+    /// Epochs done when it was written.
+    pub epochs_done: usize,
+    /// The options' seed it was trained with (`None` in a file without one): the data order and
+    /// augmentation follow it, so a run resumes exactly only with the same seed.
+    pub seed: Option<u64>,
+    /// Its unit variant (`None` in a file written before checkpoints named theirs).
+    pub variant: Option<String>,
 }
 
-/// `Ok` unless the checkpoint at `path` names a unit variant other than `config`'s (one
-/// written before checkpoints named theirs passes).
-pub fn check_checkpoint_variant(config: &crate::arch::NetConfig, path: &Path) -> Result<()> {
-    let want = crate::arch::Variant::of(config).to_string();
-    match io::read_metadata(path)?.get("variant") {
-        Some(v) if *v != want => Err(Error::Invalid(format!(
-            "{} is a checkpoint of {v} units, not {want}: resume with --unit {v}",
-            path.display()
-        ))),
-        _ => Ok(()),
+impl Checkpoint {
+    /// Reads `path`; a file without `meta.epochs_done` (a weights file) is a format error.
+    pub fn read(path: &Path) -> Result<Checkpoint> {
+        let (file, mut metadata) = io::read_with_metadata(path)?;
+        let first = |name: &str| file.get(name).and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
+        let done = first("meta.epochs_done").ok_or_else(|| Error::Format {
+            path: path.display().to_string(),
+            msg: "not a checkpoint: no meta.epochs_done".into(),
+        })?;
+        let seed = first("meta.seed").map(|s| s as u64);
+        Ok(Checkpoint {
+            path: path.to_path_buf(),
+            epochs_done: done.max(0) as usize,
+            seed,
+            variant: metadata.remove("variant"),
+            file,
+        })
+    }
+
+    /// The file it was read from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// `Ok` unless the checkpoint names a unit variant other than `config`'s.
+    pub fn check_variant(&self, config: &crate::arch::NetConfig) -> Result<()> {
+        let want = crate::arch::Variant::of(config).to_string();
+        match &self.variant {
+            Some(v) if *v != want => Err(Error::Invalid(format!(
+                "{} is a checkpoint of {v} units, not {want}: resume with --unit {v}",
+                self.path.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
+    /// The network of `config` with the checkpoint's weights, BN buffers and momentum; another
+    /// unit variant's checkpoint is refused ([`Checkpoint::check_variant`]).
+    pub fn into_net(self, gpu: &Gpu, config: &crate::arch::NetConfig) -> Result<ResNet> {
+        self.check_variant(config)?;
+        io::net_from(gpu, config, &self.file, &self.path)
     }
 }
 
-/// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done. A
-/// checkpoint of another unit variant than `config`'s is refused ([`check_checkpoint_variant`]).
+/// Loads a checkpoint written by [`save_checkpoint`]: the network and the epochs done
+/// ([`Checkpoint::read`], then [`Checkpoint::into_net`]).
 pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) -> Result<(ResNet, usize)> {
-    check_checkpoint_variant(config, path)?;
-    let file = io::read(path)?;
-    let done = file.get("meta.epochs_done").and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
-    let done = done.ok_or_else(|| Error::Format {
-        path: path.display().to_string(),
-        msg: "not a checkpoint: no meta.epochs_done".into(),
-    })?;
-    Ok((io::net_from(gpu, config, &file, path)?, done.max(0) as usize))
+    let c = Checkpoint::read(path)?;
+    let done = c.epochs_done;
+    Ok((c.into_net(gpu, config)?, done))
 }
 
 /// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,

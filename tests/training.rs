@@ -82,7 +82,7 @@ fn a_checkpoint_loads_only_into_its_own_variant() {
     let path = dir.join("checkpoint.safetensors");
     let net = ResNet::new(g, &tiny(), 7).unwrap();
     train::save_checkpoint(g, &net, 1, 0, &path).unwrap();
-    assert_eq!(resnet_wgpu::io::read_metadata(&path).unwrap().get("variant").map(String::as_str), Some("preact"));
+    assert_eq!(train::Checkpoint::read(&path).unwrap().variant.as_deref(), Some("preact"));
     let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 1.0 }, ..tiny() };
     assert_eq!(scaled.tensors(), tiny().tensors(), "the same tensors: only the variant tells them apart");
     match train::load_checkpoint(g, &scaled, &path) {

@@ -320,16 +320,16 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     if let Some(s) = opts.f16 {
         resnet_wgpu::net::check_loss_scale(s).map_err(|_| Error::Invalid(format!("--f16 {s}: not a power of two")))?;
     }
-    if let Some(path) = resume {
-        train::check_checkpoint_variant(&config, path)?;
-        match train::checkpoint_seed(path)? {
-            Some(s) if s != opts.seed => {
-                return Err(Error::Invalid(format!(
-                    "{} was trained with --seed {s}: resume with it (the data order and augmentation follow the seed)",
-                    path.display()
-                )));
-            }
-            _ => {}
+    // The checkpoint, read once, before the data and the adapter: a run it cannot continue
+    // exactly is refused first.
+    let checkpoint = resume.map(train::Checkpoint::read).transpose()?;
+    if let Some(c) = &checkpoint {
+        c.check_variant(&config)?;
+        if let Some(s) = c.seed.filter(|&s| s != opts.seed) {
+            return Err(Error::Invalid(format!(
+                "{} was trained with --seed {s}: resume with it (the data order and augmentation follow the seed)",
+                c.path().display()
+            )));
         }
     }
     let (train_set, test_set) = data.load(opts.seed)?;
@@ -345,10 +345,11 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         config.depth(),
         config.classes
     );
-    let (mut net, start, history) = match resume {
-        Some(path) => {
-            let (net, done) = train::load_checkpoint(&gpu, &config, path)?;
-            println!("resuming after epoch {done} from {}", path.display());
+    let (mut net, start, history) = match checkpoint {
+        Some(c) => {
+            let (done, from) = (c.epochs_done, c.path().display().to_string());
+            let net = c.into_net(&gpu, &config)?;
+            println!("resuming after epoch {done} from {from}");
             let history = train::read_curves(&opts.out, done);
             if history.len() != done {
                 eprintln!(
