@@ -531,13 +531,8 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
 fn check_shape(gpu: &Gpu, d: [usize; 4]) -> Result<()> {
     let [n, c, h, w] = d;
     let shape = shape_str(d);
-    for (what, dims) in [("activations", vec![n, c, h, w]), ("3x3 weights", vec![c, c, 3, 3])] {
-        let what = format!("bench shape {shape}: {what} {dims:?}");
-        let bytes = dims.iter().try_fold(4u64, |a, &x| a.checked_mul(x as u64));
-        let bytes = bytes.ok_or_else(|| Error::Invalid(format!("{what}: the size overflows")))?;
-        if bytes > gpu.report.max_buffer {
-            return Err(Error::TooLarge { what, bytes, limit: gpu.report.max_buffer, of: "largest buffer" });
-        }
+    for (what, dims) in [("activations", [n, c, h, w]), ("3x3 weights", [c, c, 3, 3])] {
+        crate::tensor::check_dims(gpu, &dims, &format!("bench shape {shape}: {what}"))?;
     }
     if n * h * w < 2 {
         return Err(Error::Invalid(format!(

@@ -13,7 +13,9 @@ pub struct Tensor {
     context: u64,
 }
 
-fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize> {
+/// The element count of a tensor of `dims` (1 to 4 non-zero sizes) that fits the adapter's
+/// largest buffer; else an error naming `what`.
+pub(crate) fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize> {
     if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
         return Err(Error::Shape(format!("{what}: dimensions {dims:?} must be 1 to 4 non-zero sizes")));
     }
