@@ -5,7 +5,7 @@ use std::any::{Any, TypeId};
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -437,7 +437,11 @@ pub struct Gpu {
     modules: Mutex<HashMap<Shader, wgpu::ShaderModule>>,
     /// [`Gpu::cached`]'s values: per (key type, value type), a map from key to value.
     cache: Mutex<HashMap<TypeId, Box<dyn Any + Send + Sync>>>,
+    /// The first device error no scope caught since [`Gpu::take_error`] last looked.
     uncaptured: Arc<Mutex<Option<String>>>,
+    /// Why the device was lost, once it is: from then on wgpu hands out invalid buffers
+    /// without an error, so every later submission and allocation scope says so instead.
+    lost: Arc<Mutex<Option<String>>>,
     submit_lock: Mutex<()>,
     /// Bytes of buffers requested through [`Gpu::create_buffer`] so far (never decreases).
     requested: AtomicU64,
@@ -481,6 +485,24 @@ pub fn list_adapters(backends: wgpu::Backends) -> Vec<wgpu::AdapterInfo> {
     pollster::block_on(instance.enumerate_adapters(backends)).iter().map(|a| a.get_info()).collect()
 }
 
+/// The share of the device's memory budget, in percent, past which wgpu refuses a new buffer
+/// (out of memory: [`Error::Allocation`] inside [`Gpu::allocation_scope`]) where the driver
+/// reports a budget (Vulkan's `VK_EXT_memory_budget`, DX12): 95 by default, or
+/// `RESNET_WGPU_MEMORY_BUDGET` (1 to 100, or `off` for no such check). Drivers do not all refuse
+/// in time themselves: Mesa's lavapipe, whose memory is the host's, hands out buffers until the
+/// kernel kills the process. Read once, when the process's first context opens; `None`: off.
+pub fn memory_budget() -> Option<u8> {
+    static PERCENT: OnceLock<Option<u8>> = OnceLock::new();
+    *PERCENT.get_or_init(|| {
+        env_choice("RESNET_WGPU_MEMORY_BUDGET", "a percent from 1 to 100, or off", |v| match v.parse::<u8>() {
+            Ok(p @ 1..=100) => Some(Some(p)),
+            _ if v.eq_ignore_ascii_case("off") => Some(None),
+            _ => None,
+        })
+        .unwrap_or(Some(95))
+    })
+}
+
 /// The process's one wgpu instance for `backends`. Contexts share it so that a tensor of one
 /// context passed to another is an error wgpu reports (its device checks), not a lookup of the
 /// other context's resource of the same id: every instance numbers its buffers from the start.
@@ -492,6 +514,7 @@ fn make_instance(backends: wgpu::Backends) -> wgpu::Instance {
     }
     let mut desc = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
     desc.backends = backends;
+    desc.memory_budget_thresholds.for_resource_creation = memory_budget();
     let instance = wgpu::Instance::new(desc);
     instances.push((backends, instance.clone()));
     instance
@@ -610,10 +633,32 @@ impl Gpu {
         let uncaptured = Arc::new(Mutex::new(None::<String>));
         let sink = uncaptured.clone();
         device.on_uncaptured_error(Arc::new(move |e: wgpu::Error| {
+            let msg = match e {
+                // wgpu says only "Out of Memory", and says it where a small buffer of the ops
+                // is refused, not the tensors that filled the memory.
+                wgpu::Error::OutOfMemory { .. } => "out of memory (the device's; on a CPU adapter, the host's): \
+                                                    a smaller batch or network needs less"
+                    .to_string(),
+                e => e.to_string(),
+            };
             if let Ok(mut slot) = sink.lock() {
-                slot.get_or_insert_with(|| e.to_string());
+                slot.get_or_insert(msg);
             }
         }));
+        // wgpu loses the device where a buffer of its own is refused (a write's staging copy
+        // out of memory), and calls this then, or once the queue is idle after `destroy`.
+        let lost = Arc::new(Mutex::new(None::<String>));
+        let sink = lost.clone();
+        device.set_device_lost_callback(move |reason, msg| {
+            let why = match reason {
+                wgpu::DeviceLostReason::Destroyed => "destroyed".to_string(),
+                _ if msg.is_empty() => "lost".to_string(),
+                _ => format!("lost ({msg})"),
+            };
+            if let Ok(mut slot) = sink.lock() {
+                slot.get_or_insert(why);
+            }
+        });
 
         let info = adapter.get_info();
         // At most i32::MAX elements in one binding: the shaders index in u32 and offset in i32.
@@ -655,6 +700,7 @@ impl Gpu {
             modules: Mutex::new(HashMap::new()),
             cache: Mutex::new(HashMap::new()),
             uncaptured,
+            lost,
             submit_lock: Mutex::new(()),
             requested: AtomicU64::new(0),
             uniform_align: limits.min_uniform_buffer_offset_alignment.max(4) as u64,
@@ -689,14 +735,22 @@ impl Gpu {
         // Scopes pop innermost first.
         let v = pollster::block_on(validation.pop());
         let o = pollster::block_on(oom.pop());
-        match o.or(v) {
-            Some(e) => Err(Error::Allocation {
-                what: what.to_string(),
-                bytes: self.requested.load(Ordering::Relaxed) - before,
-                detail: e.to_string(),
-            }),
-            None => out,
-        }
+        // A lost device's buffers are invalid without an error in any scope.
+        self.check_lost()?;
+        let detail = match (o, v) {
+            (None, None) => return out,
+            // Where memory ran out matters less than what fills it.
+            (Some(e), _) => {
+                let held = self.memory();
+                format!("{e} (the device holds {} MiB in {} buffers)", held.buffer_bytes >> 20, held.buffers)
+            }
+            (None, Some(e)) => e.to_string(),
+        };
+        Err(Error::Allocation {
+            what: what.to_string(),
+            bytes: self.requested.load(Ordering::Relaxed) - before,
+            detail,
+        })
     }
 
     /// Live buffers and textures of this device and their memory (wgpu's internal counters,
@@ -905,13 +959,25 @@ impl Gpu {
         self.take_error()
     }
 
-    /// The first uncaptured device error since the last call, as an `Err`.
+    /// The first uncaptured device error since the last call, as an `Err`; and, once the
+    /// device is lost, that on every call.
     pub fn take_error(&self) -> Result<()> {
-        let mut slot = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
-        match slot.take() {
-            Some(msg) => Err(Error::Device(msg)),
-            None => Ok(()),
+        let first = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match (first, self.lost_message()) {
+            (Some(msg), Some(lost)) => Err(Error::Device(format!("{msg}; {lost}"))),
+            (msg, lost) => msg.or(lost).map_or(Ok(()), |m| Err(Error::Device(m))),
         }
+    }
+
+    /// `Err` once the device is lost (out of memory, a driver reset, or `destroy`): nothing
+    /// runs on this context any more, and a new one is needed.
+    pub fn check_lost(&self) -> Result<()> {
+        self.lost_message().map_or(Ok(()), |m| Err(Error::Device(m)))
+    }
+
+    fn lost_message(&self) -> Option<String> {
+        let why = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
+        Some(format!("the device was {why}; open a new Gpu context"))
     }
 }
 

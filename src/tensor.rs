@@ -41,15 +41,13 @@ impl Tensor {
         if data.len() != len {
             return Err(Error::Length { what: format!("tensor {dims:?}"), expected: len, got: data.len() });
         }
-        let t = Tensor::uninit(gpu, dims, len);
-        gpu.queue.write_buffer(&t.buffer, 0, bytemuck::cast_slice(data));
-        Ok(t)
+        Tensor::allocate(gpu, dims, len, Some(data))
     }
 
     /// A tensor of zeros.
     pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<Tensor> {
         let len = check_dims(gpu, dims, "tensor")?;
-        Ok(Tensor::uninit(gpu, dims, len)) // wgpu zero-initialises new buffers
+        Tensor::allocate(gpu, dims, len, None) // wgpu zero-initialises new buffers
     }
 
     /// A tensor with every element `value` (NaN poisons an output so that unwritten elements show).
@@ -58,10 +56,18 @@ impl Tensor {
         Tensor::new(gpu, dims, &vec![value; len])
     }
 
-    fn uninit(gpu: &Gpu, dims: &[usize], len: usize) -> Tensor {
-        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
-        let buffer = gpu.create_buffer("tensor", (len as u64 * 4).max(4), usage);
-        Tensor { dims: dims.to_vec(), buffer, context: gpu.context() }
+    /// The buffer of `len` elements for `dims`, with `data` queued into it, inside an
+    /// allocation scope: a buffer the device refuses (out of memory) is [`Error::Allocation`]
+    /// here, not a tensor whose every later use fails.
+    fn allocate(gpu: &Gpu, dims: &[usize], len: usize, data: Option<&[f32]>) -> Result<Tensor> {
+        gpu.allocation_scope(&format!("tensor {dims:?}"), || {
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let buffer = gpu.create_buffer("tensor", (len as u64 * 4).max(4), usage);
+            if let Some(data) = data {
+                gpu.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(data));
+            }
+            Ok(Tensor { dims: dims.to_vec(), buffer, context: gpu.context() })
+        })
     }
 
     /// A tensor of `dims` over an existing buffer of `gpu`'s, of at least that size (the ops'
@@ -114,14 +120,15 @@ impl Tensor {
             });
         }
         gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
-        Ok(())
+        // A staging copy the device refuses loses it (wgpu): said here, not at the next use.
+        gpu.check_lost()
     }
 
     /// Sets every element to `value`.
     pub fn fill(&self, gpu: &Gpu, value: f32) -> Result<()> {
         gpu.check_owns("tensor", self.context)?;
         gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(&vec![value; self.len()]));
-        Ok(())
+        gpu.check_lost()
     }
 
     /// Copies the contents back to the host (waits for all work queued before it).
@@ -133,12 +140,10 @@ impl Tensor {
 
 /// Copies `bytes` bytes of `buffer` to the host through a staging buffer.
 pub fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u8>> {
-    let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("readback"),
-        size: bytes,
-        usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let staging = gpu.allocation_scope(&format!("a readback of {bytes} bytes"), || {
+        let usage = wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST;
+        Ok(gpu.create_buffer("readback", bytes, usage))
+    })?;
     let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
     enc.copy_buffer_to_buffer(buffer, 0, &staging, 0, bytes);
     gpu.submit([enc.finish()])?;
@@ -174,15 +179,14 @@ impl HalfTensor {
         if data.len() != len {
             return Err(Error::Length { what: format!("half tensor {dims:?}"), expected: len, got: data.len() });
         }
-        let buffer = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("half tensor"),
-            size: (len as u64 * 2).div_ceil(4) * 4,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let t = HalfTensor { dims: dims.to_vec(), buffer, context: gpu.context() };
-        t.upload(gpu, data);
-        Ok(t)
+        // In an allocation scope, as `Tensor`'s.
+        gpu.allocation_scope(&format!("half tensor {dims:?}"), || {
+            let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+            let buffer = gpu.create_buffer("half tensor", (len as u64 * 2).div_ceil(4) * 4, usage);
+            let t = HalfTensor { dims: dims.to_vec(), buffer, context: gpu.context() };
+            t.upload(gpu, data);
+            Ok(t)
+        })
     }
 
     /// Overwrites the contents with `data` rounded to the nearest half (queued: it lands
@@ -198,7 +202,7 @@ impl HalfTensor {
         }
         let h: Vec<half::f16> = data.iter().map(|&v| half::f16::from_f32(v)).collect();
         self.upload(gpu, &h);
-        Ok(())
+        gpu.check_lost() // as `Tensor::write`'s
     }
 
     /// Queues `data` (of this tensor's length) into the buffer, padded to whole 4 bytes.

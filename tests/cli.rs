@@ -497,6 +497,7 @@ fn unusable_environment_values_are_named() {
         ("RESNET_WGPU_SHADER_CHECKS", "some"),
         ("RESNET_WGPU_PROLOGUE", "fuse"),
         ("RESNET_WGPU_CONV_TAPS", "of"),
+        ("RESNET_WGPU_MEMORY_BUDGET", "101"),
     ];
     let out = command()
         .args(["analyze", "--depths", "8", "--batch", "2", "--kinds", "preact", "--out", d.to_str().unwrap()])

@@ -194,3 +194,41 @@ fn kept_bind_groups_are_reused_on_new_contents_and_swept() {
     cache.sweep();
     assert!(cache.is_empty());
 }
+
+/// Once the device is lost (here destroyed; wgpu also loses it where a write's staging copy is
+/// refused, out of memory), wgpu hands out invalid buffers without an error. Every later
+/// allocation, write, read and pass of the context says the device is lost instead of
+/// returning a tensor that fails at its first use, or an error about an invalid buffer.
+#[test]
+fn a_lost_device_is_said_by_everything_after() {
+    use resnet_wgpu::net::Sgd;
+    use resnet_wgpu::ops::pool_fc_loss::upload_labels;
+    let g = Gpu::new().unwrap(); // its own context: the shared one must live on
+    let cfg = NetConfig::cifar(8, UnitKind::PreAct, false, 3).unwrap();
+    let mut net = ResNet::new(&g, &cfg, 1).unwrap();
+    let x = resnet_wgpu::rng::Rng::new(2).data(2 * 3 * 5 * 5);
+    let images = Tensor::new(&g, &[2, 3, 5, 5], &x).unwrap();
+    let labels = upload_labels(&g, &[0, 2], 3).unwrap();
+    net.train_step(&g, &images, &labels, Sgd::default()).unwrap();
+    assert!(g.check_lost().is_ok());
+
+    g.device.destroy();
+    let lost = |r: resnet_wgpu::Result<()>, what: &str| match r {
+        Err(Error::Device(m)) => assert!(m.contains("the device was destroyed; open a new Gpu context"), "{what}: {m}"),
+        other => panic!("{what}: expected Error::Device naming the loss, got {other:?}"),
+    };
+    lost(g.wait(), "wait");
+    lost(g.check_lost(), "check_lost");
+    lost(Tensor::zeros(&g, &[4]).map(drop), "Tensor::zeros");
+    lost(Tensor::new(&g, &[2], &[1.0, 2.0]).map(drop), "Tensor::new");
+    lost(resnet_wgpu::tensor::HalfTensor::from_f32(&g, &[2], &[1.0, 2.0]).map(drop), "HalfTensor");
+    lost(upload_labels(&g, &[1], 3).map(drop), "upload_labels");
+    lost(images.write(&g, &x), "Tensor::write");
+    lost(images.fill(&g, 0.5), "Tensor::fill");
+    lost(labels.write(&g, &[1, 1]), "Labels::write");
+    lost(images.read(&g).map(drop), "Tensor::read");
+    lost(net.train_step(&g, &images, &labels, Sgd::default()).map(drop), "train_step");
+    lost(net.predict(&g, &images).map(drop), "predict");
+    // Still so after the first error was read.
+    lost(g.wait(), "wait again");
+}

@@ -502,6 +502,13 @@ fn info() -> Result<()> {
         Some((path, n)) => println!("tune file: {} ({n} choices for this adapter and its settings)", path.display()),
         None => println!("tune file: none (RESNET_WGPU_TUNE_FILE keeps the autotuner's choices)"),
     }
+    match resnet_wgpu::gpu::memory_budget() {
+        Some(p) => println!(
+            "memory budget: a buffer past {p}% of the budget the driver reports (where it reports one) is refused \
+             (RESNET_WGPU_MEMORY_BUDGET)"
+        ),
+        None => println!("memory budget: no check (RESNET_WGPU_MEMORY_BUDGET=off)"),
+    }
     // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
     println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
     // For RESNET_WGPU_CONV_WINOGRAD (3x3 convolutions at stride 1; `off` never takes it).

@@ -4,8 +4,6 @@
 //! Shapes: `x` `[N,C,H,W]`, pooled `p` `[N,C]`, weight `w` `[K,C]` (PyTorch `Linear` layout),
 //! bias `b` `[K]`, `logits` `[N,K]`, labels N values below K, `loss` `[1]`.
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
 use crate::ops::{residual, split};
@@ -48,12 +46,13 @@ pub fn upload_labels(gpu: &Gpu, labels: &[u32], classes: usize) -> Result<Labels
             of: "largest buffer",
         });
     }
-    let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("labels"),
-        contents: bytemuck::cast_slice(labels),
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-    });
-    Ok(Labels { buffer, len: labels.len(), classes, context: gpu.context() })
+    // In an allocation scope, as a tensor's.
+    gpu.allocation_scope(&format!("{} labels", labels.len()), || {
+        let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let buffer = gpu.create_buffer("labels", bytes, usage);
+        gpu.queue.write_buffer(&buffer, 0, bytemuck::cast_slice(labels));
+        Ok(Labels { buffer, len: labels.len(), classes, context: gpu.context() })
+    })
 }
 
 impl Labels {
@@ -70,7 +69,7 @@ impl Labels {
         }
         check_labels(labels, self.classes)?;
         gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(labels));
-        Ok(())
+        gpu.check_lost() // as `Tensor::write`'s
     }
 }
 
