@@ -852,18 +852,52 @@ impl Gpu {
         K: Hash + Eq + Send + Sync + 'static,
         T: Clone + Send + Sync + 'static,
     {
+        let Ok(v) = self.try_cached(key, || Ok::<T, std::convert::Infallible>(make()));
+        v
+    }
+
+    /// As [`Gpu::cached`], for a value `make` may fail to build: its error is returned and
+    /// nothing is kept, so the next call with `key` builds again.
+    fn try_cached<K, T, E>(&self, key: K, make: impl FnOnce() -> std::result::Result<T, E>) -> std::result::Result<T, E>
+    where
+        K: Hash + Eq + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
         // Keys are values, not formatted strings: the ops look their plans and scratch buffers
         // up on every dispatch, and the formatting cost more than the lookup.
         let lock = || self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let id = TypeId::of::<(K, T)>();
         if let Some(v) = lock().get(&id).and_then(|m| m.downcast_ref::<HashMap<K, T>>()).and_then(|m| m.get(&key)) {
-            return v.clone();
+            return Ok(v.clone());
         }
-        let v = make();
+        let v = make()?;
         let mut cache = lock();
         let map = cache.entry(id).or_insert_with(|| Box::new(HashMap::<K, T>::new()));
         let map = map.downcast_mut::<HashMap<K, T>>().expect("cache maps are keyed by their types");
-        map.entry(key).or_insert(v).clone()
+        Ok(map.entry(key).or_insert(v).clone())
+    }
+
+    /// A buffer kept for the life of the context under `key` (as [`Gpu::cached`]): the ops'
+    /// scratch buffers, made while a pass is recorded. One the device refuses (out of memory)
+    /// is not kept, so a later pass tries again instead of failing on it for good; its
+    /// [`Error::Allocation`], naming `label`, comes back from the next submission, as the
+    /// device's own errors do, and the pass recorded with it does not run.
+    pub fn cached_buffer<K>(&self, key: K, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer
+    where
+        K: Hash + Eq + Send + Sync + 'static,
+    {
+        let mut made = None;
+        let kept = self.try_cached(key, || {
+            self.allocation_scope(label, || {
+                let buffer = self.create_buffer(label, size, usage);
+                made = Some(buffer.clone());
+                Ok(buffer)
+            })
+        });
+        kept.unwrap_or_else(|e| {
+            self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+            made.unwrap_or_else(|| self.create_buffer(label, size, usage))
+        })
     }
 
     /// The tune file this context keeps the autotuner's choices in, if any

@@ -127,6 +127,30 @@ fn device_errors_while_allocating_are_typed_errors_naming_sizes() {
     }
 }
 
+/// A scratch buffer the device refuses (here one past the largest buffer; on a GPU, out of
+/// memory) is not kept: its error, naming it, comes back from the next wait or submission, and
+/// the next request under the same key makes a new buffer instead of failing on the old one.
+#[test]
+fn a_refused_scratch_buffer_is_reported_and_not_kept() {
+    let g = Gpu::new().unwrap(); // its own context: its device error must not reach other tests
+    let storage = wgpu::BufferUsages::STORAGE;
+    let too_large = g.report.max_buffer + 4;
+    let refused = g.cached_buffer("a test key", "a test scratch buffer", too_large, storage);
+    assert_eq!(refused.size(), too_large);
+    match g.wait() {
+        Err(Error::Device(m)) => {
+            assert!(m.contains("allocating a test scratch buffer failed"), "{m}");
+            assert!(m.contains(&format!("({too_large} bytes of buffers requested)")), "{m}");
+        }
+        other => panic!("expected the refusal from wait, got {other:?}"),
+    }
+    let made = g.cached_buffer("a test key", "a test scratch buffer", 16, storage);
+    assert_eq!(made.size(), 16, "the refused buffer was kept");
+    let kept = g.cached_buffer("a test key", "a test scratch buffer", 32, storage);
+    assert_eq!(kept.size(), 16, "the buffer made was not kept");
+    g.wait().unwrap();
+}
+
 /// A stream runs every buffer pushed to it, in push order, across its submissions: copies and
 /// adds over more than two submissions' worth, where any dropped, repeated or reordered buffer
 /// changes the result.

@@ -403,14 +403,7 @@ fn run_groups(gpu: &Gpu, d: [usize; 4], chunk: usize) -> [u32; 3] {
 /// first pass writes it.
 fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
     let bytes = (2 * d[0] * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64;
-    gpu.cached(("batch_norm.partials", bytes), || {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("batch norm partials"),
-            size: bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
-    })
+    gpu.cached_buffer(("batch_norm.partials", bytes), "batch norm partials", bytes, wgpu::BufferUsages::STORAGE)
 }
 
 /// Training mode: batch statistics saved into save_mean/save_invstd (`[C]`), running stats

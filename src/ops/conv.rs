@@ -555,14 +555,7 @@ fn fold(gpu: &Gpu, count: usize, y: usize) -> [u32; 3] {
 
 /// A context-lifetime scratch buffer of exactly `bytes` bytes, one per (`role`, size).
 fn scratch(gpu: &Gpu, role: &'static str, bytes: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer {
-    gpu.cached(("conv.scratch", role, bytes), || {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("conv scratch"),
-            size: bytes,
-            usage,
-            mapped_at_creation: false,
-        })
-    })
+    gpu.cached_buffer(("conv.scratch", role, bytes), "conv scratch", bytes, usage)
 }
 
 /// Window `i` of a weight-window buffer, as a uniform binding.

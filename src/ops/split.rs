@@ -121,14 +121,8 @@ pub(crate) const OUT: [&str; 8] = ["out0", "out1", "out2", "out3", "out4", "out5
 /// doc), contents undefined.
 pub(crate) fn temp(gpu: &Gpu, role: &'static str, dims: &[usize]) -> Tensor {
     let bytes = dims.iter().product::<usize>() as u64 * 4;
-    let buffer = gpu.cached(("split", role, bytes), || {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("split chunk"),
-            size: bytes.max(4),
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        })
-    });
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let buffer = gpu.cached_buffer(("split", role, bytes), "split chunk", bytes.max(4), usage);
     Tensor::from_buffer(gpu, dims, buffer)
 }
 
