@@ -443,7 +443,8 @@ pub struct Gpu {
     /// without an error, so every later submission and allocation scope says so instead.
     lost: Arc<Mutex<Option<String>>>,
     submit_lock: Mutex<()>,
-    /// Bytes of buffers requested through [`Gpu::create_buffer`] so far (never decreases).
+    /// Bytes of buffers requested through [`Gpu::create_buffer`] (and of the textures of
+    /// [`Gpu::cached_texture`]) so far (never decreases).
     requested: AtomicU64,
     /// The device's alignment of uniform-buffer binding offsets (a parameter block's slot).
     uniform_align: u64,
@@ -886,17 +887,41 @@ impl Gpu {
     where
         K: Hash + Eq + Send + Sync + 'static,
     {
+        self.cached_resource(key, label, || self.create_buffer(label, size, usage))
+    }
+
+    /// As [`Gpu::cached_buffer`], for a texture (the register path's operand textures).
+    pub fn cached_texture<K>(&self, key: K, desc: &wgpu::TextureDescriptor) -> wgpu::Texture
+    where
+        K: Hash + Eq + Send + Sync + 'static,
+    {
+        let texels = desc.size.width as u64 * desc.size.height as u64 * desc.size.depth_or_array_layers as u64;
+        let bytes = texels * desc.format.block_copy_size(None).unwrap_or(0) as u64;
+        let label = desc.label.unwrap_or("a texture");
+        self.cached_resource(key, label, || {
+            self.requested.fetch_add(bytes, Ordering::Relaxed);
+            self.device.create_texture(desc)
+        })
+    }
+
+    /// What [`Gpu::cached_buffer`] and [`Gpu::cached_texture`] share: `make` runs inside an
+    /// allocation scope, and what the device refused is not kept.
+    fn cached_resource<K, T>(&self, key: K, what: &str, make: impl Fn() -> T) -> T
+    where
+        K: Hash + Eq + Send + Sync + 'static,
+        T: Clone + Send + Sync + 'static,
+    {
         let mut made = None;
         let kept = self.try_cached(key, || {
-            self.allocation_scope(label, || {
-                let buffer = self.create_buffer(label, size, usage);
-                made = Some(buffer.clone());
-                Ok(buffer)
+            self.allocation_scope(what, || {
+                let resource = make();
+                made = Some(resource.clone());
+                Ok(resource)
             })
         });
         kept.unwrap_or_else(|e| {
             self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
-            made.unwrap_or_else(|| self.create_buffer(label, size, usage))
+            made.unwrap_or_else(make)
         })
     }
 

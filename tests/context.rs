@@ -127,11 +127,11 @@ fn device_errors_while_allocating_are_typed_errors_naming_sizes() {
     }
 }
 
-/// A scratch buffer the device refuses (here one past the largest buffer; on a GPU, out of
-/// memory) is not kept: its error, naming it, comes back from the next wait or submission, and
+/// A scratch buffer or texture the device refuses (here one past the device's limits; on a GPU,
+/// out of memory) is not kept: its error, naming it, comes back from the next wait or submission, and
 /// the next request under the same key makes a new buffer instead of failing on the old one.
 #[test]
-fn a_refused_scratch_buffer_is_reported_and_not_kept() {
+fn a_refused_scratch_buffer_or_texture_is_reported_and_not_kept() {
     let g = Gpu::new().unwrap(); // its own context: its device error must not reach other tests
     let storage = wgpu::BufferUsages::STORAGE;
     let too_large = g.report.max_buffer + 4;
@@ -148,6 +148,30 @@ fn a_refused_scratch_buffer_is_reported_and_not_kept() {
     assert_eq!(made.size(), 16, "the refused buffer was kept");
     let kept = g.cached_buffer("a test key", "a test scratch buffer", 32, storage);
     assert_eq!(kept.size(), 16, "the buffer made was not kept");
+    g.wait().unwrap();
+
+    // The same for a texture (the register path's operands): one taller than the device takes.
+    let texture = |height: u32| wgpu::TextureDescriptor {
+        label: Some("a test texture"),
+        size: wgpu::Extent3d { width: 4, height, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format: wgpu::TextureFormat::Rgba32Float,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    };
+    let too_tall = g.device.limits().max_texture_dimension_2d + 1;
+    g.cached_texture("a test key", &texture(too_tall));
+    match g.wait() {
+        Err(Error::Device(m)) => {
+            assert!(m.contains("allocating a test texture failed"), "{m}");
+            assert!(m.contains(&format!("({} bytes of buffers requested)", 4 * too_tall * 16)), "{m}");
+        }
+        other => panic!("expected the refusal from wait, got {other:?}"),
+    }
+    assert_eq!(g.cached_texture("a test key", &texture(2)).height(), 2, "the refused texture was kept");
+    assert_eq!(g.cached_texture("a test key", &texture(3)).height(), 2, "the texture made was not kept");
     g.wait().unwrap();
 }
 

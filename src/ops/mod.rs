@@ -63,18 +63,17 @@ fn texture_copy(
     let texels = len / 4;
     let rows = texels.div_ceil(TEXW);
     let gpu = rec.gpu;
-    let tex = gpu.cached(("texture", role, rows, format), || {
-        gpu.device.create_texture(&wgpu::TextureDescriptor {
-            label: Some("conv operand"),
-            size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
-            mip_level_count: 1,
-            sample_count: 1,
-            dimension: wgpu::TextureDimension::D2,
-            format,
-            usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
-            view_formats: &[],
-        })
-    });
+    let desc = wgpu::TextureDescriptor {
+        label: Some("conv operand"),
+        size: wgpu::Extent3d { width: TEXW as u32, height: rows as u32, depth_or_array_layers: 1 },
+        mip_level_count: 1,
+        sample_count: 1,
+        dimension: wgpu::TextureDimension::D2,
+        format,
+        usage: wgpu::TextureUsages::TEXTURE_BINDING | wgpu::TextureUsages::COPY_DST,
+        view_formats: &[],
+    };
+    let tex = gpu.cached_texture(("texture", role, rows, format), &desc);
     let row_bytes = (TEXW * texel_bytes) as u32;
     let (full, rest) = (texels / TEXW, texels % TEXW);
     let copy = |enc: &mut wgpu::CommandEncoder, offset: u64, y: usize, width: usize, height: usize| {
