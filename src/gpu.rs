@@ -45,6 +45,11 @@ pub struct GpuOptions {
     /// folded indices, which only large tensors reach otherwise, run on small ones
     /// (`RESNET_WGPU_MAX_WORKGROUPS`; see [`Gpu::groups_for`]).
     pub max_workgroups: Option<u32>,
+    /// The bytes this context's buffers and textures may hold together: an allocation past it
+    /// is [`Error::Allocation`] (see [`Gpu::allocation_scope`]). `None`: on a CPU adapter,
+    /// [`memory_budget`]'s share of the host's memory, where its buffers live; elsewhere no cap
+    /// beyond the driver's budget.
+    pub memory_cap: Option<u64>,
 }
 
 impl Default for GpuOptions {
@@ -60,6 +65,7 @@ impl Default for GpuOptions {
             tiled_bounds_checks: None,
             tune_file: None,
             max_workgroups: None,
+            memory_cap: None,
         }
     }
 }
@@ -89,6 +95,7 @@ impl GpuOptions {
             tiled_bounds_checks: None,
             tune_file: std::env::var_os("RESNET_WGPU_TUNE_FILE").filter(|s| !s.is_empty()).map(Into::into),
             max_workgroups: env_number("RESNET_WGPU_MAX_WORKGROUPS"),
+            memory_cap: None,
         }
     }
 }
@@ -456,6 +463,9 @@ pub struct Gpu {
     tune_file: Option<crate::tune_file::TuneFile>,
     /// What the autotuner did so far ([`Gpu::tuning`]).
     tuning: Mutex<Tuning>,
+    /// The bytes this context's buffers may hold ([`GpuOptions::memory_cap`]), and where the
+    /// figure comes from.
+    memory_cap: Option<(u64, String)>,
 }
 
 /// What a context's autotuner did: choices it timed (and the wall time that took, the
@@ -502,6 +512,13 @@ pub fn memory_budget() -> Option<u8> {
         })
         .unwrap_or(Some(95))
     })
+}
+
+/// The host's memory in bytes (Linux: `MemTotal`); `None` where it cannot be read.
+fn host_memory() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?;
+    kib.trim().parse::<u64>().ok().map(|k| k * 1024)
 }
 
 /// The process's one wgpu instance for `backends`. Contexts share it so that a tensor of one
@@ -678,6 +695,17 @@ impl Gpu {
         };
         let cpu = report.device_type == wgpu::DeviceType::Cpu;
         let stream_chunk = opts.stream_chunk.unwrap_or(if cpu { usize::MAX } else { Stream::CHUNK });
+        let memory_cap = match (opts.memory_cap, cpu, memory_budget(), host_memory()) {
+            (Some(cap), ..) => Some((cap, "GpuOptions::memory_cap".to_string())),
+            (None, true, Some(percent), Some(bytes)) => Some((
+                bytes / 100 * percent as u64,
+                format!(
+                    "{percent}% of the host's memory, where a CPU adapter keeps its buffers: \
+                     RESNET_WGPU_MEMORY_BUDGET"
+                ),
+            )),
+            _ => None,
+        };
         let tiled_bounds_checks = opts.tiled_bounds_checks.unwrap_or_else(|| in_range_checks(&report));
         let max_binding_bytes = opts.max_binding_bytes.map_or(max_binding, |m| m.min(max_binding));
         let max_groups = limits.max_compute_workgroups_per_dimension.max(1);
@@ -709,6 +737,7 @@ impl Gpu {
             tiled_bounds_checks,
             tune_file,
             tuning: Mutex::new(Tuning::default()),
+            memory_cap,
             report,
         })
     }
@@ -727,7 +756,8 @@ impl Gpu {
     /// Runs `f`, which allocates `what`, inside error scopes: an out-of-memory or validation
     /// error the device raises meanwhile (on this thread) is returned as [`Error::Allocation`]
     /// naming `what` and the bytes of buffers `f` requested, instead of reaching the
-    /// uncaptured-error handler (or aborting).
+    /// uncaptured-error handler (or aborting). So is an allocation that leaves the context's
+    /// buffers past its [`GpuOptions::memory_cap`]; what `f` made is then dropped.
     pub fn allocation_scope<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let before = self.requested.load(Ordering::Relaxed);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
@@ -739,7 +769,10 @@ impl Gpu {
         // A lost device's buffers are invalid without an error in any scope.
         self.check_lost()?;
         let detail = match (o, v) {
-            (None, None) => return out,
+            (None, None) => match self.past_memory_cap() {
+                None => return out,
+                Some(detail) => detail, // `out`, dropped, frees what `f` made
+            },
             // Where memory ran out matters less than what fills it.
             (Some(e), _) => {
                 let held = self.memory();
@@ -752,6 +785,25 @@ impl Gpu {
             bytes: self.requested.load(Ordering::Relaxed) - before,
             detail,
         })
+    }
+
+    /// The bytes this context's buffers may hold ([`GpuOptions::memory_cap`]), and where the
+    /// figure comes from; `None`: no cap beyond the driver's budget.
+    pub fn memory_cap(&self) -> Option<(u64, &str)> {
+        self.memory_cap.as_ref().map(|(cap, from)| (*cap, from.as_str()))
+    }
+
+    /// Why this context's buffers now hold more than its [`GpuOptions::memory_cap`], if they
+    /// do. On a CPU adapter the cap stands in for the driver: lavapipe hands out buffers without
+    /// touching their memory, so neither it nor the budget it reports (Mesa 26's counts only the
+    /// memory in use) refuses in time, and the kernel kills the process once the passes write
+    /// them.
+    fn past_memory_cap(&self) -> Option<String> {
+        let (cap, from) = self.memory_cap.as_ref()?;
+        let held = self.memory();
+        let bytes = (held.buffer_bytes + held.texture_bytes).max(0) as u64;
+        (bytes > *cap)
+            .then(|| format!("this context's buffers would hold {bytes} bytes, past its cap of {cap} ({from})"))
     }
 
     /// Live buffers and textures of this device and their memory (wgpu's internal counters,

@@ -280,3 +280,52 @@ fn a_lost_device_is_said_by_everything_after() {
     // Still so after the first error was read.
     lost(g.wait(), "wait again");
 }
+
+/// An allocation that leaves a context's buffers past its memory cap is refused with
+/// `Error::Allocation` naming the cap, and what it made is freed. A CPU adapter has one by
+/// default, a share of the host's memory, where its buffers live: lavapipe hands out buffers
+/// without touching their memory, and the kernel killed the process once the passes wrote them.
+#[test]
+fn buffers_past_the_memory_cap_are_refused() {
+    // What a new context holds before any tensor (wgpu's own buffers), and 12 MiB more.
+    let held = |g: &Gpu| g.memory().buffer_bytes as u64 + g.memory().texture_bytes as u64;
+    let cap = held(&Gpu::new().unwrap()) + (12 << 20);
+    let g = Gpu::with_options(&GpuOptions { memory_cap: Some(cap), ..GpuOptions::from_env() }).unwrap();
+    assert_eq!(g.memory_cap(), Some((cap, "GpuOptions::memory_cap")));
+    let five_mib = [5 << 18];
+    let first = Tensor::zeros(&g, &five_mib).unwrap();
+    let second = Tensor::zeros(&g, &five_mib).unwrap();
+    match Tensor::zeros(&g, &five_mib) {
+        Err(e @ Error::Allocation { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("allocating tensor [1310720] failed"), "{msg}");
+            assert!(msg.contains(&format!("past its cap of {cap} (GpuOptions::memory_cap)")), "{msg}");
+        }
+        other => panic!("expected Error::Allocation past the cap, got {other:?}"),
+    }
+    // 10 MiB held, 15 refused: the refused tensor was freed, so 1 MiB more still fits, and after
+    // dropping one of the first two, 5 MiB more (11 MiB) does too.
+    let _small = Tensor::zeros(&g, &[1 << 18]).unwrap();
+    drop(first);
+    g.wait().unwrap();
+    let _third = Tensor::zeros(&g, &five_mib).unwrap();
+    drop(second);
+
+    // The default: on a CPU adapter, part of the host's memory (Linux reports it); elsewhere none.
+    let d = gpu();
+    match (d.report.device_type, d.memory_cap()) {
+        (wgpu::DeviceType::Cpu, Some((bytes, from))) => {
+            let info = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+            let total: Option<u64> = info
+                .lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
+            let total = total.expect("a CPU adapter's cap comes from /proc/meminfo's MemTotal") * 1024;
+            assert!(bytes > total / 2 && bytes <= total, "cap {bytes} of {total} bytes");
+            assert!(from.contains("of the host's memory"), "{from}");
+        }
+        (wgpu::DeviceType::Cpu, None) if cfg!(target_os = "linux") => panic!("no cap on a CPU adapter on Linux"),
+        (wgpu::DeviceType::Cpu, None) => {} // the host's memory is read on Linux only
+        (_, cap) => assert_eq!(cap, None),
+    }
+}

@@ -509,6 +509,9 @@ fn info() -> Result<()> {
         ),
         None => println!("memory budget: no check (RESNET_WGPU_MEMORY_BUDGET=off)"),
     }
+    if let Some((cap, from)) = gpu.memory_cap() {
+        println!("memory cap: {} MiB of buffers ({from})", cap >> 20);
+    }
     // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
     println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
     // For RESNET_WGPU_CONV_WINOGRAD (3x3 convolutions at stride 1; `off` never takes it).
