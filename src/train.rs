@@ -1,6 +1,6 @@
 //! Training on the GPU with the paper's recipe: SGD with momentum 0.9 and weight decay 1e-4,
-//! learning rate 0.1 divided by 10 at 50% and 75% of the run, pad-and-crop and flip
-//! augmentation; evaluation on the test split each epoch; checkpoints that resume exactly (with
+//! learning rate 0.1 divided by 10 at 50% and 75% of the run (after an optional warm-up at a
+//! tenth of it), pad-and-crop and flip augmentation; evaluation on the test split each epoch; checkpoints that resume exactly (with
 //! the same seed and unit variant: [`Checkpoint`]).
 
 use std::path::{Path, PathBuf};
@@ -23,6 +23,9 @@ pub struct TrainOptions {
     pub batch: usize,
     /// The initial learning rate (divided by 10 at 50% and 75% of the epochs).
     pub lr: f32,
+    /// Steps, counted from the start of the run, trained at no more than `lr / 10` ([`lr_at_step`]);
+    /// 0 for none. He et al. warm their CIFAR ResNet-110 up this way, 400 steps at 0.01.
+    pub warmup: usize,
     pub momentum: f32,
     pub weight_decay: f32,
     /// Pad-and-crop and flip augmentation.
@@ -50,6 +53,7 @@ impl Default for TrainOptions {
             epochs: 10,
             batch: 128,
             lr: 0.1,
+            warmup: 0,
             momentum: 0.9,
             weight_decay: 1e-4,
             augment: true,
@@ -76,10 +80,23 @@ pub fn lr_at(lr: f32, epoch: usize, epochs: usize) -> f32 {
     }
 }
 
+/// The learning rate of step `step` (0-based, counted from the start of the run) in a run of
+/// `epochs` epochs of `steps` steps each: [`lr_at`] of its epoch, and no more than `lr / 10`
+/// in the first `warmup` steps.
+///
+/// The warm-up is the ResNet papers' for their 110-layer CIFAR networks: "0.01 to warm up the
+/// training until the training error is below 80% (about 400 iterations), and then go back to
+/// 0.1" (He et al. 2015, section 4.2), here a fixed number of steps.
+pub fn lr_at_step(lr: f32, step: usize, steps: usize, epochs: usize, warmup: usize) -> f32 {
+    let scheduled = lr_at(lr, step / steps.max(1), epochs);
+    if step < warmup { scheduled.min(lr / 10.0) } else { scheduled }
+}
+
 /// One epoch's figures.
 #[derive(Clone, Debug, PartialEq)]
 pub struct EpochStats {
     pub epoch: usize,
+    /// The learning rate of the epoch's last step.
     pub lr: f32,
     pub train_loss: f64,
     pub train_acc: f64,
@@ -250,16 +267,26 @@ pub fn train(
     // and the network's passes reuse their bind groups.
     let t = Tensor::zeros(gpu, &[opts.batch, 3, 32, 32])?;
     let l = upload_labels(gpu, &vec![0; opts.batch], net.config.classes)?;
+    if opts.warmup > start_epoch * steps {
+        let last = opts.warmup.min(opts.epochs * steps);
+        println!(
+            "warm-up: steps {}..={last} at lr {} (of {} steps)",
+            start_epoch * steps + 1,
+            opts.lr / 10.0,
+            opts.epochs * steps
+        );
+    }
     for epoch in start_epoch..opts.epochs {
         // Each epoch's draws depend only on (seed, epoch): a resumed run repeats them exactly.
         let mut rng = Rng::new(opts.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let order = train.epoch_order(&mut rng);
-        let lr = lr_at(opts.lr, epoch, opts.epochs);
-        let sgd = Sgd { lr, momentum: opts.momentum, weight_decay: opts.weight_decay };
+        let mut lr = lr_at(opts.lr, epoch, opts.epochs);
         let bar = progress_bar(opts.progress, steps as u64, epoch, opts.epochs);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let start = Instant::now();
-        for chunk in order.chunks_exact(opts.batch) {
+        for (i, chunk) in order.chunks_exact(opts.batch).enumerate() {
+            lr = lr_at_step(opts.lr, epoch * steps + i, steps, opts.epochs, opts.warmup);
+            let sgd = Sgd { lr, momentum: opts.momentum, weight_decay: opts.weight_decay };
             if opts.augment {
                 train.gather_augmented(chunk, &mut rng, &mut images, &mut labels);
             } else {

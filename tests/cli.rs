@@ -150,11 +150,15 @@ fn train_and_analyze_run_on_tiny_settings() {
         "1",
         "--batch",
         "32",
+        "--warmup",
+        "5",
         "--out",
         out,
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("epoch   1/1") && text.contains("test"), "{text}");
+    // Two steps, both warmed up.
+    assert!(text.contains("warm-up: steps 1..=2 at lr 0.01 (of 2 steps)") && text.contains("lr 0.01 "), "{text}");
     for f in ["curves.csv", "curves.svg", "checkpoint.safetensors"] {
         assert!(d.join(f).exists(), "{f}");
     }

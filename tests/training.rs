@@ -56,8 +56,15 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     let g = gpu();
     let (train_set, test_set) = data::synthetic(160, 40, 4).unwrap();
     let dirs = [out_dir("full"), out_dir("half"), out_dir("rest")];
-    let opts =
-        TrainOptions { epochs: 2, batch: 32, progress: false, out: dirs[0].to_path_buf(), ..TrainOptions::default() };
+    // Five steps an epoch; the warm-up ends in the second epoch, after the resumption.
+    let opts = TrainOptions {
+        epochs: 2,
+        batch: 32,
+        warmup: 7,
+        progress: false,
+        out: dirs[0].to_path_buf(),
+        ..TrainOptions::default()
+    };
     let mut full = ResNet::new(g, &tiny(), 4).unwrap();
     let h_full = train::train(g, &mut full, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
 
@@ -71,6 +78,62 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     let h_rest = train::train(g, &mut resumed, &train_set, &test_set, &rest, done, Vec::new()).unwrap();
     assert_eq!(h_rest.last().unwrap().train_loss, h_full.last().unwrap().train_loss);
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
+}
+
+#[test]
+fn the_learning_rate_schedule_steps_down_at_half_and_three_quarters_after_the_warm_up() {
+    // 4 epochs of 10 steps at 0.1: 0.1 for epochs 1 and 2, 0.01 for 3, 0.001 for 4.
+    let at = |step, warmup| train::lr_at_step(0.1, step, 10, 4, warmup);
+    let expected = |step: usize| [0.1, 0.1, 0.01, 0.001][step / 10];
+    for step in 0..40 {
+        assert_eq!(at(step, 0), expected(step), "step {step}, no warm-up");
+        assert_eq!(train::lr_at(0.1, step / 10, 4), expected(step), "step {step}");
+    }
+    // A warm-up of 13 steps: a tenth of the rate for steps 0 to 12, then the schedule.
+    for step in 0..40 {
+        let want = if step < 13 { 0.01 } else { expected(step) };
+        assert_eq!(at(step, 13), want, "step {step}, warm-up 13");
+    }
+    // Past half the run the schedule is already below the warm-up's rate: it keeps it.
+    assert_eq!(at(25, 30), 0.01);
+    assert_eq!(at(35, 40), 0.001);
+}
+
+/// The warm-up trains its steps at a tenth of the rate, and only those, counted over the run:
+/// the whole run warmed up is the run at that rate, bit for bit, and a warm-up of some steps is
+/// neither.
+#[test]
+fn a_warm_up_trains_its_steps_at_a_tenth_of_the_rate() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(128, 20, 8).unwrap();
+    let run = |epochs: usize, batch: usize, lr: f32, warmup: usize| {
+        let dir = out_dir(&format!("warmup-{epochs}-{lr}-{warmup}"));
+        let opts = TrainOptions {
+            epochs,
+            batch,
+            lr,
+            warmup,
+            progress: false,
+            out: dir.to_path_buf(),
+            ..TrainOptions::default()
+        };
+        let mut net = ResNet::new(g, &tiny(), 8).unwrap();
+        let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
+        (net.state(g).unwrap(), h.iter().map(|s| s.lr).collect::<Vec<_>>())
+    };
+    // One epoch of 4 steps.
+    let (slow, slow_lr) = run(1, 32, 0.01, 0);
+    let (all, all_lr) = run(1, 32, 0.1, 4);
+    let (none, none_lr) = run(1, 32, 0.1, 0);
+    let (part, part_lr) = run(1, 32, 0.1, 2);
+    assert_eq!(all, slow, "warmed up throughout: the run at a tenth of the rate");
+    assert_eq!([slow_lr, all_lr, none_lr, part_lr].concat(), [0.01, 0.01, 0.1, 0.1], "the last step's rate");
+    assert_ne!(none, slow, "the rates differ");
+    assert_ne!(part, all, "the steps after the warm-up run at the full rate");
+    assert_ne!(part, none, "the warm-up's steps run at a tenth of it");
+    // Four epochs of 2 steps, 3 warmed up: the second epoch's last step is past the warm-up.
+    let (_, rates) = run(4, 64, 0.1, 3);
+    assert_eq!(rates, [0.01, 0.1, 0.01, 0.001], "each epoch's last step");
 }
 
 /// A checkpoint names its unit variant, and loads only into that variant: a scaled shortcut
