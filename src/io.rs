@@ -171,9 +171,29 @@ pub fn state_tensors(net: &ResNet, gpu: &Gpu, optimizer: bool) -> Result<Vec<(St
     Ok(out)
 }
 
-/// Saves the network's parameters and BN buffers (a PyTorch-loadable state dict).
+/// Saves the network's parameters and BN buffers (a PyTorch-loadable state dict), naming its
+/// unit variant in the file's metadata as checkpoints do ([`load_net`] checks it).
 pub fn save_weights(net: &ResNet, gpu: &Gpu, path: &Path) -> Result<()> {
-    write(path, &state_tensors(net, gpu, false)?)
+    write_with_metadata(path, &state_tensors(net, gpu, false)?, variant_metadata(&net.config))
+}
+
+/// The file metadata that names `config`'s unit variant (`variant`).
+pub fn variant_metadata(config: &NetConfig) -> HashMap<String, String> {
+    [("variant".to_string(), crate::arch::Variant::of(config).to_string())].into()
+}
+
+/// `Ok` unless `named` (a file's `variant` metadata; `None` where it has none, as PyTorch's
+/// files) is a unit variant other than `config`'s: many variants have the same tensors (a
+/// scaled or dropped-out shortcut, the placements of the original unit), so only the name
+/// tells them apart. `what` says what the file holds, for the message.
+pub fn check_variant(config: &NetConfig, named: Option<&str>, path: &Path, what: &str) -> Result<()> {
+    let want = crate::arch::Variant::of(config).to_string();
+    match named {
+        Some(v) if v != want => {
+            Err(Error::Invalid(format!("{}: {what} of {v} units, not {want}: load it with --unit {v}", path.display())))
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Checks a file's tensors against a configuration and returns the values by name. The first
@@ -224,9 +244,13 @@ pub fn state_for(
     Ok(out)
 }
 
-/// Loads a network from a weights file (a state dict saved here or from PyTorch).
+/// Loads a network from a weights file or a checkpoint (a state dict saved here or from
+/// PyTorch). A file that names its unit variant (ours do) loads only into that variant
+/// ([`check_variant`]).
 pub fn load_net(gpu: &Gpu, config: &NetConfig, path: &Path) -> Result<ResNet> {
-    net_from(gpu, config, &read(path)?, path)
+    let (file, metadata) = read_with_metadata(path)?;
+    check_variant(config, metadata.get("variant").map(String::as_str), path, "weights")?;
+    net_from(gpu, config, &file, path)
 }
 
 /// [`load_net`] on the tensors of `path` as [`read`] returned them.

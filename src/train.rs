@@ -164,8 +164,7 @@ pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, p
     let mut t = io::state_tensors(net, gpu, true)?;
     t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
-    let variant = crate::arch::Variant::of(&net.config).to_string();
-    io::write_with_metadata(path, &t, [("variant".to_string(), variant)].into())
+    io::write_with_metadata(path, &t, io::variant_metadata(&net.config))
 }
 
 /// A checkpoint written by [`save_checkpoint`], read once: what a resumed run must match (its
@@ -209,14 +208,7 @@ impl Checkpoint {
 
     /// `Ok` unless the checkpoint names a unit variant other than `config`'s.
     pub fn check_variant(&self, config: &crate::arch::NetConfig) -> Result<()> {
-        let want = crate::arch::Variant::of(config).to_string();
-        match &self.variant {
-            Some(v) if *v != want => Err(Error::Invalid(format!(
-                "{} is a checkpoint of {v} units, not {want}: resume with --unit {v}",
-                self.path.display()
-            ))),
-            _ => Ok(()),
-        }
+        io::check_variant(config, self.variant.as_deref(), &self.path, "a checkpoint")
     }
 
     /// The network of `config` with the checkpoint's weights, BN buffers and momentum; another

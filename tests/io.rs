@@ -2,7 +2,7 @@
 mod common;
 use common::*;
 use resnet_wgpu::Error;
-use resnet_wgpu::arch::{NetConfig, UnitKind};
+use resnet_wgpu::arch::{Combine, NetConfig, UnitKind};
 use resnet_wgpu::io::{self, Data};
 use resnet_wgpu::net::{ResNet, Sgd};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
@@ -88,9 +88,21 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     assert!(matches!(e, Error::Format { .. }), "{e}");
     assert!(e.to_string().contains("unexpected tensor layer1.1.bn1.bias (72 in all)"), "{e}");
 
+    // Our files name their unit variant: another variant's is refused by name, before its
+    // tensors are compared.
     let orig = NetConfig::cifar(20, UnitKind::Original, false, 10).unwrap();
     let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
+    assert!(e.to_string().contains("weights of preact units, not original: load it with --unit preact"), "{e}");
+    // A variant with the same tensors, which only the name tells apart.
+    let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 0.5 }, ..cfg20.clone() };
+    let e = io::load_net(g, &scaled, &path).err().expect("scaled shortcuts must not load plain ones' weights");
+    assert!(e.to_string().contains("not preact+scale:0.5:0.5"), "{e}");
+    // Without the name (PyTorch's files have none), the tensors tell the placements apart.
+    let unnamed = dir.join("unnamed.safetensors");
+    io::write(&unnamed, &io::read(&path).unwrap().into_iter().collect::<Vec<_>>()).unwrap();
+    let e = io::load_net(g, &orig, &unnamed).err().expect("original net must not load pre-act weights");
     assert!(e.to_string().contains("bn1.weight"), "{e}");
+    assert!(io::load_net(g, &scaled, &unnamed).is_ok(), "nothing but the name tells these apart");
 
     let junk_dir = temp("junk");
     let junk = junk_dir.join("junk.safetensors");
