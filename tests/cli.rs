@@ -232,10 +232,27 @@ fn variants_train_and_analyze() {
         "1",
         "--batch",
         "16",
+        "--seed",
+        "9",
         "--out",
         d.to_str().unwrap(),
     ]);
     assert!(ok && text.contains("network: preact+gate:-6 ResNet-8"), "{text}");
+    // The checkpoint scores the test split as the run's last evaluation did (its seed, so its
+    // images), another seed's images otherwise, and the training split too.
+    let test_loss = |text: &str| text.split("test loss ").nth(1).map(|t| t[..6].to_string());
+    let ck = d.join("checkpoint.safetensors");
+    let eval = |extra: &[&str]| {
+        let a = ["eval", "--depth", "8", "--unit", "preact+gate:-6", "--train-size", "32", "--test-size", "16"];
+        tool(&[&a[..], &["--batch", "7", "--weights", ck.to_str().unwrap()], extra].concat())
+    };
+    let (ok, scored) = eval(&[]);
+    assert!(ok && scored.contains("shapes10 test split (16 images, 10 classes)"), "{scored}");
+    assert_eq!(test_loss(&scored), test_loss(&text), "{scored}\n{text}");
+    let (ok, other) = eval(&["--seed", "0"]);
+    assert!(ok && test_loss(&other).is_some() && test_loss(&other) != test_loss(&text), "{other}");
+    let (ok, scored) = eval(&["--split", "train"]);
+    assert!(ok && scored.contains("(32 images, 10 classes)") && scored.contains("training loss "), "{scored}");
     // The checkpoint holds the gates under their names.
     let ckpt = io::read(&d.join("checkpoint.safetensors")).unwrap();
     assert!(ckpt.contains_key("layer1.0.gate.weight") && ckpt.contains_key("layer3.0.gate.bias"));
@@ -476,6 +493,8 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["bench", "--torch", "/nonexistent/torch_unit.py"], "bench --torch /nonexistent/torch_unit.py: no such"),
         (vec!["analyze", "--depths", "8,14,8"], "ResNet-8 preact is asked for twice"),
         (vec!["analyze", "--depths", "8", "--kinds", "original,original"], "ResNet-8 original is asked for twice"),
+        (vec!["eval", "--depth", "8", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+        (vec!["eval", "--depth", "8", "--weights", "w.safetensors", "--batch", "0"], "--batch must be positive"),
     ] {
         let out = command()
             .args(&args)

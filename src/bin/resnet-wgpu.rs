@@ -95,6 +95,12 @@ impl NetArgs {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Split {
+    Train,
+    Test,
+}
+
 /// Where the training data comes from.
 #[derive(clap::Args, Clone, Debug)]
 struct DataArgs {
@@ -209,6 +215,28 @@ enum Command {
         #[arg(long, default_value = "runs/train")]
         out: PathBuf,
     },
+    /// Loss and accuracy of given weights or a checkpoint on the test (or training) split, in
+    /// inference mode (batch norm's running averages)
+    Eval {
+        #[command(flatten)]
+        net: NetArgs,
+        #[command(flatten)]
+        data: DataArgs,
+        /// Weights or a checkpoint (safetensors, PyTorch names), as `train` writes them or
+        /// PyTorch saves a state dict.
+        #[arg(long)]
+        weights: PathBuf,
+        /// The split to score.
+        #[arg(long, value_enum, default_value_t = Split::Test)]
+        split: Split,
+        /// Images per forward pass.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// The embedded dataset's seed; by default a checkpoint's own (the images its run was
+        /// tested on), else 0.
+        #[arg(long)]
+        seed: Option<u64>,
+    },
     /// The identity-mapping analysis on the GPU: per-unit norms of x_l, F(x_l) and dE/dx_l at
     /// initialisation, for each depth and unit variant; a table, CSV and SVG.
     Analyze {
@@ -296,6 +324,9 @@ fn main() -> ExitCode {
             };
             train_cmd(&net, &data, &opts, resume.as_deref())
         }
+        Some(Command::Eval { net, data, weights, split, batch, seed }) => {
+            eval_cmd(&net, &data, &weights, split, batch, seed)
+        }
         Some(Command::Analyze { depths, kinds, variants, bottleneck, batch, classes, seed, rows, out }) => {
             let variants = match variants.is_empty() {
                 true => kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect(),
@@ -382,6 +413,60 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
     }
     println!("wrote {}/curves.csv, curves.svg and checkpoint.safetensors", opts.out.display());
+    Ok(())
+}
+
+fn eval_cmd(
+    args: &NetArgs,
+    data: &DataArgs,
+    weights: &std::path::Path,
+    split: Split,
+    batch: usize,
+    seed: Option<u64>,
+) -> Result<()> {
+    let config = args.config()?;
+    if batch == 0 {
+        return Err(Error::Invalid("--batch must be positive".into()));
+    }
+    // Read before the adapter opens, so that a missing file is named first. A checkpoint knows
+    // its run's seed, and so which generated images it was tested on; a weights file (a format
+    // error here) loads below.
+    let checkpoint = match train::Checkpoint::read(weights) {
+        Ok(c) => Some(c),
+        Err(Error::Format { .. }) => None,
+        Err(e) => return Err(e),
+    };
+    if let Some(c) = &checkpoint {
+        c.check_variant(&config)?;
+    }
+    let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
+    // Only the split scored is generated (one image of the other).
+    let sizes = match split {
+        Split::Train => DataArgs { test_size: 1, ..data.clone() },
+        Split::Test => DataArgs { train_size: 1, ..data.clone() },
+    };
+    let (train_set, test_set) = sizes.load(seed)?;
+    let (set, name) = match split {
+        Split::Train => (&train_set, "training"),
+        Split::Test => (&test_set, "test"),
+    };
+    let gpu = Gpu::new()?;
+    println!("adapter: {}", gpu.report);
+    let mut net = match checkpoint {
+        Some(c) => c.into_net(&gpu, &config)?,
+        None => io::load_net(&gpu, &config, weights)?,
+    };
+    println!(
+        "data: {} {name} split ({} images, {} classes); network: {} ResNet-{} from {}",
+        set.name(),
+        set.len(),
+        set.classes(),
+        Variant::of(&config),
+        config.depth(),
+        weights.display()
+    );
+    let (loss, acc) = train::evaluate(&gpu, &mut net, set, batch)?;
+    println!("{name} loss {loss:.4}, accuracy {:.2}% (chance {:.1}%)", 100.0 * acc, 100.0 / config.classes as f64);
     Ok(())
 }
 
