@@ -161,10 +161,41 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
 /// and in the file's metadata the unit variant (`variant`: many variants have the same tensors,
 /// so the names alone cannot tell one from another).
 pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
+    write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), path)
+}
+
+/// [`save_checkpoint`] with the run's options in the metadata too (`run.<name>`).
+fn write_checkpoint(
+    gpu: &Gpu,
+    net: &ResNet,
+    epochs_done: usize,
+    seed: u64,
+    run: Vec<(&str, String)>,
+    path: &Path,
+) -> Result<()> {
     let mut t = io::state_tensors(net, gpu, true)?;
     t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
-    io::write_with_metadata(path, &t, io::variant_metadata(&net.config))
+    let mut metadata = io::variant_metadata(&net.config);
+    metadata.extend(run.into_iter().map(|(k, v)| (format!("run.{k}"), v)));
+    io::write_with_metadata(path, &t, metadata)
+}
+
+/// The options besides the seed that a resumed run must repeat to continue as the
+/// uninterrupted one would (`epochs` too: the learning rate's steps fall at its half and three
+/// quarters), as a checkpoint written by [`train`] records them.
+fn run_options(opts: &TrainOptions, train: &Dataset) -> Vec<(&'static str, String)> {
+    vec![
+        ("data", format!("{} ({} training images)", train.name(), train.len())),
+        ("epochs", opts.epochs.to_string()),
+        ("batch", opts.batch.to_string()),
+        ("lr", opts.lr.to_string()),
+        ("warmup", opts.warmup.to_string()),
+        ("momentum", opts.momentum.to_string()),
+        ("weight_decay", opts.weight_decay.to_string()),
+        ("augment", opts.augment.to_string()),
+        ("f16", opts.f16.map_or("off".into(), |s| format!("loss scale {s}"))),
+    ]
 }
 
 /// A checkpoint written by [`save_checkpoint`], read once: what a resumed run must match (its
@@ -180,6 +211,9 @@ pub struct Checkpoint {
     pub seed: Option<u64>,
     /// Its unit variant (`None` in a file written before checkpoints named theirs).
     pub variant: Option<String>,
+    /// The options of the run that wrote it, by name (empty in a file written outside
+    /// [`train`] or before checkpoints kept them): [`Checkpoint::changed`] compares them.
+    pub run: std::collections::BTreeMap<String, String>,
 }
 
 impl Checkpoint {
@@ -197,6 +231,7 @@ impl Checkpoint {
             epochs_done: done.max(0) as usize,
             seed,
             variant: metadata.remove("variant"),
+            run: metadata.into_iter().filter_map(|(k, v)| Some((k.strip_prefix("run.")?.to_string(), v))).collect(),
             file,
         })
     }
@@ -209,6 +244,21 @@ impl Checkpoint {
     /// `Ok` unless the checkpoint names a unit variant other than `config`'s.
     pub fn check_variant(&self, config: &crate::arch::NetConfig) -> Result<()> {
         io::check_variant(config, self.variant.as_deref(), &self.path, "a checkpoint")
+    }
+
+    /// The options of `opts` (and the training data) that differ from the run that wrote the
+    /// checkpoint, each as `name: the run's value, now this one`. Resumed with them, training
+    /// goes on, but the epochs done were trained under the others, so an uninterrupted run
+    /// with `opts` could end elsewhere. Empty where nothing differs or the checkpoint recorded
+    /// no options.
+    pub fn changed(&self, opts: &TrainOptions, train: &Dataset) -> Vec<String> {
+        run_options(opts, train)
+            .into_iter()
+            .filter_map(|(k, v)| {
+                let was = self.run.get(k)?;
+                (*was != v).then(|| format!("{k}: {was}, now {v}"))
+            })
+            .collect()
     }
 
     /// The network of `config` with the checkpoint's weights, BN buffers and momentum; another
@@ -333,7 +383,8 @@ pub fn train(
             s.images_per_sec
         );
         history.push(s);
-        save_checkpoint(gpu, net, epoch + 1, opts.seed, &opts.out.join("checkpoint.safetensors"))?;
+        let path = opts.out.join("checkpoint.safetensors");
+        write_checkpoint(gpu, net, epoch + 1, opts.seed, run_options(opts, train), &path)?;
         write_curves(&opts.out, &history)?;
     }
     Ok(history)

@@ -184,6 +184,9 @@ fn train_and_analyze_run_on_tiny_settings() {
     ]);
     assert!(ok && text.contains("resuming after epoch 1") && text.contains("epoch   2/2"), "{text}");
     assert!(text.contains("f16 path, loss scale 1024"), "{text}");
+    // Resumed with other options than the run's (and without its warm-up): said.
+    let want = "other options (epochs: 1, now 2; warmup: 5, now 0; f16: off, now loss scale 1024)";
+    assert!(text.contains(want), "{text}");
     // Resumed with another seed (the data order would differ): refused, naming the seed; with
     // every epoch done: nothing trained, nothing claimed written.
     let resume = |out: &str, epochs: &str, seed: &str| {

@@ -78,6 +78,22 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     let h_rest = train::train(g, &mut resumed, &train_set, &test_set, &rest, done, Vec::new()).unwrap();
     assert_eq!(h_rest.last().unwrap().train_loss, h_full.last().unwrap().train_loss);
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
+
+    // The checkpoint keeps the run's options; resumed with others, they are named.
+    let c = train::Checkpoint::read(&half.out.join("checkpoint.safetensors")).unwrap();
+    assert_eq!(c.run.get("warmup").map(String::as_str), Some("7"), "{:?}", c.run);
+    assert_eq!(c.changed(&half, &train_set), Vec::<String>::new());
+    let other = TrainOptions { lr: 0.05, batch: 16, augment: false, ..half.clone() };
+    let (smaller, _) = data::synthetic(96, 4, 4).unwrap();
+    assert_eq!(
+        c.changed(&other, &smaller),
+        [
+            "data: shapes10 (160 training images), now shapes10 (96 training images)",
+            "batch: 32, now 16",
+            "lr: 0.1, now 0.05",
+            "augment: true, now false"
+        ]
+    );
 }
 
 #[test]
@@ -145,7 +161,9 @@ fn a_checkpoint_loads_only_into_its_own_variant() {
     let path = dir.join("checkpoint.safetensors");
     let net = ResNet::new(g, &tiny(), 7).unwrap();
     train::save_checkpoint(g, &net, 1, 0, &path).unwrap();
-    assert_eq!(train::Checkpoint::read(&path).unwrap().variant.as_deref(), Some("preact"));
+    let c = train::Checkpoint::read(&path).unwrap();
+    assert_eq!(c.variant.as_deref(), Some("preact"));
+    assert!(c.run.is_empty(), "saved outside a run: no options to compare");
     let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 1.0 }, ..tiny() };
     assert_eq!(scaled.tensors(), tiny().tensors(), "the same tensors: only the variant tells them apart");
     match train::load_checkpoint(g, &scaled, &path) {

@@ -385,8 +385,16 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     let (mut net, start, history) = match checkpoint {
         Some(c) => {
             let (done, from) = (c.epochs_done, c.path().display().to_string());
+            let changed = c.changed(opts, &train_set);
             let net = c.into_net(&gpu, &config)?;
             println!("resuming after epoch {done} from {from}");
+            if !changed.is_empty() && done < opts.epochs {
+                eprintln!(
+                    "note: the checkpoint's run had other options ({}): it goes on from there, but an \
+                     uninterrupted run with these could end elsewhere",
+                    changed.join("; ")
+                );
+            }
             let history = train::read_curves(&opts.out, done);
             if history.len() != done {
                 eprintln!(
