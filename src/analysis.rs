@@ -1,6 +1,6 @@
 //! The seed's analysis, measured on the GPU: for each network (any depth, placement and
 //! shortcut combination of [`crate::arch::Variant`]), one training-mode
-//! forward and backward at initialisation, and per unit `l` the norms `||x_l||`, `||F(x_l)||`,
+//! forward and backward at initialisation (or on given weights: [`measure_net`]), and per unit `l` the norms `||x_l||`, `||F(x_l)||`,
 //! `||dE/dx_l||` and `||dE/dx_l|| / ||dE/dx_L||`; plus the check that within a stage the stream
 //! is additive, `x_L = x_l + sum F` (pre-activation), or is not (original, `f = ReLU`).
 
@@ -42,10 +42,21 @@ pub fn measure(gpu: &Gpu, networks: &[Network], images: &Tensor, labels: &Labels
     let mut out = Vec::new();
     for v in networks {
         let mut net = ResNet::new(gpu, &v.config, seed)?;
-        let probes = net.probe(gpu, images, labels)?;
-        out.push(Measured { network: v.clone(), probes });
+        out.push(measure_net(gpu, v, &mut net, images, labels)?);
     }
     Ok(out)
+}
+
+/// Runs the probed pass of `net` (trained weights, say; `network` labels it) on one batch.
+pub fn measure_net(
+    gpu: &Gpu,
+    network: &Network,
+    net: &mut ResNet,
+    images: &Tensor,
+    labels: &Labels,
+) -> Result<Measured> {
+    let probes = net.probe(gpu, images, labels)?;
+    Ok(Measured { network: network.clone(), probes })
 }
 
 /// A terminal table: every unit for shallow networks, about `rows` evenly spaced units (with

@@ -190,7 +190,7 @@ pub fn check_variant(config: &NetConfig, named: Option<&str>, path: &Path, what:
     let want = crate::arch::Variant::of(config).to_string();
     match named {
         Some(v) if v != want => {
-            Err(Error::Invalid(format!("{}: {what} of {v} units, not {want}: load it with --unit {v}", path.display())))
+            Err(Error::Invalid(format!("{}: {what} of {v} units, not {want}: load it as {v}", path.display())))
         }
         _ => Ok(()),
     }

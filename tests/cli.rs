@@ -199,7 +199,7 @@ fn train_and_analyze_run_on_tiny_settings() {
     // Resumed as another variant with the same tensors: refused, naming the checkpoint's.
     let (ok, text) =
         tool(&["train", "--depth", "8", "--unit", "preact+scale:0.5:1", "--resume", ckpt.to_str().unwrap()]);
-    assert!(!ok && text.contains("checkpoint of preact units") && text.contains("--unit preact"), "{text}");
+    assert!(!ok && text.contains("checkpoint of preact units") && text.contains("load it as preact"), "{text}");
     let (ok, text) = resume(out, "2", "0");
     assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
     assert!(!text.contains("curves.csv holds"), "{text}");
@@ -256,6 +256,21 @@ fn variants_train_and_analyze() {
     assert!(ok && test_loss(&other).is_some() && test_loss(&other) != test_loss(&text), "{other}");
     let (ok, scored) = eval(&["--split", "train"]);
     assert!(ok && scored.contains("(32 images, 10 classes)") && scored.contains("training loss "), "{scored}");
+    // The analysis of the trained weights, against the same network at initialisation on the
+    // same images: the file's weights, not fresh ones.
+    let trained = dir("variant-analyze-trained");
+    let analyze = |extra: &[&str]| {
+        let a = ["analyze", "--depths", "8", "--variants", "preact+gate:-6", "--batch", "4", "--seed", "0"];
+        tool(&[&a[..], &["--out", trained.to_str().unwrap()], extra].concat())
+    };
+    let loss = |text: &str| text.split(": loss ").nth(1).map(|t| t[..6].to_string());
+    let (ok, at_init) = analyze(&[]);
+    assert!(ok && loss(&at_init).is_some(), "{at_init}");
+    let (ok, text) = analyze(&["--weights", ck.to_str().unwrap()]);
+    assert!(ok && text.contains("ResNet-8 preact+gate:-6 from ") && text.contains("stage 1"), "{text}");
+    assert!(loss(&text).is_some() && loss(&text) != loss(&at_init), "{text}\n{at_init}");
+    let (ok, text) = tool(&["analyze", "--depths", "8", "--variants", "preact", "--weights", ck.to_str().unwrap()]);
+    assert!(!ok && text.contains("a checkpoint of preact+gate:-6 units, not preact"), "{text}");
     // The checkpoint holds the gates under their names.
     let ckpt = io::read(&d.join("checkpoint.safetensors")).unwrap();
     assert!(ckpt.contains_key("layer1.0.gate.weight") && ckpt.contains_key("layer3.0.gate.bias"));
@@ -497,6 +512,8 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["analyze", "--depths", "8,14,8"], "ResNet-8 preact is asked for twice"),
         (vec!["analyze", "--depths", "8", "--kinds", "original,original"], "ResNet-8 original is asked for twice"),
         (vec!["eval", "--depth", "8", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
+        (vec!["analyze", "--depths", "8", "--weights", "w.safetensors"], "one network, the file's, not 2"),
+        (vec!["analyze", "--depths", "8", "--kinds", "preact", "--weights", "/nonexistent/w"], "/nonexistent/w"),
         (vec!["eval", "--depth", "8", "--weights", "w.safetensors", "--batch", "0"], "--batch must be positive"),
     ] {
         let out = command()

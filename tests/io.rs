@@ -92,7 +92,7 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     // tensors are compared.
     let orig = NetConfig::cifar(20, UnitKind::Original, false, 10).unwrap();
     let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
-    assert!(e.to_string().contains("weights of preact units, not original: load it with --unit preact"), "{e}");
+    assert!(e.to_string().contains("weights of preact units, not original: load it as preact"), "{e}");
     // A variant with the same tensors, which only the name tells apart.
     let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 0.5 }, ..cfg20.clone() };
     let e = io::load_net(g, &scaled, &path).err().expect("scaled shortcuts must not load plain ones' weights");

@@ -238,7 +238,7 @@ enum Command {
         seed: Option<u64>,
     },
     /// The identity-mapping analysis on the GPU: per-unit norms of x_l, F(x_l) and dE/dx_l at
-    /// initialisation, for each depth and unit variant; a table, CSV and SVG.
+    /// initialisation (or on trained weights), for each depth and unit variant; a table, CSV and SVG.
     Analyze {
         /// Depths: basic units for 6n+2 (20 to 110, 1202), bottleneck units for 9n+2 that are not
         /// 6n+2 (1001); with --bottleneck, bottleneck units for every depth (9n+2: 164, 1001).
@@ -254,6 +254,10 @@ enum Command {
         /// e.g. `preact,original,scale:0.5:1,gate:-6,bn-after-add`.
         #[arg(long, value_delimiter = ',', conflicts_with = "kinds")]
         variants: Vec<Variant>,
+        /// Trained weights or a checkpoint to analyse instead of He initialisation: one network,
+        /// so one depth and one kind or variant, the file's.
+        #[arg(long)]
+        weights: Option<PathBuf>,
         /// Images in the batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -327,13 +331,13 @@ fn main() -> ExitCode {
         Some(Command::Eval { net, data, weights, split, batch, seed }) => {
             eval_cmd(&net, &data, &weights, split, batch, seed)
         }
-        Some(Command::Analyze { depths, kinds, variants, bottleneck, batch, classes, seed, rows, out }) => {
+        Some(Command::Analyze { depths, kinds, variants, weights, bottleneck, batch, classes, seed, rows, out }) => {
             let variants = match variants.is_empty() {
                 true => kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect(),
                 false => variants,
             };
             analysis_networks(&depths, &variants, classes, bottleneck)
-                .and_then(|networks| analyze_cmd(&networks, batch, seed, rows, &out))
+                .and_then(|networks| analyze_cmd(&networks, weights.as_deref(), batch, seed, rows, &out))
         }
         Some(Command::Bench(args)) => bench_cmd(args),
         None => demo(),
@@ -424,6 +428,30 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     Ok(())
 }
 
+/// `path` as a checkpoint, read before the adapter opens (so that a missing file is named
+/// first); `None` for a weights file (a format error here), which [`load_weights`] reads.
+fn read_checkpoint(path: &std::path::Path) -> Result<Option<train::Checkpoint>> {
+    match train::Checkpoint::read(path) {
+        Ok(c) => Ok(Some(c)),
+        Err(Error::Format { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// The network of `config` from `path`: the checkpoint [`read_checkpoint`] read, else the
+/// weights file; another unit variant's is refused either way.
+fn load_weights(
+    gpu: &Gpu,
+    config: &NetConfig,
+    path: &std::path::Path,
+    checkpoint: Option<train::Checkpoint>,
+) -> Result<ResNet> {
+    match checkpoint {
+        Some(c) => c.into_net(gpu, config),
+        None => io::load_net(gpu, config, path),
+    }
+}
+
 fn eval_cmd(
     args: &NetArgs,
     data: &DataArgs,
@@ -436,14 +464,8 @@ fn eval_cmd(
     if batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
-    // Read before the adapter opens, so that a missing file is named first. A checkpoint knows
-    // its run's seed, and so which generated images it was tested on; a weights file (a format
-    // error here) loads below.
-    let checkpoint = match train::Checkpoint::read(weights) {
-        Ok(c) => Some(c),
-        Err(Error::Format { .. }) => None,
-        Err(e) => return Err(e),
-    };
+    // A checkpoint knows its run's seed, and so which generated images it was tested on.
+    let checkpoint = read_checkpoint(weights)?;
     if let Some(c) = &checkpoint {
         c.check_variant(&config)?;
     }
@@ -460,10 +482,7 @@ fn eval_cmd(
     };
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
-    let mut net = match checkpoint {
-        Some(c) => c.into_net(&gpu, &config)?,
-        None => io::load_net(&gpu, &config, weights)?,
-    };
+    let mut net = load_weights(&gpu, &config, weights, checkpoint)?;
     println!(
         "data: {} {name} split ({} images, {} classes); network: {} ResNet-{} from {}",
         set.name(),
@@ -504,12 +523,30 @@ fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize, bot
     Ok(v)
 }
 
-fn analyze_cmd(networks: &[Network], batch: usize, seed: u64, rows: usize, out: &std::path::Path) -> Result<()> {
+fn analyze_cmd(
+    networks: &[Network],
+    weights: Option<&std::path::Path>,
+    batch: usize,
+    seed: u64,
+    rows: usize,
+    out: &std::path::Path,
+) -> Result<()> {
     if batch < 2 {
         return Err(Error::Invalid("--batch must be at least 2 (batch norm needs statistics)".into()));
     }
     let Some(classes) = networks.first().map(|n| n.config.classes) else {
         return Err(Error::Invalid("analyze: no networks (give --depths)".into()));
+    };
+    let mut trained = match weights {
+        Some(w) if networks.len() > 1 => {
+            return Err(Error::Invalid(format!(
+                "analyze --weights {}: one network, the file's, not {} (give one depth and one kind or variant)",
+                w.display(),
+                networks.len()
+            )));
+        }
+        Some(w) => Some((w, read_checkpoint(w)?)),
+        None => None,
     };
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
@@ -526,9 +563,16 @@ fn analyze_cmd(networks: &[Network], batch: usize, seed: u64, rows: usize, out: 
     let mut measured = Vec::new();
     for v in networks {
         let t = std::time::Instant::now();
-        let m = analysis::measure(&gpu, std::slice::from_ref(v), &images, &labels, seed)?;
-        println!("\n{}({:.1} s)", analysis::table(&m[0], rows), t.elapsed().as_secs_f64());
-        measured.extend(m);
+        let m = match trained.take() {
+            Some((w, checkpoint)) => {
+                let mut net = load_weights(&gpu, &v.config, w, checkpoint)?;
+                let label = format!("{} from {}", v.label, w.display());
+                analysis::measure_net(&gpu, &Network { label, ..v.clone() }, &mut net, &images, &labels)?
+            }
+            None => analysis::measure(&gpu, std::slice::from_ref(v), &images, &labels, seed)?.remove(0),
+        };
+        println!("\n{}({:.1} s)", analysis::table(&m, rows), t.elapsed().as_secs_f64());
+        measured.push(m);
     }
     analysis::write_csv(&out.join("analysis.csv"), &measured)?;
     analysis::plot(&out.join("analysis.svg"), &measured)?;
@@ -550,7 +594,7 @@ fn demo() -> Result<()> {
     println!();
     let variants = [UnitKind::PreAct, UnitKind::Original].map(|kind| Variant::of(&NetConfig { kind, ..placeholder() }));
     let networks = analysis_networks(&[110], &variants, 10, false)?;
-    analyze_cmd(&networks, 4, 0, 8, std::path::Path::new("runs/demo-analyze"))
+    analyze_cmd(&networks, None, 4, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
