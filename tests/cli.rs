@@ -271,6 +271,21 @@ fn variants_train_and_analyze() {
     assert!(loss(&text).is_some() && loss(&text) != loss(&at_init), "{text}\n{at_init}");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--variants", "preact", "--weights", ck.to_str().unwrap()]);
     assert!(!ok && text.contains("a checkpoint of preact+gate:-6 units, not preact"), "{text}");
+    // On CIFAR-10's first test images (a folder of a few records here) instead of shapes10's.
+    let cifar = dir("analyze-cifar");
+    let record = |r: usize| -> Vec<u8> {
+        let pixels = (0..3072).map(|i| ((i * 7 + r * 131) % 251) as u8);
+        std::iter::once((r % 10) as u8).chain(pixels).collect()
+    };
+    for b in 1..=5 {
+        std::fs::write(cifar.join(format!("data_batch_{b}.bin")), record(b)).unwrap();
+    }
+    std::fs::write(cifar.join("test_batch.bin"), (0..4).flat_map(record).collect::<Vec<_>>()).unwrap();
+    let (ok, text) = analyze(&["--data", cifar.to_str().unwrap()]);
+    assert!(ok && text.contains("batch: the first 4 test images of cifar10"), "{text}");
+    assert!(loss(&text).is_some() && loss(&text) != loss(&at_init), "{text}\n{at_init}");
+    let (ok, text) = tool(&["analyze", "--depths", "8", "--kinds", "preact", "--data", cifar.to_str().unwrap()]);
+    assert!(!ok && text.contains("4 test images of 10 classes, for a batch of 8"), "{text}");
     // The checkpoint holds the gates under their names.
     let ckpt = io::read(&d.join("checkpoint.safetensors")).unwrap();
     assert!(ckpt.contains_key("layer1.0.gate.weight") && ckpt.contains_key("layer3.0.gate.bias"));

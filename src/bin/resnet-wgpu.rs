@@ -258,6 +258,10 @@ enum Command {
         /// so one depth and one kind or variant, the file's.
         #[arg(long)]
         weights: Option<PathBuf>,
+        /// A CIFAR-10 or CIFAR-100 folder (as `train --data` takes): the batch is its first test
+        /// images, not generated shapes10 ones.
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Images in the batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
@@ -331,13 +335,26 @@ fn main() -> ExitCode {
         Some(Command::Eval { net, data, weights, split, batch, seed }) => {
             eval_cmd(&net, &data, &weights, split, batch, seed)
         }
-        Some(Command::Analyze { depths, kinds, variants, weights, bottleneck, batch, classes, seed, rows, out }) => {
+        Some(Command::Analyze {
+            depths,
+            kinds,
+            variants,
+            weights,
+            data,
+            bottleneck,
+            batch,
+            classes,
+            seed,
+            rows,
+            out,
+        }) => {
             let variants = match variants.is_empty() {
                 true => kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect(),
                 false => variants,
             };
-            analysis_networks(&depths, &variants, classes, bottleneck)
-                .and_then(|networks| analyze_cmd(&networks, weights.as_deref(), batch, seed, rows, &out))
+            analysis_networks(&depths, &variants, classes, bottleneck).and_then(|networks| {
+                analyze_cmd(&networks, weights.as_deref(), data.as_deref(), batch, seed, rows, &out)
+            })
         }
         Some(Command::Bench(args)) => bench_cmd(args),
         None => demo(),
@@ -526,6 +543,7 @@ fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize, bot
 fn analyze_cmd(
     networks: &[Network],
     weights: Option<&std::path::Path>,
+    data: Option<&std::path::Path>,
     batch: usize,
     seed: u64,
     rows: usize,
@@ -548,6 +566,23 @@ fn analyze_cmd(
         Some(w) => Some((w, read_checkpoint(w)?)),
         None => None,
     };
+    // CIFAR's test images, read before the adapter opens: there must be a batch of them, of
+    // the networks' classes.
+    let cifar = match data {
+        Some(dir) => {
+            let (_, test) = data::load_cifar(dir)?;
+            if test.len() < batch || test.classes() != classes {
+                return Err(Error::Invalid(format!(
+                    "analyze --data {}: {} test images of {} classes, for a batch of {batch} and {classes} classes",
+                    dir.display(),
+                    test.len(),
+                    test.classes()
+                )));
+            }
+            Some(test)
+        }
+        None => None,
+    };
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
     // The folder before the passes: a deep analysis is not to be lost to an unwritable --out.
@@ -555,10 +590,18 @@ fn analyze_cmd(
     // The tensor first: a batch past the adapter's largest buffer is refused before its
     // images are drawn.
     let images = Tensor::zeros(&gpu, &[batch, 3, 32, 32])?;
-    let (set, _) = data::synthetic(batch, 1, seed)?;
+    let set = match cifar {
+        Some(test) => test,
+        None => data::synthetic(batch, 1, seed)?.0,
+    };
     let (mut host, mut labels) = (Vec::new(), Vec::new());
     set.gather(&(0..batch).collect::<Vec<_>>(), &mut host, &mut labels);
+    if data.is_some() {
+        println!("batch: the first {batch} test images of {}", set.name());
+    }
     images.write(&gpu, &host)?;
+    // shapes10's labels folded into the networks' classes (any number of them at
+    // initialisation); CIFAR's match them.
     let labels = upload_labels(&gpu, &labels.iter().map(|&l| l % classes as u32).collect::<Vec<_>>(), classes)?;
     let mut measured = Vec::new();
     for v in networks {
@@ -594,7 +637,7 @@ fn demo() -> Result<()> {
     println!();
     let variants = [UnitKind::PreAct, UnitKind::Original].map(|kind| Variant::of(&NetConfig { kind, ..placeholder() }));
     let networks = analysis_networks(&[110], &variants, 10, false)?;
-    analyze_cmd(&networks, None, 4, 0, 8, std::path::Path::new("runs/demo-analyze"))
+    analyze_cmd(&networks, None, None, 4, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
 fn bench_cmd(a: BenchArgs) -> Result<()> {
