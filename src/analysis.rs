@@ -1,8 +1,9 @@
 //! The seed's analysis, measured on the GPU: for each network (any depth, placement and
-//! shortcut combination of [`crate::arch::Variant`]), one training-mode
-//! forward and backward at initialisation (or on given weights: [`measure_net`]), and per unit `l` the norms `||x_l||`, `||F(x_l)||`,
-//! `||dE/dx_l||` and `||dE/dx_l|| / ||dE/dx_L||`; plus the check that within a stage the stream
-//! is additive, `x_L = x_l + sum F` (pre-activation), or is not (original, `f = ReLU`).
+//! shortcut combination of [`crate::arch::Variant`]), one training-mode forward and backward
+//! at initialisation (or on given weights: [`measure_net`]), and per unit `l` the norms
+//! `||x_l||`, `||F(x_l)||`, `||dE/dx_l||` and `||dE/dx_l|| / ||dE/dx_L||`; plus the check that
+//! within a stage the stream is additive, `x_L = x_l + sum F` (pre-activation), or is not
+//! (original, `f = ReLU`).
 
 use std::path::Path;
 

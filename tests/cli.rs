@@ -529,6 +529,7 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["eval", "--depth", "8", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
         (vec!["analyze", "--depths", "8", "--weights", "w.safetensors"], "one network, the file's, not 2"),
         (vec!["analyze", "--depths", "8", "--kinds", "preact", "--weights", "/nonexistent/w"], "/nonexistent/w"),
+        (vec!["analyze", "--depths", "8", "--kinds", "preact", "--data", "/nonexistent/c"], "/nonexistent/c"),
         (vec!["eval", "--depth", "8", "--weights", "w.safetensors", "--batch", "0"], "--batch must be positive"),
     ] {
         let out = command()

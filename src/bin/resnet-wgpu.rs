@@ -216,7 +216,7 @@ enum Command {
         out: PathBuf,
     },
     /// Loss and accuracy of given weights or a checkpoint on the test (or training) split, in
-    /// inference mode (batch norm's running averages)
+    /// inference mode (batch norm's running averages).
     Eval {
         #[command(flatten)]
         net: NetArgs,
@@ -563,7 +563,13 @@ fn analyze_cmd(
                 networks.len()
             )));
         }
-        Some(w) => Some((w, read_checkpoint(w)?)),
+        Some(w) => {
+            let checkpoint = read_checkpoint(w)?;
+            if let Some(c) = &checkpoint {
+                c.check_variant(&networks[0].config)?;
+            }
+            Some((w, checkpoint))
+        }
         None => None,
     };
     // CIFAR's test images, read before the adapter opens: there must be a batch of them, of
