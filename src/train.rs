@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Gpu;
 use crate::io::{self, HostTensor};
 use crate::net::{ResNet, Sgd};
-use crate::ops::pool_fc_loss::upload_labels;
+use crate::ops::pool_fc_loss::{Labels, upload_labels};
 use crate::report::{self, Series};
 use crate::rng::Rng;
 use crate::tensor::Tensor;
@@ -45,6 +45,9 @@ pub struct TrainOptions {
     /// Evaluation runs in f32 either way. Not with `check_finite` (its probes measure the f32
     /// network).
     pub f16: Option<f32>,
+    /// Before the first epoch and after each, the gradient-flow analysis of the network as it
+    /// stands ([`flow_at`]), written to `flow.csv` and `flow.svg`.
+    pub flow: bool,
 }
 
 impl Default for TrainOptions {
@@ -63,6 +66,7 @@ impl Default for TrainOptions {
             progress: true,
             check_finite: false,
             f16: None,
+            flow: false,
         }
     }
 }
@@ -103,6 +107,110 @@ pub struct EpochStats {
     pub test_loss: f64,
     pub test_acc: f64,
     pub images_per_sec: f64,
+}
+
+/// The gradient flow of a network after `epoch` epochs (0: as initialised), as the analysis
+/// measures it ([`ResNet::probe`]) on a fixed batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FlowStats {
+    pub epoch: usize,
+    /// The training-mode loss on the batch.
+    pub loss: f64,
+    /// `||dE/dx_0|| / ||dE/dx_L||`: how much the gradient grows from the last unit to the first.
+    pub grad_ratio: f64,
+    /// Per stage, `||x_end - (x_start + sum F)|| / ||x_end||` over its identity-shortcut units
+    /// (NaN for a stage without them): 0 where the stream is additive.
+    pub identity: Vec<f64>,
+}
+
+/// Images for [`flow_at`]: the first 8 (at least 2, for batch norm) of `data`.
+pub fn flow_batch(gpu: &Gpu, data: &Dataset, classes: usize) -> Result<(Tensor, Labels)> {
+    let n = data.len().min(8);
+    if n < 2 {
+        return Err(Error::Invalid(format!(
+            "{}: the gradient flow needs at least 2 test images (batch norm), not {n}",
+            data.name()
+        )));
+    }
+    let (mut images, mut labels) = (Vec::new(), Vec::new());
+    data.gather(&(0..n).collect::<Vec<_>>(), &mut images, &mut labels);
+    Ok((Tensor::new(gpu, &[n, 3, 32, 32], &images)?, upload_labels(gpu, &labels, classes)?))
+}
+
+/// The gradient flow of `net` on `images` after `epoch` epochs. The probe runs on a copy in f32,
+/// so that `net`'s batch-norm running statistics (which a training-mode pass updates), its
+/// momentum and its f16 path are left as they were.
+pub fn flow_at(gpu: &Gpu, net: &ResNet, images: &Tensor, labels: &Labels, epoch: usize) -> Result<FlowStats> {
+    let state = net.state(gpu)?.into_iter().collect();
+    let mut copy = ResNet::from_state(gpu, &net.config, &state)?;
+    let p = copy.probe(gpu, images, labels)?;
+    let grad = |l: usize| p.norms.get(l).map_or(f64::NAN, |v| v[2] as f64);
+    Ok(FlowStats {
+        epoch,
+        loss: p.loss as f64,
+        grad_ratio: grad(0) / grad(p.norms.len().saturating_sub(1)),
+        identity: p.stage_identity.iter().map(|e| e.map_or(f64::NAN, |v| v as f64)).collect(),
+    })
+}
+
+/// One line for the terminal, under the epochs' lines.
+fn say_flow(f: &FlowStats, epochs: usize) {
+    // A stage without identity units has no such error.
+    let stages: Vec<String> =
+        f.identity.iter().map(|e| if e.is_nan() { "-".into() } else { format!("{e:.2e}") }).collect();
+    println!(
+        "flow  {:>3}/{epochs}  loss {:.4}  ||dE/dx_0|| / ||dE/dx_L|| {:.4}  stream identity error per stage {}",
+        f.epoch,
+        f.loss,
+        f.grad_ratio,
+        stages.join(", ")
+    );
+}
+
+/// `flow.csv` and `flow.svg` (the gradient's growth per epoch) in `dir`.
+pub fn write_flow(dir: &Path, flow: &[FlowStats]) -> Result<()> {
+    let stages = flow.iter().map(|f| f.identity.len()).max().unwrap_or(0);
+    let mut header = vec!["epoch".to_string(), "loss".into(), "grad_ratio".into()];
+    header.extend((1..=stages).map(|s| format!("identity_error_stage{s}")));
+    let rows: Vec<Vec<String>> = flow
+        .iter()
+        .map(|f| {
+            let mut r = vec![f.epoch.to_string(), format!("{:.6}", f.loss), format!("{:.6e}", f.grad_ratio)];
+            r.extend(f.identity.iter().map(|e| format!("{e:.3e}")));
+            r
+        })
+        .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    report::write_csv(&dir.join("flow.csv"), &header, &rows)?;
+    let series = [Series {
+        label: "||dE/dx_0|| / ||dE/dx_L||".into(),
+        points: flow.iter().map(|f| (f.epoch as f64, f.grad_ratio)).collect(),
+    }];
+    report::line_chart(
+        &dir.join("flow.svg"),
+        "Gradient flow during training",
+        "epoch",
+        "gradient growth",
+        &series,
+        true,
+    )
+}
+
+/// Reads `flow.csv` back (for a resumed run), keeping the rows of epochs up to `epochs`.
+pub fn read_flow(dir: &Path, epochs: usize) -> Vec<FlowStats> {
+    let Ok(text) = std::fs::read_to_string(dir.join("flow.csv")) else { return Vec::new() };
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+            (v.len() >= 3 && v[0] <= epochs as f64).then(|| FlowStats {
+                epoch: v[0] as usize,
+                loss: v[1],
+                grad_ratio: v[2],
+                identity: v[3..].to_vec(),
+            })
+        })
+        .collect()
 }
 
 /// Loss (mean cross-entropy) and accuracy of `net` in inference mode over `data`, `batch`
@@ -309,6 +417,20 @@ pub fn train(
     // and the network's passes reuse their bind groups.
     let t = Tensor::zeros(gpu, &[opts.batch, 3, 32, 32])?;
     let l = upload_labels(gpu, &vec![0; opts.batch], net.config.classes)?;
+    // The gradient flow: the rows of the epochs done kept, the network as it stands measured
+    // (as initialised on a fresh run), then each epoch's.
+    let mut flow = Vec::new();
+    let flow_batch = match opts.flow {
+        true => Some(flow_batch(gpu, test, net.config.classes)?),
+        false => None,
+    };
+    if let Some((images, labels)) = &flow_batch {
+        flow = read_flow(&opts.out, start_epoch);
+        if !flow.iter().any(|f| f.epoch == start_epoch) {
+            flow.push(flow_at(gpu, net, images, labels, start_epoch)?);
+        }
+        flow.iter().for_each(|f| say_flow(f, opts.epochs));
+    }
     if opts.warmup > start_epoch * steps {
         let last = opts.warmup.min(opts.epochs * steps);
         println!(
@@ -383,6 +505,12 @@ pub fn train(
             s.images_per_sec
         );
         history.push(s);
+        if let Some((images, labels)) = &flow_batch {
+            let f = flow_at(gpu, net, images, labels, epoch + 1)?;
+            say_flow(&f, opts.epochs);
+            flow.push(f);
+            write_flow(&opts.out, &flow)?;
+        }
         let path = opts.out.join("checkpoint.safetensors");
         write_checkpoint(gpu, net, epoch + 1, opts.seed, run_options(opts, train), &path)?;
         write_curves(&opts.out, &history)?;

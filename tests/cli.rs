@@ -152,6 +152,7 @@ fn train_and_analyze_run_on_tiny_settings() {
         "32",
         "--warmup",
         "5",
+        "--flow",
         "--out",
         out,
     ]);
@@ -159,7 +160,12 @@ fn train_and_analyze_run_on_tiny_settings() {
     assert!(text.contains("epoch   1/1") && text.contains("test"), "{text}");
     // Two steps, both warmed up.
     assert!(text.contains("warm-up: steps 1..=2 at lr 0.01 (of 2 steps)") && text.contains("lr 0.01 "), "{text}");
-    for f in ["curves.csv", "curves.svg", "checkpoint.safetensors"] {
+    // The gradient flow before and after the epoch (ResNet-8's one unit a stage: only stage 1
+    // has an identity unit).
+    assert!(text.contains("flow    0/1  loss ") && text.contains("flow    1/1  loss "), "{text}");
+    assert!(text.contains("stream identity error per stage 0.00e0, -, -"), "{text}");
+    assert!(text.contains("curves.svg, flow.csv, flow.svg and checkpoint"), "{text}");
+    for f in ["curves.csv", "curves.svg", "flow.csv", "flow.svg", "checkpoint.safetensors"] {
         assert!(d.join(f).exists(), "{f}");
     }
     let ckpt = d.join("checkpoint.safetensors");
@@ -444,6 +450,10 @@ fn bad_arguments_get_clear_messages() {
             "cannot be used with '--check-finite'",
         ),
         (vec!["train", "--depth", "8", "--batch", "0"], "--batch must be positive"),
+        (
+            vec!["train", "--depth", "8", "--train-size", "64", "--test-size", "1", "--batch", "32", "--flow"],
+            "the gradient flow needs at least 2 test images",
+        ),
         (vec!["analyze", "--variants", "scale:2"], "scale takes two numbers"),
         (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
     ] {

@@ -3,9 +3,9 @@
 mod common;
 use common::*;
 use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
-use resnet_wgpu::data;
 use resnet_wgpu::net::ResNet;
 use resnet_wgpu::train::{self, TrainOptions};
+use resnet_wgpu::{analysis, data};
 
 fn tiny() -> NetConfig {
     NetConfig {
@@ -150,6 +150,62 @@ fn a_warm_up_trains_its_steps_at_a_tenth_of_the_rate() {
     // Four epochs of 2 steps, 3 warmed up: the second epoch's last step is past the warm-up.
     let (_, rates) = run(4, 64, 0.1, 3);
     assert_eq!(rates, [0.01, 0.1, 0.01, 0.001], "each epoch's last step");
+}
+
+/// The gradient flow recorded during training: measured on a copy, so the run is the same bit
+/// for bit with it or without; its first row is the analysis at initialisation; the
+/// pre-activation stream stays additive; a resumed run continues the file as the
+/// uninterrupted run wrote it.
+#[test]
+fn the_gradient_flow_is_recorded_per_epoch_without_changing_the_run() {
+    let g = gpu();
+    let cfg = NetConfig { units_per_stage: 2, ..tiny() };
+    let (train_set, test_set) = data::synthetic(96, 10, 9).unwrap();
+    let dirs = [out_dir("flow-off"), out_dir("flow-on"), out_dir("flow-half"), out_dir("flow-rest")];
+    let opts = |dir: &TempDir, epochs: usize, flow: bool| TrainOptions {
+        epochs,
+        batch: 32,
+        flow,
+        progress: false,
+        out: dir.to_path_buf(),
+        ..TrainOptions::default()
+    };
+    let run = |o: &TrainOptions| {
+        let mut net = ResNet::new(g, &cfg, 9).unwrap();
+        train::train(g, &mut net, &train_set, &test_set, o, 0, Vec::new()).unwrap();
+        net.state(g).unwrap()
+    };
+    let off = run(&opts(&dirs[0], 2, false));
+    let on = run(&opts(&dirs[1], 2, true));
+    assert_eq!(on, off, "weights, batch-norm statistics and counters: untouched by the flow");
+    assert!(!dirs[0].join("flow.csv").exists());
+    assert!(dirs[1].join("flow.svg").exists());
+
+    let flow = train::read_flow(&dirs[1], 2);
+    assert_eq!(flow.iter().map(|f| f.epoch).collect::<Vec<_>>(), [0, 1, 2]);
+    // Epoch 0 is the analysis of the network as initialised, on the first 8 test images.
+    let (images, labels) = train::flow_batch(g, &test_set, cfg.classes).unwrap();
+    let network = analysis::Network { label: "init".into(), config: cfg.clone() };
+    let at_init = analysis::measure(g, &[network], &images, &labels, 9).unwrap().remove(0);
+    let want = at_init.ratios()[0];
+    assert!((flow[0].grad_ratio - want).abs() <= 1e-5 * want, "{} against {want}", flow[0].grad_ratio);
+    assert!((flow[0].loss - at_init.probes.loss as f64).abs() < 1e-5, "{flow:?}");
+    for f in &flow {
+        assert!(f.grad_ratio.is_finite() && f.grad_ratio > 0.0, "{f:?}");
+        assert_eq!(f.identity, [0.0, 0.0, 0.0], "pre-activation streams are additive: {f:?}");
+    }
+    assert_ne!(flow[1].grad_ratio, flow[0].grad_ratio, "training moved it");
+
+    // One epoch, then resumed from its checkpoint into a folder whose flow.csv goes further
+    // (the whole run's): the rows past the checkpoint are measured again, not kept twice.
+    let half = opts(&dirs[2], 1, true);
+    let mut first = ResNet::new(g, &cfg, 9).unwrap();
+    train::train(g, &mut first, &train_set, &test_set, &half, 0, Vec::new()).unwrap();
+    let (mut resumed, done) = train::load_checkpoint(g, &cfg, &dirs[2].join("checkpoint.safetensors")).unwrap();
+    std::fs::copy(dirs[1].join("flow.csv"), dirs[3].join("flow.csv")).unwrap();
+    train::train(g, &mut resumed, &train_set, &test_set, &opts(&dirs[3], 2, true), done, Vec::new()).unwrap();
+    let read = |d: &TempDir| std::fs::read_to_string(d.join("flow.csv")).unwrap();
+    assert_eq!(read(&dirs[3]), read(&dirs[1]), "the resumed run's flow is the uninterrupted run's");
 }
 
 /// A checkpoint names its unit variant, and loads only into that variant: a scaled shortcut

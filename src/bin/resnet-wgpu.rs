@@ -199,6 +199,10 @@ enum Command {
         /// Turn off crop-and-flip augmentation.
         #[arg(long)]
         no_augment: bool,
+        /// Measure the gradient flow (as `analyze` does) before the first epoch and after each,
+        /// on the first 8 test images: flow.csv and flow.svg in --out.
+        #[arg(long)]
+        flow: bool,
         /// Check every step for NaN/infinity and stop naming the first unit and tensor.
         #[arg(long, conflicts_with = "f16")]
         check_finite: bool,
@@ -311,6 +315,7 @@ fn main() -> ExitCode {
             warmup,
             weight_decay,
             no_augment,
+            flow,
             check_finite,
             f16,
             seed,
@@ -324,6 +329,7 @@ fn main() -> ExitCode {
                 warmup,
                 weight_decay,
                 augment: !no_augment,
+                flow,
                 check_finite,
                 f16,
                 seed,
@@ -441,7 +447,8 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     if let Some(last) = h.last() {
         println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
     }
-    println!("wrote {}/curves.csv, curves.svg and checkpoint.safetensors", opts.out.display());
+    let flow = if opts.flow { ", flow.csv, flow.svg" } else { "" };
+    println!("wrote {}/curves.csv, curves.svg{flow} and checkpoint.safetensors", opts.out.display());
     Ok(())
 }
 
