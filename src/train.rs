@@ -198,11 +198,9 @@ pub fn write_flow(dir: &Path, flow: &[FlowStats]) -> Result<()> {
 
 /// Reads `flow.csv` back (for a resumed run), keeping the rows of epochs up to `epochs`.
 pub fn read_flow(dir: &Path, epochs: usize) -> Vec<FlowStats> {
-    let Ok(text) = std::fs::read_to_string(dir.join("flow.csv")) else { return Vec::new() };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+    csv_numbers(&dir.join("flow.csv"))
+        .into_iter()
+        .filter_map(|v| {
             (v.len() >= 3 && v[0] <= epochs as f64).then(|| FlowStats {
                 epoch: v[0] as usize,
                 loss: v[1],
@@ -564,11 +562,9 @@ pub fn write_curves(dir: &Path, h: &[EpochStats]) -> Result<()> {
 
 /// Reads `curves.csv` back (for a resumed run), keeping the first `epochs` rows.
 pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
-    let Ok(text) = std::fs::read_to_string(dir.join("curves.csv")) else { return Vec::new() };
-    text.lines()
-        .skip(1)
-        .filter_map(|line| {
-            let v: Vec<f64> = line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect();
+    csv_numbers(&dir.join("curves.csv"))
+        .into_iter()
+        .filter_map(|v| {
             (v.len() == 7).then(|| EpochStats {
                 epoch: v[0] as usize,
                 lr: v[1] as f32,
@@ -581,6 +577,13 @@ pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
         })
         .take(epochs)
         .collect()
+}
+
+/// The rows of a CSV file of ours after its header, as numbers (NaN where a field is not one);
+/// none where the file cannot be read.
+fn csv_numbers(path: &Path) -> Vec<Vec<f64>> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
+    text.lines().skip(1).map(|line| line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect()).collect()
 }
 
 /// One reading of a long run: after `step` steps, the device's live buffers and textures.
