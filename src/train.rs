@@ -2,6 +2,29 @@
 //! learning rate 0.1 divided by 10 at 50% and 75% of the run (after an optional warm-up at a
 //! tenth of it), pad-and-crop and flip augmentation; evaluation on the test split each epoch; checkpoints that resume exactly (with
 //! the same seed and unit variant: [`Checkpoint`]).
+//!
+//! # Example
+//!
+//! ```no_run
+//! use resnet_wgpu::arch::{NetConfig, UnitKind};
+//! use resnet_wgpu::net::ResNet;
+//! use resnet_wgpu::train::{self, TrainOptions};
+//! use resnet_wgpu::{Gpu, data};
+//!
+//! # fn main() -> resnet_wgpu::Result<()> {
+//! let gpu = Gpu::new()?;
+//! let (train_set, test_set) = data::load_cifar("cifar10".as_ref())?;
+//! let config = NetConfig::cifar(110, UnitKind::PreAct, false, 10)?;
+//! let mut net = ResNet::new(&gpu, &config, 0)?;
+//! // The paper's CIFAR run (164 epochs of 128, the first 400 steps at 0.01), with the gradient
+//! // flow recorded per epoch; curves, flow and checkpoints go to `out`.
+//! let opts =
+//!     TrainOptions { epochs: 164, warmup: 400, flow: true, out: "runs/r110".into(), ..TrainOptions::default() };
+//! let history = train::train(&gpu, &mut net, &train_set, &test_set, &opts, 0, Vec::new())?;
+//! let (loss, accuracy) = train::evaluate(&gpu, &mut net, &test_set, 256)?;
+//! # Ok(())
+//! # }
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
