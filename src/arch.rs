@@ -207,6 +207,22 @@ impl NetConfig {
         })
     }
 
+    /// The network in words, everything that shapes its tensors or its passes: `ResNet-20
+    /// preact (basic units, shortcut B, widths 16-32-64, 3 input channels, 10 classes)`. Files
+    /// written here carry it, and load only into the network it names.
+    pub fn name(&self) -> String {
+        let [a, b, c] = self.widths;
+        format!(
+            "ResNet-{} {} ({} units, shortcut {:?}, widths {a}-{b}-{c}, {} input channels, {} classes)",
+            self.depth(),
+            Variant::of(self),
+            if self.bottleneck { "bottleneck" } else { "basic" },
+            self.shortcut,
+            self.in_channels,
+            self.classes
+        )
+    }
+
     /// Weight layers counted as the paper does.
     pub fn depth(&self) -> usize {
         self.units_per_stage * 3 * if self.bottleneck { 3 } else { 2 } + 2

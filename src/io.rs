@@ -172,25 +172,37 @@ pub fn state_tensors(net: &ResNet, gpu: &Gpu, optimizer: bool) -> Result<Vec<(St
 }
 
 /// Saves the network's parameters and BN buffers (a PyTorch-loadable state dict), naming its
-/// unit variant in the file's metadata as checkpoints do ([`load_net`] checks it).
+/// network in the file's metadata as checkpoints do ([`load_net`] checks it).
 pub fn save_weights(net: &ResNet, gpu: &Gpu, path: &Path) -> Result<()> {
-    write_with_metadata(path, &state_tensors(net, gpu, false)?, variant_metadata(&net.config))
+    write_with_metadata(path, &state_tensors(net, gpu, false)?, network_metadata(&net.config))
 }
 
-/// The file metadata that names `config`'s unit variant (`variant`).
-pub fn variant_metadata(config: &NetConfig) -> HashMap<String, String> {
-    [("variant".to_string(), crate::arch::Variant::of(config).to_string())].into()
+/// The file metadata that names `config`: its unit variant (`variant`) and the whole network
+/// (`network`, [`NetConfig::name`]).
+pub fn network_metadata(config: &NetConfig) -> HashMap<String, String> {
+    [("variant".to_string(), crate::arch::Variant::of(config).to_string()), ("network".to_string(), config.name())]
+        .into()
 }
 
-/// `Ok` unless `named` (a file's `variant` metadata; `None` where it has none, as PyTorch's
-/// files) is a unit variant other than `config`'s: many variants have the same tensors (a
-/// scaled or dropped-out shortcut, the placements of the original unit), so only the name
-/// tells them apart. `what` says what the file holds, for the message.
-pub fn check_variant(config: &NetConfig, named: Option<&str>, path: &Path, what: &str) -> Result<()> {
+/// `Ok` unless a file's metadata (`variant`, `network`; `None` where it has none, as PyTorch's
+/// files) names another network than `config`. Many variants have the same tensors (a scaled or
+/// dropped-out shortcut, the placements of the original unit), so only the name tells them
+/// apart; for the others the name says which options load the file, where the tensors would
+/// only name the first that differs. `what` says what the file holds, for the message.
+pub fn check_network(
+    config: &NetConfig,
+    variant: Option<&str>,
+    network: Option<&str>,
+    path: &Path,
+    what: &str,
+) -> Result<()> {
     let want = crate::arch::Variant::of(config).to_string();
-    match named {
-        Some(v) if v != want => {
-            Err(Error::Invalid(format!("{}: {what} of {v} units, not {want}: load it as {v}", path.display())))
+    if let Some(v) = variant.filter(|v| *v != want) {
+        return Err(Error::Invalid(format!("{}: {what} of {v} units, not {want}: load it as {v}", path.display())));
+    }
+    match network {
+        Some(n) if n != config.name() => {
+            Err(Error::Invalid(format!("{}: {what} of a {n}, not a {}", path.display(), config.name())))
         }
         _ => Ok(()),
     }
@@ -245,11 +257,12 @@ pub fn state_for(
 }
 
 /// Loads a network from a weights file or a checkpoint (a state dict saved here or from
-/// PyTorch). A file that names its unit variant (ours do) loads only into that variant
-/// ([`check_variant`]).
+/// PyTorch). A file that names its network (ours do) loads only into that network
+/// ([`check_network`]).
 pub fn load_net(gpu: &Gpu, config: &NetConfig, path: &Path) -> Result<ResNet> {
     let (file, metadata) = read_with_metadata(path)?;
-    check_variant(config, metadata.get("variant").map(String::as_str), path, "weights")?;
+    let named = |key: &str| metadata.get(key).map(String::as_str);
+    check_network(config, named("variant"), named("network"), path, "weights")?;
     net_from(gpu, config, &file, path)
 }
 

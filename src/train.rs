@@ -305,7 +305,7 @@ fn write_checkpoint(
     let mut t = io::state_tensors(net, gpu, true)?;
     t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
-    let mut metadata = io::variant_metadata(&net.config);
+    let mut metadata = io::network_metadata(&net.config);
     metadata.extend(run.into_iter().map(|(k, v)| (format!("run.{k}"), v)));
     io::write_with_metadata(path, &t, metadata)
 }
@@ -340,6 +340,9 @@ pub struct Checkpoint {
     pub seed: Option<u64>,
     /// Its unit variant (`None` in a file written before checkpoints named theirs).
     pub variant: Option<String>,
+    /// Its network, as [`crate::arch::NetConfig::name`] says it (`None` in a file written
+    /// before checkpoints named theirs).
+    pub network: Option<String>,
     /// The options of the run that wrote it, by name (empty in a file written outside
     /// [`train`] or before checkpoints kept them): [`Checkpoint::changed`] compares them.
     pub run: std::collections::BTreeMap<String, String>,
@@ -360,6 +363,7 @@ impl Checkpoint {
             epochs_done: done.max(0) as usize,
             seed,
             variant: metadata.remove("variant"),
+            network: metadata.remove("network"),
             run: metadata.into_iter().filter_map(|(k, v)| Some((k.strip_prefix("run.")?.to_string(), v))).collect(),
             file,
         })
@@ -370,9 +374,9 @@ impl Checkpoint {
         &self.path
     }
 
-    /// `Ok` unless the checkpoint names a unit variant other than `config`'s.
-    pub fn check_variant(&self, config: &crate::arch::NetConfig) -> Result<()> {
-        io::check_variant(config, self.variant.as_deref(), &self.path, "a checkpoint")
+    /// `Ok` unless the checkpoint names another network than `config` ([`io::check_network`]).
+    pub fn check_network(&self, config: &crate::arch::NetConfig) -> Result<()> {
+        io::check_network(config, self.variant.as_deref(), self.network.as_deref(), &self.path, "a checkpoint")
     }
 
     /// The options of `opts` (and the training data) that differ from the run that wrote the
@@ -391,9 +395,9 @@ impl Checkpoint {
     }
 
     /// The network of `config` with the checkpoint's weights, BN buffers and momentum; another
-    /// unit variant's checkpoint is refused ([`Checkpoint::check_variant`]).
+    /// network's checkpoint is refused ([`Checkpoint::check_network`]).
     pub fn into_net(self, gpu: &Gpu, config: &crate::arch::NetConfig) -> Result<ResNet> {
-        self.check_variant(config)?;
+        self.check_network(config)?;
         io::net_from(gpu, config, &self.file, &self.path)
     }
 }

@@ -2,7 +2,7 @@
 mod common;
 use common::*;
 use resnet_wgpu::Error;
-use resnet_wgpu::arch::{Combine, NetConfig, UnitKind};
+use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::io::{self, Data};
 use resnet_wgpu::net::{ResNet, Sgd};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
@@ -73,36 +73,51 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     let path = dir.join("w20.safetensors");
     io::save_weights(&ResNet::new(g, &cfg20, 0).unwrap(), g, &path).unwrap();
 
+    // Without a name (PyTorch's files have none), the tensors are compared: the first that
+    // differs is named.
+    let unnamed = dir.join("unnamed.safetensors");
+    io::write(&unnamed, &io::read(&path).unwrap().into_iter().collect::<Vec<_>>()).unwrap();
     let cfg32 = NetConfig::cifar(32, UnitKind::PreAct, false, 10).unwrap();
-    let e = io::load_net(g, &cfg32, &path).err().expect("deeper net must not load");
+    let e = io::load_net(g, &cfg32, &unnamed).err().expect("deeper net must not load");
     assert!(matches!(e, Error::Format { .. }) && e.to_string().contains("layer1.3.conv1.weight"), "{e}");
 
     let cfg100 = NetConfig::cifar(20, UnitKind::PreAct, false, 100).unwrap();
-    let e = io::load_net(g, &cfg100, &path).err().expect("100 classes must not load");
+    let e = io::load_net(g, &cfg100, &unnamed).err().expect("100 classes must not load");
     assert!(e.to_string().contains("fc.weight") && e.to_string().contains("[10, 64]"), "{e}");
 
     // A shallower configuration's tensors are all in the deeper file, with their shapes: the
     // rest must not be dropped silently.
     let cfg8 = NetConfig::cifar(8, UnitKind::PreAct, false, 10).unwrap();
-    let e = io::load_net(g, &cfg8, &path).err().expect("ResNet-20 weights must not load into ResNet-8");
+    let e = io::load_net(g, &cfg8, &unnamed).err().expect("ResNet-20 weights must not load into ResNet-8");
     assert!(matches!(e, Error::Format { .. }), "{e}");
     assert!(e.to_string().contains("unexpected tensor layer1.1.bn1.bias (72 in all)"), "{e}");
 
-    // Our files name their unit variant: another variant's is refused by name, before its
-    // tensors are compared.
     let orig = NetConfig::cifar(20, UnitKind::Original, false, 10).unwrap();
-    let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
-    assert!(e.to_string().contains("weights of preact units, not original: load it as preact"), "{e}");
-    // A variant with the same tensors, which only the name tells apart.
-    let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 0.5 }, ..cfg20.clone() };
-    let e = io::load_net(g, &scaled, &path).err().expect("scaled shortcuts must not load plain ones' weights");
-    assert!(e.to_string().contains("not preact+scale:0.5:0.5"), "{e}");
-    // Without the name (PyTorch's files have none), the tensors tell the placements apart.
-    let unnamed = dir.join("unnamed.safetensors");
-    io::write(&unnamed, &io::read(&path).unwrap().into_iter().collect::<Vec<_>>()).unwrap();
     let e = io::load_net(g, &orig, &unnamed).err().expect("original net must not load pre-act weights");
     assert!(e.to_string().contains("bn1.weight"), "{e}");
-    assert!(io::load_net(g, &scaled, &unnamed).is_ok(), "nothing but the name tells these apart");
+    // A variant with the same tensors: nothing but a name tells these apart.
+    let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 0.5 }, ..cfg20.clone() };
+    assert!(io::load_net(g, &scaled, &unnamed).is_ok());
+
+    // Our files name their network: another variant, depth, shortcut or number of classes is
+    // refused by name, before the tensors are compared.
+    let e = io::load_net(g, &orig, &path).err().expect("original net must not load pre-act weights");
+    assert!(e.to_string().contains("weights of preact units, not original: load it as preact"), "{e}");
+    let e = io::load_net(g, &scaled, &path).err().expect("scaled shortcuts must not load plain ones' weights");
+    assert!(e.to_string().contains("not preact+scale:0.5:0.5"), "{e}");
+    let shortcut_a = NetConfig { shortcut: ShortcutOption::A, ..cfg20.clone() };
+    for (cfg, differs) in
+        [(&cfg32, "ResNet-32"), (&cfg8, "ResNet-8"), (&cfg100, "100 classes"), (&shortcut_a, "shortcut A")]
+    {
+        let e = io::load_net(g, cfg, &path).err().expect("another network must not load");
+        let m = e.to_string();
+        assert!(matches!(e, Error::Invalid(_)), "{m}");
+        assert!(
+            m.contains(&format!("weights of a {}, not a {}", cfg20.name(), cfg.name())) && m.contains(differs),
+            "{m}"
+        );
+    }
+    assert!(io::load_net(g, &cfg20, &path).is_ok());
 
     let junk_dir = temp("junk");
     let junk = junk_dir.join("junk.safetensors");

@@ -219,6 +219,13 @@ fn a_checkpoint_loads_only_into_its_own_variant() {
     train::save_checkpoint(g, &net, 1, 0, &path).unwrap();
     let c = train::Checkpoint::read(&path).unwrap();
     assert_eq!(c.variant.as_deref(), Some("preact"));
+    assert_eq!(c.network, Some(tiny().name()));
+    // Another network (here the number of classes) is refused by name, before its tensors.
+    let wider = NetConfig { classes: 11, ..tiny() };
+    match train::load_checkpoint(g, &wider, &path) {
+        Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains("10 classes), not a ResNet-8 preact"), "{m}"),
+        other => panic!("loaded into another network: {:?}", other.map(|(_, done)| done)),
+    }
     assert!(c.run.is_empty(), "saved outside a run: no options to compare");
     let scaled = NetConfig { combine: Combine::Scale { h: 0.5, f: 1.0 }, ..tiny() };
     assert_eq!(scaled.tensors(), tiny().tensors(), "the same tensors: only the variant tells them apart");

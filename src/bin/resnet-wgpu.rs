@@ -388,7 +388,7 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     // exactly is refused first.
     let checkpoint = resume.map(train::Checkpoint::read).transpose()?;
     if let Some(c) = &checkpoint {
-        c.check_variant(&config)?;
+        c.check_network(&config)?;
         if let Some(s) = c.seed.filter(|&s| s != opts.seed) {
             return Err(Error::Invalid(format!(
                 "{} was trained with --seed {s}: resume with it (the data order and augmentation follow the seed)",
@@ -491,7 +491,7 @@ fn eval_cmd(
     // A checkpoint knows its run's seed, and so which generated images it was tested on.
     let checkpoint = read_checkpoint(weights)?;
     if let Some(c) = &checkpoint {
-        c.check_variant(&config)?;
+        c.check_network(&config)?;
     }
     let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
     // Only the split scored is generated (one image of the other).
@@ -573,7 +573,7 @@ fn analyze_cmd(
         Some(w) => {
             let checkpoint = read_checkpoint(w)?;
             if let Some(c) = &checkpoint {
-                c.check_variant(&networks[0].config)?;
+                c.check_network(&networks[0].config)?;
             }
             Some((w, checkpoint))
         }
