@@ -77,6 +77,14 @@ pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(read_with_metadata(path)?.0)
 }
 
+/// The string metadata of a safetensors file (`__metadata__`; empty where it has none).
+pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
+    let (_, meta) =
+        SafeTensors::read_metadata(&bytes).map_err(|e| fmt_err(path, format!("not a safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
 /// Every tensor of a safetensors file, and its string metadata (`__metadata__`; empty where it
 /// has none), from one read of the file.
 pub fn read_with_metadata(path: &Path) -> Result<(HashMap<String, HostTensor>, HashMap<String, String>)> {
@@ -177,11 +185,41 @@ pub fn save_weights(net: &ResNet, gpu: &Gpu, path: &Path) -> Result<()> {
     write_with_metadata(path, &state_tensors(net, gpu, false)?, network_metadata(&net.config))
 }
 
-/// The file metadata that names `config`: its unit variant (`variant`) and the whole network
-/// (`network`, [`NetConfig::name`]).
+/// The file metadata that names `config`: its unit variant (`variant`), the whole network
+/// (`network`, [`NetConfig::name`]), and the options that rebuild a CIFAR network
+/// ([`named_network`]: `depth`, `bottleneck`, `shortcut`, `classes`).
 pub fn network_metadata(config: &NetConfig) -> HashMap<String, String> {
-    [("variant".to_string(), crate::arch::Variant::of(config).to_string()), ("network".to_string(), config.name())]
-        .into()
+    [
+        ("variant", crate::arch::Variant::of(config).to_string()),
+        ("network", config.name()),
+        ("depth", config.depth().to_string()),
+        ("bottleneck", config.bottleneck.to_string()),
+        ("shortcut", format!("{:?}", config.shortcut)),
+        ("classes", config.classes.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect()
+}
+
+/// The network a file's metadata names ([`network_metadata`]), where it is a CIFAR network
+/// ([`NetConfig::cifar`], any variant and shortcut); `None` for a file without the names
+/// (PyTorch's, or ours from before they were written) or with other widths.
+pub fn named_network(metadata: &HashMap<String, String>) -> Option<NetConfig> {
+    let get = |key: &str| metadata.get(key).map(String::as_str);
+    let depth = get("depth")?.parse().ok()?;
+    let bottleneck = get("bottleneck")?.parse().ok()?;
+    let classes = get("classes")?.parse().ok()?;
+    let mut config = NetConfig::cifar(depth, crate::arch::UnitKind::PreAct, bottleneck, classes).ok()?;
+    config.shortcut = match get("shortcut")? {
+        "A" => crate::arch::ShortcutOption::A,
+        "B" => crate::arch::ShortcutOption::B,
+        "C" => crate::arch::ShortcutOption::C,
+        _ => return None,
+    };
+    get("variant")?.parse::<crate::arch::Variant>().ok()?.apply(&mut config);
+    // The name says everything else (widths, input channels): it must be this network's.
+    (get("network")? == config.name()).then_some(config)
 }
 
 /// `Ok` unless a file's metadata (`variant`, `network`; `None` where it has none, as PyTorch's

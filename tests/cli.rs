@@ -209,6 +209,10 @@ fn train_and_analyze_run_on_tiny_settings() {
     let (ok, text) = resume(out, "2", "0");
     assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
     assert!(!text.contains("curves.csv holds"), "{text}");
+    // Without --depth: the checkpoint's network (ResNet-8, not the default ResNet-20).
+    let a = ["train", "--train-size", "64", "--test-size", "20", "--batch", "32", "--epochs", "2", "--out", out];
+    let (ok, text) = tool(&[&a[..], &["--resume", ckpt.to_str().unwrap()]].concat());
+    assert!(ok && text.contains("network: preact ResNet-8") && text.contains("nothing to train"), "{text}");
     // Into another folder, whose curves lack the epochs done: said.
     let elsewhere = dir("resume-elsewhere");
     let (ok, text) = resume(elsewhere.to_str().unwrap(), "2", "0");
@@ -258,6 +262,10 @@ fn variants_train_and_analyze() {
     let (ok, scored) = eval(&[]);
     assert!(ok && scored.contains("shapes10 test split (16 images, 10 classes)"), "{scored}");
     assert_eq!(test_loss(&scored), test_loss(&text), "{scored}\n{text}");
+    // Without the network's options: the checkpoint names its network.
+    let (ok, unnamed) = tool(&["eval", "--test-size", "16", "--batch", "7", "--weights", ck.to_str().unwrap()]);
+    assert!(ok && unnamed.contains("network: preact+gate:-6 ResNet-8 from"), "{unnamed}");
+    assert_eq!(test_loss(&unnamed), test_loss(&text), "{unnamed}");
     let (ok, other) = eval(&["--seed", "0"]);
     assert!(ok && test_loss(&other).is_some() && test_loss(&other) != test_loss(&text), "{other}");
     let (ok, scored) = eval(&["--split", "train"]);
@@ -275,6 +283,10 @@ fn variants_train_and_analyze() {
     let (ok, text) = analyze(&["--weights", ck.to_str().unwrap()]);
     assert!(ok && text.contains("ResNet-8 preact+gate:-6 from ") && text.contains("stage 1"), "{text}");
     assert!(loss(&text).is_some() && loss(&text) != loss(&at_init), "{text}\n{at_init}");
+    // The file's network without its options.
+    let (ok, named) =
+        tool(&["analyze", "--batch", "4", "--out", trained.to_str().unwrap(), "--weights", ck.to_str().unwrap()]);
+    assert!(ok && loss(&named) == loss(&text), "{named}\n{text}");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--variants", "preact", "--weights", ck.to_str().unwrap()]);
     assert!(!ok && text.contains("a checkpoint of preact+gate:-6 units, not preact"), "{text}");
     // On CIFAR-10's first test images (a folder of a few records here) instead of shapes10's.

@@ -2,7 +2,7 @@
 mod common;
 use common::*;
 use resnet_wgpu::Error;
-use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
+use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind, Variant};
 use resnet_wgpu::io::{self, Data};
 use resnet_wgpu::net::{ResNet, Sgd};
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
@@ -63,6 +63,30 @@ fn checkpoints_keep_the_momentum() {
         assert_eq!(a.momentum.read(g).unwrap(), b.momentum.read(g).unwrap(), "momentum.{n}");
         assert!(a.momentum.read(g).unwrap().iter().any(|&v| v != 0.0), "momentum.{n} was updated");
     }
+}
+
+/// The network a file names is rebuilt from its metadata, for every kind of CIFAR network the
+/// tool makes; a file without the names, or naming a network the options cannot make, gives none.
+#[test]
+fn a_files_network_is_rebuilt_from_its_metadata() {
+    let mut configs = Vec::new();
+    for (depth, bottleneck) in [(8, false), (20, false), (164, true)] {
+        for variant in ["preact", "original", "bn-after-add", "preact+gate:-6", "scale:0.5:1", "conv", "dropout:0.25"] {
+            for (shortcut, classes) in [(ShortcutOption::A, 10), (ShortcutOption::B, 100)] {
+                let mut c = NetConfig::cifar(depth, UnitKind::PreAct, bottleneck, classes).unwrap();
+                c.shortcut = shortcut;
+                variant.parse::<Variant>().unwrap().apply(&mut c);
+                configs.push(c);
+            }
+        }
+    }
+    for c in &configs {
+        assert_eq!(io::named_network(&io::network_metadata(c)).as_ref(), Some(c), "{}", c.name());
+    }
+    assert_eq!(configs.iter().filter(|c| c.shortcut == ShortcutOption::C).count(), 6, "conv sets C");
+    let wide = NetConfig { widths: [32, 64, 128], ..configs[0].clone() };
+    assert_eq!(io::named_network(&io::network_metadata(&wide)), None, "no options make these widths");
+    assert_eq!(io::named_network(&Default::default()), None);
 }
 
 #[test]

@@ -53,15 +53,17 @@ enum ShortcutArg {
     C,
 }
 
-/// The network's shape, shared by the subcommands.
-#[derive(clap::Args, Clone, Debug)]
+/// The network's shape, shared by the subcommands. With a weights file or checkpoint that names
+/// its network (`eval`, `train --resume`), an option not given is the file's.
+#[derive(clap::Args, Clone, Debug, Default)]
 struct NetArgs {
-    /// Depth: 6n+2 with basic units (20, 32, 44, 56, 110, 1202), 9n+2 with --bottleneck (164, 1001).
-    #[arg(long, default_value_t = 20)]
-    depth: usize,
-    /// Unit kind.
-    #[arg(long, value_enum, default_value_t = Kind::Preact)]
-    kind: Kind,
+    /// Depth: 6n+2 with basic units (20, 32, 44, 56, 110, 1202), 9n+2 with --bottleneck (164,
+    /// 1001) [default: 20, or the file's].
+    #[arg(long)]
+    depth: Option<usize>,
+    /// Unit kind [default: preact, or the file's variant].
+    #[arg(long, value_enum)]
+    kind: Option<Kind>,
     /// A variant of the paper's Tables 1 and 2 instead of --kind: a placement (original,
     /// bn-after-add, relu-before-add, relu-only-preact, preact), a shortcut combination on the
     /// original unit (scale:H:F, gate:B, shortcut-gate:B, conv, dropout:P), or
@@ -71,28 +73,46 @@ struct NetArgs {
     /// Bottleneck units (1x1, 3x3, 1x1, expansion 4).
     #[arg(long)]
     bottleneck: bool,
-    /// Shortcut of the units that change shape (`--unit conv` sets c).
-    #[arg(long, value_enum, default_value_t = ShortcutArg::B)]
-    shortcut: ShortcutArg,
-    /// Number of classes.
-    #[arg(long, default_value_t = 10)]
-    classes: usize,
+    /// Shortcut of the units that change shape (`--unit conv` sets c) [default: b, or the
+    /// file's].
+    #[arg(long, value_enum)]
+    shortcut: Option<ShortcutArg>,
+    /// Number of classes [default: 10, or the file's].
+    #[arg(long)]
+    classes: Option<usize>,
 }
 
 impl NetArgs {
-    fn config(&self) -> Result<NetConfig> {
-        let mut c = NetConfig::cifar(self.depth, self.kind.into(), self.bottleneck, self.classes)?;
+    /// The network these options give, each option not given taken from `file` (the network a
+    /// weights file or checkpoint names) where there is one, else its default. A file's
+    /// bottleneck units are taken only with its depth.
+    fn config_over(&self, file: Option<&NetConfig>) -> Result<NetConfig> {
+        let depth = self.depth.or(file.map(NetConfig::depth)).unwrap_or(20);
+        let bottleneck = self.bottleneck || (self.depth.is_none() && file.is_some_and(|f| f.bottleneck));
+        let classes = self.classes.or(file.map(|f| f.classes)).unwrap_or(10);
+        let mut c = NetConfig::cifar(depth, UnitKind::PreAct, bottleneck, classes)?;
         c.shortcut = match self.shortcut {
-            ShortcutArg::A => ShortcutOption::A,
-            ShortcutArg::B => ShortcutOption::B,
-            ShortcutArg::C => ShortcutOption::C,
+            Some(ShortcutArg::A) => ShortcutOption::A,
+            Some(ShortcutArg::B) => ShortcutOption::B,
+            Some(ShortcutArg::C) => ShortcutOption::C,
+            None => file.map_or(ShortcutOption::B, |f| f.shortcut),
         };
-        if let Some(v) = self.unit {
-            v.apply(&mut c);
-        }
+        let variant = match (self.unit, self.kind, file) {
+            (Some(v), _, _) => v,
+            (None, Some(k), _) => Variant::of(&NetConfig { kind: k.into(), ..placeholder() }),
+            (None, None, Some(f)) => Variant::of(f),
+            (None, None, None) => Variant::of(&placeholder()),
+        };
+        variant.apply(&mut c);
         c.validate()?;
         Ok(c)
     }
+}
+
+/// The network a weights file or checkpoint names in its metadata, where it names one (files of
+/// ours do; PyTorch's do not). Unreadable files are left to the reading that follows.
+fn named_network(path: &std::path::Path) -> Option<NetConfig> {
+    io::read_metadata(path).ok().and_then(|m| io::named_network(&m))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -245,21 +265,23 @@ enum Command {
     /// initialisation (or on trained weights), for each depth and unit variant; a table, CSV and SVG.
     Analyze {
         /// Depths: basic units for 6n+2 (20 to 110, 1202), bottleneck units for 9n+2 that are not
-        /// 6n+2 (1001); with --bottleneck, bottleneck units for every depth (9n+2: 164, 1001).
-        #[arg(long, value_delimiter = ',', default_value = "110,1001")]
+        /// 6n+2 (1001); with --bottleneck, bottleneck units for every depth (9n+2: 164, 1001)
+        /// [default: 110,1001, or with --weights the file's network].
+        #[arg(long, value_delimiter = ',')]
         depths: Vec<usize>,
         /// Bottleneck units for every depth (the paper's ResNet-164 is 9n+2 and 6n+2 both).
         #[arg(long)]
         bottleneck: bool,
-        /// Unit kinds to compare.
-        #[arg(long, value_delimiter = ',', default_value = "preact,original")]
+        /// Unit kinds to compare [default: preact,original].
+        #[arg(long, value_delimiter = ',')]
         kinds: Vec<Kind>,
         /// Unit variants to compare instead of --kinds (names as `train --unit` takes them),
         /// e.g. `preact,original,scale:0.5:1,gate:-6,bn-after-add`.
         #[arg(long, value_delimiter = ',', conflicts_with = "kinds")]
         variants: Vec<Variant>,
         /// Trained weights or a checkpoint to analyse instead of He initialisation: one network,
-        /// so one depth and one kind or variant, the file's.
+        /// the file's (which it names, where it is ours; else give its depth and kind or
+        /// variant).
         #[arg(long)]
         weights: Option<PathBuf>,
         /// A CIFAR-10 or CIFAR-100 folder (as `train --data` takes): the batch is its first test
@@ -269,8 +291,9 @@ enum Command {
         /// Images in the batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
-        #[arg(long, default_value_t = 10)]
-        classes: usize,
+        /// Number of classes [default: 10].
+        #[arg(long)]
+        classes: Option<usize>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Rows of the terminal table per network.
@@ -354,11 +377,26 @@ fn main() -> ExitCode {
             rows,
             out,
         }) => {
-            let variants = match variants.is_empty() {
-                true => kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect(),
-                false => variants,
+            // With --weights and no network asked for, the one the file names.
+            let asked =
+                !depths.is_empty() || !kinds.is_empty() || !variants.is_empty() || bottleneck || classes.is_some();
+            let networks = match weights.as_deref().and_then(named_network) {
+                Some(f) if !asked => {
+                    Ok(vec![Network { label: format!("ResNet-{} {}", f.depth(), Variant::of(&f)), config: f }])
+                }
+                _ => {
+                    let depths = if depths.is_empty() { vec![110, 1001] } else { depths };
+                    let kinds = if kinds.is_empty() { vec![Kind::Preact, Kind::Original] } else { kinds };
+                    let variants = match variants.is_empty() {
+                        true => {
+                            kinds.iter().map(|&k| Variant::of(&NetConfig { kind: k.into(), ..placeholder() })).collect()
+                        }
+                        false => variants,
+                    };
+                    analysis_networks(&depths, &variants, classes.unwrap_or(10), bottleneck)
+                }
             };
-            analysis_networks(&depths, &variants, classes, bottleneck).and_then(|networks| {
+            networks.and_then(|networks| {
                 analyze_cmd(&networks, weights.as_deref(), data.as_deref(), batch, seed, rows, &out)
             })
         }
@@ -375,8 +413,9 @@ fn main() -> ExitCode {
 }
 
 fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Option<&std::path::Path>) -> Result<()> {
-    // The arguments first: a bad configuration is named even where no adapter opens.
-    let config = args.config()?;
+    // The arguments first: a bad configuration is named even where no adapter opens. A
+    // checkpoint's network fills in the options not given.
+    let config = args.config_over(resume.and_then(named_network).as_ref())?;
     if opts.batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
@@ -484,7 +523,7 @@ fn eval_cmd(
     batch: usize,
     seed: Option<u64>,
 ) -> Result<()> {
-    let config = args.config()?;
+    let config = args.config_over(named_network(weights).as_ref())?;
     if batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
@@ -642,8 +681,7 @@ fn demo() -> Result<()> {
     println!("resnet-wgpu demo: a small pre-activation ResNet trained on the embedded shapes10 data,");
     println!("then the gradient-flow analysis of ResNet-110, pre-activation against original.");
     println!("(`resnet-wgpu --help` lists the commands.)\n");
-    let net =
-        NetArgs { depth: 8, kind: Kind::Preact, unit: None, bottleneck: false, shortcut: ShortcutArg::B, classes: 10 };
+    let net = NetArgs { depth: Some(8), ..NetArgs::default() };
     let data = DataArgs { data: None, train_size: 3000, test_size: 1000 };
     let opts = TrainOptions { epochs: 3, batch: 64, lr: 0.1, out: "runs/demo-train".into(), ..TrainOptions::default() };
     train_cmd(&net, &data, &opts, None)?;
@@ -752,7 +790,7 @@ fn grad(
     out: &std::path::Path,
     seed: u64,
 ) -> Result<()> {
-    let config = args.config()?;
+    let config = args.config_over(weights.and_then(named_network).as_ref())?;
     output_file("--out", out)?;
     let gpu = Gpu::new()?;
     let mut net = match weights {
