@@ -54,7 +54,7 @@ enum ShortcutArg {
 }
 
 /// The network's shape, shared by the subcommands. With a weights file or checkpoint that names
-/// its network (`eval`, `train --resume`), an option not given is the file's.
+/// its network (`eval`, `grad --weights`, `train --resume`), an option not given is the file's.
 #[derive(clap::Args, Clone, Debug, Default)]
 struct NetArgs {
     /// Depth: 6n+2 with basic units (20, 32, 44, 56, 110, 1202), 9n+2 with --bottleneck (164,
