@@ -77,12 +77,44 @@ pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
     Ok(read_with_metadata(path)?.0)
 }
 
-/// The string metadata of a safetensors file (`__metadata__`; empty where it has none).
-pub fn read_metadata(path: &Path) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).map_err(|e| io_err(path, e))?;
-    let (_, meta) =
-        SafeTensors::read_metadata(&bytes).map_err(|e| fmt_err(path, format!("not a safetensors file: {e}")))?;
-    Ok(meta.metadata().clone().unwrap_or_default())
+/// What a safetensors file's header says, read without its data ([`read_header`]).
+pub struct Header {
+    /// The string metadata (`__metadata__`; empty where it has none).
+    pub metadata: HashMap<String, String>,
+    /// The tensors' names.
+    pub tensors: Vec<String>,
+}
+
+/// The header of a safetensors file: its first 8 bytes give the length of the JSON that
+/// follows. Reading it alone costs nothing, where [`read`] reads every tensor.
+pub fn read_header(path: &Path) -> Result<Header> {
+    use std::io::Read;
+    let bad = |m: String| fmt_err(path, format!("not a safetensors file: {m}"));
+    let mut file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+    let n = u64::from_le_bytes(len);
+    // safetensors' own bound on a header.
+    if n > 100_000_000 {
+        return Err(bad(format!("a header of {n} bytes")));
+    }
+    let mut json = vec![0u8; n as usize];
+    file.read_exact(&mut json).map_err(|e| bad(e.to_string()))?;
+    let entries: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
+    let mut header = Header { metadata: HashMap::new(), tensors: Vec::new() };
+    for (name, value) in entries {
+        if name != "__metadata__" {
+            header.tensors.push(name);
+            continue;
+        }
+        for (k, v) in value.as_object().into_iter().flatten() {
+            if let Some(v) = v.as_str() {
+                header.metadata.insert(k.clone(), v.to_string());
+            }
+        }
+    }
+    Ok(header)
 }
 
 /// Every tensor of a safetensors file, and its string metadata (`__metadata__`; empty where it

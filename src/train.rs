@@ -1,7 +1,8 @@
 //! Training on the GPU with the paper's recipe: SGD with momentum 0.9 and weight decay 1e-4,
 //! learning rate 0.1 divided by 10 at 50% and 75% of the run (after an optional warm-up at a
-//! tenth of it), pad-and-crop and flip augmentation; evaluation on the test split each epoch; checkpoints that resume exactly (with
-//! the same seed and unit variant: [`Checkpoint`]).
+//! tenth of it), pad-and-crop and flip augmentation; evaluation on the test split each epoch;
+//! checkpoints that resume exactly (with the same seed and network: [`Checkpoint`]); the
+//! gradient flow per epoch ([`flow_at`]).
 //!
 //! # Example
 //!
@@ -287,8 +288,8 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
 }
 
 /// Saves a checkpoint: weights, BN buffers, momentum, the options' seed and the epochs done,
-/// and in the file's metadata the unit variant (`variant`: many variants have the same tensors,
-/// so the names alone cannot tell one from another).
+/// and in the file's metadata its network ([`io::network_metadata`]: many variants have the
+/// same tensors, so the names alone cannot tell one from another).
 pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
     write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), path)
 }
@@ -303,7 +304,7 @@ fn write_checkpoint(
     path: &Path,
 ) -> Result<()> {
     let mut t = io::state_tensors(net, gpu, true)?;
-    t.push(("meta.epochs_done".into(), HostTensor::i64(&[], vec![epochs_done as i64])));
+    t.push((EPOCHS_DONE.into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
     let mut metadata = io::network_metadata(&net.config);
     metadata.extend(run.into_iter().map(|(k, v)| (format!("run.{k}"), v)));
@@ -326,6 +327,9 @@ fn run_options(opts: &TrainOptions, train: &Dataset) -> Vec<(&'static str, Strin
         ("f16", opts.f16.map_or("off".into(), |s| format!("loss scale {s}"))),
     ]
 }
+
+/// The tensor that makes a file a checkpoint: the epochs done.
+pub const EPOCHS_DONE: &str = "meta.epochs_done";
 
 /// A checkpoint written by [`save_checkpoint`], read once: what a resumed run must match (its
 /// seed and unit variant), checked before anything else is done, and the tensors its network is
@@ -353,7 +357,7 @@ impl Checkpoint {
     pub fn read(path: &Path) -> Result<Checkpoint> {
         let (file, mut metadata) = io::read_with_metadata(path)?;
         let first = |name: &str| file.get(name).and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
-        let done = first("meta.epochs_done").ok_or_else(|| Error::Format {
+        let done = first(EPOCHS_DONE).ok_or_else(|| Error::Format {
             path: path.display().to_string(),
             msg: "not a checkpoint: no meta.epochs_done".into(),
         })?;
@@ -444,12 +448,12 @@ pub fn train(
     let l = upload_labels(gpu, &vec![0; opts.batch], net.config.classes)?;
     // The gradient flow: the rows of the epochs done kept, the network as it stands measured
     // (as initialised on a fresh run), then each epoch's.
-    let mut flow = Vec::new();
-    let flow_batch = match opts.flow {
+    let probe_batch = match opts.flow {
         true => Some(flow_batch(gpu, test, net.config.classes)?),
         false => None,
     };
-    if let Some((images, labels)) = &flow_batch {
+    let mut flow = Vec::new();
+    if let Some((images, labels)) = &probe_batch {
         flow = read_flow(&opts.out, start_epoch);
         if !flow.iter().any(|f| f.epoch == start_epoch) {
             flow.push(flow_at(gpu, net, images, labels, start_epoch)?);
@@ -530,7 +534,7 @@ pub fn train(
             s.images_per_sec
         );
         history.push(s);
-        if let Some((images, labels)) = &flow_batch {
+        if let Some((images, labels)) = &probe_batch {
             let f = flow_at(gpu, net, images, labels, epoch + 1)?;
             say_flow(&f, opts.epochs);
             flow.push(f);

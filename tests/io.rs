@@ -143,10 +143,25 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     }
     assert!(io::load_net(g, &cfg20, &path).is_ok());
 
+    // The header alone says what the whole read says of names and metadata.
+    let header = io::read_header(&path).unwrap();
+    let (tensors, metadata) = io::read_with_metadata(&path).unwrap();
+    assert_eq!(header.metadata, metadata);
+    let mut names = header.tensors.clone();
+    names.sort();
+    let mut want: Vec<String> = tensors.into_keys().collect();
+    want.sort();
+    assert_eq!(names, want);
+    assert!(io::read_header(&unnamed).unwrap().metadata.is_empty());
+
     let junk_dir = temp("junk");
     let junk = junk_dir.join("junk.safetensors");
     std::fs::write(&junk, b"not a safetensors file").unwrap();
     assert!(matches!(io::read(&junk), Err(Error::Format { .. })));
+    assert!(matches!(io::read_header(&junk), Err(Error::Format { .. })));
+    std::fs::write(&junk, b"\x02\0\0\0\0\0\0\0{").unwrap();
+    assert!(matches!(io::read_header(&junk), Err(Error::Format { .. })), "a header cut short");
+    assert!(matches!(io::read_header(&junk_dir.join("missing.safetensors")), Err(Error::Io { .. })));
     assert!(matches!(io::read(&junk_dir.join("missing.safetensors")), Err(Error::Io { .. })));
 }
 

@@ -109,10 +109,11 @@ impl NetArgs {
     }
 }
 
-/// The network a weights file or checkpoint names in its metadata, where it names one (files of
-/// ours do; PyTorch's do not). Unreadable files are left to the reading that follows.
+/// The network a weights file or checkpoint names in its metadata (its header only), where it
+/// names one (files of ours do; PyTorch's do not). Unreadable files are left to the reading
+/// that follows.
 fn named_network(path: &std::path::Path) -> Option<NetConfig> {
-    io::read_metadata(path).ok().and_then(|m| io::named_network(&m))
+    io::read_header(path).ok().and_then(|h| io::named_network(&h.metadata))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -491,13 +492,13 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     Ok(())
 }
 
-/// `path` as a checkpoint, read before the adapter opens (so that a missing file is named
-/// first); `None` for a weights file (a format error here), which [`load_weights`] reads.
+/// `path` as a checkpoint, read before the adapter opens (so that a missing or broken file is
+/// named first); `None` for a weights file (its header names no epochs done), which
+/// [`load_weights`] reads.
 fn read_checkpoint(path: &std::path::Path) -> Result<Option<train::Checkpoint>> {
-    match train::Checkpoint::read(path) {
-        Ok(c) => Ok(Some(c)),
-        Err(Error::Format { .. }) => Ok(None),
-        Err(e) => Err(e),
+    match io::read_header(path)?.tensors.iter().any(|t| t == train::EPOCHS_DONE) {
+        true => train::Checkpoint::read(path).map(Some),
+        false => Ok(None),
     }
 }
 
