@@ -161,6 +161,16 @@ pub fn flow_batch(gpu: &Gpu, data: &Dataset, classes: usize) -> Result<(Tensor, 
     Ok((Tensor::new(gpu, &[n, 3, 32, 32], &images)?, upload_labels(gpu, &labels, classes)?))
 }
 
+/// The generator of epoch `epoch`'s shuffle and augmentation, a function of `(seed, epoch)`
+/// alone, so a resumed run repeats the epochs it has left exactly. The epoch is hashed before it
+/// meets the seed: `seed ^ epoch * k`, with `k` SplitMix's own increment, started epoch 1 one draw
+/// behind epoch 0 wherever the seed shares no bits with `k` (0, the default, among them), and the
+/// two epochs' orders were nearly the same.
+pub fn epoch_rng(seed: u64, epoch: usize) -> Rng {
+    const EPOCHS: u64 = 0x6570_6F63_6873_0000; // "epochs": these streams apart from others of the seed
+    Rng::new(seed ^ Rng::new(EPOCHS ^ epoch as u64).next_u64())
+}
+
 /// The gradient flow of `net` on `images` after `epoch` epochs. The probe runs on a copy in f32,
 /// so that `net`'s batch-norm running statistics (which a training-mode pass updates), its
 /// momentum and its f16 path are left as they were.
@@ -470,8 +480,7 @@ pub fn train(
         );
     }
     for epoch in start_epoch..opts.epochs {
-        // Each epoch's draws depend only on (seed, epoch): a resumed run repeats them exactly.
-        let mut rng = Rng::new(opts.seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let mut rng = epoch_rng(opts.seed, epoch);
         let order = train.epoch_order(&mut rng);
         let mut lr = lr_at(opts.lr, epoch, opts.epochs);
         let bar = progress_bar(opts.progress, steps as u64, epoch, opts.epochs);
