@@ -17,15 +17,25 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
     Error::Io { path: path.display().to_string(), source: e }
 }
 
-/// Writes a CSV file: a header row, then rows of already formatted cells.
+/// Writes a CSV file: a header row, then rows of already formatted cells ([`csv_text`]).
 pub fn write_csv(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
-    let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| io_err(path, e))?);
-    let mut write = |line: String| writeln!(f, "{line}").map_err(|e| io_err(path, e));
-    write(header.join(","))?;
+    let mut f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
+    f.write_all(csv_text(header, rows).as_bytes()).map_err(|e| io_err(path, e))
+}
+
+/// A CSV table as text: a header row, then rows of already formatted cells.
+pub fn csv_text(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut text = header.join(",") + "\n";
     for r in rows {
-        write(r.join(","))?;
+        text += &r.join(",");
+        text.push('\n');
     }
-    f.flush().map_err(|e| io_err(path, e))
+    text
+}
+
+/// The rows of a CSV table of ours after its header, as numbers (NaN where a cell is not one).
+pub fn csv_numbers(text: &str) -> Vec<Vec<f64>> {
+    text.lines().skip(1).map(|line| line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect()).collect()
 }
 
 /// Draws `series` as lines into an SVG file; `log_y` puts the y axis on a log scale (values

@@ -21,7 +21,7 @@
 //! // flow recorded per epoch; curves, flow and checkpoints go to `out`.
 //! let opts =
 //!     TrainOptions { epochs: 164, warmup: 400, flow: true, out: "runs/r110".into(), ..TrainOptions::default() };
-//! let history = train::train(&gpu, &mut net, &train_set, &test_set, &opts, 0, Vec::new())?;
+//! let history = train::train(&gpu, &mut net, &train_set, &test_set, &opts, 0, train::History::default())?;
 //! let (loss, accuracy) = train::evaluate(&gpu, &mut net, &test_set, 256)?;
 //! # Ok(())
 //! # }
@@ -147,6 +147,14 @@ pub struct FlowStats {
     pub identity: Vec<f64>,
 }
 
+/// What a run has recorded: a row per epoch trained, and where it measured the gradient flow, a
+/// row per measurement. A resumed run continues its checkpoint's ([`Checkpoint::history`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct History {
+    pub epochs: Vec<EpochStats>,
+    pub flow: Vec<FlowStats>,
+}
+
 /// Images for [`flow_at`]: the first 8 (at least 2, for batch norm) of `data`.
 pub fn flow_batch(gpu: &Gpu, data: &Dataset, classes: usize) -> Result<(Tensor, Labels)> {
     let n = data.len().min(8);
@@ -203,19 +211,8 @@ fn say_flow(f: &FlowStats, epochs: usize) {
 
 /// `flow.csv` and `flow.svg` (the gradient's growth per epoch) in `dir`.
 pub fn write_flow(dir: &Path, flow: &[FlowStats]) -> Result<()> {
-    let stages = flow.iter().map(|f| f.identity.len()).max().unwrap_or(0);
-    let mut header = vec!["epoch".to_string(), "loss".into(), "grad_ratio".into()];
-    header.extend((1..=stages).map(|s| format!("identity_error_stage{s}")));
-    let rows: Vec<Vec<String>> = flow
-        .iter()
-        .map(|f| {
-            let mut r = vec![f.epoch.to_string(), format!("{:.6}", f.loss), format!("{:.6e}", f.grad_ratio)];
-            r.extend(f.identity.iter().map(|e| format!("{e:.3e}")));
-            r
-        })
-        .collect();
-    let header: Vec<&str> = header.iter().map(String::as_str).collect();
-    report::write_csv(&dir.join("flow.csv"), &header, &rows)?;
+    std::fs::write(dir.join("flow.csv"), flow_csv(flow))
+        .map_err(|e| Error::Io { path: dir.join("flow.csv").display().to_string(), source: e })?;
     let series = [Series {
         label: "||dE/dx_0|| / ||dE/dx_L||".into(),
         points: flow.iter().map(|f| (f.epoch as f64, f.grad_ratio)).collect(),
@@ -230,9 +227,26 @@ pub fn write_flow(dir: &Path, flow: &[FlowStats]) -> Result<()> {
     )
 }
 
-/// Reads `flow.csv` back (for a resumed run), keeping the rows of epochs up to `epochs`.
-pub fn read_flow(dir: &Path, epochs: usize) -> Vec<FlowStats> {
-    csv_numbers(&dir.join("flow.csv"))
+/// The text of `flow.csv`: a row per epoch.
+fn flow_csv(flow: &[FlowStats]) -> String {
+    let stages = flow.iter().map(|f| f.identity.len()).max().unwrap_or(0);
+    let mut header = vec!["epoch".to_string(), "loss".into(), "grad_ratio".into()];
+    header.extend((1..=stages).map(|s| format!("identity_error_stage{s}")));
+    let rows: Vec<Vec<String>> = flow
+        .iter()
+        .map(|f| {
+            let mut r = vec![f.epoch.to_string(), format!("{:.6}", f.loss), format!("{:.6e}", f.grad_ratio)];
+            r.extend(f.identity.iter().map(|e| format!("{e:.3e}")));
+            r
+        })
+        .collect();
+    let header: Vec<&str> = header.iter().map(String::as_str).collect();
+    report::csv_text(&header, &rows)
+}
+
+/// The rows of a `flow.csv` text of epochs up to `epochs`.
+fn parse_flow(text: &str, epochs: usize) -> Vec<FlowStats> {
+    report::csv_numbers(text)
         .into_iter()
         .filter_map(|v| {
             (v.len() >= 3 && v[0] <= epochs as f64).then(|| FlowStats {
@@ -243,6 +257,13 @@ pub fn read_flow(dir: &Path, epochs: usize) -> Vec<FlowStats> {
             })
         })
         .collect()
+}
+
+/// Reads `flow.csv` in `dir` back, keeping the rows of epochs up to `epochs` (none where there
+/// is no such file). A resumed run takes its rows from its checkpoint ([`Checkpoint::history`]);
+/// this is for checkpoints written before they kept them.
+pub fn read_flow(dir: &Path, epochs: usize) -> Vec<FlowStats> {
+    parse_flow(&std::fs::read_to_string(dir.join("flow.csv")).unwrap_or_default(), epochs)
 }
 
 /// Loss (mean cross-entropy) and accuracy of `net` in inference mode over `data`, `batch`
@@ -301,7 +322,7 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
 /// and in the file's metadata its network ([`io::network_metadata`]: many variants have the
 /// same tensors, so the names alone cannot tell one from another).
 pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
-    write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), path)
+    write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), &History::default(), path)
 }
 
 /// [`save_checkpoint`] with the run's options in the metadata too (`run.<name>`).
@@ -311,6 +332,7 @@ fn write_checkpoint(
     epochs_done: usize,
     seed: u64,
     run: Vec<(&str, String)>,
+    history: &History,
     path: &Path,
 ) -> Result<()> {
     let mut t = io::state_tensors(net, gpu, true)?;
@@ -318,6 +340,13 @@ fn write_checkpoint(
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
     let mut metadata = io::network_metadata(&net.config);
     metadata.extend(run.into_iter().map(|(k, v)| (format!("run.{k}"), v)));
+    // The run's rows so far: resumed, it continues its own, not whatever its folder holds.
+    if !history.epochs.is_empty() {
+        metadata.insert(HISTORY_CURVES.into(), curves_csv(&history.epochs));
+    }
+    if !history.flow.is_empty() {
+        metadata.insert(HISTORY_FLOW.into(), flow_csv(&history.flow));
+    }
     io::write_with_metadata(path, &t, metadata)
 }
 
@@ -341,6 +370,10 @@ fn run_options(opts: &TrainOptions, train: &Dataset) -> Vec<(&'static str, Strin
 /// The tensor that makes a file a checkpoint: the epochs done.
 pub const EPOCHS_DONE: &str = "meta.epochs_done";
 
+/// Checkpoint metadata: the run's `curves.csv` and `flow.csv` up to the epochs done.
+const HISTORY_CURVES: &str = "history.curves";
+const HISTORY_FLOW: &str = "history.flow";
+
 /// A checkpoint written by [`save_checkpoint`], read once: what a resumed run must match (its
 /// seed and unit variant), checked before anything else is done, and the tensors its network is
 /// made from.
@@ -360,6 +393,10 @@ pub struct Checkpoint {
     /// The options of the run that wrote it, by name (empty in a file written outside
     /// [`train`] or before checkpoints kept them): [`Checkpoint::changed`] compares them.
     pub run: std::collections::BTreeMap<String, String>,
+    /// What the run that wrote it recorded up to its epochs done, for a resumed run to continue
+    /// (`None` in a file written outside [`train`] or before checkpoints kept it: then
+    /// [`read_curves`] and [`read_flow`] read the run's folder).
+    pub history: Option<History>,
 }
 
 impl Checkpoint {
@@ -372,13 +409,21 @@ impl Checkpoint {
             msg: "not a checkpoint: no meta.epochs_done".into(),
         })?;
         let seed = first("meta.seed").map(|s| s as u64);
+        let done = done.max(0) as usize;
+        let curves = metadata.remove(HISTORY_CURVES);
+        let flow = metadata.remove(HISTORY_FLOW);
+        let history = (curves.is_some() || flow.is_some()).then(|| History {
+            epochs: parse_curves(curves.as_deref().unwrap_or_default(), done),
+            flow: parse_flow(flow.as_deref().unwrap_or_default(), done),
+        });
         Ok(Checkpoint {
             path: path.to_path_buf(),
-            epochs_done: done.max(0) as usize,
+            epochs_done: done,
             seed,
             variant: metadata.remove("variant"),
             network: metadata.remove("network"),
             run: metadata.into_iter().filter_map(|(k, v)| Some((k.strip_prefix("run.")?.to_string(), v))).collect(),
+            history,
             file,
         })
     }
@@ -425,8 +470,10 @@ pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) 
 }
 
 /// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,
-/// writing `curves.csv`, `curves.svg` and `checkpoint.safetensors` into `opts.out` after every
-/// epoch. `history` holds the epochs already done (from a resumed run's CSV, or empty).
+/// writing `curves.csv`, `curves.svg` and `checkpoint.safetensors` (with `flow`: `flow.csv`,
+/// `flow.svg`) into `opts.out` after every epoch, and returns the run's history. `history` holds
+/// what the epochs already done recorded: empty for a new run, a resumed run's checkpoint's
+/// ([`Checkpoint::history`]); its rows past `start_epoch` are dropped.
 /// Bad options (a learning rate, momentum or weight decay that is negative or not finite, a
 /// batch larger than the data) are refused before anything is written.
 pub fn train(
@@ -436,8 +483,8 @@ pub fn train(
     test: &Dataset,
     opts: &TrainOptions,
     start_epoch: usize,
-    mut history: Vec<EpochStats>,
-) -> Result<Vec<EpochStats>> {
+    mut history: History,
+) -> Result<History> {
     // Before anything is written: a bad learning rate would otherwise fail at the first step.
     crate::ops::sgd::check_hyperparameters(opts.lr, opts.momentum, opts.weight_decay)?;
     if opts.batch == 0 || opts.batch > train.len() {
@@ -450,25 +497,25 @@ pub fn train(
     }
     net.set_f16(gpu, opts.f16)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
+    let probe_batch = match opts.flow {
+        true => Some(flow_batch(gpu, test, net.config.classes)?),
+        false => None,
+    };
     let steps = train.len() / opts.batch; // the last partial batch is dropped
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     // One batch's tensors, written each step: a step then binds the same buffers as the last,
     // and the network's passes reuse their bind groups.
     let t = Tensor::zeros(gpu, &[opts.batch, 3, 32, 32])?;
     let l = upload_labels(gpu, &vec![0; opts.batch], net.config.classes)?;
+    history.epochs.retain(|s| s.epoch <= start_epoch);
+    history.flow.retain(|f| f.epoch <= start_epoch);
     // The gradient flow: the rows of the epochs done kept, the network as it stands measured
     // (as initialised on a fresh run), then each epoch's.
-    let probe_batch = match opts.flow {
-        true => Some(flow_batch(gpu, test, net.config.classes)?),
-        false => None,
-    };
-    let mut flow = Vec::new();
     if let Some((images, labels)) = &probe_batch {
-        flow = read_flow(&opts.out, start_epoch);
-        if !flow.iter().any(|f| f.epoch == start_epoch) {
-            flow.push(flow_at(gpu, net, images, labels, start_epoch)?);
+        if !history.flow.iter().any(|f| f.epoch == start_epoch) {
+            history.flow.push(flow_at(gpu, net, images, labels, start_epoch)?);
         }
-        flow.iter().for_each(|f| say_flow(f, opts.epochs));
+        history.flow.iter().for_each(|f| say_flow(f, opts.epochs));
     }
     if opts.warmup > start_epoch * steps {
         let last = opts.warmup.min(opts.epochs * steps);
@@ -542,16 +589,16 @@ pub fn train(
             100.0 * s.test_acc,
             s.images_per_sec
         );
-        history.push(s);
+        history.epochs.push(s);
         if let Some((images, labels)) = &probe_batch {
             let f = flow_at(gpu, net, images, labels, epoch + 1)?;
             say_flow(&f, opts.epochs);
-            flow.push(f);
-            write_flow(&opts.out, &flow)?;
+            history.flow.push(f);
+            write_flow(&opts.out, &history.flow)?;
         }
         let path = opts.out.join("checkpoint.safetensors");
-        write_checkpoint(gpu, net, epoch + 1, opts.seed, run_options(opts, train), &path)?;
-        write_curves(&opts.out, &history)?;
+        write_checkpoint(gpu, net, epoch + 1, opts.seed, run_options(opts, train), &history, &path)?;
+        write_curves(&opts.out, &history.epochs)?;
     }
     Ok(history)
 }
@@ -571,6 +618,23 @@ fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> indicati
 
 /// `curves.csv` and `curves.svg` (losses and accuracies per epoch) in `dir`.
 pub fn write_curves(dir: &Path, h: &[EpochStats]) -> Result<()> {
+    std::fs::write(dir.join("curves.csv"), curves_csv(h))
+        .map_err(|e| Error::Io { path: dir.join("curves.csv").display().to_string(), source: e })?;
+    let line = |label: &str, f: &dyn Fn(&EpochStats) -> f64| Series {
+        label: label.into(),
+        points: h.iter().map(|s| (s.epoch as f64, f(s))).collect(),
+    };
+    let series = [
+        line("train loss", &|s| s.train_loss),
+        line("test loss", &|s| s.test_loss),
+        line("train error", &|s| 1.0 - s.train_acc),
+        line("test error", &|s| 1.0 - s.test_acc),
+    ];
+    report::line_chart(&dir.join("curves.svg"), "Training curves", "epoch", "loss / error rate", &series, false)
+}
+
+/// The text of `curves.csv`: a row per epoch.
+fn curves_csv(h: &[EpochStats]) -> String {
     let rows: Vec<Vec<String>> = h
         .iter()
         .map(|s| {
@@ -586,23 +650,12 @@ pub fn write_curves(dir: &Path, h: &[EpochStats]) -> Result<()> {
         })
         .collect();
     let header = ["epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "images_per_sec"];
-    report::write_csv(&dir.join("curves.csv"), &header, &rows)?;
-    let line = |label: &str, f: &dyn Fn(&EpochStats) -> f64| Series {
-        label: label.into(),
-        points: h.iter().map(|s| (s.epoch as f64, f(s))).collect(),
-    };
-    let series = [
-        line("train loss", &|s| s.train_loss),
-        line("test loss", &|s| s.test_loss),
-        line("train error", &|s| 1.0 - s.train_acc),
-        line("test error", &|s| 1.0 - s.test_acc),
-    ];
-    report::line_chart(&dir.join("curves.svg"), "Training curves", "epoch", "loss / error rate", &series, false)
+    report::csv_text(&header, &rows)
 }
 
-/// Reads `curves.csv` back (for a resumed run), keeping the first `epochs` rows.
-pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
-    csv_numbers(&dir.join("curves.csv"))
+/// The first `epochs` rows of a `curves.csv` text.
+fn parse_curves(text: &str, epochs: usize) -> Vec<EpochStats> {
+    report::csv_numbers(text)
         .into_iter()
         .filter_map(|v| {
             (v.len() == 7).then(|| EpochStats {
@@ -619,11 +672,11 @@ pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
         .collect()
 }
 
-/// The rows of a CSV file of ours after its header, as numbers (NaN where a field is not one);
-/// none where the file cannot be read.
-fn csv_numbers(path: &Path) -> Vec<Vec<f64>> {
-    let Ok(text) = std::fs::read_to_string(path) else { return Vec::new() };
-    text.lines().skip(1).map(|line| line.split(',').map(|c| c.parse().unwrap_or(f64::NAN)).collect()).collect()
+/// Reads `curves.csv` in `dir` back, keeping the first `epochs` rows (none where there is no
+/// such file). A resumed run takes its rows from its checkpoint ([`Checkpoint::history`]); this
+/// is for checkpoints written before they kept them.
+pub fn read_curves(dir: &Path, epochs: usize) -> Vec<EpochStats> {
+    parse_curves(&std::fs::read_to_string(dir.join("curves.csv")).unwrap_or_default(), epochs)
 }
 
 /// One reading of a long run: after `step` steps, the device's live buffers and textures.

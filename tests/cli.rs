@@ -4,6 +4,7 @@ use common::*;
 use resnet_wgpu::arch::{NetConfig, UnitKind};
 use resnet_wgpu::io::{self, HostTensor};
 use resnet_wgpu::reference::{net as rnet, to_f64};
+use std::path::Path;
 use std::process::Command;
 
 /// The tool as a command, through cargo's test runner where one is set for this target (as
@@ -213,10 +214,15 @@ fn train_and_analyze_run_on_tiny_settings() {
     let a = ["train", "--train-size", "64", "--test-size", "20", "--batch", "32", "--epochs", "2", "--out", out];
     let (ok, text) = tool(&[&a[..], &["--resume", ckpt.to_str().unwrap()]].concat());
     assert!(ok && text.contains("network: preact ResNet-8") && text.contains("nothing to train"), "{text}");
-    // Into another folder, whose curves lack the epochs done: said.
+    // Into another folder, holding another run's curves: the checkpoint's own rows continue.
     let elsewhere = dir("resume-elsewhere");
-    let (ok, text) = resume(elsewhere.to_str().unwrap(), "2", "0");
-    assert!(ok && text.contains("curves.csv holds 0 of the 2 epochs done"), "{text}");
+    std::fs::write(elsewhere.join("curves.csv"), "epoch,lr,a,b,c,d,e\n1,0.5,9,0,9,0,1\n").unwrap();
+    let (ok, text) = resume(elsewhere.to_str().unwrap(), "3", "0");
+    assert!(ok && text.contains("epoch   3/3") && !text.contains("curves.csv holds"), "{text}");
+    let rows = |d: &Path| std::fs::read_to_string(d.join("curves.csv")).unwrap().lines().count() - 1;
+    let first = |d: &Path| std::fs::read_to_string(d.join("curves.csv")).unwrap().lines().nth(1).map(str::to_string);
+    assert_eq!((rows(&elsewhere), rows(&d)), (3, 2));
+    assert_eq!(first(&elsewhere), first(&d));
 
     let a = dir("analyze");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);

@@ -43,7 +43,7 @@ fn a_tiny_run_on_shapes10_beats_chance() {
         ..TrainOptions::default()
     };
     let (_, before) = train::evaluate(g, &mut net, &test_set, 100).unwrap();
-    let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
+    let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()).unwrap().epochs;
     let after = h.last().unwrap().test_acc;
     eprintln!("test accuracy {before:.3} -> {after:.3}; history {h:?}");
     // Chance is 0.10; with 300 test images its standard deviation is 0.017, so 0.17 is four
@@ -68,21 +68,32 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
         ..TrainOptions::default()
     };
     let mut full = ResNet::new(g, &tiny(), 4).unwrap();
-    let h_full = train::train(g, &mut full, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
+    let h_full = train::train(g, &mut full, &train_set, &test_set, &opts, 0, train::History::default()).unwrap().epochs;
 
     // One epoch, then a fresh process would load the checkpoint and go on.
     let half = TrainOptions { epochs: 1, out: dirs[1].to_path_buf(), ..opts.clone() };
     let mut first = ResNet::new(g, &tiny(), 4).unwrap();
-    train::train(g, &mut first, &train_set, &test_set, &half, 0, Vec::new()).unwrap();
+    train::train(g, &mut first, &train_set, &test_set, &half, 0, train::History::default()).unwrap();
     let (mut resumed, done) = train::load_checkpoint(g, &tiny(), &half.out.join("checkpoint.safetensors")).unwrap();
     assert_eq!(done, 1);
+    // The checkpoint keeps its run's curves; the folder resumed into holds another run's,
+    // which are not read.
+    let c = train::Checkpoint::read(&half.out.join("checkpoint.safetensors")).unwrap();
+    let kept = c.history.clone().expect("a checkpoint of train() keeps its history");
+    assert_eq!(kept.epochs.len(), 1);
+    std::fs::write(dirs[2].join("curves.csv"), "epoch,lr,a,b,c,d,e\n1,0.5,9,0,9,0,1\n").unwrap();
     let rest = TrainOptions { out: dirs[2].to_path_buf(), ..opts.clone() };
-    let h_rest = train::train(g, &mut resumed, &train_set, &test_set, &rest, done, Vec::new()).unwrap();
+    let h_rest = train::train(g, &mut resumed, &train_set, &test_set, &rest, done, kept).unwrap().epochs;
     assert_eq!(h_rest.last().unwrap().train_loss, h_full.last().unwrap().train_loss);
     assert_eq!(resumed.state(g).unwrap(), full.state(g).unwrap(), "weights and buffers bit-identical");
+    // The same curves as the uninterrupted run's, but for the speed column.
+    let curves = |d: &TempDir| -> Vec<String> {
+        let text = std::fs::read_to_string(d.join("curves.csv")).unwrap();
+        text.lines().map(|l| l.rsplit_once(',').unwrap().0.to_string()).collect()
+    };
+    assert_eq!(curves(&dirs[2]), curves(&dirs[0]));
 
     // The checkpoint keeps the run's options; resumed with others, they are named.
-    let c = train::Checkpoint::read(&half.out.join("checkpoint.safetensors")).unwrap();
     assert_eq!(c.run.get("warmup").map(String::as_str), Some("7"), "{:?}", c.run);
     assert_eq!(c.changed(&half, &train_set), Vec::<String>::new());
     let other = TrainOptions { lr: 0.05, batch: 16, augment: false, ..half.clone() };
@@ -136,7 +147,7 @@ fn a_warm_up_trains_its_steps_at_a_tenth_of_the_rate() {
             ..TrainOptions::default()
         };
         let mut net = ResNet::new(g, &tiny(), 8).unwrap();
-        let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
+        let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()).unwrap().epochs;
         (net.state(g).unwrap(), h.iter().map(|s| s.lr).collect::<Vec<_>>())
     };
     // One epoch of 4 steps.
@@ -174,7 +185,7 @@ fn the_gradient_flow_is_recorded_per_epoch_without_changing_the_run() {
     };
     let run = |o: &TrainOptions| {
         let mut net = ResNet::new(g, &cfg, 9).unwrap();
-        train::train(g, &mut net, &train_set, &test_set, o, 0, Vec::new()).unwrap();
+        train::train(g, &mut net, &train_set, &test_set, o, 0, train::History::default()).unwrap();
         net.state(g).unwrap()
     };
     let off = run(&opts(&dirs[0], 2, false));
@@ -198,16 +209,25 @@ fn the_gradient_flow_is_recorded_per_epoch_without_changing_the_run() {
     }
     assert_ne!(flow[1].grad_ratio, flow[0].grad_ratio, "training moved it");
 
-    // One epoch, then resumed from its checkpoint into a folder whose flow.csv goes further
-    // (the whole run's): the rows past the checkpoint are measured again, not kept twice.
+    // One epoch into a folder holding another run's flow.csv: a new run measures its own.
+    let read = |d: &TempDir| std::fs::read_to_string(d.join("flow.csv")).unwrap();
+    let foreign = "epoch,loss,grad_ratio\n0,99,1\n1,99,1\n2,99,1\n";
+    std::fs::write(dirs[2].join("flow.csv"), foreign).unwrap();
     let half = opts(&dirs[2], 1, true);
     let mut first = ResNet::new(g, &cfg, 9).unwrap();
-    train::train(g, &mut first, &train_set, &test_set, &half, 0, Vec::new()).unwrap();
+    train::train(g, &mut first, &train_set, &test_set, &half, 0, train::History::default()).unwrap();
+    let whole = read(&dirs[1]);
+    assert_eq!(read(&dirs[2]), whole.lines().take(3).map(|l| format!("{l}\n")).collect::<String>());
+    // Then resumed from its checkpoint into a folder holding another run's flow.csv: the rows
+    // come from the checkpoint, and the rest are measured.
+    let c = train::Checkpoint::read(&dirs[2].join("checkpoint.safetensors")).unwrap();
+    let kept = c.history.clone().unwrap();
+    assert_eq!(kept.flow.iter().map(|f| f.epoch).collect::<Vec<_>>(), [0, 1]);
     let (mut resumed, done) = train::load_checkpoint(g, &cfg, &dirs[2].join("checkpoint.safetensors")).unwrap();
-    std::fs::copy(dirs[1].join("flow.csv"), dirs[3].join("flow.csv")).unwrap();
-    train::train(g, &mut resumed, &train_set, &test_set, &opts(&dirs[3], 2, true), done, Vec::new()).unwrap();
-    let read = |d: &TempDir| std::fs::read_to_string(d.join("flow.csv")).unwrap();
-    assert_eq!(read(&dirs[3]), read(&dirs[1]), "the resumed run's flow is the uninterrupted run's");
+    std::fs::write(dirs[3].join("flow.csv"), foreign).unwrap();
+    let h = train::train(g, &mut resumed, &train_set, &test_set, &opts(&dirs[3], 2, true), done, kept).unwrap();
+    assert_eq!(read(&dirs[3]), whole, "the resumed run's flow is the uninterrupted run's");
+    assert_eq!(h.flow.len(), 3);
 }
 
 /// A checkpoint names its unit variant, and loads only into that variant: a scaled shortcut
@@ -277,7 +297,7 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
         ..TrainOptions::default()
     };
     let before = net.state(g).unwrap();
-    match train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()) {
+    match train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()) {
         Err(resnet_wgpu::Error::NonFinite(m)) => {
             assert!(m.contains("F(x_1)") && m.contains("layer2.0") && m.contains("epoch 1"), "{m}");
         }
@@ -317,9 +337,9 @@ fn bad_hyperparameters_are_refused_before_anything_is_written() {
             out: out.clone(),
             ..TrainOptions::default()
         };
-        match train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()) {
+        match train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()) {
             Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains(&format!("{name} = ")), "{m}"),
-            other => panic!("{name}: expected an invalid-argument error, got {:?}", other.map(|h| h.len())),
+            other => panic!("{name}: expected an invalid-argument error, got {:?}", other.map(|h| h.epochs.len())),
         }
         assert!(!out.exists(), "{name}: the output folder was made");
         assert_eq!(net.state(g).unwrap(), before, "{name}: the weights changed");
@@ -350,11 +370,11 @@ fn datasets_of_other_classes_are_refused() {
         (train::evaluate(g, &mut net, &hundred(&test_set), 10).map(|_| ()), "hundred has 100 classes, the network 10"),
         (train::evaluate(g, &mut net, &test_set, 0).map(|_| ()), "batch must be positive"),
         (
-            train::train(g, &mut net, &train_set, &hundred(&test_set), &opts, 0, Vec::new()).map(|_| ()),
+            train::train(g, &mut net, &train_set, &hundred(&test_set), &opts, 0, train::History::default()).map(|_| ()),
             "hundred has 100 classes, the network 10",
         ),
         (
-            train::train(g, &mut net, &hundred(&train_set), &test_set, &opts, 0, Vec::new()).map(|_| ()),
+            train::train(g, &mut net, &hundred(&train_set), &test_set, &opts, 0, train::History::default()).map(|_| ()),
             "hundred has 100 classes, the network 10",
         ),
     ] {
@@ -375,7 +395,7 @@ fn the_same_seed_gives_bit_identical_losses_and_weights() {
         let dir = out_dir(name);
         let opts =
             TrainOptions { epochs: 1, batch: 32, progress: false, out: dir.to_path_buf(), ..TrainOptions::default() };
-        let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, Vec::new()).unwrap();
+        let h = train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()).unwrap().epochs;
         (h, net.state(g).unwrap())
     };
     let (h1, s1) = run("det1");

@@ -450,9 +450,10 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         config.classes
     );
     let (mut net, start, history) = match checkpoint {
-        Some(c) => {
+        Some(mut c) => {
             let (done, from) = (c.epochs_done, c.path().display().to_string());
             let changed = c.changed(opts, &train_set);
+            let kept = c.history.take();
             let net = c.into_net(&gpu, &config)?;
             println!("resuming after epoch {done} from {from}");
             if !changed.is_empty() && done < opts.epochs {
@@ -462,29 +463,34 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
                     changed.join("; ")
                 );
             }
-            let history = train::read_curves(&opts.out, done);
-            if history.len() != done {
+            // A checkpoint keeps its run's rows; one written before they did leaves them to the
+            // run's folder.
+            let history = kept.unwrap_or_else(|| train::History {
+                epochs: train::read_curves(&opts.out, done),
+                flow: train::read_flow(&opts.out, done),
+            });
+            if history.epochs.len() != done {
                 eprintln!(
                     "note: {}/curves.csv holds {} of the {done} epochs done: the curves written will lack the others \
                      (resume with the run's own --out to continue them)",
                     opts.out.display(),
-                    history.len()
+                    history.epochs.len()
                 );
             }
             (net, done, history)
         }
-        None => (ResNet::new(&gpu, &config, opts.seed)?, 0, Vec::new()),
+        None => (ResNet::new(&gpu, &config, opts.seed)?, 0, train::History::default()),
     };
     if let Some(s) = opts.f16 {
         println!("training on the f16 path, loss scale {s}");
     }
-    let before = history.len();
+    let before = history.epochs.len();
     let h = train::train(&gpu, &mut net, &train_set, &test_set, opts, start, history)?;
-    if h.len() == before {
+    if h.epochs.len() == before {
         println!("nothing to train: {start} of {} epochs done", opts.epochs);
         return Ok(());
     }
-    if let Some(last) = h.last() {
+    if let Some(last) = h.epochs.last() {
         println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
     }
     let flow = if opts.flow { ", flow.csv, flow.svg" } else { "" };
