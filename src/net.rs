@@ -137,6 +137,20 @@ pub struct Probes {
     pub stage_identity: Vec<Option<f32>>,
 }
 
+/// Copies `stats` one after another into `saved` (`save`), or back from it.
+fn copy_running(gpu: &Gpu, stats: &[&Tensor], saved: &Tensor, save: bool) -> wgpu::CommandBuffer {
+    let mut rec = gpu.recorder("running statistics");
+    let mut at = 0;
+    for t in stats {
+        match save {
+            true => rec.encoder().copy_buffer_to_buffer(&t.buffer, 0, &saved.buffer, at, t.bytes()),
+            false => rec.encoder().copy_buffer_to_buffer(&saved.buffer, at, &t.buffer, 0, t.bytes()),
+        }
+        at += t.bytes();
+    }
+    rec.finish()
+}
+
 /// The first non-finite probe in the order the passes computed them: forward (`x_0`, then each
 /// unit's `F` and output), the loss, then backward (`dE/dx_L` down to `dE/dx_0`).
 fn first_non_finite(p: &Probes, units: &[Unit]) -> Option<String> {
@@ -859,6 +873,9 @@ impl ResNet {
         labels: &Labels,
         opt: Sgd,
     ) -> Result<()> {
+        // Before any pass is recorded: on GPUs a stream submits as it goes, so a step refused
+        // at its update would have run its passes (BN's running statistics moved).
+        sgd::check_hyperparameters(opt.lr, opt.momentum, opt.weight_decay)?;
         self.prepare(gpu, images, Some(labels), self.loss_scale)?;
         self.record_forward(gpu, out, images, Some(labels), Mode::Train)?;
         self.record_backward(gpu, out, images, false, None)?;
@@ -869,15 +886,36 @@ impl ResNet {
     /// [`ResNet::train_step`] with a check after the passes: the forward and backward run with
     /// the probes of [`ResNet::probe`], and if any stream `x_l`, branch `F(x_l)`, stream
     /// gradient `dE/dx_l` or the loss is not finite, the step returns [`Error::NonFinite`]
-    /// naming the first one in the order they were computed, and the weights are not updated.
+    /// naming the first one in the order they were computed, and the step is undone: the
+    /// weights and momentum are not updated, and BN's running statistics and batch count are
+    /// as they were (the gradients are the failed pass's).
     pub fn train_step_checked(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
         self.f32_only("train_step_checked")?;
+        sgd::check_hyperparameters(opt.lr, opt.momentum, opt.weight_decay)?;
+        // The running statistics as they are, copied on the GPU: the probe's training-mode
+        // forward moves them.
+        let running: Vec<&Tensor> = self.running_stats();
+        let saved = Tensor::zeros(gpu, &[running.iter().map(|t| t.len()).sum::<usize>().max(1)])?;
+        gpu.submit([copy_running(gpu, &running, &saved, true)])?;
         let p = self.probe(gpu, images, labels)?;
         if let Some(bad) = first_non_finite(&p, &self.units) {
+            gpu.submit([copy_running(gpu, &self.running_stats(), &saved, false)])?;
+            self.batches_tracked -= 1;
             return Err(Error::NonFinite(bad));
         }
         gpu.submit([self.record_sgd(gpu, opt)?])?;
         Ok(p.loss)
+    }
+
+    /// Every BN running statistic, in the order of [`ResNet::entries`].
+    fn running_stats(&self) -> Vec<&Tensor> {
+        self.entries()
+            .into_iter()
+            .filter_map(|(_, e)| match e {
+                Entry::Buffer(t) => Some(t),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Inference mode (running statistics): the logits, `[N, classes]` row-major.

@@ -475,7 +475,8 @@ pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) 
 /// what the epochs already done recorded: empty for a new run, a resumed run's checkpoint's
 /// ([`Checkpoint::history`]); its rows past `start_epoch` are dropped.
 /// Bad options (a learning rate, momentum or weight decay that is negative or not finite, a
-/// batch larger than the data) are refused before anything is written.
+/// batch larger than the data, an evaluation batch of 0, too few test images for the flow's
+/// batch) are refused before anything is written.
 pub fn train(
     gpu: &Gpu,
     net: &mut ResNet,
@@ -495,12 +496,15 @@ pub fn train(
     if opts.f16.is_some() && opts.check_finite {
         return Err(Error::Invalid("checking every step runs the f32 network: not with f16".into()));
     }
-    net.set_f16(gpu, opts.f16)?;
-    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
+    if opts.eval_batch == 0 {
+        return Err(Error::Invalid("an evaluation batch of 0 images".into()));
+    }
     let probe_batch = match opts.flow {
         true => Some(flow_batch(gpu, test, net.config.classes)?),
         false => None,
     };
+    net.set_f16(gpu, opts.f16)?;
+    std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
     let steps = train.len() / opts.batch; // the last partial batch is dropped
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     // One batch's tensors, written each step: a step then binds the same buffers as the last,
@@ -517,7 +521,7 @@ pub fn train(
         }
         history.flow.iter().for_each(|f| say_flow(f, opts.epochs));
     }
-    if opts.warmup > start_epoch * steps {
+    if opts.warmup > start_epoch * steps && start_epoch < opts.epochs {
         let last = opts.warmup.min(opts.epochs * steps);
         println!(
             "warm-up: steps {}..={last} at lr {} (of {} steps)",
@@ -552,7 +556,10 @@ pub fn train(
                 net.train_step(gpu, &t, &l, sgd)?
             };
             if !loss.is_finite() {
-                return Err(Error::Invalid(format!("epoch {}: the training loss became {loss}", epoch + 1)));
+                return Err(Error::NonFinite(format!(
+                    "epoch {}: the training loss became {loss}; no checkpoint written",
+                    epoch + 1
+                )));
             }
             let (_, c) = score(&net.logits(gpu)?, &labels, net.config.classes);
             loss_sum += loss as f64 * chunk.len() as f64;

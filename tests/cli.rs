@@ -212,8 +212,9 @@ fn train_and_analyze_run_on_tiny_settings() {
     assert!(!text.contains("curves.csv holds"), "{text}");
     // Without --depth: the checkpoint's network (ResNet-8, not the default ResNet-20).
     let a = ["train", "--train-size", "64", "--test-size", "20", "--batch", "32", "--epochs", "2", "--out", out];
-    let (ok, text) = tool(&[&a[..], &["--resume", ckpt.to_str().unwrap()]].concat());
+    let (ok, text) = tool(&[&a[..], &["--resume", ckpt.to_str().unwrap(), "--warmup", "100"]].concat());
     assert!(ok && text.contains("network: preact ResNet-8") && text.contains("nothing to train"), "{text}");
+    assert!(!text.contains("warm-up"), "no warm-up announced with nothing to train: {text}");
     // Into another folder, holding another run's curves: the checkpoint's own rows continue.
     let elsewhere = dir("resume-elsewhere");
     std::fs::write(elsewhere.join("curves.csv"), "epoch,lr,a,b,c,d,e\n1,0.5,9,0,9,0,1\n").unwrap();

@@ -304,12 +304,32 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
         other => panic!("expected a non-finite error, got {other:?}"),
     }
     assert!(!opts.out.join("checkpoint.safetensors").exists(), "no checkpoint after the failure");
-    // The weights were not updated by the failing step.
-    let after = net.state(g).unwrap();
-    for ((n, a), (_, b)) in before.iter().zip(&after) {
-        if !n.contains("running") && !n.contains("num_batches") {
-            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{n} changed");
+    // The failing step was undone: the weights not updated, BN's running statistics and batch
+    // count as they were.
+    let same = |after: Vec<(String, Vec<f32>)>, what: &str| {
+        for ((n, a), (_, b)) in before.iter().zip(&after) {
+            assert!(a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits()), "{what}: {n} changed");
         }
+    };
+    same(net.state(g).unwrap(), "a non-finite step");
+
+    // A step with a bad learning rate is refused before its passes run (submitted a command
+    // buffer at a time, as GPUs stream them: the passes would otherwise have run already).
+    let opts = resnet_wgpu::GpuOptions { stream_chunk: Some(1), ..resnet_wgpu::GpuOptions::from_env() };
+    let g = &resnet_wgpu::Gpu::with_options(&opts).unwrap();
+    let init = cfg.tensors().into_iter().map(|t| t.name).zip(cfg.initial_values(5)).collect();
+    let mut fine = ResNet::from_state(g, &cfg, &init).unwrap();
+    let before = fine.state(g).unwrap();
+    let images = resnet_wgpu::Tensor::new(g, &[32, 3, 32, 32], &vec![0.5; 32 * 3 * 32 * 32]).unwrap();
+    let labels = resnet_wgpu::ops::pool_fc_loss::upload_labels(g, &[1; 32], 10).unwrap();
+    let bad = resnet_wgpu::net::Sgd { lr: f32::NAN, ..Default::default() };
+    for checked in [false, true] {
+        let got = match checked {
+            true => fine.train_step_checked(g, &images, &labels, bad),
+            false => fine.train_step(g, &images, &labels, bad),
+        };
+        assert!(matches!(got, Err(resnet_wgpu::Error::Invalid(_))), "checked {checked}: {got:?}");
+        assert_eq!(fine.state(g).unwrap(), before, "checked {checked}: the refused step changed the network");
     }
 }
 
@@ -344,6 +364,45 @@ fn bad_hyperparameters_are_refused_before_anything_is_written() {
         assert!(!out.exists(), "{name}: the output folder was made");
         assert_eq!(net.state(g).unwrap(), before, "{name}: the weights changed");
     }
+    // So are an evaluation batch of 0 and, with the flow, a test set too small for its batch.
+    let (_, one) = data::synthetic(1, 1, 7).unwrap();
+    for (opts, test, want) in [
+        (TrainOptions { eval_batch: 0, ..TrainOptions::default() }, &test_set, "evaluation batch of 0"),
+        (TrainOptions { flow: true, ..TrainOptions::default() }, &one, "at least 2"),
+    ] {
+        let opts = TrainOptions { epochs: 1, batch: 32, progress: false, out: out.clone(), ..opts };
+        let mut net = ResNet::new(g, &tiny(), 7).unwrap();
+        match train::train(g, &mut net, &train_set, test, &opts, 0, train::History::default()) {
+            Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains(want), "{m}"),
+            other => panic!("{want}: expected an invalid-argument error, got {:?}", other.map(|h| h.epochs.len())),
+        }
+        assert!(!out.exists(), "{want}: the output folder was made");
+    }
+}
+
+/// A loss that becomes NaN or infinite stops the run as a non-finite error, before the epoch's
+/// checkpoint.
+#[test]
+fn a_diverging_run_stops_as_non_finite() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(128, 20, 8).unwrap();
+    let dir = out_dir("diverge");
+    let opts = TrainOptions {
+        epochs: 1,
+        batch: 32,
+        lr: 1e30,
+        progress: false,
+        out: dir.to_path_buf(),
+        ..TrainOptions::default()
+    };
+    let mut net = ResNet::new(g, &tiny(), 8).unwrap();
+    match train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()) {
+        Err(resnet_wgpu::Error::NonFinite(m)) => {
+            assert!(m.contains("epoch 1: the training loss became") && m.contains("no checkpoint"), "{m}")
+        }
+        other => panic!("expected a non-finite error, got {:?}", other.map(|h| h.epochs.len())),
+    }
+    assert!(!dir.join("checkpoint.safetensors").exists());
 }
 
 /// A dataset of more classes than the network's logits is refused (its labels would index past
