@@ -615,3 +615,58 @@ fn unusable_environment_values_are_named() {
         }
     }
 }
+
+/// The network options given on the command line meet the file's: those not given are the
+/// file's, those given must match it, and a conv file's shortcut goes with its variant.
+#[test]
+fn network_options_given_meet_the_files() {
+    let d = dir("options");
+    let file = |name: &str, cfg: &NetConfig| {
+        let state = random_state(cfg, 3);
+        let tensors: Vec<(String, HostTensor)> = cfg
+            .tensors()
+            .into_iter()
+            .map(|t| {
+                let v = state[&t.name].clone();
+                let h = match t.dims.is_empty() {
+                    true => HostTensor::i64(&[], vec![v[0] as i64]),
+                    false => HostTensor::f32(&t.dims, v),
+                };
+                (t.name, h)
+            })
+            .collect();
+        let path = d.join(name);
+        io::write_with_metadata(&path, &tensors, io::network_metadata(cfg)).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let mut conv = NetConfig::cifar(8, UnitKind::Original, false, 10).unwrap();
+    resnet_wgpu::arch::Variant::of(&NetConfig { shortcut: resnet_wgpu::arch::ShortcutOption::C, ..conv.clone() })
+        .apply(&mut conv);
+    let conv = file("conv.safetensors", &conv);
+    let bottleneck = file("bn.safetensors", &NetConfig::cifar(11, UnitKind::PreAct, true, 10).unwrap());
+    let original = file("o14.safetensors", &NetConfig::cifar(14, UnitKind::Original, false, 10).unwrap());
+    let eval = |w: &str, extra: &[&str]| {
+        tool(&[&["eval", "--test-size", "8", "--batch", "8", "--weights", w], extra].concat())
+    };
+
+    // Given options that contradict the file are refused, not replaced by the file's.
+    for extra in [&["--unit", "original"][..], &["--shortcut", "a"], &["--kind", "original"]] {
+        let (ok, text) = eval(&conv, extra);
+        assert!(!ok && text.contains("weights of conv units, not original"), "{extra:?}: {text}");
+        assert!(!text.contains("adapter:"), "refused before the adapter opens: {text}");
+    }
+    let (ok, text) = eval(&conv, &["--unit", "conv", "--shortcut", "c"]);
+    assert!(ok && text.contains("network: conv ResNet-8 from"), "{text}");
+    let (ok, text) = tool(&["train", "--depth", "8", "--unit", "conv", "--shortcut", "a"]);
+    assert!(!ok && text.contains("shortcut c): not with --shortcut a"), "{text}");
+    // A bottleneck file's own depth, given, is its depth with bottleneck units.
+    let (ok, text) = eval(&bottleneck, &["--depth", "11"]);
+    assert!(ok && text.contains("network: preact ResNet-11 from"), "{text}");
+    // analyze takes the options not given from the file as the other commands do.
+    let out = d.join("analyze");
+    for extra in [&["--depths", "14"][..], &["--classes", "10"], &["--kinds", "original"]] {
+        let a = ["analyze", "--batch", "2", "--out", out.to_str().unwrap(), "--weights", &original];
+        let (ok, text) = tool(&[&a[..], extra].concat());
+        assert!(ok && text.contains("ResNet-14 original from"), "{extra:?}: {text}");
+    }
+}

@@ -43,7 +43,7 @@ impl From<Kind> for UnitKind {
     }
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum ShortcutArg {
     /// Parameter-free: subsample, zero-pad the channels.
     A,
@@ -85,23 +85,39 @@ struct NetArgs {
 impl NetArgs {
     /// The network these options give, each option not given taken from `file` (the network a
     /// weights file or checkpoint names) where there is one, else its default. A file's
-    /// bottleneck units are taken only with its depth.
+    /// bottleneck units are taken only with its depth. The conv variant is the 1x1 shortcut on
+    /// every unit (shortcut c): a file's is taken with its variant, not with its shortcut alone,
+    /// and a variant given as conv with a shortcut given as a or b is refused.
     fn config_over(&self, file: Option<&NetConfig>) -> Result<NetConfig> {
         let depth = self.depth.or(file.map(NetConfig::depth)).unwrap_or(20);
-        let bottleneck = self.bottleneck || (self.depth.is_none() && file.is_some_and(|f| f.bottleneck));
+        let file_bottleneck = file.is_some_and(|f| f.bottleneck && f.depth() == depth);
+        let bottleneck = self.bottleneck || file_bottleneck;
         let classes = self.classes.or(file.map(|f| f.classes)).unwrap_or(10);
         let mut c = NetConfig::cifar(depth, UnitKind::PreAct, bottleneck, classes)?;
-        c.shortcut = match self.shortcut {
-            Some(ShortcutArg::A) => ShortcutOption::A,
-            Some(ShortcutArg::B) => ShortcutOption::B,
-            Some(ShortcutArg::C) => ShortcutOption::C,
-            None => file.map_or(ShortcutOption::B, |f| f.shortcut),
-        };
-        let variant = match (self.unit, self.kind, file) {
+        let given = self.unit.is_some() || self.kind.is_some();
+        let mut variant = match (self.unit, self.kind, file) {
             (Some(v), _, _) => v,
             (None, Some(k), _) => Variant::of(&NetConfig { kind: k.into(), ..placeholder() }),
             (None, None, Some(f)) => Variant::of(f),
             (None, None, None) => Variant::of(&placeholder()),
+        };
+        c.shortcut = match (self.shortcut, file) {
+            (Some(ShortcutArg::C), _) => ShortcutOption::C,
+            (Some(s), _) if variant.conv_shortcut && given => {
+                let s = if s == ShortcutArg::A { "a" } else { "b" };
+                return Err(Error::Invalid(format!(
+                    "--unit {variant} has a 1x1 convolution on every shortcut (shortcut c): not with --shortcut {s}"
+                )));
+            }
+            (Some(s), _) => {
+                // The file's conv variant is its shortcut: the one given replaces it.
+                variant.conv_shortcut = false;
+                if s == ShortcutArg::A { ShortcutOption::A } else { ShortcutOption::B }
+            }
+            // A conv file's shortcut c comes with its variant, not under another one given.
+            (None, Some(f)) if f.shortcut == ShortcutOption::C && given => ShortcutOption::B,
+            (None, Some(f)) => f.shortcut,
+            (None, None) => ShortcutOption::B,
         };
         variant.apply(&mut c);
         c.validate()?;
@@ -378,12 +394,22 @@ fn main() -> ExitCode {
             rows,
             out,
         }) => {
-            // With --weights and no network asked for, the one the file names.
-            let asked =
-                !depths.is_empty() || !kinds.is_empty() || !variants.is_empty() || bottleneck || classes.is_some();
+            // With --weights of ours, one network: the file's, each option not given taken from
+            // it (as the other commands take theirs).
+            let one = depths.len() <= 1 && kinds.len() <= 1 && variants.len() <= 1;
             let networks = match weights.as_deref().and_then(named_network) {
-                Some(f) if !asked => {
-                    Ok(vec![Network { label: format!("ResNet-{} {}", f.depth(), Variant::of(&f)), config: f }])
+                Some(f) if one => {
+                    let args = NetArgs {
+                        depth: depths.first().copied(),
+                        kind: kinds.first().copied(),
+                        unit: variants.first().copied(),
+                        bottleneck,
+                        shortcut: None,
+                        classes,
+                    };
+                    args.config_over(Some(&f)).map(|c| {
+                        vec![Network { label: format!("ResNet-{} {}", c.depth(), Variant::of(&c)), config: c }]
+                    })
                 }
                 _ => {
                     let depths = if depths.is_empty() { vec![110, 1001] } else { depths };
@@ -498,14 +524,19 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     Ok(())
 }
 
-/// `path` as a checkpoint, read before the adapter opens (so that a missing or broken file is
-/// named first); `None` for a weights file (its header names no epochs done), which
-/// [`load_weights`] reads.
-fn read_checkpoint(path: &std::path::Path) -> Result<Option<train::Checkpoint>> {
-    match io::read_header(path)?.tensors.iter().any(|t| t == train::EPOCHS_DONE) {
-        true => train::Checkpoint::read(path).map(Some),
-        false => Ok(None),
+/// `path` as a checkpoint, read before the adapter opens (so that a missing or broken file, or
+/// one of another network than `config`, is named first); `None` for a weights file (its header
+/// names no epochs done), which [`load_weights`] reads.
+fn read_checkpoint(path: &std::path::Path, config: &NetConfig) -> Result<Option<train::Checkpoint>> {
+    let header = io::read_header(path)?;
+    if !header.tensors.iter().any(|t| t == train::EPOCHS_DONE) {
+        let named = |key: &str| header.metadata.get(key).map(String::as_str);
+        io::check_network(config, named("variant"), named("network"), path, "weights")?;
+        return Ok(None);
     }
+    let c = train::Checkpoint::read(path)?;
+    c.check_network(config)?;
+    Ok(Some(c))
 }
 
 /// The network of `config` from `path`: the checkpoint [`read_checkpoint`] read, else the
@@ -535,10 +566,7 @@ fn eval_cmd(
         return Err(Error::Invalid("--batch must be positive".into()));
     }
     // A checkpoint knows its run's seed, and so which generated images it was tested on.
-    let checkpoint = read_checkpoint(weights)?;
-    if let Some(c) = &checkpoint {
-        c.check_network(&config)?;
-    }
+    let checkpoint = read_checkpoint(weights, &config)?;
     let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
     // Only the split scored is generated (one image of the other).
     let sizes = match split {
@@ -617,10 +645,7 @@ fn analyze_cmd(
             )));
         }
         Some(w) => {
-            let checkpoint = read_checkpoint(w)?;
-            if let Some(c) = &checkpoint {
-                c.check_network(&networks[0].config)?;
-            }
+            let checkpoint = read_checkpoint(w, &networks[0].config)?;
             Some((w, checkpoint))
         }
         None => None,
