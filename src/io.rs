@@ -78,6 +78,7 @@ pub fn read(path: &Path) -> Result<HashMap<String, HostTensor>> {
 }
 
 /// What a safetensors file's header says, read without its data ([`read_header`]).
+#[derive(Clone, Debug)]
 pub struct Header {
     /// The string metadata (`__metadata__`; empty where it has none).
     pub metadata: HashMap<String, String>,
@@ -91,15 +92,20 @@ pub fn read_header(path: &Path) -> Result<Header> {
     use std::io::Read;
     let bad = |m: String| fmt_err(path, format!("not a safetensors file: {m}"));
     let mut file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
+    // A file too short is not one; a read that fails (a folder, a device error) is an I/O error.
+    let read = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::UnexpectedEof => bad(e.to_string()),
+        _ => io_err(path, e),
+    };
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+    file.read_exact(&mut len).map_err(read)?;
     let n = u64::from_le_bytes(len);
     // safetensors' own bound on a header.
     if n > 100_000_000 {
         return Err(bad(format!("a header of {n} bytes")));
     }
     let mut json = vec![0u8; n as usize];
-    file.read_exact(&mut json).map_err(|e| bad(e.to_string()))?;
+    file.read_exact(&mut json).map_err(read)?;
     let entries: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&json).map_err(|e| bad(e.to_string()))?;
     let mut header = Header { metadata: HashMap::new(), tensors: Vec::new() };

@@ -163,6 +163,9 @@ fn mismatched_files_are_refused_naming_the_first_mismatch() {
     assert!(matches!(io::read_header(&junk), Err(Error::Format { .. })), "a header cut short");
     assert!(matches!(io::read_header(&junk_dir.join("missing.safetensors")), Err(Error::Io { .. })));
     assert!(matches!(io::read(&junk_dir.join("missing.safetensors")), Err(Error::Io { .. })));
+    // A folder opens but does not read: an I/O error, as io::read says, not a format one.
+    assert!(matches!(io::read_header(&junk_dir), Err(Error::Io { .. })), "{:?}", io::read_header(&junk_dir));
+    assert!(matches!(io::read(&junk_dir), Err(Error::Io { .. })));
 }
 
 #[test]
