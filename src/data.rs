@@ -359,7 +359,13 @@ impl CifarKind {
 /// a whole, non-zero number of records (truncated, or another set's records) or a label is out of
 /// range. Any number of records per file is accepted.
 pub fn load_cifar(dir: &Path) -> Result<(Dataset, Dataset)> {
-    let (kind, dir) = detect_cifar(dir)?;
+    load_cifar_of(dir, 10)
+}
+
+/// [`load_cifar`], choosing CIFAR-100 where `dir` holds both sets (as the parent of both
+/// archives' folders) and `classes` is 100.
+pub fn load_cifar_of(dir: &Path, classes: usize) -> Result<(Dataset, Dataset)> {
+    let (kind, dir) = detect_cifar(dir, classes)?;
     let lut = byte_lut(kind.mean, kind.std);
     let mut images = Vec::new();
     let mut labels = Vec::new();
@@ -378,10 +384,11 @@ fn path_string(path: &Path) -> String {
     path.display().to_string()
 }
 
-fn detect_cifar(dir: &Path) -> Result<(CifarKind, PathBuf)> {
+fn detect_cifar(dir: &Path, classes: usize) -> Result<(CifarKind, PathBuf)> {
     // Surface an unreadable or absent directory as itself.
     std::fs::read_dir(dir).map_err(|source| Error::Io { path: path_string(dir), source })?;
-    for kind in [CIFAR10, CIFAR100] {
+    let order = if classes == CIFAR100.classes { [CIFAR100, CIFAR10] } else { [CIFAR10, CIFAR100] };
+    for kind in order {
         if kind.present_in(dir) {
             return Ok((kind, dir.to_path_buf()));
         }

@@ -453,6 +453,17 @@ impl Checkpoint {
             .collect()
     }
 
+    /// How many training and test images the run generated, where it trained on the embedded
+    /// data ([`crate::data::synthetic`]) and its checkpoint says (`None` for each it does not):
+    /// with its seed, they draw the same images again.
+    pub fn generated_sizes(&self) -> (Option<usize>, Option<usize>) {
+        let count = |key: &str, what: &str| -> Option<usize> {
+            let v = self.run.get(key)?.strip_prefix(crate::data::SYNTHETIC_NAME)?;
+            v.strip_prefix(" (")?.strip_suffix(&format!(" {what} images)"))?.parse().ok()
+        };
+        (count("data", "training"), count("test_data", "test"))
+    }
+
     /// The network of `config` with the checkpoint's weights, BN buffers and momentum; another
     /// network's checkpoint is refused ([`Checkpoint::check_network`]).
     pub fn into_net(self, gpu: &Gpu, config: &crate::arch::NetConfig) -> Result<ResNet> {
@@ -604,7 +615,10 @@ pub fn train(
             write_flow(&opts.out, &history.flow)?;
         }
         let path = opts.out.join("checkpoint.safetensors");
-        write_checkpoint(gpu, net, epoch + 1, opts.seed, run_options(opts, train), &history, &path)?;
+        // The test split's size besides the options: eval scores the same images with it.
+        let mut run = run_options(opts, train);
+        run.push(("test_data", format!("{} ({} test images)", test.name(), test.len())));
+        write_checkpoint(gpu, net, epoch + 1, opts.seed, run, &history, &path)?;
         write_curves(&opts.out, &history.epochs)?;
     }
     Ok(history)

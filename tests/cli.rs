@@ -269,10 +269,14 @@ fn variants_train_and_analyze() {
     let (ok, scored) = eval(&[]);
     assert!(ok && scored.contains("shapes10 test split (16 images, 10 classes)"), "{scored}");
     assert_eq!(test_loss(&scored), test_loss(&text), "{scored}\n{text}");
-    // Without the network's options: the checkpoint names its network.
-    let (ok, unnamed) = tool(&["eval", "--test-size", "16", "--batch", "7", "--weights", ck.to_str().unwrap()]);
+    // Without the network's options or the data's sizes: the checkpoint names its network, and
+    // how many images its run generated.
+    let (ok, unnamed) = tool(&["eval", "--batch", "7", "--weights", ck.to_str().unwrap()]);
     assert!(ok && unnamed.contains("network: preact+gate:-6 ResNet-8 from"), "{unnamed}");
+    assert!(unnamed.contains("test split (16 images"), "{unnamed}");
     assert_eq!(test_loss(&unnamed), test_loss(&text), "{unnamed}");
+    let (ok, scored) = tool(&["eval", "--split", "train", "--batch", "7", "--weights", ck.to_str().unwrap()]);
+    assert!(ok && scored.contains("training split (32 images"), "{scored}");
     let (ok, other) = eval(&["--seed", "0"]);
     assert!(ok && test_loss(&other).is_some() && test_loss(&other) != test_loss(&text), "{other}");
     let (ok, scored) = eval(&["--split", "train"]);

@@ -7,7 +7,8 @@ use std::path::Path;
 
 use resnet_wgpu::Error;
 use resnet_wgpu::data::{
-    self, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Dataset, IMAGE_LEN, PLANE, load_cifar, synthetic,
+    self, CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, Dataset, IMAGE_LEN, PLANE, load_cifar, load_cifar_of,
+    synthetic,
 };
 use resnet_wgpu::rng::Rng;
 
@@ -112,6 +113,13 @@ fn cifar100_uses_the_fine_label() {
     check_image(&train, 1, 1, CIFAR100_MEAN, CIFAR100_STD);
     check_image(&train, 3, 3, CIFAR100_MEAN, CIFAR100_STD);
     check_image(&test, 0, 4, CIFAR100_MEAN, CIFAR100_STD);
+
+    // Beside CIFAR-10's folder: CIFAR-10 unless 100 classes are asked for.
+    write_cifar10(&tmp.join("cifar-10-batches-bin"));
+    assert_eq!(load_cifar(&tmp).unwrap().0.name(), "cifar10");
+    assert_eq!(load_cifar_of(&tmp, 10).unwrap().0.name(), "cifar10");
+    let (train, _) = load_cifar_of(&tmp, 100).unwrap();
+    assert_eq!((train.name(), train.labels()), ("cifar100", &[57, 99, 0, 12][..]));
 }
 
 fn format_error_on(err: Error, file: &str) {

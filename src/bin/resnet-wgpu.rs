@@ -141,27 +141,31 @@ enum Split {
 /// Where the training data comes from.
 #[derive(clap::Args, Clone, Debug)]
 struct DataArgs {
-    /// A folder with CIFAR-10 or CIFAR-100 (with --classes 100) in the official binary format.
+    /// A folder with CIFAR-10 or CIFAR-100 (with --classes 100) in the official binary format,
+    /// or the parent of their archives' folders (--classes picks the set where both are there).
     /// Without it, the embedded generated dataset (10 classes of shapes, 3x32x32).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Training images generated for the embedded dataset.
-    #[arg(long, default_value_t = 10000)]
-    train_size: usize,
-    /// Test images generated for the embedded dataset.
-    #[arg(long, default_value_t = 2000)]
-    test_size: usize,
+    /// Training images generated for the embedded dataset [default: 10000; eval: the
+    /// checkpoint's run's].
+    #[arg(long)]
+    train_size: Option<usize>,
+    /// Test images generated for the embedded dataset [default: 2000; eval: the checkpoint's
+    /// run's].
+    #[arg(long)]
+    test_size: Option<usize>,
 }
 
 impl DataArgs {
-    fn load(&self, seed: u64) -> Result<(data::Dataset, data::Dataset)> {
+    fn load(&self, seed: u64, classes: usize) -> Result<(data::Dataset, data::Dataset)> {
         match &self.data {
-            Some(dir) => data::load_cifar(dir),
+            Some(dir) => data::load_cifar_of(dir, classes),
             None => {
-                if self.train_size == 0 || self.test_size == 0 {
+                let (train, test) = (self.train_size.unwrap_or(10000), self.test_size.unwrap_or(2000));
+                if train == 0 || test == 0 {
                     return Err(Error::Invalid("--train-size and --test-size must be positive".into()));
                 }
-                data::synthetic(self.train_size, self.test_size, seed)
+                data::synthetic(train, test, seed)
             }
         }
     }
@@ -462,7 +466,7 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
             )));
         }
     }
-    let (train_set, test_set) = data.load(opts.seed)?;
+    let (train_set, test_set) = data.load(opts.seed, config.classes)?;
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
     println!(
@@ -568,12 +572,14 @@ fn eval_cmd(
     // A checkpoint knows its run's seed, and so which generated images it was tested on.
     let checkpoint = read_checkpoint(weights, &config)?;
     let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
+    // And how many it generated: the same images only with the same counts.
+    let run_sizes = checkpoint.as_ref().map_or((None, None), train::Checkpoint::generated_sizes);
     // Only the split scored is generated (one image of the other).
     let sizes = match split {
-        Split::Train => DataArgs { test_size: 1, ..data.clone() },
-        Split::Test => DataArgs { train_size: 1, ..data.clone() },
+        Split::Train => DataArgs { train_size: data.train_size.or(run_sizes.0), test_size: Some(1), ..data.clone() },
+        Split::Test => DataArgs { test_size: data.test_size.or(run_sizes.1), train_size: Some(1), ..data.clone() },
     };
-    let (train_set, test_set) = sizes.load(seed)?;
+    let (train_set, test_set) = sizes.load(seed, config.classes)?;
     let (set, name) = match split {
         Split::Train => (&train_set, "training"),
         Split::Test => (&test_set, "test"),
@@ -654,7 +660,7 @@ fn analyze_cmd(
     // the networks' classes.
     let cifar = match data {
         Some(dir) => {
-            let (_, test) = data::load_cifar(dir)?;
+            let (_, test) = data::load_cifar_of(dir, classes)?;
             if test.len() < batch || test.classes() != classes {
                 return Err(Error::Invalid(format!(
                     "analyze --data {}: {} test images of {} classes, for a batch of {batch} and {classes} classes",
@@ -714,7 +720,7 @@ fn demo() -> Result<()> {
     println!("then the gradient-flow analysis of ResNet-110, pre-activation against original.");
     println!("(`resnet-wgpu --help` lists the commands.)\n");
     let net = NetArgs { depth: Some(8), ..NetArgs::default() };
-    let data = DataArgs { data: None, train_size: 3000, test_size: 1000 };
+    let data = DataArgs { data: None, train_size: Some(3000), test_size: Some(1000) };
     let opts = TrainOptions { epochs: 3, batch: 64, lr: 0.1, out: "runs/demo-train".into(), ..TrainOptions::default() };
     train_cmd(&net, &data, &opts, None)?;
     println!();
