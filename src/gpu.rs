@@ -932,9 +932,10 @@ impl Gpu {
 
     /// A buffer kept for the life of the context under `key` (as [`Gpu::cached`]): the ops'
     /// scratch buffers, made while a pass is recorded. One the device refuses (out of memory)
-    /// is not kept, so a later pass tries again instead of failing on it for good; its
-    /// [`Error::Allocation`], naming `label`, comes back from the next submission, as the
-    /// device's own errors do, and the pass recorded with it does not run.
+    /// or that takes the context past its [`GpuOptions::memory_cap`] is not kept, so a later
+    /// pass tries again instead of failing on it for good; the [`Error::Allocation`]'s text,
+    /// naming `label`, comes back from the next wait or submission as an [`Error::Device`], as
+    /// the device's own errors do, and the submission recorded with it does not run.
     pub fn cached_buffer<K>(&self, key: K, label: &str, size: u64, usage: wgpu::BufferUsages) -> wgpu::Buffer
     where
         K: Hash + Eq + Send + Sync + 'static,
@@ -961,7 +962,7 @@ impl Gpu {
     fn cached_resource<K, T>(&self, key: K, what: &str, make: impl Fn() -> T) -> T
     where
         K: Hash + Eq + Send + Sync + 'static,
-        T: Clone + Send + Sync + 'static,
+        T: Clone + Send + Sync + Destroy + 'static,
     {
         let mut made = None;
         let kept = self.try_cached(key, || {
@@ -973,7 +974,13 @@ impl Gpu {
         });
         kept.unwrap_or_else(|e| {
             self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
-            made.unwrap_or_else(make)
+            let made = made.unwrap_or_else(make);
+            // One past the cap is a valid resource the device would use: destroyed, it frees its
+            // memory and fails the submission that uses it, as a refused one does.
+            if self.past_memory_cap().is_some() {
+                made.destroy();
+            }
+            made
         })
     }
 
@@ -1089,6 +1096,23 @@ impl Gpu {
     fn lost_message(&self) -> Option<String> {
         let why = self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()?;
         Some(format!("the device was {why}; open a new Gpu context"))
+    }
+}
+
+/// A resource [`Gpu::cached_resource`] can free at once.
+trait Destroy {
+    fn destroy(&self);
+}
+
+impl Destroy for wgpu::Buffer {
+    fn destroy(&self) {
+        wgpu::Buffer::destroy(self)
+    }
+}
+
+impl Destroy for wgpu::Texture {
+    fn destroy(&self) {
+        wgpu::Texture::destroy(self)
     }
 }
 

@@ -309,7 +309,21 @@ fn buffers_past_the_memory_cap_are_refused() {
     drop(first);
     g.wait().unwrap();
     let _third = Tensor::zeros(&g, &five_mib).unwrap();
+    // A scratch buffer past the cap is not kept either, and the submission that uses it does
+    // not run: the values copied from it never arrive.
+    let kept = Tensor::new(&g, &[4], &[1.0, 2.0, 3.0, 4.0]).unwrap();
+    let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let scratch = g.cached_buffer("a cap test key", "a scratch past the cap", 5 << 20, usage);
+    let mut rec = g.recorder("past the cap");
+    rec.encoder().clear_buffer(&scratch, 0, None);
+    rec.encoder().copy_buffer_to_buffer(&scratch, 0, &kept.buffer, 0, 16);
+    match g.submit([rec.finish()]) {
+        Err(Error::Device(m)) => assert!(m.contains("allocating a scratch past the cap failed"), "{m}"),
+        other => panic!("expected the refusal from the submission, got {other:?}"),
+    }
+    assert_eq!(kept.read(&g).unwrap(), [1.0, 2.0, 3.0, 4.0], "the submission ran");
     drop(second);
+    assert_eq!(g.cached_buffer("a cap test key", "a scratch", 16, usage).size(), 16, "the refused one was kept");
 
     // The default: on a CPU adapter, part of the host's memory (Linux reports it); elsewhere none.
     let d = gpu();
