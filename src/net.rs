@@ -808,6 +808,19 @@ impl ResNet {
                 )));
             }
         }
+        // A training pass's batch norm needs 2 values per channel or more; the last stage's see
+        // the fewest. Refused here, not at that stage, after the earlier ones ran (on GPUs a
+        // stream submits as it goes) and moved their running statistics.
+        if labels.is_some() {
+            let x0 = [d[0], self.config.stem_channels(), d[2], d[3]];
+            let last = self.units.iter().fold(x0, |x, u| u.out_dims(x));
+            if last[0] * last[2] * last[3] == 1 {
+                return Err(Error::Invalid(format!(
+                    "a training pass over images {d:?}: the last stage's batch norm would see 1 value per \
+                     channel ({last:?}); give more or larger images"
+                )));
+            }
+        }
         // The arguments are good: from here the pass writes. An inference pass (no labels)
         // leaves the parameters' gradients as they were.
         self.done = Done { grads: self.done.grads && labels.is_none(), ..Done::default() };

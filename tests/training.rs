@@ -329,7 +329,23 @@ fn the_finite_check_names_the_first_bad_unit_and_writes_no_checkpoint() {
             false => fine.train_step(g, &images, &labels, bad),
         };
         assert!(matches!(got, Err(resnet_wgpu::Error::Invalid(_))), "checked {checked}: {got:?}");
-        assert_eq!(fine.state(g).unwrap(), before, "checked {checked}: the refused step changed the network");
+        assert!(fine.state(g).unwrap() == before, "checked {checked}: the refused step changed the network");
+    }
+    // So is a batch whose last stage's batch norm would see one value per channel (one 4x4
+    // image: 1x1 after two strides), before its first stages run.
+    let one = resnet_wgpu::Tensor::new(g, &[1, 3, 4, 4], &[0.5; 48]).unwrap();
+    let label = resnet_wgpu::ops::pool_fc_loss::upload_labels(g, &[1], 10).unwrap();
+    let fair = resnet_wgpu::net::Sgd::default();
+    for checked in [false, true] {
+        let got = match checked {
+            true => fine.train_step_checked(g, &one, &label, fair),
+            false => fine.train_step(g, &one, &label, fair),
+        };
+        match got {
+            Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains("1 value per channel"), "{m}"),
+            other => panic!("checked {checked}: {other:?}"),
+        }
+        assert!(fine.state(g).unwrap() == before, "checked {checked}: the refused step changed the network");
     }
 }
 
