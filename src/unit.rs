@@ -530,6 +530,46 @@ impl Unit {
         Ok(Kept { tensors, general: None })
     }
 
+    /// How many tensors the fused path keeps ([`Unit::allocate`]): pre-activation `in_{i+1}`
+    /// for all but the last layer; original `h_i` for every layer, then the projection's
+    /// output.
+    fn kept_count(&self) -> usize {
+        let k = self.convs.len();
+        match self.spec.kind {
+            UnitKind::PreAct => k.saturating_sub(1),
+            _ => k + usize::from(self.spec.shortcut == Shortcut::Projection),
+        }
+    }
+
+    /// `Ok` where `kept` is of the kind and count [`Unit::allocate`] makes for this unit (the
+    /// ops check the shapes): one allocated for another unit is refused, not indexed past.
+    fn check_kept(&self, kept: &Kept) -> Result<()> {
+        let fits = match self.fused() {
+            true => kept.general.is_none() && kept.tensors.len() == self.kept_count(),
+            false => kept.general.is_some(),
+        };
+        match fits {
+            true => Ok(()),
+            false => {
+                Err(Error::Invalid(format!("{}: the kept tensors were not allocated for this unit", self.spec.name)))
+            }
+        }
+    }
+
+    /// `Ok` where `kept` is of the count [`Unit::allocate_f16`] makes for this unit.
+    fn check_half_kept(&self, kept: &HalfKept) -> Result<()> {
+        let k = self.convs.len();
+        let first = usize::from(self.spec.kind == UnitKind::Original);
+        let grads = if self.spec.kind == UnitKind::PreAct { k.saturating_sub(1) } else { self.kept_count() };
+        let counts = (kept.tensors.len(), kept.da.len(), kept.grads.len());
+        match counts == (self.kept_count(), k.saturating_sub(first), grads) {
+            true => Ok(()),
+            false => {
+                Err(Error::Invalid(format!("{}: the kept halves were not allocated for this unit", self.spec.name)))
+            }
+        }
+    }
+
     /// Records `y = x_{l+1}` from `x = x_l`.
     pub fn forward(
         &self,
@@ -562,6 +602,7 @@ impl Unit {
         ws: &Workspace,
         chain: Chain,
     ) -> Result<()> {
+        self.check_kept(kept)?;
         let linked = chain.input_stats || chain.next_bn.is_some();
         if linked && !(self.chains() && mode == Mode::Train) {
             return Err(Error::Invalid(format!(
@@ -590,6 +631,7 @@ impl Unit {
         kept: &Kept,
         ws: &Workspace,
     ) -> Result<()> {
+        self.check_kept(kept)?;
         let identity = self.spec.shortcut == Shortcut::Identity;
         if identity != std::ptr::eq(g_in, g_out) {
             return Err(Error::Invalid(format!(
@@ -608,6 +650,7 @@ impl Unit {
     /// kept (for the analysis; independent of the stream buffers, so `x_{l+1} = h(x_l) + F`
     /// can be checked): pre-activation `F = conv_k(ReLU(BN_k(in_k)))`, original `F = BN_k(h_k)`.
     pub fn branch(&self, rec: &mut Recorder, kept: &Kept, out: &Tensor) -> Result<()> {
+        self.check_kept(kept)?;
         let k = self.convs.len();
         if let Some(gk) = &kept.general {
             return residual::copy(rec, &gk.layer_out[k - 1], out);
@@ -1153,6 +1196,7 @@ impl Unit {
     /// [`Unit::forward`] does.
     pub fn forward_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
         self.check_half()?;
+        self.check_half_kept(kept)?;
         let out = self.out_dims(x.nchw(format_args!("{} forward_f16: x", self.spec.name))?);
         if y.dims() != out || x.buffer == y.buffer {
             return Err(Error::Shape(format!(
@@ -1180,6 +1224,7 @@ impl Unit {
         kept: &HalfKept,
     ) -> Result<()> {
         self.check_half()?;
+        self.check_half_kept(kept)?;
         let identity = self.spec.shortcut == Shortcut::Identity;
         if identity != std::ptr::eq(g_in, g_out) {
             return Err(Error::Invalid(format!(

@@ -229,3 +229,29 @@ fn f16_path_refuses_other_units() {
         assert!(matches!(err, resnet_wgpu::Error::Invalid(_)), "{err}");
     }
 }
+
+/// A unit's halves are made by [`Unit::allocate_f16`] for that unit: a pre-activation unit's
+/// given to an original one (one tensor fewer) is refused, not indexed past.
+#[test]
+fn f16_kept_halves_of_another_unit_are_refused() {
+    let g = gpu();
+    let unit = |kind| {
+        let cfg = config(kind, false, ShortcutOption::B);
+        let spec = cfg.units().into_iter().find(|s| s.name == "layer1.1").expect("layer1.1");
+        (Unit::from_state(g, &spec, &random_state(&cfg, 4)).unwrap(), spec)
+    };
+    let ((pre, spec), (orig, _)) = (unit(UnitKind::PreAct), unit(UnitKind::Original));
+    let xd = [2, spec.c_in, 4, 4];
+    let mut ws = Workspace::default();
+    let kept = pre.allocate_f16(g, xd, &mut ws).unwrap();
+    orig.allocate_f16(g, xd, &mut ws).unwrap();
+    let h = |v: f32| HalfTensor::from_f32(g, &xd, &vec![v; xd.iter().product()]).unwrap();
+    let (x, y, dy) = (h(0.5), h(f32::NAN), h(0.25));
+    let mut rec = g.recorder("f16 kept");
+    for r in [orig.forward_f16(&mut rec, &x, &y, &kept), orig.backward_f16(&mut rec, &x, &y, &dy, &dy, &kept)] {
+        match r {
+            Err(resnet_wgpu::Error::Invalid(m)) => assert!(m.contains("not allocated for this unit"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -245,3 +245,36 @@ fn a_chain_is_refused_where_it_cannot_be_honoured() {
         }
     }
 }
+
+/// What a unit keeps is made by [`Unit::allocate`] for that unit: one made for another (here:
+/// none kept at all) is refused with a typed error, on every path, not indexed past.
+#[test]
+fn kept_tensors_of_another_unit_are_refused() {
+    use resnet_wgpu::unit::Kept;
+    let g = gpu();
+    for (i, (cfg, spec)) in variants().into_iter().enumerate() {
+        let unit = Unit::from_state(g, &spec, &random_state(&cfg, i as u64)).unwrap();
+        let xd = [2, spec.c_in, 4, 4];
+        let ws = {
+            let mut ws = Workspace::default();
+            unit.allocate(g, xd, &mut ws).unwrap();
+            ws
+        };
+        let none = Kept { tensors: Vec::new(), general: None };
+        let (tx, ty) = (upload(&xd, &Rng::new(5).data(32 * spec.c_in)), poisoned(&unit.out_dims(xd)));
+        let tg = poisoned(&unit.out_dims(xd));
+        let g_in = poisoned(&xd);
+        let g_in = if spec.shortcut == Shortcut::Identity { &tg } else { &g_in };
+        let mut rec = g.recorder("unit kept");
+        let what = format!("{:?} {}", spec.kind, spec.name);
+        let refused = |r: resnet_wgpu::Result<()>, pass: &str| match r {
+            Err(resnet_wgpu::Error::Invalid(m)) => {
+                assert!(m.contains("not allocated for this unit"), "{what} {pass}: {m}")
+            }
+            other => panic!("{what} {pass}: {other:?}"),
+        };
+        refused(unit.forward(&mut rec, Mode::Train, &tx, &ty, &none, &ws), "forward");
+        refused(unit.backward(&mut rec, &tx, &ty, &tg, g_in, &none, &ws), "backward");
+        refused(unit.branch(&mut rec, &none, &ty), "branch");
+    }
+}
