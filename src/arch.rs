@@ -93,6 +93,10 @@ pub enum Combine {
     ShortcutGate { bias: f32 },
     /// Dropout on the shortcut: in training `y = m * h(x) / (1 - rate) + F(x)` with a seeded
     /// Bernoulli mask `m` (keep probability `1 - rate`); in inference `y = h(x) + F(x)`.
+    /// This is inverted dropout, as Torch's and PyTorch's layers do it by default: the kept
+    /// shortcut is scaled up, so its expected value is `h(x)`. The paper's explanation of its
+    /// failure (a scale "with an expectation of 0.5" on the shortcut, as constant scaling by
+    /// 0.5) reads as dropout without that rescaling; that variant is not offered.
     Dropout { rate: f32 },
 }
 
