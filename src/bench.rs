@@ -56,11 +56,14 @@ pub const IMAGENET_32: [[usize; 4]; 4] = [[32, 64, 56, 56], [32, 128, 28, 28], [
 /// CIFAR stages at batch 32: the quick default on a software (CPU) adapter.
 pub const CIFAR_32: [[usize; 4]; 3] = [[32, 16, 32, 32], [32, 32, 16, 16], [32, 64, 8, 8]];
 
-/// Activation-sized tensors moved by the training BN forward: `stats` reads `x` twice (mean,
-/// then variance), `normalize` reads `x` and writes `y`.
-pub const BN_FORWARD_PASSES: u64 = 4;
-/// The statistics alone (`stats_train`, what the fused units run): `x` read twice.
-pub const BN_STATS_PASSES: u64 = 2;
+/// Activation-sized tensors the training BN forward must move: its statistics read `x` once
+/// (the wide and vec4 kernels keep a run in registers for the variance), `normalize` reads `x`
+/// and writes `y`. A kernel that moves more (the scalar statistics kernel reads `x` twice, the
+/// texture path copies it first) shows as a lower rate. Before 2026-12-07 this counted 4.
+pub const BN_FORWARD_PASSES: u64 = 3;
+/// The statistics alone (`stats_train`, what the fused units run): `x` read once (2 before
+/// 2026-12-07).
+pub const BN_STATS_PASSES: u64 = 1;
 /// Likewise for the BN backward: `backward_partial` reads `x` and `dy`, `backward_apply` reads
 /// `x` and `dy` and writes `dx`.
 pub const BN_BACKWARD_PASSES: u64 = 5;
@@ -1473,6 +1476,9 @@ mod tests {
         let conv = 2.0 * (2 * 2 * 9 * 12) as f64;
         assert_eq!(Item::ConvForward.flops(d), Some(conv));
         assert_eq!(Item::Unit(UnitKind::PreAct, Pass::ForwardBackward).flops(d), Some(6.0 * conv));
-        assert_eq!(Item::BnForward.bytes(d), Some(4.0 * 24.0 * 4.0));
+        // x read once for the statistics, once more to normalise, y written; 24 f32 elements.
+        assert_eq!(Item::BnForward.bytes(d), Some(3.0 * 24.0 * 4.0));
+        assert_eq!(Item::BnStatistics.bytes(d), Some(24.0 * 4.0));
+        assert_eq!(Item::BnBackward.bytes(d), Some(5.0 * 24.0 * 4.0));
     }
 }
