@@ -95,22 +95,25 @@ pub fn table(m: &Measured, rows: usize) -> String {
     s
 }
 
-/// Writes every unit of every variant as CSV rows.
+/// Writes every stream index `l = 0..=L` of every variant as CSV rows: `||x_l||`, the branch
+/// `||F(x_l)||` of the unit it feeds (empty at `L`, which feeds none), `||dE/dx_l||` and its
+/// ratio to `||dE/dx_L||`.
 pub fn write_csv(path: &Path, ms: &[Measured]) -> Result<()> {
     let mut rows = Vec::new();
     for m in ms {
+        let last = m.probes.norms.len().saturating_sub(1);
         for (l, (v, r)) in m.probes.norms.iter().zip(m.ratios()).enumerate() {
             rows.push(vec![
                 m.network.label.clone(),
                 l.to_string(),
                 format!("{:e}", v[0]),
-                format!("{:e}", v[1]),
+                if l < last { format!("{:e}", v[1]) } else { String::new() },
                 format!("{:e}", v[2]),
                 format!("{r:e}"),
             ]);
         }
     }
-    report::write_csv(path, &["variant", "unit", "x_norm", "branch_norm", "grad_norm", "grad_ratio_to_last"], &rows)
+    report::write_csv(path, &["variant", "l", "x_norm", "branch_norm", "grad_norm", "grad_ratio_to_last"], &rows)
 }
 
 /// The gradient norms against the unit index (as a fraction of the depth, so networks of

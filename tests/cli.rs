@@ -329,6 +329,10 @@ fn variants_train_and_analyze() {
     }
     let csv = std::fs::read_to_string(a.join("analysis.csv")).unwrap();
     assert_eq!(csv.lines().count(), 1 + 3 * 4, "{csv}");
+    // A row per stream index l = 0..=3; x_3 feeds no unit, so it has no branch norm.
+    assert!(csv.starts_with("variant,l,x_norm,branch_norm,"), "{csv}");
+    let last = csv.lines().nth(4).unwrap_or_default();
+    assert!(last.starts_with("ResNet-8 scale:0.5:1,3,") && last.split(',').nth(3) == Some(""), "{csv}");
 }
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {
