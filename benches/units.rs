@@ -14,9 +14,9 @@
 //!
 //! `--peers` runs both peers from their default places (`~/burn-unit/target/release/burn-unit`,
 //! `../shared/peers/torch_unit.py`), those that are there; `--burn` or `--torch` naming no file
-//! is an error. The same settings as environment variables: `BENCH_QUICK=1`, `BENCH_FULL=1`,
-//! `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`, `BENCH_ONLY`, `BENCH_SKIP`,
-//! `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
+//! is an error. The same settings as environment variables: `BENCH_QUICK=1`, `BENCH_FULL=1`
+//! (`0` or `off` for the other), `BENCH_REPS`, `BENCH_WARMUP`, `BENCH_SHAPES="N,C,H,W N,C,H,W"`,
+//! `BENCH_ONLY`, `BENCH_SKIP`, `BENCH_BURN`, `BENCH_TORCH`, `BENCH_JSON`; arguments win.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,6 +38,16 @@ fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
+/// A switch variable: `1`/`on`/`true` or `0`/`off`/`false`; anything else is an error.
+fn switch(name: &str) -> Result<Option<bool>> {
+    match env(name).map(|v| v.to_lowercase()).as_deref() {
+        None => Ok(None),
+        Some("1" | "on" | "true") => Ok(Some(true)),
+        Some("0" | "off" | "false") => Ok(Some(false)),
+        Some(v) => Err(Error::Invalid(format!("{name} takes 1 or 0, on or off, got {v:?}"))),
+    }
+}
+
 fn number(flag: &str, v: Option<String>) -> Result<usize> {
     v.as_deref().and_then(|s| s.parse().ok()).ok_or_else(|| Error::Invalid(format!("{flag} needs a number, got {v:?}")))
 }
@@ -46,9 +56,9 @@ fn run() -> Result<()> {
     // `cargo bench` passes `--bench`; everything after `--` comes too.
     let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
 
-    let mut quick = match (env("BENCH_QUICK"), env("BENCH_FULL")) {
-        (Some(_), _) => Some(true),
-        (_, Some(_)) => Some(false),
+    let mut quick = match (switch("BENCH_QUICK")?, switch("BENCH_FULL")?) {
+        (Some(q), _) => Some(q),
+        (_, Some(f)) => Some(!f),
         _ => None,
     };
     let mut reps = env("BENCH_REPS").map(|v| number("BENCH_REPS", Some(v))).transpose()?;

@@ -26,7 +26,7 @@ coop_rc=$?
 echo "test coop exit $coop_rc ($(left) s left)"; summary "$OUT/t_coop.log"
 [ $coop_rc -ne 0 ] && export RESNET_WGPU_COOP=0 && echo "cooperative matrices off for the benchmark"
 
-l=$(left); b=$(( l - 60 )); [ $b -gt 200 ] && b=200
+l=$(left); b=$(( l - 60 )); [ $b -gt 200 ] && b=200; [ $b -lt 30 ] && b=30
 peers=(); [ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
 RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1

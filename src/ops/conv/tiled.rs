@@ -814,7 +814,7 @@ pub(super) fn tuned_shape(op: Op, g: &Geometry) -> String {
 
 /// Whether `RESNET_WGPU_CONV_TUNE_LOG` asks for the tuners' timings on stderr.
 pub(super) fn tune_log() -> bool {
-    std::env::var_os("RESNET_WGPU_CONV_TUNE_LOG").is_some()
+    crate::gpu::env_switch("RESNET_WGPU_CONV_TUNE_LOG").unwrap_or(false)
 }
 
 /// The median ms of each of `n` candidates (`run(k)` records candidate k), `None` for one that
