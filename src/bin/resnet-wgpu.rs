@@ -293,7 +293,7 @@ enum Command {
         /// Bottleneck units for every depth (the paper's ResNet-164 is 9n+2 and 6n+2 both).
         #[arg(long)]
         bottleneck: bool,
-        /// Unit kinds to compare [default: preact,original].
+        /// Unit kinds to compare [default: preact,original, or with --weights the file's].
         #[arg(long, value_delimiter = ',')]
         kinds: Vec<Kind>,
         /// Unit variants to compare instead of --kinds (names as `train --unit` takes them),
@@ -312,7 +312,7 @@ enum Command {
         /// Images in the batch.
         #[arg(long, default_value_t = 8)]
         batch: usize,
-        /// Number of classes [default: 10].
+        /// Number of classes [default: 10, or with --weights the file's].
         #[arg(long)]
         classes: Option<usize>,
         #[arg(long, default_value_t = 0)]
