@@ -288,7 +288,9 @@ pub fn check_network(
 /// missing name or wrong shape is an error naming it; so is a tensor the configuration does not
 /// have (as PyTorch's strict `load_state_dict` refuses one: a deeper network's weights would
 /// otherwise load into a shallower one). Besides the configuration's, a file may hold a
-/// checkpoint's `momentum.<parameter>` and `meta.*` tensors.
+/// checkpoint's `momentum.<parameter>` and `meta.*` tensors. A missing BN
+/// `num_batches_tracked` is 0, as PyTorch's batch norm fills it in for a state dict without
+/// version metadata (a safetensors file's).
 pub fn state_for(
     config: &NetConfig,
     file: &HashMap<String, HostTensor>,
@@ -297,6 +299,10 @@ pub fn state_for(
     let specs = config.tensors();
     let mut out = HashMap::new();
     for spec in &specs {
+        if spec.role == Role::Count && !file.contains_key(&spec.name) {
+            out.insert(spec.name.clone(), vec![0.0]);
+            continue;
+        }
         let t = file.get(&spec.name).ok_or_else(|| {
             fmt_err(path, format!("missing tensor {} {:?} (the configuration is {:?})", spec.name, spec.dims, config))
         })?;
