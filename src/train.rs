@@ -481,7 +481,8 @@ pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) 
 }
 
 /// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,
-/// writing `curves.csv`, `curves.svg` and `checkpoint.safetensors` (with `flow`: `flow.csv`,
+/// writing `curves.csv`, `curves.svg`, `checkpoint.safetensors` and `weights.safetensors` (the
+/// state dict alone, [`io::save_weights`], for PyTorch's strict `load_state_dict`; with `flow`: `flow.csv`,
 /// `flow.svg`) into `opts.out` after every epoch, and returns the run's history. `history` holds
 /// what the epochs already done recorded: empty for a new run, a resumed run's checkpoint's
 /// ([`Checkpoint::history`]); its rows past `start_epoch` are dropped.
@@ -619,6 +620,9 @@ pub fn train(
         let mut run = run_options(opts, train);
         run.push(("test_data", format!("{} ({} test images)", test.name(), test.len())));
         write_checkpoint(gpu, net, epoch + 1, opts.seed, run, &history, &path)?;
+        // The checkpoint also holds momentum and the run's state, which PyTorch's strict
+        // load_state_dict refuses: the weights alone beside it.
+        io::save_weights(net, gpu, &opts.out.join("weights.safetensors"))?;
         write_curves(&opts.out, &history.epochs)?;
     }
     Ok(history)

@@ -165,10 +165,18 @@ fn train_and_analyze_run_on_tiny_settings() {
     // has an identity unit).
     assert!(text.contains("flow    0/1  loss ") && text.contains("flow    1/1  loss "), "{text}");
     assert!(text.contains("stream identity error per stage 0.00e0, -, -"), "{text}");
-    assert!(text.contains("curves.svg, flow.csv, flow.svg and checkpoint"), "{text}");
-    for f in ["curves.csv", "curves.svg", "flow.csv", "flow.svg", "checkpoint.safetensors"] {
+    assert!(text.contains("curves.svg, flow.csv, flow.svg, checkpoint.safetensors and weights"), "{text}");
+    for f in ["curves.csv", "curves.svg", "flow.csv", "flow.svg", "checkpoint.safetensors", "weights.safetensors"] {
         assert!(d.join(f).exists(), "{f}");
     }
+    // weights.safetensors is the state dict alone, every tensor of the network and no other, as
+    // PyTorch's strict load_state_dict takes it.
+    let mut names = io::read_header(&d.join("weights.safetensors")).unwrap().tensors;
+    names.sort();
+    let mut want: Vec<String> =
+        NetConfig::cifar(8, UnitKind::PreAct, false, 10).unwrap().tensors().into_iter().map(|t| t.name).collect();
+    want.sort();
+    assert_eq!(names, want);
     let ckpt = d.join("checkpoint.safetensors");
     let (ok, text) = tool(&[
         "train",

@@ -193,8 +193,14 @@ def compare(a):
     want, got = load_file(a.want), load_file(a.got)
     worst = 0.0
     missing = [k for k in want if k not in got]
+    extra = sorted(k for k in got if k not in want)
+    # The same element order under another shape (a loss of [1] against [], a transposed
+    # weight of the same size) would compare equal flattened: shapes must match first.
+    reshaped = [k for k in sorted(want) if k in got and tuple(want[k].shape) != tuple(got[k].shape)]
+    for k in reshaped:
+        print(f"{k:50s} shape {tuple(got[k].shape)}, PyTorch's {tuple(want[k].shape)}")
     for k in sorted(want):
-        if k not in got:
+        if k not in got or k in reshaped:
             continue
         w, g = want[k].double().flatten(), got[k].double().flatten()
         rel = ((g - w).norm() / w.norm().clamp_min(1e-30)).item()
@@ -202,8 +208,11 @@ def compare(a):
         if math.isnan(rel) or rel > worst:
             worst = rel
         print(f"{k:50s} rel L2 {rel:.2e}  max abs {(g - w).abs().max().item():.2e}")
-    print(f"{len(want) - len(missing)} tensors compared, worst rel L2 {worst:.2e}; missing: {missing}")
-    sys.exit(0 if worst <= a.tol and not missing else 1)  # NaN <= tol is false
+    compared = len(want) - len(missing) - len(reshaped)
+    print(f"{compared} tensors compared, worst rel L2 {worst:.2e}; missing: {missing}; "
+          f"of another shape: {reshaped}; not PyTorch's: {extra}")
+    ok = worst <= a.tol and not missing and not reshaped and not extra  # NaN <= tol is false
+    sys.exit(0 if ok else 1)
 
 
 def median_ms(step, reps):

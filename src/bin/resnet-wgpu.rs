@@ -524,7 +524,10 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         println!("final test accuracy {:.1}% (chance {:.1}%)", 100.0 * last.test_acc, 100.0 / config.classes as f64);
     }
     let flow = if opts.flow { ", flow.csv, flow.svg" } else { "" };
-    println!("wrote {}/curves.csv, curves.svg{flow} and checkpoint.safetensors", opts.out.display());
+    println!(
+        "wrote {}/curves.csv, curves.svg{flow}, checkpoint.safetensors and weights.safetensors",
+        opts.out.display()
+    );
     Ok(())
 }
 
