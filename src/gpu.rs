@@ -1519,15 +1519,29 @@ pub fn shader_checks(device: wgpu::DeviceType) -> wgpu::ShaderRuntimeChecks {
 }
 
 /// A tune file's key for a context: what the autotuner's timings depend on besides the op and
-/// shape. The crate's version (its kernels), the adapter, its driver, features and limits (as
+/// shape. The crate's version and a hash of the convolution kernels' code (the version alone
+/// stayed 0.1.0 while the kernels changed), the adapter, its driver, features and limits (as
 /// `report` prints them), how the shaders are built, and the binding limit (where tensors are
 /// split).
 fn tune_context(report: &AdapterReport, info: &wgpu::AdapterInfo, tiled_checks: bool, max_binding: u64) -> String {
     let c = shader_checks(report.device_type);
     let checks = [(c.bounds_checks, "bounds"), (c.force_loop_bounding, "loops"), (c.int_div_checks, "division")];
     let checks: Vec<&str> = checks.iter().filter(|c| c.0).map(|c| c.1).collect();
+    // FNV-1a over every tiled and Winograd module's name and source, once a process (about
+    // 0.1 s to generate them).
+    static KERNELS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let hash = *KERNELS.get_or_init(|| {
+        let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+        for (name, source) in crate::ops::conv::module_sources() {
+            for b in name.bytes().chain(source.bytes()) {
+                hash = (hash ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        hash
+    });
     format!(
-        "resnet-wgpu {}; {report}; device {:04x}:{:04x}; shader checks [{}], tiled {}; bindings up to {max_binding} bytes",
+        "resnet-wgpu {} (kernels {hash:016x}); {report}; device {:04x}:{:04x}; shader checks [{}], tiled {}; \
+         bindings up to {max_binding} bytes",
         env!("CARGO_PKG_VERSION"),
         info.vendor,
         info.device,

@@ -144,6 +144,13 @@ fn choices_are_recorded_and_taken_back_without_timing() {
     let after = read_choices(&path);
     assert!(tiles.contains(&after[context][tile_key]), "replaced by a tile: {:?}", after[context][tile_key]);
     assert_eq!(after[&other.0], recorded[&other.0], "the other context's, still");
+
+    // 4. Choices timed on other kernels (another build's hash in the key) are not taken.
+    let (head, rest) = context.split_once("(kernels ").expect("the key names the kernels");
+    let built_otherwise = format!("{head}(kernels {:016x}{}", 0, &rest[16..]);
+    assert_ne!(&built_otherwise, context);
+    write_choices(&path, &BTreeMap::from([(built_otherwise, edited[context].clone())]));
+    assert_eq!(open(&path).tune_file(), Some((path.as_path(), 0)), "another build's choices taken");
 }
 
 #[test]

@@ -737,8 +737,11 @@ pub(super) fn tuned(
     time: impl FnOnce() -> Option<usize>,
 ) -> Option<usize> {
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    // The kernels differ with the tap order (RESNET_WGPU_CONV_TAPS, set_tap_major): a choice
+    // timed with one is not the other's.
+    let decision = if tap_major(gpu) { decision.to_string() } else { format!("{decision} channel-major") };
     let mut timed = false;
-    let chosen = gpu.tuned(decision, &names, || {
+    let chosen = gpu.tuned(&decision, &names, || {
         timed = true;
         time()
     });
