@@ -47,7 +47,8 @@ pub struct GpuOptions {
     pub max_workgroups: Option<u32>,
     /// The bytes this context's buffers and textures may hold together: an allocation past it
     /// is [`Error::Allocation`] (see [`Gpu::allocation_scope`]). `None`: on a CPU adapter,
-    /// [`memory_budget`]'s share of the host's memory, where its buffers live; elsewhere no cap
+    /// [`memory_budget`]'s share of the host's memory (or of the process's cgroup limit, in a
+    /// container), where its buffers live; elsewhere no cap
     /// beyond the driver's budget.
     pub memory_cap: Option<u64>,
 }
@@ -514,11 +515,42 @@ pub fn memory_budget() -> Option<u8> {
     })
 }
 
-/// The host's memory in bytes (Linux: `MemTotal`); `None` where it cannot be read.
+/// The memory this process may use, in bytes (Linux): the host's (`MemTotal`), or less where
+/// its cgroup caps it (a container's memory limit, which `/proc/meminfo` does not show); `None`
+/// where it cannot be read.
 fn host_memory() -> Option<u64> {
-    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let kib = info.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?;
-    kib.trim().parse::<u64>().ok().map(|k| k * 1024)
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    memory_limit(&read("/proc/meminfo")?, &read("/proc/self/cgroup").unwrap_or_default(), read)
+}
+
+/// [`host_memory`] from the text of `/proc/meminfo` and `/proc/self/cgroup`, reading the
+/// cgroup files with `read`: the least of `MemTotal` and every limit on the process's cgroup
+/// and its ancestors (v2 `memory.max`, v1 `memory.limit_in_bytes`; `max` and v1's huge
+/// "unlimited" are no limit).
+fn memory_limit(meminfo: &str, cgroups: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    let kib = meminfo.lines().find_map(|l| l.strip_prefix("MemTotal:"))?.trim().strip_suffix("kB")?;
+    let total = kib.trim().parse::<u64>().ok()? * 1024;
+    let mut files = Vec::new();
+    for line in cgroups.lines() {
+        // "0::/path" (v2), "N:memory:/path" (v1); the files under each mount, up to its root.
+        let (base, file, path) = match line.split_once(':').map(|(_, rest)| rest) {
+            Some(rest) if rest.starts_with(':') => ("/sys/fs/cgroup", "memory.max", &rest[1..]),
+            Some(rest) if rest.split(':').next().is_some_and(|c| c.split(',').any(|c| c == "memory")) => {
+                ("/sys/fs/cgroup/memory", "memory.limit_in_bytes", rest.split_once(':').map_or("", |r| r.1))
+            }
+            _ => continue,
+        };
+        let mut dir = path.trim_end_matches('/').to_string();
+        loop {
+            files.push(format!("{base}{dir}/{file}"));
+            match dir.rfind('/') {
+                Some(i) => dir.truncate(i),
+                None => break,
+            }
+        }
+    }
+    let limits = files.iter().filter_map(|f| read(f)?.trim().parse::<u64>().ok());
+    Some(limits.fold(total, u64::min))
 }
 
 /// The process's one wgpu instance for `backends`. Contexts share it so that a tensor of one
@@ -700,8 +732,8 @@ impl Gpu {
             (None, true, Some(percent), Some(bytes)) => Some((
                 bytes / 100 * percent as u64,
                 format!(
-                    "{percent}% of the host's memory, where a CPU adapter keeps its buffers: \
-                     RESNET_WGPU_MEMORY_BUDGET"
+                    "{percent}% of the host's memory (or of the process's cgroup limit), where a CPU \
+                     adapter keeps its buffers: RESNET_WGPU_MEMORY_BUDGET"
                 ),
             )),
             _ => None,
@@ -1577,6 +1609,30 @@ fn shader_checks_env() -> Option<&'static str> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn memory_limit_takes_the_least_of_the_host_and_its_cgroups() {
+        let meminfo = "MemTotal:       16384 kB\nMemFree:  1 kB\n";
+        let files = |pairs: &'static [(&'static str, &'static str)]| {
+            move |path: &str| pairs.iter().find(|(p, _)| *p == path).map(|(_, v)| v.to_string())
+        };
+        // No cgroup files: the host's.
+        assert_eq!(memory_limit(meminfo, "0::/\n", files(&[])), Some(16 << 20));
+        // cgroup v2, limited at the container's root, unlimited below.
+        let v2 = files(&[("/sys/fs/cgroup/memory.max", "4194304\n"), ("/sys/fs/cgroup/a/b/memory.max", "max\n")]);
+        assert_eq!(memory_limit(meminfo, "0::/a/b\n", v2), Some(4 << 20));
+        // cgroup v1 (here the memory controller shares a line with another), a limit on the
+        // process's own cgroup; v1's "unlimited" at the root.
+        let v1 = files(&[
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712\n"),
+            ("/sys/fs/cgroup/memory/job/memory.limit_in_bytes", "8388608\n"),
+        ]);
+        assert_eq!(memory_limit(meminfo, "4:cpu,memory:/job\n1:cpu:/x\n0::/\n", v1), Some(8 << 20));
+        // A limit above the host's memory: the host's.
+        let high = files(&[("/sys/fs/cgroup/memory.max", "1099511627776")]);
+        assert_eq!(memory_limit(meminfo, "0::/\n", high), Some(16 << 20));
+        assert_eq!(memory_limit("no total here", "0::/\n", files(&[])), None);
+    }
 
     /// The indices into per-invocation arrays (function-space variables, arguments and loaded
     /// or composed array values) that are not constants in naga's IR (`Access`, where a

@@ -335,8 +335,10 @@ fn buffers_past_the_memory_cap_are_refused() {
                 .find_map(|l| l.strip_prefix("MemTotal:"))
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok());
             let total = total.expect("a CPU adapter's cap comes from /proc/meminfo's MemTotal") * 1024;
-            assert!(bytes > total / 2 && bytes <= total, "cap {bytes} of {total} bytes");
-            assert!(from.contains("of the host's memory"), "{from}");
+            // 95% by default, of less than the host's memory where a cgroup limits the process
+            // (src/gpu.rs's unit test checks that reading).
+            assert!(bytes > 0 && bytes <= total / 100 * 95, "cap {bytes} of {total} bytes");
+            assert!(from.contains("of the host's memory (or of the process's cgroup limit)"), "{from}");
         }
         (wgpu::DeviceType::Cpu, None) if cfg!(target_os = "linux") => panic!("no cap on a CPU adapter on Linux"),
         (wgpu::DeviceType::Cpu, None) => {} // the host's memory is read on Linux only
