@@ -800,13 +800,13 @@ impl ResNet {
             gpu.check_owns("the labels", l.context())?;
         }
         let d = self.check_images(images)?;
-        if let Some(l) = labels {
-            if l.len != d[0] || l.classes != self.config.classes {
-                return Err(Error::Shape(format!(
-                    "{} labels of {} classes for {} images and {} classes",
-                    l.len, l.classes, d[0], self.config.classes
-                )));
-            }
+        if let Some(l) = labels
+            && (l.len != d[0] || l.classes != self.config.classes)
+        {
+            return Err(Error::Shape(format!(
+                "{} labels of {} classes for {} images and {} classes",
+                l.len, l.classes, d[0], self.config.classes
+            )));
         }
         // A training pass's batch norm needs 2 values per channel or more; the last stage's see
         // the fewest. Refused here, not at that stage, after the earlier ones ran (on GPUs a

@@ -14,11 +14,16 @@
 //! }
 //! ```
 //!
-//! A context's key names what its timings depend on: the crate's version, the adapter, its
-//! driver, the features in use and how the shaders are built. Contexts that differ in any of
+//! A context's key names what its timings depend on: the crate's version and its kernels' code,
+//! the adapter, its driver, the features in use and how the shaders are built. Contexts that differ in any of
 //! them (another card, `RESNET_WGPU_SHADER_CHECKS=none`) keep choices of their own in the same
 //! file. A recorded name the tuner no longer offers is timed again and replaced; other
-//! contexts' entries are kept as they are.
+//! contexts' entries are kept as they are. An empty file is a tune file with no choices yet.
+//!
+//! Processes sharing a file take turns: each read-merge-write holds an advisory lock on
+//! `<file>.lock` beside it (where the file system has such locks), so no process's choices are
+//! lost to another's write, and each write goes through a temporary file of its own, synced,
+//! then renamed over the file.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -30,10 +35,18 @@ use crate::error::{Error, Result};
 /// Every context's choices: context key -> decision -> chosen candidate's name.
 type Choices = BTreeMap<String, BTreeMap<String, String>>;
 
-/// One read-and-write of a tune file at a time in this process (contexts may share a file).
-fn writing() -> std::sync::MutexGuard<'static, ()> {
+/// One read-and-write of a tune file at a time: in this process (contexts may share a file),
+/// and between processes through an advisory lock on `<path>.lock`, held until both are
+/// dropped. Where the lock cannot be had (a file system without locks), only this process's
+/// turn is kept: between processes the last write then wins, and a choice lost so is timed
+/// again later.
+fn writing(path: &Path) -> (std::sync::MutexGuard<'static, ()>, Option<std::fs::File>) {
     static WRITING: Mutex<()> = Mutex::new(());
-    WRITING.lock().unwrap_or_else(|e| e.into_inner())
+    let turn = WRITING.lock().unwrap_or_else(|e| e.into_inner());
+    let mut lock = path.as_os_str().to_owned();
+    lock.push(".lock");
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(lock).ok();
+    (turn, file.filter(|f| f.lock().is_ok()))
 }
 
 /// A tune file opened for one context.
@@ -50,7 +63,7 @@ impl TuneFile {
     /// Reads `path`'s choices for `context`, or (no file there) creates it empty, so that a path
     /// that cannot be written is reported now rather than lost at the first choice.
     pub(crate) fn open(path: &Path, context: String) -> Result<TuneFile> {
-        let _writing = writing();
+        let _writing = writing(path);
         let all = match std::fs::read_to_string(path) {
             Ok(text) => parse(path, &text)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -83,8 +96,7 @@ impl TuneFile {
     /// that a reader never sees half a file. A write that fails is reported on stderr once and
     /// the choice kept in memory: the tuning itself stays valid.
     pub(crate) fn record(&self, decision: &str, choice: &str) {
-        // Between processes the last write wins: a choice lost so is timed again later.
-        let _writing = writing();
+        let _writing = writing(&self.path);
         let mut mine = self.lock();
         mine.insert(decision.to_string(), choice.to_string());
         let on_disk = match std::fs::read_to_string(&self.path) {
@@ -109,19 +121,38 @@ impl TuneFile {
 }
 
 fn parse(path: &Path, text: &str) -> Result<Choices> {
+    // An empty file (made by `touch` or `mktemp`, or left by a crash mid-write on some file
+    // systems) holds no choices yet.
+    if text.trim().is_empty() {
+        return Ok(Choices::new());
+    }
     serde_json::from_str(text).map_err(|e| Error::Format {
         path: path.display().to_string(),
         msg: format!("not a tune file (a JSON object of objects of strings): {e}"),
     })
 }
 
-/// Writes `all` to `path` through a temporary file beside it, renamed over it.
+/// Writes `all` to `path` through a temporary file beside it, of its own (the process id alone
+/// is 1 in every container), synced before it is renamed over `path`.
 fn write(path: &Path, all: &Choices) -> Result<()> {
+    use std::io::Write;
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let io = |source| Error::Io { path: path.display().to_string(), source };
     let text = serde_json::to_string_pretty(all)
         .map_err(|e| Error::Format { path: path.display().to_string(), msg: e.to_string() })?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    std::fs::write(&tmp, text + "\n").map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    tmp.push(format!(".{}-{nanos}-{}.tmp", std::process::id(), WRITES.fetch_add(1, Ordering::Relaxed)));
+    let tmp = PathBuf::from(tmp);
+    let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
+        f.write_all((text + "\n").as_bytes())?;
+        f.sync_all()
+    });
+    match written.and_then(|()| std::fs::rename(&tmp, path)) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(io(e))
+        }
+    }
 }

@@ -180,6 +180,13 @@ fn files_that_cannot_be_used_are_refused() {
     let path = dir.join("new.json");
     drop(Gpu::with_options(&opts(&path)).unwrap_or_else(|e| panic!("{e}")));
     assert_eq!(read_choices(&path), Choices::new());
+    // An empty file (`touch`, `mktemp`): a tune file with no choices yet, not a broken one.
+    for text in ["", "\n"] {
+        let path = dir.join("empty.json");
+        std::fs::write(&path, text).unwrap();
+        let g = Gpu::with_options(&opts(&path)).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+        assert_eq!(g.tune_file(), Some((path.as_path(), 0)));
+    }
 }
 
 /// backward_weight's split of its reduction is tuned among the rule's (8 splits for 2 images of

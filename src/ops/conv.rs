@@ -927,10 +927,12 @@ fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     // it may be timed, and the f16 path on cooperative matrices does not need it. A forced
     // Winograd configuration that fits goes first (F(4x4) may fit where the f32 path's F(2x2)
     // does not).
-    if register_adapter(gpu, kernels(gpu)) && register_layout(g, op) && winograd::forced(gpu, op, g, true).is_none() {
-        if let p @ (Plan::Register { .. } | Plan::RegisterWeight { .. }) = plan_pre(gpu, op, g, pre) {
-            return p;
-        }
+    if register_adapter(gpu, kernels(gpu))
+        && register_layout(g, op)
+        && winograd::forced(gpu, op, g, true).is_none()
+        && let p @ (Plan::Register { .. } | Plan::RegisterWeight { .. }) = plan_pre(gpu, op, g, pre)
+    {
+        return p;
     }
     let f32_tile = || match plan(gpu, op, g) {
         Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
