@@ -75,12 +75,12 @@ impl GpuOptions {
     /// Defaults overridden by `WGPU_BACKEND`, `WGPU_POWER_PREF` and `WGPU_ADAPTER_NAME`, and by
     /// `RESNET_WGPU_COOP=0`, `RESNET_WGPU_SUBGROUPS=0` (or `off`), `RESNET_WGPU_STREAM_CHUNK=N`,
     /// `RESNET_WGPU_MAX_WORKGROUPS=N` and `RESNET_WGPU_TUNE_FILE=<path>`. A value that names
-    /// nothing these take is said on stderr and ignored (an unknown `WGPU_BACKEND` is an error
-    /// when the context opens: wgpu reads it as no backends).
+    /// nothing these take is said on stderr and ignored (a `WGPU_BACKEND` that names no backend
+    /// at all is an error when the context opens).
     pub fn from_env() -> Self {
         let d = GpuOptions::default();
         GpuOptions {
-            backends: wgpu::Backends::from_env().unwrap_or(d.backends),
+            backends: env_backends().unwrap_or(d.backends),
             power: env_choice("WGPU_POWER_PREF", "high, low or none", |v| match v.to_lowercase().as_str() {
                 "high" => Some(wgpu::PowerPreference::HighPerformance),
                 "low" => Some(wgpu::PowerPreference::LowPower),
@@ -111,6 +111,21 @@ pub(crate) fn env_choice<T>(name: &str, takes: &str, parse: impl FnOnce(&str) ->
         eprintln!("{name}={v:?} ignored ({takes})");
     }
     parsed
+}
+
+/// `WGPU_BACKEND` as wgpu reads it (a comma-separated list), empty as unset, and each name it
+/// does not know said on stderr: wgpu drops those silently, so `vulkn,gl` chose a GL adapter.
+fn env_backends() -> Option<wgpu::Backends> {
+    let v = std::env::var("WGPU_BACKEND").ok().filter(|v| !v.trim().is_empty())?;
+    // wgpu-types' Backends::from_comma_list's names.
+    const NAMES: [&str; 11] =
+        ["vulkan", "vk", "dx12", "d3d12", "metal", "mtl", "opengl", "gles", "gl", "webgpu", "noop"];
+    let unknown: Vec<&str> =
+        v.split(',').map(str::trim).filter(|n| !NAMES.contains(&n.to_lowercase().as_str())).collect();
+    if !unknown.is_empty() {
+        eprintln!("WGPU_BACKEND: {} ignored (it takes vulkan, metal, dx12, gl)", unknown.join(", "));
+    }
+    Some(wgpu::Backends::from_comma_list(&v))
 }
 
 /// An on/off environment variable: `1`, `on`, `true` or `0`, `off`, `false`.

@@ -549,6 +549,14 @@ fn a_misspelt_backend_is_named() {
         !out.status.success() && text.contains(want) && !text.contains("GPU driver"),
         "expected {want:?} in {text}"
     );
+    // Beside a name it knows: said, and the known one used (wgpu drops the other silently).
+    let out = command().arg("info").env("WGPU_BACKEND", "vulkna, Vulkan").output().expect("run resnet-wgpu");
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && text.contains("WGPU_BACKEND: vulkna ignored"), "{text}");
+    assert!(text.contains("chosen:") && text.contains("(Vulkan,"), "{text}");
+    // Empty: unset, as the other variables.
+    let out = command().arg("info").env("WGPU_BACKEND", "").output().expect("run resnet-wgpu");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A bad configuration is named before any adapter is opened: also where none opens.
