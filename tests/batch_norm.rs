@@ -314,6 +314,9 @@ fn variant_matches_reference(k: bn::Kernels) {
             let tag = format!("{k:?} {dims:?} {ep:?}");
             let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
             check(&format!("bn train y {tag}"), &rd(&ty), &want.y, F32_TOL);
+            check(&format!("bn train mean {tag}"), &rd(&tmean), &want.mean, F32_TOL);
+            check(&format!("bn train invstd {tag}"), &rd(&tinv), &want.invstd, F32_TOL);
+            check(&format!("bn train running mean {tag}"), &rd(&trm), &want.running_mean, F32_TOL);
             check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
             check(&format!("bn affine_relu {tag}"), &rd(&ta), &rbn::prologue(&x64, dims, &to_f64(&rd(&taff))), F32_TOL);
             check(&format!("bn bwd dx {tag}"), &rd(&tdx), &dx, F32_TOL);
@@ -381,6 +384,10 @@ fn f16_every_variant_matches_reference() {
                 let tag = format!("f16 {k:?} {dims:?} {ep:?}");
                 let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
                 check(&format!("bn train y {tag}"), &ty.read(&g).unwrap(), &want.y, 1e-3);
+                // The statistics are f32, of inputs that are exact halves: f32's bound.
+                check(&format!("bn train mean {tag}"), &rd(&tmean), &want.mean, F32_TOL);
+                check(&format!("bn train invstd {tag}"), &rd(&tinv), &want.invstd, F32_TOL);
+                check(&format!("bn train running mean {tag}"), &rd(&trm), &want.running_mean, F32_TOL);
                 check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
                 let prologue = rbn::prologue(&x64, dims, &to_f64(&rd(&taff)));
                 check(&format!("bn affine_relu {tag}"), &ta.read(&g).unwrap(), &prologue, 1e-3);

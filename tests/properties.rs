@@ -149,7 +149,8 @@ proptest! {
             let z = read(&logits);
             check("fc forward", &z, &r::pool_fc_loss::fc_forward(&to_f64(&vp), &to_f64(&vw), &to_f64(&vb), n, c, k), F32_TOL);
             if let Ok(tl) = tl {
-                let (loss, dz) = (Tensor::zeros(gpu(), &[1]).unwrap(), Tensor::zeros(gpu(), &[n, k]).unwrap());
+                // Poisoned: with one class the loss and its gradient are 0, as zeros would be.
+                let (loss, dz) = (Tensor::filled(gpu(), &[1], f32::NAN).unwrap(), Tensor::filled(gpu(), &[n, k], f32::NAN).unwrap());
                 let mut rec = gpu().recorder("prop xent");
                 head::softmax_xent(&mut rec, &logits, &tl, &loss, &dz).unwrap();
                 // Labels of another batch size are refused.
