@@ -121,13 +121,17 @@ fn gate_kernels_match_the_reference() {
 fn kernels_refuse_bad_operands() {
     let g = gpu();
     let d = [1, 2, 3, 3];
-    let (a, b, c) = (poisoned(&d), poisoned(&d), poisoned(&[1, 2, 3, 4]));
+    let (a, b, c, y) = (poisoned(&d), poisoned(&d), poisoned(&[1, 2, 3, 4]), poisoned(&d));
     let mut rec = g.recorder("bad");
-    // A gated combination without its gate; mismatched sizes; an output aliasing an input.
-    assert!(mix::forward(&mut rec, Combine::ExclusiveGate { bias: 0.0 }, true, 0, &a, &b, None, &a, false).is_err());
-    assert!(mix::forward(&mut rec, Combine::Add, true, 0, &a, &b, None, &c, false).is_err());
-    assert!(mix::forward(&mut rec, Combine::Add, true, 0, &a, &b, None, &a, false).is_err());
-    assert!(mix::forward(&mut rec, Combine::Dropout { rate: 1.0 }, true, 0, &a, &b, None, &c, false).is_err());
+    // One fault a call: a gated combination without its gate; mismatched sizes; an output
+    // aliasing an input; an impossible dropout rate.
+    refused(mix::forward(&mut rec, Combine::ExclusiveGate { bias: 0.0 }, true, 0, &a, &b, None, &y, false), "gate");
+    refused(mix::forward(&mut rec, Combine::Add, true, 0, &a, &b, None, &c, false), "differ in size");
+    refused(mix::forward(&mut rec, Combine::Add, true, 0, &a, &b, None, &a, false), "also another operand");
+    refused(
+        mix::forward(&mut rec, Combine::Dropout { rate: 1.0 }, true, 0, &a, &b, None, &y, false),
+        "impossible shortcut combination",
+    );
     // A bias of the wrong length.
     assert!(gate::bias_sigmoid(&mut rec, &poisoned(&[3]), &a).is_err());
     // The gate's composites check every shape before they record a step: a wrong bias leaves

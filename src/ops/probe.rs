@@ -10,6 +10,10 @@ pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) ->
     if slot >= out.len() {
         return Err(Error::Invalid(format!("sum_squares: slot {slot} past the {} outputs", out.len())));
     }
+    // The reduction reads x while it writes out: one buffer for both would race.
+    if x.buffer == out.buffer {
+        return Err(Error::Invalid("sum_squares: out must be a tensor of its own, not x".into()));
+    }
     split::whole_fits(rec.gpu, "sum_squares", &[out])?;
     if let Some(per) = split::flat_chunk(rec.gpu, "sum_squares", &[x])? {
         // The first chunk's sum goes to out[slot]; each later one is added to it, in order.

@@ -32,6 +32,16 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
 }
 
 /// A NaN-poisoned output tensor: an element the kernel forgets to write fails the comparison.
+/// `Ok` refused as an invalid argument or a bad shape whose message says `why`: not just any
+/// error (a test of one refusal must not pass on another).
+#[track_caller]
+pub fn refused<T: std::fmt::Debug>(r: resnet_wgpu::Result<T>, why: &str) {
+    match r {
+        Err(resnet_wgpu::Error::Invalid(m) | resnet_wgpu::Error::Shape(m)) if m.contains(why) => {}
+        other => panic!("expected a refusal saying {why:?}, got {other:?}"),
+    }
+}
+
 pub fn poisoned(dims: &[usize]) -> Tensor {
     Tensor::filled(gpu(), dims, f32::NAN).expect("poisoned tensor")
 }
