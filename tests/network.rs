@@ -51,10 +51,11 @@ fn compare_pass_on(g: &resnet_wgpu::Gpu, cfg: &NetConfig, dims: [usize; 4], seed
     for (l, s) in net.streams().unwrap().iter().enumerate() {
         check(&format!("{tag} x_{l}"), &s.read(g).unwrap(), &want.streams[l], tol);
     }
-    for (name, v) in net.state(g).unwrap() {
-        if let Some(w) = want.buffers.get(&name) {
-            check(&format!("{tag} {name}"), &v, w, tol);
-        }
+    // Every buffer the reference updated, found in the network's state by name.
+    let state: std::collections::HashMap<String, Vec<f32>> = net.state(g).unwrap().into_iter().collect();
+    for (name, w) in &want.buffers {
+        let v = state.get(name).unwrap_or_else(|| panic!("{tag}: {name} not in the network's state"));
+        check(&format!("{tag} {name}"), v, w, tol);
     }
 }
 

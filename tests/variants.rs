@@ -308,9 +308,19 @@ fn variant_networks_match_the_reference() {
             for (l, s) in net.streams().unwrap().iter().enumerate() {
                 check(&format!("{tag} x_{l}"), &s.read(g).unwrap(), &want.streams[l], F32_TOL);
             }
+            // Every running statistic (and count) the reference updated, found by name.
+            let state: std::collections::HashMap<String, Vec<f32>> = net.state(g).unwrap().into_iter().collect();
+            for (name, w) in &want.buffers {
+                let v = state.get(name).unwrap_or_else(|| panic!("{tag}: {name} not in the network's state"));
+                check(&format!("{tag} {name}"), v, w, F32_TOL);
+            }
             // The reference's next step starts from the updated buffers (and count).
             params.extend(want.buffers);
         }
+        // Inference on those running statistics.
+        let x = rng.data(dims.iter().product());
+        let logits = net.predict(g, &Tensor::new(g, &dims, &x).unwrap()).unwrap();
+        check(&format!("{tag} eval logits"), &logits, &rnet::eval_logits(cfg, &params, &to_f64(&x), dims), F32_TOL);
     }
 }
 
