@@ -120,7 +120,8 @@ const F16_NET_FORWARD_TOL: f64 = 5e-3;
 ///   of such ties unit by unit). Tensors of small BN layers moved by up to 0.52 measured.
 const F16_NET_GRAD_TOL: f64 = 1e-1;
 /// - Each gradient tensor: finite and below 0.9 relative L2: an unwritten, zeroed, unscaled or
-///   sign-flipped gradient is 1 or more.
+///   sign-flipped gradient is 1 or more. The head's (`fc.*`), with no ReLU mask between them
+///   and the loss, are held to the forward's 5e-3 (2.0e-3 at worst measured on lavapipe).
 const F16_NET_TENSOR_TOL: f64 = 0.9;
 
 /// One training pass on the f16 network against the reference: loss, logits, every running
@@ -156,7 +157,10 @@ fn compare_f16_pass(cfg: &NetConfig, dims: [usize; 4], seed: u64) {
     grads.extend(net.grads(g).unwrap().into_iter().map(|(n, v)| (n.clone(), v, &want.grads[&n])));
     let (mut all_got, mut all_want) = (Vec::new(), Vec::new());
     for (name, got, want) in grads {
-        check(&format!("{tag} grad.{name}"), &got, want, F16_NET_TENSOR_TOL);
+        // The head's gradients come from the f32 head on the pooled features: no ReLU mask
+        // lies between them and the loss, so they hold the forward's bound.
+        let head = name.starts_with("fc.");
+        check(&format!("{tag} grad.{name}"), &got, want, if head { F16_NET_FORWARD_TOL } else { F16_NET_TENSOR_TOL });
         all_got.extend(got);
         all_want.extend(want);
     }

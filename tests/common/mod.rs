@@ -152,9 +152,10 @@ pub fn check_grad_conditioned(name: &str, got: &[f32], want: &[f64], spread: &[f
         return check_grad(name, got, want);
     }
     let tol = (SPREAD_FACTOR * diff / norm).max(F32_TOL);
-    // A cap (the cases here reach about 3e-5): without one, a badly conditioned case would
+    // A cap, about twice the worst case here (1.4e-4: a batch-1 bottleneck network's first BN
+    // on Winograd; the rest stay under 9e-5): without one, a badly conditioned case would
     // loosen its bound toward 1, where an output of zeros passes. Such a case must change.
-    assert!(tol < 1e-3, "{name}: the reference moves {:.2e} under jiggled inputs", diff / norm);
+    assert!(tol < 3e-4, "{name}: the reference moves {:.2e} under jiggled inputs", diff / norm);
     if tol > F32_TOL {
         eprintln!("{name}: the reference moves {:.2e} under jiggled inputs: bound {tol:.1e}", diff / norm);
     }
