@@ -842,6 +842,94 @@ fn check_f16_ops(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str, f32_weights: bool)
     check(&format!("conv bwd weight accumulate {tag}"), &fetch(g, &tdwacc), &plus(&pdw, &dw), F32_TOL);
 }
 
+/// The f16 path's fused convolutions against the reference, on exact halves: the BN + ReLU
+/// prologue (forward_bn_relu_f16, backward_weight_bn_relu_f16), the following BN's statistics
+/// summed in the forward's epilogue (forward_stats_f16, of y as stored), and the BN + ReLU
+/// backward folded into backward_data (backward_data_bn_f16, its sums of da as stored). Half
+/// outputs within F16_TOL; the f32 ones (dw, statistics, dgamma, dbeta) within F32_TOL of the
+/// reference on the values the GPU stored (dw within F16_TOL on cooperative matrices, whose
+/// operands, the prologue's outputs, are halves).
+fn check_f16_fused(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str) {
+    use resnet_wgpu::ops::batch_norm::{self as bn, BnGrads, BnTensors};
+    use resnet_wgpu::reference::batch_norm as rbn;
+    use resnet_wgpu::tensor::HalfTensor;
+    let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
+    let h = |d: &[usize], v: &[f32]| HalfTensor::from_f32(g, d, v).unwrap();
+    let poison = |d: &[usize]| HalfTensor::from_f32(g, d, &vec![f32::NAN; d.iter().product()]).unwrap();
+    let (xd, wd, yd, k, ch) = (c.xd, c.wd(), c.yd(), c.k, c.xd[1]);
+    let (x, w, dy) = (half(&rng.data(len(xd))), half(&rng.data(len(wd))), half(&rng.data(len(yd))));
+    let aff = affine_values(rng, ch);
+    let (tx, tw, tdy, taff) = (h(&xd, &x), up(g, &wd, &w), h(&yd, &dy), up(g, &[ch, 4], &aff));
+    let (ty, ty2, tdw) = (poison(&yd), poison(&yd), nan(g, &wd));
+    // The following BN (k channels) for forward_stats_f16.
+    let (rm, rv): (Vec<f32>, Vec<f32>) = (rng.data(k), rng.data(k).iter().map(|v| 0.5 + v.abs()).collect());
+    let (ones, zeros) = (vec![1.0; k], vec![0.0; k]);
+    let (tg, tb, trm, trv) = (up(g, &[k], &ones), up(g, &[k], &zeros), up(g, &[k], &rm), up(g, &[k], &rv));
+    let (tmean, tinv) = (nan(g, &[k]), nan(g, &[k]));
+    let stats = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
+    let mut rec = g.recorder("conv f16 fused");
+    conv::forward_bn_relu_f16(&mut rec, &tx, &taff, &tw, &ty, c.stride, false).unwrap();
+    conv::backward_weight_bn_relu_f16(&mut rec, &tx, &taff, &tdy, &tdw, c.stride, false).unwrap();
+    conv::forward_stats_f16(&mut rec, &tx, Some(&taff), &tw, &ty2, c.stride, false, &stats, &tmean, &tinv).unwrap();
+    rec.run().unwrap();
+    let a = r::batch_norm::prologue(&to_f64(&x), xd, &to_f64(&aff));
+    let want_y = r::conv::forward(&a, xd, &to_f64(&w), wd, c.stride);
+    let want_dw = r::conv::backward_weight(&a, xd, &to_f64(&dy), wd, c.stride);
+    let tag = format!("{tag} {}", c.name());
+    check(&format!("conv fwd bn-relu f16 {tag}"), &ty.read(g).unwrap(), &want_y, F16_TOL);
+    // On cooperative matrices the prologue's outputs are rounded to f16 (their operands).
+    let dw_tol = if g.report.coop.is_some() { F16_TOL } else { F32_TOL };
+    check(&format!("conv bwd weight bn-relu f16 {tag}"), &fetch(g, &tdw), &want_dw, dw_tol);
+    let stored = ty2.read(g).unwrap();
+    check(&format!("conv forward_stats f16 y {tag}"), &stored, &want_y, F16_TOL);
+    let st = rbn::forward_train(
+        &to_f64(&stored),
+        yd,
+        &to_f64(&ones),
+        &to_f64(&zeros),
+        &to_f64(&rm),
+        &to_f64(&rv),
+        None,
+        false,
+    );
+    check(&format!("conv forward_stats f16 mean {tag}"), &fetch(g, &tmean), &st.mean, F32_TOL);
+    check(&format!("conv forward_stats f16 invstd {tag}"), &fetch(g, &tinv), &st.invstd, F32_TOL);
+    check(&format!("conv forward_stats f16 running mean {tag}"), &fetch(g, &trm), &st.running_mean, F32_TOL);
+    check(&format!("conv forward_stats f16 running var {tag}"), &fetch(g, &trv), &st.running_var, F32_TOL);
+
+    // backward_data_bn_f16: da = backward_data(dy, w), then the BN + ReLU backward of x's BN.
+    let gamma: Vec<f32> = rng.data(ch).iter().map(|v| v.signum() * 0.5 + v).collect();
+    let beta: Vec<f32> = rng.data(ch).iter().map(|v| 0.5 * v).collect();
+    let (tg, tb) = (up(g, &[ch], &gamma), up(g, &[ch], &beta));
+    let (trm, trv) = (up(g, &[ch], &vec![0.0; ch]), up(g, &[ch], &vec![1.0; ch]));
+    let (tmean, tinv, taff) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[ch, 4]));
+    let (tdg, tdb, scratch) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[2 * ch]));
+    let (tda, tdx) = (poison(&xd), poison(&xd));
+    let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
+    let grads = BnGrads {
+        gamma: &tg,
+        beta: &tb,
+        save_mean: &tmean,
+        save_invstd: &tinv,
+        dgamma: &tdg,
+        dbeta: &tdb,
+        scratch: &scratch,
+    };
+    let mut rec = g.recorder("conv f16 backward_data_bn");
+    bn::stats_train_f16(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
+    bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
+    conv::backward_data_bn_f16(&mut rec, &tdy, &tw, &tda, c.stride, false, &tx, &taff, &grads, &tdx, false).unwrap();
+    rec.run().unwrap();
+    let want_da = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, xd, c.stride);
+    let da = tda.read(g).unwrap();
+    check(&format!("conv bwd data bn f16 da {tag}"), &da, &want_da, F16_TOL);
+    let (want_dx, want_dg, want_db) =
+        rbn::backward(&to_f64(&x), xd, &to_f64(&da), &to_f64(&gamma), &to_f64(&beta), true);
+    check(&format!("conv bwd data bn f16 dx {tag}"), &tdx.read(g).unwrap(), &want_dx, F16_TOL);
+    check(&format!("conv bwd data bn f16 dgamma {tag}"), &fetch(g, &tdg), &want_dg, F32_TOL);
+    check(&format!("conv bwd data bn f16 dbeta {tag}"), &fetch(g, &tdb), &want_db, F32_TOL);
+}
+
 /// Winograd on the f16 path in each configuration, F(2x2) and F(4x4): half activations loaded to
 /// f32 and stored rounded once, the weights as halves and as f32 (as the f16 units keep them), dw
 /// f32; within the f16 path's bounds.
@@ -1113,7 +1201,15 @@ fn f16_path_within_bound() {
             None => tile_cases(),
         };
         for c in &cases {
-            check_f16_ops(&g, c, &mut rng, &format!("f16 tile {}", tile.as_deref().unwrap_or("auto")), false);
+            let tag = format!("f16 tile {}", tile.as_deref().unwrap_or("auto"));
+            check_f16_ops(&g, c, &mut rng, &tag, false);
+            // The fused ones need batch statistics (more than one value per channel); under a
+            // forced tile, one case (stride 2 on odd sizes): each tile's fused modules take about
+            // 10 s to build on lavapipe.
+            let stats = c.xd[0] * c.xd[2] * c.xd[3] > 1 && c.yd()[0] * c.yd()[2] * c.yd()[3] > 1;
+            if stats && (tile.is_none() || c.stride == 2) {
+                check_f16_fused(&g, c, &mut rng, &tag);
+            }
         }
     }
     // Shapes and aliasing are checked as in f32.
