@@ -130,7 +130,7 @@ fn convolutions_split_by_images() {
             }
 
             // the same two through the BN + ReLU prologue (one affine for every chunk)
-            let aff: Vec<f32> = (0..xd[1]).flat_map(|_| [0.2 * rng.data(1)[0], 1.0, 0.1, 0.0]).collect();
+            let aff = affine_values(&mut rng, xd[1]);
             let taff = up(g, &[xd[1], 4], &aff);
             let ra = r::batch_norm::prologue(&rx, xd, &to_f64(&aff));
             let ty = nan(g, &yd);

@@ -221,17 +221,6 @@ fn check_backward_weight_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
     }
 }
 
-/// Random BN + ReLU prologue values for `c` channels: means and betas in [-0.5, 0.5), scales
-/// of both signs with |scale| in [0.5, 1.5), so that the ReLU cuts part of every channel.
-fn affine_values(rng: &mut Rng, c: usize) -> Vec<f32> {
-    (0..c)
-        .flat_map(|_| {
-            let s = rng.range(-1.0, 1.0);
-            [0.5 * rng.range(-1.0, 1.0), s.signum() * 0.5 + s, 0.5 * rng.range(-1.0, 1.0), 0.0].map(|v| v as f32)
-        })
-        .collect()
-}
-
 /// forward_bn_relu and backward_weight_bn_relu (overwriting and accumulating) against the
 /// reference convolutions of `ReLU(BN(x))`.
 fn check_bn_relu_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {

@@ -112,7 +112,7 @@ fn folded_split_reductions_and_single_ops_match_the_reference() {
 
     let d = [2, 5, 10, 10];
     let (x, dy, prior) = (rng.data(len(&d)), rng.data(len(&d)), rng.data(len(&d)));
-    let affine: Vec<f32> = (0..5).flat_map(|_| [rng.range(-0.5, 0.5) as f32, 1.5, 0.1, 0.7]).collect();
+    let affine = affine_values(&mut rng, 5);
     let (tx, tdy, taff) = (up(&d, &x), up(&d, &dy), up(&[5, 4], &affine));
     let (ty, tdx, tdx_acc, ta) = (nan(&d), nan(&d), up(&d, &prior), nan(&d));
     let mut rec = g.recorder("element-wise");

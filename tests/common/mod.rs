@@ -42,6 +42,17 @@ pub fn refused<T: std::fmt::Debug>(r: resnet_wgpu::Result<T>, why: &str) {
     }
 }
 
+/// Random BN + ReLU prologue values for `c` channels: means and betas in [-0.5, 0.5), scales
+/// of both signs with |scale| in [0.5, 1.5), so that the ReLU cuts part of every channel.
+pub fn affine_values(rng: &mut Rng, c: usize) -> Vec<f32> {
+    (0..c)
+        .flat_map(|_| {
+            let s = rng.range(-1.0, 1.0);
+            [0.5 * rng.range(-1.0, 1.0), s.signum() * 0.5 + s, 0.5 * rng.range(-1.0, 1.0), 0.0].map(|v| v as f32)
+        })
+        .collect()
+}
+
 pub fn poisoned(dims: &[usize]) -> Tensor {
     Tensor::filled(gpu(), dims, f32::NAN).expect("poisoned tensor")
 }
