@@ -907,13 +907,15 @@ impl ResNet {
         sgd::check_hyperparameters(opt.lr, opt.momentum, opt.weight_decay)?;
         // The running statistics as they are, copied on the GPU: the probe's training-mode
         // forward moves them.
+        // The copy is queued, not waited for: the probe's passes follow it on the same queue.
         let running: Vec<&Tensor> = self.running_stats();
         let saved = Tensor::zeros(gpu, &[running.iter().map(|t| t.len()).sum::<usize>().max(1)])?;
-        gpu.submit([copy_running(gpu, &running, &saved, true)])?;
+        gpu.submit_queued([copy_running(gpu, &running, &saved, true)]);
+        let count = self.batches_tracked;
         let p = self.probe(gpu, images, labels)?;
         if let Some(bad) = first_non_finite(&p, &self.units) {
             gpu.submit([copy_running(gpu, &self.running_stats(), &saved, false)])?;
-            self.batches_tracked -= 1;
+            self.batches_tracked = count;
             return Err(Error::NonFinite(bad));
         }
         gpu.submit([self.record_sgd(gpu, opt)?])?;
