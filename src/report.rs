@@ -1,6 +1,5 @@
 //! What the tool writes for people: CSV tables and SVG line charts (plotters).
 
-use std::io::Write;
 use std::path::Path;
 
 use plotters::prelude::*;
@@ -19,8 +18,12 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 
 /// Writes a CSV file: a header row, then rows of already formatted cells ([`csv_text`]).
 pub fn write_csv(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
-    let mut f = std::fs::File::create(path).map_err(|e| io_err(path, e))?;
-    f.write_all(csv_text(header, rows).as_bytes()).map_err(|e| io_err(path, e))
+    write_text(path, &csv_text(header, rows))
+}
+
+/// Writes `text` to `path`; a failure is [`Error::Io`] naming the path.
+pub fn write_text(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).map_err(|e| io_err(path, e))
 }
 
 /// A CSV table as text: a header row, then rows of already formatted cells.

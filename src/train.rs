@@ -211,8 +211,7 @@ fn say_flow(f: &FlowStats, epochs: usize) {
 
 /// `flow.csv` and `flow.svg` (the gradient's growth per epoch) in `dir`.
 pub fn write_flow(dir: &Path, flow: &[FlowStats]) -> Result<()> {
-    std::fs::write(dir.join("flow.csv"), flow_csv(flow))
-        .map_err(|e| Error::Io { path: dir.join("flow.csv").display().to_string(), source: e })?;
+    report::write_text(&dir.join("flow.csv"), &flow_csv(flow))?;
     let series = [Series {
         label: "||dE/dx_0|| / ||dE/dx_L||".into(),
         points: flow.iter().map(|f| (f.epoch as f64, f.grad_ratio)).collect(),
@@ -643,8 +642,7 @@ fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> indicati
 
 /// `curves.csv` and `curves.svg` (losses and accuracies per epoch) in `dir`.
 pub fn write_curves(dir: &Path, h: &[EpochStats]) -> Result<()> {
-    std::fs::write(dir.join("curves.csv"), curves_csv(h))
-        .map_err(|e| Error::Io { path: dir.join("curves.csv").display().to_string(), source: e })?;
+    report::write_text(&dir.join("curves.csv"), &curves_csv(h))?;
     let line = |label: &str, f: &dyn Fn(&EpochStats) -> f64| Series {
         label: label.into(),
         points: h.iter().map(|s| (s.epoch as f64, f(s))).collect(),
