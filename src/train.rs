@@ -321,10 +321,13 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
 /// and in the file's metadata its network ([`io::network_metadata`]: many variants have the
 /// same tensors, so the names alone cannot tell one from another).
 pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
-    write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), &History::default(), path)
+    write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), &History::default(), path, None)
 }
 
-/// [`save_checkpoint`] with the run's options in the metadata too (`run.<name>`).
+/// [`save_checkpoint`] with the run's options and history in the metadata too (`run.<name>`,
+/// `history.*`); with `weights`, also the state dict alone there ([`io::save_weights`]'s file),
+/// from the same read-back.
+#[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     gpu: &Gpu,
     net: &ResNet,
@@ -333,8 +336,14 @@ fn write_checkpoint(
     run: Vec<(&str, String)>,
     history: &History,
     path: &Path,
+    weights: Option<&Path>,
 ) -> Result<()> {
     let mut t = io::state_tensors(net, gpu, true)?;
+    if let Some(w) = weights {
+        // The state dict comes first, the momentum after it.
+        let state = &t[..net.config.tensors().len()];
+        io::write_with_metadata(w, state, io::network_metadata(&net.config))?;
+    }
     t.push((EPOCHS_DONE.into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
     let mut metadata = io::network_metadata(&net.config);
@@ -618,10 +627,10 @@ pub fn train(
         // The test split's size besides the options: eval scores the same images with it.
         let mut run = run_options(opts, train);
         run.push(("test_data", format!("{} ({} test images)", test.name(), test.len())));
-        write_checkpoint(gpu, net, epoch + 1, opts.seed, run, &history, &path)?;
         // The checkpoint also holds momentum and the run's state, which PyTorch's strict
         // load_state_dict refuses: the weights alone beside it.
-        io::save_weights(net, gpu, &opts.out.join("weights.safetensors"))?;
+        let weights = opts.out.join("weights.safetensors");
+        write_checkpoint(gpu, net, epoch + 1, opts.seed, run, &history, &path, Some(&weights))?;
         write_curves(&opts.out, &history.epochs)?;
     }
     Ok(history)

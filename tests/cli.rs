@@ -177,6 +177,10 @@ fn train_and_analyze_run_on_tiny_settings() {
         NetConfig::cifar(8, UnitKind::PreAct, false, 10).unwrap().tensors().into_iter().map(|t| t.name).collect();
     want.sort();
     assert_eq!(names, want);
+    // The checkpoint's values of the same tensors.
+    let (weights, ckpt) =
+        (io::read(&d.join("weights.safetensors")).unwrap(), io::read(&d.join("checkpoint.safetensors")).unwrap());
+    assert!(weights.iter().all(|(n, t)| ckpt[n].data == t.data), "weights.safetensors differs from the checkpoint");
     let ckpt = d.join("checkpoint.safetensors");
     let (ok, text) = tool(&[
         "train",
