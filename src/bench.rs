@@ -535,7 +535,7 @@ fn check_shape(gpu: &Gpu, d: [usize; 4]) -> Result<()> {
     let [n, c, h, w] = d;
     let shape = shape_str(d);
     for (what, dims) in [("activations", [n, c, h, w]), ("3x3 weights", [c, c, 3, 3])] {
-        crate::tensor::check_dims(gpu, &dims, &format!("bench shape {shape}: {what}"))?;
+        crate::tensor::check_dims(gpu, &dims, 4, &format!("bench shape {shape}: {what}"))?;
     }
     if n * h * w < 2 {
         return Err(Error::Invalid(format!(

@@ -13,21 +13,28 @@ pub struct Tensor {
     context: u64,
 }
 
-/// The element count of a tensor of `dims` (1 to 4 non-zero sizes) that fits the adapter's
-/// largest buffer; else an error naming `what`.
-pub(crate) fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize> {
+/// The element count of a tensor of `dims` (1 to 4 non-zero sizes) whose buffer, at
+/// `elem_bytes` an element padded to whole 4 bytes, fits the adapter's largest buffer; else an
+/// error naming `what`.
+pub(crate) fn check_dims(gpu: &Gpu, dims: &[usize], elem_bytes: u64, what: &str) -> Result<usize> {
+    check_size(dims, elem_bytes, gpu.report.max_buffer, what)
+}
+
+/// [`check_dims`] against a largest buffer of `max_buffer` bytes.
+fn check_size(dims: &[usize], elem_bytes: u64, max_buffer: u64, what: &str) -> Result<usize> {
     if dims.is_empty() || dims.len() > 4 || dims.contains(&0) {
         return Err(Error::Shape(format!("{what}: dimensions {dims:?} must be 1 to 4 non-zero sizes")));
     }
-    let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
-    let len = len.ok_or_else(|| Error::Shape(format!("{what}: {dims:?} overflows")))?;
-    let bytes = (len as u64).checked_mul(4).ok_or_else(|| Error::Shape(format!("{what}: {dims:?} overflows")))?;
+    let overflows = || Error::Shape(format!("{what}: {dims:?} overflows"));
+    let len = dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).ok_or_else(overflows)?;
+    let bytes = (len as u64).checked_mul(elem_bytes).and_then(|b| b.checked_next_multiple_of(4));
+    let bytes = bytes.ok_or_else(overflows)?;
     // Up to the largest buffer: the ops run tensors past one storage binding in chunks.
-    if bytes > gpu.report.max_buffer {
+    if bytes > max_buffer {
         return Err(Error::TooLarge {
             what: format!("{what} {dims:?}"),
             bytes,
-            limit: gpu.report.max_buffer,
+            limit: max_buffer,
             of: "largest buffer",
         });
     }
@@ -37,7 +44,7 @@ pub(crate) fn check_dims(gpu: &Gpu, dims: &[usize], what: &str) -> Result<usize>
 impl Tensor {
     /// Uploads `data` as a tensor of shape `dims`; the length must match.
     pub fn new(gpu: &Gpu, dims: &[usize], data: &[f32]) -> Result<Tensor> {
-        let len = check_dims(gpu, dims, "tensor")?;
+        let len = check_dims(gpu, dims, 4, "tensor")?;
         if data.len() != len {
             return Err(Error::Length { what: format!("tensor {dims:?}"), expected: len, got: data.len() });
         }
@@ -46,13 +53,13 @@ impl Tensor {
 
     /// A tensor of zeros.
     pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<Tensor> {
-        let len = check_dims(gpu, dims, "tensor")?;
+        let len = check_dims(gpu, dims, 4, "tensor")?;
         Tensor::allocate(gpu, dims, len, None) // wgpu zero-initialises new buffers
     }
 
     /// A tensor with every element `value` (NaN poisons an output so that unwritten elements show).
     pub fn filled(gpu: &Gpu, dims: &[usize], value: f32) -> Result<Tensor> {
-        let len = check_dims(gpu, dims, "tensor")?;
+        let len = check_dims(gpu, dims, 4, "tensor")?;
         Tensor::new(gpu, dims, &vec![value; len])
     }
 
@@ -175,7 +182,7 @@ pub struct HalfTensor {
 impl HalfTensor {
     /// Uploads `data` as a half tensor of shape `dims`.
     pub fn new(gpu: &Gpu, dims: &[usize], data: &[half::f16]) -> Result<HalfTensor> {
-        let len = check_dims(gpu, dims, "half tensor")?;
+        let len = check_dims(gpu, dims, 2, "half tensor")?;
         if data.len() != len {
             return Err(Error::Length { what: format!("half tensor {dims:?}"), expected: len, got: data.len() });
         }
@@ -225,7 +232,7 @@ impl HalfTensor {
 
     /// A half tensor of zeros.
     pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<HalfTensor> {
-        let len = check_dims(gpu, dims, "half tensor")?;
+        let len = check_dims(gpu, dims, 2, "half tensor")?;
         HalfTensor::new(gpu, dims, &vec![half::f16::ZERO; len])
     }
 
@@ -264,5 +271,30 @@ impl HalfTensor {
         let bytes = read_buffer(gpu, &self.buffer, (self.len() as u64 * 2).div_ceil(4) * 4)?;
         let h: Vec<half::f16> = bytemuck::pod_collect_to_vec(&bytes[..self.len() * 2]);
         Ok(h.iter().map(|v| v.to_f32()).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A half tensor's buffer holds 2 bytes an element: it may be twice as long as an f32 one.
+    #[test]
+    fn sizes_count_the_element_bytes_against_the_largest_buffer() {
+        let max = 1024;
+        assert_eq!(check_size(&[256], 4, max, "t").unwrap(), 256);
+        assert_eq!(check_size(&[512], 2, max, "t").unwrap(), 512);
+        assert_eq!(check_size(&[3, 5], 2, 32, "t").unwrap(), 15, "15 halves pad to 32 bytes");
+        match check_size(&[257], 4, max, "t") {
+            Err(Error::TooLarge { bytes: 1028, limit: 1024, .. }) => {}
+            other => panic!("expected TooLarge for 257 floats, got {other:?}"),
+        }
+        match check_size(&[513], 2, max, "t") {
+            Err(Error::TooLarge { bytes: 1028, limit: 1024, .. }) => {}
+            other => panic!("expected TooLarge for 513 halves, got {other:?}"),
+        }
+        assert!(matches!(check_size(&[usize::MAX, 2], 2, max, "t"), Err(Error::Shape(_))));
+        assert!(matches!(check_size(&[usize::MAX / 2], 4, max, "t"), Err(Error::Shape(_))));
+        assert!(matches!(check_size(&[usize::MAX / 2], 2, max, "t"), Err(Error::Shape(_))), "padding overflows");
     }
 }
