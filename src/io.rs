@@ -4,8 +4,8 @@
 //! Files written here: every tensor f32 except `*.num_batches_tracked`, an i64 scalar as in
 //! PyTorch. Checkpoints add `momentum.<name>` for each learned parameter (SGD's buffer) and
 //! whatever else the caller adds. Files read here may hold f32, f64, f16, bf16, i64, i32 or u8
-//! tensors; values are converted to f32. Writes go to a temporary file that is then renamed, so
-//! an interrupted save never leaves a corrupt file.
+//! tensors; values are converted to f32. Writes go to a temporary file of their own, synced, then
+//! renamed ([`replace_file`]), so an interrupted save never leaves a corrupt file.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -184,14 +184,38 @@ pub fn write_with_metadata(
     }
     let metadata = (!metadata.is_empty()).then_some(metadata);
     let bytes = safetensors::serialize(views, metadata).map_err(|e| fmt_err(path, e.to_string()))?;
+    replace_file(path, &bytes)
+}
+
+/// Writes `bytes` to `path` whole or not at all: through a temporary file beside it, of this
+/// write's own (created new, so no other writer's file or link is followed; the process id
+/// alone is 1 in every container), synced to the disk, renamed over `path`, and the folder
+/// synced too (where the system allows it), so that neither a killed process nor a machine
+/// that stops leaves `path` empty or cut short. A failed write removes its temporary. Errors
+/// are [`Error::Io`] naming `path`, not the temporary.
+pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WRITES: AtomicU64 = AtomicU64::new(0);
     let file = path.file_name().filter(|_| !path.is_dir()).ok_or_else(|| fmt_err(path, "not a file path"))?;
-    let tmp = path.with_file_name(format!(".{}.tmp", file.to_string_lossy()));
-    // Errors name the file asked for, not the temporary beside it.
-    std::fs::write(&tmp, &bytes).map_err(|e| io_err(path, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let n = WRITES.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{}.{}-{nanos}-{n}.tmp", file.to_string_lossy(), std::process::id()));
+    let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
+        f.write_all(bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
-        io_err(path, e)
-    })
+        return Err(io_err(path, e));
+    }
+    // The rename itself reaches the disk with the folder's entry. Some systems refuse to open
+    // or sync a folder: the file is written either way.
+    let folder = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Ok(dir) = std::fs::File::open(folder) {
+        let _ = dir.sync_all();
+    }
+    Ok(())
 }
 
 /// The network's state under PyTorch's names: parameters and BN buffers, plus with

@@ -12,18 +12,15 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
 }
 
-fn io_err(path: &Path, e: std::io::Error) -> Error {
-    Error::Io { path: path.display().to_string(), source: e }
-}
-
 /// Writes a CSV file: a header row, then rows of already formatted cells ([`csv_text`]).
 pub fn write_csv(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
     write_text(path, &csv_text(header, rows))
 }
 
-/// Writes `text` to `path`; a failure is [`Error::Io`] naming the path.
+/// Writes `text` to `path`, whole or not at all (as the weights are: a resumed run reads its
+/// tables back); a failure is [`Error::Io`] naming the path.
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
-    std::fs::write(path, text).map_err(|e| io_err(path, e))
+    crate::io::replace_file(path, text.as_bytes())
 }
 
 /// A CSV table as text: a header row, then rows of already formatted cells.

@@ -132,27 +132,9 @@ fn parse(path: &Path, text: &str) -> Result<Choices> {
     })
 }
 
-/// Writes `all` to `path` through a temporary file beside it, of its own (the process id alone
-/// is 1 in every container), synced before it is renamed over `path`.
+/// Writes `all` to `path` whole or not at all ([`crate::io::replace_file`]).
 fn write(path: &Path, all: &Choices) -> Result<()> {
-    use std::io::Write;
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let io = |source| Error::Io { path: path.display().to_string(), source };
     let text = serde_json::to_string_pretty(all)
         .map_err(|e| Error::Format { path: path.display().to_string(), msg: e.to_string() })?;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}-{nanos}-{}.tmp", std::process::id(), WRITES.fetch_add(1, Ordering::Relaxed)));
-    let tmp = PathBuf::from(tmp);
-    let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
-        f.write_all((text + "\n").as_bytes())?;
-        f.sync_all()
-    });
-    match written.and_then(|()| std::fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(io(e))
-        }
-    }
+    crate::io::replace_file(path, (text + "\n").as_bytes())
 }

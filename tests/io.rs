@@ -220,3 +220,24 @@ fn an_unwritable_file_is_named() {
         std::fs::read_dir(&*d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
     assert_eq!(names, ["w.safetensors"]);
 }
+
+/// A write goes through a temporary of its own, created new: whatever lies beside the file
+/// under a temporary's name (here a link, where the temporary was once always `.<name>.tmp`)
+/// is neither followed nor replaced, and the file written is a plain file.
+#[cfg(unix)]
+#[test]
+fn a_write_follows_no_link_beside_it() {
+    let d = temp("link");
+    let victim = d.join("victim");
+    std::fs::write(&victim, "keep").unwrap();
+    let link = d.join(".w.safetensors.tmp");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let t = vec![("x".to_string(), io::HostTensor::f32(&[2], vec![1.0, 2.0]))];
+    let path = d.join("w.safetensors");
+    io::write(&path, &t).unwrap();
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+    assert!(std::fs::symlink_metadata(&path).unwrap().file_type().is_file());
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(io::read(&path).unwrap()["x"].to_f32(), vec![1.0, 2.0]);
+    assert_eq!(std::fs::read_dir(&*d).unwrap().count(), 3, "a temporary left behind");
+}
