@@ -2,10 +2,12 @@
 //! so that a PyTorch state dict of the same architecture loads here, and back.
 //!
 //! Files written here: every tensor f32 except `*.num_batches_tracked`, an i64 scalar as in
-//! PyTorch. Checkpoints add `momentum.<name>` for each learned parameter (SGD's buffer) and
-//! whatever else the caller adds. Files read here may hold f32, f64, f16, bf16, i64, i32 or u8
-//! tensors; values are converted to f32. Writes go to a temporary file of their own, synced, then
-//! renamed ([`replace_file`]), so an interrupted save never leaves a corrupt file.
+//! PyTorch. A network keeps one such count for all its BN layers (they see the same batches):
+//! a file's first is read, and written back for every layer. Checkpoints add
+//! `momentum.<name>` for each learned parameter (SGD's buffer) and whatever else the caller
+//! adds. Files read here may hold f32, f64, f16, bf16, i64, i32 or u8 tensors; values are
+//! converted to f32. Writes go to a temporary file of their own, synced, then renamed
+//! (`replace_file`), so an interrupted save never leaves a corrupt file.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -381,6 +383,12 @@ pub(crate) fn net_from(
 ) -> Result<ResNet> {
     let state = state_for(config, file, path)?;
     let mut net = ResNet::from_state(gpu, config, &state)?;
+    // The state holds f32s, exact to 2^24 only: the counter (which seeds dropout's masks, so
+    // a resumed run repeats its draws) is taken from the file as the integer it is.
+    let first_count = config.tensors().into_iter().find(|t| t.role == Role::Count);
+    if let Some(count) = first_count.and_then(|t| file.get(&t.name)).and_then(HostTensor::to_i64) {
+        net.batches_tracked = count.first().copied().unwrap_or(0);
+    }
     load_momentum(gpu, &mut net, file, path)?;
     Ok(net)
 }

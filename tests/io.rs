@@ -16,7 +16,7 @@ fn weights_round_trip_under_pytorch_names() {
     let g = gpu();
     let cfg = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
     let state = random_state(&cfg, 3);
-    let net = ResNet::from_state(g, &cfg, &state).unwrap();
+    let mut net = ResNet::from_state(g, &cfg, &state).unwrap();
     let dir = temp("w");
     let path = dir.join("w.safetensors");
     io::save_weights(&net, g, &path).unwrap();
@@ -44,6 +44,15 @@ fn weights_round_trip_under_pytorch_names() {
     }
     let back = io::load_net(g, &cfg, &path).unwrap();
     assert_eq!(back.state(g).unwrap(), net.state(g).unwrap());
+
+    // A count past f32's exact integers (2^24) comes back as written, and goes out again so.
+    net.batches_tracked = (1 << 24) + 1;
+    let big = dir.join("big.safetensors");
+    io::save_weights(&net, g, &big).unwrap();
+    let back = io::load_net(g, &cfg, &big).unwrap();
+    assert_eq!(back.batches_tracked, (1 << 24) + 1);
+    io::save_weights(&back, g, &big).unwrap();
+    assert_eq!(io::read(&big).unwrap()["bn.num_batches_tracked"].data, Data::I64(vec![(1 << 24) + 1]));
 
     // Without the counters (a converter's file, or one whose integer buffers were dropped):
     // loaded with them at 0, as PyTorch's batch norm fills them in.
