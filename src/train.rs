@@ -495,8 +495,8 @@ pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) 
 /// what the epochs already done recorded: empty for a new run, a resumed run's checkpoint's
 /// ([`Checkpoint::history`]); its rows past `start_epoch` are dropped.
 /// Bad options (a learning rate, momentum or weight decay that is negative or not finite, a
-/// batch larger than the data, an evaluation batch of 0, too few test images for the flow's
-/// batch) are refused before anything is written.
+/// batch larger than the data, an evaluation batch of 0, no test images, too few for the
+/// flow's batch) are refused before anything is written.
 pub fn train(
     gpu: &Gpu,
     net: &mut ResNet,
@@ -518,6 +518,9 @@ pub fn train(
     }
     if opts.eval_batch == 0 {
         return Err(Error::Invalid("an evaluation batch of 0 images".into()));
+    }
+    if test.is_empty() {
+        return Err(Error::Invalid(format!("{}: no test images to evaluate each epoch on", test.name())));
     }
     let probe_batch = match opts.flow {
         true => Some(flow_batch(gpu, test, net.config.classes)?),

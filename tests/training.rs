@@ -380,10 +380,13 @@ fn bad_hyperparameters_are_refused_before_anything_is_written() {
         assert!(!out.exists(), "{name}: the output folder was made");
         assert_eq!(net.state(g).unwrap(), before, "{name}: the weights changed");
     }
-    // So are an evaluation batch of 0 and, with the flow, a test set too small for its batch.
+    // So are an evaluation batch of 0, no test images and, with the flow, a test set too small
+    // for its batch.
     let (_, one) = data::synthetic(1, 1, 7).unwrap();
+    let (_, none) = data::synthetic(1, 0, 7).unwrap();
     for (opts, test, want) in [
         (TrainOptions { eval_batch: 0, ..TrainOptions::default() }, &test_set, "evaluation batch of 0"),
+        (TrainOptions::default(), &none, "no test images"),
         (TrainOptions { flow: true, ..TrainOptions::default() }, &one, "at least 2"),
     ] {
         let opts = TrainOptions { epochs: 1, batch: 32, progress: false, out: out.clone(), ..opts };
