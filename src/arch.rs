@@ -248,10 +248,10 @@ impl NetConfig {
         let mut s = size;
         let mut macs = self.in_channels * self.stem_channels() * 9 * s * s;
         for u in self.units() {
-            let s_out = (s - 1) / u.stride + 1;
+            let s_out = s.div_ceil(u.stride); // (s - 1) / stride + 1, and 0 at 0
             let mut t = s;
             for l in &u.layers {
-                t = (t - 1) / l.stride + 1;
+                t = t.div_ceil(l.stride);
                 macs += l.c_in * l.c_out * l.k * l.k * t * t;
             }
             if u.shortcut == Shortcut::Projection {
@@ -511,8 +511,10 @@ impl std::str::FromStr for Variant {
 
     fn from_str(s: &str) -> Result<Variant> {
         let bad = |why: &str| Error::Invalid(format!("unit variant {s:?}: {why}"));
+        // The placement ends at the first '+' before any ':' (a number's exponent may have one).
         let (placement, combination) = match s.split_once('+') {
-            Some((p, c)) => (Some(p), Some(c)),
+            Some((p, c)) if !p.contains(':') => (Some(p), Some(c)),
+            Some(_) => (None, Some(s)),
             None if UnitKind::ALL.iter().any(|k| k.name() == s) => (Some(s), None),
             None => (None, Some(s)),
         };
@@ -575,5 +577,9 @@ mod tests {
         assert_eq!(want, 40_812_544);
         // Odd input sizes round up at the stride-2 layers, as the convolutions do (pad k/2).
         assert!(cfg.conv_macs(33) > cfg.conv_macs(32));
+        assert_eq!(cfg.conv_macs(0), 0, "no image, no work");
+        // At 1 pixel every layer's output is 1 pixel, the strided ones too.
+        let layers = 6 * 16 * 16 + 16 * 32 + 5 * 32 * 32 + 32 * 64 + 5 * 64 * 64;
+        assert_eq!(cfg.conv_macs(1), 3 * 16 * 9 + 9 * layers + 16 * 32 + 32 * 64);
     }
 }

@@ -346,9 +346,23 @@ fn variant_names_round_trip() {
     // Defaults of the bare names.
     assert_eq!("gate".parse::<Variant>().unwrap().combine, Combine::ExclusiveGate { bias: -6.0 });
     assert_eq!("scale".parse::<Variant>().unwrap().combine, Combine::Scale { h: 0.5, f: 0.5 });
-    for bad in
-        ["", "foo", "preact+", "scale:1", "scale:a:b", "gate:1:2", "dropout:1", "dropout:-0.1", "x+add", "conv:3"]
-    {
+    // A number's exponent may carry its sign: the placement is what comes before the first '+'.
+    assert_eq!("scale:1e+2:1".parse::<Variant>().unwrap().combine, Combine::Scale { h: 100.0, f: 1.0 });
+    let v = "preact+gate:-1e+1".parse::<Variant>().unwrap();
+    assert_eq!((v.kind, v.combine), (UnitKind::PreAct, Combine::ExclusiveGate { bias: -10.0 }));
+    for bad in [
+        "",
+        "foo",
+        "preact+",
+        "scale:1",
+        "scale:a:b",
+        "gate:1:2",
+        "dropout:1",
+        "dropout:-0.1",
+        "x+add",
+        "conv:3",
+        "gate:1+2",
+    ] {
         assert!(bad.parse::<Variant>().is_err(), "{bad:?} parsed");
     }
 }
