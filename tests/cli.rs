@@ -313,15 +313,7 @@ fn variants_train_and_analyze() {
     let (ok, text) = tool(&["analyze", "--depths", "8", "--variants", "preact", "--weights", ck.to_str().unwrap()]);
     assert!(!ok && text.contains("a checkpoint of preact+gate:-6 units, not preact"), "{text}");
     // On CIFAR-10's first test images (a folder of a few records here) instead of shapes10's.
-    let cifar = dir("analyze-cifar");
-    let record = |r: usize| -> Vec<u8> {
-        let pixels = (0..3072).map(|i| ((i * 7 + r * 131) % 251) as u8);
-        std::iter::once((r % 10) as u8).chain(pixels).collect()
-    };
-    for b in 1..=5 {
-        std::fs::write(cifar.join(format!("data_batch_{b}.bin")), record(b)).unwrap();
-    }
-    std::fs::write(cifar.join("test_batch.bin"), (0..4).flat_map(record).collect::<Vec<_>>()).unwrap();
+    let cifar = tiny_cifar("analyze-cifar");
     let (ok, text) = analyze(&["--data", cifar.to_str().unwrap()]);
     assert!(ok && text.contains("batch: the first 4 test images of cifar10"), "{text}");
     assert!(loss(&text).is_some() && loss(&text) != loss(&at_init), "{text}\n{at_init}");
@@ -345,6 +337,38 @@ fn variants_train_and_analyze() {
     assert!(csv.starts_with("variant,l,x_norm,branch_norm,"), "{csv}");
     let last = csv.lines().nth(4).unwrap_or_default();
     assert!(last.starts_with("ResNet-8 scale:0.5:1,3,") && last.split(',').nth(3) == Some(""), "{csv}");
+}
+
+/// A CIFAR-10 folder of a few records: one training image in each of the five batches, four
+/// test images.
+fn tiny_cifar(name: &str) -> TempDir {
+    let cifar = dir(name);
+    let record = |r: usize| -> Vec<u8> {
+        let pixels = (0..3072).map(|i| ((i * 7 + r * 131) % 251) as u8);
+        std::iter::once((r % 10) as u8).chain(pixels).collect()
+    };
+    for b in 1..=5 {
+        std::fs::write(cifar.join(format!("data_batch_{b}.bin")), record(b)).unwrap();
+    }
+    std::fs::write(cifar.join("test_batch.bin"), (0..4).flat_map(record).collect::<Vec<_>>()).unwrap();
+    cifar
+}
+
+/// A checkpoint of a run on CIFAR scores CIFAR's images: without `--data` eval refuses, rather
+/// than score generated shapes (whose 10 classes would pass every check).
+#[test]
+fn eval_of_a_cifar_checkpoint_needs_its_data() {
+    let cifar = tiny_cifar("eval-cifar");
+    let out = dir("eval-cifar-run");
+    let data = cifar.to_str().unwrap();
+    let a = ["train", "--depth", "8", "--epochs", "1", "--batch", "4", "--data", data, "--out", out.to_str().unwrap()];
+    let (ok, text) = tool(&a);
+    assert!(ok, "{text}");
+    let ck = out.join("checkpoint.safetensors");
+    let (ok, text) = tool(&["eval", "--weights", ck.to_str().unwrap()]);
+    assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{text}");
+    let (ok, text) = tool(&["eval", "--batch", "4", "--weights", ck.to_str().unwrap(), "--data", data]);
+    assert!(ok && text.contains("data: cifar10 test split (4 images"), "{text}");
 }
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {

@@ -574,6 +574,13 @@ fn eval_cmd(
     }
     // A checkpoint knows its run's seed, and so which generated images it was tested on.
     let checkpoint = read_checkpoint(weights, &config)?;
+    // A run on CIFAR is scored on CIFAR: generated images of the same classes would pass.
+    let trained_on = checkpoint.as_ref().and_then(|c| c.run.get("data"));
+    if let Some(set) = trained_on.filter(|d| data.data.is_none() && !d.starts_with(data::SYNTHETIC_NAME)) {
+        return Err(Error::Invalid(format!(
+            "the checkpoint's run trained on {set}: give --data with its folder to score its images"
+        )));
+    }
     let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
     // And how many it generated: the same images only with the same counts.
     let run_sizes = checkpoint.as_ref().map_or((None, None), train::Checkpoint::generated_sizes);
