@@ -544,9 +544,10 @@ impl Unit {
     /// `Ok` where `kept` is of the kind and count [`Unit::allocate`] makes for this unit (the
     /// ops check the shapes): one allocated for another unit is refused, not indexed past.
     fn check_kept(&self, kept: &Kept) -> Result<()> {
-        let fits = match self.fused() {
-            true => kept.general.is_none() && kept.tensors.len() == self.kept_count(),
-            false => kept.general.is_some(),
+        let fits = match (self.fused(), &kept.general) {
+            (true, None) => kept.tensors.len() == self.kept_count(),
+            (false, Some(g)) => kept.tensors.is_empty() && self.general_fits(g),
+            _ => false,
         };
         match fits {
             true => Ok(()),
@@ -603,6 +604,15 @@ impl Unit {
         chain: Chain,
     ) -> Result<()> {
         self.check_kept(kept)?;
+        // x_l is read again by the backward (and y written before x is done with): y of its own.
+        let out = self.out_dims(x.nchw(format_args!("{} forward: x", self.spec.name))?);
+        if y.dims() != out || x.buffer == y.buffer {
+            return Err(Error::Shape(format!(
+                "{} forward: y must be a tensor of its own of shape {out:?}, got {:?}",
+                self.spec.name,
+                y.dims()
+            )));
+        }
         let linked = chain.input_stats || chain.next_bn.is_some();
         if linked && !(self.chains() && mode == Mode::Train) {
             return Err(Error::Invalid(format!(
@@ -934,17 +944,38 @@ impl Unit {
             conv_out.push(self.post_bn(i).map(|_| Tensor::zeros(gpu, dout)).transpose()?);
         }
         ws.reserve_mix(gpu, &out)?;
-        let s = &self.spec;
         let zeros_if = |c: bool| c.then(|| Tensor::zeros(gpu, &out)).transpose();
+        let [h, proj_out, gate, y] = self.general_keeps();
         let general = GeneralKept {
             layer_out,
             conv_out,
-            h: zeros_if(s.shortcut != Shortcut::Identity)?,
-            proj_out: zeros_if(s.shortcut == Shortcut::Projection && !s.kind.bn_before_conv())?,
-            gate: zeros_if(s.combine.gated())?,
-            y: zeros_if(s.kind == UnitKind::BnAfterAdd)?,
+            h: zeros_if(h)?,
+            proj_out: zeros_if(proj_out)?,
+            gate: zeros_if(gate)?,
+            y: zeros_if(y)?,
         };
         Ok(Kept { tensors: Vec::new(), general: Some(general) })
+    }
+
+    /// Which of `h`, `proj_out`, `gate` and `y` the general path keeps for this unit.
+    fn general_keeps(&self) -> [bool; 4] {
+        let s = &self.spec;
+        [
+            s.shortcut != Shortcut::Identity,
+            s.shortcut == Shortcut::Projection && !s.kind.bn_before_conv(),
+            s.combine.gated(),
+            s.kind == UnitKind::BnAfterAdd,
+        ]
+    }
+
+    /// Whether `g` holds the tensors [`Unit::allocate_general`] makes for this unit (the ops
+    /// check their shapes): a conv output kept where a BN follows, and each of
+    /// [`Unit::general_keeps`].
+    fn general_fits(&self, g: &GeneralKept) -> bool {
+        let k = self.convs.len();
+        let convs = g.conv_out.iter().enumerate().all(|(i, o)| o.is_some() == self.post_bn(i).is_some());
+        let kept = [&g.h, &g.proj_out, &g.gate, &g.y].map(Option::is_some);
+        g.layer_out.len() == k && g.conv_out.len() == k && convs && kept == self.general_keeps()
     }
 
     fn forward_general(

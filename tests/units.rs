@@ -278,3 +278,46 @@ fn kept_tensors_of_another_unit_are_refused() {
         refused(unit.branch(&mut rec, &none, &ty), "branch");
     }
 }
+
+/// On the general path too, the kept tensors of another unit are refused by name, not indexed
+/// past or read as this unit's: those of a unit with the same layer shapes but other BNs (a
+/// conv output kept or not), and those of a unit with more layers. A forward's output may not
+/// be its input, on either path (the backward reads x_l again).
+#[test]
+fn general_kept_of_another_unit_and_an_aliased_output_are_refused() {
+    let g = gpu();
+    let unit_of = |kind: UnitKind, combine: Combine, bottleneck: bool| {
+        let (units_per_stage, widths, in_channels, classes) = (2, [3, 5, 6], 3, 3);
+        let shortcut = ShortcutOption::A;
+        let cfg = NetConfig { kind, combine, units_per_stage, bottleneck, shortcut, widths, in_channels, classes };
+        let spec = cfg.units().into_iter().find(|s| s.name == "layer1.1").unwrap();
+        Unit::from_state(g, &spec, &random_state(&cfg, 1)).unwrap()
+    };
+    let scale = Combine::Scale { h: 0.5, f: 0.5 };
+    let preact = unit_of(UnitKind::PreAct, scale, false);
+    let others = [
+        (unit_of(UnitKind::ReluBeforeAdd, scale, false), "other BNs"),
+        (unit_of(UnitKind::PreAct, scale, true), "more layers"),
+    ];
+    let xd = [2, 3, 4, 4];
+    let mut ws = Workspace::default();
+    let kept = preact.allocate(g, xd, &mut ws).unwrap();
+    let (x, y, gy) = (upload(&xd, &Rng::new(6).data(96)), poisoned(&xd), poisoned(&xd));
+    let mut rec = g.recorder("general kept");
+    for (unit, what) in &others {
+        assert!(!unit.fused(), "{what}");
+        let refuses = |r: resnet_wgpu::Result<()>| refused(r, "not allocated for this unit");
+        refuses(unit.forward(&mut rec, Mode::Train, &x, &y, &kept, &ws));
+        refuses(unit.backward(&mut rec, &x, &y, &gy, &gy, &kept, &ws));
+        refuses(unit.branch(&mut rec, &kept, &y));
+    }
+    refused(preact.forward(&mut rec, Mode::Train, &x, &x, &kept, &ws), "y must be a tensor of its own");
+    let fused = unit_of(UnitKind::Original, Combine::Add, false);
+    let fused_kept = fused.allocate(g, xd, &mut ws).unwrap();
+    refused(fused.forward(&mut rec, Mode::Train, &x, &x, &fused_kept, &ws), "y must be a tensor of its own");
+    refused(fused.forward(&mut rec, Mode::Eval, &x, &poisoned(&[2, 3, 4, 5]), &fused_kept, &ws), "of shape");
+    // Nothing was recorded for the refusals; the unit's own tensors still run.
+    preact.forward(&mut rec, Mode::Train, &x, &y, &kept, &ws).unwrap();
+    rec.run().unwrap();
+    assert!(y.read(g).unwrap().iter().all(|v| v.is_finite()));
+}

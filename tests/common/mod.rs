@@ -31,8 +31,7 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
-/// A NaN-poisoned output tensor: an element the kernel forgets to write fails the comparison.
-/// `Ok` refused as an invalid argument or a bad shape whose message says `why`: not just any
+/// `r` refused as an invalid argument or a bad shape whose message says `why`: not just any
 /// error (a test of one refusal must not pass on another).
 #[track_caller]
 pub fn refused<T: std::fmt::Debug>(r: resnet_wgpu::Result<T>, why: &str) {
@@ -53,6 +52,7 @@ pub fn affine_values(rng: &mut Rng, c: usize) -> Vec<f32> {
         .collect()
 }
 
+/// A NaN-poisoned output tensor: an element the kernel forgets to write fails the comparison.
 pub fn poisoned(dims: &[usize]) -> Tensor {
     Tensor::filled(gpu(), dims, f32::NAN).expect("poisoned tensor")
 }
