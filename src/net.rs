@@ -897,12 +897,15 @@ impl ResNet {
     }
 
     /// [`ResNet::train_step`] with a check after the passes: the forward and backward run with
-    /// the probes of [`ResNet::probe`], and if any stream `x_l`, branch `F(x_l)`, stream
-    /// gradient `dE/dx_l` or the loss is not finite, the step returns [`Error::NonFinite`]
-    /// naming the first one in the order they were computed, and the step is undone: the
-    /// weights and momentum are not updated, and BN's running statistics and batch count are
-    /// as they were (the gradients are the failed pass's).
+    /// the probes of [`ResNet::probe`], and if the loss or the sum of squares of any stream
+    /// `x_l`, branch `F(x_l)` or stream gradient `dE/dx_l` is not finite (a NaN or an infinity
+    /// in it, or values so large that their squares overflow f32), the step returns
+    /// [`Error::NonFinite`] naming the first one in the order they were computed, and the step
+    /// is undone: the weights and momentum are not updated, and BN's running statistics and
+    /// batch count are as they were (the gradients are the failed pass's).
     pub fn train_step_checked(&mut self, gpu: &Gpu, images: &Tensor, labels: &Labels, opt: Sgd) -> Result<f32> {
+        // Before the copy below reads the network's buffers on `gpu`'s device.
+        gpu.check_owns("the network", self.context)?;
         self.f32_only("train_step_checked")?;
         sgd::check_hyperparameters(opt.lr, opt.momentum, opt.weight_decay)?;
         // The running statistics as they are, copied on the GPU: the probe's training-mode

@@ -350,6 +350,7 @@ fn another_contexts_network_tensors_and_labels_are_refused() {
     };
     let sgd = Sgd::default();
     refused(net.train_step(&other, &images, &labels, sgd).map(drop), "the network");
+    refused(net.train_step_checked(&other, &images, &labels, sgd).map(drop), "the network");
     refused(net.forward_backward(&other, &images, &labels, true).map(drop), "the network");
     refused(net.predict(&other, &images).map(drop), "the network");
     refused(net.set_f16(&other, None), "the network");
