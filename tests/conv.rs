@@ -280,6 +280,27 @@ fn bn_relu_separate_prologue() {
     check_stats_pre_acc("separate", g, EPILOGUE_CASES, 48);
 }
 
+/// With the prologue as a pass of its own, forward_stats runs that pass once a call, also where
+/// the plan splits the reduction (`[1, 132, 3, 5]`: the statistics then come from the batch
+/// norm's kernels after the convolution of the pass's output). A context of its own, so that
+/// no other test's dispatches are profiled with these.
+#[test]
+fn forward_stats_runs_a_separate_prologue_once() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.has_timestamps() {
+        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
+        return;
+    }
+    conv::set_kernels(&g, conv::Kernels::Tiled);
+    conv::set_prologue(&g, conv::Prologue::Separate);
+    resnet_wgpu::profile::set(&g, true);
+    check_stats_pre_acc("separate, profiled", &g, EPILOGUE_CASES, 48);
+    resnet_wgpu::profile::set(&g, false);
+    let labels: Vec<String> = resnet_wgpu::profile::take(&g).unwrap().into_iter().map(|s| s.label).collect();
+    let passes = labels.iter().filter(|l| l.as_str() == "affine_relu").count();
+    assert_eq!(passes, EPILOGUE_CASES.len(), "one prologue pass per forward_stats: {labels:?}");
+}
+
 /// forward_stats against the reference convolution and the reference batch norm's training
 /// statistics of its output (and the prologue values from them, `BnTensors::affine`): without a
 /// prologue overwriting y, and with one accumulating into y (the statistics are those of the

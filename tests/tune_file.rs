@@ -265,3 +265,52 @@ fn contexts_sharing_a_file_keep_each_others_choices() {
         assert!(mine.keys().any(|k| k.starts_with(&shape)), "{shape} in {mine:#?}");
     }
 }
+
+/// forward_stats and backward_data_bn on a batch past the binding limit run it in chunks, and
+/// plan (and time) only the chunks' shapes: the whole batch's, which never runs, is not timed
+/// nor recorded in the tune file. Both against the reference convolution.
+#[test]
+fn a_batch_in_chunks_is_tuned_by_its_chunks_only() {
+    use resnet_wgpu::ops::batch_norm::{BnGrads, BnTensors};
+    let dir = TempDir::new("tune-chunks");
+    let path = dir.join("tune.json");
+    let opts = GpuOptions { tune_file: Some(path.clone()), max_binding_bytes: Some(2048), ..GpuOptions::from_env() };
+    let g = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+    conv::set_kernels(&g, conv::Kernels::Tuned);
+    // 3 images of 4 x 8 x 8 floats: 3072 bytes, in chunks of 2 and 1.
+    let (xd, wd) = ([3, 4, 8, 8], [4, 4, 3, 3]);
+    let mut rng = Rng::new(73);
+    let (x, w, dy) = (rng.data(768), rng.data(144), rng.data(768));
+    let aff = affine_values(&mut rng, 4);
+    let up = |d: &[usize], v: &[f32]| Tensor::new(&g, d, v).unwrap();
+    let nan = |d: &[usize]| Tensor::filled(&g, d, f32::NAN).unwrap();
+    let (tx, tw, tdy, taff) = (up(&xd, &x), up(&wd, &w), up(&xd, &dy), up(&[4, 4], &aff));
+    let (gamma, beta, rm, rv) = (up(&[4], &[1.0; 4]), up(&[4], &[0.0; 4]), up(&[4], &[0.0; 4]), up(&[4], &[1.0; 4]));
+    let (mean, invstd, scratch) = (nan(&[4]), nan(&[4]), nan(&[2 * 4]));
+    let (ty, tda, tdx, dgamma, dbeta) = (nan(&xd), nan(&xd), nan(&xd), nan(&[4]), nan(&[4]));
+    let bn = BnTensors { gamma: &gamma, beta: &beta, running_mean: &rm, running_var: &rv, affine: None };
+    let mut rec = g.recorder("chunks");
+    conv::forward_stats(&mut rec, &tx, None, &tw, &ty, 1, false, &bn, &mean, &invstd).unwrap();
+    let grads = BnGrads {
+        gamma: &gamma,
+        beta: &beta,
+        save_mean: &mean,
+        save_invstd: &invstd,
+        dgamma: &dgamma,
+        dbeta: &dbeta,
+        scratch: &scratch,
+    };
+    conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, 1, false, &ty, &taff, &grads, &tdx, false).unwrap();
+    rec.run().unwrap();
+    check(
+        "chunks forward_stats y",
+        &ty.read(&g).unwrap(),
+        &r::conv::forward(&to_f64(&x), xd, &to_f64(&w), wd, 1),
+        F32_TOL,
+    );
+    let want_da = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, xd, 1);
+    check("chunks backward_data_bn da", &tda.read(&g).unwrap(), &want_da, F32_TOL);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert!(text.contains("x [2, 4, 8, 8]") && text.contains("x [1, 4, 8, 8]"), "the chunks' shapes: {text}");
+    assert!(!text.contains("x [3, 4, 8, 8]"), "the whole batch's shape was planned: {text}");
+}

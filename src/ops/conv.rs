@@ -618,26 +618,23 @@ pub fn forward_stats(
     distinct(WHAT, y, [x, w])?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train(WHAT, y, None, bn, save_mean, save_invstd)?;
+    // The epilogue's statistics where the whole batch binds at once (else forward_with runs it
+    // in chunks, each planned on its own) and the tiled plan keeps its reduction whole.
     let whole: Vec<&Tensor> = std::iter::once(w).chain(pre).collect();
-    let plan = plan_pre(rec.gpu, Op::Forward, &g, pre.is_some());
-    if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[x, y], &whole)?.is_none() {
-        let (x, pre) = match pre {
-            Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, false) => {
-                (&prologue_pass(rec, x, aff)?, None)
-            }
-            _ => (x, pre),
-        };
-        if let Some((part, run)) = tiled::record_forward_stats(
-            rec,
-            &g,
-            plan,
-            false,
-            &x.buffer,
-            pre,
-            Weights::F32(&w.buffer),
-            &y.buffer,
-            accumulate,
-        ) {
+    if split::batch_chunk(rec.gpu, WHAT, g.n, &[x, y], &whole)?.is_none() {
+        let plan = plan_pre(rec.gpu, Op::Forward, &g, pre.is_some());
+        if matches!(plan, Plan::Tiled { splits: 1, .. }) {
+            let (x, pre) = match pre {
+                Some(aff) if separate_prologue(rec.gpu, Op::Forward, &g, plan, false) => {
+                    (&prologue_pass(rec, x, aff)?, None)
+                }
+                _ => (x, pre),
+            };
+            let (xb, wf, yb) = (&x.buffer, Weights::F32(&w.buffer), &y.buffer);
+            let Some((part, run)) = tiled::record_forward_stats(rec, &g, plan, false, xb, pre, wf, yb, accumulate)
+            else {
+                unreachable!("every tile configuration has room for the moments (tiled.rs every_tile_is_valid)")
+            };
             return batch_norm::stats_from_moments(rec, y, &part, run, bn, save_mean, save_invstd);
         }
     }
@@ -674,12 +671,17 @@ pub fn backward_data_bn(
     distinct(WHAT, da, [dy, w])?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward(WHAT, x, da, dx, bn)?;
-    let plan = plan(rec.gpu, Op::BackwardData, &g);
-    if matches!(plan, Plan::Tiled { .. }) && split::batch_chunk(rec.gpu, WHAT, g.n, &[dy, da, x, dx], &[w])?.is_none() {
-        let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(&w.buffer), &da.buffer, &x.buffer);
-        if let Some((part, run)) =
-            tiled::record_backward_data_sums(rec, &g, plan, false, dyb, wf, dab, accumulate, xb, affine)
-        {
+    // As forward_stats: the epilogue's sums only where the batch binds whole and the plan does
+    // not split its reduction.
+    if split::batch_chunk(rec.gpu, WHAT, g.n, &[dy, da, x, dx], &[w])?.is_none() {
+        let plan = plan(rec.gpu, Op::BackwardData, &g);
+        if matches!(plan, Plan::Tiled { splits: 1, .. }) {
+            let (dyb, wf, dab, xb) = (&dy.buffer, Weights::F32(&w.buffer), &da.buffer, &x.buffer);
+            let Some((part, run)) =
+                tiled::record_backward_data_sums(rec, &g, plan, false, dyb, wf, dab, accumulate, xb, affine)
+            else {
+                unreachable!("every tile configuration has room for the sums (tiled.rs every_tile_is_valid)")
+            };
             return batch_norm::backward_from_sums(rec, x, da, bn, dx, accumulate_dx, &part, run);
         }
     }
