@@ -1004,6 +1004,16 @@ fn backward_weight_matches_reference() {
     check_backward_weight(CASES, 13, false);
 }
 
+/// A weight gradient of more tiles than one dispatch dimension holds (4096 x 2048 1x1: 65536 of
+/// the register path's 8 x 16, one past the usual limit): the register path, whose tiles are
+/// unfolded workgroups, leaves it to the tiled kernels, and the result is the reference's.
+#[test]
+fn backward_weight_past_a_dispatch_dimension() {
+    for (ctx, g) in contexts(false) {
+        check_backward_weight_on(ctx, g, &[case([1, 2048, 1, 4], 4096, 1, 1)], 14);
+    }
+}
+
 #[test]
 fn forward_tile_edges() {
     check_forward(EDGES, 21, true);

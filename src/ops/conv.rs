@@ -495,9 +495,11 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
                 }
             }
             Op::BackwardWeight => {
-                if texture_fits(gpu, g.n * g.c * g.h * g.w) && texture_fits(gpu, g.n * g.k * g.oh * g.ow) {
+                // A workgroup per weight tile in y, unfolded: within the device's limit.
+                let tiles = g.k.div_ceil(REG_WK) * g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);
+                let fits = tiles <= gpu.device.limits().max_compute_workgroups_per_dimension as usize;
+                if fits && texture_fits(gpu, g.n * g.c * g.h * g.w) && texture_fits(gpu, g.n * g.k * g.oh * g.ow) {
                     let quads = g.n * g.oh * g.ow / 4;
-                    let tiles = g.k.div_ceil(REG_WK) * g.c.div_ceil(REG_WC[usize::from(g.ks == 1)]);
                     // A CPU adapter runs a workgroup per core at a time: split the pixels so
                     // that every core has work (two workgroups each), in whole groups of 8
                     // quads of at least 8 steps.
