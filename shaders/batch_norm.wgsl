@@ -583,14 +583,12 @@ fn backward_apply4(@builtin(workgroup_id) wid: vec3u, @builtin(num_workgroups) n
                    @builtin(local_invocation_id) lid: vec3u) {
     let r = plane_run(flat(wid, nwg, lid));
     if !r.ok { return; }
-    let k = chan(r.c);
-    let inv_m = 1.0 / f32(p.n * p.hw);
-    let gi = k.gamma * k.invstd;
-    let mb = vec4f(scratch[r.c] * inv_m);
-    let mg = scratch[p.c + r.c] * inv_m;
+    let a = apply_values(r.c);
+    let k = a.k;
+    let mb = vec4f(a.mb);
     for (var i = r.start / 4u; i < r.end / 4u; i++) {
         let xh = (ld_x(i) - vec4f(k.mean)) * k.invstd;
-        let g = gi * (dz4(i, k, xh) - mb - xh * mg);
+        let g = a.gi * (dz4(i, k, xh) - mb - xh * a.mg);
         if p.accumulate == 1u { dx4[i] = vec4<ST>(vec4f(dx4[i]) + g); } else { dx4[i] = vec4<ST>(g); }
     }
 }
