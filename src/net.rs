@@ -801,11 +801,14 @@ impl ResNet {
         }
         let d = self.check_images(images)?;
         if let Some(l) = labels
-            && (l.len != d[0] || l.classes != self.config.classes)
+            && (l.len() != d[0] || l.classes() != self.config.classes)
         {
             return Err(Error::Shape(format!(
                 "{} labels of {} classes for {} images and {} classes",
-                l.len, l.classes, d[0], self.config.classes
+                l.len(),
+                l.classes(),
+                d[0],
+                self.config.classes
             )));
         }
         // A training pass's batch norm needs 2 values per channel or more; the last stage's see

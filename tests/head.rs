@@ -347,8 +347,10 @@ fn bad_labels_and_shapes_are_errors() {
     assert!(matches!(head::softmax_xent(&mut rec, &z, &l5, &t(&[2]), &dz), Err(Error::Shape(_))));
     assert!(matches!(head::softmax_xent(&mut rec, &z, &l5, &loss, &t(&[5, 2])), Err(Error::Shape(_))));
     assert!(matches!(head::softmax_xent(&mut rec, &z, &l5, &loss, &z), Err(Error::Invalid(_))));
-    let mut short = upload_labels(g, &[1], 5).unwrap();
-    short.len = 2;
+    // Two labels over a buffer that holds one (the buffer is a public field).
+    let mut short = upload_labels(g, &[1, 4], 5).unwrap();
+    short.buffer = upload_labels(g, &[1], 5).unwrap().buffer;
+    assert_eq!((short.len(), short.classes()), (2, 5));
     assert!(matches!(head::softmax_xent(&mut rec, &z, &short, &loss, &dz), Err(Error::Length { .. })));
     // SGD.
     let (w, m) = (t(&[5, 3]), t(&[5, 3]));

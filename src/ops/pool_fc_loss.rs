@@ -13,10 +13,10 @@ use crate::tensor::Tensor;
 #[derive(Debug)]
 pub struct Labels {
     pub buffer: wgpu::Buffer,
-    /// Number of labels (the batch size N).
-    pub len: usize,
+    /// Number of labels (the batch size N). Private, as `classes`: the kernels trust them.
+    len: usize,
     /// Number of classes K; every label is below it.
-    pub classes: usize,
+    classes: usize,
     /// The context that made them ([`Gpu::context`]).
     context: u64,
 }
@@ -56,6 +56,21 @@ pub fn upload_labels(gpu: &Gpu, labels: &[u32], classes: usize) -> Result<Labels
 }
 
 impl Labels {
+    /// Number of labels (the batch size N).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Never true: there is at least one label.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Number of classes K; every label is below it.
+    pub fn classes(&self) -> usize {
+        self.classes
+    }
+
     /// The number of the context that made them ([`Gpu::context`]).
     pub fn context(&self) -> u64 {
         self.context
