@@ -134,6 +134,9 @@ fn kernels_refuse_bad_operands() {
     );
     // A bias of the wrong length.
     assert!(gate::bias_sigmoid(&mut rec, &poisoned(&[3]), &a).is_err());
+    // More channels than one dispatch dimension holds workgroups (one a channel).
+    let wide = 65536;
+    refused(gate::bias_grad(&mut rec, &poisoned(&[1, wide, 1, 1]), &poisoned(&[wide])), "at most 65535");
     // The gate's composites check every shape before they record a step: a wrong bias leaves
     // the forward's output unwritten (no convolution recorded) and the backward's dg as it was
     // (no in-place sigmoid backward recorded).

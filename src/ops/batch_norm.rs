@@ -29,7 +29,7 @@
 use crate::error::{Error, Result};
 use std::sync::{Arc, Mutex};
 
-use super::{operand_texture, operand_texture_f16, texture_fits};
+use super::{MAX_CHANNELS, operand_texture, operand_texture_f16, texture_fits};
 use crate::gpu::{Gpu, Recorder, Shader, WG};
 use crate::ops::conv::affine_binding;
 use crate::ops::split;
@@ -40,9 +40,6 @@ pub const EPS: f32 = 1e-5;
 /// Weight of the batch statistics in the running statistics' update.
 pub const MOMENTUM: f32 = 0.1;
 
-/// The most channels one call handles (one final-reduction workgroup per channel in one grid
-/// dimension).
-const MAX_CHANNELS: usize = 65535;
 /// Elements per invocation of the reductions' first pass: short runs keep the sequential part
 /// of each sum short (16 matched the old tree's accuracy in tests/network.rs; 256 did not).
 const REDUCE_CHUNK: usize = 16;

@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::gpu::{Recorder, Shader};
 use std::ops::Range;
 
-use crate::ops::{conv, same_len, split};
+use crate::ops::{MAX_CHANNELS, conv, same_len, split};
 use crate::tensor::Tensor;
 
 fn check_bias(what: &str, t: &Tensor, b: &Tensor) -> Result<[usize; 4]> {
@@ -44,7 +44,10 @@ pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()
 
 /// `db[c] = sum over N, H, W of dz` (overwrites `db`).
 pub fn bias_grad(rec: &mut Recorder, dz: &Tensor, db: &Tensor) -> Result<()> {
-    check_bias("gate bias_grad", dz, db)?;
+    let [_, c, _, _] = check_bias("gate bias_grad", dz, db)?;
+    if c > MAX_CHANNELS {
+        return Err(Error::Invalid(format!("gate bias_grad: {c} channels, at most {MAX_CHANNELS} supported")));
+    }
     // Past the binding limit: by chunks of images, each adding into db in order.
     let chunk =
         |rec: &mut Recorder, r: &Range<usize>, i: &[Tensor], _: &[Tensor]| bias_grad_at(rec, &i[0], db, r.start > 0);

@@ -29,6 +29,10 @@ use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder};
 use crate::tensor::{HalfTensor, Tensor};
 
+/// The most channels an op with a workgroup per channel in one grid dimension takes (batch
+/// norm's final reductions, the gate's bias gradient): the usual per-dimension limit.
+pub(crate) const MAX_CHANNELS: usize = 65535;
+
 /// Texels per row of an operand texture (`TEXW` in the shaders): 4096 floats.
 pub(crate) const TEXW: usize = 1024;
 
