@@ -7,11 +7,20 @@ use resnet_wgpu::ops::batch_norm::{self as bn, BnTensors, Epilogue};
 use resnet_wgpu::reference::{batch_norm as rbn, to_f64};
 use resnet_wgpu::tensor::HalfTensor;
 
-/// Batch 1 with H != W drawn from {1, 5, 7, 9, 32} and C from {1, 3, 5, 16}; plus two batches of
-/// several images (the batch index in the per-channel loops) with N*H*W above the 256 threads of
-/// a reduction workgroup.
-const SHAPES: &[[usize; 4]] =
-    &[[1, 1, 1, 5], [1, 3, 5, 7], [1, 5, 9, 1], [1, 16, 7, 32], [1, 3, 32, 9], [2, 5, 9, 7], [4, 3, 32, 5]];
+/// Batch 1 with H != W drawn from {1, 5, 7, 9, 32} and C from {1, 3, 5, 16}; plus batches of
+/// several images (the batch index in the per-channel loops), the last with more runs of 16
+/// values a channel (75) than the 64 threads of a final reduction's workgroup, so that its
+/// threads take several each.
+const SHAPES: &[[usize; 4]] = &[
+    [1, 1, 1, 5],
+    [1, 3, 5, 7],
+    [1, 5, 9, 1],
+    [1, 16, 7, 32],
+    [1, 3, 32, 9],
+    [2, 5, 9, 7],
+    [4, 3, 32, 5],
+    [3, 2, 21, 19],
+];
 
 const EPILOGUES: [Epilogue; 4] = [
     Epilogue { add: false, relu: false },
