@@ -117,8 +117,9 @@ pub fn write_csv(path: &Path, ms: &[Measured]) -> Result<()> {
 }
 
 /// The gradient norms against the unit index (as a fraction of the depth, so networks of
-/// different depths share the axis), variants side by side, log scale.
-pub fn plot(path: &Path, ms: &[Measured]) -> Result<()> {
+/// different depths share the axis), variants side by side, log scale; `trained` says in the
+/// title that the weights were loaded, not drawn at initialisation.
+pub fn plot(path: &Path, ms: &[Measured], trained: bool) -> Result<()> {
     let series: Vec<Series> = ms
         .iter()
         .map(|m| {
@@ -130,9 +131,10 @@ pub fn plot(path: &Path, ms: &[Measured]) -> Result<()> {
             }
         })
         .collect();
+    let at = if trained { "with trained weights" } else { "at initialisation" };
     report::line_chart(
         path,
-        "Gradient reaching unit l at initialisation: ||dE/dx_l|| / ||dE/dx_L||",
+        &format!("Gradient reaching unit l {at}: ||dE/dx_l|| / ||dE/dx_L||"),
         "unit index l / L",
         "||dE/dx_l|| / ||dE/dx_L||",
         &series,

@@ -9,6 +9,10 @@ use std::process::Command;
 
 /// The tool as a command, through cargo's test runner where one is set for this target (as
 /// CI's Mesa 26 step sets `tools/lavapipe_coop.sh`, whose libraries the tool needs too).
+/// A PyTorch state dict (it names no network).
+const TORCH_FILE: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/torch-resnet20-original-b/torch.safetensors");
+
 fn command() -> Command {
     let exe = env!("CARGO_BIN_EXE_resnet-wgpu");
     match std::env::var("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER") {
@@ -301,11 +305,14 @@ fn variants_train_and_analyze() {
         tool(&[&a[..], &["--out", trained.to_str().unwrap()], extra].concat())
     };
     let loss = |text: &str| text.split(": loss ").nth(1).map(|t| t[..6].to_string());
+    let title = || std::fs::read_to_string(trained.join("analysis.svg")).unwrap();
     let (ok, at_init) = analyze(&[]);
     assert!(ok && loss(&at_init).is_some(), "{at_init}");
+    assert!(title().contains("Gradient reaching unit l at initialisation"));
     let (ok, text) = analyze(&["--weights", ck.to_str().unwrap()]);
     assert!(ok && text.contains("ResNet-8 preact+gate:-6 from ") && text.contains("stage 1"), "{text}");
     assert!(loss(&text).is_some() && loss(&text) != loss(&at_init), "{text}\n{at_init}");
+    assert!(title().contains("Gradient reaching unit l with trained weights"), "the chart's title");
     // The file's network without its options.
     let (ok, named) =
         tool(&["analyze", "--batch", "4", "--out", trained.to_str().unwrap(), "--weights", ck.to_str().unwrap()]);
@@ -608,10 +615,13 @@ fn configuration_errors_come_before_the_adapter() {
         (vec!["analyze", "--depths", "8,14,8"], "ResNet-8 preact is asked for twice"),
         (vec!["analyze", "--depths", "8", "--kinds", "original,original"], "ResNet-8 original is asked for twice"),
         (vec!["eval", "--depth", "8", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors"),
-        (vec!["analyze", "--depths", "8", "--weights", "w.safetensors"], "one network, the file's, not 2"),
+        (vec!["analyze", "--depths", "8", "--weights", TORCH_FILE], "one network, the file's, not 2"),
+        // A file that cannot be read is named as such, whatever the options.
+        (vec!["analyze", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors: No such file"),
+        (vec!["eval", "--weights", "/nonexistent/w.safetensors"], "/nonexistent/w.safetensors: No such file"),
         (vec!["analyze", "--depths", "8", "--kinds", "preact", "--weights", "/nonexistent/w"], "/nonexistent/w"),
         (vec!["analyze", "--depths", "8", "--kinds", "preact", "--data", "/nonexistent/c"], "/nonexistent/c"),
-        (vec!["eval", "--depth", "8", "--weights", "w.safetensors", "--batch", "0"], "--batch must be positive"),
+        (vec!["eval", "--depth", "8", "--weights", TORCH_FILE, "--batch", "0"], "--batch must be positive"),
     ] {
         let out = command()
             .args(&args)

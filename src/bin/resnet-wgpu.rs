@@ -126,10 +126,10 @@ impl NetArgs {
 }
 
 /// The network a weights file or checkpoint names in its metadata (its header only), where it
-/// names one (files of ours do; PyTorch's do not). Unreadable files are left to the reading
-/// that follows.
-fn named_network(path: &std::path::Path) -> Option<NetConfig> {
-    io::read_header(path).ok().and_then(|h| io::named_network(&h.metadata))
+/// names one (files of ours do; PyTorch's do not); a file that cannot be read is an error
+/// naming it.
+fn named_network(path: &std::path::Path) -> Result<Option<NetConfig>> {
+    Ok(io::named_network(&io::read_header(path)?.metadata))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
@@ -401,7 +401,9 @@ fn main() -> ExitCode {
             // With --weights of ours, one network: the file's, each option not given taken from
             // it (as the other commands take theirs).
             let one = depths.len() <= 1 && kinds.len() <= 1 && variants.len() <= 1;
-            let networks = match weights.as_deref().and_then(named_network) {
+            // A file that cannot be read says so, before any option is held against it.
+            let named = weights.as_deref().map(named_network).transpose().map(Option::flatten);
+            let networks = named.and_then(|named| match named {
                 Some(f) if one => {
                     let args = NetArgs {
                         depth: depths.first().copied(),
@@ -426,7 +428,7 @@ fn main() -> ExitCode {
                     };
                     analysis_networks(&depths, &variants, classes.unwrap_or(10), bottleneck)
                 }
-            };
+            });
             networks.and_then(|networks| {
                 analyze_cmd(&networks, weights.as_deref(), data.as_deref(), batch, seed, rows, &out)
             })
@@ -446,7 +448,7 @@ fn main() -> ExitCode {
 fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Option<&std::path::Path>) -> Result<()> {
     // The arguments first: a bad configuration is named even where no adapter opens. A
     // checkpoint's network fills in the options not given.
-    let config = args.config_over(resume.and_then(named_network).as_ref())?;
+    let config = args.config_over(resume.map(named_network).transpose()?.flatten().as_ref())?;
     if opts.batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
@@ -568,7 +570,7 @@ fn eval_cmd(
     batch: usize,
     seed: Option<u64>,
 ) -> Result<()> {
-    let config = args.config_over(named_network(weights).as_ref())?;
+    let config = args.config_over(named_network(weights)?.as_ref())?;
     if batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
@@ -718,7 +720,7 @@ fn analyze_cmd(
         measured.push(m);
     }
     analysis::write_csv(&out.join("analysis.csv"), &measured)?;
-    analysis::plot(&out.join("analysis.svg"), &measured)?;
+    analysis::plot(&out.join("analysis.svg"), &measured, weights.is_some())?;
     println!("wrote {0}/analysis.csv and {0}/analysis.svg", out.display());
     Ok(())
 }
@@ -838,7 +840,7 @@ fn grad(
     out: &std::path::Path,
     seed: u64,
 ) -> Result<()> {
-    let config = args.config_over(weights.and_then(named_network).as_ref())?;
+    let config = args.config_over(weights.map(named_network).transpose()?.flatten().as_ref())?;
     output_file("--out", out)?;
     let gpu = Gpu::new()?;
     let mut net = match weights {
