@@ -1067,13 +1067,19 @@ impl Gpu {
 
     /// A recorder for one command buffer.
     pub fn recorder(&self, label: &str) -> Recorder<'_> {
+        Recorder { spans: crate::profile::Spans::begin(self), ..self.recorder_untimed(label) }
+    }
+
+    /// A recorder whose dispatches are never profiled ([`crate::profile`]): the autotuner's,
+    /// whose candidates must not be timed with a pass each, nor show among the caller's spans.
+    pub(crate) fn recorder_untimed(&self, label: &str) -> Recorder<'_> {
         Recorder {
             gpu: self,
             encoder: self.device.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(label) }),
             pass: None,
             arena: Arena::default(),
             binds: None,
-            spans: crate::profile::Spans::begin(self),
+            spans: None,
         }
     }
 

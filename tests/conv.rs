@@ -1284,6 +1284,35 @@ fn forced_tile_takes_the_tiled_kernels() {
     }
 }
 
+/// The autotuner's candidates are not profiled: with the profile on, a convolution's first
+/// call (which tunes its shape, timing every candidate) shows the same dispatches as its second
+/// (which does not), and its result is the reference's.
+#[test]
+fn tuning_leaves_the_profile_to_the_callers_dispatches() {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.has_timestamps() {
+        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
+        return;
+    }
+    conv::set_kernels(&g, conv::Kernels::Tuned);
+    let c = case([2, 8, 9, 7], 8, 3, 1);
+    let mut rng = Rng::new(61);
+    let (x, w) = (rng.data(len(c.xd)), rng.data(len(c.wd())));
+    let (tx, tw, ty) = (up(&g, &c.xd, &x), up(&g, &c.wd(), &w), nan(&g, &c.yd()));
+    let profiled = || {
+        resnet_wgpu::profile::set(&g, true);
+        let mut rec = g.recorder("profiled forward");
+        conv::forward(&mut rec, &tx, &tw, &ty, 1, false).unwrap();
+        rec.run().unwrap();
+        resnet_wgpu::profile::set(&g, false);
+        resnet_wgpu::profile::take(&g).unwrap().into_iter().map(|s| s.label).collect::<Vec<_>>()
+    };
+    let (first, second) = (profiled(), profiled());
+    assert!(g.tuning().timed > 0, "the first call tuned nothing: {first:?}");
+    assert_eq!(first, second, "the first call's profile holds the tuner's dispatches");
+    check("tuned forward", &fetch(&g, &ty), &r::conv::forward(&to_f64(&x), c.xd, &to_f64(&w), c.wd(), 1), F32_TOL);
+}
+
 /// The f16 path where the context times its choices, as on a GPU (forced here,
 /// `Kernels::Tuned`): its tile among the cooperative-matrix and plain configurations where the
 /// adapter has cooperative matrices (the f32 plan's tile without them), whether a data op

@@ -779,7 +779,7 @@ fn time_tiles(
     };
     let run = |k: usize| {
         let (i, coop) = candidates[k];
-        let mut rec = gpu.recorder("conv tune");
+        let mut rec = gpu.recorder_untimed("conv tune");
         let plan = on_coop(plan_for(op, g, i), coop);
         match (&halves, op) {
             (None, _) => record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
@@ -937,7 +937,7 @@ pub(super) fn tune_prologue(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: b
     };
     let Ok(h) = h else { return false };
     let run = |separate: usize| {
-        let mut rec = gpu.recorder("conv tune prologue");
+        let mut rec = gpu.recorder_untimed("conv tune prologue");
         let (xi, pre) = if separate == 1 { (4, None) } else { (0, Some(&t[3])) };
         if separate == 1 {
             match half {
@@ -1024,7 +1024,7 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
     let Ok((t, h)) = acts else { return plan };
     let plans = [plan, whole];
     let run = |k: usize| {
-        let mut rec = gpu.recorder("conv tune split");
+        let mut rec = gpu.recorder_untimed("conv tune split");
         match half {
             false => record(&mut rec, op, g, plans[k], &t[0], None, &w, &t[1], false),
             true => record_half_data(&mut rec, op, g, plans[k], &h[0], None, Weights::F32(&w.buffer), &h[1], false),
@@ -1059,7 +1059,7 @@ fn tune_weight_split(gpu: &Gpu, g: &Geometry, plan: Plan, half: bool) -> Plan {
     };
     let Ok((t, h)) = acts else { return plan };
     let run = |k: usize| {
-        let mut rec = gpu.recorder("conv tune weight split");
+        let mut rec = gpu.recorder_untimed("conv tune weight split");
         match half {
             false => record(&mut rec, op, g, plans[k], &t[0], None, &t[1], &dw, false),
             true => record_half_weight(&mut rec, g, plans[k], &h[0], None, &h[1], &dw, false),

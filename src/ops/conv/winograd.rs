@@ -571,7 +571,7 @@ fn time_against(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool, candida
     let ws = workspace(gpu, op, g, candidates);
     let run = |k: usize| {
         let config = candidates.get(k.wrapping_sub(1)).copied().unwrap_or_default();
-        let mut rec = gpu.recorder("conv tune winograd");
+        let mut rec = gpu.recorder_untimed("conv tune winograd");
         let (t32, t16) = (Types::F32, Types::HALF);
         let ws = Some(&ws);
         match (half, op == Op::BackwardWeight, k) {
