@@ -585,6 +585,23 @@ fn make_instance(backends: wgpu::Backends) -> wgpu::Instance {
     instance
 }
 
+thread_local! {
+    /// The allocation errors of this thread's scratch resources while a caller captures them
+    /// ([`capture_allocation_errors`]).
+    static CAPTURED: std::cell::RefCell<Option<Vec<String>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with the allocation errors of the scratch buffers and textures it asks for
+/// ([`Gpu::cached_buffer`], [`Gpu::cached_texture`]) returned beside its result, instead of left
+/// for the context's next submission: the autotuner records its candidates on threads of their
+/// own, and each must answer for its own scratch, not fail the next one submitted.
+pub(crate) fn capture_allocation_errors<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let outer = CAPTURED.with(|c| c.replace(Some(Vec::new())));
+    let out = f();
+    let errors = CAPTURED.with(|c| c.replace(outer)).unwrap_or_default();
+    (out, errors)
+}
+
 impl Gpu {
     /// Opens the adapter the environment asks for (see [`GpuOptions::from_env`]).
     pub fn new() -> Result<Gpu> {
@@ -1005,7 +1022,9 @@ impl Gpu {
     }
 
     /// What [`Gpu::cached_buffer`] and [`Gpu::cached_texture`] share: `make` runs inside an
-    /// allocation scope, and what the device refused is not kept.
+    /// allocation scope, and what the device refused is not kept. Its error is left for the
+    /// context's next check, or where the caller captures them ([`capture_allocation_errors`])
+    /// returned to it.
     fn cached_resource<K, T>(&self, key: K, what: &str, make: impl Fn() -> T) -> T
     where
         K: Hash + Eq + Send + Sync + 'static,
@@ -1020,7 +1039,11 @@ impl Gpu {
             })
         });
         kept.unwrap_or_else(|e| {
-            self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e.to_string());
+            let e = e.to_string();
+            let captured = CAPTURED.with(|c| c.borrow_mut().as_mut().map(|v| v.push(e.clone())).is_some());
+            if !captured {
+                self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            }
             let made = made.unwrap_or_else(make);
             // One past the cap is a valid resource the device would use: destroyed, it frees its
             // memory and fails the submission that uses it, as a refused one does.

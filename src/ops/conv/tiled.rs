@@ -890,9 +890,10 @@ fn first_runs(gpu: &Gpu, n: usize, run: &(impl Fn(usize) -> Result<wgpu::Command
     let record = |k: usize| {
         let validation = gpu.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let internal = gpu.device.push_error_scope(wgpu::ErrorFilter::Internal);
-        let buffer = run(k);
+        // A scratch buffer refused is this candidate's failure, not the next submission's.
+        let (buffer, refused) = crate::gpu::capture_allocation_errors(|| run(k));
         let errors = [internal.pop(), validation.pop()].map(pollster::block_on);
-        buffer.ok().filter(|_| errors.iter().all(Option::is_none))
+        buffer.ok().filter(|_| refused.is_empty() && errors.iter().all(Option::is_none))
     };
     let next = std::sync::atomic::AtomicUsize::new(0);
     let workers = std::thread::available_parallelism().map_or(4, |c| c.get()).min(n);
@@ -1381,6 +1382,27 @@ pub(super) mod tests {
         };
         assert_eq!(first_runs(&gpu, 6, &run), [0, 1, 2, 4, 5]);
         gpu.take_error().unwrap_or_else(|e| panic!("an error escaped its scope: {e}"));
+    }
+
+    /// A candidate whose scratch buffer the context refuses (here past its memory cap) drops
+    /// out alone: the refusal is its own, not the error of the next candidate submitted.
+    #[test]
+    fn first_runs_drop_a_candidate_whose_scratch_is_refused() {
+        let fresh = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        let held = fresh.memory().buffer_bytes + fresh.memory().texture_bytes;
+        let opts = crate::GpuOptions { memory_cap: Some(held as u64 + (1 << 20)), ..crate::GpuOptions::from_env() };
+        let gpu = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+        let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let (a, b) = (gpu.create_buffer("a", 16, usage), gpu.create_buffer("b", 16, usage));
+        let run = |k: usize| {
+            // Candidate 3 copies from a scratch buffer of 4 MiB, past the cap.
+            let src = if k == 3 { gpu.cached_buffer("a test key", "candidate 3", 4 << 20, usage) } else { a.clone() };
+            let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+            enc.copy_buffer_to_buffer(&src, 0, &b, 0, 16);
+            Ok(enc.finish())
+        };
+        assert_eq!(first_runs(&gpu, 6, &run), [0, 1, 2, 4, 5]);
+        gpu.take_error().unwrap_or_else(|e| panic!("an error escaped its candidate: {e}"));
     }
 
     #[test]
