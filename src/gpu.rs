@@ -48,8 +48,9 @@ pub struct GpuOptions {
     /// The bytes this context's buffers and textures may hold together: an allocation past it
     /// is [`Error::Allocation`] (see [`Gpu::allocation_scope`]). `None`: on a CPU adapter,
     /// [`memory_budget`]'s share of the host's memory (or of the process's cgroup limit, in a
-    /// container), where its buffers live; elsewhere no cap
-    /// beyond the driver's budget.
+    /// container), where its buffers live; elsewhere no cap beyond the driver's budget. The cap
+    /// reads wgpu's counts of the memory allocated, kept on Vulkan and DX12 only: on another
+    /// backend a cap given is refused ([`Error::Invalid`]) and a CPU adapter has none.
     pub memory_cap: Option<u64>,
 }
 
@@ -759,7 +760,18 @@ impl Gpu {
         };
         let cpu = report.device_type == wgpu::DeviceType::Cpu;
         let stream_chunk = opts.stream_chunk.unwrap_or(if cpu { usize::MAX } else { Stream::CHUNK });
-        let memory_cap = match (opts.memory_cap, cpu, memory_budget(), host_memory()) {
+        // The cap reads wgpu's counts of the bytes allocated, which wgpu keeps on Vulkan and
+        // DX12 only: elsewhere a cap would never be reached. One asked for is refused; the CPU
+        // adapters' default is left out (`info` shows none).
+        let counted = matches!(report.backend, wgpu::Backend::Vulkan | wgpu::Backend::Dx12);
+        if opts.memory_cap.is_some() && !counted {
+            return Err(Error::Invalid(format!(
+                "GpuOptions::memory_cap: wgpu counts the memory allocated on Vulkan and DX12 only, not on \
+                 {:?}, so no cap can hold there",
+                report.backend
+            )));
+        }
+        let memory_cap = match (opts.memory_cap, cpu && counted, memory_budget(), host_memory()) {
             (Some(cap), ..) => Some((cap, "GpuOptions::memory_cap".to_string())),
             (None, true, Some(percent), Some(bytes)) => Some((
                 bytes / 100 * percent as u64,
@@ -871,8 +883,9 @@ impl Gpu {
     }
 
     /// Live buffers and textures of this device and their memory (wgpu's internal counters,
-    /// built with its `counters` feature). Buffers freed by Rust are released once the GPU is
-    /// done with them: read after [`Gpu::wait`] for settled figures.
+    /// built with its `counters` feature; the memory is counted on Vulkan and DX12 only, 0
+    /// elsewhere). Buffers freed by Rust are released once the GPU is done with them: read
+    /// after [`Gpu::wait`] for settled figures.
     pub fn memory(&self) -> MemoryCounts {
         let hal = self.device.get_internal_counters().hal;
         MemoryCounts {

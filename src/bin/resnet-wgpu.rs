@@ -796,8 +796,9 @@ fn info() -> Result<()> {
         ),
         None => println!("memory budget: no check (RESNET_WGPU_MEMORY_BUDGET=off)"),
     }
-    if let Some((cap, from)) = gpu.memory_cap() {
-        println!("memory cap: {} MiB of buffers ({from})", cap >> 20);
+    match gpu.memory_cap() {
+        Some((cap, from)) => println!("memory cap: {} MiB of buffers ({from})", cap >> 20),
+        None => println!("memory cap: none (GPUs; or a backend where wgpu counts no memory: Vulkan and DX12 only)"),
     }
     // For RESNET_WGPU_CONV_TILE (tools/gpu_tune.sh reads this line).
     println!("conv tiles: {}", resnet_wgpu::ops::conv::tile_names(&gpu).join(" "));
