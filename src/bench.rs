@@ -33,7 +33,7 @@
 //! # Ok::<(), resnet_wgpu::Error>(())
 //! ```
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -444,12 +444,29 @@ pub struct Report {
 
 /// Our benchmarks and then the peers, into one report.
 pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
+    run_all_with(gpu, opts, |_| Ok(()))
+}
+
+/// [`run_all`], handing `ours` the report of our rows alone before any peer runs (the peers
+/// take minutes: a run cut short then has our figures written already).
+pub fn run_all_with(gpu: &Gpu, opts: &BenchOptions, ours: impl FnOnce(&Report) -> Result<()>) -> Result<Report> {
     check_peer_paths(opts.burn.as_deref(), opts.torch.as_deref())?;
     let unix_time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let rows = run(gpu, opts)?;
-    let (peers, skipped) = run_peers(gpu, opts);
+    let mut report = report_of(gpu, opts, rows, unix_time);
+    if opts.burn.is_some() || opts.torch.is_some() {
+        ours(&report)?;
+        (report.peers, report.skipped) = run_peers(gpu, opts);
+        report.tuning = gpu.tuning();
+    }
+    Ok(report)
+}
+
+/// The report of `rows`, without peers.
+fn report_of(gpu: &Gpu, opts: &BenchOptions, rows: Vec<BenchRow>, unix_time: u64) -> Report {
+    let (peers, skipped) = (Vec::new(), Vec::new());
     let r = &gpu.report;
-    Ok(Report {
+    Report {
         adapter: format!("{} ({:?}, {:?}, driver {})", r.name, r.backend, r.device_type, r.driver),
         bn_kernels: format!("{:?}", crate::ops::batch_norm::kernels(gpu)),
         coop: r.coop.map_or("none".into(), |c| format!("{0}x{0}x{0} f16->f32, subgroups of {1}", c.size, c.subgroup)),
@@ -461,7 +478,7 @@ pub fn run_all(gpu: &Gpu, opts: &BenchOptions) -> Result<Report> {
         commit: git_commit(),
         unix_time,
         tuning: gpu.tuning(),
-    })
+    }
 }
 
 /// Our benchmarks, shape by shape; prints a line per row to stderr as it goes.
@@ -500,8 +517,14 @@ pub fn run(gpu: &Gpu, opts: &BenchOptions) -> Result<Vec<BenchRow>> {
             let Some(shape) = item.shape_at(shape) else { continue };
             let row = bench_item(gpu, &timer, opts, item, shape)?;
             // The time of day lines the row up with a clock log of the GPU (tools/device_run.sh).
+            // With its rate, so that a run cut short still has its figures in the log.
+            let rate = match (row.gflops(), row.gbytes_per_s()) {
+                (Some(f), _) => format!("{f:>9.1} GFLOP/s"),
+                (None, Some(b)) => format!("{b:>9.1} GB/s   "),
+                (None, None) => " ".repeat(17),
+            };
             eprintln!(
-                "  {:<26} {:<14} {:>10.3} ms  at {} UTC",
+                "  {:<26} {:<14} {:>10.3} ms {rate}  at {} UTC",
                 row.name(),
                 shape_str(shape),
                 row.ms,
@@ -1053,13 +1076,13 @@ fn run_burn(
     for kind in [UnitKind::PreAct, UnitKind::Original] {
         for &[n, c, h, w] in shapes {
             let mut cmd = Command::new(path);
-            cmd.args([n, c, h, w, opts.reps].map(|v| v.to_string())).args([unit_name(kind), adapter]);
+            cmd.args([n, c, h, w, odd_reps(opts.reps)].map(|v| v.to_string())).args([unit_name(kind), adapter]);
             let what = format!("burn {} {}", unit_name(kind), shape_str([n, c, h, w]));
             eprintln!("  {what} ...");
             let out = match run_with_timeout(&mut cmd, opts.peer_timeout) {
                 Ok(out) => out,
-                Err(e) => {
-                    skipped.push(format!("{what}: {e}"));
+                Err(f) => {
+                    skipped.push(format!("{what}: {}", f.why));
                     continue;
                 }
             };
@@ -1097,26 +1120,34 @@ fn run_torch(
     let probe = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)";
     match run_with_timeout(Command::new(&opts.python).args(["-c", probe]), Duration::from_secs(120)) {
         Ok(_) => {}
-        Err(e) if e.contains("exit status: 3") => {
+        Err(f) if f.why.contains("exit status: 3") => {
             skipped.push(format!("torch: {} has torch but no CUDA device", opts.python));
             return;
         }
-        Err(e) => {
-            skipped.push(format!("torch: {} cannot import torch ({e})", opts.python));
+        Err(f) => {
+            skipped.push(format!("torch: {} cannot import torch ({})", opts.python, f.why));
             return;
         }
     }
     let mut cmd = Command::new(&opts.python);
     cmd.arg(path)
-        .args(["--reps", &opts.reps.max(20).to_string(), "--modes", &opts.torch_modes, "--units", "preact,original"])
+        .args([
+            "--reps",
+            &odd_reps(opts.reps.max(20)).to_string(),
+            "--modes",
+            &opts.torch_modes,
+            "--units",
+            "preact,original",
+        ])
         .arg("--shapes")
         .args(shapes.iter().map(|&s| shape_str(s)));
     eprintln!("  torch {} ...", opts.torch_modes);
+    // Killed part-way, it has printed a line per configuration done: those are kept.
     let out = match run_with_timeout(&mut cmd, opts.peer_timeout) {
         Ok(out) => out,
-        Err(e) => {
-            skipped.push(format!("torch: {e}"));
-            return;
+        Err(f) => {
+            skipped.push(format!("torch: {}", f.why));
+            f.stdout
         }
     };
     for line in out.lines().filter(|l| l.contains("\"forward_ms\"")) {
@@ -1145,45 +1176,71 @@ fn run_torch(
     }
 }
 
+/// `reps`, or one more where it is even: the peers take the upper of the two middle times
+/// where ours average them; with an odd count both are the middle one.
+fn odd_reps(reps: usize) -> usize {
+    reps | 1
+}
+
 fn last_line(s: &str) -> &str {
     s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
-/// Runs `cmd` to completion (killed after `timeout`); its stdout, or why it failed.
-fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result<String, String> {
+/// Why a peer's run failed, and what it wrote to stdout before (a peer killed part-way has
+/// printed its first results).
+struct Failed {
+    why: String,
+    stdout: String,
+}
+
+/// Runs `cmd` to completion (killed after `timeout`): its stdout, or why it failed. Its result
+/// lines (those with `"forward_ms"`) are echoed to stderr as they come, so that a bench cut short
+/// from outside still has the peers' figures so far in its log.
+fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result<String, Failed> {
     let program = cmd.get_program().to_string_lossy().into_owned();
+    let failed = |why: String, stdout: String| Failed { why, stdout };
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot start {program}: {e}"))?;
+        .map_err(|e| failed(format!("cannot start {program}: {e}"), String::new()))?;
     // Read both pipes on threads so that a chatty child never blocks on a full pipe.
-    let drain = |mut r: Box<dyn Read + Send>| {
+    let drain = |r: Box<dyn Read + Send>, echo: bool| {
         std::thread::spawn(move || {
             let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
+            for line in std::io::BufReader::new(r).lines().map_while(std::io::Result::ok) {
+                if echo && line.contains("\"forward_ms\"") {
+                    eprintln!("    peer: {line}");
+                }
+                s += &line;
+                s.push('\n');
+            }
             s
         })
     };
-    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
-    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")), true);
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")), false);
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break status,
+            Ok(Some(status)) => break Ok(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             Ok(None) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(format!("{program} killed after {} s", timeout.as_secs()));
+                break Err(format!("{program} killed after {} s", timeout.as_secs()));
             }
-            Err(e) => return Err(format!("{program}: {e}")),
+            Err(e) => break Err(format!("{program}: {e}")),
         }
     };
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
-    if status.success() { Ok(stdout) } else { Err(format!("{program} failed ({status}): {}", last_line(&stderr))) }
+    match status {
+        Ok(status) if status.success() => Ok(stdout),
+        Ok(status) => Err(failed(format!("{program} failed ({status}): {}", last_line(&stderr)), stdout)),
+        Err(why) => Err(failed(why, stdout)),
+    }
 }
 
 /// One line of a peer's output as a JSON object, if it is one.
@@ -1341,6 +1398,7 @@ pub fn table(r: &Report) -> String {
         }
     }
     let mut devices: Vec<String> = r.peers.iter().map(|p| format!("{} on {}", p.peer, p.device)).collect();
+    devices.sort();
     devices.dedup();
     if !devices.is_empty() {
         let _ = writeln!(s, "peer devices: {}", devices.join("; "));
@@ -1461,6 +1519,26 @@ mod tests {
         assert_eq!(json_str(&o, "peer").as_deref(), Some("burn-0.22.1-wgpu"));
         assert_eq!(json_str(&o, "n"), None);
         assert!(json_object("forward_ms: 3").is_none());
+    }
+
+    /// A peer killed at its timeout keeps the result lines it printed before; one that fails
+    /// says why, with its last line of stderr.
+    #[cfg(unix)]
+    #[test]
+    fn a_peer_cut_short_keeps_what_it_printed() {
+        let line = r#"{"unit": "preact", "forward_ms": 1.5, "forward_backward_ms": 4.0}"#;
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("echo '{line}'; exec sleep 10")]);
+        let Err(f) = run_with_timeout(&mut cmd, Duration::from_millis(1500)) else { panic!("not killed") };
+        assert!(f.why.contains("killed after 1 s"), "{}", f.why);
+        assert_eq!(f.stdout.trim(), line);
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out; echo 'no CUDA' >&2; exit 2"]);
+        let Err(f) = run_with_timeout(&mut cmd, Duration::from_secs(10)) else { panic!("no failure") };
+        assert!(f.why.contains("exit status: 2") && f.why.ends_with("no CUDA"), "{}", f.why);
+        assert_eq!(f.stdout, "out\n");
+        assert_eq!(odd_reps(20), 21);
+        assert_eq!(odd_reps(21), 21);
     }
 
     #[test]

@@ -416,6 +416,35 @@ fn bench_times_a_tiny_shape_and_writes_json() {
     }
 }
 
+/// With peers, our rows are printed and written to the JSON before the peers run, then the
+/// whole report again; each peer's result line is echoed as it comes. The burn peer here is a
+/// script that prints one unit's times (and that our JSON is there already).
+#[cfg(unix)]
+#[test]
+fn bench_writes_our_rows_before_the_peers_run() {
+    use std::os::unix::fs::PermissionsExt;
+    let d = dir("bench-peers");
+    let json = d.join("bench.json");
+    let peer = d.join("burn-unit");
+    let script = format!(
+        "#!/bin/sh\ntest -s {} && echo '{{\"peer\": \"fake\", \"forward_ms\": 9.5, \"forward_backward_ms\": 30}}'\n",
+        json.display()
+    );
+    std::fs::write(&peer, script).unwrap();
+    std::fs::set_permissions(&peer, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = ["bench", "--quick", "--shapes", "2,3,5,5", "--only", "unit preact", "--burn", peer.to_str().unwrap()];
+    let (ok, text) = tool(&[&args[..], &["--json", json.to_str().unwrap()]].concat());
+    assert!(ok, "{text}");
+    let ours = text.find("our rows (the peers next):").unwrap_or_else(|| panic!("no early table in {text}"));
+    assert!(text[ours..].contains("peer: {\"peer\": \"fake\""), "the peer's line not echoed: {text}");
+    assert_eq!(text.matches("wrote ").count(), 2, "{text}");
+    // The peer found our JSON written (else it printed nothing, and was skipped).
+    let j = read_json(&json);
+    let peers = j["peers"].as_array().unwrap_or_else(|| panic!("no peers in {j}"));
+    assert_eq!(peers.len(), 2, "preact and original, one shape: {j}");
+    assert_eq!(peers[0]["forward_ms"], 9.5, "{j}");
+}
+
 /// `bench --leave-out`: the plain convolution rows timed again with each stage of the tiled
 /// kernels left out, on the tiled kernels (a forced configuration); the rows with a BN prologue
 /// or epilogue are not. Where a plain row runs no tiled kernel (on a CPU adapter, the register

@@ -769,12 +769,18 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     // at once rather than after them.
     let json = &a.json;
     output_file("--json", json)?;
-    let report = bench::run_all(&gpu, &o)?;
-    bench::print_table(&report);
-    std::fs::write(json, bench::to_json(&report))
-        .map_err(|e| Error::Io { path: json.display().to_string(), source: e })?;
-    println!("wrote {}", json.display());
-    Ok(())
+    let write = |report: &bench::Report| {
+        bench::print_table(report);
+        resnet_wgpu::report::write_text(json, &bench::to_json(report))?;
+        println!("wrote {}", json.display());
+        Ok(())
+    };
+    // With peers, our rows are written before they run (minutes), then again with theirs.
+    let report = bench::run_all_with(&gpu, &o, |ours| {
+        println!("our rows (the peers next):");
+        write(ours)
+    })?;
+    write(&report)
 }
 
 fn info() -> Result<()> {
