@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 mkdir -p .device
 cargo build --release
 cargo build --release --example torch_check --example relu_ties
-pack() { strip -o "/tmp/pack-$2" "$1" && gzip -c "/tmp/pack-$2" > ".device/$2.gz"; }
+pack() { strip -o "/tmp/pack-$2" "$1" && gzip -9 -c "/tmp/pack-$2" > ".device/$2.gz"; }
 pack target/release/resnet-wgpu resnet-wgpu
 pack target/release/examples/torch_check torch_check
 pack target/release/examples/relu_ties relu_ties
@@ -20,5 +20,16 @@ for t in conv batch_norm variants network units f16_units f16_network coop bindi
 done
 if [ -n "${1:-}" ]; then pack "$1" burn-unit; fi
 cp tools/torch_resnet.py .device/
-for f in ../shared/peers/torch_unit.py ../shared/gpu/vulkan-env.sh; do [ -f "$f" ] && cp -f "$f" .device/; done
-du -sh .device
+# Both needed: without vulkan-env.sh the call finds no Vulkan loader (set -e stops here).
+cp -f ../shared/peers/torch_unit.py ../shared/gpu/vulkan-env.sh .device/
+# What travels: the tracked and untracked (not ignored) files, .device and .gl, under the
+# device tool's 64 MiB carry limit, with a margin; over it the call is refused.
+bytes() { xargs -0 -r stat -c %s -- 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }
+tree=$(git ls-files -z --cached --others --exclude-standard | bytes)
+packed=$(find .device .gl -type f -print0 2>/dev/null | bytes)
+total=$(( tree + packed ))
+echo "carry: $(( total / 1048576 )) MiB ($tree bytes of the tree, $packed of .device and .gl)"
+if [ $total -gt $(( 63 * 1048576 )) ]; then
+    echo "over 63 MiB: the device tool refuses past 64 MiB; leave a test binary out" >&2
+    exit 1
+fi

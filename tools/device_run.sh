@@ -43,7 +43,7 @@ left() { echo $(( LIMIT - ($(date +%s) - start) )); }
 source .device/vulkan-env.sh
 export WGPU_BACKEND=vulkan PYTHONUNBUFFERED=1
 for f in .device/*.gz; do b=$(basename "$f" .gz); gunzip -c "$f" > "/tmp/$b" && chmod +x "/tmp/$b"; done
-/tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
+timeout -k 5 30 /tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
 q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu
 nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv -lms 200 > "$OUT/clocks.csv" 2>&1 &
 clocks=$!
@@ -58,7 +58,7 @@ rm -f $TUNE
 summary() { grep -E "^test result|panicked|relative L2 error|skipped" "$1" | head -6; }
 
 echo "=== coop test ($(left) s left)"
-timeout 60 /tmp/t_coop --test-threads 2 --nocapture > /tmp/t_coop.log 2>&1
+timeout -k 5 60 /tmp/t_coop --test-threads 2 --nocapture > /tmp/t_coop.log 2>&1
 coop_rc=$?
 echo "test coop exit $coop_rc"; summary /tmp/t_coop.log
 { echo "##### coop"; cat /tmp/t_coop.log; } >> "$OUT/tests.log"
@@ -69,7 +69,7 @@ echo "=== critical ($(left) s left)"
 # configurations, and the cooperative and Winograd ones); later steps read the choices from $TUNE.
 torch=()
 [ -f .device/torch_unit.py ] && torch=(--torch .device/torch_unit.py)
-RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout 130 /tmp/resnet-wgpu bench --full --only unit \
+RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 130 /tmp/resnet-wgpu bench --full --only unit \
     --shapes 32,128,28,28 32,256,14,14 32,512,7,7 "${torch[@]}" --json /tmp/critical.json > "$OUT/critical.txt" 2>&1
 echo "critical exit $? ($(left) s left)"
 grep -E "^unit|^autotuner|conv tune (winograd|weight split)" "$OUT/critical.txt" | cut -c1-200 | head -70
@@ -79,10 +79,13 @@ peers=()
 [ -x /tmp/burn-unit ] && peers+=(--burn /tmp/burn-unit)
 [ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
 l=$(left); b=$(( l - 220 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
-RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
+RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
-grep -E "^(conv3x3|bn|unit|net|autotuner)|fp32" "$OUT/bench.txt" | head -130
+# Our rows, then the peers' (the table's, or, where the bench was cut short, their lines as
+# they came).
+grep -E "^(conv3x3|bn|unit|net|autotuner)" "$OUT/bench.txt" | head -100
+grep -E "^(preact|original) |peer: |peer skipped" "$OUT/bench.txt" | cut -c1-200 | head -60
 
 echo "=== variants ($(left) s left)"
 {
@@ -92,28 +95,28 @@ echo "=== variants ($(left) s left)"
     # The f16 path on tensor cores reached only a few percent of their peak (cfa22d4): is its
     # time the staging? And the f32 tiles', at 24% to 33% of the FP32 peak?
     if [ "$(left)" -ge 200 ]; then
-        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_WINOGRAD=off timeout 40 /tmp/resnet-wgpu bench --full \
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_WINOGRAD=off timeout -k 5 40 /tmp/resnet-wgpu bench --full \
             --only conv3x3 --shapes 32,128,28,28 32,512,7,7 --leave-out > /tmp/v.txt 2>&1
         echo "exit $?"
         grep -E "^  conv3x3 (forward|backward_data|backward_weight) |without|no stage" /tmp/v.txt | sed "s/^/stages: /"
     fi
     # The network rows (left out of step 3, so that their tuning cannot cost its later rows).
     l=$(left); t=$(( l - 150 )); [ $t -gt 120 ] && t=120; [ $t -lt 60 ] && t=60
-    RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout $t /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
+    RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 $t /tmp/resnet-wgpu bench --full --only "train step" > /tmp/v.txt 2>&1
     echo "exit $? (timeout $t s)"
     grep -E "net|networks|one submission" /tmp/v.txt | grep -v "conv tune"
     echo "tuner lines: $(grep "conv tune" /tmp/v.txt | grep -vc "from the tune file") timed," \
         "$(grep -c "from the tune file" /tmp/v.txt) from the tune file"
     # PyTorch's step of the same network at the same batch (fp32 with TF32 off, tf32, fp16).
     if [ -f .device/torch_resnet.py ] && [ "$(left)" -ge 100 ]; then
-        timeout 60 python3 .device/torch_resnet.py bench --n 128 --reps 30 > /tmp/v.txt 2>&1
+        timeout -k 5 60 python3 .device/torch_resnet.py bench --n 128 --reps 30 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^\{|Error" /tmp/v.txt | sed "s/^/torch: /"
     fi
     # The deep layers' units without Winograd (the tiled kernels alone, as before it was a
     # candidate), beside step 3's rows, where the tuner may have taken it (its `conv tune
     # winograd` lines time both per convolution).
     if [ "$(left)" -ge 170 ]; then
-        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_WINOGRAD=off timeout 70 /tmp/resnet-wgpu bench --full --only unit \
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_WINOGRAD=off timeout -k 5 70 /tmp/resnet-wgpu bench --full --only unit \
             --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^unit" /tmp/v.txt | sed "s/^/winograd=off: /"
     fi
@@ -124,14 +127,14 @@ echo "=== variants ($(left) s left)"
     # tile).
     for taps in on off; do
         [ "$(left)" -ge 190 ] || break
-        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TAPS=$taps RESNET_WGPU_CONV_WINOGRAD=off timeout 45 \
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TAPS=$taps RESNET_WGPU_CONV_WINOGRAD=off timeout -k 5 45 \
             /tmp/resnet-wgpu bench --full --only conv3x3 --shapes 32,128,28,28 32,256,14,14 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^conv3x3 (forward|backward_data)" /tmp/v.txt | sed "s/^/taps=$taps: /"
     done
     # The deep layers' convolutions with wgpu's bounds checks back in the tiled modules, to set
     # beside step 3's rows (built without them on Vulkan GPUs: Gpu::shader_module_in_range).
     if [ "$(left)" -ge 160 ]; then
-        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_SHADER_CHECKS=all timeout 60 /tmp/resnet-wgpu bench --full --only conv3x3 \
+        RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_SHADER_CHECKS=all timeout -k 5 60 /tmp/resnet-wgpu bench --full --only conv3x3 \
             --shapes 32,256,14,14 32,512,7,7 > /tmp/v.txt 2>&1
         echo "exit $?"; grep -E "^conv3x3" /tmp/v.txt | sed "s/^/checks=all: /"
     fi
@@ -146,19 +149,19 @@ for t in f16_network conv units f16_units network variants batch_norm no_subgrou
     to=$(( l - 10 < 60 ? l - 10 : 60 ))
     checks=${RESNET_WGPU_SHADER_CHECKS:-}
     exe="/tmp/t_$t"
-    RESNET_WGPU_SHADER_CHECKS=$checks timeout $to "$exe" --test-threads 4 --nocapture > "/tmp/t_$t.log" 2>&1
+    RESNET_WGPU_SHADER_CHECKS=$checks timeout -k 5 $to "$exe" --test-threads 4 --nocapture > "/tmp/t_$t.log" 2>&1
     echo "test $t exit $? ($(left) s left)"; summary "/tmp/t_$t.log"
     # At most 8 files come back: the test logs go into one.
     { echo "##### $t"; cat "/tmp/t_$t.log"; } >> "$OUT/tests.log"
 done
 
 echo "=== torch_check ($(left) s left)"
-if [ "$(left)" -ge 60 ]; then
+if [ "$(left)" -ge 100 ]; then
     {
-        timeout 60 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG
+        timeout -k 5 60 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG
         # ReLU inputs within rounding of zero: the fixture's gradients against the f64
         # reference (BENCHMARKS.md, the H200's 3.6e-3 with the vec4 kernels).
-        timeout 40 /tmp/relu_ties "" 2>&1 | grep -v XDG
+        timeout -k 5 40 /tmp/relu_ties "" 2>&1 | grep -v XDG
     } > "$OUT/torch_check.txt"
     cat "$OUT/torch_check.txt"
 else

@@ -16,8 +16,8 @@ BIN=${1:?usage: tools/gpu_tune.sh RELEASE_BINARY [bench options]}
 shift
 export WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 SHAPES=${SHAPES:-"32,64,56,56 32,128,28,28 32,256,14,14 32,512,7,7 128,16,32,32 128,32,16,16 128,64,8,8"}
-OUT=runs/gpu-tune
-mkdir -p "$OUT"
+DIR=runs/gpu-tune
+mkdir -p "$DIR"
 start=$(date +%s)
 step() { echo; echo "=== $1 ($(( $(date +%s) - start )) s elapsed)"; }
 
@@ -26,7 +26,7 @@ timeout 20 "$BIN" info
 
 step "1. autotuner: every configuration per conv op and shape, then the tuned conv rows"
 RESNET_WGPU_CONV_TUNE_LOG=1 timeout 60 "$BIN" bench --full --only conv --shapes $SHAPES \
-    --json "$OUT/conv-tuned.json" 2>&1 | grep -v '^  conv'
+    --json "$DIR/conv-tuned.json" 2>&1 | grep -v '^  conv'
 
 step "2. each configuration forced (bench --quick, conv only)"
 # The configurations that fit this adapter, as `info` lists them.
@@ -36,10 +36,10 @@ for t in $names; do
     if [ "$left" -lt 60 ]; then echo "(skipping $t and the rest: time)"; break; fi
     echo "--- tile $t"
     RESNET_WGPU_CONV_TILE=$t timeout 25 "$BIN" bench --quick --only conv --shapes $SHAPES \
-        --json "$OUT/conv-$t.json" 2>&1 | grep -E '^conv3x3|ignored'
+        --json "$DIR/conv-$t.json" 2>&1 | grep -E '^conv3x3|ignored'
 done
 
 step "3. the whole table, tuned"
 left=$(( 235 - ($(date +%s) - start) ))
-timeout $(( left > 30 ? left : 30 )) "$BIN" bench --full --json "$OUT/bench.json" "$@" 2>&1 | grep -v '^  '
+timeout $(( left > 30 ? left : 30 )) "$BIN" bench --full --json "$DIR/bench.json" "$@" 2>&1 | grep -v '^  '
 step "done"
