@@ -345,3 +345,43 @@ fn buffers_past_the_memory_cap_are_refused() {
         (_, cap) => assert_eq!(cap, None),
     }
 }
+
+/// An op given a tensor, half tensor or labels of another context refuses it by name before
+/// it records anything, also where that context was opened on other backends: another wgpu
+/// instance, whose buffer numbers would name other buffers on this device.
+#[test]
+fn ops_refuse_another_contexts_operands() {
+    use resnet_wgpu::ops::batch_norm::{self as bn, BnTensors, Epilogue};
+    use resnet_wgpu::ops::{conv, pool_fc_loss as head, relu, sgd};
+    use resnet_wgpu::tensor::HalfTensor;
+    let g = gpu();
+    let mut opts = GpuOptions::from_env();
+    // A backend set of its own (one more backend that finds nothing here): its own instance.
+    opts.backends ^= if cfg!(target_os = "macos") { wgpu::Backends::DX12 } else { wgpu::Backends::METAL };
+    let other = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+    let d = [1, 3, 4, 5];
+    let theirs = Tensor::new(g, &d, &Rng::new(1).data(60)).unwrap();
+    let up = |dims: &[usize], v: f32| Tensor::new(&other, dims, &vec![v; dims.iter().product()]).unwrap();
+    let (x, y, w, c) = (up(&d, 1.0), up(&d, 0.0), up(&[3, 3, 3, 3], 0.5), up(&[3], 1.0));
+    let (loss, z) = (up(&[1], 0.0), up(&[1, 3], 0.5));
+    let mut rec = other.recorder("another context's operands");
+    let said = "made on GPU context";
+    refused(relu::forward(&mut rec, &theirs, &y), said);
+    refused(conv::forward(&mut rec, &x, &theirs, &y, 1, false), said);
+    refused(conv::forward(&mut rec, &theirs, &w, &y, 1, false), said);
+    refused(sgd::step(&mut rec, &c, &c, &theirs, 0.1, 0.9, 0.0), said);
+    let p = BnTensors { gamma: &c, beta: &c, running_mean: &c, running_var: &theirs, affine: None };
+    let ep = Epilogue { add: false, relu: false };
+    refused(bn::forward_train(&mut rec, &x, &y, &p, &c, &c, ep), said);
+    let labels = head::upload_labels(g, &[2], 3).unwrap();
+    refused(head::softmax_xent(&mut rec, &z, &labels, &loss, &z), said);
+    if other.report.features.contains(wgpu::Features::SHADER_F16) {
+        let (hx, hy) = (HalfTensor::zeros(g, &d).unwrap(), HalfTensor::zeros(&other, &d).unwrap());
+        refused(conv::forward_f16(&mut rec, &hx, &w, &hy, 1, false), said);
+        refused(conv::forward_f16(&mut rec, &hy, &theirs, &hx, 1, false), said);
+    }
+    // Nothing was recorded: the recording runs, and the outputs are as they were.
+    rec.run().unwrap();
+    assert_eq!(y.read(&other).unwrap(), vec![0.0; 60]);
+    assert_eq!(c.read(&other).unwrap(), vec![1.0; 3]);
+}

@@ -68,6 +68,13 @@ pub struct BnTensors<'a> {
     pub affine: Option<&'a Tensor>,
 }
 
+impl BnTensors<'_> {
+    /// Every tensor it holds.
+    pub(crate) fn tensors(&self) -> impl Iterator<Item = &Tensor> {
+        [self.gamma, self.beta, self.running_mean, self.running_var].into_iter().chain(self.affine)
+    }
+}
+
 /// The `[n, c, h, w]` of `x`, checking that every other activation has the same shape.
 fn activations(what: &str, x: &Tensor, others: &[(&str, &Tensor)]) -> Result<[usize; 4]> {
     let d = x.nchw(format_args!("{what}: x"))?;
@@ -418,6 +425,7 @@ pub fn forward_train(
     ep: Epilogue,
 ) -> Result<()> {
     const WHAT: &str = "batch norm forward_train";
+    super::owned(rec, WHAT, [x, y, save_mean, save_invstd].into_iter().chain(p.tensors()))?;
     let d = activations(WHAT, x, &[("y", y)])?;
     let unbias = check_train(WHAT, x, Some(y), p, save_mean, save_invstd)?;
     let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
@@ -526,6 +534,7 @@ pub fn stats_train(
     save_invstd: &Tensor,
 ) -> Result<()> {
     const WHAT: &str = "batch norm stats_train";
+    super::owned(rec, WHAT, [x, save_mean, save_invstd].into_iter().chain(p.tensors()))?;
     let unbias = check_train(WHAT, x, None, p, save_mean, save_invstd)?;
     let d = x.nchw(WHAT)?;
     let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
@@ -666,6 +675,7 @@ pub fn affine(
     out: &Tensor,
 ) -> Result<()> {
     const WHAT: &str = "batch norm affine";
+    super::owned(rec, WHAT, [gamma, beta, mean, invstd, out])?;
     let c = gamma.len();
     per_channel(WHAT, c, &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
     check_affine_out(WHAT, "out", c, out)?;
@@ -679,6 +689,7 @@ pub fn affine(
 /// [`affine`] of inference mode: from the running statistics, `invstd = 1 / sqrt(var + EPS)`.
 pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()> {
     const WHAT: &str = "batch norm affine_eval";
+    super::owned(rec, WHAT, [out].into_iter().chain(p.tensors()))?;
     let c = p.gamma.len();
     let named =
         [("gamma", p.gamma), ("beta", p.beta), ("running_mean", p.running_mean), ("running_var", p.running_var)];
@@ -706,6 +717,7 @@ pub fn affine_eval(rec: &mut Recorder, p: &BnTensors, out: &Tensor) -> Result<()
 /// whatever [`Kernels`] says: a workgroup per wide run of a channel.
 pub fn affine_relu(rec: &mut Recorder, x: &Tensor, affine: &Tensor, y: &Tensor) -> Result<()> {
     const WHAT: &str = "batch norm affine_relu";
+    super::owned(rec, WHAT, [x, affine, y])?;
     let d = activations(WHAT, x, &[("y", y)])?;
     check_affine_out(WHAT, "affine", d[1], affine)?;
     distinct(WHAT, &[("x", x), ("y", y), ("affine", affine)])?;
@@ -740,6 +752,7 @@ fn check_affine_out(what: &str, name: &str, c: usize, t: &Tensor) -> Result<()> 
 /// exit.
 pub fn forward_eval(rec: &mut Recorder, x: &Tensor, y: &Tensor, p: &BnTensors, ep: Epilogue) -> Result<()> {
     const WHAT: &str = "batch norm forward_eval";
+    super::owned(rec, WHAT, [x, y].into_iter().chain(p.tensors()))?;
     let d = activations(WHAT, x, &[("y", y)])?;
     per_channel(
         WHAT,
@@ -789,6 +802,13 @@ pub struct BnGrads<'a> {
     pub dgamma: &'a Tensor,
     pub dbeta: &'a Tensor,
     pub scratch: &'a Tensor,
+}
+
+impl BnGrads<'_> {
+    /// Every tensor it holds.
+    pub(crate) fn tensors(&self) -> [&Tensor; 7] {
+        [self.gamma, self.beta, self.save_mean, self.save_invstd, self.dgamma, self.dbeta, self.scratch]
+    }
 }
 
 /// The checks of [`backward`]; returns x's `[n, c, h, w]`.
@@ -867,6 +887,7 @@ pub fn backward(
     accumulate_params: bool,
 ) -> Result<()> {
     const WHAT: &str = "batch norm backward";
+    super::owned(rec, WHAT, [x, dy, gamma, beta, save_mean, save_invstd, dx, dgamma, dbeta, scratch])?;
     let bg = BnGrads { gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch };
     let d = check_backward(WHAT, x, dy, dx, &bg)?;
     let c = d[1];
@@ -1014,6 +1035,7 @@ pub fn apply_saved(
     ep: Epilogue,
 ) -> Result<()> {
     const WHAT: &str = "batch norm apply_saved";
+    super::owned(rec, WHAT, [x, y, gamma, beta, mean, invstd])?;
     let d = activations(WHAT, x, &[("y", y)])?;
     per_channel(WHAT, d[1], &[("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
     distinct(WHAT, &[("x", x), ("y", y), ("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)])?;
@@ -1100,6 +1122,8 @@ pub fn stats_train_f16(
     save_invstd: &Tensor,
 ) -> Result<()> {
     const WHAT: &str = "batch norm stats_train_f16";
+    super::owned(rec, WHAT, [save_mean, save_invstd].into_iter().chain(p.tensors()))?;
+    super::owned_f16(rec, WHAT, [x])?;
     let (d, unbias) = check_train_f16(rec.gpu, WHAT, x, p, save_mean, save_invstd)?;
     let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);
@@ -1218,6 +1242,8 @@ pub fn apply_saved_f16(
     ep: Epilogue,
 ) -> Result<()> {
     const WHAT: &str = "batch norm apply_saved_f16";
+    super::owned(rec, WHAT, [gamma, beta, mean, invstd])?;
+    super::owned_f16(rec, WHAT, [x, y])?;
     let d = half_activations(rec.gpu, WHAT, x, &[("y", y)])?;
     let named = [("gamma", gamma), ("beta", beta), ("mean", mean), ("invstd", invstd)];
     per_channel(WHAT, d[1], &named)?;
@@ -1235,6 +1261,8 @@ pub fn apply_saved_f16(
 /// `x`, rounded once to the half `y`.
 pub fn affine_relu_f16(rec: &mut Recorder, x: &HalfTensor, affine: &Tensor, y: &HalfTensor) -> Result<()> {
     const WHAT: &str = "batch norm affine_relu_f16";
+    super::owned(rec, WHAT, [affine])?;
+    super::owned_f16(rec, WHAT, [x, y])?;
     let d = x.nchw(format_args!("{WHAT}: x"))?;
     if y.dims() != x.dims() {
         return Err(Error::Shape(format!("{WHAT}: y is {:?}, x is {d:?}", y.dims())));
@@ -1262,6 +1290,8 @@ pub fn backward_f16(
     dx: &HalfTensor,
     accumulate_dx: bool,
 ) -> Result<()> {
+    super::owned(rec, "batch norm backward_f16", b.tensors())?;
+    super::owned_f16(rec, "batch norm backward_f16", [x, dy, dx])?;
     let d = check_backward_f16(rec.gpu, "batch norm backward_f16", x, dy, dx, b)?;
     let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);

@@ -38,6 +38,8 @@ fn params(len: usize, s: f32) -> [u32; 12] {
 
 /// `y = x * s`, rounded to halves.
 pub fn to_half(rec: &mut Recorder, x: &Tensor, y: &HalfTensor, s: f32) -> Result<()> {
+    super::owned(rec, "cast to_half", [x])?;
+    super::owned_f16(rec, "cast to_half", [y])?;
     check(rec, "cast to_half", x, y, s)?;
     let n = x.len();
     rec.dispatch(Shader::Cast, "to_half", &params(n, s), &[(1, &x.buffer), (2, &y.buffer)], rec.gpu.groups_for(n));
@@ -46,6 +48,8 @@ pub fn to_half(rec: &mut Recorder, x: &Tensor, y: &HalfTensor, s: f32) -> Result
 
 /// `y = x * s` in f32 (exact for a power-of-two `s` in range).
 pub fn to_f32(rec: &mut Recorder, x: &HalfTensor, y: &Tensor, s: f32) -> Result<()> {
+    super::owned(rec, "cast to_f32", [y])?;
+    super::owned_f16(rec, "cast to_f32", [x])?;
     check(rec, "cast to_f32", y, x, s)?;
     let n = y.len();
     rec.dispatch(Shader::Cast, "to_f32", &params(n, s), &[(3, &x.buffer), (4, &y.buffer)], rec.gpu.groups_for(n));
@@ -55,6 +59,7 @@ pub fn to_f32(rec: &mut Recorder, x: &HalfTensor, y: &Tensor, s: f32) -> Result<
 /// `t *= s` in place (f32; the adapter has shader-f16, as the module needs it).
 pub fn scale(rec: &mut Recorder, t: &Tensor, s: f32) -> Result<()> {
     const WHAT: &str = "cast scale";
+    super::owned(rec, WHAT, [t])?;
     check_scale(WHAT, s)?;
     split::whole_fits_f16(rec.gpu, WHAT, t.dims(), t.bytes())?;
     let n = t.len();
@@ -71,6 +76,7 @@ const GROUP: usize = 8;
 /// where a tensor appears twice.
 pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
     const WHAT: &str = "cast scale_many";
+    super::owned(rec, WHAT, ts.iter().copied())?;
     check_scale(WHAT, s)?;
     for (i, t) in ts.iter().enumerate() {
         split::whole_fits_f16(rec.gpu, WHAT, t.dims(), t.bytes())?;

@@ -573,6 +573,7 @@ fn window(buf: &wgpu::Buffer, i: usize) -> wgpu::BindingResource<'_> {
 /// bias), y `[N,K,OH,OW]`, stride 1 or 2. accumulate = true adds into y: the fused residual add
 /// (x_{l+1} = x_l + F).
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, y: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
+    super::owned(rec, "conv forward", [x, w, y])?;
     forward_with(rec, x, None, w, y, stride, accumulate)
 }
 
@@ -590,6 +591,7 @@ pub fn forward_bn_relu(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    super::owned(rec, "conv forward_bn_relu", [x, affine, w, y])?;
     forward_with(rec, x, Some(affine), w, y, stride, accumulate)
 }
 
@@ -615,6 +617,11 @@ pub fn forward_stats(
     save_mean: &Tensor,
     save_invstd: &Tensor,
 ) -> Result<()> {
+    super::owned(
+        rec,
+        "conv forward_stats",
+        [x, w, y, save_mean, save_invstd].into_iter().chain(pre).chain(bn.tensors()),
+    )?;
     const WHAT: &str = "conv forward_stats";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
     distinct(WHAT, y, [x, w])?;
@@ -669,6 +676,7 @@ pub fn backward_data_bn(
     accumulate_dx: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv backward_data_bn";
+    super::owned(rec, WHAT, [dy, w, da, x, affine, dx].into_iter().chain(bn.tensors()))?;
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], da, w, dy, stride)?;
     distinct(WHAT, da, [dy, w])?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
@@ -779,6 +787,7 @@ pub fn backward_data(
     accumulate: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv backward_data";
+    super::owned(rec, WHAT, [dy, w, dx])?;
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], dx, w, dy, stride)?;
     distinct(WHAT, dx, [dy, w])?;
     let chunk =
@@ -808,6 +817,7 @@ pub fn backward_weight(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    super::owned(rec, "conv backward_weight", [x, dy, dw])?;
     backward_weight_with(rec, x, None, dy, dw, stride, accumulate)
 }
 
@@ -822,6 +832,7 @@ pub fn backward_weight_bn_relu(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    super::owned(rec, "conv backward_weight_bn_relu", [x, affine, dy, dw])?;
     backward_weight_with(rec, x, Some(affine), dy, dw, stride, accumulate)
 }
 
@@ -980,6 +991,8 @@ pub fn forward_f16(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    super::owned_f16(rec, "conv forward_f16", [x, y])?;
+    rec.gpu.check_owns("conv forward_f16", w.context())?;
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, "conv forward_f16", ["x", "w", "y"], t, 2, stride)?;
     match half_plan(rec.gpu, Op::Forward, &g, false) {
@@ -1005,6 +1018,8 @@ pub fn backward_data_f16(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    super::owned_f16(rec, "conv backward_data_f16", [dy, dx])?;
+    rec.gpu.check_owns("conv backward_data_f16", w.context())?;
     let t = [(dx.dims(), &dx.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_data_f16", ["dx", "w", "dy"], t, 0, stride)?;
     match half_plan(rec.gpu, Op::BackwardData, &g, false) {
@@ -1032,6 +1047,8 @@ pub fn backward_weight_f16(
     stride: usize,
     accumulate: bool,
 ) -> Result<()> {
+    super::owned(rec, "conv backward_weight_f16", [dw])?;
+    super::owned_f16(rec, "conv backward_weight_f16", [x, dy])?;
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, "conv backward_weight_f16", ["x", "dw", "dy"], t, 1, stride)?;
     match half_plan(rec.gpu, Op::BackwardWeight, &g, false) {
@@ -1054,6 +1071,8 @@ pub trait F16Weights {
     fn buffer(&self) -> &wgpu::Buffer;
     /// Whether the buffer holds halves (else f32).
     fn is_half(&self) -> bool;
+    /// The context that made it ([`Gpu::context`]).
+    fn context(&self) -> u64;
 }
 
 impl F16Weights for HalfTensor {
@@ -1066,6 +1085,9 @@ impl F16Weights for HalfTensor {
     fn is_half(&self) -> bool {
         true
     }
+    fn context(&self) -> u64 {
+        HalfTensor::context(self)
+    }
 }
 
 impl F16Weights for Tensor {
@@ -1077,6 +1099,9 @@ impl F16Weights for Tensor {
     }
     fn is_half(&self) -> bool {
         false
+    }
+    fn context(&self) -> u64 {
+        Tensor::context(self)
     }
 }
 
@@ -1103,6 +1128,9 @@ pub fn forward_bn_relu_f16(
     accumulate: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv forward_bn_relu_f16";
+    super::owned(rec, WHAT, [affine])?;
+    super::owned_f16(rec, WHAT, [x, y])?;
+    rec.gpu.check_owns(WHAT, w.context())?;
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, Some(affine), g.c, &y.buffer)?;
@@ -1147,6 +1175,9 @@ pub fn forward_stats_f16(
     save_invstd: &Tensor,
 ) -> Result<()> {
     const WHAT: &str = "conv forward_stats_f16";
+    super::owned(rec, WHAT, [save_mean, save_invstd].into_iter().chain(pre).chain(bn.tensors()))?;
+    super::owned_f16(rec, WHAT, [x, y])?;
+    rec.gpu.check_owns(WHAT, w.context())?;
     let t = [(x.dims(), &x.buffer), (w.shape(), w.buffer()), (y.dims(), &y.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "w", "y"], t, 2, stride)?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
@@ -1192,6 +1223,8 @@ pub fn backward_weight_bn_relu_f16(
     accumulate: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv backward_weight_bn_relu_f16";
+    super::owned(rec, WHAT, [affine, dw])?;
+    super::owned_f16(rec, WHAT, [x, dy])?;
     let t = [(x.dims(), &x.buffer), (dw.dims(), &dw.buffer), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["x", "dw", "dy"], t, 1, stride)?;
     check_affine(WHAT, Some(affine), g.c, &dw.buffer)?;
@@ -1237,6 +1270,9 @@ pub fn backward_data_bn_f16(
     accumulate_dx: bool,
 ) -> Result<()> {
     const WHAT: &str = "conv backward_data_bn_f16";
+    super::owned(rec, WHAT, [affine].into_iter().chain(bn.tensors()))?;
+    super::owned_f16(rec, WHAT, [dy, da, x, dx])?;
+    rec.gpu.check_owns(WHAT, w.context())?;
     let t = [(da.dims(), &da.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
     let g = check_f16(rec.gpu, WHAT, ["dx", "w", "dy"], t, 0, stride)?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;

@@ -19,6 +19,7 @@ fn check_bias(what: &str, t: &Tensor, b: &Tensor) -> Result<[usize; 4]> {
 
 /// `z = sigmoid(z + b[c])` in place.
 pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
+    super::owned(rec, "gate bias_sigmoid", [b, z])?;
     let [n, c, h, w] = check_bias("gate bias_sigmoid", z, b)?;
     let chunk = |rec: &mut Recorder, _: &Range<usize>, _: &[Tensor], o: &[Tensor]| bias_sigmoid(rec, b, &o[0]);
     if split::batch_op(rec, "gate bias_sigmoid", &[], &[(z, true)], &[b], chunk)? {
@@ -31,6 +32,7 @@ pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
 
 /// `d = d * g * (1 - g)` in place: `dE/dg` in, `dE/dz` out.
 pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()> {
+    super::owned(rec, "gate sigmoid_backward", [g, d])?;
     same_len("gate sigmoid_backward", &[g, d])?;
     if split::flat_op(rec, "gate sigmoid_backward", &[g], &[(d, true)], |rec, i, o| {
         sigmoid_backward(rec, &i[0], &o[0])
@@ -44,6 +46,7 @@ pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()
 
 /// `db[c] = sum over N, H, W of dz` (overwrites `db`).
 pub fn bias_grad(rec: &mut Recorder, dz: &Tensor, db: &Tensor) -> Result<()> {
+    super::owned(rec, "gate bias_grad", [dz, db])?;
     let [_, c, _, _] = check_bias("gate bias_grad", dz, db)?;
     if c > MAX_CHANNELS {
         return Err(Error::Invalid(format!("gate bias_grad: {c} channels, at most {MAX_CHANNELS} supported")));
@@ -66,6 +69,7 @@ fn bias_grad_at(rec: &mut Recorder, dz: &Tensor, db: &Tensor, accumulate: bool) 
 
 /// `g = sigmoid(conv1x1(x, w, stride) + b)`.
 pub fn forward(rec: &mut Recorder, x: &Tensor, w: &Tensor, b: &Tensor, g: &Tensor, stride: usize) -> Result<()> {
+    super::owned(rec, "gate forward", [x, w, b, g])?;
     conv::check_shapes("gate forward", x, w, g, stride)?;
     check_bias("gate forward", g, b)?;
     conv::forward(rec, x, w, g, stride, false)?;
@@ -88,6 +92,7 @@ pub fn backward(
     accumulate: bool,
 ) -> Result<()> {
     const WHAT: &str = "gate backward";
+    super::owned(rec, WHAT, [x, w, g, dg, dw, db, dx])?;
     conv::check_shapes(WHAT, x, w, g, stride)?;
     conv::check_shapes(WHAT, dx, dw, dg, stride)?;
     same_len(WHAT, &[g, dg])?;

@@ -57,6 +57,7 @@ pub fn forward(
     y: &Tensor,
     relu: bool,
 ) -> Result<()> {
+    super::owned(rec, "mix forward", [h, f, y].into_iter().chain(g))?;
     combine.validate()?;
     let g = gate_of(combine, g, h)?;
     same_len("mix forward", &[h, f, g, y])?;
@@ -98,6 +99,7 @@ pub fn backward(
     df: &Tensor,
     dg: Option<&Tensor>,
 ) -> Result<()> {
+    super::owned(rec, "mix backward", [h, f, dy, dh, df].into_iter().chain(g).chain(dg))?;
     combine.validate()?;
     let gate = gate_of(combine, g, h)?;
     same_len("mix backward", &[h, f, gate, dy, dh, df])?;

@@ -121,6 +121,19 @@ pub(crate) fn spare_slots(gpu: &Gpu, n: usize) -> Vec<wgpu::Buffer> {
     })
 }
 
+/// `Ok` where each of `ts` was made on `rec`'s context; else [`Error::Invalid`] naming `what`
+/// ([`Gpu::check_owns`]). Every op checks its operands so before it records anything: a
+/// buffer means nothing to another context's device, and under another wgpu instance (a
+/// context opened on other backends) its number may name one of that device's own buffers.
+pub(crate) fn owned<'a>(rec: &Recorder, what: &str, ts: impl IntoIterator<Item = &'a Tensor>) -> Result<()> {
+    ts.into_iter().try_for_each(|t| rec.gpu.check_owns(what, t.context()))
+}
+
+/// [`owned`] of half tensors.
+pub(crate) fn owned_f16<'a>(rec: &Recorder, what: &str, ts: impl IntoIterator<Item = &'a HalfTensor>) -> Result<()> {
+    ts.into_iter().try_for_each(|t| rec.gpu.check_owns(what, t.context()))
+}
+
 /// All tensors hold the same number of elements.
 pub(crate) fn same_len(what: &str, ts: &[&Tensor]) -> Result<()> {
     let n = ts[0].len();

@@ -149,6 +149,7 @@ impl Params {
 
 /// Global average pooling: `p[n,c] = mean_{h,w} x[n,c,h,w]`; `p` is `[N,C]`.
 pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
+    super::owned(rec, "head pool_forward", [x, p])?;
     let [n, c, h, w] = x.nchw("pool forward: x")?;
     expect(p, &[n, c], "pool forward: p")?;
     distinct("pool forward", &[("x", x), ("p", p)])?;
@@ -171,6 +172,7 @@ pub fn pool_forward(rec: &mut Recorder, x: &Tensor, p: &Tensor) -> Result<()> {
 
 /// `dx[n,c,h,w] (+)= dp[n,c] / (H*W)`; `dp` is `[N,C]`, `dx` `[N,C,H,W]`.
 pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
+    super::owned(rec, "head pool_backward", [dp, dx])?;
     let [n, c, h, w] = dx.nchw("pool backward: dx")?;
     expect(dp, &[n, c], "pool backward: dp")?;
     distinct("pool backward", &[("dp", dp), ("dx", dx)])?;
@@ -193,6 +195,7 @@ pub fn pool_backward(rec: &mut Recorder, dp: &Tensor, dx: &Tensor, accumulate: b
 
 /// `logits = p · wᵀ + b`: `p` `[N,C]`, `w` `[K,C]`, `b` `[K]`, `logits` `[N,K]`.
 pub fn fc_forward(rec: &mut Recorder, p: &Tensor, w: &Tensor, b: &Tensor, logits: &Tensor) -> Result<()> {
+    super::owned(rec, "head fc_forward", [p, w, b, logits])?;
     let [n, c] = two_d(p, "fc forward: p")?;
     let [k, wc] = two_d(w, "fc forward: w")?;
     if wc != c {
@@ -232,6 +235,7 @@ pub fn fc_backward(
     accumulate_dp: bool,
     accumulate_params: bool,
 ) -> Result<()> {
+    super::owned(rec, "head fc_backward", [p, w, dlogits, dp, dw, db])?;
     let [n, c] = two_d(p, "fc backward: p")?;
     let [k, wc] = two_d(w, "fc backward: w")?;
     if wc != c {
@@ -282,6 +286,8 @@ pub fn softmax_xent(
     loss: &Tensor,
     dlogits: &Tensor,
 ) -> Result<()> {
+    super::owned(rec, "head softmax_xent", [logits, loss, dlogits])?;
+    rec.gpu.check_owns("head softmax_xent", labels.context())?;
     let [n, k] = two_d(logits, "softmax xent: logits")?;
     if labels.len != n || labels.classes != k {
         return Err(Error::Shape(format!(

@@ -7,6 +7,7 @@ use crate::tensor::Tensor;
 
 /// `out[slot] = sum(x^2)` (one deterministic workgroup reduction).
 pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) -> Result<()> {
+    super::owned(rec, "probe sum_squares", [x, out])?;
     if slot >= out.len() {
         return Err(Error::Invalid(format!("sum_squares: slot {slot} past the {} outputs", out.len())));
     }
@@ -44,6 +45,7 @@ pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) ->
 
 /// `b = a - b`, element-wise.
 pub fn subtract_from(rec: &mut Recorder, a: &Tensor, b: &Tensor) -> Result<()> {
+    super::owned(rec, "probe subtract_from", [a, b])?;
     same_len("subtract_from", &[a, b])?;
     if split::flat_op(rec, "subtract_from", &[a], &[(b, true)], |rec, i, o| subtract_from(rec, &i[0], &o[0]))? {
         return Ok(());

@@ -7,6 +7,7 @@ use crate::tensor::{HalfTensor, Tensor};
 
 /// `y = max(x, 0)`.
 pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
+    super::owned(rec, "relu forward", [x, y])?;
     same_len("relu forward", &[x, y])?;
     if split::flat_op(rec, "relu forward", &[x], &[(y, false)], |rec, i, o| forward(rec, &i[0], &o[0]))? {
         return Ok(());
@@ -18,6 +19,7 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
 
 /// `dx (+)= dy * [x > 0]`; `x` may be the forward's input or its output.
 pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
+    super::owned(rec, "relu backward", [x, dy, dx])?;
     same_len("relu backward", &[x, dy, dx])?;
     let chunk = |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| backward(rec, &i[0], &i[1], &o[0], accumulate);
     if split::flat_op(rec, "relu backward", &[x, dy], &[(dx, accumulate)], chunk)? {
@@ -36,6 +38,7 @@ pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumu
 
 /// `g *= [y > 0]` in place, where `y` is a kept ReLU output and `g` the gradient at it.
 pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
+    super::owned(rec, "relu mask_in_place", [y, g])?;
     same_len("relu mask", &[y, g])?;
     if split::flat_op(rec, "relu mask", &[y], &[(g, true)], |rec, i, o| mask_in_place(rec, &i[0], &o[0]))? {
         return Ok(());
@@ -50,6 +53,7 @@ pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
 /// [`mask_in_place`] on f16 tensors (the f16 path; adapters with shader-f16), whole (no chunks).
 pub fn mask_in_place_f16(rec: &mut Recorder, y: &HalfTensor, g: &HalfTensor) -> Result<()> {
     const WHAT: &str = "relu mask_in_place_f16";
+    super::owned_f16(rec, WHAT, [y, g])?;
     if y.dims() != g.dims() || y.buffer == g.buffer {
         return Err(Error::Shape(format!(
             "{WHAT}: y {:?} and g {:?} must be distinct tensors of one shape",

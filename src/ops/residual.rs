@@ -11,6 +11,7 @@ use crate::tensor::{HalfTensor, Tensor};
 
 /// `stream += branch`, in place.
 pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
+    super::owned(rec, "residual add", [branch, stream])?;
     same_len("residual add", &[branch, stream])?;
     if split::flat_op(rec, "residual add", &[branch], &[(stream, true)], |rec, i, o| add(rec, &i[0], &o[0]))? {
         return Ok(());
@@ -45,6 +46,7 @@ fn subsample_dims(x: &[usize], y: &[usize], stride: usize, accumulate: bool, len
 
 /// Option A forward: `y = x[:, :, ::s, ::s]`, channels past x's zero. Overwrites `y`.
 pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usize) -> Result<()> {
+    super::owned(rec, "residual subsample_forward", [x, y])?;
     let params = subsample_params(x, y, stride, false, y.len())?;
     let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| subsample_forward(rec, &i[0], &o[0], stride);
     if split::batch_op(rec, "option-A shortcut forward", &[x], &[(y, false)], &[], chunk)? {
@@ -62,6 +64,7 @@ pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usi
 
 /// Option A backward: `dx (+)= ` the transpose of the subsample applied to `dy`.
 pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
+    super::owned(rec, "residual subsample_backward", [dy, dx])?;
     let params = subsample_params(dx, dy, stride, accumulate, dx.len())?;
     let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
         subsample_backward(rec, &i[0], &o[0], stride, accumulate)
@@ -82,6 +85,7 @@ pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: 
 /// `dst = src`, a plain copy (the identity shortcut's start of `x_{l+1} = x_l + F(x_l)` when
 /// `x_l` must be kept for the backward). A buffer copy binds nothing: any size runs whole.
 pub fn copy(rec: &mut Recorder, src: &Tensor, dst: &Tensor) -> Result<()> {
+    super::owned(rec, "residual copy", [src, dst])?;
     same_len("copy", &[src, dst])?;
     rec.encoder().copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, src.bytes());
     Ok(())
@@ -102,6 +106,7 @@ fn check_f16(rec: &Recorder, what: &str, x: &HalfTensor, y: &HalfTensor) -> Resu
 /// [`subsample_forward`] on f16 tensors (the f16 path), whole (no chunks).
 pub fn subsample_forward_f16(rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, stride: usize) -> Result<()> {
     const WHAT: &str = "option-A shortcut forward_f16";
+    super::owned_f16(rec, "residual subsample_forward_f16", [x, y])?;
     check_f16(rec, WHAT, x, y)?;
     let params = subsample_dims(x.dims(), y.dims(), stride, false, y.len())?;
     let binds = [(3, &x.buffer), (4, &y.buffer)];
@@ -118,6 +123,7 @@ pub fn subsample_backward_f16(
     accumulate: bool,
 ) -> Result<()> {
     const WHAT: &str = "option-A shortcut backward_f16";
+    super::owned_f16(rec, "residual subsample_backward_f16", [dy, dx])?;
     check_f16(rec, WHAT, dy, dx)?;
     let params = subsample_dims(dx.dims(), dy.dims(), stride, accumulate, dx.len())?;
     let binds = [(3, &dy.buffer), (4, &dx.buffer)];

@@ -20,6 +20,7 @@ pub fn step(
     momentum: f32,
     weight_decay: f32,
 ) -> Result<()> {
+    super::owned(rec, "sgd step", [w, g, m])?;
     check(w, g, m)?;
     check_hyperparameters(lr, momentum, weight_decay)?;
     let chunk =
@@ -46,6 +47,7 @@ const GROUP: usize = 8;
 /// one binding (else one [`step`] each). Errors as [`step`], and where a tensor appears in two
 /// of the triples.
 pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
+    super::owned(rec, "sgd step_many", params.iter().flatten().copied())?;
     check_hyperparameters(lr, momentum, weight_decay)?;
     for (i, [w, g, m]) in params.iter().enumerate() {
         check(w, g, m)?;
