@@ -124,6 +124,17 @@ fn contexts(tiled: bool) -> Vec<(&'static str, &'static Gpu)> {
     v
 }
 
+/// A context of its own (whose profile shows no other test's dispatches), where the adapter
+/// has timestamp queries (else the dispatches go unnamed: the caller's test is skipped).
+fn profiled_context() -> Option<Gpu> {
+    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+    if !g.has_timestamps() {
+        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
+        return None;
+    }
+    Some(g)
+}
+
 fn up(g: &Gpu, dims: &[usize], data: &[f32]) -> Tensor {
     Tensor::new(g, dims, data).expect("upload")
 }
@@ -286,11 +297,7 @@ fn bn_relu_separate_prologue() {
 /// no other test's dispatches are profiled with these.
 #[test]
 fn forward_stats_runs_a_separate_prologue_once() {
-    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
-    if !g.has_timestamps() {
-        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
-        return;
-    }
+    let Some(g) = profiled_context() else { return };
     conv::set_kernels(&g, conv::Kernels::Tiled);
     conv::set_prologue(&g, conv::Prologue::Separate);
     resnet_wgpu::profile::set(&g, true);
@@ -1254,11 +1261,7 @@ fn f16_path_within_bound() {
 #[test]
 fn forced_tile_takes_the_tiled_kernels() {
     use resnet_wgpu::tensor::HalfTensor;
-    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
-    if !g.has_timestamps() {
-        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
-        return;
-    }
+    let Some(g) = profiled_context() else { return };
     let tile = "64x64k16t4x4";
     conv::force_tile(&g, Some(tile)).unwrap();
     let (xd, wd) = ([2, 64, 8, 8], [64, 64, 3, 3]);
@@ -1289,11 +1292,7 @@ fn forced_tile_takes_the_tiled_kernels() {
 /// (which does not), and its result is the reference's.
 #[test]
 fn tuning_leaves_the_profile_to_the_callers_dispatches() {
-    let g = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
-    if !g.has_timestamps() {
-        eprintln!("skipped: no timestamp queries on {} (the dispatches go unnamed)", g.report.name);
-        return;
-    }
+    let Some(g) = profiled_context() else { return };
     conv::set_kernels(&g, conv::Kernels::Tuned);
     let c = case([2, 8, 9, 7], 8, 3, 1);
     let mut rng = Rng::new(61);
