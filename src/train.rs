@@ -321,16 +321,17 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
 /// and in the file's metadata its network ([`io::network_metadata`]: many variants have the
 /// same tensors, so the names alone cannot tell one from another).
 pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, path: &Path) -> Result<()> {
-    write_checkpoint(gpu, net, epochs_done, seed, Vec::new(), &History::default(), path, None)
+    let state = io::state_tensors(net, gpu, true)?;
+    write_checkpoint(net, state, epochs_done, seed, Vec::new(), &History::default(), path, None)
 }
 
-/// [`save_checkpoint`] with the run's options and history in the metadata too (`run.<name>`,
-/// `history.*`); with `weights`, also the state dict alone there ([`io::save_weights`]'s file),
-/// from the same read-back.
+/// [`save_checkpoint`] of `t`, the network's state as [`io::state_tensors`] read it (with the
+/// momentum), with the run's options and history in the metadata too (`run.<name>`,
+/// `history.*`); with `weights`, also the state dict alone there ([`io::save_weights`]'s file).
 #[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
-    gpu: &Gpu,
     net: &ResNet,
+    mut t: Vec<(String, HostTensor)>,
     epochs_done: usize,
     seed: u64,
     run: Vec<(&str, String)>,
@@ -338,7 +339,6 @@ fn write_checkpoint(
     path: &Path,
     weights: Option<&Path>,
 ) -> Result<()> {
-    let mut t = io::state_tensors(net, gpu, true)?;
     if let Some(w) = weights {
         // The state dict comes first, the momentum after it.
         let state = &t[..net.config.tensors().len()];
@@ -598,6 +598,16 @@ pub fn train(
         }
         let images_per_sec = seen as f64 / start.elapsed().as_secs_f64().max(1e-9);
         bar.finish_and_clear();
+        // The state the checkpoint will hold, read back once, checked first: a NaN weight can
+        // leave the loss finite (most GPUs' ReLU, a max, drops a NaN: the stream after it is 0,
+        // the logits the bias), and the epoch's last update is checked by no loss.
+        let state = io::state_tensors(net, gpu, true)?;
+        if let Some((name, _)) = state.iter().find(|(_, t)| t.to_f32().iter().any(|v| !v.is_finite())) {
+            return Err(Error::NonFinite(format!(
+                "epoch {}: {name} is not finite after its steps; no checkpoint written",
+                epoch + 1
+            )));
+        }
         let (test_loss, test_acc) = evaluate(gpu, net, test, opts.eval_batch)?;
         let s = EpochStats {
             epoch: epoch + 1,
@@ -633,7 +643,7 @@ pub fn train(
         // The checkpoint also holds momentum and the run's state, which PyTorch's strict
         // load_state_dict refuses: the weights alone beside it.
         let weights = opts.out.join("weights.safetensors");
-        write_checkpoint(gpu, net, epoch + 1, opts.seed, run, &history, &path, Some(&weights))?;
+        write_checkpoint(net, state, epoch + 1, opts.seed, run, &history, &path, Some(&weights))?;
         write_curves(&opts.out, &history.epochs)?;
     }
     Ok(history)

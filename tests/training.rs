@@ -424,6 +424,30 @@ fn a_diverging_run_stops_as_non_finite() {
     assert!(!dir.join("checkpoint.safetensors").exists());
 }
 
+/// A weight that is not finite stops the run at the end of its epoch, before the checkpoint,
+/// even where the loss stays finite: most GPUs' ReLU (a max) drops the NaN the stream carries
+/// after a NaN weight (lavapipe's does), so the logits are the bias and the loss ln(classes),
+/// while the backward spreads NaN to every earlier weight.
+#[test]
+fn a_weight_that_is_not_finite_stops_the_run_before_its_checkpoint() {
+    let g = gpu();
+    let (train_set, test_set) = data::synthetic(128, 20, 5).unwrap();
+    let mut state: std::collections::HashMap<String, Vec<f32>> =
+        ResNet::new(g, &tiny(), 5).unwrap().state(g).unwrap().into_iter().collect();
+    state.get_mut("layer1.0.conv1.weight").unwrap()[0] = f32::NAN;
+    let mut net = ResNet::from_state(g, &tiny(), &state).unwrap();
+    let dir = out_dir("nan-weight");
+    let opts =
+        TrainOptions { epochs: 1, batch: 32, progress: false, out: dir.to_path_buf(), ..TrainOptions::default() };
+    match train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()) {
+        Err(resnet_wgpu::Error::NonFinite(m)) => {
+            assert!(m.starts_with("epoch 1: ") && m.contains("no checkpoint"), "{m}")
+        }
+        other => panic!("expected a non-finite error, got {:?}", other.map(|h| h.epochs)),
+    }
+    assert!(!dir.join("checkpoint.safetensors").exists() && !dir.join("weights.safetensors").exists());
+}
+
 /// A dataset of more classes than the network's logits is refused (its labels would index past
 /// a row), as the test set of a run and by `evaluate`; so is an evaluation batch of 0.
 #[test]
