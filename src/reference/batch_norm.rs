@@ -83,6 +83,15 @@ fn normalize(
     y
 }
 
+/// Asserts that `x` (and `other`, an activation of x's shape) has the elements of `d`, and each
+/// of `per_channel` one a channel.
+#[track_caller]
+fn check(what: &str, x: &[f64], d: [usize; 4], per_channel: &[&[f64]], other: Option<&[f64]>) {
+    super::same_len(what, d.iter().product(), &[x]);
+    super::same_len(what, d.iter().product(), other.as_slice());
+    super::same_len(what, d[1], per_channel);
+}
+
 /// Training mode. `y_old` given means the add epilogue (`y = y_old + bn(x)`); `relu` applies last.
 /// Needs `n*h*w > 1`.
 #[allow(clippy::too_many_arguments)]
@@ -98,6 +107,7 @@ pub fn forward_train(
 ) -> Train {
     let m = (d[0] * d[2] * d[3]) as f64;
     assert!(m > 1.0, "batch norm training needs more than one value per channel");
+    check("reference batch norm forward_train", x, d, &[gamma, beta, running_mean, running_var], y_old);
     let (mean, var) = batch_stats(x, d);
     let invstd: Vec<f64> = var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
     let y = normalize(x, d, &mean, &invstd, gamma, beta, y_old, relu);
@@ -142,6 +152,7 @@ pub fn forward_eval(
     y_old: Option<&[f64]>,
     relu: bool,
 ) -> Vec<f64> {
+    check("reference batch norm forward_eval", x, d, &[gamma, beta, running_mean, running_var], y_old);
     let invstd: Vec<f64> = running_var.iter().map(|v| 1.0 / (v + EPS).sqrt()).collect();
     normalize(x, d, running_mean, &invstd, gamma, beta, y_old, relu)
 }
@@ -158,6 +169,7 @@ pub fn backward(
     relu: bool,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let [n, c, h, w] = d;
+    check("reference batch norm backward", x, d, &[gamma, beta], Some(dy));
     let m = (n * h * w) as f64;
     let (mean, var) = batch_stats(x, d);
     let mut dx = vec![0.0; x.len()];

@@ -72,3 +72,26 @@ pub fn backward_weight(x: &[f64], xd: [usize; 4], dy: &[f64], wd: [usize; 4], st
     for_each_term(xd, wd, stride, |xi, wi, yi| dw[wi] += x[xi] * dy[yi]);
     dw
 }
+
+#[cfg(test)]
+mod tests {
+    /// Sums worked out by hand, outside the loop nest the three functions share (finite
+    /// differences show only that the backwards are its transposes): x = 0..24 as 5x5, a 3x3
+    /// kernel of ones at stride 2 sums the window around every second pixel, zero-padded.
+    #[test]
+    fn forward_sums_the_padded_windows_at_stride_2() {
+        let x: Vec<f64> = (0..25).map(f64::from).collect();
+        let y = super::forward(&x, [1, 1, 5, 5], &[1.0; 9], [1, 1, 3, 3], 2);
+        // y[0][0] = x00 + x01 + x10 + x11 = 0 + 1 + 5 + 6; y[1][1] the full window around 12.
+        assert_eq!(y, [12.0, 27.0, 24.0, 63.0, 108.0, 81.0, 72.0, 117.0, 84.0]);
+        // A 1x1 kernel at stride 2 on 3x4: every second pixel of every second row.
+        let x: Vec<f64> = (0..12).map(f64::from).collect();
+        assert_eq!(super::forward(&x, [1, 1, 3, 4], &[2.0], [1, 1, 1, 1], 2), [0.0, 4.0, 16.0, 20.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "operand 0 has 3 elements, not 2")]
+    fn the_oracle_refuses_operands_of_other_lengths() {
+        crate::reference::relu::backward(&[1.0, 2.0], &[1.0; 3]);
+    }
+}

@@ -5,11 +5,13 @@
 pub fn forward(z: &[f64], d: [usize; 4], b: &[f64]) -> Vec<f64> {
     let hw = d[2] * d[3];
     assert_eq!(b.len(), d[1], "reference gate: one bias per channel");
+    super::same_len("reference gate forward", d.iter().product(), &[z]);
     z.iter().enumerate().map(|(i, &v)| 1.0 / (1.0 + (-(v + b[(i / hw) % d[1]])).exp())).collect()
 }
 
 /// The backward of [`forward`] from its output `g` and `dg`: `(dE/dz, dE/db)`.
 pub fn backward(g: &[f64], d: [usize; 4], dg: &[f64]) -> (Vec<f64>, Vec<f64>) {
+    super::same_len("reference gate backward", d.iter().product(), &[g, dg]);
     let hw = d[2] * d[3];
     let dz: Vec<f64> = g.iter().zip(dg).map(|(&s, &e)| e * s * (1.0 - s)).collect();
     let mut db = vec![0.0; d[1]];

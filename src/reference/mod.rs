@@ -20,6 +20,14 @@ pub mod relu;
 pub mod residual;
 pub mod sgd;
 
+/// Asserts that each of `slices` has `len` elements (`what` names the function).
+#[track_caller]
+fn same_len(what: &str, len: usize, slices: &[&[f64]]) {
+    for (i, s) in slices.iter().enumerate() {
+        assert_eq!(s.len(), len, "{what}: operand {i} has {} elements, not {len}", s.len());
+    }
+}
+
 /// Widens f32 data for the reference.
 pub fn to_f64(x: &[f32]) -> Vec<f64> {
     x.iter().map(|&v| v as f64).collect()
@@ -39,6 +47,7 @@ pub fn rel_l2(got: &[f32], want: &[f64]) -> f64 {
 
 /// `max |got - want|` (infinite when `got` holds a NaN).
 pub fn max_abs(got: &[f32], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "max_abs: lengths differ");
     got.iter().zip(want).fold(0.0f64, |m, (&g, &w)| {
         let d = (g as f64 - w).abs();
         if d.is_nan() { f64::INFINITY } else { m.max(d) }

@@ -7,5 +7,6 @@ pub fn forward(x: &[f64]) -> Vec<f64> {
 
 /// `dy * [x > 0]`.
 pub fn backward(x: &[f64], dy: &[f64]) -> Vec<f64> {
+    super::same_len("reference relu backward", x.len(), &[dy]);
     x.iter().zip(dy).map(|(&v, &g)| if v > 0.0 { g } else { 0.0 }).collect()
 }
