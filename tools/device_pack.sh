@@ -7,7 +7,8 @@
 #   device run: bash tools/device_run.sh   (carry .gl and .device; see ../shared/gpu/README.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-mkdir -p .device
+# Nothing of an older pack travels (an old burn-unit.gz would run as the peer).
+rm -rf .device && mkdir -p .device
 cargo build --release
 cargo build --release --example torch_check --example relu_ties
 pack() { strip -o "/tmp/pack-$2" "$1" && gzip -9 -c "/tmp/pack-$2" > ".device/$2.gz"; }
@@ -24,9 +25,10 @@ cp tools/torch_resnet.py .device/
 cp -f ../shared/peers/torch_unit.py ../shared/gpu/vulkan-env.sh .device/
 # What travels: the tracked and untracked (not ignored) files, .device and .gl, under the
 # device tool's 64 MiB carry limit, with a margin; over it the call is refused.
-bytes() { xargs -0 -r stat -c %s -- 2>/dev/null | awk '{ s += $1 } END { print s + 0 }'; }
+# (A tracked file deleted here, or no .gl, fails stat or find: counted as nothing, not an exit.)
+bytes() { { xargs -0 -r stat -c %s -- 2>/dev/null || true; } | awk '{ s += $1 } END { print s + 0 }'; }
 tree=$(git ls-files -z --cached --others --exclude-standard | bytes)
-packed=$(find .device .gl -type f -print0 2>/dev/null | bytes)
+packed=$({ find .device .gl -type f -print0 2>/dev/null || true; } | bytes)
 total=$(( tree + packed ))
 echo "carry: $(( total / 1048576 )) MiB ($tree bytes of the tree, $packed of .device and .gl)"
 if [ $total -gt $(( 63 * 1048576 )) ]; then

@@ -82,10 +82,15 @@ l=$(left); b=$(( l - 220 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
 RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
     --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
 echo "bench exit $? ($(left) s left)"
-# Our rows, then the peers' (the table's, or, where the bench was cut short, their lines as
-# they came).
-grep -E "^(conv3x3|bn|unit|net|autotuner)" "$OUT/bench.txt" | head -100
-grep -E "^(preact|original) |peer: |peer skipped" "$OUT/bench.txt" | cut -c1-200 | head -60
+# Our rows (the last table printed: with peers the bench prints ours first, then the whole
+# report), then the peers' ratios; where the bench was cut short, the peers' lines as they came.
+from=1; [ "$(grep -c "^wrote " "$OUT/bench.txt")" -ge 2 ] && from=$(grep -n "^wrote " "$OUT/bench.txt" | head -1 | cut -d: -f1)
+tail -n +"$from" "$OUT/bench.txt" | grep -E "^(conv3x3|bn|unit|net|autotuner)" | head -100
+if grep -q "^peers: ratio" "$OUT/bench.txt"; then
+    sed -n '/^peers: ratio/,$p' "$OUT/bench.txt" | cut -c1-200 | head -100
+else
+    grep -E "peer: |peer skipped" "$OUT/bench.txt" | cut -c1-200 | head -60
+fi
 
 echo "=== variants ($(left) s left)"
 {
