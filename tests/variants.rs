@@ -137,6 +137,15 @@ fn kernels_refuse_bad_operands() {
     // More channels than one dispatch dimension holds workgroups (one a channel).
     let wide = 65536;
     refused(gate::bias_grad(&mut rec, &poisoned(&[1, wide, 1, 1]), &poisoned(&[wide])), "at most 65535");
+    // The backward refuses it before its in-place sigmoid backward overwrites dg.
+    let (x1, w1, g1, dg1) = (
+        poisoned(&[1, 1, 1, 1]),
+        poisoned(&[wide, 1, 1, 1]),
+        poisoned(&[1, wide, 1, 1]),
+        upload(&[1, wide, 1, 1], &vec![1.0; wide]),
+    );
+    let (dw1, db1, dx1) = (poisoned(&[wide, 1, 1, 1]), poisoned(&[wide]), poisoned(&[1, 1, 1, 1]));
+    refused(gate::backward(&mut rec, &x1, &w1, &g1, &dg1, &dw1, &db1, &dx1, 1, false), "at most 65535");
     // The gate's composites check every shape before they record a step: a wrong bias leaves
     // the forward's output unwritten (no convolution recorded) and the backward's dg as it was
     // (no in-place sigmoid backward recorded).
@@ -149,6 +158,7 @@ fn kernels_refuse_bad_operands() {
     rec.run().unwrap();
     assert!(read(&gt).iter().all(|v| v.is_nan()), "gate forward recorded a step before refusing");
     assert!(read(&dg).iter().all(|&v| v == 1.0), "gate backward recorded a step before refusing");
+    assert!(read(&dg1).iter().all(|&v| v == 1.0), "gate backward recorded a step before refusing 65536 channels");
 }
 
 /// Every unit of a small network of `cfg` (identity and stride-2 units), forward and backward

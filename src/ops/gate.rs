@@ -17,6 +17,15 @@ fn check_bias(what: &str, t: &Tensor, b: &Tensor) -> Result<[usize; 4]> {
     Ok(d)
 }
 
+/// [`check_bias`], and at most [`MAX_CHANNELS`]: the bias gradient takes a workgroup a channel.
+fn check_bias_grad(what: &str, dz: &Tensor, db: &Tensor) -> Result<()> {
+    let [_, c, _, _] = check_bias(what, dz, db)?;
+    if c > MAX_CHANNELS {
+        return Err(Error::Invalid(format!("{what}: {c} channels, at most {MAX_CHANNELS} supported")));
+    }
+    Ok(())
+}
+
 /// `z = sigmoid(z + b[c])` in place.
 pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
     super::owned(rec, "gate bias_sigmoid", [b, z])?;
@@ -47,10 +56,7 @@ pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()
 /// `db[c] = sum over N, H, W of dz` (overwrites `db`).
 pub fn bias_grad(rec: &mut Recorder, dz: &Tensor, db: &Tensor) -> Result<()> {
     super::owned(rec, "gate bias_grad", [dz, db])?;
-    let [_, c, _, _] = check_bias("gate bias_grad", dz, db)?;
-    if c > MAX_CHANNELS {
-        return Err(Error::Invalid(format!("gate bias_grad: {c} channels, at most {MAX_CHANNELS} supported")));
-    }
+    check_bias_grad("gate bias_grad", dz, db)?;
     // Past the binding limit: by chunks of images, each adding into db in order.
     let chunk =
         |rec: &mut Recorder, r: &Range<usize>, i: &[Tensor], _: &[Tensor]| bias_grad_at(rec, &i[0], db, r.start > 0);
@@ -96,7 +102,7 @@ pub fn backward(
     conv::check_shapes(WHAT, x, w, g, stride)?;
     conv::check_shapes(WHAT, dx, dw, dg, stride)?;
     same_len(WHAT, &[g, dg])?;
-    check_bias(WHAT, dg, db)?;
+    check_bias_grad(WHAT, dg, db)?;
     sigmoid_backward(rec, g, dg)?;
     bias_grad(rec, dg, db)?;
     conv::backward_weight(rec, x, dg, dw, stride, false)?;
