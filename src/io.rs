@@ -203,10 +203,10 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
     let tmp = path.with_file_name(format!(".{}.{}-{nanos}-{n}.tmp", file.to_string_lossy(), std::process::id()));
-    let written = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
-    });
+    // Nothing is removed unless this call created it.
+    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(path, e))?;
+    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    drop(f);
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
         return Err(io_err(path, e));
