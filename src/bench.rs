@@ -1208,13 +1208,16 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result
     // Read both pipes on threads so that a chatty child never blocks on a full pipe.
     let drain = |r: Box<dyn Read + Send>, echo: bool| {
         std::thread::spawn(move || {
-            let mut s = String::new();
-            for line in std::io::BufReader::new(r).lines().map_while(std::io::Result::ok) {
-                if echo && line.contains("\"forward_ms\"") {
-                    eprintln!("    peer: {line}");
+            // To the end whatever it holds (bytes that are not UTF-8 replaced), so that the
+            // child never blocks on a full pipe.
+            let (mut s, mut reader, mut line) = (String::new(), std::io::BufReader::new(r), Vec::new());
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                let text = String::from_utf8_lossy(&line);
+                if echo && text.contains("\"forward_ms\"") {
+                    eprint!("    peer: {text}");
                 }
-                s += &line;
-                s.push('\n');
+                s += &text;
+                line.clear();
             }
             s
         })
@@ -1537,6 +1540,12 @@ mod tests {
         let Err(f) = run_with_timeout(&mut cmd, Duration::from_secs(10)) else { panic!("no failure") };
         assert!(f.why.contains("exit status: 2") && f.why.ends_with("no CUDA"), "{}", f.why);
         assert_eq!(f.stdout, "out\n");
+        // A line that is not UTF-8 does not stop the reading (the child would block on a full
+        // pipe): it comes back with its bytes replaced, and the lines after it too.
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("printf '\\377\\n'; echo '{line}'")]);
+        let out = run_with_timeout(&mut cmd, Duration::from_secs(10)).unwrap_or_else(|f| panic!("{}", f.why));
+        assert_eq!(out, format!("{}\n{line}\n", char::REPLACEMENT_CHARACTER));
         assert_eq!(odd_reps(20), 21);
         assert_eq!(odd_reps(21), 21);
     }
