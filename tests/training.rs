@@ -441,7 +441,7 @@ fn a_weight_that_is_not_finite_stops_the_run_before_its_checkpoint() {
         TrainOptions { epochs: 1, batch: 32, progress: false, out: dir.to_path_buf(), ..TrainOptions::default() };
     match train::train(g, &mut net, &train_set, &test_set, &opts, 0, train::History::default()) {
         Err(resnet_wgpu::Error::NonFinite(m)) => {
-            assert!(m.starts_with("epoch 1: ") && m.contains("no checkpoint"), "{m}")
+            assert!(m.starts_with("epoch 1: ") && m.contains("is not finite after its steps; no checkpoint"), "{m}")
         }
         other => panic!("expected a non-finite error, got {:?}", other.map(|h| h.epochs)),
     }
