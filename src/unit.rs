@@ -557,6 +557,20 @@ impl Unit {
         }
     }
 
+    /// `Ok` where `y` (of `y_dims`) is this unit's output for an input of `x_dims`, and not the
+    /// input itself (`aliased`): the backward reads x_l again, and y is written before x is
+    /// done with.
+    fn check_output(&self, pass: &str, x_dims: [usize; 4], y_dims: &[usize], aliased: bool) -> Result<()> {
+        let out = self.out_dims(x_dims);
+        if y_dims != out || aliased {
+            return Err(Error::Shape(format!(
+                "{} {pass}: y must be a tensor of its own of shape {out:?}, got {y_dims:?}",
+                self.spec.name
+            )));
+        }
+        Ok(())
+    }
+
     /// `Ok` where `kept` is of the count [`Unit::allocate_f16`] makes for this unit.
     fn check_half_kept(&self, kept: &HalfKept) -> Result<()> {
         let k = self.convs.len();
@@ -604,15 +618,8 @@ impl Unit {
         chain: Chain,
     ) -> Result<()> {
         self.check_kept(kept)?;
-        // x_l is read again by the backward (and y written before x is done with): y of its own.
-        let out = self.out_dims(x.nchw(format_args!("{} forward: x", self.spec.name))?);
-        if y.dims() != out || x.buffer == y.buffer {
-            return Err(Error::Shape(format!(
-                "{} forward: y must be a tensor of its own of shape {out:?}, got {:?}",
-                self.spec.name,
-                y.dims()
-            )));
-        }
+        let xd = x.nchw(format_args!("{} forward: x", self.spec.name))?;
+        self.check_output("forward", xd, y.dims(), x.buffer == y.buffer)?;
         let linked = chain.input_stats || chain.next_bn.is_some();
         if linked && !(self.chains() && mode == Mode::Train) {
             return Err(Error::Invalid(format!(
@@ -1228,14 +1235,8 @@ impl Unit {
     pub fn forward_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
         self.check_half()?;
         self.check_half_kept(kept)?;
-        let out = self.out_dims(x.nchw(format_args!("{} forward_f16: x", self.spec.name))?);
-        if y.dims() != out || x.buffer == y.buffer {
-            return Err(Error::Shape(format!(
-                "{} forward_f16: y must be a tensor of its own of shape {out:?}, got {:?}",
-                self.spec.name,
-                y.dims()
-            )));
-        }
+        let xd = x.nchw(format_args!("{} forward_f16: x", self.spec.name))?;
+        self.check_output("forward_f16", xd, y.dims(), x.buffer == y.buffer)?;
         match self.spec.kind {
             UnitKind::PreAct => self.forward_preact_f16(rec, x, y, kept),
             _ => self.forward_original_f16(rec, x, y, kept),
