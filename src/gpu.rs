@@ -586,6 +586,12 @@ fn make_instance(backends: wgpu::Backends) -> wgpu::Instance {
     instance
 }
 
+/// Whether wgpu counts the memory allocated on `backend` ([`Gpu::memory`]), which a memory cap
+/// reads: wgpu-hal keeps the counts on Vulkan and DX12 only.
+pub fn counts_memory(backend: wgpu::Backend) -> bool {
+    matches!(backend, wgpu::Backend::Vulkan | wgpu::Backend::Dx12)
+}
+
 thread_local! {
     /// The allocation errors of this thread's scratch resources while a caller captures them
     /// ([`capture_allocation_errors`]).
@@ -763,7 +769,7 @@ impl Gpu {
         // The cap reads wgpu's counts of the bytes allocated, which wgpu keeps on Vulkan and
         // DX12 only: elsewhere a cap would never be reached. One asked for is refused; the CPU
         // adapters' default is left out (`info` shows none).
-        let counted = matches!(report.backend, wgpu::Backend::Vulkan | wgpu::Backend::Dx12);
+        let counted = counts_memory(report.backend);
         if opts.memory_cap.is_some() && !counted {
             return Err(Error::Invalid(format!(
                 "GpuOptions::memory_cap: wgpu counts the memory allocated on Vulkan and DX12 only, not on \
