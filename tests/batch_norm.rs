@@ -29,46 +29,6 @@ const EPILOGUES: [Epilogue; 4] = [
     Epilogue { add: true, relu: true },
 ];
 
-/// Host copies of one layer's per-channel parameters and buffers, all random: |gamma| in
-/// [0.5, 1.5) of either sign and beta in [-0.5, 0.5) (so that a ReLU after them cuts some but
-/// not all of a channel), running mean in [-1, 1), running variance in [0.5, 1.5).
-struct Host {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
-    rm: Vec<f32>,
-    rv: Vec<f32>,
-}
-
-impl Host {
-    fn new(rng: &mut Rng, c: usize) -> Host {
-        Host {
-            gamma: rng.data(c).iter().map(|v| v.signum() * 0.5 + v).collect(),
-            beta: rng.data(c).iter().map(|v| 0.5 * v).collect(),
-            rm: rng.data(c),
-            rv: rng.data(c).iter().map(|v| 0.5 + v.abs()).collect(),
-        }
-    }
-}
-
-/// The same on the GPU.
-struct Dev {
-    gamma: resnet_wgpu::Tensor,
-    beta: resnet_wgpu::Tensor,
-    rm: resnet_wgpu::Tensor,
-    rv: resnet_wgpu::Tensor,
-}
-
-impl Dev {
-    fn new(h: &Host) -> Dev {
-        let c = [h.gamma.len()];
-        Dev { gamma: upload(&c, &h.gamma), beta: upload(&c, &h.beta), rm: upload(&c, &h.rm), rv: upload(&c, &h.rv) }
-    }
-
-    fn tensors(&self) -> BnTensors<'_> {
-        BnTensors { gamma: &self.gamma, beta: &self.beta, running_mean: &self.rm, running_var: &self.rv, affine: None }
-    }
-}
-
 #[test]
 fn forward_train_every_epilogue() {
     let g = gpu();
@@ -76,8 +36,8 @@ fn forward_train_every_epilogue() {
     for &dims in SHAPES {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
         for ep in EPILOGUES {
-            let (x, y_old, h) = (rng.data(n), rng.data(n), Host::new(&mut rng, c));
-            let d = Dev::new(&h);
+            let (x, y_old, h) = (rng.data(n), rng.data(n), BnHost::new(&mut rng, c));
+            let d = BnDev::new(gpu(), &h);
             let tx = upload(&dims, &x);
             let ty = if ep.add { upload(&dims, &y_old) } else { poisoned(&dims) };
             let (tmean, tinv) = (poisoned(&[c]), poisoned(&[c]));
@@ -116,8 +76,8 @@ fn statistics_and_prologue_values() {
     let mut rng = Rng::new(17);
     for &dims in SHAPES {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
-        let (x, h) = (rng.data(n), Host::new(&mut rng, c));
-        let d = Dev::new(&h);
+        let (x, h) = (rng.data(n), BnHost::new(&mut rng, c));
+        let d = BnDev::new(gpu(), &h);
         let tx = upload(&dims, &x);
         let (tmean, tinv, taff, teval) = (poisoned(&[c]), poisoned(&[c]), poisoned(&[c, 4]), poisoned(&[c, 4]));
         let (ta, tstats_aff) = (poisoned(&dims), poisoned(&[c, 4]));
@@ -170,8 +130,8 @@ fn forward_eval_every_epilogue() {
     for &dims in SHAPES.iter().chain(&[[1, 3, 1, 1]]) {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
         for ep in EPILOGUES {
-            let (x, y_old, h) = (rng.data(n), rng.data(n), Host::new(&mut rng, c));
-            let d = Dev::new(&h);
+            let (x, y_old, h) = (rng.data(n), rng.data(n), BnHost::new(&mut rng, c));
+            let d = BnDev::new(gpu(), &h);
             let tx = upload(&dims, &x);
             let ty = if ep.add { upload(&dims, &y_old) } else { poisoned(&dims) };
             let mut rec = g.recorder("bn eval");
@@ -205,8 +165,8 @@ fn backward_relu_and_accumulate() {
     for &dims in SHAPES {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
         for relu in [false, true] {
-            let (x, dy, h) = (rng.data(n), rng.data(n), Host::new(&mut rng, c));
-            let d = Dev::new(&h);
+            let (x, dy, h) = (rng.data(n), rng.data(n), BnHost::new(&mut rng, c));
+            let d = BnDev::new(gpu(), &h);
             let (tx, tdy) = (upload(&dims, &x), upload(&dims, &dy));
             let (ty, tmean, tinv) = (poisoned(&dims), poisoned(&[c]), poisoned(&[c]));
             let mut rec = g.recorder("bn backward");
@@ -287,7 +247,7 @@ fn variant_matches_reference(k: bn::Kernels) {
     for &dims in shapes {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
         for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
-            let (x, y_old, dy, h) = (rng.data(n), rng.data(n), rng.data(n), Host::new(&mut rng, c));
+            let (x, y_old, dy, h) = (rng.data(n), rng.data(n), rng.data(n), BnHost::new(&mut rng, c));
             let (tg, tb, trm, trv) = (up(&[c], &h.gamma), up(&[c], &h.beta), up(&[c], &h.rm), up(&[c], &h.rv));
             let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
             let (tx, tdy) = (up(&dims, &x), up(&dims, &dy));
@@ -350,8 +310,6 @@ fn f16_every_variant_matches_reference() {
     for k in [bn::Kernels::Scalar, bn::Kernels::Vec4, bn::Kernels::Texture, bn::Kernels::Wide] {
         let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
         bn::set_kernels(&g, k);
-        let up = |dims: &[usize], v: &[f32]| resnet_wgpu::Tensor::new(&g, dims, v).unwrap();
-        let nan = |dims: &[usize]| resnet_wgpu::Tensor::filled(&g, dims, f32::NAN).unwrap();
         let half = |dims: &[usize], v: &[f32]| HalfTensor::from_f32(&g, dims, v).unwrap();
         let round = |v: Vec<f32>| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
         let mut rng = Rng::new(15);
@@ -360,30 +318,19 @@ fn f16_every_variant_matches_reference() {
             for (ep, acc) in [(EPILOGUES[1], false), (EPILOGUES[3], true), (EPILOGUES[0], true)] {
                 let (x, y_old, dy, prior) =
                     (round(rng.data(n)), round(rng.data(n)), round(rng.data(n)), round(rng.data(n)));
-                let h = Host::new(&mut rng, c);
-                let (tg, tb, trm, trv) = (up(&[c], &h.gamma), up(&[c], &h.beta), up(&[c], &h.rm), up(&[c], &h.rv));
-                let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
+                let h = BnHost::new(&mut rng, c);
+                let d = BnDev::new(&g, &h);
                 let (tx, tdy) = (half(&dims, &x), half(&dims, &dy));
                 let ty = half(&dims, &if ep.add { y_old.clone() } else { vec![f32::NAN; n] });
                 let tdx = half(&dims, &if acc { prior.clone() } else { vec![f32::NAN; n] });
-                let (tmean, tinv, scratch, tdg, tdb) = (nan(&[c]), nan(&[c]), nan(&[2 * c]), nan(&[c]), nan(&[c]));
                 let relu = ep.relu && !ep.add;
-                let grads = bn::BnGrads {
-                    gamma: &tg,
-                    beta: &tb,
-                    save_mean: &tmean,
-                    save_invstd: &tinv,
-                    dgamma: &tdg,
-                    dbeta: &tdb,
-                    scratch: &scratch,
-                };
-                let (taff, ta) = (nan(&[c, 4]), half(&dims, &vec![f32::NAN; n]));
+                let ta = half(&dims, &vec![f32::NAN; n]);
                 let mut rec = g.recorder("bn f16 variant");
-                bn::stats_train_f16(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
-                bn::apply_saved_f16(&mut rec, &tx, &ty, &tg, &tb, &tmean, &tinv, ep).unwrap();
-                bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
-                bn::affine_relu_f16(&mut rec, &tx, &taff, &ta).unwrap();
-                bn::backward_f16(&mut rec, &tx, &tdy, &grads, relu, &tdx, acc).unwrap();
+                bn::stats_train_f16(&mut rec, &tx, &d.tensors(), &d.mean, &d.invstd).unwrap();
+                bn::apply_saved_f16(&mut rec, &tx, &ty, &d.gamma, &d.beta, &d.mean, &d.invstd, ep).unwrap();
+                bn::affine(&mut rec, &d.gamma, &d.beta, &d.mean, &d.invstd, &d.affine).unwrap();
+                bn::affine_relu_f16(&mut rec, &tx, &d.affine, &ta).unwrap();
+                bn::backward_f16(&mut rec, &tx, &tdy, &d.grads(), relu, &tdx, acc).unwrap();
                 rec.run().unwrap();
                 let (x64, gamma, beta, old) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta), to_f64(&y_old));
                 let (rm, rv) = (to_f64(&h.rm), to_f64(&h.rv));
@@ -394,15 +341,15 @@ fn f16_every_variant_matches_reference() {
                 let rd = |t: &resnet_wgpu::Tensor| t.read(&g).unwrap();
                 check(&format!("bn train y {tag}"), &ty.read(&g).unwrap(), &want.y, 1e-3);
                 // The statistics are f32, of inputs that are exact halves: f32's bound.
-                check(&format!("bn train mean {tag}"), &rd(&tmean), &want.mean, F32_TOL);
-                check(&format!("bn train invstd {tag}"), &rd(&tinv), &want.invstd, F32_TOL);
-                check(&format!("bn train running mean {tag}"), &rd(&trm), &want.running_mean, F32_TOL);
-                check(&format!("bn train running var {tag}"), &rd(&trv), &want.running_var, F32_TOL);
-                let prologue = rbn::prologue(&x64, dims, &to_f64(&rd(&taff)));
+                check(&format!("bn train mean {tag}"), &rd(&d.mean), &want.mean, F32_TOL);
+                check(&format!("bn train invstd {tag}"), &rd(&d.invstd), &want.invstd, F32_TOL);
+                check(&format!("bn train running mean {tag}"), &rd(&d.rm), &want.running_mean, F32_TOL);
+                check(&format!("bn train running var {tag}"), &rd(&d.rv), &want.running_var, F32_TOL);
+                let prologue = rbn::prologue(&x64, dims, &to_f64(&rd(&d.affine)));
                 check(&format!("bn affine_relu {tag}"), &ta.read(&g).unwrap(), &prologue, 1e-3);
                 check(&format!("bn bwd dx {tag}"), &tdx.read(&g).unwrap(), &dx, 1e-3);
-                check(&format!("bn bwd dgamma {tag}"), &rd(&tdg), &dgamma, F32_TOL);
-                check(&format!("bn bwd dbeta {tag}"), &rd(&tdb), &dbeta, F32_TOL);
+                check(&format!("bn bwd dgamma {tag}"), &rd(&d.dgamma), &dgamma, F32_TOL);
+                check(&format!("bn bwd dbeta {tag}"), &rd(&d.dbeta), &dbeta, F32_TOL);
             }
         }
     }
@@ -416,8 +363,8 @@ fn running_statistics_over_steps() {
     let mut rng = Rng::new(14);
     for dims in [[2, 5, 9, 7], [1, 16, 7, 32]] {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
-        let h = Host::new(&mut rng, c);
-        let d = Dev::new(&h);
+        let h = BnHost::new(&mut rng, c);
+        let d = BnDev::new(gpu(), &h);
         let (mut rm, mut rv) = (to_f64(&h.rm), to_f64(&h.rv));
         let (tmean, tinv) = (poisoned(&[c]), poisoned(&[c]));
         for step in 0..3 {
@@ -491,8 +438,8 @@ fn bad_shapes_are_errors() {
     let mut rng = Rng::new(16);
     let dims = [1, 3, 5, 7];
     let n: usize = dims.iter().product();
-    let h = Host::new(&mut rng, 3);
-    let d = Dev::new(&h);
+    let h = BnHost::new(&mut rng, 3);
+    let d = BnDev::new(gpu(), &h);
     let x = upload(&dims, &rng.data(n));
     let y = poisoned(&dims);
     let (m, s) = (poisoned(&[3]), poisoned(&[3]));

@@ -391,7 +391,7 @@ fn check_bn_backward_acc(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
 }
 
 fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &[bool]) {
-    use resnet_wgpu::ops::batch_norm::{self as bn, BnGrads, BnTensors};
+    use resnet_wgpu::ops::batch_norm as bn;
     use resnet_wgpu::reference::batch_norm as rbn;
     let mut rng = Rng::new(seed);
     for c in cases.iter().filter(|c| c.xd[0] * c.xd[2] * c.xd[3] > 1) {
@@ -399,35 +399,20 @@ fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &
         for &acc in accs {
             let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
             let (prior_da, prior_dx) = (rng.data(len(c.xd)), rng.data(len(c.xd)));
-            let gamma: Vec<f32> = rng.data(ch).iter().map(|v| v.signum() * 0.5 + v).collect();
-            let beta: Vec<f32> = rng.data(ch).iter().map(|v| 0.5 * v).collect();
-            let (tx, tw, tdy) = (up(g, &c.xd, &x), up(g, &wd, &w), up(g, &yd, &dy));
-            let (tg, tb) = (up(g, &[ch], &gamma), up(g, &[ch], &beta));
-            let (trm, trv) = (up(g, &[ch], &vec![0.0; ch]), up(g, &[ch], &vec![1.0; ch]));
-            let (tmean, tinv, taff) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[ch, 4]));
-            let (tdg, tdb, scratch) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[2 * ch]));
+            let h = BnHost::new(&mut rng, ch);
+            let (tx, tw, tdy, d) = (up(g, &c.xd, &x), up(g, &wd, &w), up(g, &yd, &dy), BnDev::new(g, &h));
             let (tda, tdx) =
                 if acc { (up(g, &c.xd, &prior_da), up(g, &c.xd, &prior_dx)) } else { (nan(g, &c.xd), nan(g, &c.xd)) };
-            let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
-            let grads = BnGrads {
-                gamma: &tg,
-                beta: &tb,
-                save_mean: &tmean,
-                save_invstd: &tinv,
-                dgamma: &tdg,
-                dbeta: &tdb,
-                scratch: &scratch,
-            };
             let mut rec = g.recorder("conv backward_data_bn");
-            bn::stats_train(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
-            bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
-            conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, c.stride, acc, &tx, &taff, &grads, &tdx, acc).unwrap();
+            x_bn_prologue(&mut rec, &d, |rec, p| bn::stats_train(rec, &tx, p, &d.mean, &d.invstd));
+            conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, c.stride, acc, &tx, &d.affine, &d.grads(), &tdx, acc)
+                .unwrap();
             rec.run().unwrap();
             let mut want_da = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
             if acc {
                 want_da = plus(&prior_da, &want_da);
             }
-            let (x64, g64, b64) = (to_f64(&x), to_f64(&gamma), to_f64(&beta));
+            let (x64, g64, b64) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta));
             let (mut want_dx, want_dg, want_db) = rbn::backward(&x64, c.xd, &want_da, &g64, &b64, true);
             if acc {
                 want_dx = plus(&prior_dx, &want_dx);
@@ -435,10 +420,22 @@ fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &
             let tag = format!("{ctx} conv backward_data_bn acc {acc} {}", c.name());
             check(&format!("{tag} da"), &fetch(g, &tda), &want_da, F32_TOL);
             check(&format!("{tag} dx"), &fetch(g, &tdx), &want_dx, F32_TOL);
-            check(&format!("{tag} dgamma"), &fetch(g, &tdg), &want_dg, F32_TOL);
-            check(&format!("{tag} dbeta"), &fetch(g, &tdb), &want_db, F32_TOL);
+            check(&format!("{tag} dgamma"), &fetch(g, &d.dgamma), &want_dg, F32_TOL);
+            check(&format!("{tag} dbeta"), &fetch(g, &d.dbeta), &want_db, F32_TOL);
         }
     }
+}
+
+/// Records the training statistics of x's batch norm (`stats`, on `d.tensors()`: f32 or f16
+/// x) and its prologue values from them into `d.affine`, as a pre-activation unit's forward
+/// leaves them for backward_data_bn.
+fn x_bn_prologue(
+    rec: &mut resnet_wgpu::Recorder,
+    d: &BnDev,
+    stats: impl FnOnce(&mut resnet_wgpu::Recorder, &resnet_wgpu::ops::batch_norm::BnTensors) -> resnet_wgpu::Result<()>,
+) {
+    stats(rec, &d.tensors()).unwrap();
+    resnet_wgpu::ops::batch_norm::affine(rec, &d.gamma, &d.beta, &d.mean, &d.invstd, &d.affine).unwrap();
 }
 
 #[test]
@@ -867,7 +864,7 @@ fn check_f16_ops(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str, f32_weights: bool)
 /// reference on the values the GPU stored (dw within F16_TOL on cooperative matrices, whose
 /// operands, the prologue's outputs, are halves).
 fn check_f16_fused(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str) {
-    use resnet_wgpu::ops::batch_norm::{self as bn, BnGrads, BnTensors};
+    use resnet_wgpu::ops::batch_norm::{self as bn, BnTensors};
     use resnet_wgpu::reference::batch_norm as rbn;
     use resnet_wgpu::tensor::HalfTensor;
     let half = |v: &[f32]| -> Vec<f32> { v.iter().map(|&a| half::f16::from_f32(a).to_f32()).collect() };
@@ -915,36 +912,21 @@ fn check_f16_fused(g: &Gpu, c: &Case, rng: &mut Rng, tag: &str) {
     check(&format!("conv forward_stats f16 running var {tag}"), &fetch(g, &trv), &st.running_var, F32_TOL);
 
     // backward_data_bn_f16: da = backward_data(dy, w), then the BN + ReLU backward of x's BN.
-    let gamma: Vec<f32> = rng.data(ch).iter().map(|v| v.signum() * 0.5 + v).collect();
-    let beta: Vec<f32> = rng.data(ch).iter().map(|v| 0.5 * v).collect();
-    let (tg, tb) = (up(g, &[ch], &gamma), up(g, &[ch], &beta));
-    let (trm, trv) = (up(g, &[ch], &vec![0.0; ch]), up(g, &[ch], &vec![1.0; ch]));
-    let (tmean, tinv, taff) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[ch, 4]));
-    let (tdg, tdb, scratch) = (nan(g, &[ch]), nan(g, &[ch]), nan(g, &[2 * ch]));
-    let (tda, tdx) = (poison(&xd), poison(&xd));
-    let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
-    let grads = BnGrads {
-        gamma: &tg,
-        beta: &tb,
-        save_mean: &tmean,
-        save_invstd: &tinv,
-        dgamma: &tdg,
-        dbeta: &tdb,
-        scratch: &scratch,
-    };
+    let h = BnHost::new(rng, ch);
+    let (d, tda, tdx) = (BnDev::new(g, &h), poison(&xd), poison(&xd));
     let mut rec = g.recorder("conv f16 backward_data_bn");
-    bn::stats_train_f16(&mut rec, &tx, &p, &tmean, &tinv).unwrap();
-    bn::affine(&mut rec, &tg, &tb, &tmean, &tinv, &taff).unwrap();
-    conv::backward_data_bn_f16(&mut rec, &tdy, &tw, &tda, c.stride, false, &tx, &taff, &grads, &tdx, false).unwrap();
+    x_bn_prologue(&mut rec, &d, |rec, p| bn::stats_train_f16(rec, &tx, p, &d.mean, &d.invstd));
+    conv::backward_data_bn_f16(&mut rec, &tdy, &tw, &tda, c.stride, false, &tx, &d.affine, &d.grads(), &tdx, false)
+        .unwrap();
     rec.run().unwrap();
     let want_da = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, xd, c.stride);
     let da = tda.read(g).unwrap();
     check(&format!("conv bwd data bn f16 da {tag}"), &da, &want_da, F16_TOL);
     let (want_dx, want_dg, want_db) =
-        rbn::backward(&to_f64(&x), xd, &to_f64(&da), &to_f64(&gamma), &to_f64(&beta), true);
+        rbn::backward(&to_f64(&x), xd, &to_f64(&da), &to_f64(&h.gamma), &to_f64(&h.beta), true);
     check(&format!("conv bwd data bn f16 dx {tag}"), &tdx.read(g).unwrap(), &want_dx, F16_TOL);
-    check(&format!("conv bwd data bn f16 dgamma {tag}"), &fetch(g, &tdg), &want_dg, F32_TOL);
-    check(&format!("conv bwd data bn f16 dbeta {tag}"), &fetch(g, &tdb), &want_db, F32_TOL);
+    check(&format!("conv bwd data bn f16 dgamma {tag}"), &fetch(g, &d.dgamma), &want_dg, F32_TOL);
+    check(&format!("conv bwd data bn f16 dbeta {tag}"), &fetch(g, &d.dbeta), &want_db, F32_TOL);
 }
 
 /// Winograd on the f16 path in each configuration, F(2x2) and F(4x4): half activations loaded to

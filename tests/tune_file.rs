@@ -271,7 +271,6 @@ fn contexts_sharing_a_file_keep_each_others_choices() {
 /// nor recorded in the tune file. Both against the reference convolution.
 #[test]
 fn a_batch_in_chunks_is_tuned_by_its_chunks_only() {
-    use resnet_wgpu::ops::batch_norm::{BnGrads, BnTensors};
     let dir = TempDir::new("tune-chunks");
     let path = dir.join("tune.json");
     let opts = GpuOptions { tune_file: Some(path.clone()), max_binding_bytes: Some(2048), ..GpuOptions::from_env() };
@@ -285,22 +284,11 @@ fn a_batch_in_chunks_is_tuned_by_its_chunks_only() {
     let up = |d: &[usize], v: &[f32]| Tensor::new(&g, d, v).unwrap();
     let nan = |d: &[usize]| Tensor::filled(&g, d, f32::NAN).unwrap();
     let (tx, tw, tdy, taff) = (up(&xd, &x), up(&wd, &w), up(&xd, &dy), up(&[4, 4], &aff));
-    let (gamma, beta, rm, rv) = (up(&[4], &[1.0; 4]), up(&[4], &[0.0; 4]), up(&[4], &[0.0; 4]), up(&[4], &[1.0; 4]));
-    let (mean, invstd, scratch) = (nan(&[4]), nan(&[4]), nan(&[2 * 4]));
-    let (ty, tda, tdx, dgamma, dbeta) = (nan(&xd), nan(&xd), nan(&xd), nan(&[4]), nan(&[4]));
-    let bn = BnTensors { gamma: &gamma, beta: &beta, running_mean: &rm, running_var: &rv, affine: None };
+    let d = BnDev::new(&g, &BnHost::new(&mut rng, 4));
+    let (ty, tda, tdx) = (nan(&xd), nan(&xd), nan(&xd));
     let mut rec = g.recorder("chunks");
-    conv::forward_stats(&mut rec, &tx, None, &tw, &ty, 1, false, &bn, &mean, &invstd).unwrap();
-    let grads = BnGrads {
-        gamma: &gamma,
-        beta: &beta,
-        save_mean: &mean,
-        save_invstd: &invstd,
-        dgamma: &dgamma,
-        dbeta: &dbeta,
-        scratch: &scratch,
-    };
-    conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, 1, false, &ty, &taff, &grads, &tdx, false).unwrap();
+    conv::forward_stats(&mut rec, &tx, None, &tw, &ty, 1, false, &d.tensors(), &d.mean, &d.invstd).unwrap();
+    conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, 1, false, &ty, &taff, &d.grads(), &tdx, false).unwrap();
     rec.run().unwrap();
     check(
         "chunks forward_stats y",

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use resnet_wgpu::ops::batch_norm::{BnGrads, BnTensors};
 use resnet_wgpu::reference::{max_abs, rel_l2};
 use resnet_wgpu::{Gpu, Tensor};
 
@@ -50,6 +51,81 @@ pub fn affine_values(rng: &mut Rng, c: usize) -> Vec<f32> {
             [0.5 * rng.range(-1.0, 1.0), s.signum() * 0.5 + s, 0.5 * rng.range(-1.0, 1.0), 0.0].map(|v| v as f32)
         })
         .collect()
+}
+
+/// One batch norm layer's per-channel values, all random: |gamma| in [0.5, 1.5) of either sign
+/// and beta in [-0.5, 0.5) (so that a ReLU after them cuts some but not all of a channel),
+/// running mean in [-1, 1), running variance in [0.5, 1.5).
+pub struct BnHost {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+    pub rm: Vec<f32>,
+    pub rv: Vec<f32>,
+}
+
+impl BnHost {
+    pub fn new(rng: &mut Rng, c: usize) -> BnHost {
+        BnHost {
+            gamma: rng.data(c).iter().map(|v| v.signum() * 0.5 + v).collect(),
+            beta: rng.data(c).iter().map(|v| 0.5 * v).collect(),
+            rm: rng.data(c),
+            rv: rng.data(c).iter().map(|v| 0.5 + v.abs()).collect(),
+        }
+    }
+}
+
+/// A [`BnHost`] on `g`'s device, with the layer's outputs NaN-poisoned: the saved mean and
+/// invstd, the prologue values `affine` `[C, 4]`, dgamma, dbeta and the backward's `[2C]`
+/// scratch.
+pub struct BnDev {
+    pub gamma: Tensor,
+    pub beta: Tensor,
+    pub rm: Tensor,
+    pub rv: Tensor,
+    pub mean: Tensor,
+    pub invstd: Tensor,
+    pub affine: Tensor,
+    pub dgamma: Tensor,
+    pub dbeta: Tensor,
+    pub scratch: Tensor,
+}
+
+impl BnDev {
+    pub fn new(g: &Gpu, h: &BnHost) -> BnDev {
+        let c = h.gamma.len();
+        let up = |v: &[f32]| Tensor::new(g, &[c], v).expect("upload");
+        let nan = |dims: &[usize]| Tensor::filled(g, dims, f32::NAN).expect("poisoned tensor");
+        BnDev {
+            gamma: up(&h.gamma),
+            beta: up(&h.beta),
+            rm: up(&h.rm),
+            rv: up(&h.rv),
+            mean: nan(&[c]),
+            invstd: nan(&[c]),
+            affine: nan(&[c, 4]),
+            dgamma: nan(&[c]),
+            dbeta: nan(&[c]),
+            scratch: nan(&[2 * c]),
+        }
+    }
+
+    /// The forward's view (its statistics write no prologue values).
+    pub fn tensors(&self) -> BnTensors<'_> {
+        BnTensors { gamma: &self.gamma, beta: &self.beta, running_mean: &self.rm, running_var: &self.rv, affine: None }
+    }
+
+    /// The backward's view, from the saved statistics.
+    pub fn grads(&self) -> BnGrads<'_> {
+        BnGrads {
+            gamma: &self.gamma,
+            beta: &self.beta,
+            save_mean: &self.mean,
+            save_invstd: &self.invstd,
+            dgamma: &self.dgamma,
+            dbeta: &self.dbeta,
+            scratch: &self.scratch,
+        }
+    }
 }
 
 /// A NaN-poisoned output tensor: an element the kernel forgets to write fails the comparison.
