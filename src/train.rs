@@ -360,10 +360,12 @@ fn write_checkpoint(
 
 /// The options besides the seed that a resumed run must repeat to continue as the
 /// uninterrupted one would (`epochs` too: the learning rate's steps fall at its half and three
-/// quarters), as a checkpoint written by [`train`] records them.
-fn run_options(opts: &TrainOptions, train: &Dataset) -> Vec<(&'static str, String)> {
+/// quarters), and the test split its curves score, as a checkpoint written by [`train`] records
+/// them (eval scores the same images with the test split's size).
+fn run_options(opts: &TrainOptions, train: &Dataset, test: &Dataset) -> Vec<(&'static str, String)> {
     vec![
         ("data", format!("{} ({} training images)", train.name(), train.len())),
+        ("test_data", format!("{} ({} test images)", test.name(), test.len())),
         ("epochs", opts.epochs.to_string()),
         ("batch", opts.batch.to_string()),
         ("lr", opts.lr.to_string()),
@@ -446,13 +448,13 @@ impl Checkpoint {
         io::check_network(config, self.variant.as_deref(), self.network.as_deref(), &self.path, "a checkpoint")
     }
 
-    /// The options of `opts` (and the training data) that differ from the run that wrote the
+    /// The options of `opts` (and the training and test data) that differ from the run that wrote the
     /// checkpoint, each as `name: the run's value, now this one`. Resumed with them, training
     /// goes on, but the epochs done were trained under the others, so an uninterrupted run
     /// with `opts` could end elsewhere. Empty where nothing differs or the checkpoint recorded
     /// no options.
-    pub fn changed(&self, opts: &TrainOptions, train: &Dataset) -> Vec<String> {
-        run_options(opts, train)
+    pub fn changed(&self, opts: &TrainOptions, train: &Dataset, test: &Dataset) -> Vec<String> {
+        run_options(opts, train, test)
             .into_iter()
             .filter_map(|(k, v)| {
                 let was = self.run.get(k)?;
@@ -637,9 +639,7 @@ pub fn train(
             write_flow(&opts.out, &history.flow)?;
         }
         let path = opts.out.join("checkpoint.safetensors");
-        // The test split's size besides the options: eval scores the same images with it.
-        let mut run = run_options(opts, train);
-        run.push(("test_data", format!("{} ({} test images)", test.name(), test.len())));
+        let run = run_options(opts, train, test);
         // The checkpoint also holds momentum and the run's state, which PyTorch's strict
         // load_state_dict refuses: the weights alone beside it.
         let weights = opts.out.join("weights.safetensors");

@@ -226,10 +226,12 @@ fn train_and_analyze_run_on_tiny_settings() {
     let (ok, text) = resume(out, "2", "0");
     assert!(ok && text.contains("nothing to train: 2 of 2 epochs done") && !text.contains("wrote"), "{text}");
     assert!(!text.contains("curves.csv holds"), "{text}");
-    // Without --depth: the checkpoint's network (ResNet-8, not the default ResNet-20).
-    let a = ["train", "--train-size", "64", "--test-size", "20", "--batch", "32", "--epochs", "2", "--out", out];
+    // Without --depth: the checkpoint's network (ResNet-8, not the default ResNet-20); without
+    // the sizes: the run's generated images (not the default 10000 and 2000).
+    let a = ["train", "--batch", "32", "--epochs", "2", "--out", out];
     let (ok, text) = tool(&[&a[..], &["--resume", ckpt.to_str().unwrap(), "--warmup", "100"]].concat());
     assert!(ok && text.contains("network: preact ResNet-8") && text.contains("nothing to train"), "{text}");
+    assert!(text.contains("(64 train, 20 test, 10 classes)"), "{text}");
     assert!(!text.contains("warm-up"), "no warm-up announced with nothing to train: {text}");
     // Into another folder, holding another run's curves: the checkpoint's own rows continue.
     let elsewhere = dir("resume-elsewhere");
@@ -376,6 +378,13 @@ fn eval_of_a_cifar_checkpoint_needs_its_data() {
     assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{text}");
     let (ok, text) = tool(&["eval", "--batch", "4", "--weights", ck.to_str().unwrap(), "--data", data]);
     assert!(ok && text.contains("data: cifar10 test split (4 images"), "{text}");
+    // Nor is it resumed on generated images, which would replace its checkpoint: refused before
+    // anything is written.
+    let before = std::fs::read(&ck).unwrap();
+    let again = ["train", "--epochs", "2", "--batch", "4", "--out", out.to_str().unwrap(), "--resume"];
+    let (ok, text) = tool(&[&again[..], &[ck.to_str().unwrap()]].concat());
+    assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{text}");
+    assert!(std::fs::read(&ck).unwrap() == before, "the checkpoint was rewritten");
 }
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {

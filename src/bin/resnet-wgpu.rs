@@ -146,12 +146,12 @@ struct DataArgs {
     /// Without it, the embedded generated dataset (10 classes of shapes, 3x32x32).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Training images generated for the embedded dataset [default: 10000; eval: the
-    /// checkpoint's run's].
+    /// Training images generated for the embedded dataset [default: 10000; eval and --resume:
+    /// the checkpoint's run's].
     #[arg(long)]
     train_size: Option<usize>,
-    /// Test images generated for the embedded dataset [default: 2000; eval: the checkpoint's
-    /// run's].
+    /// Test images generated for the embedded dataset [default: 2000; eval and --resume: the
+    /// checkpoint's run's].
     #[arg(long)]
     test_size: Option<usize>,
 }
@@ -468,7 +468,8 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
             )));
         }
     }
-    let (train_set, test_set) = data.load(opts.seed, config.classes)?;
+    let (train_set, test_set) =
+        data_of_run(data, checkpoint.as_ref(), "continue it")?.load(opts.seed, config.classes)?;
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
     println!(
@@ -484,7 +485,7 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     let (mut net, start, history) = match checkpoint {
         Some(mut c) => {
             let (done, from) = (c.epochs_done, c.path().display().to_string());
-            let changed = c.changed(opts, &train_set);
+            let changed = c.changed(opts, &train_set, &test_set);
             let kept = c.history.take();
             let net = c.into_net(&gpu, &config)?;
             println!("resuming after epoch {done} from {from}");
@@ -548,6 +549,21 @@ fn read_checkpoint(path: &std::path::Path, config: &NetConfig) -> Result<Option<
     Ok(Some(c))
 }
 
+/// The data of a checkpoint's run where `data` leaves it open. A run on CIFAR needs its folder
+/// (generated images of the same 10 classes would pass every check, and a resumed run would
+/// replace the checkpoint); a run on the generated set draws as many images as it did (with its
+/// seed, the same ones).
+fn data_of_run(data: &DataArgs, checkpoint: Option<&train::Checkpoint>, to: &str) -> Result<DataArgs> {
+    let Some(c) = checkpoint else { return Ok(data.clone()) };
+    if let Some(set) = c.run.get("data").filter(|d| data.data.is_none() && !d.starts_with(data::SYNTHETIC_NAME)) {
+        return Err(Error::Invalid(format!(
+            "the checkpoint's run trained on {set}: give --data with its folder to {to}"
+        )));
+    }
+    let (train, test) = c.generated_sizes();
+    Ok(DataArgs { train_size: data.train_size.or(train), test_size: data.test_size.or(test), ..data.clone() })
+}
+
 /// The network of `config` from `path`: the checkpoint [`read_checkpoint`] read, else the
 /// weights file; another unit variant's is refused either way.
 fn load_weights(
@@ -576,20 +592,12 @@ fn eval_cmd(
     }
     // A checkpoint knows its run's seed, and so which generated images it was tested on.
     let checkpoint = read_checkpoint(weights, &config)?;
-    // A run on CIFAR is scored on CIFAR: generated images of the same classes would pass.
-    let trained_on = checkpoint.as_ref().and_then(|c| c.run.get("data"));
-    if let Some(set) = trained_on.filter(|d| data.data.is_none() && !d.starts_with(data::SYNTHETIC_NAME)) {
-        return Err(Error::Invalid(format!(
-            "the checkpoint's run trained on {set}: give --data with its folder to score its images"
-        )));
-    }
     let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
-    // And how many it generated: the same images only with the same counts.
-    let run_sizes = checkpoint.as_ref().map_or((None, None), train::Checkpoint::generated_sizes);
+    let run_data = data_of_run(data, checkpoint.as_ref(), "score its images")?;
     // Only the split scored is generated (one image of the other).
     let sizes = match split {
-        Split::Train => DataArgs { train_size: data.train_size.or(run_sizes.0), test_size: Some(1), ..data.clone() },
-        Split::Test => DataArgs { test_size: data.test_size.or(run_sizes.1), train_size: Some(1), ..data.clone() },
+        Split::Train => DataArgs { test_size: Some(1), ..run_data },
+        Split::Test => DataArgs { train_size: Some(1), ..run_data },
     };
     let (train_set, test_set) = sizes.load(seed, config.classes)?;
     let (set, name) = match split {
