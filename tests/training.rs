@@ -58,9 +58,12 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
     let g = gpu();
     let (train_set, test_set) = data::synthetic(160, 40, 4).unwrap();
     let dirs = [out_dir("full"), out_dir("half"), out_dir("rest")];
-    // Five steps an epoch; the warm-up ends in the second epoch, after the resumption.
+    // Five steps an epoch; the warm-up ends in the second epoch, after the resumption: its
+    // steps 6 and 7 at 0.01, the rest at 0.1 (a resumed run that counted its steps, or the
+    // warm-up's, from the resumption would differ; with 2 epochs the learning rate's first step
+    // would fall there too and leave every step at 0.01).
     let opts = TrainOptions {
-        epochs: 2,
+        epochs: 4,
         batch: 32,
         warmup: 7,
         progress: false,
@@ -95,13 +98,14 @@ fn resuming_from_a_checkpoint_is_bit_identical() {
 
     // The checkpoint keeps the run's options; resumed with others, they are named.
     assert_eq!(c.run.get("warmup").map(String::as_str), Some("7"), "{:?}", c.run);
-    assert_eq!(c.changed(&half, &train_set), Vec::<String>::new());
+    assert_eq!(c.changed(&half, &train_set, &test_set), Vec::<String>::new());
     let other = TrainOptions { lr: 0.05, batch: 16, augment: false, ..half.clone() };
-    let (smaller, _) = data::synthetic(96, 4, 4).unwrap();
+    let (smaller, fewer) = data::synthetic(96, 4, 4).unwrap();
     assert_eq!(
-        c.changed(&other, &smaller),
+        c.changed(&other, &smaller, &fewer),
         [
             "data: shapes10 (160 training images), now shapes10 (96 training images)",
+            "test_data: shapes10 (40 test images), now shapes10 (4 test images)",
             "batch: 32, now 16",
             "lr: 0.1, now 0.05",
             "augment: true, now false"
