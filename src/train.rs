@@ -171,9 +171,9 @@ pub fn flow_batch(gpu: &Gpu, data: &Dataset, classes: usize) -> Result<(Tensor, 
 
 /// The generator of epoch `epoch`'s shuffle and augmentation, a function of `(seed, epoch)`
 /// alone, so a resumed run repeats the epochs it has left exactly. The epoch is hashed before it
-/// meets the seed: `seed ^ epoch * k`, with `k` SplitMix's own increment, started epoch 1 one draw
-/// behind epoch 0 wherever the seed shares no bits with `k` (0, the default, among them), and the
-/// two epochs' orders were nearly the same.
+/// meets the seed (an earlier `seed ^ epoch * k`, with `k` SplitMix's own increment, started
+/// epoch 1 one draw behind epoch 0 wherever the seed shares no bits with `k`, 0 the default
+/// among them, and the two epochs' orders were nearly the same).
 pub fn epoch_rng(seed: u64, epoch: usize) -> Rng {
     const EPOCHS: u64 = 0x6570_6F63_6873_0000; // "epochs": these streams apart from others of the seed
     Rng::new(seed ^ Rng::new(EPOCHS ^ epoch as u64).next_u64())
@@ -546,7 +546,8 @@ pub fn train(
         }
         history.flow.iter().for_each(|f| say_flow(f, opts.epochs));
     }
-    if opts.warmup > start_epoch * steps && start_epoch < opts.epochs {
+    // (The epochs left first: a checkpoint's count of epochs done is the file's.)
+    if start_epoch < opts.epochs && opts.warmup > start_epoch * steps {
         let last = opts.warmup.min(opts.epochs * steps);
         println!(
             "warm-up: steps {}..={last} at lr {} (of {} steps)",

@@ -89,6 +89,8 @@ fn cifar10_layout_labels_and_normalisation() {
     let img = test.image(0);
     let zero = (0..PLANE).find(|&k| pixel(100, 0, k / 32, k % 32) == 0).unwrap();
     assert_eq!(img[zero], (0.0 - CIFAR10_MEAN[0]) / CIFAR10_STD[0]);
+    let full = (0..PLANE).find(|&k| pixel(100, 0, k / 32, k % 32) == 255).unwrap();
+    assert_eq!(img[full], (1.0 - CIFAR10_MEAN[0]) / CIFAR10_STD[0]);
 
     // The archive's own folder, given its parent.
     let tmp2 = TempDir::new("c10sub");
