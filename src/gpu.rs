@@ -1182,6 +1182,12 @@ impl Gpu {
         }
     }
 
+    /// Whether an uncaptured device error waits to be reported, or the device is lost: what
+    /// was recorded since may hold an invalid buffer (see [`Stream::push`]).
+    pub fn error_pending(&self) -> bool {
+        self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).is_some() || self.lost_message().is_some()
+    }
+
     /// `Err` once the device is lost (out of memory, a driver reset, or `destroy`): nothing
     /// runs on this context any more, and a new one is needed.
     pub fn check_lost(&self) -> Result<()> {
@@ -1216,11 +1222,14 @@ impl Destroy for wgpu::Texture {
 /// units while the host records the rest, instead of idling until the whole pass is recorded
 /// ([`Gpu::stream`] picks the chunk). [`Stream::finish`] submits the rest and waits. The
 /// buffers run in the order they were pushed, as in one submission. Dropped unfinished (a
-/// recording that failed half way), it submits nothing more, and what it had submitted runs.
+/// recording that failed half way), it submits nothing more, and what it had submitted runs;
+/// so where an error is pending when it would submit ([`Stream::push`]).
 pub struct Stream<'g> {
     gpu: &'g Gpu,
     pending: Vec<wgpu::CommandBuffer>,
     chunk: usize,
+    /// An error was pending at a submission: nothing more is submitted.
+    stopped: bool,
 }
 
 impl Stream<'_> {
@@ -1230,7 +1239,7 @@ impl Stream<'_> {
 
     /// A stream that submits every `chunk` buffers (at least one) as they are pushed.
     pub fn new(gpu: &Gpu, chunk: usize) -> Stream<'_> {
-        Stream { gpu, pending: Vec::new(), chunk: chunk.max(1) }
+        Stream { gpu, pending: Vec::new(), chunk: chunk.max(1), stopped: false }
     }
 
     /// A stream that submits nothing: the bench takes its buffers ([`Stream::into_buffers`]).
@@ -1242,16 +1251,33 @@ impl Stream<'_> {
         self.pending
     }
 
-    /// Adds a buffer; submits the pending ones when there are `chunk` of them.
+    /// Adds a buffer; submits the pending ones when there are `chunk` of them, unless the
+    /// context has an error pending (a scratch buffer refused while they were recorded, a
+    /// recording wgpu found invalid): then neither they nor any later buffer are submitted.
+    /// wgpu refuses a submission holding an invalid buffer, so the later ones would run on what
+    /// it left unwritten: a training step's update on the last step's gradients.
     pub fn push(&mut self, buffer: wgpu::CommandBuffer) {
+        if self.stopped {
+            return;
+        }
         self.pending.push(buffer);
         if self.pending.len() >= self.chunk {
-            self.gpu.submit_queued(self.pending.drain(..));
+            self.stopped = self.gpu.error_pending();
+            if self.stopped {
+                self.pending.clear();
+            } else {
+                self.gpu.submit_queued(self.pending.drain(..));
+            }
         }
     }
 
-    /// Submits what is left, waits for everything, and reports any device error.
+    /// Submits what is left, waits for everything, and reports any device error; with an error
+    /// pending, submits nothing more and reports it.
     pub fn finish(mut self) -> Result<()> {
+        if self.stopped || self.gpu.error_pending() {
+            self.pending.clear();
+            return self.gpu.wait();
+        }
         self.gpu.submit(self.pending.drain(..))
     }
 }

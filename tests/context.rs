@@ -204,6 +204,33 @@ fn a_stream_runs_its_buffers_in_order() {
     check("stream", &read(&acc), &want, F32_TOL);
 }
 
+/// A stream stops at an error: a buffer recorded with a refused scratch buffer is invalid, and
+/// wgpu refuses its submission, so the buffers after it would run on what it left unwritten (a
+/// training step's update on the last step's gradients). Neither it nor they run.
+#[test]
+fn a_stream_submits_nothing_after_an_error() {
+    use resnet_wgpu::gpu::Stream;
+    use resnet_wgpu::ops::residual;
+    let g = Gpu::new().unwrap(); // its own context: its device error must not reach other tests
+    let dims = [1, 3, 5, 7];
+    let x = Tensor::new(&g, &dims, &Rng::new(32).data(105)).unwrap();
+    let y = Tensor::new(&g, &dims, &[f32::NAN; 105]).unwrap();
+    let mut out = Stream::new(&g, 1);
+    let mut rec = g.recorder("a pass with a refused scratch buffer");
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let refused = g.cached_buffer("a stream test key", "a refused scratch", g.report.max_buffer + 4, usage);
+    rec.encoder().copy_buffer_to_buffer(&refused, 0, &x.buffer, 0, 16);
+    out.push(rec.finish());
+    let mut rec = g.recorder("the pass after it");
+    residual::copy(&mut rec, &x, &y).unwrap();
+    out.push(rec.finish());
+    match out.finish() {
+        Err(Error::Device(m)) => assert!(m.contains("allocating a refused scratch failed"), "{m}"),
+        other => panic!("expected the refusal, got {other:?}"),
+    }
+    assert!(y.read(&g).unwrap().iter().all(|v| v.is_nan()), "the pass after the error ran");
+}
+
 #[test]
 fn kept_bind_groups_are_reused_on_new_contents_and_swept() {
     use resnet_wgpu::gpu::BindCache;
