@@ -530,7 +530,7 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
 fn plan_pre(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     match plan(gpu, op, g) {
         Plan::Register { .. } | Plan::RegisterWeight { .. } if pre && g.c > AFFINE_WINDOW => {
-            tiled::plan_for(op, g, tiled::rule(op, g))
+            tiled::plan_for(op, g, tiled::rule(gpu, op, g))
         }
         p => p,
     }
@@ -951,7 +951,7 @@ fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     }
     let f32_tile = || match plan(gpu, op, g) {
         Plan::Tiled { tile, .. } | Plan::Winograd { tile, .. } => tile,
-        _ => tiled::rule(op, g),
+        _ => tiled::rule(gpu, op, g),
     };
     let tiled = tiled::half_plan(gpu, op, g, f32_tile);
     // A forced tile configuration takes the tiled kernels, as in `plan`.

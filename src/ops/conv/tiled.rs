@@ -527,7 +527,7 @@ pub(super) fn force(gpu: &Gpu, name: Option<&str>) -> Result<()> {
 /// The forced configuration for `op` on `g` on the plain kernels: a configuration for
 /// cooperative matrices only gives way to the rule's.
 pub(super) fn forced(gpu: &Gpu, op: Op, g: &Geometry) -> Option<usize> {
-    forced_any(gpu).map(|t| if TILES[t].coop_only { rule(op, g) } else { t })
+    forced_any(gpu).map(|t| if TILES[t].coop_only { rule(gpu, op, g) } else { t })
 }
 
 fn forced_any(gpu: &Gpu) -> Option<usize> {
@@ -559,17 +559,23 @@ fn index_of(name: &str) -> usize {
 /// The fixed rule (CPU adapters, and the tuner's fallback): 64 x 64 tiles where there are more
 /// than 32 output channels and enough tiles to fill a GPU (about 128 workgroups), else 64 x 16
 /// (four times the workgroups); backward_weight 64 x 64 above 16 output channels, else 16 x 64.
-pub(super) fn rule(op: Op, g: &Geometry) -> usize {
+/// An adapter whose workgroups hold less than the 64 x 64 tile's 17 KiB (16 KiB is wgpu's
+/// default limit, and GL's) takes the smaller one.
+pub(super) fn rule(gpu: &Gpu, op: Op, g: &Geometry) -> usize {
+    rule_where(op, g, |t| t.fits(gpu))
+}
+
+fn rule_where(op: Op, g: &Geometry, fits: impl Fn(&Tile) -> bool) -> usize {
     let (m, cols) = gemm_rows_cols(op, g);
     let big = match op {
         Op::BackwardWeight => g.k > 16,
         _ => cols > 32 && m.div_ceil(64) * cols.div_ceil(64) >= 128,
     };
-    index_of(match (op, big) {
-        (_, true) => "64x64k16t4x4",
-        (Op::BackwardWeight, false) => "16x64k16t4x4",
-        (_, false) => "64x16k16t4x4",
-    })
+    let small = index_of(if op == Op::BackwardWeight { "16x64k16t4x4" } else { "64x16k16t4x4" });
+    match index_of("64x64k16t4x4") {
+        i if big && fits(&TILES[i]) => i,
+        _ => small,
+    }
 }
 
 /// Workgroups of 64x64 outputs that fill a large GPU: four per multiprocessor of a 132-SM
@@ -688,7 +694,7 @@ fn split_plan(op: Op, g: &Geometry, tile: usize, splits: usize) -> Plan {
 pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let tile = match forced(gpu, op, g) {
         Some(i) => return plan_for(op, g, i),
-        None if !tunes(gpu) => return plan_for(op, g, rule(op, g)),
+        None if !tunes(gpu) => return plan_for(op, g, rule(gpu, op, g)),
         None => tune(gpu, op, g, false).0,
     };
     tune_split(gpu, op, g, plan_for(op, g, tile), false)
@@ -725,7 +731,7 @@ fn tune(gpu: &Gpu, op: Op, g: &Geometry, half: bool) -> (usize, bool) {
     let names: Vec<String> = candidates.iter().map(|&c| name(c)).collect();
     let decision = format!("tile{} {}", if half { " f16" } else { "" }, tuned_shape(op, g));
     let chosen = tuned(gpu, &decision, &names, || time_tiles(gpu, op, g, half, &candidates, &names));
-    chosen.map_or((rule(op, g), false), |k| candidates[k])
+    chosen.map_or((rule(gpu, op, g), false), |k| candidates[k])
 }
 
 /// [`Gpu::tuned`] with `names` as strings, and the choice read back from the tune file shown in
@@ -1523,6 +1529,26 @@ pub(super) mod tests {
         match plan_for(op, g, 0) {
             Plan::Tiled { splits, chunk, .. } => (splits, chunk),
             p => panic!("{p:?}"),
+        }
+    }
+
+    /// The fixed rule's 64 x 64 tile (17 KiB of workgroup memory) only where it fits: at wgpu's
+    /// default limit of 16 KiB (GL's too) a large op takes the small tile, which fits there.
+    #[test]
+    fn the_rule_takes_a_tile_that_fits() {
+        const DEFAULT: usize = 16384;
+        let fits = |t: &Tile| t.workgroup_bytes() <= DEFAULT;
+        for op in [Op::Forward, Op::BackwardData, Op::BackwardWeight] {
+            let g = geometry(32, 128, 28, 128);
+            let (roomy, small) = (rule_where(op, &g, |_| true), rule_where(op, &g, fits));
+            assert_eq!(TILES[roomy].name(), "64x64k16t4x4", "{op:?}");
+            assert!(TILES[roomy].workgroup_bytes() > DEFAULT, "{op:?}");
+            assert!(
+                fits(&TILES[small]),
+                "{op:?}: {} needs {} bytes",
+                TILES[small].name(),
+                TILES[small].workgroup_bytes()
+            );
         }
     }
 

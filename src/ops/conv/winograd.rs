@@ -514,7 +514,7 @@ pub(super) fn consider(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels, plan: 
     }
     let tile = match plan {
         Plan::Tiled { tile, .. } => tile,
-        _ => tiled::rule(op, g),
+        _ => tiled::rule(gpu, op, g),
     };
     match choice(gpu) {
         // forced()'s choice, from the configurations that fit, worked out above.
