@@ -246,6 +246,13 @@ fn train_and_analyze_run_on_tiny_settings() {
     let a = dir("analyze");
     let (ok, text) = tool(&["analyze", "--depths", "8", "--batch", "2", "--out", a.to_str().unwrap()]);
     assert!(ok, "{text}");
+    // With option A's shortcuts: other networks, so other figures (the same batch and seed).
+    let csv = |d: &Path| std::fs::read_to_string(d.join("analysis.csv")).unwrap();
+    let short = dir("analyze-a");
+    let (ok, text) =
+        tool(&["analyze", "--depths", "8", "--batch", "2", "--shortcut", "a", "--out", short.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert_ne!(csv(&short), csv(&a), "--shortcut a made no difference");
     assert!(
         text.contains("ResNet-8 preact") && text.contains("ResNet-8 original") && text.contains("stage 1"),
         "{text}"
@@ -567,6 +574,11 @@ fn bad_arguments_get_clear_messages() {
         ),
         (vec!["analyze", "--variants", "scale:2"], "scale takes two numbers"),
         (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
+        // The generated set's sizes and seed mean nothing with CIFAR's images.
+        (vec!["train", "--data", "/nonexistent-cifar", "--train-size", "100"], "cannot be used with"),
+        (vec!["eval", "--weights", "w.safetensors", "--data", "d", "--seed", "3"], "cannot be used with"),
+        // analyze's shortcut meets its variants as train's does.
+        (vec!["analyze", "--depths", "8", "--variants", "conv", "--shortcut", "a"], "not with --shortcut a"),
     ] {
         let (ok, text) = tool(&args);
         assert!(!ok, "{args:?} should fail");

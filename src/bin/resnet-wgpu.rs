@@ -148,11 +148,11 @@ struct DataArgs {
     data: Option<PathBuf>,
     /// Training images generated for the embedded dataset [default: 10000; eval and --resume:
     /// the checkpoint's run's].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data")]
     train_size: Option<usize>,
     /// Test images generated for the embedded dataset [default: 2000; eval and --resume: the
     /// checkpoint's run's].
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data")]
     test_size: Option<usize>,
 }
 
@@ -279,7 +279,7 @@ enum Command {
         batch: usize,
         /// The embedded dataset's seed; by default a checkpoint's own (the images its run was
         /// tested on), else 0.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "data")]
         seed: Option<u64>,
     },
     /// The identity-mapping analysis on the GPU: per-unit norms of x_l, F(x_l) and dE/dx_l at
@@ -293,6 +293,10 @@ enum Command {
         /// Bottleneck units for every depth (the paper's ResNet-164 is 9n+2 and 6n+2 both).
         #[arg(long)]
         bottleneck: bool,
+        /// Shortcut of the units that change shape (`conv` variants set c) [default: b, or with
+        /// --weights the file's].
+        #[arg(long, value_enum)]
+        shortcut: Option<ShortcutArg>,
         /// Unit kinds to compare [default: preact,original, or with --weights the file's].
         #[arg(long, value_delimiter = ',')]
         kinds: Vec<Kind>,
@@ -392,6 +396,7 @@ fn main() -> ExitCode {
             weights,
             data,
             bottleneck,
+            shortcut,
             batch,
             classes,
             seed,
@@ -410,7 +415,7 @@ fn main() -> ExitCode {
                         kind: kinds.first().copied(),
                         unit: variants.first().copied(),
                         bottleneck,
-                        shortcut: None,
+                        shortcut,
                         classes,
                     };
                     args.config_over(Some(&f)).map(|c| {
@@ -426,7 +431,7 @@ fn main() -> ExitCode {
                         }
                         false => variants,
                     };
-                    analysis_networks(&depths, &variants, classes.unwrap_or(10), bottleneck)
+                    analysis_networks(&depths, &variants, classes.unwrap_or(10), bottleneck, shortcut)
                 }
             });
             networks.and_then(|networks| {
@@ -628,14 +633,26 @@ fn placeholder() -> NetConfig {
 
 /// The analysis' networks: each depth with each variant (bottleneck units for every depth with
 /// `bottleneck`, else for the 9n+2 depths that are not 6n+2).
-fn analysis_networks(depths: &[usize], variants: &[Variant], classes: usize, bottleneck: bool) -> Result<Vec<Network>> {
+fn analysis_networks(
+    depths: &[usize],
+    variants: &[Variant],
+    classes: usize,
+    bottleneck: bool,
+    shortcut: Option<ShortcutArg>,
+) -> Result<Vec<Network>> {
     let mut v = Vec::new();
     for &d in depths {
         let bottleneck = bottleneck || ((d >= 2 && (d - 2) % 6 != 0) && (d >= 11 && (d - 2) % 9 == 0));
         for &variant in variants {
-            let mut config = NetConfig::cifar(d, UnitKind::PreAct, bottleneck, classes)?;
-            variant.apply(&mut config);
-            config.validate()?;
+            let args = NetArgs {
+                depth: Some(d),
+                kind: None,
+                unit: Some(variant),
+                bottleneck,
+                shortcut,
+                classes: Some(classes),
+            };
+            let config = args.config_over(None)?;
             let label = format!("ResNet-{d} {variant}");
             // Two networks of one name would be two runs of the same rows in one CSV.
             if v.iter().any(|n: &Network| n.label == label) {
@@ -745,7 +762,7 @@ fn demo() -> Result<()> {
     train_cmd(&net, &data, &opts, None)?;
     println!();
     let variants = [UnitKind::PreAct, UnitKind::Original].map(|kind| Variant::of(&NetConfig { kind, ..placeholder() }));
-    let networks = analysis_networks(&[110], &variants, 10, false)?;
+    let networks = analysis_networks(&[110], &variants, 10, false, None)?;
     analyze_cmd(&networks, None, None, 4, 0, 8, std::path::Path::new("runs/demo-analyze"))
 }
 
@@ -907,7 +924,7 @@ mod tests {
     fn analysis_depths_take_bottleneck_units_where_asked() {
         let v = [Variant::of(&placeholder())];
         let shape = |d: usize, b: bool| {
-            let n = analysis_networks(&[d], &v, 10, b).unwrap_or_else(|e| panic!("{e}"));
+            let n = analysis_networks(&[d], &v, 10, b, None).unwrap_or_else(|e| panic!("{e}"));
             (n[0].config.bottleneck, n[0].config.units_per_stage)
         };
         assert_eq!(shape(164, false), (false, 27));
@@ -915,6 +932,6 @@ mod tests {
         assert_eq!(shape(1001, false), (true, 111));
         assert_eq!(shape(110, false), (false, 18));
         // 32 is 6n+2 alone: no bottleneck network of that depth.
-        assert!(analysis_networks(&[32], &v, 10, true).is_err());
+        assert!(analysis_networks(&[32], &v, 10, true, None).is_err());
     }
 }
