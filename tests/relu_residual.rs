@@ -127,3 +127,35 @@ fn option_a_rejects_bad_shapes() {
     let y = poisoned(&[1, 4, 5, 5]); // not halved
     assert!(matches!(residual::subsample_forward(&mut rec, &x, &y, 2), Err(resnet_wgpu::Error::Shape(_))));
 }
+
+/// An output that is also an input is refused before anything is recorded: these ops are not in
+/// place, and wgpu refuses a buffer bound read-only and read-write in one dispatch (or copied
+/// onto itself) only by refusing the whole submission, the other ops recorded with it included.
+#[test]
+fn an_output_aliasing_an_input_is_refused() {
+    use resnet_wgpu::Error;
+    use resnet_wgpu::ops::gate;
+    let g = gpu();
+    let dims = [1, 2, 3, 3];
+    let (t, u) = (upload(&dims, &Rng::new(7).data(18)), upload(&dims, &Rng::new(8).data(18)));
+    let out = poisoned(&dims);
+    let mut rec = g.recorder("aliased operands");
+    let refusals: [(&str, resnet_wgpu::Result<()>); 9] = [
+        ("relu forward", relu::forward(&mut rec, &t, &t)),
+        ("relu backward, dx = x", relu::backward(&mut rec, &t, &u, &t, false)),
+        ("relu backward, dx = dy", relu::backward(&mut rec, &u, &t, &t, true)),
+        ("relu mask_in_place", relu::mask_in_place(&mut rec, &t, &t)),
+        ("residual add", residual::add(&mut rec, &t, &t)),
+        ("subsample_forward", residual::subsample_forward(&mut rec, &t, &t, 1)),
+        ("subsample_backward", residual::subsample_backward(&mut rec, &t, &t, 1, true)),
+        ("copy", residual::copy(&mut rec, &t, &t)),
+        ("sigmoid_backward", gate::sigmoid_backward(&mut rec, &t, &t)),
+    ];
+    for (what, r) in refusals {
+        assert!(matches!(&r, Err(Error::Invalid(m)) if m.contains("must not alias")), "{what}: {r:?}");
+    }
+    // Nothing was recorded: the recorder's other work runs.
+    residual::copy(&mut rec, &u, &out).unwrap();
+    rec.run().unwrap();
+    assert_eq!(read(&out), read(&u));
+}

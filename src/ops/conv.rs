@@ -172,13 +172,6 @@ pub(crate) fn check_shapes(what: &str, x: &Tensor, w: &Tensor, y: &Tensor, strid
 }
 
 /// An output that is also an input would be a read-write and read-only binding of one buffer.
-fn distinct(what: &str, out: &Tensor, ins: [&Tensor; 2]) -> Result<()> {
-    if ins.iter().any(|t| t.buffer == out.buffer) {
-        return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
-    }
-    Ok(())
-}
-
 /// Forces Winograd in configuration `name` (one of [`winograd_names`]) for every convolution it
 /// applies to (3x3 at stride 1: forward, backward_data and backward_weight, f32 and f16 paths)
 /// on this context, or (`"off"`) never takes it; `None` goes back to the automatic choice (timed
@@ -624,7 +617,7 @@ pub fn forward_stats(
     )?;
     const WHAT: &str = "conv forward_stats";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
-    distinct(WHAT, y, [x, w])?;
+    super::distinct_out(WHAT, y, &[x, w])?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     batch_norm::check_train(WHAT, y, None, bn, save_mean, save_invstd)?;
     // The epilogue's statistics where the whole batch binds at once (else forward_with runs it
@@ -678,7 +671,7 @@ pub fn backward_data_bn(
     const WHAT: &str = "conv backward_data_bn";
     super::owned(rec, WHAT, [dy, w, da, x, affine, dx].into_iter().chain(bn.tensors()))?;
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], da, w, dy, stride)?;
-    distinct(WHAT, da, [dy, w])?;
+    super::distinct_out(WHAT, da, &[dy, w])?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward(WHAT, x, da, dx, bn)?;
     // As forward_stats: the epilogue's sums only where the batch binds whole and the plan does
@@ -751,7 +744,7 @@ fn forward_with(
 ) -> Result<()> {
     const WHAT: &str = "conv forward";
     let g = Geometry::check(WHAT, ["x", "w", "y"], x, w, y, stride)?;
-    distinct(WHAT, y, [x, w])?;
+    super::distinct_out(WHAT, y, &[x, w])?;
     check_affine(WHAT, pre, g.c, &y.buffer)?;
     let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
         forward_with(rec, &i[0], pre, w, &o[0], stride, accumulate)
@@ -789,7 +782,7 @@ pub fn backward_data(
     const WHAT: &str = "conv backward_data";
     super::owned(rec, WHAT, [dy, w, dx])?;
     let g = Geometry::check(WHAT, ["dx", "w", "dy"], dx, w, dy, stride)?;
-    distinct(WHAT, dx, [dy, w])?;
+    super::distinct_out(WHAT, dx, &[dy, w])?;
     let chunk =
         |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| backward_data(rec, &i[0], w, &o[0], stride, accumulate);
     if split::batch_op(rec, WHAT, &[dy], &[(dx, accumulate)], &[w], chunk)? {
@@ -847,7 +840,7 @@ fn backward_weight_with(
 ) -> Result<()> {
     const WHAT: &str = "conv backward_weight";
     let g = Geometry::check(WHAT, ["x", "dw", "dy"], x, dw, dy, stride)?;
-    distinct(WHAT, dw, [x, dy])?;
+    super::distinct_out(WHAT, dw, &[x, dy])?;
     check_affine(WHAT, pre, g.c, &dw.buffer)?;
     // By chunks of images: the first chunk's sum overwrites dw (unless `accumulate`), each later
     // one is added to it, in order.

@@ -43,6 +43,7 @@ pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
 pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()> {
     super::owned(rec, "gate sigmoid_backward", [g, d])?;
     same_len("gate sigmoid_backward", &[g, d])?;
+    super::distinct_out("gate sigmoid_backward", d, &[g])?;
     if split::flat_op(rec, "gate sigmoid_backward", &[g], &[(d, true)], |rec, i, o| {
         sigmoid_backward(rec, &i[0], &o[0])
     })? {
@@ -103,6 +104,7 @@ pub fn backward(
     conv::check_shapes(WHAT, dx, dw, dg, stride)?;
     same_len(WHAT, &[g, dg])?;
     check_bias_grad(WHAT, dg, db)?;
+    super::distinct_out(WHAT, dg, &[g])?;
     sigmoid_backward(rec, g, dg)?;
     bias_grad(rec, dg, db)?;
     conv::backward_weight(rec, x, dg, dw, stride, false)?;

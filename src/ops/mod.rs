@@ -33,6 +33,16 @@ use crate::tensor::{HalfTensor, Tensor};
 /// norm's final reductions, the gate's bias gradient): the usual per-dimension limit.
 pub(crate) const MAX_CHANNELS: usize = 65535;
 
+/// `Err` where the output `out` is one of the inputs `ins`: the op is not in place, and wgpu
+/// refuses a buffer bound read-only and read-write in one dispatch (or copied onto itself) only
+/// when the whole submission is refused.
+pub(crate) fn distinct_out(what: &str, out: &Tensor, ins: &[&Tensor]) -> Result<()> {
+    if ins.iter().any(|t| t.buffer == out.buffer) {
+        return Err(Error::Invalid(format!("{what}: the output must not alias an input")));
+    }
+    Ok(())
+}
+
 /// Texels per row of an operand texture (`TEXW` in the shaders): 4096 floats.
 pub(crate) const TEXW: usize = 1024;
 

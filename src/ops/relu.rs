@@ -9,6 +9,7 @@ use crate::tensor::{HalfTensor, Tensor};
 pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
     super::owned(rec, "relu forward", [x, y])?;
     same_len("relu forward", &[x, y])?;
+    super::distinct_out("relu forward", y, &[x])?;
     if split::flat_op(rec, "relu forward", &[x], &[(y, false)], |rec, i, o| forward(rec, &i[0], &o[0]))? {
         return Ok(());
     }
@@ -21,6 +22,7 @@ pub fn forward(rec: &mut Recorder, x: &Tensor, y: &Tensor) -> Result<()> {
 pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumulate: bool) -> Result<()> {
     super::owned(rec, "relu backward", [x, dy, dx])?;
     same_len("relu backward", &[x, dy, dx])?;
+    super::distinct_out("relu backward", dx, &[x, dy])?;
     let chunk = |rec: &mut Recorder, i: &[Tensor], o: &[Tensor]| backward(rec, &i[0], &i[1], &o[0], accumulate);
     if split::flat_op(rec, "relu backward", &[x, dy], &[(dx, accumulate)], chunk)? {
         return Ok(());
@@ -40,6 +42,7 @@ pub fn backward(rec: &mut Recorder, x: &Tensor, dy: &Tensor, dx: &Tensor, accumu
 pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
     super::owned(rec, "relu mask_in_place", [y, g])?;
     same_len("relu mask", &[y, g])?;
+    super::distinct_out("relu mask_in_place", g, &[y])?;
     if split::flat_op(rec, "relu mask", &[y], &[(g, true)], |rec, i, o| mask_in_place(rec, &i[0], &o[0]))? {
         return Ok(());
     }

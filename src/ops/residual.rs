@@ -13,6 +13,7 @@ use crate::tensor::{HalfTensor, Tensor};
 pub fn add(rec: &mut Recorder, branch: &Tensor, stream: &Tensor) -> Result<()> {
     super::owned(rec, "residual add", [branch, stream])?;
     same_len("residual add", &[branch, stream])?;
+    super::distinct_out("residual add", stream, &[branch])?;
     if split::flat_op(rec, "residual add", &[branch], &[(stream, true)], |rec, i, o| add(rec, &i[0], &o[0]))? {
         return Ok(());
     }
@@ -48,6 +49,7 @@ fn subsample_dims(x: &[usize], y: &[usize], stride: usize, accumulate: bool, len
 pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usize) -> Result<()> {
     super::owned(rec, "residual subsample_forward", [x, y])?;
     let params = subsample_params(x, y, stride, false, y.len())?;
+    super::distinct_out("residual subsample_forward", y, &[x])?;
     let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| subsample_forward(rec, &i[0], &o[0], stride);
     if split::batch_op(rec, "option-A shortcut forward", &[x], &[(y, false)], &[], chunk)? {
         return Ok(());
@@ -66,6 +68,7 @@ pub fn subsample_forward(rec: &mut Recorder, x: &Tensor, y: &Tensor, stride: usi
 pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: usize, accumulate: bool) -> Result<()> {
     super::owned(rec, "residual subsample_backward", [dy, dx])?;
     let params = subsample_params(dx, dy, stride, accumulate, dx.len())?;
+    super::distinct_out("residual subsample_backward", dx, &[dy])?;
     let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
         subsample_backward(rec, &i[0], &o[0], stride, accumulate)
     };
@@ -87,6 +90,7 @@ pub fn subsample_backward(rec: &mut Recorder, dy: &Tensor, dx: &Tensor, stride: 
 pub fn copy(rec: &mut Recorder, src: &Tensor, dst: &Tensor) -> Result<()> {
     super::owned(rec, "residual copy", [src, dst])?;
     same_len("copy", &[src, dst])?;
+    super::distinct_out("residual copy", dst, &[src])?;
     rec.encoder().copy_buffer_to_buffer(&src.buffer, 0, &dst.buffer, 0, src.bytes());
     Ok(())
 }
