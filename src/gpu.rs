@@ -851,7 +851,7 @@ impl Gpu {
         // A lost device's buffers are invalid without an error in any scope.
         self.check_lost()?;
         let detail = match (o, v) {
-            (None, None) => match self.past_memory_cap() {
+            (None, None) => match self.past_memory_cap().and_then(|_| self.past_memory_cap_flushed()) {
                 None => return out,
                 Some(detail) => detail, // `out`, dropped, frees what `f` made
             },
@@ -880,6 +880,17 @@ impl Gpu {
     /// touching their memory, so neither it nor the budget it reports (Mesa 26's counts only the
     /// memory in use) refuses in time, and the kernel kills the process once the passes write
     /// them.
+    /// [`Gpu::past_memory_cap`] once the queued writes have run: wgpu stages each write in a
+    /// buffer as large as the data, counted until the submission after it completes, so a
+    /// tensor uploaded a moment before counted twice.
+    fn past_memory_cap_flushed(&self) -> Option<String> {
+        let _serial = self.submit_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.queue.submit([]);
+        // A device error here is the next wait's to report; the count is read either way.
+        let _ = self.device.poll(wgpu::PollType::wait_indefinitely());
+        self.past_memory_cap()
+    }
+
     fn past_memory_cap(&self) -> Option<String> {
         let (cap, from) = self.memory_cap.as_ref()?;
         let held = self.memory();

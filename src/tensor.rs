@@ -186,12 +186,19 @@ impl HalfTensor {
         if data.len() != len {
             return Err(Error::Length { what: format!("half tensor {dims:?}"), expected: len, got: data.len() });
         }
-        // In an allocation scope, as `Tensor`'s.
+        HalfTensor::allocate(gpu, dims, len, Some(data))
+    }
+
+    /// As [`Tensor`]'s: the buffer inside an allocation scope, `data` queued into it (none: the
+    /// zeros wgpu fills a new buffer with, and no staging copy as large as the tensor).
+    fn allocate(gpu: &Gpu, dims: &[usize], len: usize, data: Option<&[half::f16]>) -> Result<HalfTensor> {
         gpu.allocation_scope(&format!("half tensor {dims:?}"), || {
             let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
             let buffer = gpu.create_buffer("half tensor", (len as u64 * 2).div_ceil(4) * 4, usage);
             let t = HalfTensor { dims: dims.to_vec(), buffer, context: gpu.context() };
-            t.upload(gpu, data);
+            if let Some(data) = data {
+                t.upload(gpu, data);
+            }
             Ok(t)
         })
     }
@@ -233,7 +240,7 @@ impl HalfTensor {
     /// A half tensor of zeros.
     pub fn zeros(gpu: &Gpu, dims: &[usize]) -> Result<HalfTensor> {
         let len = check_dims(gpu, dims, 2, "half tensor")?;
-        HalfTensor::new(gpu, dims, &vec![half::f16::ZERO; len])
+        HalfTensor::allocate(gpu, dims, len, None)
     }
 
     /// Uploads f32 data rounded to the nearest half.

@@ -308,6 +308,37 @@ fn a_lost_device_is_said_by_everything_after() {
     lost(g.wait(), "wait again");
 }
 
+/// A tensor uploaded counts once against the memory cap: wgpu stages each write in a buffer as
+/// large as the data until the next submission completes, and counted with it, two 5 MiB tensors
+/// (20 MiB counted) were refused under a 12 MiB cap. A half tensor of zeros uploads nothing.
+#[test]
+fn uploads_count_once_against_the_memory_cap() {
+    use resnet_wgpu::tensor::HalfTensor;
+    if !resnet_wgpu::gpu::counts_memory(gpu().report.backend) {
+        return eprintln!("skipped: no memory cap on {:?}", gpu().report.backend);
+    }
+    let held = |g: &Gpu| g.memory().buffer_bytes as u64 + g.memory().texture_bytes as u64;
+    let cap = held(&Gpu::new().unwrap()) + (12 << 20);
+    let g = Gpu::with_options(&GpuOptions { memory_cap: Some(cap), ..GpuOptions::from_env() }).unwrap();
+    let data = Rng::new(5).data(5 << 18);
+    let first = Tensor::new(&g, &[5 << 18], &data).unwrap_or_else(|e| panic!("{e}"));
+    let second = Tensor::new(&g, &[5 << 18], &data).unwrap_or_else(|e| panic!("{e}"));
+    // (A readback stages its 5 MiB too.)
+    drop(first);
+    g.wait().unwrap();
+    assert_eq!(second.read(&g).unwrap(), data);
+    drop(second);
+    g.wait().unwrap();
+    let zeros = || HalfTensor::zeros(&g, &[5 << 19]).unwrap_or_else(|e| panic!("{e}"));
+    let before = held(&g);
+    let mut halves = vec![zeros()];
+    assert!(held(&g) - before < 10 << 20, "a staging copy of zeros: {} bytes more", held(&g) - before);
+    halves.push(zeros());
+    halves.remove(0);
+    g.wait().unwrap();
+    assert!(halves[0].read(&g).unwrap().iter().all(|&v| v == 0.0));
+}
+
 /// An allocation that leaves a context's buffers past its memory cap is refused with
 /// `Error::Allocation` naming the cap, and what it made is freed. A CPU adapter has one by
 /// default, a share of the host's memory, where its buffers live: lavapipe hands out buffers
