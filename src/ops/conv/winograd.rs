@@ -308,17 +308,14 @@ pub(super) fn record_half_weight(
 
 /// Buffers for the transformed operands of `op` on `g` (U, V, M) in any of `configs`' block
 /// sizes, of the caller's: the autotuner's, dropped after timing, so that only the shapes that
-/// take Winograd keep their workspace in the context.
-fn workspace(gpu: &Gpu, op: Op, g: &Geometry, configs: &[usize]) -> [wgpu::Buffer; 3] {
+/// take Winograd keep their workspace in the context. Made as the context's other buffers are
+/// (an allocation scope, the memory cap): one refused is [`Error::Allocation`], not an error
+/// left for the caller's next submission, nor a context past its cap.
+fn workspace(gpu: &Gpu, op: Op, g: &Geometry, configs: &[usize]) -> Result<[wgpu::Buffer; 3]> {
     let sizes = configs.iter().map(|&c| Dims::of(op, g, CONFIGS[c].r).bytes());
     let max = sizes.fold([0; 3], |m, b| [0, 1, 2].map(|i| m[i].max(b[i])));
-    max.map(|size| {
-        gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("winograd tuning workspace"),
-            size,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
+    gpu.allocation_scope("winograd tuning workspace", || {
+        Ok(max.map(|size| gpu.create_buffer("winograd tuning workspace", size, wgpu::BufferUsages::STORAGE)))
     })
 }
 
@@ -568,7 +565,8 @@ fn time_against(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool, candida
     let (Ok(t), Ok(h)) = (f32s, acts.map(|i| HalfTensor::zeros(gpu, &dims[i])).collect::<Result<Vec<_>>>()) else {
         return None;
     };
-    let ws = workspace(gpu, op, g, candidates);
+    // Without its workspace Winograd cannot run here (its passes' scratch is as large).
+    let ws = workspace(gpu, op, g, candidates).ok()?;
     let run = |k: usize| {
         let config = candidates.get(k.wrapping_sub(1)).copied().unwrap_or_default();
         let mut rec = gpu.recorder_untimed("conv tune winograd");
@@ -630,6 +628,30 @@ fn time_against(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool, candida
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The tuner's workspace is refused past the memory cap, as the context's other buffers
+    /// are, and leaves no error behind; within it, it is made.
+    #[test]
+    fn the_tuning_workspace_keeps_to_the_memory_cap() {
+        let fresh = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        if !crate::gpu::counts_memory(fresh.report.backend) {
+            return eprintln!("skipped: no memory cap on {:?}", fresh.report.backend);
+        }
+        let held = (fresh.memory().buffer_bytes + fresh.memory().texture_bytes) as u64;
+        let opts = crate::GpuOptions { memory_cap: Some(held + (2 << 20)), ..crate::GpuOptions::from_env() };
+        let gpu = Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+        let g = |n| Geometry { n, c: 32, h: 32, w: 32, k: 32, ks: 3, oh: 32, ow: 32, stride: 1 };
+        let f2 = [0];
+        assert_eq!(CONFIGS[f2[0]].r, 2);
+        // 4 images: V and M of 16 x 32 x 1024 floats, 2 MiB each; 1 image, a quarter of that.
+        match workspace(&gpu, Op::Forward, &g(4), &f2) {
+            Err(Error::Allocation { what, .. }) => assert_eq!(what, "winograd tuning workspace"),
+            Err(e) => panic!("expected Error::Allocation, got {e}"),
+            Ok(_) => panic!("a workspace past the cap was made"),
+        }
+        gpu.take_error().unwrap_or_else(|e| panic!("an error was left behind: {e}"));
+        workspace(&gpu, Op::Forward, &g(1), &f2).unwrap_or_else(|e| panic!("{e}"));
+    }
 
     /// Every configuration's tiles are staged whole (each vec4 has one loader) and fit WebGPU's
     /// default limits, in a block size the template has.
