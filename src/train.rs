@@ -56,7 +56,9 @@ pub struct TrainOptions {
     pub augment: bool,
     /// Shuffling and augmentation draw from this seed (and the epoch number).
     pub seed: u64,
-    /// Batch size for evaluation.
+    /// Batch size for evaluation, at most the training batch: an evaluation pass allocates a
+    /// training pass's activations at its batch, in f32, so a larger one could need more memory
+    /// than training does and fail at the end of the first epoch.
     pub eval_batch: usize,
     /// Where CSV, SVG and checkpoints go.
     pub out: PathBuf,
@@ -611,7 +613,7 @@ pub fn train(
                 epoch + 1
             )));
         }
-        let (test_loss, test_acc) = evaluate(gpu, net, test, opts.eval_batch)?;
+        let (test_loss, test_acc) = evaluate(gpu, net, test, opts.eval_batch.min(opts.batch))?;
         let s = EpochStats {
             epoch: epoch + 1,
             lr,
