@@ -1193,6 +1193,23 @@ impl Gpu {
         }
     }
 
+    /// The uncaptured device error waiting to be reported, taken aside (the autotuner's own
+    /// submissions would report it as theirs), for [`Gpu::put_error_back`].
+    pub(crate) fn set_error_aside(&self) -> Option<String> {
+        self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Puts back an error [`Gpu::set_error_aside`] took, as the first one again.
+    pub(crate) fn put_error_back(&self, error: Option<String>) {
+        if let Some(e) = error {
+            let mut slot = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+            *slot = Some(match slot.take() {
+                Some(later) => format!("{e}; then {later}"),
+                None => e,
+            });
+        }
+    }
+
     /// Whether an uncaptured device error waits to be reported, or the device is lost: what
     /// was recorded since may hold an invalid buffer (see [`Stream::push`]).
     pub fn error_pending(&self) -> bool {

@@ -841,7 +841,11 @@ pub(super) fn time_each(
     // Whole kernels, whatever stage a benchmark leaves out of the context's (super::leave_out).
     let cell = leave_out_cell(gpu);
     let left_out = std::mem::take(&mut *cell.lock().unwrap_or_else(|e| e.into_inner()));
+    // An error pending from the caller's recording is the caller's: the candidates' submissions
+    // would take it as the first one's failure, and the caller's would find none.
+    let pending = gpu.set_error_aside();
     let times = time_whole(gpu, n, run);
+    gpu.put_error_back(pending);
     *cell.lock().unwrap_or_else(|e| e.into_inner()) = left_out;
     times
 }
@@ -1388,6 +1392,28 @@ pub(super) mod tests {
         };
         assert_eq!(first_runs(&gpu, 6, &run), [0, 1, 2, 4, 5]);
         gpu.take_error().unwrap_or_else(|e| panic!("an error escaped its scope: {e}"));
+    }
+
+    /// An error pending from the caller's recording (here a refused scratch buffer) is neither
+    /// the first candidate's failure nor lost: every candidate is timed, and the caller's next
+    /// check reports it.
+    #[test]
+    fn tuning_leaves_the_callers_pending_error_to_the_caller() {
+        let gpu = Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        let usage = wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+        let (a, b) = (gpu.create_buffer("a", 16, usage), gpu.create_buffer("b", 16, usage));
+        gpu.cached_buffer("a tuning test key", "the caller's refused scratch", gpu.report.max_buffer + 4, usage);
+        let run = |_: usize| {
+            let mut enc = gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
+            enc.copy_buffer_to_buffer(&a, 0, &b, 0, 16);
+            Ok(enc.finish())
+        };
+        let times = time_each(&gpu, 3, run);
+        assert!(times.iter().all(Option::is_some), "{times:?}");
+        match gpu.take_error() {
+            Err(Error::Device(m)) => assert!(m.contains("allocating the caller's refused scratch failed"), "{m}"),
+            other => panic!("expected the caller's error, got {other:?}"),
+        }
     }
 
     /// A candidate whose scratch buffer the context refuses (here past its memory cap) drops
