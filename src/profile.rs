@@ -42,7 +42,8 @@ pub fn set(gpu: &Gpu, on: bool) {
 }
 
 /// The dispatches timed since the last call, in recording order. Call it after the recorded
-/// work has been submitted.
+/// work has been submitted; a recorder's whose work never ran (its buffer dropped, or its
+/// submission refused) left no timestamps, and none of its dispatches are returned.
 pub fn take(gpu: &Gpu) -> Result<Vec<Span>> {
     let pending = std::mem::take(&mut state(gpu).lock().unwrap_or_else(|p| p.into_inner()).pending);
     let period_ns = gpu.queue.get_timestamp_period() as f64;
@@ -51,7 +52,10 @@ pub fn take(gpu: &Gpu) -> Result<Vec<Span>> {
         let raw = read_buffer(gpu, &buffer, buffer.size())?;
         for (label, c) in labels.into_iter().zip(raw.chunks_exact(2 * wgpu::QUERY_SIZE as usize)) {
             let t: [u64; 2] = bytemuck::pod_read_unaligned(c);
-            spans.push(Span { label, ms: t[1].saturating_sub(t[0]) as f64 * period_ns * 1e-6 });
+            // The resolve's buffer starts as zeros: a pair never written is a pass never run.
+            if t != [0, 0] {
+                spans.push(Span { label, ms: t[1].saturating_sub(t[0]) as f64 * period_ns * 1e-6 });
+            }
         }
     }
     Ok(spans)

@@ -453,3 +453,29 @@ fn ops_refuse_another_contexts_operands() {
     assert_eq!(y.read(&other).unwrap(), vec![0.0; 60]);
     assert_eq!(c.read(&other).unwrap(), vec![1.0; 3]);
 }
+
+/// The profile holds only dispatches that ran: a recorder whose command buffer was dropped
+/// unsubmitted (a stream stopped by an error, a bench item that failed) left its spans pending,
+/// and they came back as 0 ms under its labels with the next run's.
+#[test]
+fn the_profile_leaves_out_what_never_ran() {
+    use resnet_wgpu::ops::relu;
+    let g = Gpu::new().unwrap(); // its own context: the profile is the context's
+    if !g.has_timestamps() {
+        return eprintln!("skipped: no timestamp queries on {}", g.report.name);
+    }
+    let x = Tensor::new(&g, &[1, 2, 3, 3], &Rng::new(9).data(18)).unwrap();
+    let y = Tensor::zeros(&g, &[1, 2, 3, 3]).unwrap();
+    resnet_wgpu::profile::set(&g, true);
+    let mut rec = g.recorder("never submitted");
+    relu::forward(&mut rec, &x, &y).unwrap();
+    drop(rec.finish());
+    let mut rec = g.recorder("run");
+    relu::forward(&mut rec, &x, &y).unwrap();
+    relu::backward(&mut rec, &x, &x, &y, false).unwrap();
+    rec.run().unwrap();
+    resnet_wgpu::profile::set(&g, false);
+    let spans = resnet_wgpu::profile::take(&g).unwrap();
+    let labels: Vec<&str> = spans.iter().map(|s| s.label.as_str()).collect();
+    assert_eq!(labels, ["forward", "backward"], "{spans:?}");
+}
