@@ -185,9 +185,14 @@ pub struct NetConfig {
     pub classes: usize,
 }
 
+/// The most units a stage may have (ResNet-60002 with basic units): the lists of a network's
+/// units and tensors are built before any buffer, and a depth from a file's metadata could ask
+/// for more than the host's memory holds.
+pub const MAX_UNITS_PER_STAGE: usize = 10_000;
+
 impl NetConfig {
     /// The CIFAR family: depth 6n+2 with basic units (20, 32, 44, 56, 110, 1202) or 9n+2 with
-    /// bottleneck units (164, 1001).
+    /// bottleneck units (164, 1001), up to [`MAX_UNITS_PER_STAGE`] units a stage.
     pub fn cifar(depth: usize, kind: UnitKind, bottleneck: bool, classes: usize) -> Result<NetConfig> {
         let per = if bottleneck { 9 } else { 6 };
         if depth < per + 2 || !(depth - 2).is_multiple_of(per) {
@@ -195,6 +200,9 @@ impl NetConfig {
                 "depth {depth} is not {per}n+2 ({} units)",
                 if bottleneck { "bottleneck" } else { "basic" }
             )));
+        }
+        if (depth - 2) / per > MAX_UNITS_PER_STAGE {
+            return Err(Error::Invalid(format!("depth {depth}: more than {MAX_UNITS_PER_STAGE} units a stage")));
         }
         if classes < 2 {
             return Err(Error::Invalid(format!("{classes} classes: need at least 2")));
@@ -269,6 +277,12 @@ impl NetConfig {
     pub fn validate(&self) -> Result<()> {
         if self.units_per_stage == 0 || self.widths.contains(&0) || self.in_channels == 0 || self.classes < 2 {
             return Err(Error::Invalid(format!("impossible network configuration {self:?}")));
+        }
+        if self.units_per_stage > MAX_UNITS_PER_STAGE {
+            return Err(Error::Invalid(format!(
+                "{} units a stage: at most {MAX_UNITS_PER_STAGE}",
+                self.units_per_stage
+            )));
         }
         self.combine.validate()?;
         if self.shortcut == ShortcutOption::A && self.widths.windows(2).any(|w| w[1] < w[0]) {
@@ -559,6 +573,38 @@ impl std::str::FromStr for Variant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A depth past MAX_UNITS_PER_STAGE is refused before its lists are built: a file's
+    /// metadata naming ResNet-600000002 made the loaders build 300 million units' names.
+    #[test]
+    fn depths_past_the_most_units_are_refused() {
+        let most = 6 * MAX_UNITS_PER_STAGE + 2;
+        assert!(NetConfig::cifar(most, UnitKind::PreAct, false, 10).is_ok());
+        for depth in [most + 6, 600_000_002] {
+            match NetConfig::cifar(depth, UnitKind::PreAct, false, 10) {
+                Err(Error::Invalid(m)) => assert!(m.contains("units a stage"), "{m}"),
+                other => panic!("depth {depth}: {other:?}"),
+            }
+        }
+        let mut c = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
+        c.units_per_stage = MAX_UNITS_PER_STAGE + 1;
+        assert!(matches!(c.validate(), Err(Error::Invalid(_))));
+        // A file naming it completely (its name is made without its lists).
+        c.units_per_stage = 100_000_000;
+        let name = c.name();
+        let named: std::collections::HashMap<String, String> = [
+            ("depth", "600000002"),
+            ("bottleneck", "false"),
+            ("classes", "10"),
+            ("shortcut", "B"),
+            ("variant", "preact"),
+            ("network", name.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert!(crate::io::named_network(&named).is_none());
+    }
 
     /// ResNet-20 on 32x32 CIFAR images: the 41 M multiply-adds usually quoted, counted by hand:
     /// stem, 6 + 6 + 6 3x3 layers over three stages at 32, 16 and 8 pixels (the first of stages

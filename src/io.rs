@@ -322,6 +322,7 @@ pub fn state_for(
     file: &HashMap<String, HostTensor>,
     path: &Path,
 ) -> Result<HashMap<String, Vec<f32>>> {
+    config.validate()?;
     let specs = config.tensors();
     let mut out = HashMap::new();
     for spec in &specs {
