@@ -171,6 +171,12 @@ pub fn write_with_metadata(
     tensors: &[(String, HostTensor)],
     metadata: HashMap<String, String>,
 ) -> Result<()> {
+    // safetensors indexes past its own list for a name given twice (a panic), and reads a
+    // tensor named `__metadata__` as the metadata.
+    let mut names = std::collections::HashSet::new();
+    if let Some((n, _)) = tensors.iter().find(|(n, _)| !names.insert(n.as_str()) || n == "__metadata__") {
+        return Err(fmt_err(path, format!("tensor name {n:?} given twice or reserved")));
+    }
     let encoded: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(n, t)| {
@@ -202,7 +208,10 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let file = path.file_name().filter(|_| !path.is_dir()).ok_or_else(|| fmt_err(path, "not a file path"))?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
-    let tmp = path.with_file_name(format!(".{}.{}-{nanos}-{n}.tmp", file.to_string_lossy(), std::process::id()));
+    // The name's first 100 characters at most: the temporary's own part would take a long
+    // name past the system's limit (255 bytes), and the write would fail for the temporary.
+    let stem: String = file.to_string_lossy().chars().take(100).collect();
+    let tmp = path.with_file_name(format!(".{stem}.{}-{nanos}-{n}.tmp", std::process::id()));
     // Nothing is removed unless this call created it.
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(path, e))?;
     let written = f.write_all(bytes).and_then(|()| f.sync_all());

@@ -210,6 +210,37 @@ fn other_dtypes_are_converted() {
     assert_eq!(f["h"].to_f32(), vec![1.5, -2.0]);
     assert_eq!(f["d"].to_f32(), vec![0.25, 3.0]);
     assert_eq!(f["n"].to_i64(), Some(vec![3]));
+    assert_eq!(f["b"].to_f32(), vec![1.5, -2.0]);
+    assert_eq!(f["l"].to_i64(), Some(vec![-7]));
+    assert_eq!(f["u"].to_i64(), Some(vec![200, 3]));
+    // A float past i64's range is not an integer (`as` would saturate to i64::MAX).
+    assert_eq!(io::HostTensor::f32(&[2], vec![3.0, 1e30]).to_i64(), None);
+    // A dtype with no meaning here is refused, naming it.
+    let flags = [1u8, 0];
+    let views = vec![("flags", TensorView::new(Dtype::BOOL, vec![2], &flags).unwrap())];
+    std::fs::write(&path, safetensors::serialize(views, None).unwrap()).unwrap();
+    match io::read(&path) {
+        Err(Error::Format { msg, .. }) => assert!(msg.contains("unsupported dtype"), "{msg}"),
+        other => panic!("expected the dtype refused, got {:?}", other.map(|f| f.len())),
+    }
+}
+
+/// A name given twice (safetensors panicked, indexing past its list) or the metadata's own is
+/// refused; a file name near the system's limit writes (the temporary's name took it past).
+#[test]
+fn names_that_cannot_be_written_are_refused_and_long_ones_written() {
+    let dir = temp("names");
+    let t = io::HostTensor::f32(&[2], vec![1.0, 2.0]);
+    for names in [["x", "x"], ["x", "__metadata__"]] {
+        let tensors: Vec<(String, io::HostTensor)> = names.iter().map(|n| (n.to_string(), t.clone())).collect();
+        match io::write(&dir.join("dup.safetensors"), &tensors) {
+            Err(Error::Format { msg, .. }) => assert!(msg.contains("given twice or reserved"), "{msg}"),
+            other => panic!("{names:?}: {other:?}"),
+        }
+    }
+    let long = dir.join(format!("{}.safetensors", "a".repeat(228)));
+    io::write(&long, &[("x".into(), t.clone())]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(io::read(&long).unwrap()["x"], t);
 }
 
 /// A file that cannot be written is an error naming that file, not the temporary beside it;
