@@ -50,11 +50,12 @@ impl HostTensor {
         }
     }
 
-    /// The values as i64, if integral.
+    /// The values as i64, if integral (an f32 past i64's range is not: `as` would saturate).
     pub fn to_i64(&self) -> Option<Vec<i64>> {
+        const RANGE: std::ops::Range<f32> = -9.223_372e18..9.223_372e18;
         match &self.data {
             Data::I64(v) => Some(v.clone()),
-            Data::F32(v) => v.iter().map(|&x| (x.fract() == 0.0).then_some(x as i64)).collect(),
+            Data::F32(v) => v.iter().map(|&x| (x.fract() == 0.0 && RANGE.contains(&x)).then_some(x as i64)).collect(),
         }
     }
 
@@ -398,14 +399,24 @@ pub(crate) fn net_from(
     let first_count = config.tensors().into_iter().find(|t| t.role == Role::Count);
     if let Some(count) = first_count.and_then(|t| file.get(&t.name)).and_then(HostTensor::to_i64) {
         net.batches_tracked = count.first().copied().unwrap_or(0);
+        if net.batches_tracked < 0 {
+            return Err(fmt_err(path, format!("a negative count of batches, {}", net.batches_tracked)));
+        }
     }
     load_momentum(gpu, &mut net, file, path)?;
     Ok(net)
 }
 
-/// Restores SGD's momentum buffers from `momentum.<name>` tensors where the file has them.
+/// Restores SGD's momentum buffers from `momentum.<name>` tensors where the file has them: all
+/// (a checkpoint) or none (a weights file); a file with some is refused, as a run resumed from
+/// it would not go on as the one that wrote it.
 fn load_momentum(gpu: &Gpu, net: &mut ResNet, file: &HashMap<String, HostTensor>, path: &Path) -> Result<()> {
-    for (name, p) in net.params() {
+    let params = net.params();
+    let missing = params.iter().filter(|(name, _)| !file.contains_key(&format!("momentum.{name}")));
+    if let Some((name, _)) = missing.clone().next().filter(|_| missing.count() < params.len()) {
+        return Err(fmt_err(path, format!("momentum.{name} missing where other momentum buffers are there")));
+    }
+    for (name, p) in params {
         if let Some(t) = file.get(&format!("momentum.{name}")) {
             if t.dims != p.momentum.dims() {
                 return Err(fmt_err(

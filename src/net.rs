@@ -858,7 +858,7 @@ impl ResNet {
         self.record_forward(gpu, &mut out, images, Some(labels), Mode::Train)?;
         self.record_backward(gpu, &mut out, images, image_grad, None)?;
         out.finish()?;
-        self.batches_tracked += 1;
+        self.batches_tracked = self.batches_tracked.saturating_add(1);
         self.done = Done { loss: true, logits: true, grad_images: image_grad, grads: true };
         self.loss(gpu)
     }
@@ -875,7 +875,7 @@ impl ResNet {
     /// Submits what [`ResNet::record_train_step`] recorded, waits, and reads the loss back.
     pub(crate) fn finish_train_step(&mut self, gpu: &Gpu, out: Stream) -> Result<f32> {
         out.finish()?;
-        self.batches_tracked += 1;
+        self.batches_tracked = self.batches_tracked.saturating_add(1);
         self.done = Done { loss: true, logits: true, grad_images: false, grads: true };
         self.loss(gpu)
     }
@@ -1022,7 +1022,7 @@ impl ResNet {
         out.push(rec.finish());
         self.record_backward(gpu, &mut out, images, false, Some(&norms))?;
         out.finish()?;
-        self.batches_tracked += 1;
+        self.batches_tracked = self.batches_tracked.saturating_add(1);
         self.done = Done { loss: true, logits: true, grad_images: false, grads: true };
         let v = norms.read(gpu)?;
         let per_unit = (0..=l_count).map(|l| [v[3 * l].sqrt(), v[3 * l + 1].sqrt(), v[3 * l + 2].sqrt()]).collect();

@@ -421,7 +421,8 @@ impl Checkpoint {
             msg: "not a checkpoint: no meta.epochs_done".into(),
         })?;
         let seed = first("meta.seed").map(|s| s as u64);
-        let done = done.max(0) as usize;
+        let done = usize::try_from(done)
+            .map_err(|_| Error::Format { path: path.display().to_string(), msg: format!("{done} epochs done") })?;
         let curves = metadata.remove(HISTORY_CURVES);
         let flow = metadata.remove(HISTORY_FLOW);
         let history = (curves.is_some() || flow.is_some()).then(|| History {

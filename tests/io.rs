@@ -198,10 +198,16 @@ fn other_dtypes_are_converted() {
     let h: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| half::f16::from_f32(v).to_le_bytes()).collect();
     let d: Vec<u8> = [0.25f64, 3.0].iter().flat_map(|v| v.to_le_bytes()).collect();
     let i: Vec<u8> = 3i32.to_le_bytes().to_vec();
+    let b: Vec<u8> = [1.5f32, -2.0].iter().flat_map(|&v| half::bf16::from_f32(v).to_le_bytes()).collect();
+    let l: Vec<u8> = (-7i64).to_le_bytes().to_vec();
+    let u = [200u8, 3];
     let views = vec![
         ("h", TensorView::new(Dtype::F16, vec![2], &h).unwrap()),
         ("d", TensorView::new(Dtype::F64, vec![2], &d).unwrap()),
         ("n", TensorView::new(Dtype::I32, vec![], &i).unwrap()),
+        ("b", TensorView::new(Dtype::BF16, vec![2], &b).unwrap()),
+        ("l", TensorView::new(Dtype::I64, vec![], &l).unwrap()),
+        ("u", TensorView::new(Dtype::U8, vec![2], &u).unwrap()),
     ];
     let dir = temp("dtypes");
     let path = dir.join("dtypes.safetensors");

@@ -265,6 +265,45 @@ fn a_checkpoint_loads_only_into_its_own_variant() {
     assert_eq!((done, loaded.state(g).unwrap()), (1, net.state(g).unwrap()));
 }
 
+/// A checkpoint whose counts are not counts, or that lost some of its momentum buffers, is a
+/// format error: it was read as 0 epochs done (the warm-up again), a count that overflowed at
+/// the next step, and momentum 0 for the buffers missing (a resumed run no longer exact).
+#[test]
+fn a_corrupt_checkpoint_is_refused() {
+    use resnet_wgpu::io::{self, HostTensor};
+    type File = std::collections::HashMap<String, HostTensor>;
+    type Change = Box<dyn Fn(&mut File)>;
+    let g = gpu();
+    let dir = out_dir("corrupt");
+    let path = dir.join("checkpoint.safetensors");
+    let net = ResNet::new(g, &tiny(), 8).unwrap();
+    train::save_checkpoint(g, &net, 2, 0, &path).unwrap();
+    let (file, meta) = io::read_with_metadata(&path).unwrap();
+    let corrupt = |change: &dyn Fn(&mut File)| {
+        let mut f = file.clone();
+        change(&mut f);
+        let bad = dir.join("bad.safetensors");
+        io::write_with_metadata(&bad, &f.into_iter().collect::<Vec<_>>(), meta.clone()).unwrap();
+        train::load_checkpoint(g, &tiny(), &bad).map(|(_, done)| done)
+    };
+    assert_eq!(corrupt(&|_| {}).unwrap(), 2, "the file as written");
+    let count = tiny().tensors().into_iter().find(|t| t.name.ends_with("num_batches_tracked")).unwrap().name;
+    let changes: [(&str, Change); 4] = [
+        ("-1 epochs done", Box::new(|f| _ = f.insert("meta.epochs_done".into(), HostTensor::i64(&[], vec![-1])))),
+        ("a negative count of batches", Box::new(move |f| _ = f.insert(count.clone(), HostTensor::i64(&[], vec![-5])))),
+        ("momentum.conv1.weight missing", Box::new(|f| _ = f.remove("momentum.conv1.weight"))),
+        ("not integral", Box::new(|f| _ = f.insert("meta.epochs_done".into(), HostTensor::f32(&[], vec![1e30])))),
+    ];
+    for (want, change) in changes {
+        match corrupt(&*change) {
+            Err(resnet_wgpu::Error::Format { msg, .. }) => {
+                assert!(msg.contains(want) || want == "not integral", "{msg}")
+            }
+            other => panic!("{want}: loaded as {other:?}"),
+        }
+    }
+}
+
 /// A weights file without the checkpoint's `meta.epochs_done` loads as weights, not as a
 /// checkpoint: a format error that says so.
 #[test]
