@@ -268,6 +268,11 @@ fn every_combination_unit_matches_the_reference() {
     // A gated unit with a projection shortcut, and dropout on a BN-after-addition unit.
     check_units(&small(UnitKind::Original, Combine::ShortcutGate { bias: 0.5 }, ShortcutOption::B), 251);
     check_units(&small(UnitKind::BnAfterAdd, Combine::Dropout { rate: 0.3 }, ShortcutOption::B), 252);
+    // Pre-activation units on the general path with a projection (it reads ReLU(BN1(x)), and
+    // its data gradient adds into BN1's): option B's at the stage changes, option C's on every
+    // unit.
+    check_units(&small(UnitKind::PreAct, Combine::Scale { h: 0.5, f: 1.0 }, ShortcutOption::B), 253);
+    check_units(&small(UnitKind::PreAct, Combine::ExclusiveGate { bias: 0.5 }, ShortcutOption::C), 254);
 }
 
 /// One training pass of whole networks, GPU against `train_pass`: loss, every gradient, every
