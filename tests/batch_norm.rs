@@ -2,15 +2,16 @@
 //! differences.
 mod common;
 use common::*;
-use resnet_wgpu::Error;
 use resnet_wgpu::ops::batch_norm::{self as bn, BnTensors, Epilogue};
 use resnet_wgpu::reference::{batch_norm as rbn, to_f64};
 use resnet_wgpu::tensor::HalfTensor;
+use resnet_wgpu::{Error, Tensor};
 
 /// Batch 1 with H != W drawn from {1, 5, 7, 9, 32} and C from {1, 3, 5, 16}; plus batches of
 /// several images (the batch index in the per-channel loops), the last with more runs of 16
 /// values a channel (75) than the 64 threads of a final reduction's workgroup, so that its
-/// threads take several each.
+/// threads take several each (where the scalar kernels run, as on CPU adapters; the other
+/// kernels' long runs: `every_variant_matches_reference`).
 const SHAPES: &[[usize; 4]] = &[
     [1, 1, 1, 5],
     [1, 3, 5, 7],
@@ -240,9 +241,12 @@ fn variant_matches_reference(k: bn::Kernels) {
             [4, 2, 15, 20],
             [5, 3, 1, 1],
             [9, 2, 1, 7],
+            // 65 runs of a whole plane a channel: more than a final reduction's 64 threads.
+            [65, 1, 32, 32],
         ]
     } else {
-        &[[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3]]
+        // The last: 75 runs of 16 a channel, more than a final reduction's 64 threads.
+        &[[1, 16, 7, 32], [4, 3, 32, 5], [2, 5, 4, 3], [3, 2, 21, 19]]
     };
     for &dims in shapes {
         let (n, c) = (dims.iter().product::<usize>(), dims[1]);
@@ -520,4 +524,44 @@ fn bad_shapes_are_errors() {
 
     // Nothing was recorded: the (empty) command buffer runs cleanly.
     rec.run().unwrap();
+}
+
+/// Statistics of data whose mean is large against its spread (100 + U(-1, 1)), every kernel
+/// variant: the variance of each run is taken about the run's own mean and merged (Chan et
+/// al.), so it keeps f32's precision; E[x^2] - E[x]^2 would lose about 3 of its digits here
+/// (and all of them at 1000 + U(-1, 1)). The output y is held to 1e-4: the mean itself is
+/// rounded in f32 to about 4e-6 of 100, which moves every xhat by up to 1e-5.
+#[test]
+fn statistics_of_data_far_from_zero() {
+    for k in [bn::Kernels::Scalar, bn::Kernels::Vec4, bn::Kernels::Texture, bn::Kernels::Wide] {
+        let g = resnet_wgpu::Gpu::new().unwrap_or_else(|e| panic!("{e}"));
+        bn::set_kernels(&g, k);
+        let mut rng = Rng::new(19);
+        for dims in [[4, 3, 32, 5], [23, 3, 7, 7], [65, 1, 32, 32]] {
+            let (n, c) = (dims.iter().product::<usize>(), dims[1]);
+            let x: Vec<f32> = rng.data(n).iter().map(|v| 100.0 + v).collect();
+            let h = BnHost::new(&mut rng, c);
+            let d = BnDev::new(&g, &h);
+            let (tx, ty) = (Tensor::new(&g, &dims, &x).unwrap(), Tensor::filled(&g, &dims, f32::NAN).unwrap());
+            let mut rec = g.recorder("bn far from zero");
+            bn::forward_train(&mut rec, &tx, &ty, &d.tensors(), &d.mean, &d.invstd, EPILOGUES[0]).unwrap();
+            rec.run().unwrap();
+            let want = rbn::forward_train(
+                &to_f64(&x),
+                dims,
+                &to_f64(&h.gamma),
+                &to_f64(&h.beta),
+                &to_f64(&h.rm),
+                &to_f64(&h.rv),
+                None,
+                false,
+            );
+            let tag = format!("{k:?} {dims:?}");
+            let got = |t: &Tensor| t.read(&g).unwrap();
+            check(&format!("mean {tag}"), &got(&d.mean), &want.mean, F32_TOL);
+            check(&format!("invstd {tag}"), &got(&d.invstd), &want.invstd, F32_TOL);
+            check(&format!("running var {tag}"), &got(&d.rv), &want.running_var, F32_TOL);
+            check(&format!("y {tag}"), &got(&ty), &want.y, 1e-4);
+        }
+    }
 }
