@@ -731,7 +731,8 @@ const WINOGRAD_CASES: &[Case] = &[
 /// GPU), forced on a context built without wgpu's bounds checks as on Vulkan GPUs: forward,
 /// backward_data, backward_weight and the BN + ReLU prologue (overwriting poisoned outputs and
 /// accumulating) against the reference. The configurations sum in the same order, so they give
-/// the same bits. Where the adapter has timestamps, the profile shows that Winograd ran. An
+/// the same bits, also where backward_weight splits its reduction (`split`: 9 splits of its
+/// 2 x 35 x 33 blocks). Where the adapter has timestamps, the profile shows that Winograd ran. An
 /// F(4x4) configuration forced on the f32 path runs as the F(2x2) one of its GEMM tile (F(4x4)
 /// serves the f16 path alone: `winograd_f16_within_bound`).
 #[test]
@@ -746,22 +747,26 @@ fn winograd_every_configuration() {
     let mut rng = Rng::new(48);
     let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
     let (tx, tw, tdy) = (up(&g, &c.xd, &x), up(&g, &wd, &w), up(&g, &yd, &dy));
-    // forward and backward_weight of `c` under the forced configuration: their bits, and the
-    // GEMM dispatches' labels.
+    let split = case([2, 3, 70, 66], 5, 3, 1);
+    let (sx, sdy) = (rng.data(len(split.xd)), rng.data(len(split.yd())));
+    let (tsx, tsdy) = (up(&g, &split.xd, &sx), up(&g, &split.yd(), &sdy));
+    // forward and backward_weight of `c`, and backward_weight of `split`, under the forced
+    // configuration: their bits, and the GEMM dispatches' labels.
     let run = |name: &str| {
         conv::force_winograd(&g, Some(name)).unwrap();
         resnet_wgpu::profile::set(&g, true);
-        let (ty, tdw) = (nan(&g, &yd), nan(&g, &wd));
+        let (ty, tdw, tsdw) = (nan(&g, &yd), nan(&g, &wd), nan(&g, &split.wd()));
         let mut rec = g.recorder("conv");
         conv::forward(&mut rec, &tx, &tw, &ty, 1, false).unwrap();
         conv::backward_weight(&mut rec, &tx, &tdy, &tdw, 1, false).unwrap();
+        conv::backward_weight(&mut rec, &tsx, &tsdy, &tsdw, 1, false).unwrap();
         rec.run().unwrap();
         resnet_wgpu::profile::set(&g, false);
         let spans = resnet_wgpu::profile::take(&g).unwrap();
         let gemms: Vec<String> = spans.into_iter().map(|s| s.label).filter(|l| names.contains(l)).collect();
-        ([&ty, &tdw].map(|t| bits(&fetch(&g, t))), gemms)
+        ([&ty, &tdw, &tsdw].map(|t| bits(&fetch(&g, t))), gemms)
     };
-    let mut first: Option<[Vec<u32>; 2]> = None;
+    let mut first: Option<[Vec<u32>; 3]> = None;
     for name in &f2 {
         let ctx = format!("winograd {name}");
         conv::force_winograd(&g, Some(name)).unwrap();
@@ -771,7 +776,7 @@ fn winograd_every_configuration() {
         check_bn_relu_on(&ctx, &g, WINOGRAD_CASES, 47);
         let (bits, gemms) = run(name);
         if g.has_timestamps() {
-            assert_eq!(gemms, [name.clone(), name.clone()], "{ctx}: GEMM dispatches");
+            assert_eq!(gemms, [name.clone(), name.clone(), name.clone()], "{ctx}: GEMM dispatches");
         }
         match &first {
             None => {
@@ -787,6 +792,9 @@ fn winograd_every_configuration() {
                 );
                 let want_dw = r::conv::backward_weight(&to_f64(&x), c.xd, &to_f64(&dy), wd, 1);
                 check(&format!("{ctx} bwd weight {}", c.name()), &dw, &want_dw, F32_TOL);
+                let sdw: Vec<f32> = bits[2].iter().map(|&b| f32::from_bits(b)).collect();
+                let want = r::conv::backward_weight(&to_f64(&sx), split.xd, &to_f64(&sdy), split.wd(), 1);
+                check(&format!("{ctx} bwd weight {}", split.name()), &sdw, &want, F32_TOL);
                 first = Some(bits);
             }
             Some(f) => assert!(f == &bits, "{ctx} differs from the first configuration"),
@@ -797,7 +805,7 @@ fn winograd_every_configuration() {
         let twin = name.replace("f4 ", "");
         let (bits, gemms) = run(name);
         if g.has_timestamps() {
-            assert_eq!(gemms, [twin.clone(), twin], "{name} on the f32 path: GEMM dispatches");
+            assert_eq!(gemms, [twin.clone(), twin.clone(), twin], "{name} on the f32 path: GEMM dispatches");
         }
         assert!(first.as_ref() == Some(&bits), "{name} on the f32 path differs from F(2x2)");
     }
