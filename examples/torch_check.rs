@@ -1,6 +1,8 @@
-//! Runs the PyTorch fixture (tests/fixtures/torch-resnet20-original-b) with each conv kernel
-//! family, batch norm with each of its kernel variants, and prints the worst gradient errors
-//! against PyTorch: a diagnostic for adapters.
+//! Runs the PyTorch fixture (tests/fixtures/torch-resnet20-original-b) with every pairing of
+//! the conv kernels (the adapter's choice, tuned on GPUs, and each family forced) and batch
+//! norm's (the adapter's choice: texture loads on CPU adapters, wide on GPUs; and the scalar,
+//! vec4 and wide kernels forced), and prints the worst gradient errors against PyTorch: a
+//! diagnostic for adapters.
 use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind};
 use resnet_wgpu::io;
 use resnet_wgpu::ops::conv::{self, Kernels};
@@ -17,7 +19,8 @@ fn main() -> Result<()> {
     let torch = io::read(&dir.join("torch.safetensors"))?;
     let labels: Vec<u32> = batch["labels"].to_i64().unwrap_or_default().iter().map(|&l| l as u32).collect();
     let families = [("auto", Kernels::Auto), ("tiled", Kernels::Tiled), ("register", Kernels::Register)];
-    // Batch norm: as the adapter chooses, then each variant forced.
+    // Batch norm: as the adapter chooses, then the others forced (not the texture kernels,
+    // Auto's on CPU adapters: each combination costs the GPU call a context and its tuning).
     use resnet_wgpu::ops::batch_norm::{self as bn, Kernels as Bn};
     let bn_modes = [Bn::Auto, Bn::Scalar, Bn::Vec4, Bn::Wide];
     for ((family, k), b) in families.into_iter().flat_map(|f| bn_modes.map(|m| (f, m))) {
