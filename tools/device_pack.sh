@@ -12,15 +12,19 @@ rm -rf .device && mkdir -p .device
 cargo build --release
 cargo build --release --example torch_check --example relu_ties
 pack() { strip -o "/tmp/pack-$2" "$1" && gzip -9 -c "/tmp/pack-$2" > ".device/$2.gz"; }
-pack target/release/resnet-wgpu resnet-wgpu
-pack target/release/examples/torch_check torch_check
-pack target/release/examples/relu_ties relu_ties
+t=${CARGO_TARGET_DIR:-target}
+pack "$t/release/resnet-wgpu" resnet-wgpu
+pack "$t/release/examples/torch_check" torch_check
+pack "$t/release/examples/relu_ties" relu_ties
 for t in conv batch_norm variants network units f16_units f16_network coop binding_limit no_subgroups folded_dispatch; do
     exe=$(cargo test --no-run --test "$t" 2>&1 | sed -n "s/.*Executable tests\/$t.rs (\(.*\))/\1/p")
     pack "$exe" "t_$t"
 done
 if [ -n "${1:-}" ]; then pack "$1" burn-unit; fi
 cp tools/torch_resnet.py .device/
+# The commit the binaries were built from, and the files changed beside it: device_run.sh
+# prints them and says where the checkout it runs in is another (a stale pack).
+{ git rev-parse HEAD; git status --porcelain --untracked-files=no; } > .device/pack.txt
 # Both needed: without vulkan-env.sh the call finds no Vulkan loader (set -e stops here).
 cp -f ../shared/peers/torch_unit.py ../shared/gpu/vulkan-env.sh .device/
 # What travels: the tracked and untracked (not ignored) files, .device and .gl, under the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# A short second call on a lent GPU machine (after tools/device_pack.sh), when tools/device_run.sh
-# has already run in the session: under LIMIT seconds (default 300),
+# A short call on a lent GPU machine (after tools/device_pack.sh), instead of tools/device_run.sh
+# where a session has less device time left (15 minutes in all hold one device_run.sh call, not
+# both): under LIMIT seconds (default 300),
 #   1. the adapter and the cooperative-matrix test;
 #   2. the full benchmark with every dispatch of each row timed on its own (--profile) and the
 #      PyTorch peer beside the units (no burn: device_run.sh has it);
@@ -18,7 +19,7 @@ for f in .device/*.gz; do
     b=$(basename "$f" .gz); [ "$b" = burn-unit ] && continue
     gunzip -c "$f" > "/tmp/$b" && chmod +x "/tmp/$b"
 done
-/tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
+timeout -k 5 30 /tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
 summary() { grep -E "^test result|panicked|skipped" "$1" | head -6; }
 
 timeout 45 /tmp/t_coop --test-threads 2 --nocapture > "$OUT/t_coop.log" 2>&1

@@ -44,6 +44,17 @@ source .device/vulkan-env.sh
 export WGPU_BACKEND=vulkan PYTHONUNBUFFERED=1
 for f in .device/*.gz; do b=$(basename "$f" .gz); gunzip -c "$f" > "/tmp/$b" && chmod +x "/tmp/$b"; done
 timeout -k 5 30 /tmp/resnet-wgpu info 2>&1 | tee "$OUT/info.txt"
+# What would otherwise go only to the console (its last 12,000 characters come back): into
+# info.txt too.
+note() { echo "$*" | tee -a "$OUT/info.txt"; }
+# The bench prints the checkout's commit; the binaries are the pack's.
+packed=unknown; changed=0
+if [ -f .device/pack.txt ]; then packed=$(head -1 .device/pack.txt); changed=$(( $(wc -l < .device/pack.txt) - 1 )); fi
+note "binaries packed at $packed ($changed tracked files changed beside it)"
+here=$(git rev-parse HEAD 2>/dev/null || true)
+if [ -n "$here" ] && [ "$packed" != "$here" ]; then
+    note "WARNING: the checkout is at $here, the pack at $packed: the figures are the pack's"
+fi
 q=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu
 nvidia-smi --query-gpu=$q,clocks_event_reasons.active --format=csv -lms 200 > "$OUT/clocks.csv" 2>&1 &
 clocks=$!
@@ -60,9 +71,13 @@ summary() { grep -E "^test result|panicked|relative L2 error|skipped" "$1" | hea
 echo "=== coop test ($(left) s left)"
 timeout -k 5 60 /tmp/t_coop --test-threads 2 --nocapture > /tmp/t_coop.log 2>&1
 coop_rc=$?
-echo "test coop exit $coop_rc"; summary /tmp/t_coop.log
+note "test coop exit $coop_rc"; summary /tmp/t_coop.log
 { echo "##### coop"; cat /tmp/t_coop.log; } >> "$OUT/tests.log"
-[ $coop_rc -ne 0 ] && export RESNET_WGPU_COOP=0 && echo "cooperative matrices off for the benchmark"
+# Off only where a test failed (not where it ran out of time, or its binary was left out).
+if grep -qE "panicked|FAILED" /tmp/t_coop.log; then
+    export RESNET_WGPU_COOP=0
+    note "cooperative matrices off for the benchmark"
+fi
 
 echo "=== critical ($(left) s left)"
 # Up to 130 s: the first use of each shape builds and times every candidate (13 tile
@@ -71,7 +86,7 @@ torch=()
 [ -f .device/torch_unit.py ] && torch=(--torch .device/torch_unit.py)
 RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 130 /tmp/resnet-wgpu bench --full --only unit \
     --shapes 32,128,28,28 32,256,14,14 32,512,7,7 "${torch[@]}" --json /tmp/critical.json > "$OUT/critical.txt" 2>&1
-echo "critical exit $? ($(left) s left)"
+note "critical exit $? ($(left) s left)"
 grep -E "^unit|^autotuner|conv tune (winograd|weight split)" "$OUT/critical.txt" | cut -c1-200 | head -70
 
 echo "=== bench ($(left) s left)"
@@ -79,9 +94,11 @@ peers=()
 [ -x /tmp/burn-unit ] && peers+=(--burn /tmp/burn-unit)
 [ -f .device/torch_unit.py ] && peers+=(--torch .device/torch_unit.py)
 l=$(left); b=$(( l - 220 )); [ $b -gt 260 ] && b=260; [ $b -lt 60 ] && b=60
-RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 $b /tmp/resnet-wgpu bench --full --profile --skip "train step" "${peers[@]}" \
-    --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
-echo "bench exit $? ($(left) s left)"
+# The standard shapes, those step 2b tuned first: their profiles come first where time runs out.
+shapes=(32,128,28,28 32,256,14,14 32,512,7,7 32,64,56,56 128,16,32,32 128,32,16,16 128,64,8,8)
+RESNET_WGPU_TUNE_FILE=$TUNE RESNET_WGPU_CONV_TUNE_LOG=1 timeout -k 5 $b /tmp/resnet-wgpu bench --full --profile --skip "train step" \
+    --shapes "${shapes[@]}" "${peers[@]}" --json "$OUT/bench.json" > "$OUT/bench.txt" 2>&1
+note "bench exit $? (timeout $b s; $(left) s left)"
 # Our rows (the last table printed: with peers the bench prints ours first, then the whole
 # report), then the peers' ratios; where the bench was cut short, the peers' lines as they came.
 from=1; [ "$(grep -c "^wrote " "$OUT/bench.txt")" -ge 2 ] && from=$(grep -n "^wrote " "$OUT/bench.txt" | head -1 | cut -d: -f1)
@@ -161,7 +178,8 @@ for t in f16_network conv units f16_units network variants batch_norm no_subgrou
 done
 
 echo "=== torch_check ($(left) s left)"
-if [ "$(left)" -ge 100 ]; then
+# Its two timeouts and their kills: 110 s at most.
+if [ "$(left)" -ge 115 ]; then
     {
         timeout -k 5 60 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG
         # ReLU inputs within rounding of zero: the fixture's gradients against the f64

@@ -11,6 +11,8 @@
 #   2. each configuration forced in turn (RESNET_WGPU_CONV_TILE), conv rows only, bench --quick;
 #   3. the whole benchmark table (kernels, batch norm, units; the extra options go here).
 # JSON goes to runs/gpu-tune/. Each step has a time limit, so the script ends even if one hangs.
+# For a GPU machine of one's own: the device tool's calls use tools/device_run.sh (this writes
+# nothing under $OUT and loads no Vulkan environment).
 set -u
 BIN=${1:?usage: tools/gpu_tune.sh RELEASE_BINARY [bench options]}
 shift
