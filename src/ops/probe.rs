@@ -47,6 +47,7 @@ pub fn sum_squares(rec: &mut Recorder, x: &Tensor, out: &Tensor, slot: usize) ->
 pub fn subtract_from(rec: &mut Recorder, a: &Tensor, b: &Tensor) -> Result<()> {
     super::owned(rec, "probe subtract_from", [a, b])?;
     same_len("subtract_from", &[a, b])?;
+    super::distinct_out("probe subtract_from", b, &[a])?;
     if split::flat_op(rec, "subtract_from", &[a], &[(b, true)], |rec, i, o| subtract_from(rec, &i[0], &o[0]))? {
         return Ok(());
     }
