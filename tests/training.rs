@@ -578,37 +578,43 @@ fn each_epoch_draws_its_own_order() {
     assert_ne!(set.epoch_order(&mut train::epoch_rng(3, 2)), set.epoch_order(&mut train::epoch_rng(4, 2)));
 }
 
-/// Evaluation runs at most the training batch: it allocates a training pass's activations at
-/// its batch, and at the default 256 against a training batch of 32 a run that trained within
-/// its memory failed at its first epoch's end. The cap here: what a training step at 32 holds,
-/// twice over.
+/// Evaluation runs at most the training batch (a third of it on the f16 path): it allocates a
+/// training pass's activations at its batch, in f32, and at the default 256 against a training
+/// batch of 32 a run that trained within its memory failed at its first epoch's end (on the f16
+/// path, at the training batch too). The cap here: what a training step at 32 holds, and a
+/// quarter more.
 #[test]
 fn evaluation_needs_no_more_memory_than_training() {
     let fresh = Gpu::new().unwrap();
     if !resnet_wgpu::gpu::counts_memory(fresh.report.backend) {
         return eprintln!("skipped: no memory cap on {:?}", fresh.report.backend);
     }
+    let half = fresh.report.features.contains(wgpu::Features::SHADER_F16);
     let held = |g: &Gpu| (g.memory().buffer_bytes + g.memory().texture_bytes) as u64;
     let (train_set, test_set) = data::synthetic(64, 300, 5).unwrap();
-    let mut images = vec![];
-    let mut labels = vec![];
+    let (mut images, mut labels) = (vec![], vec![]);
     train_set.gather(&(0..32).collect::<Vec<_>>(), &mut images, &mut labels);
-    let before = held(&fresh);
-    let mut net = ResNet::new(&fresh, &tiny(), 5).unwrap();
-    let t = Tensor::new(&fresh, &[32, 3, 32, 32], &images).unwrap();
-    let l = resnet_wgpu::ops::pool_fc_loss::upload_labels(&fresh, &labels, 10).unwrap();
-    net.train_step(&fresh, &t, &l, resnet_wgpu::net::Sgd::default()).unwrap();
-    fresh.wait().unwrap();
-    let step = held(&fresh) - before;
-    drop((net, t, l));
+    for f16 in [None, Some(1024.0)].into_iter().filter(|s| s.is_none() || half) {
+        let g = Gpu::new().unwrap();
+        let before = held(&g);
+        let mut net = ResNet::new(&g, &tiny(), 5).unwrap();
+        net.set_f16(&g, f16).unwrap();
+        let t = Tensor::new(&g, &[32, 3, 32, 32], &images).unwrap();
+        let l = resnet_wgpu::ops::pool_fc_loss::upload_labels(&g, &labels, 10).unwrap();
+        net.train_step(&g, &t, &l, resnet_wgpu::net::Sgd::default()).unwrap();
+        g.wait().unwrap();
+        let step = held(&g) - before;
+        drop((net, t, l, g));
 
-    let opts = resnet_wgpu::GpuOptions { memory_cap: Some(before + 2 * step), ..resnet_wgpu::GpuOptions::from_env() };
-    let g = Gpu::with_options(&opts).unwrap();
-    let mut net = ResNet::new(&g, &tiny(), 5).unwrap();
-    let dir = out_dir("eval-memory");
-    let opts =
-        TrainOptions { epochs: 1, batch: 32, progress: false, out: dir.to_path_buf(), ..TrainOptions::default() };
-    assert_eq!(opts.eval_batch, 256);
-    let h = train::train(&g, &mut net, &train_set, &test_set, &opts, 0, train::History::default());
-    assert_eq!(h.unwrap_or_else(|e| panic!("{e}")).epochs.len(), 1);
+        let cap = before + step + step / 4;
+        let opts = resnet_wgpu::GpuOptions { memory_cap: Some(cap), ..resnet_wgpu::GpuOptions::from_env() };
+        let g = Gpu::with_options(&opts).unwrap();
+        let mut net = ResNet::new(&g, &tiny(), 5).unwrap();
+        let dir = out_dir("eval-memory");
+        let out = dir.to_path_buf();
+        let opts = TrainOptions { epochs: 1, batch: 32, f16, progress: false, out, ..TrainOptions::default() };
+        assert_eq!(opts.eval_batch, 256);
+        let h = train::train(&g, &mut net, &train_set, &test_set, &opts, 0, train::History::default());
+        assert_eq!(h.unwrap_or_else(|e| panic!("f16 {f16:?}, a step {step} bytes: {e}")).epochs.len(), 1);
+    }
 }
