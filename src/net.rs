@@ -116,11 +116,11 @@ fn grad_buffers<T>(
     Ok((grads, grad_of))
 }
 
-/// The f16 network's loss scale `s` ([`ResNet::set_f16`]): a positive power of two, so that
-/// scaling and unscaling are exact.
+/// The f16 network's loss scale `s` ([`ResNet::set_f16`]): a positive power of two from 2^-126
+/// to 2^126, so that scaling and unscaling (by 1/s, normal too) are exact.
 pub fn check_loss_scale(s: f32) -> Result<()> {
-    // A normal float with no mantissa bits.
-    if !(s.is_normal() && s > 0.0 && s.to_bits() & 0x007f_ffff == 0) {
+    // A normal float with no mantissa bits, whose reciprocal is normal (not 2^127).
+    if !(s.is_normal() && s > 0.0 && s.to_bits() & 0x007f_ffff == 0 && s < 2f32.powi(127)) {
         return Err(Error::Invalid(format!("the f16 network: loss scale {s} must be a positive power of two")));
     }
     Ok(())
@@ -369,10 +369,14 @@ impl ResNet {
     /// f16 path (`Some(loss_scale)`) or in f32 (`None`, the default). On the f16 path the stem
     /// and the head stay f32 and every unit runs [`Unit::forward_f16`] and
     /// [`Unit::backward_f16`]: the stream, what the units keep and the stream's gradients are
-    /// halves (about half the activation memory and traffic); weights, BN statistics, every
-    /// parameter gradient and all arithmetic stay f32. The head's gradient enters the units
-    /// multiplied by `loss_scale` (a power of two such as 1024: a whole network's gradients at
-    /// the stream are small, and halves lose precision below 6.1e-5) and the units' parameter
+    /// halves (about half the activation memory and traffic); weights, BN statistics and every
+    /// parameter gradient are stored f32, and the arithmetic accumulates in f32 (the
+    /// convolutions round the weights to halves as they read them, and on cooperative matrices
+    /// multiply halves). The head's gradient enters the units multiplied by `loss_scale` (a
+    /// power of two such as 1024: a whole network's gradients at the stream are small, and
+    /// halves lose precision below 6.1e-5; a gradient past 65504 once scaled overflows to
+    /// infinity, and the step's weights become NaN, which [`crate::train::train`] reports at
+    /// the next step: a smaller scale then) and the units' parameter
     /// gradients and the stem's are divided by it again, so [`ResNet::grads`] reads the true
     /// gradients. Inference ([`ResNet::predict`]) runs in f32 either way (it reallocates the
     /// f32 activations when it follows f16 training at the same shape); [`ResNet::probe`],

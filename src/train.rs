@@ -587,8 +587,9 @@ pub fn train(
             };
             if !loss.is_finite() {
                 return Err(Error::NonFinite(format!(
-                    "epoch {}: the training loss became {loss}; no checkpoint written",
-                    epoch + 1
+                    "epoch {}: the training loss became {loss}{}; no checkpoint written",
+                    epoch + 1,
+                    f16_hint(opts)
                 )));
             }
             let (_, c) = score(&net.logits(gpu)?, &labels, net.config.classes);
@@ -654,6 +655,14 @@ pub fn train(
         write_curves(&opts.out, &history.epochs)?;
     }
     Ok(history)
+}
+
+/// On the f16 path, what a value gone non-finite most likely means: the loss scale is static,
+/// and a gradient past f16's 65504 once scaled is infinite.
+fn f16_hint(opts: &TrainOptions) -> String {
+    opts.f16.map_or(String::new(), |s| {
+        format!(" (on the f16 path at loss scale {s}, a gradient may have overflowed f16: try a smaller scale)")
+    })
 }
 
 fn progress_bar(show: bool, steps: u64, epoch: usize, epochs: usize) -> indicatif::ProgressBar {

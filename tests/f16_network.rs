@@ -213,10 +213,14 @@ fn f16_network_refusals() {
     let g = gpu();
     let cfg = tiny(UnitKind::PreAct, false, ShortcutOption::B);
     let mut net = ResNet::new(g, &cfg, 1).unwrap();
-    for s in [0.0, -2.0, 1000.0, 0.3, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE / 2.0] {
+    // (2^127: its reciprocal, the unscaling factor, is not a normal float.)
+    for s in [0.0, -2.0, 1000.0, 0.3, f32::NAN, f32::INFINITY, f32::MIN_POSITIVE / 2.0, 2f32.powi(127)] {
         assert!(matches!(net.set_f16(g, Some(s)), Err(Error::Invalid(_))), "loss scale {s}");
     }
     assert_eq!(net.f16(), None);
+    for s in [2f32.powi(126), 2f32.powi(-126)] {
+        net.set_f16(g, Some(s)).unwrap_or_else(|e| panic!("loss scale {s}: {e}"));
+    }
     net.set_f16(g, Some(0.5)).unwrap();
     assert_eq!(net.f16(), Some(0.5));
     let gated = NetConfig { combine: Combine::ExclusiveGate { bias: -6.0 }, ..cfg };

@@ -618,3 +618,25 @@ fn evaluation_needs_no_more_memory_than_training() {
         assert_eq!(h.unwrap_or_else(|e| panic!("f16 {f16:?}, a step {step} bytes: {e}")).epochs.len(), 1);
     }
 }
+
+/// On the f16 path, a run whose scaled gradients overflow f16 stops naming the loss scale (the
+/// scale is static: its gradients are infinite, its weights NaN, and the loss can stay finite).
+#[test]
+fn an_f16_overflow_names_the_loss_scale() {
+    if !gpu().report.features.contains(wgpu::Features::SHADER_F16) {
+        return eprintln!("skipped: no shader-f16");
+    }
+    let (train_set, test_set) = data::synthetic(64, 20, 5).unwrap();
+    let mut net = ResNet::new(gpu(), &tiny(), 5).unwrap();
+    let dir = out_dir("f16-overflow");
+    let f16 = Some(2f32.powi(30));
+    let opts =
+        TrainOptions { epochs: 1, batch: 32, f16, progress: false, out: dir.to_path_buf(), ..TrainOptions::default() };
+    match train::train(gpu(), &mut net, &train_set, &test_set, &opts, 0, train::History::default()) {
+        Err(resnet_wgpu::Error::NonFinite(m)) => {
+            assert!(m.contains("f16 path") && m.contains("try a smaller scale"), "{m}")
+        }
+        other => panic!("expected the overflow reported, got {:?}", other.map(|h| h.epochs)),
+    }
+    assert!(!dir.join("checkpoint.safetensors").exists());
+}

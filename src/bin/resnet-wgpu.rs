@@ -247,8 +247,9 @@ enum Command {
         /// Check every step for NaN/infinity and stop naming the first unit and tensor.
         #[arg(long, conflicts_with = "f16")]
         check_finite: bool,
-        /// Train every unit on the f16 path (half activations, f32 weights and arithmetic),
-        /// with this loss scale (a power of two; 1024 when given without a value).
+        /// Train every unit on the f16 path (half activations; f32 weights, rounded to halves
+        /// as the convolutions read them; f32 accumulation), with this loss scale (a power of
+        /// two; 1024 when given without a value; a smaller one where gradients overflow).
         #[arg(long, value_name = "LOSS_SCALE", num_args = 0..=1, default_missing_value = "1024")]
         f16: Option<f32>,
         #[arg(long, default_value_t = 0)]
