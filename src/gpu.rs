@@ -875,11 +875,6 @@ impl Gpu {
         self.memory_cap.as_ref().map(|(cap, from)| (*cap, from.as_str()))
     }
 
-    /// Why this context's buffers now hold more than its [`GpuOptions::memory_cap`], if they
-    /// do. On a CPU adapter the cap stands in for the driver: lavapipe hands out buffers without
-    /// touching their memory, so neither it nor the budget it reports (Mesa 26's counts only the
-    /// memory in use) refuses in time, and the kernel kills the process once the passes write
-    /// them.
     /// [`Gpu::past_memory_cap`] once the queued writes have run: wgpu stages each write in a
     /// buffer as large as the data, counted until the submission after it completes, so a
     /// tensor uploaded a moment before counted twice.
@@ -891,6 +886,11 @@ impl Gpu {
         self.past_memory_cap()
     }
 
+    /// Why this context's buffers now hold more than its [`GpuOptions::memory_cap`], if they
+    /// do. On a CPU adapter the cap stands in for the driver: lavapipe hands out buffers without
+    /// touching their memory, so neither it nor the budget it reports (Mesa 26's counts only the
+    /// memory in use) refuses in time, and the kernel kills the process once the passes write
+    /// them.
     fn past_memory_cap(&self) -> Option<String> {
         let (cap, from) = self.memory_cap.as_ref()?;
         let held = self.memory();
@@ -1210,12 +1210,6 @@ impl Gpu {
         }
     }
 
-    /// Whether an uncaptured device error waits to be reported, or the device is lost: what
-    /// was recorded since may hold an invalid buffer (see [`Stream::push`]).
-    pub fn error_pending(&self) -> bool {
-        self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).is_some() || self.lost_message().is_some()
-    }
-
     /// `Err` once the device is lost (out of memory, a driver reset, or `destroy`): nothing
     /// runs on this context any more, and a new one is needed.
     pub fn check_lost(&self) -> Result<()> {
@@ -1256,8 +1250,9 @@ pub struct Stream<'g> {
     gpu: &'g Gpu,
     pending: Vec<wgpu::CommandBuffer>,
     chunk: usize,
-    /// An error was pending at a submission: nothing more is submitted.
-    stopped: bool,
+    /// The error pending at a submission, taken as this stream's: nothing more is submitted, and
+    /// [`Stream::finish`] returns it (another stream of the context goes on).
+    stopped: Option<Error>,
 }
 
 impl Stream<'_> {
@@ -1267,7 +1262,7 @@ impl Stream<'_> {
 
     /// A stream that submits every `chunk` buffers (at least one) as they are pushed.
     pub fn new(gpu: &Gpu, chunk: usize) -> Stream<'_> {
-        Stream { gpu, pending: Vec::new(), chunk: chunk.max(1), stopped: false }
+        Stream { gpu, pending: Vec::new(), chunk: chunk.max(1), stopped: None }
     }
 
     /// A stream that submits nothing: the bench takes its buffers ([`Stream::into_buffers`]).
@@ -1281,17 +1276,18 @@ impl Stream<'_> {
 
     /// Adds a buffer; submits the pending ones when there are `chunk` of them, unless the
     /// context has an error pending (a scratch buffer refused while they were recorded, a
-    /// recording wgpu found invalid): then neither they nor any later buffer are submitted.
+    /// recording wgpu found invalid): then the stream takes it as its own, and neither they nor
+    /// any later buffer are submitted.
     /// wgpu refuses a submission holding an invalid buffer, so the later ones would run on what
     /// it left unwritten: a training step's update on the last step's gradients.
     pub fn push(&mut self, buffer: wgpu::CommandBuffer) {
-        if self.stopped {
+        if self.stopped.is_some() {
             return;
         }
         self.pending.push(buffer);
         if self.pending.len() >= self.chunk {
-            self.stopped = self.gpu.error_pending();
-            if self.stopped {
+            self.stopped = self.gpu.take_error().err();
+            if self.stopped.is_some() {
                 self.pending.clear();
             } else {
                 self.gpu.submit_queued(self.pending.drain(..));
@@ -1300,11 +1296,13 @@ impl Stream<'_> {
     }
 
     /// Submits what is left, waits for everything, and reports any device error; with an error
-    /// pending, submits nothing more and reports it.
+    /// pending (or taken when it stopped), submits nothing more and returns it.
     pub fn finish(mut self) -> Result<()> {
-        if self.stopped || self.gpu.error_pending() {
+        if let Some(e) = self.stopped.take().or_else(|| self.gpu.take_error().err()) {
             self.pending.clear();
-            return self.gpu.wait();
+            // What was submitted before runs out (any error it raises stays the context's).
+            let _ = self.gpu.device.poll(wgpu::PollType::wait_indefinitely());
+            return Err(e);
         }
         self.gpu.submit(self.pending.drain(..))
     }

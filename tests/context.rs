@@ -231,6 +231,32 @@ fn a_stream_submits_nothing_after_an_error() {
     assert!(y.read(&g).unwrap().iter().all(|v| v.is_nan()), "the pass after the error ran");
 }
 
+/// The stream that finds an error pending takes it as its own and returns it, whatever other
+/// streams of the context do meanwhile; another stream goes on. (Two streams that both stopped
+/// on one error left it to the first to finish: the second returned Ok with its work dropped.)
+#[test]
+fn a_stopped_stream_returns_the_error_it_stopped_on() {
+    use resnet_wgpu::gpu::Stream;
+    use resnet_wgpu::ops::residual;
+    let g = Gpu::new().unwrap(); // its own context: its device error must not reach other tests
+    let dims = [1, 3, 5, 7];
+    let x = Tensor::new(&g, &dims, &Rng::new(33).data(105)).unwrap();
+    let y = Tensor::new(&g, &dims, &[f32::NAN; 105]).unwrap();
+    let usage = wgpu::BufferUsages::STORAGE;
+    g.cached_buffer("a second stream test key", "a refused scratch", g.report.max_buffer + 4, usage);
+    let (mut stopped, mut other) = (Stream::new(&g, 1), Stream::new(&g, 1));
+    stopped.push(g.recorder("the pass that meets the error").finish());
+    let mut rec = g.recorder("another stream's pass");
+    residual::copy(&mut rec, &x, &y).unwrap();
+    other.push(rec.finish());
+    other.finish().unwrap_or_else(|e| panic!("the other stream: {e}"));
+    match stopped.finish() {
+        Err(Error::Device(m)) => assert!(m.contains("allocating a refused scratch failed"), "{m}"),
+        other => panic!("expected the error it stopped on, got {other:?}"),
+    }
+    assert_eq!(y.read(&g).unwrap(), x.read(&g).unwrap(), "the other stream's pass did not run");
+}
+
 #[test]
 fn kept_bind_groups_are_reused_on_new_contents_and_swept() {
     use resnet_wgpu::gpu::BindCache;
