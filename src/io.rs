@@ -209,9 +209,14 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let file = path.file_name().filter(|_| !path.is_dir()).ok_or_else(|| fmt_err(path, "not a file path"))?;
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     let n = WRITES.fetch_add(1, Ordering::Relaxed);
-    // The name's first 100 characters at most: the temporary's own part would take a long
-    // name past the system's limit (255 bytes), and the write would fail for the temporary.
-    let stem: String = file.to_string_lossy().chars().take(100).collect();
+    // The name's first 100 bytes at most (whole characters): the temporary's own part would
+    // take a long name past the system's limit (255 bytes), and the write would fail for it.
+    let name = file.to_string_lossy();
+    let mut end = name.len().min(100);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    let stem = &name[..end];
     let tmp = path.with_file_name(format!(".{stem}.{}-{nanos}-{n}.tmp", std::process::id()));
     // Nothing is removed unless this call created it.
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(path, e))?;
@@ -397,11 +402,13 @@ pub(crate) fn net_from(
     // The state holds f32s, exact to 2^24 only: the counter (which seeds dropout's masks, so
     // a resumed run repeats its draws) is taken from the file as the integer it is.
     let first_count = config.tensors().into_iter().find(|t| t.role == Role::Count);
-    if let Some(count) = first_count.and_then(|t| file.get(&t.name)).and_then(HostTensor::to_i64) {
-        net.batches_tracked = count.first().copied().unwrap_or(0);
-        if net.batches_tracked < 0 {
-            return Err(fmt_err(path, format!("a negative count of batches, {}", net.batches_tracked)));
-        }
+    if let Some((name, t)) = first_count.and_then(|t| file.get(&t.name).map(|f| (t.name, f))) {
+        let count = t.to_i64().and_then(|v| v.first().copied());
+        net.batches_tracked = match count {
+            Some(c) if c >= 0 => c,
+            Some(c) => return Err(fmt_err(path, format!("a negative count of batches, {c}"))),
+            None => return Err(fmt_err(path, format!("{name} is not a count of batches"))),
+        };
     }
     load_momentum(gpu, &mut net, file, path)?;
     Ok(net)

@@ -417,10 +417,12 @@ impl Checkpoint {
     pub fn read(path: &Path) -> Result<Checkpoint> {
         let (file, mut metadata) = io::read_with_metadata(path)?;
         let first = |name: &str| file.get(name).and_then(|t| t.to_i64()).and_then(|v| v.first().copied());
-        let done = first(EPOCHS_DONE).ok_or_else(|| Error::Format {
-            path: path.display().to_string(),
-            msg: "not a checkpoint: no meta.epochs_done".into(),
-        })?;
+        let bad = |msg: &str| Error::Format { path: path.display().to_string(), msg: msg.into() };
+        let done = match (file.contains_key(EPOCHS_DONE), first(EPOCHS_DONE)) {
+            (_, Some(done)) => done,
+            (true, None) => return Err(bad("meta.epochs_done is not a count of epochs")),
+            (false, None) => return Err(bad("not a checkpoint: no meta.epochs_done")),
+        };
         let seed = first("meta.seed").map(|s| s as u64);
         let done = usize::try_from(done)
             .map_err(|_| Error::Format { path: path.display().to_string(), msg: format!("{done} epochs done") })?;
