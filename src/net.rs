@@ -121,7 +121,9 @@ fn grad_buffers<T>(
 pub fn check_loss_scale(s: f32) -> Result<()> {
     // A normal float with no mantissa bits, whose reciprocal is normal (not 2^127).
     if !(s.is_normal() && s > 0.0 && s.to_bits() & 0x007f_ffff == 0 && s < 2f32.powi(127)) {
-        return Err(Error::Invalid(format!("the f16 network: loss scale {s} must be a positive power of two")));
+        return Err(Error::Invalid(format!(
+            "the f16 network: loss scale {s} must be a power of two from 2^-126 to 2^126"
+        )));
     }
     Ok(())
 }
@@ -350,7 +352,9 @@ impl ResNet {
         self.params().into_iter().map(|(n, p)| Ok((n, p.grad.read(gpu)?))).collect()
     }
 
-    /// Bytes of activations (kept tensors, streams, workspace) held for the current input shape.
+    /// Bytes of the units' activations held for the current input shape: what they keep, the
+    /// streams and the stream's gradients, their workspace, and on the f16 path its halves and
+    /// f32 copies at the ends (not the stem's and head's own tensors, nor the image gradient).
     pub fn activation_bytes(&self) -> u64 {
         self.acts.as_ref().map_or(0, |a| {
             let kept: u64 = a.kept.iter().map(|k| k.bytes()).sum();

@@ -106,7 +106,7 @@ impl NetArgs {
             (Some(s), _) if variant.conv_shortcut && given => {
                 let s = if s == ShortcutArg::A { "a" } else { "b" };
                 return Err(Error::Invalid(format!(
-                    "--unit {variant} has a 1x1 convolution on every shortcut (shortcut c): not with --shortcut {s}"
+                    "the {variant} variant has a 1x1 convolution on every shortcut (shortcut c): not with --shortcut {s}"
                 )));
             }
             (Some(s), _) => {
@@ -460,7 +460,8 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     }
     resnet_wgpu::ops::sgd::check_hyperparameters(opts.lr, opts.momentum, opts.weight_decay)?;
     if let Some(s) = opts.f16 {
-        resnet_wgpu::net::check_loss_scale(s).map_err(|_| Error::Invalid(format!("--f16 {s}: not a power of two")))?;
+        resnet_wgpu::net::check_loss_scale(s)
+            .map_err(|_| Error::Invalid(format!("--f16 {s}: not a power of two from 2^-126 to 2^126")))?;
     }
     // The checkpoint, read once, before the data and the adapter: a run it cannot continue
     // exactly is refused first.
