@@ -73,8 +73,9 @@ timeout -k 5 60 /tmp/t_coop --test-threads 2 --nocapture > /tmp/t_coop.log 2>&1
 coop_rc=$?
 note "test coop exit $coop_rc"; summary /tmp/t_coop.log
 { echo "##### coop"; cat /tmp/t_coop.log; } >> "$OUT/tests.log"
-# Off only where a test failed (not where it ran out of time, or its binary was left out).
-if grep -qE "panicked|FAILED" /tmp/t_coop.log; then
+# Off where a test failed or the process died (not where it ran out of time, 124 or 137, or
+# its binary was left out).
+if grep -qE "panicked|FAILED" /tmp/t_coop.log || { [ -x /tmp/t_coop ] && [ $coop_rc -ne 0 ] && [ $coop_rc -ne 124 ] && [ $coop_rc -ne 137 ]; }; then
     export RESNET_WGPU_COOP=0
     note "cooperative matrices off for the benchmark"
 fi
