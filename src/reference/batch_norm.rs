@@ -127,6 +127,8 @@ pub fn affine(mean: &[f64], invstd: &[f64], gamma: &[f64], beta: &[f64]) -> Vec<
 /// `affine` as [`affine`] gives it.
 pub fn prologue(x: &[f64], d: [usize; 4], affine: &[f64]) -> Vec<f64> {
     let [n, c, h, w] = d;
+    super::same_len("reference prologue: x", n * c * h * w, &[x]);
+    super::same_len("reference prologue: affine", 4 * c, &[affine]);
     let mut a = vec![0.0; x.len()];
     for b in 0..n {
         for ch in 0..c {

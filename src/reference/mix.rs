@@ -43,6 +43,10 @@ pub fn backward(
     dy: &[f64],
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let n = dy.len();
+    super::same_len("reference mix backward: h(x), F(x) and dy", n, &[h, f]);
+    if let Some(g) = g {
+        super::same_len("reference mix backward: the gate and dy", n, &[g]);
+    }
     let (mut dh, mut df, mut dg) = (vec![0.0; n], vec![0.0; n], vec![0.0; n]);
     for i in 0..n {
         let (sh, sf) = coefficients(combine, i, g, seed, true);

@@ -17,9 +17,10 @@
 //! | ReLU-only pre-activation | ReLU | bn_i | identity |
 //!
 //! Shortcuts: option A ([`Shortcut::Subsample`]) subsamples the raw `x` by the unit stride and
-//! pads the channels with zeros; a projection is `shortcut.weight` (1x1, unit stride) applied
-//! to `a_1` in pre-activation units, `shortcut.1(shortcut.0(x))` (BN of a 1x1 conv) in the
-//! others. A gate is `sigmoid(gate.weight * x + gate.bias)` (1x1, unit stride).
+//! pads the channels with zeros; a projection is `shortcut.weight` (1x1, with the unit's
+//! stride) applied to `a_1` in pre-activation units, `shortcut.1(shortcut.0(x))` (BN of a 1x1
+//! conv) in the others. A gate is `sigmoid(gate.weight * x + gate.bias)` (1x1, with the unit's
+//! stride).
 //!
 //! The network: `x_0 = conv1(images)` (pre-activation) or `ReLU(bn1(conv1(images)))` (the
 //! others); the units; then `z = ReLU(bn(x_L))` (pre-activation), `ReLU(x_L)` (ReLU-only
