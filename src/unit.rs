@@ -636,7 +636,8 @@ impl Unit {
 
     /// Records the backward. `g_out` holds `dE/dx_{l+1}` on entry; on exit `g_in` holds
     /// `dE/dx_l` (`g_in` and `g_out` are the same buffer for the identity shortcut) and every
-    /// parameter gradient of the unit is written.
+    /// parameter gradient of the unit is written. `g_out` is a working buffer: where it is not
+    /// `g_in` its contents on exit are not `dE/dx_{l+1}` (an original unit masks it in place).
     #[allow(clippy::too_many_arguments)]
     pub fn backward(
         &self,
