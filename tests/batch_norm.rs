@@ -46,16 +46,7 @@ fn forward_train_every_epilogue() {
             bn::forward_train(&mut rec, &tx, &ty, &d.tensors(), &tmean, &tinv, ep).unwrap();
             rec.run().unwrap();
             let old = to_f64(&y_old);
-            let want = rbn::forward_train(
-                &to_f64(&x),
-                dims,
-                &to_f64(&h.gamma),
-                &to_f64(&h.beta),
-                &to_f64(&h.rm),
-                &to_f64(&h.rv),
-                ep.add.then_some(&old[..]),
-                ep.relu,
-            );
+            let want = h.forward_train(&x, dims, ep.add.then_some(&old[..]), ep.relu);
             let tag = format!("{dims:?} {ep:?}");
             check(&format!("bn train y {tag}"), &read(&ty), &want.y, F32_TOL);
             check(&format!("bn train mean {tag}"), &read(&tmean), &want.mean, F32_TOL);
@@ -272,16 +263,7 @@ fn variant_matches_reference(k: bn::Kernels) {
             rec.run().unwrap();
             let (x64, gamma, beta) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta));
             let old = to_f64(&y_old);
-            let want = rbn::forward_train(
-                &x64,
-                dims,
-                &gamma,
-                &beta,
-                &to_f64(&h.rm),
-                &to_f64(&h.rv),
-                ep.add.then_some(&old[..]),
-                ep.relu,
-            );
+            let want = h.forward_train(&x, dims, ep.add.then_some(&old[..]), ep.relu);
             let (dx, dgamma, dbeta) = rbn::backward(&x64, dims, &to_f64(&dy), &gamma, &beta, relu);
             let dx: Vec<f64> = if acc { prior.iter().zip(&dx).map(|(&p, &q)| p as f64 + q).collect() } else { dx };
             let tag = format!("{k:?} {dims:?} {ep:?}");
@@ -546,16 +528,7 @@ fn statistics_of_data_far_from_zero() {
             let mut rec = g.recorder("bn far from zero");
             bn::forward_train(&mut rec, &tx, &ty, &d.tensors(), &d.mean, &d.invstd, EPILOGUES[0]).unwrap();
             rec.run().unwrap();
-            let want = rbn::forward_train(
-                &to_f64(&x),
-                dims,
-                &to_f64(&h.gamma),
-                &to_f64(&h.beta),
-                &to_f64(&h.rm),
-                &to_f64(&h.rv),
-                None,
-                false,
-            );
+            let want = h.forward_train(&x, dims, None, false);
             let tag = format!("{k:?} {dims:?}");
             let got = |t: &Tensor| t.read(&g).unwrap();
             check(&format!("mean {tag}"), &got(&d.mean), &want.mean, F32_TOL);

@@ -72,6 +72,28 @@ impl BnHost {
             rv: rng.data(c).iter().map(|v| 0.5 + v.abs()).collect(),
         }
     }
+
+    /// The reference's training forward of this layer on `x` `dims` (adding into `y_old` where
+    /// given, then the ReLU where `relu`).
+    pub fn forward_train(
+        &self,
+        x: &[f32],
+        dims: [usize; 4],
+        y_old: Option<&[f64]>,
+        relu: bool,
+    ) -> resnet_wgpu::reference::batch_norm::Train {
+        let [g, b, m, v] = [&self.gamma, &self.beta, &self.rm, &self.rv].map(|t| resnet_wgpu::reference::to_f64(t));
+        resnet_wgpu::reference::batch_norm::forward_train(
+            &resnet_wgpu::reference::to_f64(x),
+            dims,
+            &g,
+            &b,
+            &m,
+            &v,
+            y_old,
+            relu,
+        )
+    }
 }
 
 /// A [`BnHost`] on `g`'s device, with the layer's outputs NaN-poisoned: the saved mean and
