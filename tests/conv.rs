@@ -557,7 +557,12 @@ fn every_tile_configuration_gives_the_same_bits() {
             rec.run().unwrap();
             let bits = [&ty, &tdx, &tdw].map(|t| bits(&fetch(&g, t)));
             match &first {
-                None => first = Some(bits),
+                None => {
+                    // Every element written (the outputs start as NaN, the same bits in each run).
+                    let finite = bits.iter().flatten().all(|&b| f32::from_bits(b).is_finite());
+                    assert!(finite, "{}: tile {name} left an output unwritten", c.name());
+                    first = Some(bits)
+                }
                 Some(f) => {
                     for (op, (a, b)) in ["forward", "backward_data", "backward_weight"].iter().zip(f.iter().zip(&bits))
                     {
@@ -1045,6 +1050,8 @@ fn backward_weight_is_deterministic() {
                 })
                 .collect();
             assert!(runs[0] == runs[1], "{ctx} conv bwd weight {}: two runs differ", c.name());
+            let finite = runs[0].iter().all(|&b| f32::from_bits(b).is_finite());
+            assert!(finite, "{ctx} conv bwd weight {}: an element left unwritten (NaN)", c.name());
         }
     }
 }
@@ -1156,6 +1163,14 @@ fn bad_shapes_are_errors() {
         all_three(&x, &w, &y, s);
     }
     all_three(&x, &w, &y, 1);
+    // Stride 3 with the output it would give: refused for the stride itself (the others'
+    // outputs are refused as the wrong shape whatever the stride check does).
+    let y3 = t(&[2, 4, conv::out_size(7, 3, 3), conv::out_size(5, 3, 3)]);
+    let mut rec = g.recorder("stride 3");
+    refused(conv::forward(&mut rec, &x, &w, &y3, 3, false), "stride must be 1 or 2");
+    refused(conv::backward_data(&mut rec, &y3, &w, &x, 3, false), "stride must be 1 or 2");
+    refused(conv::backward_weight(&mut rec, &x, &y3, &w, 3, false), "stride must be 1 or 2");
+    drop(rec);
     // Not 4-D.
     all_three(&t(&[3, 7, 5]), &w, &y, 2);
     all_three(&x, &t(&[4, 27]), &y, 2);
