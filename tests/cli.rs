@@ -249,10 +249,19 @@ fn train_and_analyze_run_on_tiny_settings() {
     // With option A's shortcuts: other networks, so other figures (the same batch and seed).
     let csv = |d: &Path| std::fs::read_to_string(d.join("analysis.csv")).unwrap();
     let short = dir("analyze-a");
-    let (ok, text) =
+    let (ok, labels) =
         tool(&["analyze", "--depths", "8", "--batch", "2", "--shortcut", "a", "--out", short.to_str().unwrap()]);
-    assert!(ok, "{text}");
+    assert!(ok && labels.contains("ResNet-8 preact shortcut A"), "{labels}");
     assert_ne!(csv(&short), csv(&a), "--shortcut a made no difference");
+    // Option C with a combination: its label says so (the variant's name says `conv` only
+    // with the plain sum).
+    let c = dir("analyze-c");
+    let args = ["analyze", "--depths", "8", "--batch", "2", "--variants", "scale,conv", "--shortcut", "c"];
+    let (ok, labels) = tool(&[&args[..], &["--out", c.to_str().unwrap()]].concat());
+    assert!(
+        ok && labels.contains("ResNet-8 scale:0.5:0.5 shortcut C") && labels.contains("ResNet-8 conv:"),
+        "{labels}"
+    );
     assert!(
         text.contains("ResNet-8 preact") && text.contains("ResNet-8 original") && text.contains("stage 1"),
         "{text}"

@@ -419,9 +419,7 @@ fn main() -> ExitCode {
                         shortcut,
                         classes,
                     };
-                    args.config_over(Some(&f)).map(|c| {
-                        vec![Network { label: format!("ResNet-{} {}", c.depth(), Variant::of(&c)), config: c }]
-                    })
+                    args.config_over(Some(&f)).map(|c| vec![Network { label: network_label(&c), config: c }])
                 }
                 _ => {
                     let depths = if depths.is_empty() { vec![110, 1001] } else { depths };
@@ -655,7 +653,7 @@ fn analysis_networks(
                 classes: Some(classes),
             };
             let config = args.config_over(None)?;
-            let label = format!("ResNet-{d} {variant}");
+            let label = network_label(&config);
             // Two networks of one name would be two runs of the same rows in one CSV.
             if v.iter().any(|n: &Network| n.label == label) {
                 return Err(Error::Invalid(format!("analyze: {label} is asked for twice")));
@@ -664,6 +662,19 @@ fn analysis_networks(
         }
     }
     Ok(v)
+}
+
+/// An analysed network's name in the table, the CSV and the plot: its depth and variant, and
+/// its shortcut where that is not option B and the variant does not say it (a 1x1 shortcut on
+/// every unit names itself `conv` only with the plain sum).
+fn network_label(c: &NetConfig) -> String {
+    let variant = Variant::of(c);
+    let shortcut = match c.shortcut {
+        ShortcutOption::A => " shortcut A",
+        ShortcutOption::C if !variant.to_string().contains("conv") => " shortcut C",
+        _ => "",
+    };
+    format!("ResNet-{} {variant}{shortcut}", c.depth())
 }
 
 fn analyze_cmd(
