@@ -204,6 +204,17 @@ fn a_stream_runs_its_buffers_in_order() {
     check("stream", &read(&acc), &want, F32_TOL);
 }
 
+/// A context of its own (its device error must not reach other tests) with an error pending: a
+/// scratch buffer refused (returned, to record with). And x, random, and y, NaN, `[1,3,5,7]`.
+fn a_refused_scratch(seed: u64) -> (Gpu, wgpu::Buffer, Tensor, Tensor) {
+    let g = Gpu::new().unwrap();
+    let x = Tensor::new(&g, &[1, 3, 5, 7], &Rng::new(seed).data(105)).unwrap();
+    let y = Tensor::new(&g, &[1, 3, 5, 7], &[f32::NAN; 105]).unwrap();
+    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
+    let refused = g.cached_buffer("a stream test key", "a refused scratch", g.report.max_buffer + 4, usage);
+    (g, refused, x, y)
+}
+
 /// A stream stops at an error: a buffer recorded with a refused scratch buffer is invalid, and
 /// wgpu refuses its submission, so the buffers after it would run on what it left unwritten (a
 /// training step's update on the last step's gradients). Neither it nor they run.
@@ -211,14 +222,9 @@ fn a_stream_runs_its_buffers_in_order() {
 fn a_stream_submits_nothing_after_an_error() {
     use resnet_wgpu::gpu::Stream;
     use resnet_wgpu::ops::residual;
-    let g = Gpu::new().unwrap(); // its own context: its device error must not reach other tests
-    let dims = [1, 3, 5, 7];
-    let x = Tensor::new(&g, &dims, &Rng::new(32).data(105)).unwrap();
-    let y = Tensor::new(&g, &dims, &[f32::NAN; 105]).unwrap();
+    let (g, refused, x, y) = a_refused_scratch(32);
     let mut out = Stream::new(&g, 1);
     let mut rec = g.recorder("a pass with a refused scratch buffer");
-    let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
-    let refused = g.cached_buffer("a stream test key", "a refused scratch", g.report.max_buffer + 4, usage);
     rec.encoder().copy_buffer_to_buffer(&refused, 0, &x.buffer, 0, 16);
     out.push(rec.finish());
     let mut rec = g.recorder("the pass after it");
@@ -238,12 +244,7 @@ fn a_stream_submits_nothing_after_an_error() {
 fn a_stopped_stream_returns_the_error_it_stopped_on() {
     use resnet_wgpu::gpu::Stream;
     use resnet_wgpu::ops::residual;
-    let g = Gpu::new().unwrap(); // its own context: its device error must not reach other tests
-    let dims = [1, 3, 5, 7];
-    let x = Tensor::new(&g, &dims, &Rng::new(33).data(105)).unwrap();
-    let y = Tensor::new(&g, &dims, &[f32::NAN; 105]).unwrap();
-    let usage = wgpu::BufferUsages::STORAGE;
-    g.cached_buffer("a second stream test key", "a refused scratch", g.report.max_buffer + 4, usage);
+    let (g, _, x, y) = a_refused_scratch(33);
     let (mut stopped, mut other) = (Stream::new(&g, 1), Stream::new(&g, 1));
     stopped.push(g.recorder("the pass that meets the error").finish());
     let mut rec = g.recorder("another stream's pass");

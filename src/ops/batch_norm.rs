@@ -29,7 +29,7 @@
 use crate::error::{Error, Result};
 use std::sync::{Arc, Mutex};
 
-use super::{MAX_CHANNELS, operand_texture, operand_texture_f16, texture_fits};
+use super::{MAX_CHANNELS, distinct, operand_texture, operand_texture_f16, texture_fits};
 use crate::gpu::{Gpu, Recorder, Shader, WG};
 use crate::ops::conv::affine_binding;
 use crate::ops::split;
@@ -95,18 +95,6 @@ fn per_channel(what: &str, len: usize, ts: &[(&str, &Tensor)]) -> Result<()> {
     for (name, t) in ts {
         if t.dims() != [len] {
             return Err(Error::Shape(format!("{what}: {name} must be [{len}], got {:?}", t.dims())));
-        }
-    }
-    Ok(())
-}
-
-/// No two of the tensors share a buffer.
-fn distinct(what: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
-    for (i, (a, ta)) in ts.iter().enumerate() {
-        for (b, tb) in &ts[i + 1..] {
-            if ta.buffer == tb.buffer {
-                return Err(Error::Invalid(format!("{what}: {a} and {b} must be different tensors")));
-            }
         }
     }
     Ok(())

@@ -33,6 +33,19 @@ use crate::tensor::{HalfTensor, Tensor};
 /// norm's final reductions, the gate's bias gradient): the usual per-dimension limit.
 pub(crate) const MAX_CHANNELS: usize = 65535;
 
+/// `Err` where two of the named tensors `ts` share a buffer: wgpu refuses a buffer bound
+/// read-only and read-write in one dispatch, and an op's outputs are not its inputs.
+pub(crate) fn distinct(what: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
+    for (i, (a, ta)) in ts.iter().enumerate() {
+        for (b, tb) in &ts[i + 1..] {
+            if ta.buffer == tb.buffer {
+                return Err(Error::Invalid(format!("{what}: {a} and {b} must be different tensors")));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// `Err` where the output `out` is one of the inputs `ins`: the op is not in place, and wgpu
 /// refuses a buffer bound read-only and read-write in one dispatch (or copied onto itself) only
 /// when the whole submission is refused.

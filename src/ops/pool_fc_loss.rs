@@ -6,7 +6,7 @@
 
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, Recorder, Shader};
-use crate::ops::{residual, split};
+use crate::ops::{distinct, residual, split};
 use crate::tensor::Tensor;
 
 /// Integer class labels in a u32 storage buffer, one per sample, each below `classes`.
@@ -100,18 +100,6 @@ fn two_d(t: &Tensor, what: &str) -> Result<[usize; 2]> {
 fn expect(t: &Tensor, want: &[usize], what: &str) -> Result<()> {
     if t.dims() != want {
         return Err(Error::Shape(format!("{what} must be {want:?}, got {:?}", t.dims())));
-    }
-    Ok(())
-}
-
-/// No buffer is bound twice to one dispatch (wgpu refuses a buffer both read and written).
-fn distinct(what: &str, ts: &[(&str, &Tensor)]) -> Result<()> {
-    for (i, (a, ta)) in ts.iter().enumerate() {
-        for (b, tb) in &ts[i + 1..] {
-            if ta.buffer == tb.buffer {
-                return Err(Error::Invalid(format!("{what}: {a} and {b} are the same tensor")));
-            }
-        }
     }
     Ok(())
 }
