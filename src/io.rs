@@ -419,9 +419,10 @@ pub(crate) fn net_from(
 /// it would not go on as the one that wrote it.
 fn load_momentum(gpu: &Gpu, net: &mut ResNet, file: &HashMap<String, HostTensor>, path: &Path) -> Result<()> {
     let params = net.params();
-    let missing = params.iter().filter(|(name, _)| !file.contains_key(&format!("momentum.{name}")));
-    if let Some((name, _)) = missing.clone().next().filter(|_| missing.count() < params.len()) {
-        return Err(fmt_err(path, format!("momentum.{name} missing where other momentum buffers are there")));
+    let missing: Vec<&String> =
+        params.iter().map(|(name, _)| name).filter(|name| !file.contains_key(&format!("momentum.{name}"))).collect();
+    if !missing.is_empty() && missing.len() < params.len() {
+        return Err(fmt_err(path, format!("momentum.{} missing where other momentum buffers are there", missing[0])));
     }
     for (name, p) in params {
         if let Some(t) = file.get(&format!("momentum.{name}")) {

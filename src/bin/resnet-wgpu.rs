@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use resnet_wgpu::analysis::{self, Network};
-use resnet_wgpu::arch::{NetConfig, ShortcutOption, UnitKind, Variant};
+use resnet_wgpu::arch::{Combine, NetConfig, ShortcutOption, UnitKind, Variant};
 use resnet_wgpu::io::{self, HostTensor};
 use resnet_wgpu::net::ResNet;
 use resnet_wgpu::ops::pool_fc_loss::upload_labels;
@@ -671,7 +671,7 @@ fn network_label(c: &NetConfig) -> String {
     let variant = Variant::of(c);
     let shortcut = match c.shortcut {
         ShortcutOption::A => " shortcut A",
-        ShortcutOption::C if !variant.to_string().contains("conv") => " shortcut C",
+        ShortcutOption::C if c.combine != Combine::Add => " shortcut C",
         _ => "",
     };
     format!("ResNet-{} {variant}{shortcut}", c.depth())
