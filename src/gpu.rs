@@ -1199,6 +1199,29 @@ impl Gpu {
         self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 
+    /// Leaves an error for the next check where one of the storage buffers in `resources`
+    /// binds more than [`Gpu::max_binding_bytes`]. The ops plan their chunks so that none
+    /// does; one that did would be refused by the device past its own limit, and under a limit
+    /// forced lower ([`GpuOptions::max_binding_bytes`], the binding-limit tests) would run
+    /// where the plan said it could not. Either way the submission recorded with it does not
+    /// run.
+    fn check_bindings(&self, label: &str, resources: &[(u32, wgpu::BindingResource)]) {
+        for (binding, resource) in resources {
+            let wgpu::BindingResource::Buffer(b) = resource else { continue };
+            if !b.buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+                continue; // a uniform (its limit is the device's own, 64 KiB at least)
+            }
+            let bytes = b.size.map_or(b.buffer.size().saturating_sub(b.offset), |s| s.get());
+            if bytes > self.max_binding_bytes {
+                let e = format!(
+                    "{label}: binding {binding} is {bytes} bytes, past the binding limit of {} bytes",
+                    self.max_binding_bytes
+                );
+                self.uncaptured.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+            }
+        }
+    }
+
     /// Puts back an error [`Gpu::set_error_aside`] took, as the first one again.
     pub(crate) fn put_error_back(&self, error: Option<String>) {
         if let Some(e) = error {
@@ -1591,6 +1614,7 @@ impl Recorder<'_> {
         groups: [u32; 3],
     ) {
         let gpu = self.gpu;
+        gpu.check_bindings(label, resources);
         let bind = match self.binds.and_then(|c| c.get(gpu, pipeline, label, params, resources)) {
             Some(bind) => bind,
             None => {
