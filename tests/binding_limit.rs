@@ -78,6 +78,15 @@ fn big(t: &Tensor) -> &Tensor {
     t
 }
 
+/// Past the limit, or a batch norm's partials over it are (two floats per run of 16 elements
+/// of a plane: at 1x1 maps twice the tensor), so that batch norm's split path runs.
+fn past(t: &Tensor) -> &Tensor {
+    let d = t.dims();
+    let partials = (2 * d[0] * d[1] * (d[2] * d[3]).div_ceil(16) * 4) as u64;
+    assert!(t.bytes().max(partials) > LIMIT, "{d:?} and its partials are within the {LIMIT}-byte limit");
+    t
+}
+
 /// The register path and the tiled kernels, each op run by chunks of images. (Winograd binds its
 /// transformed operands whole, so under this limit it never applies: `winograd::fitting`.)
 #[test]
@@ -163,7 +172,8 @@ fn batch_norm_splits_with_batch_statistics() {
 fn batch_norm_splits(g: &Gpu, label: &str) {
     let mut rng = Rng::new(2);
     // 720 and 140 bytes an image: chunks of 2 of 3 images, and 14 of 15 (one image of 1 x 5 x 7).
-    for (case, d) in [[3usize, 5, 6, 6], [15, 5, 1, 7]].into_iter().enumerate() {
+    // At 1x1 the tensors fit whole (1200 bytes) and the reductions' partials do not (2400).
+    for (case, d) in [[3usize, 5, 6, 6], [15, 5, 1, 7], [6, 50, 1, 1]].into_iter().enumerate() {
         let c = d[1];
         let x: Vec<f32> = rng.data(len(&d)).iter().map(|v| 2.0 * v + 0.7).collect();
         let (gamma, beta) = (rng.data(c), rng.data(c));
@@ -178,7 +188,7 @@ fn batch_norm_splits(g: &Gpu, label: &str) {
             let prior = rng.data(len(&d));
             let ty = if ep.add { up(g, &d, &prior) } else { nan(g, &d) };
             let p = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm, running_var: &trv, affine: None };
-            run(g, |rec| bn::forward_train(rec, big(&tx), &ty, &p, &tm, &ti, ep));
+            run(g, |rec| bn::forward_train(rec, past(&tx), &ty, &p, &tm, &ti, ep));
             let rp = to_f64(&prior);
             let want = r::batch_norm::forward_train(
                 &rx,
@@ -200,7 +210,7 @@ fn batch_norm_splits(g: &Gpu, label: &str) {
             let (trm2, trv2) = (up(g, &[c], &rmean), up(g, &[c], &rvar));
             let (tm2, ti2, ta2) = (nan(g, &[c]), nan(g, &[c]), nan(g, &[c, 4]));
             let p2 = BnTensors { gamma: &tg, beta: &tb, running_mean: &trm2, running_var: &trv2, affine: Some(&ta2) };
-            run(g, |rec| bn::stats_train(rec, big(&tx), &p2, &tm2, &ti2));
+            run(g, |rec| bn::stats_train(rec, past(&tx), &p2, &tm2, &ti2));
             check(&format!("{tag} stats_train mean"), &fetch(g, &tm2), &want.mean, F32_TOL);
             let want_aff = r::batch_norm::affine(&want.mean, &want.invstd, &rg, &rb);
             check(&format!("{tag} stats_train affine"), &fetch(g, &ta2), &want_aff, F32_TOL);
@@ -209,7 +219,7 @@ fn batch_norm_splits(g: &Gpu, label: &str) {
 
             // the prologue as a pass of its own, from those values
             let ta = nan(g, &d);
-            run(g, |rec| bn::affine_relu(rec, big(&tx), &ta2, &ta));
+            run(g, |rec| bn::affine_relu(rec, &tx, &ta2, &ta));
             let want_a = r::batch_norm::prologue(&rx, d, &to_f64(&fetch(g, &ta2)));
             check(&format!("{tag} affine_relu"), &fetch(g, &ta), &want_a, F32_TOL);
 
@@ -246,14 +256,14 @@ fn batch_norm_splits(g: &Gpu, label: &str) {
                     run(g, |rec| {
                         bn::backward(
                             rec,
-                            &tx,
+                            past(&tx),
                             &tdy,
                             &tg,
                             &tb,
                             &tm,
                             &ti,
                             true,
-                            big(&tdx),
+                            &tdx,
                             &tdg,
                             &tdb,
                             &scratch,
@@ -556,6 +566,28 @@ fn the_f16_path_past_the_limit_is_a_typed_error() {
     let (mean, invstd, rm, rv) = (zeros_of(g, c), zeros_of(g, c), zeros_of(g, c), zeros_of(g, c));
     let p = BnTensors { gamma: &ones, beta: &zeros, running_mean: &rm, running_var: &rv, affine: None };
     assert!(matches!(bn::stats_train_f16(&mut rec, &x, &p, &mean, &invstd), Err(Error::TooLarge { bytes: 4096, .. })));
+    // At 1x1 a batch norm's partials (two floats a plane) outgrow its 600-byte tensor.
+    let (x1, c1) = (half(&[6, 50, 1, 1]), 50);
+    let (ones, zeros) = (Tensor::filled(g, &[c1], 1.0).unwrap(), Tensor::zeros(g, &[c1]).unwrap());
+    let (mean, invstd, rm, rv) = (zeros_of(g, c1), zeros_of(g, c1), zeros_of(g, c1), zeros_of(g, c1));
+    let p = BnTensors { gamma: &ones, beta: &zeros, running_mean: &rm, running_var: &rv, affine: None };
+    match bn::stats_train_f16(&mut rec, &x1, &p, &mean, &invstd) {
+        Err(Error::TooLarge { bytes: 2400, limit: LIMIT, what, .. }) => assert!(what.contains("partials"), "{what}"),
+        other => panic!("expected TooLarge for the partials, got {other:?}"),
+    }
+    let (dx1, dy1, scratch) = (half(&[6, 50, 1, 1]), half(&[6, 50, 1, 1]), zeros_of(g, 2 * c1));
+    let (dgamma, dbeta) = (zeros_of(g, c1), zeros_of(g, c1));
+    let grads = bn::BnGrads {
+        gamma: &ones,
+        beta: &zeros,
+        save_mean: &mean,
+        save_invstd: &invstd,
+        dgamma: &dgamma,
+        dbeta: &dbeta,
+        scratch: &scratch,
+    };
+    let backward = bn::backward_f16(&mut rec, &x1, &dy1, &grads, true, &dx1, false);
+    assert!(matches!(backward, Err(Error::TooLarge { bytes: 2400, .. })), "{backward:?}");
     // A unit whose input does not fit.
     let cfg = NetConfig { widths: [16, 16, 16], units_per_stage: 2, ..tiny(UnitKind::PreAct, ShortcutOption::B) };
     let spec = cfg.units().into_iter().find(|u| u.name == "layer1.1").unwrap();

@@ -394,8 +394,20 @@ fn run_groups(gpu: &Gpu, d: [usize; 4], chunk: usize) -> [u32; 3] {
 /// after another may share it: each reduction's final pass reads it before the next one's
 /// first pass writes it.
 fn partials(gpu: &Gpu, d: [usize; 4]) -> wgpu::Buffer {
-    let bytes = (2 * d[0] * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64;
+    let bytes = d[0] as u64 * partials_per_image(d)[0].1;
     gpu.cached_buffer(("batch_norm.partials", bytes), "batch norm partials", bytes, wgpu::BufferUsages::STORAGE)
+}
+
+/// The f16 path's check that its partials fit one binding, as its tensors must.
+fn partials_fit_f16(gpu: &Gpu, what: &str, d: [usize; 4]) -> Result<()> {
+    let [(name, per_image)] = partials_per_image(d);
+    split::scratch_fits_f16(gpu, what, name, d[0] as u64 * per_image)
+}
+
+/// The partials' bytes per image, for the chunk plan ([`split::batch_chunk_with`]): at 1x1
+/// maps twice the activations'.
+fn partials_per_image(d: [usize; 4]) -> [(&'static str, u64); 1] {
+    [("the partials", (2 * d[1] * parts(d, REDUCE_CHUNK) * 4) as u64)]
 }
 
 /// Training mode: batch statistics saved into save_mean/save_invstd (`[C]`), running stats
@@ -417,13 +429,10 @@ pub fn forward_train(
     let d = activations(WHAT, x, &[("y", y)])?;
     let unbias = check_train(WHAT, x, Some(y), p, save_mean, save_invstd)?;
     let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
-    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, y], &whole)? {
+    if let Some(per) = split::batch_chunk_with(rec.gpu, WHAT, d[0], &[x, y], &whole, &partials_per_image(d))? {
         stats_chunked(rec, x, p, save_mean, save_invstd, per, unbias)?;
-        let chunk = |rec: &mut Recorder, _: &_, i: &[Tensor], o: &[Tensor]| {
-            apply_saved(rec, &i[0], &o[0], p.gamma, p.beta, save_mean, save_invstd, ep)
-        };
-        split::batch_op(rec, WHAT, &[x], &[(y, ep.add)], &[], chunk)?;
-        return Ok(());
+        // By chunks where x or y does not fit; whole where only the partials did not.
+        return apply_saved(rec, x, y, p.gamma, p.beta, save_mean, save_invstd, ep);
     }
     // One texture copy of x (CPU adapters) serves both passes.
     let v = variant(rec.gpu, d);
@@ -526,7 +535,7 @@ pub fn stats_train(
     let unbias = check_train(WHAT, x, None, p, save_mean, save_invstd)?;
     let d = x.nchw(WHAT)?;
     let whole = [p.gamma, p.beta, p.running_mean, p.running_var, save_mean, save_invstd];
-    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x], &whole)? {
+    if let Some(per) = split::batch_chunk_with(rec.gpu, WHAT, d[0], &[x], &whole, &partials_per_image(d))? {
         return stats_chunked(rec, x, p, save_mean, save_invstd, per, unbias);
     }
     let v = variant(rec.gpu, d);
@@ -880,7 +889,7 @@ pub fn backward(
     let d = check_backward(WHAT, x, dy, dx, &bg)?;
     let c = d[1];
     let whole = [gamma, beta, save_mean, save_invstd, dgamma, dbeta, scratch];
-    if let Some(per) = split::batch_chunk(rec.gpu, WHAT, d[0], &[x, dy, dx], &whole)? {
+    if let Some(per) = split::batch_chunk_with(rec.gpu, WHAT, d[0], &[x, dy, dx], &whole, &partials_per_image(d))? {
         // The sums over the chunks first (merged in chunk order), then dx chunk by chunk.
         let total = per_channel_count(WHAT, d)?;
         let stat = [(3, gamma), (4, beta), (7, save_mean), (8, save_invstd)];
@@ -1113,6 +1122,7 @@ pub fn stats_train_f16(
     super::owned(rec, WHAT, [save_mean, save_invstd].into_iter().chain(p.tensors()))?;
     super::owned_f16(rec, WHAT, [x])?;
     let (d, unbias) = check_train_f16(rec.gpu, WHAT, x, p, save_mean, save_invstd)?;
+    partials_fit_f16(rec.gpu, WHAT, d)?;
     let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);
     let prm = params(d, v.reduce_runs(d), false, false, false, unbias);
@@ -1281,6 +1291,7 @@ pub fn backward_f16(
     super::owned(rec, "batch norm backward_f16", b.tensors())?;
     super::owned_f16(rec, "batch norm backward_f16", [x, dy, dx])?;
     let d = check_backward_f16(rec.gpu, "batch norm backward_f16", x, dy, dx, b)?;
+    partials_fit_f16(rec.gpu, "batch norm backward_f16", d)?;
     let v = variant(rec.gpu, d);
     let part = partials(rec.gpu, d);
     let stat = [(3, &b.gamma.buffer), (4, &b.beta.buffer), (7, &b.save_mean.buffer), (8, &b.save_invstd.buffer)];

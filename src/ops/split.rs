@@ -50,6 +50,13 @@ pub(crate) fn whole_fits_f16(gpu: &Gpu, what: &str, dims: &[usize], bytes: u64) 
     fits(gpu, format!("{what}: tensor {dims:?}"), bytes, of)
 }
 
+/// The f16 path's check of a scratch buffer of `bytes` it binds whole (`Error::TooLarge`
+/// naming it where it does not fit).
+pub(crate) fn scratch_fits_f16(gpu: &Gpu, what: &str, name: &str, bytes: u64) -> Result<()> {
+    let of = "storage-binding limit (the f16 path binds whole tensors: no chunks)";
+    fits(gpu, format!("{what}: {name}"), bytes, of)
+}
+
 /// `None` when every tensor of `batched` fits one binding (the fast path); else the most images
 /// per chunk such that each tensor's chunk fits. Every tensor of `batched` has `n` images (its
 /// first dimension); `whole` tensors are checked to fit as they are. One image that does not
@@ -61,26 +68,48 @@ pub(crate) fn batch_chunk(
     batched: &[&Tensor],
     whole: &[&Tensor],
 ) -> Result<Option<usize>> {
+    batch_chunk_with(gpu, what, n, batched, whole, &[])
+}
+
+/// [`batch_chunk`], where the op also binds scratch buffers sized by the images it runs on:
+/// `scratch` names each and its bytes per image, and a chunk's scratch must fit too (a batch
+/// norm's partials, two floats per plane, outgrow its tensors at 1x1 maps).
+pub(crate) fn batch_chunk_with(
+    gpu: &Gpu,
+    what: &str,
+    n: usize,
+    batched: &[&Tensor],
+    whole: &[&Tensor],
+    scratch: &[(&str, u64)],
+) -> Result<Option<usize>> {
     whole_fits(gpu, what, whole)?;
     let limit = gpu.max_binding_bytes;
-    if batched.iter().all(|t| t.bytes() <= limit) {
+    let fits = |bytes: u64| bytes <= limit;
+    if batched.iter().all(|t| fits(t.bytes())) && scratch.iter().all(|(_, b)| fits(b.saturating_mul(n as u64))) {
         return Ok(None);
     }
+    // The images a chunk can hold by one image of `image` bytes; the name is formatted only
+    // for one that does not fit (this runs per dispatch).
+    let images = |name: &dyn Fn() -> String, image: u64| -> Result<usize> {
+        if fits(image) {
+            return Ok((limit / image.max(1)) as usize);
+        }
+        Err(Error::TooLarge {
+            what: format!("{what}: one image of {}", name()),
+            bytes: image,
+            limit,
+            of: "storage-binding limit (tensors larger than it are split by image, and one image must fit)",
+        })
+    };
     let mut per = usize::MAX;
     for t in batched {
         if t.dims()[0] != n {
             return Err(Error::Shape(format!("{what}: {:?} does not have the batch's {n} images", t.dims())));
         }
-        let image = t.bytes() / n as u64;
-        if image > limit {
-            return Err(Error::TooLarge {
-                what: format!("{what}: one image of tensor {:?}", t.dims()),
-                bytes: image,
-                limit,
-                of: "storage-binding limit (tensors larger than it are split by image, and one image must fit)",
-            });
-        }
-        per = per.min((limit / image) as usize);
+        per = per.min(images(&|| format!("tensor {:?}", t.dims()), t.bytes() / n as u64)?);
+    }
+    for (name, bytes) in scratch {
+        per = per.min(images(&|| name.to_string(), *bytes)?);
     }
     Ok(Some(per.max(1)))
 }
