@@ -487,7 +487,7 @@ fn push_normalised(lut: &[[f32; 256]; 3], image: &[u8], out: &mut Vec<f32>) {
 /// | 8 | `checker`  | a square filled with a two-colour checkerboard, cells 2.5-4 px, any rotation |
 /// | 9 | `bar`      | a long thin bar (about 3-5 px wide), any orientation |
 ///
-/// Per image, independent of the class: the object's centre (within 6 px of the image centre),
+/// Per image, independent of the class: the object's centre (up to 6 px from the image centre on each axis),
 /// size (radius 6-11 px), rotation, and colours (foreground, background and the grating's second
 /// colour drawn at random, with some contrast between them, light-on-dark 70% of the time); a
 /// brightness ramp across the background; 2-5 clutter items (small dots and thin short strokes,

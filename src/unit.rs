@@ -10,7 +10,9 @@
 //! Backward: the stream's gradient is accumulated in place, `g_l = g_{l+1} + (dF/dx_l)^T g_{l+1}`:
 //! the first op of the branch adds its input gradient into the buffer that holds `g_{l+1}`
 //! (for the identity shortcut it is the same buffer). Units that change shape write `g_l` into
-//! the next buffer, starting from the shortcut's own backward.
+//! the next buffer: original units starting from the shortcut's own backward, pre-activation
+//! units with a projection from their first BN's backward, after the projection's data
+//! gradient was added into that BN's output gradient (the projection reads `ReLU(BN(x_l))`).
 //!
 //! Fusion: every `ReLU(BN(.))` that feeds a convolution (each layer of a pre-activation unit,
 //! the layers after the first of an original unit) is never written: the BN computes its batch
