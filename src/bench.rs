@@ -698,9 +698,10 @@ fn median(v: &mut [f64]) -> f64 {
     if v.len() % 2 == 1 { v[m] } else { 0.5 * (v[m - 1] + v[m]) }
 }
 
-/// Wall time of the queued warm-up on a GPU, at least: a GPU that idled between benchmarks
-/// (the CPU compiling and tuning) runs at a fraction of its clocks until it has been busy a
-/// while.
+/// The queued warm-up's time on a GPU, at least (its runs' GPU time, where the adapter has
+/// timestamps; else from submission to completion, never the recording): a GPU that idled
+/// between benchmarks (the CPU compiling and tuning) runs at a fraction of its clocks until it
+/// has been busy a while.
 const WARM_UP: Duration = Duration::from_millis(200);
 
 /// Warm-up, then the measured runs of `record` (which records fresh command buffers each time);
@@ -708,7 +709,9 @@ const WARM_UP: Duration = Duration::from_millis(200);
 /// run accumulates into).
 ///
 /// GPU time: the runs queued back to back ([`Timer::time_queued`]), as PyTorch's CUDA events
-/// time a stream. Wall time (and recording time): each run submitted and waited for on its own.
+/// time a stream. They are recorded before the warm-up (the first recording builds the
+/// pipelines and may tune) and queued right after it, so that the GPU does not idle between
+/// them. Wall time (and recording time): each run submitted and waited for on its own.
 fn measure(
     gpu: &Gpu,
     timer: &Timer,
@@ -721,18 +724,25 @@ fn measure(
     let mut runs = |count: usize| -> Result<Vec<Run>> {
         (0..count).map(|_| Ok(Run { untimed: prepare()?, timed: record()? })).collect()
     };
+    // Without timestamps the queued runs would read nothing: the wall clock below is the time.
+    let measured = if timer.has_timestamps() { runs(opts.reps)? } else { Vec::new() };
     let warm = if is_cpu_adapter(gpu) { Duration::ZERO } else { WARM_UP };
-    let start = Instant::now();
+    let mut busy = Duration::ZERO;
     loop {
-        timer.time_queued(gpu, runs(opts.warmup.max(1))?)?;
-        if start.elapsed() >= warm {
+        let batch = runs(opts.warmup.max(1))?;
+        let submitted = Instant::now();
+        let gpu_ms = timer.time_queued(gpu, batch)?;
+        busy += match gpu_ms.iter().copied().collect::<Option<Vec<f64>>>() {
+            Some(ms) if !ms.is_empty() => Duration::from_secs_f64(ms.iter().sum::<f64>() / 1e3),
+            _ => submitted.elapsed(),
+        };
+        if busy >= warm {
             break;
         }
     }
-    // Without timestamps the queued runs would read nothing: the wall clock below is the time.
-    let gpu_ms: Vec<f64> = match timer.has_timestamps() {
-        true => timer.time_queued(gpu, runs(opts.reps)?)?.into_iter().flatten().collect(),
-        false => Vec::new(),
+    let gpu_ms: Vec<f64> = match measured.is_empty() {
+        false => timer.time_queued(gpu, measured)?.into_iter().flatten().collect(),
+        true => Vec::new(),
     };
     let (mut wall_ms, mut record_ms) = (Vec::new(), Vec::new());
     for _ in 0..opts.reps {
