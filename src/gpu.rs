@@ -1203,8 +1203,9 @@ impl Gpu {
     /// binds more than [`Gpu::max_binding_bytes`]. The ops plan their chunks so that none
     /// does; one that did would be refused by the device past its own limit, and under a limit
     /// forced lower ([`GpuOptions::max_binding_bytes`], the binding-limit tests) would run
-    /// where the plan said it could not. Either way the submission recorded with it does not
-    /// run.
+    /// where the plan said it could not. The error comes back from the next wait or submission
+    /// (a [`Stream`] then submits nothing more; [`Recorder::run`] has submitted its commands,
+    /// which under a forced limit run).
     fn check_bindings(&self, label: &str, resources: &[(u32, wgpu::BindingResource)]) {
         for (binding, resource) in resources {
             let wgpu::BindingResource::Buffer(b) = resource else { continue };
