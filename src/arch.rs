@@ -190,6 +190,10 @@ pub struct NetConfig {
 /// for more than the host's memory holds.
 pub const MAX_UNITS_PER_STAGE: usize = 10_000;
 
+/// The most classes a network may have: labels are u32 on the GPU (and a count past it made
+/// `analyze`'s labels divide by zero, and a tensor's length overflow).
+pub const MAX_CLASSES: usize = u32::MAX as usize;
+
 impl NetConfig {
     /// The CIFAR family: depth 6n+2 with basic units (20, 32, 44, 56, 110, 1202) or 9n+2 with
     /// bottleneck units (164, 1001), up to [`MAX_UNITS_PER_STAGE`] units a stage.
@@ -204,8 +208,8 @@ impl NetConfig {
         if (depth - 2) / per > MAX_UNITS_PER_STAGE {
             return Err(Error::Invalid(format!("depth {depth}: more than {MAX_UNITS_PER_STAGE} units a stage")));
         }
-        if classes < 2 {
-            return Err(Error::Invalid(format!("{classes} classes: need at least 2")));
+        if !(2..=MAX_CLASSES).contains(&classes) {
+            return Err(Error::Invalid(format!("{classes} classes: need at least 2 and at most {MAX_CLASSES}")));
         }
         Ok(NetConfig {
             kind,
@@ -277,6 +281,18 @@ impl NetConfig {
     pub fn validate(&self) -> Result<()> {
         if self.units_per_stage == 0 || self.widths.contains(&0) || self.in_channels == 0 || self.classes < 2 {
             return Err(Error::Invalid(format!("impossible network configuration {self:?}")));
+        }
+        if self.classes > MAX_CLASSES {
+            return Err(Error::Invalid(format!("{} classes: at most {MAX_CLASSES}", self.classes)));
+        }
+        let most = crate::ops::MAX_CHANNELS;
+        if self.in_channels > most || (0..3).any(|s| self.stage_channels(s) > most) {
+            return Err(Error::Invalid(format!(
+                "{} input channels, stages of {:?} channels{}: at most {most} a layer",
+                self.in_channels,
+                self.widths,
+                if self.bottleneck { " times 4" } else { "" }
+            )));
         }
         if self.units_per_stage > MAX_UNITS_PER_STAGE {
             return Err(Error::Invalid(format!(
@@ -604,6 +620,35 @@ mod tests {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
         assert!(crate::io::named_network(&named).is_none());
+    }
+
+    /// Class and channel counts past what the GPU's kernels take are refused: `--classes
+    /// 4294967296` made analyze's labels divide by zero, and 2^58 classes overflowed the fc
+    /// weight's length (0 in release builds: an empty tensor taken as the network's).
+    #[test]
+    fn class_and_channel_counts_past_the_kernels_are_refused() {
+        assert!(NetConfig::cifar(20, UnitKind::PreAct, false, MAX_CLASSES).is_ok());
+        for classes in [MAX_CLASSES + 1, 1 << 58] {
+            match NetConfig::cifar(20, UnitKind::PreAct, false, classes) {
+                Err(Error::Invalid(m)) => assert!(m.contains("at most"), "{m}"),
+                other => panic!("{classes} classes: {other:?}"),
+            }
+        }
+        let ok = NetConfig::cifar(20, UnitKind::PreAct, false, 10).unwrap();
+        let mut c = ok.clone();
+        c.classes = 1 << 58;
+        assert!(matches!(c.validate(), Err(Error::Invalid(_))));
+        // Widths: batch norm's 65535 channels, bottleneck stages four times the width.
+        let bottleneck = NetConfig::cifar(164, UnitKind::PreAct, true, 10).unwrap();
+        for (base, widths, fine) in [(&ok, [65535, 16, 16], true), (&ok, [65536, 16, 16], false)]
+            .into_iter()
+            .chain([(&bottleneck, [16, 16, 16383], true), (&bottleneck, [16, 16, 16384], false)])
+        {
+            let c = NetConfig { widths, ..base.clone() };
+            assert_eq!(c.validate().is_ok(), fine, "{widths:?} bottleneck {}", c.bottleneck);
+        }
+        let c = NetConfig { in_channels: 1 << 40, ..ok.clone() };
+        assert!(matches!(c.validate(), Err(Error::Invalid(_))));
     }
 
     /// ResNet-20 on 32x32 CIFAR images: the 41 M multiply-adds usually quoted, counted by hand:
