@@ -175,9 +175,10 @@ fn a_refused_scratch_buffer_or_texture_is_reported_and_not_kept() {
     g.wait().unwrap();
 }
 
-/// A stream runs every buffer pushed to it, in push order, across its submissions: copies and
-/// adds over more than two submissions' worth, where any dropped, repeated or reordered buffer
-/// changes the result.
+/// A stream runs every buffer pushed to it, in push order, across its submissions: over more
+/// than two submissions' worth, buffer `i` adds x into a sum (the first copies it) and copies
+/// the sum into a snapshot of its own, `(i + 1) x`; a dropped buffer leaves its snapshot NaN,
+/// and a repeated or reordered one changes the snapshots after it.
 #[test]
 fn a_stream_runs_its_buffers_in_order() {
     use resnet_wgpu::gpu::Stream;
@@ -187,21 +188,23 @@ fn a_stream_runs_its_buffers_in_order() {
     let xs = Rng::new(31).data(dims.iter().product());
     let (x, acc) = (upload(&dims, &xs), poisoned(&dims));
     let n = 2 * Stream::CHUNK + 3;
-    // Copy x at 0 and again at `reset`; add x everywhere else: acc = (n - reset) x.
-    let reset = Stream::CHUNK + 1;
+    let snapshots: Vec<Tensor> = (0..n).map(|_| poisoned(&dims)).collect();
     let mut out = Stream::new(g, Stream::CHUNK);
-    for i in 0..n {
+    for (i, snapshot) in snapshots.iter().enumerate() {
         let mut rec = g.recorder("stream test");
-        if i == 0 || i == reset {
+        if i == 0 {
             residual::copy(&mut rec, &x, &acc).unwrap();
         } else {
             residual::add(&mut rec, &x, &acc).unwrap();
         }
+        residual::copy(&mut rec, &acc, snapshot).unwrap();
         out.push(rec.finish());
     }
     out.finish().unwrap();
-    let want: Vec<f64> = xs.iter().map(|&v| (n - reset) as f64 * v as f64).collect();
-    check("stream", &read(&acc), &want, F32_TOL);
+    for (i, snapshot) in snapshots.iter().enumerate() {
+        let want: Vec<f64> = xs.iter().map(|&v| (i + 1) as f64 * v as f64).collect();
+        check(&format!("stream buffer {i}"), &read(snapshot), &want, F32_TOL);
+    }
 }
 
 /// A context of its own (its device error must not reach other tests) with an error pending: a
