@@ -275,17 +275,24 @@ fn augmentation_crop_flip() {
         }
     }
 
-    // Random augmentation: deterministic given the seed, shapes kept, every value either padding
-    // or from the source, and both flips and several offsets seen.
+    // Random augmentation: deterministic given the seed, shapes kept, each slot the augmented
+    // image the index names with that image's label (out of order, one image twice), every
+    // value either padding or from the source, and both flips and several offsets seen.
     let (train, _) = synthetic(20, 0, 3).unwrap();
-    let idx: Vec<usize> = (0..20).collect();
+    let idx: Vec<usize> = (0..20).rev().chain([7]).collect();
     let (mut a, mut la, mut b, mut lb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     train.gather_augmented(&idx, &mut Rng::new(11), &mut a, &mut la);
     train.gather_augmented(&idx, &mut Rng::new(11), &mut b, &mut lb);
-    assert_eq!(a.len(), 20 * IMAGE_LEN);
+    assert_eq!(a.len(), idx.len() * IMAGE_LEN);
     assert_eq!(a, b);
-    assert_eq!(la, train.labels());
+    assert_eq!(la, idx.iter().map(|&i| train.label(i)).collect::<Vec<_>>());
     assert_eq!(la, lb);
+    let mut replay = Rng::new(11);
+    for (j, &i) in idx.iter().enumerate() {
+        let mut one = vec![f32::NAN; IMAGE_LEN];
+        data::augment(train.image(i), &mut one, &mut replay);
+        assert_eq!(&a[j * IMAGE_LEN..(j + 1) * IMAGE_LEN], &one[..], "slot {j} (image {i})");
+    }
     train.gather_augmented(&idx, &mut Rng::new(12), &mut b, &mut lb);
     assert_ne!(a, b);
 
