@@ -111,7 +111,7 @@ proptest! {
         // One per-channel tensor (`which`) may have the wrong length.
         let per: Vec<Tensor> = (0..4).map(|i| make(&[c + if i == which { pc } else { 0 }], &mut rng).unwrap().0).collect();
         let (m, s) = (make(&[c], &mut rng).unwrap().0, make(&[c], &mut rng).unwrap().0);
-        let (gamma, beta) = (read(&per[0]), read(&per[1]));
+        let (gamma, beta, rm) = (read(&per[0]), read(&per[1]), read(&per[2]));
         let var: Vec<f32> = (0..c).map(|_| rng.range(0.5, 2.0) as f32).collect();
         per[3].write(gpu(), &var).ok();
         let p = BnTensors { gamma: &per[0], beta: &per[1], running_mean: &per[2], running_var: &per[3], affine: None };
@@ -122,9 +122,9 @@ proptest! {
         prop_assert_eq!(got.is_ok(), valid, "{:?} {:?}", d, got.err());
         rec.run().unwrap();
         if valid {
-            let (rm, rv) = (read(&per[2]), var);
-            let want = r::batch_norm::forward_train(&to_f64(&vx), d, &to_f64(&gamma), &to_f64(&beta), &to_f64(&rm), &to_f64(&rv), None, relu_ep);
+            let want = r::batch_norm::forward_train(&to_f64(&vx), d, &to_f64(&gamma), &to_f64(&beta), &to_f64(&rm), &to_f64(&var), None, relu_ep);
             check("bn y", &read(&y), &want.y, F32_TOL);
+            check("bn running_mean", &read(&per[2]), &want.running_mean, F32_TOL);
             check("bn running_var", &read(&per[3]), &want.running_var, F32_TOL);
         }
     }
