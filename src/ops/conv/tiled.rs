@@ -661,7 +661,8 @@ fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
 ///
 /// The split depends on the shape alone, never on the tile: every configuration then adds each
 /// output's terms in the same order (ascending within a split, splits in order), so whichever
-/// configuration the autotuner picks, the results are the same bits.
+/// configuration the autotuner picks, the outputs are the same bits. (The fused epilogues' BN
+/// sums are not: their runs are a tile's rows, [`record_forward_stats`].)
 pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
     let (rows, cols) = gemm_rows_cols(op, g);
     let tiles = rows.div_ceil(64) * cols.div_ceil(64);
