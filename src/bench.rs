@@ -36,6 +36,7 @@
 use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::arch::{Combine, NetConfig, ShortcutOption, UnitKind};
@@ -1196,6 +1197,9 @@ fn last_line(s: &str) -> &str {
     s.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("")
 }
 
+/// How long a peer's output pipes may stay open after it ended (held by a process it started).
+const PIPES_CLOSE: Duration = Duration::from_secs(2);
+
 /// Why a peer's run failed, and what it wrote to stdout before (a peer killed part-way has
 /// printed its first results).
 struct Failed {
@@ -1215,25 +1219,29 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| failed(format!("cannot start {program}: {e}"), String::new()))?;
-    // Read both pipes on threads so that a chatty child never blocks on a full pipe.
+    // Read both pipes on threads so that a chatty child never blocks on a full pipe, into
+    // buffers read here: a process the child started (a wrapper that does not `exec` its
+    // interpreter) may hold the pipes open past the child's end, and is not waited for.
     let drain = |r: Box<dyn Read + Send>, echo: bool| {
-        std::thread::spawn(move || {
+        let text = Arc::new(Mutex::new(String::new()));
+        let into = Arc::clone(&text);
+        let thread = std::thread::spawn(move || {
             // To the end whatever it holds (bytes that are not UTF-8 replaced), so that the
             // child never blocks on a full pipe.
-            let (mut s, mut reader, mut line) = (String::new(), std::io::BufReader::new(r), Vec::new());
+            let (mut reader, mut line) = (std::io::BufReader::new(r), Vec::new());
             while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
                 let text = String::from_utf8_lossy(&line);
                 if echo && text.contains("\"forward_ms\"") {
                     eprint!("    peer: {text}");
                 }
-                s += &text;
+                *into.lock().unwrap_or_else(|p| p.into_inner()) += &text;
                 line.clear();
             }
-            s
-        })
+        });
+        (thread, text)
     };
-    let out = drain(Box::new(child.stdout.take().expect("piped stdout")), true);
-    let err = drain(Box::new(child.stderr.take().expect("piped stderr")), false);
+    let (out, stdout) = drain(Box::new(child.stdout.take().expect("piped stdout")), true);
+    let (err, stderr) = drain(Box::new(child.stderr.take().expect("piped stderr")), false);
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
@@ -1247,8 +1255,18 @@ fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> std::result::Result
             Err(e) => break Err(format!("{program}: {e}")),
         }
     };
-    let stdout = out.join().unwrap_or_default();
-    let stderr = err.join().unwrap_or_default();
+    // The pipes close when the child's last holder exits: PIPES_CLOSE for that, no more.
+    let closing = Instant::now() + PIPES_CLOSE;
+    while !(out.is_finished() && err.is_finished()) && Instant::now() < closing {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let held = !(out.is_finished() && err.is_finished());
+    let take = |t: &Arc<Mutex<String>>| t.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let (stdout, stderr) = (take(&stdout), take(&stderr));
+    let status = match status {
+        Err(why) if held => Err(format!("{why} (a process it started holds its output open and may still run)")),
+        status => status,
+    };
     match status {
         Ok(status) if status.success() => Ok(stdout),
         Ok(status) => Err(failed(format!("{program} failed ({status}): {}", last_line(&stderr)), stdout)),
@@ -1544,6 +1562,15 @@ mod tests {
         cmd.args(["-c", &format!("echo '{line}'; exec sleep 10")]);
         let Err(f) = run_with_timeout(&mut cmd, Duration::from_millis(1500)) else { panic!("not killed") };
         assert!(f.why.contains("killed after 1 s"), "{}", f.why);
+        assert_eq!(f.stdout.trim(), line);
+        // A wrapper that does not exec: its child holds the pipes after it is killed, and is
+        // not waited for (the sleep's 30 s).
+        let start = Instant::now();
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", &format!("echo '{line}'; sleep 30; true")]);
+        let Err(f) = run_with_timeout(&mut cmd, Duration::from_millis(1000)) else { panic!("not killed") };
+        assert!(start.elapsed() < Duration::from_secs(10), "waited {:?}", start.elapsed());
+        assert!(f.why.contains("killed after 1 s") && f.why.contains("holds its output open"), "{}", f.why);
         assert_eq!(f.stdout.trim(), line);
         let mut cmd = Command::new("sh");
         cmd.args(["-c", "echo out; echo 'no CUDA' >&2; exit 2"]);
