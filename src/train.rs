@@ -27,6 +27,7 @@
 //! # }
 //! ```
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -320,6 +321,31 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
     (loss, correct)
 }
 
+/// [`Checkpoint::generated_sizes`] of a run's options `run`.
+pub fn generated_sizes(run: &BTreeMap<String, String>) -> (Option<usize>, Option<usize>) {
+    let count = |key: &str, what: &str| -> Option<usize> {
+        let v = run.get(key)?.strip_prefix(crate::data::SYNTHETIC_NAME)?;
+        v.strip_prefix(" (")?.strip_suffix(&format!(" {what} images)"))?.parse().ok()
+    };
+    (count("data", "training"), count("test_data", "test"))
+}
+
+/// The metadata key of the seed in a weights file [`train`] wrote (a checkpoint holds it as a
+/// tensor, `meta.seed`).
+const WEIGHTS_SEED: &str = "run.seed";
+
+/// What a weights file [`train`] wrote says of its run, from its `metadata`: its options, as
+/// a checkpoint's [`Checkpoint::run`], and its seed. Empty and `None` for other files.
+pub fn weights_run(metadata: &std::collections::HashMap<String, String>) -> (BTreeMap<String, String>, Option<u64>) {
+    let seed = metadata.get(WEIGHTS_SEED).and_then(|s| s.parse().ok());
+    let run = metadata
+        .iter()
+        .filter(|(k, _)| k.as_str() != WEIGHTS_SEED)
+        .filter_map(|(k, v)| Some((k.strip_prefix("run.")?.to_string(), v.clone())))
+        .collect();
+    (run, seed)
+}
+
 /// Saves a checkpoint: weights, BN buffers, momentum, the options' seed and the epochs done,
 /// and in the file's metadata its network ([`io::network_metadata`]: many variants have the
 /// same tensors, so the names alone cannot tell one from another).
@@ -343,9 +369,13 @@ fn write_checkpoint(
     weights: Option<&Path>,
 ) -> Result<()> {
     if let Some(w) = weights {
-        // The state dict comes first, the momentum after it.
+        // The state dict comes first, the momentum after it. The run's options and seed go in
+        // its metadata too: eval scores the run's own data from it ([`weights_run`]).
         let state = &t[..net.config.tensors().len()];
-        io::write_with_metadata(w, state, io::network_metadata(&net.config))?;
+        let mut metadata = io::network_metadata(&net.config);
+        metadata.extend(run.iter().map(|(k, v)| (format!("run.{k}"), v.clone())));
+        metadata.insert(WEIGHTS_SEED.into(), seed.to_string());
+        io::write_with_metadata(w, state, metadata)?;
     }
     t.push((EPOCHS_DONE.into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
@@ -405,7 +435,7 @@ pub struct Checkpoint {
     pub network: Option<String>,
     /// The options of the run that wrote it, by name (empty in a file written outside
     /// [`train`] or before checkpoints kept them): [`Checkpoint::changed`] compares them.
-    pub run: std::collections::BTreeMap<String, String>,
+    pub run: BTreeMap<String, String>,
     /// What the run that wrote it recorded up to its epochs done, for a resumed run to continue
     /// (`None` in a file written outside [`train`] or before checkpoints kept it: then
     /// [`read_curves`] and [`read_flow`] read the run's folder).
@@ -473,11 +503,7 @@ impl Checkpoint {
     /// data ([`crate::data::synthetic`]) and its checkpoint says (`None` for each it does not):
     /// with its seed, they draw the same images again.
     pub fn generated_sizes(&self) -> (Option<usize>, Option<usize>) {
-        let count = |key: &str, what: &str| -> Option<usize> {
-            let v = self.run.get(key)?.strip_prefix(crate::data::SYNTHETIC_NAME)?;
-            v.strip_prefix(" (")?.strip_suffix(&format!(" {what} images)"))?.parse().ok()
-        };
-        (count("data", "training"), count("test_data", "test"))
+        generated_sizes(&self.run)
     }
 
     /// The network of `config` with the checkpoint's weights, BN buffers and momentum; another

@@ -309,6 +309,12 @@ fn variants_train_and_analyze() {
     assert!(ok && unnamed.contains("network: preact+gate:-6 ResNet-8 from"), "{unnamed}");
     assert!(unnamed.contains("test split (16 images"), "{unnamed}");
     assert_eq!(test_loss(&unnamed), test_loss(&text), "{unnamed}");
+    // The run's weights file alone, as well: it records the run's data and seed (it scored
+    // 10000 images of seed 0).
+    let w = d.join("weights.safetensors");
+    let (ok, weights) = tool(&["eval", "--batch", "7", "--weights", w.to_str().unwrap()]);
+    assert!(ok && weights.contains("test split (16 images"), "{weights}");
+    assert_eq!(test_loss(&weights), test_loss(&text), "{weights}");
     let (ok, scored) = tool(&["eval", "--split", "train", "--batch", "7", "--weights", ck.to_str().unwrap()]);
     assert!(ok && scored.contains("training split (32 images"), "{scored}");
     let (ok, other) = eval(&["--seed", "0"]);
@@ -379,8 +385,8 @@ fn tiny_cifar(name: &str) -> TempDir {
     cifar
 }
 
-/// A checkpoint of a run on CIFAR scores CIFAR's images: without `--data` eval refuses, rather
-/// than score generated shapes (whose 10 classes would pass every check).
+/// A checkpoint (or the weights file) of a run on CIFAR scores CIFAR's images: without `--data`
+/// eval refuses, rather than score generated shapes (whose 10 classes would pass every check).
 #[test]
 fn eval_of_a_cifar_checkpoint_needs_its_data() {
     let cifar = tiny_cifar("eval-cifar");
@@ -390,8 +396,10 @@ fn eval_of_a_cifar_checkpoint_needs_its_data() {
     let (ok, text) = tool(&a);
     assert!(ok, "{text}");
     let ck = out.join("checkpoint.safetensors");
-    let (ok, text) = tool(&["eval", "--weights", ck.to_str().unwrap()]);
-    assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{text}");
+    for file in [ck.clone(), out.join("weights.safetensors")] {
+        let (ok, text) = tool(&["eval", "--weights", file.to_str().unwrap()]);
+        assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{file:?}: {text}");
+    }
     let (ok, text) = tool(&["eval", "--batch", "4", "--weights", ck.to_str().unwrap(), "--data", data]);
     assert!(ok && text.contains("data: cifar10 test split (4 images"), "{text}");
     // Nor is it resumed on generated images, which would replace its checkpoint: refused before

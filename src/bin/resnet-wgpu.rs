@@ -1,5 +1,6 @@
 //! The `resnet-wgpu` command-line tool.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -278,8 +279,8 @@ enum Command {
         /// Images per forward pass.
         #[arg(long, default_value_t = 256)]
         batch: usize,
-        /// The embedded dataset's seed; by default a checkpoint's own (the images its run was
-        /// tested on), else 0.
+        /// The embedded dataset's seed; by default the run's own, as its checkpoint or weights
+        /// file records it (the images its run was tested on), else 0.
         #[arg(long, conflicts_with = "data")]
         seed: Option<u64>,
     },
@@ -474,7 +475,8 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
         }
     }
     let (train_set, test_set) =
-        data_of_run(data, checkpoint.as_ref(), "continue it")?.load(opts.seed, config.classes)?;
+        data_of_run(data, &checkpoint.as_ref().map(|c| c.run.clone()).unwrap_or_default(), "continue it")?
+            .load(opts.seed, config.classes)?;
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
     println!(
@@ -554,18 +556,15 @@ fn read_checkpoint(path: &std::path::Path, config: &NetConfig) -> Result<Option<
     Ok(Some(c))
 }
 
-/// The data of a checkpoint's run where `data` leaves it open. A run on CIFAR needs its folder
-/// (generated images of the same 10 classes would pass every check, and a resumed run would
-/// replace the checkpoint); a run on the generated set draws as many images as it did (with its
-/// seed, the same ones).
-fn data_of_run(data: &DataArgs, checkpoint: Option<&train::Checkpoint>, to: &str) -> Result<DataArgs> {
-    let Some(c) = checkpoint else { return Ok(data.clone()) };
-    if let Some(set) = c.run.get("data").filter(|d| data.data.is_none() && !d.starts_with(data::SYNTHETIC_NAME)) {
-        return Err(Error::Invalid(format!(
-            "the checkpoint's run trained on {set}: give --data with its folder to {to}"
-        )));
+/// The data of a run (its options, as a checkpoint or a weights file `train` wrote records
+/// them) where `data` leaves it open. A run on CIFAR needs its folder (generated images of the
+/// same 10 classes would pass every check, and a resumed run would replace the checkpoint); a
+/// run on the generated set draws as many images as it did (with its seed, the same ones).
+fn data_of_run(data: &DataArgs, run: &BTreeMap<String, String>, to: &str) -> Result<DataArgs> {
+    if let Some(set) = run.get("data").filter(|d| data.data.is_none() && !d.starts_with(data::SYNTHETIC_NAME)) {
+        return Err(Error::Invalid(format!("the file's run trained on {set}: give --data with its folder to {to}")));
     }
-    let (train, test) = c.generated_sizes();
+    let (train, test) = train::generated_sizes(run);
     Ok(DataArgs { train_size: data.train_size.or(train), test_size: data.test_size.or(test), ..data.clone() })
 }
 
@@ -595,10 +594,15 @@ fn eval_cmd(
     if batch == 0 {
         return Err(Error::Invalid("--batch must be positive".into()));
     }
-    // A checkpoint knows its run's seed, and so which generated images it was tested on.
+    // A checkpoint, or the weights file of the same run, knows its run's data and seed, and so
+    // which generated images it was tested on.
     let checkpoint = read_checkpoint(weights, &config)?;
-    let seed = seed.or(checkpoint.as_ref().and_then(|c| c.seed)).unwrap_or(0);
-    let run_data = data_of_run(data, checkpoint.as_ref(), "score its images")?;
+    let (run, run_seed) = match &checkpoint {
+        Some(c) => (c.run.clone(), c.seed),
+        None => train::weights_run(&io::read_header(weights)?.metadata),
+    };
+    let seed = seed.or(run_seed).unwrap_or(0);
+    let run_data = data_of_run(data, &run, "score its images")?;
     // Only the split scored is generated (one image of the other).
     let sizes = match split {
         Split::Train => DataArgs { test_size: Some(1), ..run_data },
