@@ -409,6 +409,18 @@ fn eval_of_a_cifar_checkpoint_needs_its_data() {
     let (ok, text) = tool(&[&again[..], &[ck.to_str().unwrap()]].concat());
     assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{text}");
     assert!(std::fs::read(&ck).unwrap() == before, "the checkpoint was rewritten");
+    // The test split is read alone where it is all that is scored: with a training file
+    // truncated, eval of the test split and analyze run, eval of the training split names it.
+    std::fs::write(cifar.join("data_batch_3.bin"), [1u8; 100]).unwrap();
+    let (ok, text) = tool(&["eval", "--batch", "4", "--weights", ck.to_str().unwrap(), "--data", data]);
+    assert!(ok && text.contains("data: cifar10 test split (4 images"), "{text}");
+    let (ok, text) =
+        tool(&["eval", "--batch", "4", "--weights", ck.to_str().unwrap(), "--data", data, "--split", "train"]);
+    assert!(!ok && text.contains("data_batch_3.bin"), "{text}");
+    let analysis = dir("eval-cifar-analyze");
+    let a = ["analyze", "--depths", "8", "--kinds", "preact", "--batch", "4", "--data", data, "--out"];
+    let (ok, text) = tool(&[&a[..], &[analysis.to_str().unwrap()]].concat());
+    assert!(ok && text.contains("cifar10"), "{text}");
 }
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {

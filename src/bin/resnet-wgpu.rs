@@ -603,15 +603,16 @@ fn eval_cmd(
     };
     let seed = seed.or(run_seed).unwrap_or(0);
     let run_data = data_of_run(data, &run, "score its images")?;
-    // Only the split scored is generated (one image of the other).
+    // Only the split scored is generated (one image of the other), or read from CIFAR's files
+    // where that is the test split.
     let sizes = match split {
         Split::Train => DataArgs { test_size: Some(1), ..run_data },
         Split::Test => DataArgs { train_size: Some(1), ..run_data },
     };
-    let (train_set, test_set) = sizes.load(seed, config.classes)?;
-    let (set, name) = match split {
-        Split::Train => (&train_set, "training"),
-        Split::Test => (&test_set, "test"),
+    let (set, name) = match (split, &sizes.data) {
+        (Split::Test, Some(dir)) => (data::load_cifar_test_of(dir, config.classes)?, "test"),
+        (Split::Test, None) => (sizes.load(seed, config.classes)?.1, "test"),
+        (Split::Train, _) => (sizes.load(seed, config.classes)?.0, "training"),
     };
     let gpu = Gpu::new()?;
     println!("adapter: {}", gpu.report);
@@ -625,7 +626,7 @@ fn eval_cmd(
         config.depth(),
         weights.display()
     );
-    let (loss, acc) = train::evaluate(&gpu, &mut net, set, batch)?;
+    let (loss, acc) = train::evaluate(&gpu, &mut net, &set, batch)?;
     println!("{name} loss {loss:.4}, accuracy {:.2}% (chance {:.1}%)", 100.0 * acc, 100.0 / config.classes as f64);
     Ok(())
 }
@@ -714,7 +715,7 @@ fn analyze_cmd(
     // the networks' classes.
     let cifar = match data {
         Some(dir) => {
-            let (_, test) = data::load_cifar_of(dir, classes)?;
+            let test = data::load_cifar_test_of(dir, classes)?;
             if test.len() < batch || test.classes() != classes {
                 return Err(Error::Invalid(format!(
                     "analyze --data {}: {} test images of {} classes, for a batch of {batch} and {classes} classes",
