@@ -139,8 +139,9 @@ fn an_output_aliasing_an_input_is_refused() {
     let dims = [1, 2, 3, 3];
     let (t, u) = (upload(&dims, &Rng::new(7).data(18)), upload(&dims, &Rng::new(8).data(18)));
     let out = poisoned(&dims);
+    let one = upload(&[1, 1, 1, 1], &[0.5]); // a bias of one channel, and a [1,1,1,1] map
     let mut rec = g.recorder("aliased operands");
-    let refusals: [(&str, resnet_wgpu::Result<()>); 9] = [
+    let refusals: [(&str, resnet_wgpu::Result<()>); 11] = [
         ("relu forward", relu::forward(&mut rec, &t, &t)),
         ("relu backward, dx = x", relu::backward(&mut rec, &t, &u, &t, false)),
         ("relu backward, dx = dy", relu::backward(&mut rec, &u, &t, &t, true)),
@@ -150,9 +151,23 @@ fn an_output_aliasing_an_input_is_refused() {
         ("subsample_backward", residual::subsample_backward(&mut rec, &t, &t, 1, true)),
         ("copy", residual::copy(&mut rec, &t, &t)),
         ("sigmoid_backward", gate::sigmoid_backward(&mut rec, &t, &t)),
+        ("bias_sigmoid", gate::bias_sigmoid(&mut rec, &one, &one)),
+        ("bias_grad", gate::bias_grad(&mut rec, &one, &one)),
     ];
     for (what, r) in refusals {
         assert!(matches!(&r, Err(Error::Invalid(m)) if m.contains("must not alias")), "{what}: {r:?}");
+    }
+    // The gate's backward with one tensor for both parameter gradients (a gate on one channel):
+    // db would be overwritten by dw.
+    let (d1, u1) = ([1, 1, 3, 3], upload(&[1, 1, 1, 1], &[0.3]));
+    let (x1, g1, dg1, dx1) =
+        (upload(&d1, &Rng::new(9).data(9)), upload(&d1, &[0.5; 9]), upload(&d1, &[1.0; 9]), poisoned(&d1));
+    let r = gate::backward(&mut rec, &x1, &u1, &g1, &dg1, &one, &one, &dx1, 1, false);
+    assert!(matches!(&r, Err(Error::Invalid(m)) if m.contains("dw and db")), "{r:?}");
+    if g.report.features.contains(wgpu::Features::SHADER_F16) {
+        let h = resnet_wgpu::tensor::HalfTensor::zeros(g, &dims).unwrap();
+        let r = relu::mask_in_place_f16(&mut rec, &h, &h);
+        assert!(matches!(&r, Err(Error::Invalid(m)) if m.contains("must not alias")), "f16 mask: {r:?}");
     }
     // Nothing was recorded: the recorder's other work runs.
     residual::copy(&mut rec, &u, &out).unwrap();

@@ -171,7 +171,6 @@ pub(crate) fn check_shapes(what: &str, x: &Tensor, w: &Tensor, y: &Tensor, strid
     Geometry::check(what, ["x", "w", "y"], x, w, y, stride).map(|_| ())
 }
 
-/// An output that is also an input would be a read-write and read-only binding of one buffer.
 /// Forces Winograd in configuration `name` (one of [`winograd_names`]) for every convolution it
 /// applies to (3x3 at stride 1: forward, backward_data and backward_weight, f32 and f16 paths)
 /// on this context, or (`"off"`) never takes it; `None` goes back to the automatic choice (timed

@@ -30,6 +30,7 @@ fn check_bias_grad(what: &str, dz: &Tensor, db: &Tensor) -> Result<()> {
 pub fn bias_sigmoid(rec: &mut Recorder, b: &Tensor, z: &Tensor) -> Result<()> {
     super::owned(rec, "gate bias_sigmoid", [b, z])?;
     let [n, c, h, w] = check_bias("gate bias_sigmoid", z, b)?;
+    super::distinct_out("gate bias_sigmoid", z, &[b])?;
     let chunk = |rec: &mut Recorder, _: &Range<usize>, _: &[Tensor], o: &[Tensor]| bias_sigmoid(rec, b, &o[0]);
     if split::batch_op(rec, "gate bias_sigmoid", &[], &[(z, true)], &[b], chunk)? {
         return Ok(());
@@ -58,6 +59,7 @@ pub fn sigmoid_backward(rec: &mut Recorder, g: &Tensor, d: &Tensor) -> Result<()
 pub fn bias_grad(rec: &mut Recorder, dz: &Tensor, db: &Tensor) -> Result<()> {
     super::owned(rec, "gate bias_grad", [dz, db])?;
     check_bias_grad("gate bias_grad", dz, db)?;
+    super::distinct_out("gate bias_grad", db, &[dz])?;
     // Past the binding limit: by chunks of images, each adding into db in order.
     let chunk =
         |rec: &mut Recorder, r: &Range<usize>, i: &[Tensor], _: &[Tensor]| bias_grad_at(rec, &i[0], db, r.start > 0);
@@ -104,7 +106,9 @@ pub fn backward(
     conv::check_shapes(WHAT, dx, dw, dg, stride)?;
     same_len(WHAT, &[g, dg])?;
     check_bias_grad(WHAT, dg, db)?;
-    super::distinct_out(WHAT, dg, &[g])?;
+    // dg is the sigmoid's gradient in place; the parameter gradients are written one after the
+    // other, so one tensor for both would lose db.
+    super::distinct(WHAT, &[("x", x), ("w", w), ("g", g), ("dg", dg), ("dw", dw), ("db", db), ("dx", dx)])?;
     sigmoid_backward(rec, g, dg)?;
     bias_grad(rec, dg, db)?;
     conv::backward_weight(rec, x, dg, dw, stride, false)?;

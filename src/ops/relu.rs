@@ -57,12 +57,11 @@ pub fn mask_in_place(rec: &mut Recorder, y: &Tensor, g: &Tensor) -> Result<()> {
 pub fn mask_in_place_f16(rec: &mut Recorder, y: &HalfTensor, g: &HalfTensor) -> Result<()> {
     const WHAT: &str = "relu mask_in_place_f16";
     super::owned_f16(rec, WHAT, [y, g])?;
-    if y.dims() != g.dims() || y.buffer == g.buffer {
-        return Err(Error::Shape(format!(
-            "{WHAT}: y {:?} and g {:?} must be distinct tensors of one shape",
-            y.dims(),
-            g.dims()
-        )));
+    if y.dims() != g.dims() {
+        return Err(Error::Shape(format!("{WHAT}: y {:?} and g {:?} must have one shape", y.dims(), g.dims())));
+    }
+    if y.buffer == g.buffer {
+        return Err(Error::Invalid(format!("{WHAT}: the output must not alias an input")));
     }
     split::whole_fits_f16(rec.gpu, WHAT, y.dims(), y.buffer.size())?;
     let n = y.len();
