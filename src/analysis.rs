@@ -73,7 +73,11 @@ pub fn table(m: &Measured, rows: usize) -> String {
     for l in (0..n).filter(|l| l % step == 0 || *l == n - 1) {
         let v = m.probes.norms[l];
         let f = if l + 1 < n { format!("{:12.4e}", v[1]) } else { format!("{:>12}", "-") };
-        s += &format!("{l:>5} {:12.4e} {f} {:12.4e} {:14.4}\n", v[0], v[2], ratios[l]);
+        // Fixed point where it reads at four decimals, else in exponent form (a scaled
+        // shortcut's ratios fall to 1e-17).
+        let r = ratios[l];
+        let r = if (1e-2..1e7).contains(&r.abs()) { format!("{r:14.4}") } else { format!("{r:14.4e}") };
+        s += &format!("{l:>5} {:12.4e} {f} {:12.4e} {r}\n", v[0], v[2]);
     }
     // The seed's direct term of dE/dx_l: with identity h and f it is dE/dx_L itself; a constant
     // scale on the shortcut multiplies it by lambda_h once per unit, so only the paths through

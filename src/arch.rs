@@ -286,7 +286,9 @@ impl NetConfig {
             return Err(Error::Invalid(format!("{} classes: at most {MAX_CLASSES}", self.classes)));
         }
         let most = crate::ops::MAX_CHANNELS;
-        if self.in_channels > most || (0..3).any(|s| self.stage_channels(s) > most) {
+        // Widths compared before the bottleneck's factor 4, which could overflow.
+        let widest = if self.bottleneck { most / 4 } else { most };
+        if self.in_channels > most || self.widths.iter().any(|&w| w > widest) {
             return Err(Error::Invalid(format!(
                 "{} input channels, stages of {:?} channels{}: at most {most} a layer",
                 self.in_channels,
@@ -647,6 +649,8 @@ mod tests {
             let c = NetConfig { widths, ..base.clone() };
             assert_eq!(c.validate().is_ok(), fine, "{widths:?} bottleneck {}", c.bottleneck);
         }
+        let c = NetConfig { widths: [16, 16, 1 << 62], ..bottleneck.clone() };
+        assert!(matches!(c.validate(), Err(Error::Invalid(_))), "a width whose 4x overflows");
         let c = NetConfig { in_channels: 1 << 40, ..ok.clone() };
         assert!(matches!(c.validate(), Err(Error::Invalid(_))));
     }

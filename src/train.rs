@@ -356,7 +356,8 @@ pub fn save_checkpoint(gpu: &Gpu, net: &ResNet, epochs_done: usize, seed: u64, p
 
 /// [`save_checkpoint`] of `t`, the network's state as [`io::state_tensors`] read it (with the
 /// momentum), with the run's options and history in the metadata too (`run.<name>`,
-/// `history.*`); with `weights`, also the state dict alone there ([`io::save_weights`]'s file).
+/// `history.*`); with `weights`, also the state dict alone there ([`io::save_weights`]'s
+/// tensors, with the run's options and seed in its metadata: [`weights_run`]).
 #[allow(clippy::too_many_arguments)]
 fn write_checkpoint(
     net: &ResNet,
@@ -524,7 +525,8 @@ pub fn load_checkpoint(gpu: &Gpu, config: &crate::arch::NetConfig, path: &Path) 
 
 /// Trains `net` for the epochs from `start_epoch` to `opts.epochs`, evaluating after each,
 /// writing `curves.csv`, `curves.svg`, `checkpoint.safetensors` and `weights.safetensors` (the
-/// state dict alone, [`io::save_weights`], for PyTorch's strict `load_state_dict`; with `flow`: `flow.csv`,
+/// state dict alone, as [`io::save_weights`] writes it (with the run's options and seed in its
+/// metadata), for PyTorch's strict `load_state_dict`; with `flow`: `flow.csv`,
 /// `flow.svg`) into `opts.out` after every epoch, and returns the run's history. `history` holds
 /// what the epochs already done recorded: empty for a new run, a resumed run's checkpoint's
 /// ([`Checkpoint::history`]); its rows past `start_epoch` are dropped.

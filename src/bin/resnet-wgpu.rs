@@ -148,11 +148,11 @@ struct DataArgs {
     #[arg(long)]
     data: Option<PathBuf>,
     /// Training images generated for the embedded dataset [default: 10000; eval and --resume:
-    /// the checkpoint's run's].
+    /// the run's, as its checkpoint or weights file records it].
     #[arg(long, conflicts_with = "data")]
     train_size: Option<usize>,
     /// Test images generated for the embedded dataset [default: 2000; eval and --resume: the
-    /// checkpoint's run's].
+    /// run's, as its checkpoint or weights file records it].
     #[arg(long, conflicts_with = "data")]
     test_size: Option<usize>,
 }
