@@ -87,6 +87,32 @@ fn past(t: &Tensor) -> &Tensor {
     t
 }
 
+/// Split-K partial sums are bound whole, so their splits stay within the binding limit: at
+/// 64 KiB, by chunks of 2 images, the tiled rule would split backward_weight's reduction 2 ways
+/// (72 KiB of partials); it runs whole and matches the reference, as do the data ops.
+#[test]
+fn split_k_partials_stay_within_the_limit() {
+    const WIDE: u64 = 64 << 10;
+    let opts = GpuOptions { max_binding_bytes: Some(WIDE), ..GpuOptions::from_env() };
+    let g = &Gpu::with_options(&opts).unwrap_or_else(|e| panic!("{e}"));
+    conv::set_kernels(g, conv::Kernels::Tiled);
+    let (xd, wd) = ([3, 32, 16, 16], [32, 32, 3, 3]);
+    let mut rng = Rng::new(5);
+    let (x, w, dy) = (rng.data(len(&xd)), rng.data(len(&wd)), rng.data(len(&xd)));
+    let (rx, rw, rdy) = (to_f64(&x), to_f64(&w), to_f64(&dy));
+    let (tx, tw, tdy) = (up(g, &xd, &x), up(g, &wd, &w), up(g, &xd, &dy));
+    assert!(tx.bytes() > WIDE && tw.bytes() <= WIDE);
+    let ty = nan(g, &xd);
+    run(g, |rec| conv::forward(rec, &tx, &tw, &ty, 1, false));
+    check("forward", &fetch(g, &ty), &r::conv::forward(&rx, xd, &rw, wd, 1), F32_TOL);
+    let tdx = nan(g, &xd);
+    run(g, |rec| conv::backward_data(rec, &tdy, &tw, &tdx, 1, false));
+    check("backward_data", &fetch(g, &tdx), &r::conv::backward_data(&rdy, &rw, wd, xd, 1), F32_TOL);
+    let tdw = nan(g, &wd);
+    run(g, |rec| conv::backward_weight(rec, &tx, &tdy, &tdw, 1, false));
+    check("backward_weight", &fetch(g, &tdw), &r::conv::backward_weight(&rx, xd, &rdy, wd, 1), F32_TOL);
+}
+
 /// The register path and the tiled kernels, each op run by chunks of images. (Winograd binds its
 /// transformed operands whole, so under this limit it never applies: `winograd::fitting`.)
 #[test]

@@ -496,7 +496,9 @@ fn choose(gpu: &Gpu, op: Op, g: &Geometry, kernels: Kernels) -> Plan {
                     // that every core has work (two workgroups each), in whole groups of 8
                     // quads of at least 8 steps.
                     let cores = std::thread::available_parallelism().map_or(4, |n| n.get());
-                    let splits = (2 * cores).div_ceil(tiles).clamp(1, quads.div_ceil(8 * LANES).max(1));
+                    // Their partial sums are bound whole: within the binding limit.
+                    let most = tiled::most_partials(gpu) / (g.k * g.c * g.ks * g.ks);
+                    let splits = (2 * cores).div_ceil(tiles).min(most).clamp(1, quads.div_ceil(8 * LANES).max(1));
                     let chunk = quads.div_ceil(splits).div_ceil(LANES) * LANES;
                     return Plan::RegisterWeight { splits: quads.div_ceil(chunk), chunk };
                 }
@@ -510,7 +512,7 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let k = kernels(gpu);
     // A forced tile configuration takes the tiled kernels (and is part of the key).
     match tiled::forced(gpu, op, g) {
-        Some(t) => gpu.cached(("conv.plan.tile", op, t, *g), || tiled::plan_for(op, g, t)),
+        Some(t) => gpu.cached(("conv.plan.tile", op, t, *g), || tiled::plan_for(op, g, t, tiled::most_partials(gpu))),
         None => gpu.cached(("conv.plan", op, k, winograd::choice(gpu), *g), || {
             winograd::consider(gpu, op, g, k, choose(gpu, op, g, k), false)
         }),
@@ -522,7 +524,7 @@ fn plan(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
 fn plan_pre(gpu: &Gpu, op: Op, g: &Geometry, pre: bool) -> Plan {
     match plan(gpu, op, g) {
         Plan::Register { .. } | Plan::RegisterWeight { .. } if pre && g.c > AFFINE_WINDOW => {
-            tiled::plan_for(op, g, tiled::rule(gpu, op, g))
+            tiled::plan_for(op, g, tiled::rule(gpu, op, g), tiled::most_partials(gpu))
         }
         p => p,
     }

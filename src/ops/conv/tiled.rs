@@ -659,22 +659,31 @@ fn gemm_rows_cols(op: Op, g: &Geometry) -> (usize, usize) {
 ///   split with at least [`DATA_MIN_CHUNK`] steps. Their fused epilogues need the whole sum, so
 ///   forward_stats and backward_data_bn take their unfused forms there.
 ///
+/// `most` bounds the partial sums, in floats ([`most_partials`]: 16 MiB, or the context's
+/// binding limit where that is lower, as the partials are bound whole).
+///
 /// The split depends on the shape alone, never on the tile: every configuration then adds each
 /// output's terms in the same order (ascending within a split, splits in order), so whichever
 /// configuration the autotuner picks, the outputs are the same bits. (The fused epilogues' BN
 /// sums are not: their runs are a tile's rows, [`record_forward_stats`].)
-pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize) -> Plan {
+pub(super) fn plan_for(op: Op, g: &Geometry, tile: usize, most: usize) -> Plan {
     let (rows, cols) = gemm_rows_cols(op, g);
     let tiles = rows.div_ceil(64) * cols.div_ceil(64);
     let red = reduction(op, g);
     let len = rows * cols;
-    let cap = (4 << 20) / len.max(1);
+    let cap = most / len.max(1);
     let splits = match op {
         Op::BackwardWeight => 256usize.div_ceil(tiles).min(red.div_ceil(256)),
         _ if tiles >= DATA_WORKGROUPS => 1,
         _ => DATA_WORKGROUPS.div_ceil(tiles).min(red / DATA_MIN_CHUNK),
     };
     split_plan(op, g, tile, splits.min(cap).max(1))
+}
+
+/// The most floats of split-K partial sums on `gpu`: 16 MiB of them, or what one binding holds
+/// where that is less.
+pub(crate) fn most_partials(gpu: &Gpu) -> usize {
+    (gpu.max_binding_bytes / 4).min(4 << 20) as usize
 }
 
 /// Configuration `tile` for `op` on `g` with its reduction in about `splits` ranges: ranges of
@@ -694,18 +703,18 @@ fn split_plan(op: Op, g: &Geometry, tile: usize, splits: usize) -> Plan {
 /// tuned (the configuration, then how it splits its reduction, [`tune_split`]).
 pub(super) fn choose(gpu: &Gpu, op: Op, g: &Geometry) -> Plan {
     let tile = match forced(gpu, op, g) {
-        Some(i) => return plan_for(op, g, i),
-        None if !tunes(gpu) => return plan_for(op, g, rule(gpu, op, g)),
+        Some(i) => return plan_for(op, g, i, most_partials(gpu)),
+        None if !tunes(gpu) => return plan_for(op, g, rule(gpu, op, g), most_partials(gpu)),
         None => tune(gpu, op, g, false).0,
     };
-    tune_split(gpu, op, g, plan_for(op, g, tile), false)
+    tune_split(gpu, op, g, plan_for(op, g, tile, most_partials(gpu)), false)
 }
 
 /// The f16 path's plan for `op` on `g`: [`half_tile`]'s configuration, and where that was tuned,
 /// whether a data op splits its reduction ([`tune_split`]); cached.
 pub(super) fn half_plan(gpu: &Gpu, op: Op, g: &Geometry, f32_tile: impl FnOnce() -> usize) -> Plan {
     let (tile, coop) = half_tile(gpu, op, g, f32_tile);
-    let plan = on_coop(plan_for(op, g, tile), coop);
+    let plan = on_coop(plan_for(op, g, tile, most_partials(gpu)), coop);
     if forced_any(gpu).is_some() || !tunes(gpu) {
         return plan;
     }
@@ -787,7 +796,7 @@ fn time_tiles(
     let run = |k: usize| {
         let (i, coop) = candidates[k];
         let mut rec = gpu.recorder_untimed("conv tune");
-        let plan = on_coop(plan_for(op, g, i), coop);
+        let plan = on_coop(plan_for(op, g, i, most_partials(gpu)), coop);
         match (&halves, op) {
             (None, _) => record(&mut rec, op, g, plan, &t[0], None, &t[1], &t[2], false),
             (Some(h), Op::BackwardWeight) => record_half_weight(&mut rec, g, plan, &h[0], None, &h[1], &t[wi], false),
@@ -1059,7 +1068,7 @@ pub(super) fn tune_split(gpu: &Gpu, op: Op, g: &Geometry, plan: Plan, half: bool
 /// on 256 to 300 workgroups.
 fn tune_weight_split(gpu: &Gpu, g: &Geometry, plan: Plan, half: bool) -> Plan {
     let op = Op::BackwardWeight;
-    let plans = weight_splits(g, plan);
+    let plans = weight_splits(g, plan, most_partials(gpu));
     if plans.len() == 1 {
         return plan;
     }
@@ -1090,12 +1099,13 @@ fn tune_weight_split(gpu: &Gpu, g: &Geometry, plan: Plan, half: bool) -> Plan {
 }
 
 /// [`tune_weight_split`]'s candidates: `plan`, then the same configuration in twice and half as
-/// many splits, where those differ from it and each other.
-fn weight_splits(g: &Geometry, plan: Plan) -> Vec<Plan> {
+/// many splits, where those differ from it and each other (their partial sums within `most`
+/// floats, as [`plan_for`]'s).
+fn weight_splits(g: &Geometry, plan: Plan, most: usize) -> Vec<Plan> {
     let Plan::Tiled { tile, splits, coop, .. } = plan else { return vec![plan] };
     let op = Op::BackwardWeight;
     let len = g.k * g.c * g.ks * g.ks;
-    let most = ((4 << 20) / len.max(1)).min(reduction(op, g) / WEIGHT_MIN_CHUNK).max(1);
+    let most = (most / len.max(1)).min(reduction(op, g) / WEIGHT_MIN_CHUNK).max(1);
     let mut plans = vec![plan];
     for s in [splits * 2, splits / 2] {
         let p = on_coop(split_plan(op, g, tile, s.clamp(1, most)), coop);
@@ -1553,7 +1563,7 @@ pub(super) mod tests {
     }
 
     fn splits(op: Op, g: &Geometry) -> (usize, usize) {
-        match plan_for(op, g, 0) {
+        match plan_for(op, g, 0, 4 << 20) {
             Plan::Tiled { splits, chunk, .. } => (splits, chunk),
             p => panic!("{p:?}"),
         }
@@ -1625,7 +1635,7 @@ pub(super) mod tests {
     #[test]
     fn weight_split_candidates() {
         let count = |g: &Geometry| -> Vec<usize> {
-            let plans = weight_splits(g, plan_for(Op::BackwardWeight, g, 0));
+            let plans = weight_splits(g, plan_for(Op::BackwardWeight, g, 0, 4 << 20), 4 << 20);
             let red = reduction(Op::BackwardWeight, g);
             plans
                 .iter()
