@@ -705,6 +705,9 @@ fn median(v: &mut [f64]) -> f64 {
 /// has been busy a while.
 const WARM_UP: Duration = Duration::from_millis(200);
 
+/// The most wall time a row's warm-up takes (timestamps that read nothing, a slow host).
+const WARM_UP_MOST: Duration = Duration::from_secs(3);
+
 /// Warm-up, then the measured runs of `record` (which records fresh command buffers each time);
 /// `prepare` records untimed commands that go before each run (restoring a gradient that the
 /// run accumulates into).
@@ -728,18 +731,21 @@ fn measure(
     // Without timestamps the queued runs would read nothing: the wall clock below is the time.
     let measured = if timer.has_timestamps() { runs(opts.reps)? } else { Vec::new() };
     let warm = if is_cpu_adapter(gpu) { Duration::ZERO } else { WARM_UP };
-    let mut busy = Duration::ZERO;
+    // Batches double (to QUEUED_RUNS), so that rows of microseconds reach the time in a few
+    // batches; WARM_UP_MOST of wall time ends it whatever the timestamps said.
+    let (mut busy, mut count, start) = (Duration::ZERO, opts.warmup.max(1), Instant::now());
     loop {
-        let batch = runs(opts.warmup.max(1))?;
+        let batch = runs(count)?;
         let submitted = Instant::now();
         let gpu_ms = timer.time_queued(gpu, batch)?;
         busy += match gpu_ms.iter().copied().collect::<Option<Vec<f64>>>() {
             Some(ms) if !ms.is_empty() => Duration::from_secs_f64(ms.iter().sum::<f64>() / 1e3),
             _ => submitted.elapsed(),
         };
-        if busy >= warm {
+        if busy >= warm || start.elapsed() >= WARM_UP_MOST {
             break;
         }
+        count = (2 * count).min(QUEUED_RUNS);
     }
     let gpu_ms: Vec<f64> = match measured.is_empty() {
         false => timer.time_queued(gpu, measured)?.into_iter().flatten().collect(),
@@ -1322,7 +1328,7 @@ pub fn table(r: &Report) -> String {
     let _ = writeln!(s, "f16 convolutions on cooperative matrices: {}", r.coop);
     let _ = writeln!(
         s,
-        "commit {}; median of {} runs after {} warm-up; ms: {timing}",
+        "commit {}; median of {} runs after {} warm-up (on a GPU, batches doubling from it to 200 ms of GPU time); ms: {timing}",
         r.commit.as_deref().unwrap_or("?"),
         r.reps,
         r.warmup
