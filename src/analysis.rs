@@ -145,3 +145,23 @@ pub fn plot(path: &Path, ms: &[Measured], trained: bool) -> Result<()> {
         true,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::arch::UnitKind;
+
+    /// The ratio column reads at four decimals where it can, and in exponent form where a
+    /// fixed-point `0.0000` would hide it (a scaled shortcut's 1e-17).
+    #[test]
+    fn small_ratios_keep_their_digits() {
+        let config = NetConfig::cifar(8, UnitKind::PreAct, false, 10).unwrap();
+        let norms = vec![[1.0, 1.0, 3e-20], [1.0, 1.0, 0.5], [1.0, 1.0, 2e-3], [1.0, 0.0, 1.0]];
+        let probes = Probes { loss: 2.3, norms, stage_identity: vec![None; 3] };
+        let m = Measured { network: Network { label: "t".into(), config }, probes };
+        let t = table(&m, 8);
+        for want in ["3.0000e-20", "0.5000", "2.0000e-3", "1.0000"] {
+            assert!(t.contains(want), "{want} missing:\n{t}");
+        }
+    }
+}

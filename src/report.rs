@@ -23,12 +23,21 @@ pub fn write_text(path: &Path, text: &str) -> Result<()> {
     crate::io::replace_file(path, text.as_bytes())
 }
 
-/// A CSV table as text: a header row, then rows of already formatted cells.
+/// A CSV table as text: a header row, then rows of already formatted cells; a cell holding a
+/// comma, a quote or a line break is quoted (RFC 4180: a label naming a path may hold any).
 pub fn csv_text(header: &[&str], rows: &[Vec<String>]) -> String {
-    let mut text = header.join(",") + "\n";
+    let line = |cells: &mut dyn Iterator<Item = &str>| {
+        let quoted: Vec<String> = cells
+            .map(|c| match c.contains([',', '"', '\n', '\r']) {
+                true => format!("\"{}\"", c.replace('"', "\"\"")),
+                false => c.to_string(),
+            })
+            .collect();
+        quoted.join(",") + "\n"
+    };
+    let mut text = line(&mut header.iter().copied());
     for r in rows {
-        text += &r.join(",");
-        text.push('\n');
+        text += &line(&mut r.iter().map(String::as_str));
     }
     text
 }
@@ -112,4 +121,19 @@ pub fn line_chart(
         draw!(builder.build_cartesian_2d(x0..x1, y0..y1));
     }
     root.present().map_err(|e| plot_err(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    /// analyze's labels name the weights' path, which may hold a comma: such a cell is quoted,
+    /// so that every row keeps its header's columns.
+    #[test]
+    fn cells_with_commas_or_quotes_are_quoted() {
+        let rows = [
+            vec!["preact from runs/lr0.1,wd1e-4/checkpoint.safetensors".to_string(), "1e0".to_string()],
+            vec!["a \"b\"".to_string(), "2".to_string()],
+        ];
+        let want = "label,x\n\"preact from runs/lr0.1,wd1e-4/checkpoint.safetensors\",1e0\n\"a \"\"b\"\"\",2\n";
+        assert_eq!(super::csv_text(&["label", "x"], &rows), want);
+    }
 }
