@@ -399,6 +399,9 @@ fn eval_of_a_cifar_checkpoint_needs_its_data() {
     for file in [ck.clone(), out.join("weights.safetensors")] {
         let (ok, text) = tool(&["eval", "--weights", file.to_str().unwrap()]);
         assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{file:?}: {text}");
+        // Nor is it analysed on generated images.
+        let (ok, text) = tool(&["analyze", "--batch", "4", "--weights", file.to_str().unwrap()]);
+        assert!(!ok && text.contains("trained on cifar10") && text.contains("--data"), "{file:?}: {text}");
     }
     let (ok, text) = tool(&["eval", "--batch", "4", "--weights", ck.to_str().unwrap(), "--data", data]);
     assert!(ok && text.contains("data: cifar10 test split (4 images"), "{text}");
@@ -421,6 +424,10 @@ fn eval_of_a_cifar_checkpoint_needs_its_data() {
     let a = ["analyze", "--depths", "8", "--kinds", "preact", "--batch", "4", "--data", data, "--out"];
     let (ok, text) = tool(&[&a[..], &[analysis.to_str().unwrap()]].concat());
     assert!(ok && text.contains("cifar10"), "{text}");
+    // The run's weights, analysed on its data.
+    let a = ["analyze", "--depths", "8", "--batch", "4", "--data", data, "--weights", ck.to_str().unwrap(), "--out"];
+    let (ok, text) = tool(&[&a[..], &[analysis.to_str().unwrap()]].concat());
+    assert!(ok && text.contains("from"), "{text}");
 }
 
 fn read_json(path: &std::path::Path) -> serde_json::Value {

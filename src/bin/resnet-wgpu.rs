@@ -561,11 +561,31 @@ fn read_checkpoint(path: &std::path::Path, config: &NetConfig) -> Result<Option<
 /// same 10 classes would pass every check, and a resumed run would replace the checkpoint); a
 /// run on the generated set draws as many images as it did (with its seed, the same ones).
 fn data_of_run(data: &DataArgs, run: &BTreeMap<String, String>, to: &str) -> Result<DataArgs> {
-    if let Some(set) = run.get("data").filter(|d| data.data.is_none() && !d.starts_with(data::SYNTHETIC_NAME)) {
-        return Err(Error::Invalid(format!("the file's run trained on {set}: give --data with its folder to {to}")));
-    }
+    needs_its_data(run, data.data.is_some(), to)?;
     let (train, test) = train::generated_sizes(run);
     Ok(DataArgs { train_size: data.train_size.or(train), test_size: data.test_size.or(test), ..data.clone() })
+}
+
+/// `Err` where the run trained on a dataset read from files (CIFAR) and no `--data` is given.
+fn needs_its_data(run: &BTreeMap<String, String>, given: bool, to: &str) -> Result<()> {
+    match run.get("data").filter(|d| !given && !d.starts_with(data::SYNTHETIC_NAME)) {
+        Some(set) => {
+            Err(Error::Invalid(format!("the file's run trained on {set}: give --data with its folder to {to}")))
+        }
+        None => Ok(()),
+    }
+}
+
+/// The run that wrote `path` as the file records it: its options and seed (a checkpoint's, or
+/// a weights file's that `train` wrote; empty for other files).
+fn run_of(
+    path: &std::path::Path,
+    checkpoint: Option<&train::Checkpoint>,
+) -> Result<(BTreeMap<String, String>, Option<u64>)> {
+    Ok(match checkpoint {
+        Some(c) => (c.run.clone(), c.seed),
+        None => train::weights_run(&io::read_header(path)?.metadata),
+    })
 }
 
 /// The network of `config` from `path`: the checkpoint [`read_checkpoint`] read, else the
@@ -597,10 +617,7 @@ fn eval_cmd(
     // A checkpoint, or the weights file of the same run, knows its run's data and seed, and so
     // which generated images it was tested on.
     let checkpoint = read_checkpoint(weights, &config)?;
-    let (run, run_seed) = match &checkpoint {
-        Some(c) => (c.run.clone(), c.seed),
-        None => train::weights_run(&io::read_header(weights)?.metadata),
-    };
+    let (run, run_seed) = run_of(weights, checkpoint.as_ref())?;
     let seed = seed.or(run_seed).unwrap_or(0);
     let run_data = data_of_run(data, &run, "score its images")?;
     // Only the split scored is generated (one image of the other), or read from CIFAR's files
@@ -707,6 +724,8 @@ fn analyze_cmd(
         }
         Some(w) => {
             let checkpoint = read_checkpoint(w, &networks[0].config)?;
+            // The trained network measured on generated images would pass every check.
+            needs_its_data(&run_of(w, checkpoint.as_ref())?.0, data.is_some(), "analyze it on its images")?;
             Some((w, checkpoint))
         }
         None => None,
