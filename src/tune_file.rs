@@ -53,8 +53,10 @@ fn writing(path: &Path) -> (std::sync::MutexGuard<'static, ()>, Option<std::fs::
 pub(crate) struct TuneFile {
     path: PathBuf,
     context: String,
-    /// This context's choices: those read at opening, then those made since.
-    choices: Mutex<BTreeMap<String, String>>,
+    /// This context's choices: those read at opening, then those made since; and those made
+    /// since alone, the ones a write merges into the file (the rest are the file's to keep:
+    /// another process may have replaced them since).
+    choices: Mutex<(BTreeMap<String, String>, BTreeMap<String, String>)>,
     /// Whether a failed write has been reported (once per context).
     warned: AtomicBool,
 }
@@ -73,7 +75,8 @@ impl TuneFile {
             Err(source) => return Err(Error::Io { path: path.display().to_string(), source }),
         };
         let mine = all.get(&context).cloned().unwrap_or_default();
-        Ok(TuneFile { path: path.to_path_buf(), context, choices: Mutex::new(mine), warned: AtomicBool::new(false) })
+        let choices = Mutex::new((mine, BTreeMap::new()));
+        Ok(TuneFile { path: path.to_path_buf(), context, choices, warned: AtomicBool::new(false) })
     }
 
     /// The path it was opened at.
@@ -83,29 +86,33 @@ impl TuneFile {
 
     /// How many choices this context has.
     pub(crate) fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().0.len()
     }
 
     /// The recorded choice for `decision`, if any.
     pub(crate) fn get(&self, decision: &str) -> Option<String> {
-        self.lock().get(decision).cloned()
+        self.lock().0.get(decision).cloned()
     }
 
-    /// Records `choice` for `decision` and writes the file: read again and merged (another
-    /// process may have added choices since), then replaced whole through a temporary file, so
-    /// that a reader never sees half a file. A write that fails is reported on stderr once and
-    /// the choice kept in memory: the tuning itself stays valid.
+    /// Records `choice` for `decision` and writes the file: read again and merged with the
+    /// choices this context made (another process may have added or replaced choices since,
+    /// and those read at opening are not written back over them), then replaced whole through
+    /// a temporary file, so that a reader never sees half a file. A write that fails is
+    /// reported on stderr once and the choice kept in memory (and written with the next): the
+    /// tuning itself stays valid.
     pub(crate) fn record(&self, decision: &str, choice: &str) {
         let _writing = writing(&self.path);
-        let mut mine = self.lock();
-        mine.insert(decision.to_string(), choice.to_string());
+        let mut guard = self.lock();
+        let (all_mine, made) = &mut *guard;
+        all_mine.insert(decision.to_string(), choice.to_string());
+        made.insert(decision.to_string(), choice.to_string());
         let on_disk = match std::fs::read_to_string(&self.path) {
             Ok(text) => parse(&self.path, &text),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Choices::new()),
             Err(source) => Err(Error::Io { path: self.path.display().to_string(), source }),
         };
         let written = on_disk.and_then(|mut all| {
-            all.entry(self.context.clone()).or_default().extend(mine.clone());
+            all.entry(self.context.clone()).or_default().extend(made.clone());
             write(&self.path, &all)
         });
         if let Err(e) = written
@@ -115,7 +122,7 @@ impl TuneFile {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (BTreeMap<String, String>, BTreeMap<String, String>)> {
         self.choices.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
@@ -137,4 +144,31 @@ fn write(path: &Path, all: &Choices) -> Result<()> {
     let text = serde_json::to_string_pretty(all)
         .map_err(|e| Error::Format { path: path.display().to_string(), msg: e.to_string() })?;
     crate::io::replace_file(path, (text + "\n").as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A write merges the choices this process made, not those it read at opening: another
+    /// process's replacement of one (or the user's removal) stays.
+    #[test]
+    fn a_record_leaves_what_it_read_at_opening_to_the_file() {
+        let dir = std::env::temp_dir().join(format!("resnet-wgpu-tune-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tune.json");
+        let at = |pairs: &[(&str, &str)]| -> Choices {
+            let mine = pairs.iter().map(|(d, c)| (d.to_string(), c.to_string())).collect();
+            [("ctx".to_string(), mine)].into_iter().collect()
+        };
+        write(&path, &at(&[("d1", "a"), ("d2", "x")])).unwrap();
+        let file = TuneFile::open(&path, "ctx".into()).unwrap();
+        assert_eq!(file.get("d1").as_deref(), Some("a"));
+        // Meanwhile another process re-tuned d1, and d2 was removed.
+        write(&path, &at(&[("d1", "b")])).unwrap();
+        file.record("d3", "z");
+        let on_disk = parse(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(on_disk, at(&[("d1", "b"), ("d3", "z")]));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
