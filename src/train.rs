@@ -321,6 +321,15 @@ fn score(logits: &[f32], labels: &[u32], classes: usize) -> (f64, usize) {
     (loss, correct)
 }
 
+/// `Err` naming `dir` where a file cannot be made in it: an existing folder that cannot be
+/// written fails before the first epoch, not after it.
+fn check_writable(dir: &Path) -> Result<()> {
+    let probe = dir.join(".resnet-wgpu-write-test");
+    std::fs::write(&probe, b"")
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|source| Error::Io { path: dir.display().to_string(), source })
+}
+
 /// [`Checkpoint::generated_sizes`] of a run's options `run`.
 pub fn generated_sizes(run: &BTreeMap<String, String>) -> (Option<usize>, Option<usize>) {
     let count = |key: &str, what: &str| -> Option<usize> {
@@ -369,15 +378,13 @@ fn write_checkpoint(
     path: &Path,
     weights: Option<&Path>,
 ) -> Result<()> {
-    if let Some(w) = weights {
-        // The state dict comes first, the momentum after it. The run's options and seed go in
-        // its metadata too: eval scores the run's own data from it ([`weights_run`]).
-        let state = &t[..net.config.tensors().len()];
-        let mut metadata = io::network_metadata(&net.config);
-        metadata.extend(run.iter().map(|(k, v)| (format!("run.{k}"), v.clone())));
-        metadata.insert(WEIGHTS_SEED.into(), seed.to_string());
-        io::write_with_metadata(w, state, metadata)?;
-    }
+    // The run's options and seed go in the weights file's metadata too: eval scores the run's
+    // own data from it ([`weights_run`]).
+    let mut weights_metadata = io::network_metadata(&net.config);
+    weights_metadata.extend(run.iter().map(|(k, v)| (format!("run.{k}"), v.clone())));
+    weights_metadata.insert(WEIGHTS_SEED.into(), seed.to_string());
+    // The state dict comes first, the momentum after it.
+    let state_len = net.config.tensors().len();
     t.push((EPOCHS_DONE.into(), HostTensor::i64(&[], vec![epochs_done as i64])));
     t.push(("meta.seed".into(), HostTensor::i64(&[], vec![seed as i64])));
     let mut metadata = io::network_metadata(&net.config);
@@ -389,7 +396,13 @@ fn write_checkpoint(
     if !history.flow.is_empty() {
         metadata.insert(HISTORY_FLOW.into(), flow_csv(&history.flow));
     }
-    io::write_with_metadata(path, &t, metadata)
+    // The checkpoint first: a write that fails after it leaves the weights an epoch behind,
+    // never ahead of what the checkpoint and curves say.
+    io::write_with_metadata(path, &t, metadata)?;
+    match weights {
+        Some(w) => io::write_with_metadata(w, &t[..state_len], weights_metadata),
+        None => Ok(()),
+    }
 }
 
 /// The options besides the seed that a resumed run must repeat to continue as the
@@ -564,6 +577,7 @@ pub fn train(
     };
     net.set_f16(gpu, opts.f16)?;
     std::fs::create_dir_all(&opts.out).map_err(|e| Error::Io { path: opts.out.display().to_string(), source: e })?;
+    check_writable(&opts.out)?;
     let steps = train.len() / opts.batch; // the last partial batch is dropped
     let (mut images, mut labels) = (Vec::new(), Vec::new());
     // One batch's tensors, written each step: a step then binds the same buffers as the last,

@@ -649,6 +649,14 @@ fn an_unusable_out_folder_fails_before_the_work() {
         );
         assert!(!text.contains(work), "{args:?}: the work ran before the error: {text}");
     }
+    // A folder train cannot write in (here its probe's name is taken by a folder: refused even
+    // to root, who may write anywhere) fails before the first epoch, naming it.
+    let blocked = dir("out-blocked");
+    std::fs::create_dir_all(blocked.join(".resnet-wgpu-write-test")).unwrap();
+    let b = blocked.to_str().unwrap();
+    let (ok, text) =
+        tool(&["train", "--depth", "8", "--train-size", "64", "--test-size", "20", "--batch", "32", "--out", b]);
+    assert!(!ok && text.contains(b) && !text.contains("epoch"), "{text}");
 }
 
 /// A bench shape that a row cannot run at is refused before any row runs, not after the
