@@ -1,8 +1,10 @@
 //! Training on the GPU with the paper's recipe: SGD with momentum 0.9 and weight decay 1e-4,
 //! learning rate 0.1 divided by 10 at 50% and 75% of the run (after an optional warm-up at a
 //! tenth of it), pad-and-crop and flip augmentation; evaluation on the test split each epoch;
-//! checkpoints that resume exactly (with the same seed and network: [`Checkpoint`]); the
-//! gradient flow per epoch ([`flow_at`]).
+//! checkpoints that resume exactly (with the same seed and network: [`Checkpoint`]; on a GPU
+//! with the same autotuner choices, which decide the order of some sums: a context with a
+//! tune file, [`crate::GpuOptions::tune_file`], as the `train` command keeps in its `--out`);
+//! the gradient flow per epoch ([`flow_at`]).
 //!
 //! # Example
 //!

@@ -477,7 +477,7 @@ fn train_cmd(args: &NetArgs, data: &DataArgs, opts: &TrainOptions, resume: Optio
     let (train_set, test_set) =
         data_of_run(data, &checkpoint.as_ref().map(|c| c.run.clone()).unwrap_or_default(), "continue it")?
             .load(opts.seed, config.classes)?;
-    let gpu = Gpu::new()?;
+    let gpu = training_gpu(&opts.out)?;
     println!("adapter: {}", gpu.report);
     println!(
         "data: {} ({} train, {} test, {} classes); network: {} ResNet-{} ({} classes)",
@@ -564,6 +564,22 @@ fn data_of_run(data: &DataArgs, run: &BTreeMap<String, String>, to: &str) -> Res
     needs_its_data(run, data.data.is_some(), to)?;
     let (train, test) = train::generated_sizes(run);
     Ok(DataArgs { train_size: data.train_size.or(train), test_size: data.test_size.or(test), ..data.clone() })
+}
+
+/// The context a training run takes: on a GPU, the autotuner's choices kept in `out/tune.json`
+/// unless `RESNET_WGPU_TUNE_FILE` names a file. The choices decide the order of some sums (a
+/// unit's BN statistics, split reductions), so a run resumed into the same folder makes the
+/// same ones and continues bit for bit (and does not tune again). A CPU adapter keeps fixed
+/// rules: no file.
+fn training_gpu(out: &std::path::Path) -> Result<Gpu> {
+    let opts = resnet_wgpu::GpuOptions::from_env();
+    let gpu = Gpu::with_options(&opts)?;
+    if opts.tune_file.is_some() || gpu.report.device_type == wgpu::DeviceType::Cpu {
+        return Ok(gpu);
+    }
+    drop(gpu);
+    std::fs::create_dir_all(out).map_err(|source| Error::Io { path: out.display().to_string(), source })?;
+    Gpu::with_options(&resnet_wgpu::GpuOptions { tune_file: Some(out.join("tune.json")), ..opts })
 }
 
 /// `Err` where the run trained on a dataset read from files (CIFAR) and no `--data` is given.
