@@ -171,7 +171,8 @@ pub fn read_buffer(gpu: &Gpu, buffer: &wgpu::Buffer, bytes: u64) -> Result<Vec<u
 
 /// A dense row-major tensor stored as IEEE half floats (the f16 convolution path,
 /// [`crate::ops::conv::forward_f16`]). The buffer holds `len` halves, padded to whole 4 bytes.
-#[derive(Debug)]
+/// A clone is another handle on the same buffer.
+#[derive(Clone, Debug)]
 pub struct HalfTensor {
     dims: Vec<usize>,
     pub buffer: wgpu::Buffer,

@@ -356,13 +356,15 @@ impl Workspace {
     }
 
     /// A handle on the f16 temporary of `dims` in `slot`, made on first use (every unit given
-    /// it shares that buffer: a unit uses its temporaries only within its own backward).
+    /// it shares that buffer: a unit uses its temporaries only within its own backward). It
+    /// keeps the context that made it: a workspace shared with another context's units hands
+    /// them tensors their ops refuse by name.
     fn half(&mut self, gpu: &Gpu, dims: &[usize; 4], slot: HalfSlot) -> Result<HalfTensor> {
         let t = match self.half.entry((dims.to_vec(), slot)) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(HalfTensor::zeros(gpu, dims)?),
         };
-        Ok(HalfTensor::from_buffer(gpu, dims, t.buffer.clone()))
+        Ok(t.clone())
     }
 
     /// Bytes held.
@@ -574,6 +576,15 @@ impl Unit {
     }
 
     /// `Ok` where `kept` is of the count [`Unit::allocate_f16`] makes for this unit.
+    /// Every half tensor of a pass, `ts` and `kept`'s, is the recorder's context's: refused by
+    /// name before anything is recorded (the identity shortcut's copy is a raw buffer copy,
+    /// which no op checks, and another device's buffer in it makes the commands invalid).
+    fn check_half_owned(&self, rec: &Recorder, pass: &str, ts: &[&HalfTensor], kept: &HalfKept) -> Result<()> {
+        let what = format!("{} {pass}", self.spec.name);
+        let all = ts.iter().copied().chain(&kept.tensors).chain(&kept.da).chain(&kept.grads);
+        crate::ops::owned_f16(rec, &what, all)
+    }
+
     fn check_half_kept(&self, kept: &HalfKept) -> Result<()> {
         let k = self.convs.len();
         let first = usize::from(self.spec.kind == UnitKind::Original);
@@ -1238,6 +1249,7 @@ impl Unit {
     pub fn forward_f16(&self, rec: &mut Recorder, x: &HalfTensor, y: &HalfTensor, kept: &HalfKept) -> Result<()> {
         self.check_half()?;
         self.check_half_kept(kept)?;
+        self.check_half_owned(rec, "forward_f16", &[x, y], kept)?;
         let xd = x.nchw(format_args!("{} forward_f16: x", self.spec.name))?;
         self.check_output("forward_f16", xd, y.dims(), x.buffer == y.buffer)?;
         match self.spec.kind {
@@ -1260,6 +1272,7 @@ impl Unit {
     ) -> Result<()> {
         self.check_half()?;
         self.check_half_kept(kept)?;
+        self.check_half_owned(rec, "backward_f16", &[x, y, g_out, g_in], kept)?;
         let identity = self.spec.shortcut == Shortcut::Identity;
         if identity != std::ptr::eq(g_in, g_out) {
             return Err(Error::Invalid(format!(

@@ -477,6 +477,27 @@ fn ops_refuse_another_contexts_operands() {
         refused(conv::forward_f16(&mut rec, &hx, &w, &hy, 1, false), said);
         // The activations this context's, the weights (f32) the other's.
         refused(conv::forward_f16(&mut rec, &hz, &theirs, &hy, 1, false), said);
+        // A unit's f16 pass with its output the other's: refused by the unit, before anything
+        // is recorded (its identity shortcut's copy is a raw buffer copy, which across wgpu
+        // instances names whichever buffer has that number here, and no op refuses).
+        use resnet_wgpu::unit::{Unit, Workspace};
+        let cfg = NetConfig { widths: [3, 3, 3], ..NetConfig::cifar(14, UnitKind::PreAct, false, 10).unwrap() };
+        let spec = cfg.units().into_iter().find(|u| u.name == "layer1.1").unwrap();
+        let unit = Unit::from_state(&other, &spec, &random_state(&cfg, 1)).unwrap();
+        let kept = unit.allocate_f16(&other, d, &mut Workspace::default()).unwrap();
+        refused(unit.forward_f16(&mut rec, &hz, &hx, &kept), &format!("layer1.1 forward_f16: {said}"));
+        // A workspace shared with the other context's unit hands it this context's halves.
+        let mut ws = Workspace::default();
+        unit.allocate_f16(&other, d, &mut ws).unwrap();
+        let mine = Unit::from_state(g, &spec, &random_state(&cfg, 1)).unwrap();
+        let kept_mixed = mine.allocate_f16(g, d, &mut ws).unwrap();
+        let gx = HalfTensor::zeros(g, &d).unwrap();
+        let mut grec = g.recorder("a shared workspace");
+        refused(
+            mine.backward_f16(&mut grec, &gx, &gx, &gx, &gx, &kept_mixed),
+            &format!("layer1.1 backward_f16: {said}"),
+        );
+        grec.run().unwrap();
     }
     // Nothing was recorded: the recording runs, and the outputs are as they were.
     rec.run().unwrap();
