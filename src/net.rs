@@ -379,8 +379,10 @@ impl ResNet {
     /// multiply halves). The head's gradient enters the units multiplied by `loss_scale` (a
     /// power of two such as 1024: a whole network's gradients at the stream are small, and
     /// halves lose precision below 6.1e-5; a gradient past 65504 once scaled overflows to
-    /// infinity, and the step's weights become NaN, which [`crate::train::train`] reports at
-    /// the next step: a smaller scale then) and the units' parameter
+    /// infinity (on the GPUs we know: WGSL lets an implementation saturate values below 2^16
+    /// instead), and the step's weights become NaN, which [`crate::train::train`] reports at
+    /// the next step whose loss they reach, at the latest at the epoch's end (a ReLU's `max`
+    /// may drop a NaN and leave the loss finite): a smaller scale then) and the units' parameter
     /// gradients and the stem's are divided by it again, so [`ResNet::grads`] reads the true
     /// gradients. Inference ([`ResNet::predict`]) runs in f32 either way (it reallocates the
     /// f32 activations when it follows f16 training at the same shape); [`ResNet::probe`],
