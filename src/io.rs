@@ -187,6 +187,11 @@ pub fn write_with_metadata(
         .collect();
     let mut views = Vec::new();
     for (n, dt, dims, b) in &encoded {
+        // A shape whose size overflows (HostTensor's fields are public): refused here, where
+        // safetensors would multiply it out unchecked.
+        if dims.iter().try_fold(1usize, |a, &d| a.checked_mul(d)).is_none() {
+            return Err(fmt_err(path, format!("{n}: shape {dims:?} has more elements than a usize holds")));
+        }
         let v = safetensors::tensor::TensorView::new(*dt, dims.clone(), b)
             .map_err(|e| fmt_err(path, format!("{n}: {e}")))?;
         views.push((n.clone(), v));
@@ -220,7 +225,8 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(".{stem}.{}-{nanos}-{n}.tmp", std::process::id()));
     // Nothing is removed unless this call created it.
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| io_err(path, e))?;
-    let written = f.write_all(bytes).and_then(|()| f.sync_all());
+    let written =
+        f.write_all(bytes).and_then(|()| f.sync_all().or_else(|e| sync_unsupported(&e).then_some(()).ok_or(e)));
     drop(f);
     if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         let _ = std::fs::remove_file(&tmp);
@@ -233,6 +239,16 @@ pub(crate) fn replace_file(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = dir.sync_all();
     }
     Ok(())
+}
+
+/// Whether a file's sync failed because its file system has none: macOS syncs with
+/// `F_FULLFSYNC`, which SMB, NTFS, WebDAV and FUSE volumes refuse (EINVAL, ENOTTY, ENOTSUP;
+/// EINVAL on Linux for files that cannot be synced). The file is written, as where a folder's
+/// sync is refused; a failed sync of any other kind fails the write.
+fn sync_unsupported(e: &std::io::Error) -> bool {
+    // EINVAL and ENOTTY are 22 and 25 everywhere; ENOTSUP is 45 on macOS and 95 on Linux,
+    // EOPNOTSUPP 102 on macOS.
+    e.kind() == std::io::ErrorKind::Unsupported || matches!(e.raw_os_error(), Some(22 | 25 | 45 | 95 | 102))
 }
 
 /// The network's state under PyTorch's names: parameters and BN buffers, plus with
@@ -372,7 +388,7 @@ pub fn state_for(
         return Err(fmt_err(
             path,
             format!(
-                "unexpected tensor {first} ({} in all): the configuration has no such tensor (another depth, width or unit kind?)",
+                "unexpected tensor {first} ({} in all): the configuration has no such tensor (another depth, width, unit kind or shortcut option?)",
                 unexpected.len()
             ),
         ));
@@ -436,4 +452,21 @@ fn load_momentum(gpu: &Gpu, net: &mut ResNet, file: &HashMap<String, HostTensor>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A file system without a sync (macOS's F_FULLFSYNC refused on SMB, NTFS, FUSE) leaves
+    /// the file written; other failures of the sync fail the write.
+    #[test]
+    fn a_sync_the_file_system_lacks_is_not_a_failure() {
+        use std::io::{Error, ErrorKind};
+        for code in [22, 25, 45, 95, 102] {
+            assert!(super::sync_unsupported(&Error::from_raw_os_error(code)), "errno {code}");
+        }
+        assert!(super::sync_unsupported(&Error::from(ErrorKind::Unsupported)));
+        for code in [5, 28, 122] {
+            assert!(!super::sync_unsupported(&Error::from_raw_os_error(code)), "errno {code} (EIO, ENOSPC, EDQUOT)");
+        }
+    }
 }

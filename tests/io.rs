@@ -244,6 +244,12 @@ fn names_that_cannot_be_written_are_refused_and_long_ones_written() {
             other => panic!("{names:?}: {other:?}"),
         }
     }
+    // A shape whose size overflows (the fields are public): a Format error, not a panic.
+    let huge = io::HostTensor { dims: vec![1 << 62, 4], data: Data::F32(Vec::new()) };
+    match io::write(&dir.join("huge.safetensors"), &[("x".into(), huge)]) {
+        Err(Error::Format { msg, .. }) => assert!(msg.contains("more elements than"), "{msg}"),
+        other => panic!("an overflowing shape: {other:?}"),
+    }
     // 240 bytes in ASCII, and in three-byte characters (fewer than 100 of them).
     for long in ["a".repeat(228), "€".repeat(76)] {
         let long = dir.join(format!("{long}.safetensors"));
@@ -270,9 +276,10 @@ fn an_unwritable_file_is_named() {
     assert_eq!(names, ["w.safetensors"]);
 }
 
-/// A write goes through a temporary of its own, created new: whatever lies beside the file
-/// under a temporary's name (here a link, where the temporary was once always `.<name>.tmp`)
-/// is neither followed nor replaced, and the file written is a plain file.
+/// A write goes through a temporary of its own: a link beside the file under the name the
+/// temporary once always had (`.<name>.tmp`) is neither followed nor replaced, and the file
+/// written is a plain file. (Each temporary's name is new, pid, time and count, and it is
+/// created new: a link at that name cannot be planted here to show it.)
 #[cfg(unix)]
 #[test]
 fn a_write_follows_no_link_beside_it() {

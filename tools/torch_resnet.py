@@ -25,6 +25,7 @@ import argparse
 import copy
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -174,6 +175,7 @@ def make(a):
         seed += 1
     print(f"seed {seed}: smallest |ReLU input| {margin:.3e}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    os.makedirs(a.out, exist_ok=True)
     save_file(state, f"{a.out}/weights.safetensors")
     save_file({"images": images, "labels": labels}, f"{a.out}/batch.safetensors")
     model = model.double().train()
