@@ -732,10 +732,13 @@ fn measure(
     let measured = if timer.has_timestamps() { runs(opts.reps)? } else { Vec::new() };
     let warm = if is_cpu_adapter(gpu) { Duration::ZERO } else { WARM_UP };
     // Batches double (to QUEUED_RUNS), so that rows of microseconds reach the time in a few
-    // batches; WARM_UP_MOST of wall time ends it whatever the timestamps said.
-    let (mut busy, mut count, start) = (Duration::ZERO, opts.warmup.max(1), Instant::now());
+    // batches; WARM_UP_MOST of wall time, from the first batch recorded (where there are no
+    // timestamps its recording builds the pipelines and tunes), ends it whatever the
+    // timestamps said.
+    let (mut busy, mut count, mut start) = (Duration::ZERO, opts.warmup.max(1), None);
     loop {
         let batch = runs(count)?;
+        let start = *start.get_or_insert_with(Instant::now);
         let submitted = Instant::now();
         let gpu_ms = timer.time_queued(gpu, batch)?;
         busy += match gpu_ms.iter().copied().collect::<Option<Vec<f64>>>() {

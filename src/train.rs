@@ -3,7 +3,8 @@
 //! tenth of it), pad-and-crop and flip augmentation; evaluation on the test split each epoch;
 //! checkpoints that resume exactly (with the same seed and network: [`Checkpoint`]; on a GPU
 //! with the same autotuner choices, which decide the order of some sums: a context with a
-//! tune file, [`crate::GpuOptions::tune_file`], as the `train` command keeps in its `--out`);
+//! tune file, [`crate::GpuOptions::tune_file`], as the `train` command keeps in its `--out`;
+//! on a CPU adapter with as many cores, which split the register path's weight gradients);
 //! the gradient flow per epoch ([`flow_at`]).
 //!
 //! # Example

@@ -570,11 +570,14 @@ fn data_of_run(data: &DataArgs, run: &BTreeMap<String, String>, to: &str) -> Res
 /// unless `RESNET_WGPU_TUNE_FILE` names a file. The choices decide the order of some sums (a
 /// unit's BN statistics, split reductions), so a run resumed into the same folder makes the
 /// same ones and continues bit for bit (and does not tune again). A CPU adapter keeps fixed
-/// rules: no file.
+/// rules (one of them follows the host's core count): no file. `RESNET_WGPU_TUNE_FILE=`
+/// (empty) keeps none.
 fn training_gpu(out: &std::path::Path) -> Result<Gpu> {
     let opts = resnet_wgpu::GpuOptions::from_env();
     let gpu = Gpu::with_options(&opts)?;
-    if opts.tune_file.is_some() || gpu.report.device_type == wgpu::DeviceType::Cpu {
+    // RESNET_WGPU_TUNE_FILE set, to a file or empty (none), is the user's choice.
+    let named = std::env::var_os("RESNET_WGPU_TUNE_FILE").is_some();
+    if named || gpu.report.device_type == wgpu::DeviceType::Cpu {
         return Ok(gpu);
     }
     drop(gpu);
