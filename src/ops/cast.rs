@@ -78,10 +78,14 @@ pub fn scale_many(rec: &mut Recorder, ts: &[&Tensor], s: f32) -> Result<()> {
     const WHAT: &str = "cast scale_many";
     super::owned(rec, WHAT, ts.iter().copied())?;
     check_scale(WHAT, s)?;
+    // A set, not pairs: a deep network has thousands of parameters, every step. (A buffer
+    // hashes by its id, which never changes.)
+    #[allow(clippy::mutable_key_type)]
+    let mut seen = std::collections::HashSet::with_capacity(ts.len());
     for (i, t) in ts.iter().enumerate() {
         split::whole_fits_f16(rec.gpu, WHAT, t.dims(), t.bytes())?;
-        if ts[i + 1..].iter().any(|o| o.buffer == t.buffer) {
-            return Err(Error::Invalid(format!("{WHAT}: tensor {i} appears again")));
+        if !seen.insert(&t.buffer) {
+            return Err(Error::Invalid(format!("{WHAT}: tensor {i} appeared before")));
         }
     }
     // Each fits one binding, so its length fits u32.

@@ -49,11 +49,14 @@ const GROUP: usize = 8;
 pub fn step_many(rec: &mut Recorder, params: &[[&Tensor; 3]], lr: f32, momentum: f32, weight_decay: f32) -> Result<()> {
     super::owned(rec, "sgd step_many", params.iter().flatten().copied())?;
     check_hyperparameters(lr, momentum, weight_decay)?;
+    // A set, not pairs: a deep network has thousands of parameters, every step. (A buffer
+    // hashes by its id, which never changes.)
+    #[allow(clippy::mutable_key_type)]
+    let mut seen = std::collections::HashSet::with_capacity(3 * params.len());
     for (i, [w, g, m]) in params.iter().enumerate() {
         check(w, g, m)?;
-        let later = params[i + 1..].iter().flatten();
-        if later.clone().any(|o| o.buffer == w.buffer || o.buffer == g.buffer || o.buffer == m.buffer) {
-            return Err(Error::Invalid(format!("sgd step_many: parameter {i} shares a tensor with a later one")));
+        if ![w, g, m].iter().all(|t| seen.insert(&t.buffer)) {
+            return Err(Error::Invalid(format!("sgd step_many: parameter {i} shares a tensor with an earlier one")));
         }
     }
     let gpu = rec.gpu;
