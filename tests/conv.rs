@@ -394,18 +394,21 @@ fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &
     use resnet_wgpu::ops::batch_norm as bn;
     use resnet_wgpu::reference::batch_norm as rbn;
     let mut rng = Rng::new(seed);
-    for c in cases.iter().filter(|c| c.xd[0] * c.xd[2] * c.xd[3] > 1) {
+    // Every other case with the two flags apart (the projection unit adds into da and writes
+    // dx; the identity unit the other way round).
+    for (i, c) in cases.iter().filter(|c| c.xd[0] * c.xd[2] * c.xd[3] > 1).enumerate() {
         let (wd, yd, ch) = (c.wd(), c.yd(), c.xd[1]);
         for &acc in accs {
+            let acc_dx = acc ^ (i % 2 == 1);
             let (x, w, dy) = (rng.data(len(c.xd)), rng.data(len(wd)), rng.data(len(yd)));
             let (prior_da, prior_dx) = (rng.data(len(c.xd)), rng.data(len(c.xd)));
             let h = BnHost::new(&mut rng, ch);
             let (tx, tw, tdy, d) = (up(g, &c.xd, &x), up(g, &wd, &w), up(g, &yd, &dy), BnDev::new(g, &h));
-            let (tda, tdx) =
-                if acc { (up(g, &c.xd, &prior_da), up(g, &c.xd, &prior_dx)) } else { (nan(g, &c.xd), nan(g, &c.xd)) };
+            let tda = if acc { up(g, &c.xd, &prior_da) } else { nan(g, &c.xd) };
+            let tdx = if acc_dx { up(g, &c.xd, &prior_dx) } else { nan(g, &c.xd) };
             let mut rec = g.recorder("conv backward_data_bn");
             x_bn_prologue(&mut rec, &d, |rec, p| bn::stats_train(rec, &tx, p, &d.mean, &d.invstd));
-            conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, c.stride, acc, &tx, &d.affine, &d.grads(), &tdx, acc)
+            conv::backward_data_bn(&mut rec, &tdy, &tw, &tda, c.stride, acc, &tx, &d.affine, &d.grads(), &tdx, acc_dx)
                 .unwrap();
             rec.run().unwrap();
             let mut want_da = r::conv::backward_data(&to_f64(&dy), &to_f64(&w), wd, c.xd, c.stride);
@@ -414,10 +417,10 @@ fn check_bn_backward_with(ctx: &str, g: &Gpu, cases: &[Case], seed: u64, accs: &
             }
             let (x64, g64, b64) = (to_f64(&x), to_f64(&h.gamma), to_f64(&h.beta));
             let (mut want_dx, want_dg, want_db) = rbn::backward(&x64, c.xd, &want_da, &g64, &b64, true);
-            if acc {
+            if acc_dx {
                 want_dx = plus(&prior_dx, &want_dx);
             }
-            let tag = format!("{ctx} conv backward_data_bn acc {acc} {}", c.name());
+            let tag = format!("{ctx} conv backward_data_bn acc {acc} acc_dx {acc_dx} {}", c.name());
             check(&format!("{tag} da"), &fetch(g, &tda), &want_da, F32_TOL);
             check(&format!("{tag} dx"), &fetch(g, &tdx), &want_dx, F32_TOL);
             check(&format!("{tag} dgamma"), &fetch(g, &d.dgamma), &want_dg, F32_TOL);

@@ -671,7 +671,7 @@ pub fn backward_data_bn(
 ) -> Result<()> {
     const WHAT: &str = "conv backward_data_bn";
     super::owned(rec, WHAT, [dy, w, da, x, affine, dx].into_iter().chain(bn.tensors()))?;
-    let g = Geometry::check(WHAT, ["dx", "w", "dy"], da, w, dy, stride)?;
+    let g = Geometry::check(WHAT, ["da", "w", "dy"], da, w, dy, stride)?;
     super::distinct_out(WHAT, da, &[dy, w])?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward(WHAT, x, da, dx, bn)?;
@@ -1268,7 +1268,7 @@ pub fn backward_data_bn_f16(
     super::owned_f16(rec, WHAT, [dy, da, x, dx])?;
     rec.gpu.check_owns(WHAT, w.context())?;
     let t = [(da.dims(), &da.buffer), (w.shape(), w.buffer()), (dy.dims(), &dy.buffer)];
-    let g = check_f16(rec.gpu, WHAT, ["dx", "w", "dy"], t, 0, stride)?;
+    let g = check_f16(rec.gpu, WHAT, ["da", "w", "dy"], t, 0, stride)?;
     check_affine(WHAT, Some(affine), g.c, &da.buffer)?;
     batch_norm::check_backward_f16(rec.gpu, WHAT, x, da, dx, bn)?;
     let plan = half_plan_unsplit(rec.gpu, Op::BackwardData, &g, false);
