@@ -4,7 +4,8 @@
 # (shaders/conv_tiled_coop.wgsl) can be tested without a GPU:
 #
 #   tools/lavapipe_coop.sh target/debug/deps/coop-<hash> --nocapture
-#   tools/lavapipe_coop.sh --check          # exit 0 where that lavapipe offers them, else 1
+#   tools/lavapipe_coop.sh --check          # exit 0 where that lavapipe offers them, 2 where
+#                                           # the CLI fails on it, else 1 (or apt's code)
 #
 # Debian 12's Mesa (22.3, CI's lavapipe) has no cooperative matrices; Debian 13's backports
 # (mesa-vulkan-drivers 26.x) does. This fetches that package with its dependencies (Debian 13's
@@ -45,7 +46,12 @@ export VK_DRIVER_FILES=$dir/icd.json WGPU_BACKEND=${WGPU_BACKEND:-vulkan}
 if [ "${1:-}" = "--check" ]; then
     # The loader and driver in one process: the CLI's info line names the cooperative matrices.
     exe=${2:-target/debug/resnet-wgpu}
-    "$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$exe" info 2>&1 | tee /dev/stderr | grep -q "cooperative matrix: offered"
+    if ! out=$("$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$exe" info 2>&1); then
+        echo "$out" >&2
+        exit 2
+    fi
+    echo "$out" >&2
+    grep -q "cooperative matrix: offered" <<< "$out"
     exit
 fi
 exec "$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$@"
