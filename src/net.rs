@@ -950,6 +950,11 @@ impl ResNet {
     }
 
     /// Inference mode (running statistics): the logits, `[N, classes]` row-major.
+    ///
+    /// It runs on the buffers a training pass at the batch's shape uses (allocated where the
+    /// shape is new, the gradients' too), in f32 also after f16 training: a batch that trained
+    /// only on the f16 path may not fit here. Evaluate in smaller batches (as
+    /// [`crate::train::train`] does, at a third of an f16 training batch).
     pub fn predict(&mut self, gpu: &Gpu, images: &Tensor) -> Result<Vec<f32>> {
         self.prepare(gpu, images, None, None)?;
         let mut out = gpu.stream();
