@@ -108,13 +108,20 @@ impl Combine {
 
     /// Checks the constants.
     pub fn validate(self) -> Result<()> {
-        let ok = match self {
-            Combine::Add => true,
-            Combine::Scale { h, f } => h.is_finite() && f.is_finite(),
-            Combine::ExclusiveGate { bias } | Combine::ShortcutGate { bias } => bias.is_finite(),
-            Combine::Dropout { rate } => (0.0..1.0).contains(&rate),
+        let why = match self {
+            Combine::Add => None,
+            Combine::Scale { h, f } => (!h.is_finite() || !f.is_finite()).then_some("the scales must be finite"),
+            Combine::ExclusiveGate { bias } | Combine::ShortcutGate { bias } => {
+                (!bias.is_finite()).then_some("the gate's bias must be finite")
+            }
+            Combine::Dropout { rate } => {
+                (!(0.0..1.0).contains(&rate)).then_some("the dropout rate must be at least 0 and below 1 (as an f32)")
+            }
         };
-        if ok { Ok(()) } else { Err(Error::Invalid(format!("impossible shortcut combination {self:?}"))) }
+        match why {
+            None => Ok(()),
+            Some(why) => Err(Error::Invalid(format!("impossible shortcut combination {self:?}: {why}"))),
+        }
     }
 }
 
@@ -553,11 +560,17 @@ impl std::str::FromStr for Variant {
         let kind = match placement {
             None => UnitKind::Original,
             Some(p) => *UnitKind::ALL.iter().find(|k| k.name() == p).ok_or_else(|| {
-                bad("unknown placement (original, bn-after-add, relu-before-add, relu-only-preact, preact)")
+                bad("unknown placement (original, bn-after-add, relu-before-add, relu-only-preact, preact) before \
+                     '+' (conv with another combination: --shortcut c)")
             })?,
         };
         let mut v = Variant { kind, combine: Combine::Add, conv_shortcut: false };
         let Some(c) = combination else { return Ok(v) };
+        // Another name after a '+' (not a number's exponent): a second combination.
+        if c.split('+').skip(1).any(|p| p.starts_with(|ch: char| ch.is_ascii_alphabetic())) {
+            return Err(bad("one placement and one combination at most, PLACEMENT+COMBINATION (conv with another \
+                 combination: --shortcut c)"));
+        }
         let mut parts = c.split(':');
         let name = parts.next().unwrap_or_default();
         let nums = parts.map(|p| p.parse::<f32>().map_err(|_| bad(&format!("{p:?} is not a number"))));
@@ -581,7 +594,10 @@ impl std::str::FromStr for Variant {
             ("gate", _) => Combine::ExclusiveGate { bias: one(-6.0)? },
             ("shortcut-gate", _) => Combine::ShortcutGate { bias: one(-6.0)? },
             ("dropout", _) => Combine::Dropout { rate: one(0.5)? },
-            _ => return Err(bad("unknown combination (add, scale, gate, shortcut-gate, conv, dropout)")),
+            _ => {
+                return Err(bad("unknown combination (add, scale, gate, shortcut-gate, conv, dropout) or placement \
+                     (original, bn-after-add, relu-before-add, relu-only-preact, preact)"));
+            }
         };
         v.combine.validate()?;
         Ok(v)

@@ -597,7 +597,9 @@ fn bad_arguments_get_clear_messages() {
             "bench --only \"unti\": no benchmark's name contains it",
         ),
         (vec!["bench", "--shapes", "2,3,5,5", "--skip", "trian step"], "bench --skip \"trian step\": no benchmark"),
-        (vec!["train", "--unit", "sideways"], "unknown combination"),
+        (vec!["train", "--unit", "sideways"], "or placement (original, bn-after-add"),
+        (vec!["train", "--unit", "conv+gate:-6"], "conv with another combination: --shortcut c"),
+        (vec!["train", "--unit", "scale:0.5:0.5+gate:-6"], "one placement and one combination at most"),
         (vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "1000"], "power of two"),
         (
             vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "--check-finite"],
@@ -609,7 +611,7 @@ fn bad_arguments_get_clear_messages() {
             "the gradient flow needs at least 2 test images",
         ),
         (vec!["analyze", "--variants", "scale:2"], "scale takes two numbers"),
-        (vec!["train", "--unit", "dropout:1.5"], "impossible shortcut combination"),
+        (vec!["train", "--unit", "dropout:1.5"], "the dropout rate must be at least 0 and below 1"),
         // The generated set's sizes and seed mean nothing with CIFAR's images.
         (vec!["train", "--data", "/nonexistent-cifar", "--train-size", "100"], "cannot be used with"),
         (vec!["eval", "--weights", "w.safetensors", "--data", "d", "--seed", "3"], "cannot be used with"),
@@ -818,6 +820,16 @@ fn network_options_given_meet_the_files() {
     }
     let (ok, text) = eval(&conv, &["--unit", "conv", "--shortcut", "c"]);
     assert!(ok && text.contains("network: conv ResNet-8 from"), "{text}");
+    // A combination on shortcut c: its variant's name does not say c, and the file's own
+    // variant given keeps the file's shortcut (it was replaced by B, and refused).
+    let mut gate_c = NetConfig {
+        shortcut: resnet_wgpu::arch::ShortcutOption::C,
+        ..NetConfig::cifar(8, UnitKind::Original, false, 10).unwrap()
+    };
+    "gate:-6".parse::<resnet_wgpu::arch::Variant>().unwrap().apply(&mut gate_c);
+    let gate_c = file("gate-c.safetensors", &gate_c);
+    let (ok, text) = eval(&gate_c, &["--unit", "gate:-6"]);
+    assert!(ok && text.contains("network: gate:-6 ResNet-8 from"), "{text}");
     let (ok, text) = tool(&["train", "--depth", "8", "--unit", "conv", "--shortcut", "a"]);
     assert!(!ok && text.contains("shortcut c): not with --shortcut a"), "{text}");
     // A bottleneck file's own depth, given, is its depth with bottleneck units.

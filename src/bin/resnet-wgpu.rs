@@ -115,8 +115,11 @@ impl NetArgs {
                 variant.conv_shortcut = false;
                 if s == ShortcutArg::A { ShortcutOption::A } else { ShortcutOption::B }
             }
-            // A conv file's shortcut c comes with its variant, not under another one given.
-            (None, Some(f)) if f.shortcut == ShortcutOption::C && given => ShortcutOption::B,
+            // A conv file's shortcut c comes with its variant, not under another one given. (A
+            // file with a combination on shortcut c keeps it: its variant does not say c.)
+            (None, Some(f)) if f.shortcut == ShortcutOption::C && f.combine == Combine::Add && given => {
+                ShortcutOption::B
+            }
             (None, Some(f)) => f.shortcut,
             (None, None) => ShortcutOption::B,
         };
