@@ -186,14 +186,17 @@ fn units_alone() {
 }
 
 /// The paper's variants (Tables 1 and 2), unit by unit: every placement with option A and B,
-/// every combination on the original and the pre-activation unit.
+/// and in bottleneck units and under a combination; every combination on the original and the
+/// pre-activation unit, with option A, and the gates and scaling with projections (B).
 #[test]
 fn variant_units_alone() {
     let mut cases = Vec::new();
     for kind in [UnitKind::BnAfterAdd, UnitKind::ReluBeforeAdd, UnitKind::ReluOnlyPreAct] {
         for shortcut in [ShortcutOption::A, ShortcutOption::B] {
-            cases.push((kind, Combine::Add, shortcut));
+            cases.push((kind, Combine::Add, shortcut, false));
         }
+        cases.push((kind, Combine::Add, ShortcutOption::B, true));
+        cases.push((kind, Combine::ShortcutGate { bias: 0.5 }, ShortcutOption::B, false));
     }
     for kind in [UnitKind::Original, UnitKind::PreAct] {
         for combine in [
@@ -202,12 +205,15 @@ fn variant_units_alone() {
             Combine::ShortcutGate { bias: -6.0 },
             Combine::Dropout { rate: 0.5 },
         ] {
-            cases.push((kind, combine, ShortcutOption::A));
+            cases.push((kind, combine, ShortcutOption::A, false));
         }
-        cases.push((kind, Combine::Add, ShortcutOption::C));
+        cases.push((kind, Combine::Add, ShortcutOption::C, false));
+        // A projection's gradient through a gate or a scale (the original's shortcut BN too).
+        cases.push((kind, Combine::ShortcutGate { bias: 0.5 }, ShortcutOption::B, false));
+        cases.push((kind, Combine::Scale { h: 0.5, f: 0.75 }, ShortcutOption::B, false));
     }
-    for (i, (kind, combine, shortcut)) in cases.into_iter().enumerate() {
-        let cfg = NetConfig { combine, ..config(kind, false, shortcut, [2, 3, 4]) };
+    for (i, (kind, combine, shortcut, bottleneck)) in cases.into_iter().enumerate() {
+        let cfg = NetConfig { combine, ..config(kind, bottleneck, shortcut, [2, 3, 4]) };
         check_units_alone(&cfg, 60 + i as u64);
     }
 }
@@ -255,6 +261,13 @@ fn variant_networks() {
     for (i, kind) in [UnitKind::BnAfterAdd, UnitKind::ReluBeforeAdd, UnitKind::ReluOnlyPreAct].into_iter().enumerate() {
         gradcheck(&config(kind, false, ShortcutOption::B, [2, 3, 4]), 5, 5, 80 + i as u64);
     }
+    // A newer placement on option A, and one under a combination (fed by the after-add BN).
+    gradcheck(&config(UnitKind::ReluBeforeAdd, false, ShortcutOption::A, [2, 3, 4]), 5, 5, 83);
+    let dropped = NetConfig {
+        combine: Combine::Dropout { rate: 0.3 },
+        ..config(UnitKind::BnAfterAdd, false, ShortcutOption::B, [2, 3, 4])
+    };
+    gradcheck(&dropped, 5, 5, 84);
     for (i, combine) in [
         Combine::Scale { h: 0.5, f: 0.5 },
         Combine::ExclusiveGate { bias: -6.0 },

@@ -27,7 +27,8 @@ fn a_pytorch_state_dict_gives_pytorchs_gradients() {
     check("torch logits", &net.logits(g).unwrap(), &want("logits"), F32_TOL);
     check("torch grad.images", &net.grad_images(g).unwrap(), &want("grad.images"), F32_TOL);
     let grads = net.grads(g).unwrap();
-    assert_eq!(grads.len() + 3, torch.len(), "every parameter has PyTorch's gradient");
+    let grads_len = grads.len();
+    assert_eq!(grads_len + 3, torch.len(), "every parameter has PyTorch's gradient");
     for (name, gv) in grads {
         check(&format!("torch grad.{name}"), &gv, &want(&format!("grad.{name}")), F32_TOL);
     }
@@ -37,6 +38,11 @@ fn a_pytorch_state_dict_gives_pytorchs_gradients() {
     let params = state.iter().map(|(k, v)| (k.clone(), to_f64(v))).collect();
     let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
     let pass = rnet::train_pass(&cfg, &params, &to_f64(&images), dims, &labels);
+    let f32s = |v: &[f64]| v.iter().map(|&v| v as f32).collect::<Vec<f32>>();
+    check("reference vs torch loss", &f32s(&[pass.loss]), &want("loss"), 1e-7);
+    check("reference vs torch logits", &f32s(&pass.logits), &want("logits"), 1e-7);
+    check("reference vs torch grad.images", &f32s(&pass.grad_images), &want("grad.images"), 1e-7);
+    assert_eq!(pass.grads.len(), grads_len, "the reference has every parameter's gradient");
     for (name, gr) in &pass.grads {
         let w = want(&format!("grad.{name}"));
         let got: Vec<f32> = gr.iter().map(|&v| v as f32).collect();

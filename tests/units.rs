@@ -227,8 +227,18 @@ fn stack_of_20_preact_units_keeps_the_stream_additive() {
 fn a_chain_is_refused_where_it_cannot_be_honoured() {
     use resnet_wgpu::unit::Chain;
     let g = gpu();
-    for (i, (cfg, spec)) in variants().into_iter().enumerate().filter(|(_, (_, s))| s.shortcut == Shortcut::Identity) {
+    // variants()'s plain-sum units, and general-path ones: a gate on each kind.
+    let gated = variants().into_iter().map(|(cfg, spec)| {
+        let cfg = NetConfig { combine: Combine::ExclusiveGate { bias: 0.0 }, ..cfg };
+        let spec = cfg.units().into_iter().find(|u| u.name == spec.name).unwrap();
+        (cfg, spec)
+    });
+    let all: Vec<_> = variants().into_iter().chain(gated).collect();
+    for (i, (cfg, spec)) in all.into_iter().enumerate().filter(|(_, (_, s))| s.shortcut == Shortcut::Identity) {
         let unit = Unit::from_state(g, &spec, &random_state(&cfg, i as u64)).unwrap();
+        // Said from the spec, not from unit.chains(): the fused pre-activation units alone.
+        let chains = spec.kind == UnitKind::PreAct && spec.combine == Combine::Add;
+        assert_eq!(unit.chains(), chains, "{:?} {:?}", spec.kind, spec.combine);
         let xd = [2, spec.c_in, 4, 4];
         let mut ws = Workspace::default();
         let kept = unit.allocate(g, xd, &mut ws).unwrap();
@@ -237,7 +247,7 @@ fn a_chain_is_refused_where_it_cannot_be_honoured() {
         for mode in [Mode::Train, Mode::Eval] {
             let mut rec = g.recorder("unit chain");
             let r = unit.forward_chained(&mut rec, mode, &tx, &ty, &kept, &ws, chain);
-            let honoured = unit.chains() && mode == Mode::Train;
+            let honoured = chains && mode == Mode::Train;
             assert_eq!(r.is_ok(), honoured, "{:?} {} {mode:?}: {r:?}", spec.kind, spec.name);
             if !honoured {
                 assert!(matches!(r, Err(resnet_wgpu::Error::Invalid(_))), "{r:?}");

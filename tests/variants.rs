@@ -330,9 +330,13 @@ fn variant_networks_match_the_reference() {
             check(&format!("{tag} loss"), &[loss], &[want.loss], F32_TOL);
             let (images, got) = (&spread.grad_images, net.grad_images(g).unwrap());
             check_grad_conditioned(&format!("{tag} grad.images"), &got, &want.grad_images, images);
-            for (name, gv) in net.grads(g).unwrap() {
+            // Every gradient and stream of the reference's, not only those the network lists.
+            let grads = net.grads(g).unwrap();
+            assert_eq!(grads.len(), want.grads.len(), "{tag}: gradients");
+            for (name, gv) in grads {
                 check_grad_conditioned(&format!("{tag} grad.{name}"), &gv, &want.grads[&name], &spread.grads[&name]);
             }
+            assert_eq!(net.streams().unwrap().len(), want.streams.len(), "{tag}: streams");
             for (l, s) in net.streams().unwrap().iter().enumerate() {
                 check(&format!("{tag} x_{l}"), &s.read(g).unwrap(), &want.streams[l], F32_TOL);
             }
