@@ -4,8 +4,9 @@
 # (shaders/conv_tiled_coop.wgsl) can be tested without a GPU:
 #
 #   tools/lavapipe_coop.sh target/debug/deps/coop-<hash> --nocapture
-#   tools/lavapipe_coop.sh --check          # exit 0 where that lavapipe offers them, 2 where
-#                                           # the CLI fails on it, else 1 (or apt's code)
+#   tools/lavapipe_coop.sh --check          # exit 0 where that lavapipe offers them, 3 where
+#                                           # the CLI fails on it, else 1 (or the fetch's code:
+#                                           # apt's 100, dpkg's 2)
 #
 # Debian 12's Mesa (22.3, CI's lavapipe) has no cooperative matrices; Debian 13's backports
 # (mesa-vulkan-drivers 26.x) does. This fetches that package with its dependencies (Debian 13's
@@ -48,7 +49,7 @@ if [ "${1:-}" = "--check" ]; then
     exe=${2:-target/debug/resnet-wgpu}
     if ! out=$("$lib/ld-linux-x86-64.so.2" --library-path "$lib" "$exe" info 2>&1); then
         echo "$out" >&2
-        exit 2
+        exit 3
     fi
     echo "$out" >&2
     grep -q "cooperative matrix: offered" <<< "$out"
