@@ -545,6 +545,9 @@ impl std::fmt::Display for Variant {
     }
 }
 
+/// The names of the shortcut combinations, as `--unit` takes them.
+const COMBINATIONS: [&str; 6] = ["add", "scale", "gate", "shortcut-gate", "conv", "dropout"];
+
 impl std::str::FromStr for Variant {
     type Err = Error;
 
@@ -560,8 +563,13 @@ impl std::str::FromStr for Variant {
         let kind = match placement {
             None => UnitKind::Original,
             Some(p) => *UnitKind::ALL.iter().find(|k| k.name() == p).ok_or_else(|| {
-                bad("unknown placement (original, bn-after-add, relu-before-add, relu-only-preact, preact) before \
-                     '+' (conv with another combination: --shortcut c)")
+                // A combination before the '+': two of them (gate+dropout, conv+gate).
+                match COMBINATIONS.contains(&p) {
+                    true => bad("one placement and one combination at most, PLACEMENT+COMBINATION (conv with \
+                         another combination: --shortcut c)"),
+                    false => bad("unknown placement (original, bn-after-add, relu-before-add, relu-only-preact, \
+                         preact) before '+'"),
+                }
             })?,
         };
         let mut v = Variant { kind, combine: Combine::Add, conv_shortcut: false };

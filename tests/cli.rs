@@ -598,7 +598,9 @@ fn bad_arguments_get_clear_messages() {
         ),
         (vec!["bench", "--shapes", "2,3,5,5", "--skip", "trian step"], "bench --skip \"trian step\": no benchmark"),
         (vec!["train", "--unit", "sideways"], "or placement (original, bn-after-add"),
-        (vec!["train", "--unit", "conv+gate:-6"], "conv with another combination: --shortcut c"),
+        (vec!["train", "--unit", "conv+gate:-6"], "one combination at most, PLACEMENT+COMBINATION (conv with"),
+        (vec!["train", "--unit", "gate+dropout"], "one placement and one combination at most"),
+        (vec!["train", "--unit", "pre-act+gate"], "unknown placement (original"),
         (vec!["train", "--unit", "scale:0.5:0.5+gate:-6"], "one placement and one combination at most"),
         (vec!["train", "--depth", "8", "--train-size", "64", "--batch", "32", "--f16", "1000"], "power of two"),
         (
@@ -830,6 +832,9 @@ fn network_options_given_meet_the_files() {
     let gate_c = file("gate-c.safetensors", &gate_c);
     let (ok, text) = eval(&gate_c, &["--unit", "gate:-6"]);
     assert!(ok && text.contains("network: gate:-6 ResNet-8 from"), "{text}");
+    // Another variant given is refused naming it (not as conv, which was never asked for).
+    let (ok, text) = eval(&gate_c, &["--kind", "original"]);
+    assert!(!ok && text.contains("weights of gate:-6 units, not original"), "{text}");
     let (ok, text) = tool(&["train", "--depth", "8", "--unit", "conv", "--shortcut", "a"]);
     assert!(!ok && text.contains("shortcut c): not with --shortcut a"), "{text}");
     // A bottleneck file's own depth, given, is its depth with bottleneck units.

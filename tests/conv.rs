@@ -379,13 +379,14 @@ fn forward_stats_every_tile_configuration() {
 /// backward_data_bn against the reference: the convolution's input gradient `da` at the output
 /// of a BN + ReLU over a random `x`, then that BN's backward with the ReLU mask (dx, dgamma,
 /// dbeta), the statistics and prologue values made on the GPU first (stats_train, affine).
-/// Overwriting, and accumulating into both `da` and `dx` (the sums are those of the final `da`).
-/// On the tiled kernels the convolution's epilogue makes the BN's sums; elsewhere the BN does.
+/// Overwriting or accumulating into `da` (the sums are those of the final `da`), and into `dx`
+/// the same way in every other case, the other way in the rest. On the tiled kernels the
+/// convolution's epilogue makes the BN's sums; elsewhere the BN does.
 fn check_bn_backward_on(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
     check_bn_backward_with(ctx, g, cases, seed, &[false, true]);
 }
 
-/// check_bn_backward_on accumulating only (one module per tile configuration).
+/// check_bn_backward_on accumulating into `da` only (one module per tile configuration).
 fn check_bn_backward_acc(ctx: &str, g: &Gpu, cases: &[Case], seed: u64) {
     check_bn_backward_with(ctx, g, cases, seed, &[true]);
 }

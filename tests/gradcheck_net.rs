@@ -187,7 +187,7 @@ fn units_alone() {
 
 /// The paper's variants (Tables 1 and 2), unit by unit: every placement with option A and B,
 /// and in bottleneck units and under a combination; every combination on the original and the
-/// pre-activation unit, with option A, and the gates and scaling with projections (B).
+/// pre-activation unit, with option A, and the shortcut gate and scaling with projections (B).
 #[test]
 fn variant_units_alone() {
     let mut cases = Vec::new();

@@ -116,8 +116,13 @@ impl NetArgs {
                 if s == ShortcutArg::A { ShortcutOption::A } else { ShortcutOption::B }
             }
             // A conv file's shortcut c comes with its variant, not under another one given. (A
-            // file with a combination on shortcut c keeps it: its variant does not say c.)
-            (None, Some(f)) if f.shortcut == ShortcutOption::C && f.combine == Combine::Add && given => {
+            // file with a combination on shortcut c keeps it under a combination given: its
+            // variant's name does not say c.)
+            (None, Some(f))
+                if f.shortcut == ShortcutOption::C
+                    && given
+                    && (f.combine == Combine::Add || variant.combine == Combine::Add) =>
+            {
                 ShortcutOption::B
             }
             (None, Some(f)) => f.shortcut,
