@@ -183,9 +183,14 @@ echo "=== torch_check ($(left) s left)"
 if [ "$(left)" -ge 115 ]; then
     {
         timeout -k 5 60 /tmp/torch_check tests/fixtures/torch-resnet20-original-b 2>&1 | grep -v XDG
+        echo "torch_check exit ${PIPESTATUS[0]} (1: a pairing past the bound; 124/137: out of time)"
         # ReLU inputs within rounding of zero: the fixture's gradients against the f64
-        # reference (BENCHMARKS.md, the H200's 3.6e-3 with the vec4 kernels).
-        timeout -k 5 40 /tmp/relu_ties "" 2>&1 | grep -v XDG
+        # reference (BENCHMARKS.md, the H200's 3.6e-3 with the vec4 kernels), on the fixture and
+        # on a random batch (seed 2), where ties can fall.
+        timeout -k 5 20 /tmp/relu_ties "" 2>&1 | grep -v XDG
+        echo "relu_ties exit ${PIPESTATUS[0]}"
+        timeout -k 5 15 /tmp/relu_ties 2 2>&1 | grep -v XDG
+        echo "relu_ties 2 exit ${PIPESTATUS[0]}"
     } > "$OUT/torch_check.txt"
     cat "$OUT/torch_check.txt"
 else
