@@ -46,16 +46,17 @@ pub(crate) fn whole_fits_f16(gpu: &Gpu, what: &str, dims: &[usize], bytes: u64) 
     if !gpu.report.features.contains(wgpu::Features::SHADER_F16) {
         return Err(Error::Invalid(format!("{what}: the adapter has no shader-f16")));
     }
-    let of = "storage-binding limit (the f16 path binds whole tensors: no chunks)";
-    fits(gpu, format!("{what}: tensor {dims:?}"), bytes, of)
+    fits(gpu, format!("{what}: tensor {dims:?}"), bytes, F16_WHOLE)
 }
 
 /// The f16 path's check of a scratch buffer of `bytes` it binds whole (`Error::TooLarge`
 /// naming it where it does not fit).
 pub(crate) fn scratch_fits_f16(gpu: &Gpu, what: &str, name: &str, bytes: u64) -> Result<()> {
-    let of = "storage-binding limit (the f16 path binds whole tensors: no chunks)";
-    fits(gpu, format!("{what}: {name}"), bytes, of)
+    fits(gpu, format!("{what}: {name}"), bytes, F16_WHOLE)
 }
+
+/// The limit the f16 path's refusals name.
+const F16_WHOLE: &str = "storage-binding limit (the f16 path binds whole tensors: no chunks)";
 
 /// `None` when every tensor of `batched` fits one binding (the fast path); else the most images
 /// per chunk such that each tensor's chunk fits. Every tensor of `batched` has `n` images (its
